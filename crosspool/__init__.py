@@ -1,0 +1,1 @@
+"""CrossPool: multi-LLM serving for cold MoE models."""
