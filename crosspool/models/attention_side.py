@@ -1,0 +1,103 @@
+"""Attention side of a model: everything the KV-cache pool holds and runs.
+
+Embeddings, per-layer norms and attention (MHA/GQA with optional q/k norm, or DeepSeek MLA), the final
+norm and lm_head. Attention reads and writes the model's paged KV cache. The residual stream lives here:
+each layer returns the post-attention-normed hidden states the FFN side consumes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crosspool.kernels import torch_ref as ref
+from crosspool.models.batch import ForwardBatch
+from crosspool.models.loader import AttentionWeights
+from crosspool.models.spec import ModelSpec
+from crosspool.pools.kv_cache import PagedKVCache
+
+
+class AttentionSide:
+    def __init__(self, spec: ModelSpec, weights: AttentionWeights) -> None:
+        self.spec = spec
+        self.w = weights
+        self.inv_freq = ref.rope_inv_freq(spec.rope).to(weights.embed.device)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.w.embed[input_ids]
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ref.rope_cos_sin(self.spec.rope, positions, self.inv_freq)
+
+    def attention_block(
+        self, layer: int, hidden: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden -> (hidden + attention(norm(hidden)), post-attention norm of that) for the FFN side."""
+        w = self.w.layers[layer]
+        eps = self.spec.rms_norm_eps
+        x = ref.rms_norm(hidden, w["input_layernorm"], eps)
+        attend = self._mla if self.spec.attention == "mla" else self._mha
+        hidden = hidden + attend(w, x, batch, cache.layer(layer), rope)
+        return hidden, ref.rms_norm(hidden, w["post_attention_layernorm"], eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + lm_head on the rows given (fp32 logits)."""
+        return ref.linear(ref.rms_norm(hidden, self.w.final_norm, self.spec.rms_norm_eps), self.w.lm_head).float()
+
+    # ---- MHA / GQA -----------------------------------------------------------------------------
+    def _mha(self, w: dict[str, torch.Tensor], x: torch.Tensor, batch: ForwardBatch,
+             cache: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        s = self.spec
+        t = x.shape[0]
+        q = ref.linear(x, w["q_proj"], w.get("q_proj.bias"))
+        k = ref.linear(x, w["k_proj"], w.get("k_proj.bias"))
+        v = ref.linear(x, w["v_proj"], w.get("v_proj.bias"))
+        if s.qk_norm == "full":
+            q, k = ref.rms_norm(q, w["q_norm"], s.rms_norm_eps), ref.rms_norm(k, w["k_norm"], s.rms_norm_eps)
+        if s.clip_qkv is not None:
+            q, k, v = (z.clamp(-s.clip_qkv, s.clip_qkv) for z in (q, k, v))
+        q = q.view(t, s.num_heads, s.head_dim)
+        k = k.view(t, s.num_kv_heads, s.head_dim)
+        v = v.view(t, s.num_kv_heads, s.head_dim)
+        if s.qk_norm == "head":
+            q, k = ref.rms_norm(q, w["q_norm"], s.rms_norm_eps), ref.rms_norm(k, w["k_norm"], s.rms_norm_eps)
+        cos, sin = rope
+        q = ref.apply_rope(q, cos, sin, s.rope.interleaved)
+        k = ref.apply_rope(k, cos, sin, s.rope.interleaved)
+        k_cache, v_cache = cache
+        ref.write_kv(k_cache, batch.slot_mapping, k)
+        ref.write_kv(v_cache, batch.slot_mapping, v)
+        out = ref.padded_attention(
+            q, ref.gather_kv(k_cache, batch.block_tables), ref.gather_kv(v_cache, batch.block_tables),
+            batch.seq_index, batch.positions, s.softmax_scale,
+        )
+        return ref.linear(out.reshape(t, -1), w["o_proj"], w.get("o_proj.bias"))
+
+    # ---- MLA (DeepSeek) ------------------------------------------------------------------------
+    def _mla(self, w: dict[str, torch.Tensor], x: torch.Tensor, batch: ForwardBatch,
+             cache: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        s = self.spec
+        t, nope, rd, r = x.shape[0], s.qk_nope_head_dim, s.qk_rope_head_dim, s.kv_lora_rank
+        if s.q_lora_rank:
+            qa = ref.rms_norm(ref.linear(x, w["q_a_proj"], w.get("q_a_proj.bias")), w["q_a_layernorm"],
+                              s.rms_norm_eps)
+            q = ref.linear(qa, w["q_b_proj"])
+        else:
+            q = ref.linear(x, w["q_proj"])
+        q = q.view(t, s.num_heads, nope + rd)
+        ckv = ref.linear(x, w["kv_a_proj_with_mqa"], w.get("kv_a_proj_with_mqa.bias"))
+        latent, k_pe = ckv.split([r, rd], dim=-1)
+        latent = ref.rms_norm(latent, w["kv_a_layernorm"], s.rms_norm_eps)
+        cos, sin = rope
+        q_pe = ref.apply_rope(q[..., nope:], cos, sin, s.rope.interleaved)
+        k_pe = ref.apply_rope(k_pe[:, None, :], cos, sin, s.rope.interleaved)
+        (latent_cache,) = cache
+        ref.write_kv(latent_cache, batch.slot_mapping, torch.cat([latent[:, None, :], k_pe], dim=-1))
+        # Expand the cached latents into per-head keys/values (transformers' unabsorbed MLA).
+        ctx = ref.gather_kv(latent_cache, batch.block_tables)[:, :, 0]          # [B, L, r + rd]
+        kv = ref.linear(ctx[..., :r], w["kv_b_proj"]).view(*ctx.shape[:2], s.num_heads, nope + s.v_head_dim)
+        k_nope, v = kv.split([nope, s.v_head_dim], dim=-1)
+        keys = torch.cat([k_nope, ctx[..., None, r:].expand(-1, -1, s.num_heads, -1)], dim=-1)
+        queries = torch.cat([q[..., :nope], q_pe], dim=-1)
+        out = ref.padded_attention(queries, keys, v, batch.seq_index, batch.positions, s.softmax_scale)
+        return ref.linear(out.reshape(t, -1), w["o_proj"], w.get("o_proj.bias"))

@@ -1,0 +1,25 @@
+"""ForwardBatch: the flat, per-token description of one model step that both pool sides read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    """Tokens of several sequences of ONE model, flattened. Sequence b owns the tokens whose
+    `seq_index` is b; its KV lives in the blocks `block_tables[b]` (padded with 0 past its end)."""
+
+    input_ids: torch.Tensor      # [T] int64
+    positions: torch.Tensor      # [T] int64, absolute position of each token in its sequence
+    seq_index: torch.Tensor      # [T] int64
+    slot_mapping: torch.Tensor   # [T] int64, flat KV slot (block * block_size + offset) of each token
+    block_tables: torch.Tensor   # [B, max_blocks] int64
+    context_lens: torch.Tensor   # [B] int64, tokens in the cache after this step
+    logits_index: torch.Tensor   # [N] int64, token rows whose next-token logits are wanted
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])

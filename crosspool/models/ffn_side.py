@@ -1,0 +1,40 @@
+"""FFN side of a model: everything the weights pool holds and runs.
+
+Per layer either a dense gated MLP or an MoE block: router -> family routing rule -> routed experts,
+plus shared experts (DeepSeek) or a sigmoid-gated shared expert (Qwen2-MoE).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crosspool.kernels import torch_ref as ref
+from crosspool.models.loader import FFNWeights
+from crosspool.models.spec import ModelSpec
+
+
+class FFNSide:
+    def __init__(self, spec: ModelSpec, weights: FFNWeights) -> None:
+        self.spec = spec
+        self.w = weights
+
+    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        w = self.w.layers[layer]
+        if "gate_up" in w:
+            return _mlp(x, w["gate_up"], w["down"])
+        routing = self.spec.routing
+        assert routing is not None
+        router = w["router"]
+        logits = ref.linear(x.to(router.dtype), router)
+        weights, ids = ref.route(logits, routing, w.get("score_bias"))
+        out = ref.experts(x, w["experts_gate_up"], w["experts_down"], weights, ids)
+        if "shared_gate_up" in w:
+            shared = _mlp(x, w["shared_gate_up"], w["shared_down"])
+            if "shared_gate" in w:
+                shared = torch.sigmoid(ref.linear(x, w["shared_gate"])) * shared
+            out = out + shared
+        return out
+
+
+def _mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return ref.linear(ref.silu_and_mul(ref.linear(x, gate_up)), down)
