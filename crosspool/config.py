@@ -1,0 +1,29 @@
+"""Engine configuration: one dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    device: str = "cpu"
+    dtype: torch.dtype | None = None          # default: fp32 on CPU, bf16 on GPU
+    block_size: int = 16                      # tokens per KV block
+    kv_cache_bytes: int | None = None         # KV budget over all models (default: see Engine)
+    num_kv_blocks: int | None = None          # per-model block count override (tests force preemption)
+    max_num_seqs: int = 64                    # running sequences per model
+    max_num_batched_tokens: int = 2048        # tokens per model step (prefill chunks + decodes)
+    enable_chunked_prefill: bool = True
+    max_model_len: int | None = None          # default: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if self.dtype is None:
+            self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")

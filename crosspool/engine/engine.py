@@ -1,0 +1,176 @@
+"""Engine: several models served at once, each with its own scheduler, KV cache and runner.
+
+`step()` reads as: for each model with work, schedule -> run -> postprocess (append tokens, detokenize,
+stop). Requests are validated at `add_request` so a request that can never run fails at once, clearly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from crosspool.config import EngineConfig
+from crosspool.engine.block_manager import BlockManager, blocks_for
+from crosspool.engine.output import RequestOutput, update_text
+from crosspool.engine.runner import ModelRunner
+from crosspool.engine.sampling import SamplingParams
+from crosspool.engine.scheduler import Scheduler
+from crosspool.engine.sequence import Sequence, SeqStatus
+from crosspool.models.model import MoEModel
+from crosspool.pools.kv_cache import PagedKVCache
+
+CPU_KV_BYTES = 1 << 30
+GPU_KV_FRACTION = 0.85
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as asked (unknown model, too long, bad ids)."""
+
+
+@dataclass
+class ServedModel:
+    name: str
+    path: str
+    model: MoEModel
+    tokenizer: object
+    eos_ids: set[int]
+    max_model_len: int
+    blocks: BlockManager | None = None
+    scheduler: Scheduler | None = None
+    runner: ModelRunner | None = None
+
+
+class Engine:
+    def __init__(self, models: dict[str, str | os.PathLike[str]], config: EngineConfig | None = None) -> None:
+        if not models:
+            raise ValueError("no models given")
+        self.config = config or EngineConfig()
+        self.device = torch.device(self.config.device)
+        self.models: dict[str, ServedModel] = {}
+        for name, path in models.items():
+            self.models[name] = self._load(name, Path(path))
+        self._size_kv_caches()
+        self._ids = itertools.count()
+        self._seqs: dict[str, Sequence] = {}
+
+    def _load(self, name: str, path: Path) -> ServedModel:
+        model = MoEModel.load(path, self.config.dtype, self.device)
+        tok = AutoTokenizer.from_pretrained(path)
+        eos = set(model.spec.eos_token_ids)
+        if tok.eos_token_id is not None:
+            eos.add(tok.eos_token_id)
+        limit = model.spec.max_position_embeddings
+        max_len = min(self.config.max_model_len or limit, limit)
+        return ServedModel(name, str(path), model, tok, eos, max_len)
+
+    def _size_kv_caches(self) -> None:
+        cfg = self.config
+        budget = cfg.kv_cache_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                budget = int(torch.cuda.mem_get_info(self.device)[0] * GPU_KV_FRACTION)
+            else:
+                budget = CPU_KV_BYTES
+        for m in self.models.values():
+            block_bytes = PagedKVCache.block_bytes(m.model.spec, cfg.block_size, cfg.dtype)
+            n = cfg.num_kv_blocks or max(1, budget // len(self.models) // block_bytes)
+            cache = PagedKVCache(m.model.spec, n, cfg.block_size, cfg.dtype, self.device)
+            m.blocks = BlockManager(n, cfg.block_size)
+            m.scheduler = Scheduler(cfg, m.blocks)
+            m.runner = ModelRunner(m.model, cache, self.device)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, model: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        served = self.models.get(model)
+        if served is None:
+            raise RequestError(f"unknown model {model!r}; serving {sorted(self.models)}")
+        if isinstance(prompt, str):
+            text, ids = prompt, list(served.tokenizer(prompt).input_ids)
+        else:
+            text, ids = "", [int(i) for i in prompt]
+        self._validate(served, ids, params)
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self._seqs:
+            raise RequestError(f"duplicate request id {rid!r}")
+        seq = Sequence(rid, model, text, ids, params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self._seqs[rid] = seq
+        served.scheduler.add(seq)
+        return rid
+
+    def _validate(self, served: ServedModel, ids: list[int], params: SamplingParams) -> None:
+        cfg = self.config
+        if not ids:
+            raise RequestError("prompt is empty")
+        vocab = served.model.spec.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise RequestError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        total = len(ids) + params.max_tokens
+        if total > served.max_model_len:
+            raise RequestError(
+                f"{served.name}: maximum context length is {served.max_model_len} tokens, but the request "
+                f"asks for {total} ({len(ids)} prompt + {params.max_tokens} max_tokens)"
+            )
+        need = blocks_for(total, cfg.block_size)
+        if need > served.blocks.num_blocks:
+            raise RequestError(
+                f"{served.name}: request needs {need} KV blocks ({total} tokens), the KV cache has "
+                f"{served.blocks.num_blocks}"
+            )
+        if not cfg.enable_chunked_prefill and total > cfg.max_num_batched_tokens:
+            raise RequestError(
+                f"{served.name}: {total} tokens exceed max_num_batched_tokens={cfg.max_num_batched_tokens} "
+                "with chunked prefill off"
+            )
+
+    def abort(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None or seq.finished:
+            return
+        sched = self.models[seq.model].scheduler
+        if seq.status is SeqStatus.RUNNING:
+            sched.finish(seq)
+        else:
+            sched.waiting.remove(seq)
+            seq.status = SeqStatus.FINISHED
+        seq.finish_reason = "abort"
+
+    def has_unfinished(self) -> bool:
+        return any(m.scheduler.has_work() for m in self.models.values())
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        for served in self.models.values():
+            if not served.scheduler.has_work():
+                continue
+            scheduled = served.scheduler.schedule()
+            if not scheduled:
+                continue
+            sampled = served.runner.step(scheduled)
+            now = time.perf_counter()
+            for i, s in enumerate(scheduled):
+                s.seq.num_computed += s.num_new_tokens
+                if i in sampled:
+                    outputs.append(self._append(served, s.seq, sampled[i], now))
+        return outputs
+
+    def _append(self, served: ServedModel, seq: Sequence, token: int, now: float) -> RequestOutput:
+        seq.output_token_ids.append(token)
+        seq.metrics.token_times_s.append(now)
+        new_text = update_text(seq, served.tokenizer, served.eos_ids, served.max_model_len)
+        if seq.finish_reason is not None:
+            served.scheduler.finish(seq)
+            seq.metrics.finished_s = now
+            self._seqs.pop(seq.request_id, None)
+        return RequestOutput.of(seq, new_text)

@@ -1,0 +1,66 @@
+"""Model runner: turns a scheduled step into a ForwardBatch, runs the model, samples next tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from crosspool.engine.sampler import sample
+from crosspool.engine.scheduler import ScheduledSeq
+from crosspool.models.batch import ForwardBatch
+from crosspool.models.model import MoEModel
+from crosspool.pools.kv_cache import PagedKVCache
+
+
+def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.device) -> ForwardBatch:
+    ids: list[int] = []
+    positions: list[int] = []
+    seq_index: list[int] = []
+    slots: list[int] = []
+    logits_index: list[int] = []
+    max_blocks = max(len(s.seq.block_table) for s in scheduled)
+    tables = torch.zeros(len(scheduled), max_blocks, dtype=torch.long)
+    context_lens: list[int] = []
+    for b, s in enumerate(scheduled):
+        seq, start = s.seq, s.seq.num_computed
+        end = start + s.num_new_tokens
+        tokens = seq.all_token_ids
+        table = seq.block_table
+        tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+        for pos in range(start, end):
+            ids.append(tokens[pos])
+            positions.append(pos)
+            seq_index.append(b)
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+        if s.completes:
+            logits_index.append(len(ids) - 1)
+        context_lens.append(end)
+
+    def t(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    return ForwardBatch(t(ids), t(positions), t(seq_index), t(slots), tables.to(device), t(context_lens),
+                        t(logits_index))
+
+
+class ModelRunner:
+    def __init__(self, model: MoEModel, cache: PagedKVCache, device: torch.device) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = device
+
+    def step(self, scheduled: list[ScheduledSeq]) -> dict[int, int]:
+        """Run one step; returns {index in `scheduled`: sampled token} for sequences that complete."""
+        batch = build_batch(scheduled, self.cache.block_size, self.device)
+        hidden = self.model.forward(batch, self.cache)
+        completing = [i for i, s in enumerate(scheduled) if s.completes]
+        if not completing:
+            return {}
+        logits = self.model.compute_logits(hidden[batch.logits_index])
+        seqs = [scheduled[i].seq for i in completing]
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        return dict(zip(completing, tokens, strict=True))
+
+    def logits_for(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """Debug/parity path: run one step and return logits of EVERY scheduled token."""
+        batch = build_batch(scheduled, self.cache.block_size, self.device)
+        return self.model.compute_logits(self.model.forward(batch, self.cache))
