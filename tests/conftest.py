@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-weight checkpoints, written once per test session."""
+"""Shared fixtures: tiny checkpoints written once per test session by the real make-model code."""
 
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ from crosspool.models.make_model import make_model
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """Factory: `tiny_models("tiny-olmoe")` -> directory of that preset (seed 1), built on first use."""
     cache: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("models")
 
-    def tiny_model_dir(preset: str) -> Path:
+    def get(preset: str) -> Path:
         if preset not in cache:
-            out = tmp_path_factory.mktemp(preset)
-            cache[preset] = make_model(preset, out, seed=1, progress=False)
+            cache[preset] = make_model(preset, root / preset, seed=1, progress=False)
         return cache[preset]
 
-    return tiny_model_dir
+    return get
