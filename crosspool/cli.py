@@ -1,0 +1,107 @@
+"""`crosspool` command line: make-model | generate | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _device(arg: str | None) -> str:
+    if arg:
+        return arg
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from crosspool.models.make_model import make_model
+
+    out = make_model(args.preset, args.out, layers=args.layers, seed=args.seed, dtype=args.dtype,
+                     progress=not args.quiet)
+    print(f"wrote {args.preset} to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from crosspool import LLM, EngineConfig, SamplingParams
+
+    llm = LLM(args.model, EngineConfig(device=_device(args.device)))
+    name = llm.model_names[0]
+    prompt = args.prompt
+    if args.chat:
+        tok = llm.engine.models[name].tokenizer
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=args.stop or [], ignore_eos=args.ignore_eos)
+    out = llm.generate(prompt, params)[0]
+    if args.json:
+        print(json.dumps({
+            "model": name, "text": out.text, "prompt_token_ids": out.prompt_token_ids,
+            "token_ids": out.token_ids, "finish_reason": out.finish_reason, "ttft_s": out.ttft_s,
+            "tbt_s": out.tbt_s,
+        }, indent=2))
+    else:
+        print(out.text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from crosspool.demo import run_demo
+
+    return run_demo(models_dir=Path(args.models_dir), device=_device(args.device), num_requests=args.requests,
+                    max_tokens=args.max_tokens, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crosspool", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("make-model", help="write a random-weight HF checkpoint with a preset's real shapes")
+    m.add_argument("--preset", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32")
+    m.add_argument("--quiet", action="store_true")
+    m.set_defaults(func=cmd_make_model)
+
+    g = sub.add_parser("generate", help="complete one prompt offline")
+    g.add_argument("--model", required=True, help="checkpoint directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--json", action="store_true", help="print token ids and timings as JSON")
+    g.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when present)")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="serve a mixed workload over tiny models of several families")
+    d.add_argument("--models-dir", default="models/demo")
+    d.add_argument("--requests", type=int, default=24)
+    d.add_argument("--max-tokens", type=int, default=24)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default=None)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"crosspool {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
