@@ -80,7 +80,8 @@ def run_demo(models_dir: Path, device: str, num_requests: int, max_tokens: int, 
     for o in sorted(finished, key=lambda o: o.request_id):
         print(f"[{o.model}] {o.request_id}: {o.text[:70]!r}")
     print(f"\n{len(finished)} requests in {wall:.2f} s")
-    print(f"{'model':<20}{'reqs':>5}{'tokens':>8}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'TBT p50 ms':>12}{'TBT p99 ms':>12}")
+    header = ("model", "reqs", "tokens", "TTFT p50 ms", "TTFT p99 ms", "TBT p50 ms", "TBT p99 ms")
+    print(f"{header[0]:<20}{header[1]:>5}{header[2]:>8}{header[3]:>13}{header[4]:>13}{header[5]:>12}{header[6]:>12}")
     for name in names:
         outs = [o for o in finished if o.model == name]
         ttft = [o.ttft_s * 1e3 for o in outs if o.ttft_s is not None]

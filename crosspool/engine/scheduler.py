@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from crosspool.config import EngineConfig
 from crosspool.engine.block_manager import BlockManager
-from crosspool.engine.sequence import Sequence, SeqStatus
+from crosspool.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(slots=True)

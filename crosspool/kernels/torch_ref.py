@@ -53,7 +53,9 @@ def rope_inv_freq(rope: RopeSpec) -> torch.Tensor:
     return (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
 
 
-def rope_cos_sin(rope: RopeSpec, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    rope: RopeSpec, positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [T, dim/2] in fp32 (with YaRN's attention factor folded in)."""
     freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
     scale = rope.cos_sin_scale()
@@ -84,7 +86,8 @@ def write_kv(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> 
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """Paged cache [blocks, block_size, heads, dim] + tables [B, max_blocks] -> [B, max_blocks*block_size, heads, dim]."""
+    """Paged cache [blocks, block_size, heads, dim] + tables [B, max_blocks]
+    -> keys/values [B, max_blocks * block_size, heads, dim] in sequence order."""
     b, nb = block_tables.shape
     g = cache[block_tables.clamp(min=0)]
     return g.reshape(b, nb * cache.shape[1], *cache.shape[2:])
@@ -117,7 +120,9 @@ def padded_attention(
 # ------------------------------------------------------------------------------------------------
 # MoE
 
-def route(logits: torch.Tensor, routing: RoutingSpec, score_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    logits: torch.Tensor, routing: RoutingSpec, score_bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] -> (weights [T, k] fp32, expert ids [T, k]) by the family's rule."""
     logits = logits.float()
     t, e = logits.shape

@@ -53,7 +53,9 @@ def _tensor_dtype(t: TensorSpec, spec: ModelSpec, dtype: torch.dtype) -> torch.d
     return torch.float32 if t.kind == "score_bias" else dtype
 
 
-def _plan_shards(layout: list[TensorSpec], spec: ModelSpec, dtype: torch.dtype, max_bytes: int) -> list[list[TensorSpec]]:
+def _plan_shards(
+    layout: list[TensorSpec], spec: ModelSpec, dtype: torch.dtype, max_bytes: int
+) -> list[list[TensorSpec]]:
     shards: list[list[TensorSpec]] = [[]]
     size = 0
     for t in layout:
