@@ -1,0 +1,253 @@
+"""KV-cache pool: one physical page budget shared by every model's paged KV cache.
+
+Each registered model gets its own virtual range, large enough for the whole pool, laid out block-major
+([blocks, layers, n, block_size, heads, dim], see `kv_cache.py`) so attention sees one ordinary paged
+tensor. Physical pages back that range on demand in *page bundles*: the fewest whole pages that hold a
+whole number of blocks, i.e. the same block range in every layer's K and V. A bundle is mapped when the
+model needs a block and none of its mapped blocks is free, and unmapped when all its blocks are free and
+the model holds more free bundles than its reserve (hysteresis), so pages flow between models.
+
+The pool owns pages and bundles; it never decides which request gets a block (the scheduler does).
+Backends: `CpuPageBackend` (an ordinary zero-filled tensor per range, same accounting) and
+`crosspool.pools.vmm.CudaPageBackend` (CUDA VMM through `cuda.bindings.driver`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from crosspool.models.spec import ModelSpec
+
+PAGE_BYTES = 2 << 20
+
+
+class VirtualRange(Protocol):
+    nbytes: int
+
+    def tensor(self) -> torch.Tensor:
+        """The whole range as a uint8 tensor (unbacked pages read as zeros)."""
+        ...
+
+
+class PageBackend(Protocol):
+    page_bytes: int
+
+    def reserve(self, nbytes: int) -> VirtualRange: ...
+    def map(self, vrange: VirtualRange, first_page: int, num_pages: int) -> None: ...
+    def unmap(self, vrange: VirtualRange, first_page: int, num_pages: int) -> None: ...
+    def release(self, vrange: VirtualRange) -> None: ...
+
+
+class KVPoolFullError(RuntimeError):
+    """No free physical page is left in the pool."""
+
+
+@dataclass
+class _CpuRange:
+    nbytes: int
+    data: torch.Tensor
+
+    def tensor(self) -> torch.Tensor:
+        return self.data
+
+
+class CpuPageBackend:
+    """Ordinary host memory standing in for VMM: reserve = a zero tensor (calloc: untouched pages cost
+    nothing), unmap = zero-fill (what the shared zero page gives on the GPU)."""
+
+    def __init__(self, page_bytes: int = PAGE_BYTES) -> None:
+        self.page_bytes = page_bytes
+
+    def reserve(self, nbytes: int) -> _CpuRange:
+        return _CpuRange(nbytes, torch.zeros(nbytes, dtype=torch.uint8))
+
+    def map(self, vrange: _CpuRange, first_page: int, num_pages: int) -> None:
+        pass
+
+    def unmap(self, vrange: _CpuRange, first_page: int, num_pages: int) -> None:
+        start = first_page * self.page_bytes
+        vrange.data[start:start + num_pages * self.page_bytes].zero_()
+
+    def release(self, vrange: _CpuRange) -> None:
+        vrange.data = torch.empty(0, dtype=torch.uint8)
+
+
+@dataclass
+class ModelKVStats:
+    mapped_bytes: int
+    used_blocks: int
+    free_blocks: int
+    high_water_bytes: int
+
+
+@dataclass(eq=False)
+class ModelKV:
+    """One model's virtual KV range: the paged tensor attention reads, and its blocks."""
+
+    name: str
+    pool: KVPool
+    block_size: int
+    block_bytes: int
+    bundle_pages: int
+    bundle_blocks: int
+    num_bundles: int
+    buffer: torch.Tensor                  # [max_blocks, layers, n, block_size, heads, dim]
+    vrange: VirtualRange
+    reserve_bundles: int = 1
+    _free: list[int] = field(default_factory=list)          # free blocks in mapped bundles
+    _used_in_bundle: dict[int, int] = field(default_factory=dict)   # mapped bundle -> blocks in use
+    high_water_bytes: int = 0
+
+    # ---- the interface the block manager uses ------------------------------------------------
+    @property
+    def max_blocks(self) -> int:
+        """Blocks this model could hold with the whole pool to itself."""
+        return (self.pool.total_pages // self.bundle_pages) * self.bundle_blocks
+
+    def num_free_blocks(self) -> int:
+        """Blocks obtainable now: free mapped ones plus those that free pool pages could map."""
+        return len(self._free) + (self.pool.free_pages // self.bundle_pages) * self.bundle_blocks
+
+    def alloc(self, n: int) -> list[int]:
+        if n > self.num_free_blocks():
+            raise KVPoolFullError(f"{self.name}: need {n} blocks, {self.num_free_blocks()} obtainable")
+        while len(self._free) < n:
+            self._map_bundle()
+        out = [self._free.pop() for _ in range(n)]
+        for b in out:
+            self._used_in_bundle[b // self.bundle_blocks] += 1
+        return out
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self._used_in_bundle[b // self.bundle_blocks] -= 1
+        self._free.extend(reversed(blocks))
+
+    def layer(self, layer: int) -> list[torch.Tensor]:
+        return list(self.buffer[:, layer].unbind(1))
+
+    # ---- mapping ------------------------------------------------------------------------------
+    def _map_bundle(self) -> None:
+        bundle = next(i for i in range(self.num_bundles) if i not in self._used_in_bundle)
+        self.pool._take_pages(self.bundle_pages)
+        self.pool.backend.map(self.vrange, bundle * self.bundle_pages, self.bundle_pages)
+        self._used_in_bundle[bundle] = 0
+        first = bundle * self.bundle_blocks
+        # pop() hands out the lowest block first
+        self._free.extend(range(first + self.bundle_blocks - 1, first - 1, -1))
+        self.high_water_bytes = max(self.high_water_bytes, self.mapped_bytes)
+
+    def _unmap_bundle(self, bundle: int) -> None:
+        first = bundle * self.bundle_blocks
+        drop = set(range(first, first + self.bundle_blocks))
+        self._free = [b for b in self._free if b not in drop]
+        del self._used_in_bundle[bundle]
+        self.pool.backend.unmap(self.vrange, bundle * self.bundle_pages, self.bundle_pages)
+        self.pool._return_pages(self.bundle_pages)
+
+    def ensure_reserve(self) -> None:
+        """Keep `reserve_bundles` bundles' worth of free blocks mapped ahead of demand."""
+        want = self.reserve_bundles * self.bundle_blocks
+        while len(self._free) < want and self.pool.free_pages >= self.bundle_pages:
+            self._map_bundle()
+
+    def shrink(self, keep_free_blocks: int | None = None) -> int:
+        """Unmap fully free bundles while more than `keep_free_blocks` (default: the reserve) stay free.
+        Returns the number of bundles unmapped."""
+        keep = self.reserve_bundles * self.bundle_blocks if keep_free_blocks is None else keep_free_blocks
+        done = 0
+        for bundle in sorted(self._used_in_bundle, reverse=True):   # highest first: keeps the range dense
+            if len(self._free) - self.bundle_blocks < keep:
+                break
+            if self._used_in_bundle[bundle] == 0:
+                self._unmap_bundle(bundle)
+                done += 1
+        return done
+
+    @property
+    def mapped_bytes(self) -> int:
+        return len(self._used_in_bundle) * self.bundle_pages * self.pool.page_bytes
+
+    def stats(self) -> ModelKVStats:
+        used = sum(self._used_in_bundle.values())
+        return ModelKVStats(self.mapped_bytes, used, len(self._free), self.high_water_bytes)
+
+
+def bundle_shape(block_bytes: int, page_bytes: int, max_pages: int = 4) -> tuple[int, int]:
+    """(pages, blocks) of a page bundle: the fewest pages (at most `max_pages`) that waste the least
+    space holding whole blocks. Blocks larger than a page get bundles of whole pages."""
+    if block_bytes >= page_bytes:
+        pages = -(-block_bytes // page_bytes)
+        best = min(range(pages, pages * max_pages + 1, 1),
+                   key=lambda p: (p * page_bytes - (p * page_bytes // block_bytes) * block_bytes) / (p * page_bytes))
+        return best, best * page_bytes // block_bytes
+    def waste(p: int) -> float:
+        return 1 - (p * page_bytes // block_bytes) * block_bytes / (p * page_bytes)
+    best = min(range(1, max_pages + 1), key=lambda p: (round(waste(p), 4), p))
+    return best, best * page_bytes // block_bytes
+
+
+class KVPool:
+    """The physical page budget and the models' virtual ranges over it."""
+
+    def __init__(self, budget_bytes: int, backend: PageBackend | None = None) -> None:
+        self.backend = backend or CpuPageBackend()
+        self.page_bytes = self.backend.page_bytes
+        self.total_pages = budget_bytes // self.page_bytes
+        if self.total_pages < 1:
+            raise ValueError(f"KV pool budget {budget_bytes} B is below one {self.page_bytes} B page")
+        self.free_pages = self.total_pages
+        self.models: dict[str, ModelKV] = {}
+
+    def register(self, name: str, spec: ModelSpec, block_size: int, dtype: torch.dtype,
+                 reserve_bundles: int = 1) -> ModelKV:
+        if name in self.models:
+            raise ValueError(f"model {name!r} already has a KV range")
+        n, heads, dim = spec.kv_cache_entries
+        elem = torch.finfo(dtype).bits // 8
+        block_bytes = spec.num_layers * n * block_size * heads * dim * elem
+        bundle_pages, bundle_blocks = bundle_shape(block_bytes, self.page_bytes)
+        if bundle_pages > self.total_pages:
+            raise ValueError(f"{name}: one page bundle ({bundle_pages} pages) exceeds the pool ({self.total_pages})")
+        num_bundles = self.total_pages // bundle_pages
+        bundle_bytes = bundle_pages * self.page_bytes
+        vrange = self.backend.reserve(num_bundles * bundle_bytes)
+        # blocks are spaced evenly inside a bundle; the stride may exceed block_bytes by a little padding
+        stride = (bundle_bytes // bundle_blocks) // elem
+        inner = (n * block_size * heads * dim, block_size * heads * dim, heads * dim, dim, 1)
+        shape = (num_bundles * bundle_blocks, spec.num_layers, n, block_size, heads, dim)
+        flat = vrange.tensor()[: num_bundles * bundle_bytes].view(dtype)
+        buffer = flat.as_strided(shape, (stride, *inner))
+        kv = ModelKV(name, self, block_size, block_bytes, bundle_pages, bundle_blocks, num_bundles, buffer,
+                     vrange, reserve_bundles)
+        self.models[name] = kv
+        return kv
+
+    def unregister(self, name: str) -> None:
+        kv = self.models.pop(name)
+        for bundle in list(kv._used_in_bundle):
+            if kv._used_in_bundle[bundle]:
+                raise RuntimeError(f"{name}: blocks still in use; finish its requests first")
+            kv._unmap_bundle(bundle)
+        self.backend.release(kv.vrange)
+
+    def _take_pages(self, n: int) -> None:
+        if n > self.free_pages:
+            raise KVPoolFullError(f"KV pool: need {n} pages, {self.free_pages} free")
+        self.free_pages -= n
+
+    def _return_pages(self, n: int) -> None:
+        self.free_pages += n
+        assert self.free_pages <= self.total_pages
+
+    @property
+    def used_pages(self) -> int:
+        return self.total_pages - self.free_pages
+
+    @property
+    def usage(self) -> float:
+        return self.used_pages / self.total_pages

@@ -1,0 +1,105 @@
+"""KV pool accounting: pages shared by models, page bundles mapped on demand and returned."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crosspool.models.presets import get_preset
+from crosspool.models.spec import ModelSpec
+from crosspool.pools.kv_pool import PAGE_BYTES, KVPool, KVPoolFullError, bundle_shape
+
+SPECS = [ModelSpec.from_hf_config(get_preset(p).config) for p in ("tiny-olmoe", "tiny-qwen3-moe", "tiny-deepseek-v3")]
+
+
+def _pool(pages: int = 12) -> tuple[KVPool, list]:
+    pool = KVPool(pages * PAGE_BYTES)
+    kvs = [pool.register(f"m{i}", s, 16, torch.float32) for i, s in enumerate(SPECS)]
+    return pool, kvs
+
+
+def _check_invariants(pool: KVPool, kvs: list, held: list[list[int]]) -> None:
+    mapped_pages = sum(len(kv._used_in_bundle) * kv.bundle_pages for kv in kvs)
+    assert mapped_pages + pool.free_pages == pool.total_pages          # no page lost or double-counted
+    for kv, blocks in zip(kvs, held, strict=True):
+        assert len(blocks) == len(set(blocks))                          # no block handed out twice
+        assert not set(blocks) & set(kv._free)                          # in-use blocks are not free
+        for b in blocks:
+            assert b // kv.bundle_blocks in kv._used_in_bundle           # every used block is backed
+        assert sum(kv._used_in_bundle.values()) == len(blocks)
+        assert len(kv._free) + len(blocks) == len(kv._used_in_bundle) * kv.bundle_blocks
+
+
+ops = st.lists(st.tuples(st.integers(0, 2), st.sampled_from(["alloc", "free", "shrink"]), st.integers(1, 300)),
+               max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops)
+def test_random_grow_shrink_keeps_accounting(sequence) -> None:
+    pool, kvs = _pool()
+    held: list[list[int]] = [[] for _ in kvs]
+    for m, op, n in sequence:
+        kv = kvs[m]
+        if op == "alloc":
+            if n <= kv.num_free_blocks():
+                held[m] += kv.alloc(n)
+            else:
+                try:
+                    kv.alloc(n)
+                    raise AssertionError("alloc beyond capacity succeeded")
+                except KVPoolFullError:
+                    pass
+        elif op == "free":
+            k = min(n, len(held[m]))
+            kv.free(held[m][:k])
+            held[m] = held[m][k:]
+        else:
+            kv.shrink()
+        _check_invariants(pool, kvs, held)
+    for kv, blocks in zip(kvs, held, strict=True):
+        kv.free(blocks)
+        kv.shrink(keep_free_blocks=0)
+    assert pool.free_pages == pool.total_pages                          # usage returns to zero
+    assert all(kv.mapped_bytes == 0 for kv in kvs)
+
+
+def test_model_grows_into_pages_another_released() -> None:
+    pool, (a, b, _) = _pool(pages=12)
+    got_a = a.alloc(a.num_free_blocks())                                  # a takes the whole pool
+    assert pool.free_pages < a.bundle_pages and b.num_free_blocks() < b.bundle_blocks
+    a.free(got_a)
+    a.shrink(keep_free_blocks=0)
+    assert pool.free_pages == pool.total_pages
+    got_b = b.alloc(b.num_free_blocks())                                  # now b can take nearly all of it
+    assert len(got_b) * b.block_bytes >= 0.9 * pool.total_pages * PAGE_BYTES
+    assert b.stats().high_water_bytes >= 0.9 * pool.total_pages * PAGE_BYTES
+
+
+def test_unmapped_blocks_read_zero_and_data_survives_elsewhere() -> None:
+    pool, (a, _, _) = _pool()
+    blocks = a.alloc(2 * a.bundle_blocks)
+    k_cache = a.layer(0)[0]
+    k_cache[blocks[0]] = 1.0
+    k_cache[blocks[-1]] = 2.0
+    a.free(blocks[a.bundle_blocks:])
+    a.shrink(keep_free_blocks=0)
+    assert torch.all(k_cache[blocks[0]] == 1.0)
+    assert torch.all(k_cache[blocks[-1]] == 0.0)                          # unbacked: reads zeros
+
+
+def test_reserve_keeps_blocks_mapped_ahead() -> None:
+    pool, (a, _, _) = _pool()
+    a.ensure_reserve()
+    assert a.stats().free_blocks >= a.bundle_blocks
+    used = pool.used_pages
+    a.alloc(1)
+    assert pool.used_pages == used                                       # no mapping on the allocation
+
+
+def test_bundle_shapes_hold_whole_blocks_with_little_waste() -> None:
+    for block in (PAGE_BYTES, 1536 << 10, 497_664, 24_576, 3 << 20, 3 << 10):
+        pages, blocks = bundle_shape(block, PAGE_BYTES)
+        assert blocks >= 1 and blocks * block <= pages * PAGE_BYTES
+        assert 1 - blocks * block / (pages * PAGE_BYTES) < 0.06
