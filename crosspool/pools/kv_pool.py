@@ -14,7 +14,6 @@ Backends: `CpuPageBackend` (an ordinary zero-filled tensor per range, same accou
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
