@@ -226,13 +226,20 @@ class KVPool:
         self.models[name] = kv
         return kv
 
-    def unregister(self, name: str) -> None:
-        kv = self.models.pop(name)
+    def unregister(self, name: str, force: bool = False) -> None:
+        """Drop a model's range and return its pages; unless `force`, its blocks must all be free."""
+        kv = self.models[name]
+        if not force and any(kv._used_in_bundle.values()):
+            raise RuntimeError(f"{name}: KV blocks still in use; finish or abort its requests first")
+        del self.models[name]
         for bundle in list(kv._used_in_bundle):
-            if kv._used_in_bundle[bundle]:
-                raise RuntimeError(f"{name}: blocks still in use; finish its requests first")
             kv._unmap_bundle(bundle)
         self.backend.release(kv.vrange)
+
+    def close(self) -> None:
+        """Release every range and page (shutdown)."""
+        for name in list(self.models):
+            self.unregister(name, force=True)
 
     def _take_pages(self, n: int) -> None:
         if n > self.free_pages:
