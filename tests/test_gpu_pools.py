@@ -92,7 +92,7 @@ def test_one_model_can_take_nearly_the_whole_pool(pool: KVPool) -> None:
     b = pool.register("b", ModelSpec.from_hf_config(get_preset("qwen3-30b-a3b").config), 16, torch.bfloat16)
     got = b.alloc(b.num_free_blocks())
     assert len(got) * b.block_bytes >= 0.9 * pool.total_pages * PAGE_BYTES
-    assert a.num_free_blocks() == 0
+    assert a.num_free_blocks() * a.block_bytes <= 0.1 * pool.total_pages * PAGE_BYTES   # only leftovers
     b.free(got)
     b.shrink(keep_free_blocks=0)
     got_a = a.alloc(a.num_free_blocks())
