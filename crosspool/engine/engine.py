@@ -21,7 +21,7 @@ from crosspool.engine.output import RequestOutput, update_text
 from crosspool.engine.runner import ModelRunner
 from crosspool.engine.sampling import SamplingParams
 from crosspool.engine.scheduler import Scheduler
-from crosspool.engine.sequence import Sequence, SeqStatus
+from crosspool.engine.sequence import SeqStatus, Sequence
 from crosspool.models.model import MoEModel
 from crosspool.pools.kv_cache import PagedKVCache
 
@@ -97,9 +97,14 @@ class Engine:
         else:
             text, ids = "", [int(i) for i in prompt]
         self._validate(served, ids, params)
-        rid = request_id or f"req-{next(self._ids)}"
-        if rid in self._seqs:
-            raise RequestError(f"duplicate request id {rid!r}")
+        if request_id is None:
+            rid = f"req-{next(self._ids)}"
+            while rid in self._seqs:          # skip ids a caller chose for its own requests
+                rid = f"req-{next(self._ids)}"
+        elif request_id in self._seqs:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        else:
+            rid = request_id
         seq = Sequence(rid, model, text, ids, params)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)

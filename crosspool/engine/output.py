@@ -35,25 +35,34 @@ class RequestOutput:
 
 def update_text(seq: Sequence, tokenizer, eos_ids: set[int], max_model_len: int) -> str:  # noqa: ANN001
     """Refresh seq.text after a new token, apply stop conditions; returns the newly visible text.
-    Sets seq.finish_reason when the sequence must stop (the caller finishes it)."""
+    Sets seq.finish_reason when the sequence must stop (the caller finishes it).
+
+    seq.text is what has been streamed so far, and it only ever grows: a trailing partial UTF-8
+    character is held back until a later token completes it, and with stop strings the last
+    (longest stop - 1) characters are held back too, since they may turn out to start a stop string."""
     p = seq.params
     token = seq.output_token_ids[-1]
     before = seq.text
     full = tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-    # hold back a trailing partial UTF-8 character until the next token completes it
     visible = full.rstrip("\ufffd")
     if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
         seq.finish_reason = "stop"
-    for stop in p.stop:
-        # search only where the new text could have completed a stop string
-        at = visible.find(stop, max(0, len(before) - len(stop) + 1))
-        if at != -1:
-            visible = visible[:at]
-            seq.finish_reason = "stop"
-            break
-    if seq.finish_reason is None and (len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= max_model_len):
-        seq.finish_reason = "length"
-    if seq.finish_reason is not None and not p.stop:
-        visible = full
-    seq.text = visible
-    return visible[len(before):] if visible.startswith(before) else visible
+    # only an occurrence ending in text this token added can be new; the earliest one wins
+    stop_at = min(
+        (at for stop in p.stop if (at := visible.find(stop, max(0, len(before) - len(stop) + 1))) != -1),
+        default=-1,
+    )
+    if stop_at != -1:
+        text = visible[:stop_at]
+        seq.finish_reason = "stop"
+    else:
+        if seq.finish_reason is None and (len(seq.output_token_ids) >= p.max_tokens
+                                          or seq.num_tokens >= max_model_len):
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            text = full
+        else:
+            hold = max((len(stop) for stop in p.stop), default=1) - 1
+            text = visible[: max(len(before), len(visible) - hold)]
+    seq.text = text
+    return text[len(before):] if text.startswith(before) else text
