@@ -134,43 +134,76 @@ def _short(name: str, layer: int) -> str:
     return name.removesuffix(".weight")
 
 
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """This process's slice of the FFN intermediate dimension (tensor parallel over the weights pool)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def slice(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        return torch.tensor_split(t, self.world, dim=dim)[self.rank].contiguous()
+
+    def gate_up(self, gate: torch.Tensor, up: torch.Tensor, dim: int) -> torch.Tensor:
+        """Concatenate this shard's gate rows and up rows (the fused layout silu_and_mul expects)."""
+        return torch.cat([self.slice(gate, dim), self.slice(up, dim)], dim=dim)
+
+
+class _Reader:
+    def __init__(self, model_dir: Path, spec: ModelSpec, dtype: torch.dtype) -> None:
+        self.src = _TensorSource(model_dir)
+        self.layout = {t.name: t for t in checkpoint_layout(spec)}
+        self.dtype = dtype
+
+    def __call__(self, name: str, keep_fp32: bool = False) -> torch.Tensor:
+        t = self.layout[name]
+        return self.src.get(name, t.shape, torch.float32 if keep_fp32 else self.dtype, torch.device("cpu"))
+
+
+def load_attention_weights(model_dir: str | os.PathLike[str], spec: ModelSpec, dtype: torch.dtype,
+                           device: torch.device | str) -> AttentionWeights:
+    """Embeddings, norms, attention and lm_head: the KV-cache pool's share of a checkpoint."""
+    get = _Reader(Path(model_dir), spec, dtype)
+    layers: list[dict[str, torch.Tensor]] = []
+    for layer in range(spec.num_layers):
+        prefix = f"model.layers.{layer}."
+        layers.append({_short(t.name, layer): get(t.name).to(device)
+                       for t in get.layout.values() if t.side == "attention" and t.name.startswith(prefix)})
+    embed = get("model.embed_tokens.weight").to(device)
+    lm_head = embed if spec.tie_word_embeddings else get("lm_head.weight").to(device)
+    return AttentionWeights(embed, get("model.norm.weight").to(device), lm_head, layers)
+
+
+def load_ffn_weights(model_dir: str | os.PathLike[str], spec: ModelSpec, dtype: torch.dtype,
+                     device: torch.device | str, shard: Shard = Shard()) -> FFNWeights:
+    """Routers, experts, shared experts and dense MLPs (this shard's intermediate slice): the weights
+    pool's share. Router weights and DeepSeek's score bias stay fp32 where the family computes in fp32."""
+    get = _Reader(Path(model_dir), spec, dtype)
+    fp32_routers = spec.routing is not None and spec.routing.router_fp32
+    layers = [{k: v.to(device) for k, v in _load_ffn_layer(spec, layer, get, fp32_routers, shard).items()}
+              for layer in range(spec.num_layers)]
+    return FFNWeights(layers)
+
+
 def load_checkpoint(
     model_dir: str | os.PathLike[str], dtype: torch.dtype, device: torch.device | str = "cpu",
     spec: ModelSpec | None = None,
 ) -> tuple[ModelSpec, AttentionWeights, FFNWeights]:
-    """Load and split a checkpoint. Router weights and DeepSeek's score bias stay fp32."""
-    model_dir = Path(model_dir)
+    """Load both sides of a checkpoint onto one device."""
     spec = spec or load_spec(model_dir)
-    device = torch.device(device)
-    src = _TensorSource(model_dir)
-    layout = {t.name: t for t in checkpoint_layout(spec)}
-    fp32_routers = spec.routing is not None and spec.routing.router_fp32
-
-    def get(name: str, keep_fp32: bool = False) -> torch.Tensor:
-        t = layout[name]
-        return src.get(name, t.shape, torch.float32 if keep_fp32 else dtype, device)
-
-    attn_layers: list[dict[str, torch.Tensor]] = []
-    ffn_layers: list[dict[str, torch.Tensor]] = []
-    for layer in range(spec.num_layers):
-        attn: dict[str, torch.Tensor] = {}
-        for t in layout.values():
-            if t.side == "attention" and t.name.startswith(f"model.layers.{layer}."):
-                attn[_short(t.name, layer)] = get(t.name)
-        attn_layers.append(attn)
-        ffn_layers.append(_load_ffn_layer(spec, layer, get, fp32_routers))
-
-    embed = get("model.embed_tokens.weight")
-    lm_head = embed if spec.tie_word_embeddings else get("lm_head.weight")
-    return spec, AttentionWeights(embed, get("model.norm.weight"), lm_head, attn_layers), FFNWeights(ffn_layers)
+    return (spec, load_attention_weights(model_dir, spec, dtype, device),
+            load_ffn_weights(model_dir, spec, dtype, device))
 
 
-def _load_ffn_layer(spec: ModelSpec, layer: int, get, fp32_routers: bool) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def _load_ffn_layer(spec: ModelSpec, layer: int, get: _Reader, fp32_routers: bool,
+                    shard: Shard) -> dict[str, torch.Tensor]:
     if not spec.moe_layers[layer]:
         p = f"model.layers.{layer}.mlp"
         return {
-            "gate_up": torch.cat([get(f"{p}.gate_proj.weight"), get(f"{p}.up_proj.weight")]),
-            "down": get(f"{p}.down_proj.weight"),
+            "gate_up": shard.gate_up(get(f"{p}.gate_proj.weight"), get(f"{p}.up_proj.weight"), 0),
+            "down": shard.slice(get(f"{p}.down_proj.weight"), 1),
         }
     assert spec.routing is not None
     out = {"router": get(router_name(spec, layer), keep_fp32=fp32_routers)}
@@ -179,14 +212,14 @@ def _load_ffn_layer(spec: ModelSpec, layer: int, get, fp32_routers: bool) -> dic
     gate_up, down = [], []
     for e in range(spec.routing.num_experts):
         g, u, d = expert_names(spec, layer, e)
-        gate_up.append(torch.cat([get(g), get(u)]))
-        down.append(get(d))
+        gate_up.append(shard.gate_up(get(g), get(u), 0))
+        down.append(shard.slice(get(d), 1))
     out["experts_gate_up"] = torch.stack(gate_up)
     out["experts_down"] = torch.stack(down)
     if spec.shared_intermediate_size:
         p = shared_expert_prefix(spec, layer)
-        out["shared_gate_up"] = torch.cat([get(f"{p}.gate_proj.weight"), get(f"{p}.up_proj.weight")])
-        out["shared_down"] = get(f"{p}.down_proj.weight")
+        out["shared_gate_up"] = shard.gate_up(get(f"{p}.gate_proj.weight"), get(f"{p}.up_proj.weight"), 0)
+        out["shared_down"] = shard.slice(get(f"{p}.down_proj.weight"), 1)
     if spec.shared_expert_gate:
         out["shared_gate"] = get(f"model.layers.{layer}.mlp.shared_expert_gate.weight")
     return out
