@@ -18,6 +18,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048        # tokens per model step (prefill chunks + decodes)
     enable_chunked_prefill: bool = True
     max_model_len: int | None = None          # default: the model's max_position_embeddings
+    weights_ranks: int = 0                    # >0: FFN weights sharded over this many worker processes
+    weights_devices: tuple[str, ...] = ()     # one per weights rank (default: the engine's device type)
 
     def __post_init__(self) -> None:
         if self.dtype is None:
@@ -25,5 +27,9 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.weights_ranks < 0:
+            raise ValueError(f"weights_ranks must be >= 0, got {self.weights_ranks}")
+        if self.weights_devices and len(self.weights_devices) != self.weights_ranks:
+            raise ValueError(f"{len(self.weights_devices)} weights devices for {self.weights_ranks} weights ranks")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")

@@ -43,9 +43,13 @@ def _assert_all_blocks_free(engine: Engine) -> None:
     for served in engine.models.values():
         assert served.blocks is not None and served.scheduler is not None
         assert served.blocks.num_free == served.blocks.num_blocks, served.name
-        free_ids = sorted(served.blocks._free)
-        assert free_ids == list(range(served.blocks.num_blocks)), "block ids lost or duplicated"
+        assert served.blocks.num_used == 0, served.name
+        kv = served.blocks.kv
+        assert kv.stats().used_blocks == 0, "blocks still counted as used in the KV pool"
+        assert len(kv._free) == len(set(kv._free)), "a block id is duplicated in the free list"
+        assert kv.mapped_bytes == 0, "an idle model still holds KV pages"
         assert not served.scheduler.running and not served.scheduler.waiting
+    assert engine.kv_pool.free_pages == engine.kv_pool.total_pages, "KV pages lost"
 
 
 def _generate(llm: LLM, prompts: list[list[int]], params: list[SamplingParams],

@@ -21,11 +21,12 @@ def _prefill_logits(model: MoEModel, ids: list[int]) -> torch.Tensor:
     from crosspool.engine.sampling import SamplingParams as SP
     from crosspool.engine.scheduler import ScheduledSeq
     from crosspool.engine.sequence import Sequence
-    from crosspool.pools.kv_cache import PagedKVCache
+    from crosspool.pools.kv_pool import KVPool
+    from crosspool.pools.vmm import CudaPageBackend
 
     dtype = model.attention.w.embed.dtype
-    cache = PagedKVCache(model.spec, 64, 16, dtype, "cuda")
-    blocks = BlockManager(64, 16)
+    cache = KVPool(512 << 20, CudaPageBackend(0)).register("m", model.spec, 16, dtype)
+    blocks = BlockManager(cache)
     seq = Sequence("s", "m", "", ids, SP())
     blocks.grow(seq, len(ids))
     return ModelRunner(model, cache, torch.device("cuda")).logits_for([ScheduledSeq(seq, len(ids))])

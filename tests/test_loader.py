@@ -25,7 +25,7 @@ from crosspool.models.make_model import make_model, write_weights
 from crosspool.models.model import MoEModel
 from crosspool.models.presets import PRESETS
 from crosspool.models.spec import ModelSpec, UnsupportedModelError, checkpoint_layout
-from crosspool.pools.kv_cache import PagedKVCache
+from crosspool.pools.kv_pool import KVPool
 
 TinyModels = Callable[[str], Path]
 TINY = sorted(name for name in PRESETS if name.startswith("tiny-"))
@@ -340,9 +340,9 @@ def _layer_states(model: MoEModel, ids: list[int], block_size: int = 16) -> tupl
     spec = model.spec
     dtype = model.attention.w.embed.dtype
     blocks = -(-len(ids) // block_size)
-    cache = PagedKVCache(spec, blocks, block_size, dtype, CPU)
+    cache = KVPool(blocks * block_size * spec.kv_bytes_per_token(4) + (8 << 20)).register("m", spec, block_size, dtype)
     seq = Sequence("r", "m", "", ids, SamplingParams())
-    seq.block_table = list(range(blocks))
+    seq.block_table = cache.alloc(blocks)
     batch = build_batch([ScheduledSeq(seq, len(ids))], block_size, CPU)
     states: list[tuple[str, torch.Tensor]] = []
     with torch.inference_mode():

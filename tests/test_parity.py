@@ -13,7 +13,7 @@ from crosspool.engine.sampling import SamplingParams as SP
 from crosspool.engine.scheduler import ScheduledSeq
 from crosspool.engine.sequence import Sequence
 from crosspool.models.model import MoEModel
-from crosspool.pools.kv_cache import PagedKVCache
+from crosspool.pools.kv_pool import KVPool
 
 FAMILIES = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v2", "tiny-deepseek-v3"]
 PROMPT_LENS = [3, 9, 17]          # with block_size 4: inside one block, crossing one, crossing four
@@ -38,10 +38,11 @@ def test_prefill_and_decode_logits_match_hf(preset: str, tiny_models) -> None:
     d = tiny_models(preset)
     hf = _hf(d)
     model = MoEModel.load(d, torch.float32, "cpu")
-    cache = PagedKVCache(model.spec, 32, BLOCK_SIZE, torch.float32, "cpu")
-    blocks = BlockManager(32, BLOCK_SIZE)
+    cache = KVPool(16 << 20).register(preset, model.spec, BLOCK_SIZE, torch.float32)
+    blocks = BlockManager(cache)
     # scatter block ids so tables are not contiguous
-    blocks._free = torch.randperm(32, generator=torch.Generator().manual_seed(0)).tolist()
+    taken = cache.alloc(64)
+    cache.free([taken[i] for i in torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()])
     runner = ModelRunner(model, cache, torch.device("cpu"))
     gen = torch.Generator().manual_seed(1)
     seqs = [Sequence(f"s{i}", preset, "", torch.randint(0, model.spec.vocab_size - 3, (n,), generator=gen).tolist(),

@@ -1,4 +1,8 @@
-"""Engine: several models served at once, each with its own scheduler, KV cache and runner.
+"""Engine: several models served at once over the two pools.
+
+Each model has its own scheduler, block manager (blocks come from the one shared KV pool) and runner;
+its FFN runs in the weights pool. Models are loaded split: attention side here, FFN side into the pools'
+layout (`crosspool.pools.layout`).
 
 `step()` reads as: for each model with work, schedule -> run -> postprocess (append tokens, detokenize,
 stop). Requests are validated at `add_request` so a request that can never run fails at once, clearly.
@@ -22,11 +26,10 @@ from crosspool.engine.runner import ModelRunner
 from crosspool.engine.sampling import SamplingParams
 from crosspool.engine.scheduler import Scheduler
 from crosspool.engine.sequence import SeqStatus, Sequence
+from crosspool.models.attention_side import AttentionSide
+from crosspool.models.loader import load_attention_weights, load_spec
 from crosspool.models.model import MoEModel
-from crosspool.pools.kv_cache import PagedKVCache
-
-CPU_KV_BYTES = 1 << 30
-GPU_KV_FRACTION = 0.85
+from crosspool.pools.layout import PoolLayout
 
 
 class RequestError(ValueError):
@@ -52,38 +55,39 @@ class Engine:
             raise ValueError("no models given")
         self.config = config or EngineConfig()
         self.device = torch.device(self.config.device)
+        self.layout = PoolLayout(self.config)
         self.models: dict[str, ServedModel] = {}
         for name, path in models.items():
             self.models[name] = self._load(name, Path(path))
-        self._size_kv_caches()
+        self.kv_pool = self.layout.build_kv_pool()
+        for m in self.models.values():
+            self._attach_kv(m)
         self._ids = itertools.count()
         self._seqs: dict[str, Sequence] = {}
 
     def _load(self, name: str, path: Path) -> ServedModel:
-        model = MoEModel.load(path, self.config.dtype, self.device)
+        spec = load_spec(path)
+        attention = AttentionSide(spec, load_attention_weights(path, spec, self.config.dtype, self.device))
+        model = MoEModel(spec, attention, self.layout.load_ffn(name, path, spec))
         tok = AutoTokenizer.from_pretrained(path)
-        eos = set(model.spec.eos_token_ids)
+        eos = set(spec.eos_token_ids)
         if tok.eos_token_id is not None:
             eos.add(tok.eos_token_id)
-        limit = model.spec.max_position_embeddings
+        limit = spec.max_position_embeddings
         max_len = min(self.config.max_model_len or limit, limit)
         return ServedModel(name, str(path), model, tok, eos, max_len)
 
-    def _size_kv_caches(self) -> None:
+    def _attach_kv(self, m: ServedModel) -> None:
         cfg = self.config
-        budget = cfg.kv_cache_bytes
-        if budget is None:
-            if self.device.type == "cuda":
-                budget = int(torch.cuda.mem_get_info(self.device)[0] * GPU_KV_FRACTION)
-            else:
-                budget = CPU_KV_BYTES
-        for m in self.models.values():
-            block_bytes = PagedKVCache.block_bytes(m.model.spec, cfg.block_size, cfg.dtype)
-            n = cfg.num_kv_blocks or max(1, budget // len(self.models) // block_bytes)
-            cache = PagedKVCache(m.model.spec, n, cfg.block_size, cfg.dtype, self.device)
-            m.blocks = BlockManager(n, cfg.block_size)
-            m.scheduler = Scheduler(cfg, m.blocks)
-            m.runner = ModelRunner(m.model, cache, self.device)
+        kv = self.kv_pool.register(m.name, m.model.spec, cfg.block_size, cfg.dtype)
+        m.blocks = BlockManager(kv, cfg.num_kv_blocks)
+        m.scheduler = Scheduler(cfg, m.blocks)
+        m.runner = ModelRunner(m.model, kv, self.device)
+
+    def close(self) -> None:
+        """Release every KV page and stop pool workers."""
+        self.kv_pool.close()
+        self.layout.close()
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, model: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -168,7 +172,19 @@ class Engine:
                 s.seq.num_computed += s.num_new_tokens
                 if i in sampled:
                     outputs.append(self._append(served, s.seq, sampled[i], now))
+        self._maintain_kv()
         return outputs
+
+    def _maintain_kv(self) -> None:
+        """Between steps: active models keep a pre-mapped reserve (so the next step does not map), and
+        release bundles beyond reserve + one of slack (hysteresis); idle models release everything."""
+        for served in self.models.values():
+            kv = served.blocks.kv
+            if served.scheduler.has_work():
+                kv.ensure_reserve()
+                kv.shrink(keep_free_blocks=(kv.reserve_bundles + 1) * kv.bundle_blocks)
+            else:
+                kv.shrink(keep_free_blocks=0)
 
     def _append(self, served: ServedModel, seq: Sequence, token: int, now: float) -> RequestOutput:
         seq.output_token_ids.append(token)

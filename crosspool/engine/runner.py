@@ -6,9 +6,8 @@ import torch
 
 from crosspool.engine.sampler import sample
 from crosspool.engine.scheduler import ScheduledSeq
-from crosspool.models.batch import ForwardBatch
+from crosspool.models.batch import ForwardBatch, PagedCache
 from crosspool.models.model import MoEModel
-from crosspool.pools.kv_cache import PagedKVCache
 
 
 def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.device) -> ForwardBatch:
@@ -43,7 +42,7 @@ def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.de
 
 
 class ModelRunner:
-    def __init__(self, model: MoEModel, cache: PagedKVCache, device: torch.device) -> None:
+    def __init__(self, model: MoEModel, cache: PagedCache, device: torch.device) -> None:
         self.model = model
         self.cache = cache
         self.device = device

@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 
 from crosspool.kernels import torch_ref as ref
-from crosspool.models.batch import ForwardBatch
+from crosspool.models.batch import ForwardBatch, PagedCache
 from crosspool.models.loader import AttentionWeights
 from crosspool.models.spec import ModelSpec
-from crosspool.pools.kv_cache import PagedKVCache
 
 
 class AttentionSide:
@@ -29,7 +28,7 @@ class AttentionSide:
         return ref.rope_cos_sin(self.spec.rope, positions, self.inv_freq)
 
     def attention_block(
-        self, layer: int, hidden: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache,
+        self, layer: int, hidden: torch.Tensor, batch: ForwardBatch, cache: PagedCache,
         rope: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden -> (hidden + attention(norm(hidden)), post-attention norm of that) for the FFN side."""

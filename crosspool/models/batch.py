@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+
+class PagedCache(Protocol):
+    """A model's paged KV storage as attention sees it (the KV pool's per-model range)."""
+
+    block_size: int
+
+    def layer(self, layer: int) -> list[torch.Tensor]:
+        """[K, V] (MHA) or [latent] (MLA) views of shape [num_blocks, block_size, heads, dim]."""
+        ...
 
 
 @dataclass(slots=True)

@@ -177,9 +177,10 @@ def load_attention_weights(model_dir: str | os.PathLike[str], spec: ModelSpec, d
 
 
 def load_ffn_weights(model_dir: str | os.PathLike[str], spec: ModelSpec, dtype: torch.dtype,
-                     device: torch.device | str, shard: Shard = Shard()) -> FFNWeights:
+                     device: torch.device | str, shard: Shard | None = None) -> FFNWeights:
     """Routers, experts, shared experts and dense MLPs (this shard's intermediate slice): the weights
     pool's share. Router weights and DeepSeek's score bias stay fp32 where the family computes in fp32."""
+    shard = shard or Shard()
     get = _Reader(Path(model_dir), spec, dtype)
     fp32_routers = spec.routing is not None and spec.routing.router_fp32
     layers = [{k: v.to(device) for k, v in _load_ffn_layer(spec, layer, get, fp32_routers, shard).items()}

@@ -1,36 +1,42 @@
-"""One served model: its attention side and FFN side, run layer by layer over a ForwardBatch.
+"""One served model as the KV-cache pool sees it: its attention side plus a handle to its FFN.
 
-`forward` is the single-device composition (the hand-off between the sides is a plain call); the
-pools and the pipeline scheduler drive the two sides separately.
+`forward` runs layer by layer: attention (and the residual stream) here, the FFN wherever the weights
+pool is — a plain call on one device, a transport round trip across ranks. The pipeline scheduler
+drives the two sides separately.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
 import torch
 
 from crosspool.models.attention_side import AttentionSide
-from crosspool.models.batch import ForwardBatch
+from crosspool.models.batch import ForwardBatch, PagedCache
 from crosspool.models.ffn_side import FFNSide
 from crosspool.models.loader import load_checkpoint
 from crosspool.models.spec import ModelSpec
-from crosspool.pools.kv_cache import PagedKVCache
+
+
+class FFN(Protocol):
+    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class MoEModel:
-    def __init__(self, spec: ModelSpec, attention: AttentionSide, ffn: FFNSide) -> None:
+    def __init__(self, spec: ModelSpec, attention: AttentionSide, ffn: FFN) -> None:
         self.spec = spec
         self.attention = attention
         self.ffn = ffn
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike[str], dtype: torch.dtype, device: torch.device | str) -> MoEModel:
+        """Both sides on one device, FFN in-process (tests, benchmarks, tools)."""
         spec, attn_w, ffn_w = load_checkpoint(model_dir, dtype, device)
         return cls(spec, AttentionSide(spec, attn_w), FFNSide(spec, ffn_w))
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, cache: PagedCache) -> torch.Tensor:
         """Final hidden states (before the final norm) of every token in the batch."""
         hidden = self.attention.embed(batch.input_ids)
         rope = self.attention.rope_tables(batch.positions)

@@ -14,6 +14,7 @@ Backends: `CpuPageBackend` (an ordinary zero-filled tensor per range, same accou
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -48,6 +49,7 @@ class KVPoolFullError(RuntimeError):
 @dataclass
 class _CpuRange:
     nbytes: int
+    mem: mmap.mmap
     data: torch.Tensor
 
     def tensor(self) -> torch.Tensor:
@@ -55,24 +57,29 @@ class _CpuRange:
 
 
 class CpuPageBackend:
-    """Ordinary host memory standing in for VMM: reserve = a zero tensor (calloc: untouched pages cost
-    nothing), unmap = zero-fill (what the shared zero page gives on the GPU)."""
+    """Host memory standing in for VMM: a range is an anonymous mmap (zero pages, committed only when
+    written); unmapping a bundle is madvise(DONTNEED), which returns its memory to the OS and makes it
+    read as zeros again, as the shared zero page does on the GPU."""
 
     def __init__(self, page_bytes: int = PAGE_BYTES) -> None:
         self.page_bytes = page_bytes
 
     def reserve(self, nbytes: int) -> _CpuRange:
-        return _CpuRange(nbytes, torch.zeros(nbytes, dtype=torch.uint8))
+        mem = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return _CpuRange(nbytes, mem, torch.frombuffer(mem, dtype=torch.uint8))
 
     def map(self, vrange: _CpuRange, first_page: int, num_pages: int) -> None:
         pass
 
     def unmap(self, vrange: _CpuRange, first_page: int, num_pages: int) -> None:
-        start = first_page * self.page_bytes
-        vrange.data[start:start + num_pages * self.page_bytes].zero_()
+        vrange.mem.madvise(mmap.MADV_DONTNEED, first_page * self.page_bytes, num_pages * self.page_bytes)
 
     def release(self, vrange: _CpuRange) -> None:
-        vrange.data = torch.empty(0, dtype=torch.uint8)
+        vrange.data = torch.empty(0, dtype=torch.uint8)   # drop the view before closing the mapping
+        try:
+            vrange.mem.close()
+        except BufferError:
+            pass   # a tensor view is still alive somewhere; the mapping goes when it does
 
 
 @dataclass
@@ -108,13 +115,17 @@ class ModelKV:
         return (self.pool.total_pages // self.bundle_pages) * self.bundle_blocks
 
     def num_free_blocks(self) -> int:
-        """Blocks obtainable now: free mapped ones plus those that free pool pages could map."""
-        return len(self._free) + (self.pool.free_pages // self.bundle_pages) * self.bundle_blocks
+        """Blocks obtainable now: free mapped ones plus those that free pool pages, and pages other
+        models hold only as idle reserve, could map."""
+        pages = self.pool.free_pages + self.pool.reclaimable_pages(exclude=self)
+        return len(self._free) + (pages // self.bundle_pages) * self.bundle_blocks
 
     def alloc(self, n: int) -> list[int]:
         if n > self.num_free_blocks():
             raise KVPoolFullError(f"{self.name}: need {n} blocks, {self.num_free_blocks()} obtainable")
         while len(self._free) < n:
+            if self.pool.free_pages < self.bundle_pages:
+                self.pool.reclaim(self.bundle_pages, exclude=self)
             self._map_bundle()
         out = [self._free.pop() for _ in range(n)]
         for b in out:
@@ -166,6 +177,9 @@ class ModelKV:
                 self._unmap_bundle(bundle)
                 done += 1
         return done
+
+    def idle_bundles(self) -> int:
+        return sum(1 for used in self._used_in_bundle.values() if used == 0)
 
     @property
     def mapped_bytes(self) -> int:
@@ -240,6 +254,21 @@ class KVPool:
         """Release every range and page (shutdown)."""
         for name in list(self.models):
             self.unregister(name, force=True)
+
+    def reclaimable_pages(self, exclude: ModelKV | None = None) -> int:
+        return sum(kv.idle_bundles() * kv.bundle_pages for kv in self.models.values() if kv is not exclude)
+
+    def reclaim(self, pages: int, exclude: ModelKV | None = None) -> None:
+        """Unmap other models' fully free bundles until `pages` pages are free."""
+        for kv in self.models.values():
+            if self.free_pages >= pages:
+                return
+            if kv is not exclude:
+                for bundle in sorted(kv._used_in_bundle, reverse=True):
+                    if self.free_pages >= pages:
+                        return
+                    if kv._used_in_bundle[bundle] == 0:
+                        kv._unmap_bundle(bundle)
 
     def _take_pages(self, n: int) -> None:
         if n > self.free_pages:
