@@ -16,6 +16,22 @@ def _device(arg: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _add_layout_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pool layout")
+    g.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when present)")
+    g.add_argument("--kv-devices", default=None, help="device(s) of the KV-cache pool, e.g. cuda:0")
+    g.add_argument("--weights-devices", default=None, help="device(s) of the weights pool, e.g. cuda:1,cuda:2")
+    g.add_argument("--kv-ranks", type=int, default=None, help="CPU: KV-pool processes (gloo)")
+    g.add_argument("--weights-ranks", type=int, default=None, help="CPU: weights-pool processes (gloo)")
+
+
+def _layout(args: argparse.Namespace) -> dict[str, object]:
+    from crosspool.config import layout_settings
+
+    return layout_settings(args.kv_devices, args.weights_devices, args.kv_ranks, args.weights_ranks,
+                           default_device=_device(args.device))
+
+
 def cmd_make_model(args: argparse.Namespace) -> int:
     from crosspool.models.make_model import make_model
 
@@ -28,7 +44,7 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from crosspool import LLM, EngineConfig, SamplingParams
 
-    llm = LLM(args.model, EngineConfig(device=_device(args.device)))
+    llm = LLM(args.model, EngineConfig(**_layout(args)))
     name = llm.model_names[0]
     prompt = args.prompt
     if args.chat:
@@ -52,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from crosspool.demo import run_demo
 
-    return run_demo(models_dir=Path(args.models_dir), device=_device(args.device), num_requests=args.requests,
+    return run_demo(models_dir=Path(args.models_dir), layout=_layout(args), num_requests=args.requests,
                     max_tokens=args.max_tokens, seed=args.seed)
 
 
@@ -81,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print token ids and timings as JSON")
-    g.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when present)")
+    _add_layout_flags(g)
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="serve a mixed workload over tiny models of several families")
@@ -89,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--requests", type=int, default=24)
     d.add_argument("--max-tokens", type=int, default=24)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default=None)
+    _add_layout_flags(d)
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -33,3 +33,25 @@ class EngineConfig:
             raise ValueError(f"{len(self.weights_devices)} weights devices for {self.weights_ranks} weights ranks")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+
+def layout_settings(kv_devices: str | None = None, weights_devices: str | None = None,
+                    kv_ranks: int | None = None, weights_ranks: int | None = None,
+                    default_device: str = "cpu") -> dict[str, object]:
+    """EngineConfig fields from the layout flags: `--kv-devices` / `--weights-devices` (comma lists,
+    e.g. `cuda:0` for both pools on one GPU, `cuda:0` + `cuda:1` for a separate weights device) or, on
+    CPU, `--kv-ranks N --weights-ranks M` (gloo processes)."""
+    kv = [d.strip() for d in kv_devices.split(",")] if kv_devices else [default_device] * (kv_ranks or 1)
+    if len(kv) > 1 or (kv_ranks or 1) > 1:
+        raise ValueError("several KV devices/ranks (data-parallel KV pool) are not supported yet; use one")
+    device = kv[0]
+    if weights_devices:
+        wd = tuple(d.strip() for d in weights_devices.split(","))
+        if wd == (device,):
+            return {"device": device}                      # both pools on one device, in-process
+        if device in wd:
+            raise ValueError(f"weights devices {list(wd)} overlap the KV device {device}")
+        return {"device": device, "weights_ranks": len(wd), "weights_devices": wd}
+    if weights_ranks:
+        return {"device": device, "weights_ranks": weights_ranks, "weights_devices": (device,) * weights_ranks}
+    return {"device": device}

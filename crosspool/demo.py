@@ -42,10 +42,21 @@ def ensure_models(models_dir: Path) -> dict[str, str]:
     return out
 
 
-def run_demo(models_dir: Path, device: str, num_requests: int, max_tokens: int, seed: int) -> int:
+def run_demo(models_dir: Path, layout: dict[str, object], num_requests: int, max_tokens: int, seed: int) -> int:
     models = ensure_models(models_dir)
-    engine = Engine(models, EngineConfig(device=device))
-    print(f"serving {list(models)} on {device} ({engine.config.dtype})")
+    engine = Engine(models, EngineConfig(**layout))
+    try:
+        return _serve(engine, models, num_requests, max_tokens, seed)
+    finally:
+        engine.close()
+
+
+def _serve(engine: Engine, models: dict[str, str], num_requests: int, max_tokens: int, seed: int) -> int:
+    cfg = engine.config
+    where = f"{cfg.device}" + (f" + {cfg.weights_ranks} weights ranks on {list(cfg.weights_devices)}"
+                               if cfg.weights_ranks else "")
+    print(f"serving {list(models)} on {where} ({cfg.dtype}); KV pool {engine.kv_pool.total_pages} pages "
+          f"of {engine.kv_pool.page_bytes >> 20} MiB")
     rng = random.Random(seed)
     names = list(models)
     # warm-up so the first request's TTFT does not include one-time initialisation
@@ -91,4 +102,6 @@ def run_demo(models_dir: Path, device: str, num_requests: int, max_tokens: int, 
               f"{_pct(tbt, .5):>12.2f}{_pct(tbt, .99):>12.2f}")
     mean_tbt = statistics.mean(t for o in finished for t in o.tbt_s) * 1e3 if finished else float("nan")
     print(f"mean TBT over all models: {mean_tbt:.2f} ms")
+    for name, kv in engine.kv_pool.models.items():
+        print(f"KV {name}: high-water {kv.stats().high_water_bytes / 2**20:.0f} MiB mapped")
     return 0
