@@ -20,6 +20,7 @@ class EngineConfig:
     max_model_len: int | None = None          # default: the model's max_position_embeddings
     weights_ranks: int = 0                    # >0: FFN weights sharded over this many worker processes
     weights_devices: tuple[str, ...] = ()     # one per weights rank (default: the engine's device type)
+    kv_background_maintenance: bool | None = None   # map/unmap KV pages on a thread (default: on GPU)
 
     def __post_init__(self) -> None:
         if self.dtype is None:

@@ -103,3 +103,37 @@ def test_bundle_shapes_hold_whole_blocks_with_little_waste() -> None:
         pages, blocks = bundle_shape(block, PAGE_BYTES)
         assert blocks >= 1 and blocks * block <= pages * PAGE_BYTES
         assert 1 - blocks * block / (pages * PAGE_BYTES) < 0.06
+
+
+def _wait_for(cond, timeout_s: float = 5.0) -> bool:
+    import time
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+def test_background_maintainer_keeps_reserve_and_releases_idle_models() -> None:
+    from crosspool.pools.kv_pool import KVMaintainer
+
+    pool, kvs = _pool()
+    m = KVMaintainer(pool)
+    try:
+        m.request(["m0", "m1"])
+        assert _wait_for(lambda: all(kv.stats().free_blocks >= kv.bundle_blocks for kv in kvs[:2]))
+        held = [kvs[0].alloc(kvs[0].bundle_blocks)]
+        for _ in range(200):   # the scheduler allocating and freeing while the thread maps and unmaps
+            held.append(kvs[0].alloc(3))
+            kvs[0].free(held.pop(0))
+            m.request(["m0"])
+        m.request([])
+        for blocks in held:
+            kvs[0].free(blocks)
+        m.request([])
+        assert _wait_for(lambda: pool.free_pages == pool.total_pages)
+        _check_invariants(pool, kvs, [[], [], []])
+    finally:
+        m.close()

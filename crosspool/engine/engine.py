@@ -29,6 +29,7 @@ from crosspool.engine.sequence import SeqStatus, Sequence
 from crosspool.models.attention_side import AttentionSide
 from crosspool.models.loader import load_attention_weights, load_spec
 from crosspool.models.model import MoEModel
+from crosspool.pools.kv_pool import KVMaintainer
 from crosspool.pools.layout import PoolLayout
 
 
@@ -60,6 +61,10 @@ class Engine:
         for name, path in models.items():
             self.models[name] = self._load(name, Path(path))
         self.kv_pool = self.layout.build_kv_pool()
+        background = self.config.kv_background_maintenance
+        if background is None:
+            background = self.device.type == "cuda"
+        self.kv_maintainer = KVMaintainer(self.kv_pool) if background else None
         for m in self.models.values():
             self._attach_kv(m)
         self._ids = itertools.count()
@@ -86,6 +91,8 @@ class Engine:
 
     def close(self) -> None:
         """Release every KV page and stop pool workers."""
+        if self.kv_maintainer is not None:
+            self.kv_maintainer.close()
         self.kv_pool.close()
         self.layout.close()
 
@@ -176,15 +183,11 @@ class Engine:
         return outputs
 
     def _maintain_kv(self) -> None:
-        """Between steps: active models keep a pre-mapped reserve (so the next step does not map), and
-        release bundles beyond reserve + one of slack (hysteresis); idle models release everything."""
-        for served in self.models.values():
-            kv = served.blocks.kv
-            if served.scheduler.has_work():
-                kv.ensure_reserve()
-                kv.shrink(keep_free_blocks=(kv.reserve_bundles + 1) * kv.bundle_blocks)
-            else:
-                kv.shrink(keep_free_blocks=0)
+        active = [name for name, m in self.models.items() if m.scheduler.has_work()]
+        if self.kv_maintainer is not None:
+            self.kv_maintainer.request(active)
+        else:
+            self.kv_pool.maintain(active)
 
     def _append(self, served: ServedModel, seq: Sequence, token: int, now: float) -> RequestOutput:
         seq.output_token_ids.append(token)

@@ -24,6 +24,8 @@ def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.de
         end = start + s.num_new_tokens
         tokens = seq.all_token_ids
         table = seq.block_table
+        # pad with the sequence's own first block: kernels never touch a block that may be remapped
+        tables[b] = table[0]
         tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
         for pos in range(start, end):
             ids.append(tokens[pos])

@@ -15,6 +15,8 @@ Backends: `CpuPageBackend` (an ordinary zero-filled tensor per range, same accou
 from __future__ import annotations
 
 import mmap
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -106,6 +108,7 @@ class ModelKV:
     reserve_bundles: int = 1
     _free: list[int] = field(default_factory=list)          # free blocks in mapped bundles
     _used_in_bundle: dict[int, int] = field(default_factory=dict)   # mapped bundle -> blocks in use
+    _pending: set[int] = field(default_factory=set)                 # bundles being mapped right now
     high_water_bytes: int = 0
 
     # ---- the interface the block manager uses ------------------------------------------------
@@ -121,30 +124,42 @@ class ModelKV:
         return len(self._free) + (pages // self.bundle_pages) * self.bundle_blocks
 
     def alloc(self, n: int) -> list[int]:
-        if n > self.num_free_blocks():
-            raise KVPoolFullError(f"{self.name}: need {n} blocks, {self.num_free_blocks()} obtainable")
-        while len(self._free) < n:
-            if self.pool.free_pages < self.bundle_pages:
-                self.pool.reclaim(self.bundle_pages, exclude=self)
-            self._map_bundle()
-        out = [self._free.pop() for _ in range(n)]
-        for b in out:
-            self._used_in_bundle[b // self.bundle_blocks] += 1
-        return out
+        with self.pool.lock:
+            if n > self.num_free_blocks():
+                raise KVPoolFullError(f"{self.name}: need {n} blocks, {self.num_free_blocks()} obtainable")
+            while len(self._free) < n:
+                if self.pool.free_pages < self.bundle_pages:
+                    self.pool.reclaim(self.bundle_pages, exclude=self)
+                self._map_bundle()
+            out = [self._free.pop() for _ in range(n)]
+            for b in out:
+                self._used_in_bundle[b // self.bundle_blocks] += 1
+            return out
 
     def free(self, blocks: list[int]) -> None:
-        for b in blocks:
-            self._used_in_bundle[b // self.bundle_blocks] -= 1
-        self._free.extend(reversed(blocks))
+        with self.pool.lock:
+            for b in blocks:
+                self._used_in_bundle[b // self.bundle_blocks] -= 1
+            self._free.extend(reversed(blocks))
 
     def layer(self, layer: int) -> list[torch.Tensor]:
         return list(self.buffer[:, layer].unbind(1))
 
     # ---- mapping ------------------------------------------------------------------------------
     def _map_bundle(self) -> None:
-        bundle = next(i for i in range(self.num_bundles) if i not in self._used_in_bundle)
-        self.pool._take_pages(self.bundle_pages)
+        """Map one bundle now (caller holds the lock): the slow path, when the reserve ran dry."""
+        bundle = self._claim_bundle()
         self.pool.backend.map(self.vrange, bundle * self.bundle_pages, self.bundle_pages)
+        self._publish_bundle(bundle)
+
+    def _claim_bundle(self) -> int:
+        bundle = next(i for i in range(self.num_bundles) if i not in self._used_in_bundle and i not in self._pending)
+        self.pool._take_pages(self.bundle_pages)
+        self._pending.add(bundle)
+        return bundle
+
+    def _publish_bundle(self, bundle: int) -> None:
+        self._pending.discard(bundle)
         self._used_in_bundle[bundle] = 0
         first = bundle * self.bundle_blocks
         # pop() hands out the lowest block first
@@ -160,23 +175,31 @@ class ModelKV:
         self.pool._return_pages(self.bundle_pages)
 
     def ensure_reserve(self) -> None:
-        """Keep `reserve_bundles` bundles' worth of free blocks mapped ahead of demand."""
+        """Map bundles until `reserve_bundles` bundles' worth of blocks are free. The driver calls run
+        outside the lock, so a concurrent `alloc` from the scheduler never waits on a mapping."""
         want = self.reserve_bundles * self.bundle_blocks
-        while len(self._free) < want and self.pool.free_pages >= self.bundle_pages:
-            self._map_bundle()
+        while True:
+            with self.pool.lock:
+                if len(self._free) >= want or self.pool.free_pages < self.bundle_pages:
+                    return
+                bundle = self._claim_bundle()
+            self.pool.backend.map(self.vrange, bundle * self.bundle_pages, self.bundle_pages)
+            with self.pool.lock:
+                self._publish_bundle(bundle)
 
     def shrink(self, keep_free_blocks: int | None = None) -> int:
         """Unmap fully free bundles while more than `keep_free_blocks` (default: the reserve) stay free.
         Returns the number of bundles unmapped."""
-        keep = self.reserve_bundles * self.bundle_blocks if keep_free_blocks is None else keep_free_blocks
-        done = 0
-        for bundle in sorted(self._used_in_bundle, reverse=True):   # highest first: keeps the range dense
-            if len(self._free) - self.bundle_blocks < keep:
-                break
-            if self._used_in_bundle[bundle] == 0:
-                self._unmap_bundle(bundle)
-                done += 1
-        return done
+        with self.pool.lock:
+            keep = self.reserve_bundles * self.bundle_blocks if keep_free_blocks is None else keep_free_blocks
+            done = 0
+            for bundle in sorted(self._used_in_bundle, reverse=True):   # highest first: keeps the range dense
+                if len(self._free) - self.bundle_blocks < keep:
+                    break
+                if self._used_in_bundle[bundle] == 0:
+                    self._unmap_bundle(bundle)
+                    done += 1
+            return done
 
     def idle_bundles(self) -> int:
         return sum(1 for used in self._used_in_bundle.values() if used == 0)
@@ -215,6 +238,7 @@ class KVPool:
             raise ValueError(f"KV pool budget {budget_bytes} B is below one {self.page_bytes} B page")
         self.free_pages = self.total_pages
         self.models: dict[str, ModelKV] = {}
+        self.lock = threading.RLock()
 
     def register(self, name: str, spec: ModelSpec, block_size: int, dtype: torch.dtype,
                  reserve_bundles: int = 1) -> ModelKV:
@@ -242,6 +266,10 @@ class KVPool:
 
     def unregister(self, name: str, force: bool = False) -> None:
         """Drop a model's range and return its pages; unless `force`, its blocks must all be free."""
+        with self.lock:
+            self._unregister(name, force)
+
+    def _unregister(self, name: str, force: bool) -> None:
         kv = self.models[name]
         if not force and any(kv._used_in_bundle.values()):
             raise RuntimeError(f"{name}: KV blocks still in use; finish or abort its requests first")
@@ -255,11 +283,22 @@ class KVPool:
         for name in list(self.models):
             self.unregister(name, force=True)
 
+    def maintain(self, active: Iterable[str]) -> None:
+        """Between steps: active models keep a pre-mapped reserve (so their next steps do not map) and
+        release free bundles beyond reserve + one of slack (hysteresis); idle models release all."""
+        active = set(active)
+        for name, kv in list(self.models.items()):
+            if name in active:
+                kv.ensure_reserve()
+                kv.shrink(keep_free_blocks=(kv.reserve_bundles + 1) * kv.bundle_blocks)
+            else:
+                kv.shrink(keep_free_blocks=0)
+
     def reclaimable_pages(self, exclude: ModelKV | None = None) -> int:
         return sum(kv.idle_bundles() * kv.bundle_pages for kv in self.models.values() if kv is not exclude)
 
     def reclaim(self, pages: int, exclude: ModelKV | None = None) -> None:
-        """Unmap other models' fully free bundles until `pages` pages are free."""
+        """Unmap other models' fully free bundles until `pages` pages are free (caller holds the lock)."""
         for kv in self.models.values():
             if self.free_pages >= pages:
                 return
@@ -286,3 +325,40 @@ class KVPool:
     @property
     def usage(self) -> float:
         return self.used_pages / self.total_pages
+
+
+class KVMaintainer:
+    """Runs `KVPool.maintain` on a background thread, woken after each engine step, so page mapping
+    and unmapping stay off the decode path."""
+
+    def __init__(self, pool: KVPool) -> None:
+        self.pool = pool
+        self._active: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kv-maintainer", daemon=True)
+        self._thread.start()
+
+    def request(self, active: Iterable[str]) -> None:
+        if self.error is not None:
+            raise RuntimeError("KV maintainer thread died") from self.error
+        self._active = set(active)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop:
+                return
+            try:
+                self.pool.maintain(self._active)
+            except BaseException as exc:   # surfaced to the engine on its next request()
+                self.error = exc
+                return
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)

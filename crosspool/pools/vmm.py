@@ -97,8 +97,9 @@ class CudaPageBackend:
         cu = self.cu
         start = vrange.ptr + first_page * PAGE_BYTES
         size = num_pages * PAGE_BYTES
+        # No sync here: only unallocated blocks sit on the zero mapping we replace, and no kernel
+        # reads those (block tables are padded with the sequence's own blocks).
         handle = _check(cu.cuMemCreate(size, self.prop, 0))
-        torch.cuda.synchronize(self.device)   # no kernel may be reading the zero mapping we replace
         for p in range(num_pages):
             _check(cu.cuMemUnmap(start + p * PAGE_BYTES, PAGE_BYTES))
         self._map(start, size, handle)
@@ -109,7 +110,7 @@ class CudaPageBackend:
         handle, pages = vrange.handles.pop(first_page)
         assert pages == num_pages, "unmap must match the mapped bundle"
         start = vrange.ptr + first_page * PAGE_BYTES
-        torch.cuda.synchronize(self.device)
+        torch.cuda.synchronize(self.device)   # kernels queued before the blocks were freed may still read
         _check(cu.cuMemUnmap(start, num_pages * PAGE_BYTES))
         _check(cu.cuMemRelease(handle))            # physical memory goes back to the driver
         for p in range(num_pages):
