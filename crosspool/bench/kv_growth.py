@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "b_grow_cycles": cycles["n"], "b_grow_gb_s_median": statistics.median(cycles["grow_s"]),
         "maps_on_decode_path_alone": maps_alone, "maps_on_decode_path_growing": on_decode_path["maps"],
     }
-    print("| model A decode (batch %d) | step ms mean | p99 | page maps on A's path |" % args.batch)
+    print(f"| model A decode (batch {args.batch}) | step ms mean | p99 | page maps on A's path |")
     print("|---|---:|---:|---:|")
     print(f"| alone | {res['alone_ms_mean']:.2f} | {res['alone_ms_p99']:.2f} | {maps_alone} |")
     print(f"| while B grows/shrinks by {args.grow_gb:g} GiB ({cycles['n']} cycles, "
