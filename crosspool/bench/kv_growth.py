@@ -22,7 +22,13 @@ from crosspool.engine.engine import Engine
 from crosspool.engine.sampling import SamplingParams
 
 
-def _decode_steps(engine: Engine, batch: int, steps: int) -> list[float]:
+def _sync(engine: Engine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _decode_steps(engine: Engine, batch: int, steps: int, maps: dict[str, int]) -> list[float]:
+    """A's steady-state decode step times; `maps` counts page maps on this thread during them."""
     vocab = engine.models["a"].model.spec.vocab_size
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
@@ -32,12 +38,14 @@ def _decode_steps(engine: Engine, batch: int, steps: int) -> list[float]:
     times = []
     while engine.has_unfinished():
         decoding = not sched.waiting and all(s.num_computed == s.num_tokens - 1 for s in sched.running)
-        torch.cuda.synchronize()
+        _sync(engine)
         t = time.perf_counter()
         engine.step()
-        torch.cuda.synchronize()
+        _sync(engine)
         if decoding:
             times.append(time.perf_counter() - t)
+            if len(times) == 2:
+                maps["maps"] = 0          # count from the first measured step on
     return times[2:]
 
 
@@ -48,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--grow-gb", type=float, default=1.0)
     p.add_argument("--pool-gb", type=float, default=16.0)
+    p.add_argument("--device", default="cuda")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     engine = Engine({"a": args.model, "b": args.model},
-                    EngineConfig(device="cuda", kv_cache_bytes=int(args.pool_gb * 2**30)))
+                    EngineConfig(device=args.device, kv_cache_bytes=int(args.pool_gb * 2**30),
+                                 kv_background_maintenance=True))
     main_thread = threading.get_ident()
     on_decode_path = {"maps": 0}
     backend = engine.kv_pool.backend
@@ -63,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return orig_map(*a)
 
     backend.map = counting_map
-    _decode_steps(engine, 2, 8)                                        # warm-up
-    on_decode_path["maps"] = 0
-    alone = _decode_steps(engine, args.batch, args.steps)
+    _decode_steps(engine, 2, 8, on_decode_path)                        # warm-up
+    alone = _decode_steps(engine, args.batch, args.steps, on_decode_path)
     maps_alone = on_decode_path["maps"]
 
     b = engine.kv_pool.models["b"]
@@ -73,19 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     cycles = {"n": 0, "grow_s": []}
 
+    chunk = max(1, (64 << 20) // b.block_bytes)     # B grows like a long prefill: 64 MiB at a time
+
     def grow_b() -> None:
         while not stop.is_set():
             t = time.perf_counter()
-            blocks = b.alloc(n_blocks)
+            held: list[int] = []
+            while len(held) < n_blocks and not stop.is_set():
+                held += b.alloc(min(chunk, n_blocks - len(held)))
+                time.sleep(0.002)
             cycles["grow_s"].append(time.perf_counter() - t)
-            b.free(blocks)
+            b.free(held)
             b.shrink(keep_free_blocks=0)
             cycles["n"] += 1
 
     grower = threading.Thread(target=grow_b, daemon=True)
-    on_decode_path["maps"] = 0
     grower.start()
-    busy = _decode_steps(engine, args.batch, args.steps)
+    busy = _decode_steps(engine, args.batch, args.steps, on_decode_path)
     stop.set()
     grower.join()
     engine.close()

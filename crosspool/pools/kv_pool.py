@@ -121,20 +121,30 @@ class ModelKV:
         """Blocks obtainable now: free mapped ones plus those that free pool pages, and pages other
         models hold only as idle reserve, could map."""
         pages = self.pool.free_pages + self.pool.reclaimable_pages(exclude=self)
-        return len(self._free) + (pages // self.bundle_pages) * self.bundle_blocks
+        pending = len(self._pending) * self.bundle_blocks      # being mapped by another thread
+        return len(self._free) + pending + (pages // self.bundle_pages) * self.bundle_blocks
 
     def alloc(self, n: int) -> list[int]:
-        with self.pool.lock:
-            if n > self.num_free_blocks():
-                raise KVPoolFullError(f"{self.name}: need {n} blocks, {self.num_free_blocks()} obtainable")
-            while len(self._free) < n:
+        """n free blocks, mapping bundles as needed. Driver calls run outside the lock, so other
+        models' allocations and frees never wait on this model's mapping."""
+        while True:
+            with self.pool.lock:
+                if n > self.num_free_blocks():
+                    raise KVPoolFullError(f"{self.name}: need {n} blocks, {self.num_free_blocks()} obtainable")
+                if len(self._free) >= n:
+                    out = [self._free.pop() for _ in range(n)]
+                    for b in out:
+                        self._used_in_bundle[b // self.bundle_blocks] += 1
+                    return out
                 if self.pool.free_pages < self.bundle_pages:
                     self.pool.reclaim(self.bundle_pages, exclude=self)
-                self._map_bundle()
-            out = [self._free.pop() for _ in range(n)]
-            for b in out:
-                self._used_in_bundle[b // self.bundle_blocks] += 1
-            return out
+                if self.pool.free_pages < self.bundle_pages:   # only a bundle being mapped can help now
+                    self.pool.mapped.wait(timeout=1.0)
+                    continue
+                bundle = self._claim_bundle()
+            self.pool.backend.map(self.vrange, bundle * self.bundle_pages, self.bundle_pages)
+            with self.pool.lock:
+                self._publish_bundle(bundle)
 
     def free(self, blocks: list[int]) -> None:
         with self.pool.lock:
@@ -146,12 +156,6 @@ class ModelKV:
         return list(self.buffer[:, layer].unbind(1))
 
     # ---- mapping ------------------------------------------------------------------------------
-    def _map_bundle(self) -> None:
-        """Map one bundle now (caller holds the lock): the slow path, when the reserve ran dry."""
-        bundle = self._claim_bundle()
-        self.pool.backend.map(self.vrange, bundle * self.bundle_pages, self.bundle_pages)
-        self._publish_bundle(bundle)
-
     def _claim_bundle(self) -> int:
         bundle = next(i for i in range(self.num_bundles) if i not in self._used_in_bundle and i not in self._pending)
         self.pool._take_pages(self.bundle_pages)
@@ -165,6 +169,7 @@ class ModelKV:
         # pop() hands out the lowest block first
         self._free.extend(range(first + self.bundle_blocks - 1, first - 1, -1))
         self.high_water_bytes = max(self.high_water_bytes, self.mapped_bytes)
+        self.pool.mapped.notify_all()
 
     def _unmap_bundle(self, bundle: int) -> None:
         first = bundle * self.bundle_blocks
@@ -239,6 +244,7 @@ class KVPool:
         self.free_pages = self.total_pages
         self.models: dict[str, ModelKV] = {}
         self.lock = threading.RLock()
+        self.mapped = threading.Condition(self.lock)     # notified whenever a bundle finishes mapping
 
     def register(self, name: str, spec: ModelSpec, block_size: int, dtype: torch.dtype,
                  reserve_bundles: int = 1) -> ModelKV:
