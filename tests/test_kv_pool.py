@@ -122,18 +122,30 @@ def test_background_maintainer_keeps_reserve_and_releases_idle_models() -> None:
     pool, kvs = _pool()
     m = KVMaintainer(pool)
     try:
-        m.request(["m0", "m1"])
+        m.request({"m0": 0, "m1": 0})
         assert _wait_for(lambda: all(kv.stats().free_blocks >= kv.bundle_blocks for kv in kvs[:2]))
         held = [kvs[0].alloc(kvs[0].bundle_blocks)]
         for _ in range(200):   # the scheduler allocating and freeing while the thread maps and unmaps
             held.append(kvs[0].alloc(3))
             kvs[0].free(held.pop(0))
-            m.request(["m0"])
-        m.request([])
+            m.request({"m0": 3})
+        m.request({})
         for blocks in held:
             kvs[0].free(blocks)
-        m.request([])
+        m.request({})
         assert _wait_for(lambda: pool.free_pages == pool.total_pages)
         _check_invariants(pool, kvs, [[], [], []])
     finally:
         m.close()
+
+
+def test_maintain_premaps_the_next_steps_demand() -> None:
+    pool, (a, b, _) = _pool(pages=12)
+    want = a.bundle_blocks + 5                                          # more than one bundle's worth
+    pool.maintain({"m0": want, "m1": 0})
+    assert a.stats().free_blocks >= want
+    maps_before = pool.used_pages
+    a.alloc(want)                                                        # the step itself maps nothing
+    assert pool.used_pages == maps_before
+    pool.maintain({})                                                    # all idle: everything returns
+    assert b.mapped_bytes == 0 and a.stats().used_blocks == want

@@ -183,11 +183,11 @@ class Engine:
         return outputs
 
     def _maintain_kv(self) -> None:
-        active = [name for name, m in self.models.items() if m.scheduler.has_work()]
+        demand = {name: m.scheduler.next_step_blocks() for name, m in self.models.items() if m.scheduler.has_work()}
         if self.kv_maintainer is not None:
-            self.kv_maintainer.request(active)
+            self.kv_maintainer.request(demand)
         else:
-            self.kv_pool.maintain(active)
+            self.kv_pool.maintain(demand)
 
     def _append(self, served: ServedModel, seq: Sequence, token: int, now: float) -> RequestOutput:
         seq.output_token_ids.append(token)

@@ -95,6 +95,19 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def next_step_blocks(self) -> int:
+        """Blocks the next step will likely take: each running sequence's growth by one token (or its
+        next prefill chunk), plus the first chunk of the next waiting request."""
+        budget = self.config.max_num_batched_tokens
+        need = 0
+        for seq in self.running:
+            n = min(seq.num_tokens - seq.num_computed, budget) or 1
+            need += self.blocks.blocks_needed(seq, seq.num_computed + n)
+        if self.waiting:
+            seq = self.waiting[0]
+            need += self.blocks.blocks_needed(seq, seq.num_computed + min(seq.num_tokens - seq.num_computed, budget))
+        return need
+
     def finish(self, seq: Sequence) -> None:
         seq.status = SeqStatus.FINISHED
         self.running.remove(seq)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import mmap
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -179,10 +178,14 @@ class ModelKV:
         self.pool.backend.unmap(self.vrange, bundle * self.bundle_pages, self.bundle_pages)
         self.pool._return_pages(self.bundle_pages)
 
-    def ensure_reserve(self) -> None:
-        """Map bundles until `reserve_bundles` bundles' worth of blocks are free. The driver calls run
+    def reserve_blocks(self, next_step_blocks: int = 0) -> int:
+        """Free blocks to keep mapped: what the next step will ask for, at least `reserve_bundles`."""
+        return max(next_step_blocks, self.reserve_bundles * self.bundle_blocks)
+
+    def ensure_reserve(self, next_step_blocks: int = 0) -> None:
+        """Map bundles until `reserve_blocks(next_step_blocks)` blocks are free. The driver calls run
         outside the lock, so a concurrent `alloc` from the scheduler never waits on a mapping."""
-        want = self.reserve_bundles * self.bundle_blocks
+        want = self.reserve_blocks(next_step_blocks)
         while True:
             with self.pool.lock:
                 if len(self._free) >= want or self.pool.free_pages < self.bundle_pages:
@@ -289,14 +292,14 @@ class KVPool:
         for name in list(self.models):
             self.unregister(name, force=True)
 
-    def maintain(self, active: Iterable[str]) -> None:
-        """Between steps: active models keep a pre-mapped reserve (so their next steps do not map) and
-        release free bundles beyond reserve + one of slack (hysteresis); idle models release all."""
-        active = set(active)
+    def maintain(self, demand: dict[str, int]) -> None:
+        """Between steps. `demand` maps each active model to the blocks its next step may take. Active
+        models keep that many (at least their reserve) pre-mapped, so their next step does not map, and
+        release free bundles beyond it plus one bundle of slack (hysteresis); idle models release all."""
         for name, kv in list(self.models.items()):
-            if name in active:
-                kv.ensure_reserve()
-                kv.shrink(keep_free_blocks=(kv.reserve_bundles + 1) * kv.bundle_blocks)
+            if name in demand:
+                kv.ensure_reserve(demand[name])
+                kv.shrink(keep_free_blocks=kv.reserve_blocks(demand[name]) + kv.bundle_blocks)
             else:
                 kv.shrink(keep_free_blocks=0)
 
@@ -339,17 +342,17 @@ class KVMaintainer:
 
     def __init__(self, pool: KVPool) -> None:
         self.pool = pool
-        self._active: set[str] = set()
+        self._demand: dict[str, int] = {}
         self._wake = threading.Event()
         self._stop = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kv-maintainer", daemon=True)
         self._thread.start()
 
-    def request(self, active: Iterable[str]) -> None:
+    def request(self, demand: dict[str, int]) -> None:
         if self.error is not None:
             raise RuntimeError("KV maintainer thread died") from self.error
-        self._active = set(active)
+        self._demand = dict(demand)
         self._wake.set()
 
     def _run(self) -> None:
@@ -359,7 +362,7 @@ class KVMaintainer:
             if self._stop:
                 return
             try:
-                self.pool.maintain(self._active)
+                self.pool.maintain(self._demand)
             except BaseException as exc:   # surfaced to the engine on its next request()
                 self.error = exc
                 return
