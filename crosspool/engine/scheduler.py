@@ -96,13 +96,15 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def next_step_blocks(self) -> int:
-        """Blocks the next step will likely take: each running sequence's growth by one token (or its
-        next prefill chunk), plus the first chunk of the next waiting request."""
+        """Blocks to keep pre-mapped for the coming steps: each running sequence's next chunk (or decode
+        token) plus one block of headroom, and the first chunk of the next waiting request. The headroom
+        lets the background mapper run a step behind without the scheduler ever mapping."""
         budget = self.config.max_num_batched_tokens
+        headroom = self.blocks.block_size
         need = 0
         for seq in self.running:
             n = min(seq.num_tokens - seq.num_computed, budget) or 1
-            need += self.blocks.blocks_needed(seq, seq.num_computed + n)
+            need += self.blocks.blocks_needed(seq, seq.num_computed + n + headroom)
         if self.waiting:
             seq = self.waiting[0]
             need += self.blocks.blocks_needed(seq, seq.num_computed + min(seq.num_tokens - seq.num_computed, budget))
