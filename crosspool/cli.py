@@ -110,8 +110,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _torchrun_rank(args: argparse.Namespace) -> int | None:
+    """Under torchrun every rank runs this command; ranks > 0 become KV or weights ranks of the layout."""
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_torchelastic_launched() or int(os.environ["RANK"]) == 0 or not hasattr(args, "kv_devices"):
+        return None
+    from crosspool.config import EngineConfig
+    from crosspool.pools.transport import DTYPE_NAMES, rank_main
+
+    cfg = EngineConfig(**_layout(args))
+    kv = list(cfg.kv_devices) or [cfg.device]
+    devices = kv + list(cfg.weights_devices)
+    rank = int(os.environ["RANK"])
+    rank_main(["--kv-ranks", str(len(kv)), "--weights-ranks", str(len(cfg.weights_devices)),
+               "--device", devices[rank], "--dtype", DTYPE_NAMES[cfg.dtype]])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rank_rc = _torchrun_rank(args)
+    if rank_rc is not None:
+        return rank_rc
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:

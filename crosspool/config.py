@@ -18,6 +18,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048        # tokens per model step (prefill chunks + decodes)
     enable_chunked_prefill: bool = True
     max_model_len: int | None = None          # default: the model's max_position_embeddings
+    kv_devices: tuple[str, ...] = ()          # >1: KV-pool ranks, data-parallel over requests (first = device)
     weights_ranks: int = 0                    # >0: FFN weights sharded over this many worker processes
     weights_devices: tuple[str, ...] = ()     # one per weights rank (default: the engine's device type)
     kv_background_maintenance: bool | None = None   # map/unmap KV pages on a thread (default: on GPU)
@@ -28,6 +29,12 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_devices and self.kv_devices[0] != self.device:
+            raise ValueError(f"device {self.device} must be the first KV device {self.kv_devices[0]}")
+        if self.weights_devices and not self.weights_ranks:
+            self.weights_ranks = len(self.weights_devices)
+        if self.weights_ranks and not self.weights_devices:
+            self.weights_devices = (self.device,) * self.weights_ranks
         if self.weights_ranks < 0:
             raise ValueError(f"weights_ranks must be >= 0, got {self.weights_ranks}")
         if self.weights_devices and len(self.weights_devices) != self.weights_ranks:
@@ -40,19 +47,27 @@ def layout_settings(kv_devices: str | None = None, weights_devices: str | None =
                     kv_ranks: int | None = None, weights_ranks: int | None = None,
                     default_device: str = "cpu") -> dict[str, object]:
     """EngineConfig fields from the layout flags: `--kv-devices` / `--weights-devices` (comma lists,
-    e.g. `cuda:0` for both pools on one GPU, `cuda:0` + `cuda:1` for a separate weights device) or, on
+    e.g. `cuda:0` for both pools on one GPU, `cuda:0,cuda:1` + `cuda:2,cuda:3` for 2 + 2 GPUs) or, on
     CPU, `--kv-ranks N --weights-ranks M` (gloo processes)."""
-    kv = [d.strip() for d in kv_devices.split(",")] if kv_devices else [default_device] * (kv_ranks or 1)
-    if len(kv) > 1 or (kv_ranks or 1) > 1:
-        raise ValueError("several KV devices/ranks (data-parallel KV pool) are not supported yet; use one")
-    device = kv[0]
+    kv = tuple(d.strip() for d in kv_devices.split(",")) if kv_devices else (default_device,) * (kv_ranks or 1)
+    out: dict[str, object] = {"device": kv[0]}
     if weights_devices:
         wd = tuple(d.strip() for d in weights_devices.split(","))
-        if wd == (device,):
-            return {"device": device}                      # both pools on one device, in-process
-        if device in wd:
-            raise ValueError(f"weights devices {list(wd)} overlap the KV device {device}")
-        return {"device": device, "weights_ranks": len(wd), "weights_devices": wd}
-    if weights_ranks:
-        return {"device": device, "weights_ranks": weights_ranks, "weights_devices": (device,) * weights_ranks}
-    return {"device": device}
+        if wd == kv[:1] and len(kv) == 1:
+            return out                                     # both pools on one device, in-process
+        if set(wd) & set(kv) and kv[0] != "cpu":
+            raise ValueError(f"weights devices {list(wd)} overlap the KV devices {list(kv)}")
+    else:
+        wd = (kv[0],) * (weights_ranks or 0)
+    if len(kv) > 1:
+        out["kv_devices"] = kv
+        if not wd:
+            raise ValueError("several KV devices need weights devices (the weights pool) too")
+    if wd:
+        out["weights_ranks"] = len(wd)
+        out["weights_devices"] = wd
+    return out
+
+
+def is_distributed(config: EngineConfig) -> bool:
+    return config.weights_ranks > 0 or len(config.kv_devices) > 1

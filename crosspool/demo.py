@@ -9,6 +9,7 @@ from pathlib import Path
 
 from crosspool.config import EngineConfig
 from crosspool.engine.engine import Engine
+from crosspool.engine.llm import create_engine
 from crosspool.engine.sampling import SamplingParams
 
 DEMO_PRESETS = ("tiny-olmoe", "tiny-qwen3-moe", "tiny-deepseek-v3")
@@ -44,7 +45,7 @@ def ensure_models(models_dir: Path) -> dict[str, str]:
 
 def run_demo(models_dir: Path, layout: dict[str, object], num_requests: int, max_tokens: int, seed: int) -> int:
     models = ensure_models(models_dir)
-    engine = Engine(models, EngineConfig(**layout))
+    engine = create_engine(models, EngineConfig(**layout))
     try:
         return _serve(engine, models, num_requests, max_tokens, seed)
     finally:
@@ -53,8 +54,8 @@ def run_demo(models_dir: Path, layout: dict[str, object], num_requests: int, max
 
 def _serve(engine: Engine, models: dict[str, str], num_requests: int, max_tokens: int, seed: int) -> int:
     cfg = engine.config
-    where = f"{cfg.device}" + (f" + {cfg.weights_ranks} weights ranks on {list(cfg.weights_devices)}"
-                               if cfg.weights_ranks else "")
+    where = f"KV on {list(cfg.kv_devices) or [cfg.device]}" + (
+        f", weights on {list(cfg.weights_devices)}" if cfg.weights_ranks else "")
     print(f"serving {list(models)} on {where} ({cfg.dtype}); KV pool {engine.kv_pool.total_pages} pages "
           f"of {engine.kv_pool.page_bytes >> 20} MiB")
     rng = random.Random(seed)

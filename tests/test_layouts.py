@@ -22,8 +22,13 @@ def _prefill_logits(llm: LLM, name: str, ids: list[int]) -> torch.Tensor:
     served = llm.engine.models[name]
     seq = Sequence("probe", name, "", ids, SamplingParams())
     served.blocks.grow(seq, len(ids))
-    try:
+
+    def run() -> torch.Tensor:
         return served.runner.logits_for([ScheduledSeq(seq, len(ids))])
+
+    try:
+        distributed = getattr(llm.engine, "run_in_round", None)
+        return distributed(run) if distributed else run()
     finally:
         served.blocks.release(seq)
 
@@ -40,19 +45,21 @@ def test_two_weights_ranks_match_single_process(tiny_models) -> None:
     ref_logits = {n: _prefill_logits(single, n, prompts[0]) for n in FAMILIES}
     single.engine.close()
 
-    dist_llm = LLM(models, EngineConfig(block_size=4, **layout_settings(kv_ranks=1, weights_ranks=2)))
-    try:
-        procs = dist_llm.engine.layout.remote.procs
-        assert len(procs) == 2 and all(p.poll() is None for p in procs)
-        out = dist_llm.generate(prompts, params, model=names)
-        for n in FAMILIES:
-            got = _prefill_logits(dist_llm, n, prompts[0])
-            err = (got - ref_logits[n]).abs().max().item()
-            assert err <= 1e-5 * ref_logits[n].abs().max().item(), f"{n}: logits differ by {err:.3g}"
-    finally:
-        dist_llm.engine.close()
-    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
-    assert all(p.wait(timeout=30) == 0 for p in procs)       # ranks shut down cleanly
+    for layout in (dict(kv_ranks=1, weights_ranks=2), dict(kv_ranks=2, weights_ranks=2)):
+        dist_llm = LLM(models, EngineConfig(block_size=4, **layout_settings(**layout)))
+        try:
+            procs = dist_llm.engine.procs
+            assert len(procs) == layout["kv_ranks"] + layout["weights_ranks"] - 1
+            assert all(p.poll() is None for p in procs)
+            out = dist_llm.generate(prompts, params, model=names)
+            for n in FAMILIES:
+                got = _prefill_logits(dist_llm, n, prompts[0])
+                err = (got - ref_logits[n]).abs().max().item()
+                assert err <= 1e-5 * ref_logits[n].abs().max().item(), f"{layout} {n}: logits differ by {err:.3g}"
+        finally:
+            dist_llm.engine.close()
+        assert [o.token_ids for o in out] == [o.token_ids for o in ref], f"{layout}: outputs differ"
+        assert all(p.wait(timeout=30) == 0 for p in procs)       # ranks shut down cleanly
 
 
 def test_layout_flags() -> None:
@@ -63,7 +70,30 @@ def test_layout_flags() -> None:
         "device": "cpu", "weights_ranks": 3, "weights_devices": ("cpu", "cpu", "cpu")}
     with pytest.raises(ValueError, match="overlap"):
         layout_settings("cuda:0", "cuda:0,cuda:1")
-    with pytest.raises(ValueError, match="not supported yet"):
-        layout_settings("cuda:0,cuda:1", "cuda:2,cuda:3")
+    assert layout_settings("cuda:0,cuda:1", "cuda:2,cuda:3") == {
+        "device": "cuda:0", "kv_devices": ("cuda:0", "cuda:1"), "weights_ranks": 2,
+        "weights_devices": ("cuda:2", "cuda:3")}
+    with pytest.raises(ValueError, match="need weights devices"):
+        layout_settings("cuda:0,cuda:1")
     with pytest.raises(ValueError, match="weights devices"):
         EngineConfig(weights_ranks=1, weights_devices=("cpu", "cpu"))
+
+
+def test_torchrun_world_gives_the_single_process_output(tiny_models, tmp_path) -> None:
+    """The same command under torchrun (3 ranks: 1 KV + 2 weights) prints the same completion."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    model = str(tiny_models("tiny-qwen3-moe"))
+    args = ["generate", "--model", model, "--prompt", "Pools of experts", "--max-tokens", "12", "--ignore-eos",
+            "--json", "--device", "cpu"]
+    single = subprocess.run([sys.executable, "-m", "crosspool.cli", *args], capture_output=True, text=True,
+                            check=True, cwd=tmp_path)
+    multi = subprocess.run(["torchrun", "--nproc-per-node", "3", "-m", "crosspool.cli", *args,
+                            "--weights-ranks", "2"], capture_output=True, text=True, check=True, cwd=tmp_path,
+                           timeout=300)
+    assert json.loads(multi.stdout)["token_ids"] == json.loads(single.stdout)["token_ids"]

@@ -31,6 +31,7 @@ from crosspool.models.loader import load_attention_weights, load_spec
 from crosspool.models.model import MoEModel
 from crosspool.pools.kv_pool import KVMaintainer
 from crosspool.pools.layout import PoolLayout
+from crosspool.pools.transport import Exchange
 
 
 class RequestError(ValueError):
@@ -51,12 +52,14 @@ class ServedModel:
 
 
 class Engine:
-    def __init__(self, models: dict[str, str | os.PathLike[str]], config: EngineConfig | None = None) -> None:
+    def __init__(self, models: dict[str, str | os.PathLike[str]], config: EngineConfig | None = None,
+                 exchange: Exchange | None = None) -> None:
+        """`exchange`: this process is a KV rank of a distributed world and FFNs run on weights ranks."""
         if not models:
             raise ValueError("no models given")
         self.config = config or EngineConfig()
         self.device = torch.device(self.config.device)
-        self.layout = PoolLayout(self.config)
+        self.layout = PoolLayout(self.config, exchange)
         self.models: dict[str, ServedModel] = {}
         for name, path in models.items():
             self.models[name] = self._load(name, Path(path))
@@ -100,13 +103,8 @@ class Engine:
     def add_request(self, model: str, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
-        served = self.models.get(model)
-        if served is None:
-            raise RequestError(f"unknown model {model!r}; serving {sorted(self.models)}")
-        if isinstance(prompt, str):
-            text, ids = prompt, list(served.tokenizer(prompt).input_ids)
-        else:
-            text, ids = "", [int(i) for i in prompt]
+        served = self._served(model)
+        text, ids = self.tokenize(model, prompt)
         self._validate(served, ids, params)
         if request_id is None:
             rid = f"req-{next(self._ids)}"
@@ -122,6 +120,25 @@ class Engine:
         self._seqs[rid] = seq
         served.scheduler.add(seq)
         return rid
+
+    def _served(self, model: str) -> ServedModel:
+        served = self.models.get(model)
+        if served is None:
+            raise RequestError(f"unknown model {model!r}; serving {sorted(self.models)}")
+        return served
+
+    def tokenize(self, model: str, prompt: str | list[int]) -> tuple[str, list[int]]:
+        """(text, token ids) of a prompt given as text or as ids."""
+        if isinstance(prompt, str):
+            return prompt, list(self._served(model).tokenizer(prompt).input_ids)
+        return "", [int(i) for i in prompt]
+
+    def validate_request(self, model: str, ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError if the request could never run here (what add_request checks first)."""
+        self._validate(self._served(model), ids, params)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._seqs
 
     def _validate(self, served: ServedModel, ids: list[int], params: SamplingParams) -> None:
         cfg = self.config

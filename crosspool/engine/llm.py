@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence as Seq
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from crosspool.config import EngineConfig
+from crosspool.config import EngineConfig, is_distributed
 from crosspool.engine.engine import Engine
+
+if TYPE_CHECKING:
+    from crosspool.engine.distributed import DistributedEngine
 from crosspool.engine.output import RequestOutput
 from crosspool.engine.sampling import SamplingParams
 
@@ -31,11 +35,20 @@ def model_names(models: ModelsArg) -> dict[str, str]:
     return out
 
 
+def create_engine(models: dict[str, str], config: EngineConfig) -> Engine | DistributedEngine:
+    """One process (`Engine`) or a world of KV and weights ranks (`DistributedEngine`), per the layout."""
+    if is_distributed(config):
+        from crosspool.engine.distributed import DistributedEngine
+
+        return DistributedEngine(models, config)
+    return Engine(models, config)
+
+
 class LLM:
     def __init__(self, models: ModelsArg, config: EngineConfig | None = None, **config_kwargs: object) -> None:
         if config is not None and config_kwargs:
             raise ValueError("pass either config or keyword settings, not both")
-        self.engine = Engine(model_names(models), config or EngineConfig(**config_kwargs))
+        self.engine = create_engine(model_names(models), config or EngineConfig(**config_kwargs))
 
     @property
     def model_names(self) -> list[str]:

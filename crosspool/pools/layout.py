@@ -1,8 +1,8 @@
-"""Pool layout: where the KV-cache pool and the weights pool live, built from the engine config.
+"""Pool layout: where this process's pools live, built from the engine config.
 
-- one device (or CPU): both pools in this process; the FFN hand-off is a plain call;
-- weights ranks (`weights_ranks > 0`): FFN weights sharded over separate processes, reached through
-  `crosspool.pools.transport` (gloo on CPU, NCCL on GPUs); this process is the KV rank.
+- one device (or CPU), no exchange: both pools in this process; the FFN hand-off is a plain call;
+- a KV rank of a distributed world (`exchange` given): the KV pool is here and every FFN goes to the
+  weights ranks through `crosspool.pools.transport`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from crosspool.config import EngineConfig
 from crosspool.models.model import FFN
 from crosspool.models.spec import ModelSpec
 from crosspool.pools.kv_pool import CpuPageBackend, KVPool
+from crosspool.pools.transport import Exchange, RemoteFFN
 from crosspool.pools.weights_pool import WeightsPool
 
 CPU_KV_BYTES = 1 << 30
@@ -22,21 +23,17 @@ GPU_KV_FRACTION = 0.85
 
 
 class PoolLayout:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, exchange: Exchange | None = None) -> None:
         self.config = config
         self.device = torch.device(config.device)
-        self.remote = None
-        if config.weights_ranks:
-            from crosspool.pools.transport import RemoteWeightsPool
-
-            self.remote = RemoteWeightsPool(config)
-            self.weights = None
-        else:
-            self.weights = WeightsPool(self.device, config.dtype)
+        self.exchange = exchange
+        self.weights = None if exchange is not None else WeightsPool(self.device, config.dtype)
 
     def load_ffn(self, name: str, model_dir: str | os.PathLike[str], spec: ModelSpec) -> FFN:
-        if self.remote is not None:
-            return self.remote.load(name, model_dir, spec)
+        if self.exchange is not None:
+            # the weights ranks load their shards of the same models, in the same order
+            self.exchange.hidden_sizes.append(spec.hidden_size)
+            return RemoteFFN(self.exchange, len(self.exchange.hidden_sizes) - 1, spec)
         return self.weights.load(name, model_dir, spec)
 
     def build_kv_pool(self) -> KVPool:
@@ -51,5 +48,4 @@ class PoolLayout:
         return KVPool(budget or CPU_KV_BYTES, CpuPageBackend())
 
     def close(self) -> None:
-        if self.remote is not None:
-            self.remote.close()
+        pass

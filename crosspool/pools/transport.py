@@ -1,11 +1,17 @@
-"""Transport between the KV-cache pool (attention side) and weights-pool ranks (FFN side).
+"""Transport between KV-pool ranks (attention side) and weights-pool ranks (FFN side).
 
-One process per device in one `torch.distributed` world: rank 0 is the KV rank (it runs the engine),
-ranks 1..M hold a tensor-parallel slice of every model's FFN weights. Per layer the KV rank broadcasts a
-small header and the normed hidden states; every weights rank computes its partial FFN output and the
-partials are summed onto the KV rank with a reduce (fp32, so the sum loses nothing to the split).
-gloo on CPU, NCCL on GPUs. `crosspool` spawns the weights ranks itself on one host; under `torchrun`
-the same worker loop runs in the ranks torchrun starts (`crosspool.cli` routes rank > 0 there).
+One process per device in one `torch.distributed` world: ranks [0, K) hold the KV pool (each a share of
+the requests, data-parallel; rank 0 is also the front end), ranks [K, K+M) hold a tensor-parallel slice
+of every model's FFN weights. gloo on CPU, NCCL on GPUs; `crosspool` starts the ranks itself on one
+host, `torchrun` starts them across hosts (the same entry point, `python -m crosspool.pools.transport`).
+
+Work moves in *rounds*, one per engine step. At the start of a round rank 0 broadcasts a control
+message (requests for each KV rank, models to load, shutdown). Then every rank runs *ticks* until all KV
+ranks have finished their step. In a tick each KV rank offers at most one FFN call (model, layer, hidden
+states [T, H]) or "done": the headers are all-gathered, the hidden states all-gathered (padded to the
+largest), every weights rank computes its partial FFN for every offered call, and one all-reduce (fp32)
+sums the partials back to the KV ranks. KV ranks with different models, layer counts or no work at all
+stay in step because a finished rank keeps answering "done" until every KV rank is done.
 """
 
 from __future__ import annotations
@@ -18,190 +24,226 @@ import sys
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from crosspool.config import EngineConfig
 from crosspool.models.loader import Shard
 from crosspool.models.spec import ModelSpec
 from crosspool.pools.weights_pool import WeightsPool
 
-OP_SHUTDOWN, OP_FFN, OP_LOAD, OP_REMOVE = 0, 1, 2, 3
-KV_RANK = 0
+OP_DONE, OP_FFN = 0, 1
 TIMEOUT = timedelta(minutes=10)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
 
-class WeightsRankError(RuntimeError):
-    """A weights-pool rank failed (its message and traceback are included)."""
+class RankError(RuntimeError):
+    """Another rank of the world failed (its message and traceback are included)."""
 
 
-def _free_port() -> int:
+@dataclass(frozen=True, slots=True)
+class World:
+    kv_ranks: int
+    weights_ranks: int
+    rank: int
+    device: torch.device
+
+    @property
+    def size(self) -> int:
+        return self.kv_ranks + self.weights_ranks
+
+    @property
+    def is_kv(self) -> bool:
+        return self.rank < self.kv_ranks
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.rank - self.kv_ranks, self.weights_ranks)
+
+
+def init_world(world: World, init_method: str) -> None:
+    if world.device.type == "cuda":
+        torch.cuda.set_device(world.device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world.size))   # ranks share the host's cores
+    backend = "nccl" if world.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=world.rank, world_size=world.size,
+                            timeout=TIMEOUT)
+
+
+def broadcast_control(msg: Any, world: World) -> Any:
+    """Rank 0's control message, delivered to every rank."""
+    box = [msg if world.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_front(obj: Any, world: World) -> list[Any] | None:
+    """Every rank's `obj` at rank 0 (None elsewhere)."""
+    out: list[Any] | None = [None] * world.size if world.rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def raise_failures(results: list[Any]) -> None:
+    failed = [r for r in results if isinstance(r, str) and r.startswith("rank ")]
+    if failed:
+        raise RankError("\n".join(failed))
+
+
+class Exchange:
+    """The tick protocol. KV ranks call `ffn` inside their step and `finish_round` after it; weights
+    ranks call `serve_round` with their pool."""
+
+    def __init__(self, world: World, dtype: torch.dtype) -> None:
+        self.world = world
+        self.dtype = dtype
+        self.device = world.device
+        self.hidden_sizes: list[int] = []     # by model index; the same order on every rank
+
+    def _tick(self, header: list[int], x: torch.Tensor | None, pool: WeightsPool | None = None,
+              names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = self.world
+        mine = torch.tensor(header, dtype=torch.int64, device=self.device)
+        parts = [torch.empty_like(mine) for _ in range(w.size)]
+        dist.all_gather(parts, mine)           # plain all_gather: the same call on gloo and NCCL, any version
+        headers = torch.stack(parts)
+        kv = headers[: w.kv_ranks].tolist()
+        calls = [(k, h) for k, h in enumerate(kv) if h[0] == OP_FFN]
+        if not calls:
+            return headers, None
+        sizes = [h[3] * self.hidden_sizes[h[1]] for _, h in calls]
+        width = max(sizes)
+        send = torch.zeros(width, dtype=self.dtype, device=self.device)
+        if x is not None:
+            send[: x.numel()] = x.reshape(-1)
+        gathered = [torch.empty_like(send) for _ in range(w.size)]
+        dist.all_gather(gathered, send)
+        out = torch.zeros(w.kv_ranks, width, dtype=torch.float32, device=self.device)
+        if pool is not None:
+            with torch.inference_mode():
+                for (k, (_, model, layer, tokens)), n in zip(calls, sizes, strict=True):
+                    xk = gathered[k][:n].view(tokens, self.hidden_sizes[model])
+                    out[k, :n] = pool.ffn(names[model], layer, xk).float().reshape(-1)
+        dist.all_reduce(out)
+        return headers, out
+
+    # ---- KV side --------------------------------------------------------------------------------
+    def ffn(self, model: int, layer: int, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype).contiguous()
+        _, out = self._tick([OP_FFN, model, layer, x.shape[0]], x)
+        assert out is not None
+        return out[self.world.rank, : x.numel()].view(x.shape).to(x.dtype)
+
+    def finish_round(self) -> None:
+        while True:
+            headers, _ = self._tick([OP_DONE, 0, 0, 0], None)
+            if all(h == OP_DONE for h in headers[: self.world.kv_ranks, 0].tolist()):
+                return
+
+    # ---- weights side ---------------------------------------------------------------------------
+    def serve_round(self, pool: WeightsPool, names: list[str]) -> None:
+        while True:
+            headers, _ = self._tick([OP_DONE, 0, 0, 0], None, pool, names)
+            if all(h == OP_DONE for h in headers[: self.world.kv_ranks, 0].tolist()):
+                return
+
+
+class RemoteFFN:
+    """One model's FFN, computed by the weights ranks (what `MoEModel.ffn` calls on a KV rank)."""
+
+    def __init__(self, exchange: Exchange, index: int, spec: ModelSpec) -> None:
+        self.exchange = exchange
+        self.index = index
+        self.spec = spec
+
+    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.exchange.ffn(self.index, layer, x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights ranks
+
+
+def weights_rank_loop(world: World, dtype: torch.dtype) -> None:
+    """Serve rounds until rank 0 says stop. Control messages: ("load", [(name, dir), ...]),
+    ("remove", name), ("step", ...), ("shutdown",)."""
+    pool = WeightsPool(world.device, dtype, world.shard)
+    exchange = Exchange(world, dtype)
+    names: list[str] = []
+    while True:
+        msg = broadcast_control(None, world)
+        kind = msg[0]
+        if kind == "shutdown":
+            return
+        if kind == "load":
+            error = None
+            try:
+                for name, model_dir in msg[1]:
+                    side = pool.load(name, model_dir)
+                    names.append(name)
+                    exchange.hidden_sizes.append(side.spec.hidden_size)
+            except Exception:
+                error = f"rank {world.rank} (weights): {traceback.format_exc()}"
+            gather_to_front(error, world)
+        elif kind == "remove":
+            pool.remove(msg[1])
+        elif kind == "step":
+            exchange.serve_round(pool, names)
+            gather_to_front(None, world)
+
+
+# ------------------------------------------------------------------------------------------------
+# Starting the world
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _backend(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+def spawn_ranks(kv_devices: list[str], weights_devices: list[str], dtype: torch.dtype) -> tuple[str, list]:
+    """Start ranks 1.. as fresh interpreters (no fork of a process that may hold a CUDA context).
+    Returns rank 0's init method and the processes."""
+    init = f"tcp://127.0.0.1:{free_port()}"
+    devices = kv_devices + weights_devices
+    procs = []
+    for rank in range(1, len(devices)):
+        cmd = [sys.executable, "-m", "crosspool.pools.transport", "--rank", str(rank),
+               "--kv-ranks", str(len(kv_devices)), "--weights-ranks", str(len(weights_devices)),
+               "--init", init, "--device", devices[rank], "--dtype", DTYPE_NAMES[dtype]]
+        procs.append(subprocess.Popen(cmd))
+    return init, procs
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerArgs:
-    rank: int
-    world: int
-    init_method: str
-    device: str
-    dtype: torch.dtype
-
-
-def weights_worker(args: WorkerArgs) -> None:
-    """A weights-pool rank: load FFN shards on request, then serve FFN calls until shutdown."""
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(1)   # CPU ranks share the host's cores with the KV rank
-    dist.init_process_group(_backend(device), init_method=args.init_method, rank=args.rank,
-                            world_size=args.world, timeout=TIMEOUT)
-    pool = WeightsPool(device, args.dtype, Shard(args.rank - 1, args.world - 1))
-    names: list[str] = []
-    header = torch.zeros(5, dtype=torch.int64, device=device)
+def rank_main(argv: list[str] | None = None) -> None:
+    """Entry point of ranks > 0 (spawned by crosspool, or by torchrun with RANK/WORLD_SIZE set)."""
+    p = argparse.ArgumentParser(description="a CrossPool rank (KV pool or weights pool)")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--kv-ranks", type=int, required=True)
+    p.add_argument("--weights-ranks", type=int, required=True)
+    p.add_argument("--init", default="env://")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    a = p.parse_args(argv)
+    rank = a.rank if a.rank is not None else int(os.environ["RANK"])
+    world = World(a.kv_ranks, a.weights_ranks, rank, torch.device(a.device))
+    init_world(world, a.init)
     try:
-        while True:
-            dist.broadcast(header, src=KV_RANK)
-            op = int(header[0])
-            if op == OP_SHUTDOWN:
-                break
-            if op == OP_FFN:
-                _serve_ffn(pool, names, header, device)
-            elif op == OP_LOAD:
-                msg = [None]
-                dist.broadcast_object_list(msg, src=KV_RANK)
-                name, model_dir = msg[0]
-                error = None
-                try:
-                    pool.load(name, model_dir)
-                    names.append(name)
-                except Exception:   # reported to the KV rank, which raises it
-                    error = f"weights rank {args.rank}: {traceback.format_exc()}"
-                dist.gather_object(error, None, dst=KV_RANK)
-            elif op == OP_REMOVE:
-                idx = int(header[1])
-                pool.remove(names[idx])
-                names[idx] = ""
+        if world.is_kv:
+            from crosspool.engine.distributed import kv_rank_loop
+
+            kv_rank_loop(world, DTYPES[a.dtype])
+        else:
+            weights_rank_loop(world, DTYPES[a.dtype])
     finally:
         dist.destroy_process_group()
 
 
-def _serve_ffn(pool: WeightsPool, names: list[str], header: torch.Tensor, device: torch.device) -> None:
-    _, model, layer, tokens, code = header.tolist()
-    name = names[model]
-    hidden = pool.models[name].spec.hidden_size
-    x = torch.empty(tokens, hidden, dtype=CODE_DTYPES[code], device=device)
-    dist.broadcast(x, src=KV_RANK)
-    with torch.inference_mode():
-        y = pool.ffn(name, layer, x).float()
-    dist.reduce(y, dst=KV_RANK, op=dist.ReduceOp.SUM)
-
-
-class RemoteFFN:
-    """One model's FFN, computed by the weights ranks (what `MoEModel.ffn` calls)."""
-
-    def __init__(self, pool: RemoteWeightsPool, index: int, spec: ModelSpec) -> None:
-        self.pool = pool
-        self.index = index
-        self.spec = spec
-
-    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return self.pool.ffn(self.index, layer, x)
-
-
-class RemoteWeightsPool:
-    """The KV rank's handle on the weights ranks: starts them, loads models, runs FFN round trips."""
-
-    def __init__(self, config: EngineConfig) -> None:
-        self.device = torch.device(config.device)
-        self.ranks = config.weights_ranks
-        world = self.ranks + 1
-        devices = list(config.weights_devices) or [config.device] * self.ranks
-        self.procs: list[subprocess.Popen] = []
-        if dist.is_torchelastic_launched():
-            init = "env://"   # torchrun started the weights ranks already
-            if int(os.environ["WORLD_SIZE"]) != world:
-                raise ValueError(f"torchrun world has {os.environ['WORLD_SIZE']} ranks, layout needs {world}")
-        else:
-            init = f"tcp://127.0.0.1:{_free_port()}"
-            dtype = {v: k for k, v in _DTYPE_NAMES.items()}[config.dtype]
-            for r in range(1, world):
-                # a fresh interpreter per rank (no fork of a process holding a CUDA context)
-                cmd = [sys.executable, "-m", "crosspool.pools.transport", "--rank", str(r), "--world", str(world),
-                       "--init", init, "--device", devices[r - 1], "--dtype", dtype]
-                self.procs.append(subprocess.Popen(cmd))
-        dist.init_process_group(_backend(self.device), init_method=init, rank=KV_RANK, world_size=world,
-                                timeout=TIMEOUT)
-        self.names: list[str] = []
-        self._header = torch.zeros(5, dtype=torch.int64, device=self.device)
-        self._closed = False
-
-    def _send_header(self, op: int, model: int = 0, layer: int = 0, tokens: int = 0, code: int = 0) -> None:
-        self._header.copy_(torch.tensor([op, model, layer, tokens, code]))
-        dist.broadcast(self._header, src=KV_RANK)
-
-    def load(self, name: str, model_dir: str | os.PathLike[str], spec: ModelSpec) -> RemoteFFN:
-        self._send_header(OP_LOAD)
-        dist.broadcast_object_list([(name, str(model_dir))], src=KV_RANK)
-        errors: list[str | None] = [None] * (self.ranks + 1)
-        dist.gather_object(None, errors, dst=KV_RANK)
-        failed = [e for e in errors if e]
-        if failed:
-            raise WeightsRankError("\n".join(failed))
-        self.names.append(name)
-        return RemoteFFN(self, len(self.names) - 1, spec)
-
-    def remove(self, name: str) -> None:
-        idx = self.names.index(name)
-        self._send_header(OP_REMOVE, idx)
-        self.names[idx] = ""
-
-    def ffn(self, index: int, layer: int, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        self._send_header(OP_FFN, index, layer, x.shape[0], DTYPE_CODES[x.dtype])
-        dist.broadcast(x, src=KV_RANK)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)   # the KV rank adds nothing
-        dist.reduce(out, dst=KV_RANK, op=dist.ReduceOp.SUM)
-        return out.to(x.dtype)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._send_header(OP_SHUTDOWN)
-        dist.destroy_process_group()
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="a weights-pool rank (started by crosspool or torchrun)")
-    p.add_argument("--rank", type=int, default=None)
-    p.add_argument("--world", type=int, default=None)
-    p.add_argument("--init", default="env://")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPE_NAMES))
-    a = p.parse_args(argv)
-    rank = a.rank if a.rank is not None else int(os.environ["RANK"])
-    world = a.world if a.world is not None else int(os.environ["WORLD_SIZE"])
-    weights_worker(WorkerArgs(rank, world, a.init, a.device, _DTYPE_NAMES[a.dtype]))
-
-
 if __name__ == "__main__":
-    main()
+    rank_main()
