@@ -42,9 +42,15 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from crosspool import LLM, EngineConfig, SamplingParams
+    from crosspool import LLM, EngineConfig
 
-    llm = LLM(args.model, EngineConfig(**_layout(args)))
+    with LLM(args.model, EngineConfig(**_layout(args))) as llm:
+        return _generate_one(llm, args)
+
+
+def _generate_one(llm, args: argparse.Namespace) -> int:  # noqa: ANN001
+    from crosspool import SamplingParams
+
     name = llm.model_names[0]
     prompt = args.prompt
     if args.chat:

@@ -9,6 +9,7 @@ weights ranks as ticks of the exchange), and the outputs come back to rank 0.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import itertools
 import os
@@ -70,6 +71,7 @@ class DistributedEngine:
         self._commands: dict[int, list[tuple]] = {}
         self._ids = itertools.count()
         self._closed = False
+        atexit.register(self.close)    # never leave the other ranks waiting for a shutdown
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, model: str, prompt: str | list[int], params: SamplingParams | None = None,

@@ -50,6 +50,16 @@ class LLM:
             raise ValueError("pass either config or keyword settings, not both")
         self.engine = create_engine(model_names(models), config or EngineConfig(**config_kwargs))
 
+    def close(self) -> None:
+        """Release KV pages and stop any pool ranks."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def model_names(self) -> list[str]:
         return list(self.engine.models)
