@@ -13,7 +13,7 @@ import torch
 from crosspool import LLM, EngineConfig, SamplingParams
 from crosspool.engine.engine import Engine
 from crosspool.engine.output import RequestOutput
-from crosspool.engine.sampler import sample
+from crosspool.engine.sampler import apply_penalties, sample
 
 TinyModels = Callable[[str], Path]
 MODEL = "tiny-olmoe"
@@ -32,12 +32,12 @@ def _logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
 def _draw(logits: torch.Tensor, params: SamplingParams, n: int, seed: int) -> torch.Tensor:
     """n samples from one row of logits through `sample`, one shared seeded generator."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.tensor(sample(logits.expand(n, -1).contiguous(), [params] * n, [gen] * n))
+    return torch.tensor(sample(logits.expand(n, -1).contiguous(), [params] * n, [gen] * n)[0])
 
 
 def test_greedy_is_argmax() -> None:
     logits = _logits(16, 100, seed=0)
-    out = sample(logits, [SamplingParams(temperature=0.0)] * 16, [None] * 16)
+    out, _ = sample(logits, [SamplingParams(temperature=0.0)] * 16, [None] * 16)
     assert out == logits.argmax(-1).tolist()
     assert len(set(out)) > 1  # rows really differ: the comparison is not trivially one value
 
@@ -47,7 +47,7 @@ def test_top_k_1_is_greedy_at_any_temperature(temperature: float) -> None:
     logits = _logits(16, 100, seed=1)
     gen = torch.Generator().manual_seed(0)
     params = [SamplingParams(temperature=temperature, top_k=1)] * 16
-    assert sample(logits, params, [gen] * 16) == logits.argmax(-1).tolist()
+    assert sample(logits, params, [gen] * 16)[0] == logits.argmax(-1).tolist()
 
 
 def test_tiny_top_p_keeps_only_the_best_token() -> None:
@@ -55,7 +55,7 @@ def test_tiny_top_p_keeps_only_the_best_token() -> None:
     gen = torch.Generator().manual_seed(0)
     params = [SamplingParams(temperature=2.0, top_p=1e-6)] * 16
     for _ in range(5):
-        assert sample(logits, params, [gen] * 16) == logits.argmax(-1).tolist()
+        assert sample(logits, params, [gen] * 16)[0] == logits.argmax(-1).tolist()
 
 
 def test_top_k_restricts_support() -> None:
@@ -110,7 +110,7 @@ def test_each_row_uses_its_own_params_and_generator() -> None:
               SamplingParams(temperature=1.0, top_k=1)]
     gens: list[torch.Generator | None] = [None, torch.Generator().manual_seed(9),
                                           torch.Generator().manual_seed(1)]
-    out = sample(logits, params, gens)
+    out, _ = sample(logits, params, gens)
     expected_row1 = int(torch.multinomial(torch.softmax(logits[1], -1), 1,
                                           generator=torch.Generator().manual_seed(9)).item())
     assert out == [int(logits[0].argmax()), expected_row1, int(logits[2].argmax())]
@@ -312,3 +312,31 @@ def test_stop_string_set_but_finishing_by_length_keeps_full_text(llm: LLM, refer
 
 def test_default_config_is_fp32_on_cpu() -> None:
     assert EngineConfig().dtype == torch.float32
+
+
+def test_penalties_follow_openai_semantics() -> None:
+    logits = torch.zeros(1, 6)
+    logits[0, 2] = 1.0
+    # token 2 generated 3 times: frequency 0.5 -> -1.5, presence 0.2 -> -0.2; token 4 once: -0.5 - 0.2
+    p = SamplingParams(temperature=0.0, frequency_penalty=0.5, presence_penalty=0.2)
+    row = apply_penalties(logits[0], p, [2, 2, 2, 4])
+    assert torch.allclose(row, torch.tensor([0.0, 0.0, 1.0 - 1.7, 0.0, -0.7, 0.0]))
+    assert sample(logits, [p], [None], [[2, 2, 2, 4]])[0] == [0]          # greedy sees the penalties
+    assert sample(logits, [SamplingParams(temperature=0.0)], [None], [[2, 2, 2]])[0] == [2]
+
+
+def test_logprobs_are_the_raw_distribution() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=gen)
+    params = [SamplingParams(temperature=0.0, logprobs=5), SamplingParams(temperature=0.7, logprobs=0, seed=1),
+              SamplingParams(temperature=0.0)]
+    tokens, lps = sample(logits, params, [None, torch.Generator().manual_seed(1), None])
+    ref = torch.log_softmax(logits, dim=-1)
+    assert lps[2] is None
+    assert lps[0].token_id == tokens[0] and abs(lps[0].logprob - float(ref[0, tokens[0]])) < 1e-6
+    assert [t for t, _ in lps[0].top] == torch.topk(ref[0], 5).indices.tolist()
+    assert lps[1].top == [] and abs(lps[1].logprob - float(ref[1, tokens[1]])) < 1e-6
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)
+    with pytest.raises(ValueError, match="presence_penalty"):
+        SamplingParams(presence_penalty=3.0)

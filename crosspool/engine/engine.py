@@ -23,6 +23,7 @@ from crosspool.config import EngineConfig
 from crosspool.engine.block_manager import BlockManager, blocks_for
 from crosspool.engine.output import RequestOutput, update_text
 from crosspool.engine.runner import ModelRunner
+from crosspool.engine.sampler import TokenLogprob
 from crosspool.engine.sampling import SamplingParams
 from crosspool.engine.scheduler import Scheduler
 from crosspool.engine.sequence import SeqStatus, Sequence
@@ -195,7 +196,7 @@ class Engine:
             for i, s in enumerate(scheduled):
                 s.seq.num_computed += s.num_new_tokens
                 if i in sampled:
-                    outputs.append(self._append(served, s.seq, sampled[i], now))
+                    outputs.append(self._append(served, s.seq, *sampled[i], now))
         self._maintain_kv()
         return outputs
 
@@ -206,8 +207,11 @@ class Engine:
         else:
             self.kv_pool.maintain(demand)
 
-    def _append(self, served: ServedModel, seq: Sequence, token: int, now: float) -> RequestOutput:
+    def _append(self, served: ServedModel, seq: Sequence, token: int, logprob: TokenLogprob | None,
+                now: float) -> RequestOutput:
         seq.output_token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         seq.metrics.token_times_s.append(now)
         new_text = update_text(seq, served.tokenizer, served.eos_ids, served.max_model_len)
         if seq.finish_reason is not None:

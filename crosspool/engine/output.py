@@ -22,6 +22,7 @@ class RequestOutput:
     tbt_s: list[float]
     queue_s: float | None
     num_preemptions: int
+    logprobs: list | None = None  # TokenLogprob per output token, when the request asked for them
 
     @staticmethod
     def of(seq: Sequence, new_text: str) -> RequestOutput:
@@ -29,7 +30,7 @@ class RequestOutput:
         return RequestOutput(
             seq.request_id, seq.model, seq.prompt, list(seq.prompt_token_ids), seq.text,
             list(seq.output_token_ids), new_text, seq.finished, seq.finish_reason, m.ttft_s, m.tbt_s,
-            m.queue_s, m.num_preemptions,
+            m.queue_s, m.num_preemptions, list(seq.logprobs) if seq.params.logprobs is not None else None,
         )
 
 

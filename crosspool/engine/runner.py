@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from crosspool.engine.sampler import sample
+from crosspool.engine.sampler import TokenLogprob, sample
 from crosspool.engine.scheduler import ScheduledSeq
 from crosspool.models.batch import ForwardBatch, PagedCache
 from crosspool.models.model import MoEModel
@@ -49,8 +49,9 @@ class ModelRunner:
         self.cache = cache
         self.device = device
 
-    def step(self, scheduled: list[ScheduledSeq]) -> dict[int, int]:
-        """Run one step; returns {index in `scheduled`: sampled token} for sequences that complete."""
+    def step(self, scheduled: list[ScheduledSeq]) -> dict[int, tuple[int, TokenLogprob | None]]:
+        """Run one step; returns {index in `scheduled`: (sampled token, its logprobs)} for sequences
+        that complete."""
         batch = build_batch(scheduled, self.cache.block_size, self.device)
         hidden = self.model.forward(batch, self.cache)
         completing = [i for i, s in enumerate(scheduled) if s.completes]
@@ -58,8 +59,9 @@ class ModelRunner:
             return {}
         logits = self.model.compute_logits(hidden[batch.logits_index])
         seqs = [scheduled[i].seq for i in completing]
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return dict(zip(completing, tokens, strict=True))
+        tokens, logprobs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                                  [s.output_token_ids for s in seqs])
+        return dict(zip(completing, zip(tokens, logprobs, strict=True), strict=True))
 
     def logits_for(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Debug/parity path: run one step and return logits of EVERY scheduled token."""

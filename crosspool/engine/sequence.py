@@ -53,6 +53,7 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    logprobs: list = field(default_factory=list)   # TokenLogprob per output token, when asked for
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 
     @property
