@@ -71,6 +71,13 @@ def _generate_one(llm, args: argparse.Namespace) -> int:  # noqa: ANN001
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from crosspool.server.serve import parse_models, serve
+
+    return serve(parse_models(args.model), _layout(args), args.host, args.port, args.api_key, args.max_in_flight,
+                 args.shutdown_timeout, args.kv_cache_gb)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from crosspool.demo import run_demo
 
@@ -105,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print token ids and timings as JSON")
     _add_layout_flags(g)
     g.set_defaults(func=cmd_generate)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible server for several models")
+    sv.add_argument("--model", action="append", required=True, metavar="NAME=DIR", help="repeatable")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (admin endpoints always)")
+    sv.add_argument("--max-in-flight", type=int, default=256, help="requests in flight before 503")
+    sv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    sv.add_argument("--kv-cache-gb", type=float, default=None, help="KV pool size (default: what is left)")
+    _add_layout_flags(sv)
+    sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="serve a mixed workload over tiny models of several families")
     d.add_argument("--models-dir", default="models/demo")

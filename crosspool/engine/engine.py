@@ -50,6 +50,7 @@ class ServedModel:
     blocks: BlockManager | None = None
     scheduler: Scheduler | None = None
     runner: ModelRunner | None = None
+    draining: bool = False             # being removed: admits no new requests
 
 
 class Engine:
@@ -92,6 +93,49 @@ class Engine:
         m.blocks = BlockManager(kv, cfg.num_kv_blocks)
         m.scheduler = Scheduler(cfg, m.blocks)
         m.runner = ModelRunner(m.model, kv, self.device)
+
+    # ---- models at runtime ----------------------------------------------------------------------
+    def prepare_model(self, name: str, path: str | os.PathLike[str]) -> ServedModel:
+        """Load a model into the pools (weights, attention side, KV range) without serving it yet.
+        Safe to call from another thread while the engine steps; `attach_model` then serves it."""
+        if self.layout.exchange is not None:
+            raise NotImplementedError("adding models at runtime is not supported with pool ranks yet")
+        if name in self.models:
+            raise ValueError(f"a model named {name!r} is already served")
+        served = self._load(name, Path(path))
+        try:
+            self._attach_kv(served)
+        except Exception:
+            self.layout.weights.remove(name)
+            raise
+        return served
+
+    def attach_model(self, served: ServedModel) -> None:
+        """Start serving a prepared model (engine thread; quick)."""
+        if served.name in self.models:
+            raise ValueError(f"a model named {served.name!r} is already served")
+        self.models[served.name] = served
+
+    def drain_model(self, name: str) -> None:
+        """Stop admitting requests for `name`; its running and queued requests continue."""
+        self._served(name).draining = True
+
+    def abort_model(self, name: str) -> list[str]:
+        """Abort every request of `name`; returns their ids."""
+        ids = [rid for rid, seq in self._seqs.items() if seq.model == name]
+        for rid in ids:
+            self.abort(rid)
+        return ids
+
+    def remove_model(self, name: str) -> None:
+        """Stop serving `name` and free its weights and KV range. It must have no requests left."""
+        served = self._served(name)
+        if served.scheduler.has_work():
+            raise RuntimeError(f"{name} still has requests; drain or abort them first")
+        del self.models[name]
+        self.kv_pool.unregister(name)
+        if self.layout.weights is not None:
+            self.layout.weights.remove(name)
 
     def close(self) -> None:
         """Release every KV page and stop pool workers."""
@@ -143,6 +187,8 @@ class Engine:
 
     def _validate(self, served: ServedModel, ids: list[int], params: SamplingParams) -> None:
         cfg = self.config
+        if served.draining:
+            raise RequestError(f"model {served.name!r} is being removed and admits no new requests")
         if not ids:
             raise RequestError("prompt is empty")
         vocab = served.model.spec.vocab_size
