@@ -284,10 +284,17 @@ async def _collect(request: Request, choices: list) -> list[RequestOutput]:
                 raise asyncio.CancelledError
         return [t.result() for t in tasks]
     finally:
-        for t in tasks:
-            t.cancel()
-        for _, stream in choices:
-            await stream.aclose()
+        await _close(tasks, choices)
+
+
+async def _close(tasks: list[asyncio.Task], choices: list) -> None:
+    """Stop the tasks reading the choices' outputs, then close the outputs: a request whose outputs are
+    closed before it finished is aborted (its KV freed before the next engine step)."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for _, stream in choices:
+        await stream.aclose()
 
 
 def _sse(choices: list, chunk, include_usage: bool, n: int, rid: str, created: int,  # noqa: ANN001
@@ -312,10 +319,7 @@ def _sse(choices: list, chunk, include_usage: bool, n: int, rid: str, created: i
                 else:
                     yield i, out
         finally:
-            for t in tasks:
-                t.cancel()
-            for _, stream in choices:
-                await stream.aclose()
+            await _close(tasks, choices)
 
     async def events() -> AsyncIterator[str]:
         sent_tokens = [0] * len(choices)
