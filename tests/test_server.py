@@ -23,8 +23,9 @@ MODELS = {"olmoe": "tiny-olmoe", "qwen3": "tiny-qwen3-moe", "dsv3": "tiny-deepse
 
 
 class Server:
-    def __init__(self, models: dict[str, str], api_key: str | None = KEY, max_in_flight: int = 64) -> None:
-        self.engine = Engine(models, EngineConfig(block_size=16))
+    def __init__(self, models: dict[str, str], api_key: str | None = KEY, max_in_flight: int = 64,
+                 device: str = "cpu") -> None:
+        self.engine = Engine(models, EngineConfig(block_size=16, device=device))
         self.runtime = EngineRuntime(self.engine, max_in_flight=max_in_flight)
         self.app = build_app(self.runtime, api_key=api_key, shutdown_timeout_s=5)
         with socket.socket() as s:
@@ -311,5 +312,27 @@ def test_health_turns_503_when_the_engine_dies(model_dirs) -> None:
             time.sleep(0.02)
         r = s.http("POST", "/v1/completions", json={"model": "olmoe", "prompt": "x", "max_tokens": 3})
         assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+    finally:
+        s.stop()
+
+
+@pytest.mark.gpu
+def test_server_on_gpu(model_dirs) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    s = Server(model_dirs, device="cuda")
+    try:
+        def one(i: int) -> str:
+            model = list(MODELS)[i % 3]
+            chunks = s.client.completions.create(model=model, prompt=f"gpu {i}", max_tokens=16, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+            return "".join(ch.choices[0].text for ch in chunks if ch.choices)
+
+        with ThreadPoolExecutor(9) as pool:
+            texts = list(pool.map(one, range(18)))
+        assert texts[:3] == [one(i) for i in range(3)]
+        assert "crosspool:kv_bytes_mapped" in s.http("GET", "/metrics").text
     finally:
         s.stop()
