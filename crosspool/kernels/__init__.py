@@ -1,0 +1,30 @@
+"""Kernels: the torch reference ops and the Triton kernels that replace them.
+
+`torch_ref` is the executable definition (and the path used without a GPU). Each Triton module states its
+shapes and strides and is tested against the reference on random inputs (`tests/test_kernels.py`: CPU
+through TRITON_INTERPRET=1 in fp32/fp16, `-m gpu` in bf16 on CUDA). Importing this package never imports
+triton; the Triton modules do, so import them only where `triton_available()`.
+
+Which kernel replaces which reference:
+
+- `paged_attention.paged_decode_attention`: `gather_kv` + `padded_attention` for one token per sequence
+  (split-KV for long contexts, GQA groups share K/V loads);
+- `paged_attention.paged_prefill_attention`: `gather_kv` + `padded_attention` for a varlen batch (prefill,
+  chunked prefill, decodes mixed in);
+- `paged_attention.mla_decode_attention` / `mla_prefill_attention`: MLA's `gather_kv` + `kv_b_proj`
+  expansion + `padded_attention`, in the absorbed form (reference: `mla.mla_absorbed_attention_ref`);
+- `fused_moe.fused_moe`: `experts` (after `route`);
+- `norm_rope.rms_norm`, `norm_rope.add_rms_norm`: `rms_norm` (and the residual add before it);
+- `norm_rope.rope_write_kv`: `apply_rope` on q and k + `write_kv` of k and v.
+
+`mla` (pure torch) holds MLA weight absorption (`split_kv_b_proj`, `absorb_query`, `latent_to_output`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+
+def triton_available() -> bool:
+    """Whether triton is installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None

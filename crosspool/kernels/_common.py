@@ -1,0 +1,38 @@
+"""Small launch helpers shared by the Triton kernel wrappers (no triton import here)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def block_dim(n: int) -> int:
+    """Power-of-two tile size covering n, at least 16 (tl.dot needs every dimension >= 16)."""
+    return max(16, next_pow2(n))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs would run as TF32 on tensor cores by default; ask for exact fp32 so fp32 results are
+    comparable with the torch reference. 16-bit inputs ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs serially)."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,270 @@
+"""Fused MoE experts: replaces `torch_ref.experts` (the routed-expert sum after `torch_ref.route`).
+
+Expert weights as the loader stacks them: w_gate_up [E, 2I, H] (gate rows, then up rows), w_down [E, H, I];
+any strides except a contiguous last dim. Routing: topk_weights [T, K] (fp32), topk_ids [T, K].
+
+Two paths, chosen by token count:
+
+- grouped GEMMs (T > SMALL_BATCH_TOKENS): `moe_align` sorts the T*K (token, expert) pairs by expert and pads
+  each expert's segment to BLOCK_M rows, so every BLOCK_M-row tile belongs to one expert. `_gate_up_kernel`
+  computes silu(x W_gate^T) * (x W_up^T) for a tile of pairs (both halves in one pass over x), storing the
+  intermediate [T*K, I] by pair; `_down_kernel` multiplies by W_down^T, scales by the routing weight and stores
+  y [T*K, H] by pair; `_topk_sum_kernel` adds each token's K rows. Deterministic (no atomics).
+- GEMV (T <= SMALL_BATCH_TOKENS, decode): no sorting; `_gate_up_gemv_kernel` runs one program per (pair,
+  I-block), `_down_gemv_kernel` one per (token, H-block) and loops over the token's K experts, so the top-k
+  sum is fused. Each expert row read once per pair that routes to it: at a few tokens the step reads the
+  routed experts' weights and little else.
+
+Accumulation is fp32; the intermediate and y are rounded to x's dtype, as the reference rounds its linears.
+Tile sizes come from `MoEConfig`; the H200 tuning (per experts, intermediate size, tokens) will replace the
+defaults through `moe_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from crosspool.kernels._common import cdiv, dot_precision, next_pow2
+
+SMALL_BATCH_TOKENS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class MoEConfig:
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def moe_config(num_tokens: int, num_experts: int, intermediate: int, hidden: int) -> MoEConfig:
+    """Tiles for the grouped-GEMM path. Few pairs per expert -> short tiles so padding wastes little."""
+    pairs_per_expert = num_tokens / max(num_experts, 1)
+    if pairs_per_expert <= 16:
+        return MoEConfig(block_m=16, block_n=64, block_k=64)
+    if pairs_per_expert <= 64:
+        return MoEConfig(block_m=32, block_n=64, block_k=64)
+    return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort (token, k) pairs by expert, each expert's segment padded to a multiple of block_m.
+
+    Returns sorted_pairs [P] (pair index t * K + k, or T * K for padding) and block_experts [P / block_m]
+    (the expert of each tile, -1 past the used length). P = T*K + min(E, T*K) * (block_m - 1) rounded up to
+    block_m is a bound known on the host, so nothing here syncs with the device (graph-capturable)."""
+    flat = topk_ids.reshape(-1).long()
+    n = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    counts.index_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    padded_start = padded_end - padded
+    count_start = counts.cumsum(0) - counts
+    order = torch.argsort(flat, stable=True)
+    expert_of = flat[order]
+    rank = torch.arange(n, device=flat.device) - count_start[expert_of]
+    total = cdiv(n + min(num_experts, n) * (block_m - 1), block_m) * block_m
+    sorted_pairs = torch.full((total,), n, dtype=torch.long, device=flat.device)
+    sorted_pairs.scatter_(0, padded_start[expert_of] + rank, order)
+    tile_start = torch.arange(0, total, block_m, device=flat.device)
+    block_experts = torch.searchsorted(padded_end, tile_start, right=True)
+    block_experts = torch.where(block_experts < num_experts, block_experts, -1)
+    return sorted_pairs, block_experts
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w_ptr, inter_ptr, sorted_pairs_ptr, block_experts_ptr,
+    num_pairs, hidden, inter_size,
+    stride_xt, stride_we, stride_wn, stride_it,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """inter[pair, n] = silu(x[token] . w[e, n]) * (x[token] . w[e, I + n]) for one tile of pairs of expert e."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    pairs = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    tokens = (pairs // TOP_K).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < inter_size
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :]
+    g_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]     # [BLOCK_K, BLOCK_N]
+    u_ptrs = g_ptrs + inter_size * stride_wn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in tl.range(0, hidden, BLOCK_K):
+        k_ok = offs_k < hidden - k0
+        a = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        acc_g += tl.dot(a, tl.load(g_ptrs + k0, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+        acc_u += tl.dot(a, tl.load(u_ptrs + k0, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(inter_ptr + pairs[:, None].to(tl.int64) * stride_it + offs_n[None, :],
+             h.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    inter_ptr, w_ptr, y_ptr, weights_ptr, sorted_pairs_ptr, block_experts_ptr,
+    num_pairs, hidden, inter_size,
+    stride_it, stride_we, stride_wn, stride_yt,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """y[pair, n] = weight[pair] * (inter[pair] . w_down[e, n]) for one tile of pairs of expert e."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    pairs = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    rows = pairs.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = inter_ptr + rows[:, None] * stride_it + offs_k[None, :]
+    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in tl.range(0, inter_size, BLOCK_K):
+        k_ok = offs_k < inter_size - k0
+        a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(a, w, input_precision=DOT_PRECISION)
+    acc *= tl.load(weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + rows[:, None] * stride_yt + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _topk_sum_kernel(y_ptr, out_ptr, hidden, stride_yt, stride_ot, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum_k y[t * K + k] in fp32."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < hidden
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (t * TOP_K + k) * stride_yt + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gate_up_gemv_kernel(
+    x_ptr, w_ptr, inter_ptr, ids_ptr, hidden, inter_size,
+    stride_xt, stride_we, stride_wn, stride_it,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (token, k) pair, BLOCK_N intermediate columns: multiply-and-sum, no tensor cores (M = 1)."""
+    pair = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    token = pair // TOP_K
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < inter_size
+    offs_k = tl.arange(0, BLOCK_K)
+    g_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]   # [BLOCK_N, BLOCK_K]
+    u_ptrs = g_ptrs + inter_size * stride_wn
+    acc_g = tl.zeros([BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in tl.range(0, hidden, BLOCK_K):
+        k_ok = offs_k < hidden - k0
+        x = tl.load(x_ptr + token * stride_xt + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        w_mask = n_ok[:, None] & k_ok[None, :]
+        acc_g += tl.sum(tl.load(g_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * x[None, :], 1)
+        acc_u += tl.sum(tl.load(u_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * x[None, :], 1)
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(inter_ptr + pair * stride_it + offs_n, h.to(inter_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _down_gemv_kernel(
+    inter_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, hidden, inter_size,
+    stride_it, stride_we, stride_wn, stride_ot,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[t, n-block] = sum_k weight[t, k] * (inter[t * K + k] . w_down[ids[t, k], n]): down and top-k sum."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+    out = tl.zeros([BLOCK_N], tl.float32)
+    for k in tl.static_range(TOP_K):
+        pair = t * TOP_K + k
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in tl.range(0, inter_size, BLOCK_K):
+            k_ok = offs_k < inter_size - k0
+            h = tl.load(inter_ptr + pair * stride_it + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * h[None, :], 1)
+        out += tl.load(weights_ptr + pair).to(tl.float32) * acc
+    tl.store(out_ptr + t * stride_ot + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def fused_moe(
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor, *, small: bool | None = None, config: MoEConfig | None = None,
+) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * down_e(silu(gate_e x_t) * up_e x_t), e = topk_ids[t, k].
+
+    x [T, H]; w_gate_up [E, 2I, H]; w_down [E, H, I]; topk_weights [T, K]; topk_ids [T, K] (int32/int64).
+    Returns [T, H] in x's dtype. small: force the GEMV path (True) or the grouped GEMMs (False); default
+    GEMV when T <= SMALL_BATCH_TOKENS. config: grouped-GEMM tiles (default `moe_config`)."""
+    t, hidden = x.shape
+    num_experts, two_i, _ = w_gate_up.shape
+    inter_size = two_i // 2
+    top_k = topk_ids.shape[1]
+    assert w_down.shape == (num_experts, hidden, inter_size)
+    assert x.stride(-1) == 1 and w_gate_up.stride(-1) == 1 and w_down.stride(-1) == 1
+    weights = topk_weights.contiguous()
+    ids = topk_ids.contiguous()
+    out = torch.empty_like(x)
+    if t == 0:
+        return out
+    pairs = t * top_k
+    inter = x.new_empty(pairs, inter_size)
+    if small is None:
+        small = t <= SMALL_BATCH_TOKENS
+    if small:
+        block_n, block_k = 32, 128
+        _gate_up_gemv_kernel[(pairs, cdiv(inter_size, block_n))](
+            x, w_gate_up, inter, ids, hidden, inter_size,
+            x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0),
+            TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=block_k,
+        )
+        _down_gemv_kernel[(t, cdiv(hidden, block_n))](
+            inter, w_down, out, ids, weights, hidden, inter_size,
+            inter.stride(0), w_down.stride(0), w_down.stride(1), out.stride(0),
+            TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=block_k,
+        )
+        return out
+    cfg = config or moe_config(t, num_experts, inter_size, hidden)
+    sorted_pairs, block_experts = moe_align(ids, num_experts, cfg.block_m)
+    m_blocks = block_experts.shape[0]
+    precision = dot_precision(x.dtype)
+    launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    _gate_up_kernel[(m_blocks, cdiv(inter_size, cfg.block_n))](
+        x, w_gate_up, inter, sorted_pairs, block_experts, pairs, hidden, inter_size,
+        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0),
+        TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision,
+        **launch,
+    )
+    y = x.new_empty(pairs, hidden)
+    _down_kernel[(m_blocks, cdiv(hidden, cfg.block_n))](
+        inter, w_down, y, weights, sorted_pairs, block_experts, pairs, hidden, inter_size,
+        inter.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision, **launch,
+    )
+    block = min(1024, next_pow2(hidden))
+    _topk_sum_kernel[(t, cdiv(hidden, block))](y, out, hidden, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK=block)
+    return out

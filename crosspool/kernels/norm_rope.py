@@ -1,0 +1,169 @@
+"""Fused RMSNorm (+ residual add) and RoPE + paged KV write.
+
+- `rms_norm` replaces `torch_ref.rms_norm`; `add_rms_norm` fuses the residual add before it (the attention
+  side's `hidden = hidden + delta; x = rms_norm(hidden)`), one read of each input and one write of each output.
+- `rope_write_kv` replaces `torch_ref.apply_rope` on q and k plus `torch_ref.write_kv` of k and v: q is
+  rotated in place, k is rotated on its way into the cache (the rotated k is only ever read from there).
+
+Both rope styles produce `torch_ref.apply_rope`'s output layout: the rotated "first" components in the first
+half of the head dim, the "second" in the second half. Neox pairs are (x[i], x[i + dim/2]); DeepSeek's
+interleaved pairs are (x[2i], x[2i + 1]), written out evens-then-odds.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from crosspool.kernels._common import next_pow2
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
+    stride_x, stride_r, stride_o, stride_ro,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n_cols
+    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        # add in fp32 and round to the stream's dtype (as torch does); the normed input is that rounded sum
+        r = tl.load(res_ptr + row * stride_r + offs, mask=ok, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) + r).to(x_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * stride_ro + offs, x, mask=ok)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
+    # as the reference: normalize in fp32, round to the input dtype, then scale by the weight
+    normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    shape = x.shape
+    n = shape[-1]
+    x2 = x.reshape(-1, n)
+    assert x2.stride(-1) == 1 and weight.is_contiguous()
+    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    res_in = x2 if residual is None else residual.reshape(-1, n)
+    res_out = torch.empty_like(x2) if residual is not None else out
+    if x2.shape[0] > 0:
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2, res_in, weight, out, res_out, n, eps,
+            x2.stride(0), res_in.stride(0), out.stride(0), res_out.stride(0),
+            HAS_RESIDUAL=residual is not None, BLOCK=next_pow2(n), num_warps=4 if n <= 2048 else 8,
+        )
+    return out.view(shape), (res_out.view(shape) if residual is not None else None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., N] (rows may be strided, last dim contiguous), weight [N] -> weight * normalize(x), like
+    `torch_ref.rms_norm` (also for per-head q/k norm: x [T, heads, head_dim])."""
+    return _norm(x, None, weight, eps)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x) with x, residual [T, N]: the sum is rounded to x's dtype once."""
+    out, res = _norm(x, residual, weight, eps)
+    assert res is not None
+    return out, res
+
+
+@triton.jit
+def _rope_rotate(x_ptr, head_offs, ok, c, s, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                 INTERLEAVED: tl.constexpr):
+    """Load one token's heads [BLOCK_H, dim] and return the rotated halves (fp32)."""
+    offs = tl.arange(0, BLOCK_HALF)
+    if INTERLEAVED:
+        first, second = 2 * offs, 2 * offs + 1
+    else:
+        first, second = offs, offs + HALF
+    x1 = tl.load(x_ptr + head_offs[:, None] + first[None, :], mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + head_offs[:, None] + second[None, :], mask=ok, other=0.0).to(tl.float32)
+    return x1 * c[None, :] - x2 * s[None, :], x2 * c[None, :] + x1 * s[None, :]
+
+
+@triton.jit
+def _rope_write_kv_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_ptr, v_cache_ptr,
+    num_q_heads, num_kv_heads,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_st,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_V: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_half = tl.arange(0, BLOCK_HALF)
+    half_ok = offs_half < HALF
+    c = tl.load(cos_ptr + t * stride_ct + offs_half, mask=half_ok, other=0.0)
+    s = tl.load(sin_ptr + t * stride_st + offs_half, mask=half_ok, other=0.0)
+    # the reference multiplies by cos/sin rounded to the activations' dtype
+    c = c.to(q_ptr.dtype.element_ty).to(tl.float32)
+    s = s.to(q_ptr.dtype.element_ty).to(tl.float32)
+
+    hq = tl.arange(0, BLOCK_HQ)
+    q_ok = (hq < num_q_heads)[:, None] & half_ok[None, :]
+    q_rows = q_ptr + t * stride_qt + hq * stride_qh
+    o1, o2 = _rope_rotate(q_ptr + t * stride_qt, hq * stride_qh, q_ok, c, s, HALF, BLOCK_HALF, INTERLEAVED)
+    # in place: interleaved output positions are loaded by other threads, so all loads land before any store
+    tl.debug_barrier()
+    tl.store(q_rows[:, None] + offs_half[None, :], o1.to(q_ptr.dtype.element_ty), mask=q_ok)
+    tl.store(q_rows[:, None] + HALF + offs_half[None, :], o2.to(q_ptr.dtype.element_ty), mask=q_ok)
+
+    slot = tl.load(slots_ptr + t)
+    if slot >= 0:   # negative slots: padding tokens (e.g. of a CUDA graph bucket) write nothing
+        page = slot // PAGE_SIZE
+        offset = slot % PAGE_SIZE
+        hk = tl.arange(0, BLOCK_HKV)
+        hk_valid = hk < num_kv_heads
+        k_ok = hk_valid[:, None] & half_ok[None, :]
+        k1, k2 = _rope_rotate(k_ptr + t * stride_kt, hk * stride_kh, k_ok, c, s, HALF, BLOCK_HALF, INTERLEAVED)
+        kc_rows = k_cache_ptr + page * stride_kcb + offset * stride_kcs + hk * stride_kch
+        kc_dtype = k_cache_ptr.dtype.element_ty
+        tl.store(kc_rows[:, None] + offs_half[None, :], k1.to(kc_dtype), mask=k_ok)
+        tl.store(kc_rows[:, None] + HALF + offs_half[None, :], k2.to(kc_dtype), mask=k_ok)
+        if HAS_V:
+            offs_dv = tl.arange(0, BLOCK_DV)
+            v_ok = hk_valid[:, None] & (offs_dv < DV)[None, :]
+            v = tl.load(v_ptr + t * stride_vt + hk[:, None] * stride_vh + offs_dv[None, :], mask=v_ok)
+            vc_rows = v_cache_ptr + page * stride_vcb + offset * stride_vcs + hk * stride_vch
+            tl.store(vc_rows[:, None] + offs_dv[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=v_ok)
+
+
+def rope_write_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+    slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None, interleaved: bool,
+) -> torch.Tensor:
+    """Rotate q in place, rotate k into k_cache and copy v into v_cache at the tokens' slots.
+
+    q [T, Hq, Rd], k [T, Hkv, Rd], v [T, Hkv, Dv] (strided rows/heads allowed, last dim contiguous);
+    cos/sin [T, Rd/2] fp32 (`torch_ref.rope_cos_sin`); slot_mapping [T] (block * block_size + offset, < 0 to
+    skip); k_cache [blocks, block_size, Hkv, Rd], v_cache [blocks, block_size, Hkv, Dv] (strided pool views).
+    MLA: q = q[..., nope:], k = k_pe [T, 1, Rd], v = normed latent [T, 1, R], k_cache = latent_cache[..., R:],
+    v_cache = latent_cache[..., :R]. Returns q."""
+    t, hq, rd = q.shape
+    hkv = k.shape[1]
+    assert rd % 2 == 0 and k.shape[2] == rd and k_cache.shape[-1] == rd
+    for x in (q, k, v, k_cache, v_cache):
+        assert x is None or x.stride(-1) == 1, "last dim must be contiguous"
+    if t == 0:
+        return q
+    v_arg = k if v is None else v
+    vc_arg = k_cache if v_cache is None else v_cache
+    dv = v_arg.shape[-1]
+    _rope_write_kv_kernel[(t,)](
+        q, k, v_arg, cos, sin, slot_mapping, k_cache, vc_arg, hq, hkv,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v_arg.stride(0), v_arg.stride(1),
+        cos.stride(0), sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), vc_arg.stride(0), vc_arg.stride(1), vc_arg.stride(2),
+        HALF=rd // 2, BLOCK_HALF=next_pow2(rd // 2), DV=dv, BLOCK_DV=next_pow2(dv),
+        BLOCK_HQ=next_pow2(hq), BLOCK_HKV=next_pow2(hkv), PAGE_SIZE=k_cache.shape[1],
+        INTERLEAVED=interleaved, HAS_V=v is not None,
+    )
+    return q

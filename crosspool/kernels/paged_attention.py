@@ -1,0 +1,313 @@
+"""Paged attention over the KV pool's per-layer views: decode and prefill/extend, MHA/GQA and absorbed MLA.
+
+Replaces `torch_ref.gather_kv` + `torch_ref.padded_attention` (and, for MLA, the expansion through
+`kv_b_proj`: see `crosspool.kernels.mla` for the absorbed form and its torch reference). One Triton kernel
+serves all four entry points:
+
+- `paged_decode_attention`: one new token per sequence, split-KV (flash-decoding) for long contexts;
+- `paged_prefill_attention`: a varlen batch of query chunks (prefill, chunked prefill, mixed with decodes);
+- `mla_decode_attention` / `mla_prefill_attention`: the same over MLA's cached latent, queries already
+  projected into the latent space; the output stays in latent space (the caller applies W_UV).
+
+Cache views are `[num_blocks, block_size, kv_heads, dim]` with any strides except a contiguous last dim
+(the pool's views are strided: one block of all layers is contiguous). Key `j` of sequence `b` lives in block
+`block_tables[b, j // block_size]`, slot `j % block_size`; its keys must already be written (the new tokens'
+too). Token `i` of a sequence with `q_len` new tokens and `context_len` cached keys sits at position
+`context_len - q_len + i` and sees keys `<=` that position. A sequence with context_len 0 (a padding row of
+a CUDA-graph batch bucket) reads nothing and gets zeros.
+
+Tiling. A program owns BLOCK_Q query tokens of one sequence times BLOCK_H query heads of one KV head's group
+(tile rows are (token, head) pairs, head fastest), so every K/V tile is loaded once for the whole group. Keys
+are walked BLOCK_N at a time, each key's page looked up in the block table (a tile may span pages). With
+split-KV the key range of a row tile is cut into NUM_SPLITS parts handled by different programs; each leaves
+a normalized partial output and its log-sum-exp, and `_combine_kernel` merges them. Scores, softmax and the
+output accumulate in fp32; probabilities are rounded to the value dtype before the P @ V product, as the torch
+reference does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from crosspool.kernels._common import block_dim, cdiv, dot_precision, next_pow2, num_sms
+
+LOG2E = math.log2(math.e)
+MAX_SPLITS = 64
+MIN_KEYS_PER_SPLIT = 256
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, q_pe_ptr, k_ptr, v_ptr, block_tables_ptr, cu_q_ptr, context_lens_ptr, out_ptr, lse_ptr,
+    scale_log2,
+    stride_qt, stride_qh, stride_pt, stride_ph,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh, stride_os,
+    stride_lt, stride_lh,
+    GROUP: tl.constexpr, HEAD_BLOCKS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PE_DIM: tl.constexpr, BLOCK_PE: tl.constexpr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, V_IS_K: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_DECODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    q_block = tl.program_id(1)
+    seq = tl.program_id(2)
+    split = pid % NUM_SPLITS
+    head_block = (pid // NUM_SPLITS) % HEAD_BLOCKS
+    kv_head = pid // (NUM_SPLITS * HEAD_BLOCKS)
+
+    if IS_DECODE:
+        q_start = seq
+        q_len = 1
+    else:
+        q_start = tl.load(cu_q_ptr + seq)
+        q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    first_q = q_block * BLOCK_Q
+    if first_q >= q_len:
+        return
+    ctx = tl.load(context_lens_ptr + seq)
+
+    rows = tl.arange(0, BLOCK_Q * BLOCK_H)
+    qi = first_q + rows // BLOCK_H
+    hi = head_block * BLOCK_H + rows % BLOCK_H
+    row_ok = (qi < q_len) & (hi < GROUP)
+    head = kv_head * GROUP + hi
+    q_pos = ctx - q_len + qi
+    tok = (q_start + qi).to(tl.int64)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if PE_DIM > 0:
+        offs_pe = tl.arange(0, BLOCK_PE)
+        pe_ok = offs_pe < PE_DIM
+        q_pe = tl.load(q_pe_ptr + tok[:, None] * stride_pt + head[:, None] * stride_ph + offs_pe[None, :],
+                       mask=row_ok[:, None] & pe_ok[None, :], other=0.0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < DV
+
+    # Keys this row tile may see: [0, kv_end); this split's share: [lo, hi).
+    kv_end = ctx - q_len + tl.minimum(q_len, first_q + BLOCK_Q)
+    per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, kv_end)
+
+    m = tl.full([BLOCK_Q * BLOCK_H], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_Q * BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_H, BLOCK_DV], tl.float32)
+    for start in tl.range(lo, hi, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < hi
+        page = tl.load(block_tables_ptr + seq * stride_bt + k_pos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
+        slot = k_pos % PAGE_SIZE
+        k_row = page * stride_kb + slot * stride_ks + kv_head * stride_kh
+        k = tl.load(k_ptr + k_row[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if PE_DIM > 0:
+            # MLA: the rotated shared key follows the latent in the same cache row
+            k_pe = tl.load(k_ptr + k_row[:, None] + D + offs_pe[None, :], mask=k_ok[:, None] & pe_ok[None, :],
+                           other=0.0)
+            s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
+        s = s * scale_log2
+        visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # rows that have seen no visible key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        if V_IS_K:
+            v = k
+        else:
+            v_row = page * stride_vb + slot * stride_vs + kv_head * stride_vh
+            v = tl.load(v_ptr + v_row[:, None] + offs_dv[None, :], mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
+    o_mask = row_ok[:, None] & dv_ok[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        tl.store(o_ptrs + split * stride_os, o, mask=o_mask)
+        lse = tl.where(l_sum > 0, m + tl.log2(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
+        tl.store(lse_ptr + tok * stride_lt + head * stride_lh + split, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    part_ptr, lse_ptr, out_ptr, num_heads,
+    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_HC: tl.constexpr,
+):
+    """out[t, h] = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max) (log-sum-exp merge, base 2), for
+    BLOCK_HC heads of one token per program."""
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_HC + tl.arange(0, BLOCK_HC)
+    h_ok = heads < num_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    lse_row = lse_ptr + t * stride_lt + heads * stride_lh
+    lse = tl.load(lse_row[:, None] + offs_s[None, :], mask=h_ok[:, None] & (offs_s[None, :] < NUM_SPLITS),
+                  other=float("-inf"))
+    m = tl.max(lse, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp2(lse - m[:, None]), 1)
+    o = tl.zeros([BLOCK_HC, BLOCK_DV], tl.float32)
+    o_mask = h_ok[:, None] & (offs_dv[None, :] < DV)
+    part_rows = part_ptr + t * stride_pt + heads[:, None] * stride_ph + offs_dv[None, :]
+    for s in tl.static_range(NUM_SPLITS):
+        w = tl.exp2(tl.load(lse_row + s, mask=h_ok, other=float("-inf")) - m)
+        o += w[:, None] * tl.load(part_rows + s * stride_ps, mask=o_mask, other=0.0)
+    o = o / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=o_mask)
+
+
+def _tiles(decode: bool, group: int, dv: int) -> tuple[int, int, int]:
+    """(BLOCK_Q, BLOCK_H, BLOCK_N). Decode: one token, a whole group of heads per program (at least 16 rows
+    for tl.dot). Prefill: about 64 rows (32 for MLA's 512-wide latent accumulator) of tokens x heads."""
+    rows, block_n = (32, 32) if dv > 256 else (64, 64)
+    if decode:
+        return 1, max(16, min(next_pow2(group), rows)), block_n
+    block_h = min(next_pow2(group), rows)
+    return max(1, rows // block_h), block_h, block_n
+
+
+def default_num_splits(programs: int, device: torch.device, max_context_len: int | None = None) -> int:
+    """Splits so the grid fills about two waves of the GPU, never under MIN_KEYS_PER_SPLIT keys per split
+    when the longest context is known. Fixed per (batch, heads) bucket, so a CUDA graph can keep it."""
+    splits = cdiv(2 * num_sms(device), max(programs, 1))
+    if max_context_len is not None:
+        splits = min(splits, cdiv(max_context_len, MIN_KEYS_PER_SPLIT))
+    return max(1, min(splits, MAX_SPLITS))
+
+
+def _attention(
+    q: torch.Tensor, q_pe: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
+    block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor | None, context_lens: torch.Tensor, scale: float,
+    max_q_len: int, num_splits: int | None, max_context_len: int | None, out: torch.Tensor | None,
+    dv: int,
+) -> torch.Tensor:
+    t, hq, d = q.shape
+    _, page_size, hkv, _ = k_cache.shape
+    assert hq % hkv == 0, "query heads must be a multiple of KV heads"
+    for x in (q, q_pe, k_cache, v_cache):
+        assert x is None or x.stride(-1) == 1, "last dim must be contiguous"
+    decode = cu_seqlens_q is None
+    batch = context_lens.shape[0]
+    group = hq // hkv
+    block_q, block_h, block_n = _tiles(decode, group, dv)
+    head_blocks = cdiv(group, block_h)
+    q_blocks = cdiv(max_q_len, block_q)
+    if num_splits is None:
+        num_splits = default_num_splits(batch * q_blocks * hkv * head_blocks, q.device, max_context_len)
+    if out is None:
+        out = q.new_empty(t, hq, dv)
+    if num_splits > 1:
+        part = torch.empty(t, hq, num_splits, dv, dtype=torch.float32, device=q.device)
+        lse = torch.empty(t, hq, num_splits, dtype=torch.float32, device=q.device)
+        target, stride_os, lse_arg = part, part.stride(2), lse
+        stride_lt, stride_lh = lse.stride(0), lse.stride(1)
+    else:
+        target, stride_os, lse_arg, stride_lt, stride_lh = out, 0, out, 0, 0
+    pe_dim = 0 if q_pe is None else q_pe.shape[-1]
+    q_pe_arg = q if q_pe is None else q_pe
+    v_arg = k_cache if v_cache is None else v_cache
+    grid = (hkv * head_blocks * num_splits, q_blocks, batch)
+    _paged_attention_kernel[grid](
+        q, q_pe_arg, k_cache, v_arg, block_tables, context_lens if decode else cu_seqlens_q, context_lens,
+        target, lse_arg,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), q_pe_arg.stride(0), q_pe_arg.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),
+        block_tables.stride(0),
+        target.stride(0), target.stride(1), stride_os,
+        stride_lt, stride_lh,
+        GROUP=group, HEAD_BLOCKS=head_blocks, NUM_SPLITS=num_splits,
+        D=d, BLOCK_D=block_dim(d), PE_DIM=pe_dim, BLOCK_PE=block_dim(pe_dim),
+        DV=dv, BLOCK_DV=block_dim(dv), V_IS_K=v_cache is None,
+        PAGE_SIZE=page_size, BLOCK_Q=block_q, BLOCK_H=block_h, BLOCK_N=block_n,
+        IS_DECODE=decode, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=4 if block_q * block_h <= 32 else 8,
+    )
+    if num_splits > 1:
+        block_hc = min(next_pow2(hq), max(1, 4096 // next_pow2(dv)))
+        _combine_kernel[(t, cdiv(hq, block_hc))](
+            part, lse, out, hq,
+            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits), DV=dv, BLOCK_DV=next_pow2(dv), BLOCK_HC=block_hc,
+        )
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, *, num_splits: int | None = None, max_context_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention, one query token per sequence.
+
+    q [B, Hq, D]; k_cache [num_blocks, block_size, Hkv, D], v_cache [num_blocks, block_size, Hkv, Dv] (strided);
+    block_tables [B, max_blocks] int32/int64; context_lens [B] (keys cached, the new token's included).
+    Query head h reads KV head h // (Hq / Hkv). Returns (or fills `out`) [B, Hq, Dv] in q's dtype.
+    num_splits: KV partitions per sequence (default: enough to fill the GPU; 1 on CPU). Each sequence
+    divides its own context, so the grid does not depend on context lengths (CUDA-graph friendly).
+    """
+    return _attention(q, None, k_cache, v_cache, block_tables, None, context_lens, scale, 1, num_splits,
+                      max_context_len, out, v_cache.shape[-1])
+
+
+def paged_prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float, max_q_len: int, *,
+    num_splits: int = 1, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal prefill/extend attention of a varlen batch over paged KV (chunked prefill, mixed with decodes).
+
+    q [T, Hq, D]: sequence b's new tokens are rows cu_seqlens_q[b]:cu_seqlens_q[b+1] (cu_seqlens_q [B+1]);
+    context_lens [B]: keys cached after this step (its new tokens' keys already written); max_q_len: an upper
+    bound of the per-sequence new-token counts (sets the grid). Other arguments as `paged_decode_attention`.
+    Returns [T, Hq, Dv].
+    """
+    return _attention(q, None, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_q_len,
+                      num_splits, None, out, v_cache.shape[-1])
+
+
+def mla_decode_attention(
+    q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, *, num_splits: int | None = None, max_context_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Absorbed MLA decode: q_latent [B, H, R] (q_nope @ W_UK), q_pe [B, H, Rd] (rotated); latent_cache
+    [num_blocks, block_size, 1, R + Rd] (normed latent, then rotated shared key). Score = (q_latent . c +
+    q_pe . k_pe) * scale; returns the latent-space output [B, H, R] (apply W_UV next)."""
+    r = q_latent.shape[-1]
+    assert latent_cache.shape[2] == 1 and latent_cache.shape[-1] == r + q_pe.shape[-1]
+    return _attention(q_latent, q_pe, latent_cache, None, block_tables, None, context_lens, scale, 1, num_splits,
+                      max_context_len, out, r)
+
+
+def mla_prefill_attention(
+    q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float, max_q_len: int, *,
+    num_splits: int = 1, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Absorbed MLA over a varlen batch (arguments as `paged_prefill_attention` and `mla_decode_attention`).
+    Returns [T, H, R]."""
+    r = q_latent.shape[-1]
+    assert latent_cache.shape[2] == 1 and latent_cache.shape[-1] == r + q_pe.shape[-1]
+    return _attention(q_latent, q_pe, latent_cache, None, block_tables, cu_seqlens_q, context_lens, scale,
+                      max_q_len, num_splits, None, out, r)

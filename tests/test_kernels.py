@@ -1,0 +1,480 @@
+"""Triton kernels against their torch references on fresh random inputs.
+
+Without CUDA the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set here before
+triton is imported) in fp32 and fp16; bf16 arithmetic is wrong in the interpreter. With CUDA the same tests
+run compiled on the GPU, and `-m gpu` adds bf16 at real model shapes, CUDA-graph capture and timings.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+if not CUDA:
+    pytest.importorskip("numpy")   # the interpreter needs it; triton does not declare it
+
+from crosspool.kernels import torch_ref as ref  # noqa: E402
+from crosspool.kernels._common import cdiv  # noqa: E402
+from crosspool.kernels.fused_moe import fused_moe, moe_align  # noqa: E402
+from crosspool.kernels.mla import (  # noqa: E402
+    absorb_query,
+    latent_to_output,
+    mla_absorbed_attention_ref,
+    split_kv_b_proj,
+)
+from crosspool.kernels.norm_rope import add_rms_norm, rms_norm, rope_write_kv  # noqa: E402
+from crosspool.kernels.paged_attention import (  # noqa: E402
+    mla_decode_attention,
+    mla_prefill_attention,
+    paged_decode_attention,
+    paged_prefill_attention,
+)
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+# fp32: only summation order differs. fp16 (ulp 2^-10 ~ 1e-3 at 1.0): both sides round probabilities,
+# intermediates and the output to fp16 at different points, a few ulp apart on O(1) outputs.
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+def _close(out: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    torch.testing.assert_close(out.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+# ------------------------------------------------------------------------------------------------
+# Paged attention inputs: the pool's layout, strided per-layer views, shuffled block tables
+
+
+class Paged:
+    """A varlen batch over a paged cache: sequence b has context_lens[b] cached keys, the last q_lens[b]
+    of which are its new query tokens."""
+
+    def __init__(self, context_lens: list[int], q_lens: list[int], heads: int, kv_heads: int, dim: int,
+                 dtype: torch.dtype, *, mla_rope_dim: int = 0, block_size: int = 16,
+                 table_dtype: torch.dtype = torch.int64, seed: int = 0, device: torch.device = DEVICE) -> None:
+        g = torch.Generator().manual_seed(seed)
+        b = len(context_lens)
+        max_blocks = cdiv(max(context_lens), block_size)
+        num_blocks = b * max_blocks + 3
+        layers, layer = 3, 1
+        if mla_rope_dim:
+            # [blocks, layers, 1, block_size, 1, R + Rd]: one latent "head" per token
+            buf = torch.randn(num_blocks, layers, 1, block_size, 1, dim + mla_rope_dim, generator=g)
+            self.caches = list(buf.to(device, dtype)[:, layer].unbind(1))
+        else:
+            buf = torch.randn(num_blocks, layers, 2, block_size, kv_heads, dim, generator=g)
+            self.caches = list(buf.to(device, dtype)[:, layer].unbind(1))
+        perm = torch.randperm(num_blocks, generator=g)[: b * max_blocks]
+        self.tables = perm.view(b, max_blocks).to(device, table_dtype)
+        self.context_lens = torch.tensor(context_lens, device=device)
+        qs = torch.tensor(q_lens)
+        self.cu_seqlens = torch.zeros(b + 1, dtype=torch.int32)
+        self.cu_seqlens[1:] = qs.cumsum(0)
+        self.cu_seqlens = self.cu_seqlens.to(device)
+        self.max_q_len = max(q_lens)
+        self.seq = torch.repeat_interleave(torch.arange(b), qs).to(device)
+        self.pos = torch.cat([torch.arange(c - n, c) for c, n in zip(context_lens, q_lens, strict=True)]).to(device)
+        t = int(qs.sum())
+        self.q = torch.randn(t, heads, dim, generator=g).to(device, dtype)
+        self.q_pe = torch.randn(t, heads, mla_rope_dim, generator=g).to(device, dtype) if mla_rope_dim else None
+
+    def reference(self, scale: float, q: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.q if q is None else q
+        if self.q_pe is not None:
+            return mla_absorbed_attention_ref(q, self.q_pe, self.caches[0], self.tables.long(), self.seq, self.pos,
+                                              scale)
+        k, v = (ref.gather_kv(c, self.tables.long()) for c in self.caches)
+        return ref.padded_attention(q, k, v, self.seq, self.pos, scale)
+
+
+GQA = [(4, 4, 64), (8, 2, 40), (16, 2, 128)]   # (query heads, kv heads, head dim): ratios 1, 4, 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,dim", GQA)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_paged_decode_attention(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, num_splits: int) -> None:
+    ctx = [1, 17, 100, 301]
+    p = Paged(ctx, [1] * len(ctx), heads, kv_heads, dim, dtype, table_dtype=torch.int32, seed=heads + num_splits)
+    out = paged_decode_attention(p.q, *p.caches, p.tables, p.context_lens, dim**-0.5, num_splits=num_splits)
+    _close(out, p.reference(dim**-0.5), dtype)
+
+
+def test_paged_decode_long_context_split() -> None:
+    """Contexts of thousands of tokens, split-KV with uneven splits, into a caller-given output buffer."""
+    ctx = [3001, 2049, 5]
+    p = Paged(ctx, [1, 1, 1], 8, 2, 64, torch.float32, seed=7)
+    out = torch.empty_like(p.q)
+    got = paged_decode_attention(p.q, *p.caches, p.tables, p.context_lens, 0.125, num_splits=7, out=out)
+    assert got is out
+    _close(out, p.reference(0.125), torch.float32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_paged_decode_padding_rows(num_splits: int) -> None:
+    """Rows with context_len 0 (padding of a CUDA-graph batch bucket) give zeros, never NaN."""
+    p = Paged([40, 1, 9], [1, 1, 1], 8, 2, 32, torch.float32, seed=2)
+    lens = p.context_lens.clone()
+    lens[1] = 0
+    out = paged_decode_attention(p.q, *p.caches, p.tables, lens, 0.2, num_splits=num_splits)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    keep = torch.tensor([0, 2], device=DEVICE)
+    _close(out[keep], p.reference(0.2)[keep], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,dim", GQA)
+def test_paged_prefill_attention(dtype: torch.dtype, heads: int, kv_heads: int, dim: int) -> None:
+    """Full prefill, a decode token, chunked prefill after a cached prefix, odd lengths, one batch."""
+    ctx, q_lens = [5, 37, 130, 70], [5, 1, 67, 17]
+    p = Paged(ctx, q_lens, heads, kv_heads, dim, dtype, seed=heads)
+    out = paged_prefill_attention(p.q, *p.caches, p.tables, p.cu_seqlens, p.context_lens, 0.1, p.max_q_len)
+    _close(out, p.reference(0.1), dtype)
+
+
+def test_paged_prefill_split_kv() -> None:
+    """Split-KV for a short chunk over a long cached prefix (rows whose split sees no visible key)."""
+    p = Paged([900, 40], [3, 40], 8, 2, 32, torch.float32, seed=3)
+    out = paged_prefill_attention(p.q, *p.caches, p.tables, p.cu_seqlens, p.context_lens, 0.2, p.max_q_len,
+                                  num_splits=4)
+    _close(out, p.reference(0.2), torch.float32)
+
+
+def test_prefill_matches_decode_for_one_token_queries() -> None:
+    p = Paged([33, 1, 64], [1, 1, 1], 8, 4, 64, torch.float32, seed=11)
+    dec = paged_decode_attention(p.q, *p.caches, p.tables, p.context_lens, 0.125, num_splits=2)
+    pre = paged_prefill_attention(p.q, *p.caches, p.tables, p.cu_seqlens, p.context_lens, 0.125, 1)
+    _close(pre, dec, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# MLA
+
+
+def test_mla_absorbed_reference_equals_unabsorbed() -> None:
+    """The absorbed form (attention over the latent, W_UK folded into q, W_UV after) equals the repository's
+    unabsorbed path (latents expanded through kv_b_proj into per-head keys/values), fp32."""
+    g = torch.Generator().manual_seed(0)
+    heads, nope, rope, v_dim, rank = 5, 16, 8, 12, 32
+    w = torch.randn(heads * (nope + v_dim), rank, generator=g) * rank**-0.5      # kv_b_proj
+    p = Paged([1, 23, 50], [1, 7, 50], heads, 1, rank, torch.float32, mla_rope_dim=rope, device=torch.device("cpu"))
+    q = torch.randn(p.q.shape[0], heads, nope + rope, generator=g)
+    scale = (nope + rope) ** -0.5
+    # unabsorbed, as AttentionSide._mla
+    ctx = ref.gather_kv(p.caches[0], p.tables)[:, :, 0]
+    kv = ref.linear(ctx[..., :rank], w).view(*ctx.shape[:2], heads, nope + v_dim)
+    k_nope, v = kv.split([nope, v_dim], dim=-1)
+    keys = torch.cat([k_nope, ctx[..., None, rank:].expand(-1, -1, heads, -1)], dim=-1)
+    want = ref.padded_attention(q, keys, v, p.seq, p.pos, scale)
+    # absorbed
+    w_uk, w_uv = split_kv_b_proj(w, heads, nope, v_dim)
+    o_latent = mla_absorbed_attention_ref(absorb_query(q[..., :nope], w_uk), q[..., nope:], p.caches[0], p.tables,
+                                          p.seq, p.pos, scale)
+    torch.testing.assert_close(latent_to_output(o_latent, w_uv), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,rank,rope", [(16, 64, 16), (5, 32, 8)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_mla_decode_attention(dtype: torch.dtype, heads: int, rank: int, rope: int, num_splits: int) -> None:
+    p = Paged([1, 40, 200], [1, 1, 1], heads, 1, rank, dtype, mla_rope_dim=rope, seed=heads)
+    out = mla_decode_attention(p.q, p.q_pe, p.caches[0], p.tables, p.context_lens, 0.1, num_splits=num_splits)
+    _close(out, p.reference(0.1), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mla_prefill_attention(dtype: torch.dtype) -> None:
+    p = Paged([1, 40, 90], [1, 10, 33], 16, 1, 32, dtype, mla_rope_dim=8, seed=5)
+    out = mla_prefill_attention(p.q, p.q_pe, p.caches[0], p.tables, p.cu_seqlens, p.context_lens, 0.1, p.max_q_len)
+    _close(out, p.reference(0.1), dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused MoE
+
+
+def _moe_inputs(t: int, experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype, seed: int,
+                used_experts: int | None = None, device: torch.device = DEVICE) -> tuple[torch.Tensor, ...]:
+    """Random weights ~ N(0, 1/fan_in); routing softmax-top-k over logits restricted to `used_experts`
+    experts (the rest get no tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, hidden, generator=g)
+    w_gate_up = torch.randn(experts, 2 * inter, hidden, generator=g) * hidden**-0.5
+    w_down = torch.randn(experts, hidden, inter, generator=g) * inter**-0.5
+    logits = torch.randn(t, experts, generator=g)
+    if used_experts is not None:
+        logits[:, used_experts:] = float("-inf")
+    weights, ids = torch.topk(logits.softmax(-1), top_k, dim=-1)
+    return (x.to(device, dtype), w_gate_up.to(device, dtype), w_down.to(device, dtype), weights.to(device),
+            ids.to(device))
+
+
+def test_moe_align() -> None:
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3], [5, 3]], device=DEVICE)
+    pairs, experts = moe_align(ids, num_experts=8, block_m=4)
+    n = ids.numel()
+    assert pairs.shape[0] % 4 == 0 and experts.shape[0] == pairs.shape[0] // 4
+    got = sorted(p for p in pairs.tolist() if p < n)
+    assert got == list(range(n))                       # every pair exactly once
+    flat = ids.reshape(-1).tolist()
+    for tile, e in enumerate(experts.tolist()):
+        rows = [p for p in pairs[tile * 4:(tile + 1) * 4].tolist() if p < n]
+        if e < 0:
+            assert not rows
+        else:
+            assert all(flat[p] == e for p in rows)
+    assert experts.tolist()[:4] == [0, 1, 3, 5]        # expert 3's four pairs fill one tile
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,experts,top_k,hidden,inter,used", [
+    (37, 16, 4, 64, 96, None),       # grouped GEMMs, several tiles per expert
+    (70, 8, 2, 48, 40, 3),           # odd sizes, 5 of 8 experts get no tokens
+    (5, 8, 2, 33, 17, None),         # GEMV path (<= 8 tokens), odd sizes
+    (1, 64, 8, 128, 32, None),       # one decode token, top-8
+    (8, 6, 1, 40, 24, 2),            # GEMV, top-1, empty experts
+])
+def test_fused_moe(dtype: torch.dtype, t: int, experts: int, top_k: int, hidden: int, inter: int,
+                   used: int | None) -> None:
+    x, wgu, wd, weights, ids = _moe_inputs(t, experts, top_k, hidden, inter, dtype, seed=t, used_experts=used)
+    want = ref.experts(x, wgu, wd, weights, ids)
+    _close(fused_moe(x, wgu, wd, weights, ids), want, dtype)
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_fused_moe_paths_agree(small: bool) -> None:
+    """Both paths on the same inputs (either may serve any token count), int32 ids, strided weights."""
+    x, wgu, wd, weights, ids = _moe_inputs(12, 8, 2, 64, 48, torch.float32, seed=1)
+    wgu_strided = torch.empty(wgu.shape[0], wgu.shape[1], wgu.shape[2] + 8, device=DEVICE)[..., :wgu.shape[2]]
+    wgu_strided.copy_(wgu)
+    out = fused_moe(x, wgu_strided, wd, weights, ids.int(), small=small)
+    _close(out, ref.experts(x, wgu, wd, weights, ids), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# RMSNorm (+ residual), RoPE + KV write
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,n", [(7, 100), (3, 2048)])
+def test_rms_norm(dtype: torch.dtype, rows: int, n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    x, res = (torch.randn(rows, n, generator=g).to(DEVICE, dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(n, generator=g)).to(DEVICE, dtype)
+    normed, new_res = add_rms_norm(x, res, w, 1e-6)
+    torch.testing.assert_close(new_res, res + x, atol=0, rtol=0)
+    _close(normed, ref.rms_norm(res + x, w, 1e-6), dtype)
+    _close(rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5), dtype)
+    heads = x.view(rows, 4, n // 4)          # per-head q/k norm
+    _close(rms_norm(heads, w[: n // 4], 1e-6), ref.rms_norm(heads, w[: n // 4], 1e-6), dtype)
+
+
+def _rope_tables(t: int, dim: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.randint(0, 4096, (t,), generator=g)
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    f = pos.float()[:, None] * inv[None, :]
+    return f.cos().to(DEVICE), f.sin().to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (6, 6, 40)])
+def test_rope_write_kv(dtype: torch.dtype, interleaved: bool, heads: int, kv_heads: int, dim: int) -> None:
+    g = torch.Generator().manual_seed(dim)
+    t, block_size, blocks = 9, 16, 12
+    q, k, v = (torch.randn(t, h, dim, generator=g).to(DEVICE, dtype) for h in (heads, kv_heads, kv_heads))
+    cos, sin = _rope_tables(t, dim, g)
+    slots = torch.randperm(blocks * block_size, generator=g)[:t].to(DEVICE)
+    slots[4] = -1                                       # a padding token: no cache write
+    buf = torch.randn(blocks, 3, 2, block_size, kv_heads, dim, generator=g).to(DEVICE, dtype)
+    want_buf = buf.clone()
+    q_out = q.clone()
+    rope_write_kv(q_out, k, v, cos, sin, slots, *buf[:, 1].unbind(1), interleaved)
+    k_cache, v_cache = want_buf[:, 1].unbind(1)
+    keep = slots >= 0
+    ref.write_kv(k_cache, slots[keep], ref.apply_rope(k, cos, sin, interleaved)[keep])
+    ref.write_kv(v_cache, slots[keep], v[keep])
+    _close(q_out, ref.apply_rope(q, cos, sin, interleaved), dtype)
+    _close(buf, want_buf, dtype)
+
+
+def test_rope_write_kv_mla() -> None:
+    """DeepSeek: rotate q's rope part in place inside q, write [latent, rotated k_pe] into the latent cache."""
+    g = torch.Generator().manual_seed(0)
+    t, heads, nope, rd, rank, block_size = 6, 4, 16, 8, 32, 16
+    q = torch.randn(t, heads, nope + rd, generator=g).to(DEVICE)
+    latent = torch.randn(t, 1, rank, generator=g).to(DEVICE)
+    k_pe = torch.randn(t, 1, rd, generator=g).to(DEVICE)
+    cos, sin = _rope_tables(t, rd, g)
+    slots = torch.randperm(4 * block_size, generator=g)[:t].to(DEVICE)
+    buf = torch.zeros(4, 2, 1, block_size, 1, rank + rd, device=DEVICE)
+    cache = buf[:, 1, 0]
+    want_q = torch.cat([q[..., :nope], ref.apply_rope(q[..., nope:], cos, sin, True)], dim=-1)
+    want_cache = cache.clone()
+    ref.write_kv(want_cache, slots, torch.cat([latent, ref.apply_rope(k_pe, cos, sin, True)], dim=-1))
+    rope_write_kv(q[..., nope:], k_pe, latent, cos, sin, slots, cache[..., rank:], cache[..., :rank], True)
+    _close(q, want_q, torch.float32)
+    _close(cache, want_cache, torch.float32)
+
+
+def test_package_imports_without_triton() -> None:
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import crosspool, crosspool.kernels, crosspool.kernels.mla, crosspool.kernels.torch_ref\n"
+            "from crosspool.kernels import triton_available\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: bf16 at real shapes, CUDA graphs, timings (run on the H200 with `pytest -m gpu`)
+#
+# bf16 tolerance: the kernel's error against an fp32 evaluation of the same bf16 inputs must stay within
+# twice the torch reference's own bf16 error (plus 1e-3 of the output's scale for near-zero references).
+# Both round to bf16 (8-bit mantissa, relative ulp 2^-8) at similar places; summation order and the
+# online-softmax rescaling differ, so an absolute bound would be arbitrary, while a kernel bug (a wrong
+# stride, mask or page) makes errors of the size of the values themselves.
+
+
+def _bf16_check(kernel_out: torch.Tensor, ref_bf16: torch.Tensor, ref_fp32: torch.Tensor) -> None:
+    scale = ref_fp32.abs().max().item()
+    ours = (kernel_out.float() - ref_fp32).abs().max().item()
+    theirs = (ref_bf16.float() - ref_fp32).abs().max().item()
+    print(f"bf16 max err: kernel {ours:.3g}, torch_ref {theirs:.3g}, scale {scale:.3g}")
+    assert ours <= 2 * theirs + 1e-3 * scale
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("heads,kv_heads,dim,ctx", [
+    (32, 4, 128, [1, 900, 4097, 32768]),        # Qwen3-30B-A3B
+    (16, 16, 128, [77, 1025, 8000]),            # OLMoE
+    (32, 4, 128, [131072]),                     # 128k tokens, one sequence: split-KV must fill the GPU
+])
+def test_gpu_decode_bf16(heads: int, kv_heads: int, dim: int, ctx: list[int]) -> None:
+    p = Paged(ctx, [1] * len(ctx), heads, kv_heads, dim, torch.bfloat16, seed=1)
+    scale = dim**-0.5
+    out = paged_decode_attention(p.q, *p.caches, p.tables, p.context_lens, scale, max_context_len=max(ctx))
+    want = p.reference(scale)
+    p.caches = [c.float() for c in p.caches]
+    _bf16_check(out, want, p.reference(scale, p.q.float()))
+
+
+@gpu
+@needs_cuda
+def test_gpu_prefill_bf16() -> None:
+    ctx, q_lens = [2048, 4096, 300, 9000], [2048, 512, 1, 1000]
+    p = Paged(ctx, q_lens, 32, 4, 128, torch.bfloat16, seed=2)
+    out = paged_prefill_attention(p.q, *p.caches, p.tables, p.cu_seqlens, p.context_lens, 0.088, p.max_q_len)
+    want = p.reference(0.088)
+    p.caches = [c.float() for c in p.caches]
+    _bf16_check(out, want, p.reference(0.088, p.q.float()))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("heads", [16, 128])        # DeepSeek-V2-Lite, V3
+def test_gpu_mla_bf16(heads: int) -> None:
+    rank, rope, scale = 512, 64, 192**-0.5
+    p = Paged([1, 500, 4100, 20000], [1, 1, 1, 1], heads, 1, rank, torch.bfloat16, mla_rope_dim=rope, seed=3)
+    out = mla_decode_attention(p.q, p.q_pe, p.caches[0], p.tables, p.context_lens, scale)
+    want = p.reference(scale)
+    q_pe = p.q_pe
+    p.caches, p.q_pe = [p.caches[0].float()], q_pe.float()
+    _bf16_check(out, want, p.reference(scale, p.q.float()))
+    pp = Paged([700, 64], [300, 64], heads, 1, rank, torch.bfloat16, mla_rope_dim=rope, seed=4)
+    out = mla_prefill_attention(pp.q, pp.q_pe, pp.caches[0], pp.tables, pp.cu_seqlens, pp.context_lens, scale,
+                                pp.max_q_len)
+    want = pp.reference(scale)
+    pp.caches, pp.q_pe = [pp.caches[0].float()], pp.q_pe.float()
+    _bf16_check(out, want, pp.reference(scale, pp.q.float()))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("experts,top_k,hidden,inter", [(128, 8, 2048, 768), (64, 8, 2048, 1024)])  # Qwen3, OLMoE
+@pytest.mark.parametrize("t", [1, 8, 64, 4096])
+def test_gpu_fused_moe_bf16(experts: int, top_k: int, hidden: int, inter: int, t: int) -> None:
+    x, wgu, wd, weights, ids = _moe_inputs(t, experts, top_k, hidden, inter, torch.bfloat16, seed=t)
+    out = fused_moe(x, wgu, wd, weights, ids)
+    want32 = ref.experts(x.float(), wgu.float(), wd.float(), weights, ids)
+    _bf16_check(out, ref.experts(x, wgu, wd, weights, ids), want32)
+
+
+@gpu
+@needs_cuda
+def test_gpu_norm_rope_bf16() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, res = (torch.randn(300, 4096, generator=g).to(DEVICE, torch.bfloat16) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(4096, generator=g)).to(DEVICE, torch.bfloat16)
+    normed, new_res = add_rms_norm(x, res, w, 1e-6)
+    torch.testing.assert_close(new_res, res + x, atol=0, rtol=0)
+    # normalize in fp32 then two bf16 roundings, as the reference: at most 1 ulp apart (fp32 sum order)
+    torch.testing.assert_close(normed, ref.rms_norm(res + x, w, 1e-6), atol=0, rtol=2**-7)
+    for interleaved in (False, True):
+        q = torch.randn(300, 32, 128, generator=g).to(DEVICE, torch.bfloat16)
+        k, v = (torch.randn(300, 4, 128, generator=g).to(DEVICE, torch.bfloat16) for _ in range(2))
+        cos, sin = _rope_tables(300, 128, g)
+        buf = torch.zeros(40, 2, 2, 16, 4, 128, device=DEVICE, dtype=torch.bfloat16)
+        slots = torch.randperm(40 * 16, generator=g)[:300].to(DEVICE)
+        q_out = q.clone()
+        rope_write_kv(q_out, k, v, cos, sin, slots, *buf[:, 1].unbind(1), interleaved)
+        want_q = ref.apply_rope(q.float(), cos, sin, interleaved)
+        _bf16_check(q_out, ref.apply_rope(q, cos, sin, interleaved), want_q)
+
+
+@gpu
+@needs_cuda
+def test_gpu_cuda_graph_decode_and_moe() -> None:
+    """Decode attention and fused MoE captured once, replayed with new context lengths / routing in place."""
+    p = Paged([100, 3000], [1, 1], 32, 4, 128, torch.bfloat16, seed=5)
+    x, wgu, wd, weights, ids = _moe_inputs(32, 64, 8, 1024, 512, torch.bfloat16, seed=6)
+    lens = torch.tensor([50, 10], device=DEVICE)
+    for _ in range(2):   # warm up (compile) outside the capture
+        paged_decode_attention(p.q, *p.caches, p.tables, lens, 0.088, num_splits=8)
+        fused_moe(x, wgu, wd, weights, ids)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attn = paged_decode_attention(p.q, *p.caches, p.tables, lens, 0.088, num_splits=8)
+        moe = fused_moe(x, wgu, wd, weights, ids)
+    lens.copy_(p.context_lens)
+    _, _, _, new_w, new_ids = _moe_inputs(32, 64, 8, 1024, 512, torch.bfloat16, seed=7)
+    weights.copy_(new_w)
+    ids.copy_(new_ids)
+    graph.replay()
+    torch.testing.assert_close(attn, paged_decode_attention(p.q, *p.caches, p.tables, lens, 0.088, num_splits=8))
+    torch.testing.assert_close(moe, fused_moe(x, wgu, wd, weights, ids))
+
+
+@gpu
+@needs_cuda
+def test_gpu_timings() -> None:
+    """Prints time and fraction of copy bandwidth (4.25 TB/s measured, FACTS.md); asserts nothing about speed.
+    Tuning (split counts, MoE tiles per shape) comes from reading these numbers."""
+    from triton.testing import do_bench
+
+    copy_bw = 4.25e12
+    for ctx in (4096, 32768, 131072):
+        for batch in (1, 8):
+            p = Paged([ctx] * batch, [1] * batch, 32, 4, 128, torch.bfloat16, seed=0)
+            ms = do_bench(lambda p=p, ctx=ctx: paged_decode_attention(
+                p.q, *p.caches, p.tables, p.context_lens, 0.088, max_context_len=ctx))
+            kv_bytes = batch * ctx * 2 * 4 * 128 * 2
+            print(f"decode attn ctx {ctx:6d} batch {batch}: {ms * 1e3:8.1f} us, "
+                  f"{kv_bytes / (ms * 1e-3) / copy_bw:.2f} of copy bw")
+    experts, top_k, hidden, inter = 128, 8, 2048, 768
+    for t in (1, 8, 64, 4096):
+        x, wgu, wd, weights, ids = _moe_inputs(t, experts, top_k, hidden, inter, torch.bfloat16, seed=0)
+        ms = do_bench(lambda x=x, wgu=wgu, wd=wd, weights=weights, ids=ids: fused_moe(x, wgu, wd, weights, ids))
+        used = ids.unique().numel()
+        weight_bytes = used * 3 * hidden * inter * 2
+        flops = 2 * t * top_k * 3 * hidden * inter
+        print(f"fused moe tokens {t:5d}: {ms * 1e3:8.1f} us, {weight_bytes / (ms * 1e-3) / copy_bw:.2f} of copy bw, "
+              f"{flops / (ms * 1e-3) / 1e12:.1f} TFLOP/s")
