@@ -267,14 +267,19 @@ def test_disconnect_mid_stream_frees_kv_within_one_step(model_dirs) -> None:
         return orig_step()
 
     s.engine.step = counting_step
-    aborted_at: list[int] = []
-    orig_abort = s.engine.abort
+    queued_at: list[int] = []          # step count when the server queued the abort (client gone)
+    freed: list[tuple[int, int]] = []   # (step count, blocks still used) right after the engine ran it
+    orig_queue, orig_abort = s.runtime.abort, s.engine.abort
 
-    def recording_abort(rid: str) -> None:
-        aborted_at.append(steps["n"])
+    def recording_queue(rid: str) -> None:
+        queued_at.append(steps["n"])
+        orig_queue(rid)
+
+    def recording_abort(rid: str) -> None:   # runs on the engine thread, between steps
         orig_abort(rid)
+        freed.append((steps["n"], s.engine.models["olmoe"].blocks.num_used))
 
-    s.engine.abort = recording_abort
+    s.runtime.abort, s.engine.abort = recording_queue, recording_abort
     try:
         with ThreadPoolExecutor(1) as pool:   # keeps the engine stepping on another model meanwhile
             busy = pool.submit(s.client.completions.create, model="qwen3", prompt="busy", max_tokens=300,
@@ -287,11 +292,12 @@ def test_disconnect_mid_stream_frees_kv_within_one_step(model_dirs) -> None:
                 assert any(line.startswith("data:") for line in got)
                 assert s.engine.models["olmoe"].blocks.num_used > 0
             deadline = time.monotonic() + 10
-            while s.engine.models["olmoe"].blocks.num_used and time.monotonic() < deadline:
+            while not freed and time.monotonic() < deadline:
                 time.sleep(0.005)
-            freed_at = steps["n"]
-            assert s.engine.models["olmoe"].blocks.num_used == 0
-            assert aborted_at and freed_at - aborted_at[0] <= 1                 # back in the pool within one step
+            assert queued_at and freed, "the disconnect never aborted the request"
+            step, still_used = freed[0]
+            assert still_used == 0                                          # all its blocks are back
+            assert step - queued_at[0] <= 1                                 # within one engine step
             busy.result()
     finally:
         s.stop()
