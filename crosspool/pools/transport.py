@@ -3,7 +3,7 @@
 One process per device in one `torch.distributed` world: ranks [0, K) hold the KV pool (each a share of
 the requests, data-parallel; rank 0 is also the front end), ranks [K, K+M) hold a tensor-parallel slice
 of every model's FFN weights. gloo on CPU, NCCL on GPUs; `crosspool` starts the ranks itself on one
-host, `torchrun` starts them across hosts (the same entry point, `python -m crosspool.pools.transport`).
+host, `torchrun` starts them across hosts (the same entry point, `python -m crosspool.pools.ranks`).
 
 Work moves in *rounds*, one per engine step. At the start of a round rank 0 broadcasts a control
 message (requests for each KV rank, models to load, shutdown). Then every rank runs *ticks* until all KV
@@ -214,7 +214,7 @@ def spawn_ranks(kv_devices: list[str], weights_devices: list[str], dtype: torch.
     devices = kv_devices + weights_devices
     procs = []
     for rank in range(1, len(devices)):
-        cmd = [sys.executable, "-m", "crosspool.pools.transport", "--rank", str(rank),
+        cmd = [sys.executable, "-m", "crosspool.pools.ranks", "--rank", str(rank),
                "--kv-ranks", str(len(kv_devices)), "--weights-ranks", str(len(weights_devices)),
                "--init", init, "--device", devices[rank], "--dtype", DTYPE_NAMES[dtype]]
         procs.append(subprocess.Popen(cmd))
@@ -244,6 +244,3 @@ def rank_main(argv: list[str] | None = None) -> None:
     finally:
         dist.destroy_process_group()
 
-
-if __name__ == "__main__":
-    rank_main()
