@@ -22,6 +22,7 @@ class EngineConfig:
     weights_ranks: int = 0                    # >0: FFN weights sharded over this many worker processes
     weights_devices: tuple[str, ...] = ()     # one per weights rank (default: the engine's device type)
     kv_background_maintenance: bool | None = None   # map/unmap KV pages on a thread (default: on GPU)
+    kernels: str = "torch"                    # "torch" reference ops | "triton" (crosspool.kernels)
 
     def __post_init__(self) -> None:
         if self.dtype is None:
@@ -35,6 +36,8 @@ class EngineConfig:
             self.weights_ranks = len(self.weights_devices)
         if self.weights_ranks and not self.weights_devices:
             self.weights_devices = (self.device,) * self.weights_ranks
+        if self.kernels not in ("torch", "triton"):
+            raise ValueError(f"kernels must be 'torch' or 'triton', got {self.kernels!r}")
         if self.weights_ranks < 0:
             raise ValueError(f"weights_ranks must be >= 0, got {self.weights_ranks}")
         if self.weights_devices and len(self.weights_devices) != self.weights_ranks:

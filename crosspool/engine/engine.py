@@ -77,7 +77,8 @@ class Engine:
 
     def _load(self, name: str, path: Path) -> ServedModel:
         spec = load_spec(path)
-        attention = AttentionSide(spec, load_attention_weights(path, spec, self.config.dtype, self.device))
+        attention = AttentionSide(spec, load_attention_weights(path, spec, self.config.dtype, self.device),
+                                  self.config.kernels)
         model = MoEModel(spec, attention, self.layout.load_ffn(name, path, spec))
         tok = AutoTokenizer.from_pretrained(path)
         eos = set(spec.eos_token_ids)

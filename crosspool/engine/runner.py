@@ -39,8 +39,12 @@ def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.de
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
 
+    starts = [0]
+    for s in scheduled:
+        starts.append(starts[-1] + s.num_new_tokens)
     return ForwardBatch(t(ids), t(positions), t(seq_index), t(slots), tables.to(device), t(context_lens),
-                        t(logits_index))
+                        t(logits_index), torch.tensor(starts, dtype=torch.int32, device=device),
+                        max(s.num_new_tokens for s in scheduled), max(context_lens))
 
 
 class ModelRunner:

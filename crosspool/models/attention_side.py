@@ -16,10 +16,22 @@ from crosspool.models.spec import ModelSpec
 
 
 class AttentionSide:
-    def __init__(self, spec: ModelSpec, weights: AttentionWeights) -> None:
+    def __init__(self, spec: ModelSpec, weights: AttentionWeights, kernels: str = "torch") -> None:
+        """kernels: "torch" (the reference ops) or "triton" (`crosspool.kernels`: paged attention, RoPE +
+        KV write, absorbed MLA)."""
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
         self.spec = spec
         self.w = weights
+        self.triton = kernels == "triton"
         self.inv_freq = ref.rope_inv_freq(spec.rope).to(weights.embed.device)
+        if self.triton and spec.attention == "mla":
+            from crosspool.kernels import mla
+
+            # absorbed MLA: per layer W_UK [H, nope, R] and W_UV [H, v, R] (views of kv_b_proj)
+            for w in weights.layers:
+                w["w_uk"], w["w_uv"] = mla.split_kv_b_proj(w["kv_b_proj"], spec.num_heads, spec.qk_nope_head_dim,
+                                                           spec.v_head_dim)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.w.embed[input_ids]
@@ -60,16 +72,19 @@ class AttentionSide:
         v = v.view(t, s.num_kv_heads, s.head_dim)
         if s.qk_norm == "head":
             q, k = ref.rms_norm(q, w["q_norm"], s.rms_norm_eps), ref.rms_norm(k, w["k_norm"], s.rms_norm_eps)
-        cos, sin = rope
-        q = ref.apply_rope(q, cos, sin, s.rope.interleaved)
-        k = ref.apply_rope(k, cos, sin, s.rope.interleaved)
-        k_cache, v_cache = cache
-        ref.write_kv(k_cache, batch.slot_mapping, k)
-        ref.write_kv(v_cache, batch.slot_mapping, v)
-        out = ref.padded_attention(
-            q, ref.gather_kv(k_cache, batch.block_tables), ref.gather_kv(v_cache, batch.block_tables),
-            batch.seq_index, batch.positions, s.softmax_scale,
-        )
+        if self.triton:
+            out = _kernel_attention(q, k, v, batch, cache, rope, s.rope.interleaved, s.softmax_scale)
+        else:
+            cos, sin = rope
+            q = ref.apply_rope(q, cos, sin, s.rope.interleaved)
+            k = ref.apply_rope(k, cos, sin, s.rope.interleaved)
+            k_cache, v_cache = cache
+            ref.write_kv(k_cache, batch.slot_mapping, k)
+            ref.write_kv(v_cache, batch.slot_mapping, v)
+            out = ref.padded_attention(
+                q, ref.gather_kv(k_cache, batch.block_tables), ref.gather_kv(v_cache, batch.block_tables),
+                batch.seq_index, batch.positions, s.softmax_scale,
+            )
         return ref.linear(out.reshape(t, -1), w["o_proj"], w.get("o_proj.bias"))
 
     # ---- MLA (DeepSeek) ------------------------------------------------------------------------
@@ -87,6 +102,9 @@ class AttentionSide:
         ckv = ref.linear(x, w["kv_a_proj_with_mqa"], w.get("kv_a_proj_with_mqa.bias"))
         latent, k_pe = ckv.split([r, rd], dim=-1)
         latent = ref.rms_norm(latent, w["kv_a_layernorm"], s.rms_norm_eps)
+        if self.triton:
+            out = _kernel_mla(q, latent, k_pe, w, batch, cache[0], rope, s)
+            return ref.linear(out.reshape(t, -1), w["o_proj"], w.get("o_proj.bias"))
         cos, sin = rope
         q_pe = ref.apply_rope(q[..., nope:], cos, sin, s.rope.interleaved)
         k_pe = ref.apply_rope(k_pe[:, None, :], cos, sin, s.rope.interleaved)
@@ -100,3 +118,45 @@ class AttentionSide:
         queries = torch.cat([q[..., :nope], q_pe], dim=-1)
         out = ref.padded_attention(queries, keys, v, batch.seq_index, batch.positions, s.softmax_scale)
         return ref.linear(out.reshape(t, -1), w["o_proj"], w.get("o_proj.bias"))
+
+
+# ---- the Triton path (crosspool.kernels) --------------------------------------------------------
+
+def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
+                      cache: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor], interleaved: bool,
+                      scale: float) -> torch.Tensor:
+    """RoPE + KV write in one kernel, then paged attention (decode or varlen prefill)."""
+    from crosspool.kernels import norm_rope, paged_attention
+
+    k_cache, v_cache = cache
+    cos, sin = rope
+    norm_rope.rope_write_kv(q, k, v, cos, sin, batch.slot_mapping, k_cache, v_cache, interleaved)
+    if batch.decode_only:
+        return paged_attention.paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
+                                                      scale, max_context_len=batch.max_context_len)
+    return paged_attention.paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q,
+                                                   batch.context_lens, scale, batch.max_q_len)
+
+
+def _kernel_mla(q: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, w: dict[str, torch.Tensor],
+                batch: ForwardBatch, latent_cache: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                s: ModelSpec) -> torch.Tensor:
+    """Absorbed MLA: queries move into the latent space, attention runs over the cached latents
+    directly (no per-head K/V expansion), and W_UV maps the result back to per-head values."""
+    from crosspool.kernels import mla, norm_rope, paged_attention
+
+    nope, r = s.qk_nope_head_dim, s.kv_lora_rank
+    cos, sin = rope
+    q_pe = q[..., nope:]
+    norm_rope.rope_write_kv(q_pe, k_pe[:, None, :], latent[:, None, :], cos, sin, batch.slot_mapping,
+                            latent_cache[..., r:], latent_cache[..., :r], s.rope.interleaved)
+    q_latent = mla.absorb_query(q[..., :nope], w["w_uk"])
+    if batch.decode_only:
+        o = paged_attention.mla_decode_attention(q_latent, q_pe, latent_cache, batch.block_tables,
+                                                 batch.context_lens, s.softmax_scale,
+                                                 max_context_len=batch.max_context_len)
+    else:
+        o = paged_attention.mla_prefill_attention(q_latent, q_pe, latent_cache, batch.block_tables,
+                                                  batch.cu_seqlens_q, batch.context_lens, s.softmax_scale,
+                                                  batch.max_q_len)
+    return mla.latent_to_output(o, w["w_uv"])

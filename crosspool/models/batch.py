@@ -30,7 +30,15 @@ class ForwardBatch:
     block_tables: torch.Tensor   # [B, max_blocks] int64
     context_lens: torch.Tensor   # [B] int64, tokens in the cache after this step
     logits_index: torch.Tensor   # [N] int64, token rows whose next-token logits are wanted
+    cu_seqlens_q: torch.Tensor | None = None   # [B+1] int32, start row of each sequence's tokens (kernels)
+    max_q_len: int = 0           # most new tokens of one sequence in this batch
+    max_context_len: int = 0     # most cached tokens of one sequence after this step
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def decode_only(self) -> bool:
+        """Every sequence contributes exactly one new token."""
+        return self.max_q_len == 1

@@ -14,9 +14,13 @@ from crosspool.models.spec import ModelSpec
 
 
 class FFNSide:
-    def __init__(self, spec: ModelSpec, weights: FFNWeights) -> None:
+    def __init__(self, spec: ModelSpec, weights: FFNWeights, kernels: str = "torch") -> None:
+        """kernels: "torch" (reference experts loop) or "triton" (`crosspool.kernels.fused_moe`)."""
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
         self.spec = spec
         self.w = weights
+        self.triton = kernels == "triton"
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         w = self.w.layers[layer]
@@ -27,7 +31,12 @@ class FFNSide:
         router = w["router"]
         logits = ref.linear(x.to(router.dtype), router)
         weights, ids = ref.route(logits, routing, w.get("score_bias"))
-        out = ref.experts(x, w["experts_gate_up"], w["experts_down"], weights, ids)
+        if self.triton:
+            from crosspool.kernels.fused_moe import fused_moe
+
+            out = fused_moe(x, w["experts_gate_up"], w["experts_down"], weights, ids)
+        else:
+            out = ref.experts(x, w["experts_gate_up"], w["experts_down"], weights, ids)
         if "shared_gate_up" in w:
             shared = _mlp(x, w["shared_gate_up"], w["shared_down"])
             if "shared_gate" in w:

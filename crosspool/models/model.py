@@ -30,10 +30,11 @@ class MoEModel:
         self.ffn = ffn
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike[str], dtype: torch.dtype, device: torch.device | str) -> MoEModel:
+    def load(cls, model_dir: str | os.PathLike[str], dtype: torch.dtype, device: torch.device | str,
+             kernels: str = "torch") -> MoEModel:
         """Both sides on one device, FFN in-process (tests, benchmarks, tools)."""
         spec, attn_w, ffn_w = load_checkpoint(model_dir, dtype, device)
-        return cls(spec, AttentionSide(spec, attn_w), FFNSide(spec, ffn_w))
+        return cls(spec, AttentionSide(spec, attn_w, kernels), FFNSide(spec, ffn_w, kernels))
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: PagedCache) -> torch.Tensor:

@@ -27,7 +27,8 @@ class PoolLayout:
         self.config = config
         self.device = torch.device(config.device)
         self.exchange = exchange
-        self.weights = None if exchange is not None else WeightsPool(self.device, config.dtype)
+        self.weights = None if exchange is not None else WeightsPool(self.device, config.dtype,
+                                                                    kernels=config.kernels)
 
     def load_ffn(self, name: str, model_dir: str | os.PathLike[str], spec: ModelSpec) -> FFN:
         if self.exchange is not None:

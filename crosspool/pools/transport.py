@@ -170,7 +170,7 @@ class RemoteFFN:
 
 
 def weights_rank_loop(world: World, dtype: torch.dtype) -> None:
-    """Serve rounds until rank 0 says stop. Control messages: ("load", [(name, dir), ...]),
+    """Serve rounds until rank 0 says stop. Control messages: ("load", [(name, dir), ...], config),
     ("remove", name), ("step", ...), ("shutdown",)."""
     pool = WeightsPool(world.device, dtype, world.shard)
     exchange = Exchange(world, dtype)
@@ -182,6 +182,8 @@ def weights_rank_loop(world: World, dtype: torch.dtype) -> None:
             return
         if kind == "load":
             error = None
+            if len(msg) > 2:   # ("load", models, EngineConfig): the ranks run the configured kernels
+                pool.kernels = msg[2].kernels
             try:
                 for name, model_dir in msg[1]:
                     side = pool.load(name, model_dir)

@@ -17,17 +17,19 @@ from crosspool.models.spec import ModelSpec
 
 
 class WeightsPool:
-    def __init__(self, device: torch.device | str, dtype: torch.dtype, shard: Shard | None = None) -> None:
+    def __init__(self, device: torch.device | str, dtype: torch.dtype, shard: Shard | None = None,
+                 kernels: str = "torch") -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.shard = shard or Shard()
+        self.kernels = kernels
         self.models: dict[str, FFNSide] = {}
 
     def load(self, name: str, model_dir: str | os.PathLike[str], spec: ModelSpec | None = None) -> FFNSide:
         if name in self.models:
             raise ValueError(f"model {name!r} is already in the weights pool")
         spec = spec or load_spec(model_dir)
-        side = FFNSide(spec, load_ffn_weights(model_dir, spec, self.dtype, self.device, self.shard))
+        side = FFNSide(spec, load_ffn_weights(model_dir, spec, self.dtype, self.device, self.shard), self.kernels)
         self.models[name] = side
         return side
 
