@@ -23,13 +23,15 @@ def _add_layout_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights-devices", default=None, help="device(s) of the weights pool, e.g. cuda:1,cuda:2")
     g.add_argument("--kv-ranks", type=int, default=None, help="CPU: KV-pool processes (gloo)")
     g.add_argument("--weights-ranks", type=int, default=None, help="CPU: weights-pool processes (gloo)")
+    g.add_argument("--kernels", choices=["torch", "triton"], default="torch",
+                   help="torch reference ops, or the Triton kernels (paged attention, fused MoE)")
 
 
 def _layout(args: argparse.Namespace) -> dict[str, object]:
     from crosspool.config import layout_settings
 
-    return layout_settings(args.kv_devices, args.weights_devices, args.kv_ranks, args.weights_ranks,
-                           default_device=_device(args.device))
+    return {**layout_settings(args.kv_devices, args.weights_devices, args.kv_ranks, args.weights_ranks,
+                              default_device=_device(args.device)), "kernels": args.kernels}
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,14 @@ class EngineConfig:
             self.weights_devices = (self.device,) * self.weights_ranks
         if self.kernels not in ("torch", "triton"):
             raise ValueError(f"kernels must be 'torch' or 'triton', got {self.kernels!r}")
+        if self.kernels == "triton":
+            from crosspool.kernels import triton_available
+
+            if not triton_available():
+                raise ValueError("kernels='triton' needs triton installed (pip install 'crosspool[triton]')")
+            if not self.device.startswith("cuda"):
+                # Triton compiles for GPUs only; on the CPU its kernels run in the interpreter (slow, exact)
+                os.environ.setdefault("TRITON_INTERPRET", "1")
         if self.weights_ranks < 0:
             raise ValueError(f"weights_ranks must be >= 0, got {self.weights_ranks}")
         if self.weights_devices and len(self.weights_devices) != self.weights_ranks:

@@ -55,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kv-cache-gb", type=float, default=None)
     p.add_argument("--json", default=None, help="write results to this file")
+    p.add_argument("--kernels", choices=["torch", "triton"], default="torch")
     args = p.parse_args(argv)
     kv_bytes = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
-    engine = Engine({"m": args.model}, EngineConfig(device=args.device, kv_cache_bytes=kv_bytes))
+    engine = Engine({"m": args.model}, EngineConfig(device=args.device, kv_cache_bytes=kv_bytes,
+                                                    kernels=args.kernels))
     bench_batch(engine, "m", 1, 16, 4)   # warm-up
     rows = [bench_batch(engine, "m", int(b), args.prompt_len, args.output_len) for b in args.batch_sizes.split(",")]
     print("| batch | decode step ms (mean) | p50 | tokens/s |")

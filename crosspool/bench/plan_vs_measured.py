@@ -1,0 +1,301 @@
+"""The KV-cache planner against the engine: predicted vs measured P99 aggregate KV demand.
+
+`replay` part: three traces over tiny models of three families (Poisson, gamma-bursty, and correlated
+on/off bursts across models) are replayed through the real engine, requests added at their arrival
+times on a wall clock that skips idle gaps (the clock advances by the wall time of each loop iteration;
+when nothing runs it jumps to the next arrival). Aggregate demand = sum over models of used blocks x the
+pool bytes per block, sampled after every engine step and weighted by the time until the next sample.
+The simulator's decode/prefill speeds are calibrated first from a short replay of a separate trace.
+Predictions: the simulator replaying the same trace (trace-conditional), and the planner's Monte-Carlo
+from the traffic description alone (with its interval and the 5-95% range of single-trace P99s).
+
+`table` part: per-model worst-case reservation vs the planned shared pool for 4-8 real-shape models
+(specs from the presets; no checkpoints).
+
+    python -m crosspool.bench.plan_vs_measured [--part replay|table|all] [--horizon-s 60] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crosspool.planner.plan import GIB, fmt_bytes
+from crosspool.planner.quantile import WeightedSample, estimate_quantile, pool
+from crosspool.planner.simulate import KVProfile, replay, simulate
+from crosspool.planner.sizing import ModelInput, PlanSettings, block_geometry, make_plan
+from crosspool.planner.workload import SHAREGPT, BurstProcess, ModelTraffic, Requests, generate
+
+TINY = {"olmoe": "tiny-olmoe", "qwen2moe": "tiny-qwen2-moe", "dsv2": "tiny-deepseek-v2"}
+RATES = {"olmoe": 0.4, "qwen2moe": 0.25, "dsv2": 0.5}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    burstiness: float
+    burst: BurstProcess
+
+
+SCENARIOS = (
+    Scenario("poisson", 1.0, BurstProcess()),
+    Scenario("gamma-0.25", 0.25, BurstProcess()),
+    Scenario("correlated-bursts", 1.0, BurstProcess(factor=4.0, on_s=8.0, off_s=40.0, correlated=True)),
+)
+
+
+def _traffic(s: Scenario) -> dict[str, ModelTraffic]:
+    return {n: ModelTraffic(r, s.burstiness, SHAREGPT) for n, r in RATES.items()}
+
+
+@dataclass
+class Measured:
+    demand: WeightedSample                 # used blocks x pool bytes per block, over [0, horizon]
+    mapped: WeightedSample                 # pages mapped by the KV pool (reserve + partly used bundles)
+    requests: list[tuple[str, int, int, float, float, float]]   # model, P, O, admitted, first token, done
+    wall_s: float
+    preemptions: int
+    steps: np.ndarray                      # [steps, 4]: active models, sequences, prefill tokens, step seconds
+
+
+def run_engine(engine, reqs: Requests, horizon_s: float, stride: dict[str, int]) -> Measured:  # noqa: ANN001
+    """Replay `reqs` through the engine; see the module docstring for the clock."""
+    from crosspool.engine.sampling import SamplingParams
+
+    rng = np.random.default_rng(0)
+    wall_start, start, skipped, i = time.perf_counter(), time.thread_time(), 0.0, 0
+    ids: dict[str, tuple[str, int, int, float]] = {}
+    done: list[tuple[str, int, int, float, float, float]] = []
+    first_token: dict[str, float] = {}
+    samples: list[tuple[float, float, float]] = []       # (clock, demand, mapped) after each step
+    steps: list[tuple[int, int, int, float]] = []
+
+    def clock() -> float:
+        return time.thread_time() - start + skipped
+
+    while i < len(reqs) or engine.has_unfinished():
+        now = clock()
+        while i < len(reqs) and reqs.arrival_s[i] <= now:
+            name, p, o = reqs.models[reqs.model[i]], int(reqs.prompt_tokens[i]), int(reqs.output_tokens[i])
+            prompt = rng.integers(0, 509, p).tolist()
+            rid = engine.add_request(name, prompt, SamplingParams(max_tokens=o, temperature=0, ignore_eos=True))
+            ids[rid] = (name, p, o, now)
+            i += 1
+        if not engine.has_unfinished():
+            samples.append((now, 0.0, _mapped(engine)))
+            skipped += float(reqs.arrival_s[i]) - now
+            continue
+        load = _load(engine)
+        t_step = time.thread_time()
+        outputs = engine.step()
+        steps.append((*load, time.thread_time() - t_step))
+        for out in outputs:
+            t = clock()
+            first_token.setdefault(out.request_id, t)
+            if out.finished:
+                name, p, o, arrived = ids.pop(out.request_id)
+                done.append((name, p, o, arrived, first_token.pop(out.request_id), t))
+        used = sum(m.blocks.num_used * stride[n] for n, m in engine.models.items())
+        samples.append((clock(), float(used), _mapped(engine)))
+    t, demand, mapped = (np.array(c) for c in zip(*samples, strict=True))
+    dur = np.diff(np.append(np.clip(t, 0, horizon_s), horizon_s))
+    preempt = sum(m.scheduler.num_preemptions for m in engine.models.values())
+    return Measured(WeightedSample.of(demand, dur), WeightedSample.of(mapped, dur), done,
+                    time.perf_counter() - wall_start, preempt, np.array(steps))
+
+
+def _load(engine) -> tuple[int, int, int]:  # noqa: ANN001
+    """(models with work, sequences in the engine, prompt tokens left to prefill, at most one chunk each)."""
+    models = seqs = prefill = 0
+    budget = engine.config.max_num_batched_tokens
+    for m in engine.models.values():
+        s = m.scheduler
+        if s.has_work():
+            models += 1
+        for seq in list(s.running) + list(s.waiting):
+            seqs += 1
+            left = seq.num_tokens - seq.num_computed
+            if left > 1:
+                prefill += min(left, budget)
+    return models, seqs, prefill
+
+
+def _mapped(engine) -> float:  # noqa: ANN001
+    return float(sum(kv.mapped_bytes for kv in engine.kv_pool.models.values()))
+
+
+def calibrate(measured: Measured, profiles: dict[str, KVProfile]) -> dict[str, KVProfile]:
+    """Per-model speeds from the engine's own requests: prefill = prompt tokens / (admission to first
+    token), decode = (output - 1) tokens / (first token to last)."""
+    out = {}
+    for name, prof in profiles.items():
+        rows = [r for r in measured.requests if r[0] == name]
+        prefill = sum(r[1] for r in rows) / sum(r[4] - r[3] for r in rows)
+        decode = sum(r[2] - 1 for r in rows) / sum(r[5] - r[4] for r in rows)
+        out[name] = KVProfile(prof.block_bytes, prof.block_size, decode, prefill, prof.prefill_chunk_tokens,
+                              prof.max_model_len)
+    return out
+
+
+def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int, seed: int) -> dict:
+    from crosspool.config import EngineConfig
+    from crosspool.engine.engine import Engine
+    from crosspool.models.loader import load_spec
+    from crosspool.models.make_model import make_model
+
+    torch.manual_seed(0)
+    dirs = {}
+    for name, preset in TINY.items():
+        d = models_dir / preset
+        dirs[name] = d if (d / "config.json").is_file() else make_model(preset, d, seed=1, progress=False)
+    specs = {n: load_spec(d) for n, d in dirs.items()}
+    cfg = EngineConfig(kv_cache_bytes=512 << 20, block_size=16)           # fp32 on CPU; never full
+    stride = {n: block_geometry(s, cfg.block_size, 4)[0] for n, s in specs.items()}
+    base = {n: KVProfile(stride[n], cfg.block_size, max_model_len=s.max_position_embeddings)
+            for n, s in specs.items()}
+    results: dict = {"models": {n: TINY[n] for n in dirs}, "rates_rps": RATES, "horizon_s": horizon_s}
+    engine = Engine({n: str(d) for n, d in dirs.items()}, cfg)
+    try:
+        # calibration: a separate Poisson trace
+        max_len = {n: p.max_model_len for n, p in base.items()}
+        calib_reqs = generate(_traffic(SCENARIOS[0]), max_len, 0.0, calib_s, np.random.default_rng(seed + 99))
+        calib = run_engine(engine, calib_reqs, calib_s, stride)
+        profiles = calibrate(calib, base)
+        results["calibration"] = {n: {"decode_tps": p.decode_tps, "prefill_tps": p.prefill_tps}
+                                  for n, p in profiles.items()}
+        print("calibrated:", json.dumps(results["calibration"]), f"({calib.wall_s:.0f} s)", flush=True)
+        rows = []
+        for k, sc in enumerate(SCENARIOS):
+            reqs = generate(_traffic(sc), max_len, 0.0, horizon_s, np.random.default_rng(seed + k), sc.burst)
+            m = run_engine(engine, reqs, horizon_s, stride)
+            same = replay(reqs, profiles, 0.0, horizon_s).sample()
+            mc = simulate(_traffic(sc), profiles, horizon_s, trials, seed, sc.burst)
+            est = estimate_quantile(mc.aggregate, 99)
+            per_trial = [s.quantile(0.99) for s in mc.aggregate]
+            row = {
+                "scenario": sc.name, "requests": len(reqs), "wall_s": m.wall_s, "preemptions": m.preemptions,
+                "measured_p99": m.demand.quantile(0.99), "measured_mean": m.demand.mean(),
+                "measured_mapped_p99": m.mapped.quantile(0.99),
+                "replay_p99": same.quantile(0.99), "replay_mean": same.mean(),
+                "mc_p99": est.value, "mc_ci": [est.low, est.high], "mc_mean": pool(mc.aggregate).mean(),
+                "mc_single_trace_p99_5_95": [float(np.percentile(per_trial, 5)), float(np.percentile(per_trial, 95))],
+                "hold_ratio": _hold_ratio(m, profiles),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        engine.close()
+    results["traces"] = rows
+    return results
+
+
+def _hold_ratio(m: Measured, profiles: dict[str, KVProfile]) -> float:
+    """Measured / modelled total holding time of the trace's finished requests."""
+    measured = sum(r[5] - r[3] for r in m.requests)
+    modelled = sum(float(profiles[r[0]].hold_s(r[1], r[2])) for r in m.requests)
+    return measured / modelled
+
+
+# ---- the 4-8 model table ------------------------------------------------------------------------
+
+TABLE_SETS = {
+    4: ["olmoe-1b-7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite"],
+    6: ["olmoe-1b-7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite", "mixtral-8x7b", "olmoe-1b-7b"],
+    8: ["olmoe-1b-7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite", "mixtral-8x7b", "olmoe-1b-7b",
+        "qwen3-30b-a3b", "deepseek-v2-lite"],
+}
+
+
+def part_table(trials: int, horizon_s: float, seed: int, max_num_seqs: int, max_model_len: int) -> list[dict]:
+    from crosspool.models.presets import get_preset
+    from crosspool.models.spec import ModelSpec
+
+    rows = []
+    for n, presets in TABLE_SETS.items():
+        for label, burst in (("Poisson", BurstProcess()), ("correlated bursts", SCENARIOS[2].burst)):
+            models = []
+            for i, preset in enumerate(presets):
+                spec = ModelSpec.from_hf_config(get_preset(preset).config)
+                rate = (0.2, 0.5, 1.0)[i % 3]
+                models.append(ModelInput(f"{preset}#{i}", spec, ModelTraffic(rate, 1.0, SHAREGPT),
+                                         max_model_len=max_model_len))
+            settings = PlanSettings(trials=trials, horizon_s=horizon_s, seed=seed, max_num_seqs=max_num_seqs,
+                                    burst=burst)
+            plan = make_plan(models, settings, ["cuda:0"], [141 * GIB])
+            row = {
+                "models": n, "traffic": label, "total_rps": sum(m.traffic.rate_rps for m in models),
+                "worst_case_gib": plan.worst_case_total_bytes / GIB,
+                "per_model_p99_gib": plan.per_model_quantile_sum_bytes / GIB,
+                "shared_pool_gib": plan.kv_pool_bytes / GIB,
+                "p99_gib": plan.demand_quantile_bytes / GIB,
+                "ci_gib": [x / GIB for x in plan.demand_ci_bytes],
+                "saved_vs_worst_gib": (plan.worst_case_total_bytes - plan.kv_pool_bytes) / GIB,
+                "saved_vs_per_model_gib": (plan.per_model_quantile_sum_bytes - plan.kv_pool_bytes) / GIB,
+                "overflow_shared": plan.overflow_probability,
+                "overflow_per_model_any": plan.per_model_any_over_fraction,
+                "requests_delayed": plan.requests_delayed_fraction,
+                "weights_pool_gib": plan.weights_pool_bytes / GIB, "attention_gib": plan.attention_bytes / GIB,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def _markdown(results: dict) -> str:
+    lines = []
+    if "traces" in results:
+        lines += ["| trace | requests | measured P99 | replay-predicted P99 (error) | Monte-Carlo P99 [95% CI] "
+                  "| single-trace P99 5-95% | measured / modelled hold |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in results["traces"]:
+            err = r["replay_p99"] / r["measured_p99"] - 1
+            lines.append(
+                f"| {r['scenario']} | {r['requests']} | {fmt_bytes(r['measured_p99'])} | {fmt_bytes(r['replay_p99'])} "
+                f"({err:+.1%}) | {fmt_bytes(r['mc_p99'])} [{fmt_bytes(r['mc_ci'][0])}, {fmt_bytes(r['mc_ci'][1])}] | "
+                f"{fmt_bytes(r['mc_single_trace_p99_5_95'][0])} - {fmt_bytes(r['mc_single_trace_p99_5_95'][1])} | "
+                f"{r['hold_ratio']:.3f} |")
+    if "table" in results:
+        lines += ["", "| models | traffic | worst-case reservations | per-model P99 reservations | shared pool "
+                  "(P99 [CI]) | saved vs worst case | saved vs per-model P99 | overflow: shared | overflow: "
+                  "per-model (any) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in results["table"]:
+            lines.append(
+                f"| {r['models']} | {r['traffic']} | {r['worst_case_gib']:.1f} GiB | "
+                f"{r['per_model_p99_gib']:.2f} GiB | "
+                f"{r['shared_pool_gib']:.2f} GiB ({r['p99_gib']:.2f} [{r['ci_gib'][0]:.2f}, {r['ci_gib'][1]:.2f}]) | "
+                f"{r['saved_vs_worst_gib']:.1f} GiB | {r['saved_vs_per_model_gib']:.2f} GiB | "
+                f"{r['overflow_shared']:.2%} | {r['overflow_per_model_any']:.2%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["replay", "table", "all"], default="all")
+    p.add_argument("--models-dir", default="models/plan_bench")
+    p.add_argument("--horizon-s", type=float, default=60.0, help="seconds of traffic per replayed trace")
+    p.add_argument("--calib-s", type=float, default=30.0, help="seconds of the calibration trace")
+    p.add_argument("--trials", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--table-max-num-seqs", type=int, default=16)
+    p.add_argument("--table-max-model-len", type=int, default=8192)
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    args = p.parse_args(argv)
+    results: dict = {}
+    if args.part in ("replay", "all"):
+        results.update(part_replay(Path(args.models_dir), args.horizon_s, args.calib_s, args.trials, args.seed))
+    if args.part in ("table", "all"):
+        results["table"] = part_table(args.trials, 600.0, args.seed, args.table_max_num_seqs,
+                                      args.table_max_model_len)
+    print(_markdown(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""The shared engine step clock: holding times when every model's sequences advance one token per step.
+
+The engine runs one step over all models with work: each running sequence gains one token per step and a
+prompt chunk takes one step. So a request's KV *in steps* follows from its lengths alone; only how long a
+step lasts depends on the load, and the load on the KV held. `StepTimeModel` gives a step's seconds as a
+linear function of its load (models with work, sequences, prompt tokens in the step), fitted to the
+engine's measured steps (`StepTimeModel.fit`). `run_step_clock` is a small event simulation of the fluid
+step clock K(t) (steps done by time t): between load changes K grows at 1/step_s; a request arriving at
+time a is at step K(a), and its event at step offset d happens when K reaches K(a) + d. It returns K's
+knots, through which every KV event of every request is placed (`crosspool.planner.simulate.replay`).
+
+With per-model constant speeds instead (`KVProfile.decode_tps`), requests are independent; that is the
+default for GPU planning, where a decode step's time barely depends on the batch.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class StepTimeModel:
+    """Seconds of one engine step: base + per model with work + per sequence + per prompt token."""
+
+    base_s: float = 0.0
+    per_model_s: float = 0.0
+    per_seq_s: float = 0.0
+    per_prefill_token_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        coefs = (self.base_s, self.per_model_s, self.per_seq_s, self.per_prefill_token_s)
+        if min(coefs) < 0 or not self.step_s(1, 1, 0) > 0:
+            raise ValueError(f"step time coefficients must be >= 0 and give a positive step time, got {coefs}")
+
+    def step_s(self, models: float, seqs: float, prefill_tokens: float) -> float:
+        return (self.base_s + self.per_model_s * models + self.per_seq_s * seqs
+                + self.per_prefill_token_s * prefill_tokens)
+
+    def as_list(self) -> list[float]:
+        return [self.base_s, self.per_model_s, self.per_seq_s, self.per_prefill_token_s]
+
+    @staticmethod
+    def fit(load: np.ndarray, step_s: np.ndarray) -> StepTimeModel:
+        """Least squares with non-negative coefficients (a term that comes out negative is dropped and
+        the rest refitted). `load`: [steps, 3] models, sequences, prompt tokens of each measured step."""
+        x = np.column_stack([np.ones(len(load)), np.asarray(load, float)])
+        keep = list(range(4))
+        while True:
+            coef, *_ = np.linalg.lstsq(x[:, keep], step_s, rcond=None)
+            if coef.min() >= 0 or len(keep) == 1:
+                break
+            del keep[int(np.argmin(coef))]
+        full = np.zeros(4)
+        full[keep] = np.maximum(coef, 0)
+        return StepTimeModel(*full.tolist())
+
+
+@dataclass(frozen=True, slots=True)
+class LoadEvents:
+    """Where a request changes the engine's load, in steps after its arrival."""
+
+    owner: np.ndarray                      # request index
+    offset: np.ndarray                     # steps after arrival
+    d_seqs: np.ndarray
+    d_prefill: np.ndarray                  # prompt tokens in the step from here on
+
+
+def run_step_clock(arrival_s: np.ndarray, model: np.ndarray, num_models: int, load: LoadEvents,
+                   clock: StepTimeModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(knot times, steps done at the knots, each request's arrival step). `arrival_s` sorted."""
+    by_owner: list[list[tuple[float, int, int]]] = [[] for _ in range(len(arrival_s))]
+    for o, off, dq, dp in zip(load.owner.tolist(), load.offset.tolist(), load.d_seqs.tolist(),
+                              load.d_prefill.tolist(), strict=True):
+        by_owner[o].append((off, dq, dp))
+    idle_s = max(clock.step_s(0, 0, 0), 1e-6)
+    t = float(arrival_s[0]) if len(arrival_s) else 0.0
+    k, seqs, prefill, active = 0.0, 0, 0, 0
+    per_model = [0] * num_models
+    step, i, n = idle_s, 0, len(arrival_s)
+    heap: list[tuple[float, int, int, int, int]] = []   # (step, tie-break, request, d_seqs, d_prefill)
+    knots_t, knots_k, arrival_k = [t], [k], np.zeros(n)
+    tie = 0
+    while i < n or heap:
+        t_event = t + (heap[0][0] - k) * step if heap else np.inf
+        if i < n and arrival_s[i] <= t_event:
+            k += (arrival_s[i] - t) / step
+            t = float(arrival_s[i])
+            arrival_k[i] = k
+            for off, dq, dp in by_owner[i]:
+                heapq.heappush(heap, (k + off, tie, i, dq, dp))
+                tie += 1
+            i += 1
+            continue
+        kt, _, r, dq, dp = heapq.heappop(heap)
+        t, k = t + (kt - k) * step, kt
+        m = int(model[r])
+        if dq:
+            before = per_model[m]
+            per_model[m] += dq
+            active += (per_model[m] > 0) - (before > 0)
+        seqs += dq
+        prefill += dp
+        step = clock.step_s(active, seqs, prefill) if seqs else idle_s
+        knots_t.append(t)
+        knots_k.append(k)
+    return np.array(knots_t), np.array(knots_k), arrival_k
+
+
+def steps_to_times(target_k: np.ndarray, knots_t: np.ndarray, knots_k: np.ndarray, idle_s: float) -> np.ndarray:
+    """Invert K: the time each step target is reached (after the last knot K grows at the idle rate)."""
+    out = np.interp(target_k, knots_k, knots_t)
+    late = target_k > knots_k[-1]
+    out[late] = knots_t[-1] + (target_k[late] - knots_k[-1]) * idle_s
+    return out
