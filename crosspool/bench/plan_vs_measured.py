@@ -29,11 +29,15 @@ import torch
 from crosspool.planner.plan import GIB, fmt_bytes
 from crosspool.planner.quantile import WeightedSample, estimate_quantile, pool
 from crosspool.planner.simulate import KVProfile, replay, simulate
-from crosspool.planner.sizing import ModelInput, PlanSettings, block_geometry, make_plan
-from crosspool.planner.workload import SHAREGPT, BurstProcess, ModelTraffic, Requests, generate
+from crosspool.planner.sizing import ModelInput, PlanSettings, block_geometry, make_plan, round_up
+from crosspool.planner.step_clock import StepTimeModel
+from crosspool.planner.workload import SHAREGPT, BurstProcess, LengthDist, Lognormal, ModelTraffic, Requests, generate
+from crosspool.pools.kv_pool import PAGE_BYTES
 
 TINY = {"olmoe": "tiny-olmoe", "qwen2moe": "tiny-qwen2-moe", "dsv2": "tiny-deepseek-v2"}
-RATES = {"olmoe": 0.4, "qwen2moe": 0.25, "dsv2": 0.5}
+RATES = {"olmoe": 0.8, "qwen2moe": 0.5, "dsv2": 1.0}
+# ShareGPT-like means with CPU-sized caps (tiny models' context is 2048)
+CPU_SHAREGPT = LengthDist("sharegpt-cpu", prompt=Lognormal(250, 1.0, 4, 1024), output=Lognormal(200, 1.0, 1, 1024))
 
 
 @dataclass(frozen=True)
@@ -46,22 +50,22 @@ class Scenario:
 SCENARIOS = (
     Scenario("poisson", 1.0, BurstProcess()),
     Scenario("gamma-0.25", 0.25, BurstProcess()),
-    Scenario("correlated-bursts", 1.0, BurstProcess(factor=4.0, on_s=8.0, off_s=40.0, correlated=True)),
+    Scenario("correlated-bursts", 1.0, BurstProcess(factor=3.0, on_s=8.0, off_s=40.0, correlated=True)),
 )
 
 
 def _traffic(s: Scenario) -> dict[str, ModelTraffic]:
-    return {n: ModelTraffic(r, s.burstiness, SHAREGPT) for n, r in RATES.items()}
+    return {n: ModelTraffic(r, s.burstiness, CPU_SHAREGPT) for n, r in RATES.items()}
 
 
 @dataclass
 class Measured:
     demand: WeightedSample                 # used blocks x pool bytes per block, over [0, horizon]
-    mapped: WeightedSample                 # pages mapped by the KV pool (reserve + partly used bundles)
+    pinned: WeightedSample                 # page bundles with a used block
     requests: list[tuple[str, int, int, float, float, float]]   # model, P, O, admitted, first token, done
     wall_s: float
     preemptions: int
-    steps: np.ndarray                      # [steps, 4]: active models, sequences, prefill tokens, step seconds
+    steps: np.ndarray                      # [steps, 6]: the step's load (`_load`) and its seconds
 
 
 def run_engine(engine, reqs: Requests, horizon_s: float, stride: dict[str, int]) -> Measured:  # noqa: ANN001
@@ -73,8 +77,8 @@ def run_engine(engine, reqs: Requests, horizon_s: float, stride: dict[str, int])
     ids: dict[str, tuple[str, int, int, float]] = {}
     done: list[tuple[str, int, int, float, float, float]] = []
     first_token: dict[str, float] = {}
-    samples: list[tuple[float, float, float]] = []       # (clock, demand, mapped) after each step
-    steps: list[tuple[int, int, int, float]] = []
+    samples: list[tuple[float, float, float]] = []       # (clock, demand, pinned) after each step
+    steps: list[tuple[int, int, int, int, int, float]] = []
 
     def clock() -> float:
         return time.thread_time() - start + skipped
@@ -88,31 +92,30 @@ def run_engine(engine, reqs: Requests, horizon_s: float, stride: dict[str, int])
             ids[rid] = (name, p, o, now)
             i += 1
         if not engine.has_unfinished():
-            samples.append((now, 0.0, _mapped(engine)))
+            samples.append((now, 0.0, _pinned(engine)))
             skipped += float(reqs.arrival_s[i]) - now
             continue
         load = _load(engine)
-        t_step = time.thread_time()
-        outputs = engine.step()
-        steps.append((*load, time.thread_time() - t_step))
-        for out in outputs:
+        for out in engine.step():
             t = clock()
             first_token.setdefault(out.request_id, t)
             if out.finished:
                 name, p, o, arrived = ids.pop(out.request_id)
                 done.append((name, p, o, arrived, first_token.pop(out.request_id), t))
         used = sum(m.blocks.num_used * stride[n] for n, m in engine.models.items())
-        samples.append((clock(), float(used), _mapped(engine)))
-    t, demand, mapped = (np.array(c) for c in zip(*samples, strict=True))
+        samples.append((clock(), float(used), _pinned(engine)))
+        steps.append((*load, samples[-1][0] - now))       # the whole iteration: what the clock advanced
+    t, demand, pinned = (np.array(c) for c in zip(*samples, strict=True))
     dur = np.diff(np.append(np.clip(t, 0, horizon_s), horizon_s))
     preempt = sum(m.scheduler.num_preemptions for m in engine.models.values())
-    return Measured(WeightedSample.of(demand, dur), WeightedSample.of(mapped, dur), done,
+    return Measured(WeightedSample.of(demand, dur), WeightedSample.of(pinned, dur), done,
                     time.perf_counter() - wall_start, preempt, np.array(steps))
 
 
-def _load(engine) -> tuple[int, int, int]:  # noqa: ANN001
-    """(models with work, sequences in the engine, prompt tokens left to prefill, at most one chunk each)."""
-    models = seqs = prefill = 0
+def _load(engine) -> tuple[int, int, int, int, int]:  # noqa: ANN001
+    """The arguments of `StepTimeModel.step_s` for the coming step: models with work, sequences in the
+    engine, context tokens of the decoding ones, prompt tokens of the prefill chunks, their pairs."""
+    models = seqs = context = prefill = pairs = 0
     budget = engine.config.max_num_batched_tokens
     for m in engine.models.values():
         s = m.scheduler
@@ -122,17 +125,44 @@ def _load(engine) -> tuple[int, int, int]:  # noqa: ANN001
             seqs += 1
             left = seq.num_tokens - seq.num_computed
             if left > 1:
-                prefill += min(left, budget)
-    return models, seqs, prefill
+                chunk = min(left, budget)
+                prefill += chunk
+                pairs += chunk * (seq.num_computed + chunk)
+            else:
+                context += seq.num_tokens
+    return models, seqs, context, prefill, pairs
 
 
-def _mapped(engine) -> float:  # noqa: ANN001
-    return float(sum(kv.mapped_bytes for kv in engine.kv_pool.models.values()))
+def _pinned(engine) -> float:  # noqa: ANN001
+    """Bytes of page bundles holding at least one used block (what the pool cannot take back)."""
+    return float(sum(kv.mapped_bytes - kv.idle_bundles() * kv.bundle_pages * kv.pool.page_bytes
+                     for kv in engine.kv_pool.models.values()))
 
 
-def calibrate(measured: Measured, profiles: dict[str, KVProfile]) -> dict[str, KVProfile]:
+def calibration_trace(models: list[str], lengths: LengthDist, max_model_len: int, seed: int,
+                      max_output: int = 256) -> Requests:
+    """Batches far apart (idle gaps cost nothing): 1-3 models with 1, 4 or 16 sequences each, lengths drawn
+    from the workload (outputs capped to keep it short), so the decode terms are measured over the load
+    and the mix of contexts they will see; then single prompts of 64-1024 tokens for the prefill terms."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    t = 0.0
+    for active in range(1, len(models) + 1):
+        for per_model in (1, 4, 16):
+            p, o = lengths.sample(rng, active * per_model, max_model_len)
+            rows += [(j % active, t, pj, min(oj, max_output)) for j, (pj, oj) in enumerate(zip(p, o, strict=True))]
+            t += 1000.0
+    for length in (64, 128, 256, 512, 768, 1024):
+        for m in range(len(models)):
+            rows.append((m, t, length, 2))
+            t += 1000.0
+    model, arrival, p, o = (np.array(c) for c in zip(*rows, strict=True))
+    return Requests(models, model, arrival.astype(float), p, o)
+
+
+def constant_speeds(measured: Measured, profiles: dict[str, KVProfile]) -> dict[str, KVProfile]:
     """Per-model speeds from the engine's own requests: prefill = prompt tokens / (admission to first
-    token), decode = (output - 1) tokens / (first token to last)."""
+    token), decode = (output - 1) / (first token to last)."""
     out = {}
     for name, prof in profiles.items():
         rows = [r for r in measured.requests if r[0] == name]
@@ -149,7 +179,7 @@ def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int,
     from crosspool.models.loader import load_spec
     from crosspool.models.make_model import make_model
 
-    torch.manual_seed(0)
+    torch.set_num_threads(1)               # the engine's CPU time is then its thread's time
     dirs = {}
     for name, preset in TINY.items():
         d = models_dir / preset
@@ -157,35 +187,47 @@ def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int,
     specs = {n: load_spec(d) for n, d in dirs.items()}
     cfg = EngineConfig(kv_cache_bytes=512 << 20, block_size=16)           # fp32 on CPU; never full
     stride = {n: block_geometry(s, cfg.block_size, 4)[0] for n, s in specs.items()}
+    bundle = {n: block_geometry(s, cfg.block_size, 4)[1] for n, s in specs.items()}
     base = {n: KVProfile(stride[n], cfg.block_size, max_model_len=s.max_position_embeddings)
             for n, s in specs.items()}
-    results: dict = {"models": {n: TINY[n] for n in dirs}, "rates_rps": RATES, "horizon_s": horizon_s}
+    max_len = {n: p.max_model_len for n, p in base.items()}
+    results: dict = {"models": {n: TINY[n] for n in dirs}, "rates_rps": RATES, "horizon_s": horizon_s,
+                     "lengths": "prompt lognormal mean 250 sigma 1 in [4, 1024], output mean 200 sigma 1 in [1, 1024]"}
     engine = Engine({n: str(d) for n, d in dirs.items()}, cfg)
     try:
-        # calibration: a separate Poisson trace
-        max_len = {n: p.max_model_len for n, p in base.items()}
-        calib_reqs = generate(_traffic(SCENARIOS[0]), max_len, 0.0, calib_s, np.random.default_rng(seed + 99))
-        calib = run_engine(engine, calib_reqs, calib_s, stride)
-        profiles = calibrate(calib, base)
-        results["calibration"] = {n: {"decode_tps": p.decode_tps, "prefill_tps": p.prefill_tps}
-                                  for n, p in profiles.items()}
-        print("calibrated:", json.dumps(results["calibration"]), f"({calib.wall_s:.0f} s)", flush=True)
+        run_engine(engine, generate(_traffic(SCENARIOS[0]), max_len, 0.0, 5.0, np.random.default_rng(seed + 98)),
+                   5.0, stride)                                            # first-call costs
+        calib_reqs = calibration_trace(list(dirs), CPU_SHAREGPT, min(max_len.values()), seed + 97)
+        calib = run_engine(engine, calib_reqs, float(calib_reqs.arrival_s[-1]) + 1000.0, stride)
+        clock = StepTimeModel.fit(calib.steps[:, :5], calib.steps[:, 5])
+        # for comparison: constant per-model speeds, measured on a short Poisson trace
+        poisson = run_engine(engine, generate(_traffic(SCENARIOS[0]), max_len, 0.0, calib_s,
+                                              np.random.default_rng(seed + 99)), calib_s, stride)
+        const = constant_speeds(poisson, base)
+        results["calibration"] = {"steps": len(calib.steps), "step_time_s": clock.as_list(),
+                                  "calib_wall_s": calib.wall_s, "poisson_trace_s": calib_s,
+                                  "constant_speeds": {n: [p.decode_tps, p.prefill_tps] for n, p in const.items()}}
+        print("calibrated:", json.dumps(results["calibration"]), flush=True)
         rows = []
         for k, sc in enumerate(SCENARIOS):
             reqs = generate(_traffic(sc), max_len, 0.0, horizon_s, np.random.default_rng(seed + k), sc.burst)
             m = run_engine(engine, reqs, horizon_s, stride)
-            same = replay(reqs, profiles, 0.0, horizon_s).sample()
-            mc = simulate(_traffic(sc), profiles, horizon_s, trials, seed, sc.burst)
+            same = replay(reqs, base, 0.0, horizon_s, clock).sample()
+            same_const = replay(reqs, const, 0.0, horizon_s).sample()
+            mc = simulate(_traffic(sc), base, horizon_s, trials, seed, sc.burst, clock)
             est = estimate_quantile(mc.aggregate, 99)
             per_trial = [s.quantile(0.99) for s in mc.aggregate]
             row = {
                 "scenario": sc.name, "requests": len(reqs), "wall_s": m.wall_s, "preemptions": m.preemptions,
                 "measured_p99": m.demand.quantile(0.99), "measured_mean": m.demand.mean(),
-                "measured_mapped_p99": m.mapped.quantile(0.99),
+                "measured_pinned_p99": m.pinned.quantile(0.99),
+                "planned_pool": round_up(same.quantile(0.99) + sum(bundle.values()), PAGE_BYTES),
                 "replay_p99": same.quantile(0.99), "replay_mean": same.mean(),
+                "replay_const_p99": same_const.quantile(0.99), "replay_const_mean": same_const.mean(),
                 "mc_p99": est.value, "mc_ci": [est.low, est.high], "mc_mean": pool(mc.aggregate).mean(),
                 "mc_single_trace_p99_5_95": [float(np.percentile(per_trial, 5)), float(np.percentile(per_trial, 95))],
-                "hold_ratio": _hold_ratio(m, profiles),
+                # the calibrated step-time model on this trace's own steps: predicted / measured busy time
+                "step_model_time_ratio": sum(clock.step_s(*row[:5]) for row in m.steps) / float(m.steps[:, 5].sum()),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -193,13 +235,6 @@ def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int,
         engine.close()
     results["traces"] = rows
     return results
-
-
-def _hold_ratio(m: Measured, profiles: dict[str, KVProfile]) -> float:
-    """Measured / modelled total holding time of the trace's finished requests."""
-    measured = sum(r[5] - r[3] for r in m.requests)
-    modelled = sum(float(profiles[r[0]].hold_s(r[1], r[2])) for r in m.requests)
-    return measured / modelled
 
 
 # ---- the 4-8 model table ------------------------------------------------------------------------
@@ -250,15 +285,22 @@ def part_table(trials: int, horizon_s: float, seed: int, max_num_seqs: int, max_
 def _markdown(results: dict) -> str:
     lines = []
     if "traces" in results:
-        lines += ["| trace | requests | measured P99 | replay-predicted P99 (error) | Monte-Carlo P99 [95% CI] "
-                  "| single-trace P99 5-95% | measured / modelled hold |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| trace | requests | measured P99 | predicted P99, same trace, step clock (error) | same trace, "
+                  "constant speeds (error) | Monte-Carlo P99 [95% CI] | single-trace P99, 5-95% of trials |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for r in results["traces"]:
-            err = r["replay_p99"] / r["measured_p99"] - 1
+            meas = r["measured_p99"]
             lines.append(
-                f"| {r['scenario']} | {r['requests']} | {fmt_bytes(r['measured_p99'])} | {fmt_bytes(r['replay_p99'])} "
-                f"({err:+.1%}) | {fmt_bytes(r['mc_p99'])} [{fmt_bytes(r['mc_ci'][0])}, {fmt_bytes(r['mc_ci'][1])}] | "
-                f"{fmt_bytes(r['mc_single_trace_p99_5_95'][0])} - {fmt_bytes(r['mc_single_trace_p99_5_95'][1])} | "
-                f"{r['hold_ratio']:.3f} |")
+                f"| {r['scenario']} | {r['requests']} | {fmt_bytes(meas)} | {fmt_bytes(r['replay_p99'])} "
+                f"({r['replay_p99'] / meas - 1:+.1%}) | {fmt_bytes(r['replay_const_p99'])} "
+                f"({r['replay_const_p99'] / meas - 1:+.1%}) | {fmt_bytes(r['mc_p99'])} "
+                f"[{fmt_bytes(r['mc_ci'][0])}, {fmt_bytes(r['mc_ci'][1])}] | "
+                f"{fmt_bytes(r['mc_single_trace_p99_5_95'][0])} - {fmt_bytes(r['mc_single_trace_p99_5_95'][1])} |")
+        lines += ["", "| trace | step model / measured busy time | planned pool (P99 + a bundle per model) | "
+                  "measured P99 of bundles in use | preemptions |", "|---|---:|---:|---:|---:|"]
+        for r in results["traces"]:
+            lines.append(f"| {r['scenario']} | {r['step_model_time_ratio']:.3f} | {fmt_bytes(r['planned_pool'])} | "
+                         f"{fmt_bytes(r['measured_pinned_p99'])} | {r['preemptions']} |")
     if "table" in results:
         lines += ["", "| models | traffic | worst-case reservations | per-model P99 reservations | shared pool "
                   "(P99 [CI]) | saved vs worst case | saved vs per-model P99 | overflow: shared | overflow: "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from crosspool.planner.plan import GIB, Plan
 from crosspool.planner.sizing import DEFAULT_DECODE_TPS, DEFAULT_PREFILL_TPS, ModelInput, PlanSettings, make_plan
+from crosspool.planner.step_clock import StepTimeModel
 from crosspool.planner.workload import (
     BUILTIN_WORKLOADS,
     LONGALIGN,
@@ -58,6 +59,9 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"decode tokens/s per sequence (default {DEFAULT_DECODE_TPS:g}; repeatable per model)")
     p.add_argument("--prefill-tps", action="append", default=[], metavar="[NAME=]TPS",
                    help=f"prefill tokens/s per request (default {DEFAULT_PREFILL_TPS:g}; repeatable per model)")
+    p.add_argument("--step-time", default=None, metavar="B,M,S,C,T,P",
+                   help="engine step seconds = B + M*models + S*sequences + C*context tokens + T*prompt tokens "
+                        "+ P*prompt pairs (as fitted by crosspool.bench.plan_vs_measured); replaces the speeds")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="KV cache and weights dtype")
     p.add_argument("--max-num-seqs", type=int, default=64, help="per model, for the worst-case reservation")
@@ -161,11 +165,20 @@ def build_inputs(args: argparse.Namespace) -> tuple[list[ModelInput], PlanSettin
             max_model_len=args.max_model_len,
         ))
     burst = BurstProcess(args.burst_factor, args.burst_on_s, args.burst_off_s, not args.independent_bursts)
+    step_time = None
+    if args.step_time:
+        try:
+            coefs = [float(x) for x in args.step_time.split(",")]
+        except ValueError:
+            raise ValueError(f"--step-time {args.step_time!r}: expected comma-separated seconds") from None
+        if len(coefs) != 6:
+            raise ValueError(f"--step-time needs 6 coefficients (B,M,S,C,T,P), got {len(coefs)}")
+        step_time = StepTimeModel(*coefs)
     settings = PlanSettings(
         percentile=args.percentile, confidence=args.confidence, horizon_s=args.horizon_s, trials=args.trials,
         seed=args.seed, block_size=args.block_size, dtype_bytes=DTYPE_BYTES[args.dtype],
         max_num_seqs=args.max_num_seqs, headroom_fraction=args.headroom, burst=burst,
-        workload=Path(args.workload).name if trace is not None else args.workload,
+        workload=Path(args.workload).name if trace is not None else args.workload, step_time=step_time,
     )
     return inputs, settings
 

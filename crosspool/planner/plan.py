@@ -81,6 +81,7 @@ class Plan:
     histogram_edges_bytes: list[float] = field(default_factory=list)
     histogram_time_fraction: list[float] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    step_time_s: list[float] | None = None  # engine step-time model used for holding times, if any
     version: int = PLAN_VERSION
 
     # ---- what serve reads --------------------------------------------------------------------
@@ -143,7 +144,7 @@ class Plan:
         if d.get("version") != PLAN_VERSION:
             raise ValueError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
         names = {f.name for f in dataclasses.fields(Plan)}
-        missing = names - set(d) - {"histogram_edges_bytes", "histogram_time_fraction", "warnings"}
+        missing = names - set(d) - {"histogram_edges_bytes", "histogram_time_fraction", "warnings", "step_time_s"}
         if missing:
             raise ValueError(f"plan is missing fields {sorted(missing)}")
         fields = {k: v for k, v in d.items() if k in names}
@@ -167,6 +168,10 @@ class Plan:
             lines.append(f"  {m.name:<20}{fmt_bytes(m.kv_bytes_per_token):>11}{m.rate_rps:>8.3g}{m.burstiness:>7.3g}"
                          f"{m.decode_tps:>10.4g}{fmt_bytes(m.demand_quantile_bytes):>12}"
                          f"{fmt_bytes(m.worst_case_kv_bytes):>12}{fmt_bytes(m.kv_cap_bytes):>12}")
+        if self.step_time_s:
+            lines.append("  holding times: the engine's shared step clock, step seconds = "
+                         f"{' / '.join(f'{c:.3g}' for c in self.step_time_s)} (base / model / sequence / "
+                         "context token / prompt token / prompt pair); per-model speeds unused")
         lo, hi = self.demand_ci_bytes
         saved = self.worst_case_total_bytes - self.kv_pool_bytes
         lines += [

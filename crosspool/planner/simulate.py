@@ -14,7 +14,7 @@ trials against a pool size; `replay` turns one given trace into a demand timelin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,19 +87,25 @@ def kv_events(prompt: np.ndarray, output: np.ndarray, prof: KVProfile,
 
 
 def load_events(prompt: np.ndarray, output: np.ndarray, prof: KVProfile) -> LoadEvents:
-    """The engine load a model's requests add, in steps: a sequence from arrival to release, and each
-    prompt chunk's tokens during its step."""
+    """The engine load a model's requests add, in steps: a sequence from arrival to release, its mean
+    context while it decodes, and each prompt chunk's tokens during its step."""
     chunk = prof.prefill_chunk_tokens
     chunks = -(-prompt // chunk)
     owner_c, c = _ragged(chunks)
     tokens = np.minimum(prompt[owner_c], (c + 1) * chunk) - c * chunk
+    pairs = tokens * (c * chunk + tokens)
     idx = np.arange(len(prompt))
+    context = prompt + (output - 1) / 2                        # mean context while decoding
     zeros_c, zeros_r = np.zeros(len(owner_c), np.int64), np.zeros(len(idx), np.int64)
+    ones = np.ones(len(idx), np.int64)
     return LoadEvents(
-        owner=np.concatenate([idx, idx, owner_c, owner_c]),
-        offset=np.concatenate([np.zeros(len(idx)), chunks + output - 1.0, c.astype(float), c + 1.0]),
-        d_seqs=np.concatenate([np.ones(len(idx), np.int64), -np.ones(len(idx), np.int64), zeros_c, zeros_c]),
-        d_prefill=np.concatenate([zeros_r, zeros_r, tokens, -tokens]),
+        owner=np.concatenate([idx, idx, idx, idx, owner_c, owner_c]),
+        offset=np.concatenate([np.zeros(len(idx)), chunks + output - 1.0, chunks.astype(float),
+                               chunks + output - 1.0, c.astype(float), c + 1.0]),
+        d_seqs=np.concatenate([ones, -ones, zeros_r, zeros_r, zeros_c, zeros_c]),
+        d_context=np.concatenate([zeros_r, zeros_r, context, -context, zeros_c, zeros_c]),
+        d_prefill=np.concatenate([zeros_r, zeros_r, zeros_r, zeros_r, tokens, -tokens]),
+        d_pairs=np.concatenate([zeros_r, zeros_r, zeros_r, zeros_r, pairs, -pairs]),
     )
 
 
@@ -149,7 +155,7 @@ def replay(requests: Requests, profiles: Mapping[str, KVProfile], start_s: float
         parts.append((sel[owner], offset, delta * prof.block_bytes, np.full(len(owner), i, np.int64)))
         if clock is not None:
             ev = load_events(p, o, prof)
-            loads.append(LoadEvents(sel[ev.owner], ev.offset, ev.d_seqs, ev.d_prefill))
+            loads.append(LoadEvents(sel[ev.owner], ev.offset, ev.d_seqs, ev.d_context, ev.d_prefill, ev.d_pairs))
     if not parts:
         empty = np.empty(0)
         return Timeline(empty, empty, empty, np.empty(0, np.int64), reqs.models, start_s, end_s, empty)
@@ -159,7 +165,7 @@ def replay(requests: Requests, profiles: Mapping[str, KVProfile], start_s: float
     else:
         load = LoadEvents(*(np.concatenate([getattr(x, f) for x in loads]) for f in LoadEvents.__slots__))
         knots_t, knots_k, arrival_k = run_step_clock(reqs.arrival_s, reqs.model, len(reqs.models), load, clock)
-        times = steps_to_times(arrival_k[owner] + offset, knots_t, knots_k, max(clock.step_s(0, 0, 0), 1e-6))
+        times = steps_to_times(arrival_k[owner] + offset, knots_t, knots_k, max(clock.step_s(0, 0), 1e-6))
     done = np.zeros(n)
     releases = deltas < 0
     done[owner[releases]] = times[releases]
@@ -168,17 +174,25 @@ def replay(requests: Requests, profiles: Mapping[str, KVProfile], start_s: float
     return Timeline(times, np.cumsum(deltas), deltas, model, reqs.models, start_s, end_s, done)
 
 
-def warmup_s(traffic: Mapping[str, ModelTraffic], profiles: Mapping[str, KVProfile]) -> float:
-    """Longest a request can hold KV: traffic that starts this early is in steady state at time 0."""
+def warmup_s(traffic: Mapping[str, ModelTraffic], profiles: Mapping[str, KVProfile],
+             clock: StepTimeModel | None = None) -> float:
+    """Longest a request can hold KV (on the step clock: its steps at four sequences per model): traffic
+    that starts this early is in steady state at time 0."""
     hold = 0.0
     for name, t in traffic.items():
         prof = profiles[name]
-        hold = max(hold, float(prof.hold_s(*t.lengths.max_tokens(prof.max_model_len))))
+        p, o = t.lengths.max_tokens(prof.max_model_len)
+        if clock is None:
+            hold = max(hold, float(prof.hold_s(p, o)))
+        else:
+            steps = -(-p // prof.prefill_chunk_tokens) + o
+            hold = max(hold, steps * clock.step_s(len(traffic), 4 * len(traffic)))
     return hold
 
 
 def _trials(traffic: Mapping[str, ModelTraffic], profiles: Mapping[str, KVProfile], horizon_s: float,
-            trials: int, seed: int, burst: BurstProcess, progress: Callable[[int], None] | None):
+            trials: int, seed: int, burst: BurstProcess, clock: StepTimeModel | None,
+            progress: Callable[[int], None] | None) -> Iterator[tuple[Requests, Timeline]]:
     if horizon_s <= 0:
         raise ValueError(f"horizon must be > 0 s, got {horizon_s}")
     if trials < 1:
@@ -186,11 +200,11 @@ def _trials(traffic: Mapping[str, ModelTraffic], profiles: Mapping[str, KVProfil
     missing = set(traffic) - set(profiles)
     if missing:
         raise ValueError(f"no KV profile for models {sorted(missing)}")
-    warm = warmup_s(traffic, profiles)
+    warm = warmup_s(traffic, profiles, clock)
     max_len = {n: profiles[n].max_model_len for n in traffic}
     for ss in np.random.SeedSequence(seed).spawn(trials):
         reqs = generate(traffic, max_len, -warm, horizon_s, np.random.default_rng(ss), burst)
-        yield reqs, replay(reqs, profiles, 0.0, horizon_s)
+        yield reqs, replay(reqs, profiles, 0.0, horizon_s, clock)
         if progress is not None:
             progress(1)
 
@@ -207,10 +221,10 @@ class DemandSamples:
 
 
 def simulate(traffic: Mapping[str, ModelTraffic], profiles: Mapping[str, KVProfile], horizon_s: float,
-             trials: int, seed: int = 0, burst: BurstProcess = NO_BURSTS,
+             trials: int, seed: int = 0, burst: BurstProcess = NO_BURSTS, clock: StepTimeModel | None = None,
              progress: Callable[[int], None] | None = None) -> DemandSamples:
     out = DemandSamples([], {n: [] for n in traffic}, horizon_s, 0, [])
-    for reqs, tl in _trials(traffic, profiles, horizon_s, trials, seed, burst, progress):
+    for reqs, tl in _trials(traffic, profiles, horizon_s, trials, seed, burst, clock, progress):
         out.aggregate.append(tl.sample())
         for name in traffic:
             out.per_model[name].append(tl.model_sample(name))
@@ -230,23 +244,23 @@ class OverflowStats:
 
 def overflow_stats(traffic: Mapping[str, ModelTraffic], profiles: Mapping[str, KVProfile], pool_bytes: int,
                    horizon_s: float, trials: int, seed: int = 0, burst: BurstProcess = NO_BURSTS,
-                   reservations: Mapping[str, float] | None = None,
+                   clock: StepTimeModel | None = None, reservations: Mapping[str, float] | None = None,
                    progress: Callable[[int], None] | None = None) -> OverflowStats:
     """Replay the trials of `simulate` (same seed) against a pool of `pool_bytes` and, when given,
     per-model reservations."""
     over_s = episodes = delayed = requests = any_over_s = 0.0
-    for reqs, tl in _trials(traffic, profiles, horizon_s, trials, seed, burst, progress):
+    for reqs, tl in _trials(traffic, profiles, horizon_s, trials, seed, burst, clock, progress):
         dur = tl.durations
         over = (tl.levels > pool_bytes) & (dur > 0)
         over_s += float(dur[over].sum())
         live = over[dur > 0]
         episodes += int(np.count_nonzero(live[1:] & ~live[:-1])) + int(live[:1].sum())
+        # a request alive while the pool is over would have queued or been preempted
         cum = np.concatenate([[0.0], np.cumsum(np.where(over, dur, 0.0))])
         edges = np.append(np.clip(tl.times, 0.0, horizon_s), horizon_s)
-        inside = reqs.arrival_s >= 0
-        start = reqs.arrival_s[inside]
-        end = start + _hold(reqs, profiles)[inside]
-        delayed += float((np.interp(end, edges, cum) - np.interp(start, edges, cum) > 0).sum())
+        inside = (reqs.arrival_s >= 0) & (reqs.arrival_s < horizon_s)
+        alive_over = np.interp(tl.release_s[inside], edges, cum) - np.interp(reqs.arrival_s[inside], edges, cum)
+        delayed += float((alive_over > 0).sum())
         requests += float(inside.sum())
         if reservations:
             anyo = np.zeros(len(tl.times), bool)
@@ -256,11 +270,3 @@ def overflow_stats(traffic: Mapping[str, ModelTraffic], profiles: Mapping[str, K
     total_s = horizon_s * trials
     return OverflowStats(int(pool_bytes), over_s / total_s, episodes / (total_s / 3600),
                          delayed / requests if requests else 0.0, any_over_s / total_s)
-
-
-def _hold(reqs: Requests, profiles: Mapping[str, KVProfile]) -> np.ndarray:
-    hold = np.empty(len(reqs))
-    for i, name in enumerate(reqs.models):
-        sel = reqs.model == i
-        hold[sel] = profiles[name].hold_s(reqs.prompt_tokens[sel], reqs.output_tokens[sel])
-    return hold

@@ -18,6 +18,7 @@ from crosspool.models.spec import ATTENTION_SIDE, ModelSpec, checkpoint_layout
 from crosspool.planner.plan import ModelPlan, Plan, fmt_bytes
 from crosspool.planner.quantile import WeightedSample, check_percentile, estimate_quantile, pool
 from crosspool.planner.simulate import KVProfile, overflow_stats, simulate
+from crosspool.planner.step_clock import StepTimeModel
 from crosspool.planner.workload import NO_BURSTS, BurstProcess, ModelTraffic
 from crosspool.pools.kv_pool import PAGE_BYTES, bundle_shape
 
@@ -70,6 +71,7 @@ class PlanSettings:
     headroom_fraction: float = 0.10        # of each device left for activations, graphs, the runtime
     burst: BurstProcess = field(default=NO_BURSTS)
     workload: str = "sharegpt"
+    step_time: StepTimeModel | None = None  # the engine's shared step clock instead of per-model speeds
 
     def __post_init__(self) -> None:
         check_percentile(self.percentile)
@@ -131,7 +133,7 @@ def make_plan(models: list[ModelInput], settings: PlanSettings, devices: list[st
     traffic = {m.name: m.traffic for m in models}
     profiles = {m.name: kv_profile(m, s) for m in models}
     bar = tqdm(total=2 * s.trials, desc="simulating KV demand", unit="trial", disable=not progress)
-    samples = simulate(traffic, profiles, s.horizon_s, s.trials, s.seed, s.burst, progress=bar.update)
+    samples = simulate(traffic, profiles, s.horizon_s, s.trials, s.seed, s.burst, s.step_time, progress=bar.update)
     pooled = pool(samples.aggregate)
     est = estimate_quantile(samples.aggregate, s.percentile, s.confidence, pooled)
     alone = {n: pool(v).quantile(s.percentile / 100) for n, v in samples.per_model.items()}
@@ -141,7 +143,7 @@ def make_plan(models: list[ModelInput], settings: PlanSettings, devices: list[st
     kv_pool_bytes = round_up(est.value + fragmentation, PAGE_BYTES)
     bar.set_description("checking overflow")
     over = overflow_stats(traffic, profiles, kv_pool_bytes - fragmentation, s.horizon_s, s.trials, s.seed,
-                          s.burst, reservations=alone, progress=bar.update)
+                          s.burst, s.step_time, reservations=alone, progress=bar.update)
     bar.close()
 
     plans, warnings = [], []
@@ -193,4 +195,5 @@ def make_plan(models: list[ModelInput], settings: PlanSettings, devices: list[st
         per_model_quantile_sum_bytes=float(sum(round_up(v, PAGE_BYTES) for v in alone.values())),
         per_model_any_over_fraction=over.any_model_over_fraction, num_requests=samples.num_requests,
         histogram_edges_bytes=edges, histogram_time_fraction=frac, warnings=warnings,
+        step_time_s=s.step_time.as_list() if s.step_time else None,
     )

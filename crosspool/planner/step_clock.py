@@ -23,39 +23,59 @@ import numpy as np
 
 @dataclass(frozen=True, slots=True)
 class StepTimeModel:
-    """Seconds of one engine step: base + per model with work + per sequence + per prompt token."""
+    """Seconds of one engine step, linear in its load: base + per model with work + per sequence + per
+    context token of the decoding sequences + per prompt token and per (prompt token x context) pair of
+    the step's prefill chunks (attention over a prompt is quadratic in it)."""
 
     base_s: float = 0.0
     per_model_s: float = 0.0
     per_seq_s: float = 0.0
+    per_context_token_s: float = 0.0
     per_prefill_token_s: float = 0.0
+    per_prefill_pair_s: float = 0.0
 
     def __post_init__(self) -> None:
-        coefs = (self.base_s, self.per_model_s, self.per_seq_s, self.per_prefill_token_s)
-        if min(coefs) < 0 or not self.step_s(1, 1, 0) > 0:
-            raise ValueError(f"step time coefficients must be >= 0 and give a positive step time, got {coefs}")
+        if min(self.as_list()) < 0 or not self.step_s(1, 1) > 0:
+            raise ValueError(f"step time coefficients must be >= 0 and give a positive step time, got {self.as_list()}")
 
-    def step_s(self, models: float, seqs: float, prefill_tokens: float) -> float:
+    def step_s(self, models: float, seqs: float, context_tokens: float = 0.0, prefill_tokens: float = 0.0,
+               prefill_pairs: float = 0.0) -> float:
         return (self.base_s + self.per_model_s * models + self.per_seq_s * seqs
-                + self.per_prefill_token_s * prefill_tokens)
+                + self.per_context_token_s * context_tokens + self.per_prefill_token_s * prefill_tokens
+                + self.per_prefill_pair_s * prefill_pairs)
 
     def as_list(self) -> list[float]:
-        return [self.base_s, self.per_model_s, self.per_seq_s, self.per_prefill_token_s]
+        return [self.base_s, self.per_model_s, self.per_seq_s, self.per_context_token_s, self.per_prefill_token_s,
+                self.per_prefill_pair_s]
 
     @staticmethod
     def fit(load: np.ndarray, step_s: np.ndarray) -> StepTimeModel:
-        """Least squares with non-negative coefficients (a term that comes out negative is dropped and
-        the rest refitted). `load`: [steps, 3] models, sequences, prompt tokens of each measured step."""
-        x = np.column_stack([np.ones(len(load)), np.asarray(load, float)])
-        keep = list(range(4))
-        while True:
-            coef, *_ = np.linalg.lstsq(x[:, keep], step_s, rcond=None)
-            if coef.min() >= 0 or len(keep) == 1:
-                break
-            del keep[int(np.argmin(coef))]
-        full = np.zeros(4)
-        full[keep] = np.maximum(coef, 0)
-        return StepTimeModel(*full.tolist())
+        """Fit to measured steps; `load`: [steps, 5] the arguments of `step_s` for each step. The decode
+        terms come from the steps without prefill, then the prefill terms from what is left of the other
+        steps' time, so the two do not trade off."""
+        load = np.asarray(load, float)
+        step_s = np.asarray(step_s, float)
+        decode = load[:, 3] == 0
+        x = np.column_stack([np.ones(len(load)), load[:, :3]])
+        decode_terms = _nnls(x[decode], step_s[decode])
+        rest = step_s[~decode] - x[~decode] @ np.array(decode_terms)
+        prefill_terms = _nnls(load[~decode, 3:5], rest) if (~decode).any() else [0.0, 0.0]
+        return StepTimeModel(*decode_terms, *prefill_terms)
+
+
+def _nnls(x: np.ndarray, y: np.ndarray) -> list[float]:
+    """Least squares with non-negative coefficients: a term that comes out negative is dropped and the
+    rest refitted (enough for a handful of well-scaled terms)."""
+    keep = list(range(x.shape[1]))
+    coef = np.zeros(0)
+    while keep:
+        coef, *_ = np.linalg.lstsq(x[:, keep], y, rcond=None)
+        if coef.min() >= 0:
+            break
+        del keep[int(np.argmin(coef))]
+    full = np.zeros(x.shape[1])
+    full[keep] = coef if keep else 0.0
+    return full.tolist()
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,22 +85,24 @@ class LoadEvents:
     owner: np.ndarray                      # request index
     offset: np.ndarray                     # steps after arrival
     d_seqs: np.ndarray
+    d_context: np.ndarray                  # context tokens of decoding sequences (each at its mean length)
     d_prefill: np.ndarray                  # prompt tokens in the step from here on
+    d_pairs: np.ndarray                    # their (token x context) pairs
 
 
 def run_step_clock(arrival_s: np.ndarray, model: np.ndarray, num_models: int, load: LoadEvents,
                    clock: StepTimeModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(knot times, steps done at the knots, each request's arrival step). `arrival_s` sorted."""
-    by_owner: list[list[tuple[float, int, int]]] = [[] for _ in range(len(arrival_s))]
-    for o, off, dq, dp in zip(load.owner.tolist(), load.offset.tolist(), load.d_seqs.tolist(),
-                              load.d_prefill.tolist(), strict=True):
-        by_owner[o].append((off, dq, dp))
-    idle_s = max(clock.step_s(0, 0, 0), 1e-6)
+    by_owner: list[list[tuple[float, int, float, int, int]]] = [[] for _ in range(len(arrival_s))]
+    for o, *row in zip(load.owner.tolist(), load.offset.tolist(), load.d_seqs.tolist(), load.d_context.tolist(),
+                       load.d_prefill.tolist(), load.d_pairs.tolist(), strict=True):
+        by_owner[o].append(tuple(row))
+    idle_s = max(clock.step_s(0, 0), 1e-6)
     t = float(arrival_s[0]) if len(arrival_s) else 0.0
-    k, seqs, prefill, active = 0.0, 0, 0, 0
+    k, seqs, context, prefill, pairs, active = 0.0, 0, 0.0, 0, 0, 0
     per_model = [0] * num_models
     step, i, n = idle_s, 0, len(arrival_s)
-    heap: list[tuple[float, int, int, int, int]] = []   # (step, tie-break, request, d_seqs, d_prefill)
+    heap: list[tuple] = []                 # (step, tie-break, request, load deltas)
     knots_t, knots_k, arrival_k = [t], [k], np.zeros(n)
     tie = 0
     while i < n or heap:
@@ -89,12 +111,12 @@ def run_step_clock(arrival_s: np.ndarray, model: np.ndarray, num_models: int, lo
             k += (arrival_s[i] - t) / step
             t = float(arrival_s[i])
             arrival_k[i] = k
-            for off, dq, dp in by_owner[i]:
-                heapq.heappush(heap, (k + off, tie, i, dq, dp))
+            for off, *deltas in by_owner[i]:
+                heapq.heappush(heap, (k + off, tie, i, *deltas))
                 tie += 1
             i += 1
             continue
-        kt, _, r, dq, dp = heapq.heappop(heap)
+        kt, _, r, dq, dc, dp, dpp = heapq.heappop(heap)
         t, k = t + (kt - k) * step, kt
         m = int(model[r])
         if dq:
@@ -102,8 +124,10 @@ def run_step_clock(arrival_s: np.ndarray, model: np.ndarray, num_models: int, lo
             per_model[m] += dq
             active += (per_model[m] > 0) - (before > 0)
         seqs += dq
+        context += dc
         prefill += dp
-        step = clock.step_s(active, seqs, prefill) if seqs else idle_s
+        pairs += dpp
+        step = clock.step_s(active, seqs, context, prefill, pairs) if seqs else idle_s
         knots_t.append(t)
         knots_k.append(k)
     return np.array(knots_t), np.array(knots_k), arrival_k
