@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_layout_flags(sv)
     sv.set_defaults(func=cmd_serve)
 
+    from crosspool.planner.cli import add_plan_parser
+
+    add_plan_parser(sub)
+
     d = sub.add_parser("demo", help="serve a mixed workload over tiny models of several families")
     d.add_argument("--models-dir", default="models/demo")
     d.add_argument("--requests", type=int, default=24)

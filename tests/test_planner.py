@@ -13,6 +13,7 @@ import torch
 from scipy.optimize import brentq
 from scipy.stats import poisson
 
+from crosspool.cli import main as plan_main
 from crosspool.models.presets import get_preset
 from crosspool.models.spec import ModelSpec
 from crosspool.planner import (
@@ -30,7 +31,6 @@ from crosspool.planner import (
     simulate,
     write_trace,
 )
-from crosspool.planner.cli import main as plan_main
 from crosspool.planner.quantile import pool
 from crosspool.planner.sizing import assign_devices, block_geometry, weight_bytes
 from crosspool.planner.step_clock import StepTimeModel

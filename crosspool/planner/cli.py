@@ -199,18 +199,3 @@ def cmd_plan(args: argparse.Namespace) -> int:
         png = None
     print(f"wrote {args.out}" + (f" and {png}" if png else ""))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="crosspool")
-    add_plan_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"crosspool {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
