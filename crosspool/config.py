@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,12 @@ class EngineConfig:
     weights_devices: tuple[str, ...] = ()     # one per weights rank (default: the engine's device type)
     kv_background_maintenance: bool | None = None   # map/unmap KV pages on a thread (default: on GPU)
     kernels: str = "torch"                    # "torch" reference ops | "triton" (crosspool.kernels)
+    # layer-wise pipeline (crosspool.engine.pipeline): interleave attention and FFN sub-steps of two batches;
+    # one process only: with pool ranks every FFN is a blocking tick of the exchange, so the engine runs unpipelined
+    pipeline: bool = False
+    tbt_target_s: float = 0.1                 # per-model TBT target; the pipeline serves the least slack first
+    tbt_targets_s: dict[str, float] = field(default_factory=dict)   # per-model overrides of tbt_target_s
+    pipeline_max_batches: int | None = None   # batches per pipelined step, chosen by slack (default: all models)
 
     def __post_init__(self) -> None:
         if self.dtype is None:
@@ -53,6 +59,11 @@ class EngineConfig:
             raise ValueError(f"{len(self.weights_devices)} weights devices for {self.weights_ranks} weights ranks")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        bad = {k: v for k, v in {"*": self.tbt_target_s, **self.tbt_targets_s}.items() if not v > 0}
+        if bad:
+            raise ValueError(f"TBT targets must be > 0 seconds, got {bad}")
+        if self.pipeline_max_batches is not None and self.pipeline_max_batches < 1:
+            raise ValueError(f"pipeline_max_batches must be >= 1, got {self.pipeline_max_batches}")
 
 
 def layout_settings(kv_devices: str | None = None, weights_devices: str | None = None,

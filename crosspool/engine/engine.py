@@ -5,7 +5,10 @@ its FFN runs in the weights pool. Models are loaded split: attention side here, 
 layout (`crosspool.pools.layout`).
 
 `step()` reads as: for each model with work, schedule -> run -> postprocess (append tokens, detokenize,
-stop). Requests are validated at `add_request` so a request that can never run fails at once, clearly.
+stop). With `EngineConfig.pipeline` the models' batches are scheduled first (earliest deadline first, up
+to `pipeline_max_batches`) and run together by the `PipelineScheduler`, attention and FFN interleaved.
+
+Requests are validated at `add_request` so a request that can never run fails at once, clearly.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from transformers import AutoTokenizer
 from crosspool.config import EngineConfig
 from crosspool.engine.block_manager import BlockManager, blocks_for
 from crosspool.engine.output import RequestOutput, update_text
+from crosspool.engine.pipeline import PipelineBatch, PipelineScheduler
 from crosspool.engine.runner import ModelRunner
 from crosspool.engine.sampler import TokenLogprob
 from crosspool.engine.sampling import SamplingParams
-from crosspool.engine.scheduler import Scheduler
+from crosspool.engine.scheduler import ScheduledSeq, Scheduler
 from crosspool.engine.sequence import SeqStatus, Sequence
 from crosspool.models.attention_side import AttentionSide
 from crosspool.models.loader import load_attention_weights, load_spec
@@ -74,6 +78,9 @@ class Engine:
             self._attach_kv(m)
         self._ids = itertools.count()
         self._seqs: dict[str, Sequence] = {}
+        # across pool ranks each FFN is a blocking tick of the exchange: nothing to interleave there (yet)
+        pipelined = self.config.pipeline and exchange is None
+        self.pipeline = PipelineScheduler.from_config(self.config) if pipelined else None
 
     def _load(self, name: str, path: Path) -> ServedModel:
         spec = load_spec(path)
@@ -232,18 +239,32 @@ class Engine:
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
-        for served in self.models.values():
-            if not served.scheduler.has_work():
-                continue
-            scheduled = served.scheduler.schedule()
-            if not scheduled:
-                continue
-            sampled = served.runner.step(scheduled)
-            now = time.perf_counter()
+
+        def postprocess(served: ServedModel, scheduled: list[ScheduledSeq],
+                        sampled: dict[int, tuple[int, TokenLogprob | None]], now: float) -> None:
             for i, s in enumerate(scheduled):
                 s.seq.num_computed += s.num_new_tokens
                 if i in sampled:
                     outputs.append(self._append(served, s.seq, *sampled[i], now))
+
+        if self.pipeline is None:
+            for served in self.models.values():
+                if not served.scheduler.has_work():
+                    continue
+                scheduled = served.scheduler.schedule()
+                if scheduled:
+                    postprocess(served, scheduled, served.runner.step(scheduled), time.perf_counter())
+        else:
+            batches: list[PipelineBatch] = []
+            for name in self.pipeline.rank([n for n, m in self.models.items() if m.scheduler.has_work()]):
+                if len(batches) == self.pipeline.max_batches:
+                    break
+                served = self.models[name]
+                scheduled = served.scheduler.schedule()
+                if scheduled:
+                    batches.append(PipelineBatch(name, served.runner, scheduled))
+            for batch, result in zip(batches, self.pipeline.run(batches), strict=True):
+                postprocess(self.models[batch.model], batch.scheduled, result.sampled, result.done_s)
         self._maintain_kv()
         return outputs
 

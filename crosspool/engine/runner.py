@@ -1,4 +1,8 @@
-"""Model runner: turns a scheduled step into a ForwardBatch, runs the model, samples next tokens."""
+"""Model runner: turns a scheduled step into a ForwardBatch, runs the model, samples next tokens.
+
+`step` is the three pieces back to back: `prepare` (the batch), the model's sub-steps (`stages`), and
+`sample_tokens` (logits + next tokens). The pipeline scheduler calls the pieces itself to interleave batches.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import torch
 from crosspool.engine.sampler import TokenLogprob, sample
 from crosspool.engine.scheduler import ScheduledSeq
 from crosspool.models.batch import ForwardBatch, PagedCache
-from crosspool.models.model import MoEModel
+from crosspool.models.model import MoEModel, Stages
 
 
 def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.device) -> ForwardBatch:
@@ -56,8 +60,19 @@ class ModelRunner:
     def step(self, scheduled: list[ScheduledSeq]) -> dict[int, tuple[int, TokenLogprob | None]]:
         """Run one step; returns {index in `scheduled`: (sampled token, its logprobs)} for sequences
         that complete."""
-        batch = build_batch(scheduled, self.cache.block_size, self.device)
-        hidden = self.model.forward(batch, self.cache)
+        batch = self.prepare(scheduled)
+        return self.sample_tokens(scheduled, batch, self.model.forward(batch, self.cache))
+
+    def prepare(self, scheduled: list[ScheduledSeq]) -> ForwardBatch:
+        return build_batch(scheduled, self.cache.block_size, self.device)
+
+    def stages(self, batch: ForwardBatch) -> Stages:
+        """The model's forward as sub-steps (see `MoEModel.forward_stages`)."""
+        return self.model.forward_stages(batch, self.cache)
+
+    def sample_tokens(self, scheduled: list[ScheduledSeq], batch: ForwardBatch,
+                      hidden: torch.Tensor) -> dict[int, tuple[int, TokenLogprob | None]]:
+        """Next tokens of the sequences that complete, from the final hidden states of the batch."""
         completing = [i for i, s in enumerate(scheduled) if s.completes]
         if not completing:
             return {}
@@ -69,5 +84,5 @@ class ModelRunner:
 
     def logits_for(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Debug/parity path: run one step and return logits of EVERY scheduled token."""
-        batch = build_batch(scheduled, self.cache.block_size, self.device)
+        batch = self.prepare(scheduled)
         return self.model.compute_logits(self.model.forward(batch, self.cache))

@@ -1,13 +1,16 @@
 """One served model as the KV-cache pool sees it: its attention side plus a handle to its FFN.
 
 `forward` runs layer by layer: attention (and the residual stream) here, the FFN wherever the weights
-pool is — a plain call on one device, a transport round trip across ranks. The pipeline scheduler
-drives the two sides separately.
+pool is — a plain call on one device, a transport round trip across ranks. `forward_stages` is the same
+computation cut into sub-steps (one attention, one FFN per layer) so the pipeline scheduler can drive
+the two sides of several batches in its own order; `forward` just runs those sub-steps back to back.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -18,9 +21,33 @@ from crosspool.models.ffn_side import FFNSide
 from crosspool.models.loader import load_checkpoint
 from crosspool.models.spec import ModelSpec
 
+ATTENTION_SIDE, FFN_SIDE = "attention", "ffn"
+
 
 class FFN(Protocol):
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SubStep:
+    """The sub-step the next resume of `forward_stages` runs. `handoff` is the one [tokens, hidden] tensor
+    it takes from the other side (None for the first), so whoever drives the sides can order that hand-off."""
+
+    side: str                      # ATTENTION_SIDE | FFN_SIDE
+    layer: int                     # on the attention side, num_layers means the final residual add
+    handoff: torch.Tensor | None
+
+
+Stages = Generator[SubStep, None, torch.Tensor]
+
+
+def run_stages(stages: Stages) -> torch.Tensor:
+    """Run every sub-step in order; the final hidden states."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value
 
 
 class MoEModel:
@@ -39,12 +66,26 @@ class MoEModel:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: PagedCache) -> torch.Tensor:
         """Final hidden states (before the final norm) of every token in the batch."""
+        return run_stages(self.forward_stages(batch, cache))
+
+    @torch.inference_mode()
+    def forward_stages(self, batch: ForwardBatch, cache: PagedCache) -> Stages:
+        """`forward` as a generator of sub-steps: it yields the SubStep it will run next and runs it on the
+        following resume, so nothing runs until the first resume after the first yield. Sides alternate:
+        attention(0) [with the embedding], FFN(0), attention(1) [with the residual add of FFN(0)], ...,
+        FFN(L-1), then the final residual add (attention side, layer L), whose result is returned."""
+        yield SubStep(ATTENTION_SIDE, 0, None)
         hidden = self.attention.embed(batch.input_ids)
         rope = self.attention.rope_tables(batch.positions)
+        ffn_out: torch.Tensor | None = None
         for layer in range(self.spec.num_layers):
+            if ffn_out is not None:
+                hidden = hidden + ffn_out
             hidden, x = self.attention.attention_block(layer, hidden, batch, cache, rope)
-            hidden = hidden + self.ffn.forward(layer, x)
-        return hidden
+            yield SubStep(FFN_SIDE, layer, x)
+            ffn_out = self.ffn.forward(layer, x)
+            yield SubStep(ATTENTION_SIDE, layer + 1, ffn_out)
+        return hidden + ffn_out
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
