@@ -76,11 +76,11 @@ class CpuPageBackend:
         vrange.mem.madvise(mmap.MADV_DONTNEED, first_page * self.page_bytes, num_pages * self.page_bytes)
 
     def release(self, vrange: _CpuRange) -> None:
-        vrange.data = torch.empty(0, dtype=torch.uint8)   # drop the view before closing the mapping
-        try:
-            vrange.mem.close()
-        except BufferError:
-            pass   # a tensor view is still alive somewhere; the mapping goes when it does
+        # Return the memory now, but leave the mapping to the garbage collector: tensors made from it keep
+        # the mmap alive, and closing it under them would turn a stray read (a traceback printing a
+        # tensor) into a segfault.
+        vrange.mem.madvise(mmap.MADV_DONTNEED, 0, vrange.nbytes)
+        vrange.data = torch.empty(0, dtype=torch.uint8)
 
 
 @dataclass
