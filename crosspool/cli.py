@@ -76,7 +76,15 @@ def _generate_one(llm, args: argparse.Namespace) -> int:  # noqa: ANN001
 def cmd_serve(args: argparse.Namespace) -> int:
     from crosspool.server.serve import parse_models, serve
 
-    return serve(parse_models(args.model), _layout(args), args.host, args.port, args.api_key, args.max_in_flight,
+    models, layout = parse_models(args.model or []), _layout(args)
+    if args.plan:
+        from crosspool.server.serve import apply_plan
+
+        given = any(getattr(args, f) for f in ("kv_devices", "weights_devices", "kv_ranks", "weights_ranks"))
+        models, layout = apply_plan(args.plan, models, layout, layout_given=given)
+    if not models:
+        raise ValueError("no models: give --model NAME=DIR (repeatable) or --plan FILE")
+    return serve(models, layout, args.host, args.port, args.api_key, args.max_in_flight,
                  args.shutdown_timeout, args.kv_cache_gb)
 
 
@@ -116,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible server for several models")
-    sv.add_argument("--model", action="append", required=True, metavar="NAME=DIR", help="repeatable")
+    sv.add_argument("--model", action="append", metavar="NAME=DIR", help="repeatable (default: the plan's models)")
+    sv.add_argument("--plan", default=None, help="plan file from `crosspool plan`: pool sizes, devices, KV caps")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (admin endpoints always)")

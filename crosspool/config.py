@@ -15,6 +15,7 @@ class EngineConfig:
     block_size: int = 16                      # tokens per KV block
     kv_cache_bytes: int | None = None         # KV budget over all models (default: see Engine)
     num_kv_blocks: int | None = None          # per-model block count override (tests force preemption)
+    kv_caps_bytes: dict[str, int] | None = None   # most KV bytes each named model may hold (a plan's caps)
     max_num_seqs: int = 64                    # running sequences per model
     max_num_batched_tokens: int = 2048        # tokens per model step (prefill chunks + decodes)
     enable_chunked_prefill: bool = True

@@ -90,8 +90,10 @@ def test_step_clock_shares_steps_between_sequences() -> None:
     rng = np.random.default_rng(0)
     models, seqs = rng.integers(1, 4, 600), rng.integers(1, 17, 600)
     tokens = np.where(np.arange(600) % 2 == 0, 0, rng.integers(1, 1000, 600))
-    load = np.column_stack([models, np.maximum(seqs, models), seqs * rng.integers(16, 1000, 600), tokens, tokens**2])
-    truth = StepTimeModel(0.0002, 0.0015, 0.0004, 6e-7, 2e-5, 7e-8)
+    chunks = np.where(tokens > 0, rng.integers(1, 4, 600), 0)
+    load = np.column_stack([models, np.maximum(seqs, models), seqs * rng.integers(16, 1000, 600), chunks, tokens,
+                            tokens**2])
+    truth = StepTimeModel(0.0002, 0.0015, 0.0004, 6e-7, 0.003, 2e-5, 7e-8)
     fitted = StepTimeModel.fit(load, np.array([truth.step_s(*row) for row in load]) + rng.normal(0, 2e-5, 600))
     assert fitted.as_list() == pytest.approx(truth.as_list(), rel=0.05, abs=2e-5)
 
@@ -268,8 +270,9 @@ def test_cli_end_to_end(tmp_path: Path, tiny_pair: list[str], capsys: pytest.Cap
     assert _cli(tmp_path, tiny_pair, "--workload", str(tmp_path / "trace.jsonl")) == 0
     assert load_plan(tmp_path / "plan.json").models[0].rate_rps == pytest.approx(1.0, rel=0.05)
     # holding times from a fitted engine step-time model
-    assert _cli(tmp_path, tiny_pair, "--rate", "o=2", "--rate", "d=1", "--step-time", "0,0.0015,3e-4,1e-6,0,5e-8") == 0
-    assert load_plan(tmp_path / "plan.json").step_time_s == [0, 0.0015, 3e-4, 1e-6, 0, 5e-8]
+    step_time = "0,0.0015,3e-4,1e-6,0,0,5e-8"
+    assert _cli(tmp_path, tiny_pair, "--rate", "o=2", "--rate", "d=1", "--step-time", step_time) == 0
+    assert load_plan(tmp_path / "plan.json").step_time_s == [0, 0.0015, 3e-4, 1e-6, 0, 0, 5e-8]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -279,10 +282,39 @@ def test_cli_end_to_end(tmp_path: Path, tiny_pair: list[str], capsys: pytest.Cap
     (["--rate", "o=1", "--rate", "d=1", "--workload", "/nonexistent/trace.jsonl"], "not found"),
     (["--rate", "o=1", "--rate", "d=1", "--percentile", "150"], r"percentile must be in \(0, 100\)"),
     (["--rate", "o=1", "--rate", "d=1", "--device-memory-gb", "0.0001"], "does not fit"),
-    (["--rate", "o=1", "--rate", "d=1", "--step-time", "0.1,0.2"], "needs 6 coefficients"),
+    (["--rate", "o=1", "--rate", "d=1", "--step-time", "0.1,0.2"], "needs 7 coefficients"),
 ])
 def test_cli_bad_inputs(tmp_path: Path, tiny_pair: list[str], capsys: pytest.CaptureFixture[str],
                         extra: list[str], message: str) -> None:
     assert _cli(tmp_path, tiny_pair, *extra) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "plan.json").exists()
+
+
+def test_serve_takes_its_pool_sizes_and_caps_from_a_plan(tmp_path: Path, tiny_pair: list[str]) -> None:
+    import json
+
+    from crosspool.config import EngineConfig
+    from crosspool.engine.engine import Engine
+    from crosspool.server.serve import apply_plan
+
+    assert _cli(tmp_path, tiny_pair, "--devices", "cpu", "--rate", "o=2", "--rate", "d=1") == 0
+    plan_file = tmp_path / "plan.json"
+    plan = json.loads(plan_file.read_text())
+    models, layout = apply_plan(str(plan_file), {}, {"device": "cpu"}, layout_given=False)
+    assert set(models) == {"o", "d"} and layout["kv_cache_bytes"] == plan["kv_pool_bytes"]
+    caps = {m["name"]: m["kv_cap_bytes"] for m in plan["models"]}
+    assert layout["kv_caps_bytes"] == caps
+    engine = Engine(models, EngineConfig(**layout))
+    try:
+        assert engine.kv_pool.total_pages * engine.kv_pool.page_bytes == plan["kv_pool_bytes"]
+        for name, served in engine.models.items():
+            assert served.blocks.num_blocks * served.blocks.kv.block_bytes <= caps[name]
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="no traffic model"):
+        apply_plan(str(plan_file), {"other": models["o"]}, {"device": "cpu"}, layout_given=False)
+    plan["kv_pool_bytes"] = 1 << 50                                     # a petabyte of KV: cannot fit
+    plan_file.write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_plan(str(plan_file), {}, {"device": "cpu"}, layout_given=False)

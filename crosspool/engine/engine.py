@@ -98,7 +98,9 @@ class Engine:
     def _attach_kv(self, m: ServedModel) -> None:
         cfg = self.config
         kv = self.kv_pool.register(m.name, m.model.spec, cfg.block_size, cfg.dtype)
-        m.blocks = BlockManager(kv, cfg.num_kv_blocks)
+        caps = [c for c in (cfg.num_kv_blocks,
+                            (cfg.kv_caps_bytes or {}).get(m.name, 0) // kv.block_bytes or None) if c]
+        m.blocks = BlockManager(kv, min(caps) if caps else None)
         m.scheduler = Scheduler(cfg, m.blocks)
         m.runner = ModelRunner(m.model, kv, self.device)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -45,6 +46,35 @@ def parse_models(specs: list[str]) -> dict[str, str]:
     return models
 
 
+def device_memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def apply_plan(plan_path: str, models: dict[str, str], layout: dict[str, object],
+               layout_given: bool) -> tuple[dict[str, str], dict[str, object]]:
+    """Models and EngineConfig settings from a plan file (`crosspool plan`). Refuses, with the plan's
+    own message, a plan that does not fit these devices or models it does not cover."""
+    from crosspool.config import layout_settings
+    from crosspool.planner.plan import load_plan
+
+    plan = load_plan(plan_path)
+    planned = {m.name: m.path for m in plan.models}
+    models = models or planned
+    missing = sorted(set(models) - set(planned))
+    if missing:
+        raise ValueError(f"the plan {plan_path} has no traffic model for {missing}; re-plan with them")
+    if not layout_given:
+        layout = {**layout, **layout_settings(",".join(plan.kv_devices), ",".join(plan.weights_devices))}
+    plan.check_fits([device_memory_bytes(d) for d in plan.devices])
+    kv_ranks = len(layout.get("kv_devices") or ()) or 1
+    return models, {**layout, "kv_cache_bytes": plan.kv_pool_bytes // kv_ranks,
+                    "kv_caps_bytes": plan.per_model_kv_caps}
+
+
 def describe(engine) -> str:  # noqa: ANN001
     cfg = engine.config
     pool = engine.kv_pool
@@ -61,6 +91,7 @@ def describe(engine) -> str:  # noqa: ANN001
 
 def serve(models: dict[str, str], layout: dict[str, object], host: str, port: int, api_key: str | None,
           max_in_flight: int, shutdown_timeout_s: float, kv_cache_gb: float | None) -> int:
+    """Run the server (blocks until SIGTERM/SIGINT). `layout` holds EngineConfig settings."""
     import uvicorn
 
     from crosspool.server.app import build_app
@@ -68,7 +99,9 @@ def serve(models: dict[str, str], layout: dict[str, object], host: str, port: in
 
     setup_logging()
     t0 = time.perf_counter()
-    cfg = EngineConfig(**layout, kv_cache_bytes=int(kv_cache_gb * 2**30) if kv_cache_gb else None)
+    if kv_cache_gb:
+        layout = {**layout, "kv_cache_bytes": int(kv_cache_gb * 2**30)}
+    cfg = EngineConfig(**layout)
     engine = create_engine(models, cfg)
     print(f"loaded {len(models)} model(s) in {time.perf_counter() - t0:.1f} s\n{describe(engine)}", flush=True)
     runtime = EngineRuntime(engine, max_in_flight=max_in_flight)
