@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from crosspool.planner.workload import SHAREGPT, BurstProcess, LengthDist, Logno
 from crosspool.pools.kv_pool import PAGE_BYTES
 
 TINY = {"olmoe": "tiny-olmoe", "qwen2moe": "tiny-qwen2-moe", "dsv2": "tiny-deepseek-v2"}
-RATES = {"olmoe": 0.8, "qwen2moe": 0.5, "dsv2": 1.0}
+RATES = {"olmoe": 0.4, "qwen2moe": 0.25, "dsv2": 0.5}    # cold: the CPU engine is busy ~1/3 of the time
 # ShareGPT-like means with CPU-sized caps (tiny models' context is 2048)
 CPU_SHAREGPT = LengthDist("sharegpt-cpu", prompt=Lognormal(250, 1.0, 4, 1024), output=Lognormal(200, 1.0, 1, 1024))
 
@@ -54,8 +55,8 @@ SCENARIOS = (
 )
 
 
-def _traffic(s: Scenario) -> dict[str, ModelTraffic]:
-    return {n: ModelTraffic(r, s.burstiness, CPU_SHAREGPT) for n, r in RATES.items()}
+def _traffic(s: Scenario, rate_scale: float = 1.0) -> dict[str, ModelTraffic]:
+    return {n: ModelTraffic(r * rate_scale, s.burstiness, CPU_SHAREGPT) for n, r in RATES.items()}
 
 
 @dataclass
@@ -65,23 +66,25 @@ class Measured:
     requests: list[tuple[str, int, int, float, float, float]]   # model, P, O, admitted, first token, done
     wall_s: float
     preemptions: int
-    steps: np.ndarray                      # [steps, 6]: the step's load (`_load`) and its seconds
+    steps: np.ndarray                      # [steps, 7]: the step's load (`_load`) and its seconds
 
 
-def run_engine(engine, reqs: Requests, horizon_s: float, stride: dict[str, int]) -> Measured:  # noqa: ANN001
-    """Replay `reqs` through the engine; see the module docstring for the clock."""
+def run_engine(engine, reqs: Requests, horizon_s: float, stride: dict[str, int],  # noqa: ANN001
+               timer: Callable[[], float] = time.thread_time) -> Measured:
+    """Replay `reqs` through the engine; see the module docstring for the clock (`timer`: the engine
+    thread's CPU time on a shared CPU, wall time on a GPU machine)."""
     from crosspool.engine.sampling import SamplingParams
 
     rng = np.random.default_rng(0)
-    wall_start, start, skipped, i = time.perf_counter(), time.thread_time(), 0.0, 0
+    wall_start, start, skipped, i = time.perf_counter(), timer(), 0.0, 0
     ids: dict[str, tuple[str, int, int, float]] = {}
     done: list[tuple[str, int, int, float, float, float]] = []
     first_token: dict[str, float] = {}
     samples: list[tuple[float, float, float]] = []       # (clock, demand, pinned) after each step
-    steps: list[tuple[int, int, int, int, int, float]] = []
+    steps: list[tuple[int, int, int, int, int, int, float]] = []
 
     def clock() -> float:
-        return time.thread_time() - start + skipped
+        return timer() - start + skipped
 
     while i < len(reqs) or engine.has_unfinished():
         now = clock()
@@ -112,10 +115,10 @@ def run_engine(engine, reqs: Requests, horizon_s: float, stride: dict[str, int])
                     time.perf_counter() - wall_start, preempt, np.array(steps))
 
 
-def _load(engine) -> tuple[int, int, int, int, int]:  # noqa: ANN001
+def _load(engine) -> tuple[int, int, int, int, int, int]:  # noqa: ANN001
     """The arguments of `StepTimeModel.step_s` for the coming step: models with work, sequences in the
-    engine, context tokens of the decoding ones, prompt tokens of the prefill chunks, their pairs."""
-    models = seqs = context = prefill = pairs = 0
+    engine, context tokens of the decoding ones, prefill chunks, their prompt tokens and pairs."""
+    models = seqs = context = chunks = prefill = pairs = 0
     budget = engine.config.max_num_batched_tokens
     for m in engine.models.values():
         s = m.scheduler
@@ -126,11 +129,12 @@ def _load(engine) -> tuple[int, int, int, int, int]:  # noqa: ANN001
             left = seq.num_tokens - seq.num_computed
             if left > 1:
                 chunk = min(left, budget)
+                chunks += 1
                 prefill += chunk
                 pairs += chunk * (seq.num_computed + chunk)
             else:
                 context += seq.num_tokens
-    return models, seqs, context, prefill, pairs
+    return models, seqs, context, chunks, prefill, pairs
 
 
 def _pinned(engine) -> float:  # noqa: ANN001
@@ -141,14 +145,14 @@ def _pinned(engine) -> float:  # noqa: ANN001
 
 def calibration_trace(models: list[str], lengths: LengthDist, max_model_len: int, seed: int,
                       max_output: int = 256) -> Requests:
-    """Batches far apart (idle gaps cost nothing): 1-3 models with 1, 4 or 16 sequences each, lengths drawn
+    """Batches far apart (idle gaps cost nothing): 1-3 models with 1-32 sequences each, lengths drawn
     from the workload (outputs capped to keep it short), so the decode terms are measured over the load
     and the mix of contexts they will see; then single prompts of 64-1024 tokens for the prefill terms."""
     rng = np.random.default_rng(seed)
     rows = []
     t = 0.0
     for active in range(1, len(models) + 1):
-        for per_model in (1, 4, 16):
+        for per_model in (1, 4, 16, 32):
             p, o = lengths.sample(rng, active * per_model, max_model_len)
             rows += [(j % active, t, pj, min(oj, max_output)) for j, (pj, oj) in enumerate(zip(p, o, strict=True))]
             t += 1000.0
@@ -173,36 +177,41 @@ def constant_speeds(measured: Measured, profiles: dict[str, KVProfile]) -> dict[
     return out
 
 
-def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int, seed: int) -> dict:
+def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int, seed: int,
+                device: str = "cpu", rate_scale: float = 1.0) -> dict:
     from crosspool.config import EngineConfig
     from crosspool.engine.engine import Engine
     from crosspool.models.loader import load_spec
     from crosspool.models.make_model import make_model
 
-    torch.set_num_threads(1)               # the engine's CPU time is then its thread's time
+    torch.set_num_threads(1)               # on CPU the engine's time is then its thread's time
+    timer = time.thread_time if device == "cpu" else time.perf_counter
+    dtype_bytes = 4 if device == "cpu" else 2                              # fp32 on CPU, bf16 on GPU
     dirs = {}
     for name, preset in TINY.items():
         d = models_dir / preset
         dirs[name] = d if (d / "config.json").is_file() else make_model(preset, d, seed=1, progress=False)
     specs = {n: load_spec(d) for n, d in dirs.items()}
-    cfg = EngineConfig(kv_cache_bytes=512 << 20, block_size=16)           # fp32 on CPU; never full
-    stride = {n: block_geometry(s, cfg.block_size, 4)[0] for n, s in specs.items()}
-    bundle = {n: block_geometry(s, cfg.block_size, 4)[1] for n, s in specs.items()}
+    cfg = EngineConfig(device=device, kv_cache_bytes=512 << 20, block_size=16)     # never full
+    stride = {n: block_geometry(s, cfg.block_size, dtype_bytes)[0] for n, s in specs.items()}
+    bundle = {n: block_geometry(s, cfg.block_size, dtype_bytes)[1] for n, s in specs.items()}
     base = {n: KVProfile(stride[n], cfg.block_size, max_model_len=s.max_position_embeddings)
             for n, s in specs.items()}
     max_len = {n: p.max_model_len for n, p in base.items()}
-    results: dict = {"models": {n: TINY[n] for n in dirs}, "rates_rps": RATES, "horizon_s": horizon_s,
+    results: dict = {"models": {n: TINY[n] for n in dirs}, "rates_rps": {n: r * rate_scale for n, r in RATES.items()},
+                     "horizon_s": horizon_s,
+                     "device": device, "clock": "thread CPU time" if device == "cpu" else "wall time",
                      "lengths": "prompt lognormal mean 250 sigma 1 in [4, 1024], output mean 200 sigma 1 in [1, 1024]"}
     engine = Engine({n: str(d) for n, d in dirs.items()}, cfg)
     try:
         run_engine(engine, generate(_traffic(SCENARIOS[0]), max_len, 0.0, 5.0, np.random.default_rng(seed + 98)),
-                   5.0, stride)                                            # first-call costs
+                   5.0, stride, timer)                                            # first-call costs
         calib_reqs = calibration_trace(list(dirs), CPU_SHAREGPT, min(max_len.values()), seed + 97)
-        calib = run_engine(engine, calib_reqs, float(calib_reqs.arrival_s[-1]) + 1000.0, stride)
-        clock = StepTimeModel.fit(calib.steps[:, :5], calib.steps[:, 5])
+        calib = run_engine(engine, calib_reqs, float(calib_reqs.arrival_s[-1]) + 1000.0, stride, timer)
+        clock = StepTimeModel.fit(calib.steps[:, :6], calib.steps[:, 6])
         # for comparison: constant per-model speeds, measured on a short Poisson trace
-        poisson = run_engine(engine, generate(_traffic(SCENARIOS[0]), max_len, 0.0, calib_s,
-                                              np.random.default_rng(seed + 99)), calib_s, stride)
+        poisson = run_engine(engine, generate(_traffic(SCENARIOS[0], rate_scale), max_len, 0.0, calib_s,
+                                              np.random.default_rng(seed + 99)), calib_s, stride, timer)
         const = constant_speeds(poisson, base)
         results["calibration"] = {"steps": len(calib.steps), "step_time_s": clock.as_list(),
                                   "calib_wall_s": calib.wall_s, "poisson_trace_s": calib_s,
@@ -210,11 +219,12 @@ def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int,
         print("calibrated:", json.dumps(results["calibration"]), flush=True)
         rows = []
         for k, sc in enumerate(SCENARIOS):
-            reqs = generate(_traffic(sc), max_len, 0.0, horizon_s, np.random.default_rng(seed + k), sc.burst)
-            m = run_engine(engine, reqs, horizon_s, stride)
+            traffic = _traffic(sc, rate_scale)
+            reqs = generate(traffic, max_len, 0.0, horizon_s, np.random.default_rng(seed + k), sc.burst)
+            m = run_engine(engine, reqs, horizon_s, stride, timer)
             same = replay(reqs, base, 0.0, horizon_s, clock).sample()
             same_const = replay(reqs, const, 0.0, horizon_s).sample()
-            mc = simulate(_traffic(sc), base, horizon_s, trials, seed, sc.burst, clock)
+            mc = simulate(traffic, base, horizon_s, trials, seed, sc.burst, clock)
             est = estimate_quantile(mc.aggregate, 99)
             per_trial = [s.quantile(0.99) for s in mc.aggregate]
             row = {
@@ -227,7 +237,7 @@ def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int,
                 "mc_p99": est.value, "mc_ci": [est.low, est.high], "mc_mean": pool(mc.aggregate).mean(),
                 "mc_single_trace_p99_5_95": [float(np.percentile(per_trial, 5)), float(np.percentile(per_trial, 95))],
                 # the calibrated step-time model on this trace's own steps: predicted / measured busy time
-                "step_model_time_ratio": sum(clock.step_s(*row[:5]) for row in m.steps) / float(m.steps[:, 5].sum()),
+                "step_model_time_ratio": sum(clock.step_s(*row[:6]) for row in m.steps) / float(m.steps[:, 6].sum()),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -325,11 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table-max-num-seqs", type=int, default=16)
     p.add_argument("--table-max-model-len", type=int, default=8192)
+    p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the replayed traces' rates")
+    p.add_argument("--device", default="cpu", help="engine device for the replay part (cpu | cuda)")
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
     results: dict = {}
     if args.part in ("replay", "all"):
-        results.update(part_replay(Path(args.models_dir), args.horizon_s, args.calib_s, args.trials, args.seed))
+        results.update(part_replay(Path(args.models_dir), args.horizon_s, args.calib_s, args.trials, args.seed,
+                                   args.device, args.rate_scale))
     if args.part in ("table", "all"):
         results["table"] = part_table(args.trials, 600.0, args.seed, args.table_max_num_seqs,
                                       args.table_max_model_len)

@@ -59,9 +59,10 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"decode tokens/s per sequence (default {DEFAULT_DECODE_TPS:g}; repeatable per model)")
     p.add_argument("--prefill-tps", action="append", default=[], metavar="[NAME=]TPS",
                    help=f"prefill tokens/s per request (default {DEFAULT_PREFILL_TPS:g}; repeatable per model)")
-    p.add_argument("--step-time", default=None, metavar="B,M,S,C,T,P",
-                   help="engine step seconds = B + M*models + S*sequences + C*context tokens + T*prompt tokens "
-                        "+ P*prompt pairs (as fitted by crosspool.bench.plan_vs_measured); replaces the speeds")
+    p.add_argument("--step-time", default=None, metavar="B,M,S,C,K,T,P",
+                   help="engine step seconds = B + M*models + S*sequences + C*context tokens + K*prompt chunks + "
+                        "T*prompt tokens + P*prompt pairs (as fitted by crosspool.bench.plan_vs_measured); "
+                        "replaces the per-model speeds")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="KV cache and weights dtype")
     p.add_argument("--max-num-seqs", type=int, default=64, help="per model, for the worst-case reservation")
@@ -171,8 +172,8 @@ def build_inputs(args: argparse.Namespace) -> tuple[list[ModelInput], PlanSettin
             coefs = [float(x) for x in args.step_time.split(",")]
         except ValueError:
             raise ValueError(f"--step-time {args.step_time!r}: expected comma-separated seconds") from None
-        if len(coefs) != 6:
-            raise ValueError(f"--step-time needs 6 coefficients (B,M,S,C,T,P), got {len(coefs)}")
+        if len(coefs) != 7:
+            raise ValueError(f"--step-time needs 7 coefficients (B,M,S,C,K,T,P), got {len(coefs)}")
         step_time = StepTimeModel(*coefs)
     settings = PlanSettings(
         percentile=args.percentile, confidence=args.confidence, horizon_s=args.horizon_s, trials=args.trials,

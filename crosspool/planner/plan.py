@@ -171,7 +171,7 @@ class Plan:
         if self.step_time_s:
             lines.append("  holding times: the engine's shared step clock, step seconds = "
                          f"{' / '.join(f'{c:.3g}' for c in self.step_time_s)} (base / model / sequence / "
-                         "context token / prompt token / prompt pair); per-model speeds unused")
+                         "context token / prompt chunk / prompt token / prompt pair); per-model speeds unused")
         lo, hi = self.demand_ci_bytes
         saved = self.worst_case_total_bytes - self.kv_pool_bytes
         lines += [

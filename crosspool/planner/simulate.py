@@ -2,10 +2,12 @@
 
 Owns the holding model and the trials. A request is admitted on arrival (an infinite server: demand
 is what the pool *would* hold, never limited by it) and holds KV blocks as the engine allocates them:
-its prompt in chunks of `prefill_chunk_tokens` at `prefill_tps`, then one block each time decoding
-crosses a block boundary at `decode_tps` tokens/s per sequence, until its last token is sampled, when
-all its blocks are freed. A request of P prompt and O output tokens thus peaks at ceil((P+O-1)/block)
-blocks (the last sampled token's KV is never written), as in the engine's scheduler.
+its prompt in chunks of `prefill_chunk_tokens`, then one block each time decoding crosses a block
+boundary, until its last token is sampled, when all its blocks are freed. A request of P prompt and O
+output tokens thus peaks at ceil((P+O-1)/block) blocks (the last sampled token's KV is never written), as
+in the engine's scheduler. Time runs at per-model constant speeds (`prefill_tps`, `decode_tps` per
+sequence: requests independent, the GPU default) or on the engine's shared step clock
+(`crosspool.planner.step_clock`: a chunk or a token per step, step time from the load).
 
 `simulate` runs independent trials (each a fresh warm-up plus `horizon_s` of traffic) and returns each
 trial's time-weighted demand distribution, aggregate and per model; `overflow_stats` replays the same
@@ -104,6 +106,7 @@ def load_events(prompt: np.ndarray, output: np.ndarray, prof: KVProfile) -> Load
                                chunks + output - 1.0, c.astype(float), c + 1.0]),
         d_seqs=np.concatenate([ones, -ones, zeros_r, zeros_r, zeros_c, zeros_c]),
         d_context=np.concatenate([zeros_r, zeros_r, context, -context, zeros_c, zeros_c]),
+        d_chunks=np.concatenate([zeros_r, zeros_r, zeros_r, zeros_r, np.ones_like(tokens), -np.ones_like(tokens)]),
         d_prefill=np.concatenate([zeros_r, zeros_r, zeros_r, zeros_r, tokens, -tokens]),
         d_pairs=np.concatenate([zeros_r, zeros_r, zeros_r, zeros_r, pairs, -pairs]),
     )
@@ -155,7 +158,8 @@ def replay(requests: Requests, profiles: Mapping[str, KVProfile], start_s: float
         parts.append((sel[owner], offset, delta * prof.block_bytes, np.full(len(owner), i, np.int64)))
         if clock is not None:
             ev = load_events(p, o, prof)
-            loads.append(LoadEvents(sel[ev.owner], ev.offset, ev.d_seqs, ev.d_context, ev.d_prefill, ev.d_pairs))
+            loads.append(LoadEvents(sel[ev.owner], ev.offset, ev.d_seqs, ev.d_context, ev.d_chunks, ev.d_prefill,
+                                    ev.d_pairs))
     if not parts:
         empty = np.empty(0)
         return Timeline(empty, empty, empty, np.empty(0, np.int64), reqs.models, start_s, end_s, empty)

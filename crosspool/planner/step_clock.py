@@ -24,13 +24,14 @@ import numpy as np
 @dataclass(frozen=True, slots=True)
 class StepTimeModel:
     """Seconds of one engine step, linear in its load: base + per model with work + per sequence + per
-    context token of the decoding sequences + per prompt token and per (prompt token x context) pair of
-    the step's prefill chunks (attention over a prompt is quadratic in it)."""
+    context token of the decoding sequences + per prompt chunk, per prompt token and per (prompt token x
+    context) pair of the step's prefill chunks (attention over a prompt is quadratic in it)."""
 
     base_s: float = 0.0
     per_model_s: float = 0.0
     per_seq_s: float = 0.0
     per_context_token_s: float = 0.0
+    per_prefill_chunk_s: float = 0.0
     per_prefill_token_s: float = 0.0
     per_prefill_pair_s: float = 0.0
 
@@ -38,19 +39,19 @@ class StepTimeModel:
         if min(self.as_list()) < 0 or not self.step_s(1, 1) > 0:
             raise ValueError(f"step time coefficients must be >= 0 and give a positive step time, got {self.as_list()}")
 
-    def step_s(self, models: float, seqs: float, context_tokens: float = 0.0, prefill_tokens: float = 0.0,
-               prefill_pairs: float = 0.0) -> float:
+    def step_s(self, models: float, seqs: float, context_tokens: float = 0.0, prefill_chunks: float = 0.0,
+               prefill_tokens: float = 0.0, prefill_pairs: float = 0.0) -> float:
         return (self.base_s + self.per_model_s * models + self.per_seq_s * seqs
-                + self.per_context_token_s * context_tokens + self.per_prefill_token_s * prefill_tokens
-                + self.per_prefill_pair_s * prefill_pairs)
+                + self.per_context_token_s * context_tokens + self.per_prefill_chunk_s * prefill_chunks
+                + self.per_prefill_token_s * prefill_tokens + self.per_prefill_pair_s * prefill_pairs)
 
     def as_list(self) -> list[float]:
-        return [self.base_s, self.per_model_s, self.per_seq_s, self.per_context_token_s, self.per_prefill_token_s,
-                self.per_prefill_pair_s]
+        return [self.base_s, self.per_model_s, self.per_seq_s, self.per_context_token_s, self.per_prefill_chunk_s,
+                self.per_prefill_token_s, self.per_prefill_pair_s]
 
     @staticmethod
     def fit(load: np.ndarray, step_s: np.ndarray) -> StepTimeModel:
-        """Fit to measured steps; `load`: [steps, 5] the arguments of `step_s` for each step. The decode
+        """Fit to measured steps; `load`: [steps, 6] the arguments of `step_s` for each step. The decode
         terms come from the steps without prefill, then the prefill terms from what is left of the other
         steps' time, so the two do not trade off."""
         load = np.asarray(load, float)
@@ -59,7 +60,7 @@ class StepTimeModel:
         x = np.column_stack([np.ones(len(load)), load[:, :3]])
         decode_terms = _nnls(x[decode], step_s[decode])
         rest = step_s[~decode] - x[~decode] @ np.array(decode_terms)
-        prefill_terms = _nnls(load[~decode, 3:5], rest) if (~decode).any() else [0.0, 0.0]
+        prefill_terms = _nnls(load[~decode, 3:6], rest) if (~decode).any() else [0.0, 0.0, 0.0]
         return StepTimeModel(*decode_terms, *prefill_terms)
 
 
@@ -86,20 +87,21 @@ class LoadEvents:
     offset: np.ndarray                     # steps after arrival
     d_seqs: np.ndarray
     d_context: np.ndarray                  # context tokens of decoding sequences (each at its mean length)
-    d_prefill: np.ndarray                  # prompt tokens in the step from here on
+    d_chunks: np.ndarray                   # prompt chunks in the step from here on
+    d_prefill: np.ndarray                  # their prompt tokens
     d_pairs: np.ndarray                    # their (token x context) pairs
 
 
 def run_step_clock(arrival_s: np.ndarray, model: np.ndarray, num_models: int, load: LoadEvents,
                    clock: StepTimeModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(knot times, steps done at the knots, each request's arrival step). `arrival_s` sorted."""
-    by_owner: list[list[tuple[float, int, float, int, int]]] = [[] for _ in range(len(arrival_s))]
+    by_owner: list[list[tuple]] = [[] for _ in range(len(arrival_s))]
     for o, *row in zip(load.owner.tolist(), load.offset.tolist(), load.d_seqs.tolist(), load.d_context.tolist(),
-                       load.d_prefill.tolist(), load.d_pairs.tolist(), strict=True):
+                       load.d_chunks.tolist(), load.d_prefill.tolist(), load.d_pairs.tolist(), strict=True):
         by_owner[o].append(tuple(row))
     idle_s = max(clock.step_s(0, 0), 1e-6)
     t = float(arrival_s[0]) if len(arrival_s) else 0.0
-    k, seqs, context, prefill, pairs, active = 0.0, 0, 0.0, 0, 0, 0
+    k, seqs, context, chunks, prefill, pairs, active = 0.0, 0, 0.0, 0, 0, 0, 0
     per_model = [0] * num_models
     step, i, n = idle_s, 0, len(arrival_s)
     heap: list[tuple] = []                 # (step, tie-break, request, load deltas)
@@ -116,7 +118,7 @@ def run_step_clock(arrival_s: np.ndarray, model: np.ndarray, num_models: int, lo
                 tie += 1
             i += 1
             continue
-        kt, _, r, dq, dc, dp, dpp = heapq.heappop(heap)
+        kt, _, r, dq, dc, dch, dp, dpp = heapq.heappop(heap)
         t, k = t + (kt - k) * step, kt
         m = int(model[r])
         if dq:
@@ -125,9 +127,10 @@ def run_step_clock(arrival_s: np.ndarray, model: np.ndarray, num_models: int, lo
             active += (per_model[m] > 0) - (before > 0)
         seqs += dq
         context += dc
+        chunks += dch
         prefill += dp
         pairs += dpp
-        step = clock.step_s(active, seqs, context, prefill, pairs) if seqs else idle_s
+        step = clock.step_s(active, seqs, context, chunks, prefill, pairs) if seqs else idle_s
         knots_t.append(t)
         knots_k.append(k)
     return np.array(knots_t), np.array(knots_k), arrival_k
