@@ -30,7 +30,14 @@ import torch
 from crosspool.planner.plan import GIB, fmt_bytes
 from crosspool.planner.quantile import WeightedSample, estimate_quantile, pool
 from crosspool.planner.simulate import KVProfile, replay, simulate
-from crosspool.planner.sizing import ModelInput, PlanSettings, block_geometry, make_plan, round_up
+from crosspool.planner.sizing import (
+    FRAGMENTATION_BUNDLES,
+    ModelInput,
+    PlanSettings,
+    block_geometry,
+    make_plan,
+    round_up,
+)
 from crosspool.planner.step_clock import StepTimeModel
 from crosspool.planner.workload import SHAREGPT, BurstProcess, LengthDist, Lognormal, ModelTraffic, Requests, generate
 from crosspool.pools.kv_pool import PAGE_BYTES
@@ -194,7 +201,7 @@ def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int,
     specs = {n: load_spec(d) for n, d in dirs.items()}
     cfg = EngineConfig(device=device, kv_cache_bytes=512 << 20, block_size=16)     # never full
     stride = {n: block_geometry(s, cfg.block_size, dtype_bytes)[0] for n, s in specs.items()}
-    bundle = {n: block_geometry(s, cfg.block_size, dtype_bytes)[1] for n, s in specs.items()}
+    slack = FRAGMENTATION_BUNDLES * sum(block_geometry(s, cfg.block_size, dtype_bytes)[1] for s in specs.values())
     base = {n: KVProfile(stride[n], cfg.block_size, max_model_len=s.max_position_embeddings)
             for n, s in specs.items()}
     max_len = {n: p.max_model_len for n, p in base.items()}
@@ -231,7 +238,7 @@ def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int,
                 "scenario": sc.name, "requests": len(reqs), "wall_s": m.wall_s, "preemptions": m.preemptions,
                 "measured_p99": m.demand.quantile(0.99), "measured_mean": m.demand.mean(),
                 "measured_pinned_p99": m.pinned.quantile(0.99),
-                "planned_pool": round_up(same.quantile(0.99) + sum(bundle.values()), PAGE_BYTES),
+                "planned_pool": round_up(same.quantile(0.99) + slack, PAGE_BYTES),
                 "replay_p99": same.quantile(0.99), "replay_mean": same.mean(),
                 "replay_const_p99": same_const.quantile(0.99), "replay_const_mean": same_const.mean(),
                 "mc_p99": est.value, "mc_ci": [est.low, est.high], "mc_mean": pool(mc.aggregate).mean(),
@@ -306,7 +313,7 @@ def _markdown(results: dict) -> str:
                 f"({r['replay_const_p99'] / meas - 1:+.1%}) | {fmt_bytes(r['mc_p99'])} "
                 f"[{fmt_bytes(r['mc_ci'][0])}, {fmt_bytes(r['mc_ci'][1])}] | "
                 f"{fmt_bytes(r['mc_single_trace_p99_5_95'][0])} - {fmt_bytes(r['mc_single_trace_p99_5_95'][1])} |")
-        lines += ["", "| trace | step model / measured busy time | planned pool (P99 + a bundle per model) | "
+        lines += ["", "| trace | step model / measured busy time | planned pool (P99 + 2 bundles per model) | "
                   "measured P99 of bundles in use | preemptions |", "|---|---:|---:|---:|---:|"]
         for r in results["traces"]:
             lines.append(f"| {r['scenario']} | {r['step_model_time_ratio']:.3f} | {fmt_bytes(r['planned_pool'])} | "

@@ -62,7 +62,7 @@ class Plan:
     demand_ci_bytes: tuple[float, float]
     demand_mean_bytes: float
     demand_max_bytes: float                 # mean over trials of each trial's maximum
-    fragmentation_bytes: int                # one partly filled page bundle per model
+    fragmentation_bytes: int                # partly used page bundles (`sizing.FRAGMENTATION_BUNDLES` per model)
     kv_pool_bytes: int                      # quantile + fragmentation, rounded up to whole pages
     page_bytes: int
     weights_pool_bytes: int
@@ -179,7 +179,7 @@ class Plan:
             f"{fmt_bytes(self.demand_quantile_bytes)} ({self.confidence:.0%} CI {fmt_bytes(lo)} - {fmt_bytes(hi)}), "
             f"mean peak per trial {fmt_bytes(self.demand_max_bytes)}",
             f"KV pool: {fmt_bytes(self.kv_pool_bytes)} (P{self.percentile:g} + {fmt_bytes(self.fragmentation_bytes)} "
-            f"for one partly used page bundle per model, whole {fmt_bytes(self.page_bytes)} pages)",
+            f"for partly used page bundles, whole {fmt_bytes(self.page_bytes)} pages)",
             f"  overflow {self.overflow_probability:.2%} of the time, "
             f"{self.overflow_episodes_per_hour:.3g} episodes/h; "
             f"{self.requests_delayed_fraction:.2%} of requests alive during one would queue or be preempted "

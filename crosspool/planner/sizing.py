@@ -3,7 +3,8 @@
 Owns the planner's decisions: per-model sizes read from each `ModelSpec` (KV bytes per token for MHA,
 GQA and MLA; the attention-side and FFN-side weight bytes of its checkpoint layout; the pool bytes a KV
 block occupies inside its page bundle), the KV pool size (the chosen percentile of simulated aggregate
-demand plus one partly used page bundle per model, in whole 2 MiB pages), per-model KV caps, and which
+demand plus `FRAGMENTATION_BUNDLES` partly used page bundles per model, in whole 2 MiB pages), per-model
+KV caps, and which
 devices serve which pool. The simulation and statistics are `simulate` and `quantile`.
 """
 
@@ -24,6 +25,9 @@ from crosspool.pools.kv_pool import PAGE_BYTES, bundle_shape
 
 DEFAULT_DECODE_TPS = 50.0                  # tokens/s per decoding sequence
 DEFAULT_PREFILL_TPS = 5000.0               # prompt tokens/s per request
+# A bundle goes back to the pool only when all its blocks are free, so a model with requests coming and
+# going holds partly used bundles; replays through the engine saw up to about two per model.
+FRAGMENTATION_BUNDLES = 2
 
 
 def weight_bytes(spec: ModelSpec, dtype_bytes: int) -> tuple[int, int]:
@@ -139,7 +143,7 @@ def make_plan(models: list[ModelInput], settings: PlanSettings, devices: list[st
     alone = {n: pool(v).quantile(s.percentile / 100) for n, v in samples.per_model.items()}
 
     bundles = {m.name: block_geometry(m.spec, s.block_size, s.dtype_bytes)[1] for m in models}
-    fragmentation = sum(bundles.values())
+    fragmentation = FRAGMENTATION_BUNDLES * sum(bundles.values())
     kv_pool_bytes = round_up(est.value + fragmentation, PAGE_BYTES)
     bar.set_description("checking overflow")
     over = overflow_stats(traffic, profiles, kv_pool_bytes - fragmentation, s.horizon_s, s.trials, s.seed,
