@@ -2,17 +2,21 @@
 
 `replay` part: three traces over tiny models of three families (Poisson, gamma-bursty, and correlated
 on/off bursts across models) are replayed through the real engine, requests added at their arrival
-times on a wall clock that skips idle gaps (the clock advances by the wall time of each loop iteration;
-when nothing runs it jumps to the next arrival). Aggregate demand = sum over models of used blocks x the
-pool bytes per block, sampled after every engine step and weighted by the time until the next sample.
-The simulator's decode/prefill speeds are calibrated first from a short replay of a separate trace.
+times on a clock that skips idle gaps: it advances by the time of each loop iteration (the engine
+thread's CPU time on a CPU shared with other work, so other processes do not stretch it; wall time on a
+GPU machine), and when nothing runs it jumps to the next arrival. Aggregate demand = sum over models of
+used blocks x the pool bytes per block, sampled after every engine step and weighted by the time until
+the next sample.
+The simulator's step-time model is calibrated first: its shape from a designed sweep of batches (1-3
+models, 1-32 sequences each, the workload's lengths, single prompts), its scale from a short Poisson trace.
 Predictions: the simulator replaying the same trace (trace-conditional), and the planner's Monte-Carlo
 from the traffic description alone (with its interval and the 5-95% range of single-trace P99s).
 
 `table` part: per-model worst-case reservation vs the planned shared pool for 4-8 real-shape models
 (specs from the presets; no checkpoints).
 
-    python -m crosspool.bench.plan_vs_measured [--part replay|table|all] [--horizon-s 60] [--out results.json]
+    python -m crosspool.bench.plan_vs_measured [--part replay|table|all] [--horizon-s 120] [--rate-scale 1]
+        [--device cpu|cuda] [--out results.json]
 """
 
 from __future__ import annotations
@@ -215,12 +219,15 @@ def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int,
                    5.0, stride, timer)                                            # first-call costs
         calib_reqs = calibration_trace(list(dirs), CPU_SHAREGPT, min(max_len.values()), seed + 97)
         calib = run_engine(engine, calib_reqs, float(calib_reqs.arrival_s[-1]) + 1000.0, stride, timer)
-        clock = StepTimeModel.fit(calib.steps[:, :6], calib.steps[:, 6])
-        # for comparison: constant per-model speeds, measured on a short Poisson trace
+        shape = StepTimeModel.fit(calib.steps[:, :6], calib.steps[:, 6])
+        # a short Poisson trace of the traffic: the step model's overall scale (the engine's per-step cost
+        # drifts by ~10% between runs on this shared CPU), and constant per-model speeds for comparison
         poisson = run_engine(engine, generate(_traffic(SCENARIOS[0], rate_scale), max_len, 0.0, calib_s,
                                               np.random.default_rng(seed + 99)), calib_s, stride, timer)
+        scale = float(poisson.steps[:, 6].sum()) / sum(shape.step_s(*row[:6]) for row in poisson.steps)
+        clock = shape.scaled(scale)
         const = constant_speeds(poisson, base)
-        results["calibration"] = {"steps": len(calib.steps), "step_time_s": clock.as_list(),
+        results["calibration"] = {"steps": len(calib.steps), "step_time_s": clock.as_list(), "scale": scale,
                                   "calib_wall_s": calib.wall_s, "poisson_trace_s": calib_s,
                                   "constant_speeds": {n: [p.decode_tps, p.prefill_tps] for n, p in const.items()}}
         print("calibrated:", json.dumps(results["calibration"]), flush=True)
@@ -336,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["replay", "table", "all"], default="all")
     p.add_argument("--models-dir", default="models/plan_bench")
-    p.add_argument("--horizon-s", type=float, default=60.0, help="seconds of traffic per replayed trace")
+    p.add_argument("--horizon-s", type=float, default=120.0, help="seconds of traffic per replayed trace")
     p.add_argument("--calib-s", type=float, default=30.0, help="seconds of the calibration trace")
     p.add_argument("--trials", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)

@@ -176,9 +176,10 @@ def make_plan(models: list[ModelInput], settings: PlanSettings, devices: list[st
     for p in plans:
         longest = -(-p.max_model_len // p.block_size) * p.block_bytes
         if longest > per_device_kv:
-            warnings.append(f"{p.name}: one {p.max_model_len}-token request needs {fmt_bytes(longest)} of KV, more "
-                            f"than one KV device's share of the pool ({fmt_bytes(per_device_kv)}); such requests "
-                            "queue until the pool has room or are rejected")
+            fits = int(per_device_kv // p.block_bytes) * p.block_size
+            warnings.append(f"{p.name}: a {p.max_model_len}-token request needs {fmt_bytes(longest)} of KV, more than "
+                            f"a KV device's share of the pool ({fmt_bytes(per_device_kv)}): the engine rejects "
+                            f"requests over {fits} tokens (lower --max-model-len or size the pool up)")
     if est.value > 0 and (est.high - est.low) / est.value > 0.10:
         warnings.append(f"the {est.confidence:.0%} interval of the P{s.percentile:g} is wider than 10% of it: "
                         "raise --trials or --horizon-s")

@@ -49,6 +49,9 @@ class StepTimeModel:
         return [self.base_s, self.per_model_s, self.per_seq_s, self.per_context_token_s, self.per_prefill_chunk_s,
                 self.per_prefill_token_s, self.per_prefill_pair_s]
 
+    def scaled(self, factor: float) -> StepTimeModel:
+        return StepTimeModel(*(c * factor for c in self.as_list()))
+
     @staticmethod
     def fit(load: np.ndarray, step_s: np.ndarray) -> StepTimeModel:
         """Fit to measured steps; `load`: [steps, 6] the arguments of `step_s` for each step. The decode
