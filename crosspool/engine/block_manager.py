@@ -34,11 +34,12 @@ class BlockManager:
         return max(0, blocks_for(num_tokens, self.block_size) - len(seq.block_table))
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_tokens) <= self.num_free
+        need = self.blocks_needed(seq, num_tokens)
+        return need <= self.num_blocks - self.num_used and self.kv.can_alloc(need)
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         need = self.blocks_needed(seq, num_tokens)
-        if need > self.num_free:
+        if not self.can_grow(seq, num_tokens):
             raise RuntimeError(f"out of KV blocks: need {need}, {self.num_free} free")
         seq.block_table.extend(self.kv.alloc(need))
         self.num_used += need

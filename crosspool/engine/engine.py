@@ -148,11 +148,10 @@ class Engine:
             self.layout.weights.remove(name)
 
     def close(self) -> None:
-        """Release every KV page and stop pool workers."""
+        """Stop the KV maintainer and release every KV page."""
         if self.kv_maintainer is not None:
             self.kv_maintainer.close()
         self.kv_pool.close()
-        self.layout.close()
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, model: str, prompt: str | list[int], params: SamplingParams | None = None,

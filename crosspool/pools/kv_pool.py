@@ -123,12 +123,17 @@ class ModelKV:
         pending = len(self._pending) * self.bundle_blocks      # being mapped by another thread
         return len(self._free) + pending + (pages // self.bundle_pages) * self.bundle_blocks
 
+    def can_alloc(self, n: int) -> bool:
+        """Whether n blocks are obtainable. The decode path almost always finds them among the mapped free
+        blocks (the maintainer keeps a reserve); only otherwise are other models' idle bundles counted."""
+        return n <= len(self._free) or n <= self.num_free_blocks()
+
     def alloc(self, n: int) -> list[int]:
         """n free blocks, mapping bundles as needed. Driver calls run outside the lock, so other
         models' allocations and frees never wait on this model's mapping."""
         while True:
             with self.pool.lock:
-                if n > self.num_free_blocks():
+                if not self.can_alloc(n):
                     raise KVPoolFullError(f"{self.name}: need {n} blocks, {self.num_free_blocks()} obtainable")
                 if len(self._free) >= n:
                     out = [self._free.pop() for _ in range(n)]

@@ -47,6 +47,3 @@ class PoolLayout:
                 budget = int(torch.cuda.mem_get_info(self.device)[0] * GPU_KV_FRACTION)
             return KVPool(budget, CudaPageBackend(self.device))
         return KVPool(budget or CPU_KV_BYTES, CpuPageBackend())
-
-    def close(self) -> None:
-        pass
