@@ -23,22 +23,26 @@ def _add_layout_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights-devices", default=None, help="device(s) of the weights pool, e.g. cuda:1,cuda:2")
     g.add_argument("--kv-ranks", type=int, default=None, help="CPU: KV-pool processes (gloo)")
     g.add_argument("--weights-ranks", type=int, default=None, help="CPU: weights-pool processes (gloo)")
-    g.add_argument("--kernels", choices=["torch", "triton"], default="torch",
-                   help="torch reference ops, or the Triton kernels (paged attention, fused MoE)")
+    g.add_argument("--kernels", choices=["torch", "triton"], default=None,
+                   help="torch reference ops, or the Triton kernels (paged attention, fused MoE); "
+                        "default: triton on a GPU, torch on the CPU")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                   help="run decode steps eagerly instead of replaying CUDA graphs")
 
 
 def _layout(args: argparse.Namespace) -> dict[str, object]:
     from crosspool.config import layout_settings
 
     return {**layout_settings(args.kv_devices, args.weights_devices, args.kv_ranks, args.weights_ranks,
-                              default_device=_device(args.device)), "kernels": args.kernels}
+                              default_device=_device(args.device)), "kernels": args.kernels,
+            "cuda_graphs": args.cuda_graphs}
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
     from crosspool.models.make_model import make_model
 
     out = make_model(args.preset, args.out, layers=args.layers, seed=args.seed, dtype=args.dtype,
-                     progress=not args.quiet)
+                     progress=not args.quiet, device=args.device)
     print(f"wrote {args.preset} to {out}")
     return 0
 
@@ -95,6 +99,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     max_tokens=args.max_tokens, seed=args.seed)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from crosspool.bench import decode
+
+    return decode.main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crosspool", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -106,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32")
     m.add_argument("--quiet", action="store_true")
+    m.add_argument("--device", default="cpu", help="draw the random values here (cuda: much faster for large presets)")
     m.set_defaults(func=cmd_make_model)
 
     g = sub.add_parser("generate", help="complete one prompt offline")
@@ -138,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     from crosspool.planner.cli import add_plan_parser
 
     add_plan_parser(sub)
+
+    b = sub.add_parser("bench", help="benchmarks: `crosspool bench decode --help`", add_help=False)
+    b.add_argument("which", choices=["decode"])
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="serve a mixed workload over tiny models of several families")
     d.add_argument("--models-dir", default="models/demo")

@@ -24,7 +24,8 @@ class EngineConfig:
     weights_ranks: int = 0                    # >0: FFN weights sharded over this many worker processes
     weights_devices: tuple[str, ...] = ()     # one per weights rank (default: the engine's device type)
     kv_background_maintenance: bool | None = None   # map/unmap KV pages on a thread (default: on GPU)
-    kernels: str = "torch"                    # "torch" reference ops | "triton" (crosspool.kernels)
+    kernels: str | None = None                # "torch" reference ops | "triton" (default: triton on GPU)
+    cuda_graphs: bool | None = None           # decode steps as CUDA graph replays (default: on with GPU + triton)
     # layer-wise pipeline (crosspool.engine.pipeline): interleave attention and FFN sub-steps of two batches;
     # one process only: with pool ranks every FFN is a blocking tick of the exchange, so the engine runs unpipelined
     pipeline: bool = False
@@ -44,6 +45,10 @@ class EngineConfig:
             self.weights_ranks = len(self.weights_devices)
         if self.weights_ranks and not self.weights_devices:
             self.weights_devices = (self.device,) * self.weights_ranks
+        if self.kernels is None:
+            from crosspool.kernels import triton_available
+
+            self.kernels = "triton" if self.device.startswith("cuda") and triton_available() else "torch"
         if self.kernels not in ("torch", "triton"):
             raise ValueError(f"kernels must be 'torch' or 'triton', got {self.kernels!r}")
         if self.kernels == "triton":
@@ -54,6 +59,10 @@ class EngineConfig:
             if not self.device.startswith("cuda"):
                 # Triton compiles for GPUs only; on the CPU its kernels run in the interpreter (slow, exact)
                 os.environ.setdefault("TRITON_INTERPRET", "1")
+        if self.cuda_graphs is None:
+            self.cuda_graphs = self.device.startswith("cuda") and self.kernels == "triton"
+        if self.cuda_graphs and self.kernels != "triton":
+            raise ValueError("cuda_graphs needs kernels='triton' (the torch reference path syncs with the host)")
         if self.weights_ranks < 0:
             raise ValueError(f"weights_ranks must be >= 0, got {self.weights_ranks}")
         if self.weights_devices and len(self.weights_devices) != self.weights_ranks:

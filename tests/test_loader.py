@@ -350,7 +350,7 @@ def _layer_states(model: MoEModel, ids: list[int], block_size: int = 16) -> tupl
         states.append(("embed", hidden))
         rope = model.attention.rope_tables(batch.positions)
         for layer in range(spec.num_layers):
-            hidden, x = model.attention.attention_block(layer, hidden, batch, cache, rope)
+            hidden, x = model.attention.attention_block(layer, hidden, None, batch, cache, rope)
             states.append((f"layer {layer} attention", hidden))
             hidden = hidden + model.ffn.forward(layer, x)
             states.append((f"layer {layer} ffn", hidden))

@@ -1,21 +1,36 @@
-"""Decode throughput of one model at fixed batch sizes: steady-state step time when every sequence of
-the batch is decoding. Prints a markdown table row per batch size and writes JSON when asked.
+"""Decode step time of one model against the memory-bandwidth floor.
 
-    python -m crosspool.bench.decode --model DIR --batch-sizes 1,16 --prompt-len 128 --output-len 64
+    crosspool bench decode --model DIR [--batch 1,8,32] [--context 1024,8192] [--output-len 48]
+                           [--kernels torch|triton] [--no-cuda-graphs] [--hf] [--json FILE]
+
+For each (context, batch): B requests with `context`-token prompts are prefilled, then decode steps with every
+sequence decoding are timed. Reported per cell: wall time per step (host + device), device span of the step
+(CUDA events around the model's work: metadata copies + graph replay, or the eager launches) and the host
+fraction of the step (1 - span / wall: the time the GPU waits for Python); the bytes the step must touch
+(`crosspool.bench.traffic`: weights, the experts the batch routed to, counted on the device over the last
+steps, and the KV); the achieved bandwidth (bytes / wall) and its fraction of the device-to-device copy
+bandwidth measured in the same run. `--hf` adds HF transformers' `generate` on the same checkpoint and GPU
+(batch 1, the first context). Results go to `bench/results/` as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
+from crosspool.bench import traffic
 from crosspool.config import EngineConfig
 from crosspool.engine.engine import Engine
 from crosspool.engine.sampling import SamplingParams
+
+COUNT_STEPS = 4     # trailing decode steps run eagerly with expert counting (not timed)
 
 
 def _sync(device: torch.device) -> None:
@@ -23,52 +38,170 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_batch(engine: Engine, name: str, batch: int, prompt_len: int, output_len: int) -> dict:
-    vocab = engine.models[name].model.spec.vocab_size
-    gen = torch.Generator().manual_seed(batch)
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: int, warmup: int = 3) -> dict:
+    served = engine.models[name]
+    model, runner, sched = served.model, served.runner, served.scheduler
+    spec = model.spec
+    cell: dict = {"batch": batch, "context": context}
+    need = batch * -(-(context + output_len) // engine.config.block_size)
+    if need > served.blocks.num_blocks or context + output_len > served.max_model_len:
+        cell["skipped"] = (f"needs {need} KV blocks ({need * served.blocks.kv.block_bytes / 2**30:.1f} GiB), "
+                           f"pool holds {served.blocks.num_blocks}; max_model_len {served.max_model_len}")
+        return cell
+    gen = torch.Generator().manual_seed(batch * 100_003 + context)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     for _ in range(batch):
-        engine.add_request(name, torch.randint(0, vocab - 10, (prompt_len,), generator=gen).tolist(), params)
-    step_s: list[float] = []
-    while engine.has_unfinished():
-        running = engine.models[name].scheduler
-        decoding = (not running.waiting and len(running.running) == batch
-                    and all(s.num_computed == s.num_tokens - 1 for s in running.running))
+        engine.add_request(name, torch.randint(0, spec.vocab_size - 10, (context,), generator=gen).tolist(), params)
+    t0 = time.perf_counter()
+    while not (not sched.waiting and len(sched.running) == batch
+               and all(s.num_computed == s.num_tokens - 1 for s in sched.running)):
+        engine.step()
+    cell["prefill_s"] = time.perf_counter() - t0
+    wall, spans, lens, hits = [], [], [], []
+    graphs = runner.graphs
+    timed = output_len - 1 - COUNT_STEPS
+    for i in range(output_len - 1):
+        counting = i >= timed
+        if counting:    # eager, counting routed experts per layer
+            runner.graphs = None
+            ffn = model.ffn
+            experts = spec.routing.num_experts if spec.routing else 1
+            ffn.expert_hits = torch.zeros(spec.num_layers, experts, dtype=torch.int32, device=engine.device)
+        step_lens = [s.num_computed + 1 for s in sched.running]
+        runner.gpu_spans = []
         _sync(engine.device)
-        t0 = time.perf_counter()
+        t = time.perf_counter()
         engine.step()
         _sync(engine.device)
-        if decoding:
-            step_s.append(time.perf_counter() - t0)
-    steady = step_s[2:] if len(step_s) > 4 else step_s   # skip the first steps (allocator warm-up)
-    mean = statistics.mean(steady)
-    return {"batch": batch, "steps": len(steady), "step_ms_mean": mean * 1e3,
-            "step_ms_p50": statistics.median(steady) * 1e3, "tokens_per_s": batch / mean}
+        elapsed = time.perf_counter() - t
+        if counting:
+            hits.append(ffn.expert_hits.sum(1).tolist())
+        elif i >= warmup:
+            wall.append(elapsed)
+            lens.append(sum(step_lens))
+            spans.extend(a.elapsed_time(b) / 1e3 for a, b in runner.gpu_spans)
+    runner.graphs, runner.gpu_spans = graphs, None
+    if hasattr(model.ffn, "expert_hits"):
+        model.ffn.expert_hits = None
+    while engine.has_unfinished():
+        engine.step()
+    experts = [statistics.mean(h[layer] for h in hits) for layer in range(spec.num_layers)]
+    mean_wall = statistics.mean(wall)
+    weight_bytes = traffic.attention_bytes(model.attention, batch) + traffic.ffn_bytes(model.ffn, experts)
+    kv = statistics.mean(lens) * spec.kv_bytes_per_token(torch.finfo(engine.config.dtype).bits // 8)
+    cell.update({
+        "steps": len(wall), "step_ms": mean_wall * 1e3, "step_ms_p50": statistics.median(wall) * 1e3,
+        "tokens_per_s": batch / mean_wall,
+        "experts_per_moe_layer": statistics.mean(e for e, w in zip(experts, model.ffn.w.layers, strict=True)
+                                                 if "experts_gate_up" in w) if spec.routing else 0,
+        "weight_bytes": weight_bytes, "kv_bytes": kv, "bytes": weight_bytes + kv,
+    })
+    if spans:
+        span = statistics.mean(spans)
+        cell.update({"device_span_ms": span * 1e3, "host_fraction": max(0.0, 1 - span / mean_wall)})
+    return cell
+
+
+def hf_generate_ms(model_dir: str, context: int, new_tokens: int, device: str) -> float:
+    """Per-token time of transformers' generate (batch 1, greedy, KV cache on) on the same checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    ids = torch.randint(0, hf.config.vocab_size - 10, (1, context), device=device)
+    mask = torch.ones_like(ids)
+    times = []
+    for n in (1, new_tokens + 1):     # per-token time = (T(n+1) - T(1)) / n: takes the prefill out
+        hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        _sync(torch.device(device))
+        t = time.perf_counter()
+        hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        _sync(torch.device(device))
+        times.append(time.perf_counter() - t)
+    del hf
+    torch.cuda.empty_cache()
+    return (times[1] - times[0]) / new_tokens * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="crosspool bench decode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--batch-sizes", default="1,16")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--batch", default="1,16", help="batch sizes, comma separated")
+    p.add_argument("--context", default="128", help="prompt lengths, comma separated")
+    p.add_argument("--output-len", type=int, default=48)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kv-cache-gb", type=float, default=None)
-    p.add_argument("--json", default=None, help="write results to this file")
-    p.add_argument("--kernels", choices=["torch", "triton"], default="torch")
+    p.add_argument("--kernels", choices=["torch", "triton"], default=None)
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--hf", action="store_true", help="also time transformers' generate (batch 1)")
+    p.add_argument("--label", default="", help="free text stored with the results")
+    p.add_argument("--json", default=None, help="results file (default: bench/results/decode-<model>-<time>.json)")
     args = p.parse_args(argv)
+    if args.output_len < COUNT_STEPS + 6:
+        p.error(f"--output-len must be at least {COUNT_STEPS + 6}")
+    device = torch.device(args.device)
     kv_bytes = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
-    engine = Engine({"m": args.model}, EngineConfig(device=args.device, kv_cache_bytes=kv_bytes,
-                                                    kernels=args.kernels))
-    bench_batch(engine, "m", 1, 16, 4)   # warm-up
-    rows = [bench_batch(engine, "m", int(b), args.prompt_len, args.output_len) for b in args.batch_sizes.split(",")]
-    print("| batch | decode step ms (mean) | p50 | tokens/s |")
-    print("|---:|---:|---:|---:|")
+    copy_bw = traffic.copy_bandwidth(device) if device.type == "cuda" else None
+    contexts = [int(c) for c in args.context.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
+    config = EngineConfig(device=args.device, kv_cache_bytes=kv_bytes, kernels=args.kernels,
+                          cuda_graphs=args.cuda_graphs, max_num_seqs=max(args.max_num_seqs, max(batches)),
+                          max_model_len=max(contexts) + args.output_len)
+    t0 = time.perf_counter()
+    engine = Engine({"m": args.model}, config)
+    load_s = time.perf_counter() - t0
+    graphs = engine.models["m"].runner.graphs
+    capture = None
+    if graphs is not None and graphs.capture:
+        seconds, grown = graphs.capture_all()
+        capture = {"seconds": sum(seconds.values()), "buckets": len(seconds), "pool_bytes": grown}
+        print(f"captured {len(seconds)} decode graphs in {sum(seconds.values()):.1f} s, "
+              f"graph pool {grown / 2**20:.0f} MiB", flush=True)
+    bench_cell(engine, "m", 1, 16, COUNT_STEPS + 8)    # warm-up (kernels compile)
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            row = bench_cell(engine, "m", batch, context, args.output_len)
+            if copy_bw and "step_ms" in row:
+                row["bandwidth"] = row["bytes"] / (row["step_ms"] / 1e3)
+                row["copy_bw_fraction"] = row["bandwidth"] / copy_bw
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    engine.close()
+    hf_ms = hf_generate_ms(args.model, contexts[0], 32, args.device) if args.hf else None
+    result = {
+        "model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": datetime.date.today().isoformat(), "commit": _git_commit(), "label": args.label,
+        "kernels": config.kernels, "cuda_graphs": config.cuda_graphs, "copy_bandwidth": copy_bw,
+        "load_s": load_s, "capture": capture, "hf_generate_ms_per_token": hf_ms, "rows": rows,
+    }
+    print(f"\n{config.kernels} kernels, cuda graphs {'on' if config.cuda_graphs else 'off'}, "
+          f"copy bandwidth {copy_bw / 1e12:.2f} TB/s" if copy_bw else "")
+    print("| context | batch | step ms | tokens/s | host frac | experts/layer | MB touched | frac of copy bw |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['batch']} | {r['step_ms_mean']:.2f} | {r['step_ms_p50']:.2f} | {r['tokens_per_s']:.1f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "device": args.device, "rows": rows}, f, indent=2)
+        if "skipped" in r:
+            print(f"| {r['context']} | {r['batch']} | does not fit: {r['skipped']} | | | | | |")
+            continue
+        print(f"| {r['context']} | {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | "
+              f"{r.get('host_fraction', float('nan')):.2f} | {r['experts_per_moe_layer']:.1f} | "
+              f"{r['bytes'] / 1e6:.0f} | {r.get('copy_bw_fraction', float('nan')):.3f} |")
+    if hf_ms is not None:
+        print(f"HF transformers generate, batch 1, context {contexts[0]}: {hf_ms:.2f} ms/token")
+    out = Path(args.json) if args.json else Path("bench/results") / (
+        f"decode-{Path(args.model).name}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

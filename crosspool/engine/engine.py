@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 from crosspool.config import EngineConfig
 from crosspool.engine.block_manager import BlockManager, blocks_for
+from crosspool.engine.graphs import DecodeGraphs
 from crosspool.engine.output import RequestOutput, update_text
 from crosspool.engine.pipeline import PipelineBatch, PipelineScheduler
 from crosspool.engine.runner import ModelRunner
@@ -32,6 +33,7 @@ from crosspool.engine.sampling import SamplingParams
 from crosspool.engine.scheduler import ScheduledSeq, Scheduler
 from crosspool.engine.sequence import SeqStatus, Sequence
 from crosspool.models.attention_side import AttentionSide
+from crosspool.models.ffn_side import FFNSide
 from crosspool.models.loader import load_attention_weights, load_spec
 from crosspool.models.model import MoEModel
 from crosspool.pools.kv_pool import KVMaintainer
@@ -102,7 +104,11 @@ class Engine:
                             (cfg.kv_caps_bytes or {}).get(m.name, 0) // kv.block_bytes or None) if c]
         m.blocks = BlockManager(kv, min(caps) if caps else None)
         m.scheduler = Scheduler(cfg, m.blocks)
-        m.runner = ModelRunner(m.model, kv, self.device)
+        graphs = None
+        if cfg.cuda_graphs and isinstance(m.model.ffn, FFNSide):   # graphs need the FFN in this process
+            graphs = DecodeGraphs(m.model, kv, self.device, cfg.max_num_seqs, m.max_model_len,
+                                  capture=self.device.type == "cuda")
+        m.runner = ModelRunner(m.model, kv, self.device, graphs)
 
     # ---- models at runtime ----------------------------------------------------------------------
     def prepare_model(self, name: str, path: str | os.PathLike[str]) -> ServedModel:

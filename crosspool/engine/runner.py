@@ -2,12 +2,15 @@
 
 `step` is the three pieces back to back: `prepare` (the batch), the model's sub-steps (`stages`), and
 `sample_tokens` (logits + next tokens). The pipeline scheduler calls the pieces itself to interleave batches.
+With `graphs` (CUDA graphs of the decode step, `crosspool.engine.graphs`), a step whose sequences each add
+one token replays a captured graph instead.
 """
 
 from __future__ import annotations
 
 import torch
 
+from crosspool.engine.graphs import DecodeGraphs
 from crosspool.engine.sampler import TokenLogprob, sample
 from crosspool.engine.scheduler import ScheduledSeq
 from crosspool.models.batch import ForwardBatch, PagedCache
@@ -26,13 +29,12 @@ def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.de
     for b, s in enumerate(scheduled):
         seq, start = s.seq, s.seq.num_computed
         end = start + s.num_new_tokens
-        tokens = seq.all_token_ids
         table = seq.block_table
         # pad with the sequence's own first block: kernels never touch a block that may be remapped
         tables[b] = table[0]
         tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
         for pos in range(start, end):
-            ids.append(tokens[pos])
+            ids.append(seq.token_at(pos))
             positions.append(pos)
             seq_index.append(b)
             slots.append(table[pos // block_size] * block_size + pos % block_size)
@@ -52,16 +54,52 @@ def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.de
 
 
 class ModelRunner:
-    def __init__(self, model: MoEModel, cache: PagedCache, device: torch.device) -> None:
+    def __init__(self, model: MoEModel, cache: PagedCache, device: torch.device,
+                 graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.cache = cache
         self.device = device
+        self.graphs = graphs
+        # benchmarks: a list to receive (start, end) CUDA events around each step's device work
+        self.gpu_spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
     def step(self, scheduled: list[ScheduledSeq]) -> dict[int, tuple[int, TokenLogprob | None]]:
         """Run one step; returns {index in `scheduled`: (sampled token, its logprobs)} for sequences
         that complete."""
-        batch = self.prepare(scheduled)
-        return self.sample_tokens(scheduled, batch, self.model.forward(batch, self.cache))
+        start = self._mark()
+        if self.graphs is not None and self._graph_step(scheduled):
+            logits = self._graph_logits(scheduled)
+        else:
+            batch = self.prepare(scheduled)
+            hidden = self.model.forward(batch, self.cache)
+            logits = self.model.compute_logits(hidden[batch.logits_index])
+        if start is not None:
+            self.gpu_spans.append((start, self._mark()))
+        return self._sample(scheduled, logits)
+
+    def _mark(self) -> torch.cuda.Event | None:
+        if self.gpu_spans is None or self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _graph_step(self, scheduled: list[ScheduledSeq]) -> bool:
+        return len(scheduled) <= self.graphs.max_batch and all(s.num_new_tokens == 1 for s in scheduled)
+
+    def _graph_logits(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """Logits of every scheduled sequence's one new token, from a graph replay."""
+        bs = self.cache.block_size
+        ids, positions, slots, lens, tables = [], [], [], [], []
+        for s in scheduled:
+            seq = s.seq
+            pos = seq.num_computed
+            ids.append(seq.token_at(pos))
+            positions.append(pos)
+            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            lens.append(pos + 1)
+            tables.append(seq.block_table)
+        return self.graphs.run(ids, positions, slots, lens, tables)
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> ForwardBatch:
         return build_batch(scheduled, self.cache.block_size, self.device)
@@ -73,10 +111,18 @@ class ModelRunner:
     def sample_tokens(self, scheduled: list[ScheduledSeq], batch: ForwardBatch,
                       hidden: torch.Tensor) -> dict[int, tuple[int, TokenLogprob | None]]:
         """Next tokens of the sequences that complete, from the final hidden states of the batch."""
+        if batch.logits_index.numel() == 0:
+            return {}
+        return self._sample(scheduled, self.model.compute_logits(hidden[batch.logits_index]))
+
+    def _sample(self, scheduled: list[ScheduledSeq], logits: torch.Tensor
+                ) -> dict[int, tuple[int, TokenLogprob | None]]:
+        """logits: one row per completing sequence, or one per scheduled sequence."""
         completing = [i for i, s in enumerate(scheduled) if s.completes]
         if not completing:
             return {}
-        logits = self.model.compute_logits(hidden[batch.logits_index])
+        if logits.shape[0] != len(completing):
+            logits = logits[completing]
         seqs = [scheduled[i].seq for i in completing]
         tokens, logprobs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                                   [s.output_token_ids for s in seqs])

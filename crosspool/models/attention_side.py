@@ -25,6 +25,13 @@ class AttentionSide:
         self.w = weights
         self.triton = kernels == "triton"
         self.inv_freq = ref.rope_inv_freq(spec.rope).to(weights.embed.device)
+        if self.triton and spec.attention != "mla":
+            # one [q + k + v, hidden] projection: one GEMM (one launch, one pass over x) instead of three
+            for w in weights.layers:
+                for suffix in ("weight", "bias"):
+                    names = [f"{p}_proj" + ("" if suffix == "weight" else ".bias") for p in "qkv"]
+                    if all(n in w for n in names):
+                        w["qkv_proj" + ("" if suffix == "weight" else ".bias")] = torch.cat([w.pop(n) for n in names])
         if self.triton and spec.attention == "mla":
             from crosspool.kernels import mla
 
@@ -40,16 +47,38 @@ class AttentionSide:
         return ref.rope_cos_sin(self.spec.rope, positions, self.inv_freq)
 
     def attention_block(
-        self, layer: int, hidden: torch.Tensor, batch: ForwardBatch, cache: PagedCache,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        self, layer: int, hidden: torch.Tensor, delta: torch.Tensor | None, batch: ForwardBatch,
+        cache: PagedCache, rope: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden -> (hidden + attention(norm(hidden)), post-attention norm of that) for the FFN side."""
+        """(hidden, the previous FFN's output or None) -> (h + attention(norm(h)), post-attention norm of
+        that) for the FFN side, where h = hidden + delta."""
         w = self.w.layers[layer]
-        eps = self.spec.rms_norm_eps
-        x = ref.rms_norm(hidden, w["input_layernorm"], eps)
+        x, hidden = self._add_norm(delta, hidden, w["input_layernorm"])
         attend = self._mla if self.spec.attention == "mla" else self._mha
-        hidden = hidden + attend(w, x, batch, cache.layer(layer), rope)
-        return hidden, ref.rms_norm(hidden, w["post_attention_layernorm"], eps)
+        x, hidden = self._add_norm(attend(w, x, batch, cache.layer(layer), rope), hidden,
+                                   w["post_attention_layernorm"])
+        return hidden, x
+
+    def _add_norm(self, delta: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(hidden + delta), hidden + delta); the Triton path fuses the add into the norm."""
+        eps = self.spec.rms_norm_eps
+        if self.triton:
+            from crosspool.kernels import norm_rope
+
+            if delta is None:
+                return norm_rope.rms_norm(hidden, weight, eps), hidden
+            return norm_rope.add_rms_norm(delta, hidden, weight, eps)
+        if delta is not None:
+            hidden = hidden + delta
+        return ref.rms_norm(hidden, weight, eps), hidden
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.triton:
+            from crosspool.kernels import norm_rope
+
+            return norm_rope.rms_norm(x, weight, self.spec.rms_norm_eps)
+        return ref.rms_norm(x, weight, self.spec.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head on the rows given (fp32 logits)."""
@@ -60,18 +89,22 @@ class AttentionSide:
              cache: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         s = self.spec
         t = x.shape[0]
-        q = ref.linear(x, w["q_proj"], w.get("q_proj.bias"))
-        k = ref.linear(x, w["k_proj"], w.get("k_proj.bias"))
-        v = ref.linear(x, w["v_proj"], w.get("v_proj.bias"))
+        if "qkv_proj" in w:
+            q, k, v = ref.linear(x, w["qkv_proj"], w.get("qkv_proj.bias")).split(
+                [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], dim=-1)
+        else:
+            q = ref.linear(x, w["q_proj"], w.get("q_proj.bias"))
+            k = ref.linear(x, w["k_proj"], w.get("k_proj.bias"))
+            v = ref.linear(x, w["v_proj"], w.get("v_proj.bias"))
         if s.qk_norm == "full":
-            q, k = ref.rms_norm(q, w["q_norm"], s.rms_norm_eps), ref.rms_norm(k, w["k_norm"], s.rms_norm_eps)
+            q, k = self._norm(q, w["q_norm"]), self._norm(k, w["k_norm"])
         if s.clip_qkv is not None:
             q, k, v = (z.clamp(-s.clip_qkv, s.clip_qkv) for z in (q, k, v))
         q = q.view(t, s.num_heads, s.head_dim)
         k = k.view(t, s.num_kv_heads, s.head_dim)
         v = v.view(t, s.num_kv_heads, s.head_dim)
         if s.qk_norm == "head":
-            q, k = ref.rms_norm(q, w["q_norm"], s.rms_norm_eps), ref.rms_norm(k, w["k_norm"], s.rms_norm_eps)
+            q, k = self._norm(q, w["q_norm"]), self._norm(k, w["k_norm"])
         if self.triton:
             out = _kernel_attention(q, k, v, batch, cache, rope, s.rope.interleaved, s.softmax_scale)
         else:

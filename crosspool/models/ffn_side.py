@@ -21,6 +21,8 @@ class FFNSide:
         self.spec = spec
         self.w = weights
         self.triton = kernels == "triton"
+        # [layers, experts] flags set to 1 for every expert a batch routes to (benchmarks' byte accounting)
+        self.expert_hits: torch.Tensor | None = None
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         w = self.w.layers[layer]
@@ -31,6 +33,8 @@ class FFNSide:
         router = w["router"]
         logits = ref.linear(x.to(router.dtype), router)
         weights, ids = ref.route(logits, routing, w.get("score_bias"))
+        if self.expert_hits is not None:
+            self.expert_hits[layer, ids.reshape(-1)] = 1
         if self.triton:
             from crosspool.kernels.fused_moe import fused_moe
 

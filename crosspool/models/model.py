@@ -79,9 +79,7 @@ class MoEModel:
         rope = self.attention.rope_tables(batch.positions)
         ffn_out: torch.Tensor | None = None
         for layer in range(self.spec.num_layers):
-            if ffn_out is not None:
-                hidden = hidden + ffn_out
-            hidden, x = self.attention.attention_block(layer, hidden, batch, cache, rope)
+            hidden, x = self.attention.attention_block(layer, hidden, ffn_out, batch, cache, rope)
             yield SubStep(FFN_SIDE, layer, x)
             ffn_out = self.ffn.forward(layer, x)
             yield SubStep(ATTENTION_SIDE, layer + 1, ffn_out)

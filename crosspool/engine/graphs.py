@@ -1,0 +1,150 @@
+"""CUDA graphs of the decode step, one per (model, batch-size bucket).
+
+A decode step of B sequences (one new token each) runs as the replay of the graph captured for the
+smallest bucket >= B: embedding, every layer's attention side and FFN side, the final norm and lm_head, all
+on static input buffers. Per step the host writes the batch's metadata (token ids, positions, KV slots,
+context lengths, block-table rows) into one pinned staging area, copies it to the device in two copies and
+replays one graph; padding rows (B .. bucket) have context length 0 and KV slot -1, so the kernels skip them
+(their FFN rows still run: the buckets are exact up to 8 sequences, where an extra row's experts would cost
+the most).
+
+The KV pool's per-model ranges keep their virtual addresses while pages are mapped and unmapped under them
+(CUDA VMM), so a graph captured once stays valid while the pool grows and shrinks. Split-KV attention is
+captured with a fixed split count per bucket, sized for the model's longest context; splits past a
+sequence's context do nothing.
+
+Graphs need the Triton kernels (the torch reference path syncs with the host and has data-dependent shapes)
+and an FFN in this process. `capture=False` runs the same static-buffer path without capturing (CPU tests).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from crosspool.kernels._common import cdiv
+from crosspool.models.batch import ForwardBatch, PagedCache
+from crosspool.models.model import MoEModel
+
+BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
+           384, 448, 512)
+IDS, POSITIONS, SLOTS, CONTEXT_LENS = range(4)
+
+
+def buckets_up_to(max_batch: int) -> list[int]:
+    return sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
+
+
+@dataclass(slots=True)
+class CapturedStep:
+    graph: torch.cuda.CUDAGraph | None    # None: replayed eagerly (capture=False)
+    batch: ForwardBatch                   # views of the static buffers, sized to the bucket
+    logits: torch.Tensor | None           # [bucket, vocab] fp32, written by each replay
+    capture_s: float
+
+
+class DecodeGraphs:
+    """Static buffers + one captured decode step per bucket, for one model."""
+
+    def __init__(self, model: MoEModel, cache: PagedCache, device: torch.device, max_batch: int,
+                 max_model_len: int, capture: bool = True) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = device
+        self.capture = capture
+        self.buckets = buckets_up_to(max_batch)
+        self.max_batch = max_batch
+        self.max_blocks = cdiv(max_model_len, cache.block_size)
+        self.max_model_len = max_model_len
+        pin = device.type == "cuda"
+        # rows: token ids, positions, KV slots, context lengths (padding: 0, 0, -1, 0)
+        self.host_meta = torch.zeros(4, max_batch, dtype=torch.long, pin_memory=pin)
+        self.host_tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.long, pin_memory=pin)
+        self.meta = torch.zeros(4, max_batch, dtype=torch.long, device=device)
+        self.meta[SLOTS] = -1
+        self.tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.long, device=device)
+        self.rows = torch.arange(max_batch, device=device)
+        self.steps: dict[int, CapturedStep] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def bucket(self, batch_size: int) -> int | None:
+        """The bucket a decode batch of this size replays, None if it is too large for graphs."""
+        for b in self.buckets:
+            if b >= batch_size:
+                return b
+        return None
+
+    def capture_all(self) -> tuple[dict[int, float], int]:
+        """Capture every bucket now, largest first (so smaller ones reuse its memory).
+        Returns ({bucket: capture seconds}, device bytes the graphs' memory pool grew by)."""
+        before = torch.cuda.memory_reserved(self.device) if self.capture else 0
+        for b in reversed(self.buckets):
+            self._step(b)
+        grown = torch.cuda.memory_reserved(self.device) - before if self.capture else 0
+        return {b: s.capture_s for b, s in sorted(self.steps.items())}, grown
+
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
+            block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits [B, vocab] (fp32) of one decode step of B sequences: sequence b has its new token
+        token_ids[b] at positions[b], written to KV slot slots[b], and context_lens[b] keys after the step
+        in the blocks block_tables[b]."""
+        n = len(token_ids)
+        bucket = self.bucket(n)
+        if bucket is None:
+            raise ValueError(f"decode batch of {n} exceeds the largest graph bucket {self.max_batch}")
+        meta = self.host_meta
+        meta[:, :n] = torch.tensor([token_ids, positions, slots, context_lens], dtype=torch.long)
+        meta[:, n:bucket] = 0
+        meta[SLOTS, n:bucket] = -1
+        cols = max(len(t) for t in block_tables)
+        for b, table in enumerate(block_tables):
+            self.host_tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+        # columns past a sequence's blocks keep stale entries: the kernels never read past context_len
+        self.meta[:, :bucket].copy_(meta[:, :bucket], non_blocking=True)
+        self.tables[:n, :cols].copy_(self.host_tables[:n, :cols], non_blocking=True)
+        step = self._step(bucket)
+        if step.graph is not None:
+            step.graph.replay()
+            logits = step.logits
+        else:
+            logits = self._forward(step.batch)
+        return logits[:n]
+
+    # ---- capture ---------------------------------------------------------------------------------
+    def _step(self, bucket: int) -> CapturedStep:
+        step = self.steps.get(bucket)
+        if step is not None:
+            return step
+        batch = ForwardBatch(
+            input_ids=self.meta[IDS, :bucket], positions=self.meta[POSITIONS, :bucket],
+            seq_index=self.rows[:bucket], slot_mapping=self.meta[SLOTS, :bucket],
+            block_tables=self.tables[:bucket], context_lens=self.meta[CONTEXT_LENS, :bucket],
+            logits_index=self.rows[:bucket], cu_seqlens_q=None, max_q_len=1,
+            max_context_len=self.max_model_len,
+        )
+        t0 = time.perf_counter()
+        graph = logits = None
+        if self.capture:
+            # the rows in the static buffers may belong to live sequences: capture over padding only
+            saved = self.meta[:, :bucket].clone()
+            self.meta[:, :bucket] = 0
+            self.meta[SLOTS, :bucket] = -1
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._forward(batch)          # compile the kernels, set up cuBLAS outside the capture
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._forward(batch)
+            self.meta[:, :bucket].copy_(saved)
+            torch.cuda.synchronize(self.device)
+        step = CapturedStep(graph, batch, logits, time.perf_counter() - t0)
+        self.steps[bucket] = step
+        return step
+
+    @torch.inference_mode()
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model.compute_logits(self.model.forward(batch, self.cache))

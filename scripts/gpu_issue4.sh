@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Device calls for issue 4 (fast decode). Usage on the GPU machine (repo root), results under $OUT:
+#   bash scripts/gpu_issue4.sh check    # compiled-kernel tests + engine on the kernels, decode torch vs triton
+#   bash scripts/gpu_issue4.sh fast     # fast path on OLMoE: parity vs torch path, decode bench (graphs/eager/torch/HF)
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+stage=${1:-check}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+if [ "$stage" = check ]; then
+    timeout 240 python3 -m pytest -m "gpu or not gpu" -q tests/test_kernels.py tests/test_kernel_path.py -s \
+        -k "not timings" 2>&1 | tee "$OUT/kernel_tests.txt" | grep -E "passed|failed|Error|error|bf16 max" | tail -60
+    timeout 120 python3 -m pytest -m gpu -q -s tests/test_kernels.py -k timings 2>&1 | tee "$OUT/timings.txt" \
+        | grep -E "us,|passed|failed|Error"
+    python3 -m crosspool.cli make-model --preset olmoe-1b-7b --out /tmp/olmoe --quiet
+    for k in torch triton; do
+        timeout 150 python3 -m crosspool.bench.decode --model /tmp/olmoe --batch-sizes 1,16 --prompt-len 128 \
+            --output-len 64 --kv-cache-gb 16 --kernels $k --json "$OUT/decode_$k.json" 2>&1 | tail -8
+    done
+fi
+if [ "$stage" = fast ]; then
+    t0=$(date +%s)
+    python3 -m crosspool.cli make-model --preset olmoe-1b-7b --out /tmp/olmoe --quiet --device cuda
+    echo "make-model olmoe (values drawn on cuda): $(( $(date +%s) - t0 )) s"
+    timeout 150 python3 -m pytest -q tests/test_kernel_path.py 2>&1 | tail -3
+    timeout 150 python3 -m crosspool.bench.fast_path_parity --model /tmp/olmoe --prompts 8 --max-tokens 64 \
+        --json "$OUT/parity_olmoe.json" 2>&1 | grep -v Loading | tail -10
+    B="python3 -m crosspool.cli bench decode --model /tmp/olmoe --kv-cache-gb 16 --context 1024"
+    timeout 200 $B --batch 1,8,32 --hf --json "$OUT/olmoe_graphs.json" 2>&1 | grep -v "^{" | tail -12
+    timeout 100 $B --batch 1,8 --no-cuda-graphs --json "$OUT/olmoe_eager.json" 2>&1 | grep -v "^{" | tail -6
+    timeout 100 $B --batch 1 --kernels torch --json "$OUT/olmoe_torch.json" 2>&1 | grep -v "^{" | tail -5
+fi
