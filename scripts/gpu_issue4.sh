@@ -18,6 +18,13 @@ if [ "$stage" = check ]; then
             --output-len 64 --kv-cache-gb 16 --kernels $k --json "$OUT/decode_$k.json" 2>&1 | tail -8
     done
 fi
+if [ "$stage" = profile ]; then
+    python3 -m crosspool.cli make-model --preset olmoe-1b-7b --out /tmp/olmoe --quiet --device cuda
+    timeout 100 python3 -m pytest -q tests/test_kernels.py -k "moe" 2>&1 | tail -2
+    timeout 200 python3 -m crosspool.cli bench decode --model /tmp/olmoe --kv-cache-gb 16 --context 1024 \
+        --batch 1,8,32 --profile --json "$OUT/olmoe_graphs.json" 2>&1 | grep -v "^{" | tail -45
+    timeout 200 python3 -m crosspool.bench.kernels --json "$OUT/kernels.json" 2>&1 | tail -45
+fi
 if [ "$stage" = fast ]; then
     t0=$(date +%s)
     python3 -m crosspool.cli make-model --preset olmoe-1b-7b --out /tmp/olmoe --quiet --device cuda

@@ -110,6 +110,14 @@ def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: 
     return cell
 
 
+def _profile(engine: Engine, batch: int, context: int, output_len: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        bench_cell(engine, "m", batch, context, output_len)
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+
+
 def hf_generate_ms(model_dir: str, context: int, new_tokens: int, device: str) -> float:
     """Per-token time of transformers' generate (batch 1, greedy, KV cache on) on the same checkpoint."""
     from transformers import AutoModelForCausalLM
@@ -143,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--hf", action="store_true", help="also time transformers' generate (batch 1)")
+    p.add_argument("--profile", action="store_true",
+                   help="print the device time per kernel over the first cell's decode steps (torch.profiler)")
     p.add_argument("--label", default="", help="free text stored with the results")
     p.add_argument("--json", default=None, help="results file (default: bench/results/decode-<model>-<time>.json)")
     args = p.parse_args(argv)
@@ -176,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["copy_bw_fraction"] = row["bandwidth"] / copy_bw
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.profile:
+        _profile(engine, batches[0], contexts[0], args.output_len)
     engine.close()
     hf_ms = hf_generate_ms(args.model, contexts[0], 32, args.device) if args.hf else None
     result = {

@@ -11,9 +11,11 @@ Two paths, chosen by token count:
   intermediate [T*K, I] by pair; `_down_kernel` multiplies by W_down^T, scales by the routing weight and stores
   y [T*K, H] by pair; `_topk_sum_kernel` adds each token's K rows. Deterministic (no atomics).
 - GEMV (T <= SMALL_BATCH_TOKENS, decode): no sorting; `_gate_up_gemv_kernel` runs one program per (pair,
-  I-block), `_down_gemv_kernel` one per (token, H-block) and loops over the token's K experts, so the top-k
-  sum is fused. Each expert row read once per pair that routes to it: at a few tokens the step reads the
-  routed experts' weights and little else.
+  I-block), `_down_gemv_kernel` one per (pair, H-block) storing the weighted fp32 row of each pair, and
+  `_topk_sum_kernel` adds each token's K rows. Each expert row is read once per pair that routes to it: at a
+  few tokens the step reads the routed experts' weights and little else. Programs accumulate elementwise
+  products in a [BLOCK_N, BLOCK_K] register tile and reduce once at the end (no per-iteration reductions).
+  Tiles are autotuned once per shape on the GPU.
 
 Accumulation is fp32; the intermediate and y are rounded to x's dtype, as the reference rounds its linears.
 Tile sizes come from `MoEConfig`; the H200 tuning (per experts, intermediate size, tokens) will replace the
@@ -22,6 +24,7 @@ defaults through `moe_config`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -158,6 +161,16 @@ def _topk_sum_kernel(y_ptr, out_ptr, hidden, stride_yt, stride_ot, TOP_K: tl.con
     tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def _gemv_configs() -> list[triton.Config]:
+    """Tile choices for the GEMV path, tried once per (hidden, intermediate, top-k) on the GPU; the
+    interpreter (CPU tests) gets one."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+            for n in (8, 16, 32) for k in (128, 256) for w in (4, 8)]
+
+
+@triton.autotune(configs=_gemv_configs(), key=["hidden", "inter_size", "TOP_K"])
 @triton.jit
 def _gate_up_gemv_kernel(
     x_ptr, w_ptr, inter_ptr, ids_ptr, hidden, inter_size,
@@ -173,42 +186,41 @@ def _gate_up_gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     g_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]   # [BLOCK_N, BLOCK_K]
     u_ptrs = g_ptrs + inter_size * stride_wn
-    acc_g = tl.zeros([BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_N], tl.float32)
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in tl.range(0, hidden, BLOCK_K):
         k_ok = offs_k < hidden - k0
         x = tl.load(x_ptr + token * stride_xt + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         w_mask = n_ok[:, None] & k_ok[None, :]
-        acc_g += tl.sum(tl.load(g_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * x[None, :], 1)
-        acc_u += tl.sum(tl.load(u_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * x[None, :], 1)
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
+        acc_g += tl.load(g_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * x[None, :]
+        acc_u += tl.load(u_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * x[None, :]
+    g = tl.sum(acc_g, 1)
+    h = g * tl.sigmoid(g) * tl.sum(acc_u, 1)
     tl.store(inter_ptr + pair * stride_it + offs_n, h.to(inter_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.autotune(configs=_gemv_configs(), key=["hidden", "inter_size", "TOP_K"])
 @triton.jit
 def _down_gemv_kernel(
-    inter_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, hidden, inter_size,
-    stride_it, stride_we, stride_wn, stride_ot,
+    inter_ptr, w_ptr, y_ptr, ids_ptr, weights_ptr, hidden, inter_size,
+    stride_it, stride_we, stride_wn, stride_yt,
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[t, n-block] = sum_k weight[t, k] * (inter[t * K + k] . w_down[ids[t, k], n]): down and top-k sum."""
-    t = tl.program_id(0).to(tl.int64)
+    """y[pair, n-block] = weight[pair] * (inter[pair] . w_down[ids[pair], n]) in fp32, one program per
+    (pair, H-block) so the grid covers the GPU even for one token; `_topk_sum_kernel` adds the K rows."""
+    pair = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
-    out = tl.zeros([BLOCK_N], tl.float32)
-    for k in tl.static_range(TOP_K):
-        pair = t * TOP_K + k
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in tl.range(0, inter_size, BLOCK_K):
-            k_ok = offs_k < inter_size - k0
-            h = tl.load(inter_ptr + pair * stride_it + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * h[None, :], 1)
-        out += tl.load(weights_ptr + pair).to(tl.float32) * acc
-    tl.store(out_ptr + t * stride_ot + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in tl.range(0, inter_size, BLOCK_K):
+        k_ok = offs_k < inter_size - k0
+        h = tl.load(inter_ptr + pair * stride_it + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        acc += tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * h[None, :]
+    out = tl.sum(acc, 1) * tl.load(weights_ptr + pair).to(tl.float32)
+    tl.store(y_ptr + pair * stride_yt + offs_n, out, mask=n_ok)
 
 
 def fused_moe(
@@ -235,18 +247,19 @@ def fused_moe(
     inter = x.new_empty(pairs, inter_size)
     if small is None:
         small = t <= SMALL_BATCH_TOKENS
+    block = min(1024, next_pow2(hidden))
     if small:
-        block_n, block_k = 32, 128
-        _gate_up_gemv_kernel[(pairs, cdiv(inter_size, block_n))](
+        _gate_up_gemv_kernel[lambda meta: (pairs, cdiv(inter_size, meta["BLOCK_N"]))](
             x, w_gate_up, inter, ids, hidden, inter_size,
-            x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0),
-            TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=block_k,
+            x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0), TOP_K=top_k,
         )
-        _down_gemv_kernel[(t, cdiv(hidden, block_n))](
-            inter, w_down, out, ids, weights, hidden, inter_size,
-            inter.stride(0), w_down.stride(0), w_down.stride(1), out.stride(0),
-            TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=block_k,
+        y = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
+        _down_gemv_kernel[lambda meta: (pairs, cdiv(hidden, meta["BLOCK_N"]))](
+            inter, w_down, y, ids, weights, hidden, inter_size,
+            inter.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), TOP_K=top_k,
         )
+        _topk_sum_kernel[(t, cdiv(hidden, block))](y, out, hidden, y.stride(0), out.stride(0), TOP_K=top_k,
+                                                   BLOCK=block)
         return out
     cfg = config or moe_config(t, num_experts, inter_size, hidden)
     sorted_pairs, block_experts = moe_align(ids, num_experts, cfg.block_m)
@@ -265,6 +278,5 @@ def fused_moe(
         inter.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision, **launch,
     )
-    block = min(1024, next_pow2(hidden))
     _topk_sum_kernel[(t, cdiv(hidden, block))](y, out, hidden, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK=block)
     return out

@@ -1,0 +1,111 @@
+"""The Triton kernels alone on the GPU: paged decode attention over long contexts and fused MoE over token
+counts, each against the floor it is bound by.
+
+    python -m crosspool.bench.kernels [--json FILE]
+
+- Paged decode attention (Qwen3-30B-A3B heads: 32 query, 4 KV, dim 128), contexts 4k..128k, batch 1 and 8:
+  time and the KV bytes read over the copy bandwidth measured in the same run.
+- Fused MoE at 1..64 tokens (both paths: GEMV and grouped GEMM): bytes of the experts the tokens route to
+  over the copy bandwidth; at 4,096 tokens: TFLOP/s against torch's bf16 GEMM rate measured in the same run.
+Times are CUDA-event medians of `triton.testing.do_bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import torch
+
+from crosspool.bench.traffic import copy_bandwidth
+from crosspool.kernels.fused_moe import fused_moe
+from crosspool.kernels.paged_attention import paged_decode_attention
+
+MOE_SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "olmoe-1b-7b": (64, 8, 2048, 1024)}
+
+
+def _ms(fn) -> float:  # noqa: ANN001
+    from triton.testing import do_bench
+
+    return do_bench(fn, return_mode="median")
+
+
+def attention_rows(copy_bw: float, device: torch.device) -> list[dict]:
+    heads, kv_heads, dim, page = 32, 4, 128, 16
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    for ctx in (4096, 16384, 32768, 65536, 131072):
+        for batch in (1, 8):
+            blocks = batch * ctx // page
+            k = torch.randn(blocks, page, kv_heads, dim, generator=g, device=device, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            tables = torch.randperm(blocks, generator=g, device=device).view(batch, -1)
+            lens = torch.full((batch,), ctx, device=device)
+            q = torch.randn(batch, heads, dim, generator=g, device=device, dtype=torch.bfloat16)
+            ms = _ms(lambda q=q, k=k, v=v, t=tables, n=lens, c=ctx: paged_decode_attention(
+                q, k, v, t, n, dim**-0.5, max_context_len=c))
+            kv = 2 * k.numel() * k.element_size()
+            rows.append({"context": ctx, "batch": batch, "us": ms * 1e3, "kv_bytes": kv,
+                         "copy_bw_fraction": kv / (ms / 1e3) / copy_bw})
+            del k, v
+    return rows
+
+
+def moe_rows(copy_bw: float, gemm_flops: float, device: torch.device) -> list[dict]:
+    rows = []
+    g = torch.Generator(device=device).manual_seed(1)
+    for name, (experts, top_k, hidden, inter) in MOE_SHAPES.items():
+        wgu = torch.randn(experts, 2 * inter, hidden, generator=g, device=device, dtype=torch.bfloat16) / 45
+        wd = torch.randn(experts, hidden, inter, generator=g, device=device, dtype=torch.bfloat16) / 28
+        for t in (1, 2, 4, 8, 16, 32, 64, 4096):
+            x = torch.randn(t, hidden, generator=g, device=device, dtype=torch.bfloat16)
+            logits = torch.randn(t, experts, generator=g, device=device)
+            weights, ids = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
+            used = ids.unique().numel()
+            weight_bytes = used * (wgu[0].numel() + wd[0].numel()) * 2
+            flops = 2 * t * top_k * 3 * hidden * inter
+            for small in ((True, False) if t <= 64 else (False,)):
+                ms = _ms(lambda x=x, w=weights, i=ids, s=small: fused_moe(x, wgu, wd, w, i, small=s))
+                rows.append({"shape": name, "tokens": t, "path": "gemv" if small else "grouped", "us": ms * 1e3,
+                             "experts_used": used, "copy_bw_fraction": weight_bytes / (ms / 1e3) / copy_bw,
+                             "tflops": flops / (ms / 1e3) / 1e12, "gemm_fraction": flops / (ms / 1e3) / gemm_flops})
+    return rows
+
+
+def gemm_rate(device: torch.device, n: int = 8192) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / (_ms(lambda: a @ b) / 1e3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    device = torch.device("cuda")
+    copy_bw = copy_bandwidth(device)
+    gemm = gemm_rate(device)
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s, bf16 GEMM (8192^3) {gemm / 1e12:.0f} TFLOP/s")
+    attn = attention_rows(copy_bw, device)
+    print("| context | batch | decode attention us | frac of copy bw |\n|---:|---:|---:|---:|")
+    for r in attn:
+        print(f"| {r['context']} | {r['batch']} | {r['us']:.1f} | {r['copy_bw_fraction']:.2f} |")
+    moe = moe_rows(copy_bw, gemm, device)
+    print("| shape | tokens | path | us | experts | frac of copy bw | TFLOP/s | frac of GEMM rate |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in moe:
+        print(f"| {r['shape']} | {r['tokens']} | {r['path']} | {r['us']:.1f} | {r['experts_used']} | "
+              f"{r['copy_bw_fraction']:.2f} | {r['tflops']:.1f} | {r['gemm_fraction']:.2f} |")
+    out = Path(args.json) if args.json else Path("bench/results") / f"kernels-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+                               "copy_bandwidth": copy_bw, "gemm_flops": gemm, "attention": attn, "moe": moe},
+                              indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
