@@ -20,9 +20,10 @@ if [ "$stage" = check ]; then
 fi
 if [ "$stage" = profile ]; then
     python3 -m crosspool.cli make-model --preset olmoe-1b-7b --out /tmp/olmoe --quiet --device cuda
-    timeout 100 python3 -m pytest -q tests/test_kernels.py -k "moe" 2>&1 | tail -2
+    timeout 100 python3 -m pytest -q tests/test_kernels.py -k "route" 2>&1 | tail -2
     timeout 200 python3 -m crosspool.cli bench decode --model /tmp/olmoe --kv-cache-gb 16 --context 1024 \
-        --batch 1,8,32 --profile --json "$OUT/olmoe_graphs.json" 2>&1 | grep -v "^{" | tail -45
+        --batch 1,8,32 --profile --host-profile --json "$OUT/olmoe_graphs.json" 2>&1 | grep -v "^{" \
+        | cut -c1-160 | tail -75
     timeout 200 python3 -m crosspool.bench.kernels --json "$OUT/kernels.json" 2>&1 | tail -45
 fi
 if [ "$stage" = fast ]; then

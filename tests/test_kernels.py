@@ -478,3 +478,28 @@ def test_gpu_timings() -> None:
         flops = 2 * t * top_k * 3 * hidden * inter
         print(f"fused moe tokens {t:5d}: {ms * 1e3:8.1f} us, {weight_bytes / (ms * 1e-3) / copy_bw:.2f} of copy bw, "
               f"{flops / (ms * 1e-3) / 1e12:.1f} TFLOP/s")
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused routing
+
+
+@pytest.mark.parametrize("scoring,norm,k,experts,scale", [
+    ("softmax", False, 8, 64, 1.0),      # OLMoE
+    ("softmax", True, 8, 128, 1.0),      # Qwen3-MoE
+    ("softmax", True, 2, 8, 1.0),        # Mixtral
+    ("softmax", False, 6, 64, 1.0),      # DeepSeek-V2-Lite (greedy), top-k not a power of two
+    ("sigmoid", True, 4, 60, 2.5),       # sigmoid scores, odd expert count, routed scaling
+])
+def test_fused_route(scoring: str, norm: bool, k: int, experts: int, scale: float) -> None:
+    from crosspool.kernels.routing import route
+    from crosspool.models.spec import RoutingSpec
+
+    spec = RoutingSpec(num_experts=experts, top_k=k, scoring=scoring, norm_topk_prob=norm, topk_method="greedy",
+                       routed_scaling_factor=scale)
+    g = torch.Generator().manual_seed(experts + k)
+    logits = (3 * torch.randn(37, experts, generator=g)).to(DEVICE)
+    weights, ids = route(logits, spec)
+    want_w, want_ids = ref.route(logits, spec, None)
+    torch.testing.assert_close(ids, want_ids)     # random fp32 scores: no ties
+    torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-5)

@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--hf", action="store_true", help="also time transformers' generate (batch 1)")
+    p.add_argument("--host-profile", action="store_true",
+                   help="print the host functions taking the most time over the last cell (cProfile)")
     p.add_argument("--profile", action="store_true",
                    help="print the device time per kernel over the first cell's decode steps (torch.profiler)")
     p.add_argument("--label", default="", help="free text stored with the results")
@@ -188,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
     if args.profile:
         _profile(engine, batches[0], contexts[0], args.output_len)
+    if args.host_profile:
+        import cProfile
+        import pstats
+
+        with cProfile.Profile() as prof:
+            bench_cell(engine, "m", batches[-1], contexts[-1], args.output_len)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(22)
     engine.close()
     hf_ms = hf_generate_ms(args.model, contexts[0], 32, args.device) if args.hf else None
     result = {

@@ -7,7 +7,7 @@ counts, each against the floor it is bound by.
   time and the KV bytes read over the copy bandwidth measured in the same run.
 - Fused MoE at 1..64 tokens (both paths: GEMV and grouped GEMM): bytes of the experts the tokens route to
   over the copy bandwidth; at 4,096 tokens: TFLOP/s against torch's bf16 GEMM rate measured in the same run.
-Times are CUDA-event medians of `triton.testing.do_bench`.
+Times are medians of `triton.testing.do_bench_cudagraph`: the kernels as the engine runs them, from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ MOE_SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "olmoe-1b-7b": (64, 8, 2048,
 
 
 def _ms(fn) -> float:  # noqa: ANN001
-    from triton.testing import do_bench
+    """Device time of fn replayed from a CUDA graph (host launch cost excluded, as in the engine)."""
+    from triton.testing import do_bench_cudagraph
 
-    return do_bench(fn, return_mode="median")
+    fn()    # compile / autotune outside the capture
+    return do_bench_cudagraph(fn, return_mode="median")
 
 
 def attention_rows(copy_bw: float, device: torch.device) -> list[dict]:

@@ -98,12 +98,13 @@ class DecodeGraphs:
         meta[:, :n] = torch.tensor([token_ids, positions, slots, context_lens], dtype=torch.long)
         meta[:, n:bucket] = 0
         meta[SLOTS, n:bucket] = -1
-        cols = max(len(t) for t in block_tables)
         for b, table in enumerate(block_tables):
             self.host_tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
-        # columns past a sequence's blocks keep stale entries: the kernels never read past context_len
-        self.meta[:, :bucket].copy_(meta[:, :bucket], non_blocking=True)
-        self.tables[:n, :cols].copy_(self.host_tables[:n, :cols], non_blocking=True)
+        # contiguous copies (a strided one would stage through pageable memory and sync): all of the
+        # metadata (a few KB), whole rows of the tables; columns past a sequence's blocks keep stale entries,
+        # which the kernels never read (they stop at context_len)
+        self.meta.copy_(meta, non_blocking=True)
+        self.tables[:n].copy_(self.host_tables[:n], non_blocking=True)
         step = self._step(bucket)
         if step.graph is not None:
             step.graph.replay()

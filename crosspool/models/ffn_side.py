@@ -21,6 +21,7 @@ class FFNSide:
         self.spec = spec
         self.w = weights
         self.triton = kernels == "triton"
+        self._fused_route = spec.routing is not None and spec.routing.topk_method == "greedy"
         # [layers, experts] flags set to 1 for every expert a batch routes to (benchmarks' byte accounting)
         self.expert_hits: torch.Tensor | None = None
 
@@ -32,7 +33,12 @@ class FFNSide:
         assert routing is not None
         router = w["router"]
         logits = ref.linear(x.to(router.dtype), router)
-        weights, ids = ref.route(logits, routing, w.get("score_bias"))
+        if self.triton and self._fused_route:
+            from crosspool.kernels.routing import route
+
+            weights, ids = route(logits, routing)
+        else:
+            weights, ids = ref.route(logits, routing, w.get("score_bias"))
         if self.expert_hits is not None:
             self.expert_hits[layer, ids.reshape(-1)] = 1
         if self.triton:

@@ -1,0 +1,72 @@
+"""Fused MoE routing: replaces `torch_ref.route` for the greedy rules (softmax or sigmoid scores, top-k,
+optional renormalization over the chosen k, routed scaling) in one kernel per batch.
+
+One program per token: the router logits row [E] is loaded once, scored, and the k best experts are picked
+by k rounds of argmax (the lowest index wins a tie, as `torch.topk` does on CUDA in practice); weights are
+the chosen scores, renormalized when the rule asks. Mixtral's "softmax over the top-k logits" equals the
+softmax scores renormalized over the top k. Group-limited rules (DeepSeek-V3 `noaux_tc`, V2
+`group_limited_greedy`) stay on the torch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from crosspool.kernels._common import next_pow2
+from crosspool.models.spec import RoutingSpec
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr, weights_ptr, ids_ptr, num_experts, stride_l, scale, eps,
+    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    ok = offs < num_experts
+    x = tl.load(logits_ptr + t * stride_l + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    if SIGMOID:
+        s = tl.sigmoid(x)
+    else:
+        e = tl.exp(x - tl.max(x, 0))
+        s = e / tl.sum(e, 0)
+    s = tl.where(ok, s, float("-inf"))
+    k_offs = tl.arange(0, BLOCK_K)
+    w = tl.zeros([BLOCK_K], tl.float32)
+    ids = tl.zeros([BLOCK_K], tl.int64)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(s, 0)
+        idx = tl.min(tl.where(s == best, offs, BLOCK_E), 0)
+        w = tl.where(k_offs == k, best, w)
+        ids = tl.where(k_offs == k, idx.to(tl.int64), ids)
+        s = tl.where(offs == idx, float("-inf"), s)
+    if NORMALIZE:
+        w = w / (tl.sum(w, 0) + eps)
+    k_ok = k_offs < TOP_K
+    tl.store(weights_ptr + t * TOP_K + k_offs, w * scale, mask=k_ok)
+    tl.store(ids_ptr + t * TOP_K + k_offs, ids, mask=k_ok)
+
+
+def supports(routing: RoutingSpec) -> bool:
+    return routing.topk_method == "greedy"
+
+
+def route(logits: torch.Tensor, routing: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] fp32, expert ids [T, k] int64), as `torch_ref.route`."""
+    assert supports(routing), "group-limited routing uses torch_ref.route"
+    assert logits.stride(-1) == 1
+    t, e = logits.shape
+    k = routing.top_k
+    weights = torch.empty(t, k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(t, k, dtype=torch.int64, device=logits.device)
+    if t:
+        sigmoid = routing.scoring == "sigmoid"
+        _route_kernel[(t,)](
+            logits, weights, ids, e, logits.stride(0), float(routing.routed_scaling_factor),
+            1e-20 if sigmoid else 0.0,
+            TOP_K=k, BLOCK_K=next_pow2(k), BLOCK_E=next_pow2(e), SIGMOID=sigmoid, NORMALIZE=routing.norm_topk_prob,
+        )
+    return weights, ids
