@@ -54,6 +54,11 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     logprobs: list = field(default_factory=list)   # TokenLogprob per output token, when asked for
+    # incremental detokenization (crosspool.engine.output): text of output_token_ids[:read_offset], and the
+    # window start whose decode gives that text's tail its context (spacing, merged bytes)
+    decoded: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 
     @property

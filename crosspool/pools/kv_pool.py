@@ -14,6 +14,8 @@ Backends: `CpuPageBackend` (an ordinary zero-filled tensor per range, same accou
 
 from __future__ import annotations
 
+import heapq
+
 import mmap
 import threading
 from dataclasses import dataclass, field
@@ -108,7 +110,11 @@ class ModelKV:
     _free: list[int] = field(default_factory=list)          # free blocks in mapped bundles
     _used_in_bundle: dict[int, int] = field(default_factory=dict)   # mapped bundle -> blocks in use
     _pending: set[int] = field(default_factory=set)                 # bundles being mapped right now
+    _unmapped: list[int] = field(default_factory=list)              # heap of bundles neither mapped nor pending
     high_water_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self._unmapped = list(range(self.num_bundles))    # sorted: already a heap
 
     # ---- the interface the block manager uses ------------------------------------------------
     @property
@@ -161,8 +167,8 @@ class ModelKV:
 
     # ---- mapping ------------------------------------------------------------------------------
     def _claim_bundle(self) -> int:
-        bundle = next(i for i in range(self.num_bundles) if i not in self._used_in_bundle and i not in self._pending)
         self.pool._take_pages(self.bundle_pages)
+        bundle = heapq.heappop(self._unmapped)     # the lowest: keeps the mapped range dense
         self._pending.add(bundle)
         return bundle
 
@@ -177,9 +183,9 @@ class ModelKV:
 
     def _unmap_bundle(self, bundle: int) -> None:
         first = bundle * self.bundle_blocks
-        drop = set(range(first, first + self.bundle_blocks))
-        self._free = [b for b in self._free if b not in drop]
+        self._free = [b for b in self._free if not first <= b < first + self.bundle_blocks]
         del self._used_in_bundle[bundle]
+        heapq.heappush(self._unmapped, bundle)
         self.pool.backend.unmap(self.vrange, bundle * self.bundle_pages, self.bundle_pages)
         self.pool._return_pages(self.bundle_pages)
 
