@@ -46,12 +46,16 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: int, warmup: int = 3) -> dict:
+def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: int, warmup: int = 3,
+               max_cell_tokens: int | None = None) -> dict:
     served = engine.models[name]
     model, runner, sched = served.model, served.runner, served.scheduler
     spec = model.spec
     cell: dict = {"batch": batch, "context": context}
     need = batch * -(-(context + output_len) // engine.config.block_size)
+    if max_cell_tokens is not None and batch * context > max_cell_tokens:
+        cell["skipped"] = f"{batch * context} prompt tokens, over --max-cell-tokens {max_cell_tokens}"
+        return cell
     if need > served.blocks.num_blocks or context + output_len > served.max_model_len:
         cell["skipped"] = (f"needs {need} KV blocks ({need * served.blocks.kv.block_bytes / 2**30:.1f} GiB), "
                            f"pool holds {served.blocks.num_blocks}; max_model_len {served.max_model_len}")
@@ -150,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", choices=["torch", "triton"], default=None)
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-cell-tokens", type=int, default=None, help="skip cells with more prompt tokens (time)")
     p.add_argument("--hf", action="store_true", help="also time transformers' generate (batch 1)")
     p.add_argument("--host-profile", action="store_true",
                    help="print the host functions taking the most time over the last cell (cProfile)")
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for context in contexts:
         for batch in batches:
-            row = bench_cell(engine, "m", batch, context, args.output_len)
+            row = bench_cell(engine, "m", batch, context, args.output_len, max_cell_tokens=args.max_cell_tokens)
             if copy_bw and "step_ms" in row:
                 row["bandwidth"] = row["bytes"] / (row["step_ms"] / 1e3)
                 row["copy_bw_fraction"] = row["bandwidth"] / copy_bw
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "skipped" in r:
-            print(f"| {r['context']} | {r['batch']} | does not fit: {r['skipped']} | | | | | |")
+            print(f"| {r['context']} | {r['batch']} | skipped: {r['skipped']} | | | | | |")
             continue
         print(f"| {r['context']} | {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | "
               f"{r.get('host_fraction', float('nan')):.2f} | {r['experts_per_moe_layer']:.1f} | "
