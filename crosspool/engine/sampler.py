@@ -44,12 +44,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     output_ids = output_ids or [[] for _ in params]
     tokens = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
+        if p.greedy and not p.penalized:
+            continue                      # the batched argmax above (no per-row device work)
         row = apply_penalties(logits[i], p, output_ids[i])
-        if p.greedy:
-            if p.penalized:
-                tokens[i] = int(row.argmax())
-            continue
-        tokens[i] = _sample_row(row, p, generators[i])
+        tokens[i] = int(row.argmax()) if p.greedy else _sample_row(row, p, generators[i])
     logprobs: list[TokenLogprob | None] = [None] * len(params)
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:
