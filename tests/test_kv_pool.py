@@ -149,3 +149,28 @@ def test_maintain_premaps_the_next_steps_demand() -> None:
     assert pool.used_pages == maps_before
     pool.maintain({})                                                    # all idle: everything returns
     assert b.mapped_bytes == 0 and a.stats().used_blocks == want
+
+
+def test_maintain_keeps_the_recent_peak_mapped() -> None:
+    """A batch whose sequences all cross a block boundary on one step in every block_size: the bundle that
+    step needs stays mapped between the peaks (no map/unmap churn), and goes once the model is idle."""
+    from crosspool.pools.kv_pool import PEAK_WINDOW
+
+    pool, (a, _, _) = _pool(pages=12)
+    peak = 2 * a.bundle_blocks
+    held: list[int] = []
+    pool.maintain({"m0": peak})
+    mapped = a.mapped_bytes
+    for step in range(3 * 16):
+        demand = peak if step % 16 == 15 else 0
+        pool.maintain({"m0": demand})
+        assert a.mapped_bytes >= mapped and a.stats().free_blocks >= peak   # nothing unmapped between peaks
+        if demand:
+            held += a.alloc(peak)
+            a.free(held)
+            held = []
+    for _ in range(PEAK_WINDOW):                  # the peak leaves the window: back to reserve + one bundle
+        pool.maintain({"m0": 0})
+    assert a.stats().free_blocks <= a.reserve_blocks(0) + 2 * a.bundle_blocks
+    pool.maintain({})
+    assert a.mapped_bytes == 0

@@ -14,6 +14,7 @@ Backends: `CpuPageBackend` (an ordinary zero-filled tensor per range, same accou
 
 from __future__ import annotations
 
+import collections
 import heapq
 
 import mmap
@@ -26,6 +27,7 @@ import torch
 from crosspool.models.spec import ModelSpec
 
 PAGE_BYTES = 2 << 20
+PEAK_WINDOW = 64   # maintain() calls over which an active model keeps its peak next-step demand mapped
 
 
 class VirtualRange(Protocol):
@@ -259,6 +261,8 @@ class KVPool:
         self.models: dict[str, ModelKV] = {}
         self.lock = threading.RLock()
         self.mapped = threading.Condition(self.lock)     # notified whenever a bundle finishes mapping
+        # each active model's next-step demands over the last PEAK_WINDOW maintain() calls
+        self._recent_demand: dict[str, collections.deque[int]] = {}
 
     def register(self, name: str, spec: ModelSpec, block_size: int, dtype: torch.dtype,
                  reserve_bundles: int = 1) -> ModelKV:
@@ -306,12 +310,17 @@ class KVPool:
     def maintain(self, demand: dict[str, int]) -> None:
         """Between steps. `demand` maps each active model to the blocks its next step may take. Active
         models keep that many (at least their reserve) pre-mapped, so their next step does not map, and
-        release free bundles beyond it plus one bundle of slack (hysteresis); idle models release all."""
+        release free bundles beyond their peak demand of the last PEAK_WINDOW steps plus one bundle of slack
+        (hysteresis: a batch whose sequences cross a block boundary together every block_size steps keeps
+        the bundle it needs then, instead of mapping and unmapping it each time); idle models release all."""
         for name, kv in list(self.models.items()):
             if name in demand:
+                recent = self._recent_demand.setdefault(name, collections.deque(maxlen=PEAK_WINDOW))
+                recent.append(demand[name])
                 kv.ensure_reserve(demand[name])
-                kv.shrink(keep_free_blocks=kv.reserve_blocks(demand[name]) + kv.bundle_blocks)
+                kv.shrink(keep_free_blocks=kv.reserve_blocks(max(recent)) + kv.bundle_blocks)
             else:
+                self._recent_demand.pop(name, None)
                 kv.shrink(keep_free_blocks=0)
 
     def reclaimable_pages(self, exclude: ModelKV | None = None) -> int:
