@@ -86,7 +86,7 @@ def moe_rows(copy_bw: float, gemm_flops: float, device: torch.device) -> list[di
             weight_bytes = used * (wgu[0].numel() + wd[0].numel()) * 2
             flops = 2 * t * top_k * 3 * hidden * inter
             for small in ((True, False) if t <= 64 else (False,)):
-                ms = _ms(lambda x=x, w=weights, i=ids, s=small: fused_moe(x, wgu, wd, w, i, small=s))
+                ms = _ms(lambda x=x, w=weights, i=ids, s=small, gu=wgu, d=wd: fused_moe(x, gu, d, w, i, small=s))
                 rows.append({"shape": name, "tokens": t, "path": "gemv" if small else "grouped", "us": ms * 1e3,
                              "experts_used": used, "copy_bw_fraction": weight_bytes / (ms / 1e3) / copy_bw,
                              "tflops": flops / (ms / 1e3) / 1e12, "gemm_fraction": flops / (ms / 1e3) / gemm_flops})
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in moe:
         print(f"| {r['shape']} | {r['tokens']} | {r['path']} | {r['us']:.1f} | {r['experts_used']} | "
               f"{r['copy_bw_fraction']:.2f} | {r['tflops']:.1f} | {r['gemm_fraction']:.2f} |")
-    out = Path(args.json) if args.json else Path("bench/results") / f"kernels-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    out = Path(args.json) if args.json else Path("bench/results") / f"kernels-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
                                "copy_bandwidth": copy_bw, "gemm_flops": gemm, "attention": attn, "moe": moe},

@@ -32,6 +32,7 @@ from crosspool.engine.sampler import TokenLogprob
 from crosspool.engine.sampling import SamplingParams
 from crosspool.engine.scheduler import ScheduledSeq, Scheduler
 from crosspool.engine.sequence import SeqStatus, Sequence
+from crosspool.engine.substeps import SubStepGraphs
 from crosspool.models.attention_side import AttentionSide
 from crosspool.models.ffn_side import FFNSide
 from crosspool.models.loader import load_attention_weights, load_spec
@@ -104,11 +105,14 @@ class Engine:
                             (cfg.kv_caps_bytes or {}).get(m.name, 0) // kv.block_bytes or None) if c]
         m.blocks = BlockManager(kv, min(caps) if caps else None)
         m.scheduler = Scheduler(cfg, m.blocks)
-        graphs = None
+        graphs = substeps = None
         if cfg.cuda_graphs and isinstance(m.model.ffn, FFNSide):   # graphs need the FFN in this process
-            graphs = DecodeGraphs(m.model, kv, self.device, cfg.max_num_seqs, m.max_model_len,
-                                  capture=self.device.type == "cuda")
-        m.runner = ModelRunner(m.model, kv, self.device, graphs)
+            args = (m.model, kv, self.device, cfg.max_num_seqs, m.max_model_len, self.device.type == "cuda")
+            if cfg.pipeline:
+                substeps = SubStepGraphs(*args)     # the pipeline's units: one graph per sub-step
+            else:
+                graphs = DecodeGraphs(*args)        # one graph per decode step
+        m.runner = ModelRunner(m.model, kv, self.device, graphs, substeps)
 
     # ---- models at runtime ----------------------------------------------------------------------
     def prepare_model(self, name: str, path: str | os.PathLike[str]) -> ServedModel:

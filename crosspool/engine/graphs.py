@@ -20,10 +20,13 @@ and an FFN in this process. `capture=False` runs the same static-buffer path wit
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from crosspool.engine.scheduler import ScheduledSeq
 from crosspool.kernels._common import cdiv
 from crosspool.models.batch import ForwardBatch, PagedCache
 from crosspool.models.model import MoEModel
@@ -45,6 +48,92 @@ class CapturedStep:
     capture_s: float
 
 
+def bucket_for(buckets: list[int], batch_size: int) -> int | None:
+    """The smallest bucket that holds the batch, None if it is too large for graphs."""
+    return next((b for b in buckets if b >= batch_size), None)
+
+
+class DecodeInputs:
+    """The static metadata of a decode step: host (pinned) staging and the device buffers graphs read."""
+
+    def __init__(self, device: torch.device, max_batch: int, max_model_len: int, block_size: int) -> None:
+        self.device = device
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_blocks = cdiv(max_model_len, block_size)
+        pin = device.type == "cuda"
+        # rows: token ids, positions, KV slots, context lengths (padding: 0, 0, -1, 0)
+        self.host_meta = torch.zeros(4, max_batch, dtype=torch.long, pin_memory=pin)
+        self.host_tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.long, pin_memory=pin)
+        self.meta = torch.zeros(4, max_batch, dtype=torch.long, device=device)
+        self.meta[SLOTS] = -1
+        self.tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.long, device=device)
+        self.rows = torch.arange(max_batch, device=device)
+
+    def batch(self, bucket: int) -> ForwardBatch:
+        """A ForwardBatch of views of the buffers, `bucket` rows."""
+        return ForwardBatch(
+            input_ids=self.meta[IDS, :bucket], positions=self.meta[POSITIONS, :bucket],
+            seq_index=self.rows[:bucket], slot_mapping=self.meta[SLOTS, :bucket],
+            block_tables=self.tables[:bucket], context_lens=self.meta[CONTEXT_LENS, :bucket],
+            logits_index=self.rows[:bucket], cu_seqlens_q=None, max_q_len=1,
+            max_context_len=self.max_model_len,
+        )
+
+    def fill(self, scheduled: list[ScheduledSeq], bucket: int) -> None:
+        """Write one decode step of the scheduled sequences (one new token each) into rows [0, n) and
+        padding into [n, bucket), and queue the copies to the device."""
+        bs = self.block_size
+        ids, positions, slots, lens = [], [], [], []
+        for b, s in enumerate(scheduled):
+            seq = s.seq
+            pos = seq.num_computed
+            table = seq.block_table
+            ids.append(seq.token_at(pos))
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            lens.append(pos + 1)
+            self.host_tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+        n = len(scheduled)
+        meta = self.host_meta
+        meta[:, :n] = torch.tensor([ids, positions, slots, lens], dtype=torch.long)
+        meta[:, n:bucket] = 0
+        meta[SLOTS, n:bucket] = -1
+        # contiguous copies (a strided one would stage through pageable memory and sync): all of the
+        # metadata (a few KB), whole rows of the tables; columns past a sequence's blocks keep stale entries,
+        # which the kernels never read (they stop at context_len)
+        self.meta.copy_(meta, non_blocking=True)
+        self.tables[:n].copy_(self.host_tables[:n], non_blocking=True)
+
+    @contextmanager
+    def padding_only(self, bucket: int) -> Iterator[None]:
+        """Rows [0, bucket) as padding while a graph is warmed up and captured (the rows may belong to live
+        sequences, whose KV a capture-time run must not touch)."""
+        saved = self.meta[:, :bucket].clone()
+        self.meta[:, :bucket] = 0
+        self.meta[SLOTS, :bucket] = -1
+        try:
+            yield
+        finally:
+            self.meta[:, :bucket].copy_(saved)
+
+
+def capture(fn: Callable[[], torch.Tensor | None], device: torch.device, pool: object
+            ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
+    """A CUDA graph of fn (run once first on a side stream: kernels compile and autotune, cuBLAS sets up,
+    outside the capture) and the output tensor the graph writes."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    torch.cuda.synchronize(device)
+    return graph, out
+
+
 class DecodeGraphs:
     """Static buffers + one captured decode step per bucket, for one model."""
 
@@ -56,25 +145,13 @@ class DecodeGraphs:
         self.capture = capture
         self.buckets = buckets_up_to(max_batch)
         self.max_batch = max_batch
-        self.max_blocks = cdiv(max_model_len, cache.block_size)
-        self.max_model_len = max_model_len
-        pin = device.type == "cuda"
-        # rows: token ids, positions, KV slots, context lengths (padding: 0, 0, -1, 0)
-        self.host_meta = torch.zeros(4, max_batch, dtype=torch.long, pin_memory=pin)
-        self.host_tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.long, pin_memory=pin)
-        self.meta = torch.zeros(4, max_batch, dtype=torch.long, device=device)
-        self.meta[SLOTS] = -1
-        self.tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.long, device=device)
-        self.rows = torch.arange(max_batch, device=device)
+        self.inputs = DecodeInputs(device, max_batch, max_model_len, cache.block_size)
         self.steps: dict[int, CapturedStep] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def bucket(self, batch_size: int) -> int | None:
         """The bucket a decode batch of this size replays, None if it is too large for graphs."""
-        for b in self.buckets:
-            if b >= batch_size:
-                return b
-        return None
+        return bucket_for(self.buckets, batch_size)
 
     def capture_all(self) -> tuple[dict[int, float], int]:
         """Capture every bucket now, largest first (so smaller ones reuse its memory).
@@ -85,26 +162,13 @@ class DecodeGraphs:
         grown = torch.cuda.memory_reserved(self.device) - before if self.capture else 0
         return {b: s.capture_s for b, s in sorted(self.steps.items())}, grown
 
-    def run(self, token_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [B, vocab] (fp32) of one decode step of B sequences: sequence b has its new token
-        token_ids[b] at positions[b], written to KV slot slots[b], and context_lens[b] keys after the step
-        in the blocks block_tables[b]."""
-        n = len(token_ids)
+    def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """Logits [B, vocab] (fp32) of one decode step of the B scheduled sequences (one new token each)."""
+        n = len(scheduled)
         bucket = self.bucket(n)
         if bucket is None:
             raise ValueError(f"decode batch of {n} exceeds the largest graph bucket {self.max_batch}")
-        meta = self.host_meta
-        meta[:, :n] = torch.tensor([token_ids, positions, slots, context_lens], dtype=torch.long)
-        meta[:, n:bucket] = 0
-        meta[SLOTS, n:bucket] = -1
-        for b, table in enumerate(block_tables):
-            self.host_tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
-        # contiguous copies (a strided one would stage through pageable memory and sync): all of the
-        # metadata (a few KB), whole rows of the tables; columns past a sequence's blocks keep stale entries,
-        # which the kernels never read (they stop at context_len)
-        self.meta.copy_(meta, non_blocking=True)
-        self.tables[:n].copy_(self.host_tables[:n], non_blocking=True)
+        self.inputs.fill(scheduled, bucket)
         step = self._step(bucket)
         if step.graph is not None:
             step.graph.replay()
@@ -118,30 +182,12 @@ class DecodeGraphs:
         step = self.steps.get(bucket)
         if step is not None:
             return step
-        batch = ForwardBatch(
-            input_ids=self.meta[IDS, :bucket], positions=self.meta[POSITIONS, :bucket],
-            seq_index=self.rows[:bucket], slot_mapping=self.meta[SLOTS, :bucket],
-            block_tables=self.tables[:bucket], context_lens=self.meta[CONTEXT_LENS, :bucket],
-            logits_index=self.rows[:bucket], cu_seqlens_q=None, max_q_len=1,
-            max_context_len=self.max_model_len,
-        )
+        batch = self.inputs.batch(bucket)
         t0 = time.perf_counter()
         graph = logits = None
         if self.capture:
-            # the rows in the static buffers may belong to live sequences: capture over padding only
-            saved = self.meta[:, :bucket].clone()
-            self.meta[:, :bucket] = 0
-            self.meta[SLOTS, :bucket] = -1
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._forward(batch)          # compile the kernels, set up cuBLAS outside the capture
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._forward(batch)
-            self.meta[:, :bucket].copy_(saved)
-            torch.cuda.synchronize(self.device)
+            with self.inputs.padding_only(bucket):
+                graph, logits = capture(lambda: self._forward(batch), self.device, self.pool)
         step = CapturedStep(graph, batch, logits, time.perf_counter() - t0)
         self.steps[bucket] = step
         return step

@@ -44,7 +44,6 @@ from crosspool.config import EngineConfig
 from crosspool.engine.runner import ModelRunner
 from crosspool.engine.sampler import TokenLogprob
 from crosspool.engine.scheduler import ScheduledSeq
-from crosspool.models.batch import ForwardBatch
 from crosspool.models.model import ATTENTION_SIDE, FFN_SIDE, Stages, SubStep
 
 Sampled = dict[int, tuple[int, TokenLogprob | None]]
@@ -153,7 +152,7 @@ class _Flight:
     owner: int                     # index of the engine's batch it belongs to
     offset: int                    # index of its first sequence in the owner's scheduled list
     part: PipelineBatch
-    batch: ForwardBatch
+    finish: Callable[[torch.Tensor], Sampled]    # the stages' final value -> sampled tokens
     stages: Stages
     next: SubStep
     num_layers: int
@@ -220,7 +219,10 @@ class PipelineScheduler:
         """Run every batch's forward and sampling, interleaved layer by layer; results in batch order."""
         if not batches:
             return []
-        flights = [self._flight(i, owner, offset, part) for i, (owner, offset, part) in enumerate(self._split(batches))]
+        flights = []
+        for i, (owner, offset, part) in enumerate(self._split(batches)):
+            slot = sum(f.part.model == part.model for f in flights)   # the model's batches so far this step
+            flights.append(self._flight(i, owner, offset, part, slot))
         record = self._begin_record(flights)     # its origin stamp first: the sides start after it
         self.streams.begin()
         try:
@@ -260,11 +262,10 @@ class PipelineScheduler:
         return [(0, 0, PipelineBatch(b.model, b.runner, b.scheduled[:cut])),
                 (0, cut, PipelineBatch(b.model, b.runner, b.scheduled[cut:]))]
 
-    def _flight(self, index: int, owner: int, offset: int, part: PipelineBatch) -> _Flight:
-        batch = part.runner.prepare(part.scheduled)
-        stages = part.runner.stages(batch)
-        first = next(stages)         # runs nothing: says attention(0) comes first
-        return _Flight(index, owner, offset, part, batch, stages, first, part.runner.model.spec.num_layers)
+    def _flight(self, index: int, owner: int, offset: int, part: PipelineBatch, slot: int) -> _Flight:
+        stages, finish = part.runner.pipeline_stages(part.scheduled, slot)
+        first = next(stages)         # prepares the inputs, runs no sub-step: says attention(0) comes first
+        return _Flight(index, owner, offset, part, finish, stages, first, part.runner.model.spec.num_layers)
 
     def _sub_step(self, f: _Flight, tick: int, record: _StepRecord | None) -> None:
         step, kind = f.next, f.next_kind
@@ -275,7 +276,7 @@ class PipelineScheduler:
             try:
                 f.next = next(f.stages)
             except StopIteration as done:      # the final residual add ran: the head samples
-                f.sampled = f.part.runner.sample_tokens(f.part.scheduled, f.batch, done.value)
+                f.sampled = f.finish(done.value)
                 f.done_s = time.perf_counter()
                 self._last[f.part.model] = self.clock()
             f.ready = self.streams.mark(step.side)

@@ -8,11 +8,14 @@ one token replays a captured graph instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from crosspool.engine.graphs import DecodeGraphs
 from crosspool.engine.sampler import TokenLogprob, sample
 from crosspool.engine.scheduler import ScheduledSeq
+from crosspool.engine.substeps import SubStepGraphs
 from crosspool.models.batch import ForwardBatch, PagedCache
 from crosspool.models.model import MoEModel, Stages
 
@@ -55,11 +58,12 @@ def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.de
 
 class ModelRunner:
     def __init__(self, model: MoEModel, cache: PagedCache, device: torch.device,
-                 graphs: DecodeGraphs | None = None) -> None:
+                 graphs: DecodeGraphs | None = None, substeps: SubStepGraphs | None = None) -> None:
         self.model = model
         self.cache = cache
         self.device = device
         self.graphs = graphs
+        self.substeps = substeps
         # benchmarks: a list to receive (start, end) CUDA events around each step's device work
         self.gpu_spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
@@ -89,17 +93,18 @@ class ModelRunner:
 
     def _graph_logits(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Logits of every scheduled sequence's one new token, from a graph replay."""
-        bs = self.cache.block_size
-        ids, positions, slots, lens, tables = [], [], [], [], []
-        for s in scheduled:
-            seq = s.seq
-            pos = seq.num_computed
-            ids.append(seq.token_at(pos))
-            positions.append(pos)
-            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
-            lens.append(pos + 1)
-            tables.append(seq.block_table)
-        return self.graphs.run(ids, positions, slots, lens, tables)
+        return self.graphs.run(scheduled)
+
+    def pipeline_stages(self, scheduled: list[ScheduledSeq], slot: int
+                        ) -> tuple[Stages, Callable[[torch.Tensor], dict[int, tuple[int, TokenLogprob | None]]]]:
+        """The step as sub-steps for the pipeline scheduler, and what turns the sub-steps' final value into
+        sampled tokens. Decode-only steps replay the sub-step graphs of `slot` (0 or 1: the two batches of
+        this model a pipelined step may hold); others run eagerly."""
+        if (self.substeps is not None and self.substeps.fits(len(scheduled))
+                and all(s.num_new_tokens == 1 for s in scheduled)):
+            return self.substeps.stages(slot, scheduled), lambda logits: self._sample(scheduled, logits)
+        batch = self.prepare(scheduled)
+        return self.stages(batch), lambda hidden: self.sample_tokens(scheduled, batch, hidden)
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> ForwardBatch:
         return build_batch(scheduled, self.cache.block_size, self.device)

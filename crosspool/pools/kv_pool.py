@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import heapq
-
 import mmap
 import threading
 from dataclasses import dataclass, field

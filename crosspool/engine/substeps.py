@@ -1,0 +1,146 @@
+"""CUDA graphs of a decode step's sub-steps: the units the pipeline scheduler orders.
+
+`MoEModel.forward_stages` cuts a step into attention(0) (with the embedding), FFN(0), attention(1), ...,
+FFN(L-1) and the head (final residual add + lm_head). Here each of those is one CUDA graph per (model,
+batch bucket, slot), so the pipeline can replay attention(A, l) on the attention side's stream while FFN(B, l)
+replays on the FFN side's, with one host launch per sub-step instead of a dozen kernels' worth.
+
+A slot is one set of static buffers: the step's metadata (`graphs.DecodeInputs`), the residual stream
+`hidden`, the FFN input `x`, the FFN output `ffn` (each [max_batch, hidden]) and the RoPE tables. The
+pipeline runs up to two batches of one model in a step (two micro-batches), so each model has two slots. A
+sub-step reads and writes only its slot's buffers, so the sub-steps of one batch must run in order (the
+pipeline's events do that) and two slots never share memory. Graphs of one (slot, side) share a memory pool:
+they replay on one stream, one after another.
+
+All graphs of a (slot, bucket) are captured together, before the slot's buffers hold a step (a capture runs
+the sub-steps on padding rows and overwrites them). `capture=False` runs the same functions eagerly (CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from crosspool.engine.graphs import DecodeInputs, bucket_for, buckets_up_to, capture
+from crosspool.engine.scheduler import ScheduledSeq
+from crosspool.models.batch import PagedCache
+from crosspool.models.model import ATTENTION_SIDE, FFN_SIDE, MoEModel, Stages, SubStep
+
+HEAD = "head"
+
+
+@dataclass(slots=True)
+class _Slot:
+    inputs: DecodeInputs
+    hidden: torch.Tensor
+    x: torch.Tensor
+    ffn: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    pools: dict[str, object] = field(default_factory=dict)    # side -> graph memory pool
+
+
+class SubStepGraphs:
+    def __init__(self, model: MoEModel, cache: PagedCache, device: torch.device, max_batch: int,
+                 max_model_len: int, capture: bool = True, slots: int = 2) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = device
+        self.capture = capture
+        self.buckets = buckets_up_to(max_batch)
+        self.max_batch = max_batch
+        spec = model.spec
+        dtype = model.attention.w.embed.dtype
+        cos, _ = model.attention.rope_tables(torch.zeros(1, dtype=torch.long, device=device))
+        self.slots = []
+        for _ in range(slots):
+            def buf() -> torch.Tensor:
+                return torch.zeros(max_batch, spec.hidden_size, dtype=dtype, device=device)
+
+            rope = torch.zeros(max_batch, cos.shape[-1], dtype=cos.dtype, device=device)
+            pools = {side: torch.cuda.graph_pool_handle() for side in (ATTENTION_SIDE, FFN_SIDE)} if capture else {}
+            self.slots.append(_Slot(DecodeInputs(device, max_batch, max_model_len, cache.block_size),
+                                    buf(), buf(), buf(), rope, rope.clone(), pools))
+        # (slot, bucket, kind, layer) -> (graph or None, output)
+        self.graphs: dict[tuple[int, int, str, int], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
+        self.capture_s: dict[tuple[int, int], float] = {}
+
+    def fits(self, batch_size: int) -> bool:
+        return batch_size <= self.max_batch
+
+    def stages(self, slot: int, scheduled: list[ScheduledSeq]) -> Stages:
+        """A decode step of the scheduled sequences (one new token each) as sub-steps, like
+        `MoEModel.forward_stages`; returns the logits [n, vocab]."""
+        n = len(scheduled)
+        bucket = bucket_for(self.buckets, n)
+        if bucket is None:
+            raise ValueError(f"decode batch of {n} exceeds the largest graph bucket {self.max_batch}")
+        self._ensure_captured(slot, bucket)
+        s = self.slots[slot]
+        s.inputs.fill(scheduled, bucket)
+        yield SubStep(ATTENTION_SIDE, 0, None)
+        for layer in range(self.model.spec.num_layers):
+            self._replay(slot, bucket, ATTENTION_SIDE, layer)
+            yield SubStep(FFN_SIDE, layer, s.x[:bucket])
+            self._replay(slot, bucket, FFN_SIDE, layer)
+            yield SubStep(ATTENTION_SIDE, layer + 1, s.ffn[:bucket])
+        logits = self._replay(slot, bucket, HEAD, self.model.spec.num_layers)
+        assert logits is not None
+        return logits[:n]
+
+    # ---- the sub-steps -------------------------------------------------------------------------------
+    def _fn(self, slot: int, bucket: int, kind: str, layer: int) -> Callable[[], torch.Tensor | None]:
+        s = self.slots[slot]
+        model, b = self.model, bucket
+        batch = s.inputs.batch(bucket)
+
+        @torch.inference_mode()
+        def attention() -> None:
+            if layer == 0:
+                hidden, delta = model.attention.embed(batch.input_ids), None
+                cos, sin = model.attention.rope_tables(batch.positions)
+                s.cos[:b].copy_(cos)
+                s.sin[:b].copy_(sin)
+            else:
+                hidden, delta = s.hidden[:b], s.ffn[:b]
+            hidden, x = model.attention.attention_block(layer, hidden, delta, batch, self.cache,
+                                                        (s.cos[:b], s.sin[:b]))
+            s.hidden[:b].copy_(hidden)
+            s.x[:b].copy_(x)
+
+        @torch.inference_mode()
+        def ffn() -> None:
+            s.ffn[:b].copy_(model.ffn.forward(layer, s.x[:b]))
+
+        @torch.inference_mode()
+        def head() -> torch.Tensor:
+            return model.compute_logits(s.hidden[:b] + s.ffn[:b])
+
+        return {ATTENTION_SIDE: attention, FFN_SIDE: ffn, HEAD: head}[kind]
+
+    def _replay(self, slot: int, bucket: int, kind: str, layer: int) -> torch.Tensor | None:
+        graph, out = self.graphs[slot, bucket, kind, layer]
+        if graph is None:
+            return self._fn(slot, bucket, kind, layer)()
+        graph.replay()
+        return out
+
+    def _ensure_captured(self, slot: int, bucket: int) -> None:
+        if (slot, bucket, HEAD, self.model.spec.num_layers) in self.graphs:
+            return
+        t0 = time.perf_counter()
+        s = self.slots[slot]
+        kinds = [(k, layer) for layer in range(self.model.spec.num_layers) for k in (ATTENTION_SIDE, FFN_SIDE)]
+        kinds.append((HEAD, self.model.spec.num_layers))
+        with s.inputs.padding_only(bucket):
+            for kind, layer in kinds:
+                fn = self._fn(slot, bucket, kind, layer)
+                if self.capture:
+                    pool = s.pools[FFN_SIDE if kind == FFN_SIDE else ATTENTION_SIDE]
+                    self.graphs[slot, bucket, kind, layer] = capture(fn, self.device, pool)
+                else:
+                    self.graphs[slot, bucket, kind, layer] = (None, None)
+        self.capture_s[slot, bucket] = time.perf_counter() - t0
