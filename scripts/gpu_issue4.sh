@@ -2,6 +2,9 @@
 # Device calls for issue 4 (fast decode). Usage on the GPU machine (repo root), results under $OUT:
 #   bash scripts/gpu_issue4.sh check    # compiled-kernel tests + engine on the kernels, decode torch vs triton
 #   bash scripts/gpu_issue4.sh fast     # fast path on OLMoE: parity vs torch path, decode bench (graphs/eager/torch/HF)
+#   bash scripts/gpu_issue4.sh profile  # OLMoE decode with per-kernel device time and host profile; kernels alone
+#   bash scripts/gpu_issue4.sh bench    # OLMoE decode (+HF), Qwen3 table, kernels alone, greedy parity
+#   bash scripts/gpu_issue4.sh qwen3    # the Qwen3-30B-A3B table alone, then OLMoE decode
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -28,6 +31,15 @@ if [ "$stage" = bench ]; then
     timeout 80 python3 -m crosspool.bench.kernels --json "$OUT/kernels.json" 2>&1 | tail -42
     timeout 70 python3 -m crosspool.bench.fast_path_parity --model /tmp/olmoe --prompts 8 --max-tokens 64 \
         --json "$OUT/parity_olmoe.json" 2>&1 | grep -v Loading | tail -8
+fi
+if [ "$stage" = qwen3 ]; then    # the Qwen3-30B-A3B table (24 of 48 layers: the machine's disk is 64 GB)
+    python3 -m crosspool.cli make-model --preset qwen3-30b-a3b --layers 24 --out /tmp/qwen3 --quiet --device cuda
+    timeout 420 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 1024,8192,32768 \
+        --batch 1,8,32 --max-cell-tokens 300000 --json "$OUT/qwen3_24l.json" 2>&1 | tail -14
+    rm -rf /tmp/qwen3
+    python3 -m crosspool.cli make-model --preset olmoe-1b-7b --out /tmp/olmoe --quiet --device cuda
+    timeout 150 python3 -m crosspool.cli bench decode --model /tmp/olmoe --kv-cache-gb 16 --context 1024 \
+        --batch 1,8,32 --json "$OUT/olmoe.json" 2>&1 | grep -v "^{" | tail -7
 fi
 if [ "$stage" = profile ]; then
     python3 -m crosspool.cli make-model --preset olmoe-1b-7b --out /tmp/olmoe --quiet --device cuda

@@ -68,6 +68,13 @@ class SubStepGraphs:
         self.graphs: dict[tuple[int, int, str, int], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         self.capture_s: dict[tuple[int, int], float] = {}
 
+    def capture_all(self) -> float:
+        """Capture every (slot, bucket) now, largest bucket first; returns the seconds it took."""
+        for slot in range(len(self.slots)):
+            for bucket in reversed(self.buckets):
+                self._ensure_captured(slot, bucket)
+        return sum(self.capture_s.values())
+
     def fits(self, batch_size: int) -> bool:
         return batch_size <= self.max_batch
 

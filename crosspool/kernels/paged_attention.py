@@ -37,7 +37,7 @@ from crosspool.kernels._common import block_dim, cdiv, dot_precision, next_pow2,
 
 LOG2E = math.log2(math.e)
 MAX_SPLITS = 64
-MIN_KEYS_PER_SPLIT = 256
+MIN_KEYS_PER_SPLIT = 128
 
 
 @triton.jit
@@ -244,7 +244,10 @@ def _attention(
         num_warps=4 if block_q * block_h <= 32 else 8,
     )
     if num_splits > 1:
-        block_hc = min(next_pow2(hq), max(1, 4096 // next_pow2(dv)))
+        # enough programs to spread the merge over the GPU: at batch 1 one program per head (a single program
+        # walking every head's splits took longer than the attention itself)
+        block_hc = min(next_pow2(hq), max(1, 4096 // next_pow2(dv)),
+                       next_pow2(cdiv(t * hq, 2 * num_sms(q.device))))
         _combine_kernel[(t, cdiv(hq, block_hc))](
             part, lse, out, hq,
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),

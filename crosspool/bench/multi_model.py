@@ -1,0 +1,159 @@
+"""Several models decoding at once under an offered load: TBT percentiles and throughput, pipeline on vs off.
+
+    python -m crosspool.bench.multi_model --model DIR [--models 2,4] [--rate 2] [--duration-s 20]
+        [--prompt-len 512] [--output-len 128] [--modes off,on] [--timeline-dir DIR] [--json FILE]
+
+N models (copies of one checkpoint under names m0..m{N-1}, each loaded separately: N models' weights and KV)
+get Poisson arrivals at `--rate` requests/s each, the same seeded trace in every mode (equal offered load).
+Requests are added at their arrival times while the engine steps, as the server's engine thread does.
+Modes: `off` (the engine's plain step: each model's batch in turn, whole-step CUDA graphs), `on` (the
+layer-wise pipeline over sub-step graphs), `serial` (the pipeline with one lane: the same sub-steps back to
+back, for a timeline to compare with). Reported per (N, mode): TBT P50/P90/P99 over every gap between two
+tokens of a request (vLLM's ITL), TTFT P50/P99, output tokens/s over the run; a timeline (JSON + PNG, with
+per-side busy time and overlap) of a few steps in the middle of the run for the pipelined modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crosspool.bench import timeline
+from crosspool.config import EngineConfig
+from crosspool.engine.engine import Engine
+from crosspool.engine.sampling import SamplingParams
+from crosspool.models.loader import load_spec
+
+
+def trace(models: list[str], rate: float, duration_s: float, prompt_len: int, vocab: int,
+          seed: int) -> list[tuple[float, str, list[int]]]:
+    """(arrival s, model, prompt ids) sorted by arrival: Poisson per model."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for m in models:
+        t = rng.exponential(1 / rate)
+        while t < duration_s:
+            out.append((float(t), m, rng.integers(0, vocab - 10, prompt_len).tolist()))
+            t += rng.exponential(1 / rate)
+    return sorted(out, key=lambda a: a[0])
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def _warm_up(engine: Engine, prompt_len: int, vocab: int) -> None:
+    """Capture every graph bucket and compile every kernel before the clock starts."""
+    for served in engine.models.values():
+        runner = served.runner
+        if runner.graphs is not None and runner.graphs.capture:
+            runner.graphs.capture_all()
+        if runner.substeps is not None and runner.substeps.capture:
+            runner.substeps.capture_all()
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for name in engine.models:
+        engine.add_request(name, list(range(1, min(prompt_len, vocab - 1))), params)
+    while engine.has_unfinished():
+        engine.step()
+
+
+def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_dir: Path) -> dict:
+    names = [f"m{i}" for i in range(n)]
+    config = EngineConfig(device=args.device, pipeline=mode != "off", kv_cache_bytes=int(args.kv_cache_gb * 2**30),
+                          max_model_len=args.prompt_len + args.output_len + 16, max_num_seqs=args.max_num_seqs,
+                          tbt_target_s=args.tbt_target_s)
+    engine = Engine(dict.fromkeys(names, model_dir), config)
+    if mode == "serial":
+        engine.pipeline.lanes = 1
+    vocab = load_spec(model_dir).vocab_size
+    _warm_up(engine, args.prompt_len, vocab)
+    arrivals = trace(names, args.rate, args.duration_s, args.prompt_len, vocab, args.seed)
+    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    finished = []
+    record_at = args.duration_s / 2
+    recording = None
+    start = time.perf_counter()
+    i = steps = recorded_from = 0
+    while i < len(arrivals) or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while i < len(arrivals) and arrivals[i][0] <= now:
+            engine.add_request(arrivals[i][1], arrivals[i][2], params)
+            i += 1
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, min(arrivals[i][0] - now, 0.01)))
+            continue
+        if engine.pipeline is not None and recording is None and now >= record_at:
+            recording = engine.pipeline.start_recording()
+            recorded_from = steps
+        finished += [o for o in engine.step() if o.finished]
+        steps += 1
+        if recording is not None and engine.pipeline.timeline is not None \
+                and steps - recorded_from >= args.timeline_steps:
+            engine.pipeline.stop_recording()
+    elapsed = time.perf_counter() - start
+    engine.close()
+    tbt = [g for o in finished for g in o.tbt_s]
+    ttft = [o.ttft_s for o in finished if o.ttft_s is not None]
+    row = {"models": n, "mode": mode, "requests": len(finished), "steps": steps, "elapsed_s": elapsed,
+           "output_tokens_per_s": sum(len(o.token_ids) for o in finished) / elapsed,
+           "tbt_ms_p50": _pct(tbt, 50) * 1e3, "tbt_ms_p90": _pct(tbt, 90) * 1e3, "tbt_ms_p99": _pct(tbt, 99) * 1e3,
+           "ttft_ms_p50": _pct(ttft, 50) * 1e3, "ttft_ms_p99": _pct(ttft, 99) * 1e3,
+           "tbt_ms_mean": statistics.mean(tbt) * 1e3 if tbt else float("nan")}
+    if recording is not None:
+        data = timeline.to_dict(recording)
+        stem = out_dir / f"timeline-{n}models-{mode}"
+        timeline.save(data, stem.with_suffix(".json"))
+        timeline.draw(data, stem.with_suffix(".png"), title=f"{n} models, pipeline {mode}")
+        row["timeline"] = data["summary"]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint served as every model")
+    p.add_argument("--models", default="2,4", help="numbers of models, comma separated")
+    p.add_argument("--modes", default="off,on", help="off | on | serial, comma separated")
+    p.add_argument("--rate", type=float, default=2.0, help="requests/s per model (Poisson)")
+    p.add_argument("--duration-s", type=float, default=20.0, help="arrivals stop after this")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--tbt-target-s", type=float, default=0.05)
+    p.add_argument("--kv-cache-gb", type=float, default=16.0)
+    p.add_argument("--timeline-steps", type=int, default=6)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="bench/results", help="timelines and results go here")
+    args = p.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in (int(x) for x in args.models.split(",")):
+        for mode in args.modes.split(","):
+            row = run_mode(args.model, n, mode, args, out_dir)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print("| models | pipeline | requests | tokens/s | TBT p50 ms | p90 | p99 | TTFT p50 ms | p99 |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['models']} | {r['mode']} | {r['requests']} | {r['output_tokens_per_s']:.0f} | "
+              f"{r['tbt_ms_p50']:.2f} | {r['tbt_ms_p90']:.2f} | {r['tbt_ms_p99']:.2f} | {r['ttft_ms_p50']:.1f} | "
+              f"{r['ttft_ms_p99']:.1f} |")
+    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    out = out_dir / f"multi-model-{stamp}.json"
+    out.write_text(json.dumps({"model": args.model, "args": vars(args), "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
