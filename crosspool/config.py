@@ -26,6 +26,8 @@ class EngineConfig:
     kv_background_maintenance: bool | None = None   # map/unmap KV pages on a thread (default: on GPU)
     kernels: str | None = None                # "torch" reference ops | "triton" (default: triton on GPU)
     cuda_graphs: bool | None = None           # decode steps as CUDA graph replays (default: on with GPU + triton)
+    # greedy decode steps with graphs: launch step n+1 (its tokens fed on the device) before reading step n's
+    async_decode: bool = True
     # layer-wise pipeline (crosspool.engine.pipeline): interleave attention and FFN sub-steps of two batches;
     # one process only: with pool ranks every FFN is a blocking tick of the exchange, so the engine runs unpipelined
     pipeline: bool = False

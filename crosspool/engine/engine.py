@@ -24,14 +24,14 @@ from transformers import AutoTokenizer
 
 from crosspool.config import EngineConfig
 from crosspool.engine.block_manager import BlockManager, blocks_for
-from crosspool.engine.graphs import DecodeGraphs
+from crosspool.engine.graphs import DecodeGraphs, LaunchedStep
 from crosspool.engine.output import RequestOutput, update_text
 from crosspool.engine.pipeline import PipelineBatch, PipelineScheduler
 from crosspool.engine.runner import ModelRunner
 from crosspool.engine.sampler import TokenLogprob
 from crosspool.engine.sampling import SamplingParams
 from crosspool.engine.scheduler import ScheduledSeq, Scheduler
-from crosspool.engine.sequence import SeqStatus, Sequence
+from crosspool.engine.sequence import Sequence
 from crosspool.engine.substeps import SubStepGraphs
 from crosspool.models.attention_side import AttentionSide
 from crosspool.models.ffn_side import FFNSide
@@ -58,6 +58,7 @@ class ServedModel:
     scheduler: Scheduler | None = None
     runner: ModelRunner | None = None
     draining: bool = False             # being removed: admits no new requests
+    launched: LaunchedStep | None = None   # async decode: a step on the device whose tokens are not read yet
 
 
 class Engine:
@@ -152,6 +153,7 @@ class Engine:
         served = self._served(name)
         if served.scheduler.has_work():
             raise RuntimeError(f"{name} still has requests; drain or abort them first")
+        self._read_launched(served)       # a launched step of finished requests: nothing left to report
         del self.models[name]
         self.kv_pool.unregister(name)
         if self.layout.weights is not None:
@@ -236,16 +238,11 @@ class Engine:
         seq = self._seqs.pop(request_id, None)
         if seq is None or seq.finished:
             return
-        sched = self.models[seq.model].scheduler
-        if seq.status is SeqStatus.RUNNING:
-            sched.finish(seq)
-        else:
-            sched.waiting.remove(seq)
-            seq.status = SeqStatus.FINISHED
+        self.models[seq.model].scheduler.finish(seq)
         seq.finish_reason = "abort"
 
     def has_unfinished(self) -> bool:
-        return any(m.scheduler.has_work() for m in self.models.values())
+        return any(m.scheduler.has_work() or m.launched is not None for m in self.models.values())
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -260,9 +257,19 @@ class Engine:
 
         if self.pipeline is None:
             for served in self.models.values():
-                if not served.scheduler.has_work():
+                if served.launched is None and not served.scheduler.has_work():
                     continue
-                scheduled = served.scheduler.schedule()
+                if self.config.async_decode and not served.scheduler.waiting:
+                    scheduled = served.scheduler.schedule()
+                    if scheduled and served.runner.can_launch(scheduled):
+                        outputs += self._launch(served, scheduled)
+                        continue
+                    # not launchable: read the step in flight first; it may have finished some of these
+                    outputs += self._read_launched(served)
+                    scheduled = [s for s in scheduled if not s.seq.finished]
+                else:
+                    outputs += self._read_launched(served)
+                    scheduled = served.scheduler.schedule() if served.scheduler.has_work() else []
                 if scheduled:
                     postprocess(served, scheduled, served.runner.step(scheduled), time.perf_counter())
         else:
@@ -277,6 +284,34 @@ class Engine:
             for batch, result in zip(batches, self.pipeline.run(batches), strict=True):
                 postprocess(self.models[batch.model], batch.scheduled, result.sampled, result.done_s)
         self._maintain_kv()
+        return outputs
+
+    def _launch(self, served: ServedModel, scheduled: list[ScheduledSeq]) -> list[RequestOutput]:
+        """Async decode: queue this step (its inputs may be the previous step's tokens, read on the device),
+        then read the previous step's tokens while the device runs this one. Stop conditions are therefore
+        seen one step late: a sequence that stopped there has one wasted row here, which is dropped."""
+        previous = served.launched
+        launched = served.runner.launch(scheduled, previous)
+        for s in scheduled:
+            s.seq.num_computed += 1
+            s.seq.pending += 1
+        outputs = self._read_launched(served)
+        served.launched = launched
+        return outputs
+
+    def _read_launched(self, served: ServedModel) -> list[RequestOutput]:
+        """Wait for the launched step's tokens and hand them to their sequences (those still running)."""
+        launched, served.launched = served.launched, None
+        if launched is None:
+            return []
+        tokens = launched.wait()
+        now = time.perf_counter()
+        outputs = []
+        for s, token in zip(launched.scheduled, tokens, strict=True):
+            if s.seq.finished:          # stopped on an earlier token, or aborted
+                continue
+            s.seq.pending -= 1
+            outputs.append(self._append(served, s.seq, token, None, now))
         return outputs
 
     def _maintain_kv(self) -> None:

@@ -19,6 +19,7 @@ and an FFN in this process. `capture=False` runs the same static-buffer path wit
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,11 +34,25 @@ from crosspool.models.model import MoEModel
 
 BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
            384, 448, 512)
-IDS, POSITIONS, SLOTS, CONTEXT_LENS = range(4)
+IDS, POSITIONS, SLOTS, CONTEXT_LENS, SRC_ROWS = range(5)
 
 
 def buckets_up_to(max_batch: int) -> list[int]:
     return sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A decode step queued on the device whose greedy tokens the host has not read yet."""
+
+    scheduled: list[ScheduledSeq]
+    tokens: torch.Tensor                   # pinned host [n], valid once `event` has completed
+    event: torch.cuda.Event | None         # None on CPU (the copy was synchronous)
+
+    def wait(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tokens.tolist()
 
 
 @dataclass(slots=True)
@@ -62,13 +77,17 @@ class DecodeInputs:
         self.max_model_len = max_model_len
         self.max_blocks = cdiv(max_model_len, block_size)
         pin = device.type == "cuda"
-        # rows: token ids, positions, KV slots, context lengths (padding: 0, 0, -1, 0)
-        self.host_meta = torch.zeros(4, max_batch, dtype=torch.long, pin_memory=pin)
+        # rows: token ids, positions, KV slots, context lengths, source rows (padding: 0, 0, -1, 0, -1).
+        # A source row >= 0 says the token id is not known on the host: it is the token the previous step
+        # sampled in that row (`tokens`), read on the device (async decode).
+        self.host_meta = torch.zeros(5, max_batch, dtype=torch.long, pin_memory=pin)
         self.host_tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.long, pin_memory=pin)
-        self.meta = torch.zeros(4, max_batch, dtype=torch.long, device=device)
+        self.meta = torch.zeros(5, max_batch, dtype=torch.long, device=device)
         self.meta[SLOTS] = -1
+        self.meta[SRC_ROWS] = -1
         self.tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.long, device=device)
         self.rows = torch.arange(max_batch, device=device)
+        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=device)   # greedy tokens of the last step
 
     def batch(self, bucket: int) -> ForwardBatch:
         """A ForwardBatch of views of the buffers, `bucket` rows."""
@@ -80,25 +99,28 @@ class DecodeInputs:
             max_context_len=self.max_model_len,
         )
 
-    def fill(self, scheduled: list[ScheduledSeq], bucket: int) -> None:
+    def fill(self, scheduled: list[ScheduledSeq], bucket: int, src_rows: list[int] | None = None) -> None:
         """Write one decode step of the scheduled sequences (one new token each) into rows [0, n) and
-        padding into [n, bucket), and queue the copies to the device."""
+        padding into [n, bucket), and queue the copies to the device. src_rows[b] >= 0: sequence b's token
+        is the one the previous step sampled in that row, on the device."""
         bs = self.block_size
         ids, positions, slots, lens = [], [], [], []
+        src_rows = src_rows or [-1] * len(scheduled)
         for b, s in enumerate(scheduled):
             seq = s.seq
             pos = seq.num_computed
             table = seq.block_table
-            ids.append(seq.token_at(pos))
+            ids.append(seq.token_at(pos) if src_rows[b] < 0 else 0)
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             lens.append(pos + 1)
             self.host_tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
         n = len(scheduled)
         meta = self.host_meta
-        meta[:, :n] = torch.tensor([ids, positions, slots, lens], dtype=torch.long)
+        meta[:, :n] = torch.tensor([ids, positions, slots, lens, src_rows], dtype=torch.long)
         meta[:, n:bucket] = 0
         meta[SLOTS, n:bucket] = -1
+        meta[SRC_ROWS, n:bucket] = -1
         # contiguous copies (a strided one would stage through pageable memory and sync): all of the
         # metadata (a few KB), whole rows of the tables; columns past a sequence's blocks keep stale entries,
         # which the kernels never read (they stop at context_len)
@@ -112,6 +134,7 @@ class DecodeInputs:
         saved = self.meta[:, :bucket].clone()
         self.meta[:, :bucket] = 0
         self.meta[SLOTS, :bucket] = -1
+        self.meta[SRC_ROWS, :bucket] = -1
         try:
             yield
         finally:
@@ -148,6 +171,10 @@ class DecodeGraphs:
         self.inputs = DecodeInputs(device, max_batch, max_model_len, cache.block_size)
         self.steps: dict[int, CapturedStep] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        # two pinned buffers for launched steps' tokens: one being filled while the other is read
+        pin = device.type == "cuda"
+        self._host_tokens = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._flip = 0
 
     def bucket(self, batch_size: int) -> int | None:
         """The bucket a decode batch of this size replays, None if it is too large for graphs."""
@@ -162,13 +189,14 @@ class DecodeGraphs:
         grown = torch.cuda.memory_reserved(self.device) - before if self.capture else 0
         return {b: s.capture_s for b, s in sorted(self.steps.items())}, grown
 
-    def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """Logits [B, vocab] (fp32) of one decode step of the B scheduled sequences (one new token each)."""
+    def run(self, scheduled: list[ScheduledSeq], src_rows: list[int] | None = None) -> torch.Tensor:
+        """Logits [B, vocab] (fp32) of one decode step of the B scheduled sequences (one new token each).
+        Each replay also leaves the rows' greedy tokens in `inputs.tokens` (see `launch`)."""
         n = len(scheduled)
         bucket = self.bucket(n)
         if bucket is None:
             raise ValueError(f"decode batch of {n} exceeds the largest graph bucket {self.max_batch}")
-        self.inputs.fill(scheduled, bucket)
+        self.inputs.fill(scheduled, bucket, src_rows)
         step = self._step(bucket)
         if step.graph is not None:
             step.graph.replay()
@@ -176,6 +204,18 @@ class DecodeGraphs:
         else:
             logits = self._forward(step.batch)
         return logits[:n]
+
+    def launch(self, scheduled: list[ScheduledSeq], src_rows: list[int]) -> LaunchedStep:
+        """Queue a greedy decode step and the copy of its tokens to the host; return without waiting."""
+        self.run(scheduled, src_rows)
+        n = len(scheduled)
+        host = self._host_tokens[self._flip]
+        self._flip ^= 1
+        host[:n].copy_(self.inputs.tokens[:n], non_blocking=True)
+        event = torch.cuda.Event() if self.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        return LaunchedStep(scheduled, host[:n], event)
 
     # ---- capture ---------------------------------------------------------------------------------
     def _step(self, bucket: int) -> CapturedStep:
@@ -194,4 +234,9 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        return self.model.compute_logits(self.model.forward(batch, self.cache))
+        inputs, b = self.inputs, batch.input_ids.shape[0]
+        src = inputs.meta[SRC_ROWS, :b]
+        ids = torch.where(src >= 0, inputs.tokens[src.clamp(min=0)], batch.input_ids)
+        logits = self.model.compute_logits(self.model.forward(dataclasses.replace(batch, input_ids=ids), self.cache))
+        inputs.tokens[:b].copy_(logits.argmax(dim=-1))
+        return logits

@@ -57,7 +57,7 @@ def update_text(seq: Sequence, tokenizer, eos_ids: set[int], max_model_len: int)
         seq.finish_reason = "stop"
     else:
         if seq.finish_reason is None and (len(seq.output_token_ids) >= p.max_tokens
-                                          or seq.num_tokens >= max_model_len):
+                                          or seq.num_tokens - seq.pending >= max_model_len):
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             text = _decode(tokenizer, seq.output_token_ids)    # once, with any trailing partial character

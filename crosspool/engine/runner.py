@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from crosspool.engine.graphs import DecodeGraphs
+from crosspool.engine.graphs import DecodeGraphs, LaunchedStep
 from crosspool.engine.sampler import TokenLogprob, sample
 from crosspool.engine.scheduler import ScheduledSeq
 from crosspool.engine.substeps import SubStepGraphs
@@ -90,6 +90,20 @@ class ModelRunner:
 
     def _graph_step(self, scheduled: list[ScheduledSeq]) -> bool:
         return len(scheduled) <= self.graphs.max_batch and all(s.num_new_tokens == 1 for s in scheduled)
+
+    def can_launch(self, scheduled: list[ScheduledSeq]) -> bool:
+        """Whether the step can run asynchronously: a graph replay of one-token decodes, every sequence greedy
+        with nothing but the token to report (no logprobs, no penalties), so tokens can stay on the device."""
+        return (self.graphs is not None and self._graph_step(scheduled)
+                and all(s.seq.params.greedy and not s.seq.params.penalized and s.seq.params.logprobs is None
+                        for s in scheduled))
+
+    def launch(self, scheduled: list[ScheduledSeq], previous: LaunchedStep | None) -> LaunchedStep:
+        """Queue the step (see `can_launch`) without waiting for it. A sequence whose token the previous
+        launched step sampled and the host has not read (`seq.pending`) gets it on the device."""
+        rows = {id(s.seq): r for r, s in enumerate(previous.scheduled)} if previous is not None else {}
+        src = [rows[id(s.seq)] if s.seq.pending else -1 for s in scheduled]
+        return self.graphs.launch(scheduled, src)
 
     def _graph_logits(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Logits of every scheduled sequence's one new token, from a graph replay."""

@@ -51,6 +51,8 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:   # preempted earlier in this loop
                 continue
+            if seq.pending and seq.tokens_exhausted:  # async decode: done, its last token not read yet
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._reserve(seq, seq.num_computed + n):
                 continue
@@ -111,6 +113,9 @@ class Scheduler:
         return need
 
     def finish(self, seq: Sequence) -> None:
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+            self.blocks.release(seq)
+        elif seq in self.waiting:     # preempted while its last token was still on the device (async decode)
+            self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
-        self.running.remove(seq)
-        self.blocks.release(seq)

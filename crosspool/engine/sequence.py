@@ -59,6 +59,9 @@ class Sequence:
     decoded: str = ""
     prefix_offset: int = 0
     read_offset: int = 0
+    # tokens sampled on the device by a launched step whose results the host has not read yet (async decode:
+    # the next step reads them from the device); they count in num_tokens but not in output_token_ids
+    pending: int = 0
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 
     @property
@@ -72,7 +75,13 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.pending
+
+    @property
+    def tokens_exhausted(self) -> bool:
+        """Its last token is already sampled (max_tokens reached, counting pending ones): nothing left to
+        compute; it finishes once the host reads that token."""
+        return len(self.output_token_ids) + self.pending >= self.params.max_tokens
 
     @property
     def finished(self) -> bool:
