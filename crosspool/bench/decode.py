@@ -4,9 +4,10 @@
                            [--kernels torch|triton] [--no-cuda-graphs] [--hf] [--json FILE]
 
 For each (context, batch): B requests with `context`-token prompts are prefilled, then decode steps with every
-sequence decoding are timed. Reported per cell: wall time per step (host + device), device span of the step
-(CUDA events around the model's work: metadata copies + graph replay, or the eager launches) and the host
-fraction of the step (1 - span / wall: the time the GPU waits for Python); the bytes the step must touch
+sequence decoding are timed back to back (no sync between steps, so async decode can overlap them). Reported
+per cell: wall time per step (total / steps), device span of the step (CUDA events around the model's work:
+metadata copies + graph replay, or the eager launches) and the host fraction (1 - span / wall: the time the
+GPU waits for Python); the bytes the step must touch
 (`crosspool.bench.traffic`: weights, the experts the batch routed to, counted on the device over the last
 steps, and the KV); the achieved bandwidth (bytes / wall) and its fraction of the device-to-device copy
 bandwidth measured in the same run. `--hf` adds HF transformers' `generate` on the same checkpoint and GPU
@@ -69,47 +70,49 @@ def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: 
                and all(s.num_computed == s.num_tokens - 1 for s in sched.running)):
         engine.step()
     cell["prefill_s"] = time.perf_counter() - t0
-    wall, spans, lens, hits = [], [], [], []
+    spans, lens, hits = [], [], []
     graphs = runner.graphs
     timed = output_len - 1 - COUNT_STEPS
-    for i in range(output_len - 1):
-        counting = i >= timed
-        if counting:    # eager, counting routed experts per layer
-            runner.graphs = None
-            ffn = model.ffn
-            experts = spec.routing.num_experts if spec.routing else 1
-            ffn.expert_hits = torch.zeros(spec.num_layers, experts, dtype=torch.int32, device=engine.device)
-        step_lens = [s.num_computed + 1 for s in sched.running]
-        runner.gpu_spans = []
-        _sync(engine.device)
-        t = time.perf_counter()
+    runner.gpu_spans = []
+    for _ in range(warmup):
         engine.step()
-        _sync(engine.device)
-        elapsed = time.perf_counter() - t
-        if counting:
+    # timed steps back to back with no sync between them (async decode overlaps a step's host work with the
+    # previous step on the device; a sync per step would serialize them); the mean is total / steps
+    _sync(engine.device)
+    runner.gpu_spans = []
+    t = time.perf_counter()
+    for _ in range(timed - warmup):
+        lens.append(sum(s.num_computed + 1 for s in sched.running))
+        engine.step()
+    _sync(engine.device)
+    mean_wall = (time.perf_counter() - t) / (timed - warmup)
+    spans = [a.elapsed_time(b) / 1e3 for a, b in runner.gpu_spans]
+    runner.gpu_spans = None
+    runner.graphs = None     # eager from here: count the experts each step routes to
+    ffn = model.ffn
+    experts_n = spec.routing.num_experts if spec.routing else 1
+    for _ in range(COUNT_STEPS):
+        ffn.expert_hits = torch.zeros(spec.num_layers, experts_n, dtype=torch.int32, device=engine.device)
+        engine.step()
+        if ffn.expert_hits.any():      # the step ran the model (the last steps may only read tokens)
             hits.append(ffn.expert_hits.sum(1).tolist())
-        elif i >= warmup:
-            wall.append(elapsed)
-            lens.append(sum(step_lens))
-            spans.extend(a.elapsed_time(b) / 1e3 for a, b in runner.gpu_spans)
-    runner.graphs, runner.gpu_spans = graphs, None
-    if hasattr(model.ffn, "expert_hits"):
-        model.ffn.expert_hits = None
+    runner.graphs = graphs
+    ffn.expert_hits = None
     while engine.has_unfinished():
         engine.step()
+    if not hits:
+        raise RuntimeError("no decode step left to count routed experts: raise --output-len")
     experts = [statistics.mean(h[layer] for h in hits) for layer in range(spec.num_layers)]
-    mean_wall = statistics.mean(wall)
     weight_bytes = traffic.attention_bytes(model.attention, batch) + traffic.ffn_bytes(model.ffn, experts)
     kv = statistics.mean(lens) * spec.kv_bytes_per_token(torch.finfo(engine.config.dtype).bits // 8)
     cell.update({
-        "steps": len(wall), "step_ms": mean_wall * 1e3, "step_ms_p50": statistics.median(wall) * 1e3,
-        "tokens_per_s": batch / mean_wall,
+        "steps": timed - warmup, "step_ms": mean_wall * 1e3, "tokens_per_s": batch / mean_wall,
         "experts_per_moe_layer": statistics.mean(e for e, w in zip(experts, model.ffn.w.layers, strict=True)
                                                  if "experts_gate_up" in w) if spec.routing else 0,
         "weight_bytes": weight_bytes, "kv_bytes": kv, "bytes": weight_bytes + kv,
     })
     if spans:
-        span = statistics.mean(spans)
+        span = statistics.mean(spans[-len(lens):])
         cell.update({"device_span_ms": span * 1e3, "host_fraction": max(0.0, 1 - span / mean_wall)})
     return cell
 

@@ -13,6 +13,10 @@ The KV pool's per-model ranges keep their virtual addresses while pages are mapp
 captured with a fixed split count per bucket, sized for the model's longest context; splits past a
 sequence's context do nothing.
 
+Each replay also leaves the rows' greedy tokens on the device (`DecodeInputs.tokens`), and a row's input
+token may be given as "the token row r sampled in the previous replay" (`SRC_ROWS`): async decode
+(`DecodeGraphs.launch`, `Engine._launch`) queues step n+1 before the host has read step n's tokens.
+
 Graphs need the Triton kernels (the torch reference path syncs with the host and has data-dependent shapes)
 and an FFN in this process. `capture=False` runs the same static-buffer path without capturing (CPU tests).
 """

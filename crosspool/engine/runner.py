@@ -103,7 +103,11 @@ class ModelRunner:
         launched step sampled and the host has not read (`seq.pending`) gets it on the device."""
         rows = {id(s.seq): r for r, s in enumerate(previous.scheduled)} if previous is not None else {}
         src = [rows[id(s.seq)] if s.seq.pending else -1 for s in scheduled]
-        return self.graphs.launch(scheduled, src)
+        start = self._mark()
+        launched = self.graphs.launch(scheduled, src)
+        if start is not None:
+            self.gpu_spans.append((start, self._mark()))
+        return launched
 
     def _graph_logits(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Logits of every scheduled sequence's one new token, from a graph replay."""
