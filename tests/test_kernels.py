@@ -307,6 +307,33 @@ def test_rope_write_kv(dtype: torch.dtype, interleaved: bool, heads: int, kv_hea
     _close(buf, want_buf, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["head", "full"])          # Qwen3-MoE, OLMoE
+def test_rope_write_kv_with_qk_norm(dtype: torch.dtype, kind: str) -> None:
+    """q/k RMSNorm fused in front of the rotation: q and k are slices of one fused QKV row, as in the engine."""
+    g = torch.Generator().manual_seed(5)
+    t, heads, kv_heads, dim, block_size, blocks, eps = 7, 8, 2, 32, 16, 4, 1e-6
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * dim, generator=g).to(DEVICE, dtype)
+    q, k, v = (x.view(t, -1, dim) for x in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+    n_q, n_k = (dim, dim) if kind == "head" else (heads * dim, kv_heads * dim)
+    q_w, k_w = ((1 + 0.1 * torch.randn(n, generator=g)).to(DEVICE, dtype) for n in (n_q, n_k))
+    cos, sin = _rope_tables(t, dim, g)
+    slots = torch.randperm(blocks * block_size, generator=g)[:t].to(DEVICE)
+    buf = torch.zeros(blocks, 2, block_size, kv_heads, dim, device=DEVICE, dtype=dtype)
+    want = buf.clone()
+
+    def normed(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return ref.rms_norm(x, w, eps) if kind == "head" else ref.rms_norm(x.reshape(t, -1), w, eps).view(x.shape)
+
+    want_q = ref.apply_rope(normed(q, q_w), cos, sin, False)
+    ref.write_kv(want[:, 0], slots, ref.apply_rope(normed(k, k_w), cos, sin, False))
+    ref.write_kv(want[:, 1], slots, v)
+    q_out = q.clone()
+    rope_write_kv(q_out, k, v, cos, sin, slots, buf[:, 0], buf[:, 1], False, qk_norm=(kind, q_w, k_w, eps))
+    _close(q_out, want_q, dtype)
+    _close(buf, want, dtype)
+
+
 def test_rope_write_kv_mla() -> None:
     """DeepSeek: rotate q's rope part in place inside q, write [latent, rotated k_pe] into the latent cache."""
     g = torch.Generator().manual_seed(0)
@@ -428,6 +455,30 @@ def test_gpu_norm_rope_bf16() -> None:
         rope_write_kv(q_out, k, v, cos, sin, slots, *buf[:, 1].unbind(1), interleaved)
         want_q = ref.apply_rope(q.float(), cos, sin, interleaved)
         _bf16_check(q_out, ref.apply_rope(q, cos, sin, interleaved), want_q)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind,heads,kv_heads", [("head", 32, 4), ("full", 16, 16)])   # Qwen3, OLMoE
+def test_gpu_rope_write_kv_qk_norm_bf16(kind: str, heads: int, kv_heads: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    t, dim, eps = 300, 128, 1e-6
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * dim, generator=g).to(DEVICE, torch.bfloat16)
+    q, k, v = (x.view(t, -1, dim) for x in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+    n_q, n_k = (dim, dim) if kind == "head" else (heads * dim, kv_heads * dim)
+    q_w, k_w = ((1 + 0.1 * torch.randn(n, generator=g)).to(DEVICE, torch.bfloat16) for n in (n_q, n_k))
+    cos, sin = _rope_tables(t, dim, g)
+    slots = torch.randperm(40 * 16, generator=g)[:t].to(DEVICE)
+    buf = torch.zeros(40, 2, 16, kv_heads, dim, device=DEVICE, dtype=torch.bfloat16)
+
+    def want(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        normed = ref.rms_norm(x, w, eps) if kind == "head" else ref.rms_norm(x.reshape(t, -1), w, eps).view(x.shape)
+        return ref.apply_rope(normed, cos, sin, False)
+
+    q_out = q.clone()
+    rope_write_kv(q_out, k, v, cos, sin, slots, buf[:, 0], buf[:, 1], False, qk_norm=(kind, q_w, k_w, eps))
+    _bf16_check(q_out, want(q, q_w), want(q.float(), q_w.float()))
+    _bf16_check(buf[:, 0].flatten(0, 1)[slots], want(k, k_w), want(k.float(), k_w.float()))
 
 
 @gpu

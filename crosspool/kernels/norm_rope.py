@@ -75,28 +75,45 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 
 @triton.jit
-def _rope_rotate(x_ptr, head_offs, ok, c, s, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                 INTERLEAVED: tl.constexpr):
-    """Load one token's heads [BLOCK_H, dim] and return the rotated halves (fp32)."""
+def _load_halves(x_ptr, head_offs, ok, w_ptr, num_heads, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                 INTERLEAVED: tl.constexpr, NORM: tl.constexpr):
+    """One token's heads as the two rope halves [BLOCK_H, BLOCK_HALF] (fp32), RMS-normed first when NORM is
+    1 (per head, weight [dim]) or 2 (over all heads, weight [heads * dim]), rounded as `torch_ref.rms_norm`
+    rounds (normalize in fp32, round to the input dtype, scale by the weight, round again)."""
     offs = tl.arange(0, BLOCK_HALF)
     if INTERLEAVED:
         first, second = 2 * offs, 2 * offs + 1
     else:
         first, second = offs, offs + HALF
-    x1 = tl.load(x_ptr + head_offs[:, None] + first[None, :], mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + head_offs[:, None] + second[None, :], mask=ok, other=0.0).to(tl.float32)
-    return x1 * c[None, :] - x2 * s[None, :], x2 * c[None, :] + x1 * s[None, :]
+    x1 = tl.load(x_ptr + head_offs[:, None] + first[None, :], mask=ok, other=0.0)
+    x2 = tl.load(x_ptr + head_offs[:, None] + second[None, :], mask=ok, other=0.0)
+    dtype = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    if NORM > 0:
+        sq = x1 * x1 + x2 * x2
+        if NORM == 1:
+            rstd = tl.rsqrt(tl.sum(sq, 1) / (2 * HALF) + eps)[:, None]
+            w_row = tl.zeros_like(head_offs)[:, None]
+        else:
+            rstd = tl.rsqrt(tl.sum(tl.sum(sq, 1), 0) / (2 * HALF * num_heads) + eps)
+            w_row = head_offs[:, None]     # heads are contiguous in the row (checked by the wrapper)
+        w1 = tl.load(w_ptr + w_row + first[None, :], mask=ok, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + w_row + second[None, :], mask=ok, other=0.0).to(tl.float32)
+        x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    return x1, x2
 
 
 @triton.jit
 def _rope_write_kv_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_ptr, v_cache_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_ptr, v_cache_ptr, q_norm_ptr, k_norm_ptr, eps,
     num_q_heads, num_kv_heads,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_st,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    INTERLEAVED: tl.constexpr, HAS_V: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_V: tl.constexpr, NORM: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     offs_half = tl.arange(0, BLOCK_HALF)
@@ -104,17 +121,18 @@ def _rope_write_kv_kernel(
     c = tl.load(cos_ptr + t * stride_ct + offs_half, mask=half_ok, other=0.0)
     s = tl.load(sin_ptr + t * stride_st + offs_half, mask=half_ok, other=0.0)
     # the reference multiplies by cos/sin rounded to the activations' dtype
-    c = c.to(q_ptr.dtype.element_ty).to(tl.float32)
-    s = s.to(q_ptr.dtype.element_ty).to(tl.float32)
+    c = c.to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
+    s = s.to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
 
     hq = tl.arange(0, BLOCK_HQ)
     q_ok = (hq < num_q_heads)[:, None] & half_ok[None, :]
     q_rows = q_ptr + t * stride_qt + hq * stride_qh
-    o1, o2 = _rope_rotate(q_ptr + t * stride_qt, hq * stride_qh, q_ok, c, s, HALF, BLOCK_HALF, INTERLEAVED)
+    x1, x2 = _load_halves(q_ptr + t * stride_qt, hq * stride_qh, q_ok, q_norm_ptr, num_q_heads, eps, HALF,
+                          BLOCK_HALF, INTERLEAVED, NORM)
     # in place: interleaved output positions are loaded by other threads, so all loads land before any store
     tl.debug_barrier()
-    tl.store(q_rows[:, None] + offs_half[None, :], o1.to(q_ptr.dtype.element_ty), mask=q_ok)
-    tl.store(q_rows[:, None] + HALF + offs_half[None, :], o2.to(q_ptr.dtype.element_ty), mask=q_ok)
+    tl.store(q_rows[:, None] + offs_half[None, :], (x1 * c - x2 * s).to(q_ptr.dtype.element_ty), mask=q_ok)
+    tl.store(q_rows[:, None] + HALF + offs_half[None, :], (x2 * c + x1 * s).to(q_ptr.dtype.element_ty), mask=q_ok)
 
     slot = tl.load(slots_ptr + t)
     if slot >= 0:   # negative slots: padding tokens (e.g. of a CUDA graph bucket) write nothing
@@ -123,11 +141,15 @@ def _rope_write_kv_kernel(
         hk = tl.arange(0, BLOCK_HKV)
         hk_valid = hk < num_kv_heads
         k_ok = hk_valid[:, None] & half_ok[None, :]
-        k1, k2 = _rope_rotate(k_ptr + t * stride_kt, hk * stride_kh, k_ok, c, s, HALF, BLOCK_HALF, INTERLEAVED)
+        k1, k2 = _load_halves(k_ptr + t * stride_kt, hk * stride_kh, k_ok, k_norm_ptr, num_kv_heads, eps, HALF,
+                              BLOCK_HALF, INTERLEAVED, NORM)
+        # the reference rounds the normed k to the activations' dtype before rotating, and the rotation to it
         kc_rows = k_cache_ptr + page * stride_kcb + offset * stride_kcs + hk * stride_kch
         kc_dtype = k_cache_ptr.dtype.element_ty
-        tl.store(kc_rows[:, None] + offs_half[None, :], k1.to(kc_dtype), mask=k_ok)
-        tl.store(kc_rows[:, None] + HALF + offs_half[None, :], k2.to(kc_dtype), mask=k_ok)
+        tl.store(kc_rows[:, None] + offs_half[None, :], (k1 * c - k2 * s).to(k_ptr.dtype.element_ty).to(kc_dtype),
+                 mask=k_ok)
+        tl.store(kc_rows[:, None] + HALF + offs_half[None, :],
+                 (k2 * c + k1 * s).to(k_ptr.dtype.element_ty).to(kc_dtype), mask=k_ok)
         if HAS_V:
             offs_dv = tl.arange(0, BLOCK_DV)
             v_ok = hk_valid[:, None] & (offs_dv < DV)[None, :]
@@ -139,8 +161,12 @@ def _rope_write_kv_kernel(
 def rope_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
     slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None, interleaved: bool,
+    qk_norm: tuple[str, torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Rotate q in place, rotate k into k_cache and copy v into v_cache at the tokens' slots.
+
+    qk_norm: (kind, q weight, k weight, eps) RMS-normalizes q and k first, as `torch_ref.rms_norm` would:
+    kind "head" (per head, weights [dim]) or "full" (over all heads, weights [heads * dim]).
 
     q [T, Hq, Rd], k [T, Hkv, Rd], v [T, Hkv, Dv] (strided rows/heads allowed, last dim contiguous);
     cos/sin [T, Rd/2] fp32 (`torch_ref.rope_cos_sin`); slot_mapping [T] (block * block_size + offset, < 0 to
@@ -157,13 +183,19 @@ def rope_write_kv(
     v_arg = k if v is None else v
     vc_arg = k_cache if v_cache is None else v_cache
     dv = v_arg.shape[-1]
+    norm, q_w, k_w, eps = 0, q, k, 0.0
+    if qk_norm is not None:
+        kind, q_w, k_w, eps = qk_norm
+        norm = {"head": 1, "full": 2}[kind]
+        assert q_w.is_contiguous() and k_w.is_contiguous()
+        assert q.stride(1) == rd and k.stride(1) == rd, "normed q/k: heads must be contiguous in a row"
     _rope_write_kv_kernel[(t,)](
-        q, k, v_arg, cos, sin, slot_mapping, k_cache, vc_arg, hq, hkv,
+        q, k, v_arg, cos, sin, slot_mapping, k_cache, vc_arg, q_w, k_w, eps, hq, hkv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v_arg.stride(0), v_arg.stride(1),
         cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), vc_arg.stride(0), vc_arg.stride(1), vc_arg.stride(2),
         HALF=rd // 2, BLOCK_HALF=next_pow2(rd // 2), DV=dv, BLOCK_DV=next_pow2(dv),
         BLOCK_HQ=next_pow2(hq), BLOCK_HKV=next_pow2(hkv), PAGE_SIZE=k_cache.shape[1],
-        INTERLEAVED=interleaved, HAS_V=v is not None,
+        INTERLEAVED=interleaved, HAS_V=v is not None, NORM=norm,
     )
     return q

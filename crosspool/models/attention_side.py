@@ -96,17 +96,20 @@ class AttentionSide:
             q = ref.linear(x, w["q_proj"], w.get("q_proj.bias"))
             k = ref.linear(x, w["k_proj"], w.get("k_proj.bias"))
             v = ref.linear(x, w["v_proj"], w.get("v_proj.bias"))
-        if s.qk_norm == "full":
+        # the Triton path folds q/k RMSNorm into its RoPE + KV-write kernel (unless clipping sits in between)
+        fused_norm = self.triton and s.qk_norm != "none" and s.clip_qkv is None
+        if s.qk_norm == "full" and not fused_norm:
             q, k = self._norm(q, w["q_norm"]), self._norm(k, w["k_norm"])
         if s.clip_qkv is not None:
             q, k, v = (z.clamp(-s.clip_qkv, s.clip_qkv) for z in (q, k, v))
         q = q.view(t, s.num_heads, s.head_dim)
         k = k.view(t, s.num_kv_heads, s.head_dim)
         v = v.view(t, s.num_kv_heads, s.head_dim)
-        if s.qk_norm == "head":
+        if s.qk_norm == "head" and not fused_norm:
             q, k = self._norm(q, w["q_norm"]), self._norm(k, w["k_norm"])
         if self.triton:
-            out = _kernel_attention(q, k, v, batch, cache, rope, s.rope.interleaved, s.softmax_scale)
+            qk_norm = (s.qk_norm, w["q_norm"], w["k_norm"], s.rms_norm_eps) if fused_norm else None
+            out = _kernel_attention(q, k, v, batch, cache, rope, s.rope.interleaved, s.softmax_scale, qk_norm)
         else:
             cos, sin = rope
             q = ref.apply_rope(q, cos, sin, s.rope.interleaved)
@@ -157,13 +160,13 @@ class AttentionSide:
 
 def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
                       cache: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor], interleaved: bool,
-                      scale: float) -> torch.Tensor:
-    """RoPE + KV write in one kernel, then paged attention (decode or varlen prefill)."""
+                      scale: float, qk_norm: tuple | None = None) -> torch.Tensor:
+    """(q/k norm +) RoPE + KV write in one kernel, then paged attention (decode or varlen prefill)."""
     from crosspool.kernels import norm_rope, paged_attention
 
     k_cache, v_cache = cache
     cos, sin = rope
-    norm_rope.rope_write_kv(q, k, v, cos, sin, batch.slot_mapping, k_cache, v_cache, interleaved)
+    norm_rope.rope_write_kv(q, k, v, cos, sin, batch.slot_mapping, k_cache, v_cache, interleaved, qk_norm)
     if batch.decode_only:
         return paged_attention.paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
                                                       scale, max_context_len=batch.max_context_len)
