@@ -26,8 +26,10 @@ import numpy as np
 import torch
 
 from crosspool.bench import timeline
-from crosspool.config import EngineConfig
+from crosspool.config import EngineConfig, layout_settings
+from crosspool.engine.distributed import DistributedEngine
 from crosspool.engine.engine import Engine
+from crosspool.engine.llm import create_engine
 from crosspool.engine.sampling import SamplingParams
 from crosspool.models.loader import load_spec
 
@@ -49,7 +51,7 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
 
-def _warm_up(engine: Engine, prompt_len: int, vocab: int) -> None:
+def _warm_up(engine: Engine | DistributedEngine, prompt_len: int, vocab: int) -> None:
     """Capture every graph bucket and compile every kernel before the clock starts."""
     for served in engine.models.values():
         runner = served.runner
@@ -66,12 +68,14 @@ def _warm_up(engine: Engine, prompt_len: int, vocab: int) -> None:
 
 def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_dir: Path) -> dict:
     names = [f"m{i}" for i in range(n)]
-    config = EngineConfig(device=args.device, pipeline=mode != "off", kv_cache_bytes=int(args.kv_cache_gb * 2**30),
+    layout = layout_settings(args.kv_devices, args.weights_devices, default_device=args.device)
+    config = EngineConfig(pipeline=mode != "off", kv_cache_bytes=int(args.kv_cache_gb * 2**30),
                           max_model_len=args.prompt_len + args.output_len + 16, max_num_seqs=args.max_num_seqs,
-                          tbt_target_s=args.tbt_target_s)
-    engine = Engine(dict.fromkeys(names, model_dir), config)
-    if mode == "serial":
-        engine.pipeline.lanes = 1
+                          tbt_target_s=args.tbt_target_s, **layout)
+    engine = create_engine(dict.fromkeys(names, model_dir), config)
+    pipeline = getattr(engine, "pipeline", None)     # None across pool ranks: there the engine runs unpipelined
+    if mode == "serial" and pipeline is not None:
+        pipeline.lanes = 1
     vocab = load_spec(model_dir).vocab_size
     _warm_up(engine, args.prompt_len, vocab)
     arrivals = trace(names, args.rate, args.duration_s, args.prompt_len, vocab, args.seed)
@@ -89,19 +93,21 @@ def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_di
         if not engine.has_unfinished():
             time.sleep(max(0.0, min(arrivals[i][0] - now, 0.01)))
             continue
-        if engine.pipeline is not None and recording is None and now >= record_at:
-            recording = engine.pipeline.start_recording()
+        if pipeline is not None and recording is None and now >= record_at:
+            recording = pipeline.start_recording()
             recorded_from = steps
         finished += [o for o in engine.step() if o.finished]
         steps += 1
-        if recording is not None and engine.pipeline.timeline is not None \
-                and steps - recorded_from >= args.timeline_steps:
-            engine.pipeline.stop_recording()
+        if recording is not None and pipeline.timeline is not None and steps - recorded_from >= args.timeline_steps:
+            pipeline.stop_recording()
     elapsed = time.perf_counter() - start
     engine.close()
     tbt = [g for o in finished for g in o.tbt_s]
     ttft = [o.ttft_s for o in finished if o.ttft_s is not None]
-    row = {"models": n, "mode": mode, "requests": len(finished), "steps": steps, "elapsed_s": elapsed,
+    layout_text = f"kv {','.join(config.kv_devices) or config.device} weights " \
+                  f"{','.join(config.weights_devices) or config.device}"
+    row = {"models": n, "mode": mode, "layout": layout_text, "pipelined": pipeline is not None,
+           "requests": len(finished), "steps": steps, "elapsed_s": elapsed,
            "output_tokens_per_s": sum(len(o.token_ids) for o in finished) / elapsed,
            "tbt_ms_p50": _pct(tbt, 50) * 1e3, "tbt_ms_p90": _pct(tbt, 90) * 1e3, "tbt_ms_p99": _pct(tbt, 99) * 1e3,
            "ttft_ms_p50": _pct(ttft, 50) * 1e3, "ttft_ms_p99": _pct(ttft, 99) * 1e3,
@@ -131,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-gb", type=float, default=16.0)
     p.add_argument("--timeline-steps", type=int, default=6)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--kv-devices", default=None, help="pool layout, e.g. cuda:0,cuda:1 (default: --device)")
+    p.add_argument("--weights-devices", default=None, help="e.g. cuda:2,cuda:3 (default: with the KV pool)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="bench/results", help="timelines and results go here")
     args = p.parse_args(argv)
@@ -142,10 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             row = run_mode(args.model, n, mode, args, out_dir)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("| models | pipeline | requests | tokens/s | TBT p50 ms | p90 | p99 | TTFT p50 ms | p99 |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| models | layout | pipeline | requests | tokens/s | TBT p50 ms | p90 | p99 | TTFT p50 ms | p99 |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['models']} | {r['mode']} | {r['requests']} | {r['output_tokens_per_s']:.0f} | "
+        mode = r["mode"] if r["pipelined"] or r["mode"] == "off" else "off*"    # *: pool ranks run unpipelined
+        print(f"| {r['models']} | {r['layout']} | {mode} | "
+              f"{r['requests']} | {r['output_tokens_per_s']:.0f} | "
               f"{r['tbt_ms_p50']:.2f} | {r['tbt_ms_p90']:.2f} | {r['tbt_ms_p99']:.2f} | {r['ttft_ms_p50']:.1f} | "
               f"{r['ttft_ms_p99']:.1f} |")
     stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"

@@ -1,0 +1,144 @@
+"""Hidden-state transfer cost between the KV pool and the weights pool (issue 8), per layer.
+
+    python -m crosspool.bench.transfer [--kv-devices cuda:0] [--weights-devices cuda:1] [--hidden 2048]
+        [--tokens 1,8,32,128,512] [--iters 200] [--json FILE]
+    (CPU: --kv-ranks 1 --weights-ranks 1, over gloo)
+
+One process per device, one torch.distributed world (NCCL on GPUs, NVLink multicast off). A decode layer
+moves `tokens x hidden` bf16 from a KV rank to the weights ranks and the FFN output back. Measured per layer
+(round trip, milliseconds, median of `--iters`):
+- `p2p`: send/recv to one weights rank and back (NCCL point-to-point);
+- `all_gather+all_reduce`: what the pools' tick protocol moves (`pools.transport.Exchange`): the hidden
+  states all-gathered, the fp32 output all-reduced (tensor-parallel weights sum their partial outputs);
+- `tick`: a whole `Exchange.ffn` call with an FFN that does nothing (the protocol's headers and host syncs
+  included): what one layer's transfer costs the engine today.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from crosspool.pools.transport import Exchange, World, free_port, init_world
+
+
+class _IdentityPool:
+    """Stands in for a WeightsPool: the FFN returns its input (no compute, only the transfer)."""
+
+    def ffn(self, name: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, iters: int) -> float:  # noqa: ANN001
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def _p2p(rank: int, kv_ranks: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    """KV rank 0 -> the first weights rank -> back."""
+    if rank == 0:
+        dist.send(x, kv_ranks)
+        dist.recv(y, kv_ranks)
+    elif rank == kv_ranks:
+        dist.recv(y, 0)
+        dist.send(y, 0)
+
+
+def _collectives(gathered: list[torch.Tensor], x: torch.Tensor, partial: torch.Tensor) -> None:
+    dist.all_gather(gathered, x)
+    dist.all_reduce(partial)
+
+
+def _tick(exchange: Exchange, world: World, rank: int, x: torch.Tensor) -> None:
+    if world.is_kv:
+        if rank == 0:
+            exchange.ffn(0, 0, x)
+        exchange.finish_round()
+    else:
+        exchange.serve_round(_IdentityPool(), ["m"])
+
+
+def _rank(rank: int, world_size: int, kv_ranks: int, devices: list[str], port: int, args: argparse.Namespace,
+          out: dict) -> None:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    device = torch.device(devices[rank])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    world = World(kv_ranks, world_size - kv_ranks, rank, device)
+    init_world(world, f"tcp://127.0.0.1:{port}")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    exchange = Exchange(world, dtype)
+    exchange.hidden_sizes.append(args.hidden)
+    rows = []
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        x = torch.randn(tokens, args.hidden, device=device).to(dtype)
+        y = torch.empty_like(x)
+        gathered = [torch.empty_like(x) for _ in range(world_size)]
+        partial = torch.zeros(tokens, args.hidden, dtype=torch.float32, device=device)
+        ops = {"p2p": functools.partial(_p2p, rank, kv_ranks, x, y),
+               "all_gather+all_reduce": functools.partial(_collectives, gathered, x, partial),
+               "tick": functools.partial(_tick, exchange, world, rank, x)}
+        row = {"tokens": tokens, "bytes": x.numel() * x.element_size()}
+        for name, fn in ops.items():
+            dist.barrier()
+            row[name] = _time(fn, device, args.iters)
+        rows.append(row)
+    if rank == 0:
+        out["rows"] = rows
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kv-devices", default=None)
+    p.add_argument("--weights-devices", default=None)
+    p.add_argument("--kv-ranks", type=int, default=1, help="CPU: KV ranks (gloo)")
+    p.add_argument("--weights-ranks", type=int, default=1, help="CPU: weights ranks (gloo)")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--tokens", default="1,8,32,128,512")
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    kv = args.kv_devices.split(",") if args.kv_devices else ["cpu"] * args.kv_ranks
+    weights = args.weights_devices.split(",") if args.weights_devices else ["cpu"] * args.weights_ranks
+    devices = kv + weights
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_rank, args=(len(devices), len(kv), devices, free_port(), args, out), nprocs=len(devices))
+        rows = list(out["rows"])
+    print(f"KV {kv} <-> weights {weights}, hidden {args.hidden}: round trip per layer, ms (median of {args.iters})")
+    print("| tokens | KB each way | p2p | all_gather + all_reduce | tick (engine today) |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['tokens']} | {r['bytes'] / 1024:.0f} | {r['p2p']:.3f} | {r['all_gather+all_reduce']:.3f} | "
+              f"{r['tick']:.3f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"kv": kv, "weights": weights, "hidden": args.hidden, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
