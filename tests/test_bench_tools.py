@@ -1,0 +1,60 @@
+"""The benchmark tools on tiny models (CPU): byte accounting against a hand count, and the load, transfer and
+capacity tools end to end with what their numbers must satisfy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from crosspool.bench import capacity, multi_model, transfer, traffic
+from crosspool.models.loader import load_spec
+from crosspool.models.model import MoEModel
+
+
+def test_traffic_counts_weights_once(tiny_models) -> None:  # noqa: ANN001
+    model = MoEModel.load(tiny_models("tiny-qwen3-moe"), torch.float32, "cpu")
+    w, spec = model.attention.w, model.spec
+    layer_bytes = sum(t.numel() * 4 for layer in w.layers for t in layer.values())
+    want = layer_bytes + w.final_norm.numel() * 4 + w.lm_head.numel() * 4 + 3 * spec.hidden_size * 4
+    assert traffic.attention_bytes(model.attention, batch=3) == want
+    ffn = model.ffn
+    experts = [2.5] * spec.num_layers
+    one_expert = sum(ffn.w.layers[0][k][0].numel() * 4 for k in ("experts_gate_up", "experts_down"))
+    other = sum(t.numel() * 4 for layer in ffn.w.layers for k, t in layer.items() if not k.startswith("experts_"))
+    assert traffic.ffn_bytes(ffn, experts) == other + 2.5 * spec.num_layers * one_expert
+    # a view of a weight does not count twice
+    w.layers[0]["alias"] = w.layers[0]["o_proj"][:2]
+    assert traffic.attention_bytes(model.attention, batch=3) == want
+
+
+def test_multi_model_bench_runs_every_request(tiny_models, tmp_path: Path) -> None:  # noqa: ANN001
+    path = str(tiny_models("tiny-olmoe"))
+    out = tmp_path / "mm"
+    assert multi_model.main(["--model", path, "--models", "2", "--modes", "off,on", "--rate", "4",
+                             "--duration-s", "1", "--prompt-len", "16", "--output-len", "6", "--kv-cache-gb", "0.25",
+                             "--device", "cpu", "--out-dir", str(out)]) == 0
+    rows = json.loads(next(out.glob("multi-model-*.json")).read_text())["rows"]
+    arrivals = len(multi_model.trace(["m0", "m1"], 4, 1, 16, load_spec(path).vocab_size, 0))
+    for r in rows:
+        assert r["requests"] == arrivals > 0
+        assert 0 < r["tbt_ms_p50"] <= r["tbt_ms_p99"]
+    assert rows[1]["timeline"]["steps"] > 0 and (out / "timeline-2models-on.png").is_file()
+
+
+def test_transfer_bench_over_gloo(capsys) -> None:  # noqa: ANN001
+    assert transfer.main(["--tokens", "1,16", "--iters", "3", "--hidden", "64"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1") or line.startswith("| 16")]
+    assert len(lines) == 2
+    assert all(float(v) > 0 for line in lines for v in line.strip("| ").split(" | ")[2:])
+
+
+def test_capacity_bench_runs_a_request_at_the_limit(tiny_models, tmp_path: Path) -> None:  # noqa: ANN001
+    out = tmp_path / "cap.json"
+    assert capacity.main(["--model", str(tiny_models("tiny-olmoe")), "--copies", "2", "--run", "--device", "cpu",
+                          "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["tokens_one_request"] * row["kv_bytes_per_token"] <= row["kv_pool_bytes"]
+    assert row["ran_prompt_tokens"] == min(row["tokens_one_request"], row["model_context_limit"]) - 8
+    assert row["generated"] == 4
