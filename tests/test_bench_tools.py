@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from crosspool.bench import capacity, multi_model, transfer, traffic
+from crosspool.bench import capacity, multi_model, traffic, transfer
 from crosspool.models.loader import load_spec
 from crosspool.models.model import MoEModel
 
