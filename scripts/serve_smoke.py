@@ -88,8 +88,8 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"/health: {r.status}")
     with urllib.request.urlopen(f"{root}/metrics") as r:
         metrics = r.read().decode()
-    lines = [line for line in metrics.splitlines() if line.startswith("crosspool:") and
-             any(k in line for k in ("kv_cache_usage_perc", "kv_bytes_mapped", "weights_pool", "generation_tokens_total"))]
+    keys = ("kv_cache_usage_perc", "kv_bytes_mapped", "weights_pool", "generation_tokens_total")
+    lines = [line for line in metrics.splitlines() if line.startswith("crosspool:") and any(k in line for k in keys)]
     print("\n".join(lines[: 4 * len(models) + 4]))
     return 1 if failures else 0
 
