@@ -53,12 +53,8 @@ def _pct(xs: list[float], q: float) -> float:
 
 def _warm_up(engine: Engine | DistributedEngine, prompt_len: int, vocab: int) -> None:
     """Capture every graph bucket and compile every kernel before the clock starts."""
-    for served in engine.models.values():
-        runner = served.runner
-        if runner.graphs is not None and runner.graphs.capture:
-            runner.graphs.capture_all()
-        if runner.substeps is not None and runner.substeps.capture:
-            runner.substeps.capture_all()
+    if isinstance(engine, Engine):
+        engine.capture_graphs()
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     for name in engine.models:
         engine.add_request(name, list(range(1, min(prompt_len, vocab - 1))), params)

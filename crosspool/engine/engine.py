@@ -159,6 +159,18 @@ class Engine:
         if self.layout.weights is not None:
             self.layout.weights.remove(name)
 
+    def capture_graphs(self) -> dict[str, float]:
+        """Capture every model's CUDA graphs now (a server does this at startup, so no request waits on a
+        capture); seconds per model. Models without graphs take 0."""
+        seconds = {}
+        for name, m in self.models.items():
+            t = time.perf_counter()
+            for graphs in (m.runner.graphs, m.runner.substeps):
+                if graphs is not None and graphs.capture:
+                    graphs.capture_all()
+            seconds[name] = time.perf_counter() - t
+        return seconds
+
     def close(self) -> None:
         """Stop the KV maintainer and release every KV page."""
         if self.kv_maintainer is not None:

@@ -104,6 +104,9 @@ def serve(models: dict[str, str], layout: dict[str, object], host: str, port: in
     cfg = EngineConfig(**layout)
     engine = create_engine(models, cfg)
     print(f"loaded {len(models)} model(s) in {time.perf_counter() - t0:.1f} s\n{describe(engine)}", flush=True)
+    if hasattr(engine, "capture_graphs") and cfg.cuda_graphs:
+        for name, seconds in engine.capture_graphs().items():
+            print(f"model {name}: CUDA graphs captured in {seconds:.1f} s", flush=True)
     runtime = EngineRuntime(engine, max_in_flight=max_in_flight)
     app = build_app(runtime, api_key=api_key, shutdown_timeout_s=shutdown_timeout_s)
     print(f"serving on http://{host}:{port}/v1 (OpenAI API; /health, /metrics)", flush=True)
