@@ -34,6 +34,7 @@ class EngineConfig:
     tbt_target_s: float = 0.1                 # per-model TBT target; the pipeline serves the least slack first
     tbt_targets_s: dict[str, float] = field(default_factory=dict)   # per-model overrides of tbt_target_s
     pipeline_max_batches: int | None = None   # batches per pipelined step, chosen by slack (default: all models)
+    pipeline_attention_sms: int | None = None  # GPU: green contexts, at least this many SMs for the attention side
 
     def __post_init__(self) -> None:
         if self.dtype is None:
@@ -74,6 +75,8 @@ class EngineConfig:
         bad = {k: v for k, v in {"*": self.tbt_target_s, **self.tbt_targets_s}.items() if not v > 0}
         if bad:
             raise ValueError(f"TBT targets must be > 0 seconds, got {bad}")
+        if self.pipeline_attention_sms is not None and self.pipeline_attention_sms < 1:
+            raise ValueError(f"pipeline_attention_sms must be >= 1, got {self.pipeline_attention_sms}")
         if self.pipeline_max_batches is not None and self.pipeline_max_batches < 1:
             raise ValueError(f"pipeline_max_batches must be >= 1, got {self.pipeline_max_batches}")
 

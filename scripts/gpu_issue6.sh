@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Issue 6 on the H200: 2 and 4 OLMoE-1B-7B-shaped models decoding at once, pipeline off / on / serial, at equal
-# offered load (same Poisson trace), with timelines. Results (JSON + PNGs) under $OUT. About 6 minutes.
+# Issue 6 on the H200: 2 and 4 OLMoE-1B-7B-shaped models decoding at once at equal offered load (the same Poisson
+# trace): pipeline off / on / on with green contexts, plus a serial (one-lane) pipeline timeline for comparison.
+# Results (JSON + timeline PNGs) come back as one archive, $OUT/issue6.tgz. About 7 minutes.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/issue6
 python3 -m crosspool.cli make-model --preset olmoe-1b-7b --out /tmp/olmoe --quiet --device cuda
-timeout 420 python3 -m crosspool.bench.multi_model --model /tmp/olmoe --models 2,4 --modes off,on,serial \
-    --rate 2 --duration-s 15 --prompt-len 512 --output-len 96 --kv-cache-gb 24 --out-dir "$OUT" 2>&1 \
-    | grep -v "^{" | tail -12
+B="python3 -m crosspool.bench.multi_model --model /tmp/olmoe --prompt-len 512 --output-len 96 --kv-cache-gb 24 \
+    --max-num-seqs 16 --out-dir /tmp/issue6"
+timeout 400 $B --models 2,4 --modes off,on,on-green --rate 2 --duration-s 15 2>&1 | grep -v "^{" | tail -9
+timeout 100 $B --models 2 --modes serial --rate 2 --duration-s 5 2>&1 | grep -v "^{" | tail -3
+tar czf "$OUT/issue6.tgz" -C /tmp/issue6 .

@@ -7,8 +7,9 @@ N models (copies of one checkpoint under names m0..m{N-1}, each loaded separatel
 get Poisson arrivals at `--rate` requests/s each, the same seeded trace in every mode (equal offered load).
 Requests are added at their arrival times while the engine steps, as the server's engine thread does.
 Modes: `off` (the engine's plain step: each model's batch in turn, whole-step CUDA graphs), `on` (the
-layer-wise pipeline over sub-step graphs), `serial` (the pipeline with one lane: the same sub-steps back to
-back, for a timeline to compare with). Reported per (N, mode): TBT P50/P90/P99 over every gap between two
+layer-wise pipeline over sub-step graphs), `on-green` (the same with the SMs split between the sides by green
+contexts, `--attention-sms`), `serial` (the pipeline with one lane: the same sub-steps back to back, for a
+timeline to compare with). Reported per (N, mode): TBT P50/P90/P99 over every gap between two
 tokens of a request (vLLM's ITL), TTFT P50/P99, output tokens/s over the run; a timeline (JSON + PNG, with
 per-side busy time and overlap) of a few steps in the middle of the run for the pipelined modes.
 """
@@ -65,7 +66,9 @@ def _warm_up(engine: Engine | DistributedEngine, prompt_len: int, vocab: int) ->
 def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_dir: Path) -> dict:
     names = [f"m{i}" for i in range(n)]
     layout = layout_settings(args.kv_devices, args.weights_devices, default_device=args.device)
+    green = args.attention_sms if mode == "on-green" else None
     config = EngineConfig(pipeline=mode != "off", kv_cache_bytes=int(args.kv_cache_gb * 2**30),
+                          pipeline_attention_sms=green,
                           max_model_len=args.prompt_len + args.output_len + 16, max_num_seqs=args.max_num_seqs,
                           tbt_target_s=args.tbt_target_s, **layout)
     engine = create_engine(dict.fromkeys(names, model_dir), config)
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint served as every model")
     p.add_argument("--models", default="2,4", help="numbers of models, comma separated")
-    p.add_argument("--modes", default="off,on", help="off | on | serial, comma separated")
+    p.add_argument("--modes", default="off,on", help="off | on | serial | on-green, comma separated")
+    p.add_argument("--attention-sms", type=int, default=66, help="on-green: SMs for the attention side")
     p.add_argument("--rate", type=float, default=2.0, help="requests/s per model (Poisson)")
     p.add_argument("--duration-s", type=float, default=20.0, help="arrivals stop after this")
     p.add_argument("--prompt-len", type=int, default=512)

@@ -99,9 +99,20 @@ class SideStreams:
     """The attention and FFN sides' CUDA streams and the events that order one batch's sub-steps across
     them. On CPU there are none: every method is a no-op and work runs in issue order."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, attention_sms: int | None = None) -> None:
+        """attention_sms: split the GPU's SMs between the sides with green contexts (`engine.green`), at
+        least this many for the attention side; None: two ordinary streams sharing every SM."""
         self.cuda = device.type == "cuda"
-        self._streams = {s: torch.cuda.Stream(device) for s in (ATTENTION_SIDE, FFN_SIDE)} if self.cuda else {}
+        self.sms: tuple[int, int] | None = None
+        if self.cuda and attention_sms:
+            from crosspool.engine.green import green_streams
+
+            green = green_streams(device, attention_sms)
+            self._green = green
+            self.sms = green.sms
+            self._streams = {ATTENTION_SIDE: green.attention, FFN_SIDE: green.ffn}
+        else:
+            self._streams = {s: torch.cuda.Stream(device) for s in (ATTENTION_SIDE, FFN_SIDE)} if self.cuda else {}
 
     def begin(self) -> None:
         """Both sides wait for the work queued so far on the current stream (the batches' metadata)."""
@@ -179,7 +190,8 @@ class _StepRecord:
 class PipelineScheduler:
     def __init__(self, device: torch.device | str, tbt_target_s: float = 0.1,
                  tbt_targets_s: dict[str, float] | None = None, max_batches: int | None = None,
-                 lanes: int = 2, split_single: bool = True, clock: Callable[[], float] = time.perf_counter) -> None:
+                 lanes: int = 2, split_single: bool = True, clock: Callable[[], float] = time.perf_counter,
+                 attention_sms: int | None = None) -> None:
         """lanes: batches in flight at once (1: one after another, for comparison). clock: the time base of
         deadlines (tests use an engine-step counter, so targets read as steps)."""
         if lanes < 1:
@@ -191,14 +203,15 @@ class PipelineScheduler:
         self.lanes = lanes
         self.split_single = split_single
         self.clock = clock
-        self.streams = SideStreams(self.device)
+        self.streams = SideStreams(self.device, attention_sms)
         self.timeline: TimelineLog | None = None
         self._last: dict[str, float] = {}     # model -> when it last produced tokens or became ready
         self._origin_s = 0.0
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> PipelineScheduler:
-        return cls(config.device, config.tbt_target_s, config.tbt_targets_s, config.pipeline_max_batches)
+        return cls(config.device, config.tbt_target_s, config.tbt_targets_s, config.pipeline_max_batches,
+                   attention_sms=config.pipeline_attention_sms)
 
     # ---- which models run, in which order --------------------------------------------------------
     def target_s(self, model: str) -> float:

@@ -16,7 +16,8 @@ import torch
 PAGE_BYTES = 2 << 20
 
 
-def _check(result: tuple) -> object:
+def check_cu(result: tuple) -> object:
+    """The value(s) of a `cuda.bindings.driver` call (which returns (error, value...)); raises on an error."""
     err, *rest = result if isinstance(result, tuple) else (result,)
     from cuda.bindings import driver as cu
 
@@ -62,7 +63,7 @@ class CudaPageBackend:
         prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         prop.location.id = self.device
         self.prop = prop
-        gran = _check(cu.cuMemGetAllocationGranularity(
+        gran = check_cu(cu.cuMemGetAllocationGranularity(
             prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM))
         if PAGE_BYTES % int(gran):
             raise RuntimeError(f"VMM granularity {gran} does not divide the {PAGE_BYTES} B page")
@@ -72,25 +73,25 @@ class CudaPageBackend:
         access.location.id = self.device
         access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self.access = access
-        self.zero_handle = _check(cu.cuMemCreate(PAGE_BYTES, prop, 0))
+        self.zero_handle = check_cu(cu.cuMemCreate(PAGE_BYTES, prop, 0))
         # zero the shared page once through a temporary mapping
-        tmp = int(_check(cu.cuMemAddressReserve(PAGE_BYTES, PAGE_BYTES, 0, 0)))
+        tmp = int(check_cu(cu.cuMemAddressReserve(PAGE_BYTES, PAGE_BYTES, 0, 0)))
         self._map(tmp, PAGE_BYTES, self.zero_handle)
         torch.as_tensor(_ArrayInterface(tmp, PAGE_BYTES), device=f"cuda:{self.device}").zero_()
         torch.cuda.synchronize(self.device)
-        _check(cu.cuMemUnmap(tmp, PAGE_BYTES))
-        _check(cu.cuMemAddressFree(tmp, PAGE_BYTES))
+        check_cu(cu.cuMemUnmap(tmp, PAGE_BYTES))
+        check_cu(cu.cuMemAddressFree(tmp, PAGE_BYTES))
 
     def _map(self, ptr: int, nbytes: int, handle: object) -> None:
-        _check(self.cu.cuMemMap(ptr, nbytes, 0, handle, 0))
-        _check(self.cu.cuMemSetAccess(ptr, nbytes, [self.access], 1))
+        check_cu(self.cu.cuMemMap(ptr, nbytes, 0, handle, 0))
+        check_cu(self.cu.cuMemSetAccess(ptr, nbytes, [self.access], 1))
 
     def reserve(self, nbytes: int) -> CudaRange:
         nbytes = -(-nbytes // PAGE_BYTES) * PAGE_BYTES
-        ptr = int(_check(self.cu.cuMemAddressReserve(nbytes, PAGE_BYTES, 0, 0)))
+        ptr = int(check_cu(self.cu.cuMemAddressReserve(nbytes, PAGE_BYTES, 0, 0)))
         for off in range(0, nbytes, PAGE_BYTES):
-            _check(self.cu.cuMemMap(ptr + off, PAGE_BYTES, 0, self.zero_handle, 0))
-        _check(self.cu.cuMemSetAccess(ptr, nbytes, [self.access], 1))   # one call over all zero mappings
+            check_cu(self.cu.cuMemMap(ptr + off, PAGE_BYTES, 0, self.zero_handle, 0))
+        check_cu(self.cu.cuMemSetAccess(ptr, nbytes, [self.access], 1))   # one call over all zero mappings
         return CudaRange(ptr, nbytes, self.device)
 
     def map(self, vrange: CudaRange, first_page: int, num_pages: int) -> None:
@@ -99,9 +100,9 @@ class CudaPageBackend:
         size = num_pages * PAGE_BYTES
         # No sync here: only unallocated blocks sit on the zero mapping we replace, and no kernel
         # reads those (block tables are padded with the sequence's own blocks).
-        handle = _check(cu.cuMemCreate(size, self.prop, 0))
+        handle = check_cu(cu.cuMemCreate(size, self.prop, 0))
         for p in range(num_pages):
-            _check(cu.cuMemUnmap(start + p * PAGE_BYTES, PAGE_BYTES))
+            check_cu(cu.cuMemUnmap(start + p * PAGE_BYTES, PAGE_BYTES))
         self._map(start, size, handle)
         vrange.handles[first_page] = (handle, num_pages)
 
@@ -111,8 +112,8 @@ class CudaPageBackend:
         assert pages == num_pages, "unmap must match the mapped bundle"
         start = vrange.ptr + first_page * PAGE_BYTES
         torch.cuda.synchronize(self.device)   # kernels queued before the blocks were freed may still read
-        _check(cu.cuMemUnmap(start, num_pages * PAGE_BYTES))
-        _check(cu.cuMemRelease(handle))            # physical memory goes back to the driver
+        check_cu(cu.cuMemUnmap(start, num_pages * PAGE_BYTES))
+        check_cu(cu.cuMemRelease(handle))            # physical memory goes back to the driver
         for p in range(num_pages):
             self._map(start + p * PAGE_BYTES, PAGE_BYTES, self.zero_handle)
 
@@ -122,11 +123,11 @@ class CudaPageBackend:
         vrange._tensor = None
         backed: set[int] = set()
         for first, (handle, pages) in vrange.handles.items():
-            _check(cu.cuMemUnmap(vrange.ptr + first * PAGE_BYTES, pages * PAGE_BYTES))
-            _check(cu.cuMemRelease(handle))
+            check_cu(cu.cuMemUnmap(vrange.ptr + first * PAGE_BYTES, pages * PAGE_BYTES))
+            check_cu(cu.cuMemRelease(handle))
             backed.update(range(first, first + pages))
         vrange.handles.clear()
         for p in range(vrange.nbytes // PAGE_BYTES):
             if p not in backed:
-                _check(cu.cuMemUnmap(vrange.ptr + p * PAGE_BYTES, PAGE_BYTES))
-        _check(cu.cuMemAddressFree(vrange.ptr, vrange.nbytes))
+                check_cu(cu.cuMemUnmap(vrange.ptr + p * PAGE_BYTES, PAGE_BYTES))
+        check_cu(cu.cuMemAddressFree(vrange.ptr, vrange.nbytes))
