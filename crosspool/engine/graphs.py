@@ -84,8 +84,12 @@ class DecodeInputs:
         # rows: token ids, positions, KV slots, context lengths, source rows (padding: 0, 0, -1, 0, -1).
         # A source row >= 0 says the token id is not known on the host: it is the token the previous step
         # sampled in that row (`tokens`), read on the device (async decode).
-        self.host_meta = torch.zeros(5, max_batch, dtype=torch.long, pin_memory=pin)
-        self.host_tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.long, pin_memory=pin)
+        # two staging areas, used in turn: with async decode the host fills step n+1's while step n's copy to
+        # the device may still be queued (step n-1's completion, which the host waits for, frees the other)
+        self._host_meta = [torch.zeros(5, max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._host_tables = [torch.zeros(max_batch, self.max_blocks, dtype=torch.long, pin_memory=pin)
+                             for _ in range(2)]
+        self._turn = 0
         self.meta = torch.zeros(5, max_batch, dtype=torch.long, device=device)
         self.meta[SLOTS] = -1
         self.meta[SRC_ROWS] = -1
@@ -110,6 +114,8 @@ class DecodeInputs:
         bs = self.block_size
         ids, positions, slots, lens = [], [], [], []
         src_rows = src_rows or [-1] * len(scheduled)
+        meta, host_tables = self._host_meta[self._turn], self._host_tables[self._turn]
+        self._turn ^= 1
         for b, s in enumerate(scheduled):
             seq = s.seq
             pos = seq.num_computed
@@ -118,9 +124,8 @@ class DecodeInputs:
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             lens.append(pos + 1)
-            self.host_tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+            host_tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
         n = len(scheduled)
-        meta = self.host_meta
         meta[:, :n] = torch.tensor([ids, positions, slots, lens, src_rows], dtype=torch.long)
         meta[:, n:bucket] = 0
         meta[SLOTS, n:bucket] = -1
@@ -129,7 +134,7 @@ class DecodeInputs:
         # metadata (a few KB), whole rows of the tables; columns past a sequence's blocks keep stale entries,
         # which the kernels never read (they stop at context_len)
         self.meta.copy_(meta, non_blocking=True)
-        self.tables[:n].copy_(self.host_tables[:n], non_blocking=True)
+        self.tables[:n].copy_(host_tables[:n], non_blocking=True)
 
     @contextmanager
     def padding_only(self, bucket: int) -> Iterator[None]:
