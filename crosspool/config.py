@@ -29,7 +29,7 @@ class EngineConfig:
     # greedy decode steps with graphs: launch step n+1 (its tokens fed on the device) before reading step n's
     async_decode: bool = True
     # layer-wise pipeline (crosspool.engine.pipeline): interleave attention and FFN sub-steps of two batches;
-    # one process only: with pool ranks every FFN is a blocking tick of the exchange, so the engine runs unpipelined
+    # across pool ranks (KV rank 0's schedule) the FFN sub-step sends and the next attention sub-step reads back
     pipeline: bool = False
     tbt_target_s: float = 0.1                 # per-model TBT target; the pipeline serves the least slack first
     tbt_targets_s: dict[str, float] = field(default_factory=dict)   # per-model overrides of tbt_target_s

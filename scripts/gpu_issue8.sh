@@ -17,7 +17,7 @@ for rate in 1 4; do
     timeout 400 python3 -m crosspool.bench.multi_model --model /tmp/olmoe --models 4 --modes off,on --rate $rate \
         --duration-s 15 --prompt-len 512 --output-len 96 --kv-cache-gb 24 --max-num-seqs 16 --out-dir "/tmp/issue8/one_gpu_rate$rate" \
         2>&1 | grep -v "^{" | tail -4
-    timeout 400 python3 -m crosspool.bench.multi_model --model /tmp/olmoe --models 4 --modes off --rate $rate \
+    timeout 400 python3 -m crosspool.bench.multi_model --model /tmp/olmoe --models 4 --modes off,on --rate $rate \
         --duration-s 15 --prompt-len 512 --output-len 96 --kv-cache-gb 24 --kv-devices "$KV" --weights-devices "$W" \
         --max-num-seqs 16 --out-dir "/tmp/issue8/split_rate$rate" 2>&1 | grep -v "^{" | tail -3
 done

@@ -26,7 +26,6 @@ from crosspool.bench import timeline  # noqa: E402
 from crosspool.engine.engine import Engine  # noqa: E402
 from crosspool.engine.pipeline import PipelineScheduler, Span, TimelineLog  # noqa: E402
 from crosspool.models.make_model import make_model  # noqa: E402
-from crosspool.pools.transport import Exchange, World  # noqa: E402
 
 TinyModels = Callable[[str], Path]
 Workload = tuple[list[list[int]], list[SamplingParams], list[str]]   # prompts, params, model of each
@@ -75,14 +74,14 @@ def _workload(models: list[str], per_model: int, seed: int) -> Workload:
 def _generate(paths: dict[str, Path], names: list[str], workload: Workload, record: bool = False,
               **config: object) -> tuple[list[list[int]], list[str], TimelineLog | None]:
     cfg = EngineConfig(block_size=8, num_kv_blocks=64, max_num_batched_tokens=48, **config)
-    llm = LLM({n: paths[n] for n in names}, cfg)
     prompts, params, models = workload
     log = None
-    if record:
-        with timeline.record_timeline(llm.engine) as log:
+    with LLM({n: paths[n] for n in names}, cfg) as llm:
+        if record:
+            with timeline.record_timeline(llm.engine) as log:
+                outs = llm.generate(prompts, params, model=models)
+        else:
             outs = llm.generate(prompts, params, model=models)
-    else:
-        outs = llm.generate(prompts, params, model=models)
     assert all(len(o.token_ids) == p.max_tokens for o, p in zip(outs, params, strict=True))
     return [o.token_ids for o in outs], [o.text for o in outs], log
 
@@ -176,17 +175,18 @@ def test_sub_step_graphs_give_the_same_outputs(paths: dict[str, Path], names: li
     assert llm_slots >= {0, 1}
 
 
-def test_pool_ranks_keep_the_unpipelined_step(paths: dict[str, Path]) -> None:
-    # across ranks each FFN is a blocking tick of the exchange; building the engine needs no world yet
-    exchange = Exchange(World(1, 1, 0, torch.device("cpu")), torch.float32)
-    engine = Engine({OLMOE: paths[OLMOE]}, EngineConfig(pipeline=True, num_kv_blocks=8), exchange)
-    try:
-        assert engine.pipeline is None
-        with pytest.raises(ValueError, match="pipeline=True"):
-            with timeline.record_timeline(engine):
-                pass
-    finally:
-        engine.close()
+@pytest.mark.parametrize("kv_ranks,weights_ranks", [(1, 2), (2, 1)])
+def test_pipeline_across_pool_ranks_gives_the_same_outputs(paths: dict[str, Path], kv_ranks: int,
+                                                           weights_ranks: int) -> None:
+    """KV and weights pools in separate processes (gloo): the FFN sub-step sends, the other batch's attention
+    runs, the output comes back later; with two KV ranks each runs its own pipeline over one world."""
+    names = [OLMOE, QWEN3_2L]
+    work = _workload(names, per_model=3, seed=5)
+    ref_ids, ref_text, _ = _generate(paths, names, work)
+    layout = {"kv_devices": ("cpu",) * kv_ranks if kv_ranks > 1 else (), "weights_ranks": weights_ranks}
+    ids, text, _ = _generate(paths, names, work, pipeline=True, **layout)
+    assert ids == ref_ids
+    assert text == ref_text
 
 
 # ------------------------------------------------------------------------------------------------

@@ -72,7 +72,8 @@ def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_di
                           max_model_len=args.prompt_len + args.output_len + 16, max_num_seqs=args.max_num_seqs,
                           tbt_target_s=args.tbt_target_s, **layout)
     engine = create_engine(dict.fromkeys(names, model_dir), config)
-    pipeline = getattr(engine, "pipeline", None)     # None across pool ranks: there the engine runs unpipelined
+    local = getattr(engine, "local", engine)         # across pool ranks: KV rank 0's engine records the timeline
+    pipeline = local.pipeline
     if mode == "serial" and pipeline is not None:
         pipeline.lanes = 1
     vocab = load_spec(model_dir).vocab_size
@@ -105,8 +106,8 @@ def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_di
     ttft = [o.ttft_s for o in finished if o.ttft_s is not None]
     layout_text = f"kv {','.join(config.kv_devices) or config.device} weights " \
                   f"{','.join(config.weights_devices) or config.device}"
-    row = {"models": n, "mode": mode, "layout": layout_text, "pipelined": pipeline is not None,
-           "requests": len(finished), "steps": steps, "elapsed_s": elapsed,
+    row = {"models": n, "mode": mode, "layout": layout_text, "requests": len(finished), "steps": steps,
+           "elapsed_s": elapsed,
            "output_tokens_per_s": sum(len(o.token_ids) for o in finished) / elapsed,
            "tbt_ms_p50": _pct(tbt, 50) * 1e3, "tbt_ms_p90": _pct(tbt, 90) * 1e3, "tbt_ms_p99": _pct(tbt, 99) * 1e3,
            "ttft_ms_p50": _pct(ttft, 50) * 1e3, "ttft_ms_p99": _pct(ttft, 99) * 1e3,
@@ -153,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| models | layout | pipeline | requests | tokens/s | TBT p50 ms | p90 | p99 | TTFT p50 ms | p99 |")
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        mode = r["mode"] if r["pipelined"] or r["mode"] == "off" else "off*"    # *: pool ranks run unpipelined
-        print(f"| {r['models']} | {r['layout']} | {mode} | "
+        print(f"| {r['models']} | {r['layout']} | {r['mode']} | "
               f"{r['requests']} | {r['output_tokens_per_s']:.0f} | "
               f"{r['tbt_ms_p50']:.2f} | {r['tbt_ms_p90']:.2f} | {r['tbt_ms_p99']:.2f} | {r['ttft_ms_p50']:.1f} | "
               f"{r['ttft_ms_p99']:.1f} |")

@@ -82,9 +82,9 @@ class Engine:
             self._attach_kv(m)
         self._ids = itertools.count()
         self._seqs: dict[str, Sequence] = {}
-        # across pool ranks each FFN is a blocking tick of the exchange: nothing to interleave there (yet)
-        pipelined = self.config.pipeline and exchange is None
-        self.pipeline = PipelineScheduler.from_config(self.config) if pipelined else None
+        # across pool ranks the FFN sub-step sends the hidden states and the batch's next attention sub-step
+        # reads the output: the pipeline runs another batch's attention while the weights ranks compute
+        self.pipeline = PipelineScheduler.from_config(self.config) if self.config.pipeline else None
 
     def _load(self, name: str, path: Path) -> ServedModel:
         spec = load_spec(path)

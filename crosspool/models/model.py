@@ -1,7 +1,9 @@
 """One served model as the KV-cache pool sees it: its attention side plus a handle to its FFN.
 
 `forward` runs layer by layer: attention (and the residual stream) here, the FFN wherever the weights
-pool is — a plain call on one device, a transport round trip across ranks. `forward_stages` is the same
+pool is — a plain call on one device, a transport round trip across ranks (there the FFN sub-step only sends
+the hidden states, and the next attention sub-step of the batch reads the output, so whoever drives the
+sub-steps can run another batch's attention while the weights ranks compute). `forward_stages` is the same
 computation cut into sub-steps (one attention, one FFN per layer) so the pipeline scheduler can drive
 the two sides of several batches in its own order; `forward` just runs those sub-steps back to back.
 """
@@ -26,6 +28,7 @@ ATTENTION_SIDE, FFN_SIDE = "attention", "ffn"
 
 class FFN(Protocol):
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
+    # optional (`pools.transport.RemoteFFN`): forward_start(layer, x) -> object with .result() -> Tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +81,21 @@ class MoEModel:
         hidden = self.attention.embed(batch.input_ids)
         rope = self.attention.rope_tables(batch.positions)
         ffn_out: torch.Tensor | None = None
+        start = getattr(self.ffn, "forward_start", None)      # an FFN on other ranks: issue now, read later
+        pending = None
         for layer in range(self.spec.num_layers):
+            if pending is not None:
+                ffn_out = pending.result()
             hidden, x = self.attention.attention_block(layer, hidden, ffn_out, batch, cache, rope)
             yield SubStep(FFN_SIDE, layer, x)
-            ffn_out = self.ffn.forward(layer, x)
-            yield SubStep(ATTENTION_SIDE, layer + 1, ffn_out)
+            if start is not None:
+                pending = start(layer, x)
+                yield SubStep(ATTENTION_SIDE, layer + 1, None)
+            else:
+                ffn_out = self.ffn.forward(layer, x)
+                yield SubStep(ATTENTION_SIDE, layer + 1, ffn_out)
+        if pending is not None:
+            ffn_out = pending.result()
         return hidden + ffn_out
 
     @torch.inference_mode()

@@ -95,18 +95,45 @@ def raise_failures(results: list[Any]) -> None:
         raise RankError("\n".join(failed))
 
 
+@dataclass(eq=False)
+class PendingFFN:
+    """An FFN call whose hidden states have gone out (its tick's all-gather ran) and whose output has not
+    come back yet (the all-reduce runs at `result()`, or when the next call starts)."""
+
+    exchange: Exchange
+    shape: torch.Size
+    dtype: torch.dtype
+    width: int
+    out: torch.Tensor | None = None
+
+    def result(self) -> torch.Tensor:
+        if self.out is None:
+            self.exchange.settle()
+        assert self.out is not None
+        return self.out
+
+
 class Exchange:
-    """The tick protocol. KV ranks call `ffn` inside their step and `finish_round` after it; weights
-    ranks call `serve_round` with their pool."""
+    """The tick protocol. KV ranks call `ffn` (or `ffn_start` + `PendingFFN.result`) inside their step and
+    `finish_round` after it; weights ranks call `serve_round` with their pool.
+
+    A tick is: all-gather of every rank's header; if any KV rank asks for an FFN, all-gather of the hidden
+    states, the weights ranks compute, all-reduce of the (fp32) outputs. A KV rank may split its tick: the
+    gathers at `ffn_start`, the all-reduce when the result is needed, with its own work in between (the
+    pipeline runs attention of another batch there). Collectives stay in one order on every rank: a new
+    `ffn_start` first completes the outstanding tick."""
 
     def __init__(self, world: World, dtype: torch.dtype) -> None:
         self.world = world
         self.dtype = dtype
         self.device = world.device
         self.hidden_sizes: list[int] = []     # by model index; the same order on every rank
+        self._outstanding: PendingFFN | None = None
 
-    def _tick(self, header: list[int], x: torch.Tensor | None, pool: WeightsPool | None = None,
-              names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _gather(self, header: list[int], x: torch.Tensor | None
+                ) -> tuple[torch.Tensor, list[tuple[int, list[int]]], list[int], int, list[torch.Tensor]]:
+        """The tick's gathers: (headers, FFN calls (KV rank, header), their sizes, the padded width, the
+        gathered hidden states); no calls: width 0 and nothing gathered."""
         w = self.world
         mine = torch.tensor(header, dtype=torch.int64, device=self.device)
         parts = [torch.empty_like(mine) for _ in range(w.size)]
@@ -115,7 +142,7 @@ class Exchange:
         kv = headers[: w.kv_ranks].tolist()
         calls = [(k, h) for k, h in enumerate(kv) if h[0] == OP_FFN]
         if not calls:
-            return headers, None
+            return headers, calls, [], 0, []
         sizes = [h[3] * self.hidden_sizes[h[1]] for _, h in calls]
         width = max(sizes)
         send = torch.zeros(width, dtype=self.dtype, device=self.device)
@@ -123,7 +150,15 @@ class Exchange:
             send[: x.numel()] = x.reshape(-1)
         gathered = [torch.empty_like(send) for _ in range(w.size)]
         dist.all_gather(gathered, send)
-        out = torch.zeros(w.kv_ranks, width, dtype=torch.float32, device=self.device)
+        return headers, calls, sizes, width, gathered
+
+    def _tick(self, header: list[int], x: torch.Tensor | None, pool: WeightsPool | None = None,
+              names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A whole tick (gathers, the weights ranks' FFNs, the all-reduce)."""
+        headers, calls, sizes, width, gathered = self._gather(header, x)
+        if not calls:
+            return headers, None
+        out = torch.zeros(self.world.kv_ranks, width, dtype=torch.float32, device=self.device)
         if pool is not None:
             with torch.inference_mode():
                 for (k, (_, model, layer, tokens)), n in zip(calls, sizes, strict=True):
@@ -133,13 +168,29 @@ class Exchange:
         return headers, out
 
     # ---- KV side --------------------------------------------------------------------------------
-    def ffn(self, model: int, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def ffn_start(self, model: int, layer: int, x: torch.Tensor) -> PendingFFN:
+        """Send x to the weights ranks for (model, layer)'s FFN; the output comes with `result()`."""
+        self.settle()
         x = x.to(self.dtype).contiguous()
-        _, out = self._tick([OP_FFN, model, layer, x.shape[0]], x)
-        assert out is not None
-        return out[self.world.rank, : x.numel()].view(x.shape).to(x.dtype)
+        _, calls, _, width, _ = self._gather([OP_FFN, model, layer, x.shape[0]], x)
+        assert calls, "this rank's own call is in the tick"
+        self._outstanding = PendingFFN(self, x.shape, x.dtype, width)
+        return self._outstanding
+
+    def settle(self) -> None:
+        """Complete the outstanding tick, if any: the all-reduce that brings its FFN output back."""
+        pending, self._outstanding = self._outstanding, None
+        if pending is None:
+            return
+        out = torch.zeros(self.world.kv_ranks, pending.width, dtype=torch.float32, device=self.device)
+        dist.all_reduce(out)
+        pending.out = out[self.world.rank, : pending.shape.numel()].view(pending.shape).to(pending.dtype)
+
+    def ffn(self, model: int, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_start(model, layer, x).result().to(x.dtype)
 
     def finish_round(self) -> None:
+        self.settle()
         while True:
             headers, _ = self._tick([OP_DONE, 0, 0, 0], None)
             if all(h == OP_DONE for h in headers[: self.world.kv_ranks, 0].tolist()):
@@ -163,6 +214,10 @@ class RemoteFFN:
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.exchange.ffn(self.index, layer, x)
+
+    def forward_start(self, layer: int, x: torch.Tensor) -> PendingFFN:
+        """The FFN in flight on the weights ranks (the pipeline overlaps it with another batch's attention)."""
+        return self.exchange.ffn_start(self.index, layer, x)
 
 
 # ------------------------------------------------------------------------------------------------
