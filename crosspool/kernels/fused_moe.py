@@ -18,14 +18,13 @@ Two paths, chosen by token count:
   Tiles are autotuned once per shape on the GPU.
 
 Accumulation is fp32; the intermediate and y are rounded to x's dtype, as the reference rounds its linears.
-Tile sizes come from `MoEConfig`; the H200 tuning (per experts, intermediate size, tokens) will replace the
-defaults through `moe_config`.
+Tiles: the grouped GEMMs' rows per tile follow the tokens per expert (`moe_block_m`); their other tile sizes,
+warps and pipeline stages, and the GEMV tiles, are autotuned once per shape on the GPU.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -36,23 +35,11 @@ from crosspool.kernels._common import cdiv, dot_precision, next_pow2
 SMALL_BATCH_TOKENS = 8
 
 
-@dataclass(frozen=True, slots=True)
-class MoEConfig:
-    block_m: int = 64
-    block_n: int = 64
-    block_k: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-def moe_config(num_tokens: int, num_experts: int, intermediate: int, hidden: int) -> MoEConfig:
-    """Tiles for the grouped-GEMM path. Few pairs per expert -> short tiles so padding wastes little."""
-    pairs_per_expert = num_tokens / max(num_experts, 1)
-    if pairs_per_expert <= 16:
-        return MoEConfig(block_m=16, block_n=64, block_k=64)
-    if pairs_per_expert <= 64:
-        return MoEConfig(block_m=32, block_n=64, block_k=64)
-    return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8)
+def moe_block_m(num_tokens: int, num_experts: int) -> int:
+    """Rows per tile of the grouped-GEMM path (`moe_align` pads each expert's pairs to a multiple of it):
+    few tokens per expert -> short tiles, so padding wastes little."""
+    per_expert = num_tokens / max(num_experts, 1)
+    return 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +68,16 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     return sorted_pairs, block_experts
 
 
+def _gemm_configs() -> list[triton.Config]:
+    """Tiles for the grouped-GEMM path (BLOCK_M is fixed by the caller: `moe_align` pads to it), tried once per
+    (hidden, intermediate, BLOCK_M) on the GPU; the interpreter (CPU tests) gets one."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+            for n in (64, 128) for k in (64, 128) for w in (4, 8) for st in (3, 4)]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["hidden", "inter_size", "BLOCK_M"])
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, inter_ptr, sorted_pairs_ptr, block_experts_ptr,
@@ -117,6 +114,7 @@ def _gate_up_kernel(
              h.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
+@triton.autotune(configs=_gemm_configs(), key=["hidden", "inter_size", "BLOCK_M"])
 @triton.jit
 def _down_kernel(
     inter_ptr, w_ptr, y_ptr, weights_ptr, sorted_pairs_ptr, block_experts_ptr,
@@ -225,13 +223,13 @@ def _down_gemv_kernel(
 
 def fused_moe(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor, *, small: bool | None = None, config: MoEConfig | None = None,
+    topk_ids: torch.Tensor, *, small: bool | None = None, block_m: int | None = None,
 ) -> torch.Tensor:
     """sum_k topk_weights[t, k] * down_e(silu(gate_e x_t) * up_e x_t), e = topk_ids[t, k].
 
     x [T, H]; w_gate_up [E, 2I, H]; w_down [E, H, I]; topk_weights [T, K]; topk_ids [T, K] (int32/int64).
     Returns [T, H] in x's dtype. small: force the GEMV path (True) or the grouped GEMMs (False); default
-    GEMV when T <= SMALL_BATCH_TOKENS. config: grouped-GEMM tiles (default `moe_config`)."""
+    GEMV when T <= SMALL_BATCH_TOKENS. block_m: grouped-GEMM tile rows (default `moe_block_m`)."""
     t, hidden = x.shape
     num_experts, two_i, _ = w_gate_up.shape
     inter_size = two_i // 2
@@ -261,22 +259,20 @@ def fused_moe(
         _topk_sum_kernel[(t, cdiv(hidden, block))](y, out, hidden, y.stride(0), out.stride(0), TOP_K=top_k,
                                                    BLOCK=block)
         return out
-    cfg = config or moe_config(t, num_experts, inter_size, hidden)
-    sorted_pairs, block_experts = moe_align(ids, num_experts, cfg.block_m)
+    block_m = block_m or moe_block_m(t, num_experts)
+    sorted_pairs, block_experts = moe_align(ids, num_experts, block_m)
     m_blocks = block_experts.shape[0]
     precision = dot_precision(x.dtype)
-    launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    _gate_up_kernel[(m_blocks, cdiv(inter_size, cfg.block_n))](
+    _gate_up_kernel[lambda meta: (m_blocks, cdiv(inter_size, meta["BLOCK_N"]))](
         x, w_gate_up, inter, sorted_pairs, block_experts, pairs, hidden, inter_size,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0),
-        TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision,
-        **launch,
+        TOP_K=top_k, BLOCK_M=block_m, DOT_PRECISION=precision,
     )
     y = x.new_empty(pairs, hidden)
-    _down_kernel[(m_blocks, cdiv(hidden, cfg.block_n))](
+    _down_kernel[lambda meta: (m_blocks, cdiv(hidden, meta["BLOCK_N"]))](
         inter, w_down, y, weights, sorted_pairs, block_experts, pairs, hidden, inter_size,
         inter.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision, **launch,
+        BLOCK_M=block_m, DOT_PRECISION=precision,
     )
     _topk_sum_kernel[(t, cdiv(hidden, block))](y, out, hidden, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK=block)
     return out
