@@ -87,3 +87,28 @@ def test_abort_during_async_decode_frees_blocks(path) -> None:  # noqa: ANN001
     assert fast["r0"] == sync["r0"] and fast["r2"] == sync["r2"]
     assert "r1" not in fast                                  # aborted: no final output
     assert engine.models["m"].blocks.num_used == 0           # every block back
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_async_equals_sync_on_random_workloads(path, seed: int) -> None:  # noqa: ANN001
+    """Random arrivals, lengths, stop tokens taken from the sync run, greedy and seeded-sampled requests, an
+    abort: the async engine gives exactly the sync engine's results."""
+    g = torch.Generator().manual_seed(100 + seed)
+    n = 6
+    prompts = _prompts(n, seed + 10)
+    arrive = torch.randint(0, 8, (n,), generator=g).tolist()
+    lengths = torch.randint(2, 10, (n,), generator=g).tolist()
+    plain = [(arrive[i], prompts[i], SamplingParams(max_tokens=lengths[i], temperature=0, ignore_eos=True))
+             for i in range(n)]
+    first, _ = _run(_engine(path, False), plain)
+    requests = []
+    for i in range(n):
+        tokens = first[f"r{i}"][0]
+        stops = [tokens[len(tokens) // 2]] if i % 3 == 0 else []          # stop mid-way on a token it makes
+        temperature = 0.7 if i % 4 == 1 else 0.0
+        requests.append((arrive[i], prompts[i], SamplingParams(max_tokens=lengths[i], temperature=temperature,
+                                                               seed=i, ignore_eos=True, stop_token_ids=stops)))
+    victim = ("r5" if arrive[5] < 6 else "r4")
+    sync, _ = _run(_engine(path, False), requests, abort=(6, victim))
+    fast, _ = _run(_engine(path, True), requests, abort=(6, victim))
+    assert fast == sync
