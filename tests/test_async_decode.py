@@ -112,3 +112,20 @@ def test_async_equals_sync_on_random_workloads(path, seed: int) -> None:  # noqa
     sync, _ = _run(_engine(path, False), requests, abort=(6, victim))
     fast, _ = _run(_engine(path, True), requests, abort=(6, victim))
     assert fast == sync
+
+
+def test_capture_keeps_the_step_in_flight_inputs() -> None:
+    """A graph captured while a step is being launched (its bucket's first use) runs once on padding rows
+    first; the metadata of the step and the previous step's tokens must come back unchanged."""
+    from crosspool.engine.graphs import SLOTS, DecodeInputs
+
+    inputs = DecodeInputs(torch.device("cpu"), max_batch=8, max_model_len=64, block_size=4)
+    inputs.meta.copy_(torch.arange(40).view(5, 8))
+    inputs.tokens.copy_(torch.arange(100, 108))
+    before_meta, before_tokens = inputs.meta.clone(), inputs.tokens.clone()
+    with inputs.padding_only(4):
+        assert (inputs.meta[SLOTS, :4] == -1).all() and (inputs.meta[SLOTS, 4:] == before_meta[SLOTS, 4:]).all()
+        inputs.tokens.zero_()                       # what a warm-up run's argmax write does
+        inputs.meta.fill_(7)
+    assert torch.equal(inputs.tokens, before_tokens)
+    assert torch.equal(inputs.meta[:, :4], before_meta[:, :4])

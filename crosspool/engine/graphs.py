@@ -139,8 +139,9 @@ class DecodeInputs:
     @contextmanager
     def padding_only(self, bucket: int) -> Iterator[None]:
         """Rows [0, bucket) as padding while a graph is warmed up and captured (the rows may belong to live
-        sequences, whose KV a capture-time run must not touch)."""
-        saved = self.meta[:, :bucket].clone()
+        sequences, whose KV a capture-time run must not touch), and the previous step's tokens kept (a step
+        being launched may read them: async decode)."""
+        saved, tokens = self.meta[:, :bucket].clone(), self.tokens.clone()
         self.meta[:, :bucket] = 0
         self.meta[SLOTS, :bucket] = -1
         self.meta[SRC_ROWS, :bucket] = -1
@@ -148,6 +149,7 @@ class DecodeInputs:
             yield
         finally:
             self.meta[:, :bucket].copy_(saved)
+            self.tokens.copy_(tokens)
 
 
 def capture(fn: Callable[[], torch.Tensor | None], device: torch.device, pool: object
