@@ -143,17 +143,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="bench/results", help="timelines and results go here")
     args = p.parse_args(argv)
+    bad = sorted(set(args.modes.split(",")) - {"off", "on", "serial", "on-green"})
+    if bad:
+        p.error(f"unknown modes {bad}; choose from off, on, serial, on-green")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in (int(x) for x in args.models.split(",")):
         for mode in args.modes.split(","):
-            row = run_mode(args.model, n, mode, args, out_dir)
+            try:
+                row = run_mode(args.model, n, mode, args, out_dir)
+            except Exception as exc:   # one mode failing (e.g. green contexts on this driver) keeps the others
+                row = {"models": n, "mode": mode, "error": f"{type(exc).__name__}: {exc}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("| models | layout | pipeline | requests | tokens/s | TBT p50 ms | p90 | p99 | TTFT p50 ms | p99 |")
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['models']} | | {r['mode']} | failed: {r['error'][:200]} | | | | | | |")
+            continue
         print(f"| {r['models']} | {r['layout']} | {r['mode']} | "
               f"{r['requests']} | {r['output_tokens_per_s']:.0f} | "
               f"{r['tbt_ms_p50']:.2f} | {r['tbt_ms_p90']:.2f} | {r['tbt_ms_p99']:.2f} | {r['ttft_ms_p50']:.1f} | "
