@@ -33,6 +33,7 @@ if [ "$stage" = bench ]; then
         --json "$OUT/parity_olmoe.json" 2>&1 | grep -v Loading | tail -8
 fi
 if [ "$stage" = qwen3 ]; then    # the Qwen3-30B-A3B table (24 of 48 layers: the machine's disk is 64 GB)
+    timeout 150 python3 -m pytest -m gpu -q tests/test_kernels.py -k "qk_norm or graph or decode_bf16" 2>&1 | tail -3
     python3 -m crosspool.cli make-model --preset qwen3-30b-a3b --layers 24 --out /tmp/qwen3 --quiet --device cuda
     timeout 420 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 1024,8192,32768 \
         --batch 1,8,32 --max-cell-tokens 300000 --json "$OUT/qwen3_24l.json" 2>&1 | tail -14
