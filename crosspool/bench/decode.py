@@ -170,9 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--output-len must be at least {COUNT_STEPS + 6}")
     device = torch.device(args.device)
     kv_bytes = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
+    try:
+        contexts = [int(c) for c in args.context.split(",")]
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        p.error(f"--batch and --context take comma-separated integers, got {args.batch!r} and {args.context!r}")
+    if min(contexts + batches) < 1:
+        p.error("batch sizes and contexts must be >= 1")
     copy_bw = traffic.copy_bandwidth(device) if device.type == "cuda" else None
-    contexts = [int(c) for c in args.context.split(",")]
-    batches = [int(b) for b in args.batch.split(",")]
     config = EngineConfig(device=args.device, kv_cache_bytes=kv_bytes, kernels=args.kernels,
                           cuda_graphs=args.cuda_graphs, max_num_seqs=max(args.max_num_seqs, max(batches)),
                           max_model_len=max(contexts) + args.output_len)
