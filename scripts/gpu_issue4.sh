@@ -34,6 +34,8 @@ if [ "$stage" = bench ]; then
 fi
 if [ "$stage" = qwen3 ]; then    # the Qwen3-30B-A3B table (24 of 48 layers: the machine's disk is 64 GB)
     timeout 150 python3 -m pytest -m gpu -q tests/test_kernels.py -k "qk_norm or graph or decode_bf16" 2>&1 | tail -3
+    # engine-level: real CUDA graphs + async decode against the synchronous engine and the torch path (fp32)
+    timeout 200 python3 -m pytest -q tests/test_async_decode.py tests/test_kernel_path.py 2>&1 | tail -3
     python3 -m crosspool.cli make-model --preset qwen3-30b-a3b --layers 24 --out /tmp/qwen3 --quiet --device cuda
     timeout 420 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 1024,8192,32768 \
         --batch 1,8,32 --max-cell-tokens 300000 --json "$OUT/qwen3_24l.json" 2>&1 | tail -14
