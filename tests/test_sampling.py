@@ -116,6 +116,39 @@ def test_each_row_uses_its_own_params_and_generator() -> None:
     assert out == [int(logits[0].argmax()), expected_row1, int(logits[2].argmax())]
 
 
+def test_unseeded_rows_are_drawn_together_with_their_own_params() -> None:
+    """Rows without a seed share one batched draw; each still obeys its own temperature/top-k/top-p."""
+    torch.manual_seed(0)
+    row = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0])
+    n = 20000
+    params = [SamplingParams(temperature=0.8, top_k=4)] * n
+    draws = torch.tensor(sample(row.expand(n, -1).contiguous(), params, [None] * n)[0])
+    counts = torch.bincount(draws, minlength=6).float()
+    allowed = row >= torch.topk(row, 4).values[-1]
+    assert counts[~allowed].sum() == 0                                    # outside the top 4: never
+    want = torch.softmax((row / 0.8).masked_fill(~allowed, float("-inf")), -1)
+    assert _chi_square(counts[allowed], want[allowed]) < 20               # 3 d.o.f.: P(>20) ~ 2e-4
+    assert _chi_square(counts[allowed], torch.softmax(row[allowed], -1)) > 200   # temperature matters
+    # mixed parameters in one batch
+    logits = _logits(4, 50, seed=6)
+    mixed = [SamplingParams(temperature=2.0, top_k=1), SamplingParams(temperature=1.5, top_p=1e-6),
+             SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=0.0)]
+    for _ in range(20):
+        out, _ = sample(logits, mixed, [None] * 4)
+        assert out[0] == int(logits[0].argmax()) and out[1] == int(logits[1].argmax())
+        assert out[2] in torch.topk(logits[2], 2).indices.tolist() and out[3] == int(logits[3].argmax())
+
+
+def test_top_p_nucleus_in_the_batched_draw() -> None:
+    torch.manual_seed(1)
+    row = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    n = 8000
+    draws = torch.tensor(sample(row.expand(n, -1).contiguous(), [SamplingParams(top_p=0.8)] * n, [None] * n)[0])
+    counts = torch.bincount(draws, minlength=4).float()
+    assert counts[2:].sum() == 0                                          # 0.5 + 0.3 reach 0.8: the rest drop
+    assert _chi_square(counts[:2], torch.tensor([0.5, 0.3]) / 0.8) < 15
+
+
 # ------------------------------------------------------------------------------------------------
 # SamplingParams validation
 

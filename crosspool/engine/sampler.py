@@ -38,16 +38,43 @@ def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator
     return int(torch.multinomial(torch.softmax(row, dim=-1), 1, generator=generator).item())
 
 
+def _sample_unseeded(rows: torch.Tensor, params: list[SamplingParams]) -> list[int]:
+    """`_sample_row` for many rows at once (the global RNG: rows without a seed): one sort, one draw, one
+    device->host copy instead of one of each per row. Same masks: top-k keeps every logit >= the k-th,
+    top-p then drops tokens once the mass before them reaches top_p."""
+    device, vocab = rows.device, rows.shape[1]
+    temps = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    sorted_logits, order = torch.sort(rows / temps, dim=-1, descending=True)
+    kth = sorted_logits.gather(1, (top_k - 1)[:, None])
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop = (probs.cumsum(-1) - probs) >= top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    picked = torch.multinomial(torch.softmax(sorted_logits, dim=-1), 1)
+    return order.gather(1, picked)[:, 0].tolist()
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            output_ids: list[list[int]] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits [B, V] fp32 -> (one token id per row, its logprobs where asked)."""
+    """logits [B, V] fp32 -> (one token id per row, its logprobs where asked). Seeded rows draw from their own
+    generator (their tokens do not depend on the batch); the other sampled rows are drawn together."""
     output_ids = output_ids or [[] for _ in params]
     tokens = logits.argmax(dim=-1).tolist()
+    together: list[int] = []
     for i, p in enumerate(params):
         if p.greedy and not p.penalized:
             continue                      # the batched argmax above (no per-row device work)
+        if not p.greedy and generators[i] is None and not p.penalized:
+            together.append(i)
+            continue
         row = apply_penalties(logits[i], p, output_ids[i])
         tokens[i] = int(row.argmax()) if p.greedy else _sample_row(row, p, generators[i])
+    if together:
+        for i, token in zip(together, _sample_unseeded(logits[together], [params[i] for i in together]),
+                            strict=True):
+            tokens[i] = token
     logprobs: list[TokenLogprob | None] = [None] * len(params)
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:
