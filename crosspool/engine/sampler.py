@@ -78,12 +78,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     logprobs: list[TokenLogprob | None] = [None] * len(params)
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:
+        # every asking row at once: one log-softmax, one top-k (the largest k asked), one copy to the host
         lp = torch.log_softmax(logits[want], dim=-1)
+        chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in want], device=lp.device))[:, 0].tolist()
+        k_max = max(params[i].logprobs for i in want)
+        top_v, top_i = (torch.topk(lp, k_max) if k_max else (lp[:, :0], lp[:, :0].long()))
+        top_v, top_i = top_v.tolist(), top_i.tolist()
         for row, i in enumerate(want):
             k = params[i].logprobs
-            top = torch.topk(lp[row], k) if k else None
-            logprobs[i] = TokenLogprob(
-                tokens[i], float(lp[row, tokens[i]]),
-                list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else [],
-            )
+            logprobs[i] = TokenLogprob(tokens[i], chosen[row], list(zip(top_i[row][:k], top_v[row][:k], strict=True)))
     return tokens, logprobs
