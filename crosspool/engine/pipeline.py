@@ -8,7 +8,8 @@ schedulers, sequences and pools are not the pipeline's to change.
 
 Order. Two lanes hold one batch each. A tick has one attention slot and one FFN slot. A batch's sub-steps
 alternate sides — attention(0) (with the embedding), FFN(0), attention(1), ..., FFN(L-1), and the head
-(final residual add, logits, sampling; attention side) — so two batches half a layer apart keep both
+(final residual add, and with sub-step graphs the logits; attention side; tokens are sampled once the whole
+step is queued) — so two batches half a layer apart keep both
 sides busy: FFN(B, l) is issued, then attention(A, l), which runs meanwhile. A batch that is done (fewer
 layers, or nothing left) leaves its lane, and the next batch takes it at the next tick while the other
 lane carries on (early exit); when both want the attention slot, the one with an FFN to follow goes
@@ -169,7 +170,8 @@ class _Flight:
     next: SubStep
     num_layers: int
     ready: torch.cuda.Event | None = None    # after its latest sub-step (CUDA)
-    sampled: Sampled | None = None           # set by the head: the batch has left
+    final: torch.Tensor | None = None        # set by the head: the batch has left its lane
+    sampled: Sampled | None = None           # sampled once every sub-step of the step is issued
     done_s: float = 0.0
 
     @property
@@ -243,6 +245,11 @@ class PipelineScheduler:
             self._issue(flights, record)
         finally:
             self.streams.end()
+        # sampling syncs with the device: only once everything of the step is queued, so no sub-step waits
+        # for the host to read another batch's tokens
+        for f in flights:
+            f.sampled = f.finish(f.final)
+            f.done_s = time.perf_counter()
         self._end_record(record)
         return self._merge(batches, flights)
 
@@ -260,7 +267,7 @@ class PipelineScheduler:
             for f in (ffn, attention):       # FFN first: attention(A, l) is issued while FFN(B, l) runs
                 if f is not None:
                     self._sub_step(f, tick, record)
-            lanes = [f for f in lanes if f.sampled is None]
+            lanes = [f for f in lanes if f.final is None]
             tick += 1
 
     def _split(self, batches: list[PipelineBatch]) -> list[tuple[int, int, PipelineBatch]]:
@@ -289,9 +296,8 @@ class PipelineScheduler:
             start = self._stamp(step.side) if record is not None else None
             try:
                 f.next = next(f.stages)
-            except StopIteration as done:      # the final residual add ran: the head samples
-                f.sampled = f.finish(done.value)
-                f.done_s = time.perf_counter()
+            except StopIteration as done:      # the final residual add ran: the batch leaves its lane
+                f.final = done.value
                 self._last[f.part.model] = self.clock()
             f.ready = self.streams.mark(step.side)
             if record is not None:
