@@ -5,6 +5,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/issue6
+timeout 150 python3 -m pytest -m gpu -q tests/test_gpu.py -k pipeline 2>&1 | tail -3
 python3 -m crosspool.cli make-model --preset olmoe-1b-7b --out /tmp/olmoe --quiet --device cuda
 B="python3 -m crosspool.bench.multi_model --model /tmp/olmoe --prompt-len 512 --output-len 96 --kv-cache-gb 24 \
     --max-num-seqs 16 --out-dir /tmp/issue6"

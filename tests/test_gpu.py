@@ -72,3 +72,24 @@ def test_full_olmoe_loads_and_generates(tmp_path_factory: pytest.TempPathFactory
     # bf16 forward stays finite and greedy decoding is deterministic
     again = llm.generate(["The capital of France is"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     assert again[0].token_ids == outs[0].token_ids
+
+
+@pytest.mark.parametrize("green", [None, 64])
+def test_pipeline_over_sub_step_graphs_on_two_streams(tmp_path: Path, green: int | None) -> None:
+    """The pipeline with its sub-steps as CUDA graphs replayed on the two sides' streams (and, with `green`,
+    green contexts splitting the SMs) gives the unpipelined engine's tokens (fp32, three tiny models)."""
+    from crosspool import EngineConfig
+
+    models = {n: str(make_model(n, tmp_path / n, seed=2, progress=False))
+              for n in ("tiny-olmoe", "tiny-qwen3-moe", "tiny-deepseek-v3")}
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 500, (int(k),), generator=g).tolist() for k in torch.randint(4, 40, (9,), generator=g)]
+    names = [list(models)[i % 3] for i in range(9)]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    outs = {}
+    for pipeline in (False, True):
+        config = EngineConfig(device="cuda", dtype=torch.float32, pipeline=pipeline,
+                              pipeline_attention_sms=green if pipeline else None, kv_cache_bytes=1 << 30)
+        with LLM(models, config) as llm:
+            outs[pipeline] = [o.token_ids for o in llm.generate(prompts, params, model=names)]
+    assert outs[True] == outs[False]
