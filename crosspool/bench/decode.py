@@ -48,7 +48,9 @@ def _git_commit() -> str:
 
 
 def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: int, warmup: int = 3,
-               max_cell_tokens: int | None = None) -> dict:
+               max_cell_tokens: int | None = None, profiler: object | None = None) -> dict:
+    """One (batch, context) cell. profiler: a started torch.profiler whose window is the timed steps
+    (`profiler.step()` before and after them)."""
     served = engine.models[name]
     model, runner, sched = served.model, served.runner, served.scheduler
     spec = model.spec
@@ -80,12 +82,16 @@ def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: 
     # previous step on the device; a sync per step would serialize them); the mean is total / steps
     _sync(engine.device)
     runner.gpu_spans = []
+    if profiler is not None:
+        profiler.step()
     t = time.perf_counter()
     for _ in range(timed - warmup):
         lens.append(sum(s.num_computed + 1 for s in sched.running))
         engine.step()
     _sync(engine.device)
     mean_wall = (time.perf_counter() - t) / (timed - warmup)
+    if profiler is not None:
+        profiler.step()
     spans = [a.elapsed_time(b) / 1e3 for a, b in runner.gpu_spans]
     runner.gpu_spans = None
     runner.graphs = None     # eager from here: count the experts each step routes to
@@ -118,11 +124,22 @@ def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: 
 
 
 def _profile(engine: Engine, batch: int, context: int, output_len: int) -> None:
-    from torch.profiler import ProfilerActivity, profile
+    """Device time per kernel over the timed decode steps of one cell, and how much of the step's device span
+    the kernels fill (the rest: gaps between kernels, metadata copies)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        bench_cell(engine, "m", batch, context, output_len)
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+    # wait for the warm-up, record exactly the timed steps (bench_cell steps the profiler around them)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 schedule=schedule(wait=1, warmup=0, active=1, repeat=1)) as prof:
+        cell = bench_cell(engine, "m", batch, context, output_len, profiler=prof)
+    events = prof.key_averages()
+    print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+    kernels_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    per_step_ms = kernels_us / 1e3 / cell["steps"]
+    span = cell.get("device_span_ms")
+    if span:
+        print(f"kernels busy {per_step_ms:.3f} ms of a {span:.3f} ms device span per step: "
+              f"{max(0.0, 1 - per_step_ms / span):.1%} of the span has no kernel running (gaps, copies)")
 
 
 def hf_generate_ms(model_dir: str, context: int, new_tokens: int, device: str) -> float:
