@@ -42,7 +42,7 @@ if [ "$stage" = qwen3 ]; then    # the Qwen3-30B-A3B table (24 of 48 layers: the
     rm -rf /tmp/qwen3
     python3 -m crosspool.cli make-model --preset olmoe-1b-7b --out /tmp/olmoe --quiet --device cuda
     timeout 150 python3 -m crosspool.cli bench decode --model /tmp/olmoe --kv-cache-gb 16 --context 1024 \
-        --batch 1,8,32 --json "$OUT/olmoe.json" 2>&1 | grep -v "^{" | tail -7
+        --batch 1,8,32 --profile --json "$OUT/olmoe.json" 2>&1 | grep -v "^{" | cut -c1-150 | tail -40
 fi
 if [ "$stage" = profile ]; then
     python3 -m crosspool.cli make-model --preset olmoe-1b-7b --out /tmp/olmoe --quiet --device cuda
