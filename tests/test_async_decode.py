@@ -20,9 +20,9 @@ from crosspool.engine.engine import Engine  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _engine(path, async_decode: bool) -> Engine:  # noqa: ANN001
+def _engine(path, async_decode: bool, **config: object) -> Engine:  # noqa: ANN001
     return Engine({"m": path}, EngineConfig(device=DEVICE, dtype=torch.float32, kernels="triton", cuda_graphs=True,
-                                            async_decode=async_decode, block_size=4, max_num_seqs=8))
+                                            async_decode=async_decode, block_size=4, max_num_seqs=8, **config))
 
 
 def _run(engine: Engine, requests: list[tuple[int, list[int], SamplingParams]], abort: tuple[int, str] | None = None
@@ -75,6 +75,18 @@ def test_async_equals_sync_with_stops_arrivals_and_sampling(path) -> None:  # no
     assert overlapped_sync == 0 and overlapped > 5          # the async steps really overlapped
     assert fast["r0"][2] == "stop" and fast["r0"][0][-1] == stop_token
     assert [len(fast[f"r{i}"][0]) for i in (1, 2, 3)] == [9, 6, 5]
+
+
+def test_preemption_under_graphs_and_async_decode(path) -> None:  # noqa: ANN001
+    """Too few KV blocks: sequences are preempted and recomputed, come back with new block tables, and the
+    graph path's staging rows (which keep table entries already written) must pick those up."""
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    requests = [(0, p, greedy) for p in _prompts(3, 2)]
+    want, _ = _run(Engine({"m": path}, EngineConfig(dtype=torch.float32, block_size=4, num_kv_blocks=9)), requests)
+    engine = _engine(path, True, num_kv_blocks=9)
+    got, _ = _run(engine, requests)
+    assert engine.models["m"].scheduler.num_preemptions > 0
+    assert got == want
 
 
 def test_abort_during_async_decode_frees_blocks(path) -> None:  # noqa: ANN001

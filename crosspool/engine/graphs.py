@@ -89,6 +89,9 @@ class DecodeInputs:
         self._host_meta = [torch.zeros(5, max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self._host_tables = [torch.zeros(max_batch, self.max_blocks, dtype=torch.long, pin_memory=pin)
                              for _ in range(2)]
+        # per staging area and row: (the block-table list last written there, entries written). Tables only
+        # grow while a sequence runs (a preempted one gets a new list), so a row needs just its new entries.
+        self._written: list[list[tuple[list[int], int] | None]] = [[None] * max_batch for _ in range(2)]
         self._turn = 0
         self.meta = torch.zeros(5, max_batch, dtype=torch.long, device=device)
         self.meta[SLOTS] = -1
@@ -115,6 +118,7 @@ class DecodeInputs:
         ids, positions, slots, lens = [], [], [], []
         src_rows = src_rows or [-1] * len(scheduled)
         meta, host_tables = self._host_meta[self._turn], self._host_tables[self._turn]
+        written = self._written[self._turn]
         self._turn ^= 1
         for b, s in enumerate(scheduled):
             seq = s.seq
@@ -124,7 +128,11 @@ class DecodeInputs:
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             lens.append(pos + 1)
-            host_tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+            last = written[b]
+            done = last[1] if last is not None and last[0] is table else 0
+            if len(table) > done:
+                host_tables[b, done: len(table)] = torch.tensor(table[done:], dtype=torch.long)
+            written[b] = (table, len(table))
         n = len(scheduled)
         meta[:, :n] = torch.tensor([ids, positions, slots, lens, src_rows], dtype=torch.long)
         meta[:, n:bucket] = 0
