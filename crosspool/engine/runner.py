@@ -56,6 +56,11 @@ def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.de
                         max(s.num_new_tokens for s in scheduled), max(context_lens))
 
 
+def _one_token_each(scheduled: list[ScheduledSeq]) -> bool:
+    """A decode step: every sequence adds one token (what the graphs are captured for)."""
+    return all(s.num_new_tokens == 1 for s in scheduled)
+
+
 class ModelRunner:
     def __init__(self, model: MoEModel, cache: PagedCache, device: torch.device,
                  graphs: DecodeGraphs | None = None, substeps: SubStepGraphs | None = None) -> None:
@@ -72,11 +77,10 @@ class ModelRunner:
         that complete."""
         start = self._mark()
         if self.graphs is not None and self._graph_step(scheduled):
-            logits = self._graph_logits(scheduled)
+            logits = self.graphs.run(scheduled)
         else:
             batch = self.prepare(scheduled)
-            hidden = self.model.forward(batch, self.cache)
-            logits = self.model.compute_logits(hidden[batch.logits_index])
+            logits = self._logits(batch, self.model.forward(batch, self.cache))
         if start is not None:
             self.gpu_spans.append((start, self._mark()))
         return self._sample(scheduled, logits)
@@ -89,7 +93,7 @@ class ModelRunner:
         return event
 
     def _graph_step(self, scheduled: list[ScheduledSeq]) -> bool:
-        return len(scheduled) <= self.graphs.max_batch and all(s.num_new_tokens == 1 for s in scheduled)
+        return len(scheduled) <= self.graphs.max_batch and _one_token_each(scheduled)
 
     def can_launch(self, scheduled: list[ScheduledSeq]) -> bool:
         """Whether the step can run asynchronously: a graph replay of one-token decodes, every sequence greedy
@@ -109,17 +113,12 @@ class ModelRunner:
             self.gpu_spans.append((start, self._mark()))
         return launched
 
-    def _graph_logits(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """Logits of every scheduled sequence's one new token, from a graph replay."""
-        return self.graphs.run(scheduled)
-
     def pipeline_stages(self, scheduled: list[ScheduledSeq], slot: int
                         ) -> tuple[Stages, Callable[[torch.Tensor], dict[int, tuple[int, TokenLogprob | None]]]]:
         """The step as sub-steps for the pipeline scheduler, and what turns the sub-steps' final value into
         sampled tokens. Decode-only steps replay the sub-step graphs of `slot` (0 or 1: the two batches of
         this model a pipelined step may hold); others run eagerly."""
-        if (self.substeps is not None and self.substeps.fits(len(scheduled))
-                and all(s.num_new_tokens == 1 for s in scheduled)):
+        if self.substeps is not None and self.substeps.fits(len(scheduled)) and _one_token_each(scheduled):
             return self.substeps.stages(slot, scheduled), lambda logits: self._sample(scheduled, logits)
         batch = self.prepare(scheduled)
         return self.stages(batch), lambda hidden: self.sample_tokens(scheduled, batch, hidden)
@@ -136,7 +135,11 @@ class ModelRunner:
         """Next tokens of the sequences that complete, from the final hidden states of the batch."""
         if batch.logits_index.numel() == 0:
             return {}
-        return self._sample(scheduled, self.model.compute_logits(hidden[batch.logits_index]))
+        return self._sample(scheduled, self._logits(batch, hidden))
+
+    def _logits(self, batch: ForwardBatch, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the rows whose next token is wanted."""
+        return self.model.compute_logits(hidden[batch.logits_index])
 
     def _sample(self, scheduled: list[ScheduledSeq], logits: torch.Tensor
                 ) -> dict[int, tuple[int, TokenLogprob | None]]:
