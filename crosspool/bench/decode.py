@@ -27,16 +27,12 @@ from pathlib import Path
 import torch
 
 from crosspool.bench import traffic
+from crosspool.bench.traffic import sync
 from crosspool.config import EngineConfig
 from crosspool.engine.engine import Engine
 from crosspool.engine.sampling import SamplingParams
 
 COUNT_STEPS = 4     # trailing decode steps run eagerly with expert counting (not timed)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _git_commit() -> str:
@@ -80,7 +76,7 @@ def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: 
         engine.step()
     # timed steps back to back with no sync between them (async decode overlaps a step's host work with the
     # previous step on the device; a sync per step would serialize them); the mean is total / steps
-    _sync(engine.device)
+    sync(engine.device)
     runner.gpu_spans = []
     if profiler is not None:
         profiler.step()
@@ -88,7 +84,7 @@ def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: 
     for _ in range(timed - warmup):
         lens.append(sum(s.num_computed + 1 for s in sched.running))
         engine.step()
-    _sync(engine.device)
+    sync(engine.device)
     mean_wall = (time.perf_counter() - t) / (timed - warmup)
     if profiler is not None:
         profiler.step()
@@ -152,10 +148,10 @@ def hf_generate_ms(model_dir: str, context: int, new_tokens: int, device: str) -
     times = []
     for n in (1, new_tokens + 1):     # per-token time = (T(n+1) - T(1)) / n: takes the prefill out
         hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        _sync(torch.device(device))
+        sync(torch.device(device))
         t = time.perf_counter()
         hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        _sync(torch.device(device))
+        sync(torch.device(device))
         times.append(time.perf_counter() - t)
     del hf
     torch.cuda.empty_cache()

@@ -17,14 +17,10 @@ import time
 
 import torch
 
+from crosspool.bench.traffic import sync
 from crosspool.config import EngineConfig
 from crosspool.engine.engine import Engine
 from crosspool.engine.sampling import SamplingParams
-
-
-def _sync(engine: Engine) -> None:
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _decode_steps(engine: Engine, batch: int, steps: int, maps: dict[str, int]) -> list[float]:
@@ -38,10 +34,10 @@ def _decode_steps(engine: Engine, batch: int, steps: int, maps: dict[str, int]) 
     times = []
     while engine.has_unfinished():
         decoding = not sched.waiting and all(s.num_computed == s.num_tokens - 1 for s in sched.running)
-        _sync(engine)
+        sync(engine.device)
         t = time.perf_counter()
         engine.step()
-        _sync(engine)
+        sync(engine.device)
         if decoding:
             times.append(time.perf_counter() - t)
             if len(times) == 2:

@@ -54,6 +54,12 @@ def ffn_bytes(ffn: FFNSide, experts_per_layer: list[float]) -> float:
     return total
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device (no-op on CPU): benchmarks time whole steps."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def copy_bandwidth(device: torch.device, gib: float = 2.0, repeats: int = 10) -> float:
     """Device-to-device copy rate in bytes/s, counting read + write (the ceiling FACTS.md measured)."""
     n = int(gib * 2**30) // 2

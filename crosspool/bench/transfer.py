@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from crosspool.bench.traffic import sync
 from crosspool.pools.transport import Exchange, World, free_port, init_world
 
 
@@ -37,20 +38,15 @@ class _IdentityPool:
         return x
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(fn, device: torch.device, iters: int) -> float:  # noqa: ANN001
     for _ in range(5):
         fn()
     times = []
     for _ in range(iters):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
 
