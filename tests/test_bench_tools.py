@@ -58,3 +58,13 @@ def test_capacity_bench_runs_a_request_at_the_limit(tiny_models, tmp_path: Path)
     assert row["tokens_one_request"] * row["kv_bytes_per_token"] <= row["kv_pool_bytes"]
     assert row["ran_prompt_tokens"] == min(row["tokens_one_request"], row["model_context_limit"]) - 8
     assert row["generated"] == 4
+
+
+def test_capacity_bench_long_context_view_lifts_the_config_limit(tiny_models, tmp_path: Path) -> None:  # noqa: ANN001
+    out = tmp_path / "cap.json"
+    assert capacity.main(["--model", str(tiny_models("tiny-olmoe")), "--run", "--device", "cpu", "--max-position",
+                          "1000000", "--run-tokens", "2600", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["model_context_limit"] == 1000000
+    assert row["ran_prompt_tokens"] == min(row["tokens_one_request"], 2600) - 8 > 2048   # past the config's 2048
+    assert row["generated"] == 4

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,11 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-devices", default=None)
     p.add_argument("--weights-devices", default=None)
     p.add_argument("--run", action="store_true")
+    p.add_argument("--max-position", type=int, default=None,
+                   help="serve the checkpoint with max_position_embeddings raised to this (a view of the "
+                        "directory with a patched config.json), so the pool, not the config, is the limit")
+    p.add_argument("--run-tokens", type=int, default=None, help="--run: prompt tokens at most (prefill time)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     config = EngineConfig(**layout_settings(args.kv_devices, args.weights_devices, default_device=args.device))
     t0 = time.perf_counter()
-    engine = create_engine({f"m{i}": args.model for i in range(args.copies)}, config)
+    model_dir = _long_context_view(args.model, args.max_position) if args.max_position else args.model
+    engine = create_engine({f"m{i}": model_dir for i in range(args.copies)}, config)
     try:
         served = engine.models["m0"]
         spec = served.model.spec
@@ -47,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                "kv_pool_bytes": engine.kv_pool.total_pages * engine.kv_pool.page_bytes,
                "kv_bytes_per_token": per_token, "tokens_one_request": fit, "model_context_limit": served.max_model_len}
         if args.run:
-            length = min(fit, served.max_model_len) - 8
+            length = min(fit, served.max_model_len, args.run_tokens or fit) - 8
             vocab = spec.vocab_size
             prompt = torch.randint(0, vocab - 10, (length,), generator=torch.Generator().manual_seed(0)).tolist()
             t = time.perf_counter()
@@ -60,6 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.close()
     return 0
+
+
+def _long_context_view(model_dir: str, max_position: int) -> str:
+    """A temporary directory linking every file of `model_dir` but config.json, whose max_position_embeddings
+    is `max_position`: the same weights, a context limit that the KV pool rather than the config bounds."""
+    src = Path(model_dir).resolve()
+    view = Path(tempfile.mkdtemp(prefix="crosspool-long-"))
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (view / f.name).symlink_to(f)
+    config = json.loads((src / "config.json").read_text())
+    config["max_position_embeddings"] = max_position
+    (view / "config.json").write_text(json.dumps(config, indent=1))
+    return str(view)
 
 
 def _generate(engine, prompt: list[int]) -> list:  # noqa: ANN001
