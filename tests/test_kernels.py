@@ -23,7 +23,8 @@ if not CUDA:
 
 from crosspool.kernels import torch_ref as ref  # noqa: E402
 from crosspool.kernels._common import cdiv  # noqa: E402
-from crosspool.kernels.fused_moe import fused_moe, moe_align  # noqa: E402
+from crosspool.kernels import fused_moe as fused_moe_module  # noqa: E402
+from crosspool.kernels.fused_moe import fused_moe, moe_align, moe_block_m  # noqa: E402
 from crosspool.kernels.mla import (  # noqa: E402
     absorb_query,
     latent_to_output,
@@ -260,6 +261,14 @@ def test_fused_moe_paths_agree(small: bool) -> None:
     _close(out, ref.experts(x, wgu, wd, weights, ids), torch.float32)
 
 
+def test_tune_runs_each_path_at_a_size_that_picks_it() -> None:
+    """`tune` (startup tuning) runs the GEMV path and the grouped GEMMs at each tile height `moe_block_m` picks."""
+    _, wgu, wd, _, _ = _moe_inputs(1, 4, 2, 32, 16, torch.float32, seed=2)
+    counts = fused_moe_module.tune(wgu, wd, top_k=2)
+    assert counts[0] <= fused_moe_module.SMALL_BATCH_TOKENS
+    assert [moe_block_m(t, 4) for t in counts[1:]] == [16, 32, 64]
+
+
 # ------------------------------------------------------------------------------------------------
 # RMSNorm (+ residual), RoPE + KV write
 
@@ -433,6 +442,21 @@ def test_gpu_fused_moe_bf16(experts: int, top_k: int, hidden: int, inter: int, t
     out = fused_moe(x, wgu, wd, weights, ids)
     want32 = ref.experts(x.float(), wgu.float(), wd.float(), weights, ids)
     _bf16_check(out, ref.experts(x, wgu, wd, weights, ids), want32)
+
+
+@gpu
+@needs_cuda
+def test_gpu_tune_covers_every_tile_height() -> None:
+    """After `tune`, every autotuned fused-MoE kernel has a choice for this shape at each tile height the
+    engine can pick, so serving never tunes (the tuner's cache is keyed by the `key` arguments first)."""
+    experts, top_k, hidden, inter = 32, 4, 256, 128
+    _, wgu, wd, _, _ = _moe_inputs(1, experts, top_k, hidden, inter, torch.bfloat16, seed=3)
+    counts = fused_moe_module.tune(wgu, wd, top_k)
+    assert {moe_block_m(t, experts) for t in counts[1:]} == {16, 32, 64}
+    for kernel in (fused_moe_module._gate_up_kernel, fused_moe_module._down_kernel):
+        assert {k[2] for k in kernel.cache if k[:2] == (hidden, inter)} >= {16, 32, 64}
+    for kernel in (fused_moe_module._gate_up_gemv_kernel, fused_moe_module._down_gemv_kernel):
+        assert any(k[:3] == (hidden, inter, top_k) for k in kernel.cache)
 
 
 @gpu

@@ -98,6 +98,31 @@ def test_step_clock_shares_steps_between_sequences() -> None:
     assert fitted.as_list() == pytest.approx(truth.as_list(), rel=0.05, abs=2e-5)
 
 
+def test_fit_leaves_out_one_time_stalls() -> None:
+    """GPU-like steps (a fraction of a millisecond) with 36 compile/capture stalls of 0.2-1 s among them: a plain
+    fit is pulled several-fold off (the first H200 calibration: scale 0.17), the stall-excluding fit is not."""
+    rng = np.random.default_rng(1)
+    n = 3000
+    models, seqs = rng.integers(1, 4, n), rng.integers(1, 33, n)
+    tokens = np.where(rng.random(n) < 0.9, 0, rng.integers(16, 1024, n))
+    chunks = (tokens > 0).astype(int)
+    load = np.column_stack([models, np.maximum(seqs, models), seqs * rng.integers(16, 1000, n), chunks, tokens,
+                            tokens**2])
+    truth = StepTimeModel(0.0002, 0.0001, 1e-5, 1e-8, 0.001, 2e-6, 1e-10)
+    step_s = np.array([truth.step_s(*row) for row in load]) * rng.normal(1, 0.05, n)
+    stalls = rng.choice(n, 36, replace=False)
+    step_s[stalls] += rng.uniform(0.2, 1.0, 36)
+    plain = StepTimeModel.fit(load, step_s)
+    assert plain.step_s(1, 1) > 3 * truth.step_s(1, 1)
+    fitted = StepTimeModel.fit(load, step_s, stall_factor=10)
+    for row in load[:200]:
+        assert fitted.step_s(*row) == pytest.approx(truth.step_s(*row), rel=0.05)
+    assert np.flatnonzero(fitted.stalled(load, step_s, 10)).tolist() == sorted(stalls.tolist())
+    # without stalls nothing is left out: the same fit as the plain one
+    clean = np.array([truth.step_s(*row) for row in load]) * rng.normal(1, 0.05, n)
+    assert StepTimeModel.fit(load, clean, 10).as_list() == StepTimeModel.fit(load, clean).as_list()
+
+
 def _hardest_case() -> tuple[dict[str, ModelTraffic], dict[str, KVProfile], int]:
     """One model whose Poisson mean makes P(N <= 8) exactly 0.99, so the estimate flips between 8 and 9."""
     mean = brentq(lambda m: poisson.cdf(8, m) - 0.99, 0.5, 8)

@@ -378,3 +378,53 @@ def test_server_on_gpu(model_dirs) -> None:
         assert "crosspool:kv_bytes_mapped" in s.http("GET", "/metrics").text
     finally:
         s.stop()
+
+
+def test_sigterm_finishes_in_flight_streams_then_releases_every_page(model_dirs, tmp_path) -> None:  # noqa: ANN001
+    """`crosspool serve` as its own process: SIGTERM during a stream lets the stream finish, then the engine
+    stops and releases its KV pages, and the process ends."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "crosspool.cli", "serve", "--model",
+                                 f"olmoe={model_dirs['olmoe']}", "--port", str(port), "--device", "cpu",
+                                 "--shutdown-timeout", "20"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        body = {"model": "olmoe", "prompt": "hello", "max_tokens": 300, "stream": True, "ignore_eos": True,
+                "temperature": 0}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data:"))
+            proc.send_signal(signal.SIGTERM)                 # mid-stream
+            rest = [line for line in lines if line.startswith("data:")]
+        assert rest[-1] == "data: [DONE]"
+        chunks = [first, *rest[:-1]]
+        after_signal = [c for c in rest if '"text"' in c]
+        assert len(after_signal) >= 50 and '"finish_reason":"length"' in chunks[-1].replace(" ", "")
+        code = proc.wait(timeout=60)
+        assert code in (0, -signal.SIGTERM), code       # uvicorn re-raises the signal after its graceful exit
+        text = log.read_text()
+        assert "draining in-flight requests" in text and "engine stopped; KV pages released" in text
+        with pytest.raises(httpx.TransportError):        # nothing listens any more
+            httpx.get(f"{url}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -8,14 +8,18 @@ GPU machine), and when nothing runs it jumps to the next arrival. Aggregate dema
 used blocks x the pool bytes per block, sampled after every engine step and weighted by the time until
 the next sample.
 The simulator's step-time model is calibrated first: its shape from a designed sweep of batches (1-3
-models, 1-32 sequences each, the workload's lengths, single prompts), its scale from a short Poisson trace.
+models, 1-32 sequences each, the workload's lengths, single prompts), its scale from a short Poisson trace;
+steps over `STALL_FACTOR` x the model's time for their load (one-time costs) are left out of both and counted.
+On a GPU the engine is warmed first (fused-MoE tuning and every CUDA graph captured, then one unrecorded pass
+of the sweep, so its Triton kernels are compiled), and the rates are scaled by `GPU_RATE_SCALE` unless
+`--rate-scale` is given: see there.
 Predictions: the simulator replaying the same trace (trace-conditional), and the planner's Monte-Carlo
 from the traffic description alone (with its interval and the 5-95% range of single-trace P99s).
 
 `table` part: per-model worst-case reservation vs the planned shared pool for 4-8 real-shape models
 (specs from the presets; no checkpoints).
 
-    python -m crosspool.bench.plan_vs_measured [--part replay|table|all] [--horizon-s 120] [--rate-scale 1]
+    python -m crosspool.bench.plan_vs_measured [--part replay|table|all] [--horizon-s 120] [--rate-scale R]
         [--device cpu|cuda] [--out results.json]
 """
 
@@ -50,6 +54,11 @@ TINY = {"olmoe": "tiny-olmoe", "qwen2moe": "tiny-qwen2-moe", "dsv2": "tiny-deeps
 RATES = {"olmoe": 0.4, "qwen2moe": 0.25, "dsv2": 0.5}    # cold: the CPU engine is busy ~1/3 of the time
 # ShareGPT-like means with CPU-sized caps (tiny models' context is 2048)
 CPU_SHAREGPT = LengthDist("sharegpt-cpu", prompt=Lognormal(250, 1.0, 4, 1024), output=Lognormal(200, 1.0, 1, 1024))
+# On an H200 these tiny models finish a request in ~60 ms (~0.5 s on the CPU): at the CPU's rates ~0.06 requests
+# are in flight, the engine is busy 4-9% of the time and one request sets the P99 (the first H200 run). x16
+# gives 1-1.5 requests in flight and a P99 of 4-8 requests' KV, the CPU run's regime (still far from saturated).
+GPU_RATE_SCALE = 16.0
+STALL_FACTOR = 10.0                    # a step this many times slower than the model for its load: a one-time cost
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,12 @@ def run_engine(engine, reqs: Requests, horizon_s: float, stride: dict[str, int],
                     time.perf_counter() - wall_start, preempt, np.array(steps))
 
 
+def _stalls(model: StepTimeModel, m: Measured) -> dict:
+    """Steps of a run that took over `STALL_FACTOR` x the model's time for their load: count, seconds."""
+    slow = model.stalled(m.steps[:, :6], m.steps[:, 6], STALL_FACTOR)
+    return {"steps": int(slow.sum()), "s": float(m.steps[slow, 6].sum()), "max_step_s": float(m.steps[:, 6].max())}
+
+
 def _load(engine) -> tuple[int, int, int, int, int, int]:  # noqa: ANN001
     """The arguments of `StepTimeModel.step_s` for the coming step: models with work, sequences in the
     engine, context tokens of the decoding ones, prefill chunks, their prompt tokens and pairs."""
@@ -189,13 +204,15 @@ def constant_speeds(measured: Measured, profiles: dict[str, KVProfile]) -> dict[
 
 
 def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int, seed: int,
-                device: str = "cpu", rate_scale: float = 1.0) -> dict:
+                device: str = "cpu", rate_scale: float | None = None) -> dict:
     from crosspool.config import EngineConfig
     from crosspool.engine.engine import Engine
     from crosspool.models.loader import load_spec
     from crosspool.models.make_model import make_model
 
     torch.set_num_threads(1)               # on CPU the engine's time is then its thread's time
+    if rate_scale is None:
+        rate_scale = 1.0 if device == "cpu" else GPU_RATE_SCALE
     timer = time.thread_time if device == "cpu" else time.perf_counter
     dtype_bytes = 4 if device == "cpu" else 2                              # fp32 on CPU, bf16 on GPU
     dirs = {}
@@ -209,26 +226,35 @@ def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int,
     base = {n: KVProfile(stride[n], cfg.block_size, max_model_len=s.max_position_embeddings)
             for n, s in specs.items()}
     max_len = {n: p.max_model_len for n, p in base.items()}
-    results: dict = {"models": {n: TINY[n] for n in dirs}, "rates_rps": {n: r * rate_scale for n, r in RATES.items()},
-                     "horizon_s": horizon_s,
+    results: dict = {"models": {n: TINY[n] for n in dirs}, "rate_scale": rate_scale,
+                     "rates_rps": {n: r * rate_scale for n, r in RATES.items()}, "horizon_s": horizon_s,
                      "device": device, "clock": "thread CPU time" if device == "cpu" else "wall time",
                      "lengths": "prompt lognormal mean 250 sigma 1 in [4, 1024], output mean 200 sigma 1 in [1, 1024]"}
     engine = Engine({n: str(d) for n, d in dirs.items()}, cfg)
     try:
-        run_engine(engine, generate(_traffic(SCENARIOS[0]), max_len, 0.0, 5.0, np.random.default_rng(seed + 98)),
-                   5.0, stride, timer)                                            # first-call costs
+        warm: dict = {}
+        if device != "cpu":                # tuning and graph captures at startup, as a server does
+            warm["capture_graphs_s"] = engine.capture_graphs()
+        run_engine(engine, generate(_traffic(SCENARIOS[0], rate_scale), max_len, 0.0, 5.0,
+                                    np.random.default_rng(seed + 98)), 5.0, stride, timer)   # first-call costs
         calib_reqs = calibration_trace(list(dirs), CPU_SHAREGPT, min(max_len.values()), seed + 97)
-        calib = run_engine(engine, calib_reqs, float(calib_reqs.arrival_s[-1]) + 1000.0, stride, timer)
-        shape = StepTimeModel.fit(calib.steps[:, :6], calib.steps[:, 6])
+        calib_end = float(calib_reqs.arrival_s[-1]) + 1000.0
+        if device != "cpu":                # the sweep's shapes compile their Triton kernels here, not in the fit
+            warm["sweep_pass_s"] = run_engine(engine, calib_reqs, calib_end, stride, timer).wall_s
+        calib = run_engine(engine, calib_reqs, calib_end, stride, timer)
+        shape = StepTimeModel.fit(calib.steps[:, :6], calib.steps[:, 6], STALL_FACTOR)
         # a short Poisson trace of the traffic: the step model's overall scale (the engine's per-step cost
         # drifts by ~10% between runs on this shared CPU), and constant per-model speeds for comparison
         poisson = run_engine(engine, generate(_traffic(SCENARIOS[0], rate_scale), max_len, 0.0, calib_s,
                                               np.random.default_rng(seed + 99)), calib_s, stride, timer)
-        scale = float(poisson.steps[:, 6].sum()) / sum(shape.step_s(*row[:6]) for row in poisson.steps)
+        ok = ~shape.stalled(poisson.steps[:, :6], poisson.steps[:, 6], STALL_FACTOR)
+        scale = float(poisson.steps[ok, 6].sum()) / float(shape.step_s(*poisson.steps[ok, :6].T).sum())
         clock = shape.scaled(scale)
         const = constant_speeds(poisson, base)
         results["calibration"] = {"steps": len(calib.steps), "step_time_s": clock.as_list(), "scale": scale,
-                                  "calib_wall_s": calib.wall_s, "poisson_trace_s": calib_s,
+                                  "calib_wall_s": calib.wall_s, "warmup": warm,
+                                  "stalls": _stalls(shape, calib) | {"poisson_trace": _stalls(shape, poisson)},
+                                  "poisson_trace_s": calib_s,
                                   "constant_speeds": {n: [p.decode_tps, p.prefill_tps] for n, p in const.items()}}
         print("calibrated:", json.dumps(results["calibration"]), flush=True)
         rows = []
@@ -236,7 +262,8 @@ def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int,
             traffic = _traffic(sc, rate_scale)
             reqs = generate(traffic, max_len, 0.0, horizon_s, np.random.default_rng(seed + k), sc.burst)
             m = run_engine(engine, reqs, horizon_s, stride, timer)
-            same = replay(reqs, base, 0.0, horizon_s, clock).sample()
+            timeline = replay(reqs, base, 0.0, horizon_s, clock)
+            same = timeline.sample()
             same_const = replay(reqs, const, 0.0, horizon_s).sample()
             mc = simulate(traffic, base, horizon_s, trials, seed, sc.burst, clock)
             est = estimate_quantile(mc.aggregate, 99)
@@ -252,6 +279,10 @@ def part_replay(models_dir: Path, horizon_s: float, calib_s: float, trials: int,
                 "mc_single_trace_p99_5_95": [float(np.percentile(per_trial, 5)), float(np.percentile(per_trial, 95))],
                 # the calibrated step-time model on this trace's own steps: predicted / measured busy time
                 "step_model_time_ratio": sum(clock.step_s(*row[:6]) for row in m.steps) / float(m.steps[:, 6].sum()),
+                # the same for each request's admission to last token (what sets its KV-seconds)
+                "hold_time_ratio": float(np.mean(timeline.release_s - reqs.arrival_s))
+                / float(np.mean([r[5] - r[3] for r in m.requests])),
+                "stalls": _stalls(clock, m),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -309,7 +340,15 @@ def part_table(trials: int, horizon_s: float, seed: int, max_num_seqs: int, max_
 def _markdown(results: dict) -> str:
     lines = []
     if "traces" in results:
-        lines += ["| trace | requests | measured P99 | predicted P99, same trace, step clock (error) | same trace, "
+        cal = results["calibration"]
+        warm = (f"tuning + CUDA graphs {sum(cal['warmup']['capture_graphs_s'].values()):.1f} s, a 5 s trace, "
+                f"an unrecorded sweep {cal['warmup']['sweep_pass_s']:.1f} s" if cal["warmup"] else "a 5 s trace")
+        lines += [f"replay on {results['device']}: rates x{results['rate_scale']:g} "
+                  f"({', '.join(f'{n} {r:g}' for n, r in results['rates_rps'].items())} requests/s), "
+                  f"{results['horizon_s']:g} s traces; warm-up: {warm}; calibration sweep {cal['calib_wall_s']:.1f} s, "
+                  f"{cal['stalls']['steps']} of {cal['steps']} steps stalled ({cal['stalls']['s']:.2f} s), "
+                  f"scale x{cal['scale']:.3f}", "",
+                  "| trace | requests | measured P99 | predicted P99, same trace, step clock (error) | same trace, "
                   "constant speeds (error) | Monte-Carlo P99 [95% CI] | single-trace P99, 5-95% of trials |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r in results["traces"]:
@@ -320,10 +359,12 @@ def _markdown(results: dict) -> str:
                 f"({r['replay_const_p99'] / meas - 1:+.1%}) | {fmt_bytes(r['mc_p99'])} "
                 f"[{fmt_bytes(r['mc_ci'][0])}, {fmt_bytes(r['mc_ci'][1])}] | "
                 f"{fmt_bytes(r['mc_single_trace_p99_5_95'][0])} - {fmt_bytes(r['mc_single_trace_p99_5_95'][1])} |")
-        lines += ["", "| trace | step model / measured busy time | planned pool (P99 + 2 bundles per model) | "
-                  "measured P99 of bundles in use | preemptions |", "|---|---:|---:|---:|---:|"]
+        lines += ["", "| trace | step model / measured: busy time | request hold time | stalled steps (s) | "
+                  "planned pool (P99 + 2 bundles per model) | measured P99 of bundles in use | preemptions |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for r in results["traces"]:
-            lines.append(f"| {r['scenario']} | {r['step_model_time_ratio']:.3f} | {fmt_bytes(r['planned_pool'])} | "
+            lines.append(f"| {r['scenario']} | {r['step_model_time_ratio']:.3f} | {r['hold_time_ratio']:.3f} | "
+                         f"{r['stalls']['steps']} ({r['stalls']['s']:.2f}) | {fmt_bytes(r['planned_pool'])} | "
                          f"{fmt_bytes(r['measured_pinned_p99'])} | {r['preemptions']} |")
     if "table" in results:
         lines += ["", "| models | traffic | worst-case reservations | per-model P99 reservations | shared pool "
@@ -349,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table-max-num-seqs", type=int, default=16)
     p.add_argument("--table-max-model-len", type=int, default=8192)
-    p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the replayed traces' rates")
+    p.add_argument("--rate-scale", type=float, default=None,
+                   help=f"multiply the replayed traces' rates (default: 1 on cpu, {GPU_RATE_SCALE:g} on a GPU)")
     p.add_argument("--device", default="cpu", help="engine device for the replay part (cpu | cuda)")
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)

@@ -160,11 +160,13 @@ class Engine:
             self.layout.weights.remove(name)
 
     def capture_graphs(self) -> dict[str, float]:
-        """Capture every model's CUDA graphs now (a server does this at startup, so no request waits on a
-        capture); seconds per model. Models without graphs take 0."""
+        """Tune every model's fused-MoE kernels and capture its CUDA graphs now (a server does this at startup,
+        so no request waits on tuning or a capture); seconds per model. Models without graphs take 0."""
         seconds = {}
         for name, m in self.models.items():
             t = time.perf_counter()
+            if self.device.type == "cuda" and isinstance(m.model.ffn, FFNSide):
+                m.model.ffn.tune_kernels()
             for graphs in (m.runner.graphs, m.runner.substeps):
                 if graphs is not None and graphs.capture:
                     graphs.capture_all()

@@ -276,3 +276,24 @@ def fused_moe(
     )
     _topk_sum_kernel[(t, cdiv(hidden, block))](y, out, hidden, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK=block)
     return out
+
+
+# tokens per expert at which `moe_block_m` picks each tile height: representative problems to tune them on
+_TUNE_TOKENS_PER_EXPERT = {16: 8, 32: 32, 64: 128}
+
+
+def tune(w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int) -> list[int]:
+    """Run every autotuned kernel of this expert shape once, so tuning (compiling and timing each tile choice)
+    happens now rather than in the middle of serving: the GEMV path at SMALL_BATCH_TOKENS tokens and the
+    grouped GEMMs at each tile height `moe_block_m` picks, on a problem of the size that picks it (the tuner
+    keeps the first choice per key, so the problem it sees should be a typical one). Returns the token counts
+    run; their outputs are discarded."""
+    num_experts, _, hidden = w_gate_up.shape
+    gen = torch.Generator(device=w_gate_up.device).manual_seed(0)
+    counts = [SMALL_BATCH_TOKENS] + [num_experts * per for per in _TUNE_TOKENS_PER_EXPERT.values()]
+    for t in counts:
+        x = torch.randn(t, hidden, generator=gen, device=w_gate_up.device).to(w_gate_up.dtype)
+        ids = torch.randint(0, num_experts, (t, top_k), generator=gen, device=w_gate_up.device)
+        weights = torch.full((t, top_k), 1.0 / top_k, device=w_gate_up.device)
+        fused_moe(x, w_gate_up, w_down, weights, ids)
+    return counts

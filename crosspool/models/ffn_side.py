@@ -25,6 +25,24 @@ class FFNSide:
         # [layers, experts] flags set to 1 for every expert a batch routes to (benchmarks' byte accounting)
         self.expert_hits: torch.Tensor | None = None
 
+    @torch.inference_mode()
+    def tune_kernels(self) -> int:
+        """Tune the fused-MoE kernels for this model's expert shapes now (`fused_moe.tune`); a server does it
+        at startup so that no request waits on tuning. Returns how many shapes were tuned (0 without Triton
+        kernels on a GPU: the interpreter has nothing to tune)."""
+        if not self.triton or self.spec.routing is None:
+            return 0
+        from crosspool.kernels.fused_moe import tune
+
+        shapes = {}
+        for w in self.w.layers:
+            if "experts_gate_up" in w and w["experts_gate_up"].is_cuda:
+                gate_up, down = w["experts_gate_up"], w["experts_down"]
+                shapes.setdefault((tuple(gate_up.shape), tuple(down.shape), gate_up.dtype), (gate_up, down))
+        for gate_up, down in shapes.values():
+            tune(gate_up, down, self.spec.routing.top_k)
+        return len(shapes)
+
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         w = self.w.layers[layer]
         if "gate_up" in w:

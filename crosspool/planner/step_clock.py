@@ -52,19 +52,40 @@ class StepTimeModel:
     def scaled(self, factor: float) -> StepTimeModel:
         return StepTimeModel(*(c * factor for c in self.as_list()))
 
+    def stalled(self, load: np.ndarray, step_s: np.ndarray, factor: float) -> np.ndarray:
+        """Which steps took more than `factor` times this model's time for their load: one-time costs (a kernel
+        compiled or autotuned, a CUDA graph captured, a GC pause), not load. `load`: [steps, 6]; a step this
+        model gives no time (no load, no base) is never called stalled."""
+        predicted = self.step_s(*np.asarray(load, float).T)
+        return (predicted > 0) & (np.asarray(step_s, float) > factor * predicted)
+
     @staticmethod
-    def fit(load: np.ndarray, step_s: np.ndarray) -> StepTimeModel:
+    def fit(load: np.ndarray, step_s: np.ndarray, stall_factor: float | None = None) -> StepTimeModel:
         """Fit to measured steps; `load`: [steps, 6] the arguments of `step_s` for each step. The decode
         terms come from the steps without prefill, then the prefill terms from what is left of the other
-        steps' time, so the two do not trade off."""
+        steps' time, so the two do not trade off. With `stall_factor`, steps slower than that many times the
+        fit for their load (`stalled`) are dropped and the rest refitted until none is left: on a GPU a few
+        compile or capture stalls of a second each would otherwise outweigh thousands of 0.3 ms steps."""
         load = np.asarray(load, float)
         step_s = np.asarray(step_s, float)
-        decode = load[:, 3] == 0
-        x = np.column_stack([np.ones(len(load)), load[:, :3]])
-        decode_terms = _nnls(x[decode], step_s[decode])
-        rest = step_s[~decode] - x[~decode] @ np.array(decode_terms)
-        prefill_terms = _nnls(load[~decode, 3:6], rest) if (~decode).any() else [0.0, 0.0, 0.0]
-        return StepTimeModel(*decode_terms, *prefill_terms)
+        keep = np.ones(len(step_s), bool)
+        while True:
+            model = _fit_once(load[keep], step_s[keep])
+            if stall_factor is None:
+                return model
+            drop = keep & model.stalled(load, step_s, stall_factor)
+            if not drop.any() or drop.sum() == keep.sum():
+                return model
+            keep &= ~drop
+
+
+def _fit_once(load: np.ndarray, step_s: np.ndarray) -> StepTimeModel:
+    decode = load[:, 3] == 0
+    x = np.column_stack([np.ones(len(load)), load[:, :3]])
+    decode_terms = _nnls(x[decode], step_s[decode])
+    rest = step_s[~decode] - x[~decode] @ np.array(decode_terms)
+    prefill_terms = _nnls(load[~decode, 3:6], rest) if (~decode).any() else [0.0, 0.0, 0.0]
+    return StepTimeModel(*decode_terms, *prefill_terms)
 
 
 def _nnls(x: np.ndarray, y: np.ndarray) -> list[float]:
