@@ -8,10 +8,11 @@ One process per device, one torch.distributed world (NCCL on GPUs, NVLink multic
 moves `tokens x hidden` bf16 from a KV rank to the weights ranks and the FFN output back. Measured per layer
 (round trip, milliseconds, median of `--iters`):
 - `p2p`: send/recv to one weights rank and back (NCCL point-to-point);
-- `all_gather+all_reduce`: what the pools' tick protocol moves (`pools.transport.Exchange`): the hidden
-  states all-gathered, the fp32 output all-reduced (tensor-parallel weights sum their partial outputs);
-- `tick`: a whole `Exchange.ffn` call with an FFN that does nothing (the protocol's headers and host syncs
-  included): what one layer's transfer costs the engine today.
+- `all_gather+all_reduce`: the collectives a tensor-parallel exchange could use instead: the hidden states
+  all-gathered, the fp32 output all-reduced;
+- `tick`: a whole `Exchange.ffn` call (`pools.transport`) with an FFN that does nothing, inside a round (the
+  header on the host group, the hidden states out, the output back): what one layer's transfer costs the
+  engine. The round's end (one "done" header per weights rank) is not in it: it is paid once per step.
 """
 
 from __future__ import annotations
@@ -66,13 +67,16 @@ def _collectives(gathered: list[torch.Tensor], x: torch.Tensor, partial: torch.T
     dist.all_reduce(partial)
 
 
-def _tick(exchange: Exchange, world: World, rank: int, x: torch.Tensor) -> None:
+def _tick_column(exchange: Exchange, world: World, rank: int, x: torch.Tensor, iters: int) -> float | None:
+    """KV rank 0 times `Exchange.ffn` calls inside one round; the weights ranks serve that round."""
+    result = None
+    if rank == 0:
+        result = _time(lambda: exchange.ffn(0, 0, x), x.device, iters)
     if world.is_kv:
-        if rank == 0:
-            exchange.ffn(0, 0, x)
         exchange.finish_round()
     else:
         exchange.serve_round(_IdentityPool(), ["m"])
+    return result
 
 
 def _rank(rank: int, world_size: int, kv_ranks: int, devices: list[str], port: int, args: argparse.Namespace,
@@ -93,12 +97,13 @@ def _rank(rank: int, world_size: int, kv_ranks: int, devices: list[str], port: i
         gathered = [torch.empty_like(x) for _ in range(world_size)]
         partial = torch.zeros(tokens, args.hidden, dtype=torch.float32, device=device)
         ops = {"p2p": functools.partial(_p2p, rank, kv_ranks, x, y),
-               "all_gather+all_reduce": functools.partial(_collectives, gathered, x, partial),
-               "tick": functools.partial(_tick, exchange, world, rank, x)}
+               "all_gather+all_reduce": functools.partial(_collectives, gathered, x, partial)}
         row = {"tokens": tokens, "bytes": x.numel() * x.element_size()}
         for name, fn in ops.items():
             dist.barrier()
             row[name] = _time(fn, device, args.iters)
+        dist.barrier()
+        row["tick"] = _tick_column(exchange, world, rank, x, args.iters)
         rows.append(row)
     if rank == 0:
         out["rows"] = rows
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         mp.spawn(_rank, args=(len(devices), len(kv), devices, free_port(), args, out), nprocs=len(devices))
         rows = list(out["rows"])
     print(f"KV {kv} <-> weights {weights}, hidden {args.hidden}: round trip per layer, ms (median of {args.iters})")
-    print("| tokens | KB each way | p2p | all_gather + all_reduce | tick (engine today) |")
+    print("| tokens | KB each way | p2p | all_gather + all_reduce | tick (Exchange.ffn) |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['tokens']} | {r['bytes'] / 1024:.0f} | {r['p2p']:.3f} | {r['all_gather+all_reduce']:.3f} | "

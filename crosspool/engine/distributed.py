@@ -4,7 +4,7 @@
 and assigns each request to one KV rank, so a request's KV lives on one device and no KV head is ever
 replicated) and KV rank 0. Every `step()` is one round of the transport: rank 0 broadcasts the new
 requests and aborts for each KV rank, every KV rank runs one engine step (its FFN calls go to the
-weights ranks as ticks of the exchange), and the outputs come back to rank 0.
+weights ranks point to point, `pools.transport.Exchange`), and the outputs come back to rank 0.
 """
 
 from __future__ import annotations

@@ -6,12 +6,13 @@ of every model's FFN weights. gloo on CPU, NCCL on GPUs; `crosspool` starts the 
 host, `torchrun` starts them across hosts (the same entry point, `python -m crosspool.pools.ranks`).
 
 Work moves in *rounds*, one per engine step. At the start of a round rank 0 broadcasts a control
-message (requests for each KV rank, models to load, shutdown). Then every rank runs *ticks* until all KV
-ranks have finished their step. In a tick each KV rank offers at most one FFN call (model, layer, hidden
-states [T, H]) or "done": the headers are all-gathered, the hidden states all-gathered (padded to the
-largest), every weights rank computes its partial FFN for every offered call, and one all-reduce (fp32)
-sums the partials back to the KV ranks. KV ranks with different models, layer counts or no work at all
-stay in step because a finished rank keeps answering "done" until every KV rank is done.
+message (requests for each KV rank, models to load, shutdown). Then every KV rank runs its step, sending each
+FFN call (model, layer, hidden states [T, H]) to every weights rank point to point: a 4-int header on the
+host (gloo) group, then the hidden states; it posts the receive of each weights rank's output (an fp32
+partial when the weights are tensor-parallel; the KV rank sums them). Nothing on the KV side waits for the
+device or for another rank until the output is needed. A weights rank serves headers in the order they
+arrive from any KV rank, so KV ranks never wait for each other; a KV rank ends its round with a "done"
+header to every weights rank, and a weights rank's round ends when every KV rank is done.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from crosspool.models.spec import ModelSpec
 from crosspool.pools.weights_pool import WeightsPool
 
 OP_DONE, OP_FFN = 0, 1
+HEADER_INTS = 4                       # [op, model, layer, tokens]
 TIMEOUT = timedelta(minutes=10)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+
+_control: dist.ProcessGroup | None = None   # the host (gloo) group over every rank: control messages, headers
 
 
 class RankError(RuntimeError):
@@ -64,8 +66,16 @@ class World:
     def shard(self) -> Shard:
         return Shard(self.rank - self.kv_ranks, self.weights_ranks)
 
+    @property
+    def weights(self) -> range:
+        return range(self.kv_ranks, self.size)
+
 
 def init_world(world: World, init_method: str) -> None:
+    """Join the world: the default group (NCCL on GPUs, gloo on CPU) carries hidden states; a gloo group of
+    the same ranks carries control messages and FFN headers, so they never touch a device (no host sync to
+    read a header, no device copy of a pickled message)."""
+    global _control
     if world.device.type == "cuda":
         torch.cuda.set_device(world.device)
     else:
@@ -73,19 +83,29 @@ def init_world(world: World, init_method: str) -> None:
     backend = "nccl" if world.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=world.rank, world_size=world.size,
                             timeout=TIMEOUT)
+    _control = dist.new_group(backend="gloo", timeout=TIMEOUT)
+    if backend == "nccl":
+        # one collective now builds the device group's communicator on every rank, so that the first
+        # operation on it is never a point-to-point one between two ranks only
+        dist.all_reduce(torch.zeros(1, device=world.device))
+
+
+def control_group() -> dist.ProcessGroup:
+    assert _control is not None, "init_world first"
+    return _control
 
 
 def broadcast_control(msg: Any, world: World) -> Any:
     """Rank 0's control message, delivered to every rank."""
     box = [msg if world.rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=control_group())
     return box[0]
 
 
 def gather_to_front(obj: Any, world: World) -> list[Any] | None:
     """Every rank's `obj` at rank 0 (None elsewhere)."""
     out: list[Any] | None = [None] * world.size if world.rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
+    dist.gather_object(obj, out, dst=0, group=control_group())
     return out
 
 
@@ -97,111 +117,105 @@ def raise_failures(results: list[Any]) -> None:
 
 @dataclass(eq=False)
 class PendingFFN:
-    """An FFN call whose hidden states have gone out (its tick's all-gather ran) and whose output has not
-    come back yet (the all-reduce runs at `result()`, or when the next call starts)."""
+    """An FFN call whose hidden states are on their way to the weights ranks and whose output (one buffer per
+    weights rank) is being received; `result()` waits for it (on a GPU: the current stream waits, the host
+    does not) and sums the partials of tensor-parallel weights ranks."""
 
     exchange: Exchange
-    shape: torch.Size
+    works: list[dist.Work]
+    parts: torch.Tensor                   # [weights ranks, T, H]
+    sent: torch.Tensor                    # the hidden states, alive until their send completes
     dtype: torch.dtype
-    width: int
     out: torch.Tensor | None = None
 
     def result(self) -> torch.Tensor:
         if self.out is None:
-            self.exchange.settle()
-        assert self.out is not None
+            for work in self.works:
+                work.wait()
+            self.exchange._in_flight.remove(self)
+            out = self.parts[0] if self.parts.shape[0] == 1 else self.parts.sum(0)
+            self.out = out.to(self.dtype)
         return self.out
 
 
 class Exchange:
-    """The tick protocol. KV ranks call `ffn` (or `ffn_start` + `PendingFFN.result`) inside their step and
+    """The FFN protocol. KV ranks call `ffn` (or `ffn_start` + `PendingFFN.result`) inside their step and
     `finish_round` after it; weights ranks call `serve_round` with their pool.
 
-    A tick is: all-gather of every rank's header; if any KV rank asks for an FFN, all-gather of the hidden
-    states, the weights ranks compute, all-reduce of the (fp32) outputs. A KV rank may split its tick: the
-    gathers at `ffn_start`, the all-reduce when the result is needed, with its own work in between (the
-    pipeline runs attention of another batch there). Collectives stay in one order on every rank: a new
-    `ffn_start` first completes the outstanding tick."""
+    Per FFN call a KV rank sends, to every weights rank, a header on the host group and the hidden states on
+    the default group, and posts the receive of the output: 2 messages out and 1 in per weights rank, no
+    collective, no host sync. Calls may overlap (the pipeline starts another batch's FFN before it reads the
+    first): each has its own buffers, and every pair of ranks handles its messages in send order. A round
+    costs one more header per weights rank ("done")."""
 
     def __init__(self, world: World, dtype: torch.dtype) -> None:
         self.world = world
         self.dtype = dtype
         self.device = world.device
         self.hidden_sizes: list[int] = []     # by model index; the same order on every rank
-        self._outstanding: PendingFFN | None = None
+        self.messages_sent = 0                # point-to-point messages this rank has sent (headers included)
+        self._in_flight: list[PendingFFN] = []
+        self._headers: list[tuple[dist.Work, torch.Tensor]] = []   # header sends not yet waited for
 
-    def _gather(self, header: list[int], x: torch.Tensor | None
-                ) -> tuple[torch.Tensor, list[tuple[int, list[int]]], list[int], int, list[torch.Tensor]]:
-        """The tick's gathers: (headers, FFN calls (KV rank, header), their sizes, the padded width, the
-        gathered hidden states); no calls: width 0 and nothing gathered."""
-        w = self.world
-        mine = torch.tensor(header, dtype=torch.int64, device=self.device)
-        parts = [torch.empty_like(mine) for _ in range(w.size)]
-        dist.all_gather(parts, mine)           # plain all_gather: the same call on gloo and NCCL, any version
-        headers = torch.stack(parts)
-        kv = headers[: w.kv_ranks].tolist()
-        calls = [(k, h) for k, h in enumerate(kv) if h[0] == OP_FFN]
-        if not calls:
-            return headers, calls, [], 0, []
-        sizes = [h[3] * self.hidden_sizes[h[1]] for _, h in calls]
-        width = max(sizes)
-        send = torch.zeros(width, dtype=self.dtype, device=self.device)
-        if x is not None:
-            send[: x.numel()] = x.reshape(-1)
-        gathered = [torch.empty_like(send) for _ in range(w.size)]
-        dist.all_gather(gathered, send)
-        return headers, calls, sizes, width, gathered
+    @property
+    def _out_dtype(self) -> torch.dtype:
+        # one weights rank sends the output itself; several send fp32 partials that the KV rank sums
+        return self.dtype if self.world.weights_ranks == 1 else torch.float32
 
-    def _tick(self, header: list[int], x: torch.Tensor | None, pool: WeightsPool | None = None,
-              names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A whole tick (gathers, the weights ranks' FFNs, the all-reduce)."""
-        headers, calls, sizes, width, gathered = self._gather(header, x)
-        if not calls:
-            return headers, None
-        out = torch.zeros(self.world.kv_ranks, width, dtype=torch.float32, device=self.device)
-        if pool is not None:
-            with torch.inference_mode():
-                for (k, (_, model, layer, tokens)), n in zip(calls, sizes, strict=True):
-                    xk = gathered[k][:n].view(tokens, self.hidden_sizes[model])
-                    out[k, :n] = pool.ffn(names[model], layer, xk).float().reshape(-1)
-        dist.all_reduce(out)
-        return headers, out
+    def _send_header(self, header: list[int]) -> None:
+        h = torch.tensor(header, dtype=torch.int64)
+        for w in self.world.weights:
+            self._headers.append((dist.isend(h, w, group=control_group()), h))
+        self.messages_sent += self.world.weights_ranks
 
     # ---- KV side --------------------------------------------------------------------------------
     def ffn_start(self, model: int, layer: int, x: torch.Tensor) -> PendingFFN:
         """Send x to the weights ranks for (model, layer)'s FFN; the output comes with `result()`."""
-        self.settle()
         x = x.to(self.dtype).contiguous()
-        _, calls, _, width, _ = self._gather([OP_FFN, model, layer, x.shape[0]], x)
-        assert calls, "this rank's own call is in the tick"
-        self._outstanding = PendingFFN(self, x.shape, x.dtype, width)
-        return self._outstanding
-
-    def settle(self) -> None:
-        """Complete the outstanding tick, if any: the all-reduce that brings its FFN output back."""
-        pending, self._outstanding = self._outstanding, None
-        if pending is None:
-            return
-        out = torch.zeros(self.world.kv_ranks, pending.width, dtype=torch.float32, device=self.device)
-        dist.all_reduce(out)
-        pending.out = out[self.world.rank, : pending.shape.numel()].view(pending.shape).to(pending.dtype)
+        self._send_header([OP_FFN, model, layer, x.shape[0]])
+        parts = torch.empty(self.world.weights_ranks, *x.shape, dtype=self._out_dtype, device=self.device)
+        # plain isend/irecv on both sides (not batch_isend_irecv): NCCL may run batched point-to-point on
+        # another communicator than single operations, and the two sides must match
+        works = [dist.isend(x, w) for w in self.world.weights]
+        works += [dist.irecv(parts[i], w) for i, w in enumerate(self.world.weights)]
+        self.messages_sent += self.world.weights_ranks
+        pending = PendingFFN(self, works, parts, x, x.dtype)
+        self._in_flight.append(pending)
+        return pending
 
     def ffn(self, model: int, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.ffn_start(model, layer, x).result().to(x.dtype)
 
     def finish_round(self) -> None:
-        self.settle()
-        while True:
-            headers, _ = self._tick([OP_DONE, 0, 0, 0], None)
-            if all(h == OP_DONE for h in headers[: self.world.kv_ranks, 0].tolist()):
-                return
+        """Complete every call still in flight and tell the weights ranks this rank is done."""
+        for pending in list(self._in_flight):
+            pending.result()
+        self._send_header([OP_DONE, 0, 0, 0])
+        for work, _ in self._headers:
+            work.wait()
+        self._headers.clear()
 
     # ---- weights side ---------------------------------------------------------------------------
     def serve_round(self, pool: WeightsPool, names: list[str]) -> None:
-        while True:
-            headers, _ = self._tick([OP_DONE, 0, 0, 0], None, pool, names)
-            if all(h == OP_DONE for h in headers[: self.world.kv_ranks, 0].tolist()):
-                return
+        """Serve FFN calls from any KV rank, in arrival order, until every KV rank is done. The host waits
+        only for headers; receives, the FFN and the sends queue on the device."""
+        header = torch.empty(HEADER_INTS, dtype=torch.int64)
+        sends: list[tuple[dist.Work, torch.Tensor]] = []    # outputs on their way, alive until sent
+        done = 0
+        while done < self.world.kv_ranks:
+            src = dist.recv(header, group=control_group())
+            op, model, layer, tokens = header.tolist()
+            if op == OP_DONE:
+                done += 1
+                continue
+            x = torch.empty(tokens, self.hidden_sizes[model], dtype=self.dtype, device=self.device)
+            dist.recv(x, src)
+            with torch.inference_mode():
+                y = pool.ffn(names[model], layer, x).to(self._out_dtype).contiguous()
+            sends.append((dist.isend(y, src), y))
+            self.messages_sent += 1
+        for work, _ in sends:
+            work.wait()
 
 
 class RemoteFFN:
@@ -244,6 +258,9 @@ def weights_rank_loop(world: World, dtype: torch.dtype) -> None:
                     side = pool.load(name, model_dir)
                     names.append(name)
                     exchange.hidden_sizes.append(side.spec.hidden_size)
+                    if world.device.type == "cuda":
+                        # now, not under the first requests (the in-process engine does it in capture_graphs)
+                        side.tune_kernels()
             except Exception:
                 error = f"rank {world.rank} (weights): {traceback.format_exc()}"
             gather_to_front(error, world)

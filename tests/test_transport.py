@@ -1,0 +1,107 @@
+"""The FFN protocol between KV ranks and weights ranks (`pools.transport.Exchange`), over gloo processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from crosspool import LLM, SamplingParams
+from crosspool.config import EngineConfig, layout_settings
+from crosspool.engine.scheduler import ScheduledSeq
+from crosspool.engine.sequence import Sequence
+from crosspool.pools.transport import Exchange, World, free_port, init_world
+
+HIDDEN = [8, 12]          # two models with different hidden sizes
+
+
+class _ShardPool:
+    """A weights rank's partial FFN: x * (layer + 1) * (shard + 1), so the partials sum to
+    x * (layer + 1) * M(M+1)/2, and a call that reached the wrong model, layer or rank shows."""
+
+    def __init__(self, shard: int) -> None:
+        self.shard = shard
+
+    def ffn(self, name: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return x * (layer + 1) * (self.shard + 1) + (0 if name == "a" else 1000 * (self.shard + 1))
+
+
+def _calls(rank: int) -> list[tuple[int, int, int]]:
+    """(model, layer, tokens) of each KV rank's calls: different counts, sizes and models per rank."""
+    return [(rank % 2, layer, 3 + rank) for layer in range(4)] + [((rank + 1) % 2, 0, 1)] * (rank + 1)
+
+
+def _rank(rank: int, kv_ranks: int, weights_ranks: int, port: int, out: dict) -> None:
+    world = World(kv_ranks, weights_ranks, rank, torch.device("cpu"))
+    init_world(world, f"tcp://127.0.0.1:{port}")
+    exchange = Exchange(world, torch.float32)
+    exchange.hidden_sizes += HIDDEN
+    scale = weights_ranks * (weights_ranks + 1) // 2
+    for _ in range(2):                                   # two rounds: the protocol resets between them
+        if world.is_kv:
+            before = exchange.messages_sent
+            calls = _calls(rank)
+            xs = [torch.randn(t, HIDDEN[m]) for m, _, t in calls]
+            # started in pairs and read in reverse, as the pipeline overlaps two batches
+            got: dict[int, torch.Tensor] = {}
+            for i in range(0, len(calls), 2):
+                pair = range(i, min(i + 2, len(calls)))
+                pend = [(j, exchange.ffn_start(calls[j][0], calls[j][1], xs[j])) for j in pair]
+                for j, p in reversed(pend):
+                    got[j] = p.result()
+            exchange.finish_round()
+            for j, (m, layer, _) in enumerate(calls):
+                want = xs[j] * (layer + 1) * scale + (0 if m == 0 else 1000 * scale)
+                assert torch.allclose(got[j], want), (rank, j)
+            out[rank] = exchange.messages_sent - before
+        else:
+            exchange.serve_round(_ShardPool(world.shard.rank), ["a", "b"])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kv_ranks,weights_ranks", [(1, 1), (2, 2)])
+def test_exchange_serves_overlapping_calls_from_every_kv_rank(kv_ranks: int, weights_ranks: int) -> None:
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_rank, args=(kv_ranks, weights_ranks, free_port(), out), nprocs=kv_ranks + weights_ranks)
+        sent = dict(out)
+    # per call: a header and the hidden states to each weights rank; per round: a "done" header to each
+    assert sent == {k: (2 * len(_calls(k)) + 1) * weights_ranks for k in range(kv_ranks)}
+
+
+def _prefill(llm: LLM, name: str, ids: list[int]) -> torch.Tensor:
+    served = llm.engine.models[name]
+    seq = Sequence("probe", name, "", ids, SamplingParams())
+    served.blocks.grow(seq, len(ids))
+    try:
+        run = lambda: served.runner.logits_for([ScheduledSeq(seq, len(ids))])
+        distributed = getattr(llm.engine, "run_in_round", None)
+        return distributed(run) if distributed else run()
+    finally:
+        served.blocks.release(seq)
+
+
+def test_one_kv_rank_one_weights_rank_match_single_process_with_two_messages_a_layer(tiny_models) -> None:  # noqa: ANN001
+    path = tiny_models("tiny-olmoe")
+    prompts = [[5, 17, 3, 99, 42, 7], [8, 1, 2]]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    single = LLM({"m": path}, EngineConfig(block_size=4))
+    ref = single.generate(prompts, params, model="m")
+    ref_logits = _prefill(single, "m", prompts[0])
+    single.engine.close()
+
+    llm = LLM({"m": path}, EngineConfig(block_size=4, **layout_settings(kv_ranks=1, weights_ranks=1)))
+    try:
+        out = llm.generate(prompts, params, model="m")
+        exchange = llm.engine.exchange
+        before = exchange.messages_sent
+        logits = _prefill(llm, "m", prompts[0])
+        layers = llm.engine.models["m"].model.spec.num_layers
+        assert exchange.messages_sent - before == 2 * layers + 1     # header + hidden states a layer, one "done"
+    finally:
+        llm.engine.close()
+    # the ranks run with fewer threads (other matmul blocking): equal up to rounding
+    assert (logits - ref_logits).abs().max().item() <= 1e-5 * ref_logits.abs().max().item()
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
