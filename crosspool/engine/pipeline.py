@@ -27,9 +27,9 @@ Devices. On CUDA the sides run on two streams: a batch's sub-step waits on the e
 previous one on the other side, the hand-off tensor is recorded on the consuming stream (so the caching
 allocator keeps it until read), and the default stream waits for both at the end. On CPU there are no
 streams: the same order runs sequentially and every stream/event call is a no-op. Across pool ranks
-(`pools.transport.Exchange`) the FFN sub-step of batch B sends its hidden states to the weights ranks (the
-tick's gathers) and returns; attention(A, l) then runs here while the weights ranks compute, and the output
-comes back (the tick's all-reduce) when B's next attention sub-step, or the next FFN sub-step, needs it.
+(`pools.transport.Exchange`) the FFN sub-step of batch B sends its hidden states to the weights ranks and
+returns; attention(A, l) then runs here while the weights ranks compute, and B's next attention sub-step
+reads the output (`PendingFFN.result`).
 """
 
 from __future__ import annotations
