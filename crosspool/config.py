@@ -35,6 +35,10 @@ class EngineConfig:
     tbt_targets_s: dict[str, float] = field(default_factory=dict)   # per-model overrides of tbt_target_s
     pipeline_max_batches: int | None = None   # batches per pipelined step, chosen by slack (default: all models)
     pipeline_attention_sms: int | None = None  # GPU: green contexts, at least this many SMs for the attention side
+    # a lone batch as two micro-batches, so the sides still alternate (default: only across pool ranks, where
+    # the sides are on different devices; on one device the two would each read every weight, and a lone
+    # batch runs as a whole step: one graph, async decode)
+    pipeline_micro_batches: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is None:

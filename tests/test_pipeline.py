@@ -135,7 +135,9 @@ def _joins_after_early_exit(log: TimelineLog) -> int:
 def test_pipeline_outputs_equal_unpipelined(paths: dict[str, Path], names: list[str], max_batches: int | None) -> None:
     work = _workload(names, per_model=4, seed=len(names))
     ref_ids, ref_text, _ = _generate(paths, names, work)
-    ids, text, log = _generate(paths, names, work, record=True, pipeline=True, pipeline_max_batches=max_batches)
+    # micro-batches on (the default across pool ranks): every step enters the pipeline, lone models too
+    ids, text, log = _generate(paths, names, work, record=True, pipeline=True, pipeline_max_batches=max_batches,
+                               pipeline_micro_batches=True)
     assert ids == ref_ids
     assert text == ref_text
     assert log is not None
@@ -151,11 +153,28 @@ def test_pipeline_outputs_equal_unpipelined(paths: dict[str, Path], names: list[
 def test_single_model_runs_as_two_micro_batches(paths: dict[str, Path]) -> None:
     work = _workload([DSV2], per_model=5, seed=7)
     ref_ids, _, _ = _generate(paths, [DSV2], work)
-    ids, _, log = _generate(paths, [DSV2], work, record=True, pipeline=True)
+    ids, _, log = _generate(paths, [DSV2], work, record=True, pipeline=True, pipeline_micro_batches=True)
     assert ids == ref_ids
     assert log is not None
     assert any(s.batches == [DSV2, DSV2] for s in log.steps)
     _check_alternation(log)
+
+
+def test_on_one_device_a_lone_model_runs_its_plain_step(paths: dict[str, Path]) -> None:
+    """Default on one device: no micro-batches; a step with one model ready runs unpipelined (nothing recorded
+    for it), a step with two ready pairs them, and the outputs equal the unpipelined engine's."""
+    names = [OLMOE, QWEN3_2L]
+    work = _workload(names, per_model=3, seed=5)
+    ref_ids, _, _ = _generate(paths, names, work)
+    solo = _workload([DSV2], per_model=4, seed=7)
+    ids, _, log = _generate(paths, names, work, record=True, pipeline=True)
+    assert ids == ref_ids
+    assert log is not None and log.steps
+    assert all(len(s.batches) == 2 and len(set(s.batches)) == 2 for s in log.steps)   # pairs only
+    solo_ref, _, _ = _generate(paths, [DSV2], solo)
+    solo_ids, _, solo_log = _generate(paths, [DSV2], solo, record=True, pipeline=True)
+    assert solo_ids == solo_ref
+    assert solo_log is not None and not solo_log.steps       # one model alone never enters the pipeline
 
 
 @pytest.mark.parametrize("names", [[OLMOE, QWEN3_2L], [DSV2]])
@@ -165,7 +184,7 @@ def test_sub_step_graphs_give_the_same_outputs(paths: dict[str, Path], names: li
     pytest.importorskip("triton")
     work = _workload(names, per_model=3 if len(names) > 1 else 4, seed=11)
     ref_ids, ref_text, _ = _generate(paths, names, work)
-    cfg = {"pipeline": True, "kernels": "triton", "cuda_graphs": True}
+    cfg = {"pipeline": True, "kernels": "triton", "cuda_graphs": True, "pipeline_micro_batches": True}
     ids, text, log = _generate(paths, names, work, record=True, **cfg)
     assert ids == ref_ids
     assert text == ref_text

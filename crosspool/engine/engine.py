@@ -84,7 +84,9 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}
         # across pool ranks the FFN sub-step sends the hidden states and the batch's next attention sub-step
         # reads the output: the pipeline runs another batch's attention while the weights ranks compute
-        self.pipeline = PipelineScheduler.from_config(self.config) if self.config.pipeline else None
+        micro = self.config.pipeline_micro_batches
+        micro = exchange is not None if micro is None else micro
+        self.pipeline = PipelineScheduler.from_config(self.config, micro) if self.config.pipeline else None
 
     def _load(self, name: str, path: Path) -> ServedModel:
         spec = load_spec(path)
@@ -109,10 +111,9 @@ class Engine:
         graphs = substeps = None
         if cfg.cuda_graphs and isinstance(m.model.ffn, FFNSide):   # graphs need the FFN in this process
             args = (m.model, kv, self.device, cfg.max_num_seqs, m.max_model_len, self.device.type == "cuda")
+            graphs = DecodeGraphs(*args)            # one graph per decode step
             if cfg.pipeline:
                 substeps = SubStepGraphs(*args)     # the pipeline's units: one graph per sub-step
-            else:
-                graphs = DecodeGraphs(*args)        # one graph per decode step
         m.runner = ModelRunner(m.model, kv, self.device, graphs, substeps)
 
     # ---- models at runtime ----------------------------------------------------------------------
@@ -269,26 +270,42 @@ class Engine:
                 if i in sampled:
                     outputs.append(self._append(served, s.seq, *sampled[i], now))
 
+        def step_alone(served: ServedModel) -> None:
+            """One model's step on its own: a whole-step graph, launched asynchronously when it can be."""
+            nonlocal outputs
+            if self.config.async_decode and not served.scheduler.waiting:
+                scheduled = served.scheduler.schedule()
+                if scheduled and served.runner.can_launch(scheduled):
+                    outputs += self._launch(served, scheduled)
+                    return
+                # not launchable: read the step in flight first; it may have finished some of these
+                outputs += self._read_launched(served)
+                scheduled = [s for s in scheduled if not s.seq.finished]
+            else:
+                outputs += self._read_launched(served)
+                scheduled = served.scheduler.schedule() if served.scheduler.has_work() else []
+            if scheduled:
+                postprocess(served, scheduled, served.runner.step(scheduled), time.perf_counter())
+
         if self.pipeline is None:
             for served in self.models.values():
-                if served.launched is None and not served.scheduler.has_work():
-                    continue
-                if self.config.async_decode and not served.scheduler.waiting:
-                    scheduled = served.scheduler.schedule()
-                    if scheduled and served.runner.can_launch(scheduled):
-                        outputs += self._launch(served, scheduled)
-                        continue
-                    # not launchable: read the step in flight first; it may have finished some of these
-                    outputs += self._read_launched(served)
-                    scheduled = [s for s in scheduled if not s.seq.finished]
-                else:
-                    outputs += self._read_launched(served)
-                    scheduled = served.scheduler.schedule() if served.scheduler.has_work() else []
-                if scheduled:
-                    postprocess(served, scheduled, served.runner.step(scheduled), time.perf_counter())
+                if served.launched is not None or served.scheduler.has_work():
+                    step_alone(served)
         else:
+            ready = self.pipeline.rank([n for n, m in self.models.items() if m.scheduler.has_work()])
+            if len(ready) == 1 and not self.pipeline.split_single:
+                # nothing to pair with (and no micro-batches on one device): the pipeline would only add
+                # launches, so the lone model runs its plain step
+                for name, served in self.models.items():
+                    if name != ready[0]:
+                        outputs += self._read_launched(served)
+                step_alone(self.models[ready[0]])
+                ready = []
+            else:     # a step still in flight is read before its model's next batch is scheduled here
+                for served in self.models.values():
+                    outputs += self._read_launched(served)
             batches: list[PipelineBatch] = []
-            for name in self.pipeline.rank([n for n, m in self.models.items() if m.scheduler.has_work()]):
+            for name in ready:
                 if len(batches) == self.pipeline.max_batches:
                     break
                 served = self.models[name]

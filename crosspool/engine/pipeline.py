@@ -212,9 +212,9 @@ class PipelineScheduler:
         self._origin_s = 0.0
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> PipelineScheduler:
+    def from_config(cls, config: EngineConfig, split_single: bool = True) -> PipelineScheduler:
         return cls(config.device, config.tbt_target_s, config.tbt_targets_s, config.pipeline_max_batches,
-                   attention_sms=config.pipeline_attention_sms)
+                   split_single=split_single, attention_sms=config.pipeline_attention_sms)
 
     # ---- which models run, in which order --------------------------------------------------------
     def target_s(self, model: str) -> float:
