@@ -25,6 +25,7 @@ from crosspool.kernels import torch_ref as ref  # noqa: E402
 from crosspool.kernels._common import cdiv  # noqa: E402
 from crosspool.kernels import fused_moe as fused_moe_module  # noqa: E402
 from crosspool.kernels.fused_moe import fused_moe, moe_align, moe_block_m  # noqa: E402
+from crosspool.kernels.gemv import MAX_GEMV_TOKENS, gemv  # noqa: E402
 from crosspool.kernels.mla import (  # noqa: E402
     absorb_query,
     latent_to_output,
@@ -270,6 +271,43 @@ def test_tune_runs_each_path_at_a_size_that_picks_it() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Skinny GEMM (decode linears)
+
+
+def _gemv_inputs(t: int, n: int, k: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [t, k] ~ N(0, 1), w [n, k] ~ N(0, 1/k): outputs O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k, generator=g)
+    w = torch.randn(n, k, generator=g) * k**-0.5
+    return x.to(DEVICE, dtype), w.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t", range(1, MAX_GEMV_TOKENS + 1))
+@pytest.mark.parametrize("n,k,split_k", [
+    (37, 33, 1),        # one N-block, one K-step, both partial
+    (203, 257, 1),      # odd sizes over several blocks and steps
+    (100, 130, 3),      # split-K, the last split past K (masked steps)
+])
+def test_gemv(dtype: torch.dtype, t: int, n: int, k: int, split_k: int) -> None:
+    x, w = _gemv_inputs(t, n, k, dtype, seed=1000 * t + n + k)
+    _close(gemv(x, w, split_k=split_k), torch.nn.functional.linear(x, w), dtype)
+
+
+@pytest.mark.parametrize("split_k", [None, 1, 4])
+def test_gemv_bias_strided_rows(split_k: int | None) -> None:
+    """Rows of a wider buffer (row stride != K), a bias (added before the one rounding), fp16; no tokens."""
+    x, w = _gemv_inputs(5, 70, 300, torch.float16, seed=3)
+    wide = torch.zeros(5, 320, device=DEVICE, dtype=torch.float16)
+    wide[:, 7:307] = x
+    bias = torch.randn(70, generator=torch.Generator().manual_seed(4)).to(DEVICE, torch.float16)
+    out = gemv(wide[:, 7:307], w, bias, split_k=split_k)
+    assert out.shape == (5, 70) and out.dtype == torch.float16 and out.is_contiguous()
+    _close(out, torch.nn.functional.linear(x, w, bias), torch.float16)
+    assert gemv(x[:0], w).shape == (0, 70)
+
+
+# ------------------------------------------------------------------------------------------------
 # RMSNorm (+ residual), RoPE + KV write
 
 
@@ -457,6 +495,41 @@ def test_gpu_tune_covers_every_tile_height() -> None:
         assert {k[2] for k in kernel.cache if k[:2] == (hidden, inter)} >= {16, 32, 64}
     for kernel in (fused_moe_module._gate_up_gemv_kernel, fused_moe_module._down_gemv_kernel):
         assert any(k[:3] == (hidden, inter, top_k) for k in kernel.cache)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k", [(6144, 2048), (2048, 2048), (50304, 2048)])   # OLMoE QKV, o_proj, lm_head
+@pytest.mark.parametrize("t", [1, 4, 8])
+def test_gpu_gemv_bf16(n: int, k: int, t: int) -> None:
+    x, w = _gemv_inputs(t, n, k, torch.bfloat16, seed=n + t)
+    want32 = torch.nn.functional.linear(x.float(), w.float())
+    want = torch.nn.functional.linear(x, w)
+    _bf16_check(gemv(x, w), want, want32)
+    _bf16_check(gemv(x, w, split_k=1), want, want32)
+
+
+@gpu
+@needs_cuda
+def test_gpu_cuda_graph_gemv() -> None:
+    """QKV and o_proj shapes (o_proj split-K by default, with a bias) captured once, replayed on new x in
+    place: same bits as eager calls (the split-K sum is deterministic)."""
+    x, w_qkv = _gemv_inputs(4, 6144, 2048, torch.bfloat16, seed=8)
+    _, w_o = _gemv_inputs(4, 2048, 2048, torch.bfloat16, seed=9)
+    bias = torch.randn(2048, device=DEVICE, dtype=torch.bfloat16)
+    for _ in range(2):   # warm up (compile, autotune) outside the capture
+        gemv(x, w_qkv)
+        gemv(x, w_o, bias)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_qkv = gemv(x, w_qkv)
+        y_o = gemv(x, w_o, bias)
+    x.copy_(_gemv_inputs(4, 1, 2048, torch.bfloat16, seed=10)[0])
+    graph.replay()
+    assert torch.equal(y_qkv, gemv(x, w_qkv))
+    assert torch.equal(y_o, gemv(x, w_o, bias))
+    _bf16_check(y_o, torch.nn.functional.linear(x, w_o, bias),
+                torch.nn.functional.linear(x.float(), w_o.float(), bias.float()))
 
 
 @gpu

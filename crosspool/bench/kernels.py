@@ -1,12 +1,16 @@
-"""The Triton kernels alone on the GPU: paged decode attention over long contexts and fused MoE over token
-counts, each against the floor it is bound by.
+"""The Triton kernels alone on the GPU: paged decode attention over long contexts, fused MoE over token
+counts and the decode GEMV against torch's linear, each against the floor it is bound by.
 
-    python -m crosspool.bench.kernels [--json FILE]
+    python -m crosspool.bench.kernels [--only attention moe gemv] [--json FILE]
 
 - Paged decode attention (Qwen3-30B-A3B heads: 32 query, 4 KV, dim 128), contexts 4k..128k, batch 1 and 8:
   time and the KV bytes read over the copy bandwidth measured in the same run.
 - Fused MoE at 1..64 tokens (both paths: GEMV and grouped GEMM): bytes of the experts the tokens route to
   over the copy bandwidth; at 4,096 tokens: TFLOP/s against torch's bf16 GEMM rate measured in the same run.
+- Dense projections at 1, 4, 8 tokens (OLMoE and Qwen3-30B-A3B: fused QKV, o_proj, lm_head): torch's linear
+  (cuBLAS) and `gemv` (its default split-K, and no split where that differs), bytes of the weights and
+  activations over the copy bandwidth. The calls cycle through copies of the weight totalling >= 256 MB, so
+  each reads it from HBM as in a decode step (one 8 MB o_proj would otherwise stay in the 50 MB L2).
 Times are per call, from CUDA graphs of 20 calls (the kernels as the engine runs them, no launch overhead).
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -21,10 +26,18 @@ from pathlib import Path
 import torch
 
 from crosspool.bench.traffic import copy_bandwidth
+from crosspool.kernels._common import cdiv
 from crosspool.kernels.fused_moe import fused_moe
+from crosspool.kernels.gemv import default_split_k, gemv
 from crosspool.kernels.paged_attention import paged_decode_attention
 
 MOE_SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "olmoe-1b-7b": (64, 8, 2048, 1024)}
+# dense projections (out N, in K): fused QKV, o_proj, lm_head
+LINEAR_SHAPES = {
+    "olmoe-1b-7b": {"qkv": (6144, 2048), "o_proj": (2048, 2048), "lm_head": (50304, 2048)},
+    "qwen3-30b-a3b": {"qkv": ((32 + 4 + 4) * 128, 2048), "o_proj": (2048, 32 * 128), "lm_head": (151936, 2048)},
+}
+COLD_WEIGHT_BYTES = 256 << 20      # weight copies cycled per timing: well past the H200's 50 MB L2
 
 
 def _ms(fn, reps: int = 20) -> float:  # noqa: ANN001
@@ -93,36 +106,75 @@ def moe_rows(copy_bw: float, gemm_flops: float, device: torch.device) -> list[di
     return rows
 
 
+def gemv_rows(copy_bw: float, device: torch.device) -> list[dict]:
+    rows = []
+    g = torch.Generator(device=device).manual_seed(2)
+    for name, layers in LINEAR_SHAPES.items():
+        for layer, (n, k) in layers.items():
+            copies = min(20, cdiv(COLD_WEIGHT_BYTES, n * k * 2))
+            ws = [torch.randn(n, k, generator=g, device=device, dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+            split = default_split_k(n, k, device)
+            for t in (1, 4, 8):
+                x = torch.randn(t, k, generator=g, device=device, dtype=torch.bfloat16)
+                nbytes = (n * k + t * (k + n)) * 2
+                paths = [("torch", None), ("gemv", split)] + ([("gemv", 1)] if split != 1 else [])
+                for path, s in paths:
+                    cycle = itertools.cycle(ws)
+                    if path == "torch":
+                        ms = _ms(lambda x=x, c=cycle: torch.nn.functional.linear(x, next(c)))
+                    else:
+                        ms = _ms(lambda x=x, c=cycle, s=s: gemv(x, next(c), split_k=s))
+                    rows.append({"shape": name, "layer": layer, "n": n, "k": k, "tokens": t, "path": path,
+                                 "split_k": s, "us": ms * 1e3, "bytes": nbytes,
+                                 "copy_bw_fraction": nbytes / (ms / 1e3) / copy_bw})
+            del ws
+    return rows
+
+
 def gemm_rate(device: torch.device, n: int = 8192) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     return 2 * n**3 / (_ms(lambda: a @ b, reps=5) / 1e3)
 
 
+SECTIONS = ("attention", "moe", "gemv")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run (default all)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda")
     copy_bw = copy_bandwidth(device)
-    gemm = gemm_rate(device)
-    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s, bf16 GEMM (8192^3) {gemm / 1e12:.0f} TFLOP/s")
-    attn = attention_rows(copy_bw, device)
-    print("| context | batch | decode attention us | frac of copy bw |\n|---:|---:|---:|---:|")
-    for r in attn:
-        print(f"| {r['context']} | {r['batch']} | {r['us']:.1f} | {r['copy_bw_fraction']:.2f} |")
-    moe = moe_rows(copy_bw, gemm, device)
-    print("| shape | tokens | path | us | experts | frac of copy bw | TFLOP/s | frac of GEMM rate |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for r in moe:
-        print(f"| {r['shape']} | {r['tokens']} | {r['path']} | {r['us']:.1f} | {r['experts_used']} | "
-              f"{r['copy_bw_fraction']:.2f} | {r['tflops']:.1f} | {r['gemm_fraction']:.2f} |")
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s")
+    results: dict = {"copy_bandwidth": copy_bw}
+    if "attention" in args.only:
+        attn = results["attention"] = attention_rows(copy_bw, device)
+        print("| context | batch | decode attention us | frac of copy bw |\n|---:|---:|---:|---:|")
+        for r in attn:
+            print(f"| {r['context']} | {r['batch']} | {r['us']:.1f} | {r['copy_bw_fraction']:.2f} |")
+    if "moe" in args.only:
+        gemm = results["gemm_flops"] = gemm_rate(device)
+        print(f"bf16 GEMM (8192^3) {gemm / 1e12:.0f} TFLOP/s")
+        moe = results["moe"] = moe_rows(copy_bw, gemm, device)
+        print("| shape | tokens | path | us | experts | frac of copy bw | TFLOP/s | frac of GEMM rate |")
+        print("|---|---:|---|---:|---:|---:|---:|---:|")
+        for r in moe:
+            print(f"| {r['shape']} | {r['tokens']} | {r['path']} | {r['us']:.1f} | {r['experts_used']} | "
+                  f"{r['copy_bw_fraction']:.2f} | {r['tflops']:.1f} | {r['gemm_fraction']:.2f} |")
+    if "gemv" in args.only:
+        lin = results["gemv"] = gemv_rows(copy_bw, device)
+        print("| shape | layer | N x K | tokens | path | split-K | us | frac of copy bw |")
+        print("|---|---|---|---:|---|---:|---:|---:|")
+        for r in lin:
+            print(f"| {r['shape']} | {r['layer']} | {r['n']} x {r['k']} | {r['tokens']} | {r['path']} | "
+                  f"{r['split_k'] or '-'} | {r['us']:.1f} | {r['copy_bw_fraction']:.2f} |")
     stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
     out = Path(args.json) if args.json else Path("bench/results") / f"kernels-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-                               "copy_bandwidth": copy_bw, "gemm_flops": gemm, "attention": attn, "moe": moe},
-                              indent=2) + "\n")
+                               **results}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -16,6 +16,8 @@ Which kernel replaces which reference:
 - `fused_moe.fused_moe`: `experts` (after `route`);
 - `norm_rope.rms_norm`, `norm_rope.add_rms_norm`: `rms_norm` (and the residual add before it);
 - `norm_rope.rope_write_kv`: `apply_rope` on q and k + `write_kv` of k and v.
+- `gemv.gemv`: `linear` at decode sizes (<= 8 tokens; the attention side's QKV, o_proj and lm_head, behind
+  `gemv.ENABLED`).
 
 `mla` (pure torch) holds MLA weight absorption (`split_kv_b_proj`, `absorb_query`, `latent_to_output`).
 """

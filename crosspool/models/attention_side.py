@@ -18,7 +18,7 @@ from crosspool.models.spec import ModelSpec
 class AttentionSide:
     def __init__(self, spec: ModelSpec, weights: AttentionWeights, kernels: str = "torch") -> None:
         """kernels: "torch" (the reference ops) or "triton" (`crosspool.kernels`: paged attention, RoPE +
-        KV write, absorbed MLA)."""
+        KV write, absorbed MLA, and the decode GEMV for the dense projections when `gemv.ENABLED`)."""
         if kernels not in ("torch", "triton"):
             raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
         self.spec = spec
@@ -82,7 +82,18 @@ class AttentionSide:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head on the rows given (fp32 logits)."""
-        return ref.linear(ref.rms_norm(hidden, self.w.final_norm, self.spec.rms_norm_eps), self.w.lm_head).float()
+        return self._linear(ref.rms_norm(hidden, self.w.final_norm, self.spec.rms_norm_eps), self.w.lm_head).float()
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """The Triton path's dense projections (fused QKV, o_proj, lm_head): `gemv` at decode sizes
+        (T <= MAX_GEMV_TOKENS) on CUDA when `crosspool.kernels.gemv.ENABLED` is set, else torch's linear."""
+        if self.triton and x.is_cuda:
+            from crosspool.kernels import gemv
+
+            if (gemv.ENABLED and x.dim() == 2 and x.shape[0] <= gemv.MAX_GEMV_TOKENS and x.stride(-1) == 1
+                    and w.stride(-1) == 1 and (b is None or b.stride(-1) == 1)):
+                return gemv.gemv(x, w, b)
+        return ref.linear(x, w, b)
 
     # ---- MHA / GQA -----------------------------------------------------------------------------
     def _mha(self, w: dict[str, torch.Tensor], x: torch.Tensor, batch: ForwardBatch,
@@ -90,7 +101,7 @@ class AttentionSide:
         s = self.spec
         t = x.shape[0]
         if "qkv_proj" in w:
-            q, k, v = ref.linear(x, w["qkv_proj"], w.get("qkv_proj.bias")).split(
+            q, k, v = self._linear(x, w["qkv_proj"], w.get("qkv_proj.bias")).split(
                 [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], dim=-1)
         else:
             q = ref.linear(x, w["q_proj"], w.get("q_proj.bias"))
@@ -121,7 +132,7 @@ class AttentionSide:
                 q, ref.gather_kv(k_cache, batch.block_tables), ref.gather_kv(v_cache, batch.block_tables),
                 batch.seq_index, batch.positions, s.softmax_scale,
             )
-        return ref.linear(out.reshape(t, -1), w["o_proj"], w.get("o_proj.bias"))
+        return self._linear(out.reshape(t, -1), w["o_proj"], w.get("o_proj.bias"))
 
     # ---- MLA (DeepSeek) ------------------------------------------------------------------------
     def _mla(self, w: dict[str, torch.Tensor], x: torch.Tensor, batch: ForwardBatch,
@@ -140,7 +151,7 @@ class AttentionSide:
         latent = ref.rms_norm(latent, w["kv_a_layernorm"], s.rms_norm_eps)
         if self.triton:
             out = _kernel_mla(q, latent, k_pe, w, batch, cache[0], rope, s)
-            return ref.linear(out.reshape(t, -1), w["o_proj"], w.get("o_proj.bias"))
+            return self._linear(out.reshape(t, -1), w["o_proj"], w.get("o_proj.bias"))
         cos, sin = rope
         q_pe = ref.apply_rope(q[..., nope:], cos, sin, s.rope.interleaved)
         k_pe = ref.apply_rope(k_pe[:, None, :], cos, sin, s.rope.interleaved)
