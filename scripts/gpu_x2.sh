@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# One nvidia-h200-x2 session's device work in three calls of under 10 minutes, two jobs at a time where they
-# need one GPU each (CUDA_VISIBLE_DEVICES 0 and 1, logs apart), so 30 minutes of device time cover issues 4-8:
-#   bash scripts/gpu_x2.sh split      # issue 8: 1 KV + 1 weights GPU (transfer, 4 models under load, capacity)
-#   bash scripts/gpu_x2.sh qwen3      # GPU0: issue 4 (Qwen3 table, OLMoE decode)  | GPU1: issue 7 (GPU replay)
-#   bash scripts/gpu_x2.sh pipeline   # GPU0: issue 6 (2/4 models off/on/green)    | GPU1: issue 5 (5-model serve),
-#                                     #       then issue 8's one-GPU run at the higher load
-# Each call ends within $BUDGET_S seconds (every step's timeout is cut to what is left). Results: $OUT/<stage>.tgz
-# and the jobs' logs. The server wheels for `pipeline` travel in .whl (docs/progress.md, issue 5).
+# A device session's work in three calls of under 10 minutes. On nvidia-h200-x2 the two jobs of a call run at
+# once, one per GPU (CUDA_VISIBLE_DEVICES 0 and 1, logs apart); on one GPU they run one after the other and the
+# call's deadline cuts what does not fit (each step's timeout is cut to what is left).
+#   bash scripts/gpu_x2.sh split      # issue 8 (x2 only): 1 KV + 1 weights GPU: parity, transfer, 4 models, capacity
+#   bash scripts/gpu_x2.sh qwen3      # A: issue 4 (Qwen3 table, OLMoE decode) | B: issue 7 (GPU replay), kernels alone,
+#                                     #    greedy parity fast vs torch path
+#   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2/4 models off/on/green)  | B: issue 5 (5-model serve), issue 8's
+#                                     #    one-GPU reference at the higher load
+# Results: $OUT/<stage>.tgz and the jobs' logs. The server wheels for `pipeline` travel in .whl
+# (docs/progress.md, issue 5).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; RES=/tmp/res; mkdir -p "$OUT" "$RES"
 stage=${1:?usage: gpu_x2.sh split|qwen3|pipeline}
 deadline=$(( $(date +%s) + ${BUDGET_S:-545} ))
 OLMOE=/tmp/olmoe
+GPUS=$(nvidia-smi -L | wc -l)
 
 # run for at most $1 seconds, and never past the call's deadline
 t() { local cap=$1; shift; local left=$(( deadline - $(date +%s) - 5 ));
@@ -21,61 +24,80 @@ t() { local cap=$1; shift; local left=$(( deadline - $(date +%s) - 5 ));
 # a checkpoint written once per warm machine (marker after a complete write)
 ckpt() { [ -f "$2/.complete" ] || { python3 -m crosspool.cli make-model --preset "$1" --out "$2" --quiet \
              --device cuda ${3:+--layers $3} && touch "$2/.complete"; }; }
+# job_a and job_b: at once on two GPUs, else one after the other on GPU 0
+both() {
+    if [ "$GPUS" -ge 2 ]; then
+        ( export CUDA_VISIBLE_DEVICES=1; job_b ) > "$RES/job_b.log" 2>&1 &
+        ( export CUDA_VISIBLE_DEVICES=0; job_a ); wait
+    else
+        job_a; job_b > "$RES/job_b.log" 2>&1
+    fi
+    echo "=== job B"; cat "$RES/job_b.log"
+}
 MM="python3 -m crosspool.bench.multi_model --model $OLMOE --prompt-len 512 --output-len 96 --kv-cache-gb 24 \
     --max-num-seqs 16 --duration-s 15"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$RES/gpus.txt"
 
 if [ "$stage" = split ]; then
+    [ "$GPUS" -ge 2 ] || { echo "split needs 2 GPUs"; exit 2; }
     ( t 200 python3 scripts/multi_gpu_parity.py --kv cuda:0 --weights cuda:1 2>&1 | tail -4 ) > "$RES/parity.log" &
     ckpt olmoe-1b-7b $OLMOE; wait
     cat "$RES/parity.log"
-    t 120 python3 -m crosspool.bench.transfer --kv-devices cuda:0 --weights-devices cuda:1 \
+    t 90 python3 -m crosspool.bench.transfer --kv-devices cuda:0 --weights-devices cuda:1 \
         --json "$RES/transfer.json" 2>&1 | tail -9
+    # the one-GPU row (606,672 tokens) was measured in session 3: `--kv-devices` left out runs it again
+    t 120 python3 -m crosspool.bench.capacity --model $OLMOE --copies 4 --run --max-position 2097152 \
+        --run-tokens 131072 --kv-devices cuda:0 --weights-devices cuda:1 --json "$RES/capacity_split.json" \
+        2>&1 | tail -12
     for rate in 2 4; do
-        t 170 $MM --models 4 --modes off,on --rate $rate --kv-devices cuda:0 --weights-devices cuda:1 \
+        t 150 $MM --models 4 --modes off,on --rate $rate --kv-devices cuda:0 --weights-devices cuda:1 \
             --out-dir "$RES/split_rate$rate" 2>&1 | tee "$RES/split_rate$rate.out" | grep -v "^{" | tail -4
-    done
-    for layout in one split; do
-        extra=(); [ $layout = split ] && extra=(--kv-devices cuda:0 --weights-devices cuda:1)
-        t 90 python3 -m crosspool.bench.capacity --model $OLMOE --copies 4 --run --max-position 2097152 \
-            --run-tokens 131072 "${extra[@]}" --json "$RES/capacity_$layout.json" 2>&1 | tail -12
     done
 fi
 
 if [ "$stage" = qwen3 ]; then
-    ( export CUDA_VISIBLE_DEVICES=1
-      t 520 python3 -m crosspool.bench.plan_vs_measured --part replay --device cuda --horizon-s 60 --calib-s 20 \
-          --trials 200 --models-dir /tmp/plan_models --out "$RES/plan_vs_measured_cuda.json" 2>&1 | tail -24
-    ) > "$RES/issue7.log" 2>&1 &
-    export CUDA_VISIBLE_DEVICES=0
-    ckpt qwen3-30b-a3b /tmp/qwen3 24      # 24 of 48 layers (also what the 64 GB single-GPU machine holds)
-    t 330 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 1024,8192,32768 \
-        --batch 1,8,32 --max-cell-tokens 300000 --json "$RES/qwen3_24l.json" 2>&1 | grep -v "^{" | tail -14
-    ckpt olmoe-1b-7b $OLMOE
-    t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 \
-        --batch 1,8,32 --profile --json "$RES/olmoe.json" 2>&1 | grep -v "^{" | cut -c1-150 | tail -40
-    wait; echo "=== issue 7 (GPU1)"; cat "$RES/issue7.log"
+    ckpt olmoe-1b-7b $OLMOE          # before the jobs: both read it
+    job_a() {
+        ckpt qwen3-30b-a3b /tmp/qwen3 24      # 24 of 48 layers (what the 64 GB single-GPU machine's disk holds)
+        t 330 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 1024,8192,32768 \
+            --batch 1,8,32 --max-cell-tokens 300000 --json "$RES/qwen3_24l.json" 2>&1 | grep -v "^{" | tail -16
+        t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 \
+            --batch 1,8,32 --profile --json "$RES/olmoe.json" 2>&1 | grep -v "^{" | cut -c1-150 | tail -40
+    }
+    job_b() {
+        t 330 python3 -m crosspool.bench.plan_vs_measured --part replay --device cuda --rate-scale 16 \
+            --horizon-s 45 --calib-s 15 --trials 200 --models-dir /tmp/plan_models \
+            --out "$RES/plan_vs_measured_cuda.json" 2>&1 | tail -25
+        t 100 python3 -m crosspool.bench.kernels --json "$RES/kernels.json" 2>&1 | tail -60
+        t 90 python3 -m crosspool.bench.fast_path_parity --model $OLMOE --prompts 8 --max-tokens 64 \
+            --json "$RES/parity_olmoe.json" 2>&1 | grep -v Loading | tail -8
+    }
+    both
 fi
 
 if [ "$stage" = pipeline ]; then
     ckpt olmoe-1b-7b $OLMOE
-    ( export CUDA_VISIBLE_DEVICES=1
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-          .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-      ckpt qwen1.5-moe-a2.7b /tmp/qwen15
-      python3 -m crosspool.cli serve --model olmoe-a=$OLMOE --model olmoe-b=$OLMOE --model olmoe-c=$OLMOE \
-          --model olmoe-d=$OLMOE --model qwen15=/tmp/qwen15 --port 8000 > "$RES/serve.log" 2>&1 &
-      pid=$!
-      for _ in $(seq 1 240); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
-      grep -v '"msg": "request' "$RES/serve.log" | head -30
-      t 200 python3 scripts/serve_smoke.py --base-url http://127.0.0.1:8000/v1 --per-model 8 --max-tokens 64 2>&1
-      kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$RES/serve.log"
-      t 200 $MM --models 4 --modes off,on --rate 4 --out-dir "$RES/one_gpu_rate4" 2>&1 | tee "$RES/one_gpu_rate4.out" | grep -v "^{" | tail -4
-    ) > "$RES/issue5.log" 2>&1 &
-    export CUDA_VISIBLE_DEVICES=0
-    t 100 python3 -m pytest -m gpu -q tests/test_gpu.py -k pipeline 2>&1 | tail -3
-    t 330 $MM --models 2,4 --modes off,on,on-green --rate 2 --out-dir "$RES/issue6" 2>&1 | tee "$RES/issue6.out" | grep -v "^{" | tail -9
-    t 60 $MM --models 2 --modes serial --rate 2 --duration-s 5 --out-dir "$RES/issue6" 2>&1 | tee "$RES/issue6_serial.out" | grep -v "^{" | tail -3
-    wait; echo "=== issue 5 + one-GPU rate 4 (GPU1)"; cat "$RES/issue5.log"
+    job_a() {
+        t 100 python3 -m pytest -m gpu -q tests/test_gpu.py -k pipeline 2>&1 | tail -3
+        t 330 $MM --models 2,4 --modes off,on,on-green --rate 2 --out-dir "$RES/issue6" 2>&1 \
+            | tee "$RES/issue6.out" | grep -v "^{" | tail -9
+        t 60 $MM --models 2 --modes serial --rate 2 --duration-s 5 --out-dir "$RES/issue6" 2>&1 \
+            | tee "$RES/issue6_serial.out" | grep -v "^{" | tail -3
+    }
+    job_b() {
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+        ckpt qwen1.5-moe-a2.7b /tmp/qwen15
+        python3 -m crosspool.cli serve --model olmoe-a=$OLMOE --model olmoe-b=$OLMOE --model olmoe-c=$OLMOE \
+            --model olmoe-d=$OLMOE --model qwen15=/tmp/qwen15 --port 8000 > "$RES/serve.log" 2>&1 &
+        local pid=$!
+        for _ in $(seq 1 240); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
+        grep -v '"msg": "request' "$RES/serve.log" | head -30
+        t 200 python3 scripts/serve_smoke.py --base-url http://127.0.0.1:8000/v1 --per-model 8 --max-tokens 64 2>&1
+        kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$RES/serve.log"
+        t 200 $MM --models 4 --modes off,on --rate 4 --out-dir "$RES/one_gpu_rate4" 2>&1 \
+            | tee "$RES/one_gpu_rate4.out" | grep -v "^{" | tail -4
+    }
+    both
 fi
 tar czf "$OUT/$stage.tgz" -C "$RES" . && rm -rf "$RES"
