@@ -357,7 +357,7 @@ class Engine:
         seq.output_token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
-        seq.metrics.token_times_s.append(now)
+        seq.metrics.add_token(now)
         new_text = update_text(seq, served.tokenizer, served.eos_ids, served.max_model_len)
         if seq.finish_reason is not None:
             served.scheduler.finish(seq)

@@ -29,7 +29,7 @@ class RequestOutput:
         m = seq.metrics
         return RequestOutput(
             seq.request_id, seq.model, seq.prompt, list(seq.prompt_token_ids), seq.text,
-            list(seq.output_token_ids), new_text, seq.finished, seq.finish_reason, m.ttft_s, m.tbt_s,
+            list(seq.output_token_ids), new_text, seq.finished, seq.finish_reason, m.ttft_s, list(m.tbt_s),
             m.queue_s, m.num_preemptions, list(seq.logprobs) if seq.params.logprobs is not None else None,
         )
 

@@ -22,17 +22,18 @@ class RequestMetrics:
     arrival_s: float
     first_scheduled_s: float | None = None
     token_times_s: list[float] = field(default_factory=list)
+    tbt_s: list[float] = field(default_factory=list)   # gaps between consecutive tokens, kept as they come
     finished_s: float | None = None
     num_preemptions: int = 0
+
+    def add_token(self, now: float) -> None:
+        if self.token_times_s:
+            self.tbt_s.append(now - self.token_times_s[-1])
+        self.token_times_s.append(now)
 
     @property
     def ttft_s(self) -> float | None:
         return self.token_times_s[0] - self.arrival_s if self.token_times_s else None
-
-    @property
-    def tbt_s(self) -> list[float]:
-        t = self.token_times_s
-        return [b - a for a, b in zip(t, t[1:], strict=False)]
 
     @property
     def queue_s(self) -> float | None:
