@@ -33,10 +33,10 @@ def test_multi_model_bench_runs_every_request(tiny_models, tmp_path: Path) -> No
     path = str(tiny_models("tiny-olmoe"))
     out = tmp_path / "mm"
     assert multi_model.main(["--model", path, "--models", "2", "--modes", "off,on", "--rate", "4",
-                             "--duration-s", "1", "--prompt-len", "16", "--output-len", "6", "--kv-cache-gb", "0.25",
+                             "--duration-s", "2", "--prompt-len", "16", "--output-len", "40", "--kv-cache-gb", "0.25",
                              "--device", "cpu", "--out-dir", str(out)]) == 0
     rows = json.loads(next(out.glob("multi-model-*.json")).read_text())["rows"]
-    arrivals = len(multi_model.trace(["m0", "m1"], 4, 1, 16, load_spec(path).vocab_size, 0))
+    arrivals = len(multi_model.trace(["m0", "m1"], 4, 2, 16, load_spec(path).vocab_size, 0))
     for r in rows:
         assert r["requests"] == arrivals > 0
         assert 0 < r["tbt_ms_p50"] <= r["tbt_ms_p99"]

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from crosspool import LLM, SamplingParams
-from crosspool.config import EngineConfig, layout_settings
-from crosspool.engine.scheduler import ScheduledSeq
-from crosspool.engine.sequence import Sequence
-from crosspool.pools.transport import Exchange, World, free_port, init_world
+if not torch.cuda.is_available():   # the graph-path test runs the Triton kernels in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from crosspool import LLM, SamplingParams  # noqa: E402
+from crosspool.config import EngineConfig, layout_settings  # noqa: E402
+from crosspool.engine.scheduler import ScheduledSeq  # noqa: E402
+from crosspool.engine.sequence import Sequence  # noqa: E402
+from crosspool.pools.transport import Exchange, World, free_port, init_world  # noqa: E402
 
 HIDDEN = [8, 12]          # two models with different hidden sizes
 
@@ -105,3 +110,29 @@ def test_one_kv_rank_one_weights_rank_match_single_process_with_two_messages_a_l
     # the ranks run with fewer threads (other matmul blocking): equal up to rounding
     assert (logits - ref_logits).abs().max().item() <= 1e-5 * ref_logits.abs().max().item()
     assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+
+
+@pytest.mark.parametrize("weights_ranks", [1, 2])
+def test_graph_path_across_ranks_gives_the_single_process_tokens(tiny_models, weights_ranks: int) -> None:  # noqa: ANN001
+    """`cuda_graphs` across pool ranks: the KV rank runs decode steps through its attention sub-step graphs
+    (`SubStepGraphs` with a remote FFN) and sends bucket-padded rows; the weights ranks serve those from
+    `FFNGraphs`. On CPU both run eagerly over the same static buffers (Triton in the interpreter)."""
+    pytest.importorskip("triton")
+    path = tiny_models("tiny-olmoe")
+    prompts = [[5, 17, 3, 99, 42, 7], [8, 1, 2], [4, 4, 9, 10]]      # 3 decode rows: bucket 3, then 2, 1
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (9, 6, 4)]
+    cfg = {"block_size": 4, "kernels": "triton", "cuda_graphs": True, "max_num_seqs": 4}
+    with LLM({"m": path}, EngineConfig(**cfg)) as single:
+        ref = [o.token_ids for o in single.generate(prompts, params, model="m")]
+    llm = LLM({"m": path}, EngineConfig(**cfg, **layout_settings(kv_ranks=1, weights_ranks=weights_ranks)))
+    try:
+        runner = llm.engine.models["m"].runner
+        assert runner.graphs is None and runner.substeps is not None and runner.substeps.remote
+        used = []
+        stages = runner.substeps.stages
+        runner.substeps.stages = lambda slot, scheduled: (used.append(len(scheduled)), stages(slot, scheduled))[1]
+        out = [o.token_ids for o in llm.generate(prompts, params, model="m")]
+    finally:
+        llm.engine.close()
+    assert out == ref
+    assert used and set(used) >= {1, 3}        # decode steps of 3 rows down to 1 went through the graph path

@@ -84,7 +84,7 @@ def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_di
     record_at = args.duration_s / 2
     recording = None
     start = time.perf_counter()
-    i = steps = recorded_from = 0
+    i = steps = 0
     while i < len(arrivals) or engine.has_unfinished():
         now = time.perf_counter() - start
         while i < len(arrivals) and arrivals[i][0] <= now:
@@ -95,10 +95,10 @@ def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_di
             continue
         if pipeline is not None and recording is None and now >= record_at:
             recording = pipeline.start_recording()
-            recorded_from = steps
         finished += [o for o in engine.step() if o.finished]
         steps += 1
-        if recording is not None and pipeline.timeline is not None and steps - recorded_from >= args.timeline_steps:
+        # pipelined steps only count (a step with one model ready runs unpipelined and records nothing)
+        if recording is not None and pipeline.timeline is not None and len(recording.steps) >= args.timeline_steps:
             pipeline.stop_recording()
     elapsed = time.perf_counter() - start
     engine.close()

@@ -59,6 +59,7 @@ class DistributedEngine:
         error = None
         try:
             self.local = Engine(dict(items), dataclasses.replace(config, device=kv_devices[0]), self.exchange)
+            self.local.capture_graphs()      # attention sub-step graphs (no FFN inside: nothing crosses ranks)
         except Exception:
             error = f"rank 0 (kv): {traceback.format_exc()}"
         raise_failures(gather_to_front(error, self.world))
@@ -164,6 +165,7 @@ def kv_rank_loop(world: World, dtype: torch.dtype) -> None:
             error = None
             try:
                 engine = Engine(dict(items), dataclasses.replace(config, device=str(world.device)), exchange)
+                engine.capture_graphs()
             except Exception:
                 error = f"rank {world.rank} (kv): {traceback.format_exc()}"
             gather_to_front(error, world)

@@ -109,11 +109,15 @@ class Engine:
         m.blocks = BlockManager(kv, min(caps) if caps else None)
         m.scheduler = Scheduler(cfg, m.blocks)
         graphs = substeps = None
-        if cfg.cuda_graphs and isinstance(m.model.ffn, FFNSide):   # graphs need the FFN in this process
+        if cfg.cuda_graphs:
             args = (m.model, kv, self.device, cfg.max_num_seqs, m.max_model_len, self.device.type == "cuda")
-            graphs = DecodeGraphs(*args)            # one graph per decode step
-            if cfg.pipeline:
-                substeps = SubStepGraphs(*args)     # the pipeline's units: one graph per sub-step
+            local = isinstance(m.model.ffn, FFNSide)
+            if local:
+                graphs = DecodeGraphs(*args)        # one graph per decode step
+            if cfg.pipeline or not local:
+                # the pipeline's units: one graph per sub-step; across pool ranks also the plain step's (the
+                # FFN runs on the weights ranks between the attention graphs)
+                substeps = SubStepGraphs(*args)
         m.runner = ModelRunner(m.model, kv, self.device, graphs, substeps)
 
     # ---- models at runtime ----------------------------------------------------------------------

@@ -17,7 +17,7 @@ from crosspool.engine.sampler import TokenLogprob, sample
 from crosspool.engine.scheduler import ScheduledSeq
 from crosspool.engine.substeps import SubStepGraphs
 from crosspool.models.batch import ForwardBatch, PagedCache
-from crosspool.models.model import MoEModel, Stages
+from crosspool.models.model import MoEModel, Stages, run_stages
 
 
 def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.device) -> ForwardBatch:
@@ -78,6 +78,10 @@ class ModelRunner:
         start = self._mark()
         if self.graphs is not None and self._graph_step(scheduled):
             logits = self.graphs.run(scheduled)
+        elif (self.graphs is None and self.substeps is not None and self.substeps.fits(len(scheduled))
+              and _one_token_each(scheduled)):
+            # across pool ranks: the attention sub-steps as graphs, the FFN on the weights ranks in between
+            logits = run_stages(self.substeps.stages(0, scheduled))
         else:
             batch = self.prepare(scheduled)
             logits = self._logits(batch, self.model.forward(batch, self.cache))

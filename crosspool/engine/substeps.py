@@ -67,6 +67,10 @@ class SubStepGraphs:
         # (slot, bucket, kind, layer) -> (graph or None, output)
         self.graphs: dict[tuple[int, int, str, int], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         self.capture_s: dict[tuple[int, int], float] = {}
+        # across pool ranks the FFN runs on the weights ranks (`RemoteFFN`): only the attention side and the
+        # head are graphs here; the FFN sub-step sends the bucket's rows and the next attention sub-step copies
+        # the output into the slot before its graph replays
+        self.remote = hasattr(model.ffn, "forward_start")
 
     def capture_all(self) -> float:
         """Capture every (slot, bucket) now, largest bucket first; returns the seconds it took."""
@@ -89,11 +93,20 @@ class SubStepGraphs:
         s = self.slots[slot]
         s.inputs.fill(scheduled, bucket)
         yield SubStep(ATTENTION_SIDE, 0, None)
+        pending = None
         for layer in range(self.model.spec.num_layers):
+            if pending is not None:
+                s.ffn[:bucket].copy_(pending.result())
             self._replay(slot, bucket, ATTENTION_SIDE, layer)
             yield SubStep(FFN_SIDE, layer, s.x[:bucket])
-            self._replay(slot, bucket, FFN_SIDE, layer)
-            yield SubStep(ATTENTION_SIDE, layer + 1, s.ffn[:bucket])
+            if self.remote:    # padding rows go too: the weights ranks replay their graph of this bucket
+                pending = self.model.ffn.forward_start(layer, s.x[:bucket])
+                yield SubStep(ATTENTION_SIDE, layer + 1, None)
+            else:
+                self._replay(slot, bucket, FFN_SIDE, layer)
+                yield SubStep(ATTENTION_SIDE, layer + 1, s.ffn[:bucket])
+        if pending is not None:
+            s.ffn[:bucket].copy_(pending.result())
         logits = self._replay(slot, bucket, HEAD, self.model.spec.num_layers)
         assert logits is not None
         return logits[:n]
@@ -140,7 +153,8 @@ class SubStepGraphs:
             return
         t0 = time.perf_counter()
         s = self.slots[slot]
-        kinds = [(k, layer) for layer in range(self.model.spec.num_layers) for k in (ATTENTION_SIDE, FFN_SIDE)]
+        sides = (ATTENTION_SIDE,) if self.remote else (ATTENTION_SIDE, FFN_SIDE)
+        kinds = [(k, layer) for layer in range(self.model.spec.num_layers) for k in sides]
         kinds.append((HEAD, self.model.spec.num_layers))
         with s.inputs.padding_only(bucket):
             for kind, layer in kinds:

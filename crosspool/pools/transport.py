@@ -261,6 +261,10 @@ def weights_rank_loop(world: World, dtype: torch.dtype) -> None:
                     if world.device.type == "cuda":
                         # now, not under the first requests (the in-process engine does it in capture_graphs)
                         side.tune_kernels()
+                    if len(msg) > 2 and msg[2].cuda_graphs:
+                        # the KV ranks replay attention sub-step graphs and send decode steps padded to a
+                        # bucket: those FFN calls replay graphs here (captured after tuning)
+                        pool.add_graphs(name, msg[2].max_num_seqs)
             except Exception:
                 error = f"rank {world.rank} (weights): {traceback.format_exc()}"
             gather_to_front(error, world)

@@ -14,6 +14,7 @@ import torch
 from crosspool.models.ffn_side import FFNSide
 from crosspool.models.loader import Shard, load_ffn_weights, load_spec
 from crosspool.models.spec import ModelSpec
+from crosspool.pools.ffn_graphs import FFNGraphs
 
 
 class WeightsPool:
@@ -24,6 +25,7 @@ class WeightsPool:
         self.shard = shard or Shard()
         self.kernels = kernels
         self.models: dict[str, FFNSide] = {}
+        self.graphs: dict[str, FFNGraphs] = {}     # decode-sized FFN calls as graph replays (weights ranks)
 
     def load(self, name: str, model_dir: str | os.PathLike[str], spec: ModelSpec | None = None) -> FFNSide:
         if name in self.models:
@@ -33,10 +35,22 @@ class WeightsPool:
         self.models[name] = side
         return side
 
+    def add_graphs(self, name: str, max_batch: int) -> FFNGraphs:
+        """Serve `name`'s decode-sized calls (one row per sequence, padded to a bucket) from FFN graphs,
+        captured now on a GPU; on CPU the same static buffers run eagerly."""
+        graphs = FFNGraphs(self.models[name], self.dtype, self.device, max_batch, self.device.type == "cuda")
+        graphs.capture_all()
+        self.graphs[name] = graphs
+        return graphs
+
     def remove(self, name: str) -> None:
         del self.models[name]
+        self.graphs.pop(name, None)
 
     def ffn(self, name: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        graphs = self.graphs.get(name)
+        if graphs is not None and graphs.fits(x.shape[0]):
+            return graphs.run(layer, x)
         return self.models[name].forward(layer, x)
 
     def model_bytes(self, name: str) -> int:
