@@ -79,8 +79,10 @@ if [ "$stage" = pipeline ]; then
     ckpt olmoe-1b-7b $OLMOE
     job_a() {
         t 100 python3 -m pytest -m gpu -q tests/test_gpu.py -k pipeline 2>&1 | tail -3
-        t 330 $MM --models 2,4 --modes off,on,on-green --rate 2 --out-dir "$RES/issue6" 2>&1 \
-            | tee "$RES/issue6.out" | grep -v "^{" | tail -9
+        t 160 $MM --models 2 --modes off,on,on-green --rate 2 --out-dir "$RES/issue6" 2>&1 \
+            | tee "$RES/issue6_2.out" | grep -v "^{" | tail -5
+        t 220 $MM --models 4 --modes off,on --rate 2 --out-dir "$RES/issue6" 2>&1 \
+            | tee "$RES/issue6_4.out" | grep -v "^{" | tail -4
         t 60 $MM --models 2 --modes serial --rate 2 --duration-s 5 --out-dir "$RES/issue6" 2>&1 \
             | tee "$RES/issue6_serial.out" | grep -v "^{" | tail -3
     }
