@@ -130,9 +130,15 @@ def test_graph_path_across_ranks_gives_the_single_process_tokens(tiny_models, we
         assert runner.graphs is None and runner.substeps is not None and runner.substeps.remote
         used = []
         stages = runner.substeps.stages
-        runner.substeps.stages = lambda slot, scheduled: (used.append(len(scheduled)), stages(slot, scheduled))[1]
+        runner.substeps.stages = lambda slot, scheduled, *rest: (used.append(len(scheduled)),
+                                                                 stages(slot, scheduled, *rest))[1]
+        launched = []
+        launch = runner.launch
+        runner.launch = lambda scheduled, previous: (launched.append(previous is not None),
+                                                     launch(scheduled, previous))[1]
         out = [o.token_ids for o in llm.generate(prompts, params, model="m")]
     finally:
         llm.engine.close()
     assert out == ref
     assert used and set(used) >= {1, 3}        # decode steps of 3 rows down to 1 went through the graph path
+    assert any(launched)                       # async decode: steps launched on the previous step's tokens

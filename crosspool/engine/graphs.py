@@ -59,6 +59,34 @@ class LaunchedStep:
         return self.tokens.tolist()
 
 
+class TokenReadback:
+    """Two pinned host buffers for launched steps' greedy tokens: one being filled while the other is read."""
+
+    def __init__(self, device: torch.device, max_batch: int) -> None:
+        self.device = device
+        pin = device.type == "cuda"
+        self._host = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._flip = 0
+
+    def queue(self, scheduled: list[ScheduledSeq], tokens: torch.Tensor) -> LaunchedStep:
+        """Queue the copy of the device `tokens` [n] to the host after the work queued so far; no wait."""
+        n = len(scheduled)
+        host = self._host[self._flip]
+        self._flip ^= 1
+        host[:n].copy_(tokens[:n], non_blocking=True)
+        event = torch.cuda.Event() if self.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        return LaunchedStep(scheduled, host[:n], event)
+
+
+def feed_tokens(inputs: DecodeInputs, batch: ForwardBatch) -> torch.Tensor:
+    """The step's input ids: a row with SRC_ROWS >= 0 takes the token the previous replay left in that row of
+    `inputs.tokens` (async decode: the host has not read it yet), the others the ids staged from the host."""
+    src = inputs.meta[SRC_ROWS, :batch.input_ids.shape[0]]
+    return torch.where(src >= 0, inputs.tokens[src.clamp(min=0)], batch.input_ids)
+
+
 @dataclass(slots=True)
 class CapturedStep:
     graph: torch.cuda.CUDAGraph | None    # None: replayed eagerly (capture=False)
@@ -190,10 +218,7 @@ class DecodeGraphs:
         self.inputs = DecodeInputs(device, max_batch, max_model_len, cache.block_size)
         self.steps: dict[int, CapturedStep] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        # two pinned buffers for launched steps' tokens: one being filled while the other is read
-        pin = device.type == "cuda"
-        self._host_tokens = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
-        self._flip = 0
+        self.readback = TokenReadback(device, max_batch)
 
     def bucket(self, batch_size: int) -> int | None:
         """The bucket a decode batch of this size replays, None if it is too large for graphs."""
@@ -227,14 +252,7 @@ class DecodeGraphs:
     def launch(self, scheduled: list[ScheduledSeq], src_rows: list[int]) -> LaunchedStep:
         """Queue a greedy decode step and the copy of its tokens to the host; return without waiting."""
         self.run(scheduled, src_rows)
-        n = len(scheduled)
-        host = self._host_tokens[self._flip]
-        self._flip ^= 1
-        host[:n].copy_(self.inputs.tokens[:n], non_blocking=True)
-        event = torch.cuda.Event() if self.device.type == "cuda" else None
-        if event is not None:
-            event.record()
-        return LaunchedStep(scheduled, host[:n], event)
+        return self.readback.queue(scheduled, self.inputs.tokens)
 
     # ---- capture ---------------------------------------------------------------------------------
     def _step(self, bucket: int) -> CapturedStep:
@@ -253,9 +271,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        inputs, b = self.inputs, batch.input_ids.shape[0]
-        src = inputs.meta[SRC_ROWS, :b]
-        ids = torch.where(src >= 0, inputs.tokens[src.clamp(min=0)], batch.input_ids)
+        ids = feed_tokens(self.inputs, batch)
         logits = self.model.compute_logits(self.model.forward(dataclasses.replace(batch, input_ids=ids), self.cache))
-        inputs.tokens[:b].copy_(logits.argmax(dim=-1))
+        self.inputs.tokens[:batch.input_ids.shape[0]].copy_(logits.argmax(dim=-1))
         return logits

@@ -78,8 +78,7 @@ class ModelRunner:
         start = self._mark()
         if self.graphs is not None and self._graph_step(scheduled):
             logits = self.graphs.run(scheduled)
-        elif (self.graphs is None and self.substeps is not None and self.substeps.fits(len(scheduled))
-              and _one_token_each(scheduled)):
+        elif self.graphs is None and self._launchable(scheduled):
             # across pool ranks: the attention sub-steps as graphs, the FFN on the weights ranks in between
             logits = run_stages(self.substeps.stages(0, scheduled))
         else:
@@ -102,9 +101,15 @@ class ModelRunner:
     def can_launch(self, scheduled: list[ScheduledSeq]) -> bool:
         """Whether the step can run asynchronously: a graph replay of one-token decodes, every sequence greedy
         with nothing but the token to report (no logprobs, no penalties), so tokens can stay on the device."""
-        return (self.graphs is not None and self._graph_step(scheduled)
+        return (self._launchable(scheduled)
                 and all(s.seq.params.greedy and not s.seq.params.penalized and s.seq.params.logprobs is None
                         for s in scheduled))
+
+    def _launchable(self, scheduled: list[ScheduledSeq]) -> bool:
+        if self.graphs is not None:
+            return self._graph_step(scheduled)
+        # across pool ranks: the sub-step graphs (attention here, FFN on the weights ranks) launch the same way
+        return self.substeps is not None and self.substeps.fits(len(scheduled)) and _one_token_each(scheduled)
 
     def launch(self, scheduled: list[ScheduledSeq], previous: LaunchedStep | None) -> LaunchedStep:
         """Queue the step (see `can_launch`) without waiting for it. A sequence whose token the previous
@@ -112,7 +117,8 @@ class ModelRunner:
         rows = {id(s.seq): r for r, s in enumerate(previous.scheduled)} if previous is not None else {}
         src = [rows[id(s.seq)] if s.seq.pending else -1 for s in scheduled]
         start = self._mark()
-        launched = self.graphs.launch(scheduled, src)
+        graphs = self.graphs if self.graphs is not None else self.substeps
+        launched = graphs.launch(scheduled, src)
         if start is not None:
             self.gpu_spans.append((start, self._mark()))
         return launched

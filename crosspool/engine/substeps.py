@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from crosspool.engine.graphs import DecodeInputs, bucket_for, buckets_up_to, capture
+from crosspool.engine.graphs import (
+    DecodeInputs,
+    LaunchedStep,
+    TokenReadback,
+    bucket_for,
+    buckets_up_to,
+    capture,
+    feed_tokens,
+)
 from crosspool.engine.scheduler import ScheduledSeq
 from crosspool.models.batch import PagedCache
 from crosspool.models.model import ATTENTION_SIDE, FFN_SIDE, MoEModel, Stages, SubStep
@@ -71,6 +79,7 @@ class SubStepGraphs:
         # head are graphs here; the FFN sub-step sends the bucket's rows and the next attention sub-step copies
         # the output into the slot before its graph replays
         self.remote = hasattr(model.ffn, "forward_start")
+        self.readback = TokenReadback(device, max_batch)
 
     def capture_all(self) -> float:
         """Capture every (slot, bucket) now, largest bucket first; returns the seconds it took."""
@@ -82,16 +91,29 @@ class SubStepGraphs:
     def fits(self, batch_size: int) -> bool:
         return batch_size <= self.max_batch
 
-    def stages(self, slot: int, scheduled: list[ScheduledSeq]) -> Stages:
+    def launch(self, scheduled: list[ScheduledSeq], src_rows: list[int]) -> LaunchedStep:
+        """Async decode with the sub-steps of slot 0 (across pool ranks, where there is no whole-step graph):
+        queue the greedy step, its sub-steps back to back, and the copy of its tokens; return without waiting.
+        src_rows as in `DecodeInputs.fill`: rows fed the previous launched step's tokens on the device."""
+        stages = self.stages(0, scheduled, src_rows)
+        while True:
+            try:
+                next(stages)
+            except StopIteration:
+                break
+        return self.readback.queue(scheduled, self.slots[0].inputs.tokens)
+
+    def stages(self, slot: int, scheduled: list[ScheduledSeq], src_rows: list[int] | None = None) -> Stages:
         """A decode step of the scheduled sequences (one new token each) as sub-steps, like
-        `MoEModel.forward_stages`; returns the logits [n, vocab]."""
+        `MoEModel.forward_stages`; returns the logits [n, vocab] (the head also leaves each row's greedy token
+        in the slot's `inputs.tokens`)."""
         n = len(scheduled)
         bucket = bucket_for(self.buckets, n)
         if bucket is None:
             raise ValueError(f"decode batch of {n} exceeds the largest graph bucket {self.max_batch}")
         self._ensure_captured(slot, bucket)
         s = self.slots[slot]
-        s.inputs.fill(scheduled, bucket)
+        s.inputs.fill(scheduled, bucket, src_rows)
         yield SubStep(ATTENTION_SIDE, 0, None)
         pending = None
         for layer in range(self.model.spec.num_layers):
@@ -120,7 +142,7 @@ class SubStepGraphs:
         @torch.inference_mode()
         def attention() -> None:
             if layer == 0:
-                hidden, delta = model.attention.embed(batch.input_ids), None
+                hidden, delta = model.attention.embed(feed_tokens(s.inputs, batch)), None
                 cos, sin = model.attention.rope_tables(batch.positions)
                 s.cos[:b].copy_(cos)
                 s.sin[:b].copy_(sin)
@@ -137,7 +159,9 @@ class SubStepGraphs:
 
         @torch.inference_mode()
         def head() -> torch.Tensor:
-            return model.compute_logits(s.hidden[:b] + s.ffn[:b])
+            logits = model.compute_logits(s.hidden[:b] + s.ffn[:b])
+            s.inputs.tokens[:b].copy_(logits.argmax(dim=-1))
+            return logits
 
         return {ATTENTION_SIDE: attention, FFN_SIDE: ffn, HEAD: head}[kind]
 

@@ -1,0 +1,159 @@
+"""Skinny GEMM ("GEMV") for decode: y[T, N] = x[T, K] @ W[N, K]^T (+ bias) for T <= MAX_GEMV_TOKENS tokens.
+
+Replaces `torch_ref.linear` for the attention side's dense projections at a few tokens (fused QKV, o_proj,
+lm_head), where the step is bound by reading W once: at one token cuBLAS reads the 2048-wide projections at
+about half the copy bandwidth.
+
+Shapes and strides: x [T, K] with a contiguous last dim (any row stride), W [N, K] with a contiguous last dim,
+bias [N] or None; returns y [T, N] (contiguous) in x's dtype.
+
+Design, for bandwidth:
+- each program owns BLOCK_N output columns for all T tokens, so every weight element is read from memory once
+  per call whatever T is; x (a few KB) is re-read by every program from L2;
+- it walks K in BLOCK_K steps, multiplying a [BLOCK_N, BLOCK_K] weight tile by each token's x slice into a
+  [BLOCK_T, BLOCK_N, BLOCK_K] fp32 register tile (BLOCK_T = T rounded up to a power of two), and reduces
+  over K once at the end (no per-step reductions, no tensor cores: M is 1..8);
+- split-K for narrow outputs: N = 2048 at BLOCK_N = 16 makes only 128 programs for 132 SMs, too few to keep
+  enough loads in flight. With split_k = S > 1 program (n, s) covers the s-th of S K-chunks and stores its fp32
+  partial sums into a [S, T, N] buffer; `_split_sum_kernel` adds the S partials in a fixed order (deterministic,
+  no atomics) and rounds. The host picks S from N and the SM count (`default_split_k`), callers may force it.
+Accumulation is fp32, rounded once to x's dtype after the bias add (as torch's linear rounds). BLOCK_N, BLOCK_K
+and warps are autotuned on the GPU once per (N, K, BLOCK_T, split); the tile sizes tried are bounded by the
+registers the accumulator needs (`_prune_configs`). Launches allocate only their output (and the partial
+buffer), and never sync with the host: graph-capturable.
+
+`ENABLED` switches the attention side's use of it (`AttentionSide._linear`); off until the H200 shows a gain.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from crosspool.kernels._common import cdiv, next_pow2, num_sms
+
+MAX_GEMV_TOKENS = 8
+ENABLED = False            # the attention side's decode linears call `gemv` only when this is set
+
+# registers per thread a tile's accumulator and weight tile may take together ((BLOCK_T + 1) x the weight
+# elements each thread loads): ptxas for sm_90 spills past about this
+_TILE_REGS = 160
+
+
+def _configs() -> list[triton.Config]:
+    """Tile choices, tried once per (N, K, BLOCK_T, SPLIT_K) on the GPU; the interpreter (CPU tests) gets one."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+            for n in (4, 8, 16, 32) for k in (128, 256, 512) for w in (4, 8)]
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """Keep tiles whose weight loads are at least 4 elements per thread (vector loads) and whose
+    [BLOCK_T, BLOCK_N, BLOCK_K] accumulator plus the loaded weights fit in _TILE_REGS registers per thread."""
+    block_t = int(kwargs.get("BLOCK_T", named_args.get("BLOCK_T", 1)))   # type: ignore[arg-type]
+
+    def per_thread(c: triton.Config) -> int:
+        return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps)
+
+    keep = [c for c in configs if 4 <= per_thread(c) and (block_t + 1) * per_thread(c) <= _TILE_REGS]
+    return keep or [min(configs, key=per_thread)]
+
+
+@triton.autotune(configs=_configs(), key=["N", "K", "BLOCK_T", "SPLIT_K"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, T, N, K,
+    stride_xt, stride_wn, stride_os, stride_ot,
+    BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[s, t, n-block] = x[t, K-chunk s] . w[n, K-chunk s] (+ bias, only when SPLIT_K == 1), all T tokens
+    per weight tile read. out is y itself when SPLIT_K == 1 (stride_os unused), else the fp32 partials."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_t = tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    # every split walks the same number of BLOCK_K steps; steps past K load nothing (masked)
+    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_chunk
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]     # [BLOCK_N, BLOCK_K]
+    x_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :]                  # [BLOCK_T, BLOCK_K]
+    acc = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in tl.range(k_start, k_start + k_chunk, BLOCK_K):
+        k_ok = offs_k < K - k0
+        w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_ptrs + k0, mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += w[None, :, :] * x[:, None, :]
+    y = tl.sum(acc, 2)                                                               # [BLOCK_T, BLOCK_N]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + pid_k * stride_os + offs_t[:, None] * stride_ot + offs_n[None, :],
+             y.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, b_ptr, y_ptr, N, stride_ps, stride_pt, stride_yt,
+                      SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y[t, n-block] = sum_s part[s, t, n-block] (s in order) (+ bias), rounded to y's dtype."""
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + s * stride_ps + t * stride_pt + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * stride_yt + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def default_split_k(n: int, k: int, device: torch.device) -> int:
+    """K-splits so that the programs at BLOCK_N = 16 number at least twice the SMs, each split keeping at
+    least 512 of K (1 for wide outputs such as QKV or lm_head, and off the GPU)."""
+    blocks = cdiv(n, 16)
+    split = next_pow2(cdiv(2 * num_sms(device), blocks))
+    while split > 1 and k // split < 512:
+        split //= 2
+    return min(split, 8)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+         split_k: int | None = None) -> torch.Tensor:
+    """x [T, K] @ w[N, K]^T (+ bias [N]) for T <= MAX_GEMV_TOKENS; returns [T, N] in x's dtype.
+    split_k: K-chunks summed by a second kernel (default `default_split_k`)."""
+    assert x.dim() == 2 and w.dim() == 2, (x.shape, w.shape)
+    t, k = x.shape
+    n = w.shape[0]
+    assert w.shape[1] == k, (x.shape, w.shape)
+    assert t <= MAX_GEMV_TOKENS, f"gemv serves at most {MAX_GEMV_TOKENS} tokens, got {t}"
+    assert x.stride(1) == 1 and w.stride(1) == 1, "x and w need a contiguous last dim"
+    assert bias is None or (bias.shape == (n,) and bias.stride(0) == 1)
+    y = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return y
+    split = split_k or default_split_k(n, k, x.device)
+    assert split >= 1
+    block_t = next_pow2(t)
+    b = bias if bias is not None else y          # never read without HAS_BIAS
+    if split == 1:
+        _gemv_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), 1)](
+            x, w, b, y, t, n, k, x.stride(0), w.stride(0), 0, y.stride(0),
+            BLOCK_T=block_t, SPLIT_K=1, HAS_BIAS=bias is not None,
+        )
+        return y
+    part = torch.empty(split, t, n, dtype=torch.float32, device=x.device)
+    _gemv_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), split)](
+        x, w, b, part, t, n, k, x.stride(0), w.stride(0), part.stride(0), part.stride(1),
+        BLOCK_T=block_t, SPLIT_K=split, HAS_BIAS=False,
+    )
+    block = min(1024, next_pow2(n))
+    _split_sum_kernel[(t, cdiv(n, block))](part, b, y, n, part.stride(0), part.stride(1), y.stride(0),
+                                           SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block)
+    return y
