@@ -28,7 +28,7 @@ if [ "$stage" = bench ]; then
     python3 -m crosspool.cli make-model --preset qwen3-30b-a3b --layers 24 --out /tmp/qwen3 --quiet --device cuda
     timeout 200 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 1024,8192,32768 \
         --batch 1,8,32 --max-cell-tokens 300000 --json "$OUT/qwen3_24l.json" 2>&1 | grep -v "^{" | tail -14
-    timeout 80 python3 -m crosspool.bench.kernels --json "$OUT/kernels.json" 2>&1 | tail -42
+    timeout 200 python3 -m crosspool.bench.kernels --json "$OUT/kernels.json" 2>&1 | tail -42
     timeout 70 python3 -m crosspool.bench.fast_path_parity --model /tmp/olmoe --prompts 8 --max-tokens 64 \
         --json "$OUT/parity_olmoe.json" 2>&1 | grep -v Loading | tail -8
 fi

@@ -63,12 +63,15 @@ if [ "$stage" = qwen3 ]; then
             --batch 1,8,32 --max-cell-tokens 300000 --json "$RES/qwen3_24l.json" 2>&1 | grep -v "^{" | tail -16
         t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 \
             --batch 1,8,32 --profile --json "$RES/olmoe.json" 2>&1 | grep -v "^{" | cut -c1-150 | tail -40
+        t 120 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 \
+            --batch 1,8 --gemv --label gemv --json "$RES/olmoe_gemv.json" 2>&1 | grep -v "^{" | tail -5
     }
     job_b() {
         t 330 python3 -m crosspool.bench.plan_vs_measured --part replay --device cuda --rate-scale 16 \
             --horizon-s 45 --calib-s 15 --trials 200 --models-dir /tmp/plan_models \
             --out "$RES/plan_vs_measured_cuda.json" 2>&1 | tail -25
-        t 100 python3 -m crosspool.bench.kernels --json "$RES/kernels.json" 2>&1 | tail -60
+        t 100 python3 -m pytest -q -m gpu tests/test_kernels.py -k "gemv or tune" 2>&1 | tail -3
+        t 200 python3 -m crosspool.bench.kernels --json "$RES/kernels.json" 2>&1 | tail -75
         t 90 python3 -m crosspool.bench.fast_path_parity --model $OLMOE --prompts 8 --max-tokens 64 \
             --json "$RES/parity_olmoe.json" 2>&1 | grep -v Loading | tail -8
     }

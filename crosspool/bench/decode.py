@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="print the host functions taking the most time over the last cell (cProfile)")
     p.add_argument("--profile", action="store_true",
                    help="print the device time per kernel over the first cell's decode steps (torch.profiler)")
+    p.add_argument("--gemv", action="store_true",
+                   help="attention-side projections through the skinny GEMM kernel (crosspool.kernels.gemv)")
     p.add_argument("--label", default="", help="free text stored with the results")
     p.add_argument("--json", default=None, help="results file (default: bench/results/decode-<model>-<time>.json)")
     args = p.parse_args(argv)
@@ -186,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--output-len must be at least {COUNT_STEPS + 6}")
     device = torch.device(args.device)
     kv_bytes = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
+    if args.gemv:
+        from crosspool.kernels import gemv
+
+        gemv.ENABLED = True
     try:
         contexts = [int(c) for c in args.context.split(",")]
         batches = [int(b) for b in args.batch.split(",")]
