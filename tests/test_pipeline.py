@@ -349,3 +349,29 @@ def test_config_validates_pipeline_knobs() -> None:
         EngineConfig(pipeline=True, tbt_targets_s={"m": 0.0})
     with pytest.raises(ValueError, match="TBT targets"):
         EngineConfig(tbt_target_s=-1.0)
+
+
+def test_pipelined_async_decode_gives_the_same_outputs(paths: dict[str, Path]) -> None:
+    """On one device (no micro-batches) greedy decode batches launch through the pipeline: their tokens stay on
+    the device, feed the next pipelined step, and are read one step later; the outputs equal the unpipelined
+    engine's, and a lone model switching to its whole-step graph reads its pipelined step first."""
+    pytest.importorskip("triton")
+    names = [OLMOE, QWEN3_2L]
+    work = _workload(names, per_model=3, seed=11)
+    ref_ids, ref_text, _ = _generate(paths, names, work)
+    launched: list[bool] = []
+    run = PipelineScheduler.run
+
+    def counting(self, batches):  # noqa: ANN001, ANN202
+        results = run(self, batches)
+        launched.extend(r.launched is not None for r in results)
+        return results
+
+    PipelineScheduler.run = counting
+    try:
+        ids, text, _ = _generate(paths, names, work, pipeline=True, kernels="triton", cuda_graphs=True)
+    finally:
+        PipelineScheduler.run = run
+    assert ids == ref_ids
+    assert text == ref_text
+    assert any(launched) and not all(launched)     # launched decode batches, synchronous prefill batches

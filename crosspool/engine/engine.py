@@ -274,21 +274,27 @@ class Engine:
                 if i in sampled:
                     outputs.append(self._append(served, s.seq, *sampled[i], now))
 
-        def step_alone(served: ServedModel) -> None:
-            """One model's step on its own: a whole-step graph, launched asynchronously when it can be."""
+        def schedule_async(served: ServedModel, pipelined: bool) -> tuple[list[ScheduledSeq], bool]:
+            """The model's next batch, and whether it launches (async decode: its greedy tokens stay on the
+            device and feed the next step; the step in flight is read after this one is queued). A batch that
+            does not launch waits for the step in flight to be read first: it may finish some of its sequences."""
             nonlocal outputs
             if self.config.async_decode and not served.scheduler.waiting:
                 scheduled = served.scheduler.schedule()
-                if scheduled and served.runner.can_launch(scheduled):
-                    outputs += self._launch(served, scheduled)
-                    return
-                # not launchable: read the step in flight first; it may have finished some of these
+                if scheduled and served.runner.can_launch(scheduled, served.launched, pipelined):
+                    return scheduled, True
                 outputs += self._read_launched(served)
-                scheduled = [s for s in scheduled if not s.seq.finished]
-            else:
-                outputs += self._read_launched(served)
-                scheduled = served.scheduler.schedule() if served.scheduler.has_work() else []
-            if scheduled:
+                return [s for s in scheduled if not s.seq.finished], False
+            outputs += self._read_launched(served)
+            return (served.scheduler.schedule() if served.scheduler.has_work() else []), False
+
+        def step_alone(served: ServedModel) -> None:
+            """One model's step on its own: a whole-step graph, launched asynchronously when it can be."""
+            nonlocal outputs
+            scheduled, launch = schedule_async(served, pipelined=False)
+            if launch:
+                outputs += self._launch(served, scheduled)
+            elif scheduled:
                 postprocess(served, scheduled, served.runner.step(scheduled), time.perf_counter())
 
         if self.pipeline is None:
@@ -297,27 +303,34 @@ class Engine:
                     step_alone(served)
         else:
             ready = self.pipeline.rank([n for n, m in self.models.items() if m.scheduler.has_work()])
+            for name, served in self.models.items():     # models without work: read what is in flight
+                if name not in ready:
+                    outputs += self._read_launched(served)
             if len(ready) == 1 and not self.pipeline.split_single:
                 # nothing to pair with (and no micro-batches on one device): the pipeline would only add
                 # launches, so the lone model runs its plain step
-                for name, served in self.models.items():
-                    if name != ready[0]:
-                        outputs += self._read_launched(served)
                 step_alone(self.models[ready[0]])
                 ready = []
-            else:     # a step still in flight is read before its model's next batch is scheduled here
-                for served in self.models.values():
-                    outputs += self._read_launched(served)
             batches: list[PipelineBatch] = []
             for name in ready:
                 if len(batches) == self.pipeline.max_batches:
                     break
                 served = self.models[name]
-                scheduled = served.scheduler.schedule()
+                if self.pipeline.split_single:
+                    # micro-batches may put a model's batch in either slot: no launched batches then
+                    outputs += self._read_launched(served)
+                    scheduled, launch = served.scheduler.schedule(), False
+                else:
+                    scheduled, launch = schedule_async(served, pipelined=True)
                 if scheduled:
-                    batches.append(PipelineBatch(name, served.runner, scheduled))
+                    src = served.runner.src_rows(scheduled, served.launched) if launch else None
+                    batches.append(PipelineBatch(name, served.runner, scheduled, src))
             for batch, result in zip(batches, self.pipeline.run(batches), strict=True):
-                postprocess(self.models[batch.model], batch.scheduled, result.sampled, result.done_s)
+                served = self.models[batch.model]
+                if result.launched is not None:
+                    outputs += self._launched(served, batch.scheduled, result.launched)
+                else:
+                    postprocess(served, batch.scheduled, result.sampled, result.done_s)
         self._maintain_kv()
         return outputs
 
@@ -325,8 +338,11 @@ class Engine:
         """Async decode: queue this step (its inputs may be the previous step's tokens, read on the device),
         then read the previous step's tokens while the device runs this one. Stop conditions are therefore
         seen one step late: a sequence that stopped there has one wasted row here, which is dropped."""
-        previous = served.launched
-        launched = served.runner.launch(scheduled, previous)
+        return self._launched(served, scheduled, served.runner.launch(scheduled, served.launched))
+
+    def _launched(self, served: ServedModel, scheduled: list[ScheduledSeq], launched: LaunchedStep
+                  ) -> list[RequestOutput]:
+        """`launched` (this step, queued) replaces the step in flight, whose tokens are read now."""
         for s in scheduled:
             s.seq.num_computed += 1
             s.seq.pending += 1

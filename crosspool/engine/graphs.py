@@ -52,6 +52,8 @@ class LaunchedStep:
     scheduled: list[ScheduledSeq]
     tokens: torch.Tensor                   # pinned host [n], valid once `event` has completed
     event: torch.cuda.Event | None         # None on CPU (the copy was synchronous)
+    source: torch.Tensor | None = None     # the device buffer holding the tokens: a next step fed from it must
+                                           # replay graphs that read this buffer (`DecodeInputs.tokens`)
 
     def wait(self) -> list[int]:
         if self.event is not None:
@@ -77,7 +79,7 @@ class TokenReadback:
         event = torch.cuda.Event() if self.device.type == "cuda" else None
         if event is not None:
             event.record()
-        return LaunchedStep(scheduled, host[:n], event)
+        return LaunchedStep(scheduled, host[:n], event, tokens)
 
 
 def feed_tokens(inputs: DecodeInputs, batch: ForwardBatch) -> torch.Tensor:

@@ -43,12 +43,11 @@ from dataclasses import dataclass, field
 import torch
 
 from crosspool.config import EngineConfig
-from crosspool.engine.runner import ModelRunner
-from crosspool.engine.sampler import TokenLogprob
+from crosspool.engine.graphs import LaunchedStep
+from crosspool.engine.runner import ModelRunner, Sampled
 from crosspool.engine.scheduler import ScheduledSeq
 from crosspool.models.model import ATTENTION_SIDE, FFN_SIDE, Stages, SubStep
 
-Sampled = dict[int, tuple[int, TokenLogprob | None]]
 HEAD = "head"
 
 
@@ -59,12 +58,14 @@ class PipelineBatch:
     model: str
     runner: ModelRunner
     scheduled: list[ScheduledSeq]
+    src_rows: list[int] | None = None   # set: launched (async decode, greedy tokens stay on the device)
 
 
 @dataclass(slots=True)
 class BatchResult:
     sampled: Sampled     # as ModelRunner.step returns it: {index in scheduled: (token, logprobs)}
     done_s: float        # perf_counter when its tokens were sampled
+    launched: LaunchedStep | None = None   # a launched batch: its tokens, on their way to the host
 
 
 @dataclass(slots=True)
@@ -165,13 +166,13 @@ class _Flight:
     owner: int                     # index of the engine's batch it belongs to
     offset: int                    # index of its first sequence in the owner's scheduled list
     part: PipelineBatch
-    finish: Callable[[torch.Tensor], Sampled]    # the stages' final value -> sampled tokens
+    finish: Callable[[torch.Tensor], Sampled | LaunchedStep]    # the stages' final value -> tokens
     stages: Stages
     next: SubStep
     num_layers: int
     ready: torch.cuda.Event | None = None    # after its latest sub-step (CUDA)
     final: torch.Tensor | None = None        # set by the head: the batch has left its lane
-    sampled: Sampled | None = None           # sampled once every sub-step of the step is issued
+    sampled: Sampled | LaunchedStep | None = None   # once every sub-step of the step is issued
     done_s: float = 0.0
 
     @property
@@ -274,7 +275,8 @@ class PipelineScheduler:
         """(owner, offset, batch) to run; a lone batch of several sequences becomes two micro-batches,
         cut where the two token counts are closest."""
         whole = [(i, 0, b) for i, b in enumerate(batches)]
-        if len(batches) > 1 or self.lanes < 2 or not self.split_single or len(batches[0].scheduled) < 2:
+        if (len(batches) > 1 or self.lanes < 2 or not self.split_single or len(batches[0].scheduled) < 2
+                or batches[0].src_rows is not None):
             return whole
         b = batches[0]
         tokens = [s.num_new_tokens for s in b.scheduled]
@@ -284,7 +286,7 @@ class PipelineScheduler:
                 (0, cut, PipelineBatch(b.model, b.runner, b.scheduled[cut:]))]
 
     def _flight(self, index: int, owner: int, offset: int, part: PipelineBatch, slot: int) -> _Flight:
-        stages, finish = part.runner.pipeline_stages(part.scheduled, slot)
+        stages, finish = part.runner.pipeline_stages(part.scheduled, slot, part.src_rows)
         first = next(stages)         # prepares the inputs, runs no sub-step: says attention(0) comes first
         return _Flight(index, owner, offset, part, finish, stages, first, part.runner.model.spec.num_layers)
 
@@ -309,7 +311,10 @@ class PipelineScheduler:
         for f in flights:
             assert f.sampled is not None
             out = results[f.owner]
-            out.sampled.update({f.offset + i: v for i, v in f.sampled.items()})
+            if isinstance(f.sampled, LaunchedStep):     # a launched batch is never cut into micro-batches
+                out.launched = f.sampled
+            else:
+                out.sampled.update({f.offset + i: v for i, v in f.sampled.items()})
             out.done_s = max(out.done_s, f.done_s)
         return results
 

@@ -19,6 +19,8 @@ from crosspool.engine.substeps import SubStepGraphs
 from crosspool.models.batch import ForwardBatch, PagedCache
 from crosspool.models.model import MoEModel, Stages, run_stages
 
+Sampled = dict[int, tuple[int, TokenLogprob | None]]   # {index in scheduled: (token, logprobs)}
+
 
 def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.device) -> ForwardBatch:
     ids: list[int] = []
@@ -98,12 +100,31 @@ class ModelRunner:
     def _graph_step(self, scheduled: list[ScheduledSeq]) -> bool:
         return len(scheduled) <= self.graphs.max_batch and _one_token_each(scheduled)
 
-    def can_launch(self, scheduled: list[ScheduledSeq]) -> bool:
+    def can_launch(self, scheduled: list[ScheduledSeq], previous: LaunchedStep | None = None,
+                   pipelined: bool = False) -> bool:
         """Whether the step can run asynchronously: a graph replay of one-token decodes, every sequence greedy
-        with nothing but the token to report (no logprobs, no penalties), so tokens can stay on the device."""
-        return (self._launchable(scheduled)
+        with nothing but the token to report (no logprobs, no penalties), so tokens can stay on the device; and
+        a step still in flight (`previous`) left its tokens where this step's graphs read them. `pipelined`:
+        as a pipeline batch (the sub-step graphs of slot 0) rather than a plain step."""
+        if pipelined:
+            ok = self.substeps is not None and self.substeps.fits(len(scheduled)) and _one_token_each(scheduled)
+        else:
+            ok = self._launchable(scheduled)
+        return (ok and (previous is None or previous.source is self._tokens_buffer(pipelined))
                 and all(s.seq.params.greedy and not s.seq.params.penalized and s.seq.params.logprobs is None
                         for s in scheduled))
+
+    def _tokens_buffer(self, pipelined: bool) -> torch.Tensor:
+        if pipelined or self.graphs is None:
+            return self.substeps.slots[0].inputs.tokens
+        return self.graphs.inputs.tokens
+
+    @staticmethod
+    def src_rows(scheduled: list[ScheduledSeq], previous: LaunchedStep | None) -> list[int]:
+        """Per sequence, the row of `previous` whose token it takes on the device (-1: its ids come from the
+        host): the sequences whose last token the host has not read yet (`seq.pending`)."""
+        rows = {id(s.seq): r for r, s in enumerate(previous.scheduled)} if previous is not None else {}
+        return [rows[id(s.seq)] if s.seq.pending else -1 for s in scheduled]
 
     def _launchable(self, scheduled: list[ScheduledSeq]) -> bool:
         if self.graphs is not None:
@@ -114,8 +135,7 @@ class ModelRunner:
     def launch(self, scheduled: list[ScheduledSeq], previous: LaunchedStep | None) -> LaunchedStep:
         """Queue the step (see `can_launch`) without waiting for it. A sequence whose token the previous
         launched step sampled and the host has not read (`seq.pending`) gets it on the device."""
-        rows = {id(s.seq): r for r, s in enumerate(previous.scheduled)} if previous is not None else {}
-        src = [rows[id(s.seq)] if s.seq.pending else -1 for s in scheduled]
+        src = self.src_rows(scheduled, previous)
         start = self._mark()
         graphs = self.graphs if self.graphs is not None else self.substeps
         launched = graphs.launch(scheduled, src)
@@ -123,13 +143,19 @@ class ModelRunner:
             self.gpu_spans.append((start, self._mark()))
         return launched
 
-    def pipeline_stages(self, scheduled: list[ScheduledSeq], slot: int
-                        ) -> tuple[Stages, Callable[[torch.Tensor], dict[int, tuple[int, TokenLogprob | None]]]]:
+    def pipeline_stages(self, scheduled: list[ScheduledSeq], slot: int, src_rows: list[int] | None = None
+                        ) -> tuple[Stages, Callable[[torch.Tensor], Sampled | LaunchedStep]]:
         """The step as sub-steps for the pipeline scheduler, and what turns the sub-steps' final value into
         sampled tokens. Decode-only steps replay the sub-step graphs of `slot` (0 or 1: the two batches of
-        this model a pipelined step may hold); others run eagerly."""
+        this model a pipelined step may hold); others run eagerly. `src_rows` (a launched batch, see
+        `can_launch(..., pipelined=True)`): the greedy tokens stay on the device and come back as a LaunchedStep
+        whose copy to the host is queued, not waited for."""
         if self.substeps is not None and self.substeps.fits(len(scheduled)) and _one_token_each(scheduled):
-            return self.substeps.stages(slot, scheduled), lambda logits: self._sample(scheduled, logits)
+            stages = self.substeps.stages(slot, scheduled, src_rows)
+            if src_rows is not None:
+                tokens = self.substeps.slots[slot].inputs.tokens
+                return stages, lambda logits: self.substeps.readback.queue(scheduled, tokens)
+            return stages, lambda logits: self._sample(scheduled, logits)
         batch = self.prepare(scheduled)
         return self.stages(batch), lambda hidden: self.sample_tokens(scheduled, batch, hidden)
 
