@@ -71,7 +71,8 @@ if [ "$stage" = qwen3 ]; then
             --horizon-s 45 --calib-s 15 --trials 200 --models-dir /tmp/plan_models \
             --out "$RES/plan_vs_measured_cuda.json" 2>&1 | tail -25
         t 100 python3 -m pytest -q -m gpu tests/test_kernels.py -k "gemv or tune" 2>&1 | tail -3
-        t 200 python3 -m crosspool.bench.kernels --json "$RES/kernels.json" 2>&1 | tail -75
+        t 150 python3 -m crosspool.bench.kernels --only gemv splits --json "$RES/kernels_new.json" 2>&1 | tail -60
+        t 100 python3 -m crosspool.bench.kernels --only attention moe --json "$RES/kernels.json" 2>&1 | tail -45
         t 90 python3 -m crosspool.bench.fast_path_parity --model $OLMOE --prompts 8 --max-tokens 64 \
             --json "$RES/parity_olmoe.json" 2>&1 | grep -v Loading | tail -8
     }

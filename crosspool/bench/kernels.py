@@ -1,10 +1,11 @@
 """The Triton kernels alone on the GPU: paged decode attention over long contexts, fused MoE over token
 counts and the decode GEMV against torch's linear, each against the floor it is bound by.
 
-    python -m crosspool.bench.kernels [--only attention moe gemv] [--json FILE]
+    python -m crosspool.bench.kernels [--only attention splits moe gemv] [--json FILE]
 
 - Paged decode attention (Qwen3-30B-A3B heads: 32 query, 4 KV, dim 128), contexts 4k..128k, batch 1 and 8:
   time and the KV bytes read over the copy bandwidth measured in the same run.
+- Batch-1 decode attention against its split count (OLMoE and Qwen3 heads, 1k-32k context).
 - Fused MoE at 1..64 tokens (both paths: GEMV and grouped GEMM): bytes of the experts the tokens route to
   over the copy bandwidth; at 4,096 tokens: TFLOP/s against torch's bf16 GEMM rate measured in the same run.
 - Dense projections at 1, 4, 8 tokens (OLMoE and Qwen3-30B-A3B: fused QKV, o_proj, lm_head): torch's linear
@@ -29,7 +30,7 @@ from crosspool.bench.traffic import copy_bandwidth
 from crosspool.kernels._common import cdiv
 from crosspool.kernels.fused_moe import fused_moe
 from crosspool.kernels.gemv import default_split_k, gemv
-from crosspool.kernels.paged_attention import paged_decode_attention
+from crosspool.kernels.paged_attention import MAX_SPLITS, default_num_splits, paged_decode_attention
 
 MOE_SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "olmoe-1b-7b": (64, 8, 2048, 1024)}
 # dense projections (out N, in K): fused QKV, o_proj, lm_head
@@ -81,6 +82,33 @@ def attention_rows(copy_bw: float, device: torch.device) -> list[dict]:
             kv = 2 * k.numel() * k.element_size()
             rows.append({"context": ctx, "batch": batch, "us": ms * 1e3, "kv_bytes": kv,
                          "copy_bw_fraction": kv / (ms / 1e3) / copy_bw})
+            del k, v
+    return rows
+
+
+def split_rows(copy_bw: float, device: torch.device) -> list[dict]:
+    """Batch-1 decode attention against its split count: the engine's choice (`default_num_splits`, at least
+    MIN_KEYS_PER_SPLIT keys per split) and finer splits, at short and long contexts, for OLMoE's heads (16
+    query = 16 KV, MHA) and Qwen3-30B-A3B's (32 query, 4 KV): which keys-per-split floor serves batch 1."""
+    rows = []
+    g = torch.Generator(device=device).manual_seed(2)
+    page = 16
+    for shape, (heads, kv_heads, dim) in {"olmoe-1b-7b": (16, 16, 128), "qwen3-30b-a3b": (32, 4, 128)}.items():
+        for ctx in (1024, 4096, 32768):
+            blocks = ctx // page
+            k = torch.randn(blocks, page, kv_heads, dim, generator=g, device=device, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            tables = torch.randperm(blocks, generator=g, device=device).view(1, -1)
+            lens = torch.full((1,), ctx, device=device)
+            q = torch.randn(1, heads, dim, generator=g, device=device, dtype=torch.bfloat16)
+            auto = default_num_splits(kv_heads, device, ctx)
+            kv = 2 * k.numel() * k.element_size()
+            for splits in sorted({auto, *(min(auto * f, MAX_SPLITS, cdiv(ctx, 16)) for f in (2, 4, 8))}):
+                ms = _ms(lambda q=q, k=k, v=v, t=tables, n=lens, c=ctx, s=splits: paged_decode_attention(
+                    q, k, v, t, n, dim**-0.5, num_splits=s, max_context_len=c))
+                rows.append({"shape": shape, "context": ctx, "splits": splits, "auto": splits == auto,
+                             "keys_per_split": cdiv(ctx, splits), "us": ms * 1e3,
+                             "copy_bw_fraction": kv / (ms / 1e3) / copy_bw})
             del k, v
     return rows
 
@@ -137,7 +165,7 @@ def gemm_rate(device: torch.device, n: int = 8192) -> float:
     return 2 * n**3 / (_ms(lambda: a @ b, reps=5) / 1e3)
 
 
-SECTIONS = ("attention", "moe", "gemv")
+SECTIONS = ("attention", "splits", "moe", "gemv")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         print("| context | batch | decode attention us | frac of copy bw |\n|---:|---:|---:|---:|")
         for r in attn:
             print(f"| {r['context']} | {r['batch']} | {r['us']:.1f} | {r['copy_bw_fraction']:.2f} |")
+    if "splits" in args.only:
+        sp = results["splits"] = split_rows(copy_bw, device)
+        print("| heads | context | splits | keys / split | us | frac of copy bw |\n|---|---:|---:|---:|---:|---:|")
+        for r in sp:
+            print(f"| {r['shape']} | {r['context']} | {r['splits']}{' (engine)' if r['auto'] else ''} | "
+                  f"{r['keys_per_split']} | {r['us']:.1f} | {r['copy_bw_fraction']:.2f} |")
     if "moe" in args.only:
         gemm = results["gemm_flops"] = gemm_rate(device)
         print(f"bf16 GEMM (8192^3) {gemm / 1e12:.0f} TFLOP/s")
