@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A device session's work in three calls of under 10 minutes. On nvidia-h200-x2 the two jobs of a call run at
 # once, one per GPU (CUDA_VISIBLE_DEVICES 0 and 1, logs apart); on one GPU they run one after the other and the
-# call's deadline cuts what does not fit (each step's timeout is cut to what is left).
+# call's deadline cuts what does not fit (each step's timeout is cut to what is left), or `STAGE a` and
+# `STAGE b` run them as two calls.
 #   bash scripts/gpu_x2.sh split      # issue 8 (x2 only): 1 KV + 1 weights GPU: parity, transfer, 4 models, capacity
 #   bash scripts/gpu_x2.sh qwen3      # A: issue 4 (Qwen3 table, OLMoE decode) | B: issue 7 (GPU replay), kernels alone,
 #                                     #    greedy parity fast vs torch path
@@ -12,7 +13,8 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; RES=/tmp/res; mkdir -p "$OUT" "$RES"
-stage=${1:?usage: gpu_x2.sh split|qwen3|pipeline}
+stage=${1:?usage: gpu_x2.sh split|qwen3|pipeline [a|b]}
+only=${2:-}
 deadline=$(( $(date +%s) + ${BUDGET_S:-545} ))
 OLMOE=/tmp/olmoe
 GPUS=$(nvidia-smi -L | wc -l)
@@ -24,8 +26,11 @@ t() { local cap=$1; shift; local left=$(( deadline - $(date +%s) - 5 ));
 # a checkpoint written once per warm machine (marker after a complete write)
 ckpt() { [ -f "$2/.complete" ] || { python3 -m crosspool.cli make-model --preset "$1" --out "$2" --quiet \
              --device cuda ${3:+--layers $3} && touch "$2/.complete"; }; }
-# job_a and job_b: at once on two GPUs, else one after the other on GPU 0
+# job_a and job_b: at once on two GPUs, else one after the other on GPU 0; `gpu_x2.sh STAGE a|b` runs one of them
+# (on one GPU, a call each)
 both() {
+    if [ "$only" = a ]; then job_a; return; fi
+    if [ "$only" = b ]; then job_b; return; fi
     if [ "$GPUS" -ge 2 ]; then
         ( export CUDA_VISIBLE_DEVICES=1; job_b ) > "$RES/job_b.log" 2>&1 &
         ( export CUDA_VISIBLE_DEVICES=0; job_a ); wait
@@ -70,11 +75,11 @@ if [ "$stage" = qwen3 ]; then
         t 330 python3 -m crosspool.bench.plan_vs_measured --part replay --device cuda --rate-scale 16 \
             --horizon-s 45 --calib-s 15 --trials 200 --models-dir /tmp/plan_models \
             --out "$RES/plan_vs_measured_cuda.json" 2>&1 | tail -25
-        t 100 python3 -m pytest -q -m gpu tests/test_kernels.py -k "gemv or tune" 2>&1 | tail -3
         t 150 python3 -m crosspool.bench.kernels --only gemv splits --json "$RES/kernels_new.json" 2>&1 | tail -60
-        t 100 python3 -m crosspool.bench.kernels --only attention moe --json "$RES/kernels.json" 2>&1 | tail -45
         t 90 python3 -m crosspool.bench.fast_path_parity --model $OLMOE --prompts 8 --max-tokens 64 \
             --json "$RES/parity_olmoe.json" 2>&1 | grep -v Loading | tail -8
+        t 100 python3 -m pytest -q -m gpu tests/test_kernels.py -k "gemv or tune" 2>&1 | tail -3
+        t 100 python3 -m crosspool.bench.kernels --only attention moe --json "$RES/kernels.json" 2>&1 | tail -45
     }
     both
 fi
