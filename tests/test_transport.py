@@ -68,7 +68,8 @@ def _rank(rank: int, kv_ranks: int, weights_ranks: int, port: int, out: dict) ->
 
 @pytest.mark.parametrize("kv_ranks,weights_ranks", [(1, 1), (2, 2)])
 def test_exchange_serves_overlapping_calls_from_every_kv_rank(kv_ranks: int, weights_ranks: int) -> None:
-    with mp.Manager() as manager:
+    # a spawned manager: forking the test process (large by now, in a full run) can fail with ENOMEM
+    with mp.get_context("spawn").Manager() as manager:
         out = manager.dict()
         mp.spawn(_rank, args=(kv_ranks, weights_ranks, free_port(), out), nprocs=kv_ranks + weights_ranks)
         sent = dict(out)

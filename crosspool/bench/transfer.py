@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     kv = args.kv_devices.split(",") if args.kv_devices else ["cpu"] * args.kv_ranks
     weights = args.weights_devices.split(",") if args.weights_devices else ["cpu"] * args.weights_ranks
     devices = kv + weights
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:
         out = manager.dict()
         mp.spawn(_rank, args=(len(devices), len(kv), devices, free_port(), args, out), nprocs=len(devices))
         rows = list(out["rows"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import heapq
 import mmap
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -60,6 +61,9 @@ class _CpuRange:
         return self.data
 
 
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
+
+
 class CpuPageBackend:
     """Host memory standing in for VMM: a range is an anonymous mmap (zero pages, committed only when
     written); unmapping a bundle is madvise(DONTNEED), which returns its memory to the OS and makes it
@@ -69,7 +73,9 @@ class CpuPageBackend:
         self.page_bytes = page_bytes
 
     def reserve(self, nbytes: int) -> _CpuRange:
-        mem = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # no swap reservation for the range (like a VMM reservation): only written pages count against memory,
+        # so a process holding large ranges can still fork
+        mem = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
         return _CpuRange(nbytes, mem, torch.frombuffer(mem, dtype=torch.uint8))
 
     def map(self, vrange: _CpuRange, first_page: int, num_pages: int) -> None:
