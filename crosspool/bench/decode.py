@@ -80,12 +80,18 @@ def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: 
     runner.gpu_spans = []
     if profiler is not None:
         profiler.step()
+    pool = engine.kv_pool
+    maps = (pool.bundles_mapped, pool.bundles_unmapped, pool.bundles_mapped_on_alloc)
     t = time.perf_counter()
     for _ in range(timed - warmup):
         lens.append(sum(s.num_computed + 1 for s in sched.running))
         engine.step()
     sync(engine.device)
     mean_wall = (time.perf_counter() - t) / (timed - warmup)
+    # KV page (un)mapping during the timed steps: driver calls that may stall the step
+    cell["kv_bundles_mapped"], cell["kv_bundles_unmapped"], cell["kv_bundles_mapped_on_alloc"] = (
+        now - before for now, before in zip((pool.bundles_mapped, pool.bundles_unmapped,
+                                             pool.bundles_mapped_on_alloc), maps, strict=True))
     if profiler is not None:
         profiler.step()
     spans = [a.elapsed_time(b) / 1e3 for a, b in runner.gpu_spans]
@@ -246,15 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"\n{config.kernels} kernels, cuda graphs {'on' if config.cuda_graphs else 'off'}, "
           f"copy bandwidth {copy_bw / 1e12:.2f} TB/s" if copy_bw else "")
-    print("| context | batch | step ms | tokens/s | host frac | experts/layer | MB touched | frac of copy bw |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| context | batch | step ms | tokens/s | host frac | experts/layer | MB touched | frac of copy bw "
+          "| KV bundles mapped / unmapped (on alloc) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         if "skipped" in r:
-            print(f"| {r['context']} | {r['batch']} | skipped: {r['skipped']} | | | | | |")
+            print(f"| {r['context']} | {r['batch']} | skipped: {r['skipped']} | | | | | | |")
             continue
         print(f"| {r['context']} | {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | "
               f"{r.get('host_fraction', float('nan')):.2f} | {r['experts_per_moe_layer']:.1f} | "
-              f"{r['bytes'] / 1e6:.0f} | {r.get('copy_bw_fraction', float('nan')):.3f} |")
+              f"{r['bytes'] / 1e6:.0f} | {r.get('copy_bw_fraction', float('nan')):.3f} | "
+              f"{r['kv_bundles_mapped']} / {r['kv_bundles_unmapped']} ({r['kv_bundles_mapped_on_alloc']}) |")
     if hf_ms is not None:
         print(f"HF transformers generate, batch 1, context {contexts[0]}: {hf_ms:.2f} ms/token")
     out = Path(args.json) if args.json else Path("bench/results") / (

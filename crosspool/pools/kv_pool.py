@@ -162,6 +162,8 @@ class ModelKV:
             self.pool.backend.map(self.vrange, bundle * self.bundle_pages, self.bundle_pages)
             with self.pool.lock:
                 self._publish_bundle(bundle)
+                self.pool.bundles_mapped += 1
+                self.pool.bundles_mapped_on_alloc += 1     # the allocating (engine) thread waited for it
 
     def free(self, blocks: list[int]) -> None:
         with self.pool.lock:
@@ -195,6 +197,7 @@ class ModelKV:
         heapq.heappush(self._unmapped, bundle)
         self.pool.backend.unmap(self.vrange, bundle * self.bundle_pages, self.bundle_pages)
         self.pool._return_pages(self.bundle_pages)
+        self.pool.bundles_unmapped += 1
 
     def reserve_blocks(self, next_step_blocks: int = 0) -> int:
         """Free blocks to keep mapped: what the next step will ask for, at least `reserve_bundles`."""
@@ -212,6 +215,7 @@ class ModelKV:
             self.pool.backend.map(self.vrange, bundle * self.bundle_pages, self.bundle_pages)
             with self.pool.lock:
                 self._publish_bundle(bundle)
+                self.pool.bundles_mapped += 1
 
     def shrink(self, keep_free_blocks: int | None = None) -> int:
         """Unmap fully free bundles while more than `keep_free_blocks` (default: the reserve) stay free.
@@ -263,6 +267,8 @@ class KVPool:
         if self.total_pages < 1:
             raise ValueError(f"KV pool budget {budget_bytes} B is below one {self.page_bytes} B page")
         self.free_pages = self.total_pages
+        # bundles mapped / unmapped so far, and mapped by an allocation that found no free block (benchmarks)
+        self.bundles_mapped = self.bundles_unmapped = self.bundles_mapped_on_alloc = 0
         self.models: dict[str, ModelKV] = {}
         self.lock = threading.RLock()
         self.mapped = threading.Condition(self.lock)     # notified whenever a bundle finishes mapping
