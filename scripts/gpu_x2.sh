@@ -50,14 +50,14 @@ if [ "$stage" = split ]; then
     cat "$RES/parity.log"
     t 90 python3 -m crosspool.bench.transfer --kv-devices cuda:0 --weights-devices cuda:1 \
         --json "$RES/transfer.json" 2>&1 | tail -9
+    t 190 $MM --models 4 --modes off,on --rate 2 --kv-devices cuda:0 --weights-devices cuda:1 \
+        --out-dir "$RES/split_rate2" 2>&1 | tee "$RES/split_rate2.out" | grep -v "^{" | tail -4
     # the one-GPU row (606,672 tokens) was measured in session 3: `--kv-devices` left out runs it again
     t 120 python3 -m crosspool.bench.capacity --model $OLMOE --copies 4 --run --max-position 2097152 \
         --run-tokens 131072 --kv-devices cuda:0 --weights-devices cuda:1 --json "$RES/capacity_split.json" \
         2>&1 | tail -12
-    for rate in 2 4; do
-        t 150 $MM --models 4 --modes off,on --rate $rate --kv-devices cuda:0 --weights-devices cuda:1 \
-            --out-dir "$RES/split_rate$rate" 2>&1 | tee "$RES/split_rate$rate.out" | grep -v "^{" | tail -4
-    done
+    t 190 $MM --models 4 --modes off,on --rate 4 --kv-devices cuda:0 --weights-devices cuda:1 \
+        --out-dir "$RES/split_rate4" 2>&1 | tee "$RES/split_rate4.out" | grep -v "^{" | tail -4
 fi
 
 if [ "$stage" = qwen3 ]; then
