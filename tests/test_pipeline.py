@@ -375,3 +375,33 @@ def test_pipelined_async_decode_gives_the_same_outputs(paths: dict[str, Path]) -
     assert ids == ref_ids
     assert text == ref_text
     assert any(launched) and not all(launched)     # launched decode batches, synchronous prefill batches
+
+
+def test_pipeline_across_pool_ranks_over_graphs_with_launches(paths: dict[str, Path]) -> None:
+    """Across pool ranks with the sub-step graphs (interpreter on CPU): paired batches launch (async decode
+    through the pipeline), a lone batch runs as two synchronous micro-batches; outputs equal the single-process
+    unpipelined engine's."""
+    pytest.importorskip("triton")
+    names = [OLMOE, QWEN3_2L]
+    work = _workload(names, per_model=3, seed=5)
+    ref_ids, ref_text, _ = _generate(paths, names, work)
+    launched: list[bool] = []
+    split: list[bool] = []
+    run = PipelineScheduler.run
+
+    def counting(self, batches):  # noqa: ANN001, ANN202
+        results = run(self, batches)
+        launched.extend(r.launched is not None for r in results)
+        split.append(len(batches) == 1 and self.split_single and len(batches[0].scheduled) > 1
+                     and batches[0].src_rows is None)
+        return results
+
+    PipelineScheduler.run = counting
+    try:
+        ids, text, _ = _generate(paths, names, work, pipeline=True, kernels="triton", cuda_graphs=True,
+                                 weights_ranks=1)
+    finally:
+        PipelineScheduler.run = run
+    assert ids == ref_ids
+    assert text == ref_text
+    assert any(launched) and any(split)       # paired batches launched; a lone batch ran as micro-batches

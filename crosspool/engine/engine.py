@@ -312,12 +312,14 @@ class Engine:
                 step_alone(self.models[ready[0]])
                 ready = []
             batches: list[PipelineBatch] = []
+            # a lone batch the pipeline cuts into micro-batches (two slots) does not launch; batches of
+            # several models each take slot 0 of their model and launch (a launched batch is never cut)
+            micro = len(ready) == 1 and self.pipeline.split_single
             for name in ready:
                 if len(batches) == self.pipeline.max_batches:
                     break
                 served = self.models[name]
-                if self.pipeline.split_single:
-                    # micro-batches may put a model's batch in either slot: no launched batches then
+                if micro:
                     outputs += self._read_launched(served)
                     scheduled, launch = served.scheduler.schedule(), False
                 else:
