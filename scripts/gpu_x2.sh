@@ -6,14 +6,15 @@
 #   bash scripts/gpu_x2.sh split      # issue 8 (x2 only): 1 KV + 1 weights GPU: parity, transfer, 4 models, capacity
 #   bash scripts/gpu_x2.sh qwen3      # A: issue 4 (Qwen3 table, OLMoE decode) | B: issue 7 (GPU replay), kernels alone,
 #                                     #    greedy parity fast vs torch path
-#   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2/4 models off/on/green)  | B: issue 5 (5-model serve), issue 8's
-#                                     #    one-GPU reference at the higher load
-# Results: $OUT/<stage>.tgz and the jobs' logs. The server wheels for `pipeline` travel in .whl
+#   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
+#                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
+#   bash scripts/gpu_x2.sh serve      # issue 5's 5-model serve (needs carry .whl)
+# Results: $OUT/<stage>.tgz and the jobs' logs. The server wheels for `serve` travel in .whl
 # (docs/progress.md, issue 5).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; RES=/tmp/res; mkdir -p "$OUT" "$RES"
-stage=${1:?usage: gpu_x2.sh split|qwen3|pipeline [a|b]}
+stage=${1:?usage: gpu_x2.sh split|qwen3|pipeline|serve [a|b]}
 only=${2:-}
 deadline=$(( $(date +%s) + ${BUDGET_S:-545} ))
 OLMOE=/tmp/olmoe
@@ -86,29 +87,33 @@ fi
 
 if [ "$stage" = pipeline ]; then
     ckpt olmoe-1b-7b $OLMOE
-    job_a() {
+    job_a() {   # issue 6: 2 models, every mode, and the one-lane timeline
         t 100 python3 -m pytest -m gpu -q tests/test_gpu.py -k pipeline 2>&1 | tail -3
-        t 160 $MM --models 2 --modes off,on,on-green --rate 2 --out-dir "$RES/issue6" 2>&1 \
+        t 200 $MM --models 2 --modes off,on,on-green --rate 2 --out-dir "$RES/issue6" 2>&1 \
             | tee "$RES/issue6_2.out" | grep -v "^{" | tail -5
-        t 220 $MM --models 4 --modes off,on --rate 2 --out-dir "$RES/issue6" 2>&1 \
-            | tee "$RES/issue6_4.out" | grep -v "^{" | tail -4
         t 60 $MM --models 2 --modes serial --rate 2 --duration-s 5 --out-dir "$RES/issue6" 2>&1 \
             | tee "$RES/issue6_serial.out" | grep -v "^{" | tail -3
     }
-    job_b() {
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-        ckpt qwen1.5-moe-a2.7b /tmp/qwen15
-        python3 -m crosspool.cli serve --model olmoe-a=$OLMOE --model olmoe-b=$OLMOE --model olmoe-c=$OLMOE \
-            --model olmoe-d=$OLMOE --model qwen15=/tmp/qwen15 --port 8000 > "$RES/serve.log" 2>&1 &
-        local pid=$!
-        for _ in $(seq 1 240); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
-        grep -v '"msg": "request' "$RES/serve.log" | head -30
-        t 200 python3 scripts/serve_smoke.py --base-url http://127.0.0.1:8000/v1 --per-model 8 --max-tokens 64 2>&1
-        kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$RES/serve.log"
-        t 200 $MM --models 4 --modes off,on --rate 4 --out-dir "$RES/one_gpu_rate4" 2>&1 \
-            | tee "$RES/one_gpu_rate4.out" | grep -v "^{" | tail -4
+    job_b() {   # issue 6's 4-model rows, which are also issue 8's one-GPU reference, at two loads
+        for rate in 2 4; do
+            t 250 $MM --models 4 --modes off,on --rate $rate --out-dir "$RES/one_gpu_rate$rate" 2>&1 \
+                | tee "$RES/one_gpu_rate$rate.out" | grep -v "^{" | tail -4
+        done
     }
     both
+fi
+
+if [ "$stage" = serve ]; then   # issue 5's H200 check (closed in session 3; kept to repeat it), needs .whl
+    ckpt olmoe-1b-7b $OLMOE
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    ckpt qwen1.5-moe-a2.7b /tmp/qwen15
+    python3 -m crosspool.cli serve --model olmoe-a=$OLMOE --model olmoe-b=$OLMOE --model olmoe-c=$OLMOE \
+        --model olmoe-d=$OLMOE --model qwen15=/tmp/qwen15 --port 8000 > "$RES/serve.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 240); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
+    grep -v '"msg": "request' "$RES/serve.log" | head -30
+    t 200 python3 scripts/serve_smoke.py --base-url http://127.0.0.1:8000/v1 --per-model 8 --max-tokens 64 2>&1
+    kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$RES/serve.log"
 fi
 tar czf "$OUT/$stage.tgz" -C "$RES" . && rm -rf "$RES"
