@@ -499,7 +499,8 @@ def test_gpu_tune_covers_every_tile_height() -> None:
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("n,k", [(6144, 2048), (2048, 2048), (50304, 2048)])   # OLMoE QKV, o_proj, lm_head
+@pytest.mark.parametrize("n,k", [(6144, 2048), (2048, 2048), (50304, 2048), (64, 2048)])   # OLMoE QKV, o_proj,
+# lm_head, router
 @pytest.mark.parametrize("t", [1, 4, 8])
 def test_gpu_gemv_bf16(n: int, k: int, t: int) -> None:
     x, w = _gemv_inputs(t, n, k, torch.bfloat16, seed=n + t)
@@ -507,6 +508,20 @@ def test_gpu_gemv_bf16(n: int, k: int, t: int) -> None:
     want = torch.nn.functional.linear(x, w)
     _bf16_check(gemv(x, w), want, want32)
     _bf16_check(gemv(x, w, split_k=1), want, want32)
+
+
+def test_gemv_linear_falls_back_off_the_gpu_or_when_disabled(monkeypatch) -> None:  # noqa: ANN001
+    """`gemv.linear` (what the Triton path's projections and router call) is torch's linear unless enabled, on
+    CUDA, at decode sizes."""
+    from crosspool.kernels import gemv as gemv_module
+
+    x, w = (t.cpu() for t in _gemv_inputs(3, 24, 40, torch.float32, seed=5))
+    calls = []
+    monkeypatch.setattr(gemv_module, "gemv", lambda *a, **k: calls.append(a) or torch.zeros(1))
+    for enabled in (False, True):
+        monkeypatch.setattr(gemv_module, "ENABLED", enabled)
+        torch.testing.assert_close(gemv_module.linear(x, w), torch.nn.functional.linear(x, w))
+    assert calls == []                     # CPU tensors never take the kernel, enabled or not
 
 
 @gpu

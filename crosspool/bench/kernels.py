@@ -33,10 +33,11 @@ from crosspool.kernels.gemv import default_split_k, gemv
 from crosspool.kernels.paged_attention import MAX_SPLITS, default_num_splits, paged_decode_attention
 
 MOE_SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "olmoe-1b-7b": (64, 8, 2048, 1024)}
-# dense projections (out N, in K): fused QKV, o_proj, lm_head
+# dense projections (out N, in K): fused QKV, o_proj, lm_head, MoE router
 LINEAR_SHAPES = {
-    "olmoe-1b-7b": {"qkv": (6144, 2048), "o_proj": (2048, 2048), "lm_head": (50304, 2048)},
-    "qwen3-30b-a3b": {"qkv": ((32 + 4 + 4) * 128, 2048), "o_proj": (2048, 32 * 128), "lm_head": (151936, 2048)},
+    "olmoe-1b-7b": {"qkv": (6144, 2048), "o_proj": (2048, 2048), "lm_head": (50304, 2048), "router": (64, 2048)},
+    "qwen3-30b-a3b": {"qkv": ((32 + 4 + 4) * 128, 2048), "o_proj": (2048, 32 * 128), "lm_head": (151936, 2048),
+                      "router": (128, 2048)},
 }
 COLD_WEIGHT_BYTES = 256 << 20      # weight copies cycled per timing: well past the H200's 50 MB L2
 

@@ -157,3 +157,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
     _split_sum_kernel[(t, cdiv(n, block))](part, b, y, n, part.stride(0), part.stride(1), y.stride(0),
                                            SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block)
     return y
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton path's decode-sized projections: `gemv` when ENABLED, on CUDA, for 2-D x of at most
+    MAX_GEMV_TOKENS rows with contiguous last dims; torch's linear otherwise."""
+    if (ENABLED and x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_GEMV_TOKENS and x.stride(-1) == 1
+            and w.stride(-1) == 1 and (b is None or b.stride(-1) == 1)):
+        return gemv(x, w, b)
+    return torch.nn.functional.linear(x, w, b)
+

@@ -87,12 +87,10 @@ class AttentionSide:
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """The Triton path's dense projections (fused QKV, o_proj, lm_head): `gemv` at decode sizes
         (T <= MAX_GEMV_TOKENS) on CUDA when `crosspool.kernels.gemv.ENABLED` is set, else torch's linear."""
-        if self.triton and x.is_cuda:
+        if self.triton:
             from crosspool.kernels import gemv
 
-            if (gemv.ENABLED and x.dim() == 2 and x.shape[0] <= gemv.MAX_GEMV_TOKENS and x.stride(-1) == 1
-                    and w.stride(-1) == 1 and (b is None or b.stride(-1) == 1)):
-                return gemv.gemv(x, w, b)
+            return gemv.linear(x, w, b)
         return ref.linear(x, w, b)
 
     # ---- MHA / GQA -----------------------------------------------------------------------------

@@ -50,7 +50,12 @@ class FFNSide:
         routing = self.spec.routing
         assert routing is not None
         router = w["router"]
-        logits = ref.linear(x.to(router.dtype), router)
+        if self.triton:     # decode sizes may take the skinny GEMM (`kernels.gemv.linear`, when enabled)
+            from crosspool.kernels.gemv import linear
+
+            logits = linear(x.to(router.dtype), router)
+        else:
+            logits = ref.linear(x.to(router.dtype), router)
         if self.triton and self._fused_route:
             from crosspool.kernels.routing import route
 
