@@ -21,9 +21,9 @@ pytest.importorskip("triton")
 if not CUDA:
     pytest.importorskip("numpy")   # the interpreter needs it; triton does not declare it
 
+from crosspool.kernels import fused_moe as fused_moe_module  # noqa: E402
 from crosspool.kernels import torch_ref as ref  # noqa: E402
 from crosspool.kernels._common import cdiv  # noqa: E402
-from crosspool.kernels import fused_moe as fused_moe_module  # noqa: E402
 from crosspool.kernels.fused_moe import fused_moe, moe_align, moe_block_m  # noqa: E402
 from crosspool.kernels.gemv import MAX_GEMV_TOKENS, gemv  # noqa: E402
 from crosspool.kernels.mla import (  # noqa: E402

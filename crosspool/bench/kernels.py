@@ -105,8 +105,8 @@ def split_rows(copy_bw: float, device: torch.device) -> list[dict]:
             auto = default_num_splits(kv_heads, device, ctx)
             kv = 2 * k.numel() * k.element_size()
             for splits in sorted({auto, *(min(auto * f, MAX_SPLITS, cdiv(ctx, 16)) for f in (2, 4, 8))}):
-                ms = _ms(lambda q=q, k=k, v=v, t=tables, n=lens, c=ctx, s=splits: paged_decode_attention(
-                    q, k, v, t, n, dim**-0.5, num_splits=s, max_context_len=c))
+                ms = _ms(lambda q=q, k=k, v=v, t=tables, n=lens, c=ctx, s=splits, d=dim: paged_decode_attention(
+                    q, k, v, t, n, d**-0.5, num_splits=s, max_context_len=c))
                 rows.append({"shape": shape, "context": ctx, "splits": splits, "auto": splits == auto,
                              "keys_per_split": cdiv(ctx, splits), "us": ms * 1e3,
                              "copy_bw_fraction": kv / (ms / 1e3) / copy_bw})
