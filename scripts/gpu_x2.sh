@@ -72,8 +72,8 @@ if [ "$stage" = qwen3 ]; then
         t 330 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 1024,8192,32768 \
             --batch 1,8,32 --max-cell-tokens 300000 --json "$RES/qwen3_24l.json" 2>&1 | tee "$RES/qwen3_24l.out" \
             | grep -v "^{" | tail -16
-        t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 \
-            --batch 1,8,32 --profile --host-profile --json "$RES/olmoe.json" 2>&1 | tee "$RES/olmoe.out" \
+        t 210 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 \
+            --batch 1,8,32 --profile --host-profile --hf --json "$RES/olmoe.json" 2>&1 | tee "$RES/olmoe.out" \
             | grep -v "^{" | cut -c1-150 | tail -70
         t 120 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 \
             --batch 1,8 --gemv --label gemv --json "$RES/olmoe_gemv.json" 2>&1 | grep -v "^{" | tail -5
