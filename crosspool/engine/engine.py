@@ -274,12 +274,13 @@ class Engine:
                 if i in sampled:
                     outputs.append(self._append(served, s.seq, *sampled[i], now))
 
-        def schedule_async(served: ServedModel, pipelined: bool) -> tuple[list[ScheduledSeq], bool]:
+        def schedule_async(served: ServedModel, pipelined: bool, may_launch: bool = True
+                           ) -> tuple[list[ScheduledSeq], bool]:
             """The model's next batch, and whether it launches (async decode: its greedy tokens stay on the
             device and feed the next step; the step in flight is read after this one is queued). A batch that
             does not launch waits for the step in flight to be read first: it may finish some of its sequences."""
             nonlocal outputs
-            if self.config.async_decode and not served.scheduler.waiting:
+            if self.config.async_decode and may_launch and not served.scheduler.waiting:
                 scheduled = served.scheduler.schedule()
                 if scheduled and served.runner.can_launch(scheduled, served.launched, pipelined):
                     return scheduled, True
@@ -319,11 +320,7 @@ class Engine:
                 if len(batches) == self.pipeline.max_batches:
                     break
                 served = self.models[name]
-                if micro:
-                    outputs += self._read_launched(served)
-                    scheduled, launch = served.scheduler.schedule(), False
-                else:
-                    scheduled, launch = schedule_async(served, pipelined=True)
+                scheduled, launch = schedule_async(served, pipelined=True, may_launch=not micro)
                 if scheduled:
                     src = served.runner.src_rows(scheduled, served.launched) if launch else None
                     batches.append(PipelineBatch(name, served.runner, scheduled, src))

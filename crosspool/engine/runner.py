@@ -106,10 +106,7 @@ class ModelRunner:
         with nothing but the token to report (no logprobs, no penalties), so tokens can stay on the device; and
         a step still in flight (`previous`) left its tokens where this step's graphs read them. `pipelined`:
         as a pipeline batch (the sub-step graphs of slot 0) rather than a plain step."""
-        if pipelined:
-            ok = self.substeps is not None and self.substeps.fits(len(scheduled)) and _one_token_each(scheduled)
-        else:
-            ok = self._launchable(scheduled)
+        ok = self._sub_step_decode(scheduled) if pipelined else self._launchable(scheduled)
         return (ok and (previous is None or previous.source is self._tokens_buffer(pipelined))
                 and all(s.seq.params.greedy and not s.seq.params.penalized and s.seq.params.logprobs is None
                         for s in scheduled))
@@ -126,11 +123,15 @@ class ModelRunner:
         rows = {id(s.seq): r for r, s in enumerate(previous.scheduled)} if previous is not None else {}
         return [rows[id(s.seq)] if s.seq.pending else -1 for s in scheduled]
 
+    def _sub_step_decode(self, scheduled: list[ScheduledSeq]) -> bool:
+        """A decode step the sub-step graphs hold."""
+        return self.substeps is not None and self.substeps.fits(len(scheduled)) and _one_token_each(scheduled)
+
     def _launchable(self, scheduled: list[ScheduledSeq]) -> bool:
         if self.graphs is not None:
             return self._graph_step(scheduled)
         # across pool ranks: the sub-step graphs (attention here, FFN on the weights ranks) launch the same way
-        return self.substeps is not None and self.substeps.fits(len(scheduled)) and _one_token_each(scheduled)
+        return self._sub_step_decode(scheduled)
 
     def launch(self, scheduled: list[ScheduledSeq], previous: LaunchedStep | None) -> LaunchedStep:
         """Queue the step (see `can_launch`) without waiting for it. A sequence whose token the previous
@@ -150,7 +151,7 @@ class ModelRunner:
         this model a pipelined step may hold); others run eagerly. `src_rows` (a launched batch, see
         `can_launch(..., pipelined=True)`): the greedy tokens stay on the device and come back as a LaunchedStep
         whose copy to the host is queued, not waited for."""
-        if self.substeps is not None and self.substeps.fits(len(scheduled)) and _one_token_each(scheduled):
+        if self._sub_step_decode(scheduled):
             stages = self.substeps.stages(slot, scheduled, src_rows)
             if src_rows is not None:
                 tokens = self.substeps.slots[slot].inputs.tokens

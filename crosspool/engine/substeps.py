@@ -35,7 +35,7 @@ from crosspool.engine.graphs import (
 )
 from crosspool.engine.scheduler import ScheduledSeq
 from crosspool.models.batch import PagedCache
-from crosspool.models.model import ATTENTION_SIDE, FFN_SIDE, MoEModel, Stages, SubStep
+from crosspool.models.model import ATTENTION_SIDE, FFN_SIDE, MoEModel, Stages, SubStep, run_stages
 
 HEAD = "head"
 
@@ -95,12 +95,7 @@ class SubStepGraphs:
         """Async decode with the sub-steps of slot 0 (across pool ranks, where there is no whole-step graph):
         queue the greedy step, its sub-steps back to back, and the copy of its tokens; return without waiting.
         src_rows as in `DecodeInputs.fill`: rows fed the previous launched step's tokens on the device."""
-        stages = self.stages(0, scheduled, src_rows)
-        while True:
-            try:
-                next(stages)
-            except StopIteration:
-                break
+        run_stages(self.stages(0, scheduled, src_rows))
         return self.readback.queue(scheduled, self.slots[0].inputs.tokens)
 
     def stages(self, slot: int, scheduled: list[ScheduledSeq], src_rows: list[int] | None = None) -> Stages:
