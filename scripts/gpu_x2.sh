@@ -9,6 +9,8 @@
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
 #   bash scripts/gpu_x2.sh serve      # issue 5's 5-model serve (needs carry .whl)
+#   bash scripts/gpu_x2.sh rerun      # x2: split parity (stacks dumped if it stalls) + 4 models at rate 2 on the
+#                                     # split; then the Qwen3 table (GPU 0) and OLMoE batch 8/32 (GPU 1)
 # Results: $OUT/<stage>.tgz and the jobs' logs. The server wheels for `serve` travel in .whl
 # (docs/progress.md, issue 5).
 set -uo pipefail
@@ -63,6 +65,26 @@ if [ "$stage" = split ]; then
         2>&1 | tail -12
     t 190 $MM --models 4 --modes off,on --rate 4 --kv-devices cuda:0 --weights-devices cuda:1 \
         --out-dir "$RES/split_rate4" 2>&1 | tee "$RES/split_rate4.out" | grep -v "^{" | tail -4
+fi
+
+if [ "$stage" = rerun ]; then   # session 4: what the first three calls left
+    [ "$GPUS" -ge 2 ] || { echo "rerun needs 2 GPUs"; exit 2; }
+    ( export CROSSPOOL_DUMP_STACKS_S=75; t 190 python3 scripts/multi_gpu_parity.py --kv cuda:0 --weights cuda:1 \
+        > "$RES/parity.log" 2>&1 ) &
+    ckpt olmoe-1b-7b $OLMOE; ckpt qwen3-30b-a3b /tmp/qwen3 24; wait     # checkpoints written meanwhile
+    grep "^\[\|identical\|Error\|error" "$RES/parity.log" | head -20
+    if grep -q "float32: .* 12/12 requests identical" "$RES/parity.log"; then
+        t 170 $MM --models 4 --modes off,on --rate 2 --kv-devices cuda:0 --weights-devices cuda:1 \
+            --out-dir "$RES/split_rate2" 2>&1 | tee "$RES/split_rate2.out" | grep -v "^{" | tail -4
+    else
+        echo "split parity did not pass: last stacks"; tail -60 "$RES/parity.log" | cut -c1-160
+    fi
+    ( export CUDA_VISIBLE_DEVICES=1; t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
+        --context 1024 --batch 8,32 --json "$RES/olmoe_b32.json" > "$RES/olmoe_b32.out" 2>&1 ) &
+    t 400 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 1024,8192,32768 \
+        --batch 1,8,32 --max-cell-tokens 300000 --json "$RES/qwen3_24l.json" 2>&1 | tee "$RES/qwen3_24l.out" \
+        | grep -v "^{" | tail -14
+    wait; echo "=== OLMoE"; grep -v "^{" "$RES/olmoe_b32.out" | tail -5
 fi
 
 if [ "$stage" = qwen3 ]; then

@@ -16,13 +16,22 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 from crosspool import LLM, EngineConfig, SamplingParams  # noqa: E402
 from crosspool.config import layout_settings  # noqa: E402
 from crosspool.models.make_model import make_model  # noqa: E402
+from crosspool.pools.transport import dump_stacks_later  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--kv", default="cuda:0")
     p.add_argument("--weights", default="cuda:1")
+    p.add_argument("--no-graphs", action="store_true", help="eager steps on every rank (no CUDA graphs)")
     a = p.parse_args()
+    dump_stacks_later()     # CROSSPOOL_DUMP_STACKS_S=N: every rank prints its stacks after N s (hang hunting)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
+
+    graphs = {"cuda_graphs": False} if a.no_graphs else {}
     root = tempfile.mkdtemp()
     models = {n: str(make_model(n, f"{root}/{n}", seed=1, progress=False))
               for n in ("tiny-olmoe", "tiny-qwen3-moe", "tiny-deepseek-v3")}
@@ -31,11 +40,14 @@ def main() -> None:
     names = [list(models)[i % 3] for i in range(12)]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     for dtype in (torch.float32, torch.bfloat16):
-        with LLM(models, EngineConfig(device=a.kv, dtype=dtype)) as single:
+        with LLM(models, EngineConfig(device=a.kv, dtype=dtype, **graphs)) as single:
+            log(f"{dtype}: one device loaded")
             ref = [o.token_ids for o in single.generate(prompts, params, model=names)]
+        log(f"{dtype}: one device done")
         t = time.perf_counter()
-        cfg = EngineConfig(dtype=dtype, **layout_settings(a.kv, a.weights))
+        cfg = EngineConfig(dtype=dtype, **graphs, **layout_settings(a.kv, a.weights))
         with LLM(models, cfg) as split:
+            log(f"{dtype}: split layout loaded")
             out = [o.token_ids for o in split.generate(prompts, params, model=names)]
         same = sum(x == y for x, y in zip(out, ref, strict=True))
         print(f"{dtype}: KV {a.kv} + weights {a.weights}: {same}/{len(ref)} requests identical to one GPU "

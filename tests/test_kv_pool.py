@@ -153,24 +153,89 @@ def test_maintain_premaps_the_next_steps_demand() -> None:
 
 def test_maintain_keeps_the_recent_peak_mapped() -> None:
     """A batch whose sequences all cross a block boundary on one step in every block_size: the bundle that
-    step needs stays mapped between the peaks (no map/unmap churn), and goes once the model is idle."""
-    from crosspool.pools.kv_pool import PEAK_WINDOW
+    step needs stays mapped between the peaks (no map/unmap churn) even when the pool runs low, its other free
+    bundles go once the peak leaves the window, and all go once the model is idle."""
+    from crosspool.pools.kv_pool import LOW_WATER, PEAK_WINDOW
 
-    pool, (a, _, _) = _pool(pages=12)
+    pool, (a, b, _) = _pool(pages=128)
+    hog = b.alloc((128 - 6 * a.bundle_pages - 3) // b.bundle_pages * b.bundle_blocks)   # another model
+    a.free(a.alloc(6 * a.bundle_blocks))                 # free bundles beyond any peak; the pool is now low
+    assert pool.free_pages < LOW_WATER * pool.total_pages
     peak = 2 * a.bundle_blocks
     held: list[int] = []
-    pool.maintain({"m0": peak})
-    mapped = a.mapped_bytes
+    pool.maintain({"m0": peak, "m1": 0})
+    peak_mapped = (a.reserve_blocks(peak) + a.bundle_blocks) * a.block_bytes
     for step in range(3 * 16):
         demand = peak if step % 16 == 15 else 0
-        pool.maintain({"m0": demand})
-        assert a.mapped_bytes >= mapped and a.stats().free_blocks >= peak   # nothing unmapped between peaks
+        pool.maintain({"m0": demand, "m1": 0})
+        assert a.stats().free_blocks >= peak and a.mapped_bytes >= peak_mapped   # the peak's bundles stay
         if demand:
             held += a.alloc(peak)
             a.free(held)
             held = []
     for _ in range(PEAK_WINDOW):                  # the peak leaves the window: back to reserve + one bundle
-        pool.maintain({"m0": 0})
+        pool.maintain({"m0": 0, "m1": 0})
     assert a.stats().free_blocks <= a.reserve_blocks(0) + 2 * a.bundle_blocks
+    b.free(hog)
     pool.maintain({})
-    assert a.mapped_bytes == 0
+    assert a.mapped_bytes == 0 and b.mapped_bytes == 0
+
+
+def test_active_model_keeps_free_bundles_while_the_pool_has_room() -> None:
+    """Unmapping stalls the steps running beside it (a driver call and a device sync), so an active model's free
+    bundles stay mapped until the pool runs low or the model goes idle."""
+    from crosspool.pools.kv_pool import PEAK_WINDOW
+
+    pool, (a, _, _) = _pool(pages=64)
+    a.free(a.alloc(20 * a.bundle_blocks))           # a prefill's worth of blocks, freed
+    unmapped = pool.bundles_unmapped
+    for _ in range(2 * PEAK_WINDOW):
+        pool.maintain({"m0": 1})
+    assert pool.bundles_unmapped == unmapped and a.stats().free_blocks >= 20 * a.bundle_blocks
+    pool.maintain({})
+    assert a.mapped_bytes == 0 and pool.free_pages == pool.total_pages
+
+
+class _RecordingBackend:
+    """The CPU backend, recording the page ranges it maps and unmaps."""
+
+    def __init__(self) -> None:
+        from crosspool.pools.kv_pool import CpuPageBackend
+
+        self.inner = CpuPageBackend()
+        self.page_bytes = self.inner.page_bytes
+        self.calls: list[tuple[int, int]] = []
+
+    def reserve(self, nbytes: int):
+        return self.inner.reserve(nbytes)
+
+    def map(self, vrange, first_page: int, num_pages: int) -> None:
+        self.calls.append((first_page, num_pages))
+        self.inner.map(vrange, first_page, num_pages)
+
+    def unmap(self, vrange, first_page: int, num_pages: int) -> None:
+        self.calls.append((first_page, num_pages))
+        self.inner.unmap(vrange, first_page, num_pages)
+
+    def release(self, vrange) -> None:
+        self.inner.release(vrange)
+
+
+def test_the_range_base_is_never_remapped() -> None:
+    """Kernels are launched with the range's base address (Triton checks on every eager launch that it is
+    mapped): the guard bundle holding it is never mapped over or unmapped, and no block lives in it."""
+    backend = _RecordingBackend()
+    pool = KVPool(24 * PAGE_BYTES, backend)
+    kvs = [pool.register(f"m{i}", s, 16, torch.float32) for i, s in enumerate(SPECS)]
+    for _ in range(3):
+        for kv in kvs:
+            got = kv.alloc(kv.num_free_blocks())      # each model in turn takes the whole pool
+            assert min(got) >= kv.bundle_blocks
+            kv.free(got)
+            pool.maintain({})
+    assert backend.calls and pool.free_pages == pool.total_pages
+    smallest_guard = min(kv.bundle_pages for kv in kvs)
+    assert all(first >= smallest_guard for first, _ in backend.calls)
+    for kv in kvs:
+        assert kv.buffer.data_ptr() == kv.vrange.tensor().data_ptr()
+        assert kv.buffer.shape[0] == kv.max_blocks + kv.bundle_blocks

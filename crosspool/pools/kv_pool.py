@@ -5,7 +5,13 @@ Each registered model gets its own virtual range, large enough for the whole poo
 tensor. Physical pages back that range on demand in *page bundles*: the fewest whole pages that hold a
 whole number of blocks, i.e. the same block range in every layer's K and V. A bundle is mapped when the
 model needs a block and none of its mapped blocks is free, and unmapped when all its blocks are free and
-the model holds more free bundles than its reserve (hysteresis), so pages flow between models.
+the model is idle, or when the pool runs low on free pages and the model holds more free bundles than its
+recent peak demand (hysteresis), so pages flow between models. Unmapping is left for when the pages are wanted:
+each unmap is a driver call and a device sync, and on a GPU it stalls the decode steps running beside it.
+
+The first bundle of every range is a guard: never backed by a page of the pool, never remapped, so the range's
+base address (the pointer every kernel is launched with, which Triton validates on each eager launch) stays
+mapped while other bundles are mapped and unmapped on the maintainer thread. Blocks start after it.
 
 The pool owns pages and bundles; it never decides which request gets a block (the scheduler does).
 Backends: `CpuPageBackend` (an ordinary zero-filled tensor per range, same accounting) and
@@ -28,6 +34,7 @@ from crosspool.models.spec import ModelSpec
 
 PAGE_BYTES = 2 << 20
 PEAK_WINDOW = 64   # maintain() calls over which an active model keeps its peak next-step demand mapped
+LOW_WATER = 1 / 16  # below this fraction of free pool pages, active models release free bundles beyond their peak
 
 
 class VirtualRange(Protocol):
@@ -121,7 +128,7 @@ class ModelKV:
     high_water_bytes: int = 0
 
     def __post_init__(self) -> None:
-        self._unmapped = list(range(self.num_bundles))    # sorted: already a heap
+        self._unmapped = list(range(1, self.num_bundles + 1))    # bundle 0 is the guard; sorted: already a heap
 
     # ---- the interface the block manager uses ------------------------------------------------
     @property
@@ -287,12 +294,12 @@ class KVPool:
             raise ValueError(f"{name}: one page bundle ({bundle_pages} pages) exceeds the pool ({self.total_pages})")
         num_bundles = self.total_pages // bundle_pages
         bundle_bytes = bundle_pages * self.page_bytes
-        vrange = self.backend.reserve(num_bundles * bundle_bytes)
+        vrange = self.backend.reserve((num_bundles + 1) * bundle_bytes)     # + the guard bundle
         # blocks are spaced evenly inside a bundle; the stride may exceed block_bytes by a little padding
         stride = (bundle_bytes // bundle_blocks) // elem
         inner = (n * block_size * heads * dim, block_size * heads * dim, heads * dim, dim, 1)
-        shape = (num_bundles * bundle_blocks, spec.num_layers, n, block_size, heads, dim)
-        flat = vrange.tensor()[: num_bundles * bundle_bytes].view(dtype)
+        shape = ((num_bundles + 1) * bundle_blocks, spec.num_layers, n, block_size, heads, dim)
+        flat = vrange.tensor()[: (num_bundles + 1) * bundle_bytes].view(dtype)
         buffer = flat.as_strided(shape, (stride, *inner))
         kv = ModelKV(name, self, block_size, block_bytes, bundle_pages, bundle_blocks, num_bundles, buffer,
                      vrange, reserve_bundles)
@@ -320,16 +327,19 @@ class KVPool:
 
     def maintain(self, demand: dict[str, int]) -> None:
         """Between steps. `demand` maps each active model to the blocks its next step may take. Active
-        models keep that many (at least their reserve) pre-mapped, so their next step does not map, and
-        release free bundles beyond their peak demand of the last PEAK_WINDOW steps plus one bundle of slack
-        (hysteresis: a batch whose sequences cross a block boundary together every block_size steps keeps
-        the bundle it needs then, instead of mapping and unmapping it each time); idle models release all."""
+        models keep that many (at least their reserve) pre-mapped, so their next step does not map. When
+        the pool runs low (free pages under LOW_WATER), they release free bundles beyond their peak demand of
+        the last PEAK_WINDOW steps plus one bundle of slack (hysteresis: a batch whose sequences cross a
+        block boundary together every block_size steps keeps the bundle it needs then, instead of mapping and
+        unmapping it each time); otherwise their free bundles stay mapped for their next prefill, since an
+        unmap stalls the steps running beside it. Idle models release all."""
         for name, kv in list(self.models.items()):
             if name in demand:
                 recent = self._recent_demand.setdefault(name, collections.deque(maxlen=PEAK_WINDOW))
                 recent.append(demand[name])
                 kv.ensure_reserve(demand[name])
-                kv.shrink(keep_free_blocks=kv.reserve_blocks(max(recent)) + kv.bundle_blocks)
+                if self.free_pages < LOW_WATER * self.total_pages:
+                    kv.shrink(keep_free_blocks=kv.reserve_blocks(max(recent)) + kv.bundle_blocks)
             else:
                 self._recent_demand.pop(name, None)
                 kv.shrink(keep_free_blocks=0)

@@ -279,6 +279,16 @@ def weights_rank_loop(world: World, dtype: torch.dtype) -> None:
 # Starting the world
 
 
+def dump_stacks_later() -> None:
+    """With CROSSPOOL_DUMP_STACKS_S=N set, print every thread's stack to stderr after N seconds (and every N
+    seconds after): where a rank waits when a run across ranks makes no progress."""
+    after = os.environ.get("CROSSPOOL_DUMP_STACKS_S")
+    if after:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(after), repeat=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -309,6 +319,7 @@ def rank_main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     a = p.parse_args(argv)
+    dump_stacks_later()
     rank = a.rank if a.rank is not None else int(os.environ["RANK"])
     world = World(a.kv_ranks, a.weights_ranks, rank, torch.device(a.device))
     init_world(world, a.init)
