@@ -3,9 +3,10 @@
 # once, one per GPU (CUDA_VISIBLE_DEVICES 0 and 1, logs apart); on one GPU they run one after the other and the
 # call's deadline cuts what does not fit (each step's timeout is cut to what is left), or `STAGE a` and
 # `STAGE b` run them as two calls.
-#   bash scripts/gpu_x2.sh split      # issue 8 (x2 only): 1 KV + 1 weights GPU: parity, transfer, 4 models, capacity
-#   bash scripts/gpu_x2.sh qwen3      # A: issue 4 (Qwen3 table, OLMoE decode) | B: issue 7 (GPU replay), kernels alone,
-#                                     #    greedy parity fast vs torch path
+#   bash scripts/gpu_x2.sh split      # issue 8 (x2 only): 1 KV + 1 weights GPU: parity, 4 models at rate 2
+#   bash scripts/gpu_x2.sh split2     # issue 8 (x2 only): 4 models at rate 4, the capacity row, transfer
+#   bash scripts/gpu_x2.sh qwen3      # A: issue 4 (the Qwen3 cells not reached) | B: issue 4 (PDL test, decode with
+#                                     #    router on cuBLAS / default / PDL), issue 7 (GPU replay)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
 #   bash scripts/gpu_x2.sh serve      # issue 5's 5-model serve (needs carry .whl)
@@ -15,6 +16,9 @@
 # (docs/progress.md, issue 5).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} NCCL_NVLS_ENABLE=0
+# autotuning results cached on disk: a fresh process (a spawned rank, the next bench) reuses them instead of
+# timing every config again (the split parity spent minutes on it in session 4)
+export TRITON_CACHE_AUTOTUNING=1
 OUT=${OUT:-/tmp/out}; RES=/tmp/res; mkdir -p "$OUT" "$RES"
 stage=${1:?usage: gpu_x2.sh split|qwen3|pipeline|serve [a|b]}
 only=${2:-}
@@ -48,23 +52,31 @@ nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,nohea
 
 if [ "$stage" = split ]; then
     [ "$GPUS" -ge 2 ] || { echo "split needs 2 GPUs"; exit 2; }
-    ( t 200 python3 scripts/multi_gpu_parity.py --kv cuda:0 --weights cuda:1 2>&1 | tail -30 ) > "$RES/parity.log" &
+    # compile- and autotune-bound (three tiny model families, fp32 then bf16): ~2 min per layout in session 4
+    ( export CROSSPOOL_DUMP_STACKS_S=120; t 330 python3 scripts/multi_gpu_parity.py --kv cuda:0 --weights cuda:1 \
+        > "$RES/parity.log" 2>&1 ) &
     ckpt olmoe-1b-7b $OLMOE; wait
-    cat "$RES/parity.log"
-    t 90 python3 -m crosspool.bench.transfer --kv-devices cuda:0 --weights-devices cuda:1 \
-        --json "$RES/transfer.json" 2>&1 | tail -9
+    grep "^\[\|identical\|Error" "$RES/parity.log" | head -20
     if ! grep -q "float32: .* 12/12 requests identical" "$RES/parity.log"; then
-        # the engine across ranks is broken here: the runs below would only burn device time
-        echo "split parity failed: skipping the engine runs"; tar czf "$OUT/$stage.tgz" -C "$RES" .; exit 1
+        # the engine across ranks is broken or too slow here: the runs below would only burn device time
+        echo "split parity did not pass: last stacks"; tail -60 "$RES/parity.log" | cut -c1-160
+        tar czf "$OUT/$stage.tgz" -C "$RES" .; exit 1
     fi
     t 190 $MM --models 4 --modes off,on --rate 2 --kv-devices cuda:0 --weights-devices cuda:1 \
         --out-dir "$RES/split_rate2" 2>&1 | tee "$RES/split_rate2.out" | grep -v "^{" | tail -4
-    # the one-GPU row (606,672 tokens) was measured in session 3: `--kv-devices` left out runs it again
-    t 120 python3 -m crosspool.bench.capacity --model $OLMOE --copies 4 --run --max-position 2097152 \
-        --run-tokens 131072 --kv-devices cuda:0 --weights-devices cuda:1 --json "$RES/capacity_split.json" \
-        2>&1 | tail -12
+fi
+
+if [ "$stage" = split2 ]; then   # the rest of issue 8 once `split` passed: rate 4, the capacity row, transfer
+    [ "$GPUS" -ge 2 ] || { echo "split2 needs 2 GPUs"; exit 2; }
+    ckpt olmoe-1b-7b $OLMOE
     t 190 $MM --models 4 --modes off,on --rate 4 --kv-devices cuda:0 --weights-devices cuda:1 \
         --out-dir "$RES/split_rate4" 2>&1 | tee "$RES/split_rate4.out" | grep -v "^{" | tail -4
+    # the one-GPU row (606,672 tokens) was measured in session 3: `--kv-devices` left out runs it again
+    t 150 python3 -m crosspool.bench.capacity --model $OLMOE --copies 4 --run --max-position 2097152 \
+        --run-tokens 131072 --kv-devices cuda:0 --weights-devices cuda:1 --json "$RES/capacity_split.json" \
+        2>&1 | tail -12
+    t 90 python3 -m crosspool.bench.transfer --kv-devices cuda:0 --weights-devices cuda:1 \
+        --json "$RES/transfer.json" 2>&1 | tail -9
 fi
 
 if [ "$stage" = rerun ]; then   # session 4: what the first three calls left
@@ -89,26 +101,21 @@ fi
 
 if [ "$stage" = qwen3 ]; then
     ckpt olmoe-1b-7b $OLMOE          # before the jobs: both read it
-    job_a() {
+    job_a() {   # the Qwen3 cells session 4 did not reach (1k x 1/8/32 and 8k x 1/8 are in benchmarks.md)
         ckpt qwen3-30b-a3b /tmp/qwen3 24      # 24 of 48 layers (what the 64 GB single-GPU machine's disk holds)
-        t 330 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 1024,8192,32768 \
-            --batch 1,8,32 --max-cell-tokens 300000 --json "$RES/qwen3_24l.json" 2>&1 | tee "$RES/qwen3_24l.out" \
-            | grep -v "^{" | tail -16
-        t 210 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 \
-            --batch 1,8,32 --profile --host-profile --hf --json "$RES/olmoe.json" 2>&1 | tee "$RES/olmoe.out" \
-            | grep -v "^{" | cut -c1-150 | tail -70
-        t 120 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 \
-            --batch 1,8 --gemv --label gemv --json "$RES/olmoe_gemv.json" 2>&1 | grep -v "^{" | tail -5
+        t 480 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 8192,32768 \
+            --batch 32,8,1 --max-cell-tokens 300000 --json "$RES/qwen3_24l.json" 2>&1 | tee "$RES/qwen3_24l.out" \
+            | grep -v "^{" | tail -12
     }
-    job_b() {
+    job_b() {   # issue 4's session-4 changes (router GEMV, PDL: before/after in one run), then issue 7's replay
+        t 120 python3 -m pytest -q -m gpu tests/test_gpu.py -k programmatic 2>&1 | tail -3
+        for flags in "--router-cublas --label router-cublas" "--label default" "--pdl --label pdl"; do
+            t 70 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 1,8 \
+                $flags --json "$RES/olmoe_${flags##* }.json" 2>&1 | grep "^| 1024" | sed "s/^/${flags##* }: /"
+        done
         t 330 python3 -m crosspool.bench.plan_vs_measured --part replay --device cuda --rate-scale 16 \
             --horizon-s 45 --calib-s 15 --trials 200 --models-dir /tmp/plan_models \
             --out "$RES/plan_vs_measured_cuda.json" 2>&1 | tail -25
-        t 150 python3 -m crosspool.bench.kernels --only gemv splits --json "$RES/kernels_new.json" 2>&1 | tail -60
-        t 90 python3 -m crosspool.bench.fast_path_parity --model $OLMOE --prompts 8 --max-tokens 64 \
-            --json "$RES/parity_olmoe.json" 2>&1 | grep -v Loading | tail -8
-        t 100 python3 -m pytest -q -m gpu tests/test_kernels.py -k "gemv or tune" 2>&1 | tail -3
-        t 100 python3 -m crosspool.bench.kernels --only attention moe --json "$RES/kernels.json" 2>&1 | tail -45
     }
     both
 fi

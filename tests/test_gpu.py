@@ -93,3 +93,24 @@ def test_pipeline_over_sub_step_graphs_on_two_streams(tmp_path: Path, green: int
         with LLM(models, config) as llm:
             outs[pipeline] = [o.token_ids for o in llm.generate(prompts, params, model=names)]
     assert outs[True] == outs[False]
+
+
+def test_programmatic_dependent_launch_changes_no_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDL (`kernels.pdl`) lets each decode kernel launch while the previous one finishes; every kernel waits
+    for its predecessor before touching memory, so tokens and log-probabilities are bit for bit those without
+    it (bf16, real OLMoE shapes, 2 layers; batches of 8 take the MoE GEMV path, the prefill the grouped GEMMs;
+    decode steps replay CUDA graphs captured with PDL edges)."""
+    from crosspool import EngineConfig
+    from crosspool.kernels import pdl
+
+    model = str(make_model("olmoe-1b-7b", tmp_path / "olmoe", layers=2, seed=4, progress=False))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 50000, (int(k),), generator=g).tolist() for k in torch.randint(8, 300, (8,), generator=g)]
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        with LLM(model, EngineConfig(device="cuda", kv_cache_bytes=2 << 30)) as llm:
+            greedy = llm.generate(prompts, SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
+            scored = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0))
+        runs[on] = ([o.token_ids for o in greedy], [[lp.logprob for lp in o.logprobs] for o in scored])
+    assert runs[True] == runs[False]

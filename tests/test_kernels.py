@@ -521,7 +521,33 @@ def test_gemv_linear_falls_back_off_the_gpu_or_when_disabled(monkeypatch) -> Non
     for enabled in (False, True):
         monkeypatch.setattr(gemv_module, "ENABLED", enabled)
         torch.testing.assert_close(gemv_module.linear(x, w), torch.nn.functional.linear(x, w))
+        torch.testing.assert_close(gemv_module.linear(x, w, use=True), torch.nn.functional.linear(x, w))
     assert calls == []                     # CPU tensors never take the kernel, enabled or not
+
+
+@gpu
+@needs_cuda
+def test_gpu_gemv_linear_takes_the_kernel_when_asked(monkeypatch) -> None:  # noqa: ANN001
+    """On CUDA at decode sizes: `use=True` (the router, `gemv.ROUTER`) takes the kernel whatever ENABLED says,
+    `use=False` never does, and the default follows ENABLED; more than MAX_GEMV_TOKENS rows never do."""
+    from crosspool.kernels import gemv as gemv_module
+
+    x, w = _gemv_inputs(3, 64, 2048, torch.bfloat16, seed=6)
+    calls = []
+    real = gemv_module.gemv
+    monkeypatch.setattr(gemv_module, "gemv", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setattr(gemv_module, "ENABLED", False)
+    gemv_module.linear(x, w)
+    gemv_module.linear(x, w, use=False)
+    assert calls == []
+    y = gemv_module.linear(x, w, use=True)
+    assert len(calls) == 1
+    _bf16_check(y, torch.nn.functional.linear(x, w), torch.nn.functional.linear(x.float(), w.float()))
+    monkeypatch.setattr(gemv_module, "ENABLED", True)
+    gemv_module.linear(x, w)
+    big = torch.randn(gemv_module.MAX_GEMV_TOKENS + 1, 2048, device=x.device, dtype=x.dtype)
+    gemv_module.linear(big, w, use=True)
+    assert len(calls) == 2
 
 
 @gpu
@@ -666,3 +692,15 @@ def test_fused_route(scoring: str, norm: bool, k: int, experts: int, scale: floa
     want_w, want_ids = ref.route(logits, spec, None)
     torch.testing.assert_close(ids, want_ids)     # random fp32 scores: no ties
     torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-5)
+
+
+def test_pdl_stays_off_on_the_cpu_and_in_the_interpreter(monkeypatch) -> None:  # noqa: ANN001
+    """`pdl.options` asks for programmatic dependent launch only for CUDA devices (never the interpreter), and
+    only when enabled; the kernels take USE_PDL=False everywhere else (the CPU tests run them that way)."""
+    from crosspool.kernels import pdl
+
+    for enabled in (False, True):
+        monkeypatch.setattr(pdl, "ENABLED", enabled)
+        assert pdl.options(torch.device("cpu")) == {"USE_PDL": False}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert pdl.options(torch.device("cuda", 0)) == {"USE_PDL": False}

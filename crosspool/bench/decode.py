@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="print the device time per kernel over the first cell's decode steps (torch.profiler)")
     p.add_argument("--gemv", action="store_true",
                    help="attention-side projections through the skinny GEMM kernel (crosspool.kernels.gemv)")
+    p.add_argument("--pdl", action="store_true",
+                   help="programmatic dependent launch for the decode kernels (crosspool.kernels.pdl)")
+    p.add_argument("--router-cublas", action="store_true",
+                   help="the MoE router through torch's linear (cuBLAS) instead of the skinny GEMM (a before/after)")
     p.add_argument("--label", default="", help="free text stored with the results")
     p.add_argument("--json", default=None, help="results file (default: bench/results/decode-<model>-<time>.json)")
     args = p.parse_args(argv)
@@ -194,10 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--output-len must be at least {COUNT_STEPS + 6}")
     device = torch.device(args.device)
     kv_bytes = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
-    if args.gemv:
-        from crosspool.kernels import gemv
+    from crosspool.kernels import gemv
 
-        gemv.ENABLED = True
+    gemv.ENABLED = args.gemv
+    gemv.ROUTER = not args.router_cublas
+    if args.pdl:
+        from crosspool.kernels import pdl
+
+        pdl.ENABLED = True
     try:
         contexts = [int(c) for c in args.context.split(",")]
         batches = [int(b) for b in args.batch.split(",")]

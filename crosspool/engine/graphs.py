@@ -229,10 +229,18 @@ class DecodeGraphs:
     def capture_all(self) -> tuple[dict[int, float], int]:
         """Capture every bucket now, largest first (so smaller ones reuse its memory).
         Returns ({bucket: capture seconds}, device bytes the graphs' memory pool grew by)."""
-        before = torch.cuda.memory_reserved(self.device) if self.capture else 0
+        def reserved() -> int:
+            # cached free blocks released first, both times: what stays reserved is memory in use, and the
+            # graphs' private pool, which empty_cache cannot release while they live (a capture may release
+            # cached blocks of its own, which made the difference negative without this)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            return torch.cuda.memory_reserved(self.device)
+
+        before = reserved() if self.capture else 0
         for b in reversed(self.buckets):
             self._step(b)
-        grown = torch.cuda.memory_reserved(self.device) - before if self.capture else 0
+        grown = reserved() - before if self.capture else 0
         return {b: s.capture_s for b, s in sorted(self.steps.items())}, grown
 
     def run(self, scheduled: list[ScheduledSeq], src_rows: list[int] | None = None) -> torch.Tensor:

@@ -30,7 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from crosspool.kernels import pdl
 from crosspool.kernels._common import cdiv, dot_precision, next_pow2
+from crosspool.kernels.pdl import enter as pdl_enter
 
 SMALL_BATCH_TOKENS = 8
 
@@ -148,8 +150,10 @@ def _down_kernel(
 
 
 @triton.jit
-def _topk_sum_kernel(y_ptr, out_ptr, hidden, stride_yt, stride_ot, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+def _topk_sum_kernel(y_ptr, out_ptr, hidden, stride_yt, stride_ot, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+                     USE_PDL: tl.constexpr = False):
     """out[t] = sum_k y[t * K + k] in fp32."""
+    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < hidden
@@ -174,8 +178,10 @@ def _gate_up_gemv_kernel(
     x_ptr, w_ptr, inter_ptr, ids_ptr, hidden, inter_size,
     stride_xt, stride_we, stride_wn, stride_it,
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """One (token, k) pair, BLOCK_N intermediate columns: multiply-and-sum, no tensor cores (M = 1)."""
+    pdl_enter(USE_PDL)
     pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     token = pair // TOP_K
@@ -203,9 +209,11 @@ def _down_gemv_kernel(
     inter_ptr, w_ptr, y_ptr, ids_ptr, weights_ptr, hidden, inter_size,
     stride_it, stride_we, stride_wn, stride_yt,
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """y[pair, n-block] = weight[pair] * (inter[pair] . w_down[ids[pair], n]) in fp32, one program per
     (pair, H-block) so the grid covers the GPU even for one token; `_topk_sum_kernel` adds the K rows."""
+    pdl_enter(USE_PDL)
     pair = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
@@ -247,17 +255,18 @@ def fused_moe(
         small = t <= SMALL_BATCH_TOKENS
     block = min(1024, next_pow2(hidden))
     if small:
+        launch = pdl.options(x.device)
         _gate_up_gemv_kernel[lambda meta: (pairs, cdiv(inter_size, meta["BLOCK_N"]))](
             x, w_gate_up, inter, ids, hidden, inter_size,
-            x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0), TOP_K=top_k,
+            x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0), TOP_K=top_k, **launch,
         )
         y = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
         _down_gemv_kernel[lambda meta: (pairs, cdiv(hidden, meta["BLOCK_N"]))](
             inter, w_down, y, ids, weights, hidden, inter_size,
-            inter.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), TOP_K=top_k,
+            inter.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), TOP_K=top_k, **launch,
         )
         _topk_sum_kernel[(t, cdiv(hidden, block))](y, out, hidden, y.stride(0), out.stride(0), TOP_K=top_k,
-                                                   BLOCK=block)
+                                                   BLOCK=block, **launch)
         return out
     block_m = block_m or moe_block_m(t, num_experts)
     sorted_pairs, block_experts = moe_align(ids, num_experts, block_m)

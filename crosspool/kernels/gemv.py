@@ -33,10 +33,15 @@ import torch
 import triton
 import triton.language as tl
 
+from crosspool.kernels import pdl
 from crosspool.kernels._common import cdiv, next_pow2, num_sms
+from crosspool.kernels.pdl import enter as pdl_enter
 
 MAX_GEMV_TOKENS = 8
 ENABLED = False            # the attention side's decode linears call `gemv` only when this is set
+# the MoE router (64-128 outputs) calls `gemv`: on the H200 it beat cuBLAS at 1-8 tokens (3.0-4.4 us vs 4.8-5.2 us,
+# benchmarks section 7, session 4), where the wider projections did not
+ROUTER = True
 
 # registers per thread a tile's accumulator and weight tile may take together ((BLOCK_T + 1) x the weight
 # elements each thread loads): ptxas for sm_90 spills past about this
@@ -71,9 +76,11 @@ def _gemv_kernel(
     stride_xt, stride_wn, stride_os, stride_ot,
     BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """out[s, t, n-block] = x[t, K-chunk s] . w[n, K-chunk s] (+ bias, only when SPLIT_K == 1), all T tokens
     per weight tile read. out is y itself when SPLIT_K == 1 (stride_os unused), else the fp32 partials."""
+    pdl_enter(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
@@ -101,8 +108,10 @@ def _gemv_kernel(
 
 @triton.jit
 def _split_sum_kernel(part_ptr, b_ptr, y_ptr, N, stride_ps, stride_pt, stride_yt,
-                      SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                      SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                      USE_PDL: tl.constexpr = False):
     """y[t, n-block] = sum_s part[s, t, n-block] (s in order) (+ bias), rounded to y's dtype."""
+    pdl_enter(USE_PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -142,27 +151,31 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
     assert split >= 1
     block_t = next_pow2(t)
     b = bias if bias is not None else y          # never read without HAS_BIAS
+    launch = pdl.options(x.device)
     if split == 1:
         _gemv_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), 1)](
             x, w, b, y, t, n, k, x.stride(0), w.stride(0), 0, y.stride(0),
-            BLOCK_T=block_t, SPLIT_K=1, HAS_BIAS=bias is not None,
+            BLOCK_T=block_t, SPLIT_K=1, HAS_BIAS=bias is not None, **launch,
         )
         return y
     part = torch.empty(split, t, n, dtype=torch.float32, device=x.device)
     _gemv_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), split)](
         x, w, b, part, t, n, k, x.stride(0), w.stride(0), part.stride(0), part.stride(1),
-        BLOCK_T=block_t, SPLIT_K=split, HAS_BIAS=False,
+        BLOCK_T=block_t, SPLIT_K=split, HAS_BIAS=False, **launch,
     )
     block = min(1024, next_pow2(n))
     _split_sum_kernel[(t, cdiv(n, block))](part, b, y, n, part.stride(0), part.stride(1), y.stride(0),
-                                           SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block)
+                                           SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, **launch)
     return y
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton path's decode-sized projections: `gemv` when ENABLED, on CUDA, for 2-D x of at most
-    MAX_GEMV_TOKENS rows with contiguous last dims; torch's linear otherwise."""
-    if (ENABLED and x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_GEMV_TOKENS and x.stride(-1) == 1
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, use: bool | None = None
+           ) -> torch.Tensor:
+    """The Triton path's decode-sized projections: `gemv` when `use` (default: ENABLED), on CUDA, for 2-D x of
+    at most MAX_GEMV_TOKENS rows with contiguous last dims; torch's linear otherwise."""
+    if use is None:
+        use = ENABLED
+    if (use and x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_GEMV_TOKENS and x.stride(-1) == 1
             and w.stride(-1) == 1 and (b is None or b.stride(-1) == 1)):
         return gemv(x, w, b)
     return torch.nn.functional.linear(x, w, b)

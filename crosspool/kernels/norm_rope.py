@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from crosspool.kernels import pdl
 from crosspool.kernels._common import next_pow2
+from crosspool.kernels.pdl import enter as pdl_enter
 
 
 @triton.jit
@@ -24,7 +26,9 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
     stride_x, stride_r, stride_o, stride_ro,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < n_cols
@@ -56,6 +60,7 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, 
             x2, res_in, weight, out, res_out, n, eps,
             x2.stride(0), res_in.stride(0), out.stride(0), res_out.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK=next_pow2(n), num_warps=4 if n <= 2048 else 8,
+            **pdl.options(x.device),
         )
     return out.view(shape), (res_out.view(shape) if residual is not None else None)
 
@@ -114,7 +119,9 @@ def _rope_write_kv_kernel(
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, PAGE_SIZE: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_V: tl.constexpr, NORM: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     offs_half = tl.arange(0, BLOCK_HALF)
     half_ok = offs_half < HALF
@@ -196,6 +203,6 @@ def rope_write_kv(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), vc_arg.stride(0), vc_arg.stride(1), vc_arg.stride(2),
         HALF=rd // 2, BLOCK_HALF=next_pow2(rd // 2), DV=dv, BLOCK_DV=next_pow2(dv),
         BLOCK_HQ=next_pow2(hq), BLOCK_HKV=next_pow2(hkv), PAGE_SIZE=k_cache.shape[1],
-        INTERLEAVED=interleaved, HAS_V=v is not None, NORM=norm,
+        INTERLEAVED=interleaved, HAS_V=v is not None, NORM=norm, **pdl.options(q.device),
     )
     return q

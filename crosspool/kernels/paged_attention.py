@@ -33,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
+from crosspool.kernels import pdl
 from crosspool.kernels._common import block_dim, cdiv, dot_precision, next_pow2, num_sms
+from crosspool.kernels.pdl import enter as pdl_enter
 
 LOG2E = math.log2(math.e)
 MAX_SPLITS = 64
@@ -55,7 +57,9 @@ def _paged_attention_kernel(
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, V_IS_K: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_DECODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_enter(USE_PDL)
     pid = tl.program_id(0)
     q_block = tl.program_id(1)
     seq = tl.program_id(2)
@@ -150,9 +154,11 @@ def _combine_kernel(
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_HC: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """out[t, h] = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max) (log-sum-exp merge, base 2), for
     BLOCK_HC heads of one token per program."""
+    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_HC + tl.arange(0, BLOCK_HC)
     h_ok = heads < num_heads
@@ -241,7 +247,7 @@ def _attention(
         DV=dv, BLOCK_DV=block_dim(dv), V_IS_K=v_cache is None,
         PAGE_SIZE=page_size, BLOCK_Q=block_q, BLOCK_H=block_h, BLOCK_N=block_n,
         IS_DECODE=decode, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4 if block_q * block_h <= 32 else 8,
+        num_warps=4 if block_q * block_h <= 32 else 8, **pdl.options(q.device),
     )
     if num_splits > 1:
         # enough programs to spread the merge over the GPU: at batch 1 one program per head (a single program
@@ -252,6 +258,7 @@ def _attention(
             part, lse, out, hq,
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits), DV=dv, BLOCK_DV=next_pow2(dv), BLOCK_HC=block_hc,
+            **pdl.options(q.device),
         )
     return out
 

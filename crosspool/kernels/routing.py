@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from crosspool.kernels import pdl
 from crosspool.kernels._common import next_pow2
+from crosspool.kernels.pdl import enter as pdl_enter
 from crosspool.models.spec import RoutingSpec
 
 
@@ -23,7 +25,9 @@ def _route_kernel(
     logits_ptr, weights_ptr, ids_ptr, num_experts, stride_l, scale, eps,
     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
     NORMALIZE: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < num_experts
@@ -68,5 +72,6 @@ def route(logits: torch.Tensor, routing: RoutingSpec) -> tuple[torch.Tensor, tor
             logits, weights, ids, e, logits.stride(0), float(routing.routed_scaling_factor),
             1e-20 if sigmoid else 0.0,
             TOP_K=k, BLOCK_K=next_pow2(k), BLOCK_E=next_pow2(e), SIGMOID=sigmoid, NORMALIZE=routing.norm_topk_prob,
+            **pdl.options(logits.device),
         )
     return weights, ids

@@ -50,10 +50,10 @@ class FFNSide:
         routing = self.spec.routing
         assert routing is not None
         router = w["router"]
-        if self.triton:     # decode sizes may take the skinny GEMM (`kernels.gemv.linear`, when enabled)
-            from crosspool.kernels.gemv import linear
+        if self.triton:     # decode sizes take the skinny GEMM (`kernels.gemv`, while `gemv.ROUTER` is set)
+            from crosspool.kernels import gemv
 
-            logits = linear(x.to(router.dtype), router)
+            logits = gemv.linear(x.to(router.dtype), router, use=gemv.ROUTER)
         else:
             logits = ref.linear(x.to(router.dtype), router)
         if self.triton and self._fused_route:
