@@ -499,6 +499,24 @@ def test_gpu_tune_covers_every_tile_height() -> None:
 
 @gpu
 @needs_cuda
+def test_gpu_ffn_tuning_covers_the_routers_skinny_gemm(tmp_path) -> None:  # noqa: ANN001
+    """`FFNSide.tune_kernels` (startup) also runs the router's skinny GEMM at each token tile, so a decode or a
+    short prefill never autotunes it mid-serving (graph capture's warm-up covers it only with graphs on)."""
+    from crosspool.kernels import gemv as gemv_module
+    from crosspool.models.make_model import make_model
+    from crosspool.models.model import MoEModel
+
+    d = make_model("tiny-qwen3-moe", tmp_path / "m", seed=1, progress=False)
+    model = MoEModel.load(d, torch.bfloat16, "cuda", kernels="triton")
+    assert model.ffn.tune_kernels() >= 1
+    router = next(w["router"] for w in model.ffn.w.layers if "router" in w)
+    n, k = router.shape
+    tuned = {key[2] for key in gemv_module._gemv_kernel.cache if key[:2] == (n, k)}
+    assert tuned >= set(gemv_module.token_tiles())
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("n,k", [(6144, 2048), (2048, 2048), (50304, 2048), (64, 2048)])   # OLMoE QKV, o_proj,
 # lm_head, router
 @pytest.mark.parametrize("t", [1, 4, 8])

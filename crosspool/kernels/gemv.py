@@ -169,6 +169,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
     return y
 
 
+def token_tiles() -> list[int]:
+    """One token count per compiled (and autotuned) variant: BLOCK_T is the token count rounded up to a power
+    of two, so these cover every call of 1..MAX_GEMV_TOKENS tokens (what a startup warm-up runs)."""
+    return [1 << i for i in range(MAX_GEMV_TOKENS.bit_length()) if 1 << i <= MAX_GEMV_TOKENS]
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, use: bool | None = None
            ) -> torch.Tensor:
     """The Triton path's decode-sized projections: `gemv` when `use` (default: ENABLED), on CUDA, for 2-D x of

@@ -32,15 +32,21 @@ class FFNSide:
         kernels on a GPU: the interpreter has nothing to tune)."""
         if not self.triton or self.spec.routing is None:
             return 0
+        from crosspool.kernels import gemv
         from crosspool.kernels.fused_moe import tune
 
-        shapes = {}
+        shapes, routers = {}, {}
         for w in self.w.layers:
             if "experts_gate_up" in w and w["experts_gate_up"].is_cuda:
                 gate_up, down = w["experts_gate_up"], w["experts_down"]
                 shapes.setdefault((tuple(gate_up.shape), tuple(down.shape), gate_up.dtype), (gate_up, down))
+                routers.setdefault((tuple(w["router"].shape), w["router"].dtype), w["router"])
         for gate_up, down in shapes.values():
             tune(gate_up, down, self.spec.routing.top_k)
+        for router in routers.values():      # the router's skinny GEMM, at every token count it serves
+            for t in gemv.token_tiles():
+                gemv.linear(torch.zeros(t, router.shape[1], dtype=router.dtype, device=router.device), router,
+                            use=gemv.ROUTER)
         return len(shapes)
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
