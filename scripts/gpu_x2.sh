@@ -66,9 +66,12 @@ if [ "$stage" = split ]; then
         --out-dir "$RES/split_rate2" 2>&1 | tee "$RES/split_rate2.out" | grep -v "^{" | tail -4
 fi
 
-if [ "$stage" = split2 ]; then   # the rest of issue 8 once `split` passed: rate 4, the capacity row, transfer
+if [ "$stage" = split2 ]; then   # the rest of issue 8 once `split` passed: a lone batch's step, rate 4, capacity
     [ "$GPUS" -ge 2 ] || { echo "split2 needs 2 GPUs"; exit 2; }
     ckpt olmoe-1b-7b $OLMOE
+    # a lone batch on the split layout (transfer not overlapped): against the one-GPU 1.33 / 3.50 / 5.91 ms
+    t 100 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 1,8,32 \
+        --kv-devices cuda:0 --weights-devices cuda:1 --json "$RES/decode_split.json" 2>&1 | grep "^| 1024"
     t 190 $MM --models 4 --modes off,on --rate 4 --kv-devices cuda:0 --weights-devices cuda:1 \
         --out-dir "$RES/split_rate4" 2>&1 | tee "$RES/split_rate4.out" | grep -v "^{" | tail -4
     # the one-GPU row (606,672 tokens) was measured in session 3: `--kv-devices` left out runs it again
@@ -103,9 +106,10 @@ if [ "$stage" = qwen3 ]; then
     ckpt olmoe-1b-7b $OLMOE          # before the jobs: both read it
     job_a() {   # the Qwen3 cells session 4 did not reach (1k x 1/8/32 and 8k x 1/8 are in benchmarks.md)
         ckpt qwen3-30b-a3b /tmp/qwen3 24      # 24 of 48 layers (what the 64 GB single-GPU machine's disk holds)
+        # --profile: kernel times of the first cell (8k x 32: why batch 32 reads at 0.24 of copy bandwidth)
         t 480 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 8192,32768 \
-            --batch 32,8,1 --max-cell-tokens 300000 --json "$RES/qwen3_24l.json" 2>&1 | tee "$RES/qwen3_24l.out" \
-            | grep -v "^{" | tail -12
+            --batch 32,8,1 --max-cell-tokens 300000 --profile --json "$RES/qwen3_24l.json" 2>&1 \
+            | tee "$RES/qwen3_24l.out" | grep -v "^{" | cut -c1-150 | tail -45
     }
     job_b() {   # issue 4's session-4 changes (router GEMV, PDL: before/after in one run), then issue 7's replay
         t 120 python3 -m pytest -q -m gpu tests/test_gpu.py -k programmatic 2>&1 | tail -3

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from crosspool.bench import capacity, multi_model, traffic, transfer
+from crosspool.bench import capacity, decode, multi_model, traffic, transfer
 from crosspool.models.loader import load_spec
 from crosspool.models.model import MoEModel
 
@@ -68,3 +68,21 @@ def test_capacity_bench_long_context_view_lifts_the_config_limit(tiny_models, tm
     assert row["model_context_limit"] == 1000000
     assert row["ran_prompt_tokens"] == min(row["tokens_one_request"], 2600) - 8 > 2048   # past the config's 2048
     assert row["generated"] == 4
+
+
+def test_decode_bench_on_one_device_and_on_the_split_layout(tiny_models, tmp_path: Path) -> None:  # noqa: ANN001
+    """`bench decode` times the same cells in-process and with the FFN on a weights rank (over gloo): every cell
+    has a step time; the split cells carry the layout and no byte count (the weights rank routes the experts)."""
+    path = str(tiny_models("tiny-olmoe"))
+    common = ["--model", path, "--batch", "1,3", "--context", "24", "--output-len", "12", "--device", "cpu"]
+    rows = {}
+    for name, extra in (("one", []), ("split", ["--kv-devices", "cpu", "--weights-devices", "cpu,cpu"])):
+        out = tmp_path / f"{name}.json"
+        assert decode.main([*common, *extra, "--json", str(out)]) == 0
+        result = json.loads(out.read_text())
+        rows[name] = result["rows"]
+        assert [(r["batch"], r["context"]) for r in rows[name]] == [(1, 24), (3, 24)]
+        assert all(r["step_ms"] > 0 and r["steps"] > 0 for r in rows[name])
+    assert all(r["bytes"] > 0 and r["experts_per_moe_layer"] > 0 for r in rows["one"])
+    assert all("bytes" not in r for r in rows["split"])
+    assert result["layout"] == {"weights_ranks": 2, "weights_devices": ["cpu", "cpu"]}

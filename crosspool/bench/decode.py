@@ -12,6 +12,11 @@ GPU waits for Python); the bytes the step must touch
 steps, and the KV); the achieved bandwidth (bytes / wall) and its fraction of the device-to-device copy
 bandwidth measured in the same run. `--hf` adds HF transformers' `generate` on the same checkpoint and GPU
 (batch 1, the first context). Results go to `bench/results/` as JSON.
+
+`--kv-devices cuda:0 --weights-devices cuda:1` runs the same cells on the split layout (issue 8: the model's
+attention side and KV on one GPU, its FFN on another, hidden states over NCCL each layer): the step time of a
+lone batch there against the one-GPU row is what the per-layer transfer costs a step with nothing to overlap it.
+The weights rank routes the experts, so those cells report no bytes or bandwidth.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import torch
 
 from crosspool.bench import traffic
 from crosspool.bench.traffic import sync
-from crosspool.config import EngineConfig
+from crosspool.config import EngineConfig, is_distributed, layout_settings
 from crosspool.engine.engine import Engine
+from crosspool.engine.llm import create_engine
 from crosspool.engine.sampling import SamplingParams
 
 COUNT_STEPS = 4     # trailing decode steps run eagerly with expert counting (not timed)
@@ -96,32 +102,36 @@ def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: 
         profiler.step()
     spans = [a.elapsed_time(b) / 1e3 for a, b in runner.gpu_spans]
     runner.gpu_spans = None
-    runner.graphs = None     # eager from here: count the experts each step routes to
     ffn = model.ffn
-    experts_n = spec.routing.num_experts if spec.routing else 1
-    for _ in range(COUNT_STEPS):
-        ffn.expert_hits = torch.zeros(spec.num_layers, experts_n, dtype=torch.int32, device=engine.device)
-        engine.step()
-        if ffn.expert_hits.any():      # the step ran the model (the last steps may only read tokens)
-            hits.append(ffn.expert_hits.sum(1).tolist())
-    runner.graphs = graphs
-    ffn.expert_hits = None
+    remote = not hasattr(ffn, "expert_hits")     # the FFN runs on weights ranks: no experts to count here
+    if not remote:
+        runner.graphs = None     # eager from here: count the experts each step routes to
+        experts_n = spec.routing.num_experts if spec.routing else 1
+        for _ in range(COUNT_STEPS):
+            ffn.expert_hits = torch.zeros(spec.num_layers, experts_n, dtype=torch.int32, device=engine.device)
+            engine.step()
+            if ffn.expert_hits.any():      # the step ran the model (the last steps may only read tokens)
+                hits.append(ffn.expert_hits.sum(1).tolist())
+        runner.graphs = graphs
+        ffn.expert_hits = None
     while engine.has_unfinished():
         engine.step()
+    cell.update({"steps": timed - warmup, "step_ms": mean_wall * 1e3, "tokens_per_s": batch / mean_wall})
+    if spans:
+        span = statistics.mean(spans[-len(lens):])
+        cell.update({"device_span_ms": span * 1e3, "host_fraction": max(0.0, 1 - span / mean_wall)})
+    if remote:
+        return cell
     if not hits:
         raise RuntimeError("no decode step left to count routed experts: raise --output-len")
     experts = [statistics.mean(h[layer] for h in hits) for layer in range(spec.num_layers)]
     weight_bytes = traffic.attention_bytes(model.attention, batch) + traffic.ffn_bytes(model.ffn, experts)
     kv = statistics.mean(lens) * spec.kv_bytes_per_token(torch.finfo(engine.config.dtype).bits // 8)
     cell.update({
-        "steps": timed - warmup, "step_ms": mean_wall * 1e3, "tokens_per_s": batch / mean_wall,
         "experts_per_moe_layer": statistics.mean(e for e, w in zip(experts, model.ffn.w.layers, strict=True)
                                                  if "experts_gate_up" in w) if spec.routing else 0,
         "weight_bytes": weight_bytes, "kv_bytes": kv, "bytes": weight_bytes + kv,
     })
-    if spans:
-        span = statistics.mean(spans[-len(lens):])
-        cell.update({"device_span_ms": span * 1e3, "host_fraction": max(0.0, 1 - span / mean_wall)})
     return cell
 
 
@@ -191,12 +201,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="programmatic dependent launch for the decode kernels (crosspool.kernels.pdl)")
     p.add_argument("--router-cublas", action="store_true",
                    help="the MoE router through torch's linear (cuBLAS) instead of the skinny GEMM (a before/after)")
+    p.add_argument("--kv-devices", default=None, help="split layout: the KV pool's device (with --weights-devices)")
+    p.add_argument("--weights-devices", default=None, help="split layout: the weights pool's devices")
     p.add_argument("--label", default="", help="free text stored with the results")
     p.add_argument("--json", default=None, help="results file (default: bench/results/decode-<model>-<time>.json)")
     args = p.parse_args(argv)
     if args.output_len < COUNT_STEPS + 6:
         p.error(f"--output-len must be at least {COUNT_STEPS + 6}")
-    device = torch.device(args.device)
+    layout = layout_settings(args.kv_devices, args.weights_devices, default_device=args.device)
+    if len(layout.get("kv_devices", ())) > 1:
+        p.error("the decode bench drives one KV device")
+    device = torch.device(str(layout["device"]))
     kv_bytes = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
     from crosspool.kernels import gemv
 
@@ -214,15 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     if min(contexts + batches) < 1:
         p.error("batch sizes and contexts must be >= 1")
     copy_bw = traffic.copy_bandwidth(device) if device.type == "cuda" else None
-    config = EngineConfig(device=args.device, kv_cache_bytes=kv_bytes, kernels=args.kernels,
-                          cuda_graphs=args.cuda_graphs, max_num_seqs=max(args.max_num_seqs, max(batches)),
-                          max_model_len=max(contexts) + args.output_len)
+    config = EngineConfig(kv_cache_bytes=kv_bytes, kernels=args.kernels, cuda_graphs=args.cuda_graphs,
+                          max_num_seqs=max(args.max_num_seqs, max(batches)),
+                          max_model_len=max(contexts) + args.output_len, **layout)
+    split = is_distributed(config)
+    if split and (args.profile or args.hf):
+        p.error("--profile and --hf time one device: leave out --kv-devices/--weights-devices")
     t0 = time.perf_counter()
-    engine = Engine({"m": args.model}, config)
+    engine = create_engine({"m": args.model}, config)   # across ranks: tuned and captured while loading
     load_s = time.perf_counter() - t0
     graphs = engine.models["m"].runner.graphs
     capture = None
-    if device.type == "cuda":
+    if device.type == "cuda" and not split:
         t = time.perf_counter()
         engine.models["m"].model.ffn.tune_kernels()   # before the graphs: they capture the tuned tiles
         print(f"fused-MoE kernels tuned in {time.perf_counter() - t:.1f} s", flush=True)
@@ -257,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(), "commit": _git_commit(), "label": args.label,
         "kernels": config.kernels, "cuda_graphs": config.cuda_graphs, "copy_bandwidth": copy_bw,
         "load_s": load_s, "capture": capture, "hf_generate_ms_per_token": hf_ms, "rows": rows,
+        "layout": {k: v for k, v in layout.items() if k != "device"} or None,
     }
     print(f"\n{config.kernels} kernels, cuda graphs {'on' if config.cuda_graphs else 'off'}, "
           f"copy bandwidth {copy_bw / 1e12:.2f} TB/s" if copy_bw else "")
@@ -268,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['context']} | {r['batch']} | skipped: {r['skipped']} | | | | | | |")
             continue
         print(f"| {r['context']} | {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | "
-              f"{r.get('host_fraction', float('nan')):.2f} | {r['experts_per_moe_layer']:.1f} | "
-              f"{r['bytes'] / 1e6:.0f} | {r.get('copy_bw_fraction', float('nan')):.3f} | "
+              f"{r.get('host_fraction', float('nan')):.2f} | {r.get('experts_per_moe_layer', float('nan')):.1f} | "
+              f"{r.get('bytes', float('nan')) / 1e6:.0f} | {r.get('copy_bw_fraction', float('nan')):.3f} | "
               f"{r['kv_bundles_mapped']} / {r['kv_bundles_unmapped']} ({r['kv_bundles_mapped_on_alloc']}) |")
     if hf_ms is not None:
         print(f"HF transformers generate, batch 1, context {contexts[0]}: {hf_ms:.2f} ms/token")

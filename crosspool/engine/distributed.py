@@ -65,6 +65,7 @@ class DistributedEngine:
         raise_failures(gather_to_front(error, self.world))
         self.models = self.local.models
         self.kv_pool = self.local.kv_pool
+        self.device = self.local.device
         self._rank_of: dict[str, int] = {}           # unfinished request id -> KV rank
         self._load = [0] * self.world.kv_ranks       # outstanding tokens per KV rank
         self._cost: dict[str, int] = {}
