@@ -105,7 +105,8 @@ def test_programmatic_dependent_launch_changes_no_bit(tmp_path: Path, monkeypatc
 
     model = str(make_model("olmoe-1b-7b", tmp_path / "olmoe", layers=2, seed=4, progress=False))
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 50000, (int(k),), generator=g).tolist() for k in torch.randint(8, 300, (8,), generator=g)]
+    lengths = torch.randint(8, 300, (8,), generator=g).tolist()
+    prompts = [torch.randint(0, 50000, (k,), generator=g).tolist() for k in lengths]
     runs = {}
     for on in (False, True):
         monkeypatch.setattr(pdl, "ENABLED", on)
