@@ -6,7 +6,8 @@
 #   bash scripts/gpu_x2.sh split      # issue 8 (x2 only): 1 KV + 1 weights GPU: parity, 4 models at rate 2
 #   bash scripts/gpu_x2.sh split2     # issue 8 (x2 only): 4 models at rate 4, the capacity row, transfer
 #   bash scripts/gpu_x2.sh qwen3      # A: issue 4 (the Qwen3 cells not reached) | B: issue 4 (PDL test, decode with
-#                                     #    router on cuBLAS / default / PDL), issue 7 (GPU replay)
+#                                     #    router on cuBLAS / default / PDL), issue 8's one-GPU 4-model reference
+#   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
 #   bash scripts/gpu_x2.sh serve      # issue 5's 5-model serve (needs carry .whl)
@@ -117,11 +118,17 @@ if [ "$stage" = qwen3 ]; then
             t 70 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 1,8 \
                 $flags --json "$RES/olmoe_${flags##* }.json" 2>&1 | grep "^| 1024" | sed "s/^/${flags##* }: /"
         done
-        t 330 python3 -m crosspool.bench.plan_vs_measured --part replay --device cuda --rate-scale 16 \
-            --horizon-s 45 --calib-s 15 --trials 200 --models-dir /tmp/plan_models \
-            --out "$RES/plan_vs_measured_cuda.json" 2>&1 | tail -25
+        # issue 8's one-GPU reference with the code the split runs use (session 4's rows predate 060b239)
+        t 240 $MM --models 4 --modes off,on --rate 2 --out-dir "$RES/one_gpu_rate2" 2>&1 \
+            | tee "$RES/one_gpu_rate2.out" | grep -v "^{" | tail -4
     }
     both
+fi
+
+if [ "$stage" = replay ]; then   # issue 7's fixed GPU replay (closed issue; crashed in session 4 on the KV race)
+    t 330 python3 -m crosspool.bench.plan_vs_measured --part replay --device cuda --rate-scale 16 \
+        --horizon-s 45 --calib-s 15 --trials 200 --models-dir /tmp/plan_models \
+        --out "$RES/plan_vs_measured_cuda.json" 2>&1 | tail -25
 fi
 
 if [ "$stage" = pipeline ]; then
