@@ -712,6 +712,30 @@ def test_fused_route(scoring: str, norm: bool, k: int, experts: int, scale: floa
     torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("split_k", [1, 2, 4])
+@pytest.mark.parametrize("t", [1, 3, 8])
+@pytest.mark.parametrize("scoring,norm,k,experts", [("softmax", False, 8, 64), ("sigmoid", True, 4, 60)])
+def test_route_linear_sums_the_routers_splits_in_the_routing_kernel(
+        dtype: torch.dtype, split_k: int, t: int, scoring: str, norm: bool, k: int, experts: int) -> None:
+    """The router's skinny GEMM with its K-split partials summed inside the routing kernel: bit for bit the
+    routing of `gemv`'s own logits (same sum order and rounding), and the reference routing of the reference
+    logits up to the logits' rounding."""
+    from crosspool.kernels.routing import route, route_linear
+    from crosspool.models.spec import RoutingSpec
+
+    spec = RoutingSpec(num_experts=experts, top_k=k, scoring=scoring, norm_topk_prob=norm, topk_method="greedy",
+                       routed_scaling_factor=1.0)
+    x, w = _gemv_inputs(t, experts, 512, dtype, seed=t * 10 + split_k)
+    x = 4 * x                                 # spread the logits: no near-ties between the k-th and the next
+    weights, ids = route_linear(x, w, spec, split_k=split_k)
+    want_w, want_ids = route(gemv(x, w, split_k=split_k), spec)
+    assert torch.equal(ids, want_ids) and torch.equal(weights, want_w)
+    ref_w, ref_ids = ref.route(torch.nn.functional.linear(x.float(), w.float()), spec, None)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_w, atol=5e-3 if dtype == torch.float16 else 1e-5, rtol=1e-2)
+
+
 def test_pdl_stays_off_on_the_cpu_and_in_the_interpreter(monkeypatch) -> None:  # noqa: ANN001
     """`pdl.options` asks for programmatic dependent launch only for CUDA devices (never the interpreter), and
     only when enabled; the kernels take USE_PDL=False everywhere else (the CPU tests run them that way)."""

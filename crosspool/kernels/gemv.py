@@ -137,6 +137,24 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
          split_k: int | None = None) -> torch.Tensor:
     """x [T, K] @ w[N, K]^T (+ bias [N]) for T <= MAX_GEMV_TOKENS; returns [T, N] in x's dtype.
     split_k: K-chunks summed by a second kernel (default `default_split_k`)."""
+    out, split = gemv_parts(x, w, bias, split_k=split_k)
+    if split == 1:
+        return out
+    t, n = out.shape[1:]
+    y = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    b = bias if bias is not None else y          # never read without HAS_BIAS
+    block = min(1024, next_pow2(n))
+    _split_sum_kernel[(t, cdiv(n, block))](out, b, y, n, out.stride(0), out.stride(1), y.stride(0),
+                                           SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block,
+                                           **pdl.options(x.device))
+    return y
+
+
+def gemv_parts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+               split_k: int | None = None) -> tuple[torch.Tensor, int]:
+    """`gemv`'s first kernel, for callers that finish the sum themselves (the MoE router sums its K-splits in
+    the routing kernel): (y [T, N] in x's dtype, 1) when it runs unsplit, else (partials [S, T, N] fp32, S),
+    to be summed in order of s and rounded to x's dtype (+ bias after the sum: the partials leave it out)."""
     assert x.dim() == 2 and w.dim() == 2, (x.shape, w.shape)
     t, k = x.shape
     n = w.shape[0]
@@ -144,29 +162,31 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
     assert t <= MAX_GEMV_TOKENS, f"gemv serves at most {MAX_GEMV_TOKENS} tokens, got {t}"
     assert x.stride(1) == 1 and w.stride(1) == 1, "x and w need a contiguous last dim"
     assert bias is None or (bias.shape == (n,) and bias.stride(0) == 1)
-    y = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    if t == 0:
-        return y
-    split = split_k or default_split_k(n, k, x.device)
+    split = 1 if t == 0 else split_k or default_split_k(n, k, x.device)
     assert split >= 1
     block_t = next_pow2(t)
-    b = bias if bias is not None else y          # never read without HAS_BIAS
     launch = pdl.options(x.device)
     if split == 1:
-        _gemv_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), 1)](
-            x, w, b, y, t, n, k, x.stride(0), w.stride(0), 0, y.stride(0),
-            BLOCK_T=block_t, SPLIT_K=1, HAS_BIAS=bias is not None, **launch,
-        )
-        return y
+        y = torch.empty(t, n, dtype=x.dtype, device=x.device)
+        if t:
+            _gemv_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), 1)](
+                x, w, bias if bias is not None else y, y, t, n, k, x.stride(0), w.stride(0), 0, y.stride(0),
+                BLOCK_T=block_t, SPLIT_K=1, HAS_BIAS=bias is not None, **launch,
+            )
+        return y, 1
     part = torch.empty(split, t, n, dtype=torch.float32, device=x.device)
     _gemv_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), split)](
-        x, w, b, part, t, n, k, x.stride(0), w.stride(0), part.stride(0), part.stride(1),
+        x, w, part, part, t, n, k, x.stride(0), w.stride(0), part.stride(0), part.stride(1),
         BLOCK_T=block_t, SPLIT_K=split, HAS_BIAS=False, **launch,
     )
-    block = min(1024, next_pow2(n))
-    _split_sum_kernel[(t, cdiv(n, block))](part, b, y, n, part.stride(0), part.stride(1), y.stride(0),
-                                           SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, **launch)
-    return y
+    return part, split
+
+
+def applies(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
+    """Whether the kernel serves x @ w^T (+ b): CUDA, 2-D x of at most MAX_GEMV_TOKENS rows, contiguous last
+    dims (elsewhere callers use torch's linear)."""
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_GEMV_TOKENS and x.stride(-1) == 1
+            and w.stride(-1) == 1 and (b is None or b.stride(-1) == 1))
 
 
 def token_tiles() -> list[int]:
@@ -181,8 +201,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, u
     at most MAX_GEMV_TOKENS rows with contiguous last dims; torch's linear otherwise."""
     if use is None:
         use = ENABLED
-    if (use and x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_GEMV_TOKENS and x.stride(-1) == 1
-            and w.stride(-1) == 1 and (b is None or b.stride(-1) == 1)):
+    if use and applies(x, w, b):
         return gemv(x, w, b)
     return torch.nn.functional.linear(x, w, b)
 

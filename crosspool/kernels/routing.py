@@ -6,6 +6,10 @@ by k rounds of argmax (the lowest index wins a tie, as `torch.topk` does on CUDA
 the chosen scores, renormalized when the rule asks. Mixtral's "softmax over the top-k logits" equals the
 softmax scores renormalized over the top k. Group-limited rules (DeepSeek-V3 `noaux_tc`, V2
 `group_limited_greedy`) stay on the torch reference.
+
+At decode sizes the router itself is the skinny GEMM (`kernels.gemv`), split over K; `route_linear` hands its
+fp32 partials to this kernel, which sums them before scoring (one kernel fewer per MoE layer than the GEMM's own
+sum kernel followed by `route`).
 """
 
 from __future__ import annotations
@@ -22,16 +26,24 @@ from crosspool.models.spec import RoutingSpec
 
 @triton.jit
 def _route_kernel(
-    logits_ptr, weights_ptr, ids_ptr, num_experts, stride_l, scale, eps,
+    logits_ptr, weights_ptr, ids_ptr, round_ptr, num_experts, stride_l, stride_s, scale, eps,
     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
-    NORMALIZE: tl.constexpr,
+    NORMALIZE: tl.constexpr, SPLIT: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
+    """One token's routing. SPLIT == 0: logits_ptr holds the logits [T, E]; SPLIT > 0: the router's skinny-GEMM
+    partials [SPLIT, T, E] (fp32), summed here in order and rounded to round_ptr's dtype, as `gemv` would."""
     pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < num_experts
-    x = tl.load(logits_ptr + t * stride_l + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    if SPLIT == 0:
+        x = tl.load(logits_ptr + t * stride_l + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_E], tl.float32)
+        for s in tl.static_range(SPLIT):
+            acc += tl.load(logits_ptr + s * stride_s + t * stride_l + offs, mask=ok, other=0.0)
+        x = tl.where(ok, acc.to(round_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
     if SIGMOID:
         s = tl.sigmoid(x)
     else:
@@ -60,18 +72,35 @@ def supports(routing: RoutingSpec) -> bool:
 
 def route(logits: torch.Tensor, routing: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] -> (weights [T, k] fp32, expert ids [T, k] int64), as `torch_ref.route`."""
-    assert supports(routing), "group-limited routing uses torch_ref.route"
     assert logits.stride(-1) == 1
-    t, e = logits.shape
+    return _route(logits, 0, logits, routing)
+
+
+def route_linear(x: torch.Tensor, router: torch.Tensor, routing: RoutingSpec, *, split_k: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route(x @ router^T)` for decode-sized x (`gemv.applies`), in two kernels instead of three: the skinny
+    GEMM's K-split partials are summed by the routing kernel (the same sum, order and rounding as `gemv`'s own
+    second kernel, so the result is bit for bit `route(gemv(x, router))`)."""
+    from crosspool.kernels import gemv
+
+    part, split = gemv.gemv_parts(x, router, split_k=split_k)
+    return _route(part, 0 if split == 1 else split, x, routing)
+
+
+def _route(logits: torch.Tensor, split: int, dtype_of: torch.Tensor, routing: RoutingSpec
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] (split 0) or K-split partials [split, T, E]; dtype_of: a tensor of the logits' dtype."""
+    assert supports(routing), "group-limited routing uses torch_ref.route"
+    t, e = logits.shape[-2:]
     k = routing.top_k
     weights = torch.empty(t, k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(t, k, dtype=torch.int64, device=logits.device)
     if t:
         sigmoid = routing.scoring == "sigmoid"
         _route_kernel[(t,)](
-            logits, weights, ids, e, logits.stride(0), float(routing.routed_scaling_factor),
-            1e-20 if sigmoid else 0.0,
+            logits, weights, ids, dtype_of, e, logits.stride(-2), logits.stride(0) if split else 0,
+            float(routing.routed_scaling_factor), 1e-20 if sigmoid else 0.0,
             TOP_K=k, BLOCK_K=next_pow2(k), BLOCK_E=next_pow2(e), SIGMOID=sigmoid, NORMALIZE=routing.norm_topk_prob,
-            **pdl.options(logits.device),
+            SPLIT=split, **pdl.options(logits.device),
         )
     return weights, ids

@@ -40,34 +40,20 @@ class FFNSide:
             if "experts_gate_up" in w and w["experts_gate_up"].is_cuda:
                 gate_up, down = w["experts_gate_up"], w["experts_down"]
                 shapes.setdefault((tuple(gate_up.shape), tuple(down.shape), gate_up.dtype), (gate_up, down))
-                routers.setdefault((tuple(w["router"].shape), w["router"].dtype), w["router"])
+                routers.setdefault((tuple(w["router"].shape), w["router"].dtype), w)
         for gate_up, down in shapes.values():
             tune(gate_up, down, self.spec.routing.top_k)
-        for router in routers.values():      # the router's skinny GEMM, at every token count it serves
+        for w in routers.values():      # the router's skinny GEMM and routing, at every token count they serve
+            router = w["router"]
             for t in gemv.token_tiles():
-                gemv.linear(torch.zeros(t, router.shape[1], dtype=router.dtype, device=router.device), router,
-                            use=gemv.ROUTER)
+                self._route(w, torch.zeros(t, router.shape[1], dtype=router.dtype, device=router.device))
         return len(shapes)
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         w = self.w.layers[layer]
         if "gate_up" in w:
             return _mlp(x, w["gate_up"], w["down"])
-        routing = self.spec.routing
-        assert routing is not None
-        router = w["router"]
-        if self.triton:     # decode sizes take the skinny GEMM (`kernels.gemv`, while `gemv.ROUTER` is set)
-            from crosspool.kernels import gemv
-
-            logits = gemv.linear(x.to(router.dtype), router, use=gemv.ROUTER)
-        else:
-            logits = ref.linear(x.to(router.dtype), router)
-        if self.triton and self._fused_route:
-            from crosspool.kernels.routing import route
-
-            weights, ids = route(logits, routing)
-        else:
-            weights, ids = ref.route(logits, routing, w.get("score_bias"))
+        weights, ids = self._route(w, x.to(w["router"].dtype))
         if self.expert_hits is not None:
             self.expert_hits[layer, ids.reshape(-1)] = 1
         if self.triton:
@@ -82,6 +68,25 @@ class FFNSide:
                 shared = torch.sigmoid(ref.linear(x, w["shared_gate"])) * shared
             out = out + shared
         return out
+
+    def _route(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, expert ids) of the tokens. Triton path at decode sizes: the router's skinny GEMM, its K-split
+        partials summed inside the routing kernel (`routing.route_linear`); otherwise the router GEMM, then the
+        routing rule (the fused kernel for greedy rules, the torch reference for group-limited ones)."""
+        routing = self.spec.routing
+        assert routing is not None
+        router = w["router"]
+        if not self.triton:
+            return ref.route(ref.linear(x, router), routing, w.get("score_bias"))
+        from crosspool.kernels import gemv
+        from crosspool.kernels import routing as routing_kernels
+
+        if self._fused_route and gemv.ROUTER and gemv.applies(x, router):
+            return routing_kernels.route_linear(x, router, routing)
+        logits = gemv.linear(x, router, use=gemv.ROUTER)
+        if self._fused_route:
+            return routing_kernels.route(logits, routing)
+        return ref.route(logits, routing, w.get("score_bias"))
 
 
 def _mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
