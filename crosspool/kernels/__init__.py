@@ -17,7 +17,11 @@ Which kernel replaces which reference:
 - `norm_rope.rms_norm`, `norm_rope.add_rms_norm`: `rms_norm` (and the residual add before it);
 - `norm_rope.rope_write_kv`: `apply_rope` on q and k + `write_kv` of k and v.
 - `gemv.gemv`: `linear` at decode sizes (<= 8 tokens; the attention side's QKV, o_proj and lm_head, behind
-  `gemv.ENABLED`).
+  `gemv.ENABLED`);
+- `routing.route`: `route` for the greedy rules; `routing.route_linear`: `linear` + `route` for the MoE router
+  at decode sizes (`gemv.ROUTER`), the GEMM's K-split partials summed in the routing kernel.
+
+`pdl` holds programmatic dependent launch for the decode kernels (off unless `pdl.ENABLED`/`CROSSPOOL_PDL=1`).
 
 `mla` (pure torch) holds MLA weight absorption (`split_kv_b_proj`, `absorb_query`, `latent_to_output`).
 """
