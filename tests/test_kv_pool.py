@@ -239,3 +239,18 @@ def test_the_range_base_is_never_remapped() -> None:
     for kv in kvs:
         assert kv.buffer.data_ptr() == kv.vrange.tensor().data_ptr()
         assert kv.buffer.shape[0] == kv.max_blocks + kv.bundle_blocks
+
+
+def test_another_models_next_step_takes_an_active_models_spare_bundles() -> None:
+    """An active model holding free bundles from an earlier prefill gives them up when another model's next step
+    needs the pages, before that step: the other model finds its blocks pre-mapped and never maps (or reclaims)
+    on the engine thread."""
+    pool, (a, b, _) = _pool(pages=128)
+    a.free(a.alloc(100 // a.bundle_pages * a.bundle_blocks))     # a's prefill came and went: ~100 pages mapped
+    want = 60 // b.bundle_pages * b.bundle_blocks                 # b's next step: ~60 pages
+    pool.maintain({"m0": 1, "m1": want})
+    assert b.stats().free_blocks >= want
+    assert a.stats().free_blocks <= a.reserve_blocks(1) + 2 * a.bundle_blocks
+    on_alloc = pool.bundles_mapped_on_alloc
+    b.alloc(want)
+    assert pool.bundles_mapped_on_alloc == on_alloc

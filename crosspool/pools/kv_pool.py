@@ -326,23 +326,37 @@ class KVPool:
             self.unregister(name, force=True)
 
     def maintain(self, demand: dict[str, int]) -> None:
-        """Between steps. `demand` maps each active model to the blocks its next step may take. Active
-        models keep that many (at least their reserve) pre-mapped, so their next step does not map. When
-        the pool runs low (free pages under LOW_WATER), they release free bundles beyond their peak demand of
-        the last PEAK_WINDOW steps plus one bundle of slack (hysteresis: a batch whose sequences cross a
-        block boundary together every block_size steps keeps the bundle it needs then, instead of mapping and
-        unmapping it each time); otherwise their free bundles stay mapped for their next prefill, since an
-        unmap stalls the steps running beside it. Idle models release all."""
+        """Between steps. `demand` maps each active model to the blocks its next step may take.
+        1. Idle models release all their free bundles.
+        2. Under pressure (after every active model's next step the pool would have under LOW_WATER of its
+           pages free), active models release free bundles beyond their peak demand of the last PEAK_WINDOW
+           steps plus one bundle of slack (hysteresis: a batch whose sequences cross a block boundary together
+           every block_size steps keeps the bundle it needs then, instead of mapping and unmapping it each
+           time). Without pressure their free bundles stay mapped for their next prefill: an unmap stalls the
+           steps running beside it, and a model that cannot pre-map its next step would map (or reclaim
+           another model's bundles) on the engine thread.
+        3. Active models pre-map their next step's demand (at least their reserve), so that step does not map."""
+        active = {name: kv for name, kv in self.models.items() if name in demand}
         for name, kv in list(self.models.items()):
-            if name in demand:
-                recent = self._recent_demand.setdefault(name, collections.deque(maxlen=PEAK_WINDOW))
-                recent.append(demand[name])
-                kv.ensure_reserve(demand[name])
-                if self.free_pages < LOW_WATER * self.total_pages:
-                    kv.shrink(keep_free_blocks=kv.reserve_blocks(max(recent)) + kv.bundle_blocks)
-            else:
+            if name not in active:
                 self._recent_demand.pop(name, None)
                 kv.shrink(keep_free_blocks=0)
+        for name in active:
+            self._recent_demand.setdefault(name, collections.deque(maxlen=PEAK_WINDOW)).append(demand[name])
+        if self.free_pages - self._pages_to_premap(active, demand) < LOW_WATER * self.total_pages:
+            for name, kv in active.items():
+                kv.shrink(keep_free_blocks=kv.reserve_blocks(max(self._recent_demand[name])) + kv.bundle_blocks)
+        for name, kv in active.items():
+            kv.ensure_reserve(demand[name])
+
+    @staticmethod
+    def _pages_to_premap(active: dict[str, ModelKV], demand: dict[str, int]) -> int:
+        """Pages the active models' `ensure_reserve` would map now."""
+        pages = 0
+        for name, kv in active.items():
+            missing = kv.reserve_blocks(demand[name]) - len(kv._free) - len(kv._pending) * kv.bundle_blocks
+            pages += max(0, -(-missing // kv.bundle_blocks)) * kv.bundle_pages
+        return pages
 
     def reclaimable_pages(self, exclude: ModelKV | None = None) -> int:
         return sum(kv.idle_bundles() * kv.bundle_pages for kv in self.models.values() if kv is not exclude)
