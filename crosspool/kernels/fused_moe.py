@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from crosspool.kernels import pdl
+from crosspool.kernels import pdl, tuning
 from crosspool.kernels._common import cdiv, dot_precision, next_pow2
 from crosspool.kernels.pdl import enter as pdl_enter
 
@@ -79,7 +79,7 @@ def _gemm_configs() -> list[triton.Config]:
             for n in (64, 128) for k in (64, 128) for w in (4, 8) for st in (3, 4)]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["hidden", "inter_size", "BLOCK_M"])
+@tuning.autotune(configs=_gemm_configs(), key=["hidden", "inter_size", "BLOCK_M"])
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, inter_ptr, sorted_pairs_ptr, block_experts_ptr,
@@ -116,7 +116,7 @@ def _gate_up_kernel(
              h.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(), key=["hidden", "inter_size", "BLOCK_M"])
+@tuning.autotune(configs=_gemm_configs(), key=["hidden", "inter_size", "BLOCK_M"])
 @triton.jit
 def _down_kernel(
     inter_ptr, w_ptr, y_ptr, weights_ptr, sorted_pairs_ptr, block_experts_ptr,
@@ -172,7 +172,7 @@ def _gemv_configs() -> list[triton.Config]:
             for n in (8, 16, 32) for k in (128, 256) for w in (4, 8)]
 
 
-@triton.autotune(configs=_gemv_configs(), key=["hidden", "inter_size", "TOP_K"])
+@tuning.autotune(configs=_gemv_configs(), key=["hidden", "inter_size", "TOP_K"])
 @triton.jit
 def _gate_up_gemv_kernel(
     x_ptr, w_ptr, inter_ptr, ids_ptr, hidden, inter_size,
@@ -203,7 +203,7 @@ def _gate_up_gemv_kernel(
     tl.store(inter_ptr + pair * stride_it + offs_n, h.to(inter_ptr.dtype.element_ty), mask=n_ok)
 
 
-@triton.autotune(configs=_gemv_configs(), key=["hidden", "inter_size", "TOP_K"])
+@tuning.autotune(configs=_gemv_configs(), key=["hidden", "inter_size", "TOP_K"])
 @triton.jit
 def _down_gemv_kernel(
     inter_ptr, w_ptr, y_ptr, ids_ptr, weights_ptr, hidden, inter_size,

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from crosspool.kernels import pdl
+from crosspool.kernels import pdl, tuning
 from crosspool.kernels._common import cdiv, next_pow2, num_sms
 from crosspool.kernels.pdl import enter as pdl_enter
 
@@ -68,7 +68,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: obj
     return keep or [min(configs, key=per_thread)]
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "BLOCK_T", "SPLIT_K"],
+@tuning.autotune(configs=_configs(), key=["N", "K", "BLOCK_T", "SPLIT_K"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _gemv_kernel(
