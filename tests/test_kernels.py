@@ -743,6 +743,23 @@ def test_route_linear_sums_the_routers_splits_in_the_routing_kernel(
     torch.testing.assert_close(weights, ref_w, atol=5e-3 if dtype == torch.float16 else 1e-5, rtol=1e-2)
 
 
+def test_moe_tuning_skips_tiles_larger_than_the_problem() -> None:
+    """Tiny shapes try only the tiles that fit them (each tile tried costs a compile and a timing at startup);
+    real shapes keep every tile; the smallest tile always stays."""
+    import triton
+
+    configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n in (64, 128) for k in (64, 128)
+               for w in (4, 8)]
+    prune = fused_moe_module.fits("inter_size", "hidden")
+    tiny = prune(configs, {"hidden": 64, "inter_size": 32})
+    assert {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in tiny} == {(64, 64)} and len(tiny) == 2
+    mid = prune(configs, {"hidden": 128, "inter_size": 32})
+    assert {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in mid} == {(64, 64), (64, 128)}
+    assert prune(configs, {"hidden": 2048, "inter_size": 1024}) == configs          # OLMoE: all of them
+    down = fused_moe_module.fits("hidden", "inter_size")(configs, {"hidden": 128, "inter_size": 32})
+    assert {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in down} == {(64, 64), (128, 64)}
+
+
 def test_pdl_stays_off_on_the_cpu_and_in_the_interpreter(monkeypatch) -> None:  # noqa: ANN001
     """`pdl.options` asks for programmatic dependent launch only for CUDA devices (never the interpreter), and
     only when enabled; the kernels take USE_PDL=False everywhere else (the CPU tests run them that way)."""

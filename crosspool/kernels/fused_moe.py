@@ -25,6 +25,7 @@ warps and pipeline stages, and the GEMV tiles, are autotuned once per shape on t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -79,7 +80,21 @@ def _gemm_configs() -> list[triton.Config]:
             for n in (64, 128) for k in (64, 128) for w in (4, 8) for st in (3, 4)]
 
 
-@tuning.autotune(configs=_gemm_configs(), key=["hidden", "inter_size", "BLOCK_M"])
+def fits(n_arg: str, k_arg: str) -> Callable[..., list[triton.Config]]:
+    """An autotuner prune for a kernel whose output dimension is the argument `n_arg` and whose reduction
+    dimension is `k_arg`: drop tiles larger than the problem along either (past the smallest tile tried). For small
+    shapes (the tiny models of tests and parity runs) they only repeat a smaller tile's work, and each costs a
+    compile and a timing at startup; real shapes keep every tile."""
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+        def cap(block: str, arg: str) -> int:
+            return max(min(c.kwargs[block] for c in configs), next_pow2(int(named_args[arg])))
+        n_cap, k_cap = cap("BLOCK_N", n_arg), cap("BLOCK_K", k_arg)
+        return [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+    return prune
+
+
+@tuning.autotune(configs=_gemm_configs(), key=["hidden", "inter_size", "BLOCK_M"],
+                 prune_configs_by={"early_config_prune": fits("inter_size", "hidden")})
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, inter_ptr, sorted_pairs_ptr, block_experts_ptr,
@@ -116,7 +131,8 @@ def _gate_up_kernel(
              h.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-@tuning.autotune(configs=_gemm_configs(), key=["hidden", "inter_size", "BLOCK_M"])
+@tuning.autotune(configs=_gemm_configs(), key=["hidden", "inter_size", "BLOCK_M"],
+                 prune_configs_by={"early_config_prune": fits("hidden", "inter_size")})
 @triton.jit
 def _down_kernel(
     inter_ptr, w_ptr, y_ptr, weights_ptr, sorted_pairs_ptr, block_experts_ptr,
@@ -172,7 +188,8 @@ def _gemv_configs() -> list[triton.Config]:
             for n in (8, 16, 32) for k in (128, 256) for w in (4, 8)]
 
 
-@tuning.autotune(configs=_gemv_configs(), key=["hidden", "inter_size", "TOP_K"])
+@tuning.autotune(configs=_gemv_configs(), key=["hidden", "inter_size", "TOP_K"],
+                 prune_configs_by={"early_config_prune": fits("inter_size", "hidden")})
 @triton.jit
 def _gate_up_gemv_kernel(
     x_ptr, w_ptr, inter_ptr, ids_ptr, hidden, inter_size,
@@ -203,7 +220,8 @@ def _gate_up_gemv_kernel(
     tl.store(inter_ptr + pair * stride_it + offs_n, h.to(inter_ptr.dtype.element_ty), mask=n_ok)
 
 
-@tuning.autotune(configs=_gemv_configs(), key=["hidden", "inter_size", "TOP_K"])
+@tuning.autotune(configs=_gemv_configs(), key=["hidden", "inter_size", "TOP_K"],
+                 prune_configs_by={"early_config_prune": fits("hidden", "inter_size")})
 @triton.jit
 def _down_gemv_kernel(
     inter_ptr, w_ptr, y_ptr, ids_ptr, weights_ptr, hidden, inter_size,
