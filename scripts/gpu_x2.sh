@@ -56,7 +56,12 @@ if [ "$stage" = split ]; then
     # compile- and autotune-bound (three tiny model families, fp32 then bf16): ~2 min per layout in session 4
     ( export CROSSPOOL_DUMP_STACKS_S=120; t 330 python3 scripts/multi_gpu_parity.py --kv cuda:0 --weights cuda:1 \
         > "$RES/parity.log" 2>&1 ) &
+    # meanwhile (the parity is compile-bound): session 4's new GPU tests (router tuning, skinny-GEMM switch,
+    # tuning cache, KV guard bundle on real VMM)
+    ( export CUDA_VISIBLE_DEVICES=1; t 200 python3 -m pytest -q -m gpu tests/test_gpu_pools.py tests/test_kernels.py \
+        -k "pools or tune or tuning or gemv_linear" > "$RES/gpu_tests.log" 2>&1 ) &
     ckpt olmoe-1b-7b $OLMOE; wait
+    tail -3 "$RES/gpu_tests.log"
     grep "^\[\|identical\|Error" "$RES/parity.log" | head -20
     if ! grep -q "float32: .* 12/12 requests identical" "$RES/parity.log"; then
         # the engine across ranks is broken or too slow here: the runs below would only burn device time
