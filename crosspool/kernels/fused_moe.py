@@ -34,6 +34,7 @@ import triton.language as tl
 from crosspool.kernels import pdl, tuning
 from crosspool.kernels._common import cdiv, dot_precision, next_pow2
 from crosspool.kernels.pdl import enter as pdl_enter
+from crosspool.models.batch import TopKPartials
 
 SMALL_BATCH_TOKENS = 8
 
@@ -247,15 +248,29 @@ def _down_gemv_kernel(
     tl.store(y_ptr + pair * stride_yt + offs_n, out, mask=n_ok)
 
 
+def topk_sum(y: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T * top_k, H] per-expert rows -> [T, H]: each token's top_k rows summed in fp32 in order, rounded to
+    dtype once."""
+    t, hidden = y.shape[0] // top_k, y.shape[1]
+    out = torch.empty(t, hidden, dtype=dtype, device=y.device)
+    if t:
+        block = min(1024, next_pow2(hidden))
+        _topk_sum_kernel[(t, cdiv(hidden, block))](y, out, hidden, y.stride(0), out.stride(0), TOP_K=top_k,
+                                                   BLOCK=block, **pdl.options(y.device))
+    return out
+
+
 def fused_moe(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor, *, small: bool | None = None, block_m: int | None = None,
-) -> torch.Tensor:
+    topk_ids: torch.Tensor, *, small: bool | None = None, block_m: int | None = None, reduce: bool = True,
+) -> torch.Tensor | TopKPartials:
     """sum_k topk_weights[t, k] * down_e(silu(gate_e x_t) * up_e x_t), e = topk_ids[t, k].
 
     x [T, H]; w_gate_up [E, 2I, H]; w_down [E, H, I]; topk_weights [T, K]; topk_ids [T, K] (int32/int64).
-    Returns [T, H] in x's dtype. small: force the GEMV path (True) or the grouped GEMMs (False); default
-    GEMV when T <= SMALL_BATCH_TOKENS. block_m: grouped-GEMM tile rows (default `moe_block_m`)."""
+    Returns [T, H] in x's dtype, or with `reduce=False` the weighted per-expert rows before that sum
+    (`TopKPartials`, for a consumer that adds them itself). small: force the GEMV path (True) or the grouped
+    GEMMs (False); default GEMV when T <= SMALL_BATCH_TOKENS. block_m: grouped-GEMM tile rows (default
+    `moe_block_m`)."""
     t, hidden = x.shape
     num_experts, two_i, _ = w_gate_up.shape
     inter_size = two_i // 2
@@ -264,14 +279,12 @@ def fused_moe(
     assert x.stride(-1) == 1 and w_gate_up.stride(-1) == 1 and w_down.stride(-1) == 1
     weights = topk_weights.contiguous()
     ids = topk_ids.contiguous()
-    out = torch.empty_like(x)
     if t == 0:
-        return out
+        return torch.empty_like(x)
     pairs = t * top_k
     inter = x.new_empty(pairs, inter_size)
     if small is None:
         small = t <= SMALL_BATCH_TOKENS
-    block = min(1024, next_pow2(hidden))
     if small:
         launch = pdl.options(x.device)
         _gate_up_gemv_kernel[lambda meta: (pairs, cdiv(inter_size, meta["BLOCK_N"]))](
@@ -283,9 +296,7 @@ def fused_moe(
             inter, w_down, y, ids, weights, hidden, inter_size,
             inter.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), TOP_K=top_k, **launch,
         )
-        _topk_sum_kernel[(t, cdiv(hidden, block))](y, out, hidden, y.stride(0), out.stride(0), TOP_K=top_k,
-                                                   BLOCK=block, **launch)
-        return out
+        return topk_sum(y, top_k, x.dtype) if reduce else TopKPartials(y, top_k, x.dtype)
     block_m = block_m or moe_block_m(t, num_experts)
     sorted_pairs, block_experts = moe_align(ids, num_experts, block_m)
     m_blocks = block_experts.shape[0]
@@ -301,8 +312,7 @@ def fused_moe(
         inter.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
         BLOCK_M=block_m, DOT_PRECISION=precision,
     )
-    _topk_sum_kernel[(t, cdiv(hidden, block))](y, out, hidden, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK=block)
-    return out
+    return topk_sum(y, top_k, x.dtype) if reduce else TopKPartials(y, top_k, x.dtype)
 
 
 # tokens per expert at which `moe_block_m` picks each tile height: representative problems to tune them on

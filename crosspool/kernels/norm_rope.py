@@ -19,29 +19,38 @@ import triton.language as tl
 from crosspool.kernels import pdl
 from crosspool.kernels._common import next_pow2
 from crosspool.kernels.pdl import enter as pdl_enter
+from crosspool.models.batch import TopKPartials
 
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
     stride_x, stride_r, stride_o, stride_ro,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, TOP_K: tl.constexpr = 0,
     USE_PDL: tl.constexpr = False,
 ):
+    """TOP_K > 0: x is a fused MoE's per-expert rows (row t * TOP_K + k); their fp32 sum in order, rounded to the
+    residual's dtype, is the x added to the residual (what `fused_moe.topk_sum` would have stored)."""
     pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < n_cols
-    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
+    if TOP_K > 0:
+        acc = tl.zeros([BLOCK], tl.float32)
+        for k in tl.static_range(TOP_K):
+            acc += tl.load(x_ptr + (row * TOP_K + k) * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+        x = acc.to(res_ptr.dtype.element_ty)
+    else:
+        x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
     if HAS_RESIDUAL:
         # add in fp32 and round to the stream's dtype (as torch does); the normed input is that rounded sum
         r = tl.load(res_ptr + row * stride_r + offs, mask=ok, other=0.0).to(tl.float32)
-        x = (x.to(tl.float32) + r).to(x_ptr.dtype.element_ty)
+        x = (x.to(tl.float32) + r).to(x.dtype)
         tl.store(res_out_ptr + row * stride_ro + offs, x, mask=ok)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
     # as the reference: normalize in fp32, round to the input dtype, then scale by the weight
-    normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -63,6 +72,25 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, 
             **pdl.options(x.device),
         )
     return out.view(shape), (res_out.view(shape) if residual is not None else None)
+
+
+def topk_add_rms_norm(delta: TopKPartials, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_rms_norm(delta.reduce(), residual, weight, eps)` in one kernel: the top-k sum of the FFN's expert rows
+    is done while adding them to the residual, bit for bit as the two kernels would."""
+    assert delta.dtype == residual.dtype and delta.y.stride(-1) == 1 and weight.is_contiguous()
+    n = residual.shape[-1]
+    res = residual.reshape(-1, n)
+    out = torch.empty(res.shape, dtype=torch.promote_types(weight.dtype, residual.dtype), device=res.device)
+    res_out = torch.empty_like(res)
+    if res.shape[0] > 0:
+        _rms_norm_kernel[(res.shape[0],)](
+            delta.y, res, weight, out, res_out, n, eps,
+            delta.y.stride(0), res.stride(0), out.stride(0), res_out.stride(0),
+            HAS_RESIDUAL=True, BLOCK=next_pow2(n), TOP_K=delta.top_k, num_warps=4 if n <= 2048 else 8,
+            **pdl.options(res.device),
+        )
+    return out.view(residual.shape), res_out.view(residual.shape)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from crosspool.kernels import torch_ref as ref
-from crosspool.models.batch import ForwardBatch, PagedCache
+from crosspool.models.batch import ForwardBatch, PagedCache, TopKPartials, reduced
 from crosspool.models.loader import AttentionWeights
 from crosspool.models.spec import ModelSpec
 
@@ -47,7 +47,7 @@ class AttentionSide:
         return ref.rope_cos_sin(self.spec.rope, positions, self.inv_freq)
 
     def attention_block(
-        self, layer: int, hidden: torch.Tensor, delta: torch.Tensor | None, batch: ForwardBatch,
+        self, layer: int, hidden: torch.Tensor, delta: torch.Tensor | TopKPartials | None, batch: ForwardBatch,
         cache: PagedCache, rope: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, the previous FFN's output or None) -> (h + attention(norm(h)), post-attention norm of
@@ -59,16 +59,20 @@ class AttentionSide:
                                    w["post_attention_layernorm"])
         return hidden, x
 
-    def _add_norm(self, delta: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor
+    def _add_norm(self, delta: torch.Tensor | TopKPartials | None, hidden: torch.Tensor, weight: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rms_norm(hidden + delta), hidden + delta); the Triton path fuses the add into the norm."""
+        """(rms_norm(hidden + delta), hidden + delta); the Triton path fuses the add into the norm (and, for an
+        FFN output still in its expert rows, their top-k sum too)."""
         eps = self.spec.rms_norm_eps
         if self.triton:
             from crosspool.kernels import norm_rope
 
             if delta is None:
                 return norm_rope.rms_norm(hidden, weight, eps), hidden
+            if isinstance(delta, TopKPartials):
+                return norm_rope.topk_add_rms_norm(delta, hidden, weight, eps)
             return norm_rope.add_rms_norm(delta, hidden, weight, eps)
+        delta = reduced(delta) if delta is not None else None
         if delta is not None:
             hidden = hidden + delta
         return ref.rms_norm(hidden, weight, eps), hidden

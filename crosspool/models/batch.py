@@ -1,4 +1,5 @@
-"""ForwardBatch: the flat, per-token description of one model step that both pool sides read."""
+"""ForwardBatch: the flat, per-token description of one model step that both pool sides read; TopKPartials:
+an FFN output handed to the attention side before its top-k sum."""
 
 from __future__ import annotations
 
@@ -42,3 +43,28 @@ class ForwardBatch:
     def decode_only(self) -> bool:
         """Every sequence contributes exactly one new token."""
         return self.max_q_len == 1
+
+
+@dataclass(frozen=True, slots=True)
+class TopKPartials:
+    """A fused-MoE output before its top-k sum: row t * top_k + k of `y` [T * top_k, H] is token t's k-th routed
+    expert output, already weighted. In one process the attention side adds these rows inside its residual
+    add + RMSNorm (one kernel fewer per layer); `reduce` gives the [T, H] sum in `dtype` (what the fused MoE
+    returns otherwise: the same fp32 sum in the same order, rounded once)."""
+
+    y: torch.Tensor
+    top_k: int
+    dtype: torch.dtype
+
+    def reduce(self) -> torch.Tensor:
+        from crosspool.kernels.fused_moe import topk_sum
+
+        return topk_sum(self.y, self.top_k, self.dtype)
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Keep the rows' memory for `stream` (the pipeline hands FFN outputs between the sides' streams)."""
+        self.y.record_stream(stream)
+
+
+def reduced(delta: torch.Tensor | TopKPartials) -> torch.Tensor:
+    return delta.reduce() if isinstance(delta, TopKPartials) else delta

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from crosspool.kernels import torch_ref as ref
+from crosspool.models.batch import TopKPartials, reduced
 from crosspool.models.loader import FFNWeights
 from crosspool.models.spec import ModelSpec
 
@@ -50,6 +51,12 @@ class FFNSide:
         return len(shapes)
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return reduced(self.forward_partial(layer, x))
+
+    def forward_partial(self, layer: int, x: torch.Tensor) -> torch.Tensor | TopKPartials:
+        """`forward`, except that an MoE layer on the Triton path without shared experts may return its
+        per-expert rows before their top-k sum (`TopKPartials`): in one process the attention side sums them
+        inside its residual add + RMSNorm."""
         w = self.w.layers[layer]
         if "gate_up" in w:
             return _mlp(x, w["gate_up"], w["down"])
@@ -59,7 +66,8 @@ class FFNSide:
         if self.triton:
             from crosspool.kernels.fused_moe import fused_moe
 
-            out = fused_moe(x, w["experts_gate_up"], w["experts_down"], weights, ids)
+            shared = "shared_gate_up" in w
+            out = fused_moe(x, w["experts_gate_up"], w["experts_down"], weights, ids, reduce=shared)
         else:
             out = ref.experts(x, w["experts_gate_up"], w["experts_down"], weights, ids)
         if "shared_gate_up" in w:

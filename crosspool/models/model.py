@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from crosspool.models.attention_side import AttentionSide
-from crosspool.models.batch import ForwardBatch, PagedCache
+from crosspool.models.batch import ForwardBatch, PagedCache, TopKPartials, reduced
 from crosspool.models.ffn_side import FFNSide
 from crosspool.models.loader import load_checkpoint
 from crosspool.models.spec import ModelSpec
@@ -34,11 +34,12 @@ class FFN(Protocol):
 @dataclass(frozen=True, slots=True)
 class SubStep:
     """The sub-step the next resume of `forward_stages` runs. `handoff` is the one [tokens, hidden] tensor
-    it takes from the other side (None for the first), so whoever drives the sides can order that hand-off."""
+    it takes from the other side (None for the first), so whoever drives the sides can order that hand-off
+    (an FFN output may come as its unsummed expert rows, `TopKPartials`, which has `record_stream` too)."""
 
     side: str                      # ATTENTION_SIDE | FFN_SIDE
     layer: int                     # on the attention side, num_layers means the final residual add
-    handoff: torch.Tensor | None
+    handoff: torch.Tensor | TopKPartials | None
 
 
 Stages = Generator[SubStep, None, torch.Tensor]
@@ -82,6 +83,8 @@ class MoEModel:
         rope = self.attention.rope_tables(batch.positions)
         ffn_out: torch.Tensor | None = None
         start = getattr(self.ffn, "forward_start", None)      # an FFN on other ranks: issue now, read later
+        # in process, the FFN may hand over its expert rows unsummed (the attention side's add + norm sums them)
+        forward = getattr(self.ffn, "forward_partial", self.ffn.forward)
         pending = None
         for layer in range(self.spec.num_layers):
             if pending is not None:
@@ -92,11 +95,11 @@ class MoEModel:
                 pending = start(layer, x)
                 yield SubStep(ATTENTION_SIDE, layer + 1, None)
             else:
-                ffn_out = self.ffn.forward(layer, x)
+                ffn_out = forward(layer, x)
                 yield SubStep(ATTENTION_SIDE, layer + 1, ffn_out)
         if pending is not None:
             ffn_out = pending.result()
-        return hidden + ffn_out
+        return hidden + reduced(ffn_out)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
