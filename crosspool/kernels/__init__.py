@@ -15,6 +15,7 @@ Which kernel replaces which reference:
   expansion + `padded_attention`, in the absorbed form (reference: `mla.mla_absorbed_attention_ref`);
 - `fused_moe.fused_moe`: `experts` (after `route`);
 - `norm_rope.rms_norm`, `norm_rope.add_rms_norm`: `rms_norm` (and the residual add before it);
+  `norm_rope.topk_add_rms_norm` also sums a fused MoE's expert rows (`fused_moe(..., reduce=False)`) first;
 - `norm_rope.rope_write_kv`: `apply_rope` on q and k + `write_kv` of k and v.
 - `gemv.gemv`: `linear` at decode sizes (<= 8 tokens; the attention side's QKV, o_proj and lm_head, behind
   `gemv.ENABLED`);
