@@ -41,8 +41,8 @@ def _route_kernel(
         x = tl.load(logits_ptr + t * stride_l + offs, mask=ok, other=float("-inf")).to(tl.float32)
     else:
         acc = tl.zeros([BLOCK_E], tl.float32)
-        for s in tl.static_range(SPLIT):
-            acc += tl.load(logits_ptr + s * stride_s + t * stride_l + offs, mask=ok, other=0.0)
+        for part in tl.static_range(SPLIT):
+            acc += tl.load(logits_ptr + part * stride_s + t * stride_l + offs, mask=ok, other=0.0)
         x = tl.where(ok, acc.to(round_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
     if SIGMOID:
         s = tl.sigmoid(x)
