@@ -784,3 +784,21 @@ def test_every_triton_kernel_compiles_for_hopper() -> None:
     from crosspool.kernels.aot import CASES
 
     assert f"{2 * len(CASES)}/{2 * len(CASES)} compiled for sm_90" in run.stdout
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 50304), (3, 4097), (2, 1000), (1, 151936)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_argmax_matches_torch_with_ties_to_the_lowest_index(rows: int, vocab: int, dtype: torch.dtype) -> None:
+    from crosspool.kernels.argmax import BLOCK, argmax
+
+    g = torch.Generator().manual_seed(rows * vocab)
+    logits = torch.randn(rows, vocab, generator=g).to(DEVICE, dtype)
+    assert torch.equal(argmax(logits), logits.argmax(dim=-1))
+    # the maximum repeated in a later chunk and later in its own chunk: the first one wins, as torch's does
+    top = logits.max() + 1
+    first = min(vocab - 1, BLOCK + 7) if vocab > BLOCK + 7 else vocab // 2
+    for col in (vocab - 1, first + 3, first):
+        logits[-1, col] = top
+    assert int(argmax(logits)[-1]) == first == int(logits.argmax(dim=-1)[-1])
+    strided = torch.randn(rows, vocab + 5, generator=g).to(DEVICE, dtype)[:, :vocab]    # rows not contiguous
+    assert torch.equal(argmax(strided), strided.argmax(dim=-1))

@@ -283,5 +283,5 @@ class DecodeGraphs:
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         ids = feed_tokens(self.inputs, batch)
         logits = self.model.compute_logits(self.model.forward(dataclasses.replace(batch, input_ids=ids), self.cache))
-        self.inputs.tokens[:batch.input_ids.shape[0]].copy_(logits.argmax(dim=-1))
+        self.inputs.tokens[:batch.input_ids.shape[0]].copy_(self.model.attention.greedy_tokens(logits))
         return logits

@@ -155,7 +155,7 @@ class SubStepGraphs:
         @torch.inference_mode()
         def head() -> torch.Tensor:
             logits = model.compute_logits(s.hidden[:b] + s.ffn[:b])
-            s.inputs.tokens[:b].copy_(logits.argmax(dim=-1))
+            s.inputs.tokens[:b].copy_(model.attention.greedy_tokens(logits))
             return logits
 
         return {ATTENTION_SIDE: attention, FFN_SIDE: ffn, HEAD: head}[kind]

@@ -76,6 +76,8 @@ CASES = [
          {"weights_ptr": "*fp32", "sorted_pairs_ptr": "*i64", "block_experts_ptr": "*i64"}),
     Case("gemv", "_gemv_kernel", {"BLOCK_T": 1, "SPLIT_K": 4, "HAS_BIAS": False, **_GEMV_TILE}, {"out_ptr": "*fp32"}),
     Case("gemv", "_gemv_kernel", {"BLOCK_T": 8, "SPLIT_K": 1, "HAS_BIAS": True, **_GEMV_TILE}),
+    Case("argmax", "_chunk_max_kernel", {"BLOCK": 4096}, {"x_ptr": "*fp32", "max_ptr": "*fp32", "idx_ptr": "*i32"}),
+    Case("argmax", "_pick_kernel", {"BLOCK_C": 64}, {"max_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64"}),
     Case("gemv", "_split_sum_kernel", {"SPLIT_K": 4, "HAS_BIAS": False, "BLOCK": 64}, {"part_ptr": "*fp32"}),
 ]
 

@@ -88,6 +88,14 @@ class AttentionSide:
         """Final norm + lm_head on the rows given (fp32 logits)."""
         return self._linear(ref.rms_norm(hidden, self.w.final_norm, self.spec.rms_norm_eps), self.w.lm_head).float()
 
+    def greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """The argmax token of each row of `logits` [B, vocab], on the device (the CUDA graphs' head)."""
+        if self.triton:
+            from crosspool.kernels.argmax import argmax
+
+            return argmax(logits)
+        return logits.argmax(dim=-1)
+
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """The Triton path's dense projections (fused QKV, o_proj, lm_head): `gemv` at decode sizes
         (T <= MAX_GEMV_TOKENS) on CUDA when `crosspool.kernels.gemv.ENABLED` is set, else torch's linear."""
