@@ -22,6 +22,8 @@ Which kernel replaces which reference:
 - `routing.route`: `route` for the greedy rules; `routing.route_linear`: `linear` + `route` for the MoE router
   at decode sizes (`gemv.ROUTER`), the GEMM's K-split partials summed in the routing kernel.
 
+- `argmax.argmax`: `torch.argmax` over the vocabulary (the CUDA graphs' greedy tokens), in two short kernels.
+
 `pdl` holds programmatic dependent launch for the decode kernels (off unless `pdl.ENABLED`/`CROSSPOOL_PDL=1`).
 
 `mla` (pure torch) holds MLA weight absorption (`split_kv_b_proj`, `absorb_query`, `latent_to_output`).
