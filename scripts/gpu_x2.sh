@@ -20,6 +20,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} NCCL_NVLS_ENABLE=0
 # autotuning results cached on disk: a fresh process (a spawned rank, the next bench) reuses them instead of
 # timing every config again (the split parity spent minutes on it in session 4)
 export TRITON_CACHE_AUTOTUNING=1
+# the commit benchmarks record (this copy's .git may be stale): `git rev-parse --short HEAD > .run-commit`
+# here before the call, and carry .run-commit
+[ -f .run-commit ] && export CROSSPOOL_COMMIT=$(cat .run-commit)
 OUT=${OUT:-/tmp/out}; RES=/tmp/res; mkdir -p "$OUT" "$RES"
 stage=${1:?usage: gpu_x2.sh split|qwen3|pipeline|serve [a|b]}
 only=${2:-}

@@ -35,7 +35,9 @@ def test_multi_model_bench_runs_every_request(tiny_models, tmp_path: Path) -> No
     assert multi_model.main(["--model", path, "--models", "2", "--modes", "off,on", "--rate", "4",
                              "--duration-s", "2", "--prompt-len", "16", "--output-len", "40", "--kv-cache-gb", "0.25",
                              "--device", "cpu", "--out-dir", str(out)]) == 0
-    rows = json.loads(next(out.glob("multi-model-*.json")).read_text())["rows"]
+    result = json.loads(next(out.glob("multi-model-*.json")).read_text())
+    assert result["device"] == "cpu" and result["commit"] and result["date"]
+    rows = result["rows"]
     arrivals = len(multi_model.trace(["m0", "m1"], 4, 2, 16, load_spec(path).vocab_size, 0))
     for r in rows:
         assert r["requests"] == arrivals > 0
@@ -86,3 +88,13 @@ def test_decode_bench_on_one_device_and_on_the_split_layout(tiny_models, tmp_pat
     assert all(r["bytes"] > 0 and r["experts_per_moe_layer"] > 0 for r in rows["one"])
     assert all("bytes" not in r for r in rows["split"])
     assert result["layout"] == {"weights_ranks": 2, "weights_devices": ["cpu", "cpu"]}
+
+
+def test_results_record_the_commit_given_by_the_run(monkeypatch) -> None:  # noqa: ANN001
+    """On the device machine the tree's .git may be stale: CROSSPOOL_COMMIT (from `.run-commit`) wins."""
+    from crosspool.bench import provenance
+
+    monkeypatch.setenv("CROSSPOOL_COMMIT", "abc1234")
+    assert provenance.stamp("cpu") == {"date": provenance.stamp("cpu")["date"], "commit": "abc1234", "device": "cpu"}
+    monkeypatch.delenv("CROSSPOOL_COMMIT")
+    assert provenance.git_commit() != "abc1234"

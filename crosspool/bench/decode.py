@@ -25,13 +25,13 @@ import argparse
 import datetime
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from crosspool.bench import traffic
+from crosspool.bench.provenance import git_commit
 from crosspool.bench.traffic import sync
 from crosspool.config import EngineConfig, is_distributed, layout_settings
 from crosspool.engine.engine import Engine
@@ -39,14 +39,6 @@ from crosspool.engine.llm import create_engine
 from crosspool.engine.sampling import SamplingParams
 
 COUNT_STEPS = 4     # trailing decode steps run eagerly with expert counting (not timed)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: int, warmup: int = 3,
@@ -272,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_ms = hf_generate_ms(args.model, contexts[0], 32, args.device) if args.hf else None
     result = {
         "model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": datetime.date.today().isoformat(), "commit": _git_commit(), "label": args.label,
+        "date": datetime.date.today().isoformat(), "commit": git_commit(), "label": args.label,
         "kernels": config.kernels, "cuda_graphs": config.cuda_graphs, "copy_bandwidth": copy_bw,
         "load_s": load_s, "capture": capture, "hf_generate_ms_per_token": hf_ms, "rows": rows,
         "layout": {k: v for k, v in layout.items() if k != "device"} or None,

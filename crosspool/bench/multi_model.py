@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crosspool.bench import timeline
+from crosspool.bench import provenance, timeline
 from crosspool.config import EngineConfig, layout_settings
 from crosspool.engine.distributed import DistributedEngine
 from crosspool.engine.engine import Engine
@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['ttft_ms_p99']:.1f} |")
     stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
     out = out_dir / f"multi-model-{stamp}.json"
-    out.write_text(json.dumps({"model": args.model, "args": vars(args), "rows": rows}, indent=2) + "\n")
+    measured = args.kv_devices.split(",")[0] if args.kv_devices else args.device
+    out.write_text(json.dumps({"model": args.model, **provenance.stamp(measured), "args": vars(args), "rows": rows},
+                              indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 
