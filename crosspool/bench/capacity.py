@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from crosspool.bench import provenance
 from crosspool.config import EngineConfig, layout_settings
 from crosspool.engine.llm import create_engine
 from crosspool.engine.sampling import SamplingParams
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row, indent=1))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(row, f, indent=2)
+                json.dump({**provenance.stamp(engine.device), **row}, f, indent=2)
     finally:
         engine.close()
     return 0

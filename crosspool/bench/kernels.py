@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from crosspool.bench import provenance
 from crosspool.bench.traffic import copy_bandwidth
 from crosspool.kernels._common import cdiv
 from crosspool.kernels.fused_moe import fused_moe
@@ -208,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
     out = Path(args.json) if args.json else Path("bench/results") / f"kernels-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-                               **results}, indent=2) + "\n")
+    out.write_text(json.dumps({**provenance.stamp(), **results}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from crosspool.bench import provenance
 from crosspool.bench.traffic import sync
 from crosspool.pools.transport import Exchange, World, free_port, init_world
 
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['tick']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"kv": kv, "weights": weights, "hidden": args.hidden, "rows": rows}, f, indent=2)
+            json.dump({**provenance.stamp(kv[0]), "kv": kv, "weights": weights, "hidden": args.hidden,
+                       "rows": rows}, f, indent=2)
     return 0
 
 
