@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from crosspool.bench import traffic
-from crosspool.bench.provenance import git_commit
+from crosspool.bench import provenance, traffic
 from crosspool.bench.traffic import sync
 from crosspool.config import EngineConfig, is_distributed, layout_settings
 from crosspool.engine.engine import Engine
@@ -263,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     engine.close()
     hf_ms = hf_generate_ms(args.model, contexts[0], 32, args.device) if args.hf else None
     result = {
-        "model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": datetime.date.today().isoformat(), "commit": git_commit(), "label": args.label,
+        "model": args.model, **provenance.stamp(device), "label": args.label,
         "kernels": config.kernels, "cuda_graphs": config.cuda_graphs, "copy_bandwidth": copy_bw,
         "load_s": load_s, "capture": capture, "hf_generate_ms_per_token": hf_ms, "rows": rows,
         "layout": {k: v for k, v in layout.items() if k != "device"} or None,

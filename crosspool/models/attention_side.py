@@ -72,7 +72,7 @@ class AttentionSide:
             if isinstance(delta, TopKPartials):
                 return norm_rope.topk_add_rms_norm(delta, hidden, weight, eps)
             return norm_rope.add_rms_norm(delta, hidden, weight, eps)
-        delta = reduced(delta) if delta is not None else None
+        delta = reduced(delta)
         if delta is not None:
             hidden = hidden + delta
         return ref.rms_norm(hidden, weight, eps), hidden

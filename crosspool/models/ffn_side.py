@@ -61,16 +61,16 @@ class FFNSide:
         if "gate_up" in w:
             return _mlp(x, w["gate_up"], w["down"])
         weights, ids = self._route(w, x.to(w["router"].dtype))
+        has_shared = "shared_gate_up" in w        # the shared expert is added to the summed rows
         if self.expert_hits is not None:
             self.expert_hits[layer, ids.reshape(-1)] = 1
         if self.triton:
             from crosspool.kernels.fused_moe import fused_moe
 
-            shared = "shared_gate_up" in w
-            out = fused_moe(x, w["experts_gate_up"], w["experts_down"], weights, ids, reduce=shared)
+            out = fused_moe(x, w["experts_gate_up"], w["experts_down"], weights, ids, reduce=has_shared)
         else:
             out = ref.experts(x, w["experts_gate_up"], w["experts_down"], weights, ids)
-        if "shared_gate_up" in w:
+        if has_shared:
             shared = _mlp(x, w["shared_gate_up"], w["shared_down"])
             if "shared_gate" in w:
                 shared = torch.sigmoid(ref.linear(x, w["shared_gate"])) * shared

@@ -81,7 +81,7 @@ class MoEModel:
         yield SubStep(ATTENTION_SIDE, 0, None)
         hidden = self.attention.embed(batch.input_ids)
         rope = self.attention.rope_tables(batch.positions)
-        ffn_out: torch.Tensor | None = None
+        ffn_out: torch.Tensor | TopKPartials | None = None
         start = getattr(self.ffn, "forward_start", None)      # an FFN on other ranks: issue now, read later
         # in process, the FFN may hand over its expert rows unsummed (the attention side's add + norm sums them)
         forward = getattr(self.ffn, "forward_partial", self.ffn.forward)
