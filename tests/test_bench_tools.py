@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from crosspool.bench import capacity, decode, multi_model, traffic, transfer
+from crosspool.config import EngineConfig
+from crosspool.engine.llm import create_engine
 from crosspool.models.loader import load_spec
 from crosspool.models.model import MoEModel
 
@@ -88,6 +90,20 @@ def test_decode_bench_on_one_device_and_on_the_split_layout(tiny_models, tmp_pat
     assert all(r["bytes"] > 0 and r["experts_per_moe_layer"] > 0 for r in rows["one"])
     assert all("bytes" not in r for r in rows["split"])
     assert result["layout"] == {"weights_ranks": 2, "weights_devices": ["cpu", "cpu"]}
+
+
+def test_decode_cell_whose_prefill_outlasts_the_output_length(tiny_models, tmp_path: Path) -> None:  # noqa: ANN001
+    """8 prompts of 96 tokens at 64 prompt tokens a step take 12+ steps to prefill, longer than the 10 tokens a
+    request decodes: the first requests must still be running when the last is prefilled (the Qwen3 8k x 32
+    cell hung there: the batch never filled), and nothing is left running after the cell."""
+    path = str(tiny_models("tiny-olmoe"))
+    config = EngineConfig(device="cpu", max_num_batched_tokens=64, max_num_seqs=8,
+                          max_model_len=96 + 10 + decode.prefill_steps(8, 96, 64), kv_cache_bytes=2**24)
+    engine = create_engine({"m": path}, config)
+    assert decode.prefill_steps(8, 96, 64) > 10
+    cell = decode.bench_cell(engine, "m", 8, 96, 10, warmup=1)
+    assert cell["steps"] == 10 - 1 - decode.COUNT_STEPS - 1 and cell["step_ms"] > 0
+    assert not engine.has_unfinished()
 
 
 def test_results_record_the_commit_given_by_the_run(monkeypatch) -> None:  # noqa: ANN001

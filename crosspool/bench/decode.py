@@ -22,6 +22,7 @@ The weights rank routes the experts, so those cells report no bytes or bandwidth
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import statistics
@@ -48,22 +49,27 @@ def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: 
     model, runner, sched = served.model, served.runner, served.scheduler
     spec = model.spec
     cell: dict = {"batch": batch, "context": context}
-    need = batch * -(-(context + output_len) // engine.config.block_size)
+    # the first prompts decode while the last are still prefilling: they get enough tokens to still be running
+    # when the last one is done (else the batch never fills), and what is left is aborted after the timing
+    max_tokens = output_len + prefill_steps(batch, context, engine.config.max_num_batched_tokens)
+    need = batch * -(-(context + max_tokens) // engine.config.block_size)
     if max_cell_tokens is not None and batch * context > max_cell_tokens:
         cell["skipped"] = f"{batch * context} prompt tokens, over --max-cell-tokens {max_cell_tokens}"
         return cell
-    if need > served.blocks.num_blocks or context + output_len > served.max_model_len:
+    if need > served.blocks.num_blocks or context + max_tokens > served.max_model_len:
         cell["skipped"] = (f"needs {need} KV blocks ({need * served.blocks.kv.block_bytes / 2**30:.1f} GiB), "
                            f"pool holds {served.blocks.num_blocks}; max_model_len {served.max_model_len}")
         return cell
     gen = torch.Generator().manual_seed(batch * 100_003 + context)
-    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-    for _ in range(batch):
-        engine.add_request(name, torch.randint(0, spec.vocab_size - 10, (context,), generator=gen).tolist(), params)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    ids = [engine.add_request(name, torch.randint(0, spec.vocab_size - 10, (context,), generator=gen).tolist(),
+                              params) for _ in range(batch)]
     t0 = time.perf_counter()
     while not (not sched.waiting and len(sched.running) == batch
                and all(s.num_computed == s.num_tokens - 1 for s in sched.running)):
-        engine.step()
+        if any(out.finished for out in engine.step()):
+            raise RuntimeError(f"a request of the {batch} x {context} cell finished before the batch was "
+                               f"prefilled (preempted and recomputed past its {max_tokens} tokens?)")
     cell["prefill_s"] = time.perf_counter() - t0
     spans, lens, hits = [], [], []
     graphs = runner.graphs
@@ -105,6 +111,8 @@ def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: 
                 hits.append(ffn.expert_hits.sum(1).tolist())
         runner.graphs = graphs
         ffn.expert_hits = None
+    for rid in ids:
+        engine.abort(rid)
     while engine.has_unfinished():
         engine.step()
     cell.update({"steps": timed - warmup, "step_ms": mean_wall * 1e3, "tokens_per_s": batch / mean_wall})
@@ -124,6 +132,11 @@ def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: 
         "weight_bytes": weight_bytes, "kv_bytes": kv, "bytes": weight_bytes + kv,
     })
     return cell
+
+
+def prefill_steps(batch: int, context: int, chunk: int) -> int:
+    """Engine steps until every prompt of a cell is prefilled, with a margin: `chunk` prompt tokens a step."""
+    return -(-(batch * context) // chunk) + 2
 
 
 def _profile(engine: Engine, batch: int, context: int, output_len: int) -> None:
@@ -223,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(kv_cache_bytes=kv_bytes, kernels=args.kernels, cuda_graphs=args.cuda_graphs,
                           max_num_seqs=max(args.max_num_seqs, max(batches)),
                           max_model_len=max(contexts) + args.output_len, **layout)
+    config = dataclasses.replace(config, max_model_len=args.output_len + max(
+        c + prefill_steps(max(batches), c, config.max_num_batched_tokens) for c in contexts))
     split = is_distributed(config)
     if split and (args.profile or args.hf):
         p.error("--profile and --hf time one device: leave out --kv-devices/--weights-devices")
