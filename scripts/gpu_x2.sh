@@ -122,7 +122,7 @@ if [ "$stage" = qwen3 ]; then
     }
     job_b() {   # issue 4's session-4 changes (router GEMV, PDL: before/after in one run), then issue 7's replay
         t 120 python3 -m pytest -q -m gpu tests/test_gpu.py -k programmatic 2>&1 | tail -3
-        for flags in "--router-cublas --label router-cublas" "--label default" "--pdl --label pdl"; do
+        for flags in "--router-cublas --label router-cublas" "--no-pdl --label no-pdl" "--label default"; do
             t 70 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 1,8 \
                 $flags --json "$RES/olmoe_${flags##* }.json" 2>&1 | grep "^| 1024" | sed "s/^/${flags##* }: /"
         done

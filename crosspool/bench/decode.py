@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -201,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="print the device time per kernel over the first cell's decode steps (torch.profiler)")
     p.add_argument("--gemv", action="store_true",
                    help="attention-side projections through the skinny GEMM kernel (crosspool.kernels.gemv)")
-    p.add_argument("--pdl", action="store_true",
-                   help="programmatic dependent launch for the decode kernels (crosspool.kernels.pdl)")
+    p.add_argument("--no-pdl", action="store_true",
+                   help="no programmatic dependent launch for the decode kernels (crosspool.kernels.pdl: on by "
+                        "default on sm_90+)")
     p.add_argument("--router-cublas", action="store_true",
                    help="the MoE router through torch's linear (cuBLAS) instead of the skinny GEMM (a before/after)")
     p.add_argument("--kv-devices", default=None, help="split layout: the KV pool's device (with --weights-devices)")
@@ -221,10 +223,11 @@ def main(argv: list[str] | None = None) -> int:
 
     gemv.ENABLED = args.gemv
     gemv.ROUTER = not args.router_cublas
-    if args.pdl:
+    if args.no_pdl:
         from crosspool.kernels import pdl
 
-        pdl.ENABLED = True
+        pdl.ENABLED = False
+        os.environ["CROSSPOOL_PDL"] = "0"     # the split layout's spawned ranks read it
     try:
         contexts = [int(c) for c in args.context.split(",")]
         batches = [int(b) for b in args.batch.split(",")]
