@@ -7,6 +7,8 @@
 #   bash scripts/gpu_x2.sh split2     # issue 8 (x2 only): 4 models at rate 4, the capacity row, transfer
 #   bash scripts/gpu_x2.sh qwen3      # A: issue 4 (the Qwen3 cells not reached) | B: issue 4 (PDL test, decode with
 #                                     #    router on cuBLAS / default / PDL), issue 8's one-GPU 4-model reference
+#   bash scripts/gpu_x2.sh plan       # issue 8 (x2 only): split decode step with per-call headers vs announced
+#                                     #    passes, then 4 models at rates 2 and 4 on the split
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
@@ -89,6 +91,22 @@ if [ "$stage" = split2 ]; then   # the rest of issue 8 once `split` passed: a lo
         2>&1 | tail -12
     t 90 python3 -m crosspool.bench.transfer --kv-devices cuda:0 --weights-devices cuda:1 \
         --json "$RES/transfer.json" 2>&1 | tail -9
+fi
+
+if [ "$stage" = plan ]; then   # issue 8, session 5: the announced-pass protocol (one plan message a pass)
+    [ "$GPUS" -ge 2 ] || { echo "plan needs 2 GPUs"; exit 2; }
+    ckpt olmoe-1b-7b $OLMOE
+    # a lone batch's step on the split layout, per-call headers (before) and announced passes (after)
+    for plan in 0 1; do
+        CROSSPOOL_FFN_PLAN=$plan t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
+            --context 1024 --batch 1,8 --kv-devices cuda:0 --weights-devices cuda:1 --label "ffn-plan=$plan" \
+            --json "$RES/decode_split_plan$plan.json" > "$RES/decode_split_plan$plan.out" 2>&1
+        grep "^| 1024\|Error" "$RES/decode_split_plan$plan.out" | sed "s/^/plan=$plan: /"
+    done
+    t 170 $MM --models 4 --modes off,on --rate 2 --kv-devices cuda:0 --weights-devices cuda:1 \
+        --out-dir "$RES/split_rate2" 2>&1 | tee "$RES/split_rate2.out" | grep -v "^{" | tail -3
+    t 170 $MM --models 4 --modes off,on --rate 4 --kv-devices cuda:0 --weights-devices cuda:1 \
+        --out-dir "$RES/split_rate4" 2>&1 | tee "$RES/split_rate4.out" | grep -v "^{" | tail -3
 fi
 
 if [ "$stage" = rerun ]; then   # session 4: what the first three calls left

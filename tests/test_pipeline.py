@@ -9,6 +9,8 @@ the timeline comes out as JSON and PNG.
 
 from __future__ import annotations
 
+import itertools
+
 import json
 import os
 from collections import defaultdict
@@ -24,7 +26,7 @@ if not torch.cuda.is_available():   # the sub-step graph test runs the Triton ke
 from crosspool import LLM, EngineConfig, SamplingParams  # noqa: E402
 from crosspool.bench import timeline  # noqa: E402
 from crosspool.engine.engine import Engine  # noqa: E402
-from crosspool.engine.pipeline import PipelineScheduler, Span, TimelineLog  # noqa: E402
+from crosspool.engine.pipeline import PipelineScheduler, Span, TimelineLog, ffn_order  # noqa: E402
 from crosspool.models.make_model import make_model  # noqa: E402
 
 TinyModels = Callable[[str], Path]
@@ -235,6 +237,32 @@ def test_sub_steps_alternate_and_a_new_batch_joins_on_early_exit(paths: dict[str
         (8, "attention", c, 1), (9, "ffn", c, 1), (10, "attention", c, 2), (11, "ffn", c, 2), (12, "head", c, 3),
     ]
     assert log.steps[0].batches == [a, b, c]
+    # what the pipeline announces to weights ranks: the same FFN order, worked out before any sub-step runs
+    index = {a: 0, b: 1, c: 2}
+    assert ffn_order([3, 2, 3], lanes=2) == [(index[s.model], s.layer) for s in log.spans if s.kind == "ffn"]
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_announced_ffn_order_is_the_issued_order(paths: dict[str, Path], lanes: int) -> None:
+    """`ffn_order` against the order `_issue` really makes the FFN calls in, for the 2- and 3-layer models in
+    every order (TBT targets rank them) and one to three lanes; with three lanes, qwen3 (2 layers) first, two
+    batches want the attention slot while one of them is at its head, where the rule "the one with an FFN to
+    follow goes first" decides. A wrong announcement would pair the weights ranks' messages with the wrong
+    calls."""
+    names = [OLMOE, QWEN3_2L, DSV2]
+    layers = {OLMOE: 3, QWEN3_2L: 2, DSV2: 3}
+    for order in itertools.permutations(names):
+        targets = {m: 0.01 * (k + 1) for k, m in enumerate(order)}
+        llm = LLM({n: paths[n] for n in names}, EngineConfig(pipeline=True, num_kv_blocks=32, tbt_targets_s=targets))
+        llm.engine.pipeline.lanes = lanes
+        for i, name in enumerate(names * 2):     # two requests a model: one batch of two
+            llm.engine.add_request(name, _prompts([4 + i], i)[0], SamplingParams(max_tokens=1, temperature=0.0))
+        with timeline.record_timeline(llm.engine) as log:
+            llm.engine.step()
+        llm.engine.close()
+        assert log.steps[0].batches == list(order)
+        issued = [(s.batch, s.layer) for s in log.spans if s.kind == "ffn"]
+        assert ffn_order([layers[m] for m in order], lanes) == issued, order
 
 
 def test_rank_is_earliest_deadline_first() -> None:

@@ -89,7 +89,7 @@ def _prefill(llm: LLM, name: str, ids: list[int]) -> torch.Tensor:
         served.blocks.release(seq)
 
 
-def test_one_kv_rank_one_weights_rank_match_single_process_with_two_messages_a_layer(tiny_models) -> None:  # noqa: ANN001
+def test_one_kv_rank_one_weights_rank_match_single_process_with_one_message_a_layer(tiny_models) -> None:  # noqa: ANN001
     path = tiny_models("tiny-olmoe")
     prompts = [[5, 17, 3, 99, 42, 7], [8, 1, 2]]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -102,10 +102,12 @@ def test_one_kv_rank_one_weights_rank_match_single_process_with_two_messages_a_l
     try:
         out = llm.generate(prompts, params, model="m")
         exchange = llm.engine.exchange
-        before = exchange.messages_sent
+        before, plans = exchange.messages_sent, exchange.plans_sent
         logits = _prefill(llm, "m", prompts[0])
         layers = llm.engine.models["m"].model.spec.num_layers
-        assert exchange.messages_sent - before == 2 * layers + 1     # header + hidden states a layer, one "done"
+        # the pass is announced (a header and its plan), then only the hidden states go a layer; one "done"
+        assert exchange.messages_sent - before == layers + 3
+        assert exchange.plans_sent - plans == 1
     finally:
         llm.engine.close()
     # the ranks run with fewer threads (other matmul blocking): equal up to rounding
@@ -131,8 +133,8 @@ def test_graph_path_across_ranks_gives_the_single_process_tokens(tiny_models, we
         assert runner.graphs is None and runner.substeps is not None and runner.substeps.remote
         used = []
         stages = runner.substeps.stages
-        runner.substeps.stages = lambda slot, scheduled, *rest: (used.append(len(scheduled)),
-                                                                 stages(slot, scheduled, *rest))[1]
+        runner.substeps.stages = lambda slot, scheduled, *rest, **kw: (used.append(len(scheduled)),
+                                                                       stages(slot, scheduled, *rest, **kw))[1]
         launched = []
         launch = runner.launch
         runner.launch = lambda scheduled, previous: (launched.append(previous is not None),

@@ -170,6 +170,7 @@ class _Flight:
     stages: Stages
     next: SubStep
     num_layers: int
+    rows: int                      # rows of each of its FFN calls
     ready: torch.cuda.Event | None = None    # after its latest sub-step (CUDA)
     final: torch.Tensor | None = None        # set by the head: the batch has left its lane
     sampled: Sampled | LaunchedStep | None = None   # once every sub-step of the step is issued
@@ -189,6 +190,28 @@ class _StepRecord:
     mark: StepMark
     origin: float | torch.cuda.Event | None
     subs: list[tuple] = field(default_factory=list)
+
+
+def ffn_order(layers: list[int], lanes: int) -> list[tuple[int, int]]:
+    """(batch, layer) of each FFN sub-step in the order `PipelineScheduler._issue` issues them, for batches
+    of `layers` layers each (the order depends on nothing else). A batch's sub-steps are numbered
+    attention(0) = 0, FFN(0) = 1, ..., FFN(L-1) = 2L-1, head = 2L."""
+    at = [0] * len(layers)
+    waiting = deque(range(len(layers)))
+    lane: list[int] = []
+    order = []
+    while waiting or lane:
+        while waiting and len(lane) < lanes:
+            lane.append(waiting.popleft())
+        ffn = next((i for i in lane if at[i] % 2 == 1), None)
+        attention = min((i for i in lane if at[i] % 2 == 0), key=lambda i: at[i] == 2 * layers[i], default=None)
+        for i in (ffn, attention):
+            if i is not None:
+                if at[i] % 2 == 1:
+                    order.append((i, at[i] // 2))
+                at[i] += 1
+        lane = [i for i in lane if at[i] <= 2 * layers[i]]
+    return order
 
 
 class PipelineScheduler:
@@ -240,6 +263,7 @@ class PipelineScheduler:
         for i, (owner, offset, part) in enumerate(self._split(batches)):
             slot = sum(f.part.model == part.model for f in flights)   # the model's batches so far this step
             flights.append(self._flight(i, owner, offset, part, slot))
+        self._announce(flights)
         record = self._begin_record(flights)     # its origin stamp first: the sides start after it
         self.streams.begin()
         try:
@@ -255,7 +279,8 @@ class PipelineScheduler:
         return self._merge(batches, flights)
 
     def _issue(self, flights: list[_Flight], record: _StepRecord | None) -> None:
-        """Tick by tick: fill free lanes in order, then one FFN and one attention-side sub-step."""
+        """Tick by tick: fill free lanes in order, then one FFN and one attention-side sub-step (`ffn_order`
+        follows the same rules: keep them in step)."""
         waiting = deque(flights)
         lanes: list[_Flight] = []
         tick = 0
@@ -270,6 +295,17 @@ class PipelineScheduler:
                     self._sub_step(f, tick, record)
             lanes = [f for f in lanes if f.final is None]
             tick += 1
+
+    def _announce(self, flights: list[_Flight]) -> None:
+        """Across pool ranks: tell the weights ranks every FFN call of the step, in the order `_issue` will
+        make them (`ffn_order`), so they queue the step's calls at once instead of one header per call."""
+        calls: dict[int, tuple[object, list[tuple[int, int, int]]]] = {}
+        for i, layer in ffn_order([f.num_layers for f in flights], self.lanes):
+            ffn = flights[i].part.runner.model.ffn
+            if hasattr(ffn, "announce"):
+                calls.setdefault(id(ffn.exchange), (ffn.exchange, []))[1].append((ffn.index, layer, flights[i].rows))
+        for exchange, planned in calls.values():
+            exchange.announce(planned)
 
     def _split(self, batches: list[PipelineBatch]) -> list[tuple[int, int, PipelineBatch]]:
         """(owner, offset, batch) to run; a lone batch of several sequences becomes two micro-batches,
@@ -288,7 +324,8 @@ class PipelineScheduler:
     def _flight(self, index: int, owner: int, offset: int, part: PipelineBatch, slot: int) -> _Flight:
         stages, finish = part.runner.pipeline_stages(part.scheduled, slot, part.src_rows)
         first = next(stages)         # prepares the inputs, runs no sub-step: says attention(0) comes first
-        return _Flight(index, owner, offset, part, finish, stages, first, part.runner.model.spec.num_layers)
+        return _Flight(index, owner, offset, part, finish, stages, first, part.runner.model.spec.num_layers,
+                       first.rows)
 
     def _sub_step(self, f: _Flight, tick: int, record: _StepRecord | None) -> None:
         step, kind = f.next, f.next_kind

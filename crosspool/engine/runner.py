@@ -82,7 +82,7 @@ class ModelRunner:
             logits = self.graphs.run(scheduled)
         elif self.graphs is None and self._launchable(scheduled):
             # across pool ranks: the attention sub-steps as graphs, the FFN on the weights ranks in between
-            logits = run_stages(self.substeps.stages(0, scheduled))
+            logits = run_stages(self.substeps.stages(0, scheduled, announce=True))
         else:
             batch = self.prepare(scheduled)
             logits = self._logits(batch, self.model.forward(batch, self.cache))

@@ -95,13 +95,14 @@ class SubStepGraphs:
         """Async decode with the sub-steps of slot 0 (across pool ranks, where there is no whole-step graph):
         queue the greedy step, its sub-steps back to back, and the copy of its tokens; return without waiting.
         src_rows as in `DecodeInputs.fill`: rows fed the previous launched step's tokens on the device."""
-        run_stages(self.stages(0, scheduled, src_rows))
+        run_stages(self.stages(0, scheduled, src_rows, announce=True))
         return self.readback.queue(scheduled, self.slots[0].inputs.tokens)
 
-    def stages(self, slot: int, scheduled: list[ScheduledSeq], src_rows: list[int] | None = None) -> Stages:
+    def stages(self, slot: int, scheduled: list[ScheduledSeq], src_rows: list[int] | None = None,
+               announce: bool = False) -> Stages:
         """A decode step of the scheduled sequences (one new token each) as sub-steps, like
         `MoEModel.forward_stages`; returns the logits [n, vocab] (the head also leaves each row's greedy token
-        in the slot's `inputs.tokens`)."""
+        in the slot's `inputs.tokens`). announce: as in `MoEModel.forward_stages` (a pass run on its own)."""
         n = len(scheduled)
         bucket = bucket_for(self.buckets, n)
         if bucket is None:
@@ -109,7 +110,9 @@ class SubStepGraphs:
         self._ensure_captured(slot, bucket)
         s = self.slots[slot]
         s.inputs.fill(scheduled, bucket, src_rows)
-        yield SubStep(ATTENTION_SIDE, 0, None)
+        yield SubStep(ATTENTION_SIDE, 0, None, bucket)
+        if announce and self.remote:
+            self.model.ffn.announce(bucket)
         pending = None
         for layer in range(self.model.spec.num_layers):
             if pending is not None:

@@ -24,7 +24,8 @@ Which kernel replaces which reference:
 
 - `argmax.argmax`: `torch.argmax` over the vocabulary (the CUDA graphs' greedy tokens), in two short kernels.
 
-`pdl` holds programmatic dependent launch for the decode kernels (on for sm_90+ unless `pdl.ENABLED = False`/`CROSSPOOL_PDL=0`).
+`pdl` holds programmatic dependent launch for the decode kernels (on for sm_90+ unless `pdl.ENABLED = False`
+or `CROSSPOOL_PDL=0`).
 
 `mla` (pure torch) holds MLA weight absorption (`split_kv_b_proj`, `absorb_query`, `latent_to_output`).
 """

@@ -28,7 +28,8 @@ ATTENTION_SIDE, FFN_SIDE = "attention", "ffn"
 
 class FFN(Protocol):
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
-    # optional (`pools.transport.RemoteFFN`): forward_start(layer, x) -> object with .result() -> Tensor
+    # optional (`pools.transport.RemoteFFN`): forward_start(layer, x) -> object with .result() -> Tensor, and
+    # announce(rows): the next num_layers calls are this pass's, with `rows` rows each
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class SubStep:
     side: str                      # ATTENTION_SIDE | FFN_SIDE
     layer: int                     # on the attention side, num_layers means the final residual add
     handoff: torch.Tensor | TopKPartials | None
+    rows: int = 0                  # the first sub-step: rows of every FFN call of the pass (padding included)
 
 
 Stages = Generator[SubStep, None, torch.Tensor]
@@ -70,15 +72,20 @@ class MoEModel:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: PagedCache) -> torch.Tensor:
         """Final hidden states (before the final norm) of every token in the batch."""
-        return run_stages(self.forward_stages(batch, cache))
+        return run_stages(self.forward_stages(batch, cache, announce=True))
 
     @torch.inference_mode()
-    def forward_stages(self, batch: ForwardBatch, cache: PagedCache) -> Stages:
+    def forward_stages(self, batch: ForwardBatch, cache: PagedCache, announce: bool = False) -> Stages:
         """`forward` as a generator of sub-steps: it yields the SubStep it will run next and runs it on the
         following resume, so nothing runs until the first resume after the first yield. Sides alternate:
         attention(0) [with the embedding], FFN(0), attention(1) [with the residual add of FFN(0)], ...,
-        FFN(L-1), then the final residual add (attention side, layer L), whose result is returned."""
-        yield SubStep(ATTENTION_SIDE, 0, None)
+        FFN(L-1), then the final residual add (attention side, layer L), whose result is returned.
+        announce: an FFN on other ranks is told this pass's calls up front (`RemoteFFN.announce`), as a pass run
+        on its own does; the pipeline, which interleaves passes, announces their calls in its own order."""
+        rows = batch.input_ids.shape[0]
+        yield SubStep(ATTENTION_SIDE, 0, None, rows)
+        if announce and hasattr(self.ffn, "announce"):
+            self.ffn.announce(rows)
         hidden = self.attention.embed(batch.input_ids)
         rope = self.attention.rope_tables(batch.positions)
         ffn_out: torch.Tensor | TopKPartials | None = None

@@ -13,6 +13,13 @@ partial when the weights are tensor-parallel; the KV rank sums them). Nothing on
 device or for another rank until the output is needed. A weights rank serves headers in the order they
 arrive from any KV rank, so KV ranks never wait for each other; a KV rank ends its round with a "done"
 header to every weights rank, and a weights rank's round ends when every KV rank is done.
+
+With one KV rank, a pass (one batch through every layer) is announced: one header and one plan message carry all of its
+calls, (model, layer, rows) in the order they will come, so the weights rank's host queues the whole pass
+(receive, FFN, send for each layer) at once and never waits on the host per layer; its device then runs the
+layers as the hidden states arrive. The pipeline scheduler announces the calls of its interleaved passes
+in its own order. A call that was not announced carries its own header. `CROSSPOOL_FFN_PLAN=0` turns the
+announcements off (every call with its header, as before them: for before/after measurements).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import socket
 import subprocess
 import sys
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -34,9 +42,10 @@ from crosspool.models.loader import Shard
 from crosspool.models.spec import ModelSpec
 from crosspool.pools.weights_pool import WeightsPool
 
-OP_DONE, OP_FFN = 0, 1
-HEADER_INTS = 4                       # [op, model, layer, tokens]
+OP_DONE, OP_FFN, OP_PLAN = 0, 1, 2
+HEADER_INTS = 4                       # [op, model, layer, tokens]; OP_PLAN: [op, calls, 0, 0], then the plan
 TIMEOUT = timedelta(minutes=10)
+PLANS = os.environ.get("CROSSPOOL_FFN_PLAN", "1") != "0"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -156,6 +165,8 @@ class Exchange:
         self.messages_sent = 0                # point-to-point messages this rank has sent (headers included)
         self._in_flight: list[PendingFFN] = []
         self._headers: list[tuple[dist.Work, torch.Tensor]] = []   # header sends not yet waited for
+        self._announced: deque[tuple[int, int, int]] = deque()    # (model, layer, rows) told, not yet sent
+        self.plans_sent = 0
 
     @property
     def _out_dtype(self) -> torch.dtype:
@@ -169,10 +180,39 @@ class Exchange:
         self.messages_sent += self.world.weights_ranks
 
     # ---- KV side --------------------------------------------------------------------------------
+    def announce(self, calls: list[tuple[int, int, int]]) -> None:
+        """Tell the weights ranks this rank's next FFN calls, (model, layer, rows) in the order `ffn_start`
+        will make them: one header and one plan message for all of them, none per call.
+
+        Only with one KV rank. A weights rank works through a plan in order, so with several KV ranks and
+        tensor-parallel weights ranks two weights ranks could each be inside another KV rank's plan, each
+        waiting for hidden states that need the other's output first (a deadlock, seen over gloo); and with
+        one weights rank whole passes of different KV ranks would queue behind each other. Per-call headers
+        (served in arrival order, each call's hidden states already on their way) have neither problem."""
+        if not calls or self.world.kv_ranks > 1 or not PLANS:
+            return
+        if self._announced:
+            raise RankError(f"announcing {len(calls)} FFN calls while {len(self._announced)} announced ones are "
+                            f"not made yet (next: {self._announced[0]})")
+        plan = torch.tensor(calls, dtype=torch.int64).flatten()
+        self._send_header([OP_PLAN, len(calls), 0, 0])
+        for w in self.world.weights:
+            self._headers.append((dist.isend(plan, w, group=control_group()), plan))
+        self.messages_sent += self.world.weights_ranks
+        self._announced.extend(calls)
+        self.plans_sent += 1
+
     def ffn_start(self, model: int, layer: int, x: torch.Tensor) -> PendingFFN:
         """Send x to the weights ranks for (model, layer)'s FFN; the output comes with `result()`."""
         x = x.to(self.dtype).contiguous()
-        self._send_header([OP_FFN, model, layer, x.shape[0]])
+        if self._announced:
+            told = self._announced.popleft()
+            if told != (model, layer, x.shape[0]):
+                # the weights ranks queue the announced calls: another one here would pair the wrong messages
+                raise RankError(f"FFN call (model {model}, layer {layer}, {x.shape[0]} rows) where "
+                                f"(model, layer, rows) {told} was announced")
+        else:
+            self._send_header([OP_FFN, model, layer, x.shape[0]])
         parts = torch.empty(self.world.weights_ranks, *x.shape, dtype=self._out_dtype, device=self.device)
         # plain isend/irecv on both sides (not batch_isend_irecv): NCCL may run batched point-to-point on
         # another communicator than single operations, and the two sides must match
@@ -188,6 +228,9 @@ class Exchange:
 
     def finish_round(self) -> None:
         """Complete every call still in flight and tell the weights ranks this rank is done."""
+        if self._announced:
+            raise RankError(f"round ends with {len(self._announced)} announced FFN calls not made "
+                            f"(next: {self._announced[0]}): the weights ranks wait for them")
         for pending in list(self._in_flight):
             pending.result()
         self._send_header([OP_DONE, 0, 0, 0])
@@ -207,15 +250,26 @@ class Exchange:
             op, model, layer, tokens = header.tolist()
             if op == OP_DONE:
                 done += 1
-                continue
-            x = torch.empty(tokens, self.hidden_sizes[model], dtype=self.dtype, device=self.device)
-            dist.recv(x, src)
-            with torch.inference_mode():
-                y = pool.ffn(names[model], layer, x).to(self._out_dtype).contiguous()
-            sends.append((dist.isend(y, src), y))
-            self.messages_sent += 1
+            elif op == OP_PLAN:    # a pass (or the pipeline's passes): queue every call now, in order
+                plan = torch.empty(3 * model, dtype=torch.int64)
+                dist.recv(plan, src, group=control_group())
+                for call in plan.view(-1, 3).tolist():
+                    sends.append(self._serve(pool, names, src, *call))
+            else:
+                sends.append(self._serve(pool, names, src, model, layer, tokens))
         for work, _ in sends:
             work.wait()
+
+    def _serve(self, pool: WeightsPool, names: list[str], src: int, model: int, layer: int, tokens: int
+               ) -> tuple[dist.Work, torch.Tensor]:
+        """Queue one call: receive its hidden states, run the FFN, send the output back (nothing waits on
+        the host: the receive makes the stream wait, the send waits for the stream)."""
+        x = torch.empty(tokens, self.hidden_sizes[model], dtype=self.dtype, device=self.device)
+        dist.recv(x, src)
+        with torch.inference_mode():
+            y = pool.ffn(names[model], layer, x).to(self._out_dtype).contiguous()
+        self.messages_sent += 1
+        return dist.isend(y, src), y
 
 
 class RemoteFFN:
@@ -232,6 +286,10 @@ class RemoteFFN:
     def forward_start(self, layer: int, x: torch.Tensor) -> PendingFFN:
         """The FFN in flight on the weights ranks (the pipeline overlaps it with another batch's attention)."""
         return self.exchange.ffn_start(self.index, layer, x)
+
+    def announce(self, rows: int) -> None:
+        """The next calls are one pass through every layer, `rows` rows each (`Exchange.announce`)."""
+        self.exchange.announce([(self.index, layer, rows) for layer in range(self.spec.num_layers)])
 
 
 # ------------------------------------------------------------------------------------------------
