@@ -10,7 +10,6 @@ the timeline comes out as JSON and PNG.
 from __future__ import annotations
 
 import itertools
-
 import json
 import os
 from collections import defaultdict
