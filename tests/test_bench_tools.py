@@ -89,6 +89,12 @@ def test_decode_bench_on_one_device_and_on_the_split_layout(tiny_models, tmp_pat
         assert all(r["step_ms"] > 0 and r["steps"] > 0 for r in rows[name])
     assert all(r["bytes"] > 0 and r["experts_per_moe_layer"] > 0 for r in rows["one"])
     assert all("bytes" not in r for r in rows["split"])
+    # on a GPU the cells get a bandwidth from the copy bandwidth: the split cells, without bytes, none (the
+    # session-5 H200 run died there with a KeyError)
+    for name, want in (("one", True), ("split", False)):
+        for r in rows[name]:
+            decode.add_bandwidth(r, copy_bw=3e12)
+            assert ("copy_bw_fraction" in r) == want and r.get("copy_bw_fraction", 1) > 0
     assert result["layout"] == {"weights_ranks": 2, "weights_devices": ["cpu", "cpu"]}
 
 

@@ -135,6 +135,14 @@ def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: 
     return cell
 
 
+def add_bandwidth(row: dict, copy_bw: float | None) -> None:
+    """Achieved bandwidth and its fraction of the copy bandwidth, for cells that ran and counted their bytes
+    (split-layout cells have no byte count: the weights rank routes the experts)."""
+    if copy_bw and "step_ms" in row and "bytes" in row:
+        row["bandwidth"] = row["bytes"] / (row["step_ms"] / 1e3)
+        row["copy_bw_fraction"] = row["bandwidth"] / copy_bw
+
+
 def prefill_steps(batch: int, context: int, chunk: int) -> int:
     """Engine steps until every prompt of a cell is prefilled, with a margin: `chunk` prompt tokens a step."""
     return -(-(batch * context) // chunk) + 2
@@ -263,9 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     for context in contexts:
         for batch in batches:
             row = bench_cell(engine, "m", batch, context, args.output_len, max_cell_tokens=args.max_cell_tokens)
-            if copy_bw and "step_ms" in row:
-                row["bandwidth"] = row["bytes"] / (row["step_ms"] / 1e3)
-                row["copy_bw_fraction"] = row["bandwidth"] / copy_bw
+            add_bandwidth(row, copy_bw)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.profile:
