@@ -192,14 +192,17 @@ class _StepRecord:
     subs: list[tuple] = field(default_factory=list)
 
 
-def ffn_order(layers: list[int], lanes: int) -> list[tuple[int, int]]:
-    """(batch, layer) of each FFN sub-step in the order `PipelineScheduler._issue` issues them, for batches
-    of `layers` layers each (the order depends on nothing else). A batch's sub-steps are numbered
-    attention(0) = 0, FFN(0) = 1, ..., FFN(L-1) = 2L-1, head = 2L."""
+def issue_order(layers: list[int], lanes: int) -> list[tuple[int, int, int]]:
+    """(tick, batch, sub-step) in the order a step issues them, for batches of `layers` layers each (the order
+    depends on nothing else). A batch's sub-steps are numbered attention(0) = 0, FFN(0) = 1, ...,
+    FFN(L-1) = 2L-1, head = 2L (even: attention side). Each tick fills free lanes in order, then issues one FFN
+    sub-step and one attention-side one (FFN first: attention(A, l) is issued while FFN(B, l) runs); when two
+    batches want the attention slot, the one with an FFN to follow goes before the one at its head."""
     at = [0] * len(layers)
     waiting = deque(range(len(layers)))
     lane: list[int] = []
     order = []
+    tick = 0
     while waiting or lane:
         while waiting and len(lane) < lanes:
             lane.append(waiting.popleft())
@@ -207,11 +210,16 @@ def ffn_order(layers: list[int], lanes: int) -> list[tuple[int, int]]:
         attention = min((i for i in lane if at[i] % 2 == 0), key=lambda i: at[i] == 2 * layers[i], default=None)
         for i in (ffn, attention):
             if i is not None:
-                if at[i] % 2 == 1:
-                    order.append((i, at[i] // 2))
+                order.append((tick, i, at[i]))
                 at[i] += 1
         lane = [i for i in lane if at[i] <= 2 * layers[i]]
+        tick += 1
     return order
+
+
+def ffn_order(layers: list[int], lanes: int) -> list[tuple[int, int]]:
+    """(batch, layer) of each FFN sub-step, in `issue_order`."""
+    return [(i, sub // 2) for _, i, sub in issue_order(layers, lanes) if sub % 2 == 1]
 
 
 class PipelineScheduler:
@@ -279,22 +287,9 @@ class PipelineScheduler:
         return self._merge(batches, flights)
 
     def _issue(self, flights: list[_Flight], record: _StepRecord | None) -> None:
-        """Tick by tick: fill free lanes in order, then one FFN and one attention-side sub-step (`ffn_order`
-        follows the same rules: keep them in step)."""
-        waiting = deque(flights)
-        lanes: list[_Flight] = []
-        tick = 0
-        while waiting or lanes:
-            while waiting and len(lanes) < self.lanes:
-                lanes.append(waiting.popleft())
-            ffn = next((f for f in lanes if f.next.side == FFN_SIDE), None)
-            attention = min((f for f in lanes if f.next.side == ATTENTION_SIDE),
-                            key=lambda f: f.next_kind == HEAD, default=None)
-            for f in (ffn, attention):       # FFN first: attention(A, l) is issued while FFN(B, l) runs
-                if f is not None:
-                    self._sub_step(f, tick, record)
-            lanes = [f for f in lanes if f.final is None]
-            tick += 1
+        """Every sub-step of the step, in `issue_order`."""
+        for tick, i, _ in issue_order([f.num_layers for f in flights], self.lanes):
+            self._sub_step(flights[i], tick, record)
 
     def _announce(self, flights: list[_Flight]) -> None:
         """Across pool ranks: tell the weights ranks every FFN call of the step, in the order `_issue` will
