@@ -9,6 +9,8 @@
 #                                     #    router on cuBLAS / default / PDL), issue 8's one-GPU 4-model reference
 #   bash scripts/gpu_x2.sh plan       # issue 8 (x2 only): split decode step with per-call headers vs announced
 #                                     #    passes, then 4 models at rates 2 and 4 on the split
+#   bash scripts/gpu_x2.sh pass       # issue 8 (x2): whole-pass graphs: split parity, split decode step with/without
+#   bash scripts/gpu_x2.sh pass2      # issue 8 (x2): 4 models at rates 2 and 4 on the split (whole-pass graphs)
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
@@ -107,6 +109,34 @@ if [ "$stage" = plan ]; then   # issue 8, session 5: the announced-pass protocol
         --out-dir "$RES/split_rate2" 2>&1 | tee "$RES/split_rate2.out" | grep -v "^{" | tail -3
     t 170 $MM --models 4 --modes off,on --rate 4 --kv-devices cuda:0 --weights-devices cuda:1 \
         --out-dir "$RES/split_rate4" 2>&1 | tee "$RES/split_rate4.out" | grep -v "^{" | tail -3
+fi
+
+if [ "$stage" = pass ]; then   # issue 8, session 6: whole passes as one CUDA graph per side (NCCL inside)
+    [ "$GPUS" -ge 2 ] || { echo "pass needs 2 GPUs"; exit 2; }
+    ( export CROSSPOOL_DUMP_STACKS_S=150; t 230 python3 scripts/multi_gpu_parity.py --kv cuda:0 --weights cuda:1 \
+        > "$RES/parity.log" 2>&1 ) &
+    ckpt olmoe-1b-7b $OLMOE; wait
+    grep "^\[\|identical\|Error" "$RES/parity.log" | head -20
+    if ! grep -q "float32: .* 12/12 requests identical" "$RES/parity.log"; then
+        echo "split parity did not pass: last lines"; tail -80 "$RES/parity.log" | cut -c1-200
+        tar czf "$OUT/$stage.tgz" -C "$RES" .; exit 1
+    fi
+    # a lone batch's step on the split layout: whole-pass graphs (after) vs sub-step graphs + plans (before)
+    for passes in 1 0; do
+        CROSSPOOL_PASS_GRAPHS=$passes t 140 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
+            --context 1024 --batch 1,8 --kv-devices cuda:0 --weights-devices cuda:1 --label "pass-graphs=$passes" \
+            --json "$RES/decode_split_pass$passes.json" > "$RES/decode_split_pass$passes.out" 2>&1
+        grep "^| 1024\|Error" "$RES/decode_split_pass$passes.out" | sed "s/^/passes=$passes: /"
+    done
+fi
+
+if [ "$stage" = pass2 ]; then  # issue 8, session 6: 4 models on the split with whole-pass graphs
+    [ "$GPUS" -ge 2 ] || { echo "pass2 needs 2 GPUs"; exit 2; }
+    ckpt olmoe-1b-7b $OLMOE
+    for rate in 2 4; do
+        t 200 $MM --models 4 --modes off,on --rate $rate --kv-devices cuda:0 --weights-devices cuda:1 \
+            --out-dir "$RES/split_rate$rate" 2>&1 | tee "$RES/split_rate$rate.out" | grep -v "^{" | tail -3
+    done
 fi
 
 if [ "$stage" = rerun ]; then   # session 4: what the first three calls left

@@ -16,7 +16,7 @@ from crosspool import LLM, SamplingParams  # noqa: E402
 from crosspool.config import EngineConfig, layout_settings  # noqa: E402
 from crosspool.engine.scheduler import ScheduledSeq  # noqa: E402
 from crosspool.engine.sequence import Sequence  # noqa: E402
-from crosspool.pools.transport import Exchange, World, free_port, init_world  # noqa: E402
+from crosspool.pools.transport import Exchange, RankError, World, free_port, init_world  # noqa: E402
 
 HIDDEN = [8, 12]          # two models with different hidden sizes
 
@@ -115,12 +115,18 @@ def test_one_kv_rank_one_weights_rank_match_single_process_with_one_message_a_la
     assert [o.token_ids for o in out] == [o.token_ids for o in ref]
 
 
+@pytest.mark.parametrize("passes", [False, True])
 @pytest.mark.parametrize("weights_ranks", [1, 2])
-def test_graph_path_across_ranks_gives_the_single_process_tokens(tiny_models, weights_ranks: int) -> None:  # noqa: ANN001
-    """`cuda_graphs` across pool ranks: the KV rank runs decode steps through its attention sub-step graphs
-    (`SubStepGraphs` with a remote FFN) and sends bucket-padded rows; the weights ranks serve those from
-    `FFNGraphs`. On CPU both run eagerly over the same static buffers (Triton in the interpreter)."""
+def test_graph_path_across_ranks_gives_the_single_process_tokens(tiny_models, monkeypatch, weights_ranks: int,  # noqa: ANN001
+                                                                 passes: bool) -> None:
+    """`cuda_graphs` across pool ranks. Whole passes (one KV rank): the KV rank runs each decode step as one
+    `DecodeGraphs` step whose FFN calls carry no header, after one OP_PASS header; the weights ranks serve the
+    pass's layers in order (on a GPU both sides replay one graph with the NCCL traffic inside). Without them: the
+    attention sub-step graphs (`SubStepGraphs` with a remote FFN) and bucket-padded rows that the weights ranks
+    serve from `FFNGraphs`. On CPU everything runs eagerly over the same static buffers (Triton in the
+    interpreter)."""
     pytest.importorskip("triton")
+    monkeypatch.setenv("CROSSPOOL_PASS_GRAPHS", "1" if passes else "0")    # the spawned ranks inherit it
     path = tiny_models("tiny-olmoe")
     prompts = [[5, 17, 3, 99, 42, 7], [8, 1, 2], [4, 4, 9, 10]]      # 3 decode rows: bucket 3, then 2, 1
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (9, 6, 4)]
@@ -130,18 +136,41 @@ def test_graph_path_across_ranks_gives_the_single_process_tokens(tiny_models, we
     llm = LLM({"m": path}, EngineConfig(**cfg, **layout_settings(kv_ranks=1, weights_ranks=weights_ranks)))
     try:
         runner = llm.engine.models["m"].runner
-        assert runner.graphs is None and runner.substeps is not None and runner.substeps.remote
+        exchange = llm.engine.exchange
         used = []
-        stages = runner.substeps.stages
-        runner.substeps.stages = lambda slot, scheduled, *rest, **kw: (used.append(len(scheduled)),
-                                                                       stages(slot, scheduled, *rest, **kw))[1]
+        if passes:
+            assert runner.substeps is None and runner.graphs is not None and runner.graphs.remote
+            run = runner.graphs.run
+            runner.graphs.run = lambda scheduled, *rest: (used.append(len(scheduled)), run(scheduled, *rest))[1]
+        else:
+            assert runner.graphs is None and runner.substeps is not None and runner.substeps.remote
+            stages = runner.substeps.stages
+            runner.substeps.stages = lambda slot, scheduled, *rest, **kw: (used.append(len(scheduled)),
+                                                                           stages(slot, scheduled, *rest, **kw))[1]
         launched = []
         launch = runner.launch
         runner.launch = lambda scheduled, previous: (launched.append(previous is not None),
                                                      launch(scheduled, previous))[1]
+        passes_before = exchange.passes_sent
         out = [o.token_ids for o in llm.generate(prompts, params, model="m")]
+        # one OP_PASS header per decode step exactly when whole passes are on
+        assert (exchange.passes_sent - passes_before == len(used)) if passes else exchange.passes_sent == 0
     finally:
         llm.engine.close()
     assert out == ref
     assert used and set(used) >= {1, 3}        # decode steps of 3 rows down to 1 went through the graph path
     assert any(launched)                       # async decode: steps launched on the previous step's tokens
+
+
+def test_rehearsed_pass_sends_nothing_and_whole_passes_need_one_kv_rank() -> None:
+    """The run before a pass graph's capture (kernels compile) must not reach the weights ranks, which expect
+    no such pass: its FFN calls send nothing and read zeros. With two KV ranks whole passes are refused."""
+    exchange = Exchange(World(1, 1, 0, torch.device("cpu")), torch.float32)
+    assert exchange.passes or os.environ.get("CROSSPOOL_PASS_GRAPHS") == "0"
+    with exchange.pass_calls(rehearse=True):
+        out = exchange.ffn(0, 3, torch.ones(2, 8))
+    assert exchange.messages_sent == 0 and torch.equal(out, torch.zeros(2, 8)) and not exchange._in_flight
+    two = Exchange(World(2, 1, 0, torch.device("cpu")), torch.float32)
+    assert not two.passes
+    with pytest.raises(RankError, match="one KV rank"):
+        two.begin_pass(0, 4)

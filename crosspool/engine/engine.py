@@ -111,12 +111,13 @@ class Engine:
         graphs = substeps = None
         if cfg.cuda_graphs:
             args = (m.model, kv, self.device, cfg.max_num_seqs, m.max_model_len, self.device.type == "cuda")
-            local = isinstance(m.model.ffn, FFNSide)
-            if local:
-                graphs = DecodeGraphs(*args)        # one graph per decode step
-            if cfg.pipeline or not local:
-                # the pipeline's units: one graph per sub-step; across pool ranks also the plain step's (the
-                # FFN runs on the weights ranks between the attention graphs)
+            # one graph per decode step: in process, or across pool ranks with the FFN's NCCL traffic inside
+            whole = isinstance(m.model.ffn, FFNSide) or getattr(m.model.ffn, "passes", False)
+            if whole:
+                graphs = DecodeGraphs(*args)
+            if cfg.pipeline or not whole:
+                # the pipeline's units: one graph per sub-step; across several KV ranks also the plain step's
+                # (the FFN runs on the weights ranks between the attention graphs)
                 substeps = SubStepGraphs(*args)
         m.runner = ModelRunner(m.model, kv, self.device, graphs, substeps)
 

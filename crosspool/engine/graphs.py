@@ -18,7 +18,10 @@ token may be given as "the token row r sampled in the previous replay" (`SRC_ROW
 (`DecodeGraphs.launch`, `Engine._launch`) queues step n+1 before the host has read step n's tokens.
 
 Graphs need the Triton kernels (the torch reference path syncs with the host and has data-dependent shapes)
-and an FFN in this process. `capture=False` runs the same static-buffer path without capturing (CPU tests).
+and an FFN in this process, or across pool ranks one KV rank (`RemoteFFN.passes`): then the graph holds the
+NCCL sends and receives of every layer's FFN call, the host sends one header before each replay
+(`RemoteFFN.begin_pass`), and the weights ranks replay their graph of the same pass. `capture=False` runs the
+same static-buffer path without capturing (CPU tests).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -221,6 +224,11 @@ class DecodeGraphs:
         self.steps: dict[int, CapturedStep] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.readback = TokenReadback(device, max_batch)
+        self.remote = getattr(model.ffn, "passes", False)     # the FFN runs on the weights ranks
+
+    def _ffn_calls(self, rehearse: bool = False) -> AbstractContextManager[None]:
+        """Across pool ranks: the FFN calls of a whole pass (no header each; see `RemoteFFN.pass_calls`)."""
+        return self.model.ffn.pass_calls(rehearse) if self.remote else nullcontext()
 
     def bucket(self, batch_size: int) -> int | None:
         """The bucket a decode batch of this size replays, None if it is too large for graphs."""
@@ -252,11 +260,14 @@ class DecodeGraphs:
             raise ValueError(f"decode batch of {n} exceeds the largest graph bucket {self.max_batch}")
         self.inputs.fill(scheduled, bucket, src_rows)
         step = self._step(bucket)
+        if self.remote:
+            self.model.ffn.begin_pass(bucket)     # the weights ranks replay their graph of this pass
         if step.graph is not None:
             step.graph.replay()
             logits = step.logits
         else:
-            logits = self._forward(step.batch)
+            with self._ffn_calls():
+                logits = self._forward(step.batch)
         return logits[:n]
 
     def launch(self, scheduled: list[ScheduledSeq], src_rows: list[int]) -> LaunchedStep:
@@ -273,7 +284,8 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         graph = logits = None
         if self.capture:
-            with self.inputs.padding_only(bucket):
+            # across ranks the run before the capture sends nothing (no weights rank expects it)
+            with self.inputs.padding_only(bucket), self._ffn_calls(rehearse=True):
                 graph, logits = capture(lambda: self._forward(batch), self.device, self.pool)
         step = CapturedStep(graph, batch, logits, time.perf_counter() - t0)
         self.steps[bucket] = step

@@ -6,11 +6,16 @@ layer's hidden states padded to the graph bucket, so a decode step arrives here 
 replays, and the output is copied out to a fresh tensor (it is sent while the next layer's graph may
 already write the static output). Other token counts (prefill, mixed steps) run eagerly.
 `capture=False` (CPU) runs the same functions on the same buffers without graphs.
+
+With one KV rank a decode pass is also one graph per bucket (`capture_passes`): for every layer it receives the
+rows from the KV rank into the static input, runs the FFN and sends the output, all NCCL operations inside the
+graph, so the host replays a whole pass on one header (`transport.Exchange.begin_pass`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from crosspool.engine.graphs import buckets_up_to, capture
 from crosspool.models.ffn_side import FFNSide
@@ -26,6 +31,8 @@ class FFNGraphs:
         self.x = torch.zeros(max_batch, ffn.spec.hidden_size, dtype=dtype, device=device)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (KV rank, bucket) -> the whole pass as one graph, and the outputs it sends (alive while it lives)
+        self.passes: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]] = {}
 
     def fits(self, tokens: int) -> bool:
         return tokens in self.buckets
@@ -60,3 +67,35 @@ class FFNGraphs:
         graph, out = self._ensure(layer, tokens)
         graph.replay()
         return out.clone()
+
+    def capture_passes(self, src: int, out_dtype: torch.dtype) -> int:
+        """Capture, for every bucket, a pass of KV rank `src` as one graph: per layer receive the rows, run the
+        FFN, send the output (in `out_dtype`). The pair must be connected already (`transport.connect_pairs`)
+        and the kernels compiled (`capture_all` ran them). Returns how many graphs were captured."""
+        for bucket in reversed(self.buckets):
+            graph, outs = torch.cuda.CUDAGraph(), []
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._pass(src, bucket, out_dtype, outs)
+            self.passes[src, bucket] = graph, outs
+        torch.cuda.synchronize(self.device)
+        return len(self.passes)
+
+    @torch.inference_mode()
+    def _pass(self, src: int, bucket: int, out_dtype: torch.dtype, outs: list[torch.Tensor]) -> None:
+        x = self.x[:bucket]
+        sends = []
+        for layer in range(self.ffn.spec.num_layers):
+            dist.irecv(x, src).wait()            # after the previous layer's FFN read x (the stream's order)
+            y = self.ffn.forward(layer, x).to(out_dtype).contiguous()
+            outs.append(y)
+            sends.append(dist.isend(y, src))
+        for work in sends:                       # joins the sends back into the captured stream
+            work.wait()
+
+    def replay_pass(self, src: int, bucket: int) -> bool:
+        """Replay KV rank `src`'s pass of `bucket` rows; False if there is no graph of it."""
+        entry = self.passes.get((src, bucket))
+        if entry is None:
+            return False
+        entry[0].replay()
+        return True

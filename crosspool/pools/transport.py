@@ -20,6 +20,13 @@ calls, (model, layer, rows) in the order they will come, so the weights rank's h
 layers as the hidden states arrive. The pipeline scheduler announces the calls of its interleaved passes
 in its own order. A call that was not announced carries its own header. `CROSSPOOL_FFN_PLAN=0` turns the
 announcements off (every call with its header, as before them: for before/after measurements).
+
+With one KV rank a lone decode pass goes further: each side runs it as ONE CUDA graph per (model, bucket) with
+the NCCL sends and receives captured inside (`engine.graphs.DecodeGraphs` on the KV rank, `FFNGraphs` passes on
+a weights rank). The KV rank sends one header (OP_PASS: model, rows) and replays its graph; the weights rank's
+host reads the header and replays the matching graph; the two graphs' NCCL operations pair up on the devices,
+layer by layer, with no host in between. On CPU the same protocol runs eagerly (the calls of a pass carry no
+header). `CROSSPOOL_PASS_GRAPHS=0` turns it off (decode then goes through the sub-step graphs and plans).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import subprocess
 import sys
 import traceback
 from collections import deque
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -42,8 +51,9 @@ from crosspool.models.loader import Shard
 from crosspool.models.spec import ModelSpec
 from crosspool.pools.weights_pool import WeightsPool
 
-OP_DONE, OP_FFN, OP_PLAN = 0, 1, 2
-HEADER_INTS = 4                       # [op, model, layer, tokens]; OP_PLAN: [op, calls, 0, 0], then the plan
+OP_DONE, OP_FFN, OP_PLAN, OP_PASS = 0, 1, 2, 3
+# [op, model, layer, tokens]; OP_PLAN: [op, calls, 0, 0], then the plan; OP_PASS: [op, model, 0, rows]
+HEADER_INTS = 4
 TIMEOUT = timedelta(minutes=10)
 PLANS = os.environ.get("CROSSPOOL_FFN_PLAN", "1") != "0"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,6 +107,23 @@ def init_world(world: World, init_method: str) -> None:
         # one collective now builds the device group's communicator on every rank, so that the first
         # operation on it is never a point-to-point one between two ranks only
         dist.all_reduce(torch.zeros(1, device=world.device))
+        connect_pairs(world)
+
+
+def connect_pairs(world: World) -> None:
+    """One exchange between every KV rank and every weights rank, now: NCCL sets up a pair's point-to-point
+    connection on its first message, which must not happen inside a CUDA graph capture (whole-pass graphs).
+    Pairs go in (KV rank, weights rank) order on every rank, so no two ranks wait on each other in a cycle."""
+    buf = torch.zeros(1 << 18, device=world.device)            # 1 MiB: the sizes decode passes send
+    peers = world.weights if world.is_kv else range(world.kv_ranks)
+    for peer in peers:
+        if world.is_kv:
+            dist.send(buf, peer)
+            dist.recv(buf, peer)
+        else:
+            dist.recv(buf, peer)
+            dist.send(buf, peer)
+    torch.cuda.synchronize(world.device)
 
 
 def control_group() -> dist.ProcessGroup:
@@ -167,9 +194,14 @@ class Exchange:
         self._headers: list[tuple[dist.Work, torch.Tensor]] = []   # header sends not yet waited for
         self._announced: deque[tuple[int, int, int]] = deque()    # (model, layer, rows) told, not yet sent
         self.plans_sent = 0
+        self.passes_sent = 0
+        # whole decode passes as one graph per side (`begin_pass`): one KV rank only, for the reason
+        # `announce` gives
+        self.passes = os.environ.get("CROSSPOOL_PASS_GRAPHS", "1") != "0" and world.kv_ranks == 1
+        self._pass: str | None = None         # inside `pass_calls`: "live" or "rehearse"
 
     @property
-    def _out_dtype(self) -> torch.dtype:
+    def out_dtype(self) -> torch.dtype:
         # one weights rank sends the output itself; several send fp32 partials that the KV rank sums
         return self.dtype if self.world.weights_ranks == 1 else torch.float32
 
@@ -189,7 +221,7 @@ class Exchange:
         waiting for hidden states that need the other's output first (a deadlock, seen over gloo); and with
         one weights rank whole passes of different KV ranks would queue behind each other. Per-call headers
         (served in arrival order, each call's hidden states already on their way) have neither problem."""
-        if not calls or self.world.kv_ranks > 1 or not PLANS:
+        if not calls or self.world.kv_ranks > 1 or not PLANS or self._pass is not None:
             return
         if self._announced:
             raise RankError(f"announcing {len(calls)} FFN calls while {len(self._announced)} announced ones are "
@@ -202,18 +234,40 @@ class Exchange:
         self._announced.extend(calls)
         self.plans_sent += 1
 
+    def begin_pass(self, model: int, rows: int) -> None:
+        """Tell the weights ranks that a whole pass of `model` follows, `rows` rows a layer: its calls, made
+        inside `pass_calls`, carry no header (a weights rank replays its graph of the pass, or serves the
+        layers in order)."""
+        if not self.passes:
+            raise RankError("whole passes need one KV rank (and CROSSPOOL_PASS_GRAPHS unset or 1)")
+        if self._announced:
+            raise RankError(f"a pass begins while {len(self._announced)} announced FFN calls are not made")
+        self._send_header([OP_PASS, model, 0, rows])
+        self.passes_sent += 1
+
+    @contextmanager
+    def pass_calls(self, rehearse: bool = False) -> Iterator[None]:
+        """FFN calls of a pass told by `begin_pass` (or captured into a graph whose replays follow it).
+        rehearse: a run outside a capture (the one before it, which compiles the kernels) sends nothing and
+        reads zeros as the FFN output; calls inside the capture record the NCCL operations."""
+        self._pass = "rehearse" if rehearse else "live"
+        try:
+            yield
+        finally:
+            self._pass = None
+
     def ffn_start(self, model: int, layer: int, x: torch.Tensor) -> PendingFFN:
         """Send x to the weights ranks for (model, layer)'s FFN; the output comes with `result()`."""
         x = x.to(self.dtype).contiguous()
-        if self._announced:
-            told = self._announced.popleft()
-            if told != (model, layer, x.shape[0]):
-                # the weights ranks queue the announced calls: another one here would pair the wrong messages
-                raise RankError(f"FFN call (model {model}, layer {layer}, {x.shape[0]} rows) where "
-                                f"(model, layer, rows) {told} was announced")
-        else:
-            self._send_header([OP_FFN, model, layer, x.shape[0]])
-        parts = torch.empty(self.world.weights_ranks, *x.shape, dtype=self._out_dtype, device=self.device)
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if self._pass == "rehearse" and not capturing:
+            parts = torch.zeros(self.world.weights_ranks, *x.shape, dtype=self.out_dtype, device=self.device)
+            pending = PendingFFN(self, [], parts, x, x.dtype)
+            self._in_flight.append(pending)
+            return pending
+        if self._pass is None:     # inside a pass the weights ranks were told every call (`begin_pass`)
+            self._header_for(model, layer, x.shape[0])
+        parts = torch.empty(self.world.weights_ranks, *x.shape, dtype=self.out_dtype, device=self.device)
         # plain isend/irecv on both sides (not batch_isend_irecv): NCCL may run batched point-to-point on
         # another communicator than single operations, and the two sides must match
         works = [dist.isend(x, w) for w in self.world.weights]
@@ -222,6 +276,17 @@ class Exchange:
         pending = PendingFFN(self, works, parts, x, x.dtype)
         self._in_flight.append(pending)
         return pending
+
+    def _header_for(self, model: int, layer: int, rows: int) -> None:
+        """Tell the weights ranks of one call: its announced entry, or a header of its own."""
+        if not self._announced:
+            self._send_header([OP_FFN, model, layer, rows])
+            return
+        told = self._announced.popleft()
+        if told != (model, layer, rows):
+            # the weights ranks queue the announced calls: another one here would pair the wrong messages
+            raise RankError(f"FFN call (model {model}, layer {layer}, {rows} rows) where (model, layer, rows) "
+                            f"{told} was announced")
 
     def ffn(self, model: int, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.ffn_start(model, layer, x).result().to(x.dtype)
@@ -250,6 +315,8 @@ class Exchange:
             op, model, layer, tokens = header.tolist()
             if op == OP_DONE:
                 done += 1
+            elif op == OP_PASS:
+                sends += self._serve_pass(pool, names, src, model, tokens)
             elif op == OP_PLAN:    # a pass (or the pipeline's passes): queue every call now, in order
                 plan = torch.empty(3 * model, dtype=torch.int64)
                 dist.recv(plan, src, group=control_group())
@@ -260,6 +327,17 @@ class Exchange:
         for work, _ in sends:
             work.wait()
 
+    def _serve_pass(self, pool: WeightsPool, names: list[str], src: int, model: int, rows: int
+                    ) -> list[tuple[dist.Work, torch.Tensor]]:
+        """A whole pass (OP_PASS): one replay of its graph, whose receives and sends pair with the KV rank's
+        replay on the devices; without a graph for it (CPU, other sizes), every layer queued in order."""
+        graphs = pool.graphs.get(names[model])
+        layers = pool.models[names[model]].spec.num_layers
+        if graphs is not None and graphs.replay_pass(src, rows):
+            self.messages_sent += layers
+            return []
+        return [self._serve(pool, names, src, model, layer, rows) for layer in range(layers)]
+
     def _serve(self, pool: WeightsPool, names: list[str], src: int, model: int, layer: int, tokens: int
                ) -> tuple[dist.Work, torch.Tensor]:
         """Queue one call: receive its hidden states, run the FFN, send the output back (nothing waits on
@@ -267,7 +345,7 @@ class Exchange:
         x = torch.empty(tokens, self.hidden_sizes[model], dtype=self.dtype, device=self.device)
         dist.recv(x, src)
         with torch.inference_mode():
-            y = pool.ffn(names[model], layer, x).to(self._out_dtype).contiguous()
+            y = pool.ffn(names[model], layer, x).to(self.out_dtype).contiguous()
         self.messages_sent += 1
         return dist.isend(y, src), y
 
@@ -290,6 +368,17 @@ class RemoteFFN:
     def announce(self, rows: int) -> None:
         """The next calls are one pass through every layer, `rows` rows each (`Exchange.announce`)."""
         self.exchange.announce([(self.index, layer, rows) for layer in range(self.spec.num_layers)])
+
+    @property
+    def passes(self) -> bool:
+        """Whether a whole decode pass can run as one graph on each side (`Exchange.begin_pass`)."""
+        return self.exchange.passes
+
+    def begin_pass(self, rows: int) -> None:
+        self.exchange.begin_pass(self.index, rows)
+
+    def pass_calls(self, rehearse: bool = False) -> AbstractContextManager[None]:
+        return self.exchange.pass_calls(rehearse)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,7 +411,9 @@ def weights_rank_loop(world: World, dtype: torch.dtype) -> None:
                     if len(msg) > 2 and msg[2].cuda_graphs:
                         # the KV ranks replay attention sub-step graphs and send decode steps padded to a
                         # bucket: those FFN calls replay graphs here (captured after tuning)
-                        pool.add_graphs(name, msg[2].max_num_seqs)
+                        graphs = pool.add_graphs(name, msg[2].max_num_seqs)
+                        if exchange.passes and world.device.type == "cuda":
+                            graphs.capture_passes(0, exchange.out_dtype)   # the one KV rank's passes
             except Exception:
                 error = f"rank {world.rank} (weights): {traceback.format_exc()}"
             gather_to_front(error, world)
