@@ -49,9 +49,10 @@ def main() -> None:
         with LLM(models, cfg) as split:
             log(f"{dtype}: split layout loaded")
             out = [o.token_ids for o in split.generate(prompts, params, model=names)]
-        same = sum(x == y for x, y in zip(out, ref, strict=True))
-        print(f"{dtype}: KV {a.kv} + weights {a.weights}: {same}/{len(ref)} requests identical to one GPU "
-              f"({time.perf_counter() - t:.1f} s)")
+            same = sum(x == y for x, y in zip(out, ref, strict=True))
+            print(f"{dtype}: KV {a.kv} + weights {a.weights}: {same}/{len(ref)} requests identical to one GPU "
+                  f"({time.perf_counter() - t:.1f} s)", flush=True)
+        log(f"{dtype}: split layout closed")
         if dtype == torch.float32:
             assert same == len(ref)
 

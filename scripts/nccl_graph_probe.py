@@ -9,7 +9,9 @@ and checks that eager traffic still pairs up after replays.
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
 import time
 
 import torch
@@ -81,6 +83,7 @@ def main() -> None:
 
     graph = torch.cuda.CUDAGraph()
     keep: list = []
+    out = None
     status = "captured"
     try:
         with torch.cuda.graph(graph):
@@ -121,7 +124,21 @@ def main() -> None:
         print(f"rank 0: eager pass after replays ok={abs(after[0, 0].item() - want) <= 1e-3 * abs(want)}", flush=True)
     print(f"rank {rank}: {LAYERS}-layer pass eager {eager_ms:.3f} ms  graph {graph_ms:.3f} ms", flush=True)
     dist.barrier(group=control)
-    dist.destroy_process_group()
+    # the teardown with the graph still alive hung in session 6's first probe: drop the graph first
+    graph.reset()
+    keep.clear()
+    out = None  # noqa: F841
+    gc.collect()
+    torch.cuda.synchronize()
+    teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    teardown.start()
+    teardown.join(30)
+    print(f"rank {rank}: teardown after dropping the graph: {'HUNG' if teardown.is_alive() else 'ok'}", flush=True)
+    if teardown.is_alive():
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group()
+        print(f"rank {rank}: aborted", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from crosspool.pools.transport import (
     broadcast_control,
     gather_to_front,
     init_world,
+    leave_world,
     raise_failures,
     spawn_ranks,
 )
@@ -143,7 +144,7 @@ class DistributedEngine:
         self._closed = True
         broadcast_control(("shutdown",), self.world)
         self.local.close()
-        dist.destroy_process_group()
+        leave_world(self.world)
         for p in self.procs:
             try:
                 p.wait(timeout=30)

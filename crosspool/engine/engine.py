@@ -180,7 +180,10 @@ class Engine:
         return seconds
 
     def close(self) -> None:
-        """Stop the KV maintainer and release every KV page."""
+        """Stop the KV maintainer, drop the CUDA graphs (across ranks they hold NCCL resources that the world's
+        teardown waits for) and release every KV page."""
+        for m in self.models.values():
+            m.runner.graphs = m.runner.substeps = None
         if self.kv_maintainer is not None:
             self.kv_maintainer.close()
         self.kv_pool.close()

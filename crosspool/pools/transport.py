@@ -32,10 +32,12 @@ header). `CROSSPOOL_PASS_GRAPHS=0` turns it off (decode then goes through the su
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import subprocess
 import sys
+import threading
 import traceback
 from collections import deque
 from collections.abc import Iterator
@@ -124,6 +126,24 @@ def connect_pairs(world: World) -> None:
             dist.recv(buf, peer)
             dist.send(buf, peer)
     torch.cuda.synchronize(world.device)
+
+
+def leave_world(world: World, wait_s: float = 60.0) -> None:
+    """Tear the world down. Graphs that captured NCCL operations must be gone first (the callers drop them:
+    NCCL keeps a captured operation's resources while its graph lives, and the teardown waits for them). If
+    the teardown still does not finish in `wait_s`, the communicators are aborted instead of waiting forever."""
+    gc.collect()
+    if world.device.type == "cuda":
+        torch.cuda.synchronize(world.device)
+    teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    teardown.start()
+    teardown.join(wait_s)
+    if teardown.is_alive():
+        print(f"rank {world.rank}: the process group's teardown did not finish in {wait_s:.0f} s: aborting it",
+              file=sys.stderr, flush=True)
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group()
 
 
 def control_group() -> dist.ProcessGroup:
@@ -395,6 +415,7 @@ def weights_rank_loop(world: World, dtype: torch.dtype) -> None:
         msg = broadcast_control(None, world)
         kind = msg[0]
         if kind == "shutdown":
+            pool.graphs.clear()        # before the teardown (`leave_world`)
             return
         if kind == "load":
             error = None
@@ -480,5 +501,5 @@ def rank_main(argv: list[str] | None = None) -> None:
         else:
             weights_rank_loop(world, DTYPES[a.dtype])
     finally:
-        dist.destroy_process_group()
+        leave_world(world)
 
