@@ -133,8 +133,12 @@ fi
 if [ "$stage" = pass2 ]; then  # issue 8, session 6: 4 models on the split with whole-pass graphs
     [ "$GPUS" -ge 2 ] || { echo "pass2 needs 2 GPUs"; exit 2; }
     ckpt olmoe-1b-7b $OLMOE
+    CROSSPOOL_PASS_GRAPHS=1 t 130 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
+        --context 1024 --batch 1,8 --kv-devices cuda:0 --weights-devices cuda:1 --label "pass-graphs=1" \
+        --json "$RES/decode_split_pass1.json" > "$RES/decode_split_pass1.out" 2>&1
+    grep "^| 1024\|Error" "$RES/decode_split_pass1.out" | sed "s/^/passes=1: /"
     for rate in 2 4; do
-        t 200 $MM --models 4 --modes off,on --rate $rate --kv-devices cuda:0 --weights-devices cuda:1 \
+        t 180 $MM --models 4 --modes off,on --rate $rate --kv-devices cuda:0 --weights-devices cuda:1 \
             --out-dir "$RES/split_rate$rate" 2>&1 | tee "$RES/split_rate$rate.out" | grep -v "^{" | tail -3
     done
 fi

@@ -183,7 +183,9 @@ class Engine:
         """Stop the KV maintainer, drop the CUDA graphs (across ranks they hold NCCL resources that the world's
         teardown waits for) and release every KV page."""
         for m in self.models.values():
-            m.runner.graphs = m.runner.substeps = None
+            for graphs in (m.runner.graphs, m.runner.substeps):
+                if graphs is not None:
+                    graphs.release()
         if self.kv_maintainer is not None:
             self.kv_maintainer.close()
         self.kv_pool.close()

@@ -230,6 +230,14 @@ class DecodeGraphs:
         """Across pool ranks: the FFN calls of a whole pass (no header each; see `RemoteFFN.pass_calls`)."""
         return self.model.ffn.pass_calls(rehearse) if self.remote else nullcontext()
 
+    def release(self) -> None:
+        """Destroy the captured graphs now (across ranks they hold NCCL resources the world's teardown waits
+        for, whoever still refers to this object)."""
+        for step in self.steps.values():
+            if step.graph is not None:
+                step.graph.reset()
+        self.steps.clear()
+
     def bucket(self, batch_size: int) -> int | None:
         """The bucket a decode batch of this size replays, None if it is too large for graphs."""
         return bucket_for(self.buckets, batch_size)

@@ -91,6 +91,13 @@ class SubStepGraphs:
     def fits(self, batch_size: int) -> bool:
         return batch_size <= self.max_batch
 
+    def release(self) -> None:
+        """Destroy the captured graphs now (see `DecodeGraphs.release`)."""
+        for graph, _ in self.graphs.values():
+            if graph is not None:
+                graph.reset()
+        self.graphs.clear()
+
     def launch(self, scheduled: list[ScheduledSeq], src_rows: list[int]) -> LaunchedStep:
         """Async decode with the sub-steps of slot 0 (across pool ranks, where there is no whole-step graph):
         queue the greedy step, its sub-steps back to back, and the copy of its tokens; return without waiting.

@@ -37,6 +37,13 @@ class FFNGraphs:
     def fits(self, tokens: int) -> bool:
         return tokens in self.buckets
 
+    def release(self) -> None:
+        """Destroy the captured graphs now (the pass graphs hold NCCL resources the world's teardown waits for)."""
+        for graph, _ in [*self.graphs.values(), *self.passes.values()]:
+            graph.reset()
+        self.graphs.clear()
+        self.passes.clear()
+
     def capture_all(self) -> int:
         """Capture every (layer, bucket) now, largest bucket first; returns how many graphs were captured."""
         if self.capture:

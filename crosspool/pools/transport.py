@@ -415,7 +415,8 @@ def weights_rank_loop(world: World, dtype: torch.dtype) -> None:
         msg = broadcast_control(None, world)
         kind = msg[0]
         if kind == "shutdown":
-            pool.graphs.clear()        # before the teardown (`leave_world`)
+            for graphs in pool.graphs.values():     # before the teardown (`leave_world`)
+                graphs.release()
             return
         if kind == "load":
             error = None
