@@ -140,8 +140,8 @@ def test_graph_path_across_ranks_gives_the_single_process_tokens(tiny_models, mo
         used = []
         if passes:
             assert runner.substeps is None and runner.graphs is not None and runner.graphs.remote
-            run = runner.graphs.run
-            runner.graphs.run = lambda scheduled, *rest: (used.append(len(scheduled)), run(scheduled, *rest))[1]
+            queue = runner.graphs._queue       # under both `run` and `launch`
+            runner.graphs._queue = lambda scheduled, *rest: (used.append(len(scheduled)), queue(scheduled, *rest))[1]
         else:
             assert runner.graphs is None and runner.substeps is not None and runner.substeps.remote
             stages = runner.substeps.stages
@@ -149,8 +149,8 @@ def test_graph_path_across_ranks_gives_the_single_process_tokens(tiny_models, mo
                                                                            stages(slot, scheduled, *rest, **kw))[1]
         launched = []
         launch = runner.launch
-        runner.launch = lambda scheduled, previous: (launched.append(previous is not None),
-                                                     launch(scheduled, previous))[1]
+        runner.launch = lambda scheduled, previous, **kw: (launched.append(previous is not None),
+                                                           launch(scheduled, previous, **kw))[1]
         passes_before = exchange.passes_sent
         out = [o.token_ids for o in llm.generate(prompts, params, model="m")]
         # one OP_PASS header per decode step exactly when whole passes are on
@@ -174,3 +174,32 @@ def test_rehearsed_pass_sends_nothing_and_whole_passes_need_one_kv_rank() -> Non
     assert not two.passes
     with pytest.raises(RankError, match="one KV rank"):
         two.begin_pass(0, 4)
+
+
+def test_lanes_across_ranks_give_the_single_process_tokens(tiny_models) -> None:  # noqa: ANN001
+    """The pipeline across ranks with whole passes: the models of a step launch their passes into two lanes (a
+    communicator each; on a GPU also a stream and graph each side). Three models, so lanes alternate and a model
+    changes lanes from step to step; tokens equal the single process's."""
+    pytest.importorskip("triton")
+    models = {"a": tiny_models("tiny-olmoe"), "b": tiny_models("tiny-qwen3-moe"), "c": tiny_models("tiny-olmoe")}
+    prompts = [[5, 17, 3, 99, 42, 7], [8, 1, 2], [4, 4, 9, 10]]
+    names = ["a", "b", "c"]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (7, 5, 6)]
+    cfg = {"block_size": 4, "kernels": "triton", "cuda_graphs": True, "max_num_seqs": 4}
+    with LLM(models, EngineConfig(**cfg)) as single:
+        ref = [o.token_ids for o in single.generate(prompts, params, model=names)]
+    llm = LLM(models, EngineConfig(**cfg, pipeline=True, **layout_settings(kv_ranks=1, weights_ranks=1)))
+    try:
+        engine = llm.engine.local
+        assert engine.lanes == 2 and engine.pipeline is None
+        exchange = llm.engine.exchange
+        lanes: dict[int, list[int]] = {}
+        begin = exchange.begin_pass
+        exchange.begin_pass = lambda model, rows, lane=0: (lanes.setdefault(model, []).append(lane),
+                                                           begin(model, rows, lane))[1]
+        out = [o.token_ids for o in llm.generate(prompts, params, model=names)]
+    finally:
+        llm.engine.close()
+    assert out == ref
+    assert {lane for seen in lanes.values() for lane in seen} == {0, 1}      # both lanes carried passes
+    assert any(len(set(seen)) == 2 for seen in lanes.values())               # a model moved between lanes

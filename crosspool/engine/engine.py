@@ -6,7 +6,8 @@ layout (`crosspool.pools.layout`).
 
 `step()` reads as: for each model with work, schedule -> run -> postprocess (append tokens, detokenize,
 stop). With `EngineConfig.pipeline` the models' batches are scheduled first (earliest deadline first, up
-to `pipeline_max_batches`) and run together by the `PipelineScheduler`, attention and FFN interleaved.
+to `pipeline_max_batches`) and run together by the `PipelineScheduler`, attention and FFN interleaved; across
+pool ranks with whole-pass graphs, the models' passes go into lanes that run at once instead (`self.lanes`).
 
 Requests are validated at `add_request` so a request that can never run fails at once, clearly.
 """
@@ -87,6 +88,12 @@ class Engine:
         micro = self.config.pipeline_micro_batches
         micro = exchange is not None if micro is None else micro
         self.pipeline = PipelineScheduler.from_config(self.config, micro) if self.config.pipeline else None
+        # across ranks with whole-pass graphs the pipeline is lanes: the models of a step launch their passes
+        # in turn into two lanes (two streams and communicators a side), which run at once on the devices, so
+        # one model's attention fills the KV GPU while another's FFN runs on the weights GPU, layer by layer
+        self.lanes = 1
+        if self.pipeline is not None and exchange is not None and exchange.passes:
+            self.pipeline, self.lanes = None, exchange.lanes
 
     def _load(self, name: str, path: Path) -> ServedModel:
         spec = load_spec(path)
@@ -295,19 +302,22 @@ class Engine:
             outputs += self._read_launched(served)
             return (served.scheduler.schedule() if served.scheduler.has_work() else []), False
 
-        def step_alone(served: ServedModel) -> None:
-            """One model's step on its own: a whole-step graph, launched asynchronously when it can be."""
+        def step_alone(served: ServedModel, lane: int = 0) -> bool:
+            """One model's step on its own: a whole-step graph, launched asynchronously when it can be (across
+            ranks in `lane`). Whether it launched."""
             nonlocal outputs
             scheduled, launch = schedule_async(served, pipelined=False)
             if launch:
-                outputs += self._launch(served, scheduled)
+                outputs += self._launch(served, scheduled, lane)
             elif scheduled:
                 postprocess(served, scheduled, served.runner.step(scheduled), time.perf_counter())
+            return launch
 
         if self.pipeline is None:
+            lane = 0
             for served in self.models.values():
-                if served.launched is not None or served.scheduler.has_work():
-                    step_alone(served)
+                if (served.launched is not None or served.scheduler.has_work()) and step_alone(served, lane):
+                    lane = (lane + 1) % self.lanes
         else:
             ready = self.pipeline.rank([n for n, m in self.models.items() if m.scheduler.has_work()])
             for name, served in self.models.items():     # models without work: read what is in flight
@@ -339,11 +349,12 @@ class Engine:
         self._maintain_kv()
         return outputs
 
-    def _launch(self, served: ServedModel, scheduled: list[ScheduledSeq]) -> list[RequestOutput]:
+    def _launch(self, served: ServedModel, scheduled: list[ScheduledSeq], lane: int = 0) -> list[RequestOutput]:
         """Async decode: queue this step (its inputs may be the previous step's tokens, read on the device),
         then read the previous step's tokens while the device runs this one. Stop conditions are therefore
         seen one step late: a sequence that stopped there has one wasted row here, which is dropped."""
-        return self._launched(served, scheduled, served.runner.launch(scheduled, served.launched))
+        launched = served.runner.launch(scheduled, served.launched, lane=lane)
+        return self._launched(served, scheduled, launched)
 
     def _launched(self, served: ServedModel, scheduled: list[ScheduledSeq], launched: LaunchedStep
                   ) -> list[RequestOutput]:

@@ -20,8 +20,10 @@ token may be given as "the token row r sampled in the previous replay" (`SRC_ROW
 Graphs need the Triton kernels (the torch reference path syncs with the host and has data-dependent shapes)
 and an FFN in this process, or across pool ranks one KV rank (`RemoteFFN.passes`): then the graph holds the
 NCCL sends and receives of every layer's FFN call, the host sends one header before each replay
-(`RemoteFFN.begin_pass`), and the weights ranks replay their graph of the same pass. `capture=False` runs the
-same static-buffer path without capturing (CPU tests).
+(`RemoteFFN.begin_pass`), and the weights ranks replay their graph of the same pass. Such a pass runs in a
+*lane* (`transport` module docs): each lane has its own graph of every bucket (its communicator is captured in
+it) and its own stream, so passes of different models in different lanes overlap; a model's passes stay in
+order whatever their lanes. `capture=False` runs the same static-buffer path without capturing (CPU tests).
 """
 
 from __future__ import annotations
@@ -221,14 +223,33 @@ class DecodeGraphs:
         self.buckets = buckets_up_to(max_batch)
         self.max_batch = max_batch
         self.inputs = DecodeInputs(device, max_batch, max_model_len, cache.block_size)
-        self.steps: dict[int, CapturedStep] = {}
+        self.steps: dict[tuple[int, int], CapturedStep] = {}     # (bucket, lane) -> its captured step
+        # one memory pool for every lane: a model's passes never run at once (`_done` chains them)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.readback = TokenReadback(device, max_batch)
         self.remote = getattr(model.ffn, "passes", False)     # the FFN runs on the weights ranks
+        self.lanes = model.ffn.exchange.lanes if self.remote else 1
+        self._done: torch.cuda.Event | None = None             # after this model's last pass, on its lane
 
-    def _ffn_calls(self, rehearse: bool = False) -> AbstractContextManager[None]:
+    def _ffn_calls(self, lane: int, rehearse: bool = False) -> AbstractContextManager[None]:
         """Across pool ranks: the FFN calls of a whole pass (no header each; see `RemoteFFN.pass_calls`)."""
-        return self.model.ffn.pass_calls(rehearse) if self.remote else nullcontext()
+        return self.model.ffn.pass_calls(rehearse, lane) if self.remote else nullcontext()
+
+    @contextmanager
+    def _on_lane(self, lane: int) -> Iterator[None]:
+        """Queue the work inside on the lane's stream, after what the current stream holds (eager steps) and
+        after this model's previous pass (maybe in the other lane); without lane streams, in place."""
+        stream = self.model.ffn.exchange.lane_stream(lane) if self.remote else None
+        if stream is None:
+            yield
+            return
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        if self._done is not None:
+            stream.wait_event(self._done)
+        with torch.cuda.stream(stream):
+            yield
+            self._done = torch.cuda.Event()
+            self._done.record()
 
     def release(self) -> None:
         """Destroy the captured graphs now (across ranks they hold NCCL resources the world's teardown waits
@@ -237,14 +258,15 @@ class DecodeGraphs:
             if step.graph is not None:
                 step.graph.reset()
         self.steps.clear()
+        self._done = None
 
     def bucket(self, batch_size: int) -> int | None:
         """The bucket a decode batch of this size replays, None if it is too large for graphs."""
         return bucket_for(self.buckets, batch_size)
 
     def capture_all(self) -> tuple[dict[int, float], int]:
-        """Capture every bucket now, largest first (so smaller ones reuse its memory).
-        Returns ({bucket: capture seconds}, device bytes the graphs' memory pool grew by)."""
+        """Capture every bucket (in every lane) now, largest first (so smaller ones reuse its memory).
+        Returns ({bucket: capture seconds, lanes summed}, device bytes the graphs' memory pool grew by)."""
         def reserved() -> int:
             # cached free blocks released first, both times: what stays reserved is memory in use, and the
             # graphs' private pool, which empty_cache cannot release while they live (a capture may release
@@ -255,37 +277,52 @@ class DecodeGraphs:
 
         before = reserved() if self.capture else 0
         for b in reversed(self.buckets):
-            self._step(b)
+            for lane in range(self.lanes):
+                self._step(b, lane)
         grown = reserved() - before if self.capture else 0
-        return {b: s.capture_s for b, s in sorted(self.steps.items())}, grown
+        seconds: dict[int, float] = {}
+        for (b, _), s in sorted(self.steps.items()):
+            seconds[b] = seconds.get(b, 0.0) + s.capture_s
+        return seconds, grown
 
-    def run(self, scheduled: list[ScheduledSeq], src_rows: list[int] | None = None) -> torch.Tensor:
+    def run(self, scheduled: list[ScheduledSeq], src_rows: list[int] | None = None, lane: int = 0) -> torch.Tensor:
         """Logits [B, vocab] (fp32) of one decode step of the B scheduled sequences (one new token each).
-        Each replay also leaves the rows' greedy tokens in `inputs.tokens` (see `launch`)."""
+        Each replay also leaves the rows' greedy tokens in `inputs.tokens` (see `launch`). Across ranks the
+        pass runs in `lane`, and the current stream waits for it (the logits are read there)."""
+        with self._on_lane(lane):
+            logits = self._queue(scheduled, src_rows, lane)
+        if self.remote and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).wait_event(self._done)
+        return logits
+
+    def launch(self, scheduled: list[ScheduledSeq], src_rows: list[int], lane: int = 0) -> LaunchedStep:
+        """Queue a greedy decode step (across ranks: in `lane`) and the copy of its tokens to the host; return
+        without waiting."""
+        with self._on_lane(lane):
+            self._queue(scheduled, src_rows, lane)
+            return self.readback.queue(scheduled, self.inputs.tokens)
+
+    def _queue(self, scheduled: list[ScheduledSeq], src_rows: list[int] | None, lane: int) -> torch.Tensor:
         n = len(scheduled)
         bucket = self.bucket(n)
         if bucket is None:
             raise ValueError(f"decode batch of {n} exceeds the largest graph bucket {self.max_batch}")
+        lane = lane if self.remote else 0
         self.inputs.fill(scheduled, bucket, src_rows)
-        step = self._step(bucket)
+        step = self._step(bucket, lane)
         if self.remote:
-            self.model.ffn.begin_pass(bucket)     # the weights ranks replay their graph of this pass
+            self.model.ffn.begin_pass(bucket, lane)     # the weights ranks replay their graph of this pass
         if step.graph is not None:
             step.graph.replay()
             logits = step.logits
         else:
-            with self._ffn_calls():
+            with self._ffn_calls(lane):
                 logits = self._forward(step.batch)
         return logits[:n]
 
-    def launch(self, scheduled: list[ScheduledSeq], src_rows: list[int]) -> LaunchedStep:
-        """Queue a greedy decode step and the copy of its tokens to the host; return without waiting."""
-        self.run(scheduled, src_rows)
-        return self.readback.queue(scheduled, self.inputs.tokens)
-
     # ---- capture ---------------------------------------------------------------------------------
-    def _step(self, bucket: int) -> CapturedStep:
-        step = self.steps.get(bucket)
+    def _step(self, bucket: int, lane: int = 0) -> CapturedStep:
+        step = self.steps.get((bucket, lane))
         if step is not None:
             return step
         batch = self.inputs.batch(bucket)
@@ -293,10 +330,10 @@ class DecodeGraphs:
         graph = logits = None
         if self.capture:
             # across ranks the run before the capture sends nothing (no weights rank expects it)
-            with self.inputs.padding_only(bucket), self._ffn_calls(rehearse=True):
+            with self.inputs.padding_only(bucket), self._ffn_calls(lane, rehearse=True):
                 graph, logits = capture(lambda: self._forward(batch), self.device, self.pool)
         step = CapturedStep(graph, batch, logits, time.perf_counter() - t0)
-        self.steps[bucket] = step
+        self.steps[bucket, lane] = step
         return step
 
     @torch.inference_mode()

@@ -133,13 +133,16 @@ class ModelRunner:
         # across pool ranks: the sub-step graphs (attention here, FFN on the weights ranks) launch the same way
         return self._sub_step_decode(scheduled)
 
-    def launch(self, scheduled: list[ScheduledSeq], previous: LaunchedStep | None) -> LaunchedStep:
+    def launch(self, scheduled: list[ScheduledSeq], previous: LaunchedStep | None, lane: int = 0) -> LaunchedStep:
         """Queue the step (see `can_launch`) without waiting for it. A sequence whose token the previous
-        launched step sampled and the host has not read (`seq.pending`) gets it on the device."""
+        launched step sampled and the host has not read (`seq.pending`) gets it on the device. `lane`: across
+        pool ranks, the lane its whole pass runs in (`DecodeGraphs`)."""
         src = self.src_rows(scheduled, previous)
         start = self._mark()
-        graphs = self.graphs if self.graphs is not None else self.substeps
-        launched = graphs.launch(scheduled, src)
+        if self.graphs is not None:
+            launched = self.graphs.launch(scheduled, src, lane)
+        else:
+            launched = self.substeps.launch(scheduled, src)
         if start is not None:
             self.gpu_spans.append((start, self._mark()))
         return launched

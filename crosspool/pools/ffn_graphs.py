@@ -7,9 +7,12 @@ replays, and the output is copied out to a fresh tensor (it is sent while the ne
 already write the static output). Other token counts (prefill, mixed steps) run eagerly.
 `capture=False` (CPU) runs the same functions on the same buffers without graphs.
 
-With one KV rank a decode pass is also one graph per bucket (`capture_passes`): for every layer it receives the
-rows from the KV rank into the static input, runs the FFN and sends the output, all NCCL operations inside the
-graph, so the host replays a whole pass on one header (`transport.Exchange.begin_pass`).
+With one KV rank a decode pass is also one graph per (lane, bucket) (`capture_passes`): for every layer it
+receives the rows from the KV rank into the static input, runs the FFN and sends the output, all NCCL operations
+inside the graph on the lane's communicator, so the host replays a whole pass on one header
+(`transport.Exchange.begin_pass`). Two lanes' passes of different models run at once; a model's static input
+is shared by its lanes, which is safe because a model's next pass starts only after the KV rank received the
+previous one's last output.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ class FFNGraphs:
         self.x = torch.zeros(max_batch, ffn.spec.hidden_size, dtype=dtype, device=device)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # (KV rank, bucket) -> the whole pass as one graph, and the outputs it sends (alive while it lives)
-        self.passes: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]] = {}
+        # (KV rank, lane, bucket) -> the whole pass as one graph, and the outputs it sends (alive while it lives)
+        self.passes: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]] = {}
 
     def fits(self, tokens: int) -> bool:
         return tokens in self.buckets
@@ -75,33 +78,40 @@ class FFNGraphs:
         graph.replay()
         return out.clone()
 
-    def capture_passes(self, src: int, out_dtype: torch.dtype) -> int:
-        """Capture, for every bucket, a pass of KV rank `src` as one graph: per layer receive the rows, run the
-        FFN, send the output (in `out_dtype`). The pair must be connected already (`transport.connect_pairs`)
+    def capture_passes(self, src: int, lanes: int, out_dtype: torch.dtype) -> int:
+        """Capture, for every lane and bucket, a pass of KV rank `src` as one graph: per layer receive the rows,
+        run the FFN, send the output (in `out_dtype`), on the lane's communicator. Each lane has its own graph
+        memory (two lanes' passes run at once). The pairs must be connected already (`transport.connect_pairs`)
         and the kernels compiled (`capture_all` ran them). Returns how many graphs were captured."""
-        for bucket in reversed(self.buckets):
-            graph, outs = torch.cuda.CUDAGraph(), []
-            with torch.cuda.graph(graph, pool=self.pool):
-                self._pass(src, bucket, out_dtype, outs)
-            self.passes[src, bucket] = graph, outs
+        from crosspool.pools.transport import lane_group
+
+        for lane in range(lanes):
+            pool = torch.cuda.graph_pool_handle()
+            for bucket in reversed(self.buckets):
+                graph, outs = torch.cuda.CUDAGraph(), []
+                with torch.cuda.graph(graph, pool=pool):
+                    self._pass(src, lane_group(lane), bucket, out_dtype, outs)
+                self.passes[src, lane, bucket] = graph, outs
         torch.cuda.synchronize(self.device)
         return len(self.passes)
 
     @torch.inference_mode()
-    def _pass(self, src: int, bucket: int, out_dtype: torch.dtype, outs: list[torch.Tensor]) -> None:
+    def _pass(self, src: int, group: dist.ProcessGroup, bucket: int, out_dtype: torch.dtype,
+              outs: list[torch.Tensor]) -> None:
         x = self.x[:bucket]
         sends = []
         for layer in range(self.ffn.spec.num_layers):
-            dist.irecv(x, src).wait()            # after the previous layer's FFN read x (the stream's order)
+            dist.irecv(x, src, group=group).wait()     # after the previous layer's FFN read x (stream order)
             y = self.ffn.forward(layer, x).to(out_dtype).contiguous()
             outs.append(y)
-            sends.append(dist.isend(y, src))
-        for work in sends:                       # joins the sends back into the captured stream
+            sends.append(dist.isend(y, src, group=group))
+        for work in sends:                             # joins the sends back into the captured stream
             work.wait()
 
-    def replay_pass(self, src: int, bucket: int) -> bool:
-        """Replay KV rank `src`'s pass of `bucket` rows; False if there is no graph of it."""
-        entry = self.passes.get((src, bucket))
+    def replay_pass(self, src: int, lane: int, bucket: int) -> bool:
+        """Replay KV rank `src`'s pass of `bucket` rows in `lane` (on the current stream); False if there is
+        no graph of it."""
+        entry = self.passes.get((src, lane, bucket))
         if entry is None:
             return False
         entry[0].replay()

@@ -27,6 +27,12 @@ a weights rank). The KV rank sends one header (OP_PASS: model, rows) and replays
 host reads the header and replays the matching graph; the two graphs' NCCL operations pair up on the devices,
 layer by layer, with no host in between. On CPU the same protocol runs eagerly (the calls of a pass carry no
 header). `CROSSPOOL_PASS_GRAPHS=0` turns it off (decode then goes through the sub-step graphs and plans).
+
+Passes run in *lanes*: lane l has its own NCCL communicator (a process group of every rank) and its own stream
+on each side, so the passes of two models in two lanes run at once and pair up independently; while one
+model's layer waits for its FFN on the other GPU, the other lane's kernels use the device. That is the
+layer-wise pipeline across ranks (`Engine` puts the models of a step in lanes when `EngineConfig.pipeline` is
+on). Eager traffic (prefill, other calls) stays on the default group.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -61,7 +67,9 @@ PLANS = os.environ.get("CROSSPOOL_FFN_PLAN", "1") != "0"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
+LANES = 2                                   # concurrent whole passes (each lane: a communicator and a stream)
 _control: dist.ProcessGroup | None = None   # the host (gloo) group over every rank: control messages, headers
+_lanes: list[dist.ProcessGroup] = []        # per lane, a device group over every rank (its own communicator)
 
 
 class RankError(RuntimeError):
@@ -96,7 +104,7 @@ def init_world(world: World, init_method: str) -> None:
     """Join the world: the default group (NCCL on GPUs, gloo on CPU) carries hidden states; a gloo group of
     the same ranks carries control messages and FFN headers, so they never touch a device (no host sync to
     read a header, no device copy of a pickled message)."""
-    global _control
+    global _control, _lanes
     if world.device.type == "cuda":
         torch.cuda.set_device(world.device)
     else:
@@ -105,6 +113,7 @@ def init_world(world: World, init_method: str) -> None:
     dist.init_process_group(backend, init_method=init_method, rank=world.rank, world_size=world.size,
                             timeout=TIMEOUT)
     _control = dist.new_group(backend="gloo", timeout=TIMEOUT)
+    _lanes = [dist.new_group(backend=backend, timeout=TIMEOUT) for _ in range(LANES)]
     if backend == "nccl":
         # one collective now builds the device group's communicator on every rank, so that the first
         # operation on it is never a point-to-point one between two ranks only
@@ -118,13 +127,14 @@ def connect_pairs(world: World) -> None:
     Pairs go in (KV rank, weights rank) order on every rank, so no two ranks wait on each other in a cycle."""
     buf = torch.zeros(1 << 18, device=world.device)            # 1 MiB: the sizes decode passes send
     peers = world.weights if world.is_kv else range(world.kv_ranks)
-    for peer in peers:
-        if world.is_kv:
-            dist.send(buf, peer)
-            dist.recv(buf, peer)
-        else:
-            dist.recv(buf, peer)
-            dist.send(buf, peer)
+    for group in [None, *_lanes]:
+        for peer in peers:
+            if world.is_kv:
+                dist.send(buf, peer, group=group)
+                dist.recv(buf, peer, group=group)
+            else:
+                dist.recv(buf, peer, group=group)
+                dist.send(buf, peer, group=group)
     torch.cuda.synchronize(world.device)
 
 
@@ -149,6 +159,11 @@ def leave_world(world: World, wait_s: float = 60.0) -> None:
 def control_group() -> dist.ProcessGroup:
     assert _control is not None, "init_world first"
     return _control
+
+
+def lane_group(lane: int) -> dist.ProcessGroup:
+    assert _lanes, "init_world first"
+    return _lanes[lane]
 
 
 def broadcast_control(msg: Any, world: World) -> Any:
@@ -218,7 +233,10 @@ class Exchange:
         # whole decode passes as one graph per side (`begin_pass`): one KV rank only, for the reason
         # `announce` gives
         self.passes = os.environ.get("CROSSPOOL_PASS_GRAPHS", "1") != "0" and world.kv_ranks == 1
+        self.lanes = LANES if self.passes else 1
         self._pass: str | None = None         # inside `pass_calls`: "live" or "rehearse"
+        self._lane = 0                        # the lane of the pass inside `pass_calls`
+        self._streams: dict[int, torch.cuda.Stream] = {}
 
     @property
     def out_dtype(self) -> torch.dtype:
@@ -254,27 +272,38 @@ class Exchange:
         self._announced.extend(calls)
         self.plans_sent += 1
 
-    def begin_pass(self, model: int, rows: int) -> None:
-        """Tell the weights ranks that a whole pass of `model` follows, `rows` rows a layer: its calls, made
-        inside `pass_calls`, carry no header (a weights rank replays its graph of the pass, or serves the
-        layers in order)."""
+    def begin_pass(self, model: int, rows: int, lane: int = 0) -> None:
+        """Tell the weights ranks that a whole pass of `model` follows in `lane`, `rows` rows a layer: its
+        calls, made inside `pass_calls(lane=lane)`, carry no header (a weights rank replays its graph of the
+        pass on the lane's stream, or serves the layers in order)."""
         if not self.passes:
             raise RankError("whole passes need one KV rank (and CROSSPOOL_PASS_GRAPHS unset or 1)")
+        if not 0 <= lane < self.lanes:
+            raise RankError(f"lane {lane} of {self.lanes}")
         if self._announced:
             raise RankError(f"a pass begins while {len(self._announced)} announced FFN calls are not made")
-        self._send_header([OP_PASS, model, 0, rows])
+        self._send_header([OP_PASS, model, lane, rows])
         self.passes_sent += 1
 
     @contextmanager
-    def pass_calls(self, rehearse: bool = False) -> Iterator[None]:
-        """FFN calls of a pass told by `begin_pass` (or captured into a graph whose replays follow it).
-        rehearse: a run outside a capture (the one before it, which compiles the kernels) sends nothing and
-        reads zeros as the FFN output; calls inside the capture record the NCCL operations."""
-        self._pass = "rehearse" if rehearse else "live"
+    def pass_calls(self, rehearse: bool = False, lane: int = 0) -> Iterator[None]:
+        """FFN calls of a pass told by `begin_pass` (or captured into a graph whose replays follow it), on
+        the lane's communicator. rehearse: a run outside a capture (the one before it, which compiles the
+        kernels) sends nothing and reads zeros as the FFN output; calls inside the capture record the NCCL
+        operations."""
+        self._pass, self._lane = ("rehearse" if rehearse else "live"), lane
         try:
             yield
         finally:
-            self._pass = None
+            self._pass, self._lane = None, 0
+
+    def lane_stream(self, lane: int) -> torch.cuda.Stream | None:
+        """The stream this rank runs the lane's passes on (None on CPU: everything runs in order)."""
+        if self.device.type != "cuda":
+            return None
+        if lane not in self._streams:
+            self._streams[lane] = torch.cuda.Stream(self.device)
+        return self._streams[lane]
 
     def ffn_start(self, model: int, layer: int, x: torch.Tensor) -> PendingFFN:
         """Send x to the weights ranks for (model, layer)'s FFN; the output comes with `result()`."""
@@ -290,8 +319,9 @@ class Exchange:
         parts = torch.empty(self.world.weights_ranks, *x.shape, dtype=self.out_dtype, device=self.device)
         # plain isend/irecv on both sides (not batch_isend_irecv): NCCL may run batched point-to-point on
         # another communicator than single operations, and the two sides must match
-        works = [dist.isend(x, w) for w in self.world.weights]
-        works += [dist.irecv(parts[i], w) for i, w in enumerate(self.world.weights)]
+        group = lane_group(self._lane) if self._pass is not None else None
+        works = [dist.isend(x, w, group=group) for w in self.world.weights]
+        works += [dist.irecv(parts[i], w, group=group) for i, w in enumerate(self.world.weights)]
         self.messages_sent += self.world.weights_ranks
         pending = PendingFFN(self, works, parts, x, x.dtype)
         self._in_flight.append(pending)
@@ -336,7 +366,7 @@ class Exchange:
             if op == OP_DONE:
                 done += 1
             elif op == OP_PASS:
-                sends += self._serve_pass(pool, names, src, model, tokens)
+                sends += self._serve_pass(pool, names, src, model, tokens, lane=layer)
             elif op == OP_PLAN:    # a pass (or the pipeline's passes): queue every call now, in order
                 plan = torch.empty(3 * model, dtype=torch.int64)
                 dist.recv(plan, src, group=control_group())
@@ -347,27 +377,37 @@ class Exchange:
         for work, _ in sends:
             work.wait()
 
-    def _serve_pass(self, pool: WeightsPool, names: list[str], src: int, model: int, rows: int
+    def _serve_pass(self, pool: WeightsPool, names: list[str], src: int, model: int, rows: int, lane: int
                     ) -> list[tuple[dist.Work, torch.Tensor]]:
-        """A whole pass (OP_PASS): one replay of its graph, whose receives and sends pair with the KV rank's
-        replay on the devices; without a graph for it (CPU, other sizes), every layer queued in order."""
+        """A whole pass (OP_PASS) in `lane`: one replay of its graph on the lane's stream, whose receives and
+        sends pair with the KV rank's replay on the devices; without a graph for it (CPU, other sizes), every
+        layer queued in order on the lane's communicator."""
         graphs = pool.graphs.get(names[model])
         layers = pool.models[names[model]].spec.num_layers
-        if graphs is not None and graphs.replay_pass(src, rows):
-            self.messages_sent += layers
-            return []
-        return [self._serve(pool, names, src, model, layer, rows) for layer in range(layers)]
+        stream = self.lane_stream(lane)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))    # eager calls queued before it
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if graphs is not None and graphs.replay_pass(src, lane, rows):
+                self.messages_sent += layers
+                return []
+            return [self._serve(pool, names, src, model, layer, rows, lane_group(lane)) for layer in range(layers)]
 
-    def _serve(self, pool: WeightsPool, names: list[str], src: int, model: int, layer: int, tokens: int
-               ) -> tuple[dist.Work, torch.Tensor]:
+    def _serve(self, pool: WeightsPool, names: list[str], src: int, model: int, layer: int, tokens: int,
+               group: dist.ProcessGroup | None = None) -> tuple[dist.Work, torch.Tensor]:
         """Queue one call: receive its hidden states, run the FFN, send the output back (nothing waits on
         the host: the receive makes the stream wait, the send waits for the stream)."""
+        if group is None and self._streams:
+            # an eager call after passes: the device runs it after them (their communicators are others,
+            # but a model's static FFN buffers are shared)
+            for stream in self._streams.values():
+                torch.cuda.current_stream(self.device).wait_stream(stream)
         x = torch.empty(tokens, self.hidden_sizes[model], dtype=self.dtype, device=self.device)
-        dist.recv(x, src)
+        dist.recv(x, src, group=group)
         with torch.inference_mode():
             y = pool.ffn(names[model], layer, x).to(self.out_dtype).contiguous()
         self.messages_sent += 1
-        return dist.isend(y, src), y
+        return dist.isend(y, src, group=group), y
 
 
 class RemoteFFN:
@@ -394,11 +434,11 @@ class RemoteFFN:
         """Whether a whole decode pass can run as one graph on each side (`Exchange.begin_pass`)."""
         return self.exchange.passes
 
-    def begin_pass(self, rows: int) -> None:
-        self.exchange.begin_pass(self.index, rows)
+    def begin_pass(self, rows: int, lane: int = 0) -> None:
+        self.exchange.begin_pass(self.index, rows, lane)
 
-    def pass_calls(self, rehearse: bool = False) -> AbstractContextManager[None]:
-        return self.exchange.pass_calls(rehearse)
+    def pass_calls(self, rehearse: bool = False, lane: int = 0) -> AbstractContextManager[None]:
+        return self.exchange.pass_calls(rehearse, lane)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,7 +475,7 @@ def weights_rank_loop(world: World, dtype: torch.dtype) -> None:
                         # bucket: those FFN calls replay graphs here (captured after tuning)
                         graphs = pool.add_graphs(name, msg[2].max_num_seqs)
                         if exchange.passes and world.device.type == "cuda":
-                            graphs.capture_passes(0, exchange.out_dtype)   # the one KV rank's passes
+                            graphs.capture_passes(0, exchange.lanes, exchange.out_dtype)   # the one KV rank's
             except Exception:
                 error = f"rank {world.rank} (weights): {traceback.format_exc()}"
             gather_to_front(error, world)
