@@ -11,6 +11,7 @@
 #                                     #    passes, then 4 models at rates 2 and 4 on the split
 #   bash scripts/gpu_x2.sh pass       # issue 8 (x2): whole-pass graphs: split parity, split decode step with/without
 #   bash scripts/gpu_x2.sh pass2      # issue 8 (x2): 4 models at rates 2 and 4 on the split (whole-pass graphs)
+#   bash scripts/gpu_x2.sh lanes      # issue 8 (x2): 2 four-layer models on the split, pipeline off / on (lanes)
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
@@ -141,6 +142,15 @@ if [ "$stage" = pass2 ]; then  # issue 8, session 6: 4 models on the split with 
         t 180 $MM --models 4 --modes off,on --rate $rate --kv-devices cuda:0 --weights-devices cuda:1 \
             --out-dir "$RES/split_rate$rate" 2>&1 | tee "$RES/split_rate$rate.out" | grep -v "^{" | tail -3
     done
+fi
+
+if [ "$stage" = lanes ]; then  # issue 8, session 6: the pipeline across ranks as two lanes (a quick check)
+    [ "$GPUS" -ge 2 ] || { echo "lanes needs 2 GPUs"; exit 2; }
+    ckpt olmoe-1b-7b /tmp/olmoe4 4           # 4 of 16 layers: loads and captures fast
+    t 200 python3 -m crosspool.bench.multi_model --model /tmp/olmoe4 --prompt-len 256 --output-len 64 \
+        --kv-cache-gb 8 --max-num-seqs 4 --duration-s 8 --models 2 --modes off,on --rate 4 \
+        --kv-devices cuda:0 --weights-devices cuda:1 --out-dir "$RES/lanes" 2>&1 | tee "$RES/lanes.out" \
+        | grep -v "^{\|unbatched" | tail -6
 fi
 
 if [ "$stage" = rerun ]; then   # session 4: what the first three calls left
