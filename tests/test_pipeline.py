@@ -404,11 +404,13 @@ def test_pipelined_async_decode_gives_the_same_outputs(paths: dict[str, Path]) -
     assert any(launched) and not all(launched)     # launched decode batches, synchronous prefill batches
 
 
-def test_pipeline_across_pool_ranks_over_graphs_with_launches(paths: dict[str, Path]) -> None:
+def test_pipeline_across_pool_ranks_over_graphs_with_launches(paths: dict[str, Path], monkeypatch) -> None:  # noqa: ANN001
     """Across pool ranks with the sub-step graphs (interpreter on CPU): paired batches launch (async decode
     through the pipeline), a lone batch runs as two synchronous micro-batches; outputs equal the single-process
-    unpipelined engine's."""
+    unpipelined engine's. Whole-pass graphs off: with them one KV rank pipelines in lanes instead
+    (`tests/test_transport.py`); the sub-step pipeline is what several KV ranks, or passes turned off, run."""
     pytest.importorskip("triton")
+    monkeypatch.setenv("CROSSPOOL_PASS_GRAPHS", "0")      # the spawned ranks inherit it
     names = [OLMOE, QWEN3_2L]
     work = _workload(names, per_model=3, seed=5)
     ref_ids, ref_text, _ = _generate(paths, names, work)

@@ -16,7 +16,15 @@ from crosspool import LLM, SamplingParams  # noqa: E402
 from crosspool.config import EngineConfig, layout_settings  # noqa: E402
 from crosspool.engine.scheduler import ScheduledSeq  # noqa: E402
 from crosspool.engine.sequence import Sequence  # noqa: E402
-from crosspool.pools.transport import Exchange, RankError, World, free_port, init_world  # noqa: E402
+from crosspool.pools.transport import (  # noqa: E402
+    Exchange,
+    RankError,
+    World,
+    broadcast_control,
+    free_port,
+    gather_to_front,
+    init_world,
+)
 
 HIDDEN = [8, 12]          # two models with different hidden sizes
 
@@ -203,3 +211,32 @@ def test_lanes_across_ranks_give_the_single_process_tokens(tiny_models) -> None:
     assert out == ref
     assert {lane for seen in lanes.values() for lane in seen} == {0, 1}      # both lanes carried passes
     assert any(len(set(seen)) == 2 for seen in lanes.values())               # a model moved between lanes
+
+
+def _control_rank(rank: int, port: int, out: dict) -> None:
+    world = World(2, 1, rank, torch.device("cpu"))
+    init_world(world, f"tcp://127.0.0.1:{port}")
+    got = []
+    for msg in [("step", {}), ("step", {1: [("abort", "r7")]}), ("load", [("m", "/x")], {"a": 1}), ("step", {})]:
+        got.append(broadcast_control(msg if rank == 0 else None, world))
+        # rank 1 reports a list, rank 2 nothing, then the other way round
+        mine = {1: ["out", rank]}.get(rank) if len(got) % 2 else {2: {"e": rank}}.get(rank)
+        gathered = gather_to_front(mine if rank else "front", world)
+        if rank == 0:
+            got.append(gathered)
+        else:
+            assert gathered is None
+    out[rank] = got
+    dist.destroy_process_group()
+
+
+def test_control_messages_and_gathers_reach_every_rank_intact() -> None:
+    """The per-step control path (`broadcast_control`: two ints for a step without commands, else a pickled
+    message; `gather_to_front`: sizes in one gather, payloads only from ranks with something to say)."""
+    with mp.get_context("spawn").Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_control_rank, args=(free_port(), out), nprocs=3)
+        got = dict(out)
+    sent = [("step", {}), ("step", {1: [("abort", "r7")]}), ("load", [("m", "/x")], {"a": 1}), ("step", {})]
+    assert got[1] == got[2] == sent
+    assert got[0][1::2] == [["front", ["out", 1], None], ["front", None, {"e": 2}]] * 2

@@ -181,4 +181,4 @@ def kv_rank_loop(world: World, dtype: torch.dtype) -> None:
                     engine.abort(cmd[1])
             outputs = engine.step() if engine.has_unfinished() else []
             exchange.finish_round()
-            gather_to_front(outputs, world)
+            gather_to_front(outputs or None, world)     # nothing to send when no request made progress

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -60,6 +61,7 @@ from crosspool.models.spec import ModelSpec
 from crosspool.pools.weights_pool import WeightsPool
 
 OP_DONE, OP_FFN, OP_PLAN, OP_PASS = 0, 1, 2, 3
+_EMPTY_STEP, _PICKLED = 0, 1          # control messages: a step without commands, or a pickled message
 # [op, model, layer, tokens]; OP_PLAN: [op, calls, 0, 0], then the plan; OP_PASS: [op, model, 0, rows]
 HEADER_INTS = 4
 TIMEOUT = timedelta(minutes=10)
@@ -167,16 +169,42 @@ def lane_group(lane: int) -> dist.ProcessGroup:
 
 
 def broadcast_control(msg: Any, world: World) -> Any:
-    """Rank 0's control message, delivered to every rank."""
-    box = [msg if world.rank == 0 else None]
-    dist.broadcast_object_list(box, src=0, group=control_group())
-    return box[0]
+    """Rank 0's control message, delivered to every rank. Once per engine step, so the common one (a step with
+    no commands) is one broadcast of two ints; any other goes pickled after them."""
+    head = torch.zeros(2, dtype=torch.int64)            # [kind, payload bytes]
+    payload = None
+    if world.rank == 0 and not (msg[0] == "step" and not msg[1]):
+        payload = torch.frombuffer(bytearray(pickle.dumps(msg)), dtype=torch.uint8)
+        head[0], head[1] = _PICKLED, payload.numel()
+    dist.broadcast(head, 0, group=control_group())
+    kind, size = head.tolist()
+    if kind == _EMPTY_STEP:
+        return ("step", {})
+    if payload is None:
+        payload = torch.empty(size, dtype=torch.uint8)
+    dist.broadcast(payload, 0, group=control_group())
+    return msg if world.rank == 0 else pickle.loads(payload.numpy().tobytes())
 
 
 def gather_to_front(obj: Any, world: World) -> list[Any] | None:
-    """Every rank's `obj` at rank 0 (None elsewhere)."""
-    out: list[Any] | None = [None] * world.size if world.rank == 0 else None
-    dist.gather_object(obj, out, dst=0, group=control_group())
+    """Every rank's `obj` at rank 0 (None elsewhere). Once per engine step: the sizes travel in one gather of
+    ints, and only the ranks with something to say (not None) send it, pickled, point to point."""
+    data = b"" if obj is None else pickle.dumps(obj)
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world.size)] if world.rank == 0 else None
+    dist.gather(size, sizes, dst=0, group=control_group())
+    if world.rank != 0:
+        if data:
+            # nothing else goes from this rank to rank 0 on the host group (headers go to weights ranks)
+            dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=control_group())
+        return None
+    out: list[Any] = [obj] + [None] * (world.size - 1)
+    for rank in range(1, world.size):
+        n = int(sizes[rank].item())
+        if n:
+            buf = torch.empty(n, dtype=torch.uint8)
+            dist.recv(buf, rank, group=control_group())
+            out[rank] = pickle.loads(buf.numpy().tobytes())
     return out
 
 
