@@ -10,7 +10,8 @@
 #   bash scripts/gpu_x2.sh plan       # issue 8 (x2 only): split decode step with per-call headers vs announced
 #                                     #    passes, then 4 models at rates 2 and 4 on the split
 #   bash scripts/gpu_x2.sh pass       # issue 8 (x2): whole-pass graphs: split parity, split decode step with/without
-#   bash scripts/gpu_x2.sh pass2      # issue 8 (x2): 4 models at rates 2 and 4 on the split (whole-pass graphs)
+#   bash scripts/gpu_x2.sh pass2      # issue 8 (x2): 4 models at rates 2 and 4 on the split (whole-pass graphs),
+#                                     #    pipeline off / on (two lanes), four lanes at rate 4; control round cost
 #   bash scripts/gpu_x2.sh lanes      # issue 8 (x2): 2 four-layer models on the split, pipeline off / on (lanes)
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -133,15 +134,16 @@ fi
 
 if [ "$stage" = pass2 ]; then  # issue 8, session 6: 4 models on the split with whole-pass graphs
     [ "$GPUS" -ge 2 ] || { echo "pass2 needs 2 GPUs"; exit 2; }
-    ckpt olmoe-1b-7b $OLMOE
-    CROSSPOOL_PASS_GRAPHS=1 t 130 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
-        --context 1024 --batch 1,8 --kv-devices cuda:0 --weights-devices cuda:1 --label "pass-graphs=1" \
-        --json "$RES/decode_split_pass1.json" > "$RES/decode_split_pass1.out" 2>&1
-    grep "^| 1024\|Error" "$RES/decode_split_pass1.out" | sed "s/^/passes=1: /"
+    # the per-step control round on this host's CPUs (before/after in one run), while the checkpoint is written
+    ( python3 scripts/control_round_bench.py --ranks 2 > "$RES/control.out" 2>&1 ) &
+    ckpt olmoe-1b-7b $OLMOE; wait; tail -1 "$RES/control.out"
+    # pipeline off = every pass in one lane; on = the models' passes in two lanes (then four, at rate 4)
     for rate in 2 4; do
         t 180 $MM --models 4 --modes off,on --rate $rate --kv-devices cuda:0 --weights-devices cuda:1 \
             --out-dir "$RES/split_rate$rate" 2>&1 | tee "$RES/split_rate$rate.out" | grep -v "^{" | tail -3
     done
+    CROSSPOOL_LANES=4 t 120 $MM --models 4 --modes on --rate 4 --kv-devices cuda:0 --weights-devices cuda:1 \
+        --out-dir "$RES/split_rate4_lanes4" 2>&1 | tee "$RES/split_rate4_lanes4.out" | grep -v "^{" | tail -2
 fi
 
 if [ "$stage" = lanes ]; then  # issue 8, session 6: the pipeline across ranks as two lanes (a quick check)

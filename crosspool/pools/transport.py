@@ -69,7 +69,8 @@ PLANS = os.environ.get("CROSSPOOL_FFN_PLAN", "1") != "0"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
-LANES = 2                                   # concurrent whole passes (each lane: a communicator and a stream)
+# concurrent whole passes (each lane: a communicator and a stream a side); every rank reads the same environment
+LANES = max(1, int(os.environ.get("CROSSPOOL_LANES", "2")))
 _control: dist.ProcessGroup | None = None   # the host (gloo) group over every rank: control messages, headers
 _lanes: list[dist.ProcessGroup] = []        # per lane, a device group over every rank (its own communicator)
 
