@@ -200,6 +200,7 @@ def test_lanes_across_ranks_give_the_single_process_tokens(tiny_models) -> None:
     try:
         engine = llm.engine.local
         assert engine.lanes == 2 and engine.pipeline is None
+        assert all(m.runner.substeps is None for m in engine.models.values())     # no unused sub-step graphs
         exchange = llm.engine.exchange
         lanes: dict[int, list[int]] = {}
         begin = exchange.begin_pass

@@ -119,12 +119,14 @@ class Engine:
         if cfg.cuda_graphs:
             args = (m.model, kv, self.device, cfg.max_num_seqs, m.max_model_len, self.device.type == "cuda")
             # one graph per decode step: in process, or across pool ranks with the FFN's NCCL traffic inside
-            whole = isinstance(m.model.ffn, FFNSide) or getattr(m.model.ffn, "passes", False)
+            passes = getattr(m.model.ffn, "passes", False)
+            whole = isinstance(m.model.ffn, FFNSide) or passes
             if whole:
                 graphs = DecodeGraphs(*args)
-            if cfg.pipeline or not whole:
-                # the pipeline's units: one graph per sub-step; across several KV ranks also the plain step's
-                # (the FFN runs on the weights ranks between the attention graphs)
+            if (cfg.pipeline and not passes) or not whole:
+                # the pipeline's units: one graph per sub-step (across ranks with whole passes the pipeline is
+                # lanes, see __init__); across several KV ranks also the plain step's (the FFN runs on the
+                # weights ranks between the attention graphs)
                 substeps = SubStepGraphs(*args)
         m.runner = ModelRunner(m.model, kv, self.device, graphs, substeps)
 
