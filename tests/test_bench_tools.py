@@ -44,6 +44,9 @@ def test_multi_model_bench_runs_every_request(tiny_models, tmp_path: Path) -> No
     for r in rows:
         assert r["requests"] == arrivals > 0
         assert 0 < r["tbt_ms_p50"] <= r["tbt_ms_p99"]
+        slowest = [x["ttft_ms"] for x in r["slowest_ttft"]]
+        assert len(slowest) == min(5, arrivals) and slowest == sorted(slowest, reverse=True)
+        assert abs(slowest[0] - r["ttft_ms_p99"]) <= slowest[0] - slowest[-1] + 1e-6   # p99 among the slowest
     assert rows[1]["timeline"]["steps"] > 0 and (out / "timeline-2models-on.png").is_file()
 
 

@@ -111,7 +111,12 @@ def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_di
            "output_tokens_per_s": sum(len(o.token_ids) for o in finished) / elapsed,
            "tbt_ms_p50": _pct(tbt, 50) * 1e3, "tbt_ms_p90": _pct(tbt, 90) * 1e3, "tbt_ms_p99": _pct(tbt, 99) * 1e3,
            "ttft_ms_p50": _pct(ttft, 50) * 1e3, "ttft_ms_p99": _pct(ttft, 99) * 1e3,
-           "tbt_ms_mean": statistics.mean(tbt) * 1e3 if tbt else float("nan")}
+           "tbt_ms_mean": statistics.mean(tbt) * 1e3 if tbt else float("nan"),
+           # the slowest first tokens, to tell one-time costs (the first requests) from queueing
+           "slowest_ttft": [{"request": o.request_id, "model": o.model, "ttft_ms": o.ttft_s * 1e3,
+                             "queue_ms": (o.queue_s or 0.0) * 1e3, "preemptions": o.num_preemptions}
+                            for o in sorted((o for o in finished if o.ttft_s is not None),
+                                            key=lambda o: -o.ttft_s)[:5]]}
     if recording is not None:
         data = timeline.to_dict(recording)
         stem = out_dir / f"timeline-{n}models-{mode}"
