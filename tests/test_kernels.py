@@ -39,6 +39,7 @@ from crosspool.kernels.paged_attention import (  # noqa: E402
     paged_decode_attention,
     paged_prefill_attention,
 )
+from crosspool.kernels.rope_decode import rope_decode_attention  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 # fp32: only summation order differs. fp16 (ulp 2^-10 ~ 1e-3 at 1.0): both sides round probabilities,
@@ -398,6 +399,88 @@ def test_rope_write_kv_mla() -> None:
     rope_write_kv(q[..., nope:], k_pe, latent, cos, sin, slots, cache[..., rank:], cache[..., :rank], True)
     _close(q, want_q, torch.float32)
     _close(cache, want_cache, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode with q/k norm, RoPE and the KV write inside the attention kernel (`rope_decode_attention`)
+
+
+@pytest.mark.parametrize("dtype,num_splits", [(torch.float32, 1), (torch.float32, 3), (torch.float16, 3)])
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 1)])        # GQA groups 1 and 4
+@pytest.mark.parametrize("kind", [None, "head", "full"])             # Mixtral / Qwen2-MoE, Qwen3-MoE, OLMoE
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_decode_attention(dtype: torch.dtype, heads: int, kv_heads: int, kind: str | None, interleaved: bool,
+                               num_splits: int) -> None:
+    """The fused kernel's output and the caches after it equal those of `rope_write_kv` +
+    `paged_decode_attention` and of the torch reference. q, k, v are slices of one QKV row, as in the engine.
+    Contexts cross blocks of 16; with 3 splits (of 64 keys) the new token of context 129 is alone in the third
+    split and that of 200 ends the second; row 2 is padding (context 0, slot -1)."""
+    dim, eps, scale, block_size = 32, 1e-6, 32**-0.5, 16
+    ctx = [1, 17, 0, 129, 200]
+    b = len(ctx)
+    seed = heads + 2 * num_splits + int(interleaved)
+    pf, pu, pr = (Paged(ctx, [1] * b, heads, kv_heads, dim, dtype, seed=seed) for _ in range(3))
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, (heads + 2 * kv_heads) * dim, generator=g).to(DEVICE, dtype)
+    q, k, v = (x.view(b, -1, dim) for x in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+    cos, sin = _rope_tables(b, dim, g)
+    lens = pf.context_lens
+    last = (lens - 1).clamp(min=0)
+    slots = torch.where(lens > 0, pf.tables.gather(1, (last // block_size)[:, None])[:, 0] * block_size
+                        + last % block_size, -1)
+    qk_norm, q_n, k_n = None, q, k
+    if kind is not None:
+        n_q, n_k = (dim, dim) if kind == "head" else (heads * dim, kv_heads * dim)
+        q_w, k_w = ((1 + 0.1 * torch.randn(n, generator=g)).to(DEVICE, dtype) for n in (n_q, n_k))
+        qk_norm = (kind, q_w, k_w, eps)
+        q_n, k_n = (ref.rms_norm(x, w, eps) if kind == "head" else ref.rms_norm(x.reshape(b, -1), w, eps).view(x.shape)
+                    for x, w in ((q, q_w), (k, k_w)))
+    keep = lens > 0
+    q_rot = ref.apply_rope(q_n, cos, sin, interleaved)
+    ref.write_kv(pr.caches[0], slots[keep], ref.apply_rope(k_n, cos, sin, interleaved)[keep])
+    ref.write_kv(pr.caches[1], slots[keep], v[keep])
+    want = pr.reference(scale, q_rot)
+
+    q_unfused = q.clone()
+    rope_write_kv(q_unfused, k, v, cos, sin, slots, *pu.caches, interleaved, qk_norm)
+    unfused = paged_decode_attention(q_unfused, *pu.caches, pu.tables, lens, scale, num_splits=num_splits)
+
+    q_before = q.clone()
+    out = rope_decode_attention(q, k, v, cos, sin, slots, *pf.caches, pf.tables, lens, scale, interleaved, qk_norm,
+                                num_splits=num_splits)
+    assert torch.equal(q, q_before)          # q is read, not rotated in place
+    _close(out[keep], unfused[keep], dtype)
+    _close(out[keep], want[keep], dtype)
+    for fused_cache, unfused_cache, want_cache in zip(pf.caches, pu.caches, pr.caches, strict=True):
+        _close(fused_cache, unfused_cache, dtype)
+        _close(fused_cache, want_cache, dtype)
+
+
+@pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])     # q/k norm over all heads, per head
+def test_fused_rope_decode_keeps_greedy_tokens(preset: str, tiny_models, monkeypatch) -> None:  # noqa: ANN001
+    """The engine on the Triton kernels with CUDA graphs (on CPU replayed eagerly, padding rows included) gives
+    the same greedy tokens with `rope_decode.FUSED_ROPE` on as off, and on it decodes through the fused kernel."""
+    from crosspool import LLM, EngineConfig, SamplingParams
+    from crosspool.engine import graphs
+    from crosspool.kernels import rope_decode
+
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (3, 9, 14)]
+    # decode positions 3-5, 9-11 and 14-16 cross blocks of 4; a batch of 3 replays bucket 4 (one padding row)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    monkeypatch.setattr(graphs, "BUCKETS", (2, 4))
+    calls = []
+    fused = rope_decode.rope_decode_attention
+    monkeypatch.setattr(rope_decode, "rope_decode_attention", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    config = EngineConfig(device=DEVICE.type, dtype=torch.float32, kernels="triton", block_size=4, cuda_graphs=True,
+                          max_num_seqs=8)
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(rope_decode, "FUSED_ROPE", on)
+        with LLM(tiny_models(preset), config) as llm:
+            outs[on] = [o.token_ids for o in llm.generate(prompts, params)]
+        assert bool(calls) == on
+    assert outs[True] == outs[False]
 
 
 def test_package_imports_without_triton() -> None:

@@ -108,11 +108,12 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 
 @triton.jit
-def _load_halves(x_ptr, head_offs, ok, w_ptr, num_heads, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+def _load_halves(x_ptr, head_offs, ok, w_ptr, num_heads, eps, row_sq, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
                  INTERLEAVED: tl.constexpr, NORM: tl.constexpr):
     """One token's heads as the two rope halves [BLOCK_H, BLOCK_HALF] (fp32), RMS-normed first when NORM is
-    1 (per head, weight [dim]) or 2 (over all heads, weight [heads * dim]), rounded as `torch_ref.rms_norm`
-    rounds (normalize in fp32, round to the input dtype, scale by the weight, round again)."""
+    1 (per head, weight [dim]), 2 (over all heads, all of them loaded here, weight [heads * dim]) or 3 (as 2,
+    but only some heads are loaded here: `row_sq` is the whole row's `_sum_squares`), rounded as
+    `torch_ref.rms_norm` rounds (normalize in fp32, round to the input dtype, scale by the weight, round again)."""
     offs = tl.arange(0, BLOCK_HALF)
     if INTERLEAVED:
         first, second = 2 * offs, 2 * offs + 1
@@ -129,13 +130,23 @@ def _load_halves(x_ptr, head_offs, ok, w_ptr, num_heads, eps, HALF: tl.constexpr
             rstd = tl.rsqrt(tl.sum(sq, 1) / (2 * HALF) + eps)[:, None]
             w_row = tl.zeros_like(head_offs)[:, None]
         else:
-            rstd = tl.rsqrt(tl.sum(tl.sum(sq, 1), 0) / (2 * HALF * num_heads) + eps)
+            if NORM == 2:
+                row_sq = tl.sum(tl.sum(sq, 1), 0)
+            rstd = tl.rsqrt(row_sq / (2 * HALF * num_heads) + eps)
             w_row = head_offs[:, None]     # heads are contiguous in the row (checked by the wrapper)
         w1 = tl.load(w_ptr + w_row + first[None, :], mask=ok, other=0.0).to(tl.float32)
         w2 = tl.load(w_ptr + w_row + second[None, :], mask=ok, other=0.0).to(tl.float32)
         x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         x2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     return x1, x2
+
+
+@triton.jit
+def _sum_squares(x_ptr, head_offs, ok, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """fp32 sum of squares of a token's heads, summed in `_load_halves`'s order for NORM 2 (so NORM 3 over a
+    subset of the heads normalizes them as NORM 2 over all of them does)."""
+    x1, x2 = _load_halves(x_ptr, head_offs, ok, x_ptr, 1, 0.0, 0.0, HALF, BLOCK_HALF, INTERLEAVED, 0)
+    return tl.sum(tl.sum(x1 * x1 + x2 * x2, 1), 0)
 
 
 @triton.jit
@@ -162,7 +173,7 @@ def _rope_write_kv_kernel(
     hq = tl.arange(0, BLOCK_HQ)
     q_ok = (hq < num_q_heads)[:, None] & half_ok[None, :]
     q_rows = q_ptr + t * stride_qt + hq * stride_qh
-    x1, x2 = _load_halves(q_ptr + t * stride_qt, hq * stride_qh, q_ok, q_norm_ptr, num_q_heads, eps, HALF,
+    x1, x2 = _load_halves(q_ptr + t * stride_qt, hq * stride_qh, q_ok, q_norm_ptr, num_q_heads, eps, 0.0, HALF,
                           BLOCK_HALF, INTERLEAVED, NORM)
     # in place: interleaved output positions are loaded by other threads, so all loads land before any store
     tl.debug_barrier()
@@ -176,8 +187,8 @@ def _rope_write_kv_kernel(
         hk = tl.arange(0, BLOCK_HKV)
         hk_valid = hk < num_kv_heads
         k_ok = hk_valid[:, None] & half_ok[None, :]
-        k1, k2 = _load_halves(k_ptr + t * stride_kt, hk * stride_kh, k_ok, k_norm_ptr, num_kv_heads, eps, HALF,
-                              BLOCK_HALF, INTERLEAVED, NORM)
+        k1, k2 = _load_halves(k_ptr + t * stride_kt, hk * stride_kh, k_ok, k_norm_ptr, num_kv_heads, eps, 0.0,
+                              HALF, BLOCK_HALF, INTERLEAVED, NORM)
         # the reference rounds the normed k to the activations' dtype before rotating, and the rotation to it
         kc_rows = k_cache_ptr + page * stride_kcb + offset * stride_kcs + hk * stride_kch
         kc_dtype = k_cache_ptr.dtype.element_ty
@@ -191,6 +202,18 @@ def _rope_write_kv_kernel(
             v = tl.load(v_ptr + t * stride_vt + hk[:, None] * stride_vh + offs_dv[None, :], mask=v_ok)
             vc_rows = v_cache_ptr + page * stride_vcb + offset * stride_vcs + hk * stride_vch
             tl.store(vc_rows[:, None] + offs_dv[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=v_ok)
+
+
+def qk_norm_args(qk_norm: tuple[str, torch.Tensor, torch.Tensor, float] | None, q: torch.Tensor, k: torch.Tensor,
+                 full: int) -> tuple[int, torch.Tensor, torch.Tensor, float]:
+    """(NORM constexpr, q weight, k weight, eps) for a kernel from ("head" | "full", q_w, k_w, eps) or None (no
+    norm: the weights are placeholders). `full`: the kernel's code for OLMoE's norm over all heads."""
+    if qk_norm is None:
+        return 0, q, k, 0.0
+    kind, q_w, k_w, eps = qk_norm
+    assert q_w.is_contiguous() and k_w.is_contiguous()
+    assert q.stride(1) == q.shape[-1] and k.stride(1) == k.shape[-1], "normed q/k: heads must be contiguous in a row"
+    return {"head": 1, "full": full}[kind], q_w, k_w, eps
 
 
 def rope_write_kv(
@@ -218,12 +241,7 @@ def rope_write_kv(
     v_arg = k if v is None else v
     vc_arg = k_cache if v_cache is None else v_cache
     dv = v_arg.shape[-1]
-    norm, q_w, k_w, eps = 0, q, k, 0.0
-    if qk_norm is not None:
-        kind, q_w, k_w, eps = qk_norm
-        norm = {"head": 1, "full": 2}[kind]
-        assert q_w.is_contiguous() and k_w.is_contiguous()
-        assert q.stride(1) == rd and k.stride(1) == rd, "normed q/k: heads must be contiguous in a row"
+    norm, q_w, k_w, eps = qk_norm_args(qk_norm, q, k, full=2)
     _rope_write_kv_kernel[(t,)](
         q, k, v_arg, cos, sin, slot_mapping, k_cache, vc_arg, q_w, k_w, eps, hq, hkv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v_arg.stride(0), v_arg.stride(1),

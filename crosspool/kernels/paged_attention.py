@@ -2,7 +2,7 @@
 
 Replaces `torch_ref.gather_kv` + `torch_ref.padded_attention` (and, for MLA, the expansion through
 `kv_b_proj`: see `crosspool.kernels.mla` for the absorbed form and its torch reference). One Triton kernel
-serves all four entry points:
+serves all four entry points (its key walk and output store are also `rope_decode`'s):
 
 - `paged_decode_attention`: one new token per sequence, split-KV (flash-decoding) for long contexts;
 - `paged_prefill_attention`: a varlen batch of query chunks (prefill, chunked prefill, mixed with decodes);
@@ -40,6 +40,72 @@ from crosspool.kernels.pdl import enter as pdl_enter
 LOG2E = math.log2(math.e)
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 128
+
+@triton.jit
+def _attend(
+    q, q_pe, k_ptr, v_ptr, block_tables_ptr, seq, kv_head, lo, hi, q_pos, m, l_sum, acc, scale_log2,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PE_DIM: tl.constexpr, BLOCK_PE: tl.constexpr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, V_IS_K: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax of the tile's rows (queries q, plus q_pe against the D.. part of each cache row when
+    PE_DIM > 0) over keys [lo, hi) of sequence `seq`, KV head `kv_head`, folded into (m, l_sum, acc)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_pe = tl.arange(0, BLOCK_PE)
+    pe_ok = offs_pe < PE_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < DV
+    for start in tl.range(lo, hi, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < hi
+        page = tl.load(block_tables_ptr + seq * stride_bt + k_pos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
+        slot = k_pos % PAGE_SIZE
+        k_row = page * stride_kb + slot * stride_ks + kv_head * stride_kh
+        k = tl.load(k_ptr + k_row[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if PE_DIM > 0:
+            # MLA: the rotated shared key follows the latent in the same cache row
+            k_pe = tl.load(k_ptr + k_row[:, None] + D + offs_pe[None, :], mask=k_ok[:, None] & pe_ok[None, :],
+                           other=0.0)
+            s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
+        s = s * scale_log2
+        visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # rows that have seen no visible key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        if V_IS_K:
+            v = k
+        else:
+            v_row = page * stride_vb + slot * stride_vs + kv_head * stride_vh
+            v = tl.load(v_ptr + v_row[:, None] + offs_dv[None, :], mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+    return m, l_sum, acc
+
+
+@triton.jit
+def _store_rows(
+    m, l_sum, acc, out_ptr, lse_ptr, tok, head, row_ok, split,
+    stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    """The tile's normalized output: final with one split, else this split's fp32 part and log-sum-exp."""
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
+    o_mask = row_ok[:, None] & (offs_dv < DV)[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        tl.store(o_ptrs + split * stride_os, o, mask=o_mask)
+        lse = tl.where(l_sum > 0, m + tl.log2(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
+        tl.store(lse_ptr + tok * stride_lt + head * stride_lh + split, lse, mask=row_ok)
 
 
 @triton.jit
@@ -87,16 +153,14 @@ def _paged_attention_kernel(
     tok = (q_start + qi).to(tl.int64)
 
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
     if PE_DIM > 0:
         offs_pe = tl.arange(0, BLOCK_PE)
-        pe_ok = offs_pe < PE_DIM
         q_pe = tl.load(q_pe_ptr + tok[:, None] * stride_pt + head[:, None] * stride_ph + offs_pe[None, :],
-                       mask=row_ok[:, None] & pe_ok[None, :], other=0.0)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < DV
+                       mask=row_ok[:, None] & (offs_pe < PE_DIM)[None, :], other=0.0)
+    else:
+        q_pe = q
 
     # Keys this row tile may see: [0, kv_end); this split's share: [lo, hi).
     kv_end = ctx - q_len + tl.minimum(q_len, first_q + BLOCK_Q)
@@ -107,45 +171,11 @@ def _paged_attention_kernel(
     m = tl.full([BLOCK_Q * BLOCK_H], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_Q * BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_Q * BLOCK_H, BLOCK_DV], tl.float32)
-    for start in tl.range(lo, hi, BLOCK_N):
-        k_pos = start + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < hi
-        page = tl.load(block_tables_ptr + seq * stride_bt + k_pos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
-        slot = k_pos % PAGE_SIZE
-        k_row = page * stride_kb + slot * stride_ks + kv_head * stride_kh
-        k = tl.load(k_ptr + k_row[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if PE_DIM > 0:
-            # MLA: the rotated shared key follows the latent in the same cache row
-            k_pe = tl.load(k_ptr + k_row[:, None] + D + offs_pe[None, :], mask=k_ok[:, None] & pe_ok[None, :],
-                           other=0.0)
-            s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
-        s = s * scale_log2
-        visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        # rows that have seen no visible key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        if V_IS_K:
-            v = k
-        else:
-            v_row = page * stride_vb + slot * stride_vs + kv_head * stride_vh
-            v = tl.load(v_ptr + v_row[:, None] + offs_dv[None, :], mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
-
-    o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-    o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
-    o_mask = row_ok[:, None] & dv_ok[None, :]
-    if NUM_SPLITS == 1:
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
-    else:
-        tl.store(o_ptrs + split * stride_os, o, mask=o_mask)
-        lse = tl.where(l_sum > 0, m + tl.log2(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
-        tl.store(lse_ptr + tok * stride_lt + head * stride_lh + split, lse, mask=row_ok)
+    m, l_sum, acc = _attend(q, q_pe, k_ptr, v_ptr, block_tables_ptr, seq, kv_head, lo, hi, q_pos, m, l_sum, acc,
+                            scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                            D, BLOCK_D, PE_DIM, BLOCK_PE, DV, BLOCK_DV, V_IS_K, PAGE_SIZE, BLOCK_N, DOT_PRECISION)
+    _store_rows(m, l_sum, acc, out_ptr, lse_ptr, tok, head, row_ok, split, stride_ot, stride_oh, stride_os,
+                stride_lt, stride_lh, DV, BLOCK_DV, NUM_SPLITS)
 
 
 @triton.jit
@@ -200,6 +230,31 @@ def default_num_splits(programs: int, device: torch.device, max_context_len: int
     return max(1, min(splits, MAX_SPLITS))
 
 
+def _split_outputs(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    """Where the attention kernel writes: `out` itself with one split, else fp32 parts [T, H, splits, Dv] and
+    their log-sum-exps [T, H, splits] for `_combine`. Returns (target, lse, (stride_os, stride_lt, stride_lh))."""
+    if num_splits == 1:
+        return out, out, (0, 0, 0)
+    t, hq, dv = out.shape
+    part = torch.empty(t, hq, num_splits, dv, dtype=torch.float32, device=out.device)
+    lse = torch.empty(t, hq, num_splits, dtype=torch.float32, device=out.device)
+    return part, lse, (part.stride(2), lse.stride(0), lse.stride(1))
+
+
+def _combine(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
+    """Merge the splits' parts into `out`."""
+    t, hq, num_splits, dv = part.shape
+    # enough programs to spread the merge over the GPU: at batch 1 one program per head (a single program
+    # walking every head's splits took longer than the attention itself)
+    block_hc = min(next_pow2(hq), max(1, 4096 // next_pow2(dv)), next_pow2(cdiv(t * hq, 2 * num_sms(out.device))))
+    _combine_kernel[(t, cdiv(hq, block_hc))](
+        part, lse, out, hq,
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+        NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits), DV=dv, BLOCK_DV=next_pow2(dv), BLOCK_HC=block_hc,
+        **pdl.options(out.device),
+    )
+
+
 def _attention(
     q: torch.Tensor, q_pe: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
     block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor | None, context_lens: torch.Tensor, scale: float,
@@ -221,20 +276,14 @@ def _attention(
         num_splits = default_num_splits(batch * q_blocks * hkv * head_blocks, q.device, max_context_len)
     if out is None:
         out = q.new_empty(t, hq, dv)
-    if num_splits > 1:
-        part = torch.empty(t, hq, num_splits, dv, dtype=torch.float32, device=q.device)
-        lse = torch.empty(t, hq, num_splits, dtype=torch.float32, device=q.device)
-        target, stride_os, lse_arg = part, part.stride(2), lse
-        stride_lt, stride_lh = lse.stride(0), lse.stride(1)
-    else:
-        target, stride_os, lse_arg, stride_lt, stride_lh = out, 0, out, 0, 0
+    target, lse, (stride_os, stride_lt, stride_lh) = _split_outputs(out, num_splits)
     pe_dim = 0 if q_pe is None else q_pe.shape[-1]
     q_pe_arg = q if q_pe is None else q_pe
     v_arg = k_cache if v_cache is None else v_cache
     grid = (hkv * head_blocks * num_splits, q_blocks, batch)
     _paged_attention_kernel[grid](
         q, q_pe_arg, k_cache, v_arg, block_tables, context_lens if decode else cu_seqlens_q, context_lens,
-        target, lse_arg,
+        target, lse,
         scale * LOG2E,
         q.stride(0), q.stride(1), q_pe_arg.stride(0), q_pe_arg.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -250,16 +299,7 @@ def _attention(
         num_warps=4 if block_q * block_h <= 32 else 8, **pdl.options(q.device),
     )
     if num_splits > 1:
-        # enough programs to spread the merge over the GPU: at batch 1 one program per head (a single program
-        # walking every head's splits took longer than the attention itself)
-        block_hc = min(next_pow2(hq), max(1, 4096 // next_pow2(dv)),
-                       next_pow2(cdiv(t * hq, 2 * num_sms(q.device))))
-        _combine_kernel[(t, cdiv(hq, block_hc))](
-            part, lse, out, hq,
-            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits), DV=dv, BLOCK_DV=next_pow2(dv), BLOCK_HC=block_hc,
-            **pdl.options(q.device),
-        )
+        _combine(target, lse, out)
     return out
 
 

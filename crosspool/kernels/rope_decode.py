@@ -1,0 +1,198 @@
+"""Decode attention with RoPE, q/k norm and the KV write inside (MHA/GQA): `norm_rope.rope_write_kv` followed by
+`paged_attention.paged_decode_attention`, as one kernel launch instead of two per layer.
+
+Used by `models.attention_side` for decode steps when `FUSED_ROPE` is on: off until it is timed on the H200;
+CROSSPOOL_FUSED_ROPE=1 in the environment (which spawned ranks inherit) turns it on. The torch reference is the
+two-kernel path it replaces (and `torch_ref` beneath that); tests compare the output and the caches.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from crosspool.kernels import pdl
+from crosspool.kernels._common import block_dim, cdiv, dot_precision, next_pow2
+from crosspool.kernels.norm_rope import _load_halves, _sum_squares, qk_norm_args
+from crosspool.kernels.paged_attention import (
+    LOG2E,
+    _attend,
+    _combine,
+    _split_outputs,
+    _store_rows,
+    _tiles,
+    default_num_splits,
+)
+from crosspool.kernels.pdl import enter as pdl_enter
+
+FUSED_ROPE = os.environ.get("CROSSPOOL_FUSED_ROPE", "0") != "0"
+
+
+@triton.jit
+def _rope_decode_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, q_norm_ptr, k_norm_ptr, eps,
+    k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
+    scale_log2, num_q_heads, num_kv_heads,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_st,
+    stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
+    stride_bt,
+    stride_ot, stride_oh, stride_os,
+    stride_lt, stride_lh,
+    GROUP: tl.constexpr, HEAD_BLOCKS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
+):
+    """Decode attention with `rope_write_kv` folded in: the program of (sequence, KV head, head block, split)
+    norms and rotates its q heads itself, and the new token (position ctx - 1) is not read from the cache.
+
+    Why not write first and read back: the programs of the split that holds position ctx - 1 would read it
+    while the writing program may not have stored it yet (no ordering between programs of one launch). Instead
+    every split's walk over the cache stops before ctx - 1, and the split that owns ctx - 1 norms and rotates
+    the new k itself and folds (k, v) into its softmax from registers; its first head block also stores them
+    into the cache (exactly one writer per sequence and KV head), for the steps after this one. The rope layout
+    is `torch_ref.apply_rope`'s (rotated halves first and second), so q @ k runs as two dots over the halves,
+    as MLA's latent + rope parts do. Padding rows (context_len 0) own no position: no write, zeros out."""
+    pdl_enter(USE_PDL)
+    pid = tl.program_id(0)
+    seq = tl.program_id(1)
+    split = pid % NUM_SPLITS
+    head_block = (pid // NUM_SPLITS) % HEAD_BLOCKS
+    kv_head = pid // (NUM_SPLITS * HEAD_BLOCKS)
+    t = seq.to(tl.int64)
+    ctx = tl.load(context_lens_ptr + seq)
+
+    group_head = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_ok = group_head < GROUP
+    head = kv_head * GROUP + group_head
+    offs_half = tl.arange(0, BLOCK_HALF)
+    half_ok = offs_half < HALF
+    # as `rope_write_kv`: cos/sin rounded to the activations' dtype, normed q/k rounded before the rotation
+    dtype = q_ptr.dtype.element_ty
+    c = tl.load(cos_ptr + t * stride_ct + offs_half, mask=half_ok, other=0.0).to(dtype).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + t * stride_st + offs_half, mask=half_ok, other=0.0).to(dtype).to(tl.float32)[None, :]
+
+    q_row = q_ptr + t * stride_qt
+    q_sq = 0.0
+    if NORM == 3:
+        hq = tl.arange(0, BLOCK_HQ)
+        q_sq = _sum_squares(q_row, hq * stride_qh, (hq < num_q_heads)[:, None] & half_ok[None, :], HALF,
+                            BLOCK_HALF, INTERLEAVED)
+    x1, x2 = _load_halves(q_row, head * stride_qh, row_ok[:, None] & half_ok[None, :], q_norm_ptr, num_q_heads,
+                          eps, q_sq, HALF, BLOCK_HALF, INTERLEAVED, NORM)
+    q1 = (x1 * c - x2 * s).to(dtype)
+    q2 = (x2 * c + x1 * s).to(dtype)
+
+    # the new token's k (this KV head, as a one-row tile), rounded as the cache stores it, and its v
+    k_row = k_ptr + t * stride_kt
+    k_sq = 0.0
+    if NORM == 3:
+        hk = tl.arange(0, BLOCK_HKV)
+        k_sq = _sum_squares(k_row, hk * stride_kh, (hk < num_kv_heads)[:, None] & half_ok[None, :], HALF,
+                            BLOCK_HALF, INTERLEAVED)
+    one = tl.zeros([1], tl.int32)
+    k_ok = (one == 0)[:, None] & half_ok[None, :]
+    k1, k2 = _load_halves(k_row, one + kv_head * stride_kh, k_ok, k_norm_ptr, num_kv_heads, eps, k_sq, HALF,
+                          BLOCK_HALF, INTERLEAVED, NORM)
+    kc_dtype = k_cache_ptr.dtype.element_ty
+    kr1 = (k1 * c - k2 * s).to(k_ptr.dtype.element_ty).to(kc_dtype)
+    kr2 = (k2 * c + k1 * s).to(k_ptr.dtype.element_ty).to(kc_dtype)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    v_ok = (one == 0)[:, None] & (offs_dv < DV)[None, :]
+    v_new = tl.load(v_ptr + t * stride_vt + kv_head * stride_vh + one[:, None] + offs_dv[None, :], mask=v_ok,
+                    other=0.0).to(v_cache_ptr.dtype.element_ty)
+
+    # this split's share of [0, ctx) as in `_paged_attention_kernel`; the cache walk stops before ctx - 1
+    per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    owner = (lo <= ctx - 1) & (ctx - 1 < lo + per_split)
+    q_pos = tl.zeros([BLOCK_H], tl.int32) + (ctx - 1)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    m, l_sum, acc = _attend(q1, q2, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, lo,
+                            tl.minimum(lo + per_split, ctx - 1), q_pos, m, l_sum, acc, scale_log2,
+                            stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch, stride_bt,
+                            HALF, BLOCK_HALF, HALF, BLOCK_HALF, DV, BLOCK_DV, False, PAGE_SIZE, BLOCK_N,
+                            DOT_PRECISION)
+
+    # the new token's key and value, folded in by the owner only (-inf elsewhere: alpha 1, p 0)
+    s_new = tl.sum(q1.to(tl.float32) * kr1.to(tl.float32), 1) + tl.sum(q2.to(tl.float32) * kr2.to(tl.float32), 1)
+    s_new = tl.where(owner, s_new * scale_log2, float("-inf"))
+    m_new = tl.maximum(m, s_new)
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_shift)
+    p = tl.exp2(s_new - m_shift)
+    l_sum = l_sum * alpha + p
+    # probabilities rounded to the value dtype before the product, as the cache walk's P @ V
+    acc = acc * alpha[:, None] + p.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)
+    m = m_new
+
+    slot = tl.load(slots_ptr + seq)
+    if owner & (head_block == 0) & (slot >= 0):     # one writer per (sequence, KV head); padding slots are < 0
+        page = slot // PAGE_SIZE
+        offset = slot % PAGE_SIZE
+        kc_rows = k_cache_ptr + page * stride_kb + offset * stride_ks + kv_head * stride_kch + one[:, None]
+        tl.store(kc_rows + offs_half[None, :], kr1, mask=k_ok)
+        tl.store(kc_rows + HALF + offs_half[None, :], kr2, mask=k_ok)
+        vc_rows = v_cache_ptr + page * stride_vb + offset * stride_vs + kv_head * stride_vch + one[:, None]
+        tl.store(vc_rows + offs_dv[None, :], v_new, mask=v_ok)
+
+    tok = tl.zeros([BLOCK_H], tl.int64) + t
+    _store_rows(m, l_sum, acc, out_ptr, lse_ptr, tok, head, row_ok, split, stride_ot, stride_oh, stride_os,
+                stride_lt, stride_lh, DV, BLOCK_DV, NUM_SPLITS)
+
+
+def rope_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, interleaved: bool,
+    qk_norm: tuple[str, torch.Tensor, torch.Tensor, float] | None = None, *, num_splits: int | None = None,
+    max_context_len: int | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`norm_rope.rope_write_kv` then `paged_decode_attention`, with the first folded into the second's kernel
+    (MHA/GQA decode: one launch fewer per layer). q [B, Hq, D], k [B, Hkv, D], v [B, Hkv, Dv] un-rotated (q is
+    left as it is); cos/sin [B, D/2]; slot_mapping [B]; qk_norm and the rest as those two functions. The new
+    token's key and value land in the caches as `rope_write_kv` would write them; returns [B, Hq, Dv]."""
+    b, hq, d = q.shape
+    _, page_size, hkv, _ = k_cache.shape
+    dv = v_cache.shape[-1]
+    assert hq % hkv == 0 and d % 2 == 0 and k.shape[1:] == (hkv, d) and k_cache.shape[-1] == d
+    assert context_lens.shape[0] == b, "decode: row b is sequence b's one new token"
+    for x in (q, k, v, k_cache, v_cache):
+        assert x.stride(-1) == 1, "last dim must be contiguous"
+    group = hq // hkv
+    _, block_h, block_n = _tiles(True, group, dv)
+    head_blocks = cdiv(group, block_h)
+    if num_splits is None:
+        num_splits = default_num_splits(b * hkv * head_blocks, q.device, max_context_len)
+    if out is None:
+        out = q.new_empty(b, hq, dv)
+    # "full" (OLMoE) norms over all heads: each program sums the whole row's squares itself (NORM 3)
+    norm, q_w, k_w, eps = qk_norm_args(qk_norm, q, k, full=3)
+    target, lse, (stride_os, stride_lt, stride_lh) = _split_outputs(out, num_splits)
+    _rope_decode_kernel[(hkv * head_blocks * num_splits, b)](
+        q, k, v, cos, sin, slot_mapping, q_w, k_w, eps,
+        k_cache, v_cache, block_tables, context_lens, target, lse,
+        scale * LOG2E, hq, hkv,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        target.stride(0), target.stride(1), stride_os,
+        stride_lt, stride_lh,
+        GROUP=group, HEAD_BLOCKS=head_blocks, NUM_SPLITS=num_splits,
+        HALF=d // 2, BLOCK_HALF=block_dim(d // 2), DV=dv, BLOCK_DV=block_dim(dv),
+        PAGE_SIZE=page_size, BLOCK_H=block_h, BLOCK_N=block_n,
+        BLOCK_HQ=next_pow2(hq), BLOCK_HKV=next_pow2(hkv), INTERLEAVED=interleaved, NORM=norm,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=4 if block_h <= 32 else 8, **pdl.options(q.device),
+    )
+    if num_splits > 1:
+        _combine(target, lse, out)
+    return out
