@@ -5,8 +5,8 @@
 # `STAGE b` run them as two calls.
 #   bash scripts/gpu_x2.sh split      # issue 8 (x2 only): 1 KV + 1 weights GPU: parity, 4 models at rate 2
 #   bash scripts/gpu_x2.sh split2     # issue 8 (x2 only): 4 models at rate 4, the capacity row, transfer
-#   bash scripts/gpu_x2.sh qwen3      # A: issue 4 (the Qwen3 cells not reached) | B: issue 4 (PDL test, decode with
-#                                     #    router on cuBLAS / default / PDL), issue 8's one-GPU 4-model reference
+#   bash scripts/gpu_x2.sh qwen3      # A: issue 4 (the Qwen3 cells not reached) | B: issue 4 (fused RoPE + KV write
+#                                     #    in the decode attention: kernel tests on the GPU, decode off / on)
 #   bash scripts/gpu_x2.sh plan       # issue 8 (x2 only): split decode step with per-call headers vs announced
 #                                     #    passes, then 4 models at rates 2 and 4 on the split
 #   bash scripts/gpu_x2.sh pass       # issue 8 (x2): whole-pass graphs: split parity, split decode step with/without
@@ -184,15 +184,16 @@ if [ "$stage" = qwen3 ]; then
             --batch 32,8,1 --max-cell-tokens 300000 --profile --json "$RES/qwen3_24l.json" 2>&1 \
             | tee "$RES/qwen3_24l.out" | grep -v "^{" | cut -c1-150 | tail -45
     }
-    job_b() {   # issue 4's session-4 changes (router GEMV, PDL: before/after in one run), then issue 7's replay
-        t 120 python3 -m pytest -q -m gpu tests/test_gpu.py -k programmatic 2>&1 | tail -3
-        for flags in "--router-cublas --label router-cublas" "--no-pdl --label no-pdl" "--label default"; do
-            t 70 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 1,8 \
-                $flags --json "$RES/olmoe_${flags##* }.json" 2>&1 | grep "^| 1024" | sed "s/^/${flags##* }: /"
+    job_b() {   # issue 4, session 6: RoPE + q/k norm + KV write inside the decode attention (before/after in one run)
+        t 150 python3 -m pytest -q tests/test_kernels.py -k "rope or decode_attention or fused_rope" 2>&1 | tail -3
+        for fused in 0 1; do
+            CROSSPOOL_FUSED_ROPE=$fused t 80 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
+                --context 1024 --batch 1,8 --label "fused-rope=$fused" --json "$RES/olmoe_fused$fused.json" 2>&1 \
+                | grep "^| 1024" | sed "s/^/fused-rope=$fused: /"
         done
-        # issue 8's one-GPU reference with the code the split runs use (session 4's rows predate 060b239)
-        t 240 $MM --models 4 --modes off,on --rate 2 --out-dir "$RES/one_gpu_rate2" 2>&1 \
-            | tee "$RES/one_gpu_rate2.out" | grep -v "^{" | tail -4
+        # the attention kernel's key walk became a shared helper: re-time it alone (session 3 numbers as reference)
+        t 90 python3 -m crosspool.bench.kernels --only attention splits --json "$RES/kernels_attention.json" 2>&1 \
+            | grep -v "^{" | tail -20
     }
     both
 fi
