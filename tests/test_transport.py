@@ -148,6 +148,7 @@ def test_graph_path_across_ranks_gives_the_single_process_tokens(tiny_models, mo
         used = []
         if passes:
             assert runner.substeps is None and runner.graphs is not None and runner.graphs.remote
+            assert runner.graphs.lanes == 1          # the pipeline is off: every pass in lane 0
             queue = runner.graphs._queue       # under both `run` and `launch`
             runner.graphs._queue = lambda scheduled, *rest: (used.append(len(scheduled)), queue(scheduled, *rest))[1]
         else:
@@ -201,6 +202,7 @@ def test_lanes_across_ranks_give_the_single_process_tokens(tiny_models) -> None:
         engine = llm.engine.local
         assert engine.lanes == 2 and engine.pipeline is None
         assert all(m.runner.substeps is None for m in engine.models.values())     # no unused sub-step graphs
+        assert all(m.runner.graphs.lanes == 2 for m in engine.models.values())
         exchange = llm.engine.exchange
         lanes: dict[int, list[int]] = {}
         begin = exchange.begin_pass

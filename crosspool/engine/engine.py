@@ -122,7 +122,9 @@ class Engine:
             passes = getattr(m.model.ffn, "passes", False)
             whole = isinstance(m.model.ffn, FFNSide) or passes
             if whole:
-                graphs = DecodeGraphs(*args)
+                # across ranks with the pipeline on, a graph of each pass per lane (see __init__)
+                lanes = m.model.ffn.exchange.lanes if passes and cfg.pipeline else 1
+                graphs = DecodeGraphs(*args, lanes=lanes)
             if (cfg.pipeline and not passes) or not whole:
                 # the pipeline's units: one graph per sub-step (across ranks with whole passes the pipeline is
                 # lanes, see __init__); across several KV ranks also the plain step's (the FFN runs on the

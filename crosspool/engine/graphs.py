@@ -215,7 +215,7 @@ class DecodeGraphs:
     """Static buffers + one captured decode step per bucket, for one model."""
 
     def __init__(self, model: MoEModel, cache: PagedCache, device: torch.device, max_batch: int,
-                 max_model_len: int, capture: bool = True) -> None:
+                 max_model_len: int, capture: bool = True, lanes: int = 1) -> None:
         self.model = model
         self.cache = cache
         self.device = device
@@ -228,7 +228,7 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.readback = TokenReadback(device, max_batch)
         self.remote = getattr(model.ffn, "passes", False)     # the FFN runs on the weights ranks
-        self.lanes = model.ffn.exchange.lanes if self.remote else 1
+        self.lanes = lanes if self.remote else 1              # lanes its passes may run in (across ranks)
         self._done: torch.cuda.Event | None = None             # after this model's last pass, on its lane
 
     def _ffn_calls(self, lane: int, rehearse: bool = False) -> AbstractContextManager[None]:

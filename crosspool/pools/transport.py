@@ -504,7 +504,9 @@ def weights_rank_loop(world: World, dtype: torch.dtype) -> None:
                         # bucket: those FFN calls replay graphs here (captured after tuning)
                         graphs = pool.add_graphs(name, msg[2].max_num_seqs)
                         if exchange.passes and world.device.type == "cuda":
-                            graphs.capture_passes(0, exchange.lanes, exchange.out_dtype)   # the one KV rank's
+                            # the one KV rank's passes, in every lane it may use (lanes: with the pipeline on)
+                            lanes = exchange.lanes if msg[2].pipeline else 1
+                            graphs.capture_passes(0, lanes, exchange.out_dtype)
             except Exception:
                 error = f"rank {world.rank} (weights): {traceback.format_exc()}"
             gather_to_front(error, world)
