@@ -243,3 +243,37 @@ def test_control_messages_and_gathers_reach_every_rank_intact() -> None:
     sent = [("step", {}), ("step", {1: [("abort", "r7")]}), ("load", [("m", "/x")], {"a": 1}), ("step", {})]
     assert got[1] == got[2] == sent
     assert got[0][1::2] == [["front", ["out", 1], None], ["front", None, {"e": 2}]] * 2
+
+
+def test_a_step_failing_mid_pass_is_reported_and_the_world_stays_in_step(tiny_models) -> None:  # noqa: ANN001
+    """Rank 0's step raises after its pass was announced (the weights rank has queued every layer and waits
+    for hidden states): the round still ends for every rank, the error reaches the caller, and the next
+    requests run to the single-process tokens (no rank left waiting for the 10-minute timeout)."""
+    path = tiny_models("tiny-olmoe")
+    prompts = [[5, 17, 3, 99, 42, 7], [8, 1, 2]]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    with LLM({"m": path}, EngineConfig(block_size=4)) as single:
+        ref = [o.token_ids for o in single.generate(prompts, params, model="m")]
+    llm = LLM({"m": path}, EngineConfig(block_size=4, **layout_settings(kv_ranks=1, weights_ranks=1)))
+    try:
+        attention = llm.engine.local.models["m"].model.attention
+        block = attention.attention_block
+        fail = {"left": 1}
+
+        def failing(layer: int, *a, **kw):  # noqa: ANN002, ANN003, ANN202
+            if layer == 1 and fail["left"]:
+                fail["left"] -= 1
+                raise RuntimeError("injected failure in layer 1")
+            return block(layer, *a, **kw)
+
+        attention.attention_block = failing
+        exchange = llm.engine.exchange
+        plans = exchange.plans_sent
+        with pytest.raises(RuntimeError, match="injected failure"):
+            llm.generate(prompts, params, model="m")
+        assert exchange.plans_sent > plans and not exchange._announced and not exchange._in_flight
+        assert not llm.engine.has_unfinished()          # `generate` aborted its requests
+        out = [o.token_ids for o in llm.generate(prompts, params, model="m")]
+    finally:
+        llm.engine.close()
+    assert out == ref

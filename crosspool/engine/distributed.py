@@ -130,9 +130,18 @@ class DistributedEngine:
         """One round: other ranks get their commands and step; rank 0 runs `work` (which may call the
         FFN on the weights ranks) in the same round."""
         broadcast_control(("step", commands), self.world)
-        result = work()
+        try:
+            result = work()
+        except BaseException:
+            # end the round for every rank (no weights rank left waiting for calls that will not come), then
+            # report the error; the other ranks' results of this round are dropped
+            self.exchange.abandon_round()
+            raise_failures(gather_to_front(None, self.world))
+            raise
         self.exchange.finish_round()
-        return result, gather_to_front(None, self.world)
+        gathered = gather_to_front(None, self.world)
+        raise_failures(gathered)        # another KV rank's step failed (it ended its round too)
+        return result, gathered
 
     def run_in_round(self, work: Callable[[], T]) -> T:
         """Run `work` on rank 0 inside a round of its own (tools and tests that drive the model)."""
@@ -179,6 +188,11 @@ def kv_rank_loop(world: World, dtype: torch.dtype) -> None:
                     engine.add_request(model, ids, params, rid)
                 else:
                     engine.abort(cmd[1])
-            outputs = engine.step() if engine.has_unfinished() else []
+            try:
+                outputs = engine.step() if engine.has_unfinished() else []
+            except Exception:
+                exchange.abandon_round()
+                gather_to_front(f"rank {world.rank} (kv): {traceback.format_exc()}", world)
+                continue
             exchange.finish_round()
             gather_to_front(outputs or None, world)     # nothing to send when no request made progress

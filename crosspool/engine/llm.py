@@ -80,12 +80,18 @@ class LLM:
         plist = self._per_prompt(params or SamplingParams(), n, "params")
         ids = [self.engine.add_request(m, p, sp) for m, p, sp in zip(models, prompts, plist, strict=True)]
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=n, desc="generate", disable=not use_tqdm) as bar:
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-                        bar.update(1)
+        try:
+            with tqdm(total=n, desc="generate", disable=not use_tqdm) as bar:
+                while self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        if out.finished:
+                            done[out.request_id] = out
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:                  # a failed step: this call's requests go, the engine stays usable
+                if rid not in done:
+                    self.engine.abort(rid)
+            raise
         return [done[i] for i in ids]
 
     def _per_prompt(self, value: object, n: int, what: str) -> list:

@@ -382,6 +382,18 @@ class Exchange:
             work.wait()
         self._headers.clear()
 
+    def abandon_round(self) -> None:
+        """End the round after this rank's step failed part way: the announced calls not made yet go out with
+        zero rows (the weights ranks queued them and wait for their hidden states), calls in flight complete
+        and their outputs are dropped, and the weights ranks get "done" as after any round, so the world stays
+        in step and the error can be reported instead of every rank waiting for the timeout."""
+        self._pass = None
+        while self._announced:
+            model, layer, rows = self._announced[0]
+            x = torch.zeros(rows, self.hidden_sizes[model], dtype=self.dtype, device=self.device)
+            self.ffn_start(model, layer, x)
+        self.finish_round()
+
     # ---- weights side ---------------------------------------------------------------------------
     def serve_round(self, pool: WeightsPool, names: list[str]) -> None:
         """Serve FFN calls from any KV rank, in arrival order, until every KV rank is done. The host waits
