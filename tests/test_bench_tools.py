@@ -123,3 +123,15 @@ def test_results_record_the_commit_given_by_the_run(monkeypatch) -> None:  # noq
     assert provenance.stamp("cpu") == {"date": provenance.stamp("cpu")["date"], "commit": "abc1234", "device": "cpu"}
     monkeypatch.delenv("CROSSPOOL_COMMIT")
     assert provenance.git_commit() != "abc1234"
+
+
+def test_lane_overlap_counts_time_with_two_lanes_busy() -> None:
+    # lane 0 busy 0-4 and 6-8, lane 1 busy 3-7: any lane 0-8 (8 ms), two lanes 3-4 and 6-7 (2 ms)
+    got = multi_model.lane_overlap([(0, 0.0, 4.0), (1, 3.0, 7.0), (0, 6.0, 8.0)])
+    assert got["passes"] == 3 and got["window_ms"] == 8.0
+    assert got["busy_ms"] == 8.0 and got["overlap_ms"] == 2.0 and got["overlap_frac"] == 0.25
+    assert got["lane_busy_ms"] == [6.0, 4.0]
+    # a gap where no lane works is not busy; one lane alone never overlaps
+    alone = multi_model.lane_overlap([(0, 0.0, 1.0), (0, 3.0, 4.0)])
+    assert alone["busy_ms"] == 2.0 and alone["overlap_ms"] == 0.0 and alone["window_ms"] == 4.0
+    assert multi_model.lane_overlap([]) == {"passes": 0}

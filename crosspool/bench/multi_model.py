@@ -11,7 +11,9 @@ layer-wise pipeline over sub-step graphs), `on-green` (the same with the SMs spl
 contexts, `--attention-sms`), `serial` (the pipeline with one lane: the same sub-steps back to back, for a
 timeline to compare with). Reported per (N, mode): TBT P50/P90/P99 over every gap between two
 tokens of a request (vLLM's ITL), TTFT P50/P99, output tokens/s over the run; a timeline (JSON + PNG, with
-per-side busy time and overlap) of a few steps in the middle of the run for the pipelined modes.
+per-side busy time and overlap) of a few steps in the middle of the run for the pipelined modes. Across pool
+ranks with whole-pass graphs, `on` runs the passes in lanes (`Engine.lanes`) instead; the row's `lanes` says how
+much they overlapped (every pass timed on its lane's stream for `LANE_WINDOW_S` from mid-run).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from crosspool.engine.llm import create_engine
 from crosspool.engine.sampling import SamplingParams
 from crosspool.models.loader import load_spec
 
+LANE_WINDOW_S = 3.0          # how long the lanes' passes are timed, from the middle of the run
+
 
 def trace(models: list[str], rate: float, duration_s: float, prompt_len: int, vocab: int,
           seed: int) -> list[tuple[float, str, list[int]]]:
@@ -50,6 +54,49 @@ def trace(models: list[str], rate: float, duration_s: float, prompt_len: int, vo
 
 def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def lane_overlap(spans: list[tuple[int, float, float]]) -> dict:
+    """How much the lanes' passes overlapped: spans are (lane, start ms, end ms) of whole passes (a lane's own
+    passes never overlap). Returns the window, the time any lane was busy, the time two or more were, and each
+    lane's busy time (ms)."""
+    if not spans:
+        return {"passes": 0}
+    edges = sorted([(s, 1) for _, s, _ in spans] + [(e, -1) for _, _, e in spans])
+    busy = multi = 0.0
+    active, last = 0, edges[0][0]
+    for t, step in edges:
+        if active >= 1:
+            busy += t - last
+        if active >= 2:
+            multi += t - last
+        active, last = active + step, t
+    lanes = sorted({lane for lane, _, _ in spans})
+    return {"passes": len(spans), "window_ms": max(e for _, _, e in spans) - min(s for _, s, _ in spans),
+            "busy_ms": busy, "overlap_ms": multi, "overlap_frac": multi / busy if busy else 0.0,
+            "lane_busy_ms": [sum(e - s for ln, s, e in spans if ln == lane) for lane in lanes]}
+
+
+def _lane_graphs(engine: Engine) -> list:
+    """The decode graphs whose passes run in lanes (across ranks with the pipeline on); empty elsewhere."""
+    return [m.runner.graphs for m in engine.models.values()
+            if m.runner.graphs is not None and m.runner.graphs.lanes > 1 and torch.cuda.is_available()]
+
+
+def _lane_spans(graphs: list, events: list) -> list[tuple[int, float, float]]:
+    """(lane, start ms, end ms) of the recorded passes (`events`: (lane, start, end) CUDA events), on one time
+    base; stops the recording."""
+    for g in graphs:
+        g.spans = None
+    torch.cuda.synchronize()
+    if not events:
+        return []
+    ref = events[0][1]                   # any event of the device: times relative to it (negative is fine)
+    try:
+        return [(lane, ref.elapsed_time(a), ref.elapsed_time(b)) for lane, a, b in events]
+    except RuntimeError as e:            # a diagnostic: never lose the run's row over it
+        print(f"lane timing unavailable: {e}", flush=True)
+        return []
 
 
 def _warm_up(engine: Engine | DistributedEngine, prompt_len: int, vocab: int) -> None:
@@ -74,6 +121,8 @@ def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_di
     engine = create_engine(dict.fromkeys(names, model_dir), config)
     local = getattr(engine, "local", engine)         # across pool ranks: KV rank 0's engine records the timeline
     pipeline = local.pipeline
+    lanes = _lane_graphs(local)       # across ranks, pipeline on: passes in lanes, timed for a while mid-run
+    lane_events: list | None = None
     if mode == "serial" and pipeline is not None:
         pipeline.lanes = 1
     vocab = load_spec(model_dir).vocab_size
@@ -95,12 +144,20 @@ def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_di
             continue
         if pipeline is not None and recording is None and now >= record_at:
             recording = pipeline.start_recording()
+        if lanes and lane_events is None and now >= record_at:
+            lane_events = []
+            for g in lanes:
+                g.spans = lane_events        # one list: every model's passes, in launch order
+        if lane_events is not None and now >= record_at + LANE_WINDOW_S:
+            for g in lanes:
+                g.spans = None
         finished += [o for o in engine.step() if o.finished]
         steps += 1
         # pipelined steps only count (a step with one model ready runs unpipelined and records nothing)
         if recording is not None and pipeline.timeline is not None and len(recording.steps) >= args.timeline_steps:
             pipeline.stop_recording()
     elapsed = time.perf_counter() - start
+    overlap = lane_overlap(_lane_spans(lanes, lane_events or [])) if lanes else None
     engine.close()
     tbt = [g for o in finished for g in o.tbt_s]
     ttft = [o.ttft_s for o in finished if o.ttft_s is not None]
@@ -117,6 +174,8 @@ def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_di
                              "queue_ms": (o.queue_s or 0.0) * 1e3, "preemptions": o.num_preemptions}
                             for o in sorted((o for o in finished if o.ttft_s is not None),
                                             key=lambda o: -o.ttft_s)[:5]]}
+    if overlap is not None:
+        row["lanes"] = overlap
     if recording is not None:
         data = timeline.to_dict(recording)
         stem = out_dir / f"timeline-{n}models-{mode}"

@@ -230,6 +230,8 @@ class DecodeGraphs:
         self.remote = getattr(model.ffn, "passes", False)     # the FFN runs on the weights ranks
         self.lanes = lanes if self.remote else 1              # lanes its passes may run in (across ranks)
         self._done: torch.cuda.Event | None = None             # after this model's last pass, on its lane
+        # benchmarks: a list to receive (lane, start, end) timing events around each pass on its lane's stream
+        self.spans: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] | None = None
 
     def _ffn_calls(self, lane: int, rehearse: bool = False) -> AbstractContextManager[None]:
         """Across pool ranks: the FFN calls of a whole pass (no header each; see `RemoteFFN.pass_calls`)."""
@@ -247,9 +249,15 @@ class DecodeGraphs:
         if self._done is not None:
             stream.wait_event(self._done)
         with torch.cuda.stream(stream):
+            timed = self.spans is not None
+            start = torch.cuda.Event(enable_timing=True) if timed else None
+            if start is not None:
+                start.record()               # when the lane reaches the pass (its waits are met)
             yield
-            self._done = torch.cuda.Event()
+            self._done = torch.cuda.Event(enable_timing=timed)
             self._done.record()
+            if start is not None and self.spans is not None:
+                self.spans.append((lane, start, self._done))
 
     def release(self) -> None:
         """Destroy the captured graphs now (across ranks they hold NCCL resources the world's teardown waits
