@@ -221,16 +221,19 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"models": n, "mode": mode, "error": f"{type(exc).__name__}: {exc}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("| models | layout | pipeline | requests | tokens/s | TBT p50 ms | p90 | p99 | TTFT p50 ms | p99 |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| models | layout | pipeline | requests | tokens/s | TBT p50 ms | p90 | p99 | TTFT p50 ms | p99 "
+          "| lanes overlap |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['models']} | | {r['mode']} | failed: {r['error'][:200]} | | | | | | |")
+            print(f"| {r['models']} | | {r['mode']} | failed: {r['error'][:200]} | | | | | | | |")
             continue
+        lanes = r.get("lanes", {})
+        overlap = f"{lanes['overlap_frac']:.2f} of {lanes['passes']} passes" if lanes.get("passes") else ""
         print(f"| {r['models']} | {r['layout']} | {r['mode']} | "
               f"{r['requests']} | {r['output_tokens_per_s']:.0f} | "
               f"{r['tbt_ms_p50']:.2f} | {r['tbt_ms_p90']:.2f} | {r['tbt_ms_p99']:.2f} | {r['ttft_ms_p50']:.1f} | "
-              f"{r['ttft_ms_p99']:.1f} |")
+              f"{r['ttft_ms_p99']:.1f} | {overlap} |")
     stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
     out = out_dir / f"multi-model-{stamp}.json"
     measured = args.kv_devices.split(",")[0] if args.kv_devices else args.device
