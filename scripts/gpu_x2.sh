@@ -142,7 +142,7 @@ if [ "$stage" = pass2 ]; then  # issue 8, session 6: 4 models on the split with 
         t 180 $MM --models 4 --modes off,on --rate $rate --kv-devices cuda:0 --weights-devices cuda:1 \
             --out-dir "$RES/split_rate$rate" 2>&1 | tee "$RES/split_rate$rate.out" | grep -v "^{" | tail -3
     done
-    CROSSPOOL_LANES=4 t 120 $MM --models 4 --modes on --rate 4 --kv-devices cuda:0 --weights-devices cuda:1 \
+    CROSSPOOL_LANES=4 t 150 $MM --models 4 --modes on --rate 4 --kv-devices cuda:0 --weights-devices cuda:1 \
         --out-dir "$RES/split_rate4_lanes4" 2>&1 | tee "$RES/split_rate4_lanes4.out" | grep -v "^{" | tail -2
 fi
 
