@@ -174,7 +174,8 @@ def _torchrun_rank(args: argparse.Namespace) -> int | None:
     if not dist.is_torchelastic_launched() or int(os.environ["RANK"]) == 0 or not hasattr(args, "kv_devices"):
         return None
     from crosspool.config import EngineConfig
-    from crosspool.pools.transport import DTYPE_NAMES, rank_main
+    from crosspool.pools.ranks import rank_main
+    from crosspool.pools.world import DTYPE_NAMES
 
     cfg = EngineConfig(**_layout(args))
     kv = list(cfg.kv_devices) or [cfg.device]

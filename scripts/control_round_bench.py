@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from crosspool.pools.transport import World, broadcast_control, control_group, free_port, gather_to_front, init_world
+from crosspool.pools.world import World, broadcast_control, control_group, free_port, gather_to_front, init_world
 
 
 def _rank(rank: int, size: int, rounds: int, port: int) -> None:

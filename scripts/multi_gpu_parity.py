@@ -16,7 +16,7 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 from crosspool import LLM, EngineConfig, SamplingParams  # noqa: E402
 from crosspool.config import layout_settings  # noqa: E402
 from crosspool.models.make_model import make_model  # noqa: E402
-from crosspool.pools.transport import dump_stacks_later  # noqa: E402
+from crosspool.pools.world import dump_stacks_later  # noqa: E402
 
 
 def main() -> None:

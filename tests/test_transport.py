@@ -16,8 +16,8 @@ from crosspool import LLM, SamplingParams  # noqa: E402
 from crosspool.config import EngineConfig, layout_settings  # noqa: E402
 from crosspool.engine.scheduler import ScheduledSeq  # noqa: E402
 from crosspool.engine.sequence import Sequence  # noqa: E402
-from crosspool.pools.transport import (  # noqa: E402
-    Exchange,
+from crosspool.pools.transport import Exchange  # noqa: E402
+from crosspool.pools.world import (  # noqa: E402
     RankError,
     World,
     broadcast_control,

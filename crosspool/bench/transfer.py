@@ -30,7 +30,8 @@ import torch.multiprocessing as mp
 
 from crosspool.bench import provenance
 from crosspool.bench.traffic import sync
-from crosspool.pools.transport import Exchange, World, free_port, init_world
+from crosspool.pools.transport import Exchange
+from crosspool.pools.world import World, free_port, init_world
 
 
 class _IdentityPool:

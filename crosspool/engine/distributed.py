@@ -25,8 +25,8 @@ from crosspool.config import EngineConfig
 from crosspool.engine.engine import Engine, RequestError
 from crosspool.engine.output import RequestOutput
 from crosspool.engine.sampling import SamplingParams
-from crosspool.pools.transport import (
-    Exchange,
+from crosspool.pools.transport import Exchange
+from crosspool.pools.world import (
     World,
     broadcast_control,
     gather_to_front,

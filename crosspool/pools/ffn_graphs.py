@@ -81,9 +81,9 @@ class FFNGraphs:
     def capture_passes(self, src: int, lanes: int, out_dtype: torch.dtype) -> int:
         """Capture, for every lane and bucket, a pass of KV rank `src` as one graph: per layer receive the rows,
         run the FFN, send the output (in `out_dtype`), on the lane's communicator. Each lane has its own graph
-        memory (two lanes' passes run at once). The pairs must be connected already (`transport.connect_pairs`)
+        memory (two lanes' passes run at once). The pairs must be connected already (`world.connect_pairs`)
         and the kernels compiled (`capture_all` ran them). Returns how many graphs were captured."""
-        from crosspool.pools.transport import lane_group
+        from crosspool.pools.world import lane_group
 
         for lane in range(lanes):
             pool = torch.cuda.graph_pool_handle()
