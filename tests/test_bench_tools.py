@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from crosspool.bench import capacity, decode, multi_model, traffic, transfer
+from crosspool.bench import capacity, decode, multi_model, timeline, traffic, transfer
 from crosspool.config import EngineConfig
 from crosspool.engine.llm import create_engine
 from crosspool.models.loader import load_spec
@@ -125,7 +125,7 @@ def test_results_record_the_commit_given_by_the_run(monkeypatch) -> None:  # noq
     assert provenance.git_commit() != "abc1234"
 
 
-def test_lane_overlap_counts_time_with_two_lanes_busy() -> None:
+def test_lane_overlap_counts_time_with_two_lanes_busy(tmp_path: Path) -> None:
     # lane 0 busy 0-4 and 6-8, lane 1 busy 3-7: any lane 0-8 (8 ms), two lanes 3-4 and 6-7 (2 ms)
     got = multi_model.lane_overlap([(0, 0.0, 4.0), (1, 3.0, 7.0), (0, 6.0, 8.0)])
     assert got["passes"] == 3 and got["window_ms"] == 8.0
@@ -135,3 +135,29 @@ def test_lane_overlap_counts_time_with_two_lanes_busy() -> None:
     alone = multi_model.lane_overlap([(0, 0.0, 1.0), (0, 3.0, 4.0)])
     assert alone["busy_ms"] == 2.0 and alone["overlap_ms"] == 0.0 and alone["window_ms"] == 4.0
     assert multi_model.lane_overlap([]) == {"passes": 0}
+    spans = [{"model": m, "lane": lane, "start_ms": s, "end_ms": e}
+             for m, lane, s, e in [("m0", 0, 0.0, 4.0), ("m1", 1, 3.0, 7.0), ("m2", 0, 6.0, 8.0)]]
+    timeline.draw_lanes(spans, tmp_path / "lanes.png", "lanes", window_ms=10.0)
+    assert (tmp_path / "lanes.png").stat().st_size > 1000
+
+
+def test_lane_spans_put_every_pass_on_one_time_base(monkeypatch) -> None:  # noqa: ANN001
+    """`multi_model._lane_spans` turns the per-model (lane, start, end) CUDA events into ms from the first start
+    (events stand in here: `elapsed_time` is the time between two of them, as CUDA's)."""
+    class Ev:
+        def __init__(self, t: float) -> None:
+            self.t = t
+
+        def elapsed_time(self, other: Ev) -> float:
+            return other.t - self.t
+
+    class Graphs:
+        spans: list | None = []
+
+    monkeypatch.setattr(multi_model.torch.cuda, "synchronize", lambda: None)
+    graphs = {"m0": Graphs(), "m1": Graphs()}
+    events = {"m0": [(0, Ev(10.0), Ev(12.0)), (1, Ev(13.0), Ev(15.0))], "m1": [(1, Ev(5.0), Ev(11.0))]}
+    spans = multi_model._lane_spans(graphs, events)
+    assert all(g.spans is None for g in graphs.values())          # the recording stopped
+    assert [(s["model"], s["lane"], s["start_ms"], s["end_ms"]) for s in spans] == [
+        ("m1", 1, 0.0, 6.0), ("m0", 0, 5.0, 7.0), ("m0", 1, 8.0, 10.0)]

@@ -37,6 +37,7 @@ from crosspool.engine.sampling import SamplingParams
 from crosspool.models.loader import load_spec
 
 LANE_WINDOW_S = 3.0          # how long the lanes' passes are timed, from the middle of the run
+LANE_DRAW_MS = 60.0          # how much of that window the lanes' timeline PNG shows
 
 
 def trace(models: list[str], rate: float, duration_s: float, prompt_len: int, vocab: int,
@@ -77,26 +78,33 @@ def lane_overlap(spans: list[tuple[int, float, float]]) -> dict:
             "lane_busy_ms": [sum(e - s for ln, s, e in spans if ln == lane) for lane in lanes]}
 
 
-def _lane_graphs(engine: Engine) -> list:
-    """The decode graphs whose passes run in lanes (across ranks with the pipeline on); empty elsewhere."""
-    return [m.runner.graphs for m in engine.models.values()
-            if m.runner.graphs is not None and m.runner.graphs.lanes > 1 and torch.cuda.is_available()]
+def _lane_graphs(engine: Engine) -> dict:
+    """Per model, the decode graphs whose passes run in lanes (across ranks with the pipeline on); empty elsewhere."""
+    return {name: m.runner.graphs for name, m in engine.models.items()
+            if m.runner.graphs is not None and m.runner.graphs.lanes > 1 and torch.cuda.is_available()}
 
 
-def _lane_spans(graphs: list, events: list) -> list[tuple[int, float, float]]:
-    """(lane, start ms, end ms) of the recorded passes (`events`: (lane, start, end) CUDA events), on one time
-    base; stops the recording."""
-    for g in graphs:
+def _lane_spans(graphs: dict, events: dict) -> list[dict]:
+    """{model, lane, start_ms, end_ms} of the recorded passes (`events`: per model, (lane, start, end) CUDA
+    events), from the first start; stops the recording."""
+    for g in graphs.values():
         g.spans = None
     torch.cuda.synchronize()
-    if not events:
+    flat = [(name, *span) for name, spans in events.items() for span in spans]
+    if not flat:
         return []
-    ref = events[0][1]                   # any event of the device: times relative to it (negative is fine)
+    ref = flat[0][2]                     # any event of the device: times relative to it, shifted below
     try:
-        return [(lane, ref.elapsed_time(a), ref.elapsed_time(b)) for lane, a, b in events]
+        spans = [{"model": name, "lane": lane, "start_ms": ref.elapsed_time(a), "end_ms": ref.elapsed_time(b)}
+                 for name, lane, a, b in flat]
     except RuntimeError as e:            # a diagnostic: never lose the run's row over it
         print(f"lane timing unavailable: {e}", flush=True)
         return []
+    t0 = min(s["start_ms"] for s in spans)
+    for s in spans:
+        s["start_ms"] -= t0
+        s["end_ms"] -= t0
+    return sorted(spans, key=lambda s: s["start_ms"])
 
 
 def _warm_up(engine: Engine | DistributedEngine, prompt_len: int, vocab: int) -> None:
@@ -122,7 +130,7 @@ def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_di
     local = getattr(engine, "local", engine)         # across pool ranks: KV rank 0's engine records the timeline
     pipeline = local.pipeline
     lanes = _lane_graphs(local)       # across ranks, pipeline on: passes in lanes, timed for a while mid-run
-    lane_events: list | None = None
+    lane_events: dict | None = None
     if mode == "serial" and pipeline is not None:
         pipeline.lanes = 1
     vocab = load_spec(model_dir).vocab_size
@@ -145,11 +153,11 @@ def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_di
         if pipeline is not None and recording is None and now >= record_at:
             recording = pipeline.start_recording()
         if lanes and lane_events is None and now >= record_at:
-            lane_events = []
-            for g in lanes:
-                g.spans = lane_events        # one list: every model's passes, in launch order
+            lane_events = {}
+            for name, g in lanes.items():
+                g.spans = lane_events[name] = []
         if lane_events is not None and now >= record_at + LANE_WINDOW_S:
-            for g in lanes:
+            for g in lanes.values():
                 g.spans = None
         finished += [o for o in engine.step() if o.finished]
         steps += 1
@@ -157,7 +165,7 @@ def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_di
         if recording is not None and pipeline.timeline is not None and len(recording.steps) >= args.timeline_steps:
             pipeline.stop_recording()
     elapsed = time.perf_counter() - start
-    overlap = lane_overlap(_lane_spans(lanes, lane_events or [])) if lanes else None
+    lane_spans = _lane_spans(lanes, lane_events or {}) if lanes else []
     engine.close()
     tbt = [g for o in finished for g in o.tbt_s]
     ttft = [o.ttft_s for o in finished if o.ttft_s is not None]
@@ -174,8 +182,15 @@ def run_mode(model_dir: str, n: int, mode: str, args: argparse.Namespace, out_di
                              "queue_ms": (o.queue_s or 0.0) * 1e3, "preemptions": o.num_preemptions}
                             for o in sorted((o for o in finished if o.ttft_s is not None),
                                             key=lambda o: -o.ttft_s)[:5]]}
-    if overlap is not None:
-        row["lanes"] = overlap
+    if lanes:
+        row["lanes"] = lane_overlap([(s["lane"], s["start_ms"], s["end_ms"]) for s in lane_spans])
+        if lane_spans:
+            stem = out_dir / f"timeline-{n}models-{mode}-lanes"
+            stem.with_suffix(".json").write_text(json.dumps({"spans": lane_spans, "summary": row["lanes"]}) + "\n")
+            timeline.draw_lanes(lane_spans, stem.with_suffix(".png"),
+                                f"{n} models, passes in lanes (first {LANE_DRAW_MS:.0f} ms of the timed window); "
+                                f"two lanes busy {row['lanes']['overlap_frac']:.0%} of the busy time",
+                                LANE_DRAW_MS)
     if recording is not None:
         data = timeline.to_dict(recording)
         stem = out_dir / f"timeline-{n}models-{mode}"

@@ -154,6 +154,35 @@ def draw(data: Timeline, out: str | os.PathLike[str], title: str | None = None) 
     plt.close(fig)
 
 
+def draw_lanes(spans: list[dict], out: str | os.PathLike[str], title: str, window_ms: float = 60.0) -> None:
+    """Whole passes across ranks (`multi_model`, lanes): one row per lane, a bar per pass coloured by model, over
+    the first `window_ms` of `spans` ({model, lane, start_ms, end_ms}, from 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    shown = [s for s in spans if s["start_ms"] < window_ms]
+    models = sorted({s["model"] for s in spans})
+    lanes = sorted({s["lane"] for s in spans})
+    cmap = plt.get_cmap("tab10")
+    colour = {m: cmap(i % 10) for i, m in enumerate(models)}
+    fig, ax = plt.subplots(figsize=(14, 1.0 + 0.6 * len(lanes)))
+    for s in shown:
+        ax.broken_barh([(s["start_ms"], s["end_ms"] - s["start_ms"])], (s["lane"] - 0.4, 0.8),
+                       facecolors=colour[s["model"]], edgecolor="black", linewidth=0.3)
+    ax.set_yticks(lanes, [f"lane {lane}" for lane in lanes])
+    ax.set_xlim(0, window_ms)
+    ax.set_xlabel("ms")
+    ax.set_title(title, fontsize=9)
+    ax.legend(handles=[Patch(facecolor=colour[m], label=m) for m in models], loc="upper left", fontsize=7,
+              bbox_to_anchor=(1.005, 1.0))
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="draw a pipeline timeline (JSON from record_timeline) as a PNG")
     p.add_argument("--in", dest="inp", required=True, help="timeline JSON")
