@@ -188,12 +188,14 @@ def test_rehearsed_pass_sends_nothing_and_whole_passes_need_one_kv_rank() -> Non
 def test_lanes_across_ranks_give_the_single_process_tokens(tiny_models) -> None:  # noqa: ANN001
     """The pipeline across ranks with whole passes: the models of a step launch their passes into two lanes (a
     communicator each; on a GPU also a stream and graph each side). Three models, so lanes alternate and a model
-    changes lanes from step to step; tokens equal the single process's."""
+    changes lanes from step to step; a seeded sampled request (steps that do not launch: the graph runs in lane 0
+    and the host waits for it) goes beside them. Tokens equal the single process's."""
     pytest.importorskip("triton")
     models = {"a": tiny_models("tiny-olmoe"), "b": tiny_models("tiny-qwen3-moe"), "c": tiny_models("tiny-olmoe")}
-    prompts = [[5, 17, 3, 99, 42, 7], [8, 1, 2], [4, 4, 9, 10]]
-    names = ["a", "b", "c"]
+    prompts = [[5, 17, 3, 99, 42, 7], [8, 1, 2], [4, 4, 9, 10], [30, 31, 32]]
+    names = ["a", "b", "c", "c"]
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (7, 5, 6)]
+    params.append(SamplingParams(max_tokens=5, temperature=0.9, seed=11, ignore_eos=True))
     cfg = {"block_size": 4, "kernels": "triton", "cuda_graphs": True, "max_num_seqs": 4}
     with LLM(models, EngineConfig(**cfg)) as single:
         ref = [o.token_ids for o in single.generate(prompts, params, model=names)]
