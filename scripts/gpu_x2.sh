@@ -137,6 +137,9 @@ if [ "$stage" = pass2 ]; then  # issue 8, session 6: 4 models on the split with 
     # the per-step control round on this host's CPUs (before/after in one run), while the checkpoint is written
     ( python3 scripts/control_round_bench.py --ranks 2 > "$RES/control.out" 2>&1 ) &
     ckpt olmoe-1b-7b $OLMOE; wait; tail -1 "$RES/control.out"
+    # transfer per layer, now with a whole pass as one graph per side (the `pass` column)
+    t 90 python3 -m crosspool.bench.transfer --kv-devices cuda:0 --weights-devices cuda:1 \
+        --json "$RES/transfer.json" 2>&1 | grep "^|" | tail -7
     # pipeline off = every pass in one lane; on = the models' passes in two lanes (then four, at rate 4)
     for rate in 2 4; do
         t 180 $MM --models 4 --modes off,on --rate $rate --kv-devices cuda:0 --weights-devices cuda:1 \

@@ -12,7 +12,10 @@ moves `tokens x hidden` bf16 from a KV rank to the weights ranks and the FFN out
   all-gathered, the fp32 output all-reduced;
 - `tick`: a whole `Exchange.ffn` call (`pools.transport`) with an FFN that does nothing, inside a round (the
   header on the host group, the hidden states out, the output back): what one layer's transfer costs the
-  engine. The round's end (one "done" header per weights rank) is not in it: it is paid once per step.
+  engine. The round's end (one "done" header per weights rank) is not in it: it is paid once per step;
+- `pass`: a whole pass of `--layers` such calls as the engine runs decode with one KV rank (one header, then on
+  a GPU one CUDA graph per side with the NCCL sends and receives inside: `Exchange.begin_pass`), divided by the
+  layers (with one KV rank only; on CPU the same protocol eagerly).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -81,6 +85,70 @@ def _tick_column(exchange: Exchange, world: World, rank: int, x: torch.Tensor, i
     return result
 
 
+class _PassGraphs:
+    """Stands in for a model's `FFNGraphs` on a weights rank: a pass of identity FFNs, one CUDA graph (GPU)."""
+
+    def __init__(self, x: torch.Tensor, layers: int, src: int) -> None:
+        self.graph = None
+        if x.device.type == "cuda":
+            from crosspool.pools.world import lane_group
+
+            self.x, self.outs = torch.empty_like(x), []
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                sends = []
+                for _ in range(layers):
+                    dist.irecv(self.x, src, group=lane_group(0)).wait()
+                    self.outs.append(self.x.clone())
+                    sends.append(dist.isend(self.outs[-1], src, group=lane_group(0)))
+                for work in sends:
+                    work.wait()
+            torch.cuda.synchronize(x.device)
+
+    def replay_pass(self, src: int, lane: int, rows: int) -> bool:
+        if self.graph is None:
+            return False                  # CPU: the weights rank serves the pass's layers eagerly
+        self.graph.replay()
+        return True
+
+
+class _PassPool(_IdentityPool):
+    def __init__(self, graphs: _PassGraphs, layers: int) -> None:
+        self.graphs = {"m": graphs}
+        self.models = {"m": SimpleNamespace(spec=SimpleNamespace(num_layers=layers))}   # what _serve_pass reads
+
+
+def _pass_column(exchange: Exchange, world: World, rank: int, x: torch.Tensor, layers: int, iters: int
+                 ) -> float | None:
+    """Per layer, a whole pass as the engine's decode runs it with one KV rank (`Exchange.begin_pass`)."""
+    if not exchange.passes:
+        return None
+    if not world.is_kv:
+        pool = _PassPool(_PassGraphs(x, layers, 0), layers)
+        exchange.serve_round(pool, ["m"])
+        return None
+
+    def calls() -> None:
+        with exchange.pass_calls():
+            for layer in range(layers):
+                exchange.ffn(0, layer, x)
+
+    graph = None
+    if x.device.type == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            calls()
+    replay = graph.replay if graph is not None else calls
+
+    def one_pass() -> None:
+        exchange.begin_pass(0, x.shape[0])
+        replay()
+
+    result = _time(one_pass, x.device, iters) / layers
+    exchange.finish_round()
+    return result
+
+
 def _rank(rank: int, world_size: int, kv_ranks: int, devices: list[str], port: int, args: argparse.Namespace,
           out: dict) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -106,6 +174,8 @@ def _rank(rank: int, world_size: int, kv_ranks: int, devices: list[str], port: i
             row[name] = _time(fn, device, args.iters)
         dist.barrier()
         row["tick"] = _tick_column(exchange, world, rank, x, args.iters)
+        dist.barrier()
+        row["pass"] = _pass_column(exchange, world, rank, x, args.layers, max(10, args.iters // args.layers))
         rows.append(row)
     if rank == 0:
         out["rows"] = rows
@@ -122,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--tokens", default="1,8,32,128,512")
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--layers", type=int, default=16, help="layers of the timed whole pass (the `pass` column)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     kv = args.kv_devices.split(",") if args.kv_devices else ["cpu"] * args.kv_ranks
@@ -132,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         mp.spawn(_rank, args=(len(devices), len(kv), devices, free_port(), args, out), nprocs=len(devices))
         rows = list(out["rows"])
     print(f"KV {kv} <-> weights {weights}, hidden {args.hidden}: round trip per layer, ms (median of {args.iters})")
-    print("| tokens | KB each way | p2p | all_gather + all_reduce | tick (Exchange.ffn) |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| tokens | KB each way | p2p | all_gather + all_reduce | tick (Exchange.ffn) | pass (per layer) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        per_layer = "" if r["pass"] is None else f"{r['pass']:.3f}"
         print(f"| {r['tokens']} | {r['bytes'] / 1024:.0f} | {r['p2p']:.3f} | {r['all_gather+all_reduce']:.3f} | "
-              f"{r['tick']:.3f} |")
+              f"{r['tick']:.3f} | {per_layer} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**provenance.stamp(kv[0]), "kv": kv, "weights": weights, "hidden": args.hidden,
