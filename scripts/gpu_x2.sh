@@ -10,8 +10,9 @@
 #   bash scripts/gpu_x2.sh plan       # issue 8 (x2 only): split decode step with per-call headers vs announced
 #                                     #    passes, then 4 models at rates 2 and 4 on the split
 #   bash scripts/gpu_x2.sh pass       # issue 8 (x2): whole-pass graphs: split parity, split decode step with/without
-#   bash scripts/gpu_x2.sh pass2      # issue 8 (x2): 4 models at rates 2 and 4 on the split (whole-pass graphs),
-#                                     #    pipeline off / on (two lanes), four lanes at rate 4; control round cost
+#   bash scripts/gpu_x2.sh pass2      # issue 8 (x2): split parity with lanes (+ the one-GPU pipeline GPU test), then 4
+#                                     #    models at rates 2 and 4 on the split, pipeline off / on (two lanes)
+#   bash scripts/gpu_x2.sh pass3      # issue 8 (x2): control round cost, transfer per layer with passes, four lanes
 #   bash scripts/gpu_x2.sh lanes      # issue 8 (x2): 2 four-layer models on the split, pipeline off / on (lanes)
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -132,20 +133,34 @@ if [ "$stage" = pass ]; then   # issue 8, session 6: whole passes as one CUDA gr
     done
 fi
 
-if [ "$stage" = pass2 ]; then  # issue 8, session 6: 4 models on the split with whole-pass graphs
+if [ "$stage" = pass2 ]; then  # issue 8, session 6: lanes checked, then 4 models on the split (whole-pass graphs)
     [ "$GPUS" -ge 2 ] || { echo "pass2 needs 2 GPUs"; exit 2; }
-    # the per-step control round on this host's CPUs (before/after in one run), while the checkpoint is written
-    ( python3 scripts/control_round_bench.py --ranks 2 > "$RES/control.out" 2>&1 ) &
-    ckpt olmoe-1b-7b $OLMOE; wait; tail -1 "$RES/control.out"
-    # transfer per layer, now with a whole pass as one graph per side (the `pass` column)
-    t 90 python3 -m crosspool.bench.transfer --kv-devices cuda:0 --weights-devices cuda:1 \
-        --json "$RES/transfer.json" 2>&1 | grep "^|" | tail -7
-    # pipeline off = every pass in one lane; on = the models' passes in two lanes (then four, at rate 4)
+    # lanes on the devices must give one GPU's tokens (three families, fp32); meanwhile on GPU 1 the one-GPU
+    # pipeline's test (its two sides now capture on their own streams: each its own cuBLAS workspace)
+    ( export CROSSPOOL_DUMP_STACKS_S=150; t 200 python3 scripts/multi_gpu_parity.py --kv cuda:0 --weights cuda:1 \
+        --pipeline --dtypes float32 > "$RES/parity_lanes.log" 2>&1 ) &
+    ( export CUDA_VISIBLE_DEVICES=1; t 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k pipeline \
+        > "$RES/gpu_pipeline.log" 2>&1 ) &
+    ckpt olmoe-1b-7b $OLMOE; wait
+    tail -2 "$RES/gpu_pipeline.log"; grep "identical\|Error" "$RES/parity_lanes.log" | head -5
+    if ! grep -q "float32: .* 12/12 requests identical" "$RES/parity_lanes.log"; then
+        echo "split parity with lanes did not pass: last lines"; tail -60 "$RES/parity_lanes.log" | cut -c1-200
+        tar czf "$OUT/$stage.tgz" -C "$RES" .; exit 1
+    fi
+    # pipeline off = every pass in one lane; on = the models' passes in two lanes
     for rate in 2 4; do
         t 180 $MM --models 4 --modes off,on --rate $rate --kv-devices cuda:0 --weights-devices cuda:1 \
             --out-dir "$RES/split_rate$rate" 2>&1 | tee "$RES/split_rate$rate.out" | grep -v "^{" | tail -3
     done
-    CROSSPOOL_LANES=4 t 150 $MM --models 4 --modes on --rate 4 --kv-devices cuda:0 --weights-devices cuda:1 \
+fi
+
+if [ "$stage" = pass3 ]; then  # issue 8, session 6: control round, transfer per layer with passes, four lanes
+    [ "$GPUS" -ge 2 ] || { echo "pass3 needs 2 GPUs"; exit 2; }
+    ( python3 scripts/control_round_bench.py --ranks 2 > "$RES/control.out" 2>&1 ) &
+    ckpt olmoe-1b-7b $OLMOE; wait; tail -1 "$RES/control.out"
+    t 90 python3 -m crosspool.bench.transfer --kv-devices cuda:0 --weights-devices cuda:1 \
+        --json "$RES/transfer.json" 2>&1 | grep "^|" | tail -7
+    CROSSPOOL_LANES=4 t 170 $MM --models 4 --modes on --rate 4 --kv-devices cuda:0 --weights-devices cuda:1 \
         --out-dir "$RES/split_rate4_lanes4" 2>&1 | tee "$RES/split_rate4_lanes4.out" | grep -v "^{" | tail -2
 fi
 

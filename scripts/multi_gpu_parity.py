@@ -24,6 +24,9 @@ def main() -> None:
     p.add_argument("--kv", default="cuda:0")
     p.add_argument("--weights", default="cuda:1")
     p.add_argument("--no-graphs", action="store_true", help="eager steps on every rank (no CUDA graphs)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="the split layout with the pipeline on (with one KV rank: passes in lanes, at once)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma separated: float32, bfloat16")
     a = p.parse_args()
     dump_stacks_later()     # CROSSPOOL_DUMP_STACKS_S=N: every rank prints its stacks after N s (hang hunting)
     t0 = time.perf_counter()
@@ -39,13 +42,13 @@ def main() -> None:
     prompts = [torch.randint(0, 500, (int(n),), generator=gen).tolist() for n in torch.randint(5, 60, (12,))]
     names = [list(models)[i % 3] for i in range(12)]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (getattr(torch, name) for name in a.dtypes.split(",")):
         with LLM(models, EngineConfig(device=a.kv, dtype=dtype, **graphs)) as single:
             log(f"{dtype}: one device loaded")
             ref = [o.token_ids for o in single.generate(prompts, params, model=names)]
         log(f"{dtype}: one device done")
         t = time.perf_counter()
-        cfg = EngineConfig(dtype=dtype, **graphs, **layout_settings(a.kv, a.weights))
+        cfg = EngineConfig(dtype=dtype, pipeline=a.pipeline, **graphs, **layout_settings(a.kv, a.weights))
         with LLM(models, cfg) as split:
             log(f"{dtype}: split layout loaded")
             out = [o.token_ids for o in split.generate(prompts, params, model=names)]

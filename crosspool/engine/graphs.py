@@ -195,17 +195,39 @@ class DecodeInputs:
             self.tokens.copy_(tokens)
 
 
-def capture(fn: Callable[[], torch.Tensor | None], device: torch.device, pool: object
+_capture_streams: dict[tuple[torch.device, object], torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device, key: object = "default") -> torch.cuda.Stream:
+    """The stream graphs of `key` are captured on (a lane, a pipeline side, or "default").
+
+    cuBLAS keeps one workspace per stream, and a captured GEMM keeps the workspace of the stream it was captured
+    on: graphs that may replay at the same time (two lanes, the pipeline's two sides) must be captured on
+    different streams, or their GEMMs would share one workspace. Each stream's workspace is set up here, outside
+    any capture, so it is ordinary memory rather than a part of the first graph's pool (which is freed with it)."""
+    k = (device, key)
+    if k not in _capture_streams:
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            a = torch.ones(8, 8, device=device)
+            torch.nn.functional.linear(a, a, a[0])      # cuBLAS (and cuBLASLt) set up on this stream
+            _ = a @ a
+        torch.cuda.synchronize(device)
+        _capture_streams[k] = stream
+    return _capture_streams[k]
+
+
+def capture(fn: Callable[[], torch.Tensor | None], device: torch.device, pool: object, key: object = "default"
             ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
-    """A CUDA graph of fn (run once first on a side stream: kernels compile and autotune, cuBLAS sets up,
-    outside the capture) and the output tensor the graph writes."""
-    stream = torch.cuda.Stream(device)
+    """A CUDA graph of fn (run once first, on the capture stream of `key` (`capture_stream`): kernels compile and
+    autotune, cuBLAS sets up, outside the capture) and the output tensor the graph writes."""
+    stream = capture_stream(device, key)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         fn()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
         out = fn()
     torch.cuda.synchronize(device)
     return graph, out
@@ -339,7 +361,9 @@ class DecodeGraphs:
         if self.capture:
             # across ranks the run before the capture sends nothing (no weights rank expects it)
             with self.inputs.padding_only(bucket), self._ffn_calls(lane, rehearse=True):
-                graph, logits = capture(lambda: self._forward(batch), self.device, self.pool)
+                # lanes replay at once: each captures on its own stream (`capture_stream`)
+                graph, logits = capture(lambda: self._forward(batch), self.device, self.pool,
+                                        ("lane", lane) if self.remote else "default")
         step = CapturedStep(graph, batch, logits, time.perf_counter() - t0)
         self.steps[bucket, lane] = step
         return step

@@ -189,8 +189,9 @@ class SubStepGraphs:
             for kind, layer in kinds:
                 fn = self._fn(slot, bucket, kind, layer)
                 if self.capture:
-                    pool = s.pools[FFN_SIDE if kind == FFN_SIDE else ATTENTION_SIDE]
-                    self.graphs[slot, bucket, kind, layer] = capture(fn, self.device, pool)
+                    side = FFN_SIDE if kind == FFN_SIDE else ATTENTION_SIDE
+                    # the two sides replay at once: each captures on its own stream (`capture_stream`)
+                    self.graphs[slot, bucket, kind, layer] = capture(fn, self.device, s.pools[side], ("side", side))
                 else:
                     self.graphs[slot, bucket, kind, layer] = (None, None)
         self.capture_s[slot, bucket] = time.perf_counter() - t0

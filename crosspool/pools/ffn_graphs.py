@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from crosspool.engine.graphs import buckets_up_to, capture
+from crosspool.engine.graphs import buckets_up_to, capture, capture_stream
 from crosspool.models.ffn_side import FFNSide
 
 
@@ -87,9 +87,10 @@ class FFNGraphs:
 
         for lane in range(lanes):
             pool = torch.cuda.graph_pool_handle()
+            stream = capture_stream(self.device, ("lane", lane))     # lanes replay at once: own cuBLAS workspace
             for bucket in reversed(self.buckets):
                 graph, outs = torch.cuda.CUDAGraph(), []
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
                     self._pass(src, lane_group(lane), bucket, out_dtype, outs)
                 self.passes[src, lane, bucket] = graph, outs
         torch.cuda.synchronize(self.device)
