@@ -32,6 +32,19 @@ FUSED_ROPE = os.environ.get("CROSSPOOL_FUSED_ROPE", "0") != "0"
 
 
 @triton.jit
+def _normed_halves(row, head_offs, mask, stride_h, norm_ptr, num_heads, eps, BLOCK_HEADS: tl.constexpr,
+                   HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr):
+    """The (normed) rotation halves of the heads at `head_offs` of one token's q or k row; with the norm over all
+    heads (NORM 3) the row's sum of squares over its `num_heads` heads first."""
+    sq = 0.0
+    if NORM == 3:
+        heads = tl.arange(0, BLOCK_HEADS)
+        every = (heads < num_heads)[:, None] & (tl.arange(0, BLOCK_HALF) < HALF)[None, :]
+        sq = _sum_squares(row, heads * stride_h, every, HALF, BLOCK_HALF, INTERLEAVED)
+    return _load_halves(row, head_offs, mask, norm_ptr, num_heads, eps, sq, HALF, BLOCK_HALF, INTERLEAVED, NORM)
+
+
+@triton.jit
 def _rope_decode_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, q_norm_ptr, k_norm_ptr, eps,
     k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
@@ -77,28 +90,16 @@ def _rope_decode_kernel(
     c = tl.load(cos_ptr + t * stride_ct + offs_half, mask=half_ok, other=0.0).to(dtype).to(tl.float32)[None, :]
     s = tl.load(sin_ptr + t * stride_st + offs_half, mask=half_ok, other=0.0).to(dtype).to(tl.float32)[None, :]
 
-    q_row = q_ptr + t * stride_qt
-    q_sq = 0.0
-    if NORM == 3:
-        hq = tl.arange(0, BLOCK_HQ)
-        q_sq = _sum_squares(q_row, hq * stride_qh, (hq < num_q_heads)[:, None] & half_ok[None, :], HALF,
-                            BLOCK_HALF, INTERLEAVED)
-    x1, x2 = _load_halves(q_row, head * stride_qh, row_ok[:, None] & half_ok[None, :], q_norm_ptr, num_q_heads,
-                          eps, q_sq, HALF, BLOCK_HALF, INTERLEAVED, NORM)
+    x1, x2 = _normed_halves(q_ptr + t * stride_qt, head * stride_qh, row_ok[:, None] & half_ok[None, :], stride_qh,
+                            q_norm_ptr, num_q_heads, eps, BLOCK_HQ, HALF, BLOCK_HALF, INTERLEAVED, NORM)
     q1 = (x1 * c - x2 * s).to(dtype)
     q2 = (x2 * c + x1 * s).to(dtype)
 
     # the new token's k (this KV head, as a one-row tile), rounded as the cache stores it, and its v
-    k_row = k_ptr + t * stride_kt
-    k_sq = 0.0
-    if NORM == 3:
-        hk = tl.arange(0, BLOCK_HKV)
-        k_sq = _sum_squares(k_row, hk * stride_kh, (hk < num_kv_heads)[:, None] & half_ok[None, :], HALF,
-                            BLOCK_HALF, INTERLEAVED)
     one = tl.zeros([1], tl.int32)
     k_ok = (one == 0)[:, None] & half_ok[None, :]
-    k1, k2 = _load_halves(k_row, one + kv_head * stride_kh, k_ok, k_norm_ptr, num_kv_heads, eps, k_sq, HALF,
-                          BLOCK_HALF, INTERLEAVED, NORM)
+    k1, k2 = _normed_halves(k_ptr + t * stride_kt, one + kv_head * stride_kh, k_ok, stride_kh, k_norm_ptr,
+                            num_kv_heads, eps, BLOCK_HKV, HALF, BLOCK_HALF, INTERLEAVED, NORM)
     kc_dtype = k_cache_ptr.dtype.element_ty
     kr1 = (k1 * c - k2 * s).to(k_ptr.dtype.element_ty).to(kc_dtype)
     kr2 = (k2 * c + k1 * s).to(k_ptr.dtype.element_ty).to(kc_dtype)
