@@ -57,6 +57,21 @@ both() {
     fi
     echo "=== job B"; cat "$RES/job_b.log"
 }
+# the split parity's fp32 verdict in $1 (its log); else its last lines, the results so far, and the call ends (the
+# runs after it would only burn device time on an engine that is broken or too slow across ranks)
+parity_gate() {
+    grep "^\[\|identical\|Error" "$1" | head -20
+    grep -q "float32: .* 12/12 requests identical" "$1" && return 0
+    echo "split parity did not pass: last lines"; tail -80 "$1" | cut -c1-200
+    tar czf "$OUT/$stage.tgz" -C "$RES" .; exit 1
+}
+# a lone batch's decode step on the split layout (OLMoE, 1k context, batch 1 and 8) with env $1=$2
+split_decode() {
+    ( export "$1=$2"; t "$3" python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 \
+        --batch 1,8 --kv-devices cuda:0 --weights-devices cuda:1 --label "$1=$2" \
+        --json "$RES/decode_split_$1_$2.json" > "$RES/decode_split_$1_$2.out" 2>&1 )
+    grep "^| 1024\|Error" "$RES/decode_split_$1_$2.out" | sed "s/^/$1=$2: /"
+}
 MM="python3 -m crosspool.bench.multi_model --model $OLMOE --prompt-len 512 --output-len 96 --kv-cache-gb 24 \
     --max-num-seqs 16 --duration-s 15"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$RES/gpus.txt"
@@ -72,12 +87,7 @@ if [ "$stage" = split ]; then
         -k "pools or tune or tuning or gemv_linear" > "$RES/gpu_tests.log" 2>&1 ) &
     ckpt olmoe-1b-7b $OLMOE; wait
     tail -3 "$RES/gpu_tests.log"
-    grep "^\[\|identical\|Error" "$RES/parity.log" | head -20
-    if ! grep -q "float32: .* 12/12 requests identical" "$RES/parity.log"; then
-        # the engine across ranks is broken or too slow here: the runs below would only burn device time
-        echo "split parity did not pass: last stacks"; tail -60 "$RES/parity.log" | cut -c1-160
-        tar czf "$OUT/$stage.tgz" -C "$RES" .; exit 1
-    fi
+    parity_gate "$RES/parity.log"
     t 190 $MM --models 4 --modes off,on --rate 2 --kv-devices cuda:0 --weights-devices cuda:1 \
         --out-dir "$RES/split_rate2" 2>&1 | tee "$RES/split_rate2.out" | grep -v "^{" | tail -4
 fi
@@ -102,12 +112,7 @@ if [ "$stage" = plan ]; then   # issue 8, session 5: the announced-pass protocol
     [ "$GPUS" -ge 2 ] || { echo "plan needs 2 GPUs"; exit 2; }
     ckpt olmoe-1b-7b $OLMOE
     # a lone batch's step on the split layout, per-call headers (before) and announced passes (after)
-    for plan in 0 1; do
-        CROSSPOOL_FFN_PLAN=$plan t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
-            --context 1024 --batch 1,8 --kv-devices cuda:0 --weights-devices cuda:1 --label "ffn-plan=$plan" \
-            --json "$RES/decode_split_plan$plan.json" > "$RES/decode_split_plan$plan.out" 2>&1
-        grep "^| 1024\|Error" "$RES/decode_split_plan$plan.out" | sed "s/^/plan=$plan: /"
-    done
+    for plan in 0 1; do split_decode CROSSPOOL_FFN_PLAN $plan 150; done
     t 170 $MM --models 4 --modes off,on --rate 2 --kv-devices cuda:0 --weights-devices cuda:1 \
         --out-dir "$RES/split_rate2" 2>&1 | tee "$RES/split_rate2.out" | grep -v "^{" | tail -3
     t 170 $MM --models 4 --modes off,on --rate 4 --kv-devices cuda:0 --weights-devices cuda:1 \
@@ -119,18 +124,9 @@ if [ "$stage" = pass ]; then   # issue 8, session 6: whole passes as one CUDA gr
     ( export CROSSPOOL_DUMP_STACKS_S=150; t 230 python3 scripts/multi_gpu_parity.py --kv cuda:0 --weights cuda:1 \
         > "$RES/parity.log" 2>&1 ) &
     ckpt olmoe-1b-7b $OLMOE; wait
-    grep "^\[\|identical\|Error" "$RES/parity.log" | head -20
-    if ! grep -q "float32: .* 12/12 requests identical" "$RES/parity.log"; then
-        echo "split parity did not pass: last lines"; tail -80 "$RES/parity.log" | cut -c1-200
-        tar czf "$OUT/$stage.tgz" -C "$RES" .; exit 1
-    fi
+    parity_gate "$RES/parity.log"
     # a lone batch's step on the split layout: whole-pass graphs (after) vs sub-step graphs + plans (before)
-    for passes in 1 0; do
-        CROSSPOOL_PASS_GRAPHS=$passes t 140 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
-            --context 1024 --batch 1,8 --kv-devices cuda:0 --weights-devices cuda:1 --label "pass-graphs=$passes" \
-            --json "$RES/decode_split_pass$passes.json" > "$RES/decode_split_pass$passes.out" 2>&1
-        grep "^| 1024\|Error" "$RES/decode_split_pass$passes.out" | sed "s/^/passes=$passes: /"
-    done
+    for passes in 1 0; do split_decode CROSSPOOL_PASS_GRAPHS $passes 140; done
 fi
 
 if [ "$stage" = pass2 ]; then  # issue 8, session 6: lanes checked, then 4 models on the split (whole-pass graphs)
@@ -142,11 +138,7 @@ if [ "$stage" = pass2 ]; then  # issue 8, session 6: lanes checked, then 4 model
     ( export CUDA_VISIBLE_DEVICES=1; t 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k pipeline \
         > "$RES/gpu_pipeline.log" 2>&1 ) &
     ckpt olmoe-1b-7b $OLMOE; wait
-    tail -2 "$RES/gpu_pipeline.log"; grep "identical\|Error" "$RES/parity_lanes.log" | head -5
-    if ! grep -q "float32: .* 12/12 requests identical" "$RES/parity_lanes.log"; then
-        echo "split parity with lanes did not pass: last lines"; tail -60 "$RES/parity_lanes.log" | cut -c1-200
-        tar czf "$OUT/$stage.tgz" -C "$RES" .; exit 1
-    fi
+    tail -2 "$RES/gpu_pipeline.log"; parity_gate "$RES/parity_lanes.log"
     # pipeline off = every pass in one lane; on = the models' passes in two lanes
     for rate in 2 4; do
         t 180 $MM --models 4 --modes off,on --rate $rate --kv-devices cuda:0 --weights-devices cuda:1 \
