@@ -12,7 +12,8 @@
 #   bash scripts/gpu_x2.sh pass       # issue 8 (x2): whole-pass graphs: split parity, split decode step with/without
 #   bash scripts/gpu_x2.sh pass2      # issue 8 (x2): split parity with lanes (+ the one-GPU pipeline GPU test), then 4
 #                                     #    models at rates 2 and 4 on the split, pipeline off / on (two lanes)
-#   bash scripts/gpu_x2.sh pass3      # issue 8 (x2): control round cost, transfer per layer with passes, four lanes
+#   bash scripts/gpu_x2.sh pass3      # issue 8 (x2): control round cost, rate 2 off/on, transfer per layer with
+#                                     #    passes, four lanes
 #   bash scripts/gpu_x2.sh lanes      # issue 8 (x2): 2 four-layer models on the split, pipeline off / on (lanes)
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -141,7 +142,7 @@ if [ "$stage" = pass2 ]; then  # issue 8, session 6: lanes checked, then 4 model
     tail -2 "$RES/gpu_pipeline.log"; parity_gate "$RES/parity_lanes.log"
     # pipeline off = every pass in one lane; on = the models' passes in two lanes
     for rate in 2 4; do
-        t 180 $MM --models 4 --modes off,on --rate $rate --kv-devices cuda:0 --weights-devices cuda:1 \
+        t 220 $MM --models 4 --modes off,on --rate $rate --kv-devices cuda:0 --weights-devices cuda:1 \
             --out-dir "$RES/split_rate$rate" 2>&1 | tee "$RES/split_rate$rate.out" | grep -v "^{" | tail -3
     done
 fi
@@ -150,6 +151,9 @@ if [ "$stage" = pass3 ]; then  # issue 8, session 6: control round, transfer per
     [ "$GPUS" -ge 2 ] || { echo "pass3 needs 2 GPUs"; exit 2; }
     ( python3 scripts/control_round_bench.py --ranks 2 > "$RES/control.out" 2>&1 ) &
     ckpt olmoe-1b-7b $OLMOE; wait; tail -1 "$RES/control.out"
+    # session 7: pass2's rate-2 "on" row was cut by its timeout (the "off" row paid the first compile)
+    t 220 $MM --models 4 --modes off,on --rate 2 --kv-devices cuda:0 --weights-devices cuda:1 \
+        --out-dir "$RES/split_rate2" 2>&1 | tee "$RES/split_rate2.out" | grep "^|" | tail -2
     t 90 python3 -m crosspool.bench.transfer --kv-devices cuda:0 --weights-devices cuda:1 \
         --json "$RES/transfer.json" 2>&1 | grep "^|" | tail -7
     CROSSPOOL_LANES=4 t 170 $MM --models 4 --modes on --rate 4 --kv-devices cuda:0 --weights-devices cuda:1 \
