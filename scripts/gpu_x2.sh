@@ -15,6 +15,8 @@
 #   bash scripts/gpu_x2.sh pass3      # issue 8 (x2): control round cost, rate 2 off/on, transfer per layer with
 #                                     #    passes, four lanes
 #   bash scripts/gpu_x2.sh lanes      # issue 8 (x2): 2 four-layer models on the split, pipeline off / on (lanes)
+#   bash scripts/gpu_x2.sh s7         # A: issue 4 (fused RoPE off/on, kernel tests, attention re-timed) | B: issue 8's
+#                                     #    one-GPU 4-model rows at rates 2 and 4 (the split's reference)
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
@@ -208,6 +210,27 @@ if [ "$stage" = qwen3 ]; then
         # the attention kernel's key walk became a shared helper: re-time it alone (session 3 numbers as reference)
         t 90 python3 -m crosspool.bench.kernels --only attention splits --json "$RES/kernels_attention.json" 2>&1 \
             | grep -v "^{" | tail -20
+    }
+    both
+fi
+
+if [ "$stage" = s7 ]; then   # session 7: issue 4's fused RoPE timing (GPU 0) beside issue 8's one-GPU reference (GPU 1)
+    ckpt olmoe-1b-7b $OLMOE
+    job_a() {
+        t 150 python3 -m pytest -q tests/test_kernels.py -k "rope or decode_attention or fused_rope" 2>&1 | tail -3
+        for fused in 0 1; do
+            CROSSPOOL_FUSED_ROPE=$fused t 90 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
+                --context 1024 --batch 1,8 --label "fused-rope=$fused" --json "$RES/olmoe_fused$fused.json" 2>&1 \
+                | grep "^| 1024" | sed "s/^/fused-rope=$fused: /"
+        done
+        t 90 python3 -m crosspool.bench.kernels --only attention splits --json "$RES/kernels_attention.json" 2>&1 \
+            | grep -v "^{" | tail -20
+    }
+    job_b() {   # the same 4-model runs as pass2/pass3 on one GPU, in the same device session
+        for rate in 2 4; do
+            t 240 $MM --models 4 --modes off,on --rate $rate --out-dir "$RES/one_gpu_rate$rate" 2>&1 \
+                | tee "$RES/one_gpu_rate$rate.out" | grep "^|" | tail -2
+        done
     }
     both
 fi
