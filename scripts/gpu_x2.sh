@@ -17,6 +17,7 @@
 #   bash scripts/gpu_x2.sh lanes      # issue 8 (x2): 2 four-layer models on the split, pipeline off / on (lanes)
 #   bash scripts/gpu_x2.sh s7         # A: issue 4 (fused RoPE off/on, kernel tests, attention re-timed) | B: issue 8's
 #                                     #    one-GPU 4-model rows at rates 2 and 4 (the split's reference)
+#   bash scripts/gpu_x2.sh s7b        # A: issue 4's Qwen3 cells | B: fused RoPE off/on at batch 1, 2, 4, 8 (twice)
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
@@ -74,6 +75,14 @@ split_decode() {
         --batch 1,8 --kv-devices cuda:0 --weights-devices cuda:1 --label "$1=$2" \
         --json "$RES/decode_split_$1_$2.json" > "$RES/decode_split_$1_$2.out" 2>&1 )
     grep "^| 1024\|Error" "$RES/decode_split_$1_$2.out" | sed "s/^/$1=$2: /"
+}
+# the Qwen3 cells session 4 did not reach (1k x 1/8/32 and 8k x 1/8 are in benchmarks.md)
+qwen3_cells() {
+    ckpt qwen3-30b-a3b /tmp/qwen3 24      # 24 of 48 layers (what the 64 GB single-GPU machine's disk holds)
+    # --profile: kernel times of the first cell (8k x 32: why batch 32 reads at 0.24 of copy bandwidth)
+    t 480 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 8192,32768 \
+        --batch 32,8,1 --max-cell-tokens 300000 --profile --json "$RES/qwen3_24l.json" 2>&1 \
+        | tee "$RES/qwen3_24l.out" | grep -v "^{" | cut -c1-150 | tail -45
 }
 MM="python3 -m crosspool.bench.multi_model --model $OLMOE --prompt-len 512 --output-len 96 --kv-cache-gb 24 \
     --max-num-seqs 16 --duration-s 15"
@@ -193,13 +202,7 @@ fi
 
 if [ "$stage" = qwen3 ]; then
     ckpt olmoe-1b-7b $OLMOE          # before the jobs: both read it
-    job_a() {   # the Qwen3 cells session 4 did not reach (1k x 1/8/32 and 8k x 1/8 are in benchmarks.md)
-        ckpt qwen3-30b-a3b /tmp/qwen3 24      # 24 of 48 layers (what the 64 GB single-GPU machine's disk holds)
-        # --profile: kernel times of the first cell (8k x 32: why batch 32 reads at 0.24 of copy bandwidth)
-        t 480 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 8192,32768 \
-            --batch 32,8,1 --max-cell-tokens 300000 --profile --json "$RES/qwen3_24l.json" 2>&1 \
-            | tee "$RES/qwen3_24l.out" | grep -v "^{" | cut -c1-150 | tail -45
-    }
+    job_a() { qwen3_cells; }
     job_b() {   # issue 4, session 6: RoPE + q/k norm + KV write inside the decode attention (before/after in one run)
         t 150 python3 -m pytest -q tests/test_kernels.py -k "rope or decode_attention or fused_rope" 2>&1 | tail -3
         for fused in 0 1; do
@@ -230,6 +233,19 @@ if [ "$stage" = s7 ]; then   # session 7: issue 4's fused RoPE timing (GPU 0) be
         for rate in 2 4; do
             t 240 $MM --models 4 --modes off,on --rate $rate --out-dir "$RES/one_gpu_rate$rate" 2>&1 \
                 | tee "$RES/one_gpu_rate$rate.out" | grep "^|" | tail -2
+        done
+    }
+    both
+fi
+
+if [ "$stage" = s7b ]; then  # session 7: the Qwen3 cells (GPU 0) beside fused RoPE off/on at batch 1..8 (GPU 1)
+    ckpt olmoe-1b-7b $OLMOE
+    job_a() { qwen3_cells; }
+    job_b() {
+        for fused in 0 1 0 1; do
+            CROSSPOOL_FUSED_ROPE=$fused t 90 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
+                --context 1024 --batch 1,2,4,8 --label "fused-rope=$fused" --json "$RES/olmoe_fused$fused.json" \
+                2>&1 | grep "^| 1024" | sed "s/^/fused-rope=$fused: /"
         done
     }
     both
