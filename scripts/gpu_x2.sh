@@ -84,6 +84,24 @@ qwen3_cells() {
         --batch 32,8,1 --max-cell-tokens 300000 --profile --json "$RES/qwen3_24l.json" 2>&1 \
         | tee "$RES/qwen3_24l.out" | grep -v "^{" | cut -c1-150 | tail -45
 }
+# OLMoE decode (ctx 1k) at batches $1 once per CROSSPOOL_FUSED_ROPE_ROWS value in $2...: the fused RoPE + KV write
+# in the decode attention for steps of at most that many rows (0: never, 64: always)
+fused_rope_decode() {
+    local batches=$1; shift
+    for rows in "$@"; do
+        CROSSPOOL_FUSED_ROPE_ROWS=$rows t 90 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
+            --context 1024 --batch "$batches" --label "fused-rope-rows=$rows" --json "$RES/olmoe_fused$rows.json" \
+            2>&1 | grep "^| 1024" | sed "s/^/fused-rope-rows=$rows: /"
+    done
+}
+# issue 4, session 6: the fused kernel's GPU tests, decode without / with it, the attention kernels alone (their
+# key walk became a shared helper: session 3's numbers are the reference)
+fused_rope_check() {
+    t 150 python3 -m pytest -q tests/test_kernels.py -k "rope or decode_attention or fused_rope" 2>&1 | tail -3
+    fused_rope_decode 1,8 0 64
+    t 90 python3 -m crosspool.bench.kernels --only attention splits --json "$RES/kernels_attention.json" 2>&1 \
+        | grep -v "^{" | tail -20
+}
 MM="python3 -m crosspool.bench.multi_model --model $OLMOE --prompt-len 512 --output-len 96 --kv-cache-gb 24 \
     --max-num-seqs 16 --duration-s 15"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$RES/gpus.txt"
@@ -203,32 +221,13 @@ fi
 if [ "$stage" = qwen3 ]; then
     ckpt olmoe-1b-7b $OLMOE          # before the jobs: both read it
     job_a() { qwen3_cells; }
-    job_b() {   # issue 4, session 6: RoPE + q/k norm + KV write inside the decode attention (before/after in one run)
-        t 150 python3 -m pytest -q tests/test_kernels.py -k "rope or decode_attention or fused_rope" 2>&1 | tail -3
-        for fused in 0 1; do
-            CROSSPOOL_FUSED_ROPE=$fused t 80 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
-                --context 1024 --batch 1,8 --label "fused-rope=$fused" --json "$RES/olmoe_fused$fused.json" 2>&1 \
-                | grep "^| 1024" | sed "s/^/fused-rope=$fused: /"
-        done
-        # the attention kernel's key walk became a shared helper: re-time it alone (session 3 numbers as reference)
-        t 90 python3 -m crosspool.bench.kernels --only attention splits --json "$RES/kernels_attention.json" 2>&1 \
-            | grep -v "^{" | tail -20
-    }
+    job_b() { fused_rope_check; }
     both
 fi
 
 if [ "$stage" = s7 ]; then   # session 7: issue 4's fused RoPE timing (GPU 0) beside issue 8's one-GPU reference (GPU 1)
     ckpt olmoe-1b-7b $OLMOE
-    job_a() {
-        t 150 python3 -m pytest -q tests/test_kernels.py -k "rope or decode_attention or fused_rope" 2>&1 | tail -3
-        for fused in 0 1; do
-            CROSSPOOL_FUSED_ROPE=$fused t 90 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
-                --context 1024 --batch 1,8 --label "fused-rope=$fused" --json "$RES/olmoe_fused$fused.json" 2>&1 \
-                | grep "^| 1024" | sed "s/^/fused-rope=$fused: /"
-        done
-        t 90 python3 -m crosspool.bench.kernels --only attention splits --json "$RES/kernels_attention.json" 2>&1 \
-            | grep -v "^{" | tail -20
-    }
+    job_a() { fused_rope_check; }
     job_b() {   # the same 4-model runs as pass2/pass3 on one GPU, in the same device session
         for rate in 2 4; do
             t 240 $MM --models 4 --modes off,on --rate $rate --out-dir "$RES/one_gpu_rate$rate" 2>&1 \
@@ -241,13 +240,7 @@ fi
 if [ "$stage" = s7b ]; then  # session 7: the Qwen3 cells (GPU 0) beside fused RoPE off/on at batch 1..8 (GPU 1)
     ckpt olmoe-1b-7b $OLMOE
     job_a() { qwen3_cells; }
-    job_b() {
-        for fused in 0 1 0 1; do
-            CROSSPOOL_FUSED_ROPE=$fused t 90 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
-                --context 1024 --batch 1,2,4,8 --label "fused-rope=$fused" --json "$RES/olmoe_fused$fused.json" \
-                2>&1 | grep "^| 1024" | sed "s/^/fused-rope=$fused: /"
-        done
-    }
+    job_b() { fused_rope_decode 1,2,4,8 0 64 0 64; }
     both
 fi
 

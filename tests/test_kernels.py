@@ -459,7 +459,8 @@ def test_rope_decode_attention(dtype: torch.dtype, heads: int, kv_heads: int, ki
 @pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])     # q/k norm over all heads, per head
 def test_fused_rope_decode_keeps_greedy_tokens(preset: str, tiny_models, monkeypatch) -> None:  # noqa: ANN001
     """The engine on the Triton kernels with CUDA graphs (on CPU replayed eagerly, padding rows included) gives
-    the same greedy tokens with `rope_decode.FUSED_ROPE` on as off, and on it decodes through the fused kernel."""
+    the same greedy tokens with the fused RoPE + KV write off (`FUSED_ROPE_ROWS` 0) as on for every step, and on
+    it decodes through the fused kernel."""
     from crosspool import LLM, EngineConfig, SamplingParams
     from crosspool.engine import graphs
     from crosspool.kernels import rope_decode
@@ -475,12 +476,40 @@ def test_fused_rope_decode_keeps_greedy_tokens(preset: str, tiny_models, monkeyp
     config = EngineConfig(device=DEVICE.type, dtype=torch.float32, kernels="triton", block_size=4, cuda_graphs=True,
                           max_num_seqs=8)
     outs = {}
-    for on in (False, True):
-        monkeypatch.setattr(rope_decode, "FUSED_ROPE", on)
+    for rows in (0, 64):
+        monkeypatch.setattr(rope_decode, "FUSED_ROPE_ROWS", rows)
         with LLM(tiny_models(preset), config) as llm:
-            outs[on] = [o.token_ids for o in llm.generate(prompts, params)]
-        assert bool(calls) == on
-    assert outs[True] == outs[False]
+            outs[rows] = [o.token_ids for o in llm.generate(prompts, params)]
+        assert bool(calls) == bool(rows)
+    assert outs[64] == outs[0]
+
+
+def test_fused_rope_only_for_steps_of_few_rows(tiny_models, monkeypatch) -> None:  # noqa: ANN001
+    """With `FUSED_ROPE_ROWS` 2, a lone sequence's decode steps (bucket 2) take the fused kernel and a batch of
+    three (bucket 4) the two-kernel path, with the same tokens as the fused kernel never used."""
+    from crosspool import LLM, EngineConfig, SamplingParams
+    from crosspool.engine import graphs
+    from crosspool.kernels import rope_decode
+
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (5, 7, 11)]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    monkeypatch.setattr(graphs, "BUCKETS", (2, 4))
+    rows_seen = []
+    fused = rope_decode.rope_decode_attention
+    monkeypatch.setattr(rope_decode, "rope_decode_attention",
+                        lambda q, *a, **kw: rows_seen.append(q.shape[0]) or fused(q, *a, **kw))
+    config = EngineConfig(device=DEVICE.type, dtype=torch.float32, kernels="triton", block_size=4, cuda_graphs=True,
+                          max_num_seqs=8)
+    outs = {}
+    for limit in (0, 2):
+        monkeypatch.setattr(rope_decode, "FUSED_ROPE_ROWS", limit)
+        rows_seen.clear()
+        with LLM(tiny_models("tiny-olmoe"), config) as llm:
+            outs[limit] = ([o.token_ids for o in llm.generate(prompts[:1], params)],
+                           [o.token_ids for o in llm.generate(prompts, params)])
+        assert set(rows_seen) == ({2} if limit else set())
+    assert outs[2] == outs[0]
 
 
 def test_package_imports_without_triton() -> None:

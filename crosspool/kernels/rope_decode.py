@@ -1,8 +1,10 @@
 """Decode attention with RoPE, q/k norm and the KV write inside (MHA/GQA): `norm_rope.rope_write_kv` followed by
 `paged_attention.paged_decode_attention`, as one kernel launch instead of two per layer.
 
-Used by `models.attention_side` for decode steps when `FUSED_ROPE` is on: off until it is timed on the H200;
-CROSSPOOL_FUSED_ROPE=1 in the environment (which spawned ranks inherit) turns it on. The torch reference is the
+Used by `models.attention_side` for decode steps of at most `FUSED_ROPE_ROWS` rows (default 1). Timed on the H200
+(session 7, OLMoE ctx 1k): batch 1 1.16 -> 1.12 ms, but batch 2/4/8 1.58/2.20/3.34 -> 1.60/2.29/3.52 ms, where the
+two-kernel path wins (the fused kernel rotates each q head once per split program). CROSSPOOL_FUSED_ROPE_ROWS in
+the environment (which spawned ranks inherit) sets the limit: 0 turns it off. The torch reference is the
 two-kernel path it replaces (and `torch_ref` beneath that); tests compare the output and the caches.
 """
 
@@ -28,7 +30,12 @@ from crosspool.kernels.paged_attention import (
 )
 from crosspool.kernels.pdl import enter as pdl_enter
 
-FUSED_ROPE = os.environ.get("CROSSPOOL_FUSED_ROPE", "0") != "0"
+FUSED_ROPE_ROWS = int(os.environ.get("CROSSPOOL_FUSED_ROPE_ROWS", "1"))
+
+
+def fused_for(rows: int) -> bool:
+    """Whether a decode step of `rows` rows (its graph bucket, padding included) takes the fused kernel."""
+    return rows <= FUSED_ROPE_ROWS
 
 
 @triton.jit

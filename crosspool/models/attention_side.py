@@ -183,12 +183,12 @@ def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
                       cache: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor], interleaved: bool,
                       scale: float, qk_norm: tuple | None = None) -> torch.Tensor:
     """(q/k norm +) RoPE + KV write in one kernel, then paged attention (decode or varlen prefill); with
-    `rope_decode.FUSED_ROPE`, a decode step does both in the attention kernel."""
+    a decode step of few rows (`rope_decode.fused_for`) does both in the attention kernel."""
     from crosspool.kernels import norm_rope, paged_attention, rope_decode
 
     k_cache, v_cache = cache
     cos, sin = rope
-    if batch.decode_only and rope_decode.FUSED_ROPE:
+    if batch.decode_only and rope_decode.fused_for(q.shape[0]):
         return rope_decode.rope_decode_attention(q, k, v, cos, sin, batch.slot_mapping, k_cache, v_cache,
                                                      batch.block_tables, batch.context_lens, scale, interleaved,
                                                      qk_norm, max_context_len=batch.max_context_len)
