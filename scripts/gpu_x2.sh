@@ -18,6 +18,8 @@
 #   bash scripts/gpu_x2.sh s7         # A: issue 4 (fused RoPE off/on, kernel tests, attention re-timed) | B: issue 8's
 #                                     #    one-GPU 4-model rows at rates 2 and 4 (the split's reference)
 #   bash scripts/gpu_x2.sh s7b        # A: issue 4's Qwen3 cells | B: fused RoPE off/on at batch 1, 2, 4, 8 (twice)
+#   bash scripts/gpu_x2.sh s7c        # A: the L2 prefetch probe, OLMoE decode with it off / on | B: its GPU tests, the
+#                                     #    Qwen3 1k row again
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
@@ -241,6 +243,25 @@ if [ "$stage" = s7b ]; then  # session 7: the Qwen3 cells (GPU 0) beside fused R
     ckpt olmoe-1b-7b $OLMOE
     job_a() { qwen3_cells; }
     job_b() { fused_rope_decode 1,2,4,8 0 64 0 64; }
+    both
+fi
+
+if [ "$stage" = s7c ]; then  # session 7: the L2 prefetch (GPU 0: probe, decode off/on) | GPU tests, Qwen3 1k row (GPU 1)
+    ckpt olmoe-1b-7b $OLMOE
+    job_a() {
+        t 60 python3 scripts/l2_prefetch_probe.py 2>&1 | grep -v Warn | tail -9
+        for pre in 0 1; do
+            CROSSPOOL_L2_PREFETCH=$pre t 90 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
+                --context 1024 --batch 1,8 --label "l2-prefetch=$pre" --json "$RES/olmoe_prefetch$pre.json" \
+                2>&1 | grep "^| 1024" | sed "s/^/l2-prefetch=$pre: /"
+        done
+    }
+    job_b() {
+        t 120 python3 -m pytest -q -m gpu tests/test_gpu.py -k "prefetch or programmatic" 2>&1 | tail -2
+        ckpt qwen3-30b-a3b /tmp/qwen3 24
+        t 200 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 1024 \
+            --batch 1,8,32 --json "$RES/qwen3_1k.json" 2>&1 | grep "^| 1024"
+    }
     both
 fi
 

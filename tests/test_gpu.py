@@ -95,6 +95,43 @@ def test_pipeline_over_sub_step_graphs_on_two_streams(tmp_path: Path, green: int
     assert outs[True] == outs[False]
 
 
+def test_l2_prefetch_changes_no_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The L2 prefetch of the attention weights (`kernels.prefetch`: a side branch of each decode graph, and
+    evict_first loads in the expert GEMVs) only moves data between HBM and L2: tokens and log-probabilities are
+    bit for bit those without it (bf16, real OLMoE shapes, 2 layers, batches of 1 and 8)."""
+    from crosspool import EngineConfig
+    from crosspool.kernels import prefetch
+
+    model = str(make_model("olmoe-1b-7b", tmp_path / "olmoe", layers=2, seed=5, progress=False))
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 50000, (k,), generator=g).tolist() for k in torch.randint(8, 300, (8,), generator=g)]
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(prefetch, "ENABLED", on)
+        with LLM(model, EngineConfig(device="cuda", kv_cache_bytes=2 << 30)) as llm:
+            params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, logprobs=0)
+            outs = llm.generate(prompts[:1], params) + llm.generate(prompts, params)
+        runs[on] = [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs]
+    assert runs[True] == runs[False]
+
+
+def test_prefetch_kernel_covers_odd_sizes() -> None:
+    """`prefetch_l2` on tensors whose size is not a multiple of a line or of a program's step, in a CUDA graph
+    too: no fault, and the data are unchanged."""
+    from crosspool.kernels import prefetch
+
+    for n in (1, 63, 64 * 257 + 5, 3 << 20):
+        t = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        before = t.clone()
+        prefetch.prefetch_l2(t)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            prefetch.prefetch_l2(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(t, before)
+
+
 def test_programmatic_dependent_launch_changes_no_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """PDL (`kernels.pdl`) lets each decode kernel launch while the previous one finishes; every kernel waits
     for its predecessor before touching memory, so tokens and log-probabilities are bit for bit those without

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from crosspool.kernels import pdl, tuning
+from crosspool.kernels import pdl, prefetch, tuning
 from crosspool.kernels._common import cdiv, dot_precision, next_pow2
 from crosspool.kernels.pdl import enter as pdl_enter
 from crosspool.models.batch import TopKPartials
@@ -189,13 +189,22 @@ def _gemv_configs() -> list[triton.Config]:
             for n in (8, 16, 32) for k in (128, 256) for w in (4, 8)]
 
 
+@triton.jit
+def _load_weights(ptrs, mask, STREAM: tl.constexpr):
+    """An expert weight tile; with STREAM marked evict_first in L2 (read once a step: let it go before the lines
+    `prefetch` brought in for the attention side)."""
+    if STREAM:
+        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
 @tuning.autotune(configs=_gemv_configs(), key=["hidden", "inter_size", "TOP_K"],
                  prune_configs_by={"early_config_prune": fits("inter_size", "hidden")})
 @triton.jit
 def _gate_up_gemv_kernel(
     x_ptr, w_ptr, inter_ptr, ids_ptr, hidden, inter_size,
     stride_xt, stride_we, stride_wn, stride_it,
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     """One (token, k) pair, BLOCK_N intermediate columns: multiply-and-sum, no tensor cores (M = 1)."""
@@ -214,8 +223,8 @@ def _gate_up_gemv_kernel(
         k_ok = offs_k < hidden - k0
         x = tl.load(x_ptr + token * stride_xt + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         w_mask = n_ok[:, None] & k_ok[None, :]
-        acc_g += tl.load(g_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * x[None, :]
-        acc_u += tl.load(u_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * x[None, :]
+        acc_g += _load_weights(g_ptrs + k0, w_mask, STREAM).to(tl.float32) * x[None, :]
+        acc_u += _load_weights(u_ptrs + k0, w_mask, STREAM).to(tl.float32) * x[None, :]
     g = tl.sum(acc_g, 1)
     h = g * tl.sigmoid(g) * tl.sum(acc_u, 1)
     tl.store(inter_ptr + pair * stride_it + offs_n, h.to(inter_ptr.dtype.element_ty), mask=n_ok)
@@ -227,7 +236,7 @@ def _gate_up_gemv_kernel(
 def _down_gemv_kernel(
     inter_ptr, w_ptr, y_ptr, ids_ptr, weights_ptr, hidden, inter_size,
     stride_it, stride_we, stride_wn, stride_yt,
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     """y[pair, n-block] = weight[pair] * (inter[pair] . w_down[ids[pair], n]) in fp32, one program per
@@ -243,7 +252,7 @@ def _down_gemv_kernel(
     for k0 in tl.range(0, inter_size, BLOCK_K):
         k_ok = offs_k < inter_size - k0
         h = tl.load(inter_ptr + pair * stride_it + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        acc += tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * h[None, :]
+        acc += _load_weights(w_ptrs + k0, n_ok[:, None] & k_ok[None, :], STREAM).to(tl.float32) * h[None, :]
     out = tl.sum(acc, 1) * tl.load(weights_ptr + pair).to(tl.float32)
     tl.store(y_ptr + pair * stride_yt + offs_n, out, mask=n_ok)
 
@@ -286,7 +295,7 @@ def fused_moe(
     if small is None:
         small = t <= SMALL_BATCH_TOKENS
     if small:
-        launch = pdl.options(x.device)
+        launch = {**pdl.options(x.device), "STREAM": prefetch.ENABLED}
         _gate_up_gemv_kernel[lambda meta: (pairs, cdiv(inter_size, meta["BLOCK_N"]))](
             x, w_gate_up, inter, ids, hidden, inter_size,
             x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0), TOP_K=top_k, **launch,
