@@ -37,6 +37,8 @@ from crosspool.kernels.pdl import enter as pdl_enter
 from crosspool.models.batch import TopKPartials
 
 SMALL_BATCH_TOKENS = 8
+# the GEMV path's expert weight loads marked evict_first in L2 (read once a step): CROSSPOOL_EXPERTS_EVICT_FIRST=1
+EVICT_FIRST = os.environ.get("CROSSPOOL_EXPERTS_EVICT_FIRST", "0") != "0"
 
 
 def moe_block_m(num_tokens: int, num_experts: int) -> int:
@@ -295,7 +297,7 @@ def fused_moe(
     if small is None:
         small = t <= SMALL_BATCH_TOKENS
     if small:
-        launch = {**pdl.options(x.device), "STREAM": prefetch.ENABLED}
+        launch = {**pdl.options(x.device), "STREAM": prefetch.ENABLED or EVICT_FIRST}
         _gate_up_gemv_kernel[lambda meta: (pairs, cdiv(inter_size, meta["BLOCK_N"]))](
             x, w_gate_up, inter, ids, hidden, inter_size,
             x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0), TOP_K=top_k, **launch,
