@@ -45,7 +45,7 @@ def main() -> None:
     weights = torch.full((1, 8), 0.125, device=dev)
 
     def experts(stream: bool) -> None:
-        prefetch.ENABLED = stream          # fused_moe's GEMVs load with evict_first when it is set
+        fused_moe.EVICT_FIRST = stream     # the GEMVs' expert weight loads marked evict_first in L2
         fused_moe.fused_moe(x, gate_up, down, weights, ids)
 
     def variant(stream: bool, pre: bool, gemm: bool) -> float:

@@ -95,19 +95,18 @@ def test_pipeline_over_sub_step_graphs_on_two_streams(tmp_path: Path, green: int
     assert outs[True] == outs[False]
 
 
-def test_l2_prefetch_changes_no_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The L2 prefetch of the attention weights (`kernels.prefetch`: a side branch of each decode graph, and
-    evict_first loads in the expert GEMVs) only moves data between HBM and L2: tokens and log-probabilities are
-    bit for bit those without it (bf16, real OLMoE shapes, 2 layers, batches of 1 and 8)."""
+def test_experts_evict_first_changes_no_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The expert GEMVs' evict_first loads (`fused_moe.EVICT_FIRST`) only change what L2 keeps: tokens and
+    log-probabilities are bit for bit those without them (bf16, real OLMoE shapes, 2 layers, batches of 1 and 8)."""
     from crosspool import EngineConfig
-    from crosspool.kernels import prefetch
+    from crosspool.kernels import fused_moe
 
     model = str(make_model("olmoe-1b-7b", tmp_path / "olmoe", layers=2, seed=5, progress=False))
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 50000, (k,), generator=g).tolist() for k in torch.randint(8, 300, (8,), generator=g)]
     runs = {}
     for on in (False, True):
-        monkeypatch.setattr(prefetch, "ENABLED", on)
+        monkeypatch.setattr(fused_moe, "EVICT_FIRST", on)
         with LLM(model, EngineConfig(device="cuda", kv_cache_bytes=2 << 30)) as llm:
             params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, logprobs=0)
             outs = llm.generate(prompts[:1], params) + llm.generate(prompts, params)

@@ -253,9 +253,11 @@ def test_fused_moe(dtype: torch.dtype, t: int, experts: int, top_k: int, hidden:
     _close(fused_moe(x, wgu, wd, weights, ids), want, dtype)
 
 
-@pytest.mark.parametrize("small", [True, False])
-def test_fused_moe_paths_agree(small: bool) -> None:
-    """Both paths on the same inputs (either may serve any token count), int32 ids, strided weights."""
+@pytest.mark.parametrize(("small", "evict_first"), [(True, True), (True, False), (False, True)])
+def test_fused_moe_paths_agree(small: bool, evict_first: bool, monkeypatch) -> None:  # noqa: ANN001
+    """Both paths on the same inputs (either may serve any token count), int32 ids, strided weights; the GEMV
+    path with and without its evict_first weight loads."""
+    monkeypatch.setattr(fused_moe_module, "EVICT_FIRST", evict_first)
     x, wgu, wd, weights, ids = _moe_inputs(12, 8, 2, 64, 48, torch.float32, seed=1)
     wgu_strided = torch.empty(wgu.shape[0], wgu.shape[1], wgu.shape[2] + 8, device=DEVICE)[..., :wgu.shape[2]]
     wgu_strided.copy_(wgu)
@@ -510,41 +512,6 @@ def test_fused_rope_only_for_steps_of_few_rows(tiny_models, monkeypatch) -> None
                            [o.token_ids for o in llm.generate(prompts, params)])
         assert set(rows_seen) == ({2} if limit else set())
     assert outs[2] == outs[0]
-
-
-def test_decode_steps_prefetch_the_next_attention_weights(tiny_models, monkeypatch) -> None:  # noqa: ANN001
-    """With `prefetch.ENABLED`, each decode layer's attention block forks a prefetch of its own o_proj and the
-    next layer's fused QKV (none after the last layer) and joins it before returning; prefills fork nothing.
-    On the CPU the prefetch itself does nothing, so this checks what is asked for, and that tokens stay."""
-    from crosspool import LLM, EngineConfig, SamplingParams
-    from crosspool.kernels import prefetch
-
-    asked: list[list[int]] = []
-    joins = []
-    fork, join = prefetch.SideStream.fork, prefetch.SideStream.join
-    monkeypatch.setattr(prefetch.SideStream, "fork",
-                        lambda self, ts: asked.append([t.data_ptr() for t in ts]) or fork(self, ts))
-    monkeypatch.setattr(prefetch.SideStream, "join", lambda self: joins.append(1) or join(self))
-    prompts = [[5, 9, 14, 3], [7, 1]]
-    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-    config = EngineConfig(device=DEVICE.type, dtype=torch.float32, kernels="triton", block_size=4, max_num_seqs=4)
-    outs = {}
-    for on in (False, True):
-        monkeypatch.setattr(prefetch, "ENABLED", on)
-        asked.clear()
-        with LLM(tiny_models("tiny-olmoe"), config) as llm:
-            outs[on] = [o.token_ids for o in llm.generate(prompts, params)]
-            model = next(iter(llm.engine.models.values())).model
-        if not on:
-            assert asked == []
-            continue
-        w = model.attention.w.layers
-        want = [[w[i]["o_proj"].data_ptr()] + ([w[i + 1]["qkv_proj"].data_ptr()] if i + 1 < len(w) else [])
-                for i in range(len(w))]
-        decode_steps = params.max_tokens - 1          # the first token comes from the prefill
-        assert len(asked) == decode_steps * len(w) and asked == want * decode_steps
-        assert len(joins) == len(asked)
-    assert outs[True] == outs[False]
 
 
 def test_package_imports_without_triton() -> None:

@@ -31,14 +31,16 @@ import torch
 import triton
 import triton.language as tl
 
-from crosspool.kernels import pdl, prefetch, tuning
+from crosspool.kernels import pdl, tuning
 from crosspool.kernels._common import cdiv, dot_precision, next_pow2
 from crosspool.kernels.pdl import enter as pdl_enter
 from crosspool.models.batch import TopKPartials
 
 SMALL_BATCH_TOKENS = 8
-# the GEMV path's expert weight loads marked evict_first in L2 (read once a step): CROSSPOOL_EXPERTS_EVICT_FIRST=1
-EVICT_FIRST = os.environ.get("CROSSPOOL_EXPERTS_EVICT_FIRST", "0") != "0"
+# the GEMV path's expert weight loads are marked evict_first in L2 (each is read once a step, and the attention
+# side's weights stay in L2 a little longer): +0.5-1% tokens/s on the H200 (OLMoE ctx 1k, batch 1 and 8;
+# docs/benchmarks.md section 7, session 7). CROSSPOOL_EXPERTS_EVICT_FIRST=0 turns it off.
+EVICT_FIRST = os.environ.get("CROSSPOOL_EXPERTS_EVICT_FIRST", "1") != "0"
 
 
 def moe_block_m(num_tokens: int, num_experts: int) -> int:
@@ -193,8 +195,8 @@ def _gemv_configs() -> list[triton.Config]:
 
 @triton.jit
 def _load_weights(ptrs, mask, STREAM: tl.constexpr):
-    """An expert weight tile; with STREAM marked evict_first in L2 (read once a step: let it go before the lines
-    `prefetch` brought in for the attention side)."""
+    """An expert weight tile; with STREAM marked evict_first in L2 (read once a step: let it go before lines
+    that will be read again, such as the attention side's weights)."""
     if STREAM:
         return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
     return tl.load(ptrs, mask=mask, other=0.0)
@@ -297,7 +299,7 @@ def fused_moe(
     if small is None:
         small = t <= SMALL_BATCH_TOKENS
     if small:
-        launch = {**pdl.options(x.device), "STREAM": prefetch.ENABLED or EVICT_FIRST}
+        launch = {**pdl.options(x.device), "STREAM": EVICT_FIRST}
         _gate_up_gemv_kernel[lambda meta: (pairs, cdiv(inter_size, meta["BLOCK_N"]))](
             x, w_gate_up, inter, ids, hidden, inter_size,
             x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0), TOP_K=top_k, **launch,

@@ -1,20 +1,19 @@
-"""L2 prefetch of the attention side's weights during a decode step (experimental: off until the H200 shows a gain).
+"""L2 prefetch of a tensor (PTX `prefetch.global.L2::evict_last`): a measuring tool, not on the engine's path.
 
-Why: at batch 1 a layer's QKV and o_proj GEMMs read 25 + 8 MB (OLMoE) at about 0.6 of copy bandwidth. They
-are latency-bound, not bandwidth-bound: each program waits on its loads from HBM. Meanwhile the layer's
-latency-bound kernels (norm, attention at short context, routing) leave HBM mostly idle. The H200's L2 (50 MB)
-holds a layer's attention weights, so they can be fetched into L2 during those idle stretches, and the GEMMs
-then read them from L2.
+Why it was built: at batch 1 a layer's QKV and o_proj GEMMs read 25 + 8 MB (OLMoE) at about 0.6 of copy
+bandwidth, while the layer's latency-bound kernels leave HBM mostly idle, and the H200's L2 (50 MB) holds a
+layer's attention weights. A side branch of each decode graph requested a layer's o_proj and the next layer's
+QKV into L2 while the experts streamed past with evict_first loads.
 
-How: `prefetch_l2` issues PTX `prefetch.global.L2::evict_last` for every 128-byte line of a tensor: fire and
-forget, nothing comes back to registers, so the kernel ends once the requests are issued and the lines arrive
-in the background. The attention side (`models.attention_side`, when `ENABLED`) runs it on a side stream forked
-at the start of layer l's attention block, for layer l's o_proj and layer l+1's QKV, and joins it at the block's
-end. The experts stream through L2 between the prefetch and the next layer's QKV: their GEMV loads say
-`evict_first` (`fused_moe`), so they push out each other before the prefetched lines.
+What the H200 said (docs/benchmarks.md section 7, session 7): the decode step got slower (OLMoE ctx 1k, batch 1
+1.12 -> 1.22 ms), and `scripts/l2_prefetch_probe.py` showed why. Even with the whole weight in L2, cuBLAS's QKV
+GEMM at one token takes ~7.5 us against ~8.9 us cold: it is not bound by where its bytes come from. So the engine
+side was removed. The expert loads' evict_first stayed (`fused_moe.EVICT_FIRST`: +0.5-1%). This kernel stays for
+the probe, to ask the question again on other shapes.
 
-`CROSSPOOL_L2_PREFETCH=1` turns it on (`ENABLED`); CUDA only (the interpreter has no inline PTX: on CPU it does
-nothing). It never changes a result: a prefetch only moves data between HBM and L2.
+`prefetch_l2` issues one prefetch per 128-byte line: fire and forget, nothing comes back to registers, so the
+kernel ends once the requests are issued. CUDA only (the interpreter has no inline PTX: elsewhere it does
+nothing). It never changes a result.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import triton.language as tl
 
 from crosspool.kernels._common import cdiv, num_sms
 
-ENABLED = os.environ.get("CROSSPOOL_L2_PREFETCH", "0") != "0"
 LINE_BYTES = 128
 _LINES_PER_PROGRAM_STEP = 256         # lines one program's step requests (2 per thread at 4 warps)
 
@@ -60,35 +58,3 @@ def prefetch_l2(t: torch.Tensor, programs: int | None = None) -> None:
     grid = programs or max(1, num_sms(t.device) // 4)
     grid = min(grid, cdiv(num_lines, _LINES_PER_PROGRAM_STEP))
     _prefetch_kernel[(grid,)](t, num_lines, LINE=line, BLOCK=_LINES_PER_PROGRAM_STEP, num_warps=4)
-
-
-class SideStream:
-    """Prefetches forked off the current stream and joined back (a parallel branch when captured in a CUDA
-    graph). One side stream per stream the work is issued on, so lanes and pipeline sides stay apart."""
-
-    def __init__(self) -> None:
-        self._sides: dict[int, torch.cuda.Stream] = {}
-        self._forked: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None     # (main, side)
-
-    def fork(self, tensors: list[torch.Tensor]) -> None:
-        """Start prefetching `tensors` beside the current stream's work (CUDA; elsewhere nothing)."""
-        tensors = [t for t in tensors if applies(t)]
-        if not tensors:
-            return
-        assert self._forked is None, "fork before the previous prefetch was joined"
-        main = torch.cuda.current_stream(tensors[0].device)
-        side = self._sides.get(main.cuda_stream)
-        if side is None:
-            side = self._sides[main.cuda_stream] = torch.cuda.Stream(tensors[0].device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            for t in tensors:
-                prefetch_l2(t)
-        self._forked = (main, side)
-
-    def join(self) -> None:
-        """The stream that forked waits for the prefetches (a graph capture must join every fork)."""
-        if self._forked is not None:
-            main, side = self._forked
-            main.wait_stream(side)
-            self._forked = None

@@ -25,7 +25,6 @@ class AttentionSide:
         self.w = weights
         self.triton = kernels == "triton"
         self.inv_freq = ref.rope_inv_freq(spec.rope).to(weights.embed.device)
-        self._prefetch = None               # `kernels.prefetch.SideStream` once a decode step prefetches
         if self.triton and spec.attention != "mla":
             # one [q + k + v, hidden] projection: one GEMM (one launch, one pass over x) instead of three
             for w in weights.layers:
@@ -54,20 +53,10 @@ class AttentionSide:
         """(hidden, the previous FFN's output or None) -> (h + attention(norm(h)), post-attention norm of
         that) for the FFN side, where h = hidden + delta."""
         w = self.w.layers[layer]
-        prefetching = self.triton and batch.decode_only and _prefetch_on()
-        if prefetching:
-            # this layer's o_proj and the next layer's QKV into L2 while the norm, QKV and attention run
-            from crosspool.kernels import prefetch
-
-            self._prefetch = self._prefetch or prefetch.SideStream()
-            nxt = self.w.layers[layer + 1] if layer + 1 < len(self.w.layers) else {}
-            self._prefetch.fork([t for t in (w.get("o_proj"), nxt.get("qkv_proj")) if t is not None])
         x, hidden = self._add_norm(delta, hidden, w["input_layernorm"])
         attend = self._mla if self.spec.attention == "mla" else self._mha
         x, hidden = self._add_norm(attend(w, x, batch, cache.layer(layer), rope), hidden,
                                    w["post_attention_layernorm"])
-        if prefetching:
-            self._prefetch.join()
         return hidden, x
 
     def _add_norm(self, delta: torch.Tensor | TopKPartials | None, hidden: torch.Tensor, weight: torch.Tensor
@@ -189,12 +178,6 @@ class AttentionSide:
 
 
 # ---- the Triton path (crosspool.kernels) --------------------------------------------------------
-
-def _prefetch_on() -> bool:
-    from crosspool.kernels import prefetch
-
-    return prefetch.ENABLED
-
 
 def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
                       cache: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor], interleaved: bool,
