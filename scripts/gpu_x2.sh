@@ -18,8 +18,8 @@
 #   bash scripts/gpu_x2.sh s7         # A: issue 4 (fused RoPE off/on, kernel tests, attention re-timed) | B: issue 8's
 #                                     #    one-GPU 4-model rows at rates 2 and 4 (the split's reference)
 #   bash scripts/gpu_x2.sh s7b        # A: issue 4's Qwen3 cells | B: fused RoPE off/on at batch 1, 2, 4, 8 (twice)
-#   bash scripts/gpu_x2.sh s7c        # A: the L2 prefetch probe, OLMoE decode with it off / on | B: its GPU tests, the
-#                                     #    Qwen3 1k row again
+#   bash scripts/gpu_x2.sh s7c        # A: the L2 prefetch probe, OLMoE decode with the experts' evict_first off / on
+#                                     #    | B: their GPU tests, the Qwen3 1k row again
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
@@ -246,18 +246,18 @@ if [ "$stage" = s7b ]; then  # session 7: the Qwen3 cells (GPU 0) beside fused R
     both
 fi
 
-if [ "$stage" = s7c ]; then  # session 7: the L2 prefetch (GPU 0: probe, decode off/on) | GPU tests, Qwen3 1k row (GPU 1)
-    ckpt olmoe-1b-7b $OLMOE
+if [ "$stage" = s7c ]; then  # session 7: L2 (GPU 0: the prefetch probe, decode with the experts' evict_first off/on)
+    ckpt olmoe-1b-7b $OLMOE   #             | their GPU tests, the Qwen3 1k row (GPU 1)
     job_a() {
         t 60 python3 scripts/l2_prefetch_probe.py 2>&1 | grep -v Warn | tail -9
-        for pre in 0 1; do
-            CROSSPOOL_L2_PREFETCH=$pre t 90 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
-                --context 1024 --batch 1,8 --label "l2-prefetch=$pre" --json "$RES/olmoe_prefetch$pre.json" \
-                2>&1 | grep "^| 1024" | sed "s/^/l2-prefetch=$pre: /"
+        for ef in 0 1 0 1; do
+            CROSSPOOL_EXPERTS_EVICT_FIRST=$ef t 70 python3 -m crosspool.cli bench decode --model $OLMOE \
+                --kv-cache-gb 16 --context 1024 --batch 1,8 --label "evict-first=$ef" \
+                --json "$RES/olmoe_evictfirst$ef.json" 2>&1 | grep "^| 1024" | sed "s/^/evict-first=$ef: /"
         done
     }
     job_b() {
-        t 120 python3 -m pytest -q -m gpu tests/test_gpu.py -k "prefetch or programmatic" 2>&1 | tail -2
+        t 120 python3 -m pytest -q -m gpu tests/test_gpu.py -k "prefetch or evict_first or programmatic" 2>&1 | tail -2
         ckpt qwen3-30b-a3b /tmp/qwen3 24
         t 200 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 1024 \
             --batch 1,8,32 --json "$RES/qwen3_1k.json" 2>&1 | grep "^| 1024"
