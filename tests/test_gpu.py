@@ -122,7 +122,10 @@ def test_last_split_merges_changes_no_bit(tmp_path: Path, monkeypatch: pytest.Mo
             mla = pa.mla_decode_attention(q_lat, q_pe, latent, tables, lens, 0.06, num_splits=8)
             outs[merge] = (dec, mla)
         torch.cuda.synchronize()
-        assert all(torch.equal(a, c) for a, c in zip(outs[True], outs[False], strict=True)), trial
+        for name, a, c in zip(("decode", "mla"), outs[True], outs[False], strict=True):
+            # on a difference, say how large and where: a race leaves whole rows stale, rounding 1-ulp specks
+            rows = (a != c).flatten(2).any(-1).nonzero().tolist()
+            assert not rows, (trial, name, rows[:8], float((a.float() - c.float()).abs().max()), lens.tolist())
     assert all(int(c.abs().sum()) == 0 for c in pa._every_counter_buffer)
 
     model = str(make_model("olmoe-1b-7b", tmp_path / "olmoe", layers=2, seed=6, progress=False))

@@ -31,8 +31,8 @@ class Case:
 
 _GEMV_TILE = {"BLOCK_N": 16, "BLOCK_K": 128}
 _GEMM_TILE = {"BLOCK_N": 128, "BLOCK_K": 64, "DOT_PRECISION": "tf32"}
-_NO_MERGE = {"BLOCK_S": 8, "MERGE": False, "FENCE": False}
-_MERGE = {"BLOCK_S": 8, "MERGE": True, "FENCE": True}        # the attention kernels' in-kernel split merge
+_NO_MERGE = {"MERGE": False, "FENCE": False}
+_MERGE = {"MERGE": True, "FENCE": True}        # the attention kernels' in-kernel split merge
 
 CASES = [
     Case("norm_rope", "_rms_norm_kernel", {"HAS_RESIDUAL": True, "BLOCK": 2048, "TOP_K": 0}),
@@ -84,7 +84,7 @@ CASES = [
          {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "slots_ptr": "*i64", "block_tables_ptr": "*i64",
           "context_lens_ptr": "*i64", "out_ptr": "*fp32", "lse_ptr": "*fp32", "counter_ptr": "*i32"}),
     Case("paged_attention", "_combine_kernel",
-         {"NUM_SPLITS": 8, "BLOCK_S": 8, "DV": 128, "BLOCK_DV": 128, "BLOCK_HC": 1},
+         {"NUM_SPLITS": 8, "DV": 128, "BLOCK_DV": 128, "BLOCK_HC": 1},
          {"part_ptr": "*fp32", "lse_ptr": "*fp32"}),
     Case("routing", "_route_kernel",
          {"TOP_K": 8, "BLOCK_K": 8, "BLOCK_E": 64, "SIGMOID": False, "NORMALIZE": False, "SPLIT": 0},

@@ -99,8 +99,8 @@ def _store_rows(
     m, l_sum, acc, out_ptr, lse_ptr, tok, head, row_ok, split,
     stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
     final_ptr, stride_ft, stride_fh, counter_ptr,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    MERGE: tl.constexpr, FENCE: tl.constexpr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE: tl.constexpr,
+    FENCE: tl.constexpr,
 ):
     """The tile's normalized output: final with one split, else this split's fp32 part and log-sum-exp; with
     MERGE, the tile's last split to finish then merges every split's part into `final_ptr` (`_last_split_merges`)."""
@@ -117,7 +117,7 @@ def _store_rows(
         if MERGE:
             _last_split_merges(out_ptr, lse_ptr, final_ptr, counter_ptr, tok, head, row_ok, split,
                                stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ft, stride_fh,
-                               DV, BLOCK_DV, NUM_SPLITS, BLOCK_S, FENCE)
+                               DV, BLOCK_DV, NUM_SPLITS, FENCE)
 
 
 @triton.jit
@@ -131,8 +131,7 @@ def _fence(x):
 def _last_split_merges(
     part_ptr, lse_ptr, final_ptr, counter_ptr, tok, head, row_ok, split,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ft, stride_fh,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    FENCE: tl.constexpr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, FENCE: tl.constexpr,
 ):
     """Count this split in at the tile's counter; the split that arrives last merges all parts (in split order,
     as `_combine_kernel`: the same bits) and resets the counter to 0 for the next launch. The last-block
@@ -147,7 +146,7 @@ def _last_split_merges(
         if FENCE:
             _fence(split)
         _merge_rows(part_ptr, lse_ptr, final_ptr, tok, head, row_ok, stride_pt, stride_ph, stride_ps, stride_lt,
-                    stride_lh, stride_ft, stride_fh, DV, BLOCK_DV, NUM_SPLITS, BLOCK_S, FENCE)
+                    stride_lh, stride_ft, stride_fh, DV, BLOCK_DV, NUM_SPLITS, FENCE)
         tl.atomic_xchg(counter_ptr, 0)
 
 
@@ -155,24 +154,25 @@ def _last_split_merges(
 def _merge_rows(
     part_ptr, lse_ptr, out_ptr, tok, head, row_ok,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    PAST_L1: tl.constexpr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, PAST_L1: tl.constexpr,
 ):
     """out[tok, head] = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max) for the rows (tok, head) given
-    (log-sum-exp merge, base 2); PAST_L1 loads with .cg (other programs wrote the parts)."""
-    offs_s = tl.arange(0, BLOCK_S)
+    (log-sum-exp merge, base 2); PAST_L1 loads with .cg (other programs wrote the parts). Every sum runs over
+    the splits in order within a row (no cross-thread reduction), so the bits do not depend on the tile shape
+    of the kernel it is inlined in (`_combine_kernel`'s and the attention kernels' give the same)."""
     offs_dv = tl.arange(0, BLOCK_DV)
     lse_rows = lse_ptr + tok * stride_lt + head * stride_lh
-    lse = _load(lse_rows[:, None] + offs_s[None, :], row_ok[:, None] & (offs_s[None, :] < NUM_SPLITS),
-                float("-inf"), PAST_L1)
-    m = tl.max(lse, 1)
+    m = tl.full([tok.shape[0]], float("-inf"), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        m = tl.maximum(m, _load(lse_rows + s, row_ok, float("-inf"), PAST_L1))
     m = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(tl.exp2(lse - m[:, None]), 1)
+    total = tl.zeros([tok.shape[0]], tl.float32)
     o = tl.zeros([tok.shape[0], BLOCK_DV], tl.float32)
     o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
     part_rows = part_ptr + tok[:, None] * stride_pt + head[:, None] * stride_ph + offs_dv[None, :]
     for s in tl.static_range(NUM_SPLITS):
         w = tl.exp2(_load(lse_rows + s, row_ok, float("-inf"), PAST_L1) - m)
+        total += w
         o += w[:, None] * _load(part_rows + s * stride_ps, o_mask, 0.0, PAST_L1)
     o = o / tl.where(total > 0, total, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
@@ -202,7 +202,7 @@ def _paged_attention_kernel(
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, V_IS_K: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_DECODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_S: tl.constexpr = 1, MERGE: tl.constexpr = False, FENCE: tl.constexpr = False,
+    MERGE: tl.constexpr = False, FENCE: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     pdl_enter(USE_PDL)
@@ -258,15 +258,14 @@ def _paged_attention_kernel(
     tile = (seq * tl.num_programs(1) + q_block) * (tl.num_programs(0) // NUM_SPLITS) + pid // NUM_SPLITS
     _store_rows(m, l_sum, acc, out_ptr, lse_ptr, tok, head, row_ok, split, stride_ot, stride_oh, stride_os,
                 stride_lt, stride_lh, final_ptr, stride_ft, stride_fh, counter_ptr + tile,
-                DV, BLOCK_DV, NUM_SPLITS, BLOCK_S, MERGE, FENCE)
+                DV, BLOCK_DV, NUM_SPLITS, MERGE, FENCE)
 
 
 @triton.jit
 def _combine_kernel(
     part_ptr, lse_ptr, out_ptr, num_heads,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_HC: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_HC: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     """The splits' merge (`_merge_rows`) for BLOCK_HC heads of one token per program."""
@@ -274,7 +273,7 @@ def _combine_kernel(
     heads = tl.program_id(1) * BLOCK_HC + tl.arange(0, BLOCK_HC)
     tok = tl.zeros([BLOCK_HC], tl.int64) + tl.program_id(0)
     _merge_rows(part_ptr, lse_ptr, out_ptr, tok, heads, heads < num_heads, stride_pt, stride_ph, stride_ps,
-                stride_lt, stride_lh, stride_ot, stride_oh, DV, BLOCK_DV, NUM_SPLITS, BLOCK_S, False)
+                stride_lt, stride_lh, stride_ot, stride_oh, DV, BLOCK_DV, NUM_SPLITS, False)
 
 
 def _tiles(decode: bool, group: int, dv: int) -> tuple[int, int, int]:
@@ -316,7 +315,7 @@ def _combine(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
     _combine_kernel[(t, cdiv(hq, block_hc))](
         part, lse, out, hq,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits), DV=dv, BLOCK_DV=next_pow2(dv), BLOCK_HC=block_hc,
+        NUM_SPLITS=num_splits, DV=dv, BLOCK_DV=next_pow2(dv), BLOCK_HC=block_hc,
         **pdl.options(out.device),
     )
 
@@ -329,7 +328,7 @@ def split_merge_args(out: torch.Tensor, num_splits: int, tiles: int) -> tuple[tu
     counters = _merge_counters(tiles, out.device) if merge else out      # never read without MERGE
     fence = merge and out.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
     return ((out, counters, out.stride(0), out.stride(1)),
-            {"BLOCK_S": next_pow2(num_splits), "MERGE": merge, "FENCE": fence}, merge)
+            {"MERGE": merge, "FENCE": fence}, merge)
 
 
 # counters of the in-kernel merge, one buffer per (device, stream): kernels on one stream run one after another

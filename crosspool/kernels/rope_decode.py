@@ -68,7 +68,7 @@ def _rope_decode_kernel(
     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_S: tl.constexpr = 1, MERGE: tl.constexpr = False, FENCE: tl.constexpr = False,
+    MERGE: tl.constexpr = False, FENCE: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     """Decode attention with `rope_write_kv` folded in: the program of (sequence, KV head, head block, split)
@@ -158,7 +158,7 @@ def _rope_decode_kernel(
     tile = seq * (tl.num_programs(0) // NUM_SPLITS) + pid // NUM_SPLITS        # its counter with MERGE
     _store_rows(m, l_sum, acc, out_ptr, lse_ptr, tok, head, row_ok, split, stride_ot, stride_oh, stride_os,
                 stride_lt, stride_lh, final_ptr, stride_ft, stride_fh, counter_ptr + tile,
-                DV, BLOCK_DV, NUM_SPLITS, BLOCK_S, MERGE, FENCE)
+                DV, BLOCK_DV, NUM_SPLITS, MERGE, FENCE)
 
 
 def rope_decode_attention(
