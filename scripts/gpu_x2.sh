@@ -20,8 +20,9 @@
 #   bash scripts/gpu_x2.sh s7b        # A: issue 4's Qwen3 cells | B: fused RoPE off/on at batch 1, 2, 4, 8 (twice)
 #   bash scripts/gpu_x2.sh s7c        # A: the L2 prefetch probe, OLMoE decode with the experts' evict_first off / on
 #                                     #    | B: their GPU tests, the Qwen3 1k row again
-#   bash scripts/gpu_x2.sh merge      # A: the in-kernel split merge: GPU bit tests, OLMoE decode without / with it
-#                                     #    | B: the attention kernels alone without / with it
+#   bash scripts/gpu_x2.sh merge      # A: GPU bit tests of the split merge, evict_first, weight prefetch; OLMoE decode
+#                                     #    without / with the merge | B: OLMoE decode with our GEMV at one row, the
+#                                     #    weight prefetch, and all three
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
@@ -105,6 +106,16 @@ fused_rope_check() {
     fused_rope_decode 1,8 0 64
     t 90 python3 -m crosspool.bench.kernels --only attention splits --json "$RES/kernels_attention.json" 2>&1 \
         | grep -v "^{" | tail -20
+}
+# OLMoE decode (ctx 1k, batch 1, 8, 32) once per argument, each a list of VAR=VALUE settings ("" = the defaults)
+variants() {
+    local v name
+    for v in "$@"; do
+        name=${v:-defaults}
+        ( [ -n "$v" ] && export $v; t 80 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
+            --context 1024 --batch 1,8,32 --label "$name" --json "$RES/olmoe_${name//[ =]/_}.json" 2>&1 \
+            | grep "^| 1024" | sed "s/^/$name: /" )
+    done
 }
 MM="python3 -m crosspool.bench.multi_model --model $OLMOE --prompt-len 512 --output-len 96 --kv-cache-gb 24 \
     --max-num-seqs 16 --duration-s 15"
@@ -267,22 +278,16 @@ if [ "$stage" = s7c ]; then  # session 7: L2 (GPU 0: the prefetch probe, decode 
     both
 fi
 
-if [ "$stage" = merge ]; then  # issue 4, session 7: the attention kernels' in-kernel split merge (one launch fewer)
+if [ "$stage" = merge ]; then  # issue 4, session 7's last three changes: GPU bit tests, then the decode step with each
     ckpt olmoe-1b-7b $OLMOE
-    job_a() {   # correctness first (bit for bit against the combine kernel), then the decode step without / with it
-        t 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k "last_split or evict_first" 2>&1 | tail -2
-        for merge in 0 1 0 1; do
-            CROSSPOOL_LAST_SPLIT_MERGES=$merge t 80 python3 -m crosspool.cli bench decode --model $OLMOE \
-                --kv-cache-gb 16 --context 1024 --batch 1,8,32 --label "last-split-merges=$merge" \
-                --json "$RES/olmoe_merge$merge.json" 2>&1 | grep "^| 1024" | sed "s/^/merge=$merge: /"
-        done
+    job_a() {   # correctness first (bit for bit with / without each), then the in-kernel split merge off / on
+        t 240 python3 -m pytest -q -m gpu tests/test_gpu.py -k "last_split or evict_first or weight_prefetch" 2>&1 \
+            | tail -3
+        variants "" CROSSPOOL_LAST_SPLIT_MERGES=1 "" CROSSPOOL_LAST_SPLIT_MERGES=1
     }
-    job_b() {   # the attention kernels alone, without / with it
-        for merge in 0 1; do
-            CROSSPOOL_LAST_SPLIT_MERGES=$merge t 100 python3 -m crosspool.bench.kernels --only attention splits \
-                --json "$RES/kernels_attention_merge$merge.json" 2>&1 | grep -v "^{" | tail -20 \
-                | sed "s/^/merge=$merge: /"
-        done
+    job_b() {   # the attention-side projections on our GEMV at one row (PDL), with the weight prefetch before its wait
+        variants "" CROSSPOOL_GEMV_ROWS=1 "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_WEIGHT_PREFETCH=1" \
+            "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_WEIGHT_PREFETCH=1 CROSSPOOL_LAST_SPLIT_MERGES=1" CROSSPOOL_WEIGHT_PREFETCH=1
     }
     both
 fi

@@ -708,11 +708,22 @@ def test_gemv_linear_falls_back_off_the_gpu_or_when_disabled(monkeypatch) -> Non
     x, w = (t.cpu() for t in _gemv_inputs(3, 24, 40, torch.float32, seed=5))
     calls = []
     monkeypatch.setattr(gemv_module, "gemv", lambda *a, **k: calls.append(a) or torch.zeros(1))
-    for enabled in (False, True):
+    for enabled, rows in ((False, 0), (True, 0), (False, 8)):
         monkeypatch.setattr(gemv_module, "ENABLED", enabled)
+        monkeypatch.setattr(gemv_module, "ROWS", rows)
         torch.testing.assert_close(gemv_module.linear(x, w), torch.nn.functional.linear(x, w))
         torch.testing.assert_close(gemv_module.linear(x, w, use=True), torch.nn.functional.linear(x, w))
     assert calls == []                     # CPU tensors never take the kernel, enabled or not
+
+
+def test_weight_prefetch_stays_off_the_interpreter(monkeypatch) -> None:  # noqa: ANN001
+    """The GEMV kernels' weight prefetch is inline PTX: never asked for off CUDA or in the interpreter (CPU
+    tests), whatever `WEIGHT_PREFETCH` says; each line request covers 128 bytes of the weight's dtype."""
+    from crosspool.kernels import prefetch
+
+    monkeypatch.setattr(prefetch, "WEIGHT_PREFETCH", True)
+    for dtype, line in ((torch.float32, 32), (torch.float16, 64)):
+        assert prefetch.weight_options(torch.zeros(2, 2, dtype=dtype)) == {"PREFETCH": False, "LINE": line}
 
 
 @gpu

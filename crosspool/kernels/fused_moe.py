@@ -31,9 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from crosspool.kernels import pdl, tuning
+from crosspool.kernels import pdl, prefetch, tuning
 from crosspool.kernels._common import cdiv, dot_precision, next_pow2
 from crosspool.kernels.pdl import enter as pdl_enter
+from crosspool.kernels.prefetch import prefetch_rows
 from crosspool.models.batch import TopKPartials
 
 SMALL_BATCH_TOKENS = 8
@@ -241,16 +242,22 @@ def _down_gemv_kernel(
     inter_ptr, w_ptr, y_ptr, ids_ptr, weights_ptr, hidden, inter_size,
     stride_it, stride_we, stride_wn, stride_yt,
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, LINE: tl.constexpr = 64,
     USE_PDL: tl.constexpr = False,
 ):
     """y[pair, n-block] = weight[pair] * (inter[pair] . w_down[ids[pair], n]) in fp32, one program per
-    (pair, H-block) so the grid covers the GPU even for one token; `_topk_sum_kernel` adds the K rows."""
-    pdl_enter(USE_PDL)
+    (pair, H-block) so the grid covers the GPU even for one token; `_topk_sum_kernel` adds the K rows.
+    PREFETCH: the tile's weights requested into L2 before the PDL wait. The ids are the routing kernel's, two
+    launches back: finished before this kernel may start (the gate/up kernel before it waited for them)."""
     pair = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
-    offs_k = tl.arange(0, BLOCK_K)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
+    if PREFETCH:
+        prefetch_rows(w_ptr + expert * stride_we, tl.minimum(offs_n, hidden - 1), stride_wn, 0, inter_size, LINE,
+                      BLOCK_K)
+    pdl_enter(USE_PDL)
+    offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in tl.range(0, inter_size, BLOCK_K):
@@ -308,6 +315,7 @@ def fused_moe(
         _down_gemv_kernel[lambda meta: (pairs, cdiv(hidden, meta["BLOCK_N"]))](
             inter, w_down, y, ids, weights, hidden, inter_size,
             inter.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), TOP_K=top_k, **launch,
+            **prefetch.weight_options(w_down),
         )
         return topk_sum(y, top_k, x.dtype) if reduce else TopKPartials(y, top_k, x.dtype)
     block_m = block_m or moe_block_m(t, num_experts)

@@ -33,12 +33,16 @@ import torch
 import triton
 import triton.language as tl
 
-from crosspool.kernels import pdl, tuning
+from crosspool.kernels import pdl, prefetch, tuning
 from crosspool.kernels._common import cdiv, next_pow2, num_sms
 from crosspool.kernels.pdl import enter as pdl_enter
+from crosspool.kernels.prefetch import prefetch_rows
 
 MAX_GEMV_TOKENS = 8
-ENABLED = False            # the attention side's decode linears call `gemv` only when this is set
+ENABLED = False            # the attention side's decode linears call `gemv` at every decode size when this is set
+# ... and at up to ROWS rows (CROSSPOOL_GEMV_ROWS; 0: never): at one token it ties cuBLAS (benchmarks section 7,
+# session 4) and, unlike cuBLAS, takes part in PDL (`prefetch.WEIGHT_PREFETCH`)
+ROWS = int(os.environ.get("CROSSPOOL_GEMV_ROWS", "0"))
 # the MoE router (64-128 outputs) calls `gemv`: on the H200 it beat cuBLAS at 1-8 tokens (3.0-4.4 us vs 4.8-5.2 us,
 # benchmarks section 7, session 4), where the wider projections did not
 ROUTER = True
@@ -76,21 +80,26 @@ def _gemv_kernel(
     stride_xt, stride_wn, stride_os, stride_ot,
     BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False, LINE: tl.constexpr = 64,
     USE_PDL: tl.constexpr = False,
 ):
     """out[s, t, n-block] = x[t, K-chunk s] . w[n, K-chunk s] (+ bias, only when SPLIT_K == 1), all T tokens
-    per weight tile read. out is y itself when SPLIT_K == 1 (stride_os unused), else the fp32 partials."""
-    pdl_enter(USE_PDL)
+    per weight tile read. out is y itself when SPLIT_K == 1 (stride_os unused), else the fp32 partials. PREFETCH:
+    the tile's weights requested into L2 before the PDL wait (`prefetch.prefetch_rows`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_t = tl.arange(0, BLOCK_T)
-    t_ok = offs_t < T
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
     # every split walks the same number of BLOCK_K steps; steps past K load nothing (masked)
     k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_chunk
+    if PREFETCH:
+        prefetch_rows(w_ptr, tl.minimum(offs_n, N - 1), stride_wn, k_start, tl.minimum(k_start + k_chunk, K),
+                      LINE, BLOCK_K)
+    pdl_enter(USE_PDL)
+    offs_t = tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]     # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :]                  # [BLOCK_T, BLOCK_K]
     acc = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_K], tl.float32)
@@ -165,7 +174,7 @@ def gemv_parts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     split = 1 if t == 0 else split_k or default_split_k(n, k, x.device)
     assert split >= 1
     block_t = next_pow2(t)
-    launch = pdl.options(x.device)
+    launch = {**pdl.options(x.device), **prefetch.weight_options(w)}
     if split == 1:
         y = torch.empty(t, n, dtype=x.dtype, device=x.device)
         if t:
@@ -197,10 +206,10 @@ def token_tiles() -> list[int]:
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, use: bool | None = None
            ) -> torch.Tensor:
-    """The Triton path's decode-sized projections: `gemv` when `use` (default: ENABLED), on CUDA, for 2-D x of
-    at most MAX_GEMV_TOKENS rows with contiguous last dims; torch's linear otherwise."""
+    """The Triton path's decode-sized projections: `gemv` when `use` (default: ENABLED, or at most ROWS rows), on
+    CUDA, for 2-D x of at most MAX_GEMV_TOKENS rows with contiguous last dims; torch's linear otherwise."""
     if use is None:
-        use = ENABLED
+        use = ENABLED or x.shape[0] <= ROWS
     if use and applies(x, w, b):
         return gemv(x, w, b)
     return torch.nn.functional.linear(x, w, b)
