@@ -39,25 +39,30 @@ def _prefetch_kernel(data_ptr, num_lines, LINE: tl.constexpr, BLOCK: tl.constexp
     step = tl.num_programs(0) * BLOCK
     for start in tl.range(tl.program_id(0) * BLOCK, num_lines, step):
         lines = tl.minimum(start + tl.arange(0, BLOCK), num_lines - 1)     # past the end: repeat the last line
-        _prefetch_lines(data_ptr + lines.to(tl.int64) * LINE)
+        _prefetch_lines(data_ptr + lines.to(tl.int64) * LINE, True)
 
 
 @triton.jit
-def _prefetch_lines(ptrs):
-    """prefetch.global.L2::evict_last of every address in `ptrs` (one per 128-byte line)."""
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
+def _prefetch_lines(ptrs, EVICT_LAST: tl.constexpr):
+    """Request every address in `ptrs` (one per 128-byte line) into L2: with the evict_last priority (to keep it
+    there) or the normal one (about to be read once)."""
+    if EVICT_LAST:
+        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.inline_asm_elementwise("prefetch.global.L2::evict_normal [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                                  dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def prefetch_rows(w_ptr, rows, stride_w, k_start, k_stop, LINE: tl.constexpr, BLOCK_K: tl.constexpr):
     """Request columns [k_start, k_stop) of the weight rows `rows` (valid row indices) into L2, BLOCK_K columns
-    (BLOCK_K // LINE lines, LINE elements each) a step: what a GEMV program is about to read. Issued before a
-    kernel's PDL wait, it overlaps the previous kernel (weights never depend on it)."""
+    (BLOCK_K // LINE lines, LINE elements each) a step: what a GEMV program is about to read (normal priority:
+    read once). Issued before a kernel's PDL wait, it overlaps the previous kernel (weights never depend on it)."""
     row_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w
     for k0 in tl.range(k_start, k_stop, BLOCK_K):
         cols = tl.minimum(k0 + tl.arange(0, BLOCK_K // LINE) * LINE, k_stop - 1)
-        _prefetch_lines(row_ptrs + cols[None, :])
+        _prefetch_lines(row_ptrs + cols[None, :], False)
 
 
 def applies(t: torch.Tensor) -> bool:
