@@ -120,9 +120,22 @@ def test_results_record_the_commit_given_by_the_run(monkeypatch) -> None:  # noq
     from crosspool.bench import provenance
 
     monkeypatch.setenv("CROSSPOOL_COMMIT", "abc1234")
-    assert provenance.stamp("cpu") == {"date": provenance.stamp("cpu")["date"], "commit": "abc1234", "device": "cpu"}
+    got = provenance.stamp("cpu")
+    assert (got["commit"], got["device"]) == ("abc1234", "cpu") and "CROSSPOOL_COMMIT" not in got["settings"]
     monkeypatch.delenv("CROSSPOOL_COMMIT")
     assert provenance.git_commit() != "abc1234"
+
+
+def test_results_record_the_switches_they_ran_with(monkeypatch) -> None:  # noqa: ANN001
+    """A result file says which CROSSPOOL_* switches were set (an off/on pair differs only there)."""
+    from crosspool.bench import provenance
+
+    monkeypatch.setenv("CROSSPOOL_FUSED_ROPE_ROWS", "0")
+    monkeypatch.setenv("NOT_OURS", "1")
+    settings = provenance.stamp("cpu")["settings"]
+    assert settings["CROSSPOOL_FUSED_ROPE_ROWS"] == "0" and "NOT_OURS" not in settings
+    monkeypatch.delenv("CROSSPOOL_FUSED_ROPE_ROWS")
+    assert "CROSSPOOL_FUSED_ROPE_ROWS" not in provenance.stamp("cpu")["settings"]
 
 
 def test_lane_overlap_counts_time_with_two_lanes_busy(tmp_path: Path) -> None:

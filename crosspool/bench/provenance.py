@@ -1,4 +1,5 @@
-"""Where a benchmark result comes from: date, commit and device, stored with every result file."""
+"""Where a benchmark result comes from: date, commit, device and the CROSSPOOL_* switches set, stored with every
+result file."""
 
 from __future__ import annotations
 
@@ -21,9 +22,16 @@ def git_commit() -> str:
         return "unknown"
 
 
-def stamp(device: torch.device | str | None = None) -> dict[str, str]:
-    """{"date", "commit", "device"} for a result file; device: the CUDA device measured (default: the current
-    one when there is a GPU, else "cpu")."""
+def settings() -> dict[str, str]:
+    """The CROSSPOOL_* switches set in the environment (kernel, graph and transport choices such as
+    CROSSPOOL_FUSED_ROPE_ROWS), which the result was measured with; unset ones are at their defaults."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("CROSSPOOL_") and k != "CROSSPOOL_COMMIT"}
+
+
+def stamp(device: torch.device | str | None = None) -> dict[str, object]:
+    """{"date", "commit", "device", "settings"} for a result file; device: the CUDA device measured (default: the
+    current one when there is a GPU, else "cpu")."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    return {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": name}
+    return {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": name,
+            "settings": settings()}
