@@ -212,12 +212,23 @@ def _gate_up_gemv_kernel(
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
-    """One (token, k) pair, BLOCK_N intermediate columns: multiply-and-sum, no tensor cores (M = 1)."""
+    """One program per (token, k) pair and BLOCK_N intermediate columns: `gate_up_tile`."""
     pdl_enter(USE_PDL)
-    pair = tl.program_id(0).to(tl.int64)
+    gate_up_tile(x_ptr, w_ptr, inter_ptr, ids_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), hidden,
+                 inter_size, stride_xt, stride_we, stride_wn, stride_it, TOP_K, BLOCK_N, BLOCK_K, STREAM)
+
+
+@triton.jit
+def gate_up_tile(
+    x_ptr, w_ptr, inter_ptr, ids_ptr, pair, pid_n, hidden, inter_size,
+    stride_xt, stride_we, stride_wn, stride_it,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr,
+):
+    """inter[pair, n-block pid_n] = silu(x . gate) * (x . up) of the pair's expert: multiply-and-sum, no tensor
+    cores (M = 1). (Also a tile of the persistent MoE kernel, `moe_persistent`.)"""
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     token = pair // TOP_K
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter_size
     offs_k = tl.arange(0, BLOCK_K)
     g_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]   # [BLOCK_N, BLOCK_K]
@@ -245,18 +256,31 @@ def _down_gemv_kernel(
     PREFETCH: tl.constexpr = False, LINE: tl.constexpr = 64,
     USE_PDL: tl.constexpr = False,
 ):
-    """y[pair, n-block] = weight[pair] * (inter[pair] . w_down[ids[pair], n]) in fp32, one program per
-    (pair, H-block) so the grid covers the GPU even for one token; `_topk_sum_kernel` adds the K rows.
-    PREFETCH: the tile's weights requested into L2 before the PDL wait. The ids are the routing kernel's, two
-    launches back: finished before this kernel may start (the gate/up kernel before it waited for them)."""
+    """One program per (pair, H-block), so the grid covers the GPU even for one token: `down_tile`; then
+    `_topk_sum_kernel` adds the K rows. PREFETCH: the tile's weights requested into L2 before the PDL wait. The
+    ids are the routing kernel's, two launches back: finished before this kernel may start (the gate/up kernel
+    before it waited for them)."""
     pair = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n = tl.program_id(1)
+    if PREFETCH:
+        down_tile_prefetch(w_ptr, ids_ptr, pair, pid_n, hidden, inter_size, stride_we, stride_wn, BLOCK_N, BLOCK_K,
+                           LINE)
+    pdl_enter(USE_PDL)
+    down_tile(inter_ptr, w_ptr, y_ptr, ids_ptr, weights_ptr, pair, pid_n, hidden, inter_size, stride_it, stride_we,
+              stride_wn, stride_yt, BLOCK_N, BLOCK_K, STREAM)
+
+
+@triton.jit
+def down_tile(
+    inter_ptr, w_ptr, y_ptr, ids_ptr, weights_ptr, pair, pid_n, hidden, inter_size,
+    stride_it, stride_we, stride_wn, stride_yt,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr,
+):
+    """y[pair, n-block pid_n] = weight[pair] * (inter[pair] . w_down[ids[pair], n]) in fp32. (Also a tile of the
+    persistent MoE kernel, `moe_persistent`.)"""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
     expert = tl.load(ids_ptr + pair).to(tl.int64)
-    if PREFETCH:
-        prefetch_rows(w_ptr + expert * stride_we, tl.minimum(offs_n, hidden - 1), stride_wn, 0, inter_size, LINE,
-                      BLOCK_K)
-    pdl_enter(USE_PDL)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -266,6 +290,15 @@ def _down_gemv_kernel(
         acc += _load_weights(w_ptrs + k0, n_ok[:, None] & k_ok[None, :], STREAM).to(tl.float32) * h[None, :]
     out = tl.sum(acc, 1) * tl.load(weights_ptr + pair).to(tl.float32)
     tl.store(y_ptr + pair * stride_yt + offs_n, out, mask=n_ok)
+
+
+@triton.jit
+def down_tile_prefetch(w_ptr, ids_ptr, pair, pid_n, hidden, inter_size, stride_we, stride_wn,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LINE: tl.constexpr):
+    """Request the weights `down_tile` (pair, pid_n) reads into L2 (its expert id must be final)."""
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    offs_n = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), hidden - 1)
+    prefetch_rows(w_ptr + expert * stride_we, offs_n, stride_wn, 0, inter_size, LINE, BLOCK_K)
 
 
 def topk_sum(y: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:

@@ -83,20 +83,32 @@ def _gemv_kernel(
     PREFETCH: tl.constexpr = False, LINE: tl.constexpr = 64,
     USE_PDL: tl.constexpr = False,
 ):
-    """out[s, t, n-block] = x[t, K-chunk s] . w[n, K-chunk s] (+ bias, only when SPLIT_K == 1), all T tokens
-    per weight tile read. out is y itself when SPLIT_K == 1 (stride_os unused), else the fp32 partials. PREFETCH:
-    the tile's weights requested into L2 before the PDL wait (`prefetch.prefetch_rows`)."""
+    """One program per (N-block, K-split): `gemv_tile`. PREFETCH: the tile's weights requested into L2 before
+    the PDL wait (`prefetch.prefetch_rows`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if PREFETCH:
+        gemv_tile_prefetch(w_ptr, pid_n, pid_k, N, K, stride_wn, SPLIT_K, BLOCK_N, BLOCK_K, LINE)
+    pdl_enter(USE_PDL)
+    gemv_tile(x_ptr, w_ptr, b_ptr, out_ptr, pid_n, pid_k, T, N, K, stride_xt, stride_wn, stride_os, stride_ot,
+              BLOCK_T, SPLIT_K, HAS_BIAS, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def gemv_tile(
+    x_ptr, w_ptr, b_ptr, out_ptr, pid_n, pid_k, T, N, K,
+    stride_xt, stride_wn, stride_os, stride_ot,
+    BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[pid_k, t, n-block pid_n] = x[t, K-chunk pid_k] . w[n, K-chunk pid_k] (+ bias, only when SPLIT_K == 1),
+    all T tokens per weight tile read. out is y itself when SPLIT_K == 1 (stride_os unused), else the fp32
+    partials. (Also a tile of the persistent MoE kernel, `moe_persistent`.)"""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     # every split walks the same number of BLOCK_K steps; steps past K load nothing (masked)
     k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_chunk
-    if PREFETCH:
-        prefetch_rows(w_ptr, tl.minimum(offs_n, N - 1), stride_wn, k_start, tl.minimum(k_start + k_chunk, K),
-                      LINE, BLOCK_K)
-    pdl_enter(USE_PDL)
     offs_t = tl.arange(0, BLOCK_T)
     t_ok = offs_t < T
     offs_k = tl.arange(0, BLOCK_K)
@@ -113,6 +125,16 @@ def _gemv_kernel(
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + pid_k * stride_os + offs_t[:, None] * stride_ot + offs_n[None, :],
              y.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def gemv_tile_prefetch(w_ptr, pid_n, pid_k, N, K, stride_wn, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, LINE: tl.constexpr):
+    """Request the weights `gemv_tile` (pid_n, pid_k) reads into L2."""
+    offs_n = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_chunk
+    prefetch_rows(w_ptr, offs_n, stride_wn, k_start, tl.minimum(k_start + k_chunk, K), LINE, BLOCK_K)
 
 
 @triton.jit
