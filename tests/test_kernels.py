@@ -192,6 +192,7 @@ def test_last_split_merges_gives_the_combine_kernels_bits(kernel: str, monkeypat
     after the launch (a second launch reuses them), and padding rows still zeros."""
     from crosspool.kernels import paged_attention as pa
     from crosspool.kernels import rope_decode as rd
+    from crosspool.kernels import sync
 
     ctx = [1, 17, 0, 129, 200, 301]
     b, heads, kv_heads, dim, scale = len(ctx), 8, 2, 32, 32**-0.5
@@ -231,7 +232,7 @@ def test_last_split_merges_gives_the_combine_kernels_bits(kernel: str, monkeypat
         outs[merge] = [run(p), run(p)]          # twice: the counters must be back at 0 for the second
         assert bool(combines) != merge
     assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False], strict=True))
-    assert all(int(c.abs().sum()) == 0 for c in pa._every_counter_buffer)
+    assert all(int(c.abs().sum()) == 0 for c in sync.all_counters("split-merge"))
     if kernel != "prefill":
         assert torch.equal(outs[True][0][2], torch.zeros_like(outs[True][0][2]))    # the padding row
 

@@ -34,9 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from crosspool.kernels import pdl
+from crosspool.kernels import pdl, sync
 from crosspool.kernels._common import block_dim, cdiv, dot_precision, next_pow2, num_sms
 from crosspool.kernels.pdl import enter as pdl_enter
+from crosspool.kernels.sync import fence_gpu
 
 LOG2E = math.log2(math.e)
 MAX_SPLITS = 64
@@ -121,13 +122,6 @@ def _store_rows(
 
 
 @triton.jit
-def _fence(x):
-    """fence.acq_rel.gpu in every thread (x: any scalar, for the asm's operand)."""
-    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _last_split_merges(
     part_ptr, lse_ptr, final_ptr, counter_ptr, tok, head, row_ok, split,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ft, stride_fh,
@@ -139,12 +133,12 @@ def _last_split_merges(
     merging program sees every part; it loads them past L1 (FENCE: on the GPU; the interpreter runs programs
     one after another)."""
     if FENCE:
-        _fence(split)
+        fence_gpu(split)
     tl.debug_barrier()
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     if arrived == NUM_SPLITS - 1:
         if FENCE:
-            _fence(split)
+            fence_gpu(split)
         _merge_rows(part_ptr, lse_ptr, final_ptr, tok, head, row_ok, stride_pt, stride_ph, stride_ps, stride_lt,
                     stride_lh, stride_ft, stride_fh, DV, BLOCK_DV, NUM_SPLITS, FENCE)
         tl.atomic_xchg(counter_ptr, 0)
@@ -325,31 +319,10 @@ def split_merge_args(out: torch.Tensor, num_splits: int, tiles: int) -> tuple[tu
     (final_ptr, counter_ptr, stride_ft, stride_fh), their constexprs, and whether the kernel merges (else the
     caller runs `_combine` after it)."""
     merge = num_splits > 1 and LAST_SPLIT_MERGES
-    counters = _merge_counters(tiles, out.device) if merge else out      # never read without MERGE
+    counters = sync.counters("split-merge", tiles, out.device) if merge else out     # never read without MERGE
     fence = merge and out.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
     return ((out, counters, out.stride(0), out.stride(1)),
             {"MERGE": merge, "FENCE": fence}, merge)
-
-
-# counters of the in-kernel merge, one buffer per (device, stream): kernels on one stream run one after another
-# and each leaves its counters at 0; kernels on two streams (lanes, pipeline sides) may run at once. Buffers are
-# never freed: a captured graph keeps the address it was captured with.
-_counters: dict[tuple[str, int | None, int], torch.Tensor] = {}
-_every_counter_buffer: list[torch.Tensor] = []
-
-
-def _merge_counters(tiles: int, device: torch.device) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    buf = _counters.get(key)
-    if buf is None or buf.numel() < tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the attention kernels' merge counters for this stream are set up on the first "
-                               "launch outside a CUDA graph capture: run the step once before capturing it")
-        buf = torch.zeros(max(next_pow2(tiles), 1 << 12), dtype=torch.int32, device=device)
-        _counters[key] = buf
-        _every_counter_buffer.append(buf)
-    return buf
 
 
 def _attention(
