@@ -20,9 +20,10 @@
 #   bash scripts/gpu_x2.sh s7b        # A: issue 4's Qwen3 cells | B: fused RoPE off/on at batch 1, 2, 4, 8 (twice)
 #   bash scripts/gpu_x2.sh s7c        # A: the L2 prefetch probe, OLMoE decode with the experts' evict_first off / on
 #                                     #    | B: their GPU tests, the Qwen3 1k row again
-#   bash scripts/gpu_x2.sh merge      # A: GPU bit tests of the split merge, evict_first, weight prefetch; OLMoE decode
-#                                     #    without / with the merge | B: OLMoE decode with our GEMV at one row, the
-#                                     #    weight prefetch, and all three
+#   bash scripts/gpu_x2.sh merge      # A: GPU tests of the split merge, evict_first, weight prefetch, persistent MoE;
+#                                     #    the persistent MoE FFN alone; OLMoE decode without / with the merge or the
+#                                     #    persistent MoE | B: OLMoE decode with our GEMV at one row, the weight
+#                                     #    prefetch, and all of them
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
@@ -280,14 +281,17 @@ fi
 
 if [ "$stage" = merge ]; then  # issue 4, session 7's last three changes: GPU bit tests, then the decode step with each
     ckpt olmoe-1b-7b $OLMOE
-    job_a() {   # correctness first (bit for bit with / without each), then the in-kernel split merge off / on
-        t 240 python3 -m pytest -q -m gpu tests/test_gpu.py -k "last_split or evict_first or weight_prefetch" 2>&1 \
-            | tail -3
-        variants "" CROSSPOOL_LAST_SPLIT_MERGES=1 "" CROSSPOOL_LAST_SPLIT_MERGES=1
+    job_a() {   # correctness first (bit for bit with / without each; the persistent MoE's barriers), then the
+                # persistent MoE FFN alone against its four kernels, then the decode step with the split merge
+        t 200 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py \
+            -k "last_split or evict_first or weight_prefetch or persistent" 2>&1 | tail -3
+        t 60 python3 -m crosspool.bench.kernels --only moe_ffn --json "$RES/kernels_moe_ffn.json" 2>&1 | grep "^|"
+        variants "" CROSSPOOL_LAST_SPLIT_MERGES=1
     }
-    job_b() {   # the attention-side projections on our GEMV at one row (PDL), with the weight prefetch before its wait
-        variants "" CROSSPOOL_GEMV_ROWS=1 "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_WEIGHT_PREFETCH=1" \
-            "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_WEIGHT_PREFETCH=1 CROSSPOOL_LAST_SPLIT_MERGES=1" CROSSPOOL_WEIGHT_PREFETCH=1
+    job_b() {   # the persistent MoE; the attention-side projections on our GEMV at one row (PDL), with the weight
+                # prefetch before its wait; all of it
+        variants "" CROSSPOOL_PERSISTENT_MOE=1 CROSSPOOL_GEMV_ROWS=1 "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_WEIGHT_PREFETCH=1" \
+            "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_WEIGHT_PREFETCH=1 CROSSPOOL_LAST_SPLIT_MERGES=1 CROSSPOOL_PERSISTENT_MOE=1"
     }
     both
 fi

@@ -273,6 +273,54 @@ def _moe_inputs(t: int, experts: int, top_k: int, hidden: int, inter: int, dtype
             ids.to(device))
 
 
+@pytest.mark.parametrize(("t", "experts", "top_k", "hidden", "inter", "scoring", "norm", "split"),
+                         [(1, 16, 4, 96, 40, "softmax", False, None), (3, 8, 2, 200, 72, "sigmoid", True, 2),
+                          (8, 64, 8, 1024, 48, "softmax", True, 4)])
+def test_persistent_moe_gives_the_four_kernels_bits(t: int, experts: int, top_k: int, hidden: int, inter: int,
+                                                    scoring: str, norm: bool, split: int | None) -> None:
+    """`moe_persistent` (router GEMV, routing, gate/up, down in one launch; on CPU a launch per phase, 3 programs
+    looping over the tiles) equals `route_linear` + `fused_moe(..., reduce=False)` bit for bit (the same tiles,
+    the router unsplit or split over K), and the torch reference within fp32 rounding."""
+    from crosspool.kernels import moe_persistent
+    from crosspool.kernels.routing import route_linear
+    from crosspool.models.spec import RoutingSpec
+
+    routing = RoutingSpec(num_experts=experts, top_k=top_k, scoring=scoring, norm_topk_prob=norm,
+                          topk_method="greedy", routed_scaling_factor=1.5)
+    x, wgu, wd, _, _ = _moe_inputs(t, experts, top_k, hidden, inter, torch.float32, seed=t + experts)
+    router = torch.randn(experts, hidden, generator=torch.Generator().manual_seed(3)).to(DEVICE) * hidden**-0.5
+    got, got_ids = moe_persistent.moe_persistent(x, router, wgu, wd, routing, split_k=split)
+    weights, ids = route_linear(x, router, routing, split_k=split)
+    want = fused_moe(x, wgu, wd, weights, ids, small=True, reduce=False)
+    assert torch.equal(got.y, want.y) and torch.equal(got_ids, ids)
+    ref_weights, ref_ids = ref.route(ref.linear(x, router), routing, None)
+    _close(got.y.view(t, top_k, hidden).sum(1), ref.experts(x, wgu, wd, ref_weights, ref_ids), torch.float32)
+
+
+@pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen2-moe"])       # no shared expert / a shared expert
+def test_persistent_moe_keeps_greedy_tokens(preset: str, tiny_models, monkeypatch) -> None:  # noqa: ANN001
+    """The engine on the Triton kernels gives the same greedy tokens with `moe_persistent.ENABLED` as without;
+    with it, the decode steps' MoE layers run the persistent kernel (not with a shared expert, which it leaves
+    to the separate kernels)."""
+    from crosspool import LLM, EngineConfig, SamplingParams
+    from crosspool.kernels import moe_persistent
+
+    calls = []
+    real = moe_persistent.moe_persistent
+    monkeypatch.setattr(moe_persistent, "moe_persistent", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    prompts = [[5, 9, 14, 3, 7], [11, 2]]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    config = EngineConfig(device=DEVICE.type, dtype=torch.float32, kernels="triton", block_size=4, max_num_seqs=4)
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(moe_persistent, "ENABLED", on)
+        calls.clear()
+        with LLM(tiny_models(preset), config) as llm:
+            outs[on] = [o.token_ids for o in llm.generate(prompts, params)]
+        assert bool(calls) == (on and preset == "tiny-olmoe")
+    assert outs[True] == outs[False]
+
+
 def test_moe_align() -> None:
     ids = torch.tensor([[3, 0], [3, 1], [0, 3], [5, 3]], device=DEVICE)
     pairs, experts = moe_align(ids, num_experts=8, block_m=4)
@@ -589,6 +637,48 @@ def _bf16_check(kernel_out: torch.Tensor, ref_bf16: torch.Tensor, ref_fp32: torc
     theirs = (ref_bf16.float() - ref_fp32).abs().max().item()
     print(f"bf16 max err: kernel {ours:.3g}, torch_ref {theirs:.3g}, scale {scale:.3g}")
     assert ours <= 2 * theirs + 1e-3 * scale
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(("t", "experts", "top_k", "hidden", "inter"), [(1, 64, 8, 2048, 1024), (8, 128, 8, 2048, 768)])
+def test_gpu_persistent_moe_bf16(t: int, experts: int, top_k: int, hidden: int, inter: int) -> None:
+    """The persistent MoE kernel (one launch, grid barriers) on OLMoE / Qwen3 shapes in bf16: within bf16 rounding
+    of the fp32 reference, the same experts as the separate kernels, and the same bits in 100 launches in a row,
+    eager and as a CUDA graph (a barrier that lets a phase read what another program has not yet written would
+    show as a difference)."""
+    from crosspool.kernels import moe_persistent, sync
+    from crosspool.kernels.routing import route_linear
+    from crosspool.models.spec import RoutingSpec
+
+    routing = RoutingSpec(num_experts=experts, top_k=top_k, scoring="softmax", norm_topk_prob=True,
+                          topk_method="greedy")
+    x, wgu, wd, _, _ = _moe_inputs(t, experts, top_k, hidden, inter, torch.bfloat16, seed=t)
+    router = (torch.randn(experts, hidden, generator=torch.Generator().manual_seed(5)) * hidden**-0.5).to(x)
+    first, ids = moe_persistent.moe_persistent(x, router, wgu, wd, routing)
+    _, want_ids = route_linear(x, router, routing)
+    assert torch.equal(ids, want_ids)
+    weights32, ids32 = ref.route(ref.linear(x.float(), router.float()), routing, None)
+    assert torch.equal(ids32, ids)
+    weights, _ = route_linear(x, router, routing)
+    got = first.y.view(t, top_k, hidden).sum(1)
+    _bf16_check(got, ref.experts(x, wgu, wd, weights, ids), ref.experts(x.float(), wgu.float(), wd.float(), weights,
+                                                                       ids))
+    for _ in range(100):
+        again, _ = moe_persistent.moe_persistent(x, router, wgu, wd, routing)
+        assert torch.equal(again.y, first.y)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):          # first on the capture stream: its barrier counters are made outside
+        moe_persistent.moe_persistent(x, router, wgu, wd, routing)
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        captured, _ = moe_persistent.moe_persistent(x, router, wgu, wd, routing)
+    for _ in range(100):
+        captured.y.zero_()
+        graph.replay()
+        assert torch.equal(captured.y, first.y)
+    assert all(int(b[0]) == 0 for b in sync.all_counters("moe-barrier"))     # every barrier's count reset
 
 
 @gpu

@@ -1,13 +1,16 @@
 """The Triton kernels alone on the GPU: paged decode attention over long contexts, fused MoE over token
 counts and the decode GEMV against torch's linear, each against the floor it is bound by.
 
-    python -m crosspool.bench.kernels [--only attention splits moe gemv] [--json FILE]
+    python -m crosspool.bench.kernels [--only attention splits moe moe_ffn gemv] [--json FILE]
 
 - Paged decode attention (Qwen3-30B-A3B heads: 32 query, 4 KV, dim 128), contexts 4k..128k, batch 1 and 8:
   time and the KV bytes read over the copy bandwidth measured in the same run.
 - Batch-1 decode attention against its split count (OLMoE and Qwen3 heads, 1k-32k context).
 - Fused MoE at 1..64 tokens (both paths: GEMV and grouped GEMM): bytes of the experts the tokens route to
   over the copy bandwidth; at 4,096 tokens: TFLOP/s against torch's bf16 GEMM rate measured in the same run.
+- A whole MoE FFN at 1 and 8 tokens (router GEMV, routing, gate/up, down): the four kernels the engine runs
+  against the persistent kernel (`kernels.moe_persistent`), bytes of the router and the routed experts over the
+  copy bandwidth.
 - Dense projections at 1, 4, 8 tokens (OLMoE and Qwen3-30B-A3B: fused QKV, o_proj, lm_head): torch's linear
   (cuBLAS) and `gemv` (its default split-K, and no split where that differs), bytes of the weights and
   activations over the copy bandwidth. The calls cycle through copies of the weight totalling >= 256 MB, so
@@ -52,7 +55,7 @@ def _ms(fn, reps: int = 20) -> float:  # noqa: ANN001
         fn()                   # compile / autotune outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):     # the warm-up's stream (per-stream buffers: kernels.sync)
         for _ in range(reps):
             fn()
     graph.replay()
@@ -136,6 +139,38 @@ def moe_rows(copy_bw: float, gemm_flops: float, device: torch.device) -> list[di
     return rows
 
 
+def moe_ffn_rows(copy_bw: float, device: torch.device) -> list[dict]:
+    from crosspool.kernels.moe_persistent import moe_persistent
+    from crosspool.kernels.routing import route_linear
+    from crosspool.models.spec import RoutingSpec
+
+    rows = []
+    g = torch.Generator(device=device).manual_seed(2)
+    for name, (experts, top_k, hidden, inter) in MOE_SHAPES.items():
+        wgu = torch.randn(experts, 2 * inter, hidden, generator=g, device=device, dtype=torch.bfloat16) / 45
+        wd = torch.randn(experts, hidden, inter, generator=g, device=device, dtype=torch.bfloat16) / 28
+        router = torch.randn(experts, hidden, generator=g, device=device, dtype=torch.bfloat16) / 45
+        routing = RoutingSpec(num_experts=experts, top_k=top_k, scoring="softmax", norm_topk_prob=True,
+                              topk_method="greedy")
+        for t in (1, 8):
+            x = torch.randn(t, hidden, generator=g, device=device, dtype=torch.bfloat16)
+            _, ids = route_linear(x, router, routing)
+            used = ids.unique().numel()
+            bytes_read = (used * (wgu[0].numel() + wd[0].numel()) + router.numel()) * 2
+
+            def four(x=x, wgu=wgu, wd=wd, router=router, routing=routing) -> None:  # noqa: ANN001
+                fused_moe(x, wgu, wd, *route_linear(x, router, routing), small=True, reduce=False)
+
+            def one(x=x, wgu=wgu, wd=wd, router=router, routing=routing) -> None:  # noqa: ANN001
+                moe_persistent(x, router, wgu, wd, routing)
+
+            for path, fn in (("four kernels", four), ("persistent", one)):
+                ms = _ms(fn)
+                rows.append({"shape": name, "tokens": t, "path": path, "us": ms * 1e3, "experts_used": used,
+                             "copy_bw_fraction": bytes_read / (ms / 1e3) / copy_bw})
+    return rows
+
+
 def gemv_rows(copy_bw: float, device: torch.device) -> list[dict]:
     rows = []
     g = torch.Generator(device=device).manual_seed(2)
@@ -167,7 +202,7 @@ def gemm_rate(device: torch.device, n: int = 8192) -> float:
     return 2 * n**3 / (_ms(lambda: a @ b, reps=5) / 1e3)
 
 
-SECTIONS = ("attention", "splits", "moe", "gemv")
+SECTIONS = ("attention", "splits", "moe", "moe_ffn", "gemv")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         for r in moe:
             print(f"| {r['shape']} | {r['tokens']} | {r['path']} | {r['us']:.1f} | {r['experts_used']} | "
                   f"{r['copy_bw_fraction']:.2f} | {r['tflops']:.1f} | {r['gemm_fraction']:.2f} |")
+    if "moe_ffn" in args.only:
+        ffn = results["moe_ffn"] = moe_ffn_rows(copy_bw, device)
+        print("| shape | tokens | MoE FFN as | us | experts | frac of copy bw |\n|---|---:|---|---:|---:|---:|")
+        for r in ffn:
+            print(f"| {r['shape']} | {r['tokens']} | {r['path']} | {r['us']:.1f} | {r['experts_used']} | "
+                  f"{r['copy_bw_fraction']:.2f} |")
     if "gemv" in args.only:
         lin = results["gemv"] = gemv_rows(copy_bw, device)
         print("| shape | layer | N x K | tokens | path | split-K | us | frac of copy bw |")

@@ -101,6 +101,11 @@ CASES = [
     Case("fused_moe", "_down_gemv_kernel", {"TOP_K": 8, "STREAM": True, **_PREFETCH, **_GEMV_TILE},
          {"ids_ptr": "*i64", "weights_ptr": "*fp32", "y_ptr": "*fp32"}),
     Case("prefetch", "_prefetch_kernel", {"LINE": 64, "BLOCK": 256}),
+    Case("moe_persistent", "_moe_persistent_kernel",          # OLMoE's FFN at batch 1, barriers and all
+         {"TOP_K": 8, "BLOCK_T": 1, "BLOCK_KE": 8, "BLOCK_E": 64, "SIGMOID": False, "NORMALIZE": False, "SPLIT": 8,
+          "ROUTE_SPLIT": 8, "ROUTER_N": 16, "ROUTER_K": 128, "BLOCK_N": 16, "BLOCK_K": 128, "STREAM": True,
+          "PREFETCH": True, "LINE": 64, "PHASE": -1},
+         {"part_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i64", "y_ptr": "*fp32", "bar_ptr": "*i32"}),
     Case("fused_moe", "_topk_sum_kernel", {"TOP_K": 8, "BLOCK": 1024}, {"y_ptr": "*fp32"}),
     Case("fused_moe", "_gate_up_kernel", {"TOP_K": 8, "BLOCK_M": 16, **_GEMM_TILE},
          {"sorted_pairs_ptr": "*i64", "block_experts_ptr": "*i64"}),
