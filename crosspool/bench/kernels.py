@@ -161,10 +161,13 @@ def moe_ffn_rows(copy_bw: float, device: torch.device) -> list[dict]:
             def four(x=x, wgu=wgu, wd=wd, router=router, routing=routing) -> None:  # noqa: ANN001
                 fused_moe(x, wgu, wd, *route_linear(x, router, routing), small=True, reduce=False)
 
-            def one(x=x, wgu=wgu, wd=wd, router=router, routing=routing) -> None:  # noqa: ANN001
-                moe_persistent(x, router, wgu, wd, routing)
+            def one(x=x, wgu=wgu, wd=wd, router=router, routing=routing, programs=None) -> None:  # noqa: ANN001
+                moe_persistent(x, router, wgu, wd, routing, programs=programs)
 
-            for path, fn in (("four kernels", four), ("persistent", one)):
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            paths = [("four kernels", four)] + [(f"persistent, {n} programs", lambda n=n: one(programs=n))
+                                                for n in (sms // 2, sms, 2 * sms)]
+            for path, fn in paths:
                 ms = _ms(fn)
                 rows.append({"shape": name, "tokens": t, "path": path, "us": ms * 1e3, "experts_used": used,
                              "copy_bw_fraction": bytes_read / (ms / 1e3) / copy_bw})

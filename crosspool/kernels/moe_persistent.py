@@ -14,9 +14,9 @@ with a grid barrier (`sync.grid_barrier`) where a phase needs the whole previous
 The tiles are the same code as the four kernels', so with the same tile sizes the result is bit for bit theirs:
 `TopKPartials` of the weighted expert rows, which the next add + RMSNorm sums.
 
-All programs must be resident at once for the barrier. The grid is at most the SM count (`MAX_PROGRAMS_PER_SM`
-x SMs / 2, leaving room for a second such kernel of another lane), and the next kernel is allowed to launch (PDL)
-only once this one is done with its barriers.
+All programs must be resident at once for the barrier. The grid is half the SMs by default (room for a second
+such kernel of another lane beside it; `bench.kernels --only moe_ffn` also times 1 and 2 programs per SM), and
+the next kernel is allowed to launch (PDL) only once this one is done with its barriers.
 
 On CPU (interpreter: programs run one after another) each phase is its own launch (PHASE 0, 1, 2) and the
 barrier is compiled out. Not yet for the split layout's weights ranks: their whole-pass graphs are captured on
