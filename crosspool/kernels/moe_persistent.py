@@ -21,8 +21,8 @@ the next kernel is allowed to launch (PDL) only once this one is done with its b
 On CPU (interpreter: programs run one after another) each phase is its own launch (PHASE 0, 1, 2) and the
 barrier is compiled out. Not yet for the split layout's weights ranks: their whole-pass graphs are captured on
 the lanes' streams without an eager run first, so the barrier's counters (`sync.counters`, made outside a
-capture) are missing there and the capture says so. Off until timed on the H200: CROSSPOOL_PERSISTENT_MOE=1 turns it on for steps of at
-most SMALL_BATCH_TOKENS tokens (`models.ffn_side`).
+capture) are missing there and the capture says so. Off until timed on the H200: CROSSPOOL_PERSISTENT_MOE=1
+turns it on for steps of at most SMALL_BATCH_TOKENS tokens (`models.ffn_side`).
 """
 
 from __future__ import annotations
