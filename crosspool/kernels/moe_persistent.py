@@ -2,8 +2,8 @@
 
 Why: at batch 1 a MoE layer is four launches (`routing.route_linear`'s router GEMV and routing kernel, then
 `fused_moe`'s gate/up and down GEMVs), and each boundary costs a few microseconds of ramp and tail while the
-expert weights wait. Here one launch of at most one program per SM loops over the same tiles in three phases,
-with a grid barrier (`sync.grid_barrier`) where a phase needs the whole previous one:
+expert weights wait. Here one launch of resident programs (at most two per SM) loops over the same tiles in
+three phases, with a grid barrier (`sync.grid_barrier`) where a phase needs the whole previous one:
 
 1. the router's K-split partials (`gemv.gemv_tile`);
 2. routing (`routing.route_row`; every program routes every token itself, so no barrier is needed after it:
@@ -133,6 +133,8 @@ def moe_persistent(x: torch.Tensor, router: torch.Tensor, w_gate_up: torch.Tenso
     y = torch.empty(t * k, hidden, dtype=torch.float32, device=device)
     interpret = os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda"
     grid = programs or (3 if interpret else max(1, num_sms(device) // 2))
+    # more programs than fit on the GPU at once would wait forever at the first barrier
+    assert interpret or grid <= 2 * num_sms(device), f"{grid} programs: at most two per SM stay resident"
     bar = sync.counters("moe-barrier", 2, device)
     sigmoid = routing.scoring == "sigmoid"
     args = (x, router, part, weights, ids, w_gate_up, inter, w_down, y, bar,
