@@ -678,7 +678,7 @@ def test_gpu_persistent_moe_bf16(t: int, experts: int, top_k: int, hidden: int, 
         captured.y.zero_()
         graph.replay()
         assert torch.equal(captured.y, first.y)
-    assert all(int(b[0]) == 0 for b in sync.all_counters("moe-barrier"))     # every barrier's count reset
+    assert all(int(b[0]) == 0 for b in sync.all_counters(moe_persistent.BARRIER_COUNTERS))   # every count reset
 
 
 @gpu

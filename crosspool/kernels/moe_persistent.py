@@ -19,10 +19,10 @@ such kernel of another lane beside it; `bench.kernels --only moe_ffn` also times
 the next kernel is allowed to launch (PDL) only once this one is done with its barriers.
 
 On CPU (interpreter: programs run one after another) each phase is its own launch (PHASE 0, 1, 2) and the
-barrier is compiled out. Not yet for the split layout's weights ranks: their whole-pass graphs are captured on
-the lanes' streams without an eager run first, so the barrier's counters (`sync.counters`, made outside a
-capture) are missing there and the capture says so. Off until timed on the H200: CROSSPOOL_PERSISTENT_MOE=1
-turns it on for steps of at most SMALL_BATCH_TOKENS tokens (`models.ffn_side`).
+barrier is compiled out. The barrier's counters (`sync.counters`) are made outside any capture: by the eager run
+before a capture, or, for the weights ranks' whole-pass graphs (captured without one), by `sync.prepare` in
+`FFNGraphs.capture_passes`. Off until timed on the H200: CROSSPOOL_PERSISTENT_MOE=1 turns it on for steps of at
+most SMALL_BATCH_TOKENS tokens (`models.ffn_side`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from crosspool.models.batch import TopKPartials
 from crosspool.models.spec import RoutingSpec
 
 ENABLED = os.environ.get("CROSSPOOL_PERSISTENT_MOE", "0") != "0"
+BARRIER_COUNTERS = "moe-barrier"        # its `sync.counters` use: [arrivals, sense flag] per stream
 # tiles (the interpreter's configs of the separate kernels, so the CPU tests compare bit for bit)
 ROUTER_TILE = (16, 64) if os.environ.get("TRITON_INTERPRET") == "1" else (16, 128)
 EXPERT_TILE = (16, 64) if os.environ.get("TRITON_INTERPRET") == "1" else (16, 128)
@@ -135,7 +136,7 @@ def moe_persistent(x: torch.Tensor, router: torch.Tensor, w_gate_up: torch.Tenso
     grid = programs or (3 if interpret else max(1, num_sms(device) // 2))
     # more programs than fit on the GPU at once would wait forever at the first barrier
     assert interpret or grid <= 2 * num_sms(device), f"{grid} programs: at most two per SM stay resident"
-    bar = sync.counters("moe-barrier", 2, device)
+    bar = sync.counters(BARRIER_COUNTERS, 2, device)
     sigmoid = routing.scoring == "sigmoid"
     args = (x, router, part, weights, ids, w_gate_up, inter, w_down, y, bar,
             t, hidden, num_experts, inter_size, float(routing.routed_scaling_factor), 1e-20 if sigmoid else 0.0,

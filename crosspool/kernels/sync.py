@@ -69,6 +69,13 @@ def counters(use: str, n: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
+def prepare(device: torch.device, uses: dict[str, int]) -> None:
+    """Make the counters of `uses` ({use: count}) for the current stream of `device` now, outside a capture: for
+    graphs captured without an eager run first (the weights ranks' whole-pass graphs)."""
+    for use, n in uses.items():
+        counters(use, n, device)
+
+
 def all_counters(use: str) -> list[torch.Tensor]:
     """Every counter buffer made so far for `use` (tests: the split merge's must be back at zero)."""
     return [buf for u, buf in _every_buffer if u == use]
