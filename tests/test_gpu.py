@@ -95,13 +95,28 @@ def test_pipeline_over_sub_step_graphs_on_two_streams(tmp_path: Path, green: int
     assert outs[True] == outs[False]
 
 
+def _same_with_switch(model: str, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch, module: object,
+                      switch: str, max_tokens: int) -> None:
+    """The engine's greedy tokens and log-probabilities with `module.switch` off and on are the same bits (the
+    first prompt alone: batch 1; then all of them)."""
+    from crosspool import EngineConfig
+
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(module, switch, on)
+        with LLM(model, EngineConfig(device="cuda", kv_cache_bytes=2 << 30)) as llm:
+            params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=0)
+            outs = llm.generate(prompts[:1], params) + llm.generate(prompts, params)
+        runs[on] = [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs]
+    assert runs[True] == runs[False]
+
+
 def test_last_split_merges_changes_no_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The attention kernels' in-kernel split merge (`paged_attention.LAST_SPLIT_MERGES`) against the separate
     combine kernel. Kernel level: 50 launches each of the decode (GQA, bf16) and MLA decode kernels on fresh
     random inputs, bit for bit, counters back at 0 (a race between the splits' stores and the last split's loads
     would show as a difference). Engine level: tokens and log-probabilities bit for bit (real OLMoE shapes, 2
     layers, batches of 1 (the fused-RoPE kernel) and 8, CUDA graphs)."""
-    from crosspool import EngineConfig
     from crosspool.kernels import paged_attention as pa
     from crosspool.kernels import sync
 
@@ -132,14 +147,7 @@ def test_last_split_merges_changes_no_bit(tmp_path: Path, monkeypatch: pytest.Mo
     model = str(make_model("olmoe-1b-7b", tmp_path / "olmoe", layers=2, seed=6, progress=False))
     prompts = [torch.randint(0, 50000, (k,), generator=torch.Generator().manual_seed(k)).tolist()
                for k in (700, 40, 1500, 9, 300, 1024, 77, 2000)]
-    runs = {}
-    for merge in (False, True):
-        monkeypatch.setattr(pa, "LAST_SPLIT_MERGES", merge)
-        with LLM(model, EngineConfig(device="cuda", kv_cache_bytes=2 << 30)) as llm:
-            params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, logprobs=0)
-            outs = llm.generate(prompts[:1], params) + llm.generate(prompts, params)
-        runs[merge] = [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs]
-    assert runs[True] == runs[False]
+    _same_with_switch(model, prompts, monkeypatch, pa, "LAST_SPLIT_MERGES", 32)
 
 
 def test_weight_prefetch_changes_no_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,7 +155,6 @@ def test_weight_prefetch_changes_no_bit(tmp_path: Path, monkeypatch: pytest.Monk
     into L2. Kernel level: `gemv` (QKV, o_proj with split-K, the router, a ragged shape) and the fused MoE's GEMV
     path give the same bits with it; engine level (the attention side's projections on `gemv` at one row,
     `gemv.ROWS`, where it takes part in PDL): tokens and log-probabilities bit for bit (real OLMoE shapes)."""
-    from crosspool import EngineConfig
     from crosspool.kernels import fused_moe, gemv, prefetch
 
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -175,33 +182,18 @@ def test_weight_prefetch_changes_no_bit(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(gemv, "ROWS", 1)
     model = str(make_model("olmoe-1b-7b", tmp_path / "olmoe", layers=2, seed=7, progress=False))
     prompts = [torch.randint(0, 50000, (k,), generator=torch.Generator().manual_seed(k)).tolist() for k in (90, 700)]
-    runs = {}
-    for on in (False, True):
-        monkeypatch.setattr(prefetch, "WEIGHT_PREFETCH", on)
-        with LLM(model, EngineConfig(device="cuda", kv_cache_bytes=2 << 30)) as llm:
-            params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
-            outs = llm.generate(prompts[:1], params) + llm.generate(prompts, params)
-        runs[on] = [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs]
-    assert runs[True] == runs[False]
+    _same_with_switch(model, prompts, monkeypatch, prefetch, "WEIGHT_PREFETCH", 24)
 
 
 def test_experts_evict_first_changes_no_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The expert GEMVs' evict_first loads (`fused_moe.EVICT_FIRST`) only change what L2 keeps: tokens and
     log-probabilities are bit for bit those without them (bf16, real OLMoE shapes, 2 layers, batches of 1 and 8)."""
-    from crosspool import EngineConfig
     from crosspool.kernels import fused_moe
 
     model = str(make_model("olmoe-1b-7b", tmp_path / "olmoe", layers=2, seed=5, progress=False))
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 50000, (k,), generator=g).tolist() for k in torch.randint(8, 300, (8,), generator=g)]
-    runs = {}
-    for on in (False, True):
-        monkeypatch.setattr(fused_moe, "EVICT_FIRST", on)
-        with LLM(model, EngineConfig(device="cuda", kv_cache_bytes=2 << 30)) as llm:
-            params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, logprobs=0)
-            outs = llm.generate(prompts[:1], params) + llm.generate(prompts, params)
-        runs[on] = [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs]
-    assert runs[True] == runs[False]
+    _same_with_switch(model, prompts, monkeypatch, fused_moe, "EVICT_FIRST", 32)
 
 
 def test_prefetch_kernel_covers_odd_sizes() -> None:
