@@ -24,6 +24,8 @@
 #                                     #    the persistent MoE FFN alone; OLMoE decode without / with the merge or the
 #                                     #    persistent MoE | B: OLMoE decode with our GEMV at one row, the weight
 #                                     #    prefetch, and all of them
+#   bash scripts/gpu_x2.sh s8         # A: the persistent MoE's kernel tests, the MoE FFN alone over its item tiles | B:
+#                                     #    OLMoE decode without / with it (two item configs)
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
@@ -292,6 +294,22 @@ if [ "$stage" = merge ]; then  # issue 4, session 7's last three changes: GPU bi
                 # prefetch before its wait; all of it
         variants "" CROSSPOOL_PERSISTENT_MOE=1 CROSSPOOL_GEMV_ROWS=1 "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_WEIGHT_PREFETCH=1" \
             "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_WEIGHT_PREFETCH=1 CROSSPOOL_LAST_SPLIT_MERGES=1 CROSSPOOL_PERSISTENT_MOE=1"
+    }
+    both
+fi
+
+if [ "$stage" = s8 ]; then  # issue 4, session 8: the persistent MoE with streamed items (kernel tests, the FFN alone
+                            # over item tiles / warps / programs), then the decode step without / with it
+    ckpt olmoe-1b-7b $OLMOE
+    job_a() {
+        t 200 python3 -m pytest -q -x -m gpu tests/test_kernels.py -k "persistent" 2>&1 | tail -25
+        t 200 python3 -m pytest -q -x tests/test_kernels.py -k "persistent_moe_keeps" 2>&1 | tail -3
+        t 150 python3 -m crosspool.bench.kernels --only moe_ffn --json "$RES/kernels_moe_ffn.json" 2>&1 \
+            | grep "^|\|skipped"
+    }
+    job_b() {
+        variants "" CROSSPOOL_PERSISTENT_MOE=1 "CROSSPOOL_PERSISTENT_MOE=1 CROSSPOOL_PERSISTENT_MOE_CONFIG=4096,8192,8" \
+            "CROSSPOOL_PERSISTENT_MOE=1 CROSSPOOL_PERSISTENT_MOE_CONFIG=8192,16384,8" ""
     }
     both
 fi

@@ -139,6 +139,10 @@ def moe_rows(copy_bw: float, gemm_flops: float, device: torch.device) -> list[di
     return rows
 
 
+# the persistent MoE's item tiles (gate/up, down elements) and warps per program timed against the four kernels
+PERSISTENT_CONFIGS = ((8192, 8192, 8), (4096, 4096, 4), (8192, 16384, 8), (16384, 16384, 16), (4096, 8192, 8))
+
+
 def moe_ffn_rows(copy_bw: float, device: torch.device) -> list[dict]:
     from crosspool.kernels.moe_persistent import moe_persistent
     from crosspool.kernels.routing import route_linear
@@ -161,14 +165,20 @@ def moe_ffn_rows(copy_bw: float, device: torch.device) -> list[dict]:
             def four(x=x, wgu=wgu, wd=wd, router=router, routing=routing) -> None:  # noqa: ANN001
                 fused_moe(x, wgu, wd, *route_linear(x, router, routing), small=True, reduce=False)
 
-            def one(x=x, wgu=wgu, wd=wd, router=router, routing=routing, programs=None) -> None:  # noqa: ANN001
-                moe_persistent(x, router, wgu, wd, routing, programs=programs)
+            def one(x=x, wgu=wgu, wd=wd, router=router, routing=routing, **launch) -> None:  # noqa: ANN001
+                moe_persistent(x, router, wgu, wd, routing, **launch)
 
             sms = torch.cuda.get_device_properties(device).multi_processor_count
-            paths = [("four kernels", four)] + [(f"persistent, {n} programs", lambda n=n: one(programs=n))
-                                                for n in (sms // 2, sms, 2 * sms)]
+            paths = [("four kernels", four)] + [
+                (f"persistent, tiles {gu}/{dn}, {warps} warps, {n} programs",
+                 lambda gu=gu, dn=dn, warps=warps, n=n: one(tiles=(gu, dn), warps=warps, programs=n))
+                for gu, dn, warps in PERSISTENT_CONFIGS for n in (sms, 2 * sms)]
             for path, fn in paths:
-                ms = _ms(fn)
+                try:
+                    ms = _ms(fn)
+                except AssertionError as e:         # more programs than stay resident with this config
+                    print(f"{name} x{t}: {path}: skipped ({e})")
+                    continue
                 rows.append({"shape": name, "tokens": t, "path": path, "us": ms * 1e3, "experts_used": used,
                              "copy_bw_fraction": bytes_read / (ms / 1e3) / copy_bw})
     return rows

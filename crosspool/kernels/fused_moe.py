@@ -195,7 +195,7 @@ def _gemv_configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _load_weights(ptrs, mask, STREAM: tl.constexpr):
+def load_expert_weights(ptrs, mask, STREAM: tl.constexpr):
     """An expert weight tile; with STREAM marked evict_first in L2 (read once a step: let it go before lines
     that will be read again, such as the attention side's weights)."""
     if STREAM:
@@ -225,7 +225,7 @@ def gate_up_tile(
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr,
 ):
     """inter[pair, n-block pid_n] = silu(x . gate) * (x . up) of the pair's expert: multiply-and-sum, no tensor
-    cores (M = 1). (Also a tile of the persistent MoE kernel, `moe_persistent`.)"""
+    cores (M = 1)."""
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     token = pair // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -239,8 +239,8 @@ def gate_up_tile(
         k_ok = offs_k < hidden - k0
         x = tl.load(x_ptr + token * stride_xt + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         w_mask = n_ok[:, None] & k_ok[None, :]
-        acc_g += _load_weights(g_ptrs + k0, w_mask, STREAM).to(tl.float32) * x[None, :]
-        acc_u += _load_weights(u_ptrs + k0, w_mask, STREAM).to(tl.float32) * x[None, :]
+        acc_g += load_expert_weights(g_ptrs + k0, w_mask, STREAM).to(tl.float32) * x[None, :]
+        acc_u += load_expert_weights(u_ptrs + k0, w_mask, STREAM).to(tl.float32) * x[None, :]
     g = tl.sum(acc_g, 1)
     h = g * tl.sigmoid(g) * tl.sum(acc_u, 1)
     tl.store(inter_ptr + pair * stride_it + offs_n, h.to(inter_ptr.dtype.element_ty), mask=n_ok)
@@ -276,8 +276,7 @@ def down_tile(
     stride_it, stride_we, stride_wn, stride_yt,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr,
 ):
-    """y[pair, n-block pid_n] = weight[pair] * (inter[pair] . w_down[ids[pair], n]) in fp32. (Also a tile of the
-    persistent MoE kernel, `moe_persistent`.)"""
+    """y[pair, n-block pid_n] = weight[pair] * (inter[pair] . w_down[ids[pair], n]) in fp32."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
     expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -287,7 +286,7 @@ def down_tile(
     for k0 in tl.range(0, inter_size, BLOCK_K):
         k_ok = offs_k < inter_size - k0
         h = tl.load(inter_ptr + pair * stride_it + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        acc += _load_weights(w_ptrs + k0, n_ok[:, None] & k_ok[None, :], STREAM).to(tl.float32) * h[None, :]
+        acc += load_expert_weights(w_ptrs + k0, n_ok[:, None] & k_ok[None, :], STREAM).to(tl.float32) * h[None, :]
     out = tl.sum(acc, 1) * tl.load(weights_ptr + pair).to(tl.float32)
     tl.store(y_ptr + pair * stride_yt + offs_n, out, mask=n_ok)
 
