@@ -308,8 +308,7 @@ if [ "$stage" = s8 ]; then  # issue 4, session 8: the persistent MoE with stream
             | grep "^|\|skipped"
     }
     job_b() {
-        variants "" CROSSPOOL_PERSISTENT_MOE=1 "CROSSPOOL_PERSISTENT_MOE=1 CROSSPOOL_PERSISTENT_MOE_CONFIG=4096,8192,8" \
-            "CROSSPOOL_PERSISTENT_MOE=1 CROSSPOOL_PERSISTENT_MOE_CONFIG=8192,16384,8" ""
+        variants "" CROSSPOOL_PERSISTENT_MOE=1 "CROSSPOOL_PERSISTENT_MOE=1 CROSSPOOL_PERSISTENT_MOE_CONFIG=4096,4096,4" ""
     }
     both
 fi

@@ -140,7 +140,7 @@ def moe_rows(copy_bw: float, gemm_flops: float, device: torch.device) -> list[di
 
 
 # the persistent MoE's item tiles (gate/up, down elements) and warps per program timed against the four kernels
-PERSISTENT_CONFIGS = ((8192, 8192, 8), (4096, 4096, 4), (8192, 16384, 8), (16384, 16384, 16), (4096, 8192, 8))
+PERSISTENT_CONFIGS = ((8192, 8192, 8), (4096, 4096, 4), (2048, 2048, 4), (16384, 16384, 16), (4096, 8192, 8))
 
 
 def moe_ffn_rows(copy_bw: float, device: torch.device) -> list[dict]:
@@ -172,7 +172,12 @@ def moe_ffn_rows(copy_bw: float, device: torch.device) -> list[dict]:
             paths = [("four kernels", four)] + [
                 (f"persistent, tiles {gu}/{dn}, {warps} warps, {n} programs",
                  lambda gu=gu, dn=dn, warps=warps, n=n: one(tiles=(gu, dn), warps=warps, programs=n))
-                for gu, dn, warps in PERSISTENT_CONFIGS for n in (sms, 2 * sms)]
+                for gu, dn, warps in PERSISTENT_CONFIGS for n in (sms, 2 * sms, 3 * sms)]
+            # the default config's time up to each phase, and its barriers waiting with atomic reads
+            paths += [(f"persistent, {label}", lambda timing=timing, n=sms: one(programs=n, **timing))
+                      for label, timing in (("router only", {"LAST_PHASE": 0}),
+                                            ("up to gate/up", {"LAST_PHASE": 1}),
+                                            ("barriers spin on atomics", {"SPIN_LOAD": False}))]
             for path, fn in paths:
                 try:
                     ms = _ms(fn)

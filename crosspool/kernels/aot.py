@@ -104,7 +104,7 @@ CASES = [
     Case("moe_persistent", "_moe_persistent_kernel",          # OLMoE's FFN at batch 1, barriers and all
          {"TOP_K": 8, "BLOCK_T": 1, "BLOCK_KE": 8, "BLOCK_E": 64, "SIGMOID": False, "NORMALIZE": False, "SPLIT": 8,
           "ROUTE_SPLIT": 8, "ROUTER_N": 16, "ROUTER_K": 128, "GU_N": 4, "BLOCK_H": 2048, "DOWN_N": 8,
-          "BLOCK_I": 1024, "STREAM": True, "PHASE": -1},
+          "BLOCK_I": 1024, "STREAM": True, "PHASE": -1, "LAST_PHASE": 2, "SPIN_LOAD": True},
          {"part_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i64", "y_ptr": "*fp32", "bar_ptr": "*i32"}),
     Case("fused_moe", "_topk_sum_kernel", {"TOP_K": 8, "BLOCK": 1024}, {"y_ptr": "*fp32"}),
     Case("fused_moe", "_gate_up_kernel", {"TOP_K": 8, "BLOCK_M": 16, **_GEMM_TILE},

@@ -124,9 +124,10 @@ def _moe_persistent_kernel(
     SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
     SPLIT: tl.constexpr, ROUTE_SPLIT: tl.constexpr, ROUTER_N: tl.constexpr, ROUTER_K: tl.constexpr,
     GU_N: tl.constexpr, BLOCK_H: tl.constexpr, DOWN_N: tl.constexpr, BLOCK_I: tl.constexpr, STREAM: tl.constexpr,
-    PHASE: tl.constexpr, USE_PDL: tl.constexpr = False,
+    PHASE: tl.constexpr, LAST_PHASE: tl.constexpr = 2, SPIN_LOAD: tl.constexpr = True, USE_PDL: tl.constexpr = False,
 ):
-    """PHASE -1: all three phases with grid barriers (GPU); 0, 1, 2: that phase alone (CPU)."""
+    """PHASE -1: all three phases with grid barriers (GPU); 0, 1, 2: that phase alone (CPU). LAST_PHASE < 2 stops
+    after that phase (the bench's time per phase); SPIN_LOAD: `sync.grid_barrier`'s way of waiting."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     if USE_PDL:
@@ -141,9 +142,9 @@ def _moe_persistent_kernel(
             gemv_tile(x_ptr, router_ptr, router_ptr, part_ptr, item % router_blocks, item // router_blocks, T,
                       num_experts, hidden, stride_xt, stride_rn, stride_ps, stride_pt, BLOCK_T, SPLIT, False,
                       ROUTER_N, ROUTER_K)
-    if PHASE < 0:
-        sense = sync.grid_barrier(bar_ptr, sense, programs)
-    if PHASE < 0 or PHASE == 1:     # 2. routing (every program, the same values), then gate/up
+    if PHASE < 0 and LAST_PHASE >= 1:
+        sense = sync.grid_barrier(bar_ptr, sense, programs, SPIN_LOAD)
+    if (PHASE < 0 and LAST_PHASE >= 1) or PHASE == 1:     # 2. routing (every program, the same values), then gate/up
         for t in range(0, T):
             route_row(part_ptr, weights_ptr, ids_ptr, x_ptr, t, num_experts, stride_pt, stride_ps, scale, eps,
                       TOP_K, BLOCK_KE, BLOCK_E, SIGMOID, NORMALIZE, ROUTE_SPLIT)
@@ -157,9 +158,9 @@ def _moe_persistent_kernel(
                                        inter_size, stride_xt, stride_ge, stride_gn, TOP_K, GU_N, BLOCK_H, STREAM)
             _gate_up_store(g, u, xv, inter_ptr, item, i_blocks, inter_size, stride_it, GU_N)
             g, u, xv = g2, u2, x2
-    if PHASE < 0:
-        sense = sync.grid_barrier(bar_ptr, sense, programs)
-    if PHASE < 0 or PHASE == 2:     # 3. down
+    if PHASE < 0 and LAST_PHASE >= 2:
+        sense = sync.grid_barrier(bar_ptr, sense, programs, SPIN_LOAD)
+    if (PHASE < 0 and LAST_PHASE >= 2) or PHASE == 2:     # 3. down
         h_blocks = tl.cdiv(hidden, DOWN_N)
         items = pairs * h_blocks
         w, h, weight = _down_load(inter_ptr, w_down_ptr, ids_ptr, weights_ptr, pid, items, h_blocks, hidden,
@@ -209,13 +210,14 @@ def _capacity(args: tuple, options: dict, device: torch.device) -> int:
 
 def moe_persistent(x: torch.Tensor, router: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                    routing: RoutingSpec, *, programs: int | None = None, split_k: int | None = None,
-                   tiles: tuple[int, int] | None = None, warps: int | None = None
+                   tiles: tuple[int, int] | None = None, warps: int | None = None, **timing: object
                    ) -> tuple[TopKPartials, torch.Tensor]:
     """`fused_moe(x, w_gate_up, w_down, *route_linear(x, router, routing), reduce=False)` in one launch (three on
     CPU): the weighted expert rows [T * top_k, hidden] fp32, and the expert ids [T, top_k] they came from.
     programs: the grid (default half of what stays resident; on CPU 3, so the item loops wrap); split_k: the
     router's K-splits (default `gemv.default_split_k`, as `route_linear`); tiles: elements of a gate/up and of
-    a down item (default GU_TILE, DOWN_TILE); warps: per program (default WARPS)."""
+    a down item (default GU_TILE, DOWN_TILE); warps: per program (default WARPS); timing: LAST_PHASE / SPIN_LOAD
+    (`bench.kernels`: the time per phase, the barrier's wait; GPU only)."""
     t, hidden = x.shape
     num_experts, two_i, _ = w_gate_up.shape
     inter_size = two_i // 2
@@ -251,7 +253,7 @@ def moe_persistent(x: torch.Tensor, router: torch.Tensor, w_gate_up: torch.Tenso
         for phase in range(3):
             _moe_persistent_kernel[(programs or 3,)](*args, **constexprs, PHASE=phase)
         return TopKPartials(y, k, x.dtype), ids
-    options = dict(constexprs, PHASE=-1, num_warps=warps or WARPS, **pdl.options(device))
+    options = dict(constexprs, PHASE=-1, num_warps=warps or WARPS, **timing, **pdl.options(device))
     capacity = _capacity(args, options, device)
     grid = programs or max(1, capacity // 2)
     # more programs than fit on the GPU at once would wait forever at the first barrier

@@ -35,16 +35,22 @@ def fence_gpu(x):
 
 
 @triton.jit
-def grid_barrier(bar_ptr, sense, num_programs):
+def grid_barrier(bar_ptr, sense, num_programs, SPIN_LOAD: tl.constexpr = True):
     """Wait until every program of the launch has called this with the same `sense` (read from bar_ptr[1] at the
     kernel's start); returns the sense for the next barrier. bar_ptr[0] counts arrivals, bar_ptr[1] is the
-    flag."""
+    flag. SPIN_LOAD: the waiting programs poll the flag with volatile loads (answered by L2 side by side) and
+    fence once it flips; else with atomic reads (serialized on the flag's address, the releasing exchange
+    queued behind them)."""
     fence_gpu(sense)
     tl.debug_barrier()
     arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu")
     if arrived == num_programs - 1:
         tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
         tl.atomic_xchg(bar_ptr + 1, 1 - sense, sem="release", scope="gpu")
+    elif SPIN_LOAD:
+        flag = tl.load(bar_ptr + 1, volatile=True)
+        while flag == sense:
+            flag = tl.load(bar_ptr + 1, volatile=True)
     else:
         flag = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
         while flag == sense:
