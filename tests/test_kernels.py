@@ -284,12 +284,15 @@ def _top_k_within(ids: torch.Tensor, logits: torch.Tensor, top_k: int, tol: floa
     assert bool((high <= low + tol).all()), f"experts left out above the chosen ones: {(high - low).max():.3g}"
 
 
-@pytest.mark.parametrize(("t", "experts", "top_k", "hidden", "inter", "scoring", "norm", "split", "tiles"),
-                         [(1, 16, 4, 96, 40, "softmax", False, None, None),
-                          (3, 8, 2, 200, 72, "sigmoid", True, 2, None), (8, 64, 8, 1024, 48, "softmax", True, 4, None),
-                          (3, 8, 2, 200, 72, "softmax", True, None, (1024, 256))])     # items of a few rows
+@pytest.mark.parametrize(("t", "experts", "top_k", "hidden", "inter", "scoring", "norm", "split", "tiles", "tma"),
+                         [(1, 16, 4, 96, 40, "softmax", False, None, None, ()),
+                          (3, 8, 2, 200, 72, "sigmoid", True, 2, None, ()),
+                          (8, 64, 8, 1024, 48, "softmax", True, 4, None, ()),
+                          (3, 8, 2, 200, 72, "softmax", True, None, (1024, 256), ()),     # items of a few rows
+                          (1, 16, 4, 96, 40, "softmax", False, None, None, (16, 32, 2)),  # TMA chunks, partial blocks
+                          (3, 8, 2, 200, 72, "sigmoid", True, 2, None, (8, 64, 3))])
 def test_persistent_moe(t: int, experts: int, top_k: int, hidden: int, inter: int, scoring: str, norm: bool,
-                        split: int | None, tiles: tuple[int, int] | None) -> None:
+                        split: int | None, tiles: tuple[int, int] | None, tma: tuple[int, ...]) -> None:
     """`moe_persistent` (router GEMV, routing, gate/up, down in one launch; on CPU a launch per phase, 3 programs
     looping over the items) picks the experts of `route_linear` bit for bit (the router's own tiles, unsplit or
     split over K) and equals `route_linear` + `fused_moe(..., reduce=False)` and the torch reference within fp32
@@ -302,7 +305,7 @@ def test_persistent_moe(t: int, experts: int, top_k: int, hidden: int, inter: in
                           topk_method="greedy", routed_scaling_factor=1.5)
     x, wgu, wd, _, _ = _moe_inputs(t, experts, top_k, hidden, inter, torch.float32, seed=t + experts)
     router = torch.randn(experts, hidden, generator=torch.Generator().manual_seed(3)).to(DEVICE) * hidden**-0.5
-    got, got_ids = moe_persistent.moe_persistent(x, router, wgu, wd, routing, split_k=split, tiles=tiles)
+    got, got_ids = moe_persistent.moe_persistent(x, router, wgu, wd, routing, split_k=split, tiles=tiles, tma=tma)
     weights, ids = route_linear(x, router, routing, split_k=split)
     assert torch.equal(got_ids, ids)
     _close(got.y, fused_moe(x, wgu, wd, weights, ids, small=True, reduce=False).y, torch.float32)
@@ -663,7 +666,9 @@ def _bf16_check(kernel_out: torch.Tensor, ref_bf16: torch.Tensor, ref_fp32: torc
 @gpu
 @needs_cuda
 @pytest.mark.parametrize(("t", "experts", "top_k", "hidden", "inter"), [(1, 64, 8, 2048, 1024), (8, 128, 8, 2048, 768)])
-def test_gpu_persistent_moe_bf16(t: int, experts: int, top_k: int, hidden: int, inter: int) -> None:
+@pytest.mark.parametrize("tma", [(), (16, 256, 4)])
+def test_gpu_persistent_moe_bf16(t: int, experts: int, top_k: int, hidden: int, inter: int, tma: tuple[int, ...]
+                                 ) -> None:
     """The persistent MoE kernel (one launch, grid barriers) on OLMoE / Qwen3 shapes in bf16: within bf16 rounding
     of the fp32 reference (with its own expert choice: a top-k of the fp32 logits up to bf16 rounding), and the
     same bits in 100 launches in a row, eager and as a CUDA graph (a barrier that lets a phase read what another
@@ -675,7 +680,7 @@ def test_gpu_persistent_moe_bf16(t: int, experts: int, top_k: int, hidden: int, 
                           topk_method="greedy")
     x, wgu, wd, _, _ = _moe_inputs(t, experts, top_k, hidden, inter, torch.bfloat16, seed=t)
     router = (torch.randn(experts, hidden, generator=torch.Generator().manual_seed(5)) * hidden**-0.5).to(x)
-    first, ids = moe_persistent.moe_persistent(x, router, wgu, wd, routing)
+    first, ids = moe_persistent.moe_persistent(x, router, wgu, wd, routing, tma=tma)
     logits = ref.linear(x.float(), router.float())
     _top_k_within(ids, logits, top_k, tol=2 * 2.0**-7 * logits.abs().max().item())     # bf16 logits: ties
     scores = torch.softmax(ref.linear(x, router).float(), -1).gather(1, ids)     # the kernel's weights: bf16 logits
@@ -684,15 +689,15 @@ def test_gpu_persistent_moe_bf16(t: int, experts: int, top_k: int, hidden: int, 
     _bf16_check(got, ref.experts(x, wgu, wd, weights, ids), ref.experts(x.float(), wgu.float(), wd.float(), weights,
                                                                        ids))
     for _ in range(100):
-        again, _ = moe_persistent.moe_persistent(x, router, wgu, wd, routing)
+        again, _ = moe_persistent.moe_persistent(x, router, wgu, wd, routing, tma=tma)
         assert torch.equal(again.y, first.y)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):          # first on the capture stream: its barrier counters are made outside
-        moe_persistent.moe_persistent(x, router, wgu, wd, routing)
+        moe_persistent.moe_persistent(x, router, wgu, wd, routing, tma=tma)
     stream.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
-        captured, _ = moe_persistent.moe_persistent(x, router, wgu, wd, routing)
+        captured, _ = moe_persistent.moe_persistent(x, router, wgu, wd, routing, tma=tma)
     for _ in range(100):
         captured.y.zero_()
         graph.replay()

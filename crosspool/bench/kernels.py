@@ -140,7 +140,9 @@ def moe_rows(copy_bw: float, gemm_flops: float, device: torch.device) -> list[di
 
 
 # the persistent MoE's item tiles (gate/up, down elements) and warps per program timed against the four kernels
-PERSISTENT_CONFIGS = ((8192, 8192, 8), (4096, 4096, 4), (2048, 2048, 4), (16384, 16384, 16), (4096, 8192, 8))
+PERSISTENT_CONFIGS = ((8192, 8192, 8), (4096, 4096, 4))
+# ... and with the expert weights fetched by TMA: (rows, K chunk, stages, warps)
+PERSISTENT_TMA = ((16, 256, 4, 4), (32, 256, 3, 4), (16, 128, 6, 4), (32, 256, 4, 8), (8, 256, 6, 4))
 
 
 def moe_ffn_rows(copy_bw: float, device: torch.device) -> list[dict]:
@@ -173,11 +175,14 @@ def moe_ffn_rows(copy_bw: float, device: torch.device) -> list[dict]:
                 (f"persistent, tiles {gu}/{dn}, {warps} warps, {n} programs",
                  lambda gu=gu, dn=dn, warps=warps, n=n: one(tiles=(gu, dn), warps=warps, programs=n))
                 for gu, dn, warps in PERSISTENT_CONFIGS for n in (sms, 2 * sms, 3 * sms)]
-            # the default config's time up to each phase, and its barriers waiting with atomic reads
-            paths += [(f"persistent, {label}", lambda timing=timing, n=sms: one(programs=n, **timing))
-                      for label, timing in (("router only", {"LAST_PHASE": 0}),
-                                            ("up to gate/up", {"LAST_PHASE": 1}),
-                                            ("barriers spin on atomics", {"SPIN_LOAD": False}))]
+            paths += [(f"persistent, TMA {box} x {chunk}, {stages} stages, {warps} warps, {n} programs",
+                       lambda tma=(box, chunk, stages), warps=warps, n=n: one(tma=tma, warps=warps, programs=n))
+                      for box, chunk, stages, warps in PERSISTENT_TMA for n in (sms, 2 * sms)]
+            # the first TMA config's time up to each phase
+            paths += [(f"persistent, TMA, {label}",
+                       lambda timing=timing, n=sms: one(tma=PERSISTENT_TMA[0][:3], warps=PERSISTENT_TMA[0][3],
+                                                        programs=n, **timing))
+                      for label, timing in (("router only", {"LAST_PHASE": 0}), ("up to gate/up", {"LAST_PHASE": 1}))]
             for path, fn in paths:
                 try:
                     ms = _ms(fn)

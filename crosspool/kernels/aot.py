@@ -104,8 +104,16 @@ CASES = [
     Case("moe_persistent", "_moe_persistent_kernel",          # OLMoE's FFN at batch 1, barriers and all
          {"TOP_K": 8, "BLOCK_T": 1, "BLOCK_KE": 8, "BLOCK_E": 64, "SIGMOID": False, "NORMALIZE": False, "SPLIT": 8,
           "ROUTE_SPLIT": 8, "ROUTER_N": 16, "ROUTER_K": 128, "GU_N": 4, "BLOCK_H": 2048, "DOWN_N": 8,
-          "BLOCK_I": 1024, "STREAM": True, "PHASE": -1, "LAST_PHASE": 2, "SPIN_LOAD": True},
+          "BLOCK_I": 1024, "STREAM": True, "PHASE": -1, "LAST_PHASE": 2, "SPIN_LOAD": True, "gu_desc": None,
+          "down_desc": None, "TMA": False, "TMA_N": 16, "TMA_K": 256, "STAGES": 4},
          {"part_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i64", "y_ptr": "*fp32", "bar_ptr": "*i32"}),
+    Case("moe_persistent", "_moe_persistent_kernel",          # the same, the expert weights fetched by TMA
+         {"TOP_K": 8, "BLOCK_T": 1, "BLOCK_KE": 8, "BLOCK_E": 64, "SIGMOID": False, "NORMALIZE": False, "SPLIT": 8,
+          "ROUTE_SPLIT": 8, "ROUTER_N": 16, "ROUTER_K": 128, "GU_N": 4, "BLOCK_H": 2048, "DOWN_N": 8,
+          "BLOCK_I": 1024, "STREAM": True, "PHASE": -1, "LAST_PHASE": 2, "SPIN_LOAD": True, "TMA": True,
+          "TMA_N": 16, "TMA_K": 256, "STAGES": 4},
+         {"part_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i64", "y_ptr": "*fp32", "bar_ptr": "*i32",
+          "gu_desc": "tensordesc<bf16[1,16,256]>", "down_desc": "tensordesc<bf16[1,16,256]>"}),
     Case("fused_moe", "_topk_sum_kernel", {"TOP_K": 8, "BLOCK": 1024}, {"y_ptr": "*fp32"}),
     Case("fused_moe", "_gate_up_kernel", {"TOP_K": 8, "BLOCK_M": 16, **_GEMM_TILE},
          {"sorted_pairs_ptr": "*i64", "block_experts_ptr": "*i64"}),
@@ -144,8 +152,10 @@ def compile_case(case: Case, pdl: bool, arch: int) -> float:
         constexprs["USE_PDL"] = pdl
     signature = {}
     for i, name in enumerate(fn.arg_names):
-        if i in fn.constexprs:
+        if i in fn.constexprs or name in constexprs:      # declared, or an argument passed as None
             signature[name] = "constexpr"
+        elif name.endswith("_desc"):
+            signature[name] = case.pointers[name]
         elif name.endswith("_ptr"):
             signature[name] = case.pointers.get(name, "*bf16")
         else:

@@ -58,6 +58,10 @@ ROUTER_TILE = (16, 64) if _INTERPRET else (16, 128)
 # elements of one item's weight tile: gate/up (each of the two), down; and warps per program
 # (CROSSPOOL_PERSISTENT_MOE_CONFIG=GU,DOWN,WARPS to time others in the engine)
 GU_TILE, DOWN_TILE, WARPS = map(int, os.environ.get("CROSSPOOL_PERSISTENT_MOE_CONFIG", "8192,8192,8").split(","))
+# or the expert weights fetched by TMA in (rows, K chunk) boxes, so many stages ahead:
+# CROSSPOOL_PERSISTENT_MOE_TMA=ROWS,CHUNK,STAGES (empty: whole-K items)
+_tma = os.environ.get("CROSSPOOL_PERSISTENT_MOE_TMA", "")
+TMA_CHUNKS = tuple(map(int, _tma.split(","))) if _tma else ()
 
 
 @triton.jit
@@ -115,19 +119,86 @@ def _down_store(w, h, weight, y_ptr, item, h_blocks, hidden, stride_yt, BLOCK_N:
 
 
 @triton.jit
+def _gate_up_tma(x_ptr, desc, ids_ptr, inter_ptr, pid, programs, pairs, hidden, inter_size, stride_xt, stride_it,
+                 TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """This program's gate/up items as one loop over (item, K chunk), the weight chunks fetched by TMA (`desc`:
+    [experts, 2 * inter, hidden] in [1, BLOCK_N, BLOCK_K] boxes) STAGES chunks ahead into shared memory. Rows of
+    a last partial block read into the up rows (or past the end: zeros) and are never stored."""
+    i_blocks = tl.cdiv(inter_size, BLOCK_N)
+    items = pairs * i_blocks
+    chunks = tl.cdiv(hidden, BLOCK_K)
+    mine = tl.maximum(tl.cdiv(items - pid, programs), 0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    gs = tl.zeros([BLOCK_N], tl.float32)
+    us = tl.zeros([BLOCK_N], tl.float32)
+    for step in tl.range(0, mine * chunks, num_stages=STAGES):
+        item = pid + (step // chunks) * programs
+        k0 = (step % chunks) * BLOCK_K
+        pair = item // i_blocks
+        expert = tl.load(ids_ptr + pair).to(tl.int32)
+        row = (item % i_blocks) * BLOCK_N
+        g = desc.load([expert, row, k0]).reshape(BLOCK_N, BLOCK_K).to(tl.float32)
+        u = desc.load([expert, inter_size + row, k0]).reshape(BLOCK_N, BLOCK_K).to(tl.float32)
+        x = tl.load(x_ptr + (pair // TOP_K).to(tl.int64) * stride_xt + k0 + offs_k, mask=offs_k < hidden - k0,
+                    other=0.0).to(tl.float32)
+        gs += tl.sum(g * x[None, :], 1)
+        us += tl.sum(u * x[None, :], 1)
+        last = k0 + BLOCK_K >= hidden
+        h = gs * tl.sigmoid(gs) * us
+        tl.store(inter_ptr + pair.to(tl.int64) * stride_it + row + offs_n, h.to(inter_ptr.dtype.element_ty),
+                 mask=row + offs_n < tl.where(last, inter_size, 0))     # stored after the last chunk
+        gs = tl.where(last, 0.0, gs)
+        us = tl.where(last, 0.0, us)
+
+
+@triton.jit
+def _down_tma(inter_ptr, desc, ids_ptr, weights_ptr, y_ptr, pid, programs, pairs, hidden, inter_size, stride_it,
+              stride_yt, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """This program's down items as one loop over (item, K chunk), as `_gate_up_tma` (`desc`: [experts, hidden,
+    inter] in [1, BLOCK_N, BLOCK_K] boxes; rows past hidden read as zeros)."""
+    h_blocks = tl.cdiv(hidden, BLOCK_N)
+    items = pairs * h_blocks
+    chunks = tl.cdiv(inter_size, BLOCK_K)
+    mine = tl.maximum(tl.cdiv(items - pid, programs), 0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for step in tl.range(0, mine * chunks, num_stages=STAGES):
+        item = pid + (step // chunks) * programs
+        k0 = (step % chunks) * BLOCK_K
+        pair = item // h_blocks
+        expert = tl.load(ids_ptr + pair).to(tl.int32)
+        row = (item % h_blocks) * BLOCK_N
+        w = desc.load([expert, row, k0]).reshape(BLOCK_N, BLOCK_K).to(tl.float32)
+        h = tl.load(inter_ptr + pair.to(tl.int64) * stride_it + k0 + offs_k, mask=offs_k < inter_size - k0,
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(w * h[None, :], 1)
+        last = k0 + BLOCK_K >= inter_size
+        out = acc * tl.load(weights_ptr + pair)
+        tl.store(y_ptr + pair.to(tl.int64) * stride_yt + row + offs_n, out,
+                 mask=row + offs_n < tl.where(last, hidden, 0))
+        acc = tl.where(last, 0.0, acc)
+
+
+@triton.jit
 def _moe_persistent_kernel(
     x_ptr, router_ptr, part_ptr, weights_ptr, ids_ptr, w_gate_up_ptr, inter_ptr, w_down_ptr, y_ptr, bar_ptr,
-    T, hidden, num_experts, inter_size, scale, eps,
+    gu_desc, down_desc, T, hidden, num_experts, inter_size, scale, eps,
     stride_xt, stride_rn, stride_ps, stride_pt,
     stride_ge, stride_gn, stride_it, stride_de, stride_dn, stride_yt,
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_KE: tl.constexpr, BLOCK_E: tl.constexpr,
     SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
     SPLIT: tl.constexpr, ROUTE_SPLIT: tl.constexpr, ROUTER_N: tl.constexpr, ROUTER_K: tl.constexpr,
     GU_N: tl.constexpr, BLOCK_H: tl.constexpr, DOWN_N: tl.constexpr, BLOCK_I: tl.constexpr, STREAM: tl.constexpr,
-    PHASE: tl.constexpr, LAST_PHASE: tl.constexpr = 2, SPIN_LOAD: tl.constexpr = True, USE_PDL: tl.constexpr = False,
+    PHASE: tl.constexpr, TMA: tl.constexpr = False, TMA_N: tl.constexpr = 16, TMA_K: tl.constexpr = 256,
+    STAGES: tl.constexpr = 4, LAST_PHASE: tl.constexpr = 2, SPIN_LOAD: tl.constexpr = True,
+    USE_PDL: tl.constexpr = False,
 ):
-    """PHASE -1: all three phases with grid barriers (GPU); 0, 1, 2: that phase alone (CPU). LAST_PHASE < 2 stops
-    after that phase (the bench's time per phase); SPIN_LOAD: `sync.grid_barrier`'s way of waiting."""
+    """PHASE -1: all three phases with grid barriers (GPU); 0, 1, 2: that phase alone (CPU). TMA: the expert
+    phases as `_gate_up_tma` / `_down_tma` (TMA_N x TMA_K chunks, STAGES ahead) instead of whole-K items.
+    LAST_PHASE < 2 stops after that phase (the bench's time per phase); SPIN_LOAD: `sync.grid_barrier`'s way of
+    waiting."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     if USE_PDL:
@@ -149,18 +220,25 @@ def _moe_persistent_kernel(
             route_row(part_ptr, weights_ptr, ids_ptr, x_ptr, t, num_experts, stride_pt, stride_ps, scale, eps,
                       TOP_K, BLOCK_KE, BLOCK_E, SIGMOID, NORMALIZE, ROUTE_SPLIT)
         tl.debug_barrier()      # this program's own routing stores before its items load the ids
-        i_blocks = tl.cdiv(inter_size, GU_N)
-        items = pairs * i_blocks
-        g, u, xv = _gate_up_load(x_ptr, w_gate_up_ptr, ids_ptr, pid, items, i_blocks, hidden, inter_size,
-                                 stride_xt, stride_ge, stride_gn, TOP_K, GU_N, BLOCK_H, STREAM)
-        for item in range(pid, items, programs):    # the next item's loads in flight while this one reduces
-            g2, u2, x2 = _gate_up_load(x_ptr, w_gate_up_ptr, ids_ptr, item + programs, items, i_blocks, hidden,
-                                       inter_size, stride_xt, stride_ge, stride_gn, TOP_K, GU_N, BLOCK_H, STREAM)
-            _gate_up_store(g, u, xv, inter_ptr, item, i_blocks, inter_size, stride_it, GU_N)
-            g, u, xv = g2, u2, x2
+        if TMA:
+            _gate_up_tma(x_ptr, gu_desc, ids_ptr, inter_ptr, pid, programs, pairs, hidden, inter_size, stride_xt,
+                         stride_it, TOP_K, TMA_N, TMA_K, STAGES)
+        else:
+            i_blocks = tl.cdiv(inter_size, GU_N)
+            items = pairs * i_blocks
+            g, u, xv = _gate_up_load(x_ptr, w_gate_up_ptr, ids_ptr, pid, items, i_blocks, hidden, inter_size,
+                                     stride_xt, stride_ge, stride_gn, TOP_K, GU_N, BLOCK_H, STREAM)
+            for item in range(pid, items, programs):    # the next item's loads in flight while this one reduces
+                g2, u2, x2 = _gate_up_load(x_ptr, w_gate_up_ptr, ids_ptr, item + programs, items, i_blocks, hidden,
+                                           inter_size, stride_xt, stride_ge, stride_gn, TOP_K, GU_N, BLOCK_H, STREAM)
+                _gate_up_store(g, u, xv, inter_ptr, item, i_blocks, inter_size, stride_it, GU_N)
+                g, u, xv = g2, u2, x2
     if PHASE < 0 and LAST_PHASE >= 2:
         sense = sync.grid_barrier(bar_ptr, sense, programs, SPIN_LOAD)
-    if (PHASE < 0 and LAST_PHASE >= 2) or PHASE == 2:     # 3. down
+    if ((PHASE < 0 and LAST_PHASE >= 2) or PHASE == 2) and TMA:     # 3. down
+        _down_tma(inter_ptr, down_desc, ids_ptr, weights_ptr, y_ptr, pid, programs, pairs, hidden, inter_size,
+                  stride_it, stride_yt, TMA_N, TMA_K, STAGES)
+    if ((PHASE < 0 and LAST_PHASE >= 2) or PHASE == 2) and not TMA:
         h_blocks = tl.cdiv(hidden, DOWN_N)
         items = pairs * h_blocks
         w, h, weight = _down_load(inter_ptr, w_down_ptr, ids_ptr, weights_ptr, pid, items, h_blocks, hidden,
@@ -210,14 +288,15 @@ def _capacity(args: tuple, options: dict, device: torch.device) -> int:
 
 def moe_persistent(x: torch.Tensor, router: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                    routing: RoutingSpec, *, programs: int | None = None, split_k: int | None = None,
-                   tiles: tuple[int, int] | None = None, warps: int | None = None, **timing: object
-                   ) -> tuple[TopKPartials, torch.Tensor]:
+                   tiles: tuple[int, int] | None = None, warps: int | None = None,
+                   tma: tuple[int, int, int] | None = None, **timing: object) -> tuple[TopKPartials, torch.Tensor]:
     """`fused_moe(x, w_gate_up, w_down, *route_linear(x, router, routing), reduce=False)` in one launch (three on
     CPU): the weighted expert rows [T * top_k, hidden] fp32, and the expert ids [T, top_k] they came from.
     programs: the grid (default half of what stays resident; on CPU 3, so the item loops wrap); split_k: the
     router's K-splits (default `gemv.default_split_k`, as `route_linear`); tiles: elements of a gate/up and of
-    a down item (default GU_TILE, DOWN_TILE); warps: per program (default WARPS); timing: LAST_PHASE / SPIN_LOAD
-    (`bench.kernels`: the time per phase, the barrier's wait; GPU only)."""
+    a down item (default GU_TILE, DOWN_TILE); warps: per program (default WARPS); tma: (rows, K chunk, stages)
+    to fetch the expert weights by TMA instead (default TMA_CHUNKS; none: whole-K items); timing: LAST_PHASE /
+    SPIN_LOAD (`bench.kernels`: the time per phase, the barrier's wait; GPU only)."""
     t, hidden = x.shape
     num_experts, two_i, _ = w_gate_up.shape
     inter_size = two_i // 2
@@ -238,7 +317,15 @@ def moe_persistent(x: torch.Tensor, router: torch.Tensor, w_gate_up: torch.Tenso
     bar = sync.counters(BARRIER_COUNTERS, 2, device)
     sigmoid = routing.scoring == "sigmoid"
     gu_tile, down_tile = tiles or (GU_TILE, DOWN_TILE)
-    args = (x, router, part, weights, ids, w_gate_up, inter, w_down, y, bar,
+    tma = tma if tma is not None else TMA_CHUNKS
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        descs = (TensorDescriptor.from_tensor(w_gate_up, [1, tma[0], tma[1]]),
+                 TensorDescriptor.from_tensor(w_down, [1, tma[0], tma[1]]))
+    else:
+        descs = (None, None)
+    args = (x, router, part, weights, ids, w_gate_up, inter, w_down, y, bar, *descs,
             t, hidden, num_experts, inter_size, float(routing.routed_scaling_factor), 1e-20 if sigmoid else 0.0,
             x.stride(0), router.stride(0), part.stride(0), part.stride(1),
             w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0), w_down.stride(0), w_down.stride(1),
@@ -249,6 +336,8 @@ def moe_persistent(x: torch.Tensor, router: torch.Tensor, w_gate_up: torch.Tenso
                       GU_N=item_rows(gu_tile, hidden), BLOCK_H=next_pow2(hidden),
                       DOWN_N=item_rows(down_tile, inter_size), BLOCK_I=next_pow2(inter_size),
                       STREAM=fused_moe.EVICT_FIRST)
+    if tma:
+        constexprs.update(TMA=True, TMA_N=tma[0], TMA_K=tma[1], STAGES=tma[2])
     if interpret:
         for phase in range(3):
             _moe_persistent_kernel[(programs or 3,)](*args, **constexprs, PHASE=phase)
