@@ -26,6 +26,7 @@
 #                                     #    prefetch, and all of them
 #   bash scripts/gpu_x2.sh s8         # A: the persistent MoE's kernel tests, the MoE FFN alone over its item tiles | B:
 #                                     #    OLMoE decode without / with it (two item configs)
+#   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
@@ -312,6 +313,15 @@ if [ "$stage" = s8 ]; then  # issue 4, session 8: the persistent MoE with stream
             "CROSSPOOL_PERSISTENT_MOE=1 CROSSPOOL_PERSISTENT_MOE_TMA=32,256,3 CROSSPOOL_PERSISTENT_MOE_CONFIG=8192,8192,4" \
             "CROSSPOOL_PERSISTENT_MOE=1 CROSSPOOL_PERSISTENT_MOE_TMA=16,256,4 CROSSPOOL_PERSISTENT_MOE_CONFIG=8192,8192,8" ""
     }
+    both
+fi
+
+if [ "$stage" = profile ]; then  # issue 4: the device time per kernel of OLMoE's decode step (ctx 1k), batch 1 and 8
+    ckpt olmoe-1b-7b $OLMOE
+    job_a() { t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 1 \
+                  --profile --json "$RES/olmoe_profile_b1.json" 2>&1 | grep -v "^{" | cut -c1-160 | tail -40; }
+    job_b() { t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 8 \
+                  --profile --json "$RES/olmoe_profile_b8.json" 2>&1 | grep -v "^{" | cut -c1-160 | tail -40; }
     both
 fi
 
