@@ -317,7 +317,9 @@ if [ "$stage" = s8 ]; then  # issue 4, session 8: the persistent MoE with stream
 fi
 
 if [ "$stage" = profile ]; then  # issue 4: the device time per kernel of OLMoE's decode step (ctx 1k), batch 1 and 8
+    # (`profile nopdl`: without PDL, so no kernel's time includes its wait for the one before)
     ckpt olmoe-1b-7b $OLMOE
+    [ "$only" = nopdl ] && { export CROSSPOOL_PDL=0; only=; }
     job_a() { t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 1 \
                   --profile --json "$RES/olmoe_profile_b1.json" 2>&1 | grep -v "^{" | cut -c1-160 | tail -40; }
     job_b() { t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 8 \
