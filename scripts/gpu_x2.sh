@@ -20,12 +20,7 @@
 #   bash scripts/gpu_x2.sh s7b        # A: issue 4's Qwen3 cells | B: fused RoPE off/on at batch 1, 2, 4, 8 (twice)
 #   bash scripts/gpu_x2.sh s7c        # A: the L2 prefetch probe, OLMoE decode with the experts' evict_first off / on
 #                                     #    | B: their GPU tests, the Qwen3 1k row again
-#   bash scripts/gpu_x2.sh merge      # A: GPU tests of the split merge, evict_first, weight prefetch, persistent MoE;
-#                                     #    the persistent MoE FFN alone; OLMoE decode without / with the merge or the
-#                                     #    persistent MoE | B: OLMoE decode with our GEMV at one row, the weight
-#                                     #    prefetch, and all of them
-#   bash scripts/gpu_x2.sh s8         # A: the persistent MoE's kernel tests, the MoE FFN alone over its item tiles | B:
-#                                     #    OLMoE decode without / with it (two item configs)
+#   bash scripts/gpu_x2.sh check      # A: the kernels' GPU tests | B: switches' bit tests, OLMoE decode (defaults)
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -282,36 +277,13 @@ if [ "$stage" = s7c ]; then  # session 7: L2 (GPU 0: the prefetch probe, decode 
     both
 fi
 
-if [ "$stage" = merge ]; then  # issue 4, session 7's last three changes: GPU bit tests, then the decode step with each
+if [ "$stage" = check ]; then  # issue 4, after session 8's removals: the kernels' GPU tests, the bit tests of the
+                               # switches left, the default decode step (session 8: 1.12 / 3.33 / 5.98 ms)
     ckpt olmoe-1b-7b $OLMOE
-    job_a() {   # correctness first (bit for bit with / without each; the persistent MoE's barriers), then the
-                # persistent MoE FFN alone against its four kernels, then the decode step with the split merge
-        t 200 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py \
-            -k "last_split or evict_first or weight_prefetch or persistent" 2>&1 | tail -3
-        t 60 python3 -m crosspool.bench.kernels --only moe_ffn --json "$RES/kernels_moe_ffn.json" 2>&1 | grep "^|"
-        variants "" CROSSPOOL_LAST_SPLIT_MERGES=1
-    }
-    job_b() {   # the persistent MoE; the attention-side projections on our GEMV at one row (PDL), with the weight
-                # prefetch before its wait; all of it
-        variants "" CROSSPOOL_PERSISTENT_MOE=1 CROSSPOOL_GEMV_ROWS=1 "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_WEIGHT_PREFETCH=1" \
-            "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_WEIGHT_PREFETCH=1 CROSSPOOL_LAST_SPLIT_MERGES=1 CROSSPOOL_PERSISTENT_MOE=1"
-    }
-    both
-fi
-
-if [ "$stage" = s8 ]; then  # issue 4, session 8: the persistent MoE with streamed items (kernel tests, the FFN alone
-                            # over item tiles / warps / programs), then the decode step without / with it
-    ckpt olmoe-1b-7b $OLMOE
-    job_a() {
-        t 200 python3 -m pytest -q -x -m gpu tests/test_kernels.py -k "persistent" 2>&1 | tail -25
-        t 200 python3 -m pytest -q -x tests/test_kernels.py -k "persistent_moe_keeps" 2>&1 | tail -3
-        t 150 python3 -m crosspool.bench.kernels --only moe_ffn --json "$RES/kernels_moe_ffn.json" 2>&1 \
-            | grep "^|\|skipped"
-    }
+    job_a() { t 400 python3 -m pytest -q -m gpu tests/test_kernels.py 2>&1 | tail -4; }
     job_b() {
-        variants "" "CROSSPOOL_PERSISTENT_MOE=1 CROSSPOOL_PERSISTENT_MOE_TMA=16,256,4 CROSSPOOL_PERSISTENT_MOE_CONFIG=8192,8192,4" \
-            "CROSSPOOL_PERSISTENT_MOE=1 CROSSPOOL_PERSISTENT_MOE_TMA=32,256,3 CROSSPOOL_PERSISTENT_MOE_CONFIG=8192,8192,4" \
-            "CROSSPOOL_PERSISTENT_MOE=1 CROSSPOOL_PERSISTENT_MOE_TMA=16,256,4 CROSSPOOL_PERSISTENT_MOE_CONFIG=8192,8192,8" ""
+        t 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k "evict_first or programmatic or last_split" 2>&1 | tail -3
+        variants ""
     }
     both
 fi

@@ -150,41 +150,6 @@ def test_last_split_merges_changes_no_bit(tmp_path: Path, monkeypatch: pytest.Mo
     _same_with_switch(model, prompts, monkeypatch, pa, "LAST_SPLIT_MERGES", 32)
 
 
-def test_weight_prefetch_changes_no_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GEMV kernels' weight prefetch before their PDL wait (`prefetch.WEIGHT_PREFETCH`) only moves weights
-    into L2. Kernel level: `gemv` (QKV, o_proj with split-K, the router, a ragged shape) and the fused MoE's GEMV
-    path give the same bits with it; engine level (the attention side's projections on `gemv` at one row,
-    `gemv.ROWS`, where it takes part in PDL): tokens and log-probabilities bit for bit (real OLMoE shapes)."""
-    from crosspool.kernels import fused_moe, gemv, prefetch
-
-    g = torch.Generator(device="cuda").manual_seed(1)
-    bf16 = torch.bfloat16
-    cases = [(1, 6144, 2048, None), (1, 2048, 2048, 4), (4, 64, 2048, None), (3, 1000, 1500, 2)]
-    for t, n, k, split in cases:
-        x = torch.randn(t, k, generator=g, device="cuda").to(bf16)
-        w = (torch.randn(n, k, generator=g, device="cuda") / k**0.5).to(bf16)
-        outs = []
-        for on in (False, True):
-            monkeypatch.setattr(prefetch, "WEIGHT_PREFETCH", on)
-            outs.append(gemv.gemv(x, w, split_k=split))
-        assert torch.equal(outs[0], outs[1]), (t, n, k, split)
-    x = torch.randn(2, 2048, generator=g, device="cuda").to(bf16)
-    w_gate_up = (torch.randn(16, 2048, 2048, generator=g, device="cuda") * 0.02).to(bf16)
-    w_down = (torch.randn(16, 2048, 1024, generator=g, device="cuda") * 0.02).to(bf16)
-    ids = torch.randint(0, 16, (2, 4), generator=g, device="cuda")
-    weights = torch.rand(2, 4, generator=g, device="cuda")
-    outs = []
-    for on in (False, True):
-        monkeypatch.setattr(prefetch, "WEIGHT_PREFETCH", on)
-        outs.append(fused_moe.fused_moe(x, w_gate_up, w_down, weights, ids))
-    assert torch.equal(outs[0], outs[1])
-
-    monkeypatch.setattr(gemv, "ROWS", 1)
-    model = str(make_model("olmoe-1b-7b", tmp_path / "olmoe", layers=2, seed=7, progress=False))
-    prompts = [torch.randint(0, 50000, (k,), generator=torch.Generator().manual_seed(k)).tolist() for k in (90, 700)]
-    _same_with_switch(model, prompts, monkeypatch, prefetch, "WEIGHT_PREFETCH", 24)
-
-
 def test_experts_evict_first_changes_no_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The expert GEMVs' evict_first loads (`fused_moe.EVICT_FIRST`) only change what L2 keeps: tokens and
     log-probabilities are bit for bit those without them (bf16, real OLMoE shapes, 2 layers, batches of 1 and 8)."""

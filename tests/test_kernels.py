@@ -273,78 +273,6 @@ def _moe_inputs(t: int, experts: int, top_k: int, hidden: int, inter: int, dtype
             ids.to(device))
 
 
-def _top_k_within(ids: torch.Tensor, logits: torch.Tensor, top_k: int, tol: float) -> None:
-    """ids [T, k] are distinct experts, and a top-k of the fp32 `logits` [T, E] up to `tol`: no expert left out
-    scores more than tol above the lowest chosen one (a near-tie may go either way after rounding)."""
-    assert ids.shape == (logits.shape[0], top_k)
-    assert all(len(set(row)) == top_k for row in ids.tolist())
-    chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids.long(), True)
-    low = logits.masked_fill(~chosen, float("inf")).min(1).values
-    high = logits.masked_fill(chosen, float("-inf")).max(1).values
-    assert bool((high <= low + tol).all()), f"experts left out above the chosen ones: {(high - low).max():.3g}"
-
-
-@pytest.mark.parametrize(("t", "experts", "top_k", "hidden", "inter", "scoring", "norm", "split", "tiles", "tma"),
-                         [(1, 16, 4, 96, 40, "softmax", False, None, None, ()),
-                          (3, 8, 2, 200, 72, "sigmoid", True, 2, None, ()),
-                          (8, 64, 8, 1024, 48, "softmax", True, 4, None, ()),
-                          (3, 8, 2, 200, 72, "softmax", True, None, (1024, 256), ()),     # items of a few rows
-                          (1, 16, 4, 96, 40, "softmax", False, None, None, (16, 32, 2)),  # TMA chunks, partial blocks
-                          (3, 8, 2, 200, 72, "sigmoid", True, 2, None, (8, 64, 3))])
-def test_persistent_moe(t: int, experts: int, top_k: int, hidden: int, inter: int, scoring: str, norm: bool,
-                        split: int | None, tiles: tuple[int, int] | None, tma: tuple[int, ...]) -> None:
-    """`moe_persistent` (router GEMV, routing, gate/up, down in one launch; on CPU a launch per phase, 3 programs
-    looping over the items) picks the experts of `route_linear` bit for bit (the router's own tiles, unsplit or
-    split over K) and equals `route_linear` + `fused_moe(..., reduce=False)` and the torch reference within fp32
-    rounding (its items sum over K in another order)."""
-    from crosspool.kernels import moe_persistent
-    from crosspool.kernels.routing import route_linear
-    from crosspool.models.spec import RoutingSpec
-
-    routing = RoutingSpec(num_experts=experts, top_k=top_k, scoring=scoring, norm_topk_prob=norm,
-                          topk_method="greedy", routed_scaling_factor=1.5)
-    x, wgu, wd, _, _ = _moe_inputs(t, experts, top_k, hidden, inter, torch.float32, seed=t + experts)
-    router = torch.randn(experts, hidden, generator=torch.Generator().manual_seed(3)).to(DEVICE) * hidden**-0.5
-    got, got_ids = moe_persistent.moe_persistent(x, router, wgu, wd, routing, split_k=split, tiles=tiles, tma=tma)
-    weights, ids = route_linear(x, router, routing, split_k=split)
-    assert torch.equal(got_ids, ids)
-    _close(got.y, fused_moe(x, wgu, wd, weights, ids, small=True, reduce=False).y, torch.float32)
-    ref_weights, ref_ids = ref.route(ref.linear(x, router), routing, None)
-    _close(got.y.view(t, top_k, hidden).sum(1), ref.experts(x, wgu, wd, ref_weights, ref_ids), torch.float32)
-
-
-def test_persistent_moe_item_rows() -> None:
-    """An item's rows: its tile's elements over K padded to a power of two, at least one row."""
-    from crosspool.kernels.moe_persistent import item_rows
-
-    assert item_rows(8192, 2048) == 4 and item_rows(8192, 768) == 8 and item_rows(8192, 7168) == 1
-    assert item_rows(256, 200) == 1 and item_rows(256, 64) == 4
-
-
-@pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen2-moe"])       # no shared expert / a shared expert
-def test_persistent_moe_keeps_greedy_tokens(preset: str, tiny_models, monkeypatch) -> None:  # noqa: ANN001
-    """The engine on the Triton kernels gives the same greedy tokens with `moe_persistent.ENABLED` as without;
-    with it, the decode steps' MoE layers run the persistent kernel (not with a shared expert, which it leaves
-    to the separate kernels)."""
-    from crosspool import LLM, EngineConfig, SamplingParams
-    from crosspool.kernels import moe_persistent
-
-    calls = []
-    real = moe_persistent.moe_persistent
-    monkeypatch.setattr(moe_persistent, "moe_persistent", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    prompts = [[5, 9, 14, 3, 7], [11, 2]]
-    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    config = EngineConfig(device=DEVICE.type, dtype=torch.float32, kernels="triton", block_size=4, max_num_seqs=4)
-    outs = {}
-    for on in (False, True):
-        monkeypatch.setattr(moe_persistent, "ENABLED", on)
-        calls.clear()
-        with LLM(tiny_models(preset), config) as llm:
-            outs[on] = [o.token_ids for o in llm.generate(prompts, params)]
-        assert bool(calls) == (on and preset == "tiny-olmoe")
-    assert outs[True] == outs[False]
-
-
 def test_moe_align() -> None:
     ids = torch.tensor([[3, 0], [3, 1], [0, 3], [5, 3]], device=DEVICE)
     pairs, experts = moe_align(ids, num_experts=8, block_m=4)
@@ -665,48 +593,6 @@ def _bf16_check(kernel_out: torch.Tensor, ref_bf16: torch.Tensor, ref_fp32: torc
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize(("t", "experts", "top_k", "hidden", "inter"), [(1, 64, 8, 2048, 1024), (8, 128, 8, 2048, 768)])
-@pytest.mark.parametrize("tma", [(), (16, 256, 4)])
-def test_gpu_persistent_moe_bf16(t: int, experts: int, top_k: int, hidden: int, inter: int, tma: tuple[int, ...]
-                                 ) -> None:
-    """The persistent MoE kernel (one launch, grid barriers) on OLMoE / Qwen3 shapes in bf16: within bf16 rounding
-    of the fp32 reference (with its own expert choice: a top-k of the fp32 logits up to bf16 rounding), and the
-    same bits in 100 launches in a row, eager and as a CUDA graph (a barrier that lets a phase read what another
-    program has not yet written would show as a difference)."""
-    from crosspool.kernels import moe_persistent, sync
-    from crosspool.models.spec import RoutingSpec
-
-    routing = RoutingSpec(num_experts=experts, top_k=top_k, scoring="softmax", norm_topk_prob=True,
-                          topk_method="greedy")
-    x, wgu, wd, _, _ = _moe_inputs(t, experts, top_k, hidden, inter, torch.bfloat16, seed=t)
-    router = (torch.randn(experts, hidden, generator=torch.Generator().manual_seed(5)) * hidden**-0.5).to(x)
-    first, ids = moe_persistent.moe_persistent(x, router, wgu, wd, routing, tma=tma)
-    logits = ref.linear(x.float(), router.float())
-    _top_k_within(ids, logits, top_k, tol=2 * 2.0**-7 * logits.abs().max().item())     # bf16 logits: ties
-    scores = torch.softmax(ref.linear(x, router).float(), -1).gather(1, ids)     # the kernel's weights: bf16 logits
-    weights = scores / scores.sum(-1, keepdim=True)
-    got = first.y.view(t, top_k, hidden).sum(1)
-    _bf16_check(got, ref.experts(x, wgu, wd, weights, ids), ref.experts(x.float(), wgu.float(), wd.float(), weights,
-                                                                       ids))
-    for _ in range(100):
-        again, _ = moe_persistent.moe_persistent(x, router, wgu, wd, routing, tma=tma)
-        assert torch.equal(again.y, first.y)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):          # first on the capture stream: its barrier counters are made outside
-        moe_persistent.moe_persistent(x, router, wgu, wd, routing, tma=tma)
-    stream.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        captured, _ = moe_persistent.moe_persistent(x, router, wgu, wd, routing, tma=tma)
-    for _ in range(100):
-        captured.y.zero_()
-        graph.replay()
-        assert torch.equal(captured.y, first.y)
-    assert all(int(b[0]) == 0 for b in sync.all_counters(moe_persistent.BARRIER_COUNTERS))   # every count reset
-
-
-@gpu
-@needs_cuda
 @pytest.mark.parametrize("heads,kv_heads,dim,ctx", [
     (32, 4, 128, [1, 900, 4097, 32768]),        # Qwen3-30B-A3B
     (16, 16, 128, [77, 1025, 8000]),            # OLMoE
@@ -829,16 +715,6 @@ def test_gemv_linear_falls_back_off_the_gpu_or_when_disabled(monkeypatch) -> Non
         torch.testing.assert_close(gemv_module.linear(x, w), torch.nn.functional.linear(x, w))
         torch.testing.assert_close(gemv_module.linear(x, w, use=True), torch.nn.functional.linear(x, w))
     assert calls == []                     # CPU tensors never take the kernel, enabled or not
-
-
-def test_weight_prefetch_stays_off_the_interpreter(monkeypatch) -> None:  # noqa: ANN001
-    """The GEMV kernels' weight prefetch is inline PTX: never asked for off CUDA or in the interpreter (CPU
-    tests), whatever `WEIGHT_PREFETCH` says; each line request covers 128 bytes of the weight's dtype."""
-    from crosspool.kernels import prefetch
-
-    monkeypatch.setattr(prefetch, "WEIGHT_PREFETCH", True)
-    for dtype, line in ((torch.float32, 32), (torch.float16, 64)):
-        assert prefetch.weight_options(torch.zeros(2, 2, dtype=dtype)) == {"PREFETCH": False, "LINE": line}
 
 
 @gpu

@@ -8,9 +8,8 @@ counts and the decode GEMV against torch's linear, each against the floor it is 
 - Batch-1 decode attention against its split count (OLMoE and Qwen3 heads, 1k-32k context).
 - Fused MoE at 1..64 tokens (both paths: GEMV and grouped GEMM): bytes of the experts the tokens route to
   over the copy bandwidth; at 4,096 tokens: TFLOP/s against torch's bf16 GEMM rate measured in the same run.
-- A whole MoE FFN at 1 and 8 tokens (router GEMV, routing, gate/up, down): the four kernels the engine runs
-  against the persistent kernel (`kernels.moe_persistent`), bytes of the router and the routed experts over the
-  copy bandwidth.
+- A whole MoE FFN at 1 and 8 tokens (router GEMV, routing, gate/up, down: the four kernels the engine runs),
+  bytes of the router and the routed experts over the copy bandwidth.
 - Dense projections at 1, 4, 8 tokens (OLMoE and Qwen3-30B-A3B: fused QKV, o_proj, lm_head): torch's linear
   (cuBLAS) and `gemv` (its default split-K, and no split where that differs), bytes of the weights and
   activations over the copy bandwidth. The calls cycle through copies of the weight totalling >= 256 MB, so
@@ -139,14 +138,9 @@ def moe_rows(copy_bw: float, gemm_flops: float, device: torch.device) -> list[di
     return rows
 
 
-# the persistent MoE's item tiles (gate/up, down elements) and warps per program timed against the four kernels
-PERSISTENT_CONFIGS = ((8192, 8192, 8), (4096, 4096, 4))
-# ... and with the expert weights fetched by TMA: (rows, K chunk, stages, warps)
-PERSISTENT_TMA = ((16, 256, 4, 4), (32, 256, 3, 4), (16, 128, 6, 4), (32, 256, 4, 8), (8, 256, 6, 4))
-
-
 def moe_ffn_rows(copy_bw: float, device: torch.device) -> list[dict]:
-    from crosspool.kernels.moe_persistent import moe_persistent
+    """A decode step's whole MoE FFN as the engine runs it: the router GEMV and routing (`route_linear`), then the
+    expert GEMVs (`fused_moe`), at 1 and 8 tokens; bytes of the router and the routed experts."""
     from crosspool.kernels.routing import route_linear
     from crosspool.models.spec import RoutingSpec
 
@@ -163,34 +157,10 @@ def moe_ffn_rows(copy_bw: float, device: torch.device) -> list[dict]:
             _, ids = route_linear(x, router, routing)
             used = ids.unique().numel()
             bytes_read = (used * (wgu[0].numel() + wd[0].numel()) + router.numel()) * 2
-
-            def four(x=x, wgu=wgu, wd=wd, router=router, routing=routing) -> None:  # noqa: ANN001
-                fused_moe(x, wgu, wd, *route_linear(x, router, routing), small=True, reduce=False)
-
-            def one(x=x, wgu=wgu, wd=wd, router=router, routing=routing, **launch) -> None:  # noqa: ANN001
-                moe_persistent(x, router, wgu, wd, routing, **launch)
-
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            paths = [("four kernels", four)] + [
-                (f"persistent, tiles {gu}/{dn}, {warps} warps, {n} programs",
-                 lambda gu=gu, dn=dn, warps=warps, n=n: one(tiles=(gu, dn), warps=warps, programs=n))
-                for gu, dn, warps in PERSISTENT_CONFIGS for n in (sms, 2 * sms, 3 * sms)]
-            paths += [(f"persistent, TMA {box} x {chunk}, {stages} stages, {warps} warps, {n} programs",
-                       lambda tma=(box, chunk, stages), warps=warps, n=n: one(tma=tma, warps=warps, programs=n))
-                      for box, chunk, stages, warps in PERSISTENT_TMA for n in (sms, 2 * sms)]
-            # the first TMA config's time up to each phase
-            paths += [(f"persistent, TMA, {label}",
-                       lambda timing=timing, n=sms: one(tma=PERSISTENT_TMA[0][:3], warps=PERSISTENT_TMA[0][3],
-                                                        programs=n, **timing))
-                      for label, timing in (("router only", {"LAST_PHASE": 0}), ("up to gate/up", {"LAST_PHASE": 1}))]
-            for path, fn in paths:
-                try:
-                    ms = _ms(fn)
-                except AssertionError as e:         # more programs than stay resident with this config
-                    print(f"{name} x{t}: {path}: skipped ({e})")
-                    continue
-                rows.append({"shape": name, "tokens": t, "path": path, "us": ms * 1e3, "experts_used": used,
-                             "copy_bw_fraction": bytes_read / (ms / 1e3) / copy_bw})
+            ms = _ms(lambda x=x, wgu=wgu, wd=wd, router=router, routing=routing: fused_moe(
+                x, wgu, wd, *route_linear(x, router, routing), small=True, reduce=False))
+            rows.append({"shape": name, "tokens": t, "path": "four kernels", "us": ms * 1e3, "experts_used": used,
+                         "copy_bw_fraction": bytes_read / (ms / 1e3) / copy_bw})
     return rows
 
 

@@ -32,8 +32,6 @@ class Case:
 _GEMV_TILE = {"BLOCK_N": 16, "BLOCK_K": 128}
 _GEMM_TILE = {"BLOCK_N": 128, "BLOCK_K": 64, "DOT_PRECISION": "tf32"}
 _NO_MERGE = {"MERGE": False, "FENCE": False}
-_NO_PREFETCH = {"PREFETCH": False, "LINE": 64}
-_PREFETCH = {"PREFETCH": True, "LINE": 64}       # bf16 weights: 64 elements a 128-byte line
 _MERGE = {"MERGE": True, "FENCE": True}        # the attention kernels' in-kernel split merge
 
 CASES = [
@@ -95,34 +93,21 @@ CASES = [
          {"TOP_K": 8, "BLOCK_K": 8, "BLOCK_E": 128, "SIGMOID": False, "NORMALIZE": True, "SPLIT": 4},
          {"logits_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i64"}),
     Case("fused_moe", "_gate_up_gemv_kernel", {"TOP_K": 8, "STREAM": False, **_GEMV_TILE}, {"ids_ptr": "*i64"}),
-    Case("fused_moe", "_down_gemv_kernel", {"TOP_K": 8, "STREAM": False, **_NO_PREFETCH, **_GEMV_TILE},
+    Case("fused_moe", "_down_gemv_kernel", {"TOP_K": 8, "STREAM": False, **_GEMV_TILE},
          {"y_ptr": "*fp32", "ids_ptr": "*i64", "weights_ptr": "*fp32"}),
     Case("fused_moe", "_gate_up_gemv_kernel", {"TOP_K": 8, "STREAM": True, **_GEMV_TILE}, {"ids_ptr": "*i64"}),
-    Case("fused_moe", "_down_gemv_kernel", {"TOP_K": 8, "STREAM": True, **_PREFETCH, **_GEMV_TILE},
+    Case("fused_moe", "_down_gemv_kernel", {"TOP_K": 8, "STREAM": True, **_GEMV_TILE},
          {"ids_ptr": "*i64", "weights_ptr": "*fp32", "y_ptr": "*fp32"}),
     Case("prefetch", "_prefetch_kernel", {"LINE": 64, "BLOCK": 256}),
-    Case("moe_persistent", "_moe_persistent_kernel",          # OLMoE's FFN at batch 1, barriers and all
-         {"TOP_K": 8, "BLOCK_T": 1, "BLOCK_KE": 8, "BLOCK_E": 64, "SIGMOID": False, "NORMALIZE": False, "SPLIT": 8,
-          "ROUTE_SPLIT": 8, "ROUTER_N": 16, "ROUTER_K": 128, "GU_N": 4, "BLOCK_H": 2048, "DOWN_N": 8,
-          "BLOCK_I": 1024, "STREAM": True, "PHASE": -1, "LAST_PHASE": 2, "SPIN_LOAD": True, "gu_desc": None,
-          "down_desc": None, "TMA": False, "TMA_N": 16, "TMA_K": 256, "STAGES": 4},
-         {"part_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i64", "y_ptr": "*fp32", "bar_ptr": "*i32"}),
-    Case("moe_persistent", "_moe_persistent_kernel",          # the same, the expert weights fetched by TMA
-         {"TOP_K": 8, "BLOCK_T": 1, "BLOCK_KE": 8, "BLOCK_E": 64, "SIGMOID": False, "NORMALIZE": False, "SPLIT": 8,
-          "ROUTE_SPLIT": 8, "ROUTER_N": 16, "ROUTER_K": 128, "GU_N": 4, "BLOCK_H": 2048, "DOWN_N": 8,
-          "BLOCK_I": 1024, "STREAM": True, "PHASE": -1, "LAST_PHASE": 2, "SPIN_LOAD": True, "TMA": True,
-          "TMA_N": 16, "TMA_K": 256, "STAGES": 4},
-         {"part_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i64", "y_ptr": "*fp32", "bar_ptr": "*i32",
-          "gu_desc": "tensordesc<bf16[1,16,256]>", "down_desc": "tensordesc<bf16[1,16,256]>"}),
     Case("fused_moe", "_topk_sum_kernel", {"TOP_K": 8, "BLOCK": 1024}, {"y_ptr": "*fp32"}),
     Case("fused_moe", "_gate_up_kernel", {"TOP_K": 8, "BLOCK_M": 16, **_GEMM_TILE},
          {"sorted_pairs_ptr": "*i64", "block_experts_ptr": "*i64"}),
     Case("fused_moe", "_down_kernel", {"BLOCK_M": 16, **_GEMM_TILE},
          {"weights_ptr": "*fp32", "sorted_pairs_ptr": "*i64", "block_experts_ptr": "*i64"}),
-    Case("gemv", "_gemv_kernel", {"BLOCK_T": 1, "SPLIT_K": 4, "HAS_BIAS": False, **_NO_PREFETCH, **_GEMV_TILE},
+    Case("gemv", "_gemv_kernel", {"BLOCK_T": 1, "SPLIT_K": 4, "HAS_BIAS": False, **_GEMV_TILE},
          {"out_ptr": "*fp32"}),
-    Case("gemv", "_gemv_kernel", {"BLOCK_T": 8, "SPLIT_K": 1, "HAS_BIAS": True, **_NO_PREFETCH, **_GEMV_TILE}),
-    Case("gemv", "_gemv_kernel", {"BLOCK_T": 1, "SPLIT_K": 1, "HAS_BIAS": False, **_PREFETCH, **_GEMV_TILE}),
+    Case("gemv", "_gemv_kernel", {"BLOCK_T": 8, "SPLIT_K": 1, "HAS_BIAS": True, **_GEMV_TILE}),
+    Case("gemv", "_gemv_kernel", {"BLOCK_T": 1, "SPLIT_K": 1, "HAS_BIAS": False, **_GEMV_TILE}),
     Case("argmax", "_chunk_max_kernel", {"BLOCK": 4096}, {"x_ptr": "*fp32", "max_ptr": "*fp32", "idx_ptr": "*i32"}),
     Case("argmax", "_pick_kernel", {"BLOCK_C": 64}, {"max_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64"}),
     Case("gemv", "_split_sum_kernel", {"SPLIT_K": 4, "HAS_BIAS": False, "BLOCK": 64}, {"part_ptr": "*fp32"}),
@@ -152,10 +137,8 @@ def compile_case(case: Case, pdl: bool, arch: int) -> float:
         constexprs["USE_PDL"] = pdl
     signature = {}
     for i, name in enumerate(fn.arg_names):
-        if i in fn.constexprs or name in constexprs:      # declared, or an argument passed as None
+        if i in fn.constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_desc"):
-            signature[name] = case.pointers[name]
         elif name.endswith("_ptr"):
             signature[name] = case.pointers.get(name, "*bf16")
         else:

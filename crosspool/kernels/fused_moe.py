@@ -31,10 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from crosspool.kernels import pdl, prefetch, tuning
+from crosspool.kernels import pdl, tuning
 from crosspool.kernels._common import cdiv, dot_precision, next_pow2
 from crosspool.kernels.pdl import enter as pdl_enter
-from crosspool.kernels.prefetch import prefetch_rows
 from crosspool.models.batch import TopKPartials
 
 SMALL_BATCH_TOKENS = 8
@@ -253,18 +252,12 @@ def _down_gemv_kernel(
     inter_ptr, w_ptr, y_ptr, ids_ptr, weights_ptr, hidden, inter_size,
     stride_it, stride_we, stride_wn, stride_yt,
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False, LINE: tl.constexpr = 64,
     USE_PDL: tl.constexpr = False,
 ):
     """One program per (pair, H-block), so the grid covers the GPU even for one token: `down_tile`; then
-    `_topk_sum_kernel` adds the K rows. PREFETCH: the tile's weights requested into L2 before the PDL wait. The
-    ids are the routing kernel's, two launches back: finished before this kernel may start (the gate/up kernel
-    before it waited for them)."""
+    `_topk_sum_kernel` adds the K rows."""
     pair = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
-    if PREFETCH:
-        down_tile_prefetch(w_ptr, ids_ptr, pair, pid_n, hidden, inter_size, stride_we, stride_wn, BLOCK_N, BLOCK_K,
-                           LINE)
     pdl_enter(USE_PDL)
     down_tile(inter_ptr, w_ptr, y_ptr, ids_ptr, weights_ptr, pair, pid_n, hidden, inter_size, stride_it, stride_we,
               stride_wn, stride_yt, BLOCK_N, BLOCK_K, STREAM)
@@ -289,15 +282,6 @@ def down_tile(
         acc += load_expert_weights(w_ptrs + k0, n_ok[:, None] & k_ok[None, :], STREAM).to(tl.float32) * h[None, :]
     out = tl.sum(acc, 1) * tl.load(weights_ptr + pair).to(tl.float32)
     tl.store(y_ptr + pair * stride_yt + offs_n, out, mask=n_ok)
-
-
-@triton.jit
-def down_tile_prefetch(w_ptr, ids_ptr, pair, pid_n, hidden, inter_size, stride_we, stride_wn,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LINE: tl.constexpr):
-    """Request the weights `down_tile` (pair, pid_n) reads into L2 (its expert id must be final)."""
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
-    offs_n = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), hidden - 1)
-    prefetch_rows(w_ptr + expert * stride_we, offs_n, stride_wn, 0, inter_size, LINE, BLOCK_K)
 
 
 def topk_sum(y: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -347,7 +331,6 @@ def fused_moe(
         _down_gemv_kernel[lambda meta: (pairs, cdiv(hidden, meta["BLOCK_N"]))](
             inter, w_down, y, ids, weights, hidden, inter_size,
             inter.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), TOP_K=top_k, **launch,
-            **prefetch.weight_options(w_down),
         )
         return topk_sum(y, top_k, x.dtype) if reduce else TopKPartials(y, top_k, x.dtype)
     block_m = block_m or moe_block_m(t, num_experts)

@@ -33,15 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
-from crosspool.kernels import pdl, prefetch, tuning
+from crosspool.kernels import pdl, tuning
 from crosspool.kernels._common import cdiv, next_pow2, num_sms
 from crosspool.kernels.pdl import enter as pdl_enter
-from crosspool.kernels.prefetch import prefetch_rows
 
 MAX_GEMV_TOKENS = 8
 ENABLED = False            # the attention side's decode linears call `gemv` at every decode size when this is set
 # ... and at up to ROWS rows (CROSSPOOL_GEMV_ROWS; 0: never): at one token it ties cuBLAS (benchmarks section 7,
-# session 4) and, unlike cuBLAS, takes part in PDL (`prefetch.WEIGHT_PREFETCH`)
+# sessions 4 and 8), although unlike cuBLAS it takes part in PDL
 ROWS = int(os.environ.get("CROSSPOOL_GEMV_ROWS", "0"))
 # the MoE router (64-128 outputs) calls `gemv`: on the H200 it beat cuBLAS at 1-8 tokens (3.0-4.4 us vs 4.8-5.2 us,
 # benchmarks section 7, session 4), where the wider projections did not
@@ -80,15 +79,11 @@ def _gemv_kernel(
     stride_xt, stride_wn, stride_os, stride_ot,
     BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr = False, LINE: tl.constexpr = 64,
     USE_PDL: tl.constexpr = False,
 ):
-    """One program per (N-block, K-split): `gemv_tile`. PREFETCH: the tile's weights requested into L2 before
-    the PDL wait (`prefetch.prefetch_rows`)."""
+    """One program per (N-block, K-split): `gemv_tile`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    if PREFETCH:
-        gemv_tile_prefetch(w_ptr, pid_n, pid_k, N, K, stride_wn, SPLIT_K, BLOCK_N, BLOCK_K, LINE)
     pdl_enter(USE_PDL)
     gemv_tile(x_ptr, w_ptr, b_ptr, out_ptr, pid_n, pid_k, T, N, K, stride_xt, stride_wn, stride_os, stride_ot,
               BLOCK_T, SPLIT_K, HAS_BIAS, BLOCK_N, BLOCK_K)
@@ -103,7 +98,7 @@ def gemv_tile(
 ):
     """out[pid_k, t, n-block pid_n] = x[t, K-chunk pid_k] . w[n, K-chunk pid_k] (+ bias, only when SPLIT_K == 1),
     all T tokens per weight tile read. out is y itself when SPLIT_K == 1 (stride_os unused), else the fp32
-    partials. (Also a tile of the persistent MoE kernel, `moe_persistent`.)"""
+    partials."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     # every split walks the same number of BLOCK_K steps; steps past K load nothing (masked)
@@ -125,16 +120,6 @@ def gemv_tile(
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + pid_k * stride_os + offs_t[:, None] * stride_ot + offs_n[None, :],
              y.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def gemv_tile_prefetch(w_ptr, pid_n, pid_k, N, K, stride_wn, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, LINE: tl.constexpr):
-    """Request the weights `gemv_tile` (pid_n, pid_k) reads into L2."""
-    offs_n = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
-    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_chunk
-    prefetch_rows(w_ptr, offs_n, stride_wn, k_start, tl.minimum(k_start + k_chunk, K), LINE, BLOCK_K)
 
 
 @triton.jit
@@ -196,7 +181,7 @@ def gemv_parts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     split = 1 if t == 0 else split_k or default_split_k(n, k, x.device)
     assert split >= 1
     block_t = next_pow2(t)
-    launch = {**pdl.options(x.device), **prefetch.weight_options(w)}
+    launch = pdl.options(x.device)
     if split == 1:
         y = torch.empty(t, n, dtype=x.dtype, device=x.device)
         if t:

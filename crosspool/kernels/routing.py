@@ -44,8 +44,7 @@ def route_row(
     NORMALIZE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Token t's routing. SPLIT == 0: logits_ptr holds the logits [T, E]; SPLIT > 0: the router's skinny-GEMM
-    partials [SPLIT, T, E] (fp32), summed here in order and rounded to round_ptr's dtype, as `gemv` would.
-    (Also the routing step of the persistent MoE kernel, `moe_persistent`.)"""
+    partials [SPLIT, T, E] (fp32), summed here in order and rounded to round_ptr's dtype, as `gemv` would."""
     offs = tl.arange(0, BLOCK_E)
     ok = offs < num_experts
     if SPLIT == 0:

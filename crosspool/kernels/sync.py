@@ -1,18 +1,17 @@
-"""Ordering between the programs of one launch: a gpu-scope fence, a grid barrier, and the counter buffers both
-need.
+"""Ordering between the programs of one launch, for the split-KV merge inside the attention kernels
+(`paged_attention.LAST_SPLIT_MERGES`): a gpu-scope fence and the counter buffers it needs.
 
 - `fence_gpu`: every thread's earlier stores are visible GPU-wide before its later ones (PTX fence.acq_rel.gpu).
-- `grid_barrier`: every program of the launch waits until all have arrived: a counter and a sense flag in global
-  memory (the last to arrive resets the counter and flips the flag; the others spin on the flag). All programs
-  must be resident at once: a grid of at most the SMs, and nothing sharing them that waits on this launch
-  (`moe_persistent` says how it keeps to that).
 - `counters`: int32 buffers, one per (use, device, stream), zeroed once and left at zero by the kernels that use
   them: kernels on one stream run one after another, kernels on two streams (lanes, pipeline sides) may run at
   once. They are never freed, since a captured CUDA graph keeps the address it was captured with, and a new one
   is never made inside a capture.
 
-The interpreter (CPU tests) runs programs one after another, so nothing here may spin there: kernels compile the
-barrier out (their callers run the phases as separate launches instead) and skip the fence (inline PTX).
+The interpreter (CPU tests) has no inline PTX: kernels skip the fence there.
+
+A grid barrier lived here for a persistent MoE kernel (sessions 7-8, last at commit 34ca6b2), removed with it: the
+kernel streamed the experts at 0.4-0.57 of copy bandwidth against 0.7-0.84 for the separate kernels
+(docs/benchmarks.md section 7, session 8).
 """
 
 from __future__ import annotations
@@ -34,32 +33,6 @@ def fence_gpu(x):
                               is_pure=False, pack=1)
 
 
-@triton.jit
-def grid_barrier(bar_ptr, sense, num_programs, SPIN_LOAD: tl.constexpr = True):
-    """Wait until every program of the launch has called this with the same `sense` (read from bar_ptr[1] at the
-    kernel's start); returns the sense for the next barrier. bar_ptr[0] counts arrivals, bar_ptr[1] is the
-    flag. SPIN_LOAD: the waiting programs poll the flag with volatile loads (answered by L2 side by side) and
-    fence once it flips; else with atomic reads (serialized on the flag's address, the releasing exchange
-    queued behind them)."""
-    fence_gpu(sense)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_programs - 1:
-        tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(bar_ptr + 1, 1 - sense, sem="release", scope="gpu")
-    elif SPIN_LOAD:
-        flag = tl.load(bar_ptr + 1, volatile=True)
-        while flag == sense:
-            flag = tl.load(bar_ptr + 1, volatile=True)
-    else:
-        flag = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
-        while flag == sense:
-            flag = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
-    fence_gpu(sense)
-    return 1 - sense
-
-
 def counters(use: str, n: int, device: torch.device) -> torch.Tensor:
     """At least n zeroed int32 counters for `use` on the current stream of `device` (see the module's notes)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
@@ -73,13 +46,6 @@ def counters(use: str, n: int, device: torch.device) -> torch.Tensor:
         _buffers[key] = buf
         _every_buffer.append((use, buf))
     return buf
-
-
-def prepare(device: torch.device, uses: dict[str, int]) -> None:
-    """Make the counters of `uses` ({use: count}) for the current stream of `device` now, outside a capture: for
-    graphs captured without an eager run first (the weights ranks' whole-pass graphs)."""
-    for use, n in uses.items():
-        counters(use, n, device)
 
 
 def all_counters(use: str) -> list[torch.Tensor]:

@@ -61,13 +61,6 @@ class FFNSide:
         if "gate_up" in w:
             return _mlp(x, w["gate_up"], w["down"])
         has_shared = "shared_gate_up" in w        # the shared expert is added to the summed rows
-        if self._persistent(w, x, has_shared):
-            from crosspool.kernels.moe_persistent import moe_persistent
-
-            out, ids = moe_persistent(x, w["router"], w["experts_gate_up"], w["experts_down"], self.spec.routing)
-            if self.expert_hits is not None:
-                self.expert_hits[layer, ids.reshape(-1)] = 1
-            return out
         weights, ids = self._route(w, x.to(w["router"].dtype))
         if self.expert_hits is not None:
             self.expert_hits[layer, ids.reshape(-1)] = 1
@@ -83,15 +76,6 @@ class FFNSide:
                 shared = torch.sigmoid(ref.linear(x, w["shared_gate"])) * shared
             out = out + shared
         return out
-
-    def _persistent(self, w: dict[str, torch.Tensor], x: torch.Tensor, has_shared: bool) -> bool:
-        """Whether this MoE layer runs as one persistent kernel (`kernels.moe_persistent`, when ENABLED): the
-        Triton path, a greedy rule, no shared expert, the router in x's dtype, decode-sized x."""
-        if not (self.triton and self._fused_route and not has_shared and w["router"].dtype == x.dtype):
-            return False
-        from crosspool.kernels import moe_persistent
-
-        return moe_persistent.ENABLED and moe_persistent.applies(x, self.spec.routing)
 
     def _route(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, expert ids) of the tokens. Triton path at decode sizes: the router's skinny GEMM, its K-split

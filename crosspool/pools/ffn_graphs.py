@@ -83,14 +83,11 @@ class FFNGraphs:
         run the FFN, send the output (in `out_dtype`), on the lane's communicator. Each lane has its own graph
         memory (two lanes' passes run at once). The pairs must be connected already (`world.connect_pairs`)
         and the kernels compiled (`capture_all` ran them). Returns how many graphs were captured."""
-        from crosspool.kernels import moe_persistent, sync
         from crosspool.pools.world import lane_group
 
         for lane in range(lanes):
             pool = torch.cuda.graph_pool_handle()
             stream = capture_stream(self.device, ("lane", lane))     # lanes replay at once: own cuBLAS workspace
-            with torch.cuda.stream(stream):     # no eager pass runs first: the persistent MoE's barrier counters
-                sync.prepare(self.device, {moe_persistent.BARRIER_COUNTERS: 2})
             for bucket in reversed(self.buckets):
                 graph, outs = torch.cuda.CUDAGraph(), []
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
