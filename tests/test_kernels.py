@@ -185,58 +185,6 @@ def test_mla_absorbed_reference_equals_unabsorbed() -> None:
     torch.testing.assert_close(latent_to_output(o_latent, w_uv), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["decode", "mla", "rope_decode", "prefill"])
-def test_last_split_merges_gives_the_combine_kernels_bits(kernel: str, monkeypatch) -> None:  # noqa: ANN001
-    """With `LAST_SPLIT_MERGES`, the attention kernel's last split of each tile merges the parts itself: the same
-    bits as the separate `_combine_kernel` (same merge, same order), no combine launch, every counter back at 0
-    after the launch (a second launch reuses them), and padding rows still zeros."""
-    from crosspool.kernels import paged_attention as pa
-    from crosspool.kernels import rope_decode as rd
-    from crosspool.kernels import sync
-
-    ctx = [1, 17, 0, 129, 200, 301]
-    b, heads, kv_heads, dim, scale = len(ctx), 8, 2, 32, 32**-0.5
-    combines = []
-    combine = pa._combine
-    monkeypatch.setattr(pa, "_combine", lambda *a: combines.append(1) or combine(*a))
-    monkeypatch.setattr(rd, "_combine", pa._combine)
-
-    def run(p: Paged) -> torch.Tensor:
-        if kernel == "decode":
-            return paged_decode_attention(p.q, *p.caches, p.tables, p.context_lens, scale, num_splits=4)
-        if kernel == "mla":
-            return mla_decode_attention(p.q, p.q_pe, p.caches[0], p.tables, p.context_lens, scale, num_splits=4)
-        if kernel == "prefill":
-            return paged_prefill_attention(p.q, *p.caches, p.tables, p.cu_seqlens, p.context_lens, scale,
-                                           p.max_q_len, num_splits=3)
-        g = torch.Generator().manual_seed(9)
-        k, v = (torch.randn(b, kv_heads, dim, generator=g).to(DEVICE) for _ in range(2))
-        cos, sin = _rope_tables(b, dim, g)
-        last = (p.context_lens - 1).clamp(min=0)
-        slots = torch.where(p.context_lens > 0, p.tables.gather(1, (last // 16)[:, None])[:, 0] * 16 + last % 16, -1)
-        return rope_decode_attention(p.q, k, v, cos, sin, slots, *p.caches, p.tables, p.context_lens, scale,
-                                     False, None, num_splits=4)
-
-    def inputs() -> Paged:
-        q_lens = [min(c, 5) for c in ctx] if kernel == "prefill" else [1] * b
-        lens = [max(c, 1) for c in ctx] if kernel == "prefill" else ctx
-        if kernel == "mla":
-            return Paged(lens, q_lens, heads, 1, dim, torch.float32, mla_rope_dim=8, seed=3)
-        return Paged(lens, q_lens, heads, kv_heads, dim, torch.float32, seed=3)
-
-    outs = {}
-    for merge in (False, True):
-        monkeypatch.setattr(pa, "LAST_SPLIT_MERGES", merge)
-        combines.clear()
-        p = inputs()
-        outs[merge] = [run(p), run(p)]          # twice: the counters must be back at 0 for the second
-        assert bool(combines) != merge
-    assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False], strict=True))
-    assert all(int(c.abs().sum()) == 0 for c in sync.all_counters("split-merge"))
-    if kernel != "prefill":
-        assert torch.equal(outs[True][0][2], torch.zeros_like(outs[True][0][2]))    # the padding row
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads,rank,rope", [(16, 64, 16), (5, 32, 8)])
 @pytest.mark.parametrize("num_splits", [1, 3])

@@ -54,7 +54,7 @@ def _ms(fn, reps: int = 20) -> float:  # noqa: ANN001
         fn()                   # compile / autotune outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):     # the warm-up's stream (per-stream buffers: kernels.sync)
+    with torch.cuda.graph(graph, stream=stream):     # on the warm-up's stream
         for _ in range(reps):
             fn()
     graph.replay()

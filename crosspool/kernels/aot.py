@@ -31,8 +31,6 @@ class Case:
 
 _GEMV_TILE = {"BLOCK_N": 16, "BLOCK_K": 128}
 _GEMM_TILE = {"BLOCK_N": 128, "BLOCK_K": 64, "DOT_PRECISION": "tf32"}
-_NO_MERGE = {"MERGE": False, "FENCE": False}
-_MERGE = {"MERGE": True, "FENCE": True}        # the attention kernels' in-kernel split merge
 
 CASES = [
     Case("norm_rope", "_rms_norm_kernel", {"HAS_RESIDUAL": True, "BLOCK": 2048, "TOP_K": 0}),
@@ -45,46 +43,34 @@ CASES = [
     Case("paged_attention", "_paged_attention_kernel",
          {"GROUP": 1, "HEAD_BLOCKS": 1, "NUM_SPLITS": 8, "D": 128, "BLOCK_D": 128, "PE_DIM": 0, "BLOCK_PE": 16,
           "DV": 128, "BLOCK_DV": 128, "V_IS_K": False, "PAGE_SIZE": 16, "BLOCK_Q": 1, "BLOCK_H": 16,
-          "BLOCK_N": 64, "IS_DECODE": True, "DOT_PRECISION": "tf32", **_NO_MERGE},
+          "BLOCK_N": 64, "IS_DECODE": True, "DOT_PRECISION": "tf32"},
          {"block_tables_ptr": "*i64", "cu_q_ptr": "*i64", "context_lens_ptr": "*i64", "out_ptr": "*fp32",
           "lse_ptr": "*fp32"}),
     Case("paged_attention", "_paged_attention_kernel",         # Qwen3 prefill: GQA group 8, 8 tokens x 8 heads
          {"GROUP": 8, "HEAD_BLOCKS": 1, "NUM_SPLITS": 1, "D": 128, "BLOCK_D": 128, "PE_DIM": 0, "BLOCK_PE": 16,
           "DV": 128, "BLOCK_DV": 128, "V_IS_K": False, "PAGE_SIZE": 16, "BLOCK_Q": 8, "BLOCK_H": 8,
-          "BLOCK_N": 64, "IS_DECODE": False, "DOT_PRECISION": "tf32", **_NO_MERGE},
+          "BLOCK_N": 64, "IS_DECODE": False, "DOT_PRECISION": "tf32"},
          {"block_tables_ptr": "*i64", "cu_q_ptr": "*i32", "context_lens_ptr": "*i64"}),
     Case("paged_attention", "_paged_attention_kernel",         # DeepSeek MLA decode over the cached latent
          {"GROUP": 16, "HEAD_BLOCKS": 1, "NUM_SPLITS": 4, "D": 512, "BLOCK_D": 512, "PE_DIM": 64, "BLOCK_PE": 64,
           "DV": 512, "BLOCK_DV": 512, "V_IS_K": True, "PAGE_SIZE": 16, "BLOCK_Q": 1, "BLOCK_H": 16,
-          "BLOCK_N": 32, "IS_DECODE": True, "DOT_PRECISION": "tf32", **_NO_MERGE},
+          "BLOCK_N": 32, "IS_DECODE": True, "DOT_PRECISION": "tf32"},
          {"block_tables_ptr": "*i64", "cu_q_ptr": "*i64", "context_lens_ptr": "*i64", "out_ptr": "*fp32",
           "lse_ptr": "*fp32"}),
     Case("rope_decode", "_rope_decode_kernel",             # OLMoE decode, q/k norm over all heads
          {"GROUP": 1, "HEAD_BLOCKS": 1, "NUM_SPLITS": 8, "HALF": 64, "BLOCK_HALF": 64, "DV": 128, "BLOCK_DV": 128,
           "PAGE_SIZE": 16, "BLOCK_H": 16, "BLOCK_N": 64, "BLOCK_HQ": 16, "BLOCK_HKV": 16, "INTERLEAVED": False,
-          "NORM": 3, "DOT_PRECISION": "tf32", **_NO_MERGE},
+          "NORM": 3, "DOT_PRECISION": "tf32"},
          {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "slots_ptr": "*i64", "block_tables_ptr": "*i64",
           "context_lens_ptr": "*i64", "out_ptr": "*fp32", "lse_ptr": "*fp32"}),
     Case("rope_decode", "_rope_decode_kernel",             # Qwen3 decode: GQA group 8, per-head q/k norm
          {"GROUP": 8, "HEAD_BLOCKS": 1, "NUM_SPLITS": 1, "HALF": 64, "BLOCK_HALF": 64, "DV": 128, "BLOCK_DV": 128,
           "PAGE_SIZE": 16, "BLOCK_H": 16, "BLOCK_N": 64, "BLOCK_HQ": 32, "BLOCK_HKV": 4, "INTERLEAVED": False,
-          "NORM": 1, "DOT_PRECISION": "tf32", **_NO_MERGE},
+          "NORM": 1, "DOT_PRECISION": "tf32"},
          {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "slots_ptr": "*i64", "block_tables_ptr": "*i64",
           "context_lens_ptr": "*i64"}),
-    Case("paged_attention", "_paged_attention_kernel",         # OLMoE decode, the last split merging
-         {"GROUP": 1, "HEAD_BLOCKS": 1, "NUM_SPLITS": 8, "D": 128, "BLOCK_D": 128, "PE_DIM": 0, "BLOCK_PE": 16,
-          "DV": 128, "BLOCK_DV": 128, "V_IS_K": False, "PAGE_SIZE": 16, "BLOCK_Q": 1, "BLOCK_H": 16,
-          "BLOCK_N": 64, "IS_DECODE": True, "DOT_PRECISION": "tf32", **_MERGE},
-         {"block_tables_ptr": "*i64", "cu_q_ptr": "*i64", "context_lens_ptr": "*i64", "out_ptr": "*fp32",
-          "lse_ptr": "*fp32", "counter_ptr": "*i32"}),
-    Case("rope_decode", "_rope_decode_kernel",             # OLMoE decode, the last split merging
-         {"GROUP": 1, "HEAD_BLOCKS": 1, "NUM_SPLITS": 8, "HALF": 64, "BLOCK_HALF": 64, "DV": 128, "BLOCK_DV": 128,
-          "PAGE_SIZE": 16, "BLOCK_H": 16, "BLOCK_N": 64, "BLOCK_HQ": 16, "BLOCK_HKV": 16, "INTERLEAVED": False,
-          "NORM": 3, "DOT_PRECISION": "tf32", **_MERGE},
-         {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "slots_ptr": "*i64", "block_tables_ptr": "*i64",
-          "context_lens_ptr": "*i64", "out_ptr": "*fp32", "lse_ptr": "*fp32", "counter_ptr": "*i32"}),
     Case("paged_attention", "_combine_kernel",
-         {"NUM_SPLITS": 8, "DV": 128, "BLOCK_DV": 128, "BLOCK_HC": 1},
+         {"NUM_SPLITS": 8, "BLOCK_S": 8, "DV": 128, "BLOCK_DV": 128, "BLOCK_HC": 1},
          {"part_ptr": "*fp32", "lse_ptr": "*fp32"}),
     Case("routing", "_route_kernel",
          {"TOP_K": 8, "BLOCK_K": 8, "BLOCK_E": 64, "SIGMOID": False, "NORMALIZE": False, "SPLIT": 0},

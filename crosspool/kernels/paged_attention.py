@@ -28,24 +28,18 @@ reference does.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from crosspool.kernels import pdl, sync
+from crosspool.kernels import pdl
 from crosspool.kernels._common import block_dim, cdiv, dot_precision, next_pow2, num_sms
 from crosspool.kernels.pdl import enter as pdl_enter
-from crosspool.kernels.sync import fence_gpu
 
 LOG2E = math.log2(math.e)
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 128
-# split-KV: the last split of a tile to finish merges the splits' parts in the attention kernel itself
-# (`_last_split_merges`), instead of `_combine_kernel` after it: one launch fewer per layer. Off until timed on
-# the H200: CROSSPOOL_LAST_SPLIT_MERGES=1 turns it on.
-LAST_SPLIT_MERGES = os.environ.get("CROSSPOOL_LAST_SPLIT_MERGES", "0") != "0"
 
 @triton.jit
 def _attend(
@@ -99,12 +93,9 @@ def _attend(
 def _store_rows(
     m, l_sum, acc, out_ptr, lse_ptr, tok, head, row_ok, split,
     stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
-    final_ptr, stride_ft, stride_fh, counter_ptr,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE: tl.constexpr,
-    FENCE: tl.constexpr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
-    """The tile's normalized output: final with one split, else this split's fp32 part and log-sum-exp; with
-    MERGE, the tile's last split to finish then merges every split's part into `final_ptr` (`_last_split_merges`)."""
+    """The tile's normalized output: final with one split, else this split's fp32 part and log-sum-exp."""
     offs_dv = tl.arange(0, BLOCK_DV)
     o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
@@ -115,69 +106,6 @@ def _store_rows(
         tl.store(o_ptrs + split * stride_os, o, mask=o_mask)
         lse = tl.where(l_sum > 0, m + tl.log2(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
         tl.store(lse_ptr + tok * stride_lt + head * stride_lh + split, lse, mask=row_ok)
-        if MERGE:
-            _last_split_merges(out_ptr, lse_ptr, final_ptr, counter_ptr, tok, head, row_ok, split,
-                               stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ft, stride_fh,
-                               DV, BLOCK_DV, NUM_SPLITS, FENCE)
-
-
-@triton.jit
-def _last_split_merges(
-    part_ptr, lse_ptr, final_ptr, counter_ptr, tok, head, row_ok, split,
-    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ft, stride_fh,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, FENCE: tl.constexpr,
-):
-    """Count this split in at the tile's counter; the split that arrives last merges all parts (in split order,
-    as `_combine_kernel`: the same bits) and resets the counter to 0 for the next launch. The last-block
-    pattern: every thread fences its stores (gpu scope) and the block syncs before the acq_rel count, so the
-    merging program sees every part; it loads them past L1 (FENCE: on the GPU; the interpreter runs programs
-    one after another)."""
-    if FENCE:
-        fence_gpu(split)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == NUM_SPLITS - 1:
-        if FENCE:
-            fence_gpu(split)
-        _merge_rows(part_ptr, lse_ptr, final_ptr, tok, head, row_ok, stride_pt, stride_ph, stride_ps, stride_lt,
-                    stride_lh, stride_ft, stride_fh, DV, BLOCK_DV, NUM_SPLITS, FENCE)
-        tl.atomic_xchg(counter_ptr, 0)
-
-
-@triton.jit
-def _merge_rows(
-    part_ptr, lse_ptr, out_ptr, tok, head, row_ok,
-    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, PAST_L1: tl.constexpr,
-):
-    """out[tok, head] = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max) for the rows (tok, head) given
-    (log-sum-exp merge, base 2); PAST_L1 loads with .cg (other programs wrote the parts). Every sum runs over
-    the splits in order within a row (no cross-thread reduction), so the bits do not depend on the tile shape
-    of the kernel it is inlined in (`_combine_kernel`'s and the attention kernels' give the same)."""
-    offs_dv = tl.arange(0, BLOCK_DV)
-    lse_rows = lse_ptr + tok * stride_lt + head * stride_lh
-    m = tl.full([tok.shape[0]], float("-inf"), tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        m = tl.maximum(m, _load(lse_rows + s, row_ok, float("-inf"), PAST_L1))
-    m = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.zeros([tok.shape[0]], tl.float32)
-    o = tl.zeros([tok.shape[0], BLOCK_DV], tl.float32)
-    o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
-    part_rows = part_ptr + tok[:, None] * stride_pt + head[:, None] * stride_ph + offs_dv[None, :]
-    for s in tl.static_range(NUM_SPLITS):
-        w = tl.exp2(_load(lse_rows + s, row_ok, float("-inf"), PAST_L1) - m)
-        total += w
-        o += w[:, None] * _load(part_rows + s * stride_ps, o_mask, 0.0, PAST_L1)
-    o = o / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=o_mask)
-
-
-@triton.jit
-def _load(ptrs, mask, other, PAST_L1: tl.constexpr):
-    if PAST_L1:
-        return tl.load(ptrs, mask=mask, other=other, cache_modifier=".cg")
-    return tl.load(ptrs, mask=mask, other=other)
 
 
 @triton.jit
@@ -190,13 +118,11 @@ def _paged_attention_kernel(
     stride_bt,
     stride_ot, stride_oh, stride_os,
     stride_lt, stride_lh,
-    final_ptr, counter_ptr, stride_ft, stride_fh,
     GROUP: tl.constexpr, HEAD_BLOCKS: tl.constexpr, NUM_SPLITS: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PE_DIM: tl.constexpr, BLOCK_PE: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, V_IS_K: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_DECODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    MERGE: tl.constexpr = False, FENCE: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     pdl_enter(USE_PDL)
@@ -248,26 +174,41 @@ def _paged_attention_kernel(
     m, l_sum, acc = _attend(q, q_pe, k_ptr, v_ptr, block_tables_ptr, seq, kv_head, lo, hi, q_pos, m, l_sum, acc,
                             scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
                             D, BLOCK_D, PE_DIM, BLOCK_PE, DV, BLOCK_DV, V_IS_K, PAGE_SIZE, BLOCK_N, DOT_PRECISION)
-    # the tile of the splits of this (sequence, query block, head block): its counter with MERGE
-    tile = (seq * tl.num_programs(1) + q_block) * (tl.num_programs(0) // NUM_SPLITS) + pid // NUM_SPLITS
     _store_rows(m, l_sum, acc, out_ptr, lse_ptr, tok, head, row_ok, split, stride_ot, stride_oh, stride_os,
-                stride_lt, stride_lh, final_ptr, stride_ft, stride_fh, counter_ptr + tile,
-                DV, BLOCK_DV, NUM_SPLITS, MERGE, FENCE)
+                stride_lt, stride_lh, DV, BLOCK_DV, NUM_SPLITS)
 
 
 @triton.jit
 def _combine_kernel(
     part_ptr, lse_ptr, out_ptr, num_heads,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_HC: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_HC: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
-    """The splits' merge (`_merge_rows`) for BLOCK_HC heads of one token per program."""
+    """out[t, h] = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max) (log-sum-exp merge, base 2), for
+    BLOCK_HC heads of one token per program."""
     pdl_enter(USE_PDL)
+    t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_HC + tl.arange(0, BLOCK_HC)
-    tok = tl.zeros([BLOCK_HC], tl.int64) + tl.program_id(0)
-    _merge_rows(part_ptr, lse_ptr, out_ptr, tok, heads, heads < num_heads, stride_pt, stride_ph, stride_ps,
-                stride_lt, stride_lh, stride_ot, stride_oh, DV, BLOCK_DV, NUM_SPLITS, False)
+    h_ok = heads < num_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    lse_row = lse_ptr + t * stride_lt + heads * stride_lh
+    lse = tl.load(lse_row[:, None] + offs_s[None, :], mask=h_ok[:, None] & (offs_s[None, :] < NUM_SPLITS),
+                  other=float("-inf"))
+    m = tl.max(lse, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp2(lse - m[:, None]), 1)
+    o = tl.zeros([BLOCK_HC, BLOCK_DV], tl.float32)
+    o_mask = h_ok[:, None] & (offs_dv[None, :] < DV)
+    part_rows = part_ptr + t * stride_pt + heads[:, None] * stride_ph + offs_dv[None, :]
+    for s in tl.static_range(NUM_SPLITS):
+        w = tl.exp2(tl.load(lse_row + s, mask=h_ok, other=float("-inf")) - m)
+        o += w[:, None] * tl.load(part_rows + s * stride_ps, mask=o_mask, other=0.0)
+    o = o / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=o_mask)
 
 
 def _tiles(decode: bool, group: int, dv: int) -> tuple[int, int, int]:
@@ -309,20 +250,9 @@ def _combine(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
     _combine_kernel[(t, cdiv(hq, block_hc))](
         part, lse, out, hq,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, DV=dv, BLOCK_DV=next_pow2(dv), BLOCK_HC=block_hc,
+        NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits), DV=dv, BLOCK_DV=next_pow2(dv), BLOCK_HC=block_hc,
         **pdl.options(out.device),
     )
-
-
-def split_merge_args(out: torch.Tensor, num_splits: int, tiles: int) -> tuple[tuple, dict[str, object], bool]:
-    """The attention kernels' merge arguments for `tiles` tiles of splits writing into `out` [T, H, Dv]:
-    (final_ptr, counter_ptr, stride_ft, stride_fh), their constexprs, and whether the kernel merges (else the
-    caller runs `_combine` after it)."""
-    merge = num_splits > 1 and LAST_SPLIT_MERGES
-    counters = sync.counters("split-merge", tiles, out.device) if merge else out     # never read without MERGE
-    fence = merge and out.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-    return ((out, counters, out.stride(0), out.stride(1)),
-            {"MERGE": merge, "FENCE": fence}, merge)
 
 
 def _attention(
@@ -351,7 +281,6 @@ def _attention(
     q_pe_arg = q if q_pe is None else q_pe
     v_arg = k_cache if v_cache is None else v_cache
     grid = (hkv * head_blocks * num_splits, q_blocks, batch)
-    merge_args, merge_kw, merged = split_merge_args(out, num_splits, batch * q_blocks * hkv * head_blocks)
     _paged_attention_kernel[grid](
         q, q_pe_arg, k_cache, v_arg, block_tables, context_lens if decode else cu_seqlens_q, context_lens,
         target, lse,
@@ -362,15 +291,14 @@ def _attention(
         block_tables.stride(0),
         target.stride(0), target.stride(1), stride_os,
         stride_lt, stride_lh,
-        *merge_args,
         GROUP=group, HEAD_BLOCKS=head_blocks, NUM_SPLITS=num_splits,
         D=d, BLOCK_D=block_dim(d), PE_DIM=pe_dim, BLOCK_PE=block_dim(pe_dim),
         DV=dv, BLOCK_DV=block_dim(dv), V_IS_K=v_cache is None,
         PAGE_SIZE=page_size, BLOCK_Q=block_q, BLOCK_H=block_h, BLOCK_N=block_n,
         IS_DECODE=decode, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4 if block_q * block_h <= 32 else 8, **merge_kw, **pdl.options(q.device),
+        num_warps=4 if block_q * block_h <= 32 else 8, **pdl.options(q.device),
     )
-    if num_splits > 1 and not merged:
+    if num_splits > 1:
         _combine(target, lse, out)
     return out
 

@@ -27,7 +27,6 @@ from crosspool.kernels.paged_attention import (
     _store_rows,
     _tiles,
     default_num_splits,
-    split_merge_args,
 )
 from crosspool.kernels.pdl import enter as pdl_enter
 
@@ -62,13 +61,11 @@ def _rope_decode_kernel(
     stride_bt,
     stride_ot, stride_oh, stride_os,
     stride_lt, stride_lh,
-    final_ptr, counter_ptr, stride_ft, stride_fh,
     GROUP: tl.constexpr, HEAD_BLOCKS: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    MERGE: tl.constexpr = False, FENCE: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     """Decode attention with `rope_write_kv` folded in: the program of (sequence, KV head, head block, split)
@@ -155,10 +152,8 @@ def _rope_decode_kernel(
         tl.store(vc_rows + offs_dv[None, :], v_new, mask=v_ok)
 
     tok = tl.zeros([BLOCK_H], tl.int64) + t
-    tile = seq * (tl.num_programs(0) // NUM_SPLITS) + pid // NUM_SPLITS        # its counter with MERGE
     _store_rows(m, l_sum, acc, out_ptr, lse_ptr, tok, head, row_ok, split, stride_ot, stride_oh, stride_os,
-                stride_lt, stride_lh, final_ptr, stride_ft, stride_fh, counter_ptr + tile,
-                DV, BLOCK_DV, NUM_SPLITS, MERGE, FENCE)
+                stride_lt, stride_lh, DV, BLOCK_DV, NUM_SPLITS)
 
 
 def rope_decode_attention(
@@ -189,7 +184,6 @@ def rope_decode_attention(
     # "full" (OLMoE) norms over all heads: each program sums the whole row's squares itself (NORM 3)
     norm, q_w, k_w, eps = qk_norm_args(qk_norm, q, k, full=3)
     target, lse, (stride_os, stride_lt, stride_lh) = _split_outputs(out, num_splits)
-    merge_args, merge_kw, merged = split_merge_args(out, num_splits, b * hkv * head_blocks)
     _rope_decode_kernel[(hkv * head_blocks * num_splits, b)](
         q, k, v, cos, sin, slot_mapping, q_w, k_w, eps,
         k_cache, v_cache, block_tables, context_lens, target, lse,
@@ -200,14 +194,13 @@ def rope_decode_attention(
         block_tables.stride(0),
         target.stride(0), target.stride(1), stride_os,
         stride_lt, stride_lh,
-        *merge_args,
         GROUP=group, HEAD_BLOCKS=head_blocks, NUM_SPLITS=num_splits,
         HALF=d // 2, BLOCK_HALF=block_dim(d // 2), DV=dv, BLOCK_DV=block_dim(dv),
         PAGE_SIZE=page_size, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_HQ=next_pow2(hq), BLOCK_HKV=next_pow2(hkv), INTERLEAVED=interleaved, NORM=norm,
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4 if block_h <= 32 else 8, **merge_kw, **pdl.options(q.device),
+        num_warps=4 if block_h <= 32 else 8, **pdl.options(q.device),
     )
-    if num_splits > 1 and not merged:
+    if num_splits > 1:
         _combine(target, lse, out)
     return out
