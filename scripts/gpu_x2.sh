@@ -21,6 +21,7 @@
 #   bash scripts/gpu_x2.sh s7c        # A: the L2 prefetch probe, OLMoE decode with the experts' evict_first off / on
 #                                     #    | B: their GPU tests, the Qwen3 1k row again
 #   bash scripts/gpu_x2.sh check      # A: the kernels' GPU tests | B: switches' bit tests, OLMoE decode (defaults)
+#   bash scripts/gpu_x2.sh early      # A: GPU tests of the early first KV block (bits) | B: OLMoE decode off / on, twice
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -285,6 +286,15 @@ if [ "$stage" = check ]; then  # issue 4, after session 8's removals: the kernel
         t 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k "evict_first or programmatic" 2>&1 | tail -3
         variants ""
     }
+    both
+fi
+
+if [ "$stage" = early ]; then  # issue 4, session 9: the fused RoPE decode kernel's first cache block loaded early
+    ckpt olmoe-1b-7b $OLMOE
+    job_a() {
+        t 250 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py -k "early_kv or rope" 2>&1 | tail -3
+    }
+    job_b() { variants "" CROSSPOOL_EARLY_KV=1 "" CROSSPOOL_EARLY_KV=1; }
     both
 fi
 

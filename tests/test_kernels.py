@@ -407,6 +407,31 @@ def test_rope_write_kv_mla() -> None:
 # Decode with q/k norm, RoPE and the KV write inside the attention kernel (`rope_decode_attention`)
 
 
+def _rope_decode_inputs(ctx: list[int], heads: int, kv_heads: int, dim: int, dtype: torch.dtype, seed: int,
+                        kind: str | None, eps: float = 1e-6) -> tuple:
+    """One decode row per context in `ctx` (0: a padding row, slot -1): q, k, v as slices of one QKV row (as in the
+    engine), cos/sin, the new tokens' slots, the q/k norm argument of `kind` (None, "head", "full") and the normed
+    q and k, and three paged caches with the same contents."""
+    b = len(ctx)
+    pages = tuple(Paged(ctx, [1] * b, heads, kv_heads, dim, dtype, seed=seed) for _ in range(3))
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, (heads + 2 * kv_heads) * dim, generator=g).to(DEVICE, dtype)
+    q, k, v = (x.view(b, -1, dim) for x in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+    cos, sin = _rope_tables(b, dim, g)
+    lens, tables, block_size = pages[0].context_lens, pages[0].tables, pages[0].caches[0].shape[1]
+    last = (lens - 1).clamp(min=0)
+    slots = torch.where(lens > 0, tables.gather(1, (last // block_size)[:, None])[:, 0] * block_size
+                        + last % block_size, -1)
+    qk_norm, q_n, k_n = None, q, k
+    if kind is not None:
+        n_q, n_k = (dim, dim) if kind == "head" else (heads * dim, kv_heads * dim)
+        q_w, k_w = ((1 + 0.1 * torch.randn(n, generator=g)).to(DEVICE, dtype) for n in (n_q, n_k))
+        qk_norm = (kind, q_w, k_w, eps)
+        q_n, k_n = (ref.rms_norm(x, w, eps) if kind == "head" else ref.rms_norm(x.reshape(b, -1), w, eps).view(x.shape)
+                    for x, w in ((q, q_w), (k, k_w)))
+    return q, k, v, cos, sin, slots, qk_norm, q_n, k_n, pages
+
+
 @pytest.mark.parametrize("dtype,num_splits", [(torch.float32, 1), (torch.float32, 3), (torch.float16, 3)])
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 1)])        # GQA groups 1 and 4
 @pytest.mark.parametrize("kind", [None, "head", "full"])             # Mixtral / Qwen2-MoE, Qwen3-MoE, OLMoE
@@ -417,26 +442,10 @@ def test_rope_decode_attention(dtype: torch.dtype, heads: int, kv_heads: int, ki
     `paged_decode_attention` and of the torch reference. q, k, v are slices of one QKV row, as in the engine.
     Contexts cross blocks of 16; with 3 splits (of 64 keys) the new token of context 129 is alone in the third
     split and that of 200 ends the second; row 2 is padding (context 0, slot -1)."""
-    dim, eps, scale, block_size = 32, 1e-6, 32**-0.5, 16
-    ctx = [1, 17, 0, 129, 200]
-    b = len(ctx)
-    seed = heads + 2 * num_splits + int(interleaved)
-    pf, pu, pr = (Paged(ctx, [1] * b, heads, kv_heads, dim, dtype, seed=seed) for _ in range(3))
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(b, (heads + 2 * kv_heads) * dim, generator=g).to(DEVICE, dtype)
-    q, k, v = (x.view(b, -1, dim) for x in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
-    cos, sin = _rope_tables(b, dim, g)
+    dim, scale = 32, 32**-0.5
+    q, k, v, cos, sin, slots, qk_norm, q_n, k_n, (pf, pu, pr) = _rope_decode_inputs(
+        [1, 17, 0, 129, 200], heads, kv_heads, dim, dtype, heads + 2 * num_splits + int(interleaved), kind)
     lens = pf.context_lens
-    last = (lens - 1).clamp(min=0)
-    slots = torch.where(lens > 0, pf.tables.gather(1, (last // block_size)[:, None])[:, 0] * block_size
-                        + last % block_size, -1)
-    qk_norm, q_n, k_n = None, q, k
-    if kind is not None:
-        n_q, n_k = (dim, dim) if kind == "head" else (heads * dim, kv_heads * dim)
-        q_w, k_w = ((1 + 0.1 * torch.randn(n, generator=g)).to(DEVICE, dtype) for n in (n_q, n_k))
-        qk_norm = (kind, q_w, k_w, eps)
-        q_n, k_n = (ref.rms_norm(x, w, eps) if kind == "head" else ref.rms_norm(x.reshape(b, -1), w, eps).view(x.shape)
-                    for x, w in ((q, q_w), (k, k_w)))
     keep = lens > 0
     q_rot = ref.apply_rope(q_n, cos, sin, interleaved)
     ref.write_kv(pr.caches[0], slots[keep], ref.apply_rope(k_n, cos, sin, interleaved)[keep])
@@ -456,6 +465,26 @@ def test_rope_decode_attention(dtype: torch.dtype, heads: int, kv_heads: int, ki
     for fused_cache, unfused_cache, want_cache in zip(pf.caches, pu.caches, pr.caches, strict=True):
         _close(fused_cache, unfused_cache, dtype)
         _close(fused_cache, want_cache, dtype)
+
+
+@pytest.mark.parametrize("kind,heads,kv_heads", [("full", 4, 4), ("head", 8, 2)])    # OLMoE-like, Qwen3-like
+def test_rope_decode_early_kv_gives_the_same_bits(kind: str, heads: int, kv_heads: int, monkeypatch) -> None:  # noqa: ANN001
+    """With `EARLY_KV` the fused kernel loads its first cache block before the q/k norm and rotation and folds it
+    before walking the rest: output and caches bit for bit those without. Contexts give splits whose walk is
+    empty (1, 17 with 4 splits), one block, several blocks, the new token alone in a split, and a padding row."""
+    from crosspool.kernels import rope_decode
+
+    dim, scale = 32, 32**-0.5
+    runs = []
+    for early in (False, True):
+        monkeypatch.setattr(rope_decode, "EARLY_KV", early)
+        q, k, v, cos, sin, slots, qk_norm, _, _, (pages, _, _) = _rope_decode_inputs(
+            [1, 17, 0, 129, 200, 64, 65], heads, kv_heads, dim, torch.float16, 11, kind)
+        outs = [rope_decode_attention(q, k, v, cos, sin, slots, *pages.caches, pages.tables, pages.context_lens,
+                                      scale, False, qk_norm, num_splits=splits) for splits in (1, 4)]
+        runs.append((outs, [c.clone() for c in pages.caches]))
+    for a, b in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1], strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])     # q/k norm over all heads, per head

@@ -51,42 +51,63 @@ def _attend(
 ):
     """Online softmax of the tile's rows (queries q, plus q_pe against the D.. part of each cache row when
     PE_DIM > 0) over keys [lo, hi) of sequence `seq`, KV head `kv_head`, folded into (m, l_sum, acc)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_pe = tl.arange(0, BLOCK_PE)
-    pe_ok = offs_pe < PE_DIM
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < DV
     for start in tl.range(lo, hi, BLOCK_N):
-        k_pos = start + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < hi
-        page = tl.load(block_tables_ptr + seq * stride_bt + k_pos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
-        slot = k_pos % PAGE_SIZE
-        k_row = page * stride_kb + slot * stride_ks + kv_head * stride_kh
-        k = tl.load(k_ptr + k_row[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if PE_DIM > 0:
-            # MLA: the rotated shared key follows the latent in the same cache row
-            k_pe = tl.load(k_ptr + k_row[:, None] + D + offs_pe[None, :], mask=k_ok[:, None] & pe_ok[None, :],
-                           other=0.0)
-            s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
-        s = s * scale_log2
-        visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        # rows that have seen no visible key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        if V_IS_K:
-            v = k
-        else:
-            v_row = page * stride_vb + slot * stride_vs + kv_head * stride_vh
-            v = tl.load(v_ptr + v_row[:, None] + offs_dv[None, :], mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+        k_pos, k_ok, page, slot = _block_rows(block_tables_ptr, seq, start, hi, stride_bt, PAGE_SIZE, BLOCK_N)
+        k = _cache_rows(k_ptr, page, slot, k_ok, kv_head, stride_kb, stride_ks, stride_kh, 0, D, BLOCK_D)
+        m, l_sum, acc = _fold_block(q, q_pe, k, k, k, k_ptr, v_ptr, page, slot, k_pos, k_ok, kv_head, q_pos, m,
+                                    l_sum, acc, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                    stride_vh, D, PE_DIM, BLOCK_PE, DV, BLOCK_DV, V_IS_K, False, DOT_PRECISION)
     return m, l_sum, acc
+
+
+@triton.jit
+def _block_rows(block_tables_ptr, seq, start, hi, stride_bt, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [start, start + BLOCK_N) of sequence `seq`: their positions, which are below `hi`, and their pages
+    and slots in the cache (through the block table)."""
+    k_pos = start + tl.arange(0, BLOCK_N)
+    k_ok = k_pos < hi
+    page = tl.load(block_tables_ptr + seq * stride_bt + k_pos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
+    return k_pos, k_ok, page, k_pos % PAGE_SIZE
+
+
+@triton.jit
+def _cache_rows(ptr, page, slot, ok, head, stride_b, stride_s, stride_h, col, COLS: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """Columns [col, col + COLS) of a block's cache rows (keys, MLA's shared rotated key, or values)."""
+    row = page * stride_b + slot * stride_s + head * stride_h
+    offs = tl.arange(0, BLOCK)
+    return tl.load(ptr + row[:, None] + col + offs[None, :], mask=ok[:, None] & (offs < COLS)[None, :], other=0.0)
+
+
+@triton.jit
+def _fold_block(q, q_pe, k, k_pe, v, k_ptr, v_ptr, page, slot, k_pos, k_ok, kv_head, q_pos, m, l_sum, acc,
+                scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, D: tl.constexpr,
+                PE_DIM: tl.constexpr, BLOCK_PE: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                V_IS_K: tl.constexpr, LOADED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One block of keys k folded into the online softmax (m, l_sum, acc) of the rows q. With PE_DIM > 0, q_pe
+    against the rows' D.. part (k_pe); the values are the keys when V_IS_K. LOADED: k_pe and v were loaded by the
+    caller, ahead of time; else they are loaded here, k_pe after the first dot and v after the softmax (the order
+    the pipelined cache walk has always had)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if PE_DIM > 0:
+        if not LOADED:
+            k_pe = _cache_rows(k_ptr, page, slot, k_ok, kv_head, stride_kb, stride_ks, stride_kh, D, PE_DIM, BLOCK_PE)
+        s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
+    s = s * scale_log2
+    visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    # rows that have seen no visible key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    if V_IS_K:
+        v = k
+    elif not LOADED:
+        v = _cache_rows(v_ptr, page, slot, k_ok, kv_head, stride_vb, stride_vs, stride_vh, 0, DV, BLOCK_DV)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_sum, acc
 
 
 @triton.jit
