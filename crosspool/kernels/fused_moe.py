@@ -194,7 +194,7 @@ def _gemv_configs() -> list[triton.Config]:
 
 
 @triton.jit
-def load_expert_weights(ptrs, mask, STREAM: tl.constexpr):
+def _load_weights(ptrs, mask, STREAM: tl.constexpr):
     """An expert weight tile; with STREAM marked evict_first in L2 (read once a step: let it go before lines
     that will be read again, such as the attention side's weights)."""
     if STREAM:
@@ -238,8 +238,8 @@ def gate_up_tile(
         k_ok = offs_k < hidden - k0
         x = tl.load(x_ptr + token * stride_xt + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         w_mask = n_ok[:, None] & k_ok[None, :]
-        acc_g += load_expert_weights(g_ptrs + k0, w_mask, STREAM).to(tl.float32) * x[None, :]
-        acc_u += load_expert_weights(u_ptrs + k0, w_mask, STREAM).to(tl.float32) * x[None, :]
+        acc_g += _load_weights(g_ptrs + k0, w_mask, STREAM).to(tl.float32) * x[None, :]
+        acc_u += _load_weights(u_ptrs + k0, w_mask, STREAM).to(tl.float32) * x[None, :]
     g = tl.sum(acc_g, 1)
     h = g * tl.sigmoid(g) * tl.sum(acc_u, 1)
     tl.store(inter_ptr + pair * stride_it + offs_n, h.to(inter_ptr.dtype.element_ty), mask=n_ok)
@@ -279,7 +279,7 @@ def down_tile(
     for k0 in tl.range(0, inter_size, BLOCK_K):
         k_ok = offs_k < inter_size - k0
         h = tl.load(inter_ptr + pair * stride_it + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        acc += load_expert_weights(w_ptrs + k0, n_ok[:, None] & k_ok[None, :], STREAM).to(tl.float32) * h[None, :]
+        acc += _load_weights(w_ptrs + k0, n_ok[:, None] & k_ok[None, :], STREAM).to(tl.float32) * h[None, :]
     out = tl.sum(acc, 1) * tl.load(weights_ptr + pair).to(tl.float32)
     tl.store(y_ptr + pair * stride_yt + offs_n, out, mask=n_ok)
 
