@@ -292,7 +292,7 @@ fi
 if [ "$stage" = early ]; then  # issue 4, session 9: the fused RoPE decode kernel's first cache block loaded early
     ckpt olmoe-1b-7b $OLMOE
     job_a() {
-        t 250 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py -k "early_kv or rope" 2>&1 | tail -3
+        t 250 python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py tests/test_kernels.py -k "early_kv or rope" 2>&1 | tail -3
     }
     job_b() { variants "" CROSSPOOL_EARLY_KV=1 "" CROSSPOOL_EARLY_KV=1; }
     both
