@@ -211,23 +211,12 @@ def _gate_up_gemv_kernel(
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
-    """One program per (token, k) pair and BLOCK_N intermediate columns: `gate_up_tile`."""
+    """One (token, k) pair, BLOCK_N intermediate columns: multiply-and-sum, no tensor cores (M = 1)."""
     pdl_enter(USE_PDL)
-    gate_up_tile(x_ptr, w_ptr, inter_ptr, ids_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), hidden,
-                 inter_size, stride_xt, stride_we, stride_wn, stride_it, TOP_K, BLOCK_N, BLOCK_K, STREAM)
-
-
-@triton.jit
-def gate_up_tile(
-    x_ptr, w_ptr, inter_ptr, ids_ptr, pair, pid_n, hidden, inter_size,
-    stride_xt, stride_we, stride_wn, stride_it,
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr,
-):
-    """inter[pair, n-block pid_n] = silu(x . gate) * (x . up) of the pair's expert: multiply-and-sum, no tensor
-    cores (M = 1)."""
+    pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     token = pair // TOP_K
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter_size
     offs_k = tl.arange(0, BLOCK_K)
     g_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]   # [BLOCK_N, BLOCK_K]
@@ -254,26 +243,14 @@ def _down_gemv_kernel(
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
-    """One program per (pair, H-block), so the grid covers the GPU even for one token: `down_tile`; then
-    `_topk_sum_kernel` adds the K rows."""
-    pair = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
+    """y[pair, n-block] = weight[pair] * (inter[pair] . w_down[ids[pair], n]) in fp32, one program per
+    (pair, H-block) so the grid covers the GPU even for one token; `_topk_sum_kernel` adds the K rows."""
     pdl_enter(USE_PDL)
-    down_tile(inter_ptr, w_ptr, y_ptr, ids_ptr, weights_ptr, pair, pid_n, hidden, inter_size, stride_it, stride_we,
-              stride_wn, stride_yt, BLOCK_N, BLOCK_K, STREAM)
-
-
-@triton.jit
-def down_tile(
-    inter_ptr, w_ptr, y_ptr, ids_ptr, weights_ptr, pair, pid_n, hidden, inter_size,
-    stride_it, stride_we, stride_wn, stride_yt,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr,
-):
-    """y[pair, n-block pid_n] = weight[pair] * (inter[pair] . w_down[ids[pair], n]) in fp32."""
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pair = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
     w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in tl.range(0, inter_size, BLOCK_K):

@@ -81,32 +81,19 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
-    """One program per (N-block, K-split): `gemv_tile`."""
+    """out[s, t, n-block] = x[t, K-chunk s] . w[n, K-chunk s] (+ bias, only when SPLIT_K == 1), all T tokens
+    per weight tile read. out is y itself when SPLIT_K == 1 (stride_os unused), else the fp32 partials."""
+    pdl_enter(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pdl_enter(USE_PDL)
-    gemv_tile(x_ptr, w_ptr, b_ptr, out_ptr, pid_n, pid_k, T, N, K, stride_xt, stride_wn, stride_os, stride_ot,
-              BLOCK_T, SPLIT_K, HAS_BIAS, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def gemv_tile(
-    x_ptr, w_ptr, b_ptr, out_ptr, pid_n, pid_k, T, N, K,
-    stride_xt, stride_wn, stride_os, stride_ot,
-    BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """out[pid_k, t, n-block pid_n] = x[t, K-chunk pid_k] . w[n, K-chunk pid_k] (+ bias, only when SPLIT_K == 1),
-    all T tokens per weight tile read. out is y itself when SPLIT_K == 1 (stride_os unused), else the fp32
-    partials."""
+    offs_t = tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
     # every split walks the same number of BLOCK_K steps; steps past K load nothing (masked)
     k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_chunk
-    offs_t = tl.arange(0, BLOCK_T)
-    t_ok = offs_t < T
-    offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]     # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :]                  # [BLOCK_T, BLOCK_K]
     acc = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_K], tl.float32)

@@ -31,20 +31,10 @@ def _route_kernel(
     NORMALIZE: tl.constexpr, SPLIT: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
-    """One token's routing per program: `route_row`."""
-    pdl_enter(USE_PDL)
-    route_row(logits_ptr, weights_ptr, ids_ptr, round_ptr, tl.program_id(0).to(tl.int64), num_experts, stride_l,
-              stride_s, scale, eps, TOP_K, BLOCK_K, BLOCK_E, SIGMOID, NORMALIZE, SPLIT)
-
-
-@triton.jit
-def route_row(
-    logits_ptr, weights_ptr, ids_ptr, round_ptr, t, num_experts, stride_l, stride_s, scale, eps,
-    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
-    NORMALIZE: tl.constexpr, SPLIT: tl.constexpr,
-):
-    """Token t's routing. SPLIT == 0: logits_ptr holds the logits [T, E]; SPLIT > 0: the router's skinny-GEMM
+    """One token's routing. SPLIT == 0: logits_ptr holds the logits [T, E]; SPLIT > 0: the router's skinny-GEMM
     partials [SPLIT, T, E] (fp32), summed here in order and rounded to round_ptr's dtype, as `gemv` would."""
+    pdl_enter(USE_PDL)
+    t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < num_experts
     if SPLIT == 0:
