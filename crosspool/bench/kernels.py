@@ -159,7 +159,7 @@ def moe_ffn_rows(copy_bw: float, device: torch.device) -> list[dict]:
             bytes_read = (used * (wgu[0].numel() + wd[0].numel()) + router.numel()) * 2
             ms = _ms(lambda x=x, wgu=wgu, wd=wd, router=router, routing=routing: fused_moe(
                 x, wgu, wd, *route_linear(x, router, routing), small=True, reduce=False))
-            rows.append({"shape": name, "tokens": t, "path": "four kernels", "us": ms * 1e3, "experts_used": used,
+            rows.append({"shape": name, "tokens": t, "us": ms * 1e3, "experts_used": used,
                          "copy_bw_fraction": bytes_read / (ms / 1e3) / copy_bw})
     return rows
 
@@ -229,10 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['copy_bw_fraction']:.2f} | {r['tflops']:.1f} | {r['gemm_fraction']:.2f} |")
     if "moe_ffn" in args.only:
         ffn = results["moe_ffn"] = moe_ffn_rows(copy_bw, device)
-        print("| shape | tokens | MoE FFN as | us | experts | frac of copy bw |\n|---|---:|---|---:|---:|---:|")
+        print("| shape | tokens | MoE FFN us | experts | frac of copy bw |\n|---|---:|---:|---:|---:|")
         for r in ffn:
-            print(f"| {r['shape']} | {r['tokens']} | {r['path']} | {r['us']:.1f} | {r['experts_used']} | "
-                  f"{r['copy_bw_fraction']:.2f} |")
+            print(f"| {r['shape']} | {r['tokens']} | {r['us']:.1f} | {r['experts_used']} | {r['copy_bw_fraction']:.2f} |")
     if "gemv" in args.only:
         lin = results["gemv"] = gemv_rows(copy_bw, device)
         print("| shape | layer | N x K | tokens | path | split-K | us | frac of copy bw |")
