@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         ffn = results["moe_ffn"] = moe_ffn_rows(copy_bw, device)
         print("| shape | tokens | MoE FFN us | experts | frac of copy bw |\n|---|---:|---:|---:|---:|")
         for r in ffn:
-            print(f"| {r['shape']} | {r['tokens']} | {r['us']:.1f} | {r['experts_used']} | {r['copy_bw_fraction']:.2f} |")
+            print(f"| {r['shape']} | {r['tokens']} | {r['us']:.1f} | {r['experts_used']} | "
+                  f"{r['copy_bw_fraction']:.2f} |")
     if "gemv" in args.only:
         lin = results["gemv"] = gemv_rows(copy_bw, device)
         print("| shape | layer | N x K | tokens | path | split-K | us | frac of copy bw |")
