@@ -21,7 +21,8 @@
 #   bash scripts/gpu_x2.sh s7c        # A: the L2 prefetch probe, OLMoE decode with the experts' evict_first off / on
 #                                     #    | B: their GPU tests, the Qwen3 1k row again
 #   bash scripts/gpu_x2.sh check      # A: the kernels' GPU tests | B: switches' bit tests, OLMoE decode (defaults)
-#   bash scripts/gpu_x2.sh early      # A: GPU tests of the early first KV block (bits) | B: OLMoE decode off / on, twice
+#   bash scripts/gpu_x2.sh wide       # A: the linears alone with / without wide GEMV tiles, their GPU tests | B: OLMoE
+#                                     #    decode with them, and with our GEMV on the projections
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -107,13 +108,15 @@ fused_rope_check() {
     t 90 python3 -m crosspool.bench.kernels --only attention splits --json "$RES/kernels_attention.json" 2>&1 \
         | grep -v "^{" | tail -20
 }
-# OLMoE decode (ctx 1k, batch 1, 8, 32) once per argument, each a list of VAR=VALUE settings ("" = the defaults)
+# OLMoE decode (ctx 1k, batch 1, 8, 32 or $BATCHES) once per argument, each a list of VAR=VALUE settings ("" = the
+# defaults), each run cut at $VT seconds (default 80)
 variants() {
     local v name
     for v in "$@"; do
         name=${v:-defaults}
-        ( [ -n "$v" ] && export $v; t 80 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 \
-            --context 1024 --batch 1,8,32 --label "$name" --json "$RES/olmoe_${name//[ =]/_}.json" 2>&1 \
+        ( [ -n "$v" ] && export $v; t ${VT:-80} python3 -m crosspool.cli bench decode --model $OLMOE \
+            --kv-cache-gb 16 --context 1024 --batch ${BATCHES:-1,8,32} --label "$name" \
+            --json "$RES/olmoe_${name//[ =]/_}.json" 2>&1 \
             | grep "^| 1024" | sed "s/^/$name: /" )
     done
 }
@@ -289,12 +292,20 @@ if [ "$stage" = check ]; then  # issue 4, after session 8's removals: the kernel
     both
 fi
 
-if [ "$stage" = early ]; then  # issue 4, session 9: the fused RoPE decode kernel's first cache block loaded early
+if [ "$stage" = wide ]; then  # issue 4, session 9: wide GEMV tiles (CROSSPOOL_WIDE_TILES): the linears alone and in
+                              # decode, our GEMV on the projections with them (GEMV_ROWS=1)
     ckpt olmoe-1b-7b $OLMOE
     job_a() {
-        t 250 python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py tests/test_kernels.py -k "early_kv or rope" 2>&1 | tail -3
+        CROSSPOOL_WIDE_TILES=1 t 200 python3 -m crosspool.bench.kernels --only gemv moe_ffn --shape olmoe-1b-7b \
+            --tokens 1,8 --json "$RES/kernels_wide.json" 2>&1 | grep "^|"
+        CROSSPOOL_WIDE_TILES=1 t 150 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py \
+            -k "gemv or fused_moe or wide" 2>&1 | tail -3
+        t 60 python3 -m crosspool.bench.kernels --only moe_ffn --shape olmoe-1b-7b --json "$RES/kernels_narrow.json" \
+            2>&1 | grep "^|"
     }
-    job_b() { variants "" CROSSPOOL_EARLY_KV=1 "" CROSSPOOL_EARLY_KV=1; }
+    job_b() {
+        VT=200 BATCHES=1,8 variants "" CROSSPOOL_WIDE_TILES=1 "CROSSPOOL_WIDE_TILES=1 CROSSPOOL_GEMV_ROWS=1"
+    }
     both
 fi
 

@@ -122,18 +122,6 @@ def test_experts_evict_first_changes_no_bit(tmp_path: Path, monkeypatch: pytest.
     _same_with_switch(model, prompts, monkeypatch, fused_moe, "EVICT_FIRST", 32)
 
 
-def test_early_kv_changes_no_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fused RoPE decode kernel's first cache block loaded before its q/k norm (`rope_decode.EARLY_KV`) changes
-    no bit of the tokens or log-probabilities (bf16, real OLMoE shapes, 2 layers; the fused kernel serves the
-    one-row steps, the batch of 8 checks the rest is untouched). Contexts up to 2,000 tokens: 1-16 blocks a split."""
-    from crosspool.kernels import rope_decode
-
-    model = str(make_model("olmoe-1b-7b", tmp_path / "olmoe", layers=2, seed=8, progress=False))
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 50000, (k,), generator=g).tolist() for k in (2000, 5, 700, 64, 65, 1023, 130, 300)]
-    _same_with_switch(model, prompts, monkeypatch, rope_decode, "EARLY_KV", 32)
-
-
 def test_prefetch_kernel_covers_odd_sizes() -> None:
     """`prefetch_l2` on tensors whose size is not a multiple of a line or of a program's step, in a CUDA graph
     too: no fault, and the data are unchanged."""

@@ -138,7 +138,7 @@ def moe_rows(copy_bw: float, gemm_flops: float, device: torch.device) -> list[di
     return rows
 
 
-def moe_ffn_rows(copy_bw: float, device: torch.device) -> list[dict]:
+def moe_ffn_rows(copy_bw: float, device: torch.device, shapes: list[str] | None = None) -> list[dict]:
     """A decode step's whole MoE FFN as the engine runs it: the router GEMV and routing (`route_linear`), then the
     expert GEMVs (`fused_moe`), at 1 and 8 tokens; bytes of the router and the routed experts."""
     from crosspool.kernels.routing import route_linear
@@ -147,6 +147,8 @@ def moe_ffn_rows(copy_bw: float, device: torch.device) -> list[dict]:
     rows = []
     g = torch.Generator(device=device).manual_seed(2)
     for name, (experts, top_k, hidden, inter) in MOE_SHAPES.items():
+        if shapes and name not in shapes:
+            continue
         wgu = torch.randn(experts, 2 * inter, hidden, generator=g, device=device, dtype=torch.bfloat16) / 45
         wd = torch.randn(experts, hidden, inter, generator=g, device=device, dtype=torch.bfloat16) / 28
         router = torch.randn(experts, hidden, generator=g, device=device, dtype=torch.bfloat16) / 45
@@ -164,15 +166,18 @@ def moe_ffn_rows(copy_bw: float, device: torch.device) -> list[dict]:
     return rows
 
 
-def gemv_rows(copy_bw: float, device: torch.device) -> list[dict]:
+def gemv_rows(copy_bw: float, device: torch.device, shapes: list[str] | None = None,
+              tokens: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
     rows = []
     g = torch.Generator(device=device).manual_seed(2)
     for name, layers in LINEAR_SHAPES.items():
+        if shapes and name not in shapes:
+            continue
         for layer, (n, k) in layers.items():
             copies = min(20, cdiv(COLD_WEIGHT_BYTES, n * k * 2))
             ws = [torch.randn(n, k, generator=g, device=device, dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
             split = default_split_k(n, k, device)
-            for t in (1, 4, 8):
+            for t in tokens:
                 x = torch.randn(t, k, generator=g, device=device, dtype=torch.bfloat16)
                 nbytes = (n * k + t * (k + n)) * 2
                 paths = [("torch", None), ("gemv", split)] + ([("gemv", 1)] if split != 1 else [])
@@ -202,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run (default all)")
     p.add_argument("--json", default=None)
+    p.add_argument("--shape", nargs="+", default=None, choices=sorted({*LINEAR_SHAPES, *MOE_SHAPES}),
+                   help="only these models' shapes in the gemv and moe_ffn sections (default all)")
+    p.add_argument("--tokens", default="1,4,8", help="token counts of the gemv section (default 1,4,8)")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     copy_bw = copy_bandwidth(device)
@@ -228,13 +236,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['shape']} | {r['tokens']} | {r['path']} | {r['us']:.1f} | {r['experts_used']} | "
                   f"{r['copy_bw_fraction']:.2f} | {r['tflops']:.1f} | {r['gemm_fraction']:.2f} |")
     if "moe_ffn" in args.only:
-        ffn = results["moe_ffn"] = moe_ffn_rows(copy_bw, device)
+        ffn = results["moe_ffn"] = moe_ffn_rows(copy_bw, device, args.shape)
         print("| shape | tokens | MoE FFN us | experts | frac of copy bw |\n|---|---:|---:|---:|---:|")
         for r in ffn:
             print(f"| {r['shape']} | {r['tokens']} | {r['us']:.1f} | {r['experts_used']} | "
                   f"{r['copy_bw_fraction']:.2f} |")
     if "gemv" in args.only:
-        lin = results["gemv"] = gemv_rows(copy_bw, device)
+        lin = results["gemv"] = gemv_rows(copy_bw, device, args.shape,
+                                              tuple(int(t) for t in args.tokens.split(",")))
         print("| shape | layer | N x K | tokens | path | split-K | us | frac of copy bw |")
         print("|---|---|---|---:|---|---:|---:|---:|")
         for r in lin:

@@ -22,10 +22,7 @@ from crosspool.kernels.norm_rope import _load_halves, _sum_squares, qk_norm_args
 from crosspool.kernels.paged_attention import (
     LOG2E,
     _attend,
-    _block_rows,
-    _cache_rows,
     _combine,
-    _fold_block,
     _split_outputs,
     _store_rows,
     _tiles,
@@ -34,10 +31,6 @@ from crosspool.kernels.paged_attention import (
 from crosspool.kernels.pdl import enter as pdl_enter
 
 FUSED_ROPE_ROWS = int(os.environ.get("CROSSPOOL_FUSED_ROPE_ROWS", "1"))
-# the cache walk's first block loaded before the q/k norm and rotation, so the two latency chains overlap (session
-# 8's profile: this kernel takes 10.2 us a layer for 8.4 MB at OLMoE batch 1, the plain attention kernel 7.2 us).
-# Same bits. Off until timed on the H200: CROSSPOOL_EARLY_KV=1.
-EARLY_KV = os.environ.get("CROSSPOOL_EARLY_KV", "0") != "0"
 
 
 def fused_for(rows: int) -> bool:
@@ -81,7 +74,7 @@ def _rope_decode_kernel(
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EARLY_KV: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     """Decode attention with `rope_write_kv` folded in: the program of (sequence, KV head, head block, split)
@@ -102,16 +95,6 @@ def _rope_decode_kernel(
     kv_head = pid // (NUM_SPLITS * HEAD_BLOCKS)
     t = seq.to(tl.int64)
     ctx = tl.load(context_lens_ptr + seq)
-    if EARLY_KV:    # the walk's first block requested now, so its loads overlap the q/k norm and rotation below
-        per_split, lo, hi = _walk_range(ctx, split, NUM_SPLITS, BLOCK_N)
-        k_pos0, k_ok0, page0, slot0 = _block_rows(block_tables_ptr, seq, lo, hi, stride_bt, PAGE_SIZE, BLOCK_N)
-        k0 = _cache_rows(k_cache_ptr, page0, slot0, k_ok0, kv_head, stride_kb, stride_ks, stride_kch, 0, HALF,
-                         BLOCK_HALF)
-        k0_pe = _cache_rows(k_cache_ptr, page0, slot0, k_ok0, kv_head, stride_kb, stride_ks, stride_kch, HALF, HALF,
-                            BLOCK_HALF)
-        v0 = _cache_rows(v_cache_ptr, page0, slot0, k_ok0, kv_head, stride_vb, stride_vs, stride_vch, 0, DV,
-                         BLOCK_DV)
-
     group_head = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = group_head < GROUP
     head = kv_head * GROUP + group_head
@@ -140,21 +123,13 @@ def _rope_decode_kernel(
     v_new = tl.load(v_ptr + t * stride_vt + kv_head * stride_vh + one[:, None] + offs_dv[None, :], mask=v_ok,
                     other=0.0).to(v_cache_ptr.dtype.element_ty)
 
-    if not EARLY_KV:
-        per_split, lo, hi = _walk_range(ctx, split, NUM_SPLITS, BLOCK_N)
+    per_split, lo, hi = _walk_range(ctx, split, NUM_SPLITS, BLOCK_N)
     owner = (lo <= ctx - 1) & (ctx - 1 < lo + per_split)
     q_pos = tl.zeros([BLOCK_H], tl.int32) + (ctx - 1)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
-    walk_from = lo
-    if EARLY_KV:    # the first block folded as the walk would (an empty one leaves m, l_sum, acc as they are)
-        m, l_sum, acc = _fold_block(q1, q2, k0, k0_pe, v0, k_cache_ptr, v_cache_ptr, page0, slot0, k_pos0, k_ok0,
-                                    kv_head, q_pos, m, l_sum, acc, scale_log2, stride_kb, stride_ks, stride_kch,
-                                    stride_vb, stride_vs, stride_vch, HALF, HALF, BLOCK_HALF, DV, BLOCK_DV, False,
-                                    True, DOT_PRECISION)
-        walk_from = lo + BLOCK_N
-    m, l_sum, acc = _attend(q1, q2, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, walk_from,
+    m, l_sum, acc = _attend(q1, q2, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, lo,
                             hi, q_pos, m, l_sum, acc, scale_log2,
                             stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch, stride_bt,
                             HALF, BLOCK_HALF, HALF, BLOCK_HALF, DV, BLOCK_DV, False, PAGE_SIZE, BLOCK_N,
@@ -229,7 +204,7 @@ def rope_decode_attention(
         HALF=d // 2, BLOCK_HALF=block_dim(d // 2), DV=dv, BLOCK_DV=block_dim(dv),
         PAGE_SIZE=page_size, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_HQ=next_pow2(hq), BLOCK_HKV=next_pow2(hkv), INTERLEAVED=interleaved, NORM=norm,
-        DOT_PRECISION=dot_precision(q.dtype), EARLY_KV=EARLY_KV,
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4 if block_h <= 32 else 8, **pdl.options(q.device),
     )
     if num_splits > 1:
