@@ -21,8 +21,7 @@
 #   bash scripts/gpu_x2.sh s7c        # A: the L2 prefetch probe, OLMoE decode with the experts' evict_first off / on
 #                                     #    | B: their GPU tests, the Qwen3 1k row again
 #   bash scripts/gpu_x2.sh check      # A: the kernels' GPU tests | B: switches' bit tests, OLMoE decode (defaults)
-#   bash scripts/gpu_x2.sh wide       # A: the linears alone with / without wide GEMV tiles, their GPU tests | B: OLMoE
-#                                     #    decode with them, and with our GEMV on the projections
+#   bash scripts/gpu_x2.sh probe      # A: a pure-read kernel's time by size | B: ncu on the one-token GEMVs
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -292,19 +291,15 @@ if [ "$stage" = check ]; then  # issue 4, after session 8's removals: the kernel
     both
 fi
 
-if [ "$stage" = wide ]; then  # issue 4, session 9: wide GEMV tiles (CROSSPOOL_WIDE_TILES): the linears alone and in
-                              # decode, our GEMV on the projections with them (GEMV_ROWS=1)
-    ckpt olmoe-1b-7b $OLMOE
-    job_a() {
-        CROSSPOOL_WIDE_TILES=1 t 200 python3 -m crosspool.bench.kernels --only gemv moe_ffn --shape olmoe-1b-7b \
-            --tokens 1,8 --json "$RES/kernels_wide.json" 2>&1 | grep "^|"
-        CROSSPOOL_WIDE_TILES=1 t 150 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py \
-            -k "gemv or fused_moe or wide" 2>&1 | tail -3
-        t 60 python3 -m crosspool.bench.kernels --only moe_ffn --shape olmoe-1b-7b --json "$RES/kernels_narrow.json" \
-            2>&1 | grep "^|"
-    }
+if [ "$stage" = probe ]; then  # issue 4, session 9: a pure-read kernel's time by size (fixed cost per kernel?) | ncu
+                               # on the one-token QKV GEMV (ours, cuBLAS), the expert gate/up GEMV, a 25 MB read
+    job_a() { t 300 python3 scripts/stream_probe.py 2>&1 | tee "$RES/stream_probe.txt" | grep "^|\|fit\|copy"; }
     job_b() {
-        VT=200 BATCHES=1,8 variants "" CROSSPOOL_WIDE_TILES=1 "CROSSPOOL_WIDE_TILES=1 CROSSPOOL_GEMV_ROWS=1"
+        t 400 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
+            --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+            python3 scripts/stream_probe.py --ncu > "$RES/ncu.txt" 2>&1
+        grep -i "^  [a-z_]*kernel\|^  [a-z].*(\|Duration\|DRAM Throughput\|Memory Throughput\|Achieved Occupancy\|Theoretical Occ\|Registers Per\|Waves Per SM\|Grid Size\|Block Size\|Warp Cycles Per Issued\|Stall\|ERR\|==PROF==\|rror" \
+            "$RES/ncu.txt" | cut -c1-150 | head -120
     }
     both
 fi

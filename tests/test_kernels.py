@@ -297,26 +297,6 @@ def test_gemv(dtype: torch.dtype, t: int, n: int, k: int, split_k: int) -> None:
     _close(gemv(x, w, split_k=split_k), torch.nn.functional.linear(x, w), dtype)
 
 
-@pytest.mark.parametrize("block_n,block_k", [(2, 512), (4, 256)])
-def test_wide_tiles_give_the_linears(block_n: int, block_k: int, monkeypatch) -> None:  # noqa: ANN001
-    """The tiles `gemv.WIDE_TILES` adds (few rows, K in one or two steps), forced on the skinny GEMM and the expert
-    GEMVs: the same results as torch. K 300 and 257 (one partial step; two steps, the second mostly masked), N not
-    a multiple of the rows, 1 and 5 tokens."""
-    import triton
-
-    from crosspool.kernels import gemv as gemv_module
-
-    wide = [triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=4)]
-    for kernel in (gemv_module._gemv_kernel, fused_moe_module._gate_up_gemv_kernel,
-                   fused_moe_module._down_gemv_kernel):
-        monkeypatch.setattr(kernel, "configs", wide)
-    for t in (1, 5):
-        x, w = _gemv_inputs(t, 37, 300, torch.float16, seed=t)
-        _close(gemv(x, w, split_k=1), torch.nn.functional.linear(x, w), torch.float16)
-        x, wgu, wd, weights, ids = _moe_inputs(t, 8, 2, 257, 75, torch.float16, seed=t)
-        _close(fused_moe(x, wgu, wd, weights, ids, small=True), ref.experts(x, wgu, wd, weights, ids), torch.float16)
-
-
 @pytest.mark.parametrize("split_k", [None, 1, 4])
 def test_gemv_bias_strided_rows(split_k: int | None) -> None:
     """Rows of a wider buffer (row stride != K), a bias (added before the one rounding), fp16; no tokens."""

@@ -33,7 +33,6 @@ import triton.language as tl
 
 from crosspool.kernels import pdl, tuning
 from crosspool.kernels._common import cdiv, dot_precision, next_pow2
-from crosspool.kernels.gemv import WIDE_TILES
 from crosspool.kernels.pdl import enter as pdl_enter
 from crosspool.models.batch import TopKPartials
 
@@ -187,15 +186,11 @@ def _topk_sum_kernel(y_ptr, out_ptr, hidden, stride_yt, stride_ot, TOP_K: tl.con
 
 def _gemv_configs() -> list[triton.Config]:
     """Tile choices for the GEMV path, tried once per (hidden, intermediate, top-k) on the GPU; the
-    interpreter (CPU tests) gets one. With `gemv.WIDE_TILES` also few rows x 512-2048 of K (all of a program's
-    loads in flight at once), up to 32 weight elements a thread (gate/up keeps two such accumulators)."""
+    interpreter (CPU tests) gets one."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
-    tiles = [(n, k, w) for n in (8, 16, 32) for k in (128, 256) for w in (4, 8)]
-    if WIDE_TILES:
-        tiles += [(n, k, w) for n in (2, 4, 8, 16) for k in (512, 1024, 2048) for w in (4, 8)
-                  if 4 <= n * k // (32 * w) <= 32]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in tiles]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+            for n in (8, 16, 32) for k in (128, 256) for w in (4, 8)]
 
 
 @triton.jit

@@ -49,36 +49,25 @@ ROUTER = True
 # registers per thread a tile's accumulator and weight tile may take together ((BLOCK_T + 1) x the weight
 # elements each thread loads): ptxas for sm_90 spills past about this
 _TILE_REGS = 160
-# Wide tiles (CROSSPOOL_WIDE_TILES=1): the autotuner also tries few rows x up to the whole K (1024-2048), so a
-# program issues all its weight loads at once instead of a K loop of one tile in flight. Session 4 found the
-# one-token projections latency-bound (QKV 25 MB at 0.6 of copy bw, o_proj 8 MB at 0.32, even from L2); more bytes
-# in flight per program is the lever tried here. With it the K split defaults to 1. Off until timed on the H200.
-WIDE_TILES = os.environ.get("CROSSPOOL_WIDE_TILES", "0") != "0"
 
 
 def _configs() -> list[triton.Config]:
     """Tile choices, tried once per (N, K, BLOCK_T, SPLIT_K) on the GPU; the interpreter (CPU tests) gets one."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
-    tiles = [(n, k) for n in (4, 8, 16, 32) for k in (128, 256, 512)]
-    if WIDE_TILES:
-        tiles += [(n, k) for n in (2, 4, 8, 16) for k in (1024, 2048)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k in tiles for w in (4, 8)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+            for n in (4, 8, 16, 32) for k in (128, 256, 512) for w in (4, 8)]
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """Keep tiles whose weight loads are at least 4 elements per thread (vector loads), whose
-    [BLOCK_T, BLOCK_N, BLOCK_K] accumulator plus the loaded weights fit in _TILE_REGS registers per thread, and
-    whose BLOCK_K is no wider than a K split (past the smallest tried)."""
+    """Keep tiles whose weight loads are at least 4 elements per thread (vector loads) and whose
+    [BLOCK_T, BLOCK_N, BLOCK_K] accumulator plus the loaded weights fit in _TILE_REGS registers per thread."""
     block_t = int(kwargs.get("BLOCK_T", named_args.get("BLOCK_T", 1)))   # type: ignore[arg-type]
-    split = int(kwargs.get("SPLIT_K", named_args.get("SPLIT_K", 1)))     # type: ignore[arg-type]
-    k_cap = max(min(c.kwargs["BLOCK_K"] for c in configs), next_pow2(cdiv(int(named_args["K"]), split)))
 
     def per_thread(c: triton.Config) -> int:
         return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps)
 
-    keep = [c for c in configs if 4 <= per_thread(c) and (block_t + 1) * per_thread(c) <= _TILE_REGS
-            and c.kwargs["BLOCK_K"] <= k_cap]
+    keep = [c for c in configs if 4 <= per_thread(c) and (block_t + 1) * per_thread(c) <= _TILE_REGS]
     return keep or [min(configs, key=per_thread)]
 
 
@@ -139,10 +128,7 @@ def _split_sum_kernel(part_ptr, b_ptr, y_ptr, N, stride_ps, stride_pt, stride_yt
 
 def default_split_k(n: int, k: int, device: torch.device) -> int:
     """K-splits so that the programs at BLOCK_N = 16 number at least twice the SMs, each split keeping at
-    least 512 of K (1 for wide outputs such as QKV or lm_head, and off the GPU; 1 with WIDE_TILES, whose few-row
-    tiles make programs enough)."""
-    if WIDE_TILES:
-        return 1
+    least 512 of K (1 for wide outputs such as QKV or lm_head, and off the GPU)."""
     blocks = cdiv(n, 16)
     split = next_pow2(cdiv(2 * num_sms(device), blocks))
     while split > 1 and k // split < 512:
