@@ -101,7 +101,7 @@ def sweep(dev: torch.device) -> None:
         t = torch.tensor([p[1] for p in pts], dtype=torch.float64)
         slope, fixed = torch.linalg.lstsq(torch.stack([b, torch.ones_like(b)], 1), t[:, None]).solution[:, 0].tolist()
         print(f"fit {'persistent' if persistent else 'one per chunk'}, PDL {'on' if use_pdl else 'off'}: "
-              f"time = {fixed:.2f} us + bytes / {1e-6 / slope / 1e12:.2f} TB/s")
+              f"time = {fixed:.2f} us + bytes / {1e-6 / slope:.2f} TB/s")
 
 
 def ncu_targets(dev: torch.device) -> None:
