@@ -22,8 +22,7 @@
 #                                     #    | B: their GPU tests, the Qwen3 1k row again
 #   bash scripts/gpu_x2.sh check      # A: the kernels' GPU tests | B: switches' bit tests, OLMoE decode (defaults)
 #   bash scripts/gpu_x2.sh probe      # A: a pure-read kernel's time by size | B: ncu on the one-token GEMVs
-#   bash scripts/gpu_x2.sh route      # A: GPU tests of the routing inside the gate/up GEMV, the MoE FFN alone | B:
-#                                     #    OLMoE decode off / on, twice
+#   bash scripts/gpu_x2.sh attn       # A: OLMoE's batch-1 decode attention alone | B: ncu on it
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -306,16 +305,14 @@ if [ "$stage" = probe ]; then  # issue 4, session 9: a pure-read kernel's time b
     both
 fi
 
-if [ "$stage" = route ]; then  # issue 4, session 9: the routing inside the gate/up GEMV (CROSSPOOL_ROUTE_IN_EXPERTS)
-    ckpt olmoe-1b-7b $OLMOE
-    job_a() {
-        t 200 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py tests/test_gpu.py \
-            -k "routed_moe or route or fused_moe or route_in_experts" 2>&1 | tail -3
-        t 90 python3 -m crosspool.bench.kernels --only moe_ffn --shape olmoe-1b-7b --json "$RES/kernels_moe_ffn.json" \
-            2>&1 | grep "^|"
-    }
+if [ "$stage" = attn ]; then  # issue 4, session 9: OLMoE's batch-1 decode attention alone (graph times) | ncu on it
+    job_a() { t 200 python3 scripts/stream_probe.py --attention 2>&1 | tee "$RES/attention_probe.txt" | grep "^|"; }
     job_b() {
-        VT=120 BATCHES=1,8 variants "" CROSSPOOL_ROUTE_IN_EXPERTS=1 "" CROSSPOOL_ROUTE_IN_EXPERTS=1
+        t 300 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
+            --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
+            python3 scripts/stream_probe.py --attention --ncu > "$RES/ncu_attention.txt" 2>&1
+        grep -i "^  [a-z_]*kernel\|^  [a-z].*(\|Duration\|DRAM Throughput\|Achieved Occupancy\|Theoretical Occ\|Registers Per\|Waves Per SM\|Grid Size\|Block Size\|Warp Cycles Per Issued\|Issue Slots Busy\|No Eligible\|stalled\|Shared Memory Per\|==PROF==\|rror" \
+            "$RES/ncu_attention.txt" | cut -c1-150 | head -150
     }
     both
 fi

@@ -8,7 +8,8 @@ sums its chunk of a bf16 tensor and stores one fp32) in two shapes:
 each with and without PDL, replayed from a CUDA graph of calls on cycled copies (cold L2), plus the least-squares
 fit time = fixed + bytes / rate over the sizes. `--ncu`: instead run, between cudaProfilerStart/Stop (for `ncu
 --profile-from-start off`), the QKV-shaped GEMV (ours and cuBLAS), the expert gate/up GEMV at one token and the
-25 MB read, once each after a warm-up.
+25 MB read, once each after a warm-up. `--attention [--ncu]`: the same for OLMoE's batch-1 decode attention at
+context 1k (the engine's fused RoPE kernel, the plain kernel, one split).
 """
 
 from __future__ import annotations
@@ -132,12 +133,83 @@ def ncu_targets(dev: torch.device) -> None:
     torch.cuda.profiler.stop()
 
 
+def attention_inputs(dev: torch.device, copies: int, ctx: int = 1024, heads: int = 16, dim: int = 128,
+                     page: int = 16) -> tuple[list, dict]:
+    """OLMoE's batch-1 decode attention at context `ctx` (16 heads, MHA, q/k norm over all heads): `copies` KV
+    caches of the layer's size (cycled: cold L2), the rest shared."""
+    g = torch.Generator(device=dev).manual_seed(1)
+    blocks = ctx // page + 1
+    caches = []
+    for _ in range(copies):
+        k = torch.randn(blocks, page, heads, dim, generator=g, device=dev, dtype=torch.bfloat16)
+        caches.append((k, torch.randn_like(k)))
+    q, k, v = (torch.randn(1, heads, dim, generator=g, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    angle = torch.rand(1, dim // 2, generator=g, device=dev) * 6.28
+    norm = ("full", torch.rand(heads * dim, generator=g, device=dev, dtype=torch.bfloat16) + 0.5,
+            torch.rand(heads * dim, generator=g, device=dev, dtype=torch.bfloat16) + 0.5, 1e-6)
+    rest = dict(q=q, k=k, v=v, cos=angle.cos(), sin=angle.sin(), slots=torch.tensor([ctx - 1], device=dev),
+                tables=torch.arange(blocks, device=dev)[None, :], lens=torch.tensor([ctx], device=dev),
+                norm=norm, scale=dim**-0.5)
+    return caches, rest
+
+
+def attention_calls(dev: torch.device, copies: int) -> dict[str, list]:
+    """Per variant, one call per cached copy: the engine's fused kernel (RoPE, q/k norm, KV write) + split
+    combine at the engine's split count, the plain attention kernel + combine, and the fused kernel unsplit."""
+    from crosspool.kernels.paged_attention import paged_decode_attention
+    from crosspool.kernels.rope_decode import rope_decode_attention
+
+    caches, a = attention_inputs(dev, copies)
+    max_len = 1024 + 128         # `bench decode` at 1k: context + output tokens
+
+    def fused(kc, vc, splits=None):     # noqa: ANN001, ANN202
+        return lambda: rope_decode_attention(a["q"], a["k"], a["v"], a["cos"], a["sin"], a["slots"], kc, vc,
+                                             a["tables"], a["lens"], a["scale"], False, a["norm"],
+                                             num_splits=splits, max_context_len=max_len)
+
+    def plain(kc, vc):                  # noqa: ANN001, ANN202
+        return lambda: paged_decode_attention(a["q"], kc, vc, a["tables"], a["lens"], a["scale"],
+                                              max_context_len=max_len)
+
+    return {"fused (engine)": [fused(kc, vc) for kc, vc in caches],
+            "plain + combine": [plain(kc, vc) for kc, vc in caches],
+            "fused, 1 split": [fused(kc, vc, 1) for kc, vc in caches]}
+
+
+def attention(dev: torch.device) -> None:
+    """Graph-replayed times of `attention_calls` against the pure read of the same bytes."""
+    calls = attention_calls(dev, copies=8)
+    kv_bytes = 2 * 1024 * 16 * 128 * 2
+    print(f"| attention variant (OLMoE, batch 1, ctx 1k: {kv_bytes / 1e6:.1f} MB of KV) | us |\n|---|---:|")
+    for name, fns in calls.items():
+        print(f"| {name} | {graph_us(fns):.1f} |", flush=True)
+
+
+def ncu_attention(dev: torch.device) -> None:
+    """The `attention_calls` variants once each (after a warm-up) between cudaProfilerStart/Stop, L2 flushed."""
+    calls = attention_calls(dev, copies=1)
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    for fns in calls.values():
+        fns[0]()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for fns in calls.values():
+        flush.zero_()
+        fns[0]()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ncu", action="store_true", help="run the kernels to profile once each (see above)")
+    p.add_argument("--attention", action="store_true",
+                   help="OLMoE's batch-1 decode attention instead (graph times; with --ncu, once each to profile)")
     args = p.parse_args()
     dev = torch.device("cuda")
-    if args.ncu:
+    if args.attention:
+        (ncu_attention if args.ncu else attention)(dev)
+    elif args.ncu:
         ncu_targets(dev)
     else:
         sweep(dev)

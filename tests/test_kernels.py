@@ -867,42 +867,6 @@ def test_route_linear_sums_the_routers_splits_in_the_routing_kernel(
     torch.testing.assert_close(weights, ref_w, atol=5e-3 if dtype == torch.float16 else 1e-5, rtol=1e-2)
 
 
-@pytest.mark.parametrize("split_k", [1, 4])
-@pytest.mark.parametrize("t", [1, 5])
-@pytest.mark.parametrize("scoring,norm,k,experts,scale", [("softmax", True, 8, 64, 1.0), ("sigmoid", True, 4, 60, 2.5),
-                                                         ("softmax", False, 1, 8, 1.0)])
-def test_routed_moe_picks_the_routing_kernels_experts(split_k: int, t: int, scoring: str, norm: bool, k: int,
-                                                      experts: int, scale: float) -> None:
-    """`routed_moe` (the routing inside the gate/up GEMV, each pair ranking the experts itself) against the
-    router GEMV + routing kernel + expert GEMVs it replaces: the same expert ids, weights equal up to the
-    renormalization's summation order, the same output up to that. Ties: experts 0-3 have the same router row,
-    so their scores tie exactly, and the lower index must come first, as in the routing kernel."""
-    from crosspool.kernels.fused_moe import routed_moe
-    from crosspool.kernels.routing import route_linear
-    from crosspool.models.spec import RoutingSpec
-
-    dtype = torch.float16
-    spec = RoutingSpec(num_experts=experts, top_k=k, scoring=scoring, norm_topk_prob=norm, topk_method="greedy",
-                       routed_scaling_factor=scale)
-    x, wgu, wd, _, _ = _moe_inputs(t, experts, k, 128, 24, dtype, seed=t + 7 * split_k)
-    x, router = 4 * x, _gemv_inputs(1, experts, 128, dtype, seed=t)[1]
-    router[1:4] = router[0]
-    if t == 5:      # the tied experts first: their logits 0, every other logit negative
-        x, router = x.abs(), -router.abs()
-        router[:4] = 0
-    for reduce in (True, False)[:2 if t == 1 else 1]:
-        got, got_w, got_ids = routed_moe(x, router, wgu, wd, spec, reduce=reduce, split_k=split_k)
-        want_w, want_ids = route_linear(x, router, spec, split_k=split_k)
-        want = fused_moe(x, wgu, wd, want_w, want_ids, small=True, reduce=reduce)
-        assert torch.equal(got_ids, want_ids)
-        torch.testing.assert_close(got_w, want_w, atol=0, rtol=1e-6)
-        if not reduce:
-            got, want = got.reduce(), want.reduce()
-        _close(got, want, dtype)
-    if t == 5:
-        assert got_ids[:, :4].tolist() == [list(range(min(k, 4)))] * t
-
-
 def test_moe_tuning_skips_tiles_larger_than_the_problem() -> None:
     """Tiny shapes try only the tiles that fit them (each tile tried costs a compile and a timing at startup);
     real shapes keep every tile; the smallest tile always stays."""

@@ -140,9 +140,7 @@ def moe_rows(copy_bw: float, gemm_flops: float, device: torch.device) -> list[di
 
 def moe_ffn_rows(copy_bw: float, device: torch.device, shapes: list[str] | None = None) -> list[dict]:
     """A decode step's whole MoE FFN as the engine runs it: the router GEMV and routing (`route_linear`), then the
-    expert GEMVs (`fused_moe`), at 1 and 8 tokens; and with the routing inside the gate/up GEMV (`routed_moe`).
-    Bytes of the router and the routed experts."""
-    from crosspool.kernels.fused_moe import routed_moe
+    expert GEMVs (`fused_moe`), at 1 and 8 tokens; bytes of the router and the routed experts."""
     from crosspool.kernels.routing import route_linear
     from crosspool.models.spec import RoutingSpec
 
@@ -161,14 +159,10 @@ def moe_ffn_rows(copy_bw: float, device: torch.device, shapes: list[str] | None 
             _, ids = route_linear(x, router, routing)
             used = ids.unique().numel()
             bytes_read = (used * (wgu[0].numel() + wd[0].numel()) + router.numel()) * 2
-            paths = {"four kernels": lambda x=x, wgu=wgu, wd=wd, router=router, routing=routing: fused_moe(
-                         x, wgu, wd, *route_linear(x, router, routing), small=True, reduce=False),
-                     "routing in gate/up": lambda x=x, wgu=wgu, wd=wd, router=router, routing=routing: routed_moe(
-                         x, router, wgu, wd, routing, reduce=False)}
-            for path, fn in paths.items():
-                ms = _ms(fn)
-                rows.append({"shape": name, "tokens": t, "path": path, "us": ms * 1e3, "experts_used": used,
-                             "copy_bw_fraction": bytes_read / (ms / 1e3) / copy_bw})
+            ms = _ms(lambda x=x, wgu=wgu, wd=wd, router=router, routing=routing: fused_moe(
+                x, wgu, wd, *route_linear(x, router, routing), small=True, reduce=False))
+            rows.append({"shape": name, "tokens": t, "us": ms * 1e3, "experts_used": used,
+                         "copy_bw_fraction": bytes_read / (ms / 1e3) / copy_bw})
     return rows
 
 
@@ -243,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['copy_bw_fraction']:.2f} | {r['tflops']:.1f} | {r['gemm_fraction']:.2f} |")
     if "moe_ffn" in args.only:
         ffn = results["moe_ffn"] = moe_ffn_rows(copy_bw, device, args.shape)
-        print("| shape | tokens | path | MoE FFN us | experts | frac of copy bw |\n|---|---:|---|---:|---:|---:|")
+        print("| shape | tokens | MoE FFN us | experts | frac of copy bw |\n|---|---:|---:|---:|---:|")
         for r in ffn:
-            print(f"| {r['shape']} | {r['tokens']} | {r['path']} | {r['us']:.1f} | {r['experts_used']} | "
+            print(f"| {r['shape']} | {r['tokens']} | {r['us']:.1f} | {r['experts_used']} | "
                   f"{r['copy_bw_fraction']:.2f} |")
     if "gemv" in args.only:
         lin = results["gemv"] = gemv_rows(copy_bw, device, args.shape,

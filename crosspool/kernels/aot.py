@@ -30,7 +30,6 @@ class Case:
 
 
 _GEMV_TILE = {"BLOCK_N": 16, "BLOCK_K": 128}
-_NO_ROUTE = {"ROUTE": False, "BLOCK_E": 1, "SIGMOID": False, "NORMALIZE": False, "SPLIT": 0}
 _GEMM_TILE = {"BLOCK_N": 128, "BLOCK_K": 64, "DOT_PRECISION": "tf32"}
 
 CASES = [
@@ -79,16 +78,10 @@ CASES = [
     Case("routing", "_route_kernel",
          {"TOP_K": 8, "BLOCK_K": 8, "BLOCK_E": 128, "SIGMOID": False, "NORMALIZE": True, "SPLIT": 4},
          {"logits_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i64"}),
-    Case("fused_moe", "_gate_up_gemv_kernel", {"TOP_K": 8, "STREAM": False, **_NO_ROUTE, **_GEMV_TILE},
-         {"ids_ptr": "*i64", "weights_ptr": "*fp32"}),
+    Case("fused_moe", "_gate_up_gemv_kernel", {"TOP_K": 8, "STREAM": False, **_GEMV_TILE}, {"ids_ptr": "*i64"}),
     Case("fused_moe", "_down_gemv_kernel", {"TOP_K": 8, "STREAM": False, **_GEMV_TILE},
          {"y_ptr": "*fp32", "ids_ptr": "*i64", "weights_ptr": "*fp32"}),
-    Case("fused_moe", "_gate_up_gemv_kernel", {"TOP_K": 8, "STREAM": True, **_NO_ROUTE, **_GEMV_TILE},
-         {"ids_ptr": "*i64", "weights_ptr": "*fp32"}),
-    Case("fused_moe", "_gate_up_gemv_kernel",              # OLMoE: routing inside, router partials of 4 K-splits
-         {"TOP_K": 8, "STREAM": True, "ROUTE": True, "BLOCK_E": 64, "SIGMOID": False, "NORMALIZE": False,
-          "SPLIT": 4, **_GEMV_TILE},
-         {"ids_ptr": "*i64", "weights_ptr": "*fp32", "logits_ptr": "*fp32"}),
+    Case("fused_moe", "_gate_up_gemv_kernel", {"TOP_K": 8, "STREAM": True, **_GEMV_TILE}, {"ids_ptr": "*i64"}),
     Case("fused_moe", "_down_gemv_kernel", {"TOP_K": 8, "STREAM": True, **_GEMV_TILE},
          {"ids_ptr": "*i64", "weights_ptr": "*fp32", "y_ptr": "*fp32"}),
     Case("prefetch", "_prefetch_kernel", {"LINE": 64, "BLOCK": 256}),

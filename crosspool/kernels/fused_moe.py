@@ -34,18 +34,13 @@ import triton.language as tl
 from crosspool.kernels import pdl, tuning
 from crosspool.kernels._common import cdiv, dot_precision, next_pow2
 from crosspool.kernels.pdl import enter as pdl_enter
-from crosspool.kernels.routing import routed_slot
 from crosspool.models.batch import TopKPartials
-from crosspool.models.spec import RoutingSpec
 
 SMALL_BATCH_TOKENS = 8
 # the GEMV path's expert weight loads are marked evict_first in L2 (each is read once a step, and the attention
 # side's weights stay in L2 a little longer): +0.5-1% tokens/s on the H200 (OLMoE ctx 1k, batch 1 and 8;
 # docs/benchmarks.md section 7, session 7). CROSSPOOL_EXPERTS_EVICT_FIRST=0 turns it off.
 EVICT_FIRST = os.environ.get("CROSSPOOL_EXPERTS_EVICT_FIRST", "1") != "0"
-# decode MoE layers pick their experts inside the gate/up GEMV (`routed_moe`: one routing kernel fewer per layer).
-# Off until timed on the H200: CROSSPOOL_ROUTE_IN_EXPERTS=1.
-ROUTE_IN_EXPERTS = os.environ.get("CROSSPOOL_ROUTE_IN_EXPERTS", "0") != "0"
 
 
 def moe_block_m(num_tokens: int, num_experts: int) -> int:
@@ -207,35 +202,20 @@ def _load_weights(ptrs, mask, STREAM: tl.constexpr):
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
-@tuning.autotune(configs=_gemv_configs(), key=["hidden", "inter_size", "TOP_K", "ROUTE"],
+@tuning.autotune(configs=_gemv_configs(), key=["hidden", "inter_size", "TOP_K"],
                  prune_configs_by={"early_config_prune": fits("inter_size", "hidden")})
 @triton.jit
 def _gate_up_gemv_kernel(
     x_ptr, w_ptr, inter_ptr, ids_ptr, hidden, inter_size,
     stride_xt, stride_we, stride_wn, stride_it,
-    logits_ptr, weights_ptr, num_experts, stride_l, stride_s, scale, eps,
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr = False,
-    ROUTE: tl.constexpr = False, BLOCK_E: tl.constexpr = 1, SIGMOID: tl.constexpr = False,
-    NORMALIZE: tl.constexpr = False, SPLIT: tl.constexpr = 0,
     USE_PDL: tl.constexpr = False,
 ):
-    """One (token, k) pair, BLOCK_N intermediate columns: multiply-and-sum, no tensor cores (M = 1).
-
-    ROUTE: the pair's expert is picked here from the router's logits (or K-split partials, `routing.routed_slot`)
-    instead of read from ids_ptr; the programs of the first column block store it into ids_ptr and its weight
-    into weights_ptr, for the down kernel (one routing kernel fewer per MoE layer)."""
+    """One (token, k) pair, BLOCK_N intermediate columns: multiply-and-sum, no tensor cores (M = 1)."""
     pdl_enter(USE_PDL)
     pair = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
     token = pair // TOP_K
-    if ROUTE:
-        expert, weight = routed_slot(logits_ptr, x_ptr, token, pair % TOP_K, num_experts, stride_l, stride_s, scale,
-                                     eps, TOP_K, BLOCK_E, SIGMOID, NORMALIZE, SPLIT)
-        expert = expert.to(tl.int64)
-        if tl.program_id(1) == 0:
-            tl.store(ids_ptr + pair, expert)
-            tl.store(weights_ptr + pair, weight)
-    else:
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter_size
     offs_k = tl.arange(0, BLOCK_K)
@@ -319,13 +299,17 @@ def fused_moe(
     if small is None:
         small = t <= SMALL_BATCH_TOKENS
     if small:
+        launch = {**pdl.options(x.device), "STREAM": EVICT_FIRST}
         _gate_up_gemv_kernel[lambda meta: (pairs, cdiv(inter_size, meta["BLOCK_N"]))](
             x, w_gate_up, inter, ids, hidden, inter_size,
-            x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0),
-            x, weights, 0, 0, 0, 1.0, 0.0,              # routing arguments: unused without ROUTE
-            TOP_K=top_k, STREAM=EVICT_FIRST, **pdl.options(x.device),
+            x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0), TOP_K=top_k, **launch,
         )
-        return _down_gemv(x, inter, w_down, weights, ids, top_k, reduce)
+        y = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
+        _down_gemv_kernel[lambda meta: (pairs, cdiv(hidden, meta["BLOCK_N"]))](
+            inter, w_down, y, ids, weights, hidden, inter_size,
+            inter.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), TOP_K=top_k, **launch,
+        )
+        return topk_sum(y, top_k, x.dtype) if reduce else TopKPartials(y, top_k, x.dtype)
     block_m = block_m or moe_block_m(t, num_experts)
     sorted_pairs, block_experts = moe_align(ids, num_experts, block_m)
     m_blocks = block_experts.shape[0]
@@ -342,55 +326,6 @@ def fused_moe(
         BLOCK_M=block_m, DOT_PRECISION=precision,
     )
     return topk_sum(y, top_k, x.dtype) if reduce else TopKPartials(y, top_k, x.dtype)
-
-
-def _down_gemv(x: torch.Tensor, inter: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-               top_k: int, reduce: bool) -> torch.Tensor | TopKPartials:
-    """The GEMV path's down projection of the pairs' intermediates, weighted, then (reduce) their top-k sum."""
-    pairs, hidden = inter.shape[0], w_down.shape[1]
-    y = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
-    _down_gemv_kernel[lambda meta: (pairs, cdiv(hidden, meta["BLOCK_N"]))](
-        inter, w_down, y, ids, weights, hidden, inter.shape[1],
-        inter.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), TOP_K=top_k, STREAM=EVICT_FIRST,
-        **pdl.options(x.device),
-    )
-    return topk_sum(y, top_k, x.dtype) if reduce else TopKPartials(y, top_k, x.dtype)
-
-
-def routed_moe(x: torch.Tensor, router: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-               routing: RoutingSpec, *, reduce: bool = True, split_k: int | None = None
-               ) -> tuple[torch.Tensor | TopKPartials, torch.Tensor, torch.Tensor]:
-    """`fused_moe(x, ..., *routing.route_linear(x, router, routing), small=True)` with the routing done inside the
-    gate/up kernel: the router's skinny GEMM, then the two expert GEMVs (three kernels instead of four). For
-    decode-sized x (`gemv.applies`, at most SMALL_BATCH_TOKENS rows) and greedy rules. Returns (output as
-    `fused_moe` returns it, topk weights [T, K] fp32, topk ids [T, K] int64). The ids are those of
-    `route_linear`; a weight may differ from its in the last bit (`routing.routed_slot`)."""
-    from crosspool.kernels import gemv
-
-    t, hidden = x.shape
-    num_experts, two_i, _ = w_gate_up.shape
-    inter_size = two_i // 2
-    top_k = routing.top_k
-    assert routing.topk_method == "greedy" and t <= SMALL_BATCH_TOKENS and top_k <= num_experts
-    assert w_down.shape == (num_experts, hidden, inter_size) and router.shape == (num_experts, hidden)
-    assert w_gate_up.stride(-1) == 1 and w_down.stride(-1) == 1
-    part, split = gemv.gemv_parts(x, router, split_k=split_k)
-    weights = torch.empty(t, top_k, dtype=torch.float32, device=x.device)
-    ids = torch.empty(t, top_k, dtype=torch.int64, device=x.device)
-    if t == 0:
-        return torch.empty_like(x), weights, ids
-    pairs = t * top_k
-    inter = x.new_empty(pairs, inter_size)
-    sigmoid = routing.scoring == "sigmoid"
-    _gate_up_gemv_kernel[lambda meta: (pairs, cdiv(inter_size, meta["BLOCK_N"]))](
-        x, w_gate_up, inter, ids, hidden, inter_size,
-        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0),
-        part, weights, num_experts, part.stride(-2), part.stride(0) if split > 1 else 0,
-        float(routing.routed_scaling_factor), 1e-20 if sigmoid else 0.0,
-        TOP_K=top_k, STREAM=EVICT_FIRST, ROUTE=True, BLOCK_E=next_pow2(num_experts), SIGMOID=sigmoid,
-        NORMALIZE=routing.norm_topk_prob, SPLIT=split if split > 1 else 0, **pdl.options(x.device),
-    )
-    return _down_gemv(x, inter, w_down, weights, ids, top_k, reduce), weights, ids
 
 
 # tokens per expert at which `moe_block_m` picks each tile height: representative problems to tune them on

@@ -25,11 +25,16 @@ from crosspool.models.spec import RoutingSpec
 
 
 @triton.jit
-def _scores(logits_ptr, round_ptr, t, num_experts, stride_l, stride_s, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
-            SPLIT: tl.constexpr):
-    """Token t's expert scores [BLOCK_E] (fp32; -inf past num_experts) and their indices. SPLIT == 0: logits_ptr
-    holds the logits [T, E]; SPLIT > 0: the router's skinny-GEMM partials [SPLIT, T, E] (fp32), summed here in
-    order and rounded to round_ptr's dtype, as `gemv` would."""
+def _route_kernel(
+    logits_ptr, weights_ptr, ids_ptr, round_ptr, num_experts, stride_l, stride_s, scale, eps,
+    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
+    NORMALIZE: tl.constexpr, SPLIT: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
+):
+    """One token's routing. SPLIT == 0: logits_ptr holds the logits [T, E]; SPLIT > 0: the router's skinny-GEMM
+    partials [SPLIT, T, E] (fp32), summed here in order and rounded to round_ptr's dtype, as `gemv` would."""
+    pdl_enter(USE_PDL)
+    t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < num_experts
     if SPLIT == 0:
@@ -44,20 +49,7 @@ def _scores(logits_ptr, round_ptr, t, num_experts, stride_l, stride_s, BLOCK_E: 
     else:
         e = tl.exp(x - tl.max(x, 0))
         s = e / tl.sum(e, 0)
-    return tl.where(ok, s, float("-inf")), offs
-
-
-@triton.jit
-def _route_kernel(
-    logits_ptr, weights_ptr, ids_ptr, round_ptr, num_experts, stride_l, stride_s, scale, eps,
-    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
-    NORMALIZE: tl.constexpr, SPLIT: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
-):
-    """One token's routing (logits or partials as `_scores` takes them)."""
-    pdl_enter(USE_PDL)
-    t = tl.program_id(0).to(tl.int64)
-    s, offs = _scores(logits_ptr, round_ptr, t, num_experts, stride_l, stride_s, BLOCK_E, SIGMOID, SPLIT)
+    s = tl.where(ok, s, float("-inf"))
     k_offs = tl.arange(0, BLOCK_K)
     w = tl.zeros([BLOCK_K], tl.float32)
     ids = tl.zeros([BLOCK_K], tl.int64)
@@ -72,26 +64,6 @@ def _route_kernel(
     k_ok = k_offs < TOP_K
     tl.store(weights_ptr + t * TOP_K + k_offs, w * scale, mask=k_ok)
     tl.store(ids_ptr + t * TOP_K + k_offs, ids, mask=k_ok)
-
-
-@triton.jit
-def routed_slot(logits_ptr, round_ptr, t, slot, num_experts, stride_l, stride_s, scale, eps, TOP_K: tl.constexpr,
-                BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr, SPLIT: tl.constexpr):
-    """(expert, weight) of token t's `slot`-th choice, as `_route_kernel` orders them (by score, the lower index
-    first on a tie), for a kernel that needs one slot: each expert's rank is counted in one [E, E] comparison
-    instead of k rounds of argmax (fewer cross-thread reductions on the caller's critical path). The weight's
-    renormalization sums the chosen scores in expert order (`_route_kernel`: in slot order), so it may differ from
-    the routing kernel's in the last bit."""
-    s, offs = _scores(logits_ptr, round_ptr, t, num_experts, stride_l, stride_s, BLOCK_E, SIGMOID, SPLIT)
-    other = s[None, :]
-    ahead = (other > s[:, None]) | ((other == s[:, None]) & (offs[None, :] < offs[:, None]))
-    rank = tl.sum(ahead.to(tl.int32), 1)          # experts ahead of each expert
-    chosen = rank == slot
-    expert = tl.sum(tl.where(chosen, offs, 0), 0)
-    w = tl.sum(tl.where(chosen, s, 0.0), 0)
-    if NORMALIZE:
-        w = w / (tl.sum(tl.where(rank < TOP_K, s, 0.0), 0) + eps)
-    return expert, w * scale
 
 
 def supports(routing: RoutingSpec) -> bool:

@@ -61,37 +61,21 @@ class FFNSide:
         if "gate_up" in w:
             return _mlp(x, w["gate_up"], w["down"])
         has_shared = "shared_gate_up" in w        # the shared expert is added to the summed rows
-        if self._routes_in_experts(w, x):
-            from crosspool.kernels.fused_moe import routed_moe
-
-            out, weights, ids = routed_moe(x.to(w["router"].dtype), w["router"], w["experts_gate_up"],
-                                           w["experts_down"], self.spec.routing, reduce=has_shared)
-        else:
-            weights, ids = self._route(w, x.to(w["router"].dtype))
-            if self.triton:
-                from crosspool.kernels.fused_moe import fused_moe
-
-                out = fused_moe(x, w["experts_gate_up"], w["experts_down"], weights, ids, reduce=has_shared)
-            else:
-                out = ref.experts(x, w["experts_gate_up"], w["experts_down"], weights, ids)
+        weights, ids = self._route(w, x.to(w["router"].dtype))
         if self.expert_hits is not None:
             self.expert_hits[layer, ids.reshape(-1)] = 1
+        if self.triton:
+            from crosspool.kernels.fused_moe import fused_moe
+
+            out = fused_moe(x, w["experts_gate_up"], w["experts_down"], weights, ids, reduce=has_shared)
+        else:
+            out = ref.experts(x, w["experts_gate_up"], w["experts_down"], weights, ids)
         if has_shared:
             shared = _mlp(x, w["shared_gate_up"], w["shared_down"])
             if "shared_gate" in w:
                 shared = torch.sigmoid(ref.linear(x, w["shared_gate"])) * shared
             out = out + shared
         return out
-
-    def _routes_in_experts(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> bool:
-        """Whether this decode-sized batch takes `fused_moe.routed_moe` (routing inside the gate/up GEMV; switch
-        `fused_moe.ROUTE_IN_EXPERTS`): Triton path, greedy rule, the router's skinny GEMM applies."""
-        if not (self.triton and self._fused_route):
-            return False
-        from crosspool.kernels import fused_moe, gemv
-
-        return (fused_moe.ROUTE_IN_EXPERTS and gemv.ROUTER and x.shape[0] <= fused_moe.SMALL_BATCH_TOKENS
-                and gemv.applies(x, w["router"]))
 
     def _route(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, expert ids) of the tokens. Triton path at decode sizes: the router's skinny GEMM, its K-split
