@@ -23,6 +23,8 @@
 #   bash scripts/gpu_x2.sh check      # A: the kernels' GPU tests | B: switches' bit tests, OLMoE decode (defaults)
 #   bash scripts/gpu_x2.sh probe      # A: a pure-read kernel's time by size | B: ncu on the one-token GEMVs
 #   bash scripts/gpu_x2.sh attn       # A: OLMoE's batch-1 decode attention alone | B: ncu on it
+#   bash scripts/gpu_x2.sh nodot      # A: GPU tests of MHA decode without tl.dot, the attention alone off / on | B:
+#                                     #    OLMoE decode off / on, twice
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -314,6 +316,20 @@ if [ "$stage" = attn ]; then  # issue 4, session 9: OLMoE's batch-1 decode atten
         grep -i "^  [a-z_]*kernel\|^  [a-z].*(\|Duration\|DRAM Throughput\|Achieved Occupancy\|Theoretical Occ\|Registers Per\|Waves Per SM\|Grid Size\|Block Size\|Warp Cycles Per Issued\|Issue Slots Busy\|No Eligible\|stalled\|Shared Memory Per\|==PROF==\|rror" \
             "$RES/ncu_attention.txt" | cut -c1-150 | head -150
     }
+    both
+fi
+
+if [ "$stage" = nodot ]; then  # issue 4, session 9: MHA decode attention on one row without tl.dot (CROSSPOOL_NO_DOT_MHA)
+    ckpt olmoe-1b-7b $OLMOE
+    job_a() {
+        t 200 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "no_dot or rope_decode or decode_bf16" \
+            2>&1 | tail -3
+        for on in 0 1; do
+            CROSSPOOL_NO_DOT_MHA=$on t 60 python3 scripts/stream_probe.py --attention 2>&1 | grep "^| [fp]" \
+                | sed "s/^/no-dot=$on: /"
+        done
+    }
+    job_b() { VT=120 BATCHES=1,8 variants "" CROSSPOOL_NO_DOT_MHA=1 "" CROSSPOOL_NO_DOT_MHA=1; }
     both
 fi
 
