@@ -23,8 +23,7 @@
 #   bash scripts/gpu_x2.sh check      # A: the kernels' GPU tests | B: switches' bit tests, OLMoE decode (defaults)
 #   bash scripts/gpu_x2.sh probe      # A: a pure-read kernel's time by size | B: ncu on the one-token GEMVs
 #   bash scripts/gpu_x2.sh attn       # A: OLMoE's batch-1 decode attention alone | B: ncu on it
-#   bash scripts/gpu_x2.sh nodot      # A: GPU tests of MHA decode without tl.dot, the attention alone off / on | B:
-#                                     #    OLMoE decode off / on, twice
+#   bash scripts/gpu_x2.sh shape      # A: OLMoE's batch-1 attention alone per launch shape | B: decode with two shapes
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -319,17 +318,17 @@ if [ "$stage" = attn ]; then  # issue 4, session 9: OLMoE's batch-1 decode atten
     both
 fi
 
-if [ "$stage" = nodot ]; then  # issue 4, session 9: MHA decode attention on one row without tl.dot (CROSSPOOL_NO_DOT_MHA)
+if [ "$stage" = shape ]; then  # issue 4, session 9: the decode attention's launch shape (warps, keys per block, keys per
+                               # split): OLMoE's batch-1 attention alone per setting | decode with two of them
     ckpt olmoe-1b-7b $OLMOE
     job_a() {
-        t 200 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "no_dot or rope_decode or decode_bf16" \
-            2>&1 | tail -3
-        for on in 0 1; do
-            CROSSPOOL_NO_DOT_MHA=$on t 60 python3 scripts/stream_probe.py --attention 2>&1 | grep "^| [fp]" \
-                | sed "s/^/no-dot=$on: /"
+        for v in "4 64 128" "8 64 128" "4 128 128" "8 128 128" "4 32 128" "4 64 64" "8 64 64" "4 128 256" "8 128 256"; do
+            set -- $v
+            CROSSPOOL_DECODE_WARPS=$1 CROSSPOOL_DECODE_BLOCK_N=$2 CROSSPOOL_MIN_KEYS_PER_SPLIT=$3 t 40 \
+                python3 scripts/stream_probe.py --attention 2>&1 | grep "^| [fp]" | sed "s/^/warps $1, block $2, min keys $3: /"
         done
     }
-    job_b() { VT=120 BATCHES=1,8 variants "" CROSSPOOL_NO_DOT_MHA=1 "" CROSSPOOL_NO_DOT_MHA=1; }
+    job_b() { VT=100 BATCHES=1,8 variants "" CROSSPOOL_DECODE_WARPS=8 CROSSPOOL_DECODE_BLOCK_N=128; }
     both
 fi
 

@@ -467,20 +467,6 @@ def test_rope_decode_attention(dtype: torch.dtype, heads: int, kv_heads: int, ki
         _close(fused_cache, want_cache, dtype)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_no_dot_mha_decode(num_splits: int, monkeypatch) -> None:  # noqa: ANN001
-    """With `NO_DOT_MHA` MHA decode runs one query row per program without tl.dot (GQA keeps the padded tile):
-    the decode attention and the fused RoPE kernel still match the references (MHA with each q/k norm, GQA)."""
-    from crosspool.kernels import paged_attention as pa
-
-    monkeypatch.setattr(pa, "NO_DOT_MHA", True)
-    assert pa._tiles(True, 1, 64)[1] == 1 and pa._tiles(True, 4, 64)[1] == 16
-    test_paged_decode_attention(torch.float16, 4, 4, 64, num_splits)
-    test_paged_decode_attention(torch.float32, 8, 2, 40, num_splits)
-    for kind in (None, "head", "full"):
-        test_rope_decode_attention(torch.float16, 2, 2, kind, kind is None, num_splits)
-
-
 @pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])     # q/k norm over all heads, per head
 def test_fused_rope_decode_keeps_greedy_tokens(preset: str, tiny_models, monkeypatch) -> None:  # noqa: ANN001
     """The engine on the Triton kernels with CUDA graphs (on CPU replayed eagerly, padding rows included) gives
@@ -576,18 +562,6 @@ def test_gpu_decode_bf16(heads: int, kv_heads: int, dim: int, ctx: list[int]) ->
     want = p.reference(scale)
     p.caches = [c.float() for c in p.caches]
     _bf16_check(out, want, p.reference(scale, p.q.float()))
-
-
-@gpu
-@needs_cuda
-def test_gpu_no_dot_mha_decode_bf16(monkeypatch) -> None:  # noqa: ANN001
-    """OLMoE's decode attention with `NO_DOT_MHA` (one row, no tl.dot) in bf16 on the GPU, plain and fused RoPE."""
-    from crosspool.kernels import paged_attention as pa
-
-    monkeypatch.setattr(pa, "NO_DOT_MHA", True)
-    test_gpu_decode_bf16(16, 16, 128, [77, 1025, 8000])
-    for kind in (None, "full"):
-        test_rope_decode_attention(torch.float16, 16, 16, kind, False, 3)
 
 
 @gpu

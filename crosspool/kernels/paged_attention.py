@@ -40,11 +40,12 @@ from crosspool.kernels.pdl import enter as pdl_enter
 
 LOG2E = math.log2(math.e)
 MAX_SPLITS = 64
-MIN_KEYS_PER_SPLIT = 128
-# MHA decode (one query head per KV head: OLMoE, Qwen1.5-MoE) folds each key block with multiply-and-sum on one
-# row instead of tl.dot on the row padded to 16 (ncu, session 9: the padded kernel is a long serial chain, 220
-# registers, 40 KB of shared memory, no eligible warp 78% of the time). Off until timed: CROSSPOOL_NO_DOT_MHA=1.
-NO_DOT_MHA = os.environ.get("CROSSPOOL_NO_DOT_MHA", "0") != "0"
+# Decode launch shape, tunable for before/after runs (the defaults are the measured best): keys per split at least
+# (CROSSPOOL_MIN_KEYS_PER_SPLIT), keys per block of the cache walk (CROSSPOOL_DECODE_BLOCK_N, heads of <= 256
+# dims), warps of a program of <= 32 query rows (CROSSPOOL_DECODE_WARPS).
+MIN_KEYS_PER_SPLIT = int(os.environ.get("CROSSPOOL_MIN_KEYS_PER_SPLIT", "128"))
+DECODE_BLOCK_N = int(os.environ.get("CROSSPOOL_DECODE_BLOCK_N", "64"))
+DECODE_WARPS = int(os.environ.get("CROSSPOOL_DECODE_WARPS", "4"))
 
 @triton.jit
 def _attend(
@@ -93,11 +94,11 @@ def _fold_block(q, q_pe, k, k_pe, v, k_ptr, v_ptr, page, slot, k_pos, k_ok, kv_h
     against the rows' D.. part (k_pe); the values are the keys when V_IS_K. LOADED: k_pe and v were loaded by the
     caller, ahead of time; else they are loaded here, k_pe after the first dot and v after the softmax (the order
     the pipelined cache walk has always had)."""
-    s = _rows_dot_keys(q, k, DOT_PRECISION)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if PE_DIM > 0:
         if not LOADED:
             k_pe = _cache_rows(k_ptr, page, slot, k_ok, kv_head, stride_kb, stride_ks, stride_kh, D, PE_DIM, BLOCK_PE)
-        s += _rows_dot_keys(q_pe, k_pe, DOT_PRECISION)
+        s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
     s = s * scale_log2
     visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
     s = tl.where(visible, s, float("-inf"))
@@ -111,22 +112,8 @@ def _fold_block(q, q_pe, k, k_pe, v, k_ptr, v_ptr, page, slot, k_pos, k_ok, kv_h
         v = k
     elif not LOADED:
         v = _cache_rows(v_ptr, page, slot, k_ok, kv_head, stride_vb, stride_vs, stride_vh, 0, DV, BLOCK_DV)
-    p = p.to(v.dtype)
-    if p.shape[0] == 1:     # one query row (MHA decode, `NO_DOT_MHA`): multiply and sum, no tensor-core padding
-        pv = tl.sum(p.to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-    else:
-        pv = tl.dot(p, v, input_precision=DOT_PRECISION)
-    acc = acc * alpha[:, None] + pv
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_sum, acc
-
-
-@triton.jit
-def _rows_dot_keys(q, k, DOT_PRECISION: tl.constexpr):
-    """q [rows, D] . k [keys, D]^T in fp32: tl.dot (rows padded to at least 16), or for a single row a multiply and
-    sum over D (the fp32 sum in another order than the tensor cores')."""
-    if q.shape[0] == 1:
-        return tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
-    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -253,21 +240,12 @@ def _combine_kernel(
 
 def _tiles(decode: bool, group: int, dv: int) -> tuple[int, int, int]:
     """(BLOCK_Q, BLOCK_H, BLOCK_N). Decode: one token, a whole group of heads per program (at least 16 rows
-    for tl.dot; one row, without tl.dot, for MHA when NO_DOT_MHA). Prefill: about 64 rows (32 for MLA's 512-wide
-    latent accumulator) of tokens x heads."""
+    for tl.dot). Prefill: about 64 rows (32 for MLA's 512-wide latent accumulator) of tokens x heads."""
     rows, block_n = (32, 32) if dv > 256 else (64, 64)
     if decode:
-        if NO_DOT_MHA and group == 1 and dv <= 256:
-            return 1, 1, block_n
-        return 1, max(16, min(next_pow2(group), rows)), block_n
+        return 1, max(16, min(next_pow2(group), rows)), block_n if dv > 256 else DECODE_BLOCK_N
     block_h = min(next_pow2(group), rows)
     return max(1, rows // block_h), block_h, block_n
-
-
-def _warps(rows: int) -> int:
-    """Warps of an attention program of `rows` query rows: 8 for more than 32, and for the one-row MHA decode
-    (its multiply-and-sum products spill past 4 warps' registers); else 4."""
-    return 8 if rows == 1 or rows > 32 else 4
 
 
 def default_num_splits(programs: int, device: torch.device, max_context_len: int | None = None) -> int:
@@ -345,7 +323,7 @@ def _attention(
         DV=dv, BLOCK_DV=block_dim(dv), V_IS_K=v_cache is None,
         PAGE_SIZE=page_size, BLOCK_Q=block_q, BLOCK_H=block_h, BLOCK_N=block_n,
         IS_DECODE=decode, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=_warps(block_q * block_h), **pdl.options(q.device),
+        num_warps=(DECODE_WARPS if decode else 4) if block_q * block_h <= 32 else 8, **pdl.options(q.device),
     )
     if num_splits > 1:
         _combine(target, lse, out)

@@ -20,13 +20,13 @@ from crosspool.kernels import pdl
 from crosspool.kernels._common import block_dim, cdiv, dot_precision, next_pow2
 from crosspool.kernels.norm_rope import _load_halves, _sum_squares, qk_norm_args
 from crosspool.kernels.paged_attention import (
+    DECODE_WARPS,
     LOG2E,
     _attend,
     _combine,
     _split_outputs,
     _store_rows,
     _tiles,
-    _warps,
     default_num_splits,
 )
 from crosspool.kernels.pdl import enter as pdl_enter
@@ -206,7 +206,7 @@ def rope_decode_attention(
         PAGE_SIZE=page_size, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_HQ=next_pow2(hq), BLOCK_HKV=next_pow2(hkv), INTERLEAVED=interleaved, NORM=norm,
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=_warps(block_h), **pdl.options(q.device),
+        num_warps=DECODE_WARPS if block_h <= 32 else 8, **pdl.options(q.device),
     )
     if num_splits > 1:
         _combine(target, lse, out)
