@@ -437,11 +437,15 @@ def _rope_decode_inputs(ctx: list[int], heads: int, kv_heads: int, dim: int, dty
 @pytest.mark.parametrize("kind", [None, "head", "full"])             # Mixtral / Qwen2-MoE, Qwen3-MoE, OLMoE
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_rope_decode_attention(dtype: torch.dtype, heads: int, kv_heads: int, kind: str | None, interleaved: bool,
-                               num_splits: int) -> None:
+                               num_splits: int, monkeypatch, block_n: int = 64) -> None:  # noqa: ANN001
     """The fused kernel's output and the caches after it equal those of `rope_write_kv` +
     `paged_decode_attention` and of the torch reference. q, k, v are slices of one QKV row, as in the engine.
-    Contexts cross blocks of 16; with 3 splits (of 64 keys) the new token of context 129 is alone in the third
-    split and that of 200 ends the second; row 2 is padding (context 0, slot -1)."""
+    Contexts cross blocks of 16; with 3 splits of 64 keys (the walk's blocks pinned to 64 keys) the new token of
+    context 129 is alone in the third split and that of 200 ends the second; row 2 is padding (context 0, slot
+    -1)."""
+    from crosspool.kernels import rope_decode
+
+    monkeypatch.setattr(rope_decode, "BLOCK_N_KEYS", block_n)
     dim, scale = 32, 32**-0.5
     q, k, v, cos, sin, slots, qk_norm, q_n, k_n, (pf, pu, pr) = _rope_decode_inputs(
         [1, 17, 0, 129, 200], heads, kv_heads, dim, dtype, heads + 2 * num_splits + int(interleaved), kind)
@@ -465,6 +469,13 @@ def test_rope_decode_attention(dtype: torch.dtype, heads: int, kv_heads: int, ki
     for fused_cache, unfused_cache, want_cache in zip(pf.caches, pu.caches, pr.caches, strict=True):
         _close(fused_cache, unfused_cache, dtype)
         _close(fused_cache, want_cache, dtype)
+
+
+@pytest.mark.parametrize("kind", [None, "head", "full"])
+def test_rope_decode_attention_in_blocks_of_128_keys(kind: str | None, monkeypatch) -> None:  # noqa: ANN001
+    """The fused kernel at its default walk of 128-key blocks (`rope_decode.BLOCK_N_KEYS`): 3 splits of 128 keys,
+    so the new token of context 129 is alone in the second split and the third is empty."""
+    test_rope_decode_attention(torch.float16, 4, 2, kind, False, 3, monkeypatch, block_n=128)
 
 
 @pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])     # q/k norm over all heads, per head

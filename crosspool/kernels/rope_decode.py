@@ -32,6 +32,10 @@ from crosspool.kernels.paged_attention import (
 from crosspool.kernels.pdl import enter as pdl_enter
 
 FUSED_ROPE_ROWS = int(os.environ.get("CROSSPOOL_FUSED_ROPE_ROWS", "1"))
+# keys per block of this kernel's cache walk (heads of <= 256 dims): 128, where the plain decode kernel walks 64
+# (`paged_attention.DECODE_BLOCK_N`). H200, OLMoE batch 1 at 1k (docs/benchmarks.md section 7, session 9): the
+# kernel alone 10.9 -> 9.7 us, a decode step 1.12 -> 1.10 ms. CROSSPOOL_FUSED_BLOCK_N sets it.
+BLOCK_N_KEYS = int(os.environ.get("CROSSPOOL_FUSED_BLOCK_N", "128"))
 
 
 def fused_for(rows: int) -> bool:
@@ -183,6 +187,8 @@ def rope_decode_attention(
         assert x.stride(-1) == 1, "last dim must be contiguous"
     group = hq // hkv
     _, block_h, block_n = _tiles(True, group, dv)
+    if dv <= 256:
+        block_n = BLOCK_N_KEYS
     head_blocks = cdiv(group, block_h)
     if num_splits is None:
         num_splits = default_num_splits(b * hkv * head_blocks, q.device, max_context_len)
