@@ -24,7 +24,8 @@
 #   bash scripts/gpu_x2.sh probe      # A: a pure-read kernel's time by size | B: ncu on the one-token GEMVs
 #   bash scripts/gpu_x2.sh attn       # A: OLMoE's batch-1 decode attention alone | B: ncu on it
 #   bash scripts/gpu_x2.sh shape      # A: OLMoE's batch-1 attention alone per launch shape | B: decode with two shapes
-#   bash scripts/gpu_x2.sh confirm    # A: the fused RoPE kernel's GPU tests | B: OLMoE decode (defaults), batch 1 and 8
+#   bash scripts/gpu_x2.sh confirm    # A: GPU tests with the fused RoPE kernel's 128-key blocks | B: OLMoE decode with
+#                                     #    them and without, twice
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -333,10 +334,13 @@ if [ "$stage" = shape ]; then  # issue 4, session 9: the decode attention's laun
     both
 fi
 
-if [ "$stage" = confirm ]; then  # issue 4, session 9: the defaults after the fused kernel's 128-key blocks
-    ckpt olmoe-1b-7b $OLMOE
-    job_a() { t 110 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "rope_decode" 2>&1 | tail -2; }
-    job_b() { VT=120 BATCHES=1,8 variants ""; }
+if [ "$stage" = confirm ]; then  # issue 4, session 10: the fused RoPE kernel's 128-key blocks (CROSSPOOL_FUSED_BLOCK_N)
+    ckpt olmoe-1b-7b $OLMOE      # against the defaults: GPU tests (the kernel's, the engine's bits), decode twice each
+    job_a() {
+        CROSSPOOL_FUSED_BLOCK_N=128 t 250 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py \
+            tests/test_gpu.py -k "rope or decode_bf16 or evict_first" 2>&1 | tail -2
+    }
+    job_b() { VT=120 BATCHES=1,8 variants "" CROSSPOOL_FUSED_BLOCK_N=128 "" CROSSPOOL_FUSED_BLOCK_N=128; }
     both
 fi
 
