@@ -297,6 +297,24 @@ def test_gemv(dtype: torch.dtype, t: int, n: int, k: int, split_k: int) -> None:
     _close(gemv(x, w, split_k=split_k), torch.nn.functional.linear(x, w), dtype)
 
 
+@pytest.mark.parametrize("dtype,k", [(torch.float16, 264), (torch.float32, 200)])
+@pytest.mark.parametrize("t", [1, 3, 8])
+def test_gemv_tma(dtype: torch.dtype, k: int, t: int, monkeypatch) -> None:  # noqa: ANN001
+    """The TMA path (`CROSSPOOL_GEMV_TMA`): N and K past the last tile (TMA reads zeros there), a bias, 1-8 tokens;
+    a weight whose rows break TMA's 16-byte rule falls back to the plain kernel."""
+    from crosspool.kernels import gemv as gemv_module
+
+    monkeypatch.setattr(gemv_module, "TMA_TILE", (16, 64, 3, 4))
+    x, w = _gemv_inputs(t, 70, k, dtype, seed=t + k)
+    bias = torch.randn(70, generator=torch.Generator().manual_seed(t)).to(DEVICE, dtype)
+    assert gemv_module._tma_applies(x, w)
+    _close(gemv(x, w, bias), torch.nn.functional.linear(x, w, bias), dtype)
+    odd = torch.zeros(70, k + 1, device=DEVICE, dtype=dtype)[:, :k]
+    odd.copy_(w)
+    assert not gemv_module._tma_applies(x, odd)
+    _close(gemv(x, odd), torch.nn.functional.linear(x, w), dtype)
+
+
 @pytest.mark.parametrize("split_k", [None, 1, 4])
 def test_gemv_bias_strided_rows(split_k: int | None) -> None:
     """Rows of a wider buffer (row stride != K), a bias (added before the one rounding), fp16; no tokens."""
