@@ -26,7 +26,8 @@
 #   bash scripts/gpu_x2.sh shape      # A: OLMoE's batch-1 attention alone per launch shape | B: decode with two shapes
 #   bash scripts/gpu_x2.sh confirm    # A: GPU tests with the fused RoPE kernel's 128-key blocks | B: OLMoE decode with
 #                                     #    them and without, twice
-#   bash scripts/gpu_x2.sh tma        # A: the TMA skinny GEMM's GPU test, the linears alone per tile | B: decode with it
+#   bash scripts/gpu_x2.sh tma        # A: GPU tests of the TMA GEMVs (dense, experts), the linears and MoE FFN alone per
+#                                     #    tile | B: decode with them
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -345,19 +346,21 @@ if [ "$stage" = confirm ]; then  # issue 4, session 10: the fused RoPE kernel's 
     both
 fi
 
-if [ "$stage" = tma ]; then  # issue 4, session 10: the skinny GEMM with TMA-fetched weight tiles (CROSSPOOL_GEMV_TMA):
-                             # A: its GPU test, the OLMoE linears alone per tile | B: decode with it on the projections
+if [ "$stage" = tma ]; then  # issue 4, session 10: weight tiles fetched by TMA, STAGES ahead in shared memory, in the
+                             # skinny GEMM (CROSSPOOL_GEMV_TMA) and the expert GEMVs (CROSSPOOL_EXPERTS_TMA). A: their
+                             # GPU tests, the OLMoE linears and MoE FFN alone per tile | B: decode with them
     ckpt olmoe-1b-7b $OLMOE
     job_a() {
-        t 60 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "gemv" 2>&1 | tail -2
-        for tile in 16,256,4,4 8,256,4,4 16,128,6,4 32,256,3,8 4,256,6,4; do
-            CROSSPOOL_GEMV_TMA=$tile t 45 python3 -m crosspool.bench.kernels --only gemv --shape olmoe-1b-7b --tokens 1 \
-                --json "$RES/kernels_gemv_tma_$tile.json" 2>&1 | grep "gemv | 1 |" | sed "s/^/tma $tile: /"
+        t 90 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "gemv or fused_moe" 2>&1 | tail -2
+        for tile in 16,256,4,4 8,256,4,4 16,128,6,4 32,256,3,8; do
+            CROSSPOOL_GEMV_TMA=$tile CROSSPOOL_EXPERTS_TMA=$tile t 45 python3 -m crosspool.bench.kernels \
+                --only gemv moe_ffn --shape olmoe-1b-7b --tokens 1 --json "$RES/kernels_tma_$tile.json" 2>&1 \
+                | grep "gemv | 1 |\|^| olmoe-1b-7b | [18] |" | sed "s/^/tma $tile: /"
         done
     }
     job_b() {
         VT=120 BATCHES=1,8 variants "" "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_GEMV_TMA=16,256,4,4" \
-            "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_GEMV_TMA=8,256,4,4"
+            CROSSPOOL_EXPERTS_TMA=16,256,4,4 "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_GEMV_TMA=16,256,4,4 CROSSPOOL_EXPERTS_TMA=16,256,4,4"
     }
     both
 fi

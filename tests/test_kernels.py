@@ -265,6 +265,27 @@ def test_fused_moe_paths_agree(small: bool, evict_first: bool, monkeypatch) -> N
     _close(out, ref.experts(x, wgu, wd, weights, ids), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,top_k,hidden,inter", [(1, 8, 200, 40), (5, 2, 136, 24)])
+def test_fused_moe_tma_gemvs(dtype: torch.dtype, t: int, top_k: int, hidden: int, inter: int,
+                             monkeypatch) -> None:  # noqa: ANN001
+    """The GEMV path with TMA-fetched expert weights (`CROSSPOOL_EXPERTS_TMA`): hidden and intermediate sizes past
+    the last tile (a partial gate block reads up rows; TMA reads zeros past the ends), a row-padded gate/up weight,
+    reduced and per-pair outputs. A weight whose rows break TMA's 16-byte rule takes the plain kernels."""
+    monkeypatch.setattr(fused_moe_module, "TMA_TILE", (16, 64, 3, 4))
+    x, wgu, wd, weights, ids = _moe_inputs(t, 8, top_k, hidden, inter, dtype, seed=t + hidden)
+    want = ref.experts(x, wgu, wd, weights, ids)
+    padded = torch.zeros(wgu.shape[0], wgu.shape[1], hidden + 8, device=DEVICE, dtype=dtype)[..., :hidden]
+    padded.copy_(wgu)
+    assert fused_moe_module._tma_ok(padded) and fused_moe_module._tma_ok(wd)
+    _close(fused_moe(x, padded, wd, weights, ids, small=True), want, dtype)
+    _close(fused_moe(x, wgu, wd, weights, ids, small=True, reduce=False).reduce(), want, dtype)
+    odd = torch.zeros(wgu.shape[0], wgu.shape[1], hidden + 1, device=DEVICE, dtype=dtype)[..., :hidden]
+    odd.copy_(wgu)
+    assert not fused_moe_module._tma_ok(odd)
+    _close(fused_moe(x, odd, wd, weights, ids, small=True), want, dtype)
+
+
 def test_tune_runs_each_path_at_a_size_that_picks_it() -> None:
     """`tune` (startup tuning) runs the GEMV path and the grouped GEMMs at each tile height `moe_block_m` picks."""
     _, wgu, wd, _, _ = _moe_inputs(1, 4, 2, 32, 16, torch.float32, seed=2)

@@ -41,6 +41,10 @@ SMALL_BATCH_TOKENS = 8
 # side's weights stay in L2 a little longer): +0.5-1% tokens/s on the H200 (OLMoE ctx 1k, batch 1 and 8;
 # docs/benchmarks.md section 7, session 7). CROSSPOOL_EXPERTS_EVICT_FIRST=0 turns it off.
 EVICT_FIRST = os.environ.get("CROSSPOOL_EXPERTS_EVICT_FIRST", "1") != "0"
+# CROSSPOOL_EXPERTS_TMA=BLOCK_N,BLOCK_K,STAGES,WARPS: the GEMV path's expert weight tiles fetched by TMA, STAGES
+# ahead into shared memory (`_gate_up_gemv_tma_kernel`, `_down_gemv_tma_kernel`; no fp32 register tile, no
+# evict_first hint). Unset: off (not yet timed on the H200).
+TMA_TILE = tuple(int(v) for v in os.environ.get("CROSSPOOL_EXPERTS_TMA", "").split(",") if v) or None
 
 
 def moe_block_m(num_tokens: int, num_experts: int) -> int:
@@ -261,6 +265,89 @@ def _down_gemv_kernel(
     tl.store(y_ptr + pair * stride_yt + offs_n, out, mask=n_ok)
 
 
+@triton.jit
+def _gate_up_gemv_tma_kernel(
+    x_ptr, w_desc, inter_ptr, ids_ptr, hidden, inter_size, stride_xt, stride_it,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
+):
+    """`_gate_up_gemv_kernel` with the gate and up tiles [1, BLOCK_N, BLOCK_K] read through the TMA descriptor
+    `w_desc` of [E, 2I, H] (zeros past its ends), STAGES ahead, reduced over K at every step. The gate rows of a
+    last partial block read up rows; they are never stored."""
+    pdl_enter(USE_PDL)
+    pair = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + pair).to(tl.int32)
+    token = pair // TOP_K
+    row = tl.program_id(1) * BLOCK_N
+    offs_n = row + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    g = tl.zeros([BLOCK_N], tl.float32)
+    u = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in tl.range(0, hidden, BLOCK_K, num_stages=STAGES):
+        x = tl.load(x_ptr + token * stride_xt + k0 + offs_k, mask=offs_k < hidden - k0, other=0.0).to(tl.float32)
+        w_g = w_desc.load([expert, row, k0]).reshape(BLOCK_N, BLOCK_K).to(tl.float32)
+        w_u = w_desc.load([expert, inter_size + row, k0]).reshape(BLOCK_N, BLOCK_K).to(tl.float32)
+        g += tl.sum(w_g * x[None, :], 1)
+        u += tl.sum(w_u * x[None, :], 1)
+    h = g * tl.sigmoid(g) * u
+    tl.store(inter_ptr + pair * stride_it + offs_n, h.to(inter_ptr.dtype.element_ty), mask=offs_n < inter_size)
+
+
+@triton.jit
+def _down_gemv_tma_kernel(
+    inter_ptr, w_desc, y_ptr, ids_ptr, weights_ptr, hidden, inter_size, stride_it, stride_yt,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr = False,
+):
+    """`_down_gemv_kernel` with the weight tiles [1, BLOCK_N, BLOCK_K] read through the TMA descriptor `w_desc` of
+    [E, H, I], STAGES ahead, reduced over K at every step."""
+    pdl_enter(USE_PDL)
+    pair = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + pair).to(tl.int32)
+    row = tl.program_id(1) * BLOCK_N
+    offs_n = row + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in tl.range(0, inter_size, BLOCK_K, num_stages=STAGES):
+        h = tl.load(inter_ptr + pair * stride_it + k0 + offs_k, mask=offs_k < inter_size - k0,
+                    other=0.0).to(tl.float32)
+        w = w_desc.load([expert, row, k0]).reshape(BLOCK_N, BLOCK_K).to(tl.float32)
+        acc += tl.sum(w * h[None, :], 1)
+    out = acc * tl.load(weights_ptr + pair).to(tl.float32)
+    tl.store(y_ptr + pair * stride_yt + offs_n, out, mask=offs_n < hidden)
+
+
+def _tma_ok(w: torch.Tensor) -> bool:
+    """TMA's rules for a [E, rows, K] weight: contiguous last dim, the other strides 16-byte multiples, the
+    address 16-byte aligned."""
+    size = w.element_size()
+    return (w.stride(-1) == 1 and (w.stride(0) * size) % 16 == 0 and (w.stride(1) * size) % 16 == 0
+            and w.data_ptr() % 16 == 0)
+
+
+def _experts_tma(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
+                 ids: torch.Tensor, inter: torch.Tensor, tile: tuple[int, ...]) -> torch.Tensor:
+    """The GEMV path's two expert kernels with TMA-fetched weights (tile: BLOCK_N, BLOCK_K, STAGES, WARPS);
+    returns the weighted per-pair rows y [pairs, H] (fp32)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block_n, block_k, stages, warps = tile
+    pairs, inter_size = inter.shape
+    top_k = ids.shape[1]
+    hidden = w_down.shape[1]
+    launch = {"BLOCK_N": block_n, "BLOCK_K": block_k, "STAGES": stages, "num_warps": warps,
+              **pdl.options(x.device)}
+    _gate_up_gemv_tma_kernel[(pairs, cdiv(inter_size, block_n))](
+        x, TensorDescriptor.from_tensor(w_gate_up, [1, block_n, block_k]), inter, ids, x.shape[1], inter_size,
+        x.stride(0), inter.stride(0), TOP_K=top_k, **launch,
+    )
+    y = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
+    _down_gemv_tma_kernel[(pairs, cdiv(hidden, block_n))](
+        inter, TensorDescriptor.from_tensor(w_down, [1, block_n, block_k]), y, ids, weights, hidden, inter_size,
+        inter.stride(0), y.stride(0), **launch,
+    )
+    return y
+
+
 def topk_sum(y: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:
     """[T * top_k, H] per-expert rows -> [T, H]: each token's top_k rows summed in fp32 in order, rounded to
     dtype once."""
@@ -298,6 +385,9 @@ def fused_moe(
     inter = x.new_empty(pairs, inter_size)
     if small is None:
         small = t <= SMALL_BATCH_TOKENS
+    if small and TMA_TILE is not None and _tma_ok(w_gate_up) and _tma_ok(w_down):
+        y = _experts_tma(x, w_gate_up, w_down, weights, ids, inter, TMA_TILE)
+        return topk_sum(y, top_k, x.dtype) if reduce else TopKPartials(y, top_k, x.dtype)
     if small:
         launch = {**pdl.options(x.device), "STREAM": EVICT_FIRST}
         _gate_up_gemv_kernel[lambda meta: (pairs, cdiv(inter_size, meta["BLOCK_N"]))](
