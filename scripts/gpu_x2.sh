@@ -114,15 +114,16 @@ fused_rope_check() {
         | grep -v "^{" | tail -20
 }
 # OLMoE decode (ctx 1k, batch 1, 8, 32 or $BATCHES) once per argument, each a list of VAR=VALUE settings ("" = the
-# defaults), each run cut at $VT seconds (default 80)
+# defaults), each run cut at $VT seconds (default 80; the first 60 s later)
 variants() {
-    local v name
+    local v name first=60      # the first run also compiles and autotunes (on a fresh machine): 60 s more
     for v in "$@"; do
         name=${v:-defaults}
-        ( [ -n "$v" ] && export $v; t ${VT:-80} python3 -m crosspool.cli bench decode --model $OLMOE \
+        ( [ -n "$v" ] && export $v; t $(( ${VT:-80} + first )) python3 -m crosspool.cli bench decode --model $OLMOE \
             --kv-cache-gb 16 --context 1024 --batch ${BATCHES:-1,8,32} --label "$name" \
             --json "$RES/olmoe_${name//[ =]/_}.json" 2>&1 \
             | grep "^| 1024" | sed "s/^/$name: /" )
+        first=0
     done
 }
 MM="python3 -m crosspool.bench.multi_model --model $OLMOE --prompt-len 512 --output-len 96 --kv-cache-gb 24 \
