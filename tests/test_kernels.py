@@ -23,7 +23,7 @@ if not CUDA:
 
 from crosspool.kernels import fused_moe as fused_moe_module  # noqa: E402
 from crosspool.kernels import torch_ref as ref  # noqa: E402
-from crosspool.kernels._common import cdiv  # noqa: E402
+from crosspool.kernels._common import cdiv, tma_ok  # noqa: E402
 from crosspool.kernels.fused_moe import fused_moe, moe_align, moe_block_m  # noqa: E402
 from crosspool.kernels.gemv import MAX_GEMV_TOKENS, gemv  # noqa: E402
 from crosspool.kernels.mla import (  # noqa: E402
@@ -277,12 +277,12 @@ def test_fused_moe_tma_gemvs(dtype: torch.dtype, t: int, top_k: int, hidden: int
     want = ref.experts(x, wgu, wd, weights, ids)
     padded = torch.zeros(wgu.shape[0], wgu.shape[1], hidden + 8, device=DEVICE, dtype=dtype)[..., :hidden]
     padded.copy_(wgu)
-    assert fused_moe_module._tma_ok(padded) and fused_moe_module._tma_ok(wd)
+    assert tma_ok(padded) and tma_ok(wd)
     _close(fused_moe(x, padded, wd, weights, ids, small=True), want, dtype)
     _close(fused_moe(x, wgu, wd, weights, ids, small=True, reduce=False).reduce(), want, dtype)
     odd = torch.zeros(wgu.shape[0], wgu.shape[1], hidden + 1, device=DEVICE, dtype=dtype)[..., :hidden]
     odd.copy_(wgu)
-    assert not fused_moe_module._tma_ok(odd)
+    assert not tma_ok(odd)
     _close(fused_moe(x, odd, wd, weights, ids, small=True), want, dtype)
 
 
@@ -328,12 +328,29 @@ def test_gemv_tma(dtype: torch.dtype, k: int, t: int, monkeypatch) -> None:  # n
     monkeypatch.setattr(gemv_module, "TMA_TILE", (16, 64, 3, 4))
     x, w = _gemv_inputs(t, 70, k, dtype, seed=t + k)
     bias = torch.randn(70, generator=torch.Generator().manual_seed(t)).to(DEVICE, dtype)
-    assert gemv_module._tma_applies(x, w)
+    assert tma_ok(w)
     _close(gemv(x, w, bias), torch.nn.functional.linear(x, w, bias), dtype)
     odd = torch.zeros(70, k + 1, device=DEVICE, dtype=dtype)[:, :k]
     odd.copy_(w)
-    assert not gemv_module._tma_applies(x, odd)
+    assert not tma_ok(odd)
     _close(gemv(x, odd), torch.nn.functional.linear(x, w), dtype)
+
+
+def test_env_tile_reads_four_integers_or_says_what_it_wanted(monkeypatch) -> None:  # noqa: ANN001
+    """The TMA tile switches (`CROSSPOOL_GEMV_TMA`, `CROSSPOOL_EXPERTS_TMA`): unset or empty is off, four integers
+    are the tile, anything else is a clear error naming the variable."""
+    from crosspool.kernels._common import env_tile
+
+    monkeypatch.delenv("CROSSPOOL_TEST_TILE", raising=False)
+    assert env_tile("CROSSPOOL_TEST_TILE") is None
+    monkeypatch.setenv("CROSSPOOL_TEST_TILE", " ")
+    assert env_tile("CROSSPOOL_TEST_TILE") is None
+    monkeypatch.setenv("CROSSPOOL_TEST_TILE", "16,256,4,8")
+    assert env_tile("CROSSPOOL_TEST_TILE") == (16, 256, 4, 8)
+    for bad in ("16,256", "16,256,4,x"):
+        monkeypatch.setenv("CROSSPOOL_TEST_TILE", bad)
+        with pytest.raises(ValueError, match="CROSSPOOL_TEST_TILE.*BLOCK_N,BLOCK_K,STAGES,WARPS"):
+            env_tile("CROSSPOOL_TEST_TILE")
 
 
 @pytest.mark.parametrize("split_k", [None, 1, 4])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -36,3 +37,23 @@ def num_sms(device: torch.device) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def tma_ok(w: torch.Tensor) -> bool:
+    """Whether TMA can read w: a contiguous last dim, every other stride a multiple of 16 bytes, a 16-byte aligned
+    address."""
+    size = w.element_size()
+    return (w.stride(-1) == 1 and all(w.stride(d) * size % 16 == 0 for d in range(w.dim() - 1))
+            and w.data_ptr() % 16 == 0)
+
+
+def env_tile(name: str) -> tuple[int, int, int, int] | None:
+    """A TMA tile "BLOCK_N,BLOCK_K,STAGES,WARPS" from environment variable `name`; None when unset or empty."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        block_n, block_k, stages, warps = (int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected BLOCK_N,BLOCK_K,STAGES,WARPS (four integers)") from None
+    return block_n, block_k, stages, warps

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from crosspool.kernels import pdl, tuning
-from crosspool.kernels._common import cdiv, dot_precision, next_pow2
+from crosspool.kernels._common import cdiv, dot_precision, env_tile, next_pow2, tma_ok
 from crosspool.kernels.pdl import enter as pdl_enter
 from crosspool.models.batch import TopKPartials
 
@@ -44,7 +44,7 @@ EVICT_FIRST = os.environ.get("CROSSPOOL_EXPERTS_EVICT_FIRST", "1") != "0"
 # CROSSPOOL_EXPERTS_TMA=BLOCK_N,BLOCK_K,STAGES,WARPS: the GEMV path's expert weight tiles fetched by TMA, STAGES
 # ahead into shared memory (`_gate_up_gemv_tma_kernel`, `_down_gemv_tma_kernel`; no fp32 register tile, no
 # evict_first hint). Unset: off (not yet timed on the H200).
-TMA_TILE = tuple(int(v) for v in os.environ.get("CROSSPOOL_EXPERTS_TMA", "").split(",") if v) or None
+TMA_TILE = env_tile("CROSSPOOL_EXPERTS_TMA")
 
 
 def moe_block_m(num_tokens: int, num_experts: int) -> int:
@@ -316,14 +316,6 @@ def _down_gemv_tma_kernel(
     tl.store(y_ptr + pair * stride_yt + offs_n, out, mask=offs_n < hidden)
 
 
-def _tma_ok(w: torch.Tensor) -> bool:
-    """TMA's rules for a [E, rows, K] weight: contiguous last dim, the other strides 16-byte multiples, the
-    address 16-byte aligned."""
-    size = w.element_size()
-    return (w.stride(-1) == 1 and (w.stride(0) * size) % 16 == 0 and (w.stride(1) * size) % 16 == 0
-            and w.data_ptr() % 16 == 0)
-
-
 def _experts_tma(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
                  ids: torch.Tensor, inter: torch.Tensor, tile: tuple[int, ...]) -> torch.Tensor:
     """The GEMV path's two expert kernels with TMA-fetched weights (tile: BLOCK_N, BLOCK_K, STAGES, WARPS);
@@ -385,20 +377,20 @@ def fused_moe(
     inter = x.new_empty(pairs, inter_size)
     if small is None:
         small = t <= SMALL_BATCH_TOKENS
-    if small and TMA_TILE is not None and _tma_ok(w_gate_up) and _tma_ok(w_down):
-        y = _experts_tma(x, w_gate_up, w_down, weights, ids, inter, TMA_TILE)
-        return topk_sum(y, top_k, x.dtype) if reduce else TopKPartials(y, top_k, x.dtype)
     if small:
-        launch = {**pdl.options(x.device), "STREAM": EVICT_FIRST}
-        _gate_up_gemv_kernel[lambda meta: (pairs, cdiv(inter_size, meta["BLOCK_N"]))](
-            x, w_gate_up, inter, ids, hidden, inter_size,
-            x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0), TOP_K=top_k, **launch,
-        )
-        y = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
-        _down_gemv_kernel[lambda meta: (pairs, cdiv(hidden, meta["BLOCK_N"]))](
-            inter, w_down, y, ids, weights, hidden, inter_size,
-            inter.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), TOP_K=top_k, **launch,
-        )
+        if TMA_TILE is not None and tma_ok(w_gate_up) and tma_ok(w_down):
+            y = _experts_tma(x, w_gate_up, w_down, weights, ids, inter, TMA_TILE)
+        else:
+            launch = {**pdl.options(x.device), "STREAM": EVICT_FIRST}
+            _gate_up_gemv_kernel[lambda meta: (pairs, cdiv(inter_size, meta["BLOCK_N"]))](
+                x, w_gate_up, inter, ids, hidden, inter_size,
+                x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0), TOP_K=top_k, **launch,
+            )
+            y = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
+            _down_gemv_kernel[lambda meta: (pairs, cdiv(hidden, meta["BLOCK_N"]))](
+                inter, w_down, y, ids, weights, hidden, inter_size,
+                inter.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), TOP_K=top_k, **launch,
+            )
         return topk_sum(y, top_k, x.dtype) if reduce else TopKPartials(y, top_k, x.dtype)
     block_m = block_m or moe_block_m(t, num_experts)
     sorted_pairs, block_experts = moe_align(ids, num_experts, block_m)

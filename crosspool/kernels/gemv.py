@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from crosspool.kernels import pdl, tuning
-from crosspool.kernels._common import cdiv, next_pow2, num_sms
+from crosspool.kernels._common import cdiv, env_tile, next_pow2, num_sms, tma_ok
 from crosspool.kernels.pdl import enter as pdl_enter
 
 MAX_GEMV_TOKENS = 8
@@ -50,7 +50,7 @@ ROUTER = True
 # weight tiles fetched by TMA STAGES ahead into shared memory (no fp32 register tile: ncu, session 9, found the
 # autotuned tiles at 1-2 programs per SM and the QKV GEMV at 10 us against a pure read's 7.3). Unset: off (not yet
 # timed on the H200).
-TMA_TILE = tuple(int(v) for v in os.environ.get("CROSSPOOL_GEMV_TMA", "").split(",") if v) or None
+TMA_TILE = env_tile("CROSSPOOL_GEMV_TMA")
 # registers per thread a tile's accumulator and weight tile may take together ((BLOCK_T + 1) x the weight
 # elements each thread loads): ptxas for sm_90 spills past about this
 _TILE_REGS = 160
@@ -190,7 +190,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
          split_k: int | None = None) -> torch.Tensor:
     """x [T, K] @ w[N, K]^T (+ bias [N]) for T <= MAX_GEMV_TOKENS; returns [T, N] in x's dtype.
     split_k: K-chunks summed by a second kernel (default `default_split_k`)."""
-    if TMA_TILE is not None and split_k in (None, 1) and _tma_applies(x, w):
+    if TMA_TILE is not None and split_k in (None, 1) and tma_ok(w):
+        _check(x, w, bias)
         return _gemv_tma(x, w, bias, TMA_TILE)
     out, split = gemv_parts(x, w, bias, split_k=split_k)
     if split == 1:
@@ -210,13 +211,9 @@ def gemv_parts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     """`gemv`'s first kernel, for callers that finish the sum themselves (the MoE router sums its K-splits in
     the routing kernel): (y [T, N] in x's dtype, 1) when it runs unsplit, else (partials [S, T, N] fp32, S),
     to be summed in order of s and rounded to x's dtype (+ bias after the sum: the partials leave it out)."""
-    assert x.dim() == 2 and w.dim() == 2, (x.shape, w.shape)
+    _check(x, w, bias)
     t, k = x.shape
     n = w.shape[0]
-    assert w.shape[1] == k, (x.shape, w.shape)
-    assert t <= MAX_GEMV_TOKENS, f"gemv serves at most {MAX_GEMV_TOKENS} tokens, got {t}"
-    assert x.stride(1) == 1 and w.stride(1) == 1, "x and w need a contiguous last dim"
-    assert bias is None or (bias.shape == (n,) and bias.stride(0) == 1)
     split = 1 if t == 0 else split_k or default_split_k(n, k, x.device)
     assert split >= 1
     block_t = next_pow2(t)
@@ -237,11 +234,13 @@ def gemv_parts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     return part, split
 
 
-def _tma_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """TMA's constraints on the weight: contiguous rows of 16-byte multiples at a 16-byte aligned address (and x
-    as `gemv` takes it)."""
-    return (x.dim() == 2 and x.shape[0] <= MAX_GEMV_TOKENS and x.stride(1) == 1 and w.dim() == 2
-            and w.stride(1) == 1 and (w.stride(0) * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0)
+def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """The shapes and strides both GEMV kernels take (module docstring)."""
+    assert x.dim() == 2 and w.dim() == 2, (x.shape, w.shape)
+    assert w.shape[1] == x.shape[1], (x.shape, w.shape)
+    assert x.shape[0] <= MAX_GEMV_TOKENS, f"gemv serves at most {MAX_GEMV_TOKENS} tokens, got {x.shape[0]}"
+    assert x.stride(1) == 1 and w.stride(1) == 1, "x and w need a contiguous last dim"
+    assert bias is None or (bias.shape == (w.shape[0],) and bias.stride(0) == 1)
 
 
 def applies(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
