@@ -529,7 +529,7 @@ def test_rope_decode_attention(dtype: torch.dtype, heads: int, kv_heads: int, ki
 
 @pytest.mark.parametrize("kind", [None, "head", "full"])
 def test_rope_decode_attention_in_blocks_of_128_keys(kind: str | None, monkeypatch) -> None:  # noqa: ANN001
-    """The fused kernel walking 128-key blocks (`rope_decode.BLOCK_N_KEYS`, faster on the H200): 3 splits of 128
+    """The fused kernel walking 128-key blocks (`rope_decode.BLOCK_N_KEYS`, the default): 3 splits of 128
     keys, so the new token of context 129 is alone in the second split and the third is empty."""
     test_rope_decode_attention(torch.float16, 4, 2, kind, False, 3, monkeypatch, block_n=128)
 

@@ -59,13 +59,13 @@ CASES = [
           "lse_ptr": "*fp32"}),
     Case("rope_decode", "_rope_decode_kernel",             # OLMoE decode, q/k norm over all heads
          {"GROUP": 1, "HEAD_BLOCKS": 1, "NUM_SPLITS": 8, "HALF": 64, "BLOCK_HALF": 64, "DV": 128, "BLOCK_DV": 128,
-          "PAGE_SIZE": 16, "BLOCK_H": 16, "BLOCK_N": 64, "BLOCK_HQ": 16, "BLOCK_HKV": 16, "INTERLEAVED": False,
+          "PAGE_SIZE": 16, "BLOCK_H": 16, "BLOCK_N": 128, "BLOCK_HQ": 16, "BLOCK_HKV": 16, "INTERLEAVED": False,
           "NORM": 3, "DOT_PRECISION": "tf32"},
          {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "slots_ptr": "*i64", "block_tables_ptr": "*i64",
           "context_lens_ptr": "*i64", "out_ptr": "*fp32", "lse_ptr": "*fp32"}),
-    Case("rope_decode", "_rope_decode_kernel",             # the same, 128-key blocks (CROSSPOOL_FUSED_BLOCK_N)
+    Case("rope_decode", "_rope_decode_kernel",             # the same, 64-key blocks (CROSSPOOL_FUSED_BLOCK_N)
          {"GROUP": 1, "HEAD_BLOCKS": 1, "NUM_SPLITS": 8, "HALF": 64, "BLOCK_HALF": 64, "DV": 128, "BLOCK_DV": 128,
-          "PAGE_SIZE": 16, "BLOCK_H": 16, "BLOCK_N": 128, "BLOCK_HQ": 16, "BLOCK_HKV": 16, "INTERLEAVED": False,
+          "PAGE_SIZE": 16, "BLOCK_H": 16, "BLOCK_N": 64, "BLOCK_HQ": 16, "BLOCK_HKV": 16, "INTERLEAVED": False,
           "NORM": 3, "DOT_PRECISION": "tf32"},
          {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "slots_ptr": "*i64", "block_tables_ptr": "*i64",
           "context_lens_ptr": "*i64", "out_ptr": "*fp32", "lse_ptr": "*fp32"}),

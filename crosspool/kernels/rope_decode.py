@@ -32,11 +32,10 @@ from crosspool.kernels.paged_attention import (
 from crosspool.kernels.pdl import enter as pdl_enter
 
 FUSED_ROPE_ROWS = int(os.environ.get("CROSSPOOL_FUSED_ROPE_ROWS", "1"))
-# keys per block of this kernel's cache walk (heads of <= 256 dims; CROSSPOOL_FUSED_BLOCK_N). 128 was faster on the
-# H200 (OLMoE batch 1 at 1k, docs/benchmarks.md section 7, session 9: the kernel alone 10.9 -> 9.7 us, a decode
-# step 1.12 -> 1.10 ms) but has not yet run its GPU tests, so the default stays at the plain kernel's 64 until
-# `scripts/gpu_x2.sh confirm` passes.
-BLOCK_N_KEYS = int(os.environ.get("CROSSPOOL_FUSED_BLOCK_N", "64"))
+# keys per block of this kernel's cache walk (heads of <= 256 dims; CROSSPOOL_FUSED_BLOCK_N). 128 is faster on the
+# H200 than the plain kernel's 64 (OLMoE batch 1 at 1k, docs/benchmarks.md section 7: the kernel alone 10.9 -> 9.7
+# us; a decode step 1.12 -> 1.10 ms in session 10's same-call comparison, its GPU tests passed).
+BLOCK_N_KEYS = int(os.environ.get("CROSSPOOL_FUSED_BLOCK_N", "128"))
 
 
 def fused_for(rows: int) -> bool:
