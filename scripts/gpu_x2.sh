@@ -26,8 +26,8 @@
 #   bash scripts/gpu_x2.sh shape      # A: OLMoE's batch-1 attention alone per launch shape | B: decode with two shapes
 #   bash scripts/gpu_x2.sh confirm    # A: GPU tests with the fused RoPE kernel's 128-key blocks | B: OLMoE decode with
 #                                     #    them and without, twice
-#   bash scripts/gpu_x2.sh tma        # A: GPU tests of the TMA GEMVs (dense, experts), the linears and MoE FFN alone per
-#                                     #    tile | B: decode with them
+#   bash scripts/gpu_x2.sh tma        # A: GPU tests of the autotuned TMA expert GEMVs, the MoE FFN alone at 1-8 tokens
+#                                     #    | B: decode at batch 1-8 with them and without, twice
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -347,22 +347,20 @@ if [ "$stage" = confirm ]; then  # issue 4, session 10: the fused RoPE kernel's 
     both
 fi
 
-if [ "$stage" = tma ]; then  # issue 4, session 10: weight tiles fetched by TMA, STAGES ahead in shared memory, in the
-                             # skinny GEMM (CROSSPOOL_GEMV_TMA) and the expert GEMVs (CROSSPOOL_EXPERTS_TMA). A: their
-                             # GPU tests, the OLMoE linears and MoE FFN alone per tile | B: decode with them
+if [ "$stage" = tma ]; then  # issue 4, session 10: the expert GEMVs with TMA-fetched weight tiles, autotuned
+                             # (CROSSPOOL_EXPERTS_TMA=auto). A: their GPU tests, the MoE FFN alone at 1-8 tokens off /
+                             # auto | B: decode at batch 1-8 off / auto (the first tma stage, fixed tiles and the dense
+                             # GEMV's TMA path, is in git at 80a2462)
     ckpt olmoe-1b-7b $OLMOE
     job_a() {
-        t 90 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "gemv or fused_moe" 2>&1 | tail -2
-        for tile in 16,256,4,4 8,256,4,4 16,128,6,4 32,256,3,8; do
-            CROSSPOOL_GEMV_TMA=$tile CROSSPOOL_EXPERTS_TMA=$tile t 45 python3 -m crosspool.bench.kernels \
-                --only gemv moe_ffn --shape olmoe-1b-7b --tokens 1 --json "$RES/kernels_tma_$tile.json" 2>&1 \
-                | grep "gemv | 1 |\|^| olmoe-1b-7b | [18] |" | sed "s/^/tma $tile: /"
+        t 200 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "fused_moe or env_tile" 2>&1 | tail -2
+        for v in "" CROSSPOOL_EXPERTS_TMA=auto; do
+            ( [ -n "$v" ] && export $v; t 120 python3 -m crosspool.bench.kernels --only moe_ffn --shape olmoe-1b-7b \
+                --json "$RES/kernels_moe_${v:-defaults}.json" 2>&1 | grep "^| olmoe-1b-7b | [1248] |" \
+                | sed "s/^/${v:-defaults}: /" )
         done
     }
-    job_b() {
-        VT=120 BATCHES=1,8 variants "" "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_GEMV_TMA=16,256,4,4" \
-            CROSSPOOL_EXPERTS_TMA=16,256,4,4 "CROSSPOOL_GEMV_ROWS=1 CROSSPOOL_GEMV_TMA=16,256,4,4 CROSSPOOL_EXPERTS_TMA=16,256,4,4"
-    }
+    job_b() { VT=150 BATCHES=1,2,4,8 variants "" CROSSPOOL_EXPERTS_TMA=auto "" CROSSPOOL_EXPERTS_TMA=auto; }
     both
 fi
 

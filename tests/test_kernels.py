@@ -267,12 +267,14 @@ def test_fused_moe_paths_agree(small: bool, evict_first: bool, monkeypatch) -> N
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("t,top_k,hidden,inter", [(1, 8, 200, 40), (5, 2, 136, 24)])
+@pytest.mark.parametrize("tile", [(16, 64, 3, 4), "auto"])
 def test_fused_moe_tma_gemvs(dtype: torch.dtype, t: int, top_k: int, hidden: int, inter: int,
-                             monkeypatch) -> None:  # noqa: ANN001
-    """The GEMV path with TMA-fetched expert weights (`CROSSPOOL_EXPERTS_TMA`): hidden and intermediate sizes past
-    the last tile (a partial gate block reads up rows; TMA reads zeros past the ends), a row-padded gate/up weight,
-    reduced and per-pair outputs. A weight whose rows break TMA's 16-byte rule takes the plain kernels."""
-    monkeypatch.setattr(fused_moe_module, "TMA_TILE", (16, 64, 3, 4))
+                             tile: tuple[int, ...] | str, monkeypatch) -> None:  # noqa: ANN001
+    """The GEMV path with TMA-fetched expert weights (`CROSSPOOL_EXPERTS_TMA`, a fixed tile or autotuned: each
+    config sets the descriptors' box): hidden and intermediate sizes past the last tile (a partial gate block reads
+    up rows; TMA reads zeros past the ends), a row-padded gate/up weight, reduced and per-pair outputs. A weight
+    whose rows break TMA's 16-byte rule takes the plain kernels."""
+    monkeypatch.setattr(fused_moe_module, "TMA_TILE", tile)
     x, wgu, wd, weights, ids = _moe_inputs(t, 8, top_k, hidden, inter, dtype, seed=t + hidden)
     want = ref.experts(x, wgu, wd, weights, ids)
     padded = torch.zeros(wgu.shape[0], wgu.shape[1], hidden + 8, device=DEVICE, dtype=dtype)[..., :hidden]
@@ -318,26 +320,8 @@ def test_gemv(dtype: torch.dtype, t: int, n: int, k: int, split_k: int) -> None:
     _close(gemv(x, w, split_k=split_k), torch.nn.functional.linear(x, w), dtype)
 
 
-@pytest.mark.parametrize("dtype,k", [(torch.float16, 264), (torch.float32, 200)])
-@pytest.mark.parametrize("t", [1, 3, 8])
-def test_gemv_tma(dtype: torch.dtype, k: int, t: int, monkeypatch) -> None:  # noqa: ANN001
-    """The TMA path (`CROSSPOOL_GEMV_TMA`): N and K past the last tile (TMA reads zeros there), a bias, 1-8 tokens;
-    a weight whose rows break TMA's 16-byte rule falls back to the plain kernel."""
-    from crosspool.kernels import gemv as gemv_module
-
-    monkeypatch.setattr(gemv_module, "TMA_TILE", (16, 64, 3, 4))
-    x, w = _gemv_inputs(t, 70, k, dtype, seed=t + k)
-    bias = torch.randn(70, generator=torch.Generator().manual_seed(t)).to(DEVICE, dtype)
-    assert tma_ok(w)
-    _close(gemv(x, w, bias), torch.nn.functional.linear(x, w, bias), dtype)
-    odd = torch.zeros(70, k + 1, device=DEVICE, dtype=dtype)[:, :k]
-    odd.copy_(w)
-    assert not tma_ok(odd)
-    _close(gemv(x, odd), torch.nn.functional.linear(x, w), dtype)
-
-
 def test_env_tile_reads_four_integers_or_says_what_it_wanted(monkeypatch) -> None:  # noqa: ANN001
-    """The TMA tile switches (`CROSSPOOL_GEMV_TMA`, `CROSSPOOL_EXPERTS_TMA`): unset or empty is off, four integers
+    """The TMA tile switch (`CROSSPOOL_EXPERTS_TMA`): unset or empty is off, four integers
     are the tile, anything else is a clear error naming the variable."""
     from crosspool.kernels._common import env_tile
 

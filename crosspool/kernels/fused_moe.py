@@ -41,10 +41,13 @@ SMALL_BATCH_TOKENS = 8
 # side's weights stay in L2 a little longer): +0.5-1% tokens/s on the H200 (OLMoE ctx 1k, batch 1 and 8;
 # docs/benchmarks.md section 7, session 7). CROSSPOOL_EXPERTS_EVICT_FIRST=0 turns it off.
 EVICT_FIRST = os.environ.get("CROSSPOOL_EXPERTS_EVICT_FIRST", "1") != "0"
-# CROSSPOOL_EXPERTS_TMA=BLOCK_N,BLOCK_K,STAGES,WARPS: the GEMV path's expert weight tiles fetched by TMA, STAGES
-# ahead into shared memory (`_gate_up_gemv_tma_kernel`, `_down_gemv_tma_kernel`; no fp32 register tile, no
-# evict_first hint). Unset: off (not yet timed on the H200).
-TMA_TILE = env_tile("CROSSPOOL_EXPERTS_TMA")
+# CROSSPOOL_EXPERTS_TMA: the GEMV path's expert weight tiles fetched by TMA, STAGES ahead into shared memory
+# (`_gate_up_gemv_tma_kernel`, `_down_gemv_tma_kernel`; no fp32 register tile, no evict_first hint). "auto": tiles
+# autotuned once per shape; BLOCK_N,BLOCK_K,STAGES,WARPS: that tile; unset: off. At 16,256,4,4 on the H200 (OLMoE,
+# session 10) the MoE FFN alone took 146 us at 8 tokens against 152, and 34.3 at one token against 33.5.
+_TMA_SETTING = os.environ.get("CROSSPOOL_EXPERTS_TMA", "").strip()
+TMA_TILE: tuple[int, int, int, int] | str | None = (
+    "auto" if _TMA_SETTING.lower() == "auto" else env_tile("CROSSPOOL_EXPERTS_TMA"))
 
 
 def moe_block_m(num_tokens: int, num_experts: int) -> int:
@@ -316,25 +319,51 @@ def _down_gemv_tma_kernel(
     tl.store(y_ptr + pair * stride_yt + offs_n, out, mask=offs_n < hidden)
 
 
+def _tma_configs() -> list[triton.Config]:
+    """Tile choices for the TMA expert GEMVs, tried once per shape on the GPU; the interpreter gets one. Each sets
+    its TMA descriptor's box to the tile (`_tma_box`). The interpreter's differs from the box `_experts_tma` builds
+    the descriptors with, so CPU tests see that the config sets it."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        tiles = [(8, 32, 2, 4)]
+    else:
+        tiles = [(n, k, s, 4) for n in (8, 16, 32) for k in (128, 256) for s in (3, 4)]
+        tiles += [(32, k, s, 8) for k in (128, 256) for s in (3, 4)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "STAGES": s}, num_warps=w, pre_hook=_tma_box)
+            for n, k, s, w in tiles]
+
+
+def _tma_box(nargs: dict) -> None:
+    nargs["w_desc"].block_shape = [1, nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+_gate_up_gemv_tma_tuned = tuning.autotune(configs=_tma_configs(), key=["hidden", "inter_size", "TOP_K"])(
+    _gate_up_gemv_tma_kernel)
+_down_gemv_tma_tuned = tuning.autotune(configs=_tma_configs(), key=["hidden", "inter_size"])(_down_gemv_tma_kernel)
+
+
 def _experts_tma(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
-                 ids: torch.Tensor, inter: torch.Tensor, tile: tuple[int, ...]) -> torch.Tensor:
-    """The GEMV path's two expert kernels with TMA-fetched weights (tile: BLOCK_N, BLOCK_K, STAGES, WARPS);
-    returns the weighted per-pair rows y [pairs, H] (fp32)."""
+                 ids: torch.Tensor, inter: torch.Tensor, tile: tuple[int, ...] | str) -> torch.Tensor:
+    """The GEMV path's two expert kernels with TMA-fetched weights (tile: BLOCK_N, BLOCK_K, STAGES, WARPS, or
+    "auto": autotuned); returns the weighted per-pair rows y [pairs, H] (fp32)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    block_n, block_k, stages, warps = tile
     pairs, inter_size = inter.shape
     top_k = ids.shape[1]
     hidden = w_down.shape[1]
-    launch = {"BLOCK_N": block_n, "BLOCK_K": block_k, "STAGES": stages, "num_warps": warps,
-              **pdl.options(x.device)}
-    _gate_up_gemv_tma_kernel[(pairs, cdiv(inter_size, block_n))](
-        x, TensorDescriptor.from_tensor(w_gate_up, [1, block_n, block_k]), inter, ids, x.shape[1], inter_size,
+    if tile == "auto":     # each config sets the descriptors' box before its launch
+        gate_up, down, launch, box = _gate_up_gemv_tma_tuned, _down_gemv_tma_tuned, {}, (16, 64)
+    else:
+        block_n, block_k, stages, warps = tile
+        gate_up, down, box = _gate_up_gemv_tma_kernel, _down_gemv_tma_kernel, (block_n, block_k)
+        launch = {"BLOCK_N": block_n, "BLOCK_K": block_k, "STAGES": stages, "num_warps": warps}
+    launch.update(pdl.options(x.device))
+    gate_up[lambda meta: (pairs, cdiv(inter_size, meta["BLOCK_N"]))](
+        x, TensorDescriptor.from_tensor(w_gate_up, [1, *box]), inter, ids, x.shape[1], inter_size,
         x.stride(0), inter.stride(0), TOP_K=top_k, **launch,
     )
     y = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
-    _down_gemv_tma_kernel[(pairs, cdiv(hidden, block_n))](
-        inter, TensorDescriptor.from_tensor(w_down, [1, block_n, block_k]), y, ids, weights, hidden, inter_size,
+    down[lambda meta: (pairs, cdiv(hidden, meta["BLOCK_N"]))](
+        inter, TensorDescriptor.from_tensor(w_down, [1, *box]), y, ids, weights, hidden, inter_size,
         inter.stride(0), y.stride(0), **launch,
     )
     return y

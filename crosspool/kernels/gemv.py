@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from crosspool.kernels import pdl, tuning
-from crosspool.kernels._common import cdiv, env_tile, next_pow2, num_sms, tma_ok
+from crosspool.kernels._common import cdiv, next_pow2, num_sms
 from crosspool.kernels.pdl import enter as pdl_enter
 
 MAX_GEMV_TOKENS = 8
@@ -46,11 +46,6 @@ ROWS = int(os.environ.get("CROSSPOOL_GEMV_ROWS", "0"))
 # benchmarks section 7, session 4), where the wider projections did not
 ROUTER = True
 
-# CROSSPOOL_GEMV_TMA=BLOCK_N,BLOCK_K,STAGES,WARPS: unsplit calls take `_gemv_tma_kernel` with that tile, its
-# weight tiles fetched by TMA STAGES ahead into shared memory (no fp32 register tile: ncu, session 9, found the
-# autotuned tiles at 1-2 programs per SM and the QKV GEMV at 10 us against a pure read's 7.3). Unset: off (not yet
-# timed on the H200).
-TMA_TILE = env_tile("CROSSPOOL_GEMV_TMA")
 # registers per thread a tile's accumulator and weight tile may take together ((BLOCK_T + 1) x the weight
 # elements each thread loads): ptxas for sm_90 spills past about this
 _TILE_REGS = 160
@@ -115,51 +110,6 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _gemv_tma_kernel(
-    x_ptr, w_desc, b_ptr, y_ptr, T, N, K, stride_xt, stride_yt,
-    BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    STAGES: tl.constexpr, USE_PDL: tl.constexpr = False,
-):
-    """y[t, n-block] = x[t] . w[n-block] (+ bias) as `_gemv_kernel` unsplit, the weight tiles [BLOCK_N, BLOCK_K]
-    read through the TMA descriptor `w_desc` (zeros past N and K), STAGES ahead by Triton's pipeliner, and reduced
-    over K at every step (the running sum is [BLOCK_T, BLOCK_N])."""
-    pdl_enter(USE_PDL)
-    row = tl.program_id(0) * BLOCK_N
-    offs_t = tl.arange(0, BLOCK_T)
-    t_ok = offs_t < T
-    offs_n = row + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    y = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        w = w_desc.load([row, k0]).to(tl.float32)
-        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + k0 + offs_k[None, :],
-                    mask=t_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0).to(tl.float32)
-        y += tl.sum(w[None, :, :] * x[:, None, :], 2)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=t_ok[:, None] & n_ok[None, :])
-
-
-def _gemv_tma(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, tile: tuple[int, ...]) -> torch.Tensor:
-    """`gemv` unsplit through `_gemv_tma_kernel` with tile (BLOCK_N, BLOCK_K, STAGES, WARPS)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    block_n, block_k, stages, warps = tile
-    t, k = x.shape
-    n = w.shape[0]
-    y = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    if t:
-        _gemv_tma_kernel[(cdiv(n, block_n),)](
-            x, TensorDescriptor.from_tensor(w, [block_n, block_k]), bias if bias is not None else y, y, t, n, k,
-            x.stride(0), y.stride(0), BLOCK_T=next_pow2(t), HAS_BIAS=bias is not None, BLOCK_N=block_n,
-            BLOCK_K=block_k, STAGES=stages, num_warps=warps, **pdl.options(x.device),
-        )
-    return y
-
-
-@triton.jit
 def _split_sum_kernel(part_ptr, b_ptr, y_ptr, N, stride_ps, stride_pt, stride_yt,
                       SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
                       USE_PDL: tl.constexpr = False):
@@ -190,9 +140,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
          split_k: int | None = None) -> torch.Tensor:
     """x [T, K] @ w[N, K]^T (+ bias [N]) for T <= MAX_GEMV_TOKENS; returns [T, N] in x's dtype.
     split_k: K-chunks summed by a second kernel (default `default_split_k`)."""
-    if TMA_TILE is not None and split_k in (None, 1) and tma_ok(w):
-        _check(x, w, bias)
-        return _gemv_tma(x, w, bias, TMA_TILE)
     out, split = gemv_parts(x, w, bias, split_k=split_k)
     if split == 1:
         return out
