@@ -353,7 +353,7 @@ if [ "$stage" = tma ]; then  # issue 4, session 10: the expert GEMVs with TMA-fe
                              # GEMV's TMA path, is in git at 80a2462)
     ckpt olmoe-1b-7b $OLMOE
     job_a() {
-        t 200 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "fused_moe or env_tile" 2>&1 | tail -2
+        t 200 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "fused_moe or tma or tune" 2>&1 | tail -2
         for v in "" CROSSPOOL_EXPERTS_TMA=auto; do
             ( [ -n "$v" ] && export $v; t 120 python3 -m crosspool.bench.kernels --only moe_ffn --shape olmoe-1b-7b \
                 --json "$RES/kernels_moe_${v:-defaults}.json" 2>&1 | grep "^| olmoe-1b-7b | [1248] |" \

@@ -253,11 +253,13 @@ def test_fused_moe(dtype: torch.dtype, t: int, experts: int, top_k: int, hidden:
     _close(fused_moe(x, wgu, wd, weights, ids), want, dtype)
 
 
-@pytest.mark.parametrize(("small", "evict_first"), [(True, True), (True, False), (False, True)])
-def test_fused_moe_paths_agree(small: bool, evict_first: bool, monkeypatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(("small", "evict_first", "tma"), [
+    (True, True, None), (True, False, None), (True, True, "auto"), (False, True, None)])
+def test_fused_moe_paths_agree(small: bool, evict_first: bool, tma: str | None, monkeypatch) -> None:  # noqa: ANN001
     """Both paths on the same inputs (either may serve any token count), int32 ids, strided weights; the GEMV
-    path with and without its evict_first weight loads."""
+    path's register-tile kernels (with and without their evict_first weight loads) and its TMA kernels."""
     monkeypatch.setattr(fused_moe_module, "EVICT_FIRST", evict_first)
+    monkeypatch.setattr(fused_moe_module, "TMA_TILE", tma)
     x, wgu, wd, weights, ids = _moe_inputs(12, 8, 2, 64, 48, torch.float32, seed=1)
     wgu_strided = torch.empty(wgu.shape[0], wgu.shape[1], wgu.shape[2] + 8, device=DEVICE)[..., :wgu.shape[2]]
     wgu_strided.copy_(wgu)
@@ -275,6 +277,7 @@ def test_fused_moe_tma_gemvs(dtype: torch.dtype, t: int, top_k: int, hidden: int
     up rows; TMA reads zeros past the ends), a row-padded gate/up weight, reduced and per-pair outputs. A weight
     whose rows break TMA's 16-byte rule takes the plain kernels."""
     monkeypatch.setattr(fused_moe_module, "TMA_TILE", tile)
+    monkeypatch.setattr(fused_moe_module, "TMA_MIN_TOKENS", 1)
     x, wgu, wd, weights, ids = _moe_inputs(t, 8, top_k, hidden, inter, dtype, seed=t + hidden)
     want = ref.experts(x, wgu, wd, weights, ids)
     padded = torch.zeros(wgu.shape[0], wgu.shape[1], hidden + 8, device=DEVICE, dtype=dtype)[..., :hidden]
@@ -289,11 +292,12 @@ def test_fused_moe_tma_gemvs(dtype: torch.dtype, t: int, top_k: int, hidden: int
 
 
 def test_tune_runs_each_path_at_a_size_that_picks_it() -> None:
-    """`tune` (startup tuning) runs the GEMV path and the grouped GEMMs at each tile height `moe_block_m` picks."""
+    """`tune` (startup tuning) runs the GEMV path at one token (the register-tile kernels) and at a count that
+    takes the TMA kernels, and the grouped GEMMs at each tile height `moe_block_m` picks."""
     _, wgu, wd, _, _ = _moe_inputs(1, 4, 2, 32, 16, torch.float32, seed=2)
     counts = fused_moe_module.tune(wgu, wd, top_k=2)
-    assert counts[0] <= fused_moe_module.SMALL_BATCH_TOKENS
-    assert [moe_block_m(t, 4) for t in counts[1:]] == [16, 32, 64]
+    assert counts[0] < fused_moe_module.TMA_MIN_TOKENS <= counts[1] <= fused_moe_module.SMALL_BATCH_TOKENS
+    assert [moe_block_m(t, 4) for t in counts[2:]] == [16, 32, 64]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,21 +324,16 @@ def test_gemv(dtype: torch.dtype, t: int, n: int, k: int, split_k: int) -> None:
     _close(gemv(x, w, split_k=split_k), torch.nn.functional.linear(x, w), dtype)
 
 
-def test_env_tile_reads_four_integers_or_says_what_it_wanted(monkeypatch) -> None:  # noqa: ANN001
-    """The TMA tile switch (`CROSSPOOL_EXPERTS_TMA`): unset or empty is off, four integers
-    are the tile, anything else is a clear error naming the variable."""
-    from crosspool.kernels._common import env_tile
-
-    monkeypatch.delenv("CROSSPOOL_TEST_TILE", raising=False)
-    assert env_tile("CROSSPOOL_TEST_TILE") is None
-    monkeypatch.setenv("CROSSPOOL_TEST_TILE", " ")
-    assert env_tile("CROSSPOOL_TEST_TILE") is None
-    monkeypatch.setenv("CROSSPOOL_TEST_TILE", "16,256,4,8")
-    assert env_tile("CROSSPOOL_TEST_TILE") == (16, 256, 4, 8)
-    for bad in ("16,256", "16,256,4,x"):
-        monkeypatch.setenv("CROSSPOOL_TEST_TILE", bad)
-        with pytest.raises(ValueError, match="CROSSPOOL_TEST_TILE.*BLOCK_N,BLOCK_K,STAGES,WARPS"):
-            env_tile("CROSSPOOL_TEST_TILE")
+def test_experts_tma_setting_reads_auto_off_or_a_tile_or_says_what_it_wanted() -> None:
+    """`CROSSPOOL_EXPERTS_TMA`: unset, empty or "auto" autotunes, "0"/"off" turns TMA off, four integers are the
+    tile, anything else is a clear error naming the variable."""
+    setting = fused_moe_module.tma_setting
+    assert setting(None) == setting(" ") == setting("Auto") == "auto"
+    assert setting("0") is None and setting("off") is None
+    assert setting("16,256,4,8") == (16, 256, 4, 8)
+    for bad in ("16,256", "16,256,4,x", "on"):
+        with pytest.raises(ValueError, match="CROSSPOOL_EXPERTS_TMA.*auto, off or BLOCK_N,BLOCK_K,STAGES,WARPS"):
+            setting(bad)
 
 
 @pytest.mark.parametrize("split_k", [None, 1, 4])
@@ -664,11 +663,13 @@ def test_gpu_tune_covers_every_tile_height() -> None:
     experts, top_k, hidden, inter = 32, 4, 256, 128
     _, wgu, wd, _, _ = _moe_inputs(1, experts, top_k, hidden, inter, torch.bfloat16, seed=3)
     counts = fused_moe_module.tune(wgu, wd, top_k)
-    assert {moe_block_m(t, experts) for t in counts[1:]} == {16, 32, 64}
+    assert {moe_block_m(t, experts) for t in counts[2:]} == {16, 32, 64}
     for kernel in (fused_moe_module._gate_up_kernel, fused_moe_module._down_kernel):
         assert {k[2] for k in kernel.cache if k[:2] == (hidden, inter)} >= {16, 32, 64}
-    for kernel in (fused_moe_module._gate_up_gemv_kernel, fused_moe_module._down_gemv_kernel):
+    for kernel in (fused_moe_module._gate_up_gemv_kernel, fused_moe_module._down_gemv_kernel,
+                   fused_moe_module._gate_up_gemv_tma_tuned):
         assert any(k[:3] == (hidden, inter, top_k) for k in kernel.cache)
+    assert any(k[:2] == (hidden, inter) for k in fused_moe_module._down_gemv_tma_tuned.cache)
     # the timings are kept on disk for the next process (`kernels.tuning`), where this Triton can
     import inspect
 

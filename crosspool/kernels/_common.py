@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -39,21 +38,17 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def tma_ok(w: torch.Tensor) -> bool:
-    """Whether TMA can read w: a contiguous last dim, every other stride a multiple of 16 bytes, a 16-byte aligned
-    address."""
+    """Whether TMA can read w: a GPU that has it (sm_90 and later; off the GPU the interpreter emulates it), a
+    contiguous last dim, every other stride a multiple of 16 bytes, a 16-byte aligned address."""
+    if w.device.type == "cuda" and _capability(w.device.index if w.device.index is not None
+                                               else torch.cuda.current_device())[0] < 9:
+        return False
     size = w.element_size()
     return (w.stride(-1) == 1 and all(w.stride(d) * size % 16 == 0 for d in range(w.dim() - 1))
             and w.data_ptr() % 16 == 0)
-
-
-def env_tile(name: str) -> tuple[int, int, int, int] | None:
-    """A TMA tile "BLOCK_N,BLOCK_K,STAGES,WARPS" from environment variable `name`; None when unset or empty."""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return None
-    try:
-        block_n, block_k, stages, warps = (int(v) for v in value.split(","))
-    except ValueError:
-        raise ValueError(f"{name}={value!r}: expected BLOCK_N,BLOCK_K,STAGES,WARPS (four integers)") from None
-    return block_n, block_k, stages, warps

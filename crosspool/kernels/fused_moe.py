@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from crosspool.kernels import pdl, tuning
-from crosspool.kernels._common import cdiv, dot_precision, env_tile, next_pow2, tma_ok
+from crosspool.kernels._common import cdiv, dot_precision, next_pow2, tma_ok
 from crosspool.kernels.pdl import enter as pdl_enter
 from crosspool.models.batch import TopKPartials
 
@@ -42,12 +42,29 @@ SMALL_BATCH_TOKENS = 8
 # docs/benchmarks.md section 7, session 7). CROSSPOOL_EXPERTS_EVICT_FIRST=0 turns it off.
 EVICT_FIRST = os.environ.get("CROSSPOOL_EXPERTS_EVICT_FIRST", "1") != "0"
 # CROSSPOOL_EXPERTS_TMA: the GEMV path's expert weight tiles fetched by TMA, STAGES ahead into shared memory
-# (`_gate_up_gemv_tma_kernel`, `_down_gemv_tma_kernel`; no fp32 register tile, no evict_first hint). "auto": tiles
-# autotuned once per shape; BLOCK_N,BLOCK_K,STAGES,WARPS: that tile; unset: off. At 16,256,4,4 on the H200 (OLMoE,
-# session 10) the MoE FFN alone took 146 us at 8 tokens against 152, and 34.3 at one token against 33.5.
-_TMA_SETTING = os.environ.get("CROSSPOOL_EXPERTS_TMA", "").strip()
-TMA_TILE: tuple[int, int, int, int] | str | None = (
-    "auto" if _TMA_SETTING.lower() == "auto" else env_tile("CROSSPOOL_EXPERTS_TMA"))
+# (`_gate_up_gemv_tma_kernel`, `_down_gemv_tma_kernel`; no fp32 register tile, no evict_first hint), from
+# TMA_MIN_TOKENS tokens, where TMA can read the weights. "auto" (default): tiles autotuned once per shape;
+# BLOCK_N,BLOCK_K,STAGES,WARPS: that tile; "0" or "off": never. On the H200 (OLMoE ctx 1k, docs/benchmarks.md
+# section 7, session 10) autotuned TMA took a decode step at batch 2 / 4 / 8 from 1.57 / 2.19 / 3.33 ms to 1.52 /
+# 2.19 / 3.22, but at batch 1 from 1.10 to 1.13: one token keeps the register-tile kernels.
+def tma_setting(value: str | None) -> tuple[int, int, int, int] | str | None:
+    """CROSSPOOL_EXPERTS_TMA's value as TMA_TILE: "auto" (also unset or empty), None (off), or a tile; anything
+    else is a clear error."""
+    value = (value or "auto").strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value in ("0", "off"):
+        return None
+    try:
+        block_n, block_k, stages, warps = (int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"CROSSPOOL_EXPERTS_TMA={value!r}: expected auto, off or BLOCK_N,BLOCK_K,STAGES,WARPS "
+                         "(four integers)") from None
+    return block_n, block_k, stages, warps
+
+
+TMA_TILE = tma_setting(os.environ.get("CROSSPOOL_EXPERTS_TMA"))
+TMA_MIN_TOKENS = 2
 
 
 def moe_block_m(num_tokens: int, num_experts: int) -> int:
@@ -407,7 +424,7 @@ def fused_moe(
     if small is None:
         small = t <= SMALL_BATCH_TOKENS
     if small:
-        if TMA_TILE is not None and tma_ok(w_gate_up) and tma_ok(w_down):
+        if TMA_TILE is not None and t >= TMA_MIN_TOKENS and tma_ok(w_gate_up) and tma_ok(w_down):
             y = _experts_tma(x, w_gate_up, w_down, weights, ids, inter, TMA_TILE)
         else:
             launch = {**pdl.options(x.device), "STREAM": EVICT_FIRST}
@@ -445,13 +462,14 @@ _TUNE_TOKENS_PER_EXPERT = {16: 8, 32: 32, 64: 128}
 
 def tune(w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int) -> list[int]:
     """Run every autotuned kernel of this expert shape once, so tuning (compiling and timing each tile choice)
-    happens now rather than in the middle of serving: the GEMV path at SMALL_BATCH_TOKENS tokens and the
+    happens now rather than in the middle of serving: the GEMV path at one token and at SMALL_BATCH_TOKENS
+    (the register-tile kernels and, where TMA is on, the TMA ones), and the
     grouped GEMMs at each tile height `moe_block_m` picks, on a problem of the size that picks it (the tuner
     keeps the first choice per key, so the problem it sees should be a typical one). Returns the token counts
     run; their outputs are discarded."""
     num_experts, _, hidden = w_gate_up.shape
     gen = torch.Generator(device=w_gate_up.device).manual_seed(0)
-    counts = [SMALL_BATCH_TOKENS] + [num_experts * per for per in _TUNE_TOKENS_PER_EXPERT.values()]
+    counts = [1, SMALL_BATCH_TOKENS] + [num_experts * per for per in _TUNE_TOKENS_PER_EXPERT.values()]
     for t in counts:
         x = torch.randn(t, hidden, generator=gen, device=w_gate_up.device).to(w_gate_up.dtype)
         ids = torch.randint(0, num_experts, (t, top_k), generator=gen, device=w_gate_up.device)
