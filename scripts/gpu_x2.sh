@@ -28,6 +28,8 @@
 #                                     #    them and without, twice
 #   bash scripts/gpu_x2.sh tma        # A: GPU tests of the autotuned TMA expert GEMVs, the MoE FFN alone at 1-8 tokens
 #                                     #    | B: decode at batch 1-8 with them and without, twice
+#   bash scripts/gpu_x2.sh s10        # A: the kernels' GPU tests | B: engine GPU bit tests, decode with TMA experts
+#                                     #    on (default) / off at batch 1-32
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -361,6 +363,18 @@ if [ "$stage" = tma ]; then  # issue 4, session 10: the expert GEMVs with TMA-fe
         done
     }
     job_b() { VT=150 BATCHES=1,2,4,8 variants "" CROSSPOOL_EXPERTS_TMA=auto "" CROSSPOOL_EXPERTS_TMA=auto; }
+    both
+fi
+
+if [ "$stage" = s10 ]; then  # issue 4, session 10's defaults (128-key fused attention blocks, TMA experts at 2-8
+                            # tokens): A: the kernels' GPU tests | B: the engine's GPU bit tests, decode with TMA
+                            # experts on (default) and off at batch 1-32
+    ckpt olmoe-1b-7b $OLMOE
+    job_a() { t 450 python3 -m pytest -q -m gpu tests/test_kernels.py 2>&1 | tail -4; }
+    job_b() {
+        t 150 python3 -m pytest -q -m gpu tests/test_gpu.py -k "evict_first or programmatic" 2>&1 | tail -3
+        VT=150 BATCHES=1,2,4,8,32 variants "" CROSSPOOL_EXPERTS_TMA=off
+    }
     both
 fi
 
