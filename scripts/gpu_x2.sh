@@ -30,6 +30,7 @@
 #                                     #    | B: decode at batch 1-8 with them and without, twice
 #   bash scripts/gpu_x2.sh s10        # A: the kernels' GPU tests | B: engine GPU bit tests, decode with TMA experts
 #                                     #    on (default) / off at batch 1-32
+#   bash scripts/gpu_x2.sh s10q       # Qwen3-30B-A3B (24 layers) at 1k: A: defaults, batch 1-32 | B: TMA experts off
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
@@ -375,6 +376,17 @@ if [ "$stage" = s10 ]; then  # issue 4, session 10's defaults (128-key fused att
         t 150 python3 -m pytest -q -m gpu tests/test_gpu.py -k "evict_first or programmatic" 2>&1 | tail -3
         VT=150 BATCHES=1,2,4,8,32 variants "" CROSSPOOL_EXPERTS_TMA=off
     }
+    both
+fi
+
+if [ "$stage" = s10q ]; then  # issue 4, session 10: Qwen3-30B-A3B (24 of 48 layers) at 1k with TMA experts on
+                             # (default; A, batch 1-32) and off (B, batch 1-8); the checkpoint is written first
+    ckpt qwen3-30b-a3b /tmp/qwen3 24
+    q1k() { t $1 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 \
+                --batch $2 --label "${3:-defaults}" --json "$RES/qwen3_1k_${3:-defaults}.json" 2>&1 \
+                | grep "^| 1024" | sed "s/^/${3:-defaults}: /"; }
+    job_a() { q1k 300 1,2,8,32; }
+    job_b() { export CROSSPOOL_EXPERTS_TMA=off; q1k 300 1,2,8 tma-off; }
     both
 fi
 
