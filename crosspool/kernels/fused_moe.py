@@ -44,9 +44,10 @@ EVICT_FIRST = os.environ.get("CROSSPOOL_EXPERTS_EVICT_FIRST", "1") != "0"
 # CROSSPOOL_EXPERTS_TMA: the GEMV path's expert weight tiles fetched by TMA, STAGES ahead into shared memory
 # (`_gate_up_gemv_tma_kernel`, `_down_gemv_tma_kernel`; no fp32 register tile, no evict_first hint), from
 # TMA_MIN_TOKENS tokens, where TMA can read the weights. "auto" (default): tiles autotuned once per shape;
-# BLOCK_N,BLOCK_K,STAGES,WARPS: that tile; "0" or "off": never. On the H200 (OLMoE ctx 1k, docs/benchmarks.md
-# section 7, session 10) autotuned TMA took a decode step at batch 2 / 4 / 8 from 1.57 / 2.19 / 3.33 ms to 1.52 /
-# 2.19 / 3.22, but at batch 1 from 1.10 to 1.13: one token keeps the register-tile kernels.
+# BLOCK_N,BLOCK_K,STAGES,WARPS: that tile; "0" or "off": never. On the H200 (docs/benchmarks.md section 7, session
+# 10; context 1k) autotuned TMA took a decode step at batch 8 from 3.33 to 3.21 ms (OLMoE) and from 4.19 to 4.15
+# (Qwen3-30B-A3B, 24 layers). At batch 2 it won for OLMoE (1.57 -> 1.52) but lost for Qwen3 (2.02 -> 2.06-2.14),
+# at batch 4 it tied (OLMoE) and at batch 1 it lost (1.10 -> 1.13), so fewer tokens keep the register-tile kernels.
 def tma_setting(value: str | None) -> tuple[int, int, int, int] | str | None:
     """CROSSPOOL_EXPERTS_TMA's value as TMA_TILE: "auto" (also unset or empty), None (off), or a tile; anything
     else is a clear error."""
@@ -64,7 +65,7 @@ def tma_setting(value: str | None) -> tuple[int, int, int, int] | str | None:
 
 
 TMA_TILE = tma_setting(os.environ.get("CROSSPOOL_EXPERTS_TMA"))
-TMA_MIN_TOKENS = 2
+TMA_MIN_TOKENS = 8
 
 
 def moe_block_m(num_tokens: int, num_experts: int) -> int:
