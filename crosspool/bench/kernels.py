@@ -138,9 +138,11 @@ def moe_rows(copy_bw: float, gemm_flops: float, device: torch.device) -> list[di
     return rows
 
 
-def moe_ffn_rows(copy_bw: float, device: torch.device, shapes: list[str] | None = None) -> list[dict]:
+def moe_ffn_rows(copy_bw: float, device: torch.device, shapes: list[str] | None = None,
+                 tokens: tuple[int, ...] = (1, 8)) -> list[dict]:
     """A decode step's whole MoE FFN as the engine runs it: the router GEMV and routing (`route_linear`), then the
-    expert GEMVs (`fused_moe`), at 1 and 8 tokens; bytes of the router and the routed experts."""
+    expert GEMVs (`fused_moe`), at each token count (in that order: autotuned kernels tune at the first count that
+    runs them); bytes of the router and the routed experts."""
     from crosspool.kernels.routing import route_linear
     from crosspool.models.spec import RoutingSpec
 
@@ -154,7 +156,7 @@ def moe_ffn_rows(copy_bw: float, device: torch.device, shapes: list[str] | None 
         router = torch.randn(experts, hidden, generator=g, device=device, dtype=torch.bfloat16) / 45
         routing = RoutingSpec(num_experts=experts, top_k=top_k, scoring="softmax", norm_topk_prob=True,
                               topk_method="greedy")
-        for t in (1, 8):
+        for t in tokens:
             x = torch.randn(t, hidden, generator=g, device=device, dtype=torch.bfloat16)
             _, ids = route_linear(x, router, routing)
             used = ids.unique().numel()
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--shape", nargs="+", default=None, choices=sorted({*LINEAR_SHAPES, *MOE_SHAPES}),
                    help="only these models' shapes in the gemv and moe_ffn sections (default all)")
-    p.add_argument("--tokens", default="1,4,8", help="token counts of the gemv section (default 1,4,8)")
+    p.add_argument("--tokens", default="1,4,8",
+                   help="token counts of the gemv and moe_ffn sections, in order (default 1,4,8)")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     copy_bw = copy_bandwidth(device)
@@ -235,15 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in moe:
             print(f"| {r['shape']} | {r['tokens']} | {r['path']} | {r['us']:.1f} | {r['experts_used']} | "
                   f"{r['copy_bw_fraction']:.2f} | {r['tflops']:.1f} | {r['gemm_fraction']:.2f} |")
+    tokens = tuple(int(t) for t in args.tokens.split(","))
     if "moe_ffn" in args.only:
-        ffn = results["moe_ffn"] = moe_ffn_rows(copy_bw, device, args.shape)
+        ffn = results["moe_ffn"] = moe_ffn_rows(copy_bw, device, args.shape, tokens)
         print("| shape | tokens | MoE FFN us | experts | frac of copy bw |\n|---|---:|---:|---:|---:|")
         for r in ffn:
             print(f"| {r['shape']} | {r['tokens']} | {r['us']:.1f} | {r['experts_used']} | "
                   f"{r['copy_bw_fraction']:.2f} |")
     if "gemv" in args.only:
-        lin = results["gemv"] = gemv_rows(copy_bw, device, args.shape,
-                                              tuple(int(t) for t in args.tokens.split(",")))
+        lin = results["gemv"] = gemv_rows(copy_bw, device, args.shape, tokens)
         print("| shape | layer | N x K | tokens | path | split-K | us | frac of copy bw |")
         print("|---|---|---|---:|---|---:|---:|---:|")
         for r in lin:

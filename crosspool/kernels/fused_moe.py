@@ -65,7 +65,7 @@ def tma_setting(value: str | None) -> tuple[int, int, int, int] | str | None:
 
 
 TMA_TILE = tma_setting(os.environ.get("CROSSPOOL_EXPERTS_TMA"))
-TMA_MIN_TOKENS = 8
+TMA_MIN_TOKENS = int(os.environ.get("CROSSPOOL_EXPERTS_TMA_MIN_TOKENS", "8"))
 
 
 def moe_block_m(num_tokens: int, num_experts: int) -> int:
