@@ -31,7 +31,8 @@
 #   bash scripts/gpu_x2.sh s10        # A: the kernels' GPU tests | B: engine GPU bit tests, decode with TMA experts
 #                                     #    on (default) / off at batch 1-32
 #   bash scripts/gpu_x2.sh s10q       # Qwen3-30B-A3B (24 layers) at 1k: A: defaults, batch 1-32 | B: TMA experts off
-#   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8
+#   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8, and
+#                                     #    each kernel's share of the step's critical path
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
 #   bash scripts/gpu_x2.sh pipeline   # A: issue 6 (2 models off/on/green, serial) | B: 4 models off/on at rates 2
 #                                     #    and 4 (issue 6's 4-model rows = issue 8's one-GPU reference)
@@ -394,10 +395,13 @@ if [ "$stage" = profile ]; then  # issue 4: the device time per kernel of OLMoE'
     # (`profile nopdl`: without PDL, so no kernel's time includes its wait for the one before)
     ckpt olmoe-1b-7b $OLMOE
     [ "$only" = nopdl ] && { export CROSSPOOL_PDL=0; only=; }
-    job_a() { t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 1 \
-                  --profile --json "$RES/olmoe_profile_b1.json" 2>&1 | grep -v "^{" | cut -c1-160 | tail -40; }
-    job_b() { t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 8 \
-                  --profile --json "$RES/olmoe_profile_b8.json" 2>&1 | grep -v "^{" | cut -c1-160 | tail -40; }
+    # the full output (the per-kernel table too) lands in $RES; printed: the critical path under PDL
+    prof() { t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch $1 \
+                 --profile --json "$RES/olmoe_profile_b$1.json" > "$RES/olmoe_profile_b$1.out" 2>&1
+             grep "kernels busy" "$RES/olmoe_profile_b$1.out"; sed -n '/critical path, per step/,$p' \
+                 "$RES/olmoe_profile_b$1.out" | grep -v "^{" | cut -c1-160 | head -30; }
+    job_a() { prof 1; }
+    job_b() { prof 8; }
     both
 fi
 

@@ -174,3 +174,50 @@ def test_lane_spans_put_every_pass_on_one_time_base(monkeypatch) -> None:  # noq
     assert all(g.spans is None for g in graphs.values())          # the recording stopped
     assert [(s["model"], s["lane"], s["start_ms"], s["end_ms"]) for s in spans] == [
         ("m1", 1, 0.0, 6.0), ("m0", 0, 5.0, 7.0), ("m0", 1, 8.0, 10.0)]
+
+
+def test_critical_path_charges_each_kernel_what_it_adds_to_the_span() -> None:
+    """Kernels that overlap (a PDL launch waiting on the one before) are charged only past the latest end so far;
+    a kernel after an idle stretch is charged that gap; advances and gaps add up to the span, busy times do not."""
+    from crosspool.bench.decode import critical_path
+
+    kernels = [
+        ("gemv", 0.0, 10.0),
+        ("attention", 4.0, 15.0),     # launched early (PDL): adds 5
+        ("combine", 6.0, 14.0),       # ends inside attention: adds nothing
+        ("gemv", 20.0, 26.0),         # after 5 idle: adds 6
+        ("norm", 26.0, 27.5),
+    ]
+    path = critical_path(list(reversed(kernels)))          # order of the input does not matter
+    assert path["gemv"] == {"calls": 2, "busy": 16.0, "advance": 16.0, "gap": 5.0}
+    assert path["attention"] == {"calls": 1, "busy": 11.0, "advance": 5.0, "gap": 0.0}
+    assert path["combine"] == {"calls": 1, "busy": 8.0, "advance": 0.0, "gap": 0.0}
+    assert path["norm"]["advance"] == 1.5
+    span = 27.5
+    assert sum(r["advance"] + r["gap"] for r in path.values()) == span
+    assert sum(r["busy"] for r in path.values()) > span
+    assert critical_path([]) == {}
+
+
+def test_critical_path_table_from_profiler_events(capsys) -> None:  # noqa: ANN001
+    """`--profile`'s critical-path table: device events only (host ops and the profiler's step marker left out),
+    per step, largest advance first, with totals that add up to the span."""
+    from types import SimpleNamespace
+
+    from crosspool.bench.decode import _kernel_intervals, print_critical_path
+
+    def event(name: str, device: str, start: float, end: float) -> SimpleNamespace:
+        return SimpleNamespace(name=name, device_type=SimpleNamespace(name=device),
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("aten::mm", "CPU", 0, 50), event("ProfilerStep#1", "CUDA", 0, 60),
+              event("Memcpy HtoD", "CUDA", 0, 2), event("qkv", "CUDA", 2, 12), event("attn", "CUDA", 8, 20),
+              event("Memcpy HtoD", "CUDA", 30, 32), event("qkv", "CUDA", 32, 42), event("attn", "CUDA", 38, 50)]
+    kernels = _kernel_intervals(events)
+    assert sorted(k[0] for k in kernels) == ["Memcpy HtoD", "Memcpy HtoD", "attn", "attn", "qkv", "qkv"]
+    totals = print_critical_path(kernels, steps=2)
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].startswith("| qkv | 1 | 10.0 | 10.0 | ")          # 10 us a step, first: the largest advance
+    assert out[3].startswith("| attn | 1 | 12.0 | 8.0 | ")
+    assert totals["advance_us"] + totals["gap_us"] == 25.0         # a 50 us span over 2 steps
+    assert "span per step 25.0 us" in out[-1]

@@ -148,6 +148,51 @@ def prefill_steps(batch: int, context: int, chunk: int) -> int:
     return -(-(batch * context) // chunk) + 2
 
 
+def critical_path(kernels: list[tuple[str, float, float]]) -> dict[str, dict[str, float]]:
+    """Where a stream of kernels' span goes, kernel by kernel: kernels (name, start, end) in any order. Walking them
+    by start, each kernel is charged `advance` = how far it pushes the latest end seen so far (the time it adds to
+    the span), and `gap` = the idle time before it when it starts after that end. Under programmatic dependent
+    launch a kernel starts while its predecessor drains and its duration includes that wait, so durations overlap
+    and sum past the span; advances and gaps do not: over all kernels they add up to the span exactly. Returns
+    {name: {calls, busy (summed durations), advance, gap}}."""
+    out: dict[str, dict[str, float]] = {}
+    frontier = None
+    for name, start, end in sorted(kernels, key=lambda k: (k[1], k[2])):
+        row = out.setdefault(name, {"calls": 0, "busy": 0.0, "advance": 0.0, "gap": 0.0})
+        row["calls"] += 1
+        row["busy"] += end - start
+        if frontier is None:
+            frontier = start
+        row["gap"] += max(0.0, start - frontier)
+        row["advance"] += max(0.0, end - max(frontier, start))
+        frontier = max(frontier, end)
+    return out
+
+
+def _kernel_intervals(events: list) -> list[tuple[str, float, float]]:
+    """(name, start us, end us) of the device's kernels and copies among a torch.profiler's events."""
+    return [(e.name, float(e.time_range.start), float(e.time_range.end)) for e in events
+            if getattr(e.device_type, "name", "") == "CUDA" and not e.name.startswith("ProfilerStep")]
+
+
+def print_critical_path(kernels: list[tuple[str, float, float]], steps: int, rows: int = 25) -> dict:
+    """The `critical_path` table per step, largest advance first, and its totals; returns them."""
+    path = critical_path(kernels)
+    if not path:
+        return {}
+    total_advance = sum(r["advance"] for r in path.values())
+    total_gap = sum(r["gap"] for r in path.values())
+    print("| kernel (critical path, per step) | calls | busy us | advance us | gap before us |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in sorted(path.items(), key=lambda kv: -kv[1]["advance"])[:rows]:
+        print(f"| {name[:70]} | {r['calls'] / steps:.0f} | {r['busy'] / steps:.1f} | {r['advance'] / steps:.1f} | "
+              f"{r['gap'] / steps:.1f} |")
+    print(f"span per step {(total_advance + total_gap) / steps:.1f} us: kernels and copies advance it "
+          f"{total_advance / steps:.1f}, idle gaps {total_gap / steps:.1f}")
+    return {"per_step_us": {name: {k: v / steps for k, v in r.items()} for name, r in path.items()},
+            "advance_us": total_advance / steps, "gap_us": total_gap / steps}
+
+
 def _profile(engine: Engine, batch: int, context: int, output_len: int) -> None:
     """Device time per kernel over the timed decode steps of one cell, and how much of the step's device span
     the kernels fill (the rest: gaps between kernels, metadata copies)."""
@@ -168,6 +213,8 @@ def _profile(engine: Engine, batch: int, context: int, output_len: int) -> None:
     if span:
         print(f"kernels busy {per_step_ms:.3f} ms of a {span:.3f} ms device span per step: "
               f"{max(0.0, 1 - per_step_ms / span):.1%} of the span has no kernel running (gaps, copies)")
+    # busy times overlap under PDL (each includes its wait for the kernel before); the critical path does not
+    print_critical_path(_kernel_intervals(prof.events()), cell["steps"])
 
 
 def hf_generate_ms(model_dir: str, context: int, new_tokens: int, device: str) -> float:
