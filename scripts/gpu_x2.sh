@@ -31,6 +31,8 @@
 #   bash scripts/gpu_x2.sh s10        # A: the kernels' GPU tests | B: engine GPU bit tests, decode with TMA experts
 #                                     #    on (default) / off at batch 1-32
 #   bash scripts/gpu_x2.sh s10q       # Qwen3-30B-A3B (24 layers) at 1k: A: defaults, batch 1-32 | B: TMA experts off
+#   bash scripts/gpu_x2.sh s11        # A: routing tests on the GPU, the batch-1 critical path | B: decode with the
+#                                     #    routing kernel on 1 (default) / 4 warps, twice
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8, and
 #                                     #    each kernel's share of the step's critical path
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
@@ -388,6 +390,21 @@ if [ "$stage" = s10q ]; then  # issue 4, session 10: Qwen3-30B-A3B (24 of 48 lay
                 | grep "^| 1024" | sed "s/^/${3:-defaults}: /"; }
     job_a() { q1k 300 1,2,8,32; }
     job_b() { export CROSSPOOL_EXPERTS_TMA=off; q1k 300 1,2,8 tma-off; }
+    both
+fi
+
+if [ "$stage" = s11 ]; then  # issue 4, session 11: the routing kernel on one warp with one max per top-k round
+                            # (session 10, not yet on a GPU). A: the routing tests on the GPU (interpreter-style
+                            # tests too), then the batch-1 step's critical path | B: decode, routing on 1 / 4 warps
+    ckpt olmoe-1b-7b $OLMOE
+    job_a() {
+        t 150 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "route or routing" 2>&1 | tail -2
+        t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 1 \
+            --profile --json "$RES/olmoe_profile_b1.json" > "$RES/olmoe_profile_b1.out" 2>&1
+        grep "kernels busy" "$RES/olmoe_profile_b1.out"
+        sed -n '/critical path, per step/,$p' "$RES/olmoe_profile_b1.out" | grep -v "^{" | cut -c1-160 | head -30
+    }
+    job_b() { VT=120 BATCHES=1,8 variants "" CROSSPOOL_ROUTE_WARPS=4 "" CROSSPOOL_ROUTE_WARPS=4; }
     both
 fi
 

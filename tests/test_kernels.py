@@ -895,6 +895,33 @@ def test_fused_route(scoring: str, norm: bool, k: int, experts: int, scale: floa
     torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")    # the interpreter's sigmoid(-2000)
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_fused_route_ties_and_zero_scores(scoring: str) -> None:
+    """Ties go to the lowest expert index; scores that underflow to exactly 0 still rank above the padding lanes
+    (60 experts in a block of 64), and among themselves by index; weights are the chosen scores."""
+    from crosspool.kernels.routing import route
+    from crosspool.models.spec import RoutingSpec
+
+    experts, k = 60, 8
+    spec = RoutingSpec(num_experts=experts, top_k=k, scoring=scoring, norm_topk_prob=False, topk_method="greedy",
+                       routed_scaling_factor=1.0)
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randint(-2, 3, (16, experts), generator=g).float()      # 5 values: ties everywhere
+    logits[3] = -2000.0                                                   # every score 0 (softmax) / ~0
+    logits[3, [40, 7]] = 0.0                                              # two equal winners, then zeros
+    logits[5, 59] = 9.0                                                   # the last real expert wins
+    weights, ids = route(logits.to(DEVICE), spec)
+    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
+    for row in range(logits.shape[0]):
+        ranked = sorted(range(experts), key=lambda e, r=row: (-scores[r, e].item(), e))[:k]
+        assert ids[row].tolist() == ranked, row
+        torch.testing.assert_close(weights[row].cpu(), scores[row, ranked], atol=1e-6, rtol=1e-5)
+    assert ids[5, 0] == 59 and (ids < experts).all()
+    if scoring == "softmax":
+        assert ids[3].tolist() == [7, 40, 0, 1, 2, 3, 4, 5] and (weights[3, 2:] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("split_k", [1, 2, 4])
 @pytest.mark.parametrize("t", [1, 3, 8])

@@ -1,8 +1,10 @@
 """Fused MoE routing: replaces `torch_ref.route` for the greedy rules (softmax or sigmoid scores, top-k,
 optional renormalization over the chosen k, routed scaling) in one kernel per batch.
 
-One program per token: the router logits row [E] is loaded once, scored, and the k best experts are picked
-by k rounds of argmax (the lowest index wins a tie, as `torch.topk` does on CUDA in practice); weights are
+One program per token, one warp (ROUTE_WARPS): the router logits row [E] is loaded once, scored, and the k best
+experts are picked by k rounds of one max over (score, index) keys (the lowest index wins a tie, as `torch.topk`
+does on CUDA in practice; a warp reduces with shuffles alone, where four warps would pass through shared memory
+and barriers each round); weights are
 the chosen scores, renormalized when the rule asks. Mixtral's "softmax over the top-k logits" equals the
 softmax scores renormalized over the top k. Group-limited rules (DeepSeek-V3 `noaux_tc`, V2
 `group_limited_greedy`) stay on the torch reference.
@@ -14,6 +16,8 @@ sum kernel followed by `route`).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -22,6 +26,9 @@ from crosspool.kernels import pdl
 from crosspool.kernels._common import next_pow2
 from crosspool.kernels.pdl import enter as pdl_enter
 from crosspool.models.spec import RoutingSpec
+
+# warps per routing program (CROSSPOOL_ROUTE_WARPS): 1 for up to 256 experts (at most 8 scores a thread)
+ROUTE_WARPS = int(os.environ.get("CROSSPOOL_ROUTE_WARPS", "1"))
 
 
 @triton.jit
@@ -49,16 +56,21 @@ def _route_kernel(
     else:
         e = tl.exp(x - tl.max(x, 0))
         s = e / tl.sum(e, 0)
-    s = tl.where(ok, s, float("-inf"))
+    # one max per round: scores are >= 0, so their fp32 bits order as integers; the low half ranks the index
+    # (the lowest index wins a tie); padding lanes and chosen experts are -1, below every score
+    key = (s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_E - 1 - offs).to(tl.int64)
+    key = tl.where(ok, key, -1)
     k_offs = tl.arange(0, BLOCK_K)
     w = tl.zeros([BLOCK_K], tl.float32)
     ids = tl.zeros([BLOCK_K], tl.int64)
     for k in tl.static_range(TOP_K):
-        best = tl.max(s, 0)
-        idx = tl.min(tl.where(s == best, offs, BLOCK_E), 0)
+        top = tl.max(key, 0)
+        bits = top >> 32
+        idx = BLOCK_E - 1 - (top - (bits << 32))
+        best = bits.to(tl.int32).to(tl.float32, bitcast=True)
         w = tl.where(k_offs == k, best, w)
-        ids = tl.where(k_offs == k, idx.to(tl.int64), ids)
-        s = tl.where(offs == idx, float("-inf"), s)
+        ids = tl.where(k_offs == k, idx, ids)
+        key = tl.where(offs == idx, -1, key)
     if NORMALIZE:
         w = w / (tl.sum(w, 0) + eps)
     k_ok = k_offs < TOP_K
@@ -101,6 +113,6 @@ def _route(logits: torch.Tensor, split: int, dtype_of: torch.Tensor, routing: Ro
             logits, weights, ids, dtype_of, e, logits.stride(-2), logits.stride(0) if split else 0,
             float(routing.routed_scaling_factor), 1e-20 if sigmoid else 0.0,
             TOP_K=k, BLOCK_K=next_pow2(k), BLOCK_E=next_pow2(e), SIGMOID=sigmoid, NORMALIZE=routing.norm_topk_prob,
-            SPLIT=split, **pdl.options(logits.device),
+            SPLIT=split, num_warps=max(ROUTE_WARPS, next_pow2(e) // 256), **pdl.options(logits.device),
         )
     return weights, ids
