@@ -31,8 +31,8 @@
 #   bash scripts/gpu_x2.sh s10        # A: the kernels' GPU tests | B: engine GPU bit tests, decode with TMA experts
 #                                     #    on (default) / off at batch 1-32
 #   bash scripts/gpu_x2.sh s10q       # Qwen3-30B-A3B (24 layers) at 1k: A: defaults, batch 1-32 | B: TMA experts off
-#   bash scripts/gpu_x2.sh s11        # A: routing tests on the GPU, the batch-1 critical path | B: decode with the
-#                                     #    routing kernel on 1 (default) / 4 warps, twice
+#   bash scripts/gpu_x2.sh s11        # A: routing tests on the GPU, the batch-1 critical path, attention on 2 warps |
+#                                     #    B: decode with the routing kernel on 1 (default) / 4 warps, twice
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8, and
 #                                     #    each kernel's share of the step's critical path
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
@@ -403,6 +403,9 @@ if [ "$stage" = s11 ]; then  # issue 4, session 11: the routing kernel on one wa
             --profile --json "$RES/olmoe_profile_b1.json" > "$RES/olmoe_profile_b1.out" 2>&1
         grep "kernels busy" "$RES/olmoe_profile_b1.out"
         sed -n '/critical path, per step/,$p' "$RES/olmoe_profile_b1.out" | grep -v "^{" | cut -c1-160 | head -30
+        # the attention kernels on 2 warps: fewer cross-warp reductions (the fused kernel's sm_90 PTX has 27-31
+        # bar.sync on 4 warps); session 9's sweep tried 4 and 8 only
+        VT=120 BATCHES=1,8 variants CROSSPOOL_DECODE_WARPS=2
     }
     job_b() { VT=120 BATCHES=1,8 variants "" CROSSPOOL_ROUTE_WARPS=4 "" CROSSPOOL_ROUTE_WARPS=4; }
     both
