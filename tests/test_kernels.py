@@ -324,6 +324,23 @@ def test_gemv(dtype: torch.dtype, t: int, n: int, k: int, split_k: int) -> None:
     _close(gemv(x, w, split_k=split_k), torch.nn.functional.linear(x, w), dtype)
 
 
+def test_env_int_settings_say_which_variable_is_wrong(monkeypatch) -> None:  # noqa: ANN001
+    """The kernels' integer switches (`_common.env_int`): unset or empty gives the default, an integer at or above
+    the minimum is taken, anything else is a clear error naming the variable."""
+    from crosspool.kernels._common import env_int
+
+    monkeypatch.delenv("CROSSPOOL_TEST_INT", raising=False)
+    assert env_int("CROSSPOOL_TEST_INT", 4) == 4
+    monkeypatch.setenv("CROSSPOOL_TEST_INT", " ")
+    assert env_int("CROSSPOOL_TEST_INT", 4) == 4
+    monkeypatch.setenv("CROSSPOOL_TEST_INT", " 2 ")
+    assert env_int("CROSSPOOL_TEST_INT", 4, minimum=1) == 2
+    for bad in ("x", "1.5", "0"):
+        monkeypatch.setenv("CROSSPOOL_TEST_INT", bad)
+        with pytest.raises(ValueError, match="CROSSPOOL_TEST_INT=.*expected an integer >= 1"):
+            env_int("CROSSPOOL_TEST_INT", 4, minimum=1)
+
+
 def test_experts_tma_setting_reads_auto_off_or_a_tile_or_says_what_it_wanted() -> None:
     """`CROSSPOOL_EXPERTS_TMA`: unset, empty or "auto" autotunes, "0"/"off" turns TMA off, four integers are the
     tile, anything else is a clear error naming the variable."""

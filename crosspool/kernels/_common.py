@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """An integer setting from environment variable `name` (default when unset or empty); a value that is not an
+    integer of at least `minimum` is a clear error naming the variable."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
+    return number
 
 
 def next_pow2(n: int) -> int:

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from crosspool.kernels import pdl, tuning
-from crosspool.kernels._common import cdiv, dot_precision, next_pow2, tma_ok
+from crosspool.kernels._common import cdiv, dot_precision, env_int, next_pow2, tma_ok
 from crosspool.kernels.pdl import enter as pdl_enter
 from crosspool.models.batch import TopKPartials
 
@@ -65,7 +65,7 @@ def tma_setting(value: str | None) -> tuple[int, int, int, int] | str | None:
 
 
 TMA_TILE = tma_setting(os.environ.get("CROSSPOOL_EXPERTS_TMA"))
-TMA_MIN_TOKENS = int(os.environ.get("CROSSPOOL_EXPERTS_TMA_MIN_TOKENS", "8"))
+TMA_MIN_TOKENS = env_int("CROSSPOOL_EXPERTS_TMA_MIN_TOKENS", 8, minimum=1)
 
 
 def moe_block_m(num_tokens: int, num_experts: int) -> int:

@@ -34,14 +34,14 @@ import triton
 import triton.language as tl
 
 from crosspool.kernels import pdl, tuning
-from crosspool.kernels._common import cdiv, next_pow2, num_sms
+from crosspool.kernels._common import cdiv, env_int, next_pow2, num_sms
 from crosspool.kernels.pdl import enter as pdl_enter
 
 MAX_GEMV_TOKENS = 8
 ENABLED = False            # the attention side's decode linears call `gemv` at every decode size when this is set
 # ... and at up to ROWS rows (CROSSPOOL_GEMV_ROWS; 0: never): at one token it ties cuBLAS (benchmarks section 7,
 # sessions 4 and 8), although unlike cuBLAS it takes part in PDL
-ROWS = int(os.environ.get("CROSSPOOL_GEMV_ROWS", "0"))
+ROWS = env_int("CROSSPOOL_GEMV_ROWS", 0)
 # the MoE router (64-128 outputs) calls `gemv`: on the H200 it beat cuBLAS at 1-8 tokens (3.0-4.4 us vs 4.8-5.2 us,
 # benchmarks section 7, session 4), where the wider projections did not
 ROUTER = True

@@ -28,14 +28,13 @@ reference does.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from crosspool.kernels import pdl
-from crosspool.kernels._common import block_dim, cdiv, dot_precision, next_pow2, num_sms
+from crosspool.kernels._common import block_dim, cdiv, dot_precision, env_int, next_pow2, num_sms
 from crosspool.kernels.pdl import enter as pdl_enter
 
 LOG2E = math.log2(math.e)
@@ -43,9 +42,9 @@ MAX_SPLITS = 64
 # Decode launch shape, tunable for before/after runs (the defaults are the measured best): keys per split at least
 # (CROSSPOOL_MIN_KEYS_PER_SPLIT), keys per block of the cache walk (CROSSPOOL_DECODE_BLOCK_N, heads of <= 256
 # dims), warps of a program of <= 32 query rows (CROSSPOOL_DECODE_WARPS).
-MIN_KEYS_PER_SPLIT = int(os.environ.get("CROSSPOOL_MIN_KEYS_PER_SPLIT", "128"))
-DECODE_BLOCK_N = int(os.environ.get("CROSSPOOL_DECODE_BLOCK_N", "64"))
-DECODE_WARPS = int(os.environ.get("CROSSPOOL_DECODE_WARPS", "4"))
+MIN_KEYS_PER_SPLIT = env_int("CROSSPOOL_MIN_KEYS_PER_SPLIT", 128, minimum=1)
+DECODE_BLOCK_N = env_int("CROSSPOOL_DECODE_BLOCK_N", 64, minimum=16)
+DECODE_WARPS = env_int("CROSSPOOL_DECODE_WARPS", 4, minimum=1)
 
 @triton.jit
 def _attend(

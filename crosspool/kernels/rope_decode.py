@@ -10,14 +10,12 @@ two-kernel path it replaces (and `torch_ref` beneath that); tests compare the ou
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from crosspool.kernels import pdl
-from crosspool.kernels._common import block_dim, cdiv, dot_precision, next_pow2
+from crosspool.kernels._common import block_dim, cdiv, dot_precision, env_int, next_pow2
 from crosspool.kernels.norm_rope import _load_halves, _sum_squares, qk_norm_args
 from crosspool.kernels.paged_attention import (
     DECODE_WARPS,
@@ -31,11 +29,11 @@ from crosspool.kernels.paged_attention import (
 )
 from crosspool.kernels.pdl import enter as pdl_enter
 
-FUSED_ROPE_ROWS = int(os.environ.get("CROSSPOOL_FUSED_ROPE_ROWS", "1"))
+FUSED_ROPE_ROWS = env_int("CROSSPOOL_FUSED_ROPE_ROWS", 1)
 # keys per block of this kernel's cache walk (heads of <= 256 dims; CROSSPOOL_FUSED_BLOCK_N). 128 is faster on the
 # H200 than the plain kernel's 64 (OLMoE batch 1 at 1k, docs/benchmarks.md section 7: the kernel alone 10.9 -> 9.7
 # us; a decode step 1.12 -> 1.10 ms in session 10's same-call comparison, its GPU tests passed).
-BLOCK_N_KEYS = int(os.environ.get("CROSSPOOL_FUSED_BLOCK_N", "128"))
+BLOCK_N_KEYS = env_int("CROSSPOOL_FUSED_BLOCK_N", 128, minimum=16)
 
 
 def fused_for(rows: int) -> bool:

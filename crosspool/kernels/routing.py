@@ -16,19 +16,17 @@ sum kernel followed by `route`).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from crosspool.kernels import pdl
-from crosspool.kernels._common import next_pow2
+from crosspool.kernels._common import env_int, next_pow2
 from crosspool.kernels.pdl import enter as pdl_enter
 from crosspool.models.spec import RoutingSpec
 
 # warps per routing program (CROSSPOOL_ROUTE_WARPS): 1 for up to 256 experts (at most 8 scores a thread)
-ROUTE_WARPS = int(os.environ.get("CROSSPOOL_ROUTE_WARPS", "1"))
+ROUTE_WARPS = env_int("CROSSPOOL_ROUTE_WARPS", 1, minimum=1)
 
 
 @triton.jit

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from crosspool.kernels._common import env_int
 from crosspool.models.loader import Shard
 
 _EMPTY_STEP, _PICKLED = 0, 1          # control messages: a step without commands, or a pickled message
@@ -36,7 +37,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # concurrent whole passes (each lane: a communicator and a stream a side); every rank reads the same environment
-LANES = max(1, int(os.environ.get("CROSSPOOL_LANES", "2")))
+LANES = max(1, env_int("CROSSPOOL_LANES", 2))
 _control: dist.ProcessGroup | None = None   # the host (gloo) group over every rank: control messages, headers
 _lanes: list[dist.ProcessGroup] = []        # per lane, a device group over every rank (its own communicator)
 
