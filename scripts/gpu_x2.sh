@@ -31,8 +31,9 @@
 #   bash scripts/gpu_x2.sh s10        # A: the kernels' GPU tests | B: engine GPU bit tests, decode with TMA experts
 #                                     #    on (default) / off at batch 1-32
 #   bash scripts/gpu_x2.sh s10q       # Qwen3-30B-A3B (24 layers) at 1k: A: defaults, batch 1-32 | B: TMA experts off
-#   bash scripts/gpu_x2.sh s11        # A: routing tests on the GPU, the batch-1 critical path, attention on 2 warps |
-#                                     #    B: decode with the routing kernel on 1 (default) / 4 warps, twice
+#   bash scripts/gpu_x2.sh s11        # A: tests of the one-warp routing and the o_proj merge on the GPU, the batch-1
+#                                     #    critical path, attention on 2 warps | B: decode: defaults, routing on 4
+#                                     #    warps, o_proj merging the attention splits, twice
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8, and
 #                                     #    each kernel's share of the step's critical path
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
@@ -393,21 +394,25 @@ if [ "$stage" = s10q ]; then  # issue 4, session 10: Qwen3-30B-A3B (24 of 48 lay
     both
 fi
 
-if [ "$stage" = s11 ]; then  # issue 4, session 11: the routing kernel on one warp with one max per top-k round
-                            # (session 10, not yet on a GPU). A: the routing tests on the GPU (interpreter-style
-                            # tests too), then the batch-1 step's critical path | B: decode, routing on 1 / 4 warps
+if [ "$stage" = s11 ]; then  # issue 4, session 11: session 10's two builds, not yet on a GPU: the routing kernel on
+                            # one warp with one max per top-k round (default) and o_proj folding the split combine
+                            # in (CROSSPOOL_OPROJ_MERGE_ROWS=1). A: their tests on the GPU (interpreter-style tests
+                            # too), the batch-1 step's critical path, the attention kernels on 2 warps | B: decode
     ckpt olmoe-1b-7b $OLMOE
     job_a() {
-        t 150 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "route or routing" 2>&1 | tail -2
+        t 180 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "route or routing or merg" 2>&1 \
+            | tail -2
         t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 1 \
             --profile --json "$RES/olmoe_profile_b1.json" > "$RES/olmoe_profile_b1.out" 2>&1
         grep "kernels busy" "$RES/olmoe_profile_b1.out"
         sed -n '/critical path, per step/,$p' "$RES/olmoe_profile_b1.out" | grep -v "^{" | cut -c1-160 | head -30
-        # the attention kernels on 2 warps: fewer cross-warp reductions (the fused kernel's sm_90 PTX has 27-31
-        # bar.sync on 4 warps); session 9's sweep tried 4 and 8 only
+        # fewer cross-warp reductions? (the fused kernel's sm_90 PTX: 27-31 bar.sync on 4 warps, 55 on 2)
         VT=120 BATCHES=1,8 variants CROSSPOOL_DECODE_WARPS=2
     }
-    job_b() { VT=120 BATCHES=1,8 variants "" CROSSPOOL_ROUTE_WARPS=4 "" CROSSPOOL_ROUTE_WARPS=4; }
+    job_b() {
+        VT=120 BATCHES=1,8 variants "" CROSSPOOL_ROUTE_WARPS=4 CROSSPOOL_OPROJ_MERGE_ROWS=1 \
+            "" CROSSPOOL_ROUTE_WARPS=4 CROSSPOOL_OPROJ_MERGE_ROWS=1
+    }
     both
 fi
 

@@ -353,6 +353,48 @@ def test_experts_tma_setting_reads_auto_off_or_a_tile_or_says_what_it_wanted() -
             setting(bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,split_k", [(1, 1), (1, 3), (3, 2)])
+def test_merge_linear_is_combine_then_gemv(dtype: torch.dtype, t: int, split_k: int) -> None:
+    """o_proj on split-KV attention parts (`merge_linear`): its x is bit for bit what the combine kernel stores
+    (an identity weight passes it through), and the product is `gemv`'s on that x. Covered: a split with no keys
+    (lse -inf), a padding row with none at all (zeros), K-chunks over heads (at split_k 3 the last chunk partly
+    past K), summed as the residual norm sums them (`TopKPartials`)."""
+    from crosspool.kernels.gemv import merge_linear
+    from crosspool.kernels.paged_attention import _combine
+    from crosspool.models.batch import TopKPartials
+
+    heads, splits, dv, n = 4, 5, 64, 40
+    g = torch.Generator().manual_seed(t * 10 + split_k)
+    part = torch.randn(t, heads, splits, dv, generator=g).to(DEVICE)
+    lse = (4 * torch.randn(t, heads, splits, generator=g)).to(DEVICE)
+    lse[0, 1, 2] = float("-inf")
+    if t > 1:
+        lse[1] = float("-inf")
+        part[1] = 0.0
+    combined = torch.empty(t, heads, dv, device=DEVICE, dtype=dtype)
+    _combine(part, lse, combined)
+
+    def run(w: torch.Tensor) -> torch.Tensor:
+        y = merge_linear(part, lse, w, split_k=split_k)
+        assert isinstance(y, TopKPartials) == (split_k > 1)
+        y = y.reduce() if isinstance(y, TopKPartials) else y
+        assert y.dtype == dtype
+        return y
+
+    x = combined.view(t, -1)
+    eye = torch.eye(heads * dv, device=DEVICE, dtype=dtype)
+    assert torch.equal(run(eye), x)
+    # two ones a row: sums of the rounded x, exact in any order (so x is rounded before the product, as stored)
+    pairs = eye + eye.roll(3, 1)
+    assert torch.equal(run(pairs), (x.float() + x.float().roll(-3, 1)).to(dtype))
+    w = (torch.randn(n, heads * dv, generator=g) / 16).to(DEVICE, dtype)
+    got = run(w)
+    _close(got, gemv(combined.view(t, -1), w, split_k=split_k), dtype)
+    if t > 1:
+        assert (got[1] == 0).all()
+
+
 @pytest.mark.parametrize("split_k", [None, 1, 4])
 def test_gemv_bias_strided_rows(split_k: int | None) -> None:
     """Rows of a wider buffer (row stride != K), a bias (added before the one rounding), fp16; no tokens."""
@@ -556,6 +598,37 @@ def test_fused_rope_decode_keeps_greedy_tokens(preset: str, tiny_models, monkeyp
     outs = {}
     for rows in (0, 64):
         monkeypatch.setattr(rope_decode, "FUSED_ROPE_ROWS", rows)
+        with LLM(tiny_models(preset), config) as llm:
+            outs[rows] = [o.token_ids for o in llm.generate(prompts, params)]
+        assert bool(calls) == bool(rows)
+    assert outs[64] == outs[0]
+
+
+@pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])
+def test_o_proj_merging_the_attention_splits_keeps_greedy_tokens(preset: str, tiny_models, monkeypatch) -> None:  # noqa: ANN001
+    """With `gemv.MERGE_ROWS` set, decode steps through the fused attention kernel (here on 2 splits) hand its
+    split parts to o_proj (`merge_linear`), which folds the combine in, and the residual norm sums o_proj's
+    K-chunks: the same greedy tokens as the combine kernel + o_proj, with padding rows in the graph buckets."""
+    from crosspool import LLM, EngineConfig, SamplingParams
+    from crosspool.engine import graphs
+    from crosspool.kernels import gemv as gemv_module
+    from crosspool.kernels import rope_decode
+
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (3, 9, 14)]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    monkeypatch.setattr(graphs, "BUCKETS", (2, 4))
+    monkeypatch.setattr(rope_decode, "FUSED_ROPE_ROWS", 64)
+    monkeypatch.setattr(rope_decode, "default_num_splits", lambda *args, **kwargs: 2)
+    monkeypatch.setattr(gemv_module, "default_split_k", lambda *args, **kwargs: 2)     # K-chunks, as on a GPU
+    calls = []
+    merge = gemv_module.merge_linear
+    monkeypatch.setattr(gemv_module, "merge_linear", lambda *a, **kw: calls.append(1) or merge(*a, **kw))
+    config = EngineConfig(device=DEVICE.type, dtype=torch.float32, kernels="triton", block_size=4, cuda_graphs=True,
+                          max_num_seqs=8)
+    outs = {}
+    for rows in (0, 64):
+        monkeypatch.setattr(gemv_module, "MERGE_ROWS", rows)
         with LLM(tiny_models(preset), config) as llm:
             outs[rows] = [o.token_ids for o in llm.generate(prompts, params)]
         assert bool(calls) == bool(rows)

@@ -225,12 +225,14 @@ def _combine_kernel(
                   other=float("-inf"))
     m = tl.max(lse, 1)
     m = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(tl.exp2(lse - m[:, None]), 1)
+    # the weights summed in order of s (as `gemv._merge_gemv_kernel` does: the same bits either way)
+    total = tl.zeros([BLOCK_HC], tl.float32)
     o = tl.zeros([BLOCK_HC, BLOCK_DV], tl.float32)
     o_mask = h_ok[:, None] & (offs_dv[None, :] < DV)
     part_rows = part_ptr + t * stride_pt + heads[:, None] * stride_ph + offs_dv[None, :]
     for s in tl.static_range(NUM_SPLITS):
         w = tl.exp2(tl.load(lse_row + s, mask=h_ok, other=float("-inf")) - m)
+        total += w
         o += w[:, None] * tl.load(part_rows + s * stride_ps, mask=o_mask, other=0.0)
     o = o / tl.where(total > 0, total, 1.0)[:, None]
     tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),

@@ -170,12 +170,14 @@ def rope_decode_attention(
     slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, interleaved: bool,
     qk_norm: tuple[str, torch.Tensor, torch.Tensor, float] | None = None, *, num_splits: int | None = None,
-    max_context_len: int | None = None, out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    max_context_len: int | None = None, out: torch.Tensor | None = None, combine: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`norm_rope.rope_write_kv` then `paged_decode_attention`, with the first folded into the second's kernel
     (MHA/GQA decode: one launch fewer per layer). q [B, Hq, D], k [B, Hkv, D], v [B, Hkv, Dv] un-rotated (q is
     left as it is); cos/sin [B, D/2]; slot_mapping [B]; qk_norm and the rest as those two functions. The new
-    token's key and value land in the caches as `rope_write_kv` would write them; returns [B, Hq, Dv]."""
+    token's key and value land in the caches as `rope_write_kv` would write them; returns [B, Hq, Dv]. With
+    `combine=False` and more than one split: the splits' fp32 parts [B, Hq, S, Dv] and log-sum-exps [B, Hq, S]
+    instead, for a consumer that merges them itself (`gemv.merge_linear`)."""
     b, hq, d = q.shape
     _, page_size, hkv, _ = k_cache.shape
     dv = v_cache.shape[-1]
@@ -213,5 +215,7 @@ def rope_decode_attention(
         num_warps=DECODE_WARPS if block_h <= 32 else 8, **pdl.options(q.device),
     )
     if num_splits > 1:
+        if not combine:
+            return target, lse
         _combine(target, lse, out)
     return out
