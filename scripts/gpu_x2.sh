@@ -400,7 +400,7 @@ if [ "$stage" = s11 ]; then  # issue 4, session 11: session 10's two builds, not
                             # too), the batch-1 step's critical path, the attention kernels on 2 warps | B: decode
     ckpt olmoe-1b-7b $OLMOE
     job_a() {
-        t 180 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "route or routing or merg" 2>&1 \
+        t 260 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "route or routing or merg or decode" 2>&1 \
             | tail -2
         t 150 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 1 \
             --profile --json "$RES/olmoe_profile_b1.json" > "$RES/olmoe_profile_b1.out" 2>&1
