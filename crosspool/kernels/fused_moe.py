@@ -15,7 +15,9 @@ Two paths, chosen by token count:
   `_topk_sum_kernel` adds each token's K rows. Each expert row is read once per pair that routes to it: at a
   few tokens the step reads the routed experts' weights and little else. Programs accumulate elementwise
   products in a [BLOCK_N, BLOCK_K] register tile and reduce once at the end (no per-iteration reductions).
-  Tiles are autotuned once per shape on the GPU.
+  From TMA_MIN_TOKENS tokens on sm_90+, `_gate_up_gemv_tma_kernel` / `_down_gemv_tma_kernel` instead take their
+  weight tiles by TMA several steps ahead into shared memory (`CROSSPOOL_EXPERTS_TMA`). Tiles are autotuned once
+  per shape on the GPU.
 
 Accumulation is fp32; the intermediate and y are rounded to x's dtype, as the reference rounds its linears.
 Tiles: the grouped GEMMs' rows per tile follow the tokens per expert (`moe_block_m`); their other tile sizes,
