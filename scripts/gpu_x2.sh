@@ -33,7 +33,7 @@
 #   bash scripts/gpu_x2.sh s10q       # Qwen3-30B-A3B (24 layers) at 1k: A: defaults, batch 1-32 | B: TMA experts off
 #   bash scripts/gpu_x2.sh s11        # A: tests of the one-warp routing and the o_proj merge on the GPU, the batch-1
 #                                     #    critical path, attention on 2 warps | B: decode: defaults, routing on 4
-#                                     #    warps, o_proj merging the attention splits, twice
+#                                     #    warps, o_proj merging the attention splits, our GEMV on the projections
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8, and
 #                                     #    each kernel's share of the step's critical path
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
@@ -410,8 +410,10 @@ if [ "$stage" = s11 ]; then  # issue 4, session 11: session 10's two builds, not
         VT=120 BATCHES=1,8 variants CROSSPOOL_DECODE_WARPS=2
     }
     job_b() {
-        VT=120 BATCHES=1,8 variants "" CROSSPOOL_ROUTE_WARPS=4 CROSSPOOL_OPROJ_MERGE_ROWS=1 \
-            "" CROSSPOOL_ROUTE_WARPS=4 CROSSPOOL_OPROJ_MERGE_ROWS=1
+        # GEMV_ROWS=1: our GEMV on the projections with the combine kernel (what the merge changes besides the
+        # combine: o_proj leaves cuBLAS)
+        VT=120 BATCHES=1,8 variants "" CROSSPOOL_ROUTE_WARPS=4 CROSSPOOL_OPROJ_MERGE_ROWS=1 CROSSPOOL_GEMV_ROWS=1 \
+            "" CROSSPOOL_OPROJ_MERGE_ROWS=1
     }
     both
 fi
