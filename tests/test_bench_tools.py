@@ -221,3 +221,4 @@ def test_critical_path_table_from_profiler_events(capsys) -> None:  # noqa: ANN0
     assert out[3].startswith("| attn | 1 | 12.0 | 8.0 | ")
     assert totals["advance_us"] + totals["gap_us"] == 25.0         # a 50 us span over 2 steps
     assert "span per step 25.0 us" in out[-1]
+

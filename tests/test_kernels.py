@@ -1106,3 +1106,26 @@ def test_argmax_matches_torch_with_ties_to_the_lowest_index(rows: int, vocab: in
     assert int(argmax(logits)[-1]) == first == int(logits.argmax(dim=-1)[-1])
     strided = torch.randn(rows, vocab + 5, generator=g).to(DEVICE, dtype)[:, :vocab]    # rows not contiguous
     assert torch.equal(argmax(strided), strided.argmax(dim=-1))
+
+
+def test_split_rows_time_each_candidate_split_count(monkeypatch) -> None:  # noqa: ANN001
+    """`bench.kernels --only splits`: each (heads, batch, context) cell runs the engine's split count and the
+    alternatives (half, finer, ~512 keys a split), each a finite attention output (the timer stubbed); the
+    engine's choice is marked once per cell."""
+    from crosspool.bench import kernels as bench_kernels
+    from crosspool.kernels import paged_attention
+
+    def run_once(fn, **kwargs) -> float:  # noqa: ANN001, ANN003
+        out = fn()
+        assert torch.isfinite(out.float()).all()
+        return 1e-3
+
+    monkeypatch.setattr(bench_kernels, "_ms", run_once)
+    monkeypatch.setattr(paged_attention, "MAX_SPLITS", 8)
+    monkeypatch.setattr(bench_kernels, "MAX_SPLITS", 8)
+    rows = bench_kernels.split_rows(4e12, DEVICE, batches=(1, 2), contexts=(64,))
+    cells = {(r["shape"], r["batch"], r["context"]) for r in rows}
+    assert cells == {(s, b, 64) for s in ("olmoe-1b-7b", "qwen3-30b-a3b") for b in (1, 2)}
+    for cell in cells:
+        mine = [r for r in rows if (r["shape"], r["batch"], r["context"]) == cell]
+        assert sum(r["auto"] for r in mine) == 1 and len({r["splits"] for r in mine}) == len(mine) >= 2

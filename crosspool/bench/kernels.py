@@ -90,30 +90,36 @@ def attention_rows(copy_bw: float, device: torch.device) -> list[dict]:
     return rows
 
 
-def split_rows(copy_bw: float, device: torch.device) -> list[dict]:
-    """Batch-1 decode attention against its split count: the engine's choice (`default_num_splits`, at least
-    MIN_KEYS_PER_SPLIT keys per split) and finer splits, at short and long contexts, for OLMoE's heads (16
-    query = 16 KV, MHA) and Qwen3-30B-A3B's (32 query, 4 KV): which keys-per-split floor serves batch 1."""
+def split_rows(copy_bw: float, device: torch.device, batches: tuple[int, ...] = (1,),
+               contexts: tuple[int, ...] = (1024, 4096, 32768)) -> list[dict]:
+    """Decode attention against its split count: the engine's choice (`default_num_splits`, at least
+    MIN_KEYS_PER_SPLIT keys per split), half of it, finer splits, and about 512 keys per split, at short and long
+    contexts, for OLMoE's heads (16 query = 16 KV, MHA) and Qwen3-30B-A3B's (32 query, 4 KV): which rule serves
+    each batch size."""
     rows = []
     g = torch.Generator(device=device).manual_seed(2)
     page = 16
     for shape, (heads, kv_heads, dim) in {"olmoe-1b-7b": (16, 16, 128), "qwen3-30b-a3b": (32, 4, 128)}.items():
-        for ctx in (1024, 4096, 32768):
-            blocks = ctx // page
-            k = torch.randn(blocks, page, kv_heads, dim, generator=g, device=device, dtype=torch.bfloat16)
-            v = torch.randn_like(k)
-            tables = torch.randperm(blocks, generator=g, device=device).view(1, -1)
-            lens = torch.full((1,), ctx, device=device)
-            q = torch.randn(1, heads, dim, generator=g, device=device, dtype=torch.bfloat16)
-            auto = default_num_splits(kv_heads, device, ctx)
-            kv = 2 * k.numel() * k.element_size()
-            for splits in sorted({auto, *(min(auto * f, MAX_SPLITS, cdiv(ctx, 16)) for f in (2, 4, 8))}):
-                ms = _ms(lambda q=q, k=k, v=v, t=tables, n=lens, c=ctx, s=splits, d=dim: paged_decode_attention(
-                    q, k, v, t, n, d**-0.5, num_splits=s, max_context_len=c))
-                rows.append({"shape": shape, "context": ctx, "splits": splits, "auto": splits == auto,
-                             "keys_per_split": cdiv(ctx, splits), "us": ms * 1e3,
-                             "copy_bw_fraction": kv / (ms / 1e3) / copy_bw})
-            del k, v
+        for batch in batches:
+            for ctx in contexts:
+                blocks = ctx // page
+                k = torch.randn(batch * blocks, page, kv_heads, dim, generator=g, device=device,
+                                dtype=torch.bfloat16)
+                v = torch.randn_like(k)
+                tables = torch.randperm(batch * blocks, generator=g, device=device).view(batch, -1)
+                lens = torch.full((batch,), ctx, device=device)
+                q = torch.randn(batch, heads, dim, generator=g, device=device, dtype=torch.bfloat16)
+                auto = default_num_splits(batch * kv_heads, device, ctx)
+                kv = 2 * k.numel() * k.element_size()
+                tried = {auto, max(1, auto // 2), min(cdiv(ctx, 512), MAX_SPLITS),
+                         *(min(auto * f, MAX_SPLITS, cdiv(ctx, 16)) for f in (2, 4, 8))}
+                for splits in sorted(tried):
+                    ms = _ms(lambda q=q, k=k, v=v, t=tables, n=lens, c=ctx, s=splits, d=dim: paged_decode_attention(
+                        q, k, v, t, n, d**-0.5, num_splits=s, max_context_len=c))
+                    rows.append({"shape": shape, "batch": batch, "context": ctx, "splits": splits,
+                                 "auto": splits == auto, "keys_per_split": cdiv(ctx, splits), "us": ms * 1e3,
+                                 "copy_bw_fraction": kv / (ms / 1e3) / copy_bw})
+                del k, v
     return rows
 
 
@@ -211,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--shape", nargs="+", default=None, choices=sorted({*LINEAR_SHAPES, *MOE_SHAPES}),
                    help="only these models' shapes in the gemv and moe_ffn sections (default all)")
+    p.add_argument("--batches", default="1", help="batch sizes of the splits section (default 1)")
+    p.add_argument("--contexts", default="1024,4096,32768", help="contexts of the splits section")
     p.add_argument("--tokens", default="1,4,8",
                    help="token counts of the gemv and moe_ffn sections, in order (default 1,4,8)")
     args = p.parse_args(argv)
@@ -224,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         for r in attn:
             print(f"| {r['context']} | {r['batch']} | {r['us']:.1f} | {r['copy_bw_fraction']:.2f} |")
     if "splits" in args.only:
-        sp = results["splits"] = split_rows(copy_bw, device)
-        print("| heads | context | splits | keys / split | us | frac of copy bw |\n|---|---:|---:|---:|---:|---:|")
+        sp = results["splits"] = split_rows(copy_bw, device, tuple(int(b) for b in args.batches.split(",")),
+                                            tuple(int(c) for c in args.contexts.split(",")))
+        print("| heads | batch | context | splits | keys / split | us | frac of copy bw |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for r in sp:
-            print(f"| {r['shape']} | {r['context']} | {r['splits']}{' (engine)' if r['auto'] else ''} | "
+            print(f"| {r['shape']} | {r['batch']} | {r['context']} | {r['splits']}{' (engine)' if r['auto'] else ''} | "
                   f"{r['keys_per_split']} | {r['us']:.1f} | {r['copy_bw_fraction']:.2f} |")
     if "moe" in args.only:
         gemm = results["gemm_flops"] = gemm_rate(device)
