@@ -222,3 +222,21 @@ def test_critical_path_table_from_profiler_events(capsys) -> None:  # noqa: ANN0
     assert totals["advance_us"] + totals["gap_us"] == 25.0         # a 50 us span over 2 steps
     assert "span per step 25.0 us" in out[-1]
 
+
+
+def test_decode_bench_max_model_len(tiny_models, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """`--max-model-len` sets the engine's (what its decode graphs size their split count by, as serving would);
+    one below what the cells need is refused with the number they need."""
+    import pytest
+
+    path = str(tiny_models("tiny-olmoe"))
+    common = ["--model", path, "--batch", "1", "--context", "24", "--output-len", "12", "--device", "cpu"]
+    with pytest.raises(SystemExit):
+        decode.main([*common, "--max-model-len", "20"])
+    assert "--max-model-len 20 is below what the cells need" in capsys.readouterr().err
+    out = tmp_path / "long.json"
+    assert decode.main([*common, "--max-model-len", "2048", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["max_model_len"] == 2048
+    rows = result["rows"]
+    assert [(r["batch"], r["context"]) for r in rows] == [(1, 24)] and rows[0]["step_ms"] > 0

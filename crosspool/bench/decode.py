@@ -244,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", default="1,16", help="batch sizes, comma separated")
     p.add_argument("--context", default="128", help="prompt lengths, comma separated")
     p.add_argument("--output-len", type=int, default=48)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the engine's max_model_len (default: the longest context + output). Decode graphs size "
+                        "their split-KV count by it, so serving's default (the model's longest context) can give "
+                        "a short-context step more, mostly empty, splits than this benchmark's default")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kv-cache-gb", type=float, default=None)
     p.add_argument("--kernels", choices=["torch", "triton"], default=None)
@@ -296,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
                           max_model_len=max(contexts) + args.output_len, **layout)
     config = dataclasses.replace(config, max_model_len=args.output_len + max(
         c + prefill_steps(max(batches), c, config.max_num_batched_tokens) for c in contexts))
+    if args.max_model_len is not None:
+        if args.max_model_len < config.max_model_len:
+            p.error(f"--max-model-len {args.max_model_len} is below what the cells need ({config.max_model_len})")
+        config = dataclasses.replace(config, max_model_len=args.max_model_len)
     split = is_distributed(config)
     if split and (args.profile or args.hf):
         p.error("--profile and --hf time one device: leave out --kv-devices/--weights-devices")
@@ -334,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_ms = hf_generate_ms(args.model, contexts[0], 32, args.device) if args.hf else None
     result = {
         "model": args.model, **provenance.stamp(device), "label": args.label,
-        "kernels": config.kernels, "cuda_graphs": config.cuda_graphs, "copy_bandwidth": copy_bw,
+        "kernels": config.kernels, "cuda_graphs": config.cuda_graphs, "max_model_len": config.max_model_len,
+        "copy_bandwidth": copy_bw,
         "load_s": load_s, "capture": capture, "hf_generate_ms_per_token": hf_ms, "rows": rows,
         "layout": {k: v for k, v in layout.items() if k != "device"} or None,
     }
