@@ -34,7 +34,8 @@
 #   bash scripts/gpu_x2.sh s11        # A: tests of the one-warp routing and the o_proj merge on the GPU, the batch-1
 #                                     #    critical path, attention on 2 warps | B: decode: defaults, routing on 4
 #                                     #    warps, o_proj merging the attention splits, our GEMV on the projections
-#   bash scripts/gpu_x2.sh splits     # decode attention alone per split count, batch 1 and 8, 1k-128k (one GPU)
+#   bash scripts/gpu_x2.sh splits     # A: decode attention alone per split count, batch 1 and 8, 1k-128k | B: Qwen3
+#                                     #    1k with serving's max_model_len (40,960) against the bench's default
 #   bash scripts/gpu_x2.sh profile    # A | B: the device time per kernel of OLMoE's decode step, batch 1 | 8, and
 #                                     #    each kernel's share of the step's critical path
 #   bash scripts/gpu_x2.sh replay     # issue 7's GPU replay (closed issue; when device time is left)
@@ -422,8 +423,17 @@ fi
 if [ "$stage" = splits ]; then  # issue 4: decode attention alone against its split count at batch 1 and 8, 1k-128k
                                # (session 7 found OLMoE 32k batch 1 at 93.8 us with the engine's 17 splits, 81.4 with
                                # 64): is a keys-per-split target (~512) a better rule than "two waves"?
-    t 400 python3 -m crosspool.bench.kernels --only splits --batches 1,8 --contexts 1024,4096,32768,131072 \
-        --json "$RES/kernels_splits.json" 2>&1 | grep "^|"
+    job_a() { t 400 python3 -m crosspool.bench.kernels --only splits --batches 1,8 --contexts 1024,4096,32768,131072 \
+                  --json "$RES/kernels_splits.json" 2>&1 | grep "^|"; }
+    job_b() {   # what serving's split count (sized by the model's longest context, 40,960) costs a 1k step
+        ckpt qwen3-30b-a3b /tmp/qwen3 24
+        for mml in "" 40960 "" 40960; do
+            t 120 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 \
+                --batch 1,8 ${mml:+--max-model-len $mml} --json "$RES/qwen3_1k_mml${mml:-default}.json" 2>&1 \
+                | grep "^| 1024" | sed "s/^/max-model-len ${mml:-default}: /"
+        done
+    }
+    both
 fi
 
 if [ "$stage" = profile ]; then  # issue 4: the device time per kernel of OLMoE's decode step (ctx 1k), batch 1 and 8
