@@ -576,63 +576,55 @@ def test_rope_decode_attention_in_blocks_of_128_keys(kind: str | None, monkeypat
     test_rope_decode_attention(torch.float16, 4, 2, kind, False, 3, monkeypatch, block_n=128)
 
 
-@pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])     # q/k norm over all heads, per head
-def test_fused_rope_decode_keeps_greedy_tokens(preset: str, tiny_models, monkeypatch) -> None:  # noqa: ANN001
-    """The engine on the Triton kernels with CUDA graphs (on CPU replayed eagerly, padding rows included) gives
-    the same greedy tokens with the fused RoPE + KV write off (`FUSED_ROPE_ROWS` 0) as on for every step, and on
-    it decodes through the fused kernel."""
+def _same_greedy_tokens_with_switch(model: str, monkeypatch, seed: int, switch: tuple, spy: tuple) -> None:  # noqa: ANN001
+    """The engine on the Triton kernels with CUDA graphs (on CPU replayed eagerly) decodes three prompts (positions
+    crossing blocks of 4; a batch of 3 replays bucket 4, one padding row) with `switch` = (module, name) at 0 and at
+    64 rows: the same greedy tokens, and the function `spy` = (module, name) runs only with the switch on."""
     from crosspool import LLM, EngineConfig, SamplingParams
     from crosspool.engine import graphs
-    from crosspool.kernels import rope_decode
 
-    gen = torch.Generator().manual_seed(4)
+    gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (3, 9, 14)]
-    # decode positions 3-5, 9-11 and 14-16 cross blocks of 4; a batch of 3 replays bucket 4 (one padding row)
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     monkeypatch.setattr(graphs, "BUCKETS", (2, 4))
     calls = []
-    fused = rope_decode.rope_decode_attention
-    monkeypatch.setattr(rope_decode, "rope_decode_attention", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    spy_module, spy_name = spy
+    real = getattr(spy_module, spy_name)
+    monkeypatch.setattr(spy_module, spy_name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     config = EngineConfig(device=DEVICE.type, dtype=torch.float32, kernels="triton", block_size=4, cuda_graphs=True,
                           max_num_seqs=8)
     outs = {}
     for rows in (0, 64):
-        monkeypatch.setattr(rope_decode, "FUSED_ROPE_ROWS", rows)
-        with LLM(tiny_models(preset), config) as llm:
+        monkeypatch.setattr(*switch, rows)
+        with LLM(model, config) as llm:
             outs[rows] = [o.token_ids for o in llm.generate(prompts, params)]
         assert bool(calls) == bool(rows)
     assert outs[64] == outs[0]
+
+
+@pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])     # q/k norm over all heads, per head
+def test_fused_rope_decode_keeps_greedy_tokens(preset: str, tiny_models, monkeypatch) -> None:  # noqa: ANN001
+    """The same greedy tokens with the fused RoPE + KV write off (`FUSED_ROPE_ROWS` 0) as on for every step, and
+    on it decodes through the fused kernel."""
+    from crosspool.kernels import rope_decode
+
+    _same_greedy_tokens_with_switch(tiny_models(preset), monkeypatch, 4, (rope_decode, "FUSED_ROPE_ROWS"),
+                                    (rope_decode, "rope_decode_attention"))
 
 
 @pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])
 def test_o_proj_merging_the_attention_splits_keeps_greedy_tokens(preset: str, tiny_models, monkeypatch) -> None:  # noqa: ANN001
     """With `gemv.MERGE_ROWS` set, decode steps through the fused attention kernel (here on 2 splits) hand its
     split parts to o_proj (`merge_linear`), which folds the combine in, and the residual norm sums o_proj's
-    K-chunks: the same greedy tokens as the combine kernel + o_proj, with padding rows in the graph buckets."""
-    from crosspool import LLM, EngineConfig, SamplingParams
-    from crosspool.engine import graphs
+    K-chunks: the same greedy tokens as the combine kernel + o_proj, padding rows included."""
     from crosspool.kernels import gemv as gemv_module
     from crosspool.kernels import rope_decode
 
-    gen = torch.Generator().manual_seed(6)
-    prompts = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (3, 9, 14)]
-    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    monkeypatch.setattr(graphs, "BUCKETS", (2, 4))
     monkeypatch.setattr(rope_decode, "FUSED_ROPE_ROWS", 64)
     monkeypatch.setattr(rope_decode, "default_num_splits", lambda *args, **kwargs: 2)
     monkeypatch.setattr(gemv_module, "default_split_k", lambda *args, **kwargs: 2)     # K-chunks, as on a GPU
-    calls = []
-    merge = gemv_module.merge_linear
-    monkeypatch.setattr(gemv_module, "merge_linear", lambda *a, **kw: calls.append(1) or merge(*a, **kw))
-    config = EngineConfig(device=DEVICE.type, dtype=torch.float32, kernels="triton", block_size=4, cuda_graphs=True,
-                          max_num_seqs=8)
-    outs = {}
-    for rows in (0, 64):
-        monkeypatch.setattr(gemv_module, "MERGE_ROWS", rows)
-        with LLM(tiny_models(preset), config) as llm:
-            outs[rows] = [o.token_ids for o in llm.generate(prompts, params)]
-        assert bool(calls) == bool(rows)
-    assert outs[64] == outs[0]
+    _same_greedy_tokens_with_switch(tiny_models(preset), monkeypatch, 6, (gemv_module, "MERGE_ROWS"),
+                                    (gemv_module, "merge_linear"))
 
 
 def test_fused_rope_only_for_steps_of_few_rows(tiny_models, monkeypatch) -> None:  # noqa: ANN001

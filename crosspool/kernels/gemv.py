@@ -75,6 +75,17 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: obj
     return keep or [min(configs, key=per_thread)]
 
 
+@triton.jit
+def _tile(T, N, K, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A GEMV program's share: its K-split, token and output offsets with their masks, and the K range it walks.
+    Every split walks the same number of BLOCK_K steps; steps past K load nothing (masked)."""
+    pid_k = tl.program_id(1)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    return (pid_k, offs_t, offs_t < T, offs_n, offs_n < N, tl.arange(0, BLOCK_K), pid_k * k_chunk, k_chunk)
+
+
 @tuning.autotune(configs=_configs(), key=["N", "K", "BLOCK_T", "SPLIT_K"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
@@ -88,16 +99,7 @@ def _gemv_kernel(
     """out[s, t, n-block] = x[t, K-chunk s] . w[n, K-chunk s] (+ bias, only when SPLIT_K == 1), all T tokens
     per weight tile read. out is y itself when SPLIT_K == 1 (stride_os unused), else the fp32 partials."""
     pdl_enter(USE_PDL)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_t = tl.arange(0, BLOCK_T)
-    t_ok = offs_t < T
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    # every split walks the same number of BLOCK_K steps; steps past K load nothing (masked)
-    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_chunk
+    pid_k, offs_t, t_ok, offs_n, n_ok, offs_k, k_start, k_chunk = _tile(T, N, K, BLOCK_T, SPLIT_K, BLOCK_N, BLOCK_K)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]     # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :]                  # [BLOCK_T, BLOCK_K]
     acc = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_K], tl.float32)
@@ -142,16 +144,8 @@ def _merge_gemv_kernel(
     dtype, exactly as `paged_attention._combine_kernel` computes and stores it. Each program merges only the K
     range it reads; a K step (BLOCK_K dividing DV) lies inside one head."""
     pdl_enter(USE_PDL)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_t = tl.arange(0, BLOCK_T)
-    t_ok = offs_t < T
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
+    pid_k, offs_t, t_ok, offs_n, n_ok, offs_k, k_start, k_chunk = _tile(T, N, K, BLOCK_T, SPLIT_K, BLOCK_N, BLOCK_K)
     offs_s = tl.arange(0, BLOCK_S)
-    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_chunk
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_K], tl.float32)
     for k0 in tl.range(k_start, k_start + k_chunk, BLOCK_K):
