@@ -34,6 +34,9 @@ from crosspool.kernels.mla import (  # noqa: E402
 )
 from crosspool.kernels.norm_rope import add_rms_norm, rms_norm, rope_write_kv  # noqa: E402
 from crosspool.kernels.paged_attention import (  # noqa: E402
+    DECODE_BLOCK_N,
+    SplitPlan,
+    _combine,
     mla_decode_attention,
     mla_prefill_attention,
     paged_decode_attention,
@@ -132,6 +135,69 @@ def test_paged_decode_padding_rows(num_splits: int) -> None:
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     keep = torch.tensor([0, 2], device=DEVICE)
     _close(out[keep], p.reference(0.2)[keep], torch.float32)
+
+
+# 6 splits in the grid; a short context goes over 2 splits of <= 32 keys instead (blocks of 64 keys): empty splits
+PLAN = SplitPlan(6, 2, 32)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", GQA)
+def test_paged_decode_attention_split_plan(heads: int, kv_heads: int, dim: int) -> None:
+    """A plan whose split count follows each sequence's context (`SplitPlan`): in blocks of 64 keys, 301 keys
+    take 5 of the grid's 6 splits, 100 keys 2, 17 and 1 key one; the other splits exit at once and the combine
+    skips them. Row 4 is padding (context 0): zeros."""
+    ctx = [1, 17, 100, 301, 9]
+    p = Paged(ctx, [1] * len(ctx), heads, kv_heads, dim, torch.float32, seed=heads + 40)
+    assert [PLAN.used(c, DECODE_BLOCK_N) for c in ctx[:4]] == [1, 1, 2, 5]
+    lens = p.context_lens.clone()
+    lens[4] = 0
+    out = paged_decode_attention(p.q, *p.caches, p.tables, lens, dim**-0.5, num_splits=PLAN)
+    _close(out[:4], p.reference(dim**-0.5)[:4], torch.float32)
+    assert torch.equal(out[4], torch.zeros_like(out[4]))
+
+
+def test_combine_skips_empty_splits() -> None:
+    """The combine reads no part of a split with log-sum-exp -inf (an empty split, which may not have stored
+    one): NaN there changes nothing, and a row of only empty splits gives zeros."""
+    g = torch.Generator().manual_seed(12)
+    part = torch.randn(2, 3, 5, 32, generator=g)
+    lse = 3 * torch.randn(2, 3, 5, generator=g)
+    lse[:, :, 3:] = float("-inf")
+    lse[1, 0] = float("-inf")
+    w = torch.exp2(lse - lse.amax(-1, keepdim=True).nan_to_num(neginf=0.0))
+    want = (w[..., None] * part.masked_fill(~(w > 0)[..., None], 0)).sum(2) / w.sum(2).clamp(min=1e-30)[..., None]
+    part[:, :, 3:] = float("nan")
+    part[1, 0] = float("nan")
+    out = torch.empty(2, 3, 32, device=DEVICE)
+    _combine(part.to(DEVICE), lse.to(DEVICE), out)
+    assert torch.isfinite(out).all() and torch.equal(out[1, 0].cpu(), torch.zeros(32))
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_default_split_plan_follows_the_context(monkeypatch) -> None:  # noqa: ANN001
+    """`default_split_plan` on an H200 (132 SMs), the session-11 sweep's cases: a graph bucket sized for a long
+    context holds enough splits for it, while short contexts still run the two-wave count."""
+    from crosspool.kernels import paged_attention as pa
+
+    monkeypatch.setattr(pa, "num_sms", lambda device: 132)
+    for name, value in (("MIN_KEYS_PER_SPLIT", 128), ("TARGET_KEYS_PER_SPLIT", 1024), ("LONG_WAVES", 8)):
+        monkeypatch.setattr(pa, name, value)
+    cpu = torch.device("cpu")
+    # Qwen3-30B-A3B at batch 8 (32 sequence x KV-head tiles), a serving bucket of 40,960 keys, blocks of 64
+    plan = pa.default_split_plan(32, cpu, 40960)
+    assert (plan.splits, plan.wave_splits) == (33, 9)
+    assert [plan.used(c, 64) for c in (1024, 4096, 32768, 40960)] == [8, 8, 32, 32]
+    # OLMoE at batch 1 (16 tiles), 4,096 keys, the fused kernel's blocks of 128: the two-wave rule
+    plan = pa.default_split_plan(16, cpu, 4096)
+    assert plan.splits == 17 and [plan.used(c, 128) for c in (1024, 4096)] == [8, 16]
+    # OLMoE at batch 8 (128 tiles): 4 splits for 4,096 keys; an eager step of 300 keys: 3
+    assert pa.default_split_plan(128, cpu, 4096).splits == 4
+    assert pa.default_split_plan(128, cpu, 300).used(300, 64) == 3
+    # Qwen3 at batch 1 (4 tiles): the cap
+    assert pa.default_split_plan(4, cpu, 40960).splits == pa.MAX_SPLITS
+    # an explicit count divides every context evenly, as before plans
+    for splits, ctx in ((3, 1), (3, 200), (7, 3001), (64, 40960)):
+        assert SplitPlan.fixed(splits).keys_per_split(ctx, 64) == cdiv(cdiv(ctx, splits), 64) * 64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -353,48 +419,6 @@ def test_experts_tma_setting_reads_auto_off_or_a_tile_or_says_what_it_wanted() -
             setting(bad)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("t,split_k", [(1, 1), (1, 3), (3, 2)])
-def test_merge_linear_is_combine_then_gemv(dtype: torch.dtype, t: int, split_k: int) -> None:
-    """o_proj on split-KV attention parts (`merge_linear`): its x is bit for bit what the combine kernel stores
-    (an identity weight passes it through), and the product is `gemv`'s on that x. Covered: a split with no keys
-    (lse -inf), a padding row with none at all (zeros), K-chunks over heads (at split_k 3 the last chunk partly
-    past K), summed as the residual norm sums them (`TopKPartials`)."""
-    from crosspool.kernels.gemv import merge_linear
-    from crosspool.kernels.paged_attention import _combine
-    from crosspool.models.batch import TopKPartials
-
-    heads, splits, dv, n = 4, 5, 64, 40
-    g = torch.Generator().manual_seed(t * 10 + split_k)
-    part = torch.randn(t, heads, splits, dv, generator=g).to(DEVICE)
-    lse = (4 * torch.randn(t, heads, splits, generator=g)).to(DEVICE)
-    lse[0, 1, 2] = float("-inf")
-    if t > 1:
-        lse[1] = float("-inf")
-        part[1] = 0.0
-    combined = torch.empty(t, heads, dv, device=DEVICE, dtype=dtype)
-    _combine(part, lse, combined)
-
-    def run(w: torch.Tensor) -> torch.Tensor:
-        y = merge_linear(part, lse, w, split_k=split_k)
-        assert isinstance(y, TopKPartials) == (split_k > 1)
-        y = y.reduce() if isinstance(y, TopKPartials) else y
-        assert y.dtype == dtype
-        return y
-
-    x = combined.view(t, -1)
-    eye = torch.eye(heads * dv, device=DEVICE, dtype=dtype)
-    assert torch.equal(run(eye), x)
-    # two ones a row: sums of the rounded x, exact in any order (so x is rounded before the product, as stored)
-    pairs = eye + eye.roll(3, 1)
-    assert torch.equal(run(pairs), (x.float() + x.float().roll(-3, 1)).to(dtype))
-    w = (torch.randn(n, heads * dv, generator=g) / 16).to(DEVICE, dtype)
-    got = run(w)
-    _close(got, gemv(combined.view(t, -1), w, split_k=split_k), dtype)
-    if t > 1:
-        assert (got[1] == 0).all()
-
-
 @pytest.mark.parametrize("split_k", [None, 1, 4])
 def test_gemv_bias_strided_rows(split_k: int | None) -> None:
     """Rows of a wider buffer (row stride != K), a bias (added before the one rounding), fp16; no tokens."""
@@ -535,7 +559,7 @@ def _rope_decode_inputs(ctx: list[int], heads: int, kv_heads: int, dim: int, dty
 @pytest.mark.parametrize("kind", [None, "head", "full"])             # Mixtral / Qwen2-MoE, Qwen3-MoE, OLMoE
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_rope_decode_attention(dtype: torch.dtype, heads: int, kv_heads: int, kind: str | None, interleaved: bool,
-                               num_splits: int, monkeypatch, block_n: int = 64) -> None:  # noqa: ANN001
+                               num_splits: int | SplitPlan, monkeypatch, block_n: int = 64) -> None:  # noqa: ANN001
     """The fused kernel's output and the caches after it equal those of `rope_write_kv` +
     `paged_decode_attention` and of the torch reference. q, k, v are slices of one QKV row, as in the engine.
     Contexts cross blocks of 16; with 3 splits of 64 keys (the walk's blocks pinned to 64 keys) the new token of
@@ -545,8 +569,9 @@ def test_rope_decode_attention(dtype: torch.dtype, heads: int, kv_heads: int, ki
 
     monkeypatch.setattr(rope_decode, "BLOCK_N_KEYS", block_n)
     dim, scale = 32, 32**-0.5
+    seed = heads + 2 * getattr(num_splits, "splits", num_splits) + int(interleaved)
     q, k, v, cos, sin, slots, qk_norm, q_n, k_n, (pf, pu, pr) = _rope_decode_inputs(
-        [1, 17, 0, 129, 200], heads, kv_heads, dim, dtype, heads + 2 * num_splits + int(interleaved), kind)
+        [1, 17, 0, 129, 200], heads, kv_heads, dim, dtype, seed, kind)
     lens = pf.context_lens
     keep = lens > 0
     q_rot = ref.apply_rope(q_n, cos, sin, interleaved)
@@ -567,6 +592,15 @@ def test_rope_decode_attention(dtype: torch.dtype, heads: int, kv_heads: int, ki
     for fused_cache, unfused_cache, want_cache in zip(pf.caches, pu.caches, pr.caches, strict=True):
         _close(fused_cache, unfused_cache, dtype)
         _close(fused_cache, want_cache, dtype)
+
+
+@pytest.mark.parametrize("kind", [None, "full"])
+def test_rope_decode_attention_split_plan(kind: str | None, monkeypatch) -> None:  # noqa: ANN001
+    """The fused kernel on a plan whose split count follows the context (`PLAN`, blocks of 64 keys): 200 keys
+    take 4 of the grid's 6 splits (the new token ends the fourth), 129 keys 3 (the new token alone in the
+    third), 17 and 1 key one; the empty splits exit before the q/k norm and the rotation, and write no KV."""
+    assert [PLAN.used(c, 64) for c in (200, 129, 17, 1)] == [4, 3, 1, 1]
+    test_rope_decode_attention(torch.float32, 4, 2, kind, False, PLAN, monkeypatch)
 
 
 @pytest.mark.parametrize("kind", [None, "head", "full"])
@@ -610,21 +644,6 @@ def test_fused_rope_decode_keeps_greedy_tokens(preset: str, tiny_models, monkeyp
 
     _same_greedy_tokens_with_switch(tiny_models(preset), monkeypatch, 4, (rope_decode, "FUSED_ROPE_ROWS"),
                                     (rope_decode, "rope_decode_attention"))
-
-
-@pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])
-def test_o_proj_merging_the_attention_splits_keeps_greedy_tokens(preset: str, tiny_models, monkeypatch) -> None:  # noqa: ANN001
-    """With `gemv.MERGE_ROWS` set, decode steps through the fused attention kernel (here on 2 splits) hand its
-    split parts to o_proj (`merge_linear`), which folds the combine in, and the residual norm sums o_proj's
-    K-chunks: the same greedy tokens as the combine kernel + o_proj, padding rows included."""
-    from crosspool.kernels import gemv as gemv_module
-    from crosspool.kernels import rope_decode
-
-    monkeypatch.setattr(rope_decode, "FUSED_ROPE_ROWS", 64)
-    monkeypatch.setattr(rope_decode, "default_num_splits", lambda *args, **kwargs: 2)
-    monkeypatch.setattr(gemv_module, "default_split_k", lambda *args, **kwargs: 2)     # K-chunks, as on a GPU
-    _same_greedy_tokens_with_switch(tiny_models(preset), monkeypatch, 6, (gemv_module, "MERGE_ROWS"),
-                                    (gemv_module, "merge_linear"))
 
 
 def test_fused_rope_only_for_steps_of_few_rows(tiny_models, monkeypatch) -> None:  # noqa: ANN001
@@ -1101,9 +1120,9 @@ def test_argmax_matches_torch_with_ties_to_the_lowest_index(rows: int, vocab: in
 
 
 def test_split_rows_time_each_candidate_split_count(monkeypatch) -> None:  # noqa: ANN001
-    """`bench.kernels --only splits`: each (heads, batch, context) cell runs the engine's split count and the
-    alternatives (half, finer, ~512 keys a split), each a finite attention output (the timer stubbed); the
-    engine's choice is marked once per cell."""
+    """`bench.kernels --only splits`: each (heads, batch, context) cell runs the default plan for the context
+    ("engine") and for the model's longest context ("serving") and fixed alternatives (half, finer, ~512 keys a
+    split), each a finite attention output (the timer stubbed); the used splits cover the context."""
     from crosspool.bench import kernels as bench_kernels
     from crosspool.kernels import paged_attention
 
@@ -1120,4 +1139,9 @@ def test_split_rows_time_each_candidate_split_count(monkeypatch) -> None:  # noq
     assert cells == {(s, b, 64) for s in ("olmoe-1b-7b", "qwen3-30b-a3b") for b in (1, 2)}
     for cell in cells:
         mine = [r for r in rows if (r["shape"], r["batch"], r["context"]) == cell]
-        assert sum(r["auto"] for r in mine) == 1 and len({r["splits"] for r in mine}) == len(mine) >= 2
+        names = [r["plan"] for r in mine]
+        assert names.count("engine") == names.count("serving") == 1
+        fixed = [r for r in mine if r["plan"] not in ("engine", "serving")]
+        assert len({r["splits"] for r in fixed}) == len(fixed) >= 2
+        for r in mine:
+            assert r["used"] <= r["splits"] and r["used"] * r["keys_per_split"] >= r["context"]

@@ -33,7 +33,14 @@ from crosspool.bench.traffic import copy_bandwidth
 from crosspool.kernels._common import cdiv
 from crosspool.kernels.fused_moe import fused_moe
 from crosspool.kernels.gemv import default_split_k, gemv
-from crosspool.kernels.paged_attention import MAX_SPLITS, default_num_splits, paged_decode_attention
+from crosspool.kernels.paged_attention import (
+    DECODE_BLOCK_N,
+    MAX_SPLITS,
+    MIN_KEYS_PER_SPLIT,
+    SplitPlan,
+    default_split_plan,
+    paged_decode_attention,
+)
 
 MOE_SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "olmoe-1b-7b": (64, 8, 2048, 1024)}
 # dense projections (out N, in K): fused QKV, o_proj, lm_head, MoE router
@@ -92,14 +99,15 @@ def attention_rows(copy_bw: float, device: torch.device) -> list[dict]:
 
 def split_rows(copy_bw: float, device: torch.device, batches: tuple[int, ...] = (1,),
                contexts: tuple[int, ...] = (1024, 4096, 32768)) -> list[dict]:
-    """Decode attention against its split count: the engine's choice (`default_num_splits`, at least
-    MIN_KEYS_PER_SPLIT keys per split), half of it, finer splits, and about 512 keys per split, at short and long
-    contexts, for OLMoE's heads (16 query = 16 KV, MHA) and Qwen3-30B-A3B's (32 query, 4 KV): which rule serves
-    each batch size."""
+    """Decode attention against its split count, for OLMoE's heads (16 query = 16 KV, MHA) and
+    Qwen3-30B-A3B's (32 query, 4 KV): the default plan for the context (`default_split_plan`, "engine") and for
+    the model's longest context, as a serving graph bucket holds it ("serving"), against fixed counts: the
+    two-wave rule, half of it, finer splits, and about 512 keys per split."""
     rows = []
     g = torch.Generator(device=device).manual_seed(2)
     page = 16
-    for shape, (heads, kv_heads, dim) in {"olmoe-1b-7b": (16, 16, 128), "qwen3-30b-a3b": (32, 4, 128)}.items():
+    models = {"olmoe-1b-7b": (16, 16, 128, 4096), "qwen3-30b-a3b": (32, 4, 128, 40960)}
+    for shape, (heads, kv_heads, dim, longest) in models.items():
         for batch in batches:
             for ctx in contexts:
                 blocks = ctx // page
@@ -109,16 +117,21 @@ def split_rows(copy_bw: float, device: torch.device, batches: tuple[int, ...] = 
                 tables = torch.randperm(batch * blocks, generator=g, device=device).view(batch, -1)
                 lens = torch.full((batch,), ctx, device=device)
                 q = torch.randn(batch, heads, dim, generator=g, device=device, dtype=torch.bfloat16)
-                auto = default_num_splits(batch * kv_heads, device, ctx)
+                wave = default_split_plan(batch * kv_heads, device, ctx).wave_splits
+                wave = min(wave, cdiv(ctx, MIN_KEYS_PER_SPLIT))
                 kv = 2 * k.numel() * k.element_size()
-                tried = {auto, max(1, auto // 2), min(cdiv(ctx, 512), MAX_SPLITS),
-                         *(min(auto * f, MAX_SPLITS, cdiv(ctx, 16)) for f in (2, 4, 8))}
-                for splits in sorted(tried):
-                    ms = _ms(lambda q=q, k=k, v=v, t=tables, n=lens, c=ctx, s=splits, d=dim: paged_decode_attention(
-                        q, k, v, t, n, d**-0.5, num_splits=s, max_context_len=c))
-                    rows.append({"shape": shape, "batch": batch, "context": ctx, "splits": splits,
-                                 "auto": splits == auto, "keys_per_split": cdiv(ctx, splits), "us": ms * 1e3,
-                                 "copy_bw_fraction": kv / (ms / 1e3) / copy_bw})
+                plans = {"engine": default_split_plan(batch * kv_heads, device, ctx),
+                         "serving": default_split_plan(batch * kv_heads, device, max(longest, ctx))}
+                for n in sorted({wave, max(1, wave // 2), min(cdiv(ctx, 512), MAX_SPLITS),
+                                 *(min(wave * f, MAX_SPLITS, cdiv(ctx, 16)) for f in (2, 4, 8))}):
+                    plans[str(n)] = SplitPlan.fixed(n)
+                for name, plan in plans.items():
+                    ms = _ms(lambda q=q, k=k, v=v, t=tables, n=lens, p=plan, d=dim: paged_decode_attention(
+                        q, k, v, t, n, d**-0.5, num_splits=p))
+                    used = plan.used(ctx, DECODE_BLOCK_N)
+                    rows.append({"shape": shape, "batch": batch, "context": ctx, "plan": name, "splits": plan.splits,
+                                 "used": used, "keys_per_split": plan.keys_per_split(ctx, DECODE_BLOCK_N),
+                                 "us": ms * 1e3, "copy_bw_fraction": kv / (ms / 1e3) / copy_bw})
                 del k, v
     return rows
 
@@ -234,10 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     if "splits" in args.only:
         sp = results["splits"] = split_rows(copy_bw, device, tuple(int(b) for b in args.batches.split(",")),
                                             tuple(int(c) for c in args.contexts.split(",")))
-        print("| heads | batch | context | splits | keys / split | us | frac of copy bw |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("| heads | batch | context | plan | splits (used) | keys / split | us | frac of copy bw |")
+        print("|---|---:|---:|---|---:|---:|---:|---:|")
         for r in sp:
-            print(f"| {r['shape']} | {r['batch']} | {r['context']} | {r['splits']}{' (engine)' if r['auto'] else ''} | "
+            print(f"| {r['shape']} | {r['batch']} | {r['context']} | {r['plan']} | {r['splits']} ({r['used']}) | "
                   f"{r['keys_per_split']} | {r['us']:.1f} | {r['copy_bw_fraction']:.2f} |")
     if "moe" in args.only:
         gemm = results["gemm_flops"] = gemm_rate(device)

@@ -106,9 +106,6 @@ CASES = [
     Case("gemv", "_gemv_kernel", {"BLOCK_T": 1, "SPLIT_K": 1, "HAS_BIAS": False, **_GEMV_TILE}),
     Case("argmax", "_chunk_max_kernel", {"BLOCK": 4096}, {"x_ptr": "*fp32", "max_ptr": "*fp32", "idx_ptr": "*i32"}),
     Case("argmax", "_pick_kernel", {"BLOCK_C": 64}, {"max_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64"}),
-    Case("gemv", "_merge_gemv_kernel",                     # OLMoE o_proj on 8 attention splits, K in 4 chunks
-         {"DV": 128, "NUM_SPLITS": 8, "BLOCK_S": 8, "BLOCK_T": 1, "SPLIT_K": 4, "BLOCK_N": 16, "BLOCK_K": 128},
-         {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp32"}),
     Case("gemv", "_split_sum_kernel", {"SPLIT_K": 4, "HAS_BIAS": False, "BLOCK": 64}, {"part_ptr": "*fp32"}),
 ]
 

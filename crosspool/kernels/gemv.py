@@ -36,16 +36,12 @@ import triton.language as tl
 from crosspool.kernels import pdl, tuning
 from crosspool.kernels._common import cdiv, env_int, next_pow2, num_sms
 from crosspool.kernels.pdl import enter as pdl_enter
-from crosspool.models.batch import TopKPartials
 
 MAX_GEMV_TOKENS = 8
 ENABLED = False            # the attention side's decode linears call `gemv` at every decode size when this is set
 # ... and at up to ROWS rows (CROSSPOOL_GEMV_ROWS; 0: never): at one token it ties cuBLAS (benchmarks section 7,
 # sessions 4 and 8), although unlike cuBLAS it takes part in PDL
 ROWS = env_int("CROSSPOOL_GEMV_ROWS", 0)
-# o_proj on split-KV decode attention's parts, folding the combine kernel into its prologue (`merge_linear`), for
-# fused-attention decode steps of at most MERGE_ROWS rows (CROSSPOOL_OPROJ_MERGE_ROWS; 0: never)
-MERGE_ROWS = env_int("CROSSPOOL_OPROJ_MERGE_ROWS", 0)
 # the MoE router (64-128 outputs) calls `gemv`: on the H200 it beat cuBLAS at 1-8 tokens (3.0-4.4 us vs 4.8-5.2 us,
 # benchmarks section 7, session 4), where the wider projections did not
 ROUTER = True
@@ -111,64 +107,6 @@ def _gemv_kernel(
     y = tl.sum(acc, 2)                                                               # [BLOCK_T, BLOCK_N]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + pid_k * stride_os + offs_t[:, None] * stride_ot + offs_n[None, :],
-             y.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
-
-
-def _merge_configs() -> list[triton.Config]:
-    """`_merge_gemv_kernel`'s tile choices: K steps of 16-128 (they must divide a head's Dv)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-            for n in (4, 8, 16, 32) for k in (16, 32, 64, 128) for w in (4, 8)]
-
-
-def _prune_merge_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """`_prune_configs`, keeping only K steps that stay inside one head (BLOCK_K divides DV)."""
-    dv = int(kwargs.get("DV", named_args.get("DV", 64)))    # type: ignore[arg-type]
-    return _prune_configs([c for c in configs if dv % c.kwargs["BLOCK_K"] == 0], named_args, **kwargs)
-
-
-@tuning.autotune(configs=_merge_configs(), key=["N", "K", "BLOCK_T", "SPLIT_K", "NUM_SPLITS"],
-                 prune_configs_by={"early_config_prune": _prune_merge_configs})
-@triton.jit
-def _merge_gemv_kernel(
-    part_ptr, lse_ptr, w_ptr, out_ptr, T, N, K,
-    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_wn, stride_os, stride_ot,
-    DV: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
-):
-    """`_gemv_kernel` (no bias) whose x is split-KV decode attention's output before its combine: x[t, h * DV + d]
-    = sum_s 2^(lse[t, h, s] - max) * part[t, h, s, d] / sum_s 2^(lse[t, h, s] - max), rounded to the weight's
-    dtype, exactly as `paged_attention._combine_kernel` computes and stores it. Each program merges only the K
-    range it reads; a K step (BLOCK_K dividing DV) lies inside one head."""
-    pdl_enter(USE_PDL)
-    pid_k, offs_t, t_ok, offs_n, n_ok, offs_k, k_start, k_chunk = _tile(T, N, K, BLOCK_T, SPLIT_K, BLOCK_N, BLOCK_K)
-    offs_s = tl.arange(0, BLOCK_S)
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    acc = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in tl.range(k_start, k_start + k_chunk, BLOCK_K):
-        k_ok = offs_k < K - k0
-        head = k0 // DV
-        lse_rows = lse_ptr + offs_t * stride_lt + head * stride_lh                   # [BLOCK_T]
-        live = t_ok & (offs_t * 0 + k0 < K)            # steps past K (the last split's tail) read nothing
-        lse = tl.load(lse_rows[:, None] + offs_s[None, :], mask=live[:, None] & (offs_s < NUM_SPLITS)[None, :],
-                      other=float("-inf"))
-        m = tl.max(lse, 1)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        x_mask = t_ok[:, None] & k_ok[None, :]
-        part_rows = part_ptr + offs_t[:, None] * stride_pt + head * stride_ph + (k0 - head * DV) + offs_k[None, :]
-        o = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
-        total = tl.zeros([BLOCK_T], tl.float32)
-        for s in tl.static_range(NUM_SPLITS):
-            ws = tl.exp2(tl.load(lse_rows + s, mask=live, other=float("-inf")) - m)
-            total += ws
-            o += ws[:, None] * tl.load(part_rows + s * stride_ps, mask=x_mask, other=0.0)
-        x = (o / tl.where(total > 0, total, 1.0)[:, None]).to(w_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        acc += w[None, :, :] * x[:, None, :]
-    y = tl.sum(acc, 2)
     tl.store(out_ptr + pid_k * stride_os + offs_t[:, None] * stride_ot + offs_n[None, :],
              y.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
 
@@ -243,40 +181,6 @@ def gemv_parts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         BLOCK_T=block_t, SPLIT_K=split, HAS_BIAS=False, **launch,
     )
     return part, split
-
-
-def merges(rows: int, head_dim: int, has_bias: bool) -> bool:
-    """Whether a decode step of `rows` rows runs o_proj as `merge_linear` on the fused attention kernel's split
-    parts (CROSSPOOL_OPROJ_MERGE_ROWS, default 0: never; not yet timed on the H200)."""
-    return rows <= MERGE_ROWS and head_dim % 16 == 0 and not has_bias
-
-
-def merge_linear(part: torch.Tensor, lse: torch.Tensor, w: torch.Tensor, *, split_k: int | None = None
-                 ) -> torch.Tensor | TopKPartials:
-    """o_proj on split-KV decode attention's parts, without the combine kernel: `gemv(combined, w)` where combined
-    [T, H * Dv] is what `paged_attention._combine` would store from part [T, H, S, Dv] (fp32) and lse [T, H, S].
-    Unsplit over K: y [T, N] in w's dtype. Split: the K-chunks' fp32 partials as `TopKPartials` (row t * S_k + s),
-    which the residual add + RMSNorm after o_proj sums (the same order and rounding as `gemv`'s sum kernel).
-    split_k: K-chunks (default `default_split_k`)."""
-    t, hq, num_splits, dv = part.shape
-    n, k = w.shape
-    assert k == hq * dv and lse.shape == (t, hq, num_splits) and part.stride(-1) == 1 and w.stride(-1) == 1
-    assert t <= MAX_GEMV_TOKENS and dv % 16 == 0, "K steps of 16 must stay inside a head"
-    split = 1 if t == 0 else split_k or default_split_k(n, k, part.device)
-    if split == 1:
-        out = torch.empty(t, n, dtype=w.dtype, device=w.device)
-        stride_os, stride_ot = 0, out.stride(0)
-    else:       # [T, S_k, N]: row t * S_k + s of its [T * S_k, N] view is token t's s-th K-chunk
-        out = torch.empty(t, split, n, dtype=torch.float32, device=w.device)
-        stride_os, stride_ot = out.stride(1), out.stride(0)
-    if t:
-        _merge_gemv_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), split)](
-            part, lse, w, out, t, n, k, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
-            lse.stride(1), w.stride(0), stride_os, stride_ot,
-            DV=dv, NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits), BLOCK_T=next_pow2(t), SPLIT_K=split,
-            **pdl.options(w.device),
-        )
-    return out if split == 1 else TopKPartials(out.view(t * split, n), split, w.dtype)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:

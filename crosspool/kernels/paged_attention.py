@@ -28,6 +28,7 @@ reference does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -43,6 +44,11 @@ MAX_SPLITS = 64
 # (CROSSPOOL_MIN_KEYS_PER_SPLIT), keys per block of the cache walk (CROSSPOOL_DECODE_BLOCK_N, heads of <= 256
 # dims), warps of a program of <= 32 query rows (CROSSPOOL_DECODE_WARPS).
 MIN_KEYS_PER_SPLIT = env_int("CROSSPOOL_MIN_KEYS_PER_SPLIT", 128, minimum=1)
+# Long contexts: a sequence's keys go to splits of about TARGET_KEYS_PER_SPLIT keys (CROSSPOOL_TARGET_KEYS_PER_SPLIT)
+# beyond the two-wave count, up to about LONG_WAVES waves of programs (CROSSPOOL_LONG_SPLIT_WAVES; 2: the two-wave
+# rule alone). The H200 sweep behind these is docs/benchmarks.md section 7, session 11.
+TARGET_KEYS_PER_SPLIT = env_int("CROSSPOOL_TARGET_KEYS_PER_SPLIT", 1024, minimum=1)
+LONG_WAVES = env_int("CROSSPOOL_LONG_SPLIT_WAVES", 8, minimum=1)
 DECODE_BLOCK_N = env_int("CROSSPOOL_DECODE_BLOCK_N", 64, minimum=16)
 DECODE_WARPS = env_int("CROSSPOOL_DECODE_WARPS", 4, minimum=1)
 
@@ -116,6 +122,15 @@ def _fold_block(q, q_pe, k, k_pe, v, k_ptr, v_ptr, page, slot, k_pos, k_ok, kv_h
 
 
 @triton.jit
+def split_keys(kv_end, NUM_SPLITS: tl.constexpr, wave_splits, target_keys, BLOCK_N: tl.constexpr):
+    """Keys per split of a row tile that sees keys [0, kv_end) (`SplitPlan`): its context over the grid's
+    NUM_SPLITS, or over `wave_splits` if that gives splits of fewer than `target_keys` keys, in whole blocks.
+    Splits past the context are empty. With wave_splits == NUM_SPLITS: kv_end / NUM_SPLITS."""
+    share = tl.maximum(tl.cdiv(kv_end, NUM_SPLITS), tl.minimum(target_keys, tl.cdiv(kv_end, wave_splits)))
+    return tl.cdiv(share, BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _store_rows(
     m, l_sum, acc, out_ptr, lse_ptr, tok, head, row_ok, split,
     stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
@@ -137,7 +152,7 @@ def _store_rows(
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, q_pe_ptr, k_ptr, v_ptr, block_tables_ptr, cu_q_ptr, context_lens_ptr, out_ptr, lse_ptr,
-    scale_log2,
+    scale_log2, wave_splits, target_keys,
     stride_qt, stride_qh, stride_pt, stride_ph,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -177,6 +192,19 @@ def _paged_attention_kernel(
     head = kv_head * GROUP + hi
     q_pos = ctx - q_len + qi
     tok = (q_start + qi).to(tl.int64)
+    m = tl.full([BLOCK_Q * BLOCK_H], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_Q * BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_H, BLOCK_DV], tl.float32)
+
+    # Keys this row tile may see: [0, kv_end); this split's share: [lo, hi). An empty split stores at once.
+    kv_end = ctx - q_len + tl.minimum(q_len, first_q + BLOCK_Q)
+    per_split = split_keys(kv_end, NUM_SPLITS, wave_splits, target_keys, BLOCK_N)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, kv_end)
+    if lo >= kv_end:
+        _store_rows(m, l_sum, acc, out_ptr, lse_ptr, tok, head, row_ok, split, stride_ot, stride_oh, stride_os,
+                    stride_lt, stride_lh, DV, BLOCK_DV, NUM_SPLITS)
+        return
 
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
@@ -188,15 +216,6 @@ def _paged_attention_kernel(
     else:
         q_pe = q
 
-    # Keys this row tile may see: [0, kv_end); this split's share: [lo, hi).
-    kv_end = ctx - q_len + tl.minimum(q_len, first_q + BLOCK_Q)
-    per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, kv_end)
-
-    m = tl.full([BLOCK_Q * BLOCK_H], float("-inf"), tl.float32)
-    l_sum = tl.zeros([BLOCK_Q * BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_Q * BLOCK_H, BLOCK_DV], tl.float32)
     m, l_sum, acc = _attend(q, q_pe, k_ptr, v_ptr, block_tables_ptr, seq, kv_head, lo, hi, q_pos, m, l_sum, acc,
                             scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
                             D, BLOCK_D, PE_DIM, BLOCK_PE, DV, BLOCK_DV, V_IS_K, PAGE_SIZE, BLOCK_N, DOT_PRECISION)
@@ -225,7 +244,7 @@ def _combine_kernel(
                   other=float("-inf"))
     m = tl.max(lse, 1)
     m = tl.where(m == float("-inf"), 0.0, m)
-    # the weights summed in order of s (as `gemv._merge_gemv_kernel` does: the same bits either way)
+    # the weights summed in order of s; an empty split's part (weight 0) is not read
     total = tl.zeros([BLOCK_HC], tl.float32)
     o = tl.zeros([BLOCK_HC, BLOCK_DV], tl.float32)
     o_mask = h_ok[:, None] & (offs_dv[None, :] < DV)
@@ -233,7 +252,7 @@ def _combine_kernel(
     for s in tl.static_range(NUM_SPLITS):
         w = tl.exp2(tl.load(lse_row + s, mask=h_ok, other=float("-inf")) - m)
         total += w
-        o += w[:, None] * tl.load(part_rows + s * stride_ps, mask=o_mask, other=0.0)
+        o += w[:, None] * tl.load(part_rows + s * stride_ps, mask=o_mask & (w > 0)[:, None], other=0.0)
     o = o / tl.where(total > 0, total, 1.0)[:, None]
     tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
              mask=o_mask)
@@ -249,13 +268,60 @@ def _tiles(decode: bool, group: int, dv: int) -> tuple[int, int, int]:
     return max(1, rows // block_h), block_h, block_n
 
 
-def default_num_splits(programs: int, device: torch.device, max_context_len: int | None = None) -> int:
-    """Splits so the grid fills about two waves of the GPU, never under MIN_KEYS_PER_SPLIT keys per split
-    when the longest context is known. Fixed per (batch, heads) bucket, so a CUDA graph can keep it."""
-    splits = cdiv(2 * num_sms(device), max(programs, 1))
+@dataclass(frozen=True, slots=True)
+class SplitPlan:
+    """Split-KV launch shape: `splits` programs per (sequence, KV head, head block) in the grid, and how each
+    row tile divides its own context among them (`split_keys`): over `splits`, or over `wave_splits` where that
+    gives splits of fewer than `target_keys` keys. A graph keeps one plan per bucket; contexts shorter than the
+    one it was sized for use fewer splits, and the rest exit at once (the combine skips them)."""
+
+    splits: int
+    wave_splits: int
+    target_keys: int
+
+    @classmethod
+    def fixed(cls, splits: int) -> SplitPlan:
+        """Exactly `splits` parts of every context (a caller's explicit split count)."""
+        return cls(splits, splits, 1)
+
+    def keys_per_split(self, context: int, block_n: int) -> int:
+        """`split_keys` on the host: the keys each split of a `context`-key row tile reads."""
+        share = max(cdiv(context, self.splits), min(self.target_keys, cdiv(context, self.wave_splits)))
+        return cdiv(share, block_n) * block_n
+
+    def used(self, context: int, block_n: int) -> int:
+        """Splits that read keys for a `context`-key row tile (the others exit at once)."""
+        return cdiv(context, self.keys_per_split(context, block_n))
+
+
+def default_split_plan(programs: int, device: torch.device, max_context_len: int | None = None) -> SplitPlan:
+    """Enough splits to fill about two waves of the GPU (never under MIN_KEYS_PER_SPLIT keys each when the
+    longest context is known) and, for long contexts, splits of about TARGET_KEYS_PER_SPLIT keys up to about
+    LONG_WAVES waves of programs (at most MAX_SPLITS). Fixed per (batch, heads) bucket, so a CUDA graph keeps
+    it; each sequence divides its own context (`split_keys`), so short contexts run the two-wave count."""
+    programs = max(programs, 1)
+    wave = min(cdiv(2 * num_sms(device), programs), MAX_SPLITS)
+    splits = wave
+    long = cdiv(LONG_WAVES * num_sms(device), programs)
     if max_context_len is not None:
         splits = min(splits, cdiv(max_context_len, MIN_KEYS_PER_SPLIT))
-    return max(1, min(splits, MAX_SPLITS))
+        long = min(long, cdiv(max_context_len, TARGET_KEYS_PER_SPLIT))
+    return SplitPlan(max(1, min(max(splits, long), MAX_SPLITS)), wave, TARGET_KEYS_PER_SPLIT)
+
+
+def default_num_splits(programs: int, device: torch.device, max_context_len: int | None = None) -> int:
+    """The grid's split count of `default_split_plan`."""
+    return default_split_plan(programs, device, max_context_len).splits
+
+
+def split_plan(num_splits: int | SplitPlan | None, programs: int, device: torch.device,
+               max_context_len: int | None) -> SplitPlan:
+    """A caller's plan, or explicit split count as a fixed plan, else the default plan."""
+    if num_splits is None:
+        return default_split_plan(programs, device, max_context_len)
+    if isinstance(num_splits, SplitPlan):
+        return num_splits
+    return SplitPlan.fixed(num_splits)
 
 
 def _split_outputs(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
@@ -286,7 +352,7 @@ def _combine(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
 def _attention(
     q: torch.Tensor, q_pe: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
     block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor | None, context_lens: torch.Tensor, scale: float,
-    max_q_len: int, num_splits: int | None, max_context_len: int | None, out: torch.Tensor | None,
+    max_q_len: int, num_splits: int | SplitPlan | None, max_context_len: int | None, out: torch.Tensor | None,
     dv: int,
 ) -> torch.Tensor:
     t, hq, d = q.shape
@@ -300,8 +366,8 @@ def _attention(
     block_q, block_h, block_n = _tiles(decode, group, dv)
     head_blocks = cdiv(group, block_h)
     q_blocks = cdiv(max_q_len, block_q)
-    if num_splits is None:
-        num_splits = default_num_splits(batch * q_blocks * hkv * head_blocks, q.device, max_context_len)
+    plan = split_plan(num_splits, batch * q_blocks * hkv * head_blocks, q.device, max_context_len)
+    num_splits = plan.splits
     if out is None:
         out = q.new_empty(t, hq, dv)
     target, lse, (stride_os, stride_lt, stride_lh) = _split_outputs(out, num_splits)
@@ -312,7 +378,7 @@ def _attention(
     _paged_attention_kernel[grid](
         q, q_pe_arg, k_cache, v_arg, block_tables, context_lens if decode else cu_seqlens_q, context_lens,
         target, lse,
-        scale * LOG2E,
+        scale * LOG2E, plan.wave_splits, plan.target_keys,
         q.stride(0), q.stride(1), q_pe_arg.stride(0), q_pe_arg.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),
@@ -333,17 +399,17 @@ def _attention(
 
 def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, scale: float, *, num_splits: int | None = None, max_context_len: int | None = None,
-    out: torch.Tensor | None = None,
+    context_lens: torch.Tensor, scale: float, *, num_splits: int | SplitPlan | None = None,
+    max_context_len: int | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention, one query token per sequence.
 
     q [B, Hq, D]; k_cache [num_blocks, block_size, Hkv, D], v_cache [num_blocks, block_size, Hkv, Dv] (strided);
     block_tables [B, max_blocks] int32/int64; context_lens [B] (keys cached, the new token's included).
     Query head h reads KV head h // (Hq / Hkv). Returns (or fills `out`) [B, Hq, Dv] in q's dtype.
-    num_splits: KV partitions per sequence (default: enough to fill the GPU; 1 on CPU). Each sequence
-    divides its own context, so the grid does not depend on context lengths (CUDA-graph friendly).
-    """
+    num_splits: KV partitions per sequence, each of 1/num_splits of its context, or a `SplitPlan` (default:
+    `default_split_plan` for max_context_len). Each sequence divides its own context, so the grid does not
+    depend on context lengths (CUDA-graph friendly)."""
     return _attention(q, None, k_cache, v_cache, block_tables, None, context_lens, scale, 1, num_splits,
                       max_context_len, out, v_cache.shape[-1])
 
@@ -366,7 +432,8 @@ def paged_prefill_attention(
 
 def mla_decode_attention(
     q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, scale: float, *, num_splits: int | None = None, max_context_len: int | None = None,
+    context_lens: torch.Tensor, scale: float, *, num_splits: int | SplitPlan | None = None,
+    max_context_len: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA decode: q_latent [B, H, R] (q_nope @ W_UK), q_pe [B, H, Rd] (rotated); latent_cache

@@ -20,12 +20,14 @@ from crosspool.kernels.norm_rope import _load_halves, _sum_squares, qk_norm_args
 from crosspool.kernels.paged_attention import (
     DECODE_WARPS,
     LOG2E,
+    SplitPlan,
     _attend,
     _combine,
     _split_outputs,
     _store_rows,
     _tiles,
-    default_num_splits,
+    split_keys,
+    split_plan,
 )
 from crosspool.kernels.pdl import enter as pdl_enter
 
@@ -55,10 +57,10 @@ def _normed_halves(row, head_offs, mask, stride_h, norm_ptr, num_heads, eps, BLO
 
 
 @triton.jit
-def _walk_range(ctx, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _walk_range(ctx, split, NUM_SPLITS: tl.constexpr, wave_splits, target_keys, BLOCK_N: tl.constexpr):
     """This split's share of [0, ctx) as in `_paged_attention_kernel` (per_split, lo), and where its cache walk
     stops: before ctx - 1, the new token, which is folded in from registers."""
-    per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = split_keys(ctx, NUM_SPLITS, wave_splits, target_keys, BLOCK_N)
     lo = split * per_split
     return per_split, lo, tl.minimum(lo + per_split, ctx - 1)
 
@@ -67,7 +69,7 @@ def _walk_range(ctx, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 def _rope_decode_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, q_norm_ptr, k_norm_ptr, eps,
     k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
-    scale_log2, num_q_heads, num_kv_heads,
+    scale_log2, num_q_heads, num_kv_heads, wave_splits, target_keys,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_st,
     stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
     stride_bt,
@@ -101,6 +103,15 @@ def _rope_decode_kernel(
     group_head = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = group_head < GROUP
     head = kv_head * GROUP + group_head
+    tok = tl.zeros([BLOCK_H], tl.int64) + t
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    per_split, lo, hi = _walk_range(ctx, split, NUM_SPLITS, wave_splits, target_keys, BLOCK_N)
+    if lo >= ctx:       # an empty split (past the context, or a padding row): nothing to norm, rotate or read
+        _store_rows(m, l_sum, acc, out_ptr, lse_ptr, tok, head, row_ok, split, stride_ot, stride_oh, stride_os,
+                    stride_lt, stride_lh, DV, BLOCK_DV, NUM_SPLITS)
+        return
     offs_half = tl.arange(0, BLOCK_HALF)
     half_ok = offs_half < HALF
     # as `rope_write_kv`: cos/sin rounded to the activations' dtype, normed q/k rounded before the rotation
@@ -126,12 +137,8 @@ def _rope_decode_kernel(
     v_new = tl.load(v_ptr + t * stride_vt + kv_head * stride_vh + one[:, None] + offs_dv[None, :], mask=v_ok,
                     other=0.0).to(v_cache_ptr.dtype.element_ty)
 
-    per_split, lo, hi = _walk_range(ctx, split, NUM_SPLITS, BLOCK_N)
     owner = (lo <= ctx - 1) & (ctx - 1 < lo + per_split)
     q_pos = tl.zeros([BLOCK_H], tl.int32) + (ctx - 1)
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_sum = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
     m, l_sum, acc = _attend(q1, q2, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, lo,
                             hi, q_pos, m, l_sum, acc, scale_log2,
                             stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch, stride_bt,
@@ -160,7 +167,6 @@ def _rope_decode_kernel(
         vc_rows = v_cache_ptr + page * stride_vb + offset * stride_vs + kv_head * stride_vch + one[:, None]
         tl.store(vc_rows + offs_dv[None, :], v_new, mask=v_ok)
 
-    tok = tl.zeros([BLOCK_H], tl.int64) + t
     _store_rows(m, l_sum, acc, out_ptr, lse_ptr, tok, head, row_ok, split, stride_ot, stride_oh, stride_os,
                 stride_lt, stride_lh, DV, BLOCK_DV, NUM_SPLITS)
 
@@ -169,15 +175,14 @@ def rope_decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, interleaved: bool,
-    qk_norm: tuple[str, torch.Tensor, torch.Tensor, float] | None = None, *, num_splits: int | None = None,
-    max_context_len: int | None = None, out: torch.Tensor | None = None, combine: bool = True,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    qk_norm: tuple[str, torch.Tensor, torch.Tensor, float] | None = None, *,
+    num_splits: int | SplitPlan | None = None,
+    max_context_len: int | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`norm_rope.rope_write_kv` then `paged_decode_attention`, with the first folded into the second's kernel
     (MHA/GQA decode: one launch fewer per layer). q [B, Hq, D], k [B, Hkv, D], v [B, Hkv, Dv] un-rotated (q is
     left as it is); cos/sin [B, D/2]; slot_mapping [B]; qk_norm and the rest as those two functions. The new
-    token's key and value land in the caches as `rope_write_kv` would write them; returns [B, Hq, Dv]. With
-    `combine=False` and more than one split: the splits' fp32 parts [B, Hq, S, Dv] and log-sum-exps [B, Hq, S]
-    instead, for a consumer that merges them itself (`gemv.merge_linear`)."""
+    token's key and value land in the caches as `rope_write_kv` would write them; returns [B, Hq, Dv]."""
     b, hq, d = q.shape
     _, page_size, hkv, _ = k_cache.shape
     dv = v_cache.shape[-1]
@@ -190,8 +195,8 @@ def rope_decode_attention(
     if dv <= 256:
         block_n = BLOCK_N_KEYS
     head_blocks = cdiv(group, block_h)
-    if num_splits is None:
-        num_splits = default_num_splits(b * hkv * head_blocks, q.device, max_context_len)
+    plan = split_plan(num_splits, b * hkv * head_blocks, q.device, max_context_len)
+    num_splits = plan.splits
     if out is None:
         out = q.new_empty(b, hq, dv)
     # "full" (OLMoE) norms over all heads: each program sums the whole row's squares itself (NORM 3)
@@ -200,7 +205,7 @@ def rope_decode_attention(
     _rope_decode_kernel[(hkv * head_blocks * num_splits, b)](
         q, k, v, cos, sin, slot_mapping, q_w, k_w, eps,
         k_cache, v_cache, block_tables, context_lens, target, lse,
-        scale * LOG2E, hq, hkv,
+        scale * LOG2E, hq, hkv, plan.wave_splits, plan.target_keys,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2),
@@ -215,7 +220,5 @@ def rope_decode_attention(
         num_warps=DECODE_WARPS if block_h <= 32 else 8, **pdl.options(q.device),
     )
     if num_splits > 1:
-        if not combine:
-            return target, lse
         _combine(target, lse, out)
     return out

@@ -129,14 +129,8 @@ class AttentionSide:
         if s.qk_norm == "head" and not fused_norm:
             q, k = self._norm(q, w["q_norm"]), self._norm(k, w["k_norm"])
         if self.triton:
-            from crosspool.kernels import gemv
-
             qk_norm = (s.qk_norm, w["q_norm"], w["k_norm"], s.rms_norm_eps) if fused_norm else None
-            merge = gemv.merges(t, s.head_dim, "o_proj.bias" in w)
-            out = _kernel_attention(q, k, v, batch, cache, rope, s.rope.interleaved, s.softmax_scale, qk_norm,
-                                    combine=not merge)
-            if isinstance(out, tuple):      # the splits' parts: o_proj merges them (no combine kernel)
-                return gemv.merge_linear(*out, w["o_proj"])
+            out = _kernel_attention(q, k, v, batch, cache, rope, s.rope.interleaved, s.softmax_scale, qk_norm)
         else:
             cos, sin = rope
             q = ref.apply_rope(q, cos, sin, s.rope.interleaved)
@@ -187,11 +181,9 @@ class AttentionSide:
 
 def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
                       cache: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor], interleaved: bool,
-                      scale: float, qk_norm: tuple | None = None, combine: bool = True
-                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                      scale: float, qk_norm: tuple | None = None) -> torch.Tensor:
     """(q/k norm +) RoPE + KV write in one kernel, then paged attention (decode or varlen prefill); with
-    a decode step of few rows (`rope_decode.fused_for`) does both in the attention kernel, and with
-    `combine=False` there returns its split parts uncombined (`rope_decode_attention`)."""
+    a decode step of few rows (`rope_decode.fused_for`) does both in the attention kernel."""
     from crosspool.kernels import norm_rope, paged_attention, rope_decode
 
     k_cache, v_cache = cache
@@ -199,8 +191,7 @@ def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     if batch.decode_only and rope_decode.fused_for(q.shape[0]):
         return rope_decode.rope_decode_attention(q, k, v, cos, sin, batch.slot_mapping, k_cache, v_cache,
                                                      batch.block_tables, batch.context_lens, scale, interleaved,
-                                                     qk_norm, max_context_len=batch.max_context_len,
-                                                     combine=combine)
+                                                     qk_norm, max_context_len=batch.max_context_len)
     norm_rope.rope_write_kv(q, k, v, cos, sin, batch.slot_mapping, k_cache, v_cache, interleaved, qk_norm)
     if batch.decode_only:
         return paged_attention.paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
