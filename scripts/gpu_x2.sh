@@ -31,7 +31,7 @@
 #   bash scripts/gpu_x2.sh s10        # A: the kernels' GPU tests | B: engine GPU bit tests, decode with TMA experts
 #                                     #    on (default) / off at batch 1-32
 #   bash scripts/gpu_x2.sh s10q       # Qwen3-30B-A3B (24 layers) at 1k: A: defaults, batch 1-32 | B: TMA experts off
-#   bash scripts/gpu_x2.sh plan       # A: GPU tests of split plans, the split sweep | B: OLMoE and Qwen3 decode,
+#   bash scripts/gpu_x2.sh splitplan  # A: GPU tests of split plans, the split sweep | B: OLMoE and Qwen3 decode,
 #                                     # plans against the old rule (CROSSPOOL_LONG_SPLIT_WAVES=2)
 #   bash scripts/gpu_x2.sh s11        # (run; the merge is gone) A: one-warp routing and o_proj merge tests, the batch-1
 #                                     #    critical path, attention on 2 warps | B: decode: defaults, routing on 4
@@ -422,28 +422,26 @@ if [ "$stage" = s11 ]; then  # issue 4, session 11: session 10's two builds, not
     both
 fi
 
-if [ "$stage" = plan ]; then   # issue 4, session 11: split-KV plans that follow the context (a bucket's grid sized for
-                              # long contexts, short ones on the two-wave count, empty splits exit at once).
-                              # CROSSPOOL_LONG_SPLIT_WAVES=2 is the old rule. A: GPU tests, the sweep | B: decode
+if [ "$stage" = splitplan ]; then   # issue 4, session 11: split-KV plans that follow the context (a bucket's grid
+                                   # sized for long contexts, short ones on the two-wave count, empty splits exit at
+                                   # once). CROSSPOOL_LONG_SPLIT_WAVES=2 is the old rule. A: GPU tests, the sweep |
+                                   # B: Qwen3 decode (OLMoE's 1k: 1.09 / 3.22 ms either way, first call)
     job_a() {
-        t 300 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py \
-            -k "split_plan or combine or rope_decode or route or routing or paged_decode" 2>&1 | tail -2
-        t 220 python3 -m crosspool.bench.kernels --only splits --batches 1,8 --contexts 1024,32768 \
+        t 150 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py \
+            -k "split_plan or combine_skips or rope_decode_attention_in" 2>&1 | tail -2
+        t 200 python3 -m crosspool.bench.kernels --only splits --batches 1,8 --contexts 1024,32768 \
             --json "$RES/kernels_plan.json" 2>&1 | grep "^|"
     }
     job_b() {
-        ckpt olmoe-1b-7b $OLMOE
-        VT=60 BATCHES=1,8 variants "" CROSSPOOL_LONG_SPLIT_WAVES=2
         ckpt qwen3-30b-a3b /tmp/qwen3 24
         for v in "" CROSSPOOL_LONG_SPLIT_WAVES=2; do
             ( [ -n "$v" ] && export $v; name=${v:-defaults}
-              t 100 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 \
-                  --batch 1,8 --max-model-len 40960 --label "$name" --json "$RES/qwen3_1k_serving_${name//=/_}.json" \
-                  2>&1 | grep "^| 1024" | sed "s/^/$name, max-model-len 40960: /"
-              t 150 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 32768 \
-                  --batch 8 --label "$name" --json "$RES/qwen3_32k_${name//=/_}.json" 2>&1 \
-                  | grep "^| 32768" | sed "s/^/$name: /" )
+              t 90 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 \
+                  --batch 1 --max-model-len 40960 --label "$name" --json "$RES/qwen3_1k_serving_${name//=/_}.json" \
+                  2>&1 | grep "^| 1024" | sed "s/^/$name, max-model-len 40960: /" )
         done
+        t 150 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 32768 \
+            --batch 8 --json "$RES/qwen3_32k_defaults.json" 2>&1 | grep "^| 32768" | sed "s/^/defaults: /"
     }
     both
 fi
