@@ -31,6 +31,8 @@
 #   bash scripts/gpu_x2.sh s10        # A: the kernels' GPU tests | B: engine GPU bit tests, decode with TMA experts
 #                                     #    on (default) / off at batch 1-32
 #   bash scripts/gpu_x2.sh s10q       # Qwen3-30B-A3B (24 layers) at 1k: A: defaults, batch 1-32 | B: TMA experts off
+#   bash scripts/gpu_x2.sh combine    # A: GPU tests of the tiled combine, split sweep per chunk | B: Qwen3 1k in a
+#                                     #    serving bucket and OLMoE 1k, CROSSPOOL_COMBINE_CHUNK 0 / 16 / 64
 #   bash scripts/gpu_x2.sh splitplan  # A: GPU tests of split plans, the split sweep | B: OLMoE and Qwen3 decode,
 #                                     # plans against the old rule (CROSSPOOL_LONG_SPLIT_WAVES=2)
 #   bash scripts/gpu_x2.sh s11        # (run; the merge is gone) A: one-warp routing and o_proj merge tests, the batch-1
@@ -418,6 +420,32 @@ if [ "$stage" = s11 ]; then  # issue 4, session 11: session 10's two builds, not
         # combine: o_proj leaves cuBLAS)
         VT=120 BATCHES=1,8 variants "" CROSSPOOL_ROUTE_WARPS=4 CROSSPOOL_OPROJ_MERGE_ROWS=1 CROSSPOOL_GEMV_ROWS=1 \
             "" CROSSPOOL_OPROJ_MERGE_ROWS=1
+    }
+    both
+fi
+
+if [ "$stage" = combine ]; then   # issue 4, session 12: the combine loading its split parts as tiles
+                                 # (CROSSPOOL_COMBINE_CHUNK; 0, one split at a time, is the default). Session 11:
+                                 # Qwen3 at batch 1 in a serving bucket (64 splits, 9 used) paid 4.8 us a layer in
+                                 # the combine, 1.67 against 1.54 ms a step. A: GPU tests, the kernels | B: decode
+    job_a() {
+        CROSSPOOL_COMBINE_CHUNK=16 t 150 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py \
+            -k "split_plan or combine_skips or rope_decode_attention_in or long_context_split" 2>&1 | tail -2
+        for c in 0 16 64; do
+            CROSSPOOL_COMBINE_CHUNK=$c t 120 python3 -m crosspool.bench.kernels --only splits --batches 1,8 \
+                --contexts 1024,32768 --json "$RES/kernels_combine$c.json" 2>&1 \
+                | grep "engine\|serving" | sed "s/^/chunk $c: /"
+        done
+    }
+    job_b() {
+        ckpt qwen3-30b-a3b /tmp/qwen3 24
+        for c in 0 16 64 0; do
+            CROSSPOOL_COMBINE_CHUNK=$c t 90 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 \
+                --context 1024 --batch 1,8 --max-model-len 40960 --label "combine-chunk=$c" \
+                --json "$RES/qwen3_1k_serving_chunk$c.json" 2>&1 | grep "^| 1024" | sed "s/^/chunk $c, mml 40960: /"
+        done
+        ckpt olmoe-1b-7b $OLMOE
+        VT=60 BATCHES=1,8 variants "" CROSSPOOL_COMBINE_CHUNK=16
     }
     both
 fi
