@@ -641,6 +641,42 @@ def _same_greedy_tokens_with_switch(model: str, monkeypatch, seed: int, switch: 
     assert outs[64] == outs[0]
 
 
+def test_decode_graphs_pick_their_context_class(tiny_models, monkeypatch) -> None:  # noqa: ANN001
+    """With `graphs.SHORT_CONTEXT` 8, decode steps whose longest context is at most 8 keys replay graphs whose
+    split-KV grid is sized for 8 keys, and longer ones graphs sized for max_model_len (64); 0 (one class) sizes
+    every graph for 64. The greedy tokens are the same; prompts of 3 and 5 tokens decode 6 tokens each, so the
+    longest context crosses 8."""
+    from crosspool import LLM, EngineConfig, SamplingParams
+    from crosspool.engine import graphs
+    from crosspool.kernels import paged_attention
+
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (3, 5)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    monkeypatch.setattr(graphs, "BUCKETS", (2, 4))
+    sized_for: set[int | None] = set()
+    real = paged_attention.default_split_plan
+
+    def spy(programs: int, device: torch.device, max_context_len: int | None = None) -> SplitPlan:
+        sized_for.add(max_context_len)
+        return real(programs, device, max_context_len)
+
+    monkeypatch.setattr(paged_attention, "default_split_plan", spy)
+    config = EngineConfig(device=DEVICE.type, dtype=torch.float32, kernels="triton", block_size=4, cuda_graphs=True,
+                          max_num_seqs=8, max_model_len=64)
+    outs, seen = {}, {}
+    for short in (0, 8):
+        monkeypatch.setattr(graphs, "SHORT_CONTEXT", short)
+        sized_for.clear()
+        with LLM(tiny_models("tiny-olmoe"), config) as llm:
+            outs[short] = [o.token_ids for o in llm.generate(prompts, params)]
+        seen[short] = set(sized_for)
+    assert outs[8] == outs[0]
+    assert {8, 64} <= seen[8] and 8 not in seen[0] and 64 in seen[0]
+    assert graphs.context_classes(64) == (8, 64) and graphs.context_classes(8) == (8,)
+    assert [graphs.context_class((8, 64), n) for n in (0, 8, 9, 64, 65)] == [8, 8, 64, 64, 64]
+
+
 @pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])     # q/k norm over all heads, per head
 def test_fused_rope_decode_keeps_greedy_tokens(preset: str, tiny_models, monkeypatch) -> None:  # noqa: ANN001
     """The same greedy tokens with the fused RoPE + KV write off (`FUSED_ROPE_ROWS` 0) as on for every step, and

@@ -179,14 +179,21 @@ def test_on_one_device_a_lone_model_runs_its_plain_step(paths: dict[str, Path]) 
 
 
 @pytest.mark.parametrize("names", [[OLMOE, QWEN3_2L], [DSV2]])
-def test_sub_step_graphs_give_the_same_outputs(paths: dict[str, Path], names: list[str]) -> None:
+def test_sub_step_graphs_give_the_same_outputs(paths: dict[str, Path], names: list[str], monkeypatch) -> None:  # noqa: ANN001
     """The pipeline over the sub-step graphs' static buffers (Triton kernels; on CPU the interpreter, the
-    graphs replayed eagerly): two models, or one model's two micro-batches in the two slots."""
+    graphs replayed eagerly): two models, or one model's two micro-batches in the two slots. Graphs come in two
+    context classes (contexts up to 32 keys, and longer: `graphs.SHORT_CONTEXT`), both replayed here."""
     pytest.importorskip("triton")
+    from crosspool.engine import graphs, substeps
+
+    monkeypatch.setattr(graphs, "SHORT_CONTEXT", 32)
+    classes: set[int] = set()
+    monkeypatch.setattr(substeps, "context_class", lambda *a: classes.add(c := graphs.context_class(*a)) or c)
     work = _workload(names, per_model=3 if len(names) > 1 else 4, seed=11)
     ref_ids, ref_text, _ = _generate(paths, names, work)
     cfg = {"pipeline": True, "kernels": "triton", "cuda_graphs": True, "pipeline_micro_batches": True}
     ids, text, log = _generate(paths, names, work, record=True, **cfg)
+    assert len(classes) == 2 and min(classes) == 32, classes
     assert ids == ref_ids
     assert text == ref_text
     assert log is not None

@@ -1,4 +1,4 @@
-"""CUDA graphs of the decode step, one per (model, batch-size bucket).
+"""CUDA graphs of the decode step, one per (model, batch-size bucket, context class).
 
 A decode step of B sequences (one new token each) runs as the replay of the graph captured for the
 smallest bucket >= B: embedding, every layer's attention side and FFN side, the final norm and lm_head, all
@@ -10,8 +10,11 @@ the most).
 
 The KV pool's per-model ranges keep their virtual addresses while pages are mapped and unmapped under them
 (CUDA VMM), so a graph captured once stays valid while the pool grows and shrinks. Split-KV attention is
-captured with a fixed split count per bucket, sized for the model's longest context; splits past a
-sequence's context do nothing.
+captured with a fixed split grid (`paged_attention.default_split_plan`), sized for the longest context of the
+graph's context class; each sequence divides its own context among them, and splits past it exit at once. A
+bucket has two classes when the model's longest context exceeds SHORT_CONTEXT: steps whose longest context is
+at most that replay a graph sized for it (the two-wave grid short contexts want), longer ones a graph sized for
+the model's longest context (more, longer splits; a short step there would launch their programs for nothing).
 
 Each replay also leaves the rows' greedy tokens on the device (`DecodeInputs.tokens`), and a row's input
 token may be given as "the token row r sampled in the previous replay" (`SRC_ROWS`): async decode
@@ -37,13 +40,31 @@ from dataclasses import dataclass
 import torch
 
 from crosspool.engine.scheduler import ScheduledSeq
-from crosspool.kernels._common import cdiv
+from crosspool.kernels._common import cdiv, env_int
 from crosspool.models.batch import ForwardBatch, PagedCache
 from crosspool.models.model import MoEModel
 
 BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
            384, 448, 512)
 IDS, POSITIONS, SLOTS, CONTEXT_LENS, SRC_ROWS = range(5)
+# the longest context of a bucket's short class (CROSSPOOL_GRAPH_SHORT_CONTEXT; 0: one class, sized for the model's
+# longest context)
+SHORT_CONTEXT = env_int("CROSSPOOL_GRAPH_SHORT_CONTEXT", 4096, minimum=0)
+
+
+def context_classes(max_model_len: int) -> tuple[int, ...]:
+    """The longest context of each context class of a model's decode graphs, ascending."""
+    return (SHORT_CONTEXT, max_model_len) if 0 < SHORT_CONTEXT < max_model_len else (max_model_len,)
+
+
+def longest_context(scheduled: list[ScheduledSeq]) -> int:
+    """The most keys a sequence of this decode step attends to (its new token's included)."""
+    return max((s.seq.num_computed + 1 for s in scheduled), default=0)
+
+
+def context_class(classes: tuple[int, ...], longest: int) -> int:
+    """The class a step whose longest context is `longest` replays: the first that holds it."""
+    return next((c for c in classes if longest <= c), classes[-1])
 
 
 def buckets_up_to(max_batch: int) -> list[int]:
@@ -114,6 +135,7 @@ class DecodeInputs:
         self.device = device
         self.block_size = block_size
         self.max_model_len = max_model_len
+        self.classes = context_classes(max_model_len)
         self.max_blocks = cdiv(max_model_len, block_size)
         pin = device.type == "cuda"
         # rows: token ids, positions, KV slots, context lengths, source rows (padding: 0, 0, -1, 0, -1).
@@ -135,14 +157,15 @@ class DecodeInputs:
         self.rows = torch.arange(max_batch, device=device)
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=device)   # greedy tokens of the last step
 
-    def batch(self, bucket: int) -> ForwardBatch:
-        """A ForwardBatch of views of the buffers, `bucket` rows."""
+    def batch(self, bucket: int, context: int | None = None) -> ForwardBatch:
+        """A ForwardBatch of views of the buffers, `bucket` rows, for contexts of at most `context` keys (the
+        split-KV grid's sizing; default: the model's longest)."""
         return ForwardBatch(
             input_ids=self.meta[IDS, :bucket], positions=self.meta[POSITIONS, :bucket],
             seq_index=self.rows[:bucket], slot_mapping=self.meta[SLOTS, :bucket],
             block_tables=self.tables[:bucket], context_lens=self.meta[CONTEXT_LENS, :bucket],
             logits_index=self.rows[:bucket], cu_seqlens_q=None, max_q_len=1,
-            max_context_len=self.max_model_len,
+            max_context_len=context or self.max_model_len,
         )
 
     def fill(self, scheduled: list[ScheduledSeq], bucket: int, src_rows: list[int] | None = None) -> None:
@@ -245,7 +268,8 @@ class DecodeGraphs:
         self.buckets = buckets_up_to(max_batch)
         self.max_batch = max_batch
         self.inputs = DecodeInputs(device, max_batch, max_model_len, cache.block_size)
-        self.steps: dict[tuple[int, int], CapturedStep] = {}     # (bucket, lane) -> its captured step
+        # (bucket, context class, lane) -> its captured step
+        self.steps: dict[tuple[int, int, int], CapturedStep] = {}
         # one memory pool for every lane: a model's passes never run at once (`_done` chains them)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.readback = TokenReadback(device, max_batch)
@@ -307,11 +331,12 @@ class DecodeGraphs:
 
         before = reserved() if self.capture else 0
         for b in reversed(self.buckets):
-            for lane in range(self.lanes):
-                self._step(b, lane)
+            for context in self.inputs.classes:
+                for lane in range(self.lanes):
+                    self._step(b, context, lane)
         grown = reserved() - before if self.capture else 0
         seconds: dict[int, float] = {}
-        for (b, _), s in sorted(self.steps.items()):
+        for (b, _, _), s in sorted(self.steps.items()):
             seconds[b] = seconds.get(b, 0.0) + s.capture_s
         return seconds, grown
 
@@ -339,7 +364,7 @@ class DecodeGraphs:
             raise ValueError(f"decode batch of {n} exceeds the largest graph bucket {self.max_batch}")
         lane = lane if self.remote else 0
         self.inputs.fill(scheduled, bucket, src_rows)
-        step = self._step(bucket, lane)
+        step = self._step(bucket, context_class(self.inputs.classes, longest_context(scheduled)), lane)
         if self.remote:
             self.model.ffn.begin_pass(bucket, lane)     # the weights ranks replay their graph of this pass
         if step.graph is not None:
@@ -351,11 +376,11 @@ class DecodeGraphs:
         return logits[:n]
 
     # ---- capture ---------------------------------------------------------------------------------
-    def _step(self, bucket: int, lane: int = 0) -> CapturedStep:
-        step = self.steps.get((bucket, lane))
+    def _step(self, bucket: int, context: int, lane: int = 0) -> CapturedStep:
+        step = self.steps.get((bucket, context, lane))
         if step is not None:
             return step
-        batch = self.inputs.batch(bucket)
+        batch = self.inputs.batch(bucket, context)
         t0 = time.perf_counter()
         graph = logits = None
         if self.capture:
@@ -365,7 +390,7 @@ class DecodeGraphs:
                 graph, logits = capture(lambda: self._forward(batch), self.device, self.pool,
                                         ("lane", lane) if self.remote else "default")
         step = CapturedStep(graph, batch, logits, time.perf_counter() - t0)
-        self.steps[bucket, lane] = step
+        self.steps[bucket, context, lane] = step
         return step
 
     @torch.inference_mode()

@@ -2,8 +2,9 @@
 
 `MoEModel.forward_stages` cuts a step into attention(0) (with the embedding), FFN(0), attention(1), ...,
 FFN(L-1) and the head (final residual add + lm_head). Here each of those is one CUDA graph per (model,
-batch bucket, slot), so the pipeline can replay attention(A, l) on the attention side's stream while FFN(B, l)
-replays on the FFN side's, with one host launch per sub-step instead of a dozen kernels' worth.
+batch bucket, context class (`graphs.context_classes`), slot), so the pipeline can replay attention(A, l) on
+the attention side's stream while FFN(B, l) replays on the FFN side's, with one host launch per sub-step
+instead of a dozen kernels' worth.
 
 A slot is one set of static buffers: the step's metadata (`graphs.DecodeInputs`), the residual stream
 `hidden`, the FFN input `x`, the FFN output `ffn` (each [max_batch, hidden]) and the RoPE tables. The
@@ -31,7 +32,9 @@ from crosspool.engine.graphs import (
     bucket_for,
     buckets_up_to,
     capture,
+    context_class,
     feed_tokens,
+    longest_context,
 )
 from crosspool.engine.scheduler import ScheduledSeq
 from crosspool.models.batch import PagedCache
@@ -72,9 +75,10 @@ class SubStepGraphs:
             pools = {side: torch.cuda.graph_pool_handle() for side in (ATTENTION_SIDE, FFN_SIDE)} if capture else {}
             self.slots.append(_Slot(DecodeInputs(device, max_batch, max_model_len, cache.block_size),
                                     buf(), buf(), buf(), rope, rope.clone(), pools))
-        # (slot, bucket, kind, layer) -> (graph or None, output)
-        self.graphs: dict[tuple[int, int, str, int], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
-        self.capture_s: dict[tuple[int, int], float] = {}
+        # (slot, bucket, context class, kind, layer) -> (graph or None, output); classes as `DecodeGraphs`'
+        self.graphs: dict[tuple[int, int, int, str, int],
+                          tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
+        self.capture_s: dict[tuple[int, int, int], float] = {}
         # across pool ranks the FFN runs on the weights ranks (`RemoteFFN`): only the attention side and the
         # head are graphs here; the FFN sub-step sends the bucket's rows and the next attention sub-step copies
         # the output into the slot before its graph replays
@@ -82,10 +86,11 @@ class SubStepGraphs:
         self.readback = TokenReadback(device, max_batch)
 
     def capture_all(self) -> float:
-        """Capture every (slot, bucket) now, largest bucket first; returns the seconds it took."""
+        """Capture every (slot, bucket, context class) now, largest bucket first; returns the seconds it took."""
         for slot in range(len(self.slots)):
             for bucket in reversed(self.buckets):
-                self._ensure_captured(slot, bucket)
+                for context in self.slots[slot].inputs.classes:
+                    self._ensure_captured(slot, bucket, context)
         return sum(self.capture_s.values())
 
     def fits(self, batch_size: int) -> bool:
@@ -114,7 +119,8 @@ class SubStepGraphs:
         bucket = bucket_for(self.buckets, n)
         if bucket is None:
             raise ValueError(f"decode batch of {n} exceeds the largest graph bucket {self.max_batch}")
-        self._ensure_captured(slot, bucket)
+        context = context_class(self.slots[slot].inputs.classes, longest_context(scheduled))
+        self._ensure_captured(slot, bucket, context)
         s = self.slots[slot]
         s.inputs.fill(scheduled, bucket, src_rows)
         yield SubStep(ATTENTION_SIDE, 0, None, bucket)
@@ -124,25 +130,25 @@ class SubStepGraphs:
         for layer in range(self.model.spec.num_layers):
             if pending is not None:
                 s.ffn[:bucket].copy_(pending.result())
-            self._replay(slot, bucket, ATTENTION_SIDE, layer)
+            self._replay(slot, bucket, context, ATTENTION_SIDE, layer)
             yield SubStep(FFN_SIDE, layer, s.x[:bucket])
             if self.remote:    # padding rows go too: the weights ranks replay their graph of this bucket
                 pending = self.model.ffn.forward_start(layer, s.x[:bucket])
                 yield SubStep(ATTENTION_SIDE, layer + 1, None)
             else:
-                self._replay(slot, bucket, FFN_SIDE, layer)
+                self._replay(slot, bucket, context, FFN_SIDE, layer)
                 yield SubStep(ATTENTION_SIDE, layer + 1, s.ffn[:bucket])
         if pending is not None:
             s.ffn[:bucket].copy_(pending.result())
-        logits = self._replay(slot, bucket, HEAD, self.model.spec.num_layers)
+        logits = self._replay(slot, bucket, context, HEAD, self.model.spec.num_layers)
         assert logits is not None
         return logits[:n]
 
     # ---- the sub-steps -------------------------------------------------------------------------------
-    def _fn(self, slot: int, bucket: int, kind: str, layer: int) -> Callable[[], torch.Tensor | None]:
+    def _fn(self, slot: int, bucket: int, context: int, kind: str, layer: int) -> Callable[[], torch.Tensor | None]:
         s = self.slots[slot]
         model, b = self.model, bucket
-        batch = s.inputs.batch(bucket)
+        batch = s.inputs.batch(bucket, context)
 
         @torch.inference_mode()
         def attention() -> None:
@@ -170,15 +176,15 @@ class SubStepGraphs:
 
         return {ATTENTION_SIDE: attention, FFN_SIDE: ffn, HEAD: head}[kind]
 
-    def _replay(self, slot: int, bucket: int, kind: str, layer: int) -> torch.Tensor | None:
-        graph, out = self.graphs[slot, bucket, kind, layer]
+    def _replay(self, slot: int, bucket: int, context: int, kind: str, layer: int) -> torch.Tensor | None:
+        graph, out = self.graphs[slot, bucket, context, kind, layer]
         if graph is None:
-            return self._fn(slot, bucket, kind, layer)()
+            return self._fn(slot, bucket, context, kind, layer)()
         graph.replay()
         return out
 
-    def _ensure_captured(self, slot: int, bucket: int) -> None:
-        if (slot, bucket, HEAD, self.model.spec.num_layers) in self.graphs:
+    def _ensure_captured(self, slot: int, bucket: int, context: int) -> None:
+        if (slot, bucket, context, HEAD, self.model.spec.num_layers) in self.graphs:
             return
         t0 = time.perf_counter()
         s = self.slots[slot]
@@ -187,11 +193,12 @@ class SubStepGraphs:
         kinds.append((HEAD, self.model.spec.num_layers))
         with s.inputs.padding_only(bucket):
             for kind, layer in kinds:
-                fn = self._fn(slot, bucket, kind, layer)
+                fn = self._fn(slot, bucket, context, kind, layer)
                 if self.capture:
                     side = FFN_SIDE if kind == FFN_SIDE else ATTENTION_SIDE
                     # the two sides replay at once: each captures on its own stream (`capture_stream`)
-                    self.graphs[slot, bucket, kind, layer] = capture(fn, self.device, s.pools[side], ("side", side))
+                    self.graphs[slot, bucket, context, kind, layer] = capture(fn, self.device, s.pools[side],
+                                                                             ("side", side))
                 else:
-                    self.graphs[slot, bucket, kind, layer] = (None, None)
-        self.capture_s[slot, bucket] = time.perf_counter() - t0
+                    self.graphs[slot, bucket, context, kind, layer] = (None, None)
+        self.capture_s[slot, bucket, context] = time.perf_counter() - t0
