@@ -424,10 +424,12 @@ if [ "$stage" = s11 ]; then  # issue 4, session 11: session 10's two builds, not
     both
 fi
 
-if [ "$stage" = combine ]; then   # issue 4, session 12: the combine loading its split parts as tiles
-                                 # (CROSSPOOL_COMBINE_CHUNK; 0, one split at a time, is the default). Session 11:
-                                 # Qwen3 at batch 1 in a serving bucket (64 splits, 9 used) paid 4.8 us a layer in
-                                 # the combine, 1.67 against 1.54 ms a step. A: GPU tests, the kernels | B: decode
+if [ "$stage" = combine ]; then   # issue 4, session 12: serving buckets at short contexts. Session 11: Qwen3 at
+                                 # batch 1 in a serving bucket (64 splits, 9 used) paid 4.8 us a layer in the
+                                 # combine, 1.67 against 1.54 ms a step. Since then: graphs per context class
+                                 # (CROSSPOOL_GRAPH_SHORT_CONTEXT, 0 = one class) and the combine loading its parts
+                                 # as tiles (CROSSPOOL_COMBINE_CHUNK, 0 = one split at a time, the default).
+                                 # A: GPU tests, the kernels | B: decode
     job_a() {
         CROSSPOOL_COMBINE_CHUNK=16 t 150 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py \
             -k "split_plan or combine_skips or rope_decode_attention_in or long_context_split" 2>&1 | tail -2
@@ -439,11 +441,14 @@ if [ "$stage" = combine ]; then   # issue 4, session 12: the combine loading its
     }
     job_b() {
         ckpt qwen3-30b-a3b /tmp/qwen3 24
-        for c in 0 16 64 0; do
-            CROSSPOOL_COMBINE_CHUNK=$c t 90 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 \
-                --context 1024 --batch 1,8 --max-model-len 40960 --label "combine-chunk=$c" \
-                --json "$RES/qwen3_1k_serving_chunk$c.json" 2>&1 | grep "^| 1024" | sed "s/^/chunk $c, mml 40960: /"
+        for v in "" CROSSPOOL_COMBINE_CHUNK=16 CROSSPOOL_COMBINE_CHUNK=64 CROSSPOOL_GRAPH_SHORT_CONTEXT=0 ""; do
+            ( [ -n "$v" ] && export $v; name=${v:-defaults}
+              t 90 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 \
+                  --batch 1,8 --max-model-len 40960 --label "$name" --json "$RES/qwen3_1k_serving_${name//=/_}.json" \
+                  2>&1 | grep "^| 1024" | sed "s/^/$name, mml 40960: /" )
         done
+        t 90 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 --batch 1,8 \
+            --json "$RES/qwen3_1k_bench_default.json" 2>&1 | grep "^| 1024" | sed "s/^/bench default mml: /"
         ckpt olmoe-1b-7b $OLMOE
         VT=60 BATCHES=1,8 variants "" CROSSPOOL_COMBINE_CHUNK=16
     }
