@@ -641,6 +641,78 @@ def _same_greedy_tokens_with_switch(model: str, monkeypatch, seed: int, switch: 
     assert outs[64] == outs[0]
 
 
+@pytest.mark.parametrize("dtype,hidden,scale", [(torch.float32, 40, 1.0), (torch.float16, 2050, 1.25)])
+def test_embed_rope_is_feed_gather_and_tables(dtype: torch.dtype, hidden: int, scale: float) -> None:
+    """`embed_rope` (the decode graph's first kernel) against torch: rows fed from the previous step's tokens
+    (src >= 0) or staged ids, the embedding rows bit for bit (2050 wide: two 1024 chunks and a tail), the fp32
+    RoPE tables at positions up to 40k (a YaRN-style scale), into given wider table buffers too."""
+    from crosspool.kernels.embed import embed_rope, embed_rope_ref
+
+    g = torch.Generator().manual_seed(hidden)
+    vocab, half, b = 300, 24, 5
+    embed = torch.randn(vocab, hidden, generator=g).to(DEVICE, dtype)
+    inv_freq = (1.0 / 10000 ** (torch.arange(half) / half)).to(DEVICE)
+    ids = torch.randint(0, vocab, (b,), generator=g).to(DEVICE)
+    src = torch.tensor([-1, 3, 0, -1, 3], device=DEVICE)
+    tokens = torch.randint(0, vocab, (8,), generator=g).to(DEVICE)
+    positions = torch.tensor([0, 1, 17, 4095, 40000], device=DEVICE)
+    want, (wc, ws) = embed_rope_ref(ids, src, tokens, positions, embed, inv_freq, scale)
+    got, (cos, sin) = embed_rope(ids, src, tokens, positions, embed, inv_freq, scale)
+    assert torch.equal(got, want)
+    assert torch.equal(got[1], embed[tokens[3]]) and torch.equal(got[0], embed[ids[0]])
+    torch.testing.assert_close(cos, wc, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sin, ws, rtol=1e-6, atol=1e-6)
+    bufs = torch.zeros(2, 8, half + 8, device=DEVICE)
+    _, (cos2, sin2) = embed_rope(ids, src, tokens, positions, embed, inv_freq, scale, cos=bufs[0], sin=bufs[1])
+    assert cos2.data_ptr() == bufs[0].data_ptr() and torch.equal(bufs[0, :b, :half], cos)
+    assert torch.equal(bufs[1, :b, :half], sin) and not bufs[:, b:].any() and not bufs[:, :, half:].any()
+
+
+def test_argmax_into_a_given_buffer() -> None:
+    from crosspool.kernels.argmax import argmax
+
+    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    out = torch.full((4,), -1, dtype=torch.int64, device=DEVICE)
+    assert argmax(logits, out=out[:3]).data_ptr() == out.data_ptr()
+    assert torch.equal(out[:3], logits.argmax(-1)) and int(out[3]) == -1
+
+
+@pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])
+def test_forward_logits_fold_the_last_add_into_the_final_norm(preset: str, tiny_models) -> None:  # noqa: ANN001
+    """`MoEModel.forward_logits` (the decode graphs' path: the last FFN's expert rows summed inside the final
+    norm, the embedding and RoPE tables given) gives the logits of `compute_logits(forward(...))` bit for bit, on
+    the Triton path."""
+    from crosspool import SamplingParams
+    from crosspool.engine.runner import build_batch
+    from crosspool.engine.scheduler import ScheduledSeq
+    from crosspool.engine.sequence import Sequence
+    from crosspool.models.model import MoEModel
+    from crosspool.pools.kv_pool import KVPool
+
+    model = MoEModel.load(tiny_models(preset), torch.float32, DEVICE, kernels="triton")
+    ids = torch.randint(0, 500, (11,), generator=torch.Generator().manual_seed(5)).tolist()
+    if CUDA:
+        from crosspool.pools.vmm import CudaPageBackend
+
+        pool = KVPool(512 << 20, CudaPageBackend(DEVICE.index or 0))
+    else:
+        pool = KVPool(64 << 20)
+    cache = pool.register("m", model.spec, 4, torch.float32)
+    seq = Sequence("r", "m", "", ids, SamplingParams())
+    seq.block_table = cache.alloc(3)
+    batch = build_batch([ScheduledSeq(seq, len(ids))], 4, DEVICE)
+    with torch.inference_mode():
+        want = model.compute_logits(model.forward(batch, cache))
+        assert torch.equal(model.forward_logits(batch, cache), want)
+        given = model.attention.embed(batch.input_ids), model.attention.rope_tables(batch.positions)
+        assert torch.equal(model.forward_logits(batch, cache, given), want)
+        # the one-kernel input: the same embedding rows; its cos/sin may differ from torch's in the last bit
+        src = torch.full_like(batch.input_ids, -1)
+        first = model.attention.embed_step(batch.input_ids, src, batch.input_ids, batch.positions)
+        assert torch.equal(first[0], given[0])
+        torch.testing.assert_close(model.forward_logits(batch, cache, first), want, rtol=1e-4, atol=1e-4)
+
+
 def test_decode_graphs_pick_their_context_class(tiny_models, monkeypatch) -> None:  # noqa: ANN001
     """With `graphs.SHORT_CONTEXT` 8, decode steps whose longest context is at most 8 keys replay graphs whose
     split-KV grid is sized for 8 keys, and longer ones graphs sized for max_model_len (64); 0 (one class) sizes

@@ -31,7 +31,6 @@ order whatever their lanes. `capture=False` runs the same static-buffer path wit
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -108,11 +107,13 @@ class TokenReadback:
         return LaunchedStep(scheduled, host[:n], event, tokens)
 
 
-def feed_tokens(inputs: DecodeInputs, batch: ForwardBatch) -> torch.Tensor:
-    """The step's input ids: a row with SRC_ROWS >= 0 takes the token the previous replay left in that row of
-    `inputs.tokens` (async decode: the host has not read it yet), the others the ids staged from the host."""
+def embed_inputs(model: MoEModel, inputs: DecodeInputs, batch: ForwardBatch, cos: torch.Tensor | None = None,
+                 sin: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The step's embedding rows and RoPE tables (`AttentionSide.embed_step`). A row with SRC_ROWS >= 0 takes
+    the token the previous replay left in that row of `inputs.tokens` (async decode: the host has not read it
+    yet), the others the ids staged from the host."""
     src = inputs.meta[SRC_ROWS, :batch.input_ids.shape[0]]
-    return torch.where(src >= 0, inputs.tokens[src.clamp(min=0)], batch.input_ids)
+    return model.attention.embed_step(batch.input_ids, src, inputs.tokens, batch.positions, cos, sin)
 
 
 @dataclass(slots=True)
@@ -395,7 +396,6 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        ids = feed_tokens(self.inputs, batch)
-        logits = self.model.compute_logits(self.model.forward(dataclasses.replace(batch, input_ids=ids), self.cache))
-        self.inputs.tokens[:batch.input_ids.shape[0]].copy_(self.model.attention.greedy_tokens(logits))
+        logits = self.model.forward_logits(batch, self.cache, embed_inputs(self.model, self.inputs, batch))
+        self.model.attention.greedy_tokens(logits, out=self.inputs.tokens[:batch.input_ids.shape[0]])
         return logits

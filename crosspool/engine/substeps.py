@@ -33,7 +33,7 @@ from crosspool.engine.graphs import (
     buckets_up_to,
     capture,
     context_class,
-    feed_tokens,
+    embed_inputs,
     longest_context,
 )
 from crosspool.engine.scheduler import ScheduledSeq
@@ -153,10 +153,8 @@ class SubStepGraphs:
         @torch.inference_mode()
         def attention() -> None:
             if layer == 0:
-                hidden, delta = model.attention.embed(feed_tokens(s.inputs, batch)), None
-                cos, sin = model.attention.rope_tables(batch.positions)
-                s.cos[:b].copy_(cos)
-                s.sin[:b].copy_(sin)
+                hidden, _ = embed_inputs(model, s.inputs, batch, s.cos, s.sin)
+                delta = None
             else:
                 hidden, delta = s.hidden[:b], s.ffn[:b]
             hidden, x = model.attention.attention_block(layer, hidden, delta, batch, self.cache,
@@ -170,8 +168,8 @@ class SubStepGraphs:
 
         @torch.inference_mode()
         def head() -> torch.Tensor:
-            logits = model.compute_logits(s.hidden[:b] + s.ffn[:b])
-            s.inputs.tokens[:b].copy_(model.attention.greedy_tokens(logits))
+            logits = model.attention.head(model.attention.final_norm(s.ffn[:b], s.hidden[:b]))
+            model.attention.greedy_tokens(logits, out=s.inputs.tokens[:b])
             return logits
 
         return {ATTENTION_SIDE: attention, FFN_SIDE: ffn, HEAD: head}[kind]

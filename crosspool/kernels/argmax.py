@@ -48,11 +48,14 @@ def _pick_kernel(max_ptr, idx_ptr, out_ptr, n, chunks, BLOCK_C: tl.constexpr, US
     tl.store(out_ptr + row, tl.min(tl.where(ok & (best == top), idx, n), 0).to(tl.int64))
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] (last dim contiguous) -> int64 [B], as `logits.argmax(dim=-1)`."""
+def argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] (last dim contiguous) -> int64 [B], as `logits.argmax(dim=-1)`, written into `out` when
+    given."""
     assert logits.dim() == 2 and logits.stride(-1) == 1
     rows, n = logits.shape
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if out is None:
+        out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    assert out.shape == (rows,) and out.dtype == torch.int64 and out.is_contiguous()
     if rows == 0:
         return out
     chunks = cdiv(n, BLOCK)

@@ -46,6 +46,26 @@ class AttentionSide:
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return ref.rope_cos_sin(self.spec.rope, positions, self.inv_freq)
 
+    def embed_step(self, ids: torch.Tensor, src_rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                   cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """A decode graph's input: the embedding rows of its ids, where row b's id is tokens[src_rows[b]] when
+        src_rows[b] >= 0 (async decode: the token a previous replay sampled), and the RoPE tables of its
+        positions (written into `cos` / `sin` when given). One kernel on the Triton path (`kernels.embed`)."""
+        if self.triton:
+            from crosspool.kernels.embed import embed_rope
+
+            return embed_rope(ids, src_rows, tokens, positions, self.w.embed, self.inv_freq,
+                              self.spec.rope.cos_sin_scale(), cos=cos, sin=sin)
+        hidden = self.embed(torch.where(src_rows >= 0, tokens[src_rows.clamp(min=0)], ids))
+        tables = self.rope_tables(positions)
+        if cos is not None and sin is not None:
+            n, half = tables[0].shape
+            cos[:n, :half].copy_(tables[0])
+            sin[:n, :half].copy_(tables[1])
+            tables = (cos[:n, :half], sin[:n, :half])
+        return hidden, tables
+
     def attention_block(
         self, layer: int, hidden: torch.Tensor, delta: torch.Tensor | TopKPartials | None, batch: ForwardBatch,
         cache: PagedCache, rope: tuple[torch.Tensor, torch.Tensor],
@@ -86,15 +106,25 @@ class AttentionSide:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head on the rows given (fp32 logits)."""
-        return self._linear(ref.rms_norm(hidden, self.w.final_norm, self.spec.rms_norm_eps), self.w.lm_head).float()
+        return self.head(self._norm(hidden, self.w.final_norm))
 
-    def greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
-        """The argmax token of each row of `logits` [B, vocab], on the device (the CUDA graphs' head)."""
+    def final_norm(self, delta: torch.Tensor | TopKPartials, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm of hidden + delta (the last FFN's output): on the Triton path one kernel, which also
+        sums an FFN output still in its expert rows."""
+        return self._add_norm(delta, hidden, self.w.final_norm)[0]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """lm_head on final-normed rows: fp32 logits."""
+        return self._linear(x, self.w.lm_head).float()
+
+    def greedy_tokens(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The argmax token of each row of `logits` [B, vocab], on the device (the CUDA graphs' head), into
+        `out` (int64 [B]) when given."""
         if self.triton:
             from crosspool.kernels.argmax import argmax
 
-            return argmax(logits)
-        return logits.argmax(dim=-1)
+            return argmax(logits, out=out)
+        return torch.argmax(logits, dim=-1, out=out) if out is not None else logits.argmax(dim=-1)
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """The Triton path's dense projections (fused QKV, o_proj, lm_head): `gemv` at decode sizes

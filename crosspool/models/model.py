@@ -75,19 +75,25 @@ class MoEModel:
         return run_stages(self.forward_stages(batch, cache, announce=True))
 
     @torch.inference_mode()
-    def forward_stages(self, batch: ForwardBatch, cache: PagedCache, announce: bool = False) -> Stages:
+    def forward_stages(self, batch: ForwardBatch, cache: PagedCache, announce: bool = False,
+                       first: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                       final_norm: bool = False) -> Stages:
         """`forward` as a generator of sub-steps: it yields the SubStep it will run next and runs it on the
         following resume, so nothing runs until the first resume after the first yield. Sides alternate:
         attention(0) [with the embedding], FFN(0), attention(1) [with the residual add of FFN(0)], ...,
         FFN(L-1), then the final residual add (attention side, layer L), whose result is returned.
         announce: an FFN on other ranks is told this pass's calls up front (`RemoteFFN.announce`), as a pass run
-        on its own does; the pipeline, which interleaves passes, announces their calls in its own order."""
+        on its own does; the pipeline, which interleaves passes, announces their calls in its own order.
+        first: the embedding rows and RoPE tables, already computed (else from batch.input_ids / positions);
+        final_norm: return the final norm of the last residual add instead (one kernel on the Triton path)."""
         rows = batch.input_ids.shape[0]
         yield SubStep(ATTENTION_SIDE, 0, None, rows)
         if announce and hasattr(self.ffn, "announce"):
             self.ffn.announce(rows)
-        hidden = self.attention.embed(batch.input_ids)
-        rope = self.attention.rope_tables(batch.positions)
+        if first is None:
+            hidden, rope = self.attention.embed(batch.input_ids), self.attention.rope_tables(batch.positions)
+        else:
+            hidden, rope = first
         ffn_out: torch.Tensor | TopKPartials | None = None
         start = getattr(self.ffn, "forward_start", None)      # an FFN on other ranks: issue now, read later
         # in process, the FFN may hand over its expert rows unsummed (the attention side's add + norm sums them)
@@ -106,7 +112,17 @@ class MoEModel:
                 yield SubStep(ATTENTION_SIDE, layer + 1, ffn_out)
         if pending is not None:
             ffn_out = pending.result()
+        if final_norm:
+            return self.attention.final_norm(ffn_out, hidden)
         return hidden + reduced(ffn_out)
+
+    @torch.inference_mode()
+    def forward_logits(self, batch: ForwardBatch, cache: PagedCache,
+                       first: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """`compute_logits(forward(batch, cache))` for a batch whose every row wants logits (decode), with the
+        last residual add folded into the final norm; `first`: the embedding rows and RoPE tables, already
+        computed (`AttentionSide.embed_step`)."""
+        return self.attention.head(run_stages(self.forward_stages(batch, cache, True, first, final_norm=True)))
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
