@@ -427,12 +427,18 @@ fi
 if [ "$stage" = combine ]; then   # issue 4, session 12: serving buckets at short contexts. Session 11: Qwen3 at
                                  # batch 1 in a serving bucket (64 splits, 9 used) paid 4.8 us a layer in the
                                  # combine, 1.67 against 1.54 ms a step. Since then: graphs per context class
-                                 # (CROSSPOOL_GRAPH_SHORT_CONTEXT, 0 = one class) and the combine loading its parts
-                                 # as tiles (CROSSPOOL_COMBINE_CHUNK, 0 = one split at a time, the default).
+                                 # (CROSSPOOL_GRAPH_SHORT_CONTEXT, 0 = one class), the combine loading its parts
+                                 # as tiles (CROSSPOOL_COMBINE_CHUNK, 0 = one split at a time, the default), and
+                                 # the graphs' fused ends (CROSSPOOL_GRAPH_FUSED_ENDS=0: torch's ops, as before).
                                  # A: GPU tests, the kernels | B: decode
     job_a() {
         CROSSPOOL_COMBINE_CHUNK=16 t 150 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py \
-            -k "split_plan or combine_skips or rope_decode_attention_in or long_context_split" 2>&1 | tail -2
+            -k "split_plan or combine_skips or rope_decode_attention_in or long_context_split or embed_rope or \
+                argmax_into or forward_logits" 2>&1 | tail -2
+        ckpt olmoe-1b-7b $OLMOE      # the batch-1 critical path with the graph's fused ends (new in session 11)
+        t 120 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 1 \
+            --profile --json "$RES/olmoe_profile_b1.json" > "$RES/olmoe_profile_b1.out" 2>&1
+        sed -n '/critical path, per step/,$p' "$RES/olmoe_profile_b1.out" | grep -v "^{" | cut -c1-120 | head -24
         for c in 0 16 64; do
             CROSSPOOL_COMBINE_CHUNK=$c t 120 python3 -m crosspool.bench.kernels --only splits --batches 1,8 \
                 --contexts 1024,32768 --json "$RES/kernels_combine$c.json" 2>&1 \
@@ -450,7 +456,7 @@ if [ "$stage" = combine ]; then   # issue 4, session 12: serving buckets at shor
         t 90 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 --batch 1,8 \
             --json "$RES/qwen3_1k_bench_default.json" 2>&1 | grep "^| 1024" | sed "s/^/bench default mml: /"
         ckpt olmoe-1b-7b $OLMOE
-        VT=60 BATCHES=1,8 variants "" CROSSPOOL_COMBINE_CHUNK=16
+        VT=60 BATCHES=1,8 variants "" CROSSPOOL_GRAPH_FUSED_ENDS=0 CROSSPOOL_COMBINE_CHUNK=16 ""
     }
     both
 fi

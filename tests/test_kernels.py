@@ -713,6 +713,17 @@ def test_forward_logits_fold_the_last_add_into_the_final_norm(preset: str, tiny_
         torch.testing.assert_close(model.forward_logits(batch, cache, first), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-deepseek-v2"])     # MHA, MLA
+def test_graph_ends_fused_keep_greedy_tokens(preset: str, tiny_models, monkeypatch) -> None:  # noqa: ANN001
+    """The decode graphs' fused ends (`graphs.FUSED_ENDS`: the input as one kernel, the last add inside the final
+    norm) give the same greedy tokens as torch's ops there, and on they run `embed_rope`."""
+    from crosspool.engine import graphs
+    from crosspool.kernels import embed
+
+    _same_greedy_tokens_with_switch(tiny_models(preset), monkeypatch, 8, (graphs, "FUSED_ENDS"),
+                                    (embed, "embed_rope"))
+
+
 def test_decode_graphs_pick_their_context_class(tiny_models, monkeypatch) -> None:  # noqa: ANN001
     """With `graphs.SHORT_CONTEXT` 8, decode steps whose longest context is at most 8 keys replay graphs whose
     split-KV grid is sized for 8 keys, and longer ones graphs sized for max_model_len (64); 0 (one class) sizes

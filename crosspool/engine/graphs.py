@@ -31,6 +31,7 @@ order whatever their lanes. `capture=False` runs the same static-buffer path wit
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -49,6 +50,9 @@ IDS, POSITIONS, SLOTS, CONTEXT_LENS, SRC_ROWS = range(5)
 # the longest context of a bucket's short class (CROSSPOOL_GRAPH_SHORT_CONTEXT; 0: one class, sized for the model's
 # longest context)
 SHORT_CONTEXT = env_int("CROSSPOOL_GRAPH_SHORT_CONTEXT", 4096, minimum=0)
+# a whole-step graph's ends: 1, its input as one kernel and its last residual add inside the final norm
+# (`embed_inputs`, `MoEModel.forward_logits`); 0, torch's ops there, as before session 11 (before/after runs)
+FUSED_ENDS = env_int("CROSSPOOL_GRAPH_FUSED_ENDS", 1)
 
 
 def context_classes(max_model_len: int) -> tuple[int, ...]:
@@ -396,6 +400,13 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        logits = self.model.forward_logits(batch, self.cache, embed_inputs(self.model, self.inputs, batch))
-        self.model.attention.greedy_tokens(logits, out=self.inputs.tokens[:batch.input_ids.shape[0]])
+        rows = batch.input_ids.shape[0]
+        if FUSED_ENDS:
+            logits = self.model.forward_logits(batch, self.cache, embed_inputs(self.model, self.inputs, batch))
+            self.model.attention.greedy_tokens(logits, out=self.inputs.tokens[:rows])
+            return logits
+        src, tokens = self.inputs.meta[SRC_ROWS, :rows], self.inputs.tokens
+        ids = torch.where(src >= 0, tokens[src.clamp(min=0)], batch.input_ids)
+        logits = self.model.compute_logits(self.model.forward(dataclasses.replace(batch, input_ids=ids), self.cache))
+        tokens[:rows].copy_(self.model.attention.greedy_tokens(logits))
         return logits
