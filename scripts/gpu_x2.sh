@@ -429,12 +429,13 @@ if [ "$stage" = combine ]; then   # issue 4, session 12: serving buckets at shor
                                  # combine, 1.67 against 1.54 ms a step. Since then: graphs per context class
                                  # (CROSSPOOL_GRAPH_SHORT_CONTEXT, 0 = one class), the combine loading its parts
                                  # as tiles (CROSSPOOL_COMBINE_CHUNK, 0 = one split at a time, the default), and
-                                 # the graphs' fused ends (CROSSPOOL_GRAPH_FUSED_ENDS=0: torch's ops, as before).
+                                 # the graphs' fused ends (CROSSPOOL_GRAPH_FUSED_ENDS=0: torch's ops, as before),
+                                 # the post-attention norm inside the router GEMV (CROSSPOOL_ROUTER_NORM=1, off).
                                  # A: GPU tests, the kernels | B: decode
     job_a() {
         CROSSPOOL_COMBINE_CHUNK=16 t 150 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py \
             -k "split_plan or combine_skips or rope_decode_attention_in or long_context_split or embed_rope or \
-                argmax_into or forward_logits" 2>&1 | tail -2
+                argmax_into or forward_logits or norm_route_linear or router_norm" 2>&1 | tail -2
         ckpt olmoe-1b-7b $OLMOE      # the batch-1 critical path with the graph's fused ends (new in session 11)
         t 120 python3 -m crosspool.cli bench decode --model $OLMOE --kv-cache-gb 16 --context 1024 --batch 1 \
             --profile --json "$RES/olmoe_profile_b1.json" > "$RES/olmoe_profile_b1.out" 2>&1
@@ -456,7 +457,8 @@ if [ "$stage" = combine ]; then   # issue 4, session 12: serving buckets at shor
         t 90 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 --batch 1,8 \
             --json "$RES/qwen3_1k_bench_default.json" 2>&1 | grep "^| 1024" | sed "s/^/bench default mml: /"
         ckpt olmoe-1b-7b $OLMOE
-        VT=60 BATCHES=1,8 variants "" CROSSPOOL_GRAPH_FUSED_ENDS=0 CROSSPOOL_COMBINE_CHUNK=16 ""
+        VT=60 BATCHES=1,8 variants "" CROSSPOOL_GRAPH_FUSED_ENDS=0 CROSSPOOL_COMBINE_CHUNK=16 CROSSPOOL_ROUTER_NORM=1 \
+            "" CROSSPOOL_ROUTER_NORM=1
     }
     both
 fi

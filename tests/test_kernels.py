@@ -724,6 +724,16 @@ def test_graph_ends_fused_keep_greedy_tokens(preset: str, tiny_models, monkeypat
                                     (embed, "embed_rope"))
 
 
+@pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])
+def test_router_norm_keeps_greedy_tokens(preset: str, tiny_models, monkeypatch) -> None:  # noqa: ANN001
+    """The post-attention norm inside the router GEMV in decode graphs (`gemv.ROUTER_NORM`): the same greedy
+    tokens as the norm kernel before the router, and on it runs `norm_gemv_parts`."""
+    from crosspool.kernels import gemv as gemv_module
+
+    _same_greedy_tokens_with_switch(tiny_models(preset), monkeypatch, 10, (gemv_module, "ROUTER_NORM"),
+                                    (gemv_module, "norm_gemv_parts"))
+
+
 def test_decode_graphs_pick_their_context_class(tiny_models, monkeypatch) -> None:  # noqa: ANN001
     """With `graphs.SHORT_CONTEXT` 8, decode steps whose longest context is at most 8 keys replay graphs whose
     split-KV grid is sized for 8 keys, and longer ones graphs sized for max_model_len (64); 0 (one class) sizes
@@ -1169,6 +1179,31 @@ def test_route_linear_sums_the_routers_splits_in_the_routing_kernel(
     ref_w, ref_ids = ref.route(torch.nn.functional.linear(x.float(), w.float()), spec, None)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(weights, ref_w, atol=5e-3 if dtype == torch.float16 else 1e-5, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,split_k", [(1, 1), (1, 4), (3, 2)])
+def test_norm_route_linear_is_add_norm_then_route_linear(dtype: torch.dtype, t: int, split_k: int) -> None:
+    """The post-attention residual add + RMSNorm inside the router's GEMV (`norm_route_linear`): h bit for bit the
+    add kernel's, x the norm kernel's up to the order of the squares' sum (one rounding step), and the routing
+    that of `route_linear` on the norm kernel's x. K = 600: the row is read in a chunk past its end."""
+    from crosspool.kernels.routing import norm_route_linear, route_linear
+    from crosspool.models.spec import RoutingSpec
+
+    spec = RoutingSpec(num_experts=64, top_k=8, scoring="softmax", norm_topk_prob=False, topk_method="greedy",
+                       routed_scaling_factor=1.0)
+    g = torch.Generator().manual_seed(t + 7 * split_k)
+    k = 600
+    delta, residual = (torch.randn(t, k, generator=g).to(DEVICE, dtype) for _ in range(2))
+    norm_w = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype)
+    router = (torch.randn(64, k, generator=g) / 6).to(DEVICE, dtype)
+    want_x, want_h = add_rms_norm(delta, residual, norm_w, 1e-6)
+    x, h, weights, ids = norm_route_linear(delta, residual, norm_w, 1e-6, router, spec, split_k=split_k)
+    assert torch.equal(h, want_h) and x.dtype == want_x.dtype
+    torch.testing.assert_close(x, want_x, rtol=2e-3 if dtype == torch.float16 else 1e-6, atol=1e-6)
+    want_w, want_ids = route_linear(want_x, router, spec, split_k=split_k)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_w, rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-5)
 
 
 def test_moe_tuning_skips_tiles_larger_than_the_problem() -> None:

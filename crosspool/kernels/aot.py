@@ -112,6 +112,7 @@ CASES = [
           "inv_freq_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}),
     Case("argmax", "_chunk_max_kernel", {"BLOCK": 4096}, {"x_ptr": "*fp32", "max_ptr": "*fp32", "idx_ptr": "*i32"}),
     Case("argmax", "_pick_kernel", {"BLOCK_C": 64}, {"max_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64"}),
+    Case("gemv", "_norm_gemv_kernel", {"BLOCK_T": 1, "SPLIT_K": 4, **_GEMV_TILE}, {"out_ptr": "*fp32"}),
     Case("gemv", "_split_sum_kernel", {"SPLIT_K": 4, "HAS_BIAS": False, "BLOCK": 64}, {"part_ptr": "*fp32"}),
 ]
 

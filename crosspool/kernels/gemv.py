@@ -45,6 +45,9 @@ ROWS = env_int("CROSSPOOL_GEMV_ROWS", 0)
 # the MoE router (64-128 outputs) calls `gemv`: on the H200 it beat cuBLAS at 1-8 tokens (3.0-4.4 us vs 4.8-5.2 us,
 # benchmarks section 7, session 4), where the wider projections did not
 ROUTER = True
+# ... and with the post-attention residual add + RMSNorm inside it (`norm_gemv_parts`; CROSSPOOL_ROUTER_NORM=1, off
+# until timed on the H200): one kernel fewer per MoE layer, in whole-step decode graphs of at most MAX_GEMV_TOKENS
+ROUTER_NORM = env_int("CROSSPOOL_ROUTER_NORM", 0)
 
 # registers per thread a tile's accumulator and weight tile may take together ((BLOCK_T + 1) x the weight
 # elements each thread loads): ptxas for sm_90 spills past about this
@@ -107,6 +110,50 @@ def _gemv_kernel(
     y = tl.sum(acc, 2)                                                               # [BLOCK_T, BLOCK_N]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + pid_k * stride_os + offs_t[:, None] * stride_ot + offs_n[None, :],
+             y.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+
+
+@tuning.autotune(configs=_configs(), key=["N", "K", "BLOCK_T", "SPLIT_K"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _norm_gemv_kernel(
+    d_ptr, r_ptr, nw_ptr, w_ptr, x_out_ptr, h_out_ptr, out_ptr, T, N, K, eps,
+    stride_dt, stride_rt, stride_xt, stride_ht, stride_wn, stride_os, stride_ot,
+    BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
+):
+    """`_gemv_kernel` (no bias) on x = rms_norm(h) * nw, h = residual + d rounded to d's dtype, as
+    `norm_rope.add_rms_norm` computes them: each program sums the whole rows' squares itself, then norms its
+    K-chunk as it reads it; the programs of the first output block also store their K-chunk of x and h."""
+    pdl_enter(USE_PDL)
+    pid_k, offs_t, t_ok, offs_n, n_ok, offs_k, k_start, k_chunk = _tile(T, N, K, BLOCK_T, SPLIT_K, BLOCK_N, BLOCK_K)
+    dtype = d_ptr.dtype.element_ty
+    d_rows = d_ptr + offs_t[:, None] * stride_dt + offs_k[None, :]                  # [BLOCK_T, BLOCK_K]
+    r_rows = r_ptr + offs_t[:, None] * stride_rt + offs_k[None, :]
+    squares = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ok = t_ok[:, None] & (offs_k < K - k0)[None, :]
+        h = (tl.load(d_rows + k0, mask=ok, other=0.0).to(tl.float32)
+             + tl.load(r_rows + k0, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+        squares += h * h
+    rstd = tl.rsqrt(tl.sum(squares, 1) / K + eps)                                    # [BLOCK_T]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]     # [BLOCK_N, BLOCK_K]
+    acc = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in tl.range(k_start, k_start + k_chunk, BLOCK_K):
+        k_ok = offs_k < K - k0
+        ok = t_ok[:, None] & k_ok[None, :]
+        h = (tl.load(d_rows + k0, mask=ok, other=0.0).to(tl.float32)
+             + tl.load(r_rows + k0, mask=ok, other=0.0).to(tl.float32)).to(dtype)
+        normed = (h.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)
+        nw = tl.load(nw_ptr + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        x = (nw[None, :] * normed).to(x_out_ptr.dtype.element_ty)
+        if tl.program_id(0) == 0:
+            tl.store(x_out_ptr + offs_t[:, None] * stride_xt + k0 + offs_k[None, :], x, mask=ok)
+            tl.store(h_out_ptr + offs_t[:, None] * stride_ht + k0 + offs_k[None, :], h, mask=ok)
+        w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += w[None, :, :] * x.to(w_ptr.dtype.element_ty).to(tl.float32)[:, None, :]
+    y = tl.sum(acc, 2)
     tl.store(out_ptr + pid_k * stride_os + offs_t[:, None] * stride_ot + offs_n[None, :],
              y.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
 
@@ -181,6 +228,35 @@ def gemv_parts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         BLOCK_T=block_t, SPLIT_K=split, HAS_BIAS=False, **launch,
     )
     return part, split
+
+
+def norm_gemv_parts(delta: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    w: torch.Tensor, *, split_k: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """`gemv_parts(x, w)` with x, h = `norm_rope.add_rms_norm(delta, residual, norm_weight, eps)` computed inside
+    the GEMV (one kernel instead of two). Returns (x [T, K], h [T, K], the product as `gemv_parts` gives it,
+    split). x is in the norm's output dtype (promote(norm_weight, delta)), h in delta's."""
+    _check(delta, w, None)
+    t, k = delta.shape
+    assert residual.shape == delta.shape and residual.stride(-1) == 1 and norm_weight.shape == (k,)
+    assert norm_weight.is_contiguous() and residual.dtype == delta.dtype
+    n = w.shape[0]
+    x = torch.empty(t, k, dtype=torch.promote_types(norm_weight.dtype, delta.dtype), device=delta.device)
+    h = torch.empty_like(delta)
+    split = 1 if t == 0 else split_k or default_split_k(n, k, delta.device)
+    if split == 1:
+        out = torch.empty(t, n, dtype=x.dtype, device=delta.device)
+        stride_os = 0
+    else:
+        out = torch.empty(split, t, n, dtype=torch.float32, device=delta.device)
+        stride_os = out.stride(0)
+    if t:
+        _norm_gemv_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), split)](
+            delta, residual, norm_weight, w, x, h, out, t, n, k, eps,
+            delta.stride(0), residual.stride(0), x.stride(0), h.stride(0), w.stride(0), stride_os, out.stride(-2),
+            BLOCK_T=next_pow2(t), SPLIT_K=split, **pdl.options(delta.device),
+        )
+    return x, h, out, split
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -97,6 +97,19 @@ def route_linear(x: torch.Tensor, router: torch.Tensor, routing: RoutingSpec, *,
     return _route(part, 0 if split == 1 else split, x, routing)
 
 
+def norm_route_linear(delta: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                      router: torch.Tensor, routing: RoutingSpec, *, split_k: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`route_linear(x, router, routing)` with x, h = `norm_rope.add_rms_norm(delta, residual, norm_weight, eps)`
+    done inside the router's GEMV (`gemv.norm_gemv_parts`): two kernels for the post-attention norm, the router
+    and the routing. Returns (x, h, weights, ids)."""
+    from crosspool.kernels import gemv
+
+    x, h, part, split = gemv.norm_gemv_parts(delta, residual, norm_weight, eps, router, split_k=split_k)
+    weights, ids = _route(part, 0 if split == 1 else split, x, routing)
+    return x, h, weights, ids
+
+
 def _route(logits: torch.Tensor, split: int, dtype_of: torch.Tensor, routing: RoutingSpec
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] (split 0) or K-split partials [split, T, E]; dtype_of: a tensor of the logits' dtype."""

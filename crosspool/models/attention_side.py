@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from crosspool.kernels import torch_ref as ref
-from crosspool.models.batch import ForwardBatch, PagedCache, TopKPartials, reduced
+from crosspool.models.batch import ForwardBatch, PagedCache, PendingNorm, TopKPartials, reduced
 from crosspool.models.loader import AttentionWeights
 from crosspool.models.spec import ModelSpec
 
@@ -68,15 +68,18 @@ class AttentionSide:
 
     def attention_block(
         self, layer: int, hidden: torch.Tensor, delta: torch.Tensor | TopKPartials | None, batch: ForwardBatch,
-        cache: PagedCache, rope: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cache: PagedCache, rope: tuple[torch.Tensor, torch.Tensor], defer_norm: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | PendingNorm]:
         """(hidden, the previous FFN's output or None) -> (h + attention(norm(h)), post-attention norm of
-        that) for the FFN side, where h = hidden + delta."""
+        that) for the FFN side, where h = hidden + delta. defer_norm: (h, the post-attention add + norm still to
+        run, `PendingNorm`) instead; its `h` is the next layer's hidden once the FFN side has run it."""
         w = self.w.layers[layer]
         x, hidden = self._add_norm(delta, hidden, w["input_layernorm"])
         attend = self._mla if self.spec.attention == "mla" else self._mha
-        x, hidden = self._add_norm(attend(w, x, batch, cache.layer(layer), rope), hidden,
-                                   w["post_attention_layernorm"])
+        out = attend(w, x, batch, cache.layer(layer), rope)
+        if defer_norm:
+            return hidden, PendingNorm(out, hidden, w["post_attention_layernorm"], self.spec.rms_norm_eps)
+        x, hidden = self._add_norm(out, hidden, w["post_attention_layernorm"])
         return hidden, x
 
     def _add_norm(self, delta: torch.Tensor | TopKPartials | None, hidden: torch.Tensor, weight: torch.Tensor

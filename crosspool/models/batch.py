@@ -45,6 +45,26 @@ class ForwardBatch:
         return self.max_q_len == 1
 
 
+@dataclass(slots=True)
+class PendingNorm:
+    """An attention block's post-attention residual add + RMSNorm, left to the FFN side, whose router GEMV can run
+    it (`gemv.norm_gemv_parts`): x = rms_norm(residual + delta) * weight for the FFN, h = residual + delta for the
+    next layer. `h` is set once it has run (`resolve`, or the FFN's fused router)."""
+
+    delta: torch.Tensor
+    residual: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    h: torch.Tensor | None = None
+
+    def resolve(self) -> torch.Tensor:
+        """Run it on its own (the Triton add + norm kernel); returns x."""
+        from crosspool.kernels import norm_rope
+
+        x, self.h = norm_rope.add_rms_norm(self.delta, self.residual, self.weight, self.eps)
+        return x
+
+
 @dataclass(frozen=True, slots=True)
 class TopKPartials:
     """A fused-MoE output before its top-k sum: row t * top_k + k of `y` [T * top_k, H] is token t's k-th routed

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from crosspool.kernels import torch_ref as ref
-from crosspool.models.batch import TopKPartials, reduced
+from crosspool.models.batch import PendingNorm, TopKPartials, reduced
 from crosspool.models.loader import FFNWeights
 from crosspool.models.spec import ModelSpec
 
@@ -47,21 +47,48 @@ class FFNSide:
         for w in routers.values():      # the router's skinny GEMM and routing, at every token count they serve
             router = w["router"]
             for t in gemv.token_tiles():
-                self._route(w, torch.zeros(t, router.shape[1], dtype=router.dtype, device=router.device))
+                x = torch.zeros(t, router.shape[1], dtype=router.dtype, device=router.device)
+                self._route(w, x)
+                if self.takes_pending_norm():       # ... and with the post-attention norm inside the GEMM
+                    from crosspool.kernels.routing import norm_route_linear
+
+                    assert self.spec.routing is not None
+                    norm_route_linear(x, x, torch.ones_like(x[0]), 1e-6, router, self.spec.routing)
         return len(shapes)
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return reduced(self.forward_partial(layer, x))
 
-    def forward_partial(self, layer: int, x: torch.Tensor) -> torch.Tensor | TopKPartials:
+    def takes_pending_norm(self) -> bool:
+        """Whether `forward_partial` should get the post-attention norm undone (`PendingNorm`), to run it inside
+        its router GEMV (`gemv.ROUTER_NORM`)."""
+        from crosspool.kernels import gemv
+
+        return self.triton and self._fused_route and bool(gemv.ROUTER_NORM)
+
+    def forward_partial(self, layer: int, x: torch.Tensor | PendingNorm) -> torch.Tensor | TopKPartials:
         """`forward`, except that an MoE layer on the Triton path without shared experts may return its
         per-expert rows before their top-k sum (`TopKPartials`): in one process the attention side sums them
-        inside its residual add + RMSNorm."""
+        inside its residual add + RMSNorm. x may be the post-attention norm still to run (`PendingNorm`, see
+        `takes_pending_norm`): a routed layer of decode size runs it inside its router GEMV, others first."""
         w = self.w.layers[layer]
+        routed: tuple[torch.Tensor, torch.Tensor] | None = None
+        if isinstance(x, PendingNorm):
+            from crosspool.kernels import gemv
+
+            if "router" in w and self._fused_route and x.delta.shape[0] <= gemv.MAX_GEMV_TOKENS:
+                from crosspool.kernels.routing import norm_route_linear
+
+                assert self.spec.routing is not None
+                normed, x.h, weights, ids = norm_route_linear(x.delta, x.residual, x.weight, x.eps, w["router"],
+                                                              self.spec.routing)
+                x, routed = normed, (weights, ids)
+            else:
+                x = x.resolve()
         if "gate_up" in w:
             return _mlp(x, w["gate_up"], w["down"])
         has_shared = "shared_gate_up" in w        # the shared expert is added to the summed rows
-        weights, ids = self._route(w, x.to(w["router"].dtype))
+        weights, ids = routed or self._route(w, x.to(w["router"].dtype))
         if self.expert_hits is not None:
             self.expert_hits[layer, ids.reshape(-1)] = 1
         if self.triton:

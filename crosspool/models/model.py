@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from crosspool.models.attention_side import AttentionSide
-from crosspool.models.batch import ForwardBatch, PagedCache, TopKPartials, reduced
+from crosspool.models.batch import ForwardBatch, PagedCache, PendingNorm, TopKPartials, reduced
 from crosspool.models.ffn_side import FFNSide
 from crosspool.models.loader import load_checkpoint
 from crosspool.models.spec import ModelSpec
@@ -77,7 +77,7 @@ class MoEModel:
     @torch.inference_mode()
     def forward_stages(self, batch: ForwardBatch, cache: PagedCache, announce: bool = False,
                        first: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                       final_norm: bool = False) -> Stages:
+                       final_norm: bool = False, defer_norm: bool = False) -> Stages:
         """`forward` as a generator of sub-steps: it yields the SubStep it will run next and runs it on the
         following resume, so nothing runs until the first resume after the first yield. Sides alternate:
         attention(0) [with the embedding], FFN(0), attention(1) [with the residual add of FFN(0)], ...,
@@ -85,7 +85,9 @@ class MoEModel:
         announce: an FFN on other ranks is told this pass's calls up front (`RemoteFFN.announce`), as a pass run
         on its own does; the pipeline, which interleaves passes, announces their calls in its own order.
         first: the embedding rows and RoPE tables, already computed (else from batch.input_ids / positions);
-        final_norm: return the final norm of the last residual add instead (one kernel on the Triton path)."""
+        final_norm: return the final norm of the last residual add instead (one kernel on the Triton path);
+        defer_norm: hand the FFN each post-attention add + norm still to run (`PendingNorm`; an FFN in this
+        process that `takes_pending_norm`), for its router GEMV to run."""
         rows = batch.input_ids.shape[0]
         yield SubStep(ATTENTION_SIDE, 0, None, rows)
         if announce and hasattr(self.ffn, "announce"):
@@ -99,16 +101,20 @@ class MoEModel:
         # in process, the FFN may hand over its expert rows unsummed (the attention side's add + norm sums them)
         forward = getattr(self.ffn, "forward_partial", self.ffn.forward)
         pending = None
+        defer = defer_norm and start is None and getattr(self.ffn, "takes_pending_norm", lambda: False)()
         for layer in range(self.spec.num_layers):
             if pending is not None:
                 ffn_out = pending.result()
-            hidden, x = self.attention.attention_block(layer, hidden, ffn_out, batch, cache, rope)
+            hidden, x = self.attention.attention_block(layer, hidden, ffn_out, batch, cache, rope, defer)
             yield SubStep(FFN_SIDE, layer, x)
             if start is not None:
                 pending = start(layer, x)
                 yield SubStep(ATTENTION_SIDE, layer + 1, None)
             else:
                 ffn_out = forward(layer, x)
+                if isinstance(x, PendingNorm):      # the FFN ran the post-attention add: its sum goes on
+                    assert x.h is not None
+                    hidden = x.h
                 yield SubStep(ATTENTION_SIDE, layer + 1, ffn_out)
         if pending is not None:
             ffn_out = pending.result()
@@ -120,9 +126,11 @@ class MoEModel:
     def forward_logits(self, batch: ForwardBatch, cache: PagedCache,
                        first: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """`compute_logits(forward(batch, cache))` for a batch whose every row wants logits (decode), with the
-        last residual add folded into the final norm; `first`: the embedding rows and RoPE tables, already
+        last residual add folded into the final norm, and each post-attention norm inside the router GEMV when
+        the FFN takes it (`FFNSide.takes_pending_norm`); `first`: the embedding rows and RoPE tables, already
         computed (`AttentionSide.embed_step`)."""
-        return self.attention.head(run_stages(self.forward_stages(batch, cache, True, first, final_norm=True)))
+        stages = self.forward_stages(batch, cache, True, first, final_norm=True, defer_norm=True)
+        return self.attention.head(run_stages(stages))
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
