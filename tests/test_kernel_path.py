@@ -34,7 +34,7 @@ def test_triton_kernels_match_torch_path(preset: str, tiny_models, monkeypatch) 
             outs[kernels, cuda_graphs] = [o.token_ids for o in llm.generate(prompts, params)]
             runner = next(iter(llm.engine.models.values())).runner
             if cuda_graphs:
-                assert sorted(b for b, _ in runner.graphs.steps) == [2, 4]    # both buckets were used
+                assert sorted(b for b, _, _ in runner.graphs.steps) == [2, 4]    # both buckets were used
     assert outs["triton", False] == outs["torch", False]
     assert outs["triton", True] == outs["torch", False]
 
