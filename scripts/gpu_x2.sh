@@ -448,7 +448,7 @@ if [ "$stage" = combine ]; then   # issue 4, session 12: serving buckets at shor
     }
     job_b() {
         ckpt qwen3-30b-a3b /tmp/qwen3 24
-        for v in "" CROSSPOOL_COMBINE_CHUNK=16 CROSSPOOL_COMBINE_CHUNK=64 CROSSPOOL_GRAPH_SHORT_CONTEXT=0 ""; do
+        for v in "" CROSSPOOL_COMBINE_CHUNK=16 CROSSPOOL_GRAPH_SHORT_CONTEXT=0; do
             ( [ -n "$v" ] && export $v; name=${v:-defaults}
               t 90 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 \
                   --batch 1,8 --max-model-len 40960 --label "$name" --json "$RES/qwen3_1k_serving_${name//=/_}.json" \
@@ -457,8 +457,7 @@ if [ "$stage" = combine ]; then   # issue 4, session 12: serving buckets at shor
         t 90 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 --batch 1,8 \
             --json "$RES/qwen3_1k_bench_default.json" 2>&1 | grep "^| 1024" | sed "s/^/bench default mml: /"
         ckpt olmoe-1b-7b $OLMOE
-        VT=60 BATCHES=1,8 variants "" CROSSPOOL_GRAPH_FUSED_ENDS=0 CROSSPOOL_COMBINE_CHUNK=16 CROSSPOOL_ROUTER_NORM=1 \
-            "" CROSSPOOL_ROUTER_NORM=1
+        VT=60 BATCHES=1,8 variants "" CROSSPOOL_GRAPH_FUSED_ENDS=0 CROSSPOOL_ROUTER_NORM=1 "" CROSSPOOL_ROUTER_NORM=1
     }
     both
 fi
