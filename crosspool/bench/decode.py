@@ -318,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fused-MoE kernels tuned in {time.perf_counter() - t:.1f} s", flush=True)
     if graphs is not None and graphs.capture:
         seconds, grown = graphs.capture_all()
-        capture = {"seconds": sum(seconds.values()), "buckets": len(seconds), "pool_bytes": grown}
-        print(f"captured {len(seconds)} decode graphs in {sum(seconds.values()):.1f} s, "
+        capture = {"seconds": sum(seconds.values()), "buckets": len(seconds), "graphs": len(graphs.steps),
+                   "pool_bytes": grown}
+        print(f"captured {len(graphs.steps)} decode graphs ({len(seconds)} buckets) in {sum(seconds.values()):.1f} s, "
               f"graph pool {grown / 2**20:.0f} MiB", flush=True)
     bench_cell(engine, "m", 1, 16, COUNT_STEPS + 8)    # warm-up (kernels compile)
     rows = []
