@@ -36,10 +36,10 @@ from crosspool.kernels.gemv import default_split_k, gemv
 from crosspool.kernels.paged_attention import (
     DECODE_BLOCK_N,
     MAX_SPLITS,
-    MIN_KEYS_PER_SPLIT,
     SplitPlan,
     default_split_plan,
     paged_decode_attention,
+    two_wave_splits,
 )
 
 MOE_SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "olmoe-1b-7b": (64, 8, 2048, 1024)}
@@ -117,8 +117,7 @@ def split_rows(copy_bw: float, device: torch.device, batches: tuple[int, ...] = 
                 tables = torch.randperm(batch * blocks, generator=g, device=device).view(batch, -1)
                 lens = torch.full((batch,), ctx, device=device)
                 q = torch.randn(batch, heads, dim, generator=g, device=device, dtype=torch.bfloat16)
-                wave = default_split_plan(batch * kv_heads, device, ctx).wave_splits
-                wave = min(wave, cdiv(ctx, MIN_KEYS_PER_SPLIT))
+                wave = two_wave_splits(batch * kv_heads, device, ctx)
                 kv = 2 * k.numel() * k.element_size()
                 plans = {"engine": default_split_plan(batch * kv_heads, device, ctx),
                          "serving": default_split_plan(batch * kv_heads, device, max(longest, ctx))}

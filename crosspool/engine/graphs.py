@@ -41,6 +41,7 @@ import torch
 
 from crosspool.engine.scheduler import ScheduledSeq
 from crosspool.kernels._common import cdiv, env_int
+from crosspool.kernels.torch_ref import feed_ids
 from crosspool.models.batch import ForwardBatch, PagedCache
 from crosspool.models.model import MoEModel
 
@@ -405,8 +406,8 @@ class DecodeGraphs:
             logits = self.model.forward_logits(batch, self.cache, embed_inputs(self.model, self.inputs, batch))
             self.model.attention.greedy_tokens(logits, out=self.inputs.tokens[:rows])
             return logits
-        src, tokens = self.inputs.meta[SRC_ROWS, :rows], self.inputs.tokens
-        ids = torch.where(src >= 0, tokens[src.clamp(min=0)], batch.input_ids)
+        tokens = self.inputs.tokens
+        ids = feed_ids(batch.input_ids, self.inputs.meta[SRC_ROWS, :rows], tokens)
         logits = self.model.compute_logits(self.model.forward(dataclasses.replace(batch, input_ids=ids), self.cache))
         tokens[:rows].copy_(self.model.attention.greedy_tokens(logits))
         return logits

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from crosspool.kernels import pdl
+from crosspool.kernels import torch_ref as ref
 from crosspool.kernels._common import next_pow2
 from crosspool.kernels.pdl import enter as pdl_enter
 
@@ -73,7 +74,5 @@ def embed_rope(ids: torch.Tensor, src_rows: torch.Tensor, tokens: torch.Tensor, 
 def embed_rope_ref(ids: torch.Tensor, src_rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                    embed: torch.Tensor, inv_freq: torch.Tensor, scale: float
                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """`embed_rope` in torch: the ids fed from `tokens`, the embedding gather, `torch_ref.rope_cos_sin`."""
-    fed = torch.where(src_rows >= 0, tokens[src_rows.clamp(min=0)], ids)
-    angle = positions.float()[:, None] * inv_freq[None, :]
-    return embed[fed], (angle.cos() * scale, angle.sin() * scale)
+    """`embed_rope` in torch: the ids fed from `tokens`, the embedding gather, the RoPE tables."""
+    return embed[ref.feed_ids(ids, src_rows, tokens)], ref.cos_sin(positions, inv_freq, scale)

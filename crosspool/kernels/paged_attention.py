@@ -313,19 +313,20 @@ def default_split_plan(programs: int, device: torch.device, max_context_len: int
     longest context is known) and, for long contexts, splits of about TARGET_KEYS_PER_SPLIT keys up to about
     LONG_WAVES waves of programs (at most MAX_SPLITS). Fixed per (batch, heads) bucket, so a CUDA graph keeps
     it; each sequence divides its own context (`split_keys`), so short contexts run the two-wave count."""
-    programs = max(programs, 1)
-    wave = min(cdiv(2 * num_sms(device), programs), MAX_SPLITS)
-    splits = wave
-    long = cdiv(LONG_WAVES * num_sms(device), programs)
+    long = cdiv(LONG_WAVES * num_sms(device), max(programs, 1))
+    if max_context_len is not None:
+        long = min(long, cdiv(max_context_len, TARGET_KEYS_PER_SPLIT))
+    splits = max(two_wave_splits(programs, device, max_context_len), min(long, MAX_SPLITS))
+    return SplitPlan(splits, two_wave_splits(programs, device), TARGET_KEYS_PER_SPLIT)
+
+
+def two_wave_splits(programs: int, device: torch.device, max_context_len: int | None = None) -> int:
+    """Splits so the grid fills about two waves of the GPU (at most MAX_SPLITS), never under MIN_KEYS_PER_SPLIT
+    keys each when the longest context is known: the whole rule before session 11."""
+    splits = cdiv(2 * num_sms(device), max(programs, 1))
     if max_context_len is not None:
         splits = min(splits, cdiv(max_context_len, MIN_KEYS_PER_SPLIT))
-        long = min(long, cdiv(max_context_len, TARGET_KEYS_PER_SPLIT))
-    return SplitPlan(max(1, min(max(splits, long), MAX_SPLITS)), wave, TARGET_KEYS_PER_SPLIT)
-
-
-def default_num_splits(programs: int, device: torch.device, max_context_len: int | None = None) -> int:
-    """The grid's split count of `default_split_plan`."""
-    return default_split_plan(programs, device, max_context_len).splits
+    return max(1, min(splits, MAX_SPLITS))
 
 
 def split_plan(num_splits: int | SplitPlan | None, programs: int, device: torch.device,

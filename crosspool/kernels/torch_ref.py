@@ -57,9 +57,19 @@ def rope_cos_sin(
     rope: RopeSpec, positions: torch.Tensor, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [T, dim/2] in fp32 (with YaRN's attention factor folded in)."""
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
-    scale = rope.cos_sin_scale()
+    return cos_sin(positions, inv_freq.to(positions.device), rope.cos_sin_scale())
+
+
+def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin(position * inv_freq) * scale, [T, dim/2] fp32."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
     return freqs.cos() * scale, freqs.sin() * scale
+
+
+def feed_ids(ids: torch.Tensor, src_rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A decode step's input ids: row b takes tokens[src_rows[b]] where src_rows[b] >= 0 (async decode: the token
+    a previous step sampled, still on the device), else ids[b]."""
+    return torch.where(src_rows >= 0, tokens[src_rows.clamp(min=0)], ids)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -57,7 +57,7 @@ class AttentionSide:
 
             return embed_rope(ids, src_rows, tokens, positions, self.w.embed, self.inv_freq,
                               self.spec.rope.cos_sin_scale(), cos=cos, sin=sin)
-        hidden = self.embed(torch.where(src_rows >= 0, tokens[src_rows.clamp(min=0)], ids))
+        hidden = self.embed(ref.feed_ids(ids, src_rows, tokens))
         tables = self.rope_tables(positions)
         if cos is not None and sin is not None:
             n, half = tables[0].shape
