@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=48)
     p.add_argument("--max-model-len", type=int, default=None,
                    help="the engine's max_model_len (default: the longest context + output). Decode graphs size "
-                        "their split-KV count by it, so serving's default (the model's longest context) can give "
-                        "a short-context step more, mostly empty, splits than this benchmark's default")
+                        "their split-KV grid by it beyond CROSSPOOL_GRAPH_SHORT_CONTEXT keys, as serving's "
+                        "default (the model's longest context) does")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kv-cache-gb", type=float, default=None)
     p.add_argument("--kernels", choices=["torch", "triton"], default=None)
