@@ -31,6 +31,8 @@
 #   bash scripts/gpu_x2.sh s10        # A: the kernels' GPU tests | B: engine GPU bit tests, decode with TMA experts
 #                                     #    on (default) / off at batch 1-32
 #   bash scripts/gpu_x2.sh s10q       # Qwen3-30B-A3B (24 layers) at 1k: A: defaults, batch 1-32 | B: TMA experts off
+#   bash scripts/gpu_x2.sh s12        # A: GPU tests of session 11's builds, the router norm by token count | B: the
+#                                     #    Qwen3 table's 8k/32k rows, Qwen3 1k in a serving bucket
 #   bash scripts/gpu_x2.sh combine    # A: GPU tests of the tiled combine, split sweep per chunk | B: Qwen3 1k in a
 #                                     #    serving bucket and OLMoE 1k, CROSSPOOL_COMBINE_CHUNK 0 / 16 / 64
 #   bash scripts/gpu_x2.sh splitplan  # A: GPU tests of split plans, the split sweep | B: OLMoE and Qwen3 decode,
@@ -420,6 +422,30 @@ if [ "$stage" = s11 ]; then  # issue 4, session 11: session 10's two builds, not
         # combine: o_proj leaves cuBLAS)
         VT=120 BATCHES=1,8 variants "" CROSSPOOL_ROUTE_WARPS=4 CROSSPOOL_OPROJ_MERGE_ROWS=1 CROSSPOOL_GEMV_ROWS=1 \
             "" CROSSPOOL_OPROJ_MERGE_ROWS=1
+    }
+    both
+fi
+
+if [ "$stage" = s12 ]; then   # issue 4, session 12: A: the GPU tests the combine call cut short (150 s), the
+                             # post-attention norm inside the router GEMV by token count (CROSSPOOL_ROUTER_NORM:
+                             # up to N tokens, default 1) | B: the Qwen3 table's long rows with split plans, and
+                             # the 1k serving-bucket row the combine call's time limit cut
+    job_a() {
+        t 300 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py \
+            -k "split_plan or combine_skips or rope_decode_attention_in or long_context_split or embed_rope or \
+                argmax_into or forward_logits or norm_route_linear or router_norm or context_class" 2>&1 | tail -3
+        ckpt olmoe-1b-7b $OLMOE
+        VT=50 BATCHES=1,2,4 variants "" CROSSPOOL_ROUTER_NORM=0 CROSSPOOL_ROUTER_NORM=4 "" CROSSPOOL_ROUTER_NORM=0 \
+            CROSSPOOL_ROUTER_NORM=4
+    }
+    job_b() {
+        ckpt qwen3-30b-a3b /tmp/qwen3 24
+        t 150 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 --batch 1,8 \
+            --max-model-len 40960 --json "$RES/qwen3_1k_serving_defaults.json" 2>&1 | grep "^| 1024" \
+            | sed "s/^/defaults, mml 40960: /"
+        t 400 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 8192,32768 \
+            --batch 1,8,32 --max-cell-tokens 300000 --json "$RES/qwen3_24l_long.json" 2>&1 \
+            | tee "$RES/qwen3_24l_long.out" | grep "^| [0-9]"
     }
     both
 fi

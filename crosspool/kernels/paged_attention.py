@@ -51,10 +51,6 @@ TARGET_KEYS_PER_SPLIT = env_int("CROSSPOOL_TARGET_KEYS_PER_SPLIT", 1024, minimum
 LONG_WAVES = env_int("CROSSPOOL_LONG_SPLIT_WAVES", 8, minimum=1)
 DECODE_BLOCK_N = env_int("CROSSPOOL_DECODE_BLOCK_N", 64, minimum=16)
 DECODE_WARPS = env_int("CROSSPOOL_DECODE_WARPS", 4, minimum=1)
-# The combine's walk over the splits (CROSSPOOL_COMBINE_CHUNK): 0, one split at a time (each part's load waits
-# for its log-sum-exp); N, N splits' parts loaded at once as one tile (not yet timed on the H200: session 11 saw
-# the one-at-a-time walk take 4.8 us a layer over Qwen3's 64 splits at batch 1, of which 9 held keys)
-COMBINE_CHUNK = env_int("CROSSPOOL_COMBINE_CHUNK", 0)
 
 @triton.jit
 def _attend(
@@ -232,11 +228,12 @@ def _combine_kernel(
     part_ptr, lse_ptr, out_ptr, num_heads,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_HC: tl.constexpr, CHUNK_S: tl.constexpr,
+    BLOCK_HC: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     """out[t, h] = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max) (log-sum-exp merge, base 2), for
-    BLOCK_HC heads of one token per program: one split at a time (CHUNK_S 0) or CHUNK_S splits' parts per load."""
+    BLOCK_HC heads of one token per program, one split at a time (loading several splits' parts as one tile was
+    slower on the H200: session 12, benchmarks section 7)."""
     pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_HC + tl.arange(0, BLOCK_HC)
@@ -253,20 +250,10 @@ def _combine_kernel(
     o_mask = h_ok[:, None] & (offs_dv[None, :] < DV)
     part_rows = part_ptr + t * stride_pt + heads[:, None] * stride_ph + offs_dv[None, :]
     # an empty split's part (weight 0) is not read
-    if CHUNK_S == 0:
-        for s in tl.static_range(NUM_SPLITS):
-            w = tl.exp2(tl.load(lse_row + s, mask=h_ok, other=float("-inf")) - m)
-            total += w
-            o += w[:, None] * tl.load(part_rows + s * stride_ps, mask=o_mask & (w > 0)[:, None], other=0.0)
-    else:
-        for s0 in tl.static_range(0, BLOCK_S, CHUNK_S):
-            offs_c = s0 + tl.arange(0, CHUNK_S)
-            w = tl.exp2(tl.load(lse_row[:, None] + offs_c[None, :],
-                                mask=h_ok[:, None] & (offs_c[None, :] < NUM_SPLITS), other=float("-inf")) - m[:, None])
-            total += tl.sum(w, 1)
-            parts = tl.load(part_rows[:, None, :] + offs_c[None, :, None] * stride_ps,
-                            mask=o_mask[:, None, :] & (w > 0)[:, :, None], other=0.0)
-            o += tl.sum(w[:, :, None] * parts, 1)
+    for s in tl.static_range(NUM_SPLITS):
+        w = tl.exp2(tl.load(lse_row + s, mask=h_ok, other=float("-inf")) - m)
+        total += w
+        o += w[:, None] * tl.load(part_rows + s * stride_ps, mask=o_mask & (w > 0)[:, None], other=0.0)
     o = o / tl.where(total > 0, total, 1.0)[:, None]
     tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
              mask=o_mask)
@@ -356,15 +343,11 @@ def _combine(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
     # enough programs to spread the merge over the GPU: at batch 1 one program per head (a single program
     # walking every head's splits took longer than the attention itself)
     block_hc = min(next_pow2(hq), max(1, 4096 // next_pow2(dv)), next_pow2(cdiv(t * hq, 2 * num_sms(out.device))))
-    # a chunk's tile ([heads, splits, Dv] fp32) of at most 8K elements
-    chunk = min(next_pow2(COMBINE_CHUNK), next_pow2(num_splits), max(1, 8192 // next_pow2(dv))) if COMBINE_CHUNK else 0
-    if chunk:
-        block_hc = min(block_hc, max(1, 8192 // (chunk * next_pow2(dv))))
     _combine_kernel[(t, cdiv(hq, block_hc))](
         part, lse, out, hq,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits), DV=dv, BLOCK_DV=next_pow2(dv), BLOCK_HC=block_hc,
-        CHUNK_S=chunk, **pdl.options(out.device),
+        **pdl.options(out.device),
     )
 
 

@@ -49,7 +49,7 @@ class FFNSide:
             for t in gemv.token_tiles():
                 x = torch.zeros(t, router.shape[1], dtype=router.dtype, device=router.device)
                 self._route(w, x)
-                if self.takes_pending_norm():       # ... and with the post-attention norm inside the GEMM
+                if self.takes_pending_norm() and t <= gemv.ROUTER_NORM:       # ... and with the post-attention norm inside the GEMM
                     from crosspool.kernels.routing import norm_route_linear
 
                     assert self.spec.routing is not None
@@ -61,7 +61,7 @@ class FFNSide:
 
     def takes_pending_norm(self) -> bool:
         """Whether `forward_partial` should get the post-attention norm undone (`PendingNorm`), to run it inside
-        its router GEMV (`gemv.ROUTER_NORM`)."""
+        its router GEMV at up to `gemv.ROUTER_NORM` tokens."""
         from crosspool.kernels import gemv
 
         return self.triton and self._fused_route and bool(gemv.ROUTER_NORM)
@@ -76,7 +76,7 @@ class FFNSide:
         if isinstance(x, PendingNorm):
             from crosspool.kernels import gemv
 
-            if "router" in w and self._fused_route and x.delta.shape[0] <= gemv.MAX_GEMV_TOKENS:
+            if "router" in w and self._fused_route and x.delta.shape[0] <= min(gemv.ROUTER_NORM, gemv.MAX_GEMV_TOKENS):
                 from crosspool.kernels.routing import norm_route_linear
 
                 assert self.spec.routing is not None
