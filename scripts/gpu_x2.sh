@@ -31,6 +31,8 @@
 #   bash scripts/gpu_x2.sh s10        # A: the kernels' GPU tests | B: engine GPU bit tests, decode with TMA experts
 #                                     #    on (default) / off at batch 1-32
 #   bash scripts/gpu_x2.sh s10q       # Qwen3-30B-A3B (24 layers) at 1k: A: defaults, batch 1-32 | B: TMA experts off
+#   bash scripts/gpu_x2.sh early      # A: GPU tests and the kernel alone, the fused attention's loads first (off / on)
+#                                     #    | B: OLMoE decode at batch 1, off / on
 #   bash scripts/gpu_x2.sh s12        # A: GPU tests of session 11's builds, the router norm by token count | B: the
 #                                     #    Qwen3 table's 8k/32k rows, Qwen3 1k in a serving bucket
 #   bash scripts/gpu_x2.sh combine    # A: GPU tests of the tiled combine, split sweep per chunk | B: Qwen3 1k in a
@@ -422,6 +424,24 @@ if [ "$stage" = s11 ]; then  # issue 4, session 11: session 10's two builds, not
         # combine: o_proj leaves cuBLAS)
         VT=120 BATCHES=1,8 variants "" CROSSPOOL_ROUTE_WARPS=4 CROSSPOOL_OPROJ_MERGE_ROWS=1 CROSSPOOL_GEMV_ROWS=1 \
             "" CROSSPOOL_OPROJ_MERGE_ROWS=1
+    }
+    both
+fi
+
+if [ "$stage" = early ]; then   # issue 4, session 12: the fused attention kernel with its loads issued first and
+                               # the new key's norm after the walk (CROSSPOOL_FUSED_EARLY_LOADS=1) | A: its GPU
+                               # tests, the kernel alone (graph-replayed, cold caches) | B: OLMoE decode at batch 1
+    job_a() {
+        t 200 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py -k "early_loads or rope_decode_attention" \
+            2>&1 | tail -2
+        for v in 0 1 0 1; do
+            CROSSPOOL_FUSED_EARLY_LOADS=$v t 60 python3 scripts/stream_probe.py --attention 2>&1 \
+                | tee -a "$RES/attention_probe_early.txt" | grep "^| [fp]" | sed "s/^/early $v: /"
+        done
+    }
+    job_b() {
+        ckpt olmoe-1b-7b $OLMOE
+        VT=45 BATCHES=1 variants "" CROSSPOOL_FUSED_EARLY_LOADS=1 "" CROSSPOOL_FUSED_EARLY_LOADS=1
     }
     both
 fi
