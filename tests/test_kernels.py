@@ -610,19 +610,6 @@ def test_rope_decode_attention_in_blocks_of_128_keys(kind: str | None, monkeypat
     test_rope_decode_attention(torch.float16, 4, 2, kind, False, 3, monkeypatch, block_n=128)
 
 
-@pytest.mark.parametrize("kind", [None, "head", "full"])
-@pytest.mark.parametrize("dtype,num_splits", [(torch.float32, 3), (torch.float16, 1)])
-def test_rope_decode_attention_with_early_loads(kind: str | None, dtype: torch.dtype, num_splits: int,
-                                                monkeypatch) -> None:  # noqa: ANN001
-    """The fused kernel with its loads issued first and the new key's norm and rotation after the cache walk
-    (`rope_decode.EARLY_LOADS`): the same output and caches as the two-kernel path and the torch reference, GQA
-    group 2, with and without splits."""
-    from crosspool.kernels import rope_decode
-
-    monkeypatch.setattr(rope_decode, "EARLY_LOADS", 1)
-    test_rope_decode_attention(dtype, 4, 2, kind, kind == "head", num_splits, monkeypatch)
-
-
 def _same_greedy_tokens_with_switch(model: str, monkeypatch, seed: int, switch: tuple, spy: tuple) -> None:  # noqa: ANN001
     """The engine on the Triton kernels with CUDA graphs (on CPU replayed eagerly) decodes three prompts (positions
     crossing blocks of 4; a batch of 3 replays bucket 4, one padding row) with `switch` = (module, name) at 0 and at

@@ -114,51 +114,13 @@ def _load_halves(x_ptr, head_offs, ok, w_ptr, num_heads, eps, row_sq, HALF: tl.c
     1 (per head, weight [dim]), 2 (over all heads, all of them loaded here, weight [heads * dim]) or 3 (as 2,
     but only some heads are loaded here: `row_sq` is the whole row's `_sum_squares`), rounded as
     `torch_ref.rms_norm` rounds (normalize in fp32, round to the input dtype, scale by the weight, round again)."""
-    x1, x2 = _raw_halves(x_ptr, head_offs, ok, HALF, BLOCK_HALF, INTERLEAVED)
-    w1, w2 = _norm_weights(w_ptr, head_offs, ok, x1, x2, HALF, BLOCK_HALF, INTERLEAVED, NORM)
-    return _normed(x1, x2, w1, w2, num_heads, eps, row_sq, HALF, NORM)
-
-
-@triton.jit
-def _half_columns(HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Columns of a head's first and second rope halves."""
     offs = tl.arange(0, BLOCK_HALF)
     if INTERLEAVED:
         first, second = 2 * offs, 2 * offs + 1
     else:
         first, second = offs, offs + HALF
-    return first, second
-
-
-@triton.jit
-def _raw_halves(x_ptr, head_offs, ok, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """`_load_halves`'s loads: the heads' two halves as stored."""
-    first, second = _half_columns(HALF, BLOCK_HALF, INTERLEAVED)
     x1 = tl.load(x_ptr + head_offs[:, None] + first[None, :], mask=ok, other=0.0)
     x2 = tl.load(x_ptr + head_offs[:, None] + second[None, :], mask=ok, other=0.0)
-    return x1, x2
-
-
-@triton.jit
-def _norm_weights(w_ptr, head_offs, ok, x1, x2, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                  INTERLEAVED: tl.constexpr, NORM: tl.constexpr):
-    """The norm weights `_normed` scales the halves x1, x2 by (x1, x2 themselves without a norm: unused)."""
-    if NORM == 0:
-        w1, w2 = x1, x2
-    else:
-        first, second = _half_columns(HALF, BLOCK_HALF, INTERLEAVED)
-        if NORM == 1:
-            w_row = tl.zeros_like(head_offs)[:, None]
-        else:
-            w_row = head_offs[:, None]     # heads are contiguous in the row (checked by the wrapper)
-        w1 = tl.load(w_ptr + w_row + first[None, :], mask=ok, other=0.0)
-        w2 = tl.load(w_ptr + w_row + second[None, :], mask=ok, other=0.0)
-    return w1, w2
-
-
-@triton.jit
-def _normed(x1, x2, w1, w2, num_heads, eps, row_sq, HALF: tl.constexpr, NORM: tl.constexpr):
-    """`_load_halves`'s arithmetic on halves and weights already loaded."""
     dtype = x1.dtype
     x1 = x1.to(tl.float32)
     x2 = x2.to(tl.float32)
@@ -166,29 +128,25 @@ def _normed(x1, x2, w1, w2, num_heads, eps, row_sq, HALF: tl.constexpr, NORM: tl
         sq = x1 * x1 + x2 * x2
         if NORM == 1:
             rstd = tl.rsqrt(tl.sum(sq, 1) / (2 * HALF) + eps)[:, None]
+            w_row = tl.zeros_like(head_offs)[:, None]
         else:
             if NORM == 2:
                 row_sq = tl.sum(tl.sum(sq, 1), 0)
             rstd = tl.rsqrt(row_sq / (2 * HALF * num_heads) + eps)
-        x1 = (w1.to(tl.float32) * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        x2 = (w2.to(tl.float32) * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            w_row = head_offs[:, None]     # heads are contiguous in the row (checked by the wrapper)
+        w1 = tl.load(w_ptr + w_row + first[None, :], mask=ok, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + w_row + second[None, :], mask=ok, other=0.0).to(tl.float32)
+        x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     return x1, x2
-
-
-@triton.jit
-def _squares(x1, x2):
-    """fp32 sum of squares of raw halves, in `_sum_squares`'s order."""
-    x1 = x1.to(tl.float32)
-    x2 = x2.to(tl.float32)
-    return tl.sum(tl.sum(x1 * x1 + x2 * x2, 1), 0)
 
 
 @triton.jit
 def _sum_squares(x_ptr, head_offs, ok, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
     """fp32 sum of squares of a token's heads, summed in `_load_halves`'s order for NORM 2 (so NORM 3 over a
     subset of the heads normalizes them as NORM 2 over all of them does)."""
-    x1, x2 = _raw_halves(x_ptr, head_offs, ok, HALF, BLOCK_HALF, INTERLEAVED)
-    return _squares(x1, x2)
+    x1, x2 = _load_halves(x_ptr, head_offs, ok, x_ptr, 1, 0.0, 0.0, HALF, BLOCK_HALF, INTERLEAVED, 0)
+    return tl.sum(tl.sum(x1 * x1 + x2 * x2, 1), 0)
 
 
 @triton.jit

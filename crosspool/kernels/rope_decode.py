@@ -16,15 +16,7 @@ import triton.language as tl
 
 from crosspool.kernels import pdl
 from crosspool.kernels._common import block_dim, cdiv, dot_precision, env_int, next_pow2
-from crosspool.kernels.norm_rope import (
-    _load_halves,
-    _norm_weights,
-    _normed,
-    _raw_halves,
-    _squares,
-    _sum_squares,
-    qk_norm_args,
-)
+from crosspool.kernels.norm_rope import _load_halves, _sum_squares, qk_norm_args
 from crosspool.kernels.paged_attention import (
     DECODE_WARPS,
     LOG2E,
@@ -44,10 +36,10 @@ FUSED_ROPE_ROWS = env_int("CROSSPOOL_FUSED_ROPE_ROWS", 1)
 # H200 than the plain kernel's 64 (OLMoE batch 1 at 1k, docs/benchmarks.md section 7: the kernel alone 10.9 -> 9.7
 # us; a decode step 1.12 -> 1.10 ms in session 10's same-call comparison, its GPU tests passed).
 BLOCK_N_KEYS = env_int("CROSSPOOL_FUSED_BLOCK_N", 128, minimum=16)
-# the kernel's loads of q, k, v, their norm weights, cos/sin and the slot all issued before any of them is waited
-# on, and the new key's norm and rotation after the cache walk (CROSSPOOL_FUSED_EARLY_LOADS=1; off until timed on
-# the H200). Its sm_90 code otherwise waits on about six loads in turn before the walk's first block arrives.
-EARLY_LOADS = env_int("CROSSPOOL_FUSED_EARLY_LOADS", 0)
+# Tried and removed (session 12): every prologue load (q, k, v, norm weights, cos/sin, slot) issued before the
+# first wait, and the new key's norm after the cache walk. Its sm_90 code did issue them in one burst, but the
+# kernel alone took 10.6 against 10.2-10.7 us, unsplit 26.2 against 21.5, and a batch-1 OLMoE step 1.08 against
+# 1.06 ms (the raw values stay live in registers across the walk). docs/benchmarks.md section 7, session 12.
 
 
 def fused_for(rows: int) -> bool:
@@ -91,7 +83,7 @@ def _rope_decode_kernel(
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EARLY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     """Decode attention with `rope_write_kv` folded in: the program of (sequence, KV head, head block, split)
@@ -116,37 +108,6 @@ def _rope_decode_kernel(
     row_ok = group_head < GROUP
     head = kv_head * GROUP + group_head
     tok = tl.zeros([BLOCK_H], tl.int64) + t
-    offs_half = tl.arange(0, BLOCK_HALF)
-    half_ok = offs_half < HALF
-    q_row = q_ptr + t * stride_qt
-    q_ok = row_ok[:, None] & half_ok[None, :]
-    k_row = k_ptr + t * stride_kt
-    one = tl.zeros([1], tl.int32)           # the new token's k and v of this KV head, as one-row tiles
-    k_ok = (one == 0)[:, None] & half_ok[None, :]
-    k_offs = one + kv_head * stride_kh
-    offs_dv = tl.arange(0, BLOCK_DV)
-    v_ok = (one == 0)[:, None] & (offs_dv < DV)[None, :]
-    if EARLY:
-        # every load that needs only the program's coordinates goes out before anything waits on a load (the
-        # context length included), so they cost one round trip; the k side's arithmetic runs after the walk
-        c_raw = tl.load(cos_ptr + t * stride_ct + offs_half, mask=half_ok, other=0.0)
-        s_raw = tl.load(sin_ptr + t * stride_st + offs_half, mask=half_ok, other=0.0)
-        qx1, qx2 = _raw_halves(q_row, head * stride_qh, q_ok, HALF, BLOCK_HALF, INTERLEAVED)
-        qw1, qw2 = _norm_weights(q_norm_ptr, head * stride_qh, q_ok, qx1, qx2, HALF, BLOCK_HALF, INTERLEAVED, NORM)
-        kx1, kx2 = _raw_halves(k_row, k_offs, k_ok, HALF, BLOCK_HALF, INTERLEAVED)
-        kw1, kw2 = _norm_weights(k_norm_ptr, k_offs, k_ok, kx1, kx2, HALF, BLOCK_HALF, INTERLEAVED, NORM)
-        q_sq = 0.0
-        k_sq = 0.0
-        if NORM == 3:
-            q_all = tl.arange(0, BLOCK_HQ)
-            k_all = tl.arange(0, BLOCK_HKV)
-            qa1, qa2 = _raw_halves(q_row, q_all * stride_qh, (q_all < num_q_heads)[:, None] & half_ok[None, :],
-                                   HALF, BLOCK_HALF, INTERLEAVED)
-            ka1, ka2 = _raw_halves(k_row, k_all * stride_kh, (k_all < num_kv_heads)[:, None] & half_ok[None, :],
-                                   HALF, BLOCK_HALF, INTERLEAVED)
-        v_new = tl.load(v_ptr + t * stride_vt + kv_head * stride_vh + one[:, None] + offs_dv[None, :], mask=v_ok,
-                        other=0.0).to(v_cache_ptr.dtype.element_ty)
-        slot = tl.load(slots_ptr + seq)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
@@ -155,28 +116,32 @@ def _rope_decode_kernel(
         _store_rows(m, l_sum, acc, out_ptr, lse_ptr, tok, head, row_ok, split, stride_ot, stride_oh, stride_os,
                     stride_lt, stride_lh, DV, BLOCK_DV, NUM_SPLITS)
         return
+    offs_half = tl.arange(0, BLOCK_HALF)
+    half_ok = offs_half < HALF
     # as `rope_write_kv`: cos/sin rounded to the activations' dtype, normed q/k rounded before the rotation
     dtype = q_ptr.dtype.element_ty
-    if EARLY:
-        if NORM == 3:
-            q_sq = _squares(qa1, qa2)
-        x1, x2 = _normed(qx1, qx2, qw1, qw2, num_q_heads, eps, q_sq, HALF, NORM)
-    else:
-        c_raw = tl.load(cos_ptr + t * stride_ct + offs_half, mask=half_ok, other=0.0)
-        s_raw = tl.load(sin_ptr + t * stride_st + offs_half, mask=half_ok, other=0.0)
-        x1, x2 = _normed_halves(q_row, head * stride_qh, q_ok, stride_qh, q_norm_ptr, num_q_heads, eps, BLOCK_HQ,
-                                HALF, BLOCK_HALF, INTERLEAVED, NORM)
-    c = c_raw.to(dtype).to(tl.float32)[None, :]
-    s = s_raw.to(dtype).to(tl.float32)[None, :]
+    c = tl.load(cos_ptr + t * stride_ct + offs_half, mask=half_ok, other=0.0).to(dtype).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + t * stride_st + offs_half, mask=half_ok, other=0.0).to(dtype).to(tl.float32)[None, :]
+
+    x1, x2 = _normed_halves(q_ptr + t * stride_qt, head * stride_qh, row_ok[:, None] & half_ok[None, :], stride_qh,
+                            q_norm_ptr, num_q_heads, eps, BLOCK_HQ, HALF, BLOCK_HALF, INTERLEAVED, NORM)
     q1 = (x1 * c - x2 * s).to(dtype)
     q2 = (x2 * c + x1 * s).to(dtype)
 
-    if not EARLY:
-        k1, k2 = _normed_halves(k_row, k_offs, k_ok, stride_kh, k_norm_ptr, num_kv_heads, eps, BLOCK_HKV, HALF,
-                                BLOCK_HALF, INTERLEAVED, NORM)
-        v_new = tl.load(v_ptr + t * stride_vt + kv_head * stride_vh + one[:, None] + offs_dv[None, :], mask=v_ok,
-                        other=0.0).to(v_cache_ptr.dtype.element_ty)
+    # the new token's k (this KV head, as a one-row tile), rounded as the cache stores it, and its v
+    one = tl.zeros([1], tl.int32)
+    k_ok = (one == 0)[:, None] & half_ok[None, :]
+    k1, k2 = _normed_halves(k_ptr + t * stride_kt, one + kv_head * stride_kh, k_ok, stride_kh, k_norm_ptr,
+                            num_kv_heads, eps, BLOCK_HKV, HALF, BLOCK_HALF, INTERLEAVED, NORM)
+    kc_dtype = k_cache_ptr.dtype.element_ty
+    kr1 = (k1 * c - k2 * s).to(k_ptr.dtype.element_ty).to(kc_dtype)
+    kr2 = (k2 * c + k1 * s).to(k_ptr.dtype.element_ty).to(kc_dtype)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    v_ok = (one == 0)[:, None] & (offs_dv < DV)[None, :]
+    v_new = tl.load(v_ptr + t * stride_vt + kv_head * stride_vh + one[:, None] + offs_dv[None, :], mask=v_ok,
+                    other=0.0).to(v_cache_ptr.dtype.element_ty)
 
+    owner = (lo <= ctx - 1) & (ctx - 1 < lo + per_split)
     q_pos = tl.zeros([BLOCK_H], tl.int32) + (ctx - 1)
     m, l_sum, acc = _attend(q1, q2, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, lo,
                             hi, q_pos, m, l_sum, acc, scale_log2,
@@ -184,17 +149,7 @@ def _rope_decode_kernel(
                             HALF, BLOCK_HALF, HALF, BLOCK_HALF, DV, BLOCK_DV, False, PAGE_SIZE, BLOCK_N,
                             DOT_PRECISION)
 
-    if EARLY:
-        if NORM == 3:
-            k_sq = _squares(ka1, ka2)
-        k1, k2 = _normed(kx1, kx2, kw1, kw2, num_kv_heads, eps, k_sq, HALF, NORM)
-    # the new token's k, rounded as the cache stores it
-    kc_dtype = k_cache_ptr.dtype.element_ty
-    kr1 = (k1 * c - k2 * s).to(k_ptr.dtype.element_ty).to(kc_dtype)
-    kr2 = (k2 * c + k1 * s).to(k_ptr.dtype.element_ty).to(kc_dtype)
-
     # the new token's key and value, folded in by the owner only (-inf elsewhere: alpha 1, p 0)
-    owner = (lo <= ctx - 1) & (ctx - 1 < lo + per_split)
     s_new = tl.sum(q1.to(tl.float32) * kr1.to(tl.float32), 1) + tl.sum(q2.to(tl.float32) * kr2.to(tl.float32), 1)
     s_new = tl.where(owner, s_new * scale_log2, float("-inf"))
     m_new = tl.maximum(m, s_new)
@@ -206,8 +161,7 @@ def _rope_decode_kernel(
     acc = acc * alpha[:, None] + p.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)
     m = m_new
 
-    if not EARLY:
-        slot = tl.load(slots_ptr + seq)
+    slot = tl.load(slots_ptr + seq)
     if owner & (head_block == 0) & (slot >= 0):     # one writer per (sequence, KV head); padding slots are < 0
         page = slot // PAGE_SIZE
         offset = slot % PAGE_SIZE
@@ -266,7 +220,7 @@ def rope_decode_attention(
         HALF=d // 2, BLOCK_HALF=block_dim(d // 2), DV=dv, BLOCK_DV=block_dim(dv),
         PAGE_SIZE=page_size, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_HQ=next_pow2(hq), BLOCK_HKV=next_pow2(hkv), INTERLEAVED=interleaved, NORM=norm,
-        DOT_PRECISION=dot_precision(q.dtype), EARLY=bool(EARLY_LOADS),
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=DECODE_WARPS if block_h <= 32 else 8, **pdl.options(q.device),
     )
     if num_splits > 1:
