@@ -31,6 +31,7 @@
 #   bash scripts/gpu_x2.sh s10        # A: the kernels' GPU tests | B: engine GPU bit tests, decode with TMA experts
 #                                     #    on (default) / off at batch 1-32
 #   bash scripts/gpu_x2.sh s10q       # Qwen3-30B-A3B (24 layers) at 1k: A: defaults, batch 1-32 | B: TMA experts off
+#   bash scripts/gpu_x2.sh classes    # A | B: Qwen3 1k in a serving bucket, graphs per context class | one class
 #   bash scripts/gpu_x2.sh early      # A: GPU tests and the kernel alone, the fused attention's loads first (off / on)
 #                                     #    | B: OLMoE decode at batch 1, off / on
 #   bash scripts/gpu_x2.sh s12        # A: GPU tests of session 11's builds, the router norm by token count | B: the
@@ -425,6 +426,20 @@ if [ "$stage" = s11 ]; then  # issue 4, session 11: session 10's two builds, not
         VT=120 BATCHES=1,8 variants "" CROSSPOOL_ROUTE_WARPS=4 CROSSPOOL_OPROJ_MERGE_ROWS=1 CROSSPOOL_GEMV_ROWS=1 \
             "" CROSSPOOL_OPROJ_MERGE_ROWS=1
     }
+    both
+fi
+
+if [ "$stage" = classes ]; then   # issue 4, session 12: Qwen3 1k in a serving bucket (graphs sized for 40,960
+                                 # keys) with graphs per context class (defaults) | one class
+                                 # (CROSSPOOL_GRAPH_SHORT_CONTEXT=0); each row is its GPU's first run (compiles)
+    qwen3_serving() {
+        t 330 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 --batch 1,8 \
+            --max-model-len 40960 --label "$1" --json "$RES/qwen3_1k_serving_$1.json" 2>&1 | grep "^| 1024" \
+            | sed "s/^/$1, mml 40960: /"
+    }
+    job_a() { ckpt qwen3-30b-a3b /tmp/qwen3 24; qwen3_serving classes; }
+    job_b() { while [ ! -f /tmp/qwen3/.complete ] && [ "$(date +%s)" -lt "$deadline" ]; do sleep 2; done
+              CROSSPOOL_GRAPH_SHORT_CONTEXT=0 qwen3_serving oneclass; }
     both
 fi
 
