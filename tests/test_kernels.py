@@ -175,12 +175,14 @@ def test_combine_skips_empty_splits() -> None:
 
 
 def test_default_split_plan_follows_the_context(monkeypatch) -> None:  # noqa: ANN001
-    """`default_split_plan` on an H200 (132 SMs), the session-11 sweep's cases: a graph bucket sized for a long
-    context holds enough splits for it, while short contexts still run the two-wave count."""
+    """`default_split_plan` on an H200 (132 SMs), the session-11 and -12 sweeps' cases: a graph bucket of few
+    tiles sized for a long context holds enough splits for it, while short contexts still run the two-wave count,
+    and grids of many tiles run the two-wave count at any context."""
     from crosspool.kernels import paged_attention as pa
 
     monkeypatch.setattr(pa, "num_sms", lambda device: 132)
-    for name, value in (("MIN_KEYS_PER_SPLIT", 128), ("TARGET_KEYS_PER_SPLIT", 1024), ("LONG_WAVES", 8)):
+    for name, value in (("MIN_KEYS_PER_SPLIT", 128), ("TARGET_KEYS_PER_SPLIT", 1024), ("LONG_WAVES", 8),
+                        ("LONG_SMS_PER_TILE", 4)):
         monkeypatch.setattr(pa, name, value)
     cpu = torch.device("cpu")
     # Qwen3-30B-A3B at batch 8 (32 sequence x KV-head tiles), a serving bucket of 40,960 keys, blocks of 64
@@ -190,9 +192,14 @@ def test_default_split_plan_follows_the_context(monkeypatch) -> None:  # noqa: A
     # OLMoE at batch 1 (16 tiles), 4,096 keys, the fused kernel's blocks of 128: the two-wave rule
     plan = pa.default_split_plan(16, cpu, 4096)
     assert plan.splits == 17 and [plan.used(c, 128) for c in (1024, 4096)] == [8, 16]
-    # OLMoE at batch 8 (128 tiles): 4 splits for 4,096 keys; an eager step of 300 keys: 3
-    assert pa.default_split_plan(128, cpu, 4096).splits == 4
+    # OLMoE at batch 8 or Qwen3 at batch 32 (128 tiles, more than one per 4 SMs): the two-wave 3 splits at any
+    # context (session 12's sweep: 8 lost at 8k), an eager step of 300 keys too; 512 tiles: one split
+    for longest in (4096, 8192, 40960):
+        plan = pa.default_split_plan(128, cpu, longest)
+        assert (plan.splits, plan.wave_splits) == (3, 3)
+        assert [plan.used(c, 64) for c in (1024, 8192, longest)] == [3, 3, 3]
     assert pa.default_split_plan(128, cpu, 300).used(300, 64) == 3
+    assert pa.default_split_plan(512, cpu, 40960).splits == 1
     # Qwen3 at batch 1 (4 tiles): the cap
     assert pa.default_split_plan(4, cpu, 40960).splits == pa.MAX_SPLITS
     # an explicit count divides every context evenly, as before plans

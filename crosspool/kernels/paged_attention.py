@@ -49,6 +49,11 @@ MIN_KEYS_PER_SPLIT = env_int("CROSSPOOL_MIN_KEYS_PER_SPLIT", 128, minimum=1)
 # rule alone). The H200 sweep behind these is docs/benchmarks.md section 7, session 11.
 TARGET_KEYS_PER_SPLIT = env_int("CROSSPOOL_TARGET_KEYS_PER_SPLIT", 1024, minimum=1)
 LONG_WAVES = env_int("CROSSPOOL_LONG_SPLIT_WAVES", 8, minimum=1)
+# ... only for grids of few (sequence, KV head, head block) tiles: at most one per LONG_SMS_PER_TILE SMs
+# (CROSSPOOL_LONG_SMS_PER_TILE; 1: up to one per SM). Session 12's sweep: 32 tiles (Qwen3 at batch 8) gain at 32k
+# (146.7 us with 36 splits against 167.4 with 9), while 128 tiles (Qwen3 at batch 32) lose at 8k (136.6 us with the
+# two-wave 3 against 151.7 with 8), and 512 (OLMoE at batch 32) too (481.3 with 1 against 511.0 with 3).
+LONG_SMS_PER_TILE = env_int("CROSSPOOL_LONG_SMS_PER_TILE", 4, minimum=1)
 DECODE_BLOCK_N = env_int("CROSSPOOL_DECODE_BLOCK_N", 64, minimum=16)
 DECODE_WARPS = env_int("CROSSPOOL_DECODE_WARPS", 4, minimum=1)
 
@@ -299,12 +304,16 @@ def default_split_plan(programs: int, device: torch.device, max_context_len: int
     """Enough splits to fill about two waves of the GPU (never under MIN_KEYS_PER_SPLIT keys each when the
     longest context is known) and, for long contexts, splits of about TARGET_KEYS_PER_SPLIT keys up to about
     LONG_WAVES waves of programs (at most MAX_SPLITS). Fixed per (batch, heads) bucket, so a CUDA graph keeps
-    it; each sequence divides its own context (`split_keys`), so short contexts run the two-wave count."""
+    it; each sequence divides its own context (`split_keys`), so short contexts run the two-wave count. Grids of
+    more than one tile per LONG_SMS_PER_TILE SMs run the two-wave rule alone."""
+    wave = two_wave_splits(programs, device)
+    if programs * LONG_SMS_PER_TILE > num_sms(device):
+        return SplitPlan(two_wave_splits(programs, device, max_context_len), wave, TARGET_KEYS_PER_SPLIT)
     long = cdiv(LONG_WAVES * num_sms(device), max(programs, 1))
     if max_context_len is not None:
         long = min(long, cdiv(max_context_len, TARGET_KEYS_PER_SPLIT))
     splits = max(two_wave_splits(programs, device, max_context_len), min(long, MAX_SPLITS))
-    return SplitPlan(splits, two_wave_splits(programs, device), TARGET_KEYS_PER_SPLIT)
+    return SplitPlan(splits, wave, TARGET_KEYS_PER_SPLIT)
 
 
 def two_wave_splits(programs: int, device: torch.device, max_context_len: int | None = None) -> int:
