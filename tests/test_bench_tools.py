@@ -90,6 +90,9 @@ def test_decode_bench_on_one_device_and_on_the_split_layout(tiny_models, tmp_pat
         rows[name] = result["rows"]
         assert [(r["batch"], r["context"]) for r in rows[name]] == [(1, 24), (3, 24)]
         assert all(r["step_ms"] > 0 and r["steps"] > 0 for r in rows[name])
+    # the step's wall time splits into the host's own work and its waits for launched steps' tokens
+    assert all(r["host_wait_ms"] >= 0 and r["host_busy_ms"] > 0
+               and abs(r["host_wait_ms"] + r["host_busy_ms"] - r["step_ms"]) < 1e-6 for r in rows["one"])
     assert all(r["bytes"] > 0 and r["experts_per_moe_layer"] > 0 for r in rows["one"])
     assert all("bytes" not in r for r in rows["split"])
     # on a GPU the cells get a bandwidth from the copy bandwidth: the split cells, without bytes, none (the
@@ -113,6 +116,26 @@ def test_decode_cell_whose_prefill_outlasts_the_output_length(tiny_models, tmp_p
     cell = decode.bench_cell(engine, "m", 8, 96, 10, warmup=1)
     assert cell["steps"] == 10 - 1 - decode.COUNT_STEPS - 1 and cell["step_ms"] > 0
     assert not engine.has_unfinished()
+
+
+def test_engine_counts_the_host_time_blocked_on_launched_tokens(tiny_models) -> None:  # noqa: ANN001
+    """`ServedModel.token_wait_s` (bench decode's host_wait_ms) grows by the time reading a launched step's tokens
+    blocks: here an event that takes 20 ms to complete."""
+    import time
+
+    from crosspool.engine.graphs import LaunchedStep
+
+    engine = create_engine({"m": str(tiny_models("tiny-olmoe"))}, EngineConfig(device="cpu", kv_cache_bytes=2**24))
+    served = engine.models["m"]
+
+    class SlowEvent:
+        def synchronize(self) -> None:
+            time.sleep(0.02)
+
+    before = served.token_wait_s
+    served.launched = LaunchedStep([], torch.zeros(0, dtype=torch.long), SlowEvent())   # type: ignore[arg-type]
+    assert engine._read_launched(served) == [] and served.launched is None
+    assert served.token_wait_s - before >= 0.02
 
 
 def test_results_record_the_commit_given_by_the_run(monkeypatch) -> None:  # noqa: ANN001

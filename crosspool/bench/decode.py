@@ -7,7 +7,9 @@ For each (context, batch): B requests with `context`-token prompts are prefilled
 sequence decoding are timed back to back (no sync between steps, so async decode can overlap them). Reported
 per cell: wall time per step (total / steps), device span of the step (CUDA events around the model's work:
 metadata copies + graph replay, or the eager launches) and the host fraction (1 - span / wall: the time the
-GPU waits for Python); the bytes the step must touch
+GPU waits for Python; it misses the waits inside a span, such as a metadata copy queued after the GPU went
+idle), and the host's own time per step (`host_busy_ms`: wall time less the time blocked on a launched step's
+tokens; near the step time, the host is the bottleneck); the bytes the step must touch
 (`crosspool.bench.traffic`: weights, the experts the batch routed to, counted on the device over the last
 steps, and the KV); the achieved bandwidth (bytes / wall) and its fraction of the device-to-device copy
 bandwidth measured in the same run. `--hf` adds HF transformers' `generate` on the same checkpoint and GPU
@@ -86,12 +88,16 @@ def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: 
         profiler.step()
     pool = engine.kv_pool
     maps = (pool.bundles_mapped, pool.bundles_unmapped, pool.bundles_mapped_on_alloc)
+    waited = served.token_wait_s
     t = time.perf_counter()
     for _ in range(timed - warmup):
         lens.append(sum(s.num_computed + 1 for s in sched.running))
         engine.step()
     sync(engine.device)
     mean_wall = (time.perf_counter() - t) / (timed - warmup)
+    # async decode: the host blocks only on a launched step's tokens; the rest of the wall time is its own work
+    # (a host that never blocks is the bottleneck: the device then waits for it)
+    wait = (served.token_wait_s - waited) / (timed - warmup)
     # KV page (un)mapping during the timed steps: driver calls that may stall the step
     cell["kv_bundles_mapped"], cell["kv_bundles_unmapped"], cell["kv_bundles_mapped_on_alloc"] = (
         now - before for now, before in zip((pool.bundles_mapped, pool.bundles_unmapped,
@@ -116,7 +122,8 @@ def bench_cell(engine: Engine, name: str, batch: int, context: int, output_len: 
         engine.abort(rid)
     while engine.has_unfinished():
         engine.step()
-    cell.update({"steps": timed - warmup, "step_ms": mean_wall * 1e3, "tokens_per_s": batch / mean_wall})
+    cell.update({"steps": timed - warmup, "step_ms": mean_wall * 1e3, "tokens_per_s": batch / mean_wall,
+                 "host_wait_ms": wait * 1e3, "host_busy_ms": (mean_wall - wait) * 1e3})
     if spans:
         span = statistics.mean(spans[-len(lens):])
         cell.update({"device_span_ms": span * 1e3, "host_fraction": max(0.0, 1 - span / mean_wall)})

@@ -60,6 +60,8 @@ class ServedModel:
     runner: ModelRunner | None = None
     draining: bool = False             # being removed: admits no new requests
     launched: LaunchedStep | None = None   # async decode: a step on the device whose tokens are not read yet
+    token_wait_s: float = 0.0          # host time spent blocked on launched steps' tokens (the rest of a step's
+                                       # wall time is host work: bench decode's host_busy_ms)
 
 
 class Engine:
@@ -375,8 +377,10 @@ class Engine:
         launched, served.launched = served.launched, None
         if launched is None:
             return []
+        wait_start = time.perf_counter()
         tokens = launched.wait()
         now = time.perf_counter()
+        served.token_wait_s += now - wait_start
         outputs = []
         for s, token in zip(launched.scheduled, tokens, strict=True):
             if s.seq.finished:          # stopped on an earlier token, or aborted
