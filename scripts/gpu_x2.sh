@@ -64,6 +64,15 @@ export TRITON_CACHE_AUTOTUNING=1
 # here before the call, and carry .run-commit
 [ -f .run-commit ] && export CROSSPOOL_COMMIT=$(cat .run-commit)
 OUT=${OUT:-/tmp/out}; RES=/tmp/res; mkdir -p "$OUT" "$RES"
+# Triton's cache (compiled kernels, autotuning results) from the previous call of the session: each call may get
+# a fresh machine, which otherwise compiles and tunes everything again (a model's first decode row took 150-330 s
+# in session 12). The call leaves the cache in $OUT as triton-cache.tgz.part-* (16 MiB each);
+# `bash scripts/triton_cache.sh FILES_AT` joins them into .triton-cache/ (ignored) for `carry`.
+export TRITON_CACHE_DIR=/tmp/triton-cache
+mkdir -p "$TRITON_CACHE_DIR"
+if [ -f .triton-cache/cache.tgz ]; then
+    tar xzf .triton-cache/cache.tgz -C "$TRITON_CACHE_DIR" && echo "triton cache: $(du -sh "$TRITON_CACHE_DIR" | cut -f1) carried"
+fi
 stage=${1:?usage: gpu_x2.sh split|qwen3|pipeline|serve [a|b]}
 only=${2:-}
 deadline=$(( $(date +%s) + ${BUDGET_S:-545} ))
@@ -615,3 +624,7 @@ if [ "$stage" = serve ]; then   # issue 5's H200 check (closed in session 3; kep
     kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$RES/serve.log"
 fi
 tar czf "$OUT/$stage.tgz" -C "$RES" . && rm -rf "$RES"
+# the cache for the next call (at most 3 parts: $OUT returns 8 files, 64 MiB in all)
+tar czf /tmp/triton-cache.tgz -C "$TRITON_CACHE_DIR" . && split -b 15m /tmp/triton-cache.tgz "$OUT/triton-cache.tgz.part-"
+ls "$OUT"/triton-cache.tgz.part-* | sed -n 4p | grep -q . && { echo "triton cache over 3 parts: not returned"; rm -f "$OUT"/triton-cache.tgz.part-*; }
+echo "triton cache: $(du -h /tmp/triton-cache.tgz | cut -f1) compressed"
