@@ -31,6 +31,9 @@
 #   bash scripts/gpu_x2.sh s10        # A: the kernels' GPU tests | B: engine GPU bit tests, decode with TMA experts
 #                                     #    on (default) / off at batch 1-32
 #   bash scripts/gpu_x2.sh s10q       # Qwen3-30B-A3B (24 layers) at 1k: A: defaults, batch 1-32 | B: TMA experts off
+#   bash scripts/gpu_x2.sh s13        # A: routing inside the router GEMV (GPU tests, OLMoE batch 1 off / on, host
+#                                     #    busy time) | B: Qwen3 8k x 8 / 32, split plans for many tiles against the
+#                                     #    session-11 rule
 #   bash scripts/gpu_x2.sh classes    # A | B: Qwen3 1k in a serving bucket, graphs per context class | one class
 #   bash scripts/gpu_x2.sh early      # A: GPU tests and the kernel alone, the fused attention's loads first (off / on)
 #                                     #    | B: OLMoE decode at batch 1, off / on
@@ -434,6 +437,35 @@ if [ "$stage" = s11 ]; then  # issue 4, session 11: session 10's two builds, not
         # combine: o_proj leaves cuBLAS)
         VT=120 BATCHES=1,8 variants "" CROSSPOOL_ROUTE_WARPS=4 CROSSPOOL_OPROJ_MERGE_ROWS=1 CROSSPOOL_GEMV_ROWS=1 \
             "" CROSSPOOL_OPROJ_MERGE_ROWS=1
+    }
+    both
+fi
+
+if [ "$stage" = s13 ]; then   # issue 4, session 13: A: the routing inside the router GEMV (CROSSPOOL_ROUTE_IN_GEMV=1:
+                             # its GPU tests, 200 racing launches each; OLMoE batch 1 with and without, with the
+                             # host's own time per step) | B: split plans for many tiles in decode (Qwen3 8k x 8 / 32,
+                             # against the session-11 rule, CROSSPOOL_LONG_SMS_PER_TILE=1000)
+    job_a() {
+        t 200 python3 -m pytest -q -m "gpu or not gpu" tests/test_kernels.py \
+            -k "routing_inside or norm_route or router_norm" 2>&1 | tail -2
+        ckpt olmoe-1b-7b $OLMOE
+        VT=50 BATCHES=1 variants "" CROSSPOOL_ROUTE_IN_GEMV=1 "" CROSSPOOL_ROUTE_IN_GEMV=1
+        python3 - "$RES" <<'PY'
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/olmoe_*.json")):
+    for r in json.load(open(f))["rows"]:
+        print(f.split("/")[-1], "batch", r["batch"], "step ms %.3f host busy ms %.3f host wait ms %.3f"
+              % (r["step_ms"], r.get("host_busy_ms", -1), r.get("host_wait_ms", -1)))
+PY
+    }
+    job_b() {
+        ckpt qwen3-30b-a3b /tmp/qwen3 24
+        for v in "" CROSSPOOL_LONG_SMS_PER_TILE=1000; do
+            ( [ -n "$v" ] && export $v; name=${v:-defaults}
+              t 330 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 8192 \
+                  --batch 8,32 --label "$name" --json "$RES/qwen3_8k_${name//=/_}.json" 2>&1 \
+                  | grep "^| 8192" | sed "s/^/$name: /" )
+        done
     }
     both
 fi

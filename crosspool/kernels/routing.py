@@ -36,18 +36,29 @@ def _route_kernel(
     NORMALIZE: tl.constexpr, SPLIT: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
-    """One token's routing. SPLIT == 0: logits_ptr holds the logits [T, E]; SPLIT > 0: the router's skinny-GEMM
-    partials [SPLIT, T, E] (fp32), summed here in order and rounded to round_ptr's dtype, as `gemv` would."""
+    """One token's routing (`route_row`)."""
     pdl_enter(USE_PDL)
-    t = tl.program_id(0).to(tl.int64)
+    route_row(logits_ptr, weights_ptr, ids_ptr, round_ptr, tl.program_id(0).to(tl.int64), num_experts, stride_l,
+              stride_s, scale, eps, TOP_K, BLOCK_K, BLOCK_E, SIGMOID, NORMALIZE, SPLIT)
+
+
+@triton.jit
+def route_row(logits_ptr, weights_ptr, ids_ptr, round_ptr, t, num_experts, stride_l, stride_s, scale, eps,
+              TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
+              NORMALIZE: tl.constexpr, SPLIT: tl.constexpr):
+    """Token t's routing. SPLIT == 0: logits_ptr holds the logits [T, E]; SPLIT > 0: the router's skinny-GEMM
+    partials [SPLIT, T, E] (fp32), summed here in order and rounded to round_ptr's dtype, as `gemv` would. The
+    logits are read past L1 (`.cg`): inside the router GEMV (`gemv.ROUTE_IN_GEMV`) other programs wrote them."""
     offs = tl.arange(0, BLOCK_E)
     ok = offs < num_experts
     if SPLIT == 0:
-        x = tl.load(logits_ptr + t * stride_l + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        x = tl.load(logits_ptr + t * stride_l + offs, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        x = x.to(tl.float32)
     else:
         acc = tl.zeros([BLOCK_E], tl.float32)
         for part in tl.static_range(SPLIT):
-            acc += tl.load(logits_ptr + part * stride_s + t * stride_l + offs, mask=ok, other=0.0)
+            acc += tl.load(logits_ptr + part * stride_s + t * stride_l + offs, mask=ok, other=0.0,
+                           cache_modifier=".cg")
         x = tl.where(ok, acc.to(round_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
     if SIGMOID:
         s = tl.sigmoid(x)
@@ -98,16 +109,28 @@ def route_linear(x: torch.Tensor, router: torch.Tensor, routing: RoutingSpec, *,
 
 
 def norm_route_linear(delta: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                      router: torch.Tensor, routing: RoutingSpec, *, split_k: int | None = None
+                      router: torch.Tensor, routing: RoutingSpec, *, split_k: int | None = None,
+                      counter: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`route_linear(x, router, routing)` with x, h = `norm_rope.add_rms_norm(delta, residual, norm_weight, eps)`
     done inside the router's GEMV (`gemv.norm_gemv_parts`): two kernels for the post-attention norm, the router
-    and the routing. Returns (x, h, weights, ids)."""
+    and the routing, or one with `counter` (a zero int32/int64 scalar tensor, left zero): the GEMV's last
+    program routes. Returns (x, h, weights, ids)."""
     from crosspool.kernels import gemv
 
-    x, h, part, split = gemv.norm_gemv_parts(delta, residual, norm_weight, eps, router, split_k=split_k)
-    weights, ids = _route(part, 0 if split == 1 else split, x, routing)
-    return x, h, weights, ids
+    if counter is None:
+        x, h, part, split = gemv.norm_gemv_parts(delta, residual, norm_weight, eps, router, split_k=split_k)
+        weights, ids = _route(part, 0 if split == 1 else split, x, routing)
+        return x, h, weights, ids
+    assert supports(routing), "group-limited routing uses torch_ref.route"
+    t, k = delta.shape[0], routing.top_k
+    sigmoid = routing.scoring == "sigmoid"
+    args = gemv.RouteArgs(counter, torch.empty(t, k, dtype=torch.float32, device=delta.device),
+                          torch.empty(t, k, dtype=torch.int64, device=delta.device), k,
+                          float(routing.routed_scaling_factor), 1e-20 if sigmoid else 0.0, sigmoid,
+                          routing.norm_topk_prob)
+    x, h, _, _ = gemv.norm_gemv_parts(delta, residual, norm_weight, eps, router, split_k=split_k, route=args)
+    return x, h, args.weights, args.ids
 
 
 def _route(logits: torch.Tensor, split: int, dtype_of: torch.Tensor, routing: RoutingSpec

@@ -49,11 +49,12 @@ class FFNSide:
             for t in gemv.token_tiles():
                 x = torch.zeros(t, router.shape[1], dtype=router.dtype, device=router.device)
                 self._route(w, x)
-                if self.takes_pending_norm() and t <= gemv.ROUTER_NORM:       # ... and with the post-attention norm inside the GEMM
+                if self.takes_pending_norm() and t <= gemv.ROUTER_NORM:   # ... with the norm inside the GEMM
                     from crosspool.kernels.routing import norm_route_linear
 
                     assert self.spec.routing is not None
-                    norm_route_linear(x, x, torch.ones_like(x[0]), 1e-6, router, self.spec.routing)
+                    counter = torch.zeros(1, dtype=torch.long, device=x.device) if gemv.ROUTE_IN_GEMV else None
+                    norm_route_linear(x, x, torch.ones_like(x[0]), 1e-6, router, self.spec.routing, counter=counter)
         return len(shapes)
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -80,8 +81,9 @@ class FFNSide:
                 from crosspool.kernels.routing import norm_route_linear
 
                 assert self.spec.routing is not None
+                counter = x.counter if gemv.ROUTE_IN_GEMV else None
                 normed, x.h, weights, ids = norm_route_linear(x.delta, x.residual, x.weight, x.eps, w["router"],
-                                                              self.spec.routing)
+                                                              self.spec.routing, counter=counter)
                 x, routed = normed, (weights, ids)
             else:
                 x = x.resolve()
