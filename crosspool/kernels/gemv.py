@@ -278,7 +278,8 @@ def norm_gemv_parts(delta: torch.Tensor, residual: torch.Tensor, norm_weight: to
         if route is None:        # the routing arguments are never read
             ptrs, rule, consts = (x, x, x), (1.0, 0.0), {}
         else:
-            ptrs, rule, consts = (route.counter, route.weights, route.ids), (route.scale, route.eps), route.constexprs(n)
+            ptrs, rule = (route.counter, route.weights, route.ids), (route.scale, route.eps)
+            consts = route.constexprs(n)
         _norm_gemv_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), split)](
             delta, residual, norm_weight, w, x, h, out, t, n, k, eps,
             delta.stride(0), residual.stride(0), x.stride(0), h.stride(0), w.stride(0), stride_os, out.stride(-2),
