@@ -457,6 +457,10 @@ for f in sorted(glob.glob(sys.argv[1] + "/olmoe_*.json")):
         print(f.split("/")[-1], "batch", r["batch"], "step ms %.3f host busy ms %.3f host wait ms %.3f"
               % (r["step_ms"], r.get("host_busy_ms", -1), r.get("host_wait_ms", -1)))
 PY
+        # split counts for 64-tile grids (Qwen3 at batch 16), between the 32 that gain from the long rule and the
+        # 128 that lose
+        t 100 python3 -m crosspool.bench.kernels --only splits --batches 16 --contexts 8192,32768 \
+            --json "$RES/kernels_splits_b16.json" 2>&1 | grep "qwen3"
     }
     job_b() {
         ckpt qwen3-30b-a3b /tmp/qwen3 24
