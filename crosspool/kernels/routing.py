@@ -122,31 +122,36 @@ def norm_route_linear(delta: torch.Tensor, residual: torch.Tensor, norm_weight: 
         x, h, part, split = gemv.norm_gemv_parts(delta, residual, norm_weight, eps, router, split_k=split_k)
         weights, ids = _route(part, 0 if split == 1 else split, x, routing)
         return x, h, weights, ids
-    assert supports(routing), "group-limited routing uses torch_ref.route"
-    t, k = delta.shape[0], routing.top_k
-    sigmoid = routing.scoring == "sigmoid"
-    args = gemv.RouteArgs(counter, torch.empty(t, k, dtype=torch.float32, device=delta.device),
-                          torch.empty(t, k, dtype=torch.int64, device=delta.device), k,
-                          float(routing.routed_scaling_factor), 1e-20 if sigmoid else 0.0, sigmoid,
-                          routing.norm_topk_prob)
+    weights, ids = _outputs(delta.shape[0], routing, delta.device)
+    args = gemv.RouteArgs(counter, weights, ids, routing.top_k, *_rule(routing))
     x, h, _, _ = gemv.norm_gemv_parts(delta, residual, norm_weight, eps, router, split_k=split_k, route=args)
-    return x, h, args.weights, args.ids
+    return x, h, weights, ids
+
+
+def _outputs(t: int, routing: RoutingSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (weights [t, k] fp32, expert ids [t, k] int64) for the greedy rules the kernels run."""
+    assert supports(routing), "group-limited routing uses torch_ref.route"
+    return (torch.empty(t, routing.top_k, dtype=torch.float32, device=device),
+            torch.empty(t, routing.top_k, dtype=torch.int64, device=device))
+
+
+def _rule(routing: RoutingSpec) -> tuple[float, float, bool, bool]:
+    """`route_row`'s (scale, eps, SIGMOID, NORMALIZE) for a greedy rule."""
+    sigmoid = routing.scoring == "sigmoid"
+    return float(routing.routed_scaling_factor), 1e-20 if sigmoid else 0.0, sigmoid, routing.norm_topk_prob
 
 
 def _route(logits: torch.Tensor, split: int, dtype_of: torch.Tensor, routing: RoutingSpec
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] (split 0) or K-split partials [split, T, E]; dtype_of: a tensor of the logits' dtype."""
-    assert supports(routing), "group-limited routing uses torch_ref.route"
     t, e = logits.shape[-2:]
     k = routing.top_k
-    weights = torch.empty(t, k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(t, k, dtype=torch.int64, device=logits.device)
+    weights, ids = _outputs(t, routing, logits.device)
     if t:
-        sigmoid = routing.scoring == "sigmoid"
+        scale, eps, sigmoid, normalize = _rule(routing)
         _route_kernel[(t,)](
-            logits, weights, ids, dtype_of, e, logits.stride(-2), logits.stride(0) if split else 0,
-            float(routing.routed_scaling_factor), 1e-20 if sigmoid else 0.0,
-            TOP_K=k, BLOCK_K=next_pow2(k), BLOCK_E=next_pow2(e), SIGMOID=sigmoid, NORMALIZE=routing.norm_topk_prob,
+            logits, weights, ids, dtype_of, e, logits.stride(-2), logits.stride(0) if split else 0, scale, eps,
+            TOP_K=k, BLOCK_K=next_pow2(k), BLOCK_E=next_pow2(e), SIGMOID=sigmoid, NORMALIZE=normalize,
             SPLIT=split, num_warps=max(ROUTE_WARPS, next_pow2(e) // 256), **pdl.options(logits.device),
         )
     return weights, ids
