@@ -143,19 +143,22 @@ fused_rope_check() {
     t 90 python3 -m crosspool.bench.kernels --only attention splits --json "$RES/kernels_attention.json" 2>&1 \
         | grep -v "^{" | tail -20
 }
-# OLMoE decode (ctx 1k, batch 1, 8, 32 or $BATCHES) once per argument, each a list of VAR=VALUE settings ("" = the
-# defaults), each run cut at $VT seconds (default 80; the first 60 s later)
-variants() {
-    local v name first=60      # the first run also compiles and autotunes (on a fresh machine): 60 s more
+# `bench decode` of MODEL with ARGS once per variant (a list of VAR=VALUE settings, "" = the defaults), each run cut
+# at $VT seconds (default 80), the first $FIRST s later (default 60: on a fresh machine it compiles and autotunes);
+# rows printed after the variant's name, JSON in $RES/PREFIX_<name>.json
+decode_variants() {
+    local model=$1 prefix=$2 args=$3 v name first=${FIRST:-60}; shift 3
     for v in "$@"; do
         name=${v:-defaults}
-        ( [ -n "$v" ] && export $v; t $(( ${VT:-80} + first )) python3 -m crosspool.cli bench decode --model $OLMOE \
-            --kv-cache-gb 16 --context 1024 --batch ${BATCHES:-1,8,32} --label "$name" \
-            --json "$RES/olmoe_${name//[ =]/_}.json" 2>&1 \
-            | grep "^| 1024" | sed "s/^/$name: /" )
+        ( [ -n "$v" ] && export $v; t $(( ${VT:-80} + first )) python3 -m crosspool.cli bench decode --model "$model" \
+            $args --label "$name" --json "$RES/${prefix}_${name//[ =]/_}.json" 2>&1 \
+            | grep "^| [0-9]" | sed "s/^/$name: /" )
         first=0
     done
 }
+# OLMoE decode at 1k (batch 1, 8, 32 or $BATCHES) once per variant
+variants() { decode_variants $OLMOE olmoe "--kv-cache-gb 16 --context 1024 --batch ${BATCHES:-1,8,32}" "$@"; }
+QWEN3_SERVING_1K="--kv-cache-gb 60 --context 1024 --max-model-len 40960"
 MM="python3 -m crosspool.bench.multi_model --model $OLMOE --prompt-len 512 --output-len 96 --kv-cache-gb 24 \
     --max-num-seqs 16 --duration-s 15"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$RES/gpus.txt"
@@ -464,12 +467,8 @@ PY
     }
     job_b() {
         ckpt qwen3-30b-a3b /tmp/qwen3 24
-        for v in "" CROSSPOOL_LONG_SMS_PER_TILE=1000; do
-            ( [ -n "$v" ] && export $v; name=${v:-defaults}
-              t 330 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 90 --context 8192 \
-                  --batch 8,32 --label "$name" --json "$RES/qwen3_8k_${name//=/_}.json" 2>&1 \
-                  | grep "^| 8192" | sed "s/^/$name: /" )
-        done
+        VT=330 FIRST=0 decode_variants /tmp/qwen3 qwen3_8k "--kv-cache-gb 90 --context 8192 --batch 8,32" \
+            "" CROSSPOOL_LONG_SMS_PER_TILE=1000
     }
     both
 fi
@@ -477,14 +476,10 @@ fi
 if [ "$stage" = classes ]; then   # issue 4, session 12: Qwen3 1k in a serving bucket (graphs sized for 40,960
                                  # keys) with graphs per context class (defaults) | one class
                                  # (CROSSPOOL_GRAPH_SHORT_CONTEXT=0); each row is its GPU's first run (compiles)
-    qwen3_serving() {
-        t 330 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 --batch 1,8 \
-            --max-model-len 40960 --label "$1" --json "$RES/qwen3_1k_serving_$1.json" 2>&1 | grep "^| 1024" \
-            | sed "s/^/$1, mml 40960: /"
-    }
-    job_a() { ckpt qwen3-30b-a3b /tmp/qwen3 24; qwen3_serving classes; }
+    qwen3_serving() { VT=330 FIRST=0 decode_variants /tmp/qwen3 qwen3_1k_serving "$QWEN3_SERVING_1K --batch 1,8" "$1"; }
+    job_a() { ckpt qwen3-30b-a3b /tmp/qwen3 24; qwen3_serving ""; }
     job_b() { while [ ! -f /tmp/qwen3/.complete ] && [ "$(date +%s)" -lt "$deadline" ]; do sleep 2; done
-              CROSSPOOL_GRAPH_SHORT_CONTEXT=0 qwen3_serving oneclass; }
+              qwen3_serving CROSSPOOL_GRAPH_SHORT_CONTEXT=0; }
     both
 fi
 
@@ -554,12 +549,8 @@ if [ "$stage" = combine ]; then   # issue 4, session 12: serving buckets at shor
     }
     job_b() {
         ckpt qwen3-30b-a3b /tmp/qwen3 24
-        for v in "" CROSSPOOL_COMBINE_CHUNK=16 CROSSPOOL_GRAPH_SHORT_CONTEXT=0; do
-            ( [ -n "$v" ] && export $v; name=${v:-defaults}
-              t 90 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 \
-                  --batch 1,8 --max-model-len 40960 --label "$name" --json "$RES/qwen3_1k_serving_${name//=/_}.json" \
-                  2>&1 | grep "^| 1024" | sed "s/^/$name, mml 40960: /" )
-        done
+        VT=90 FIRST=0 decode_variants /tmp/qwen3 qwen3_1k_serving "$QWEN3_SERVING_1K --batch 1,8" \
+            "" CROSSPOOL_COMBINE_CHUNK=16 CROSSPOOL_GRAPH_SHORT_CONTEXT=0
         t 90 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 --batch 1,8 \
             --json "$RES/qwen3_1k_bench_default.json" 2>&1 | grep "^| 1024" | sed "s/^/bench default mml: /"
         ckpt olmoe-1b-7b $OLMOE
@@ -580,12 +571,8 @@ if [ "$stage" = splitplan ]; then   # issue 4, session 11: split-KV plans that f
     }
     job_b() {
         ckpt qwen3-30b-a3b /tmp/qwen3 24
-        for v in "" CROSSPOOL_LONG_SPLIT_WAVES=2; do
-            ( [ -n "$v" ] && export $v; name=${v:-defaults}
-              t 90 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 1024 \
-                  --batch 1 --max-model-len 40960 --label "$name" --json "$RES/qwen3_1k_serving_${name//=/_}.json" \
-                  2>&1 | grep "^| 1024" | sed "s/^/$name, max-model-len 40960: /" )
-        done
+        VT=90 FIRST=0 decode_variants /tmp/qwen3 qwen3_1k_serving "$QWEN3_SERVING_1K --batch 1" \
+            "" CROSSPOOL_LONG_SPLIT_WAVES=2
         t 150 python3 -m crosspool.cli bench decode --model /tmp/qwen3 --kv-cache-gb 60 --context 32768 \
             --batch 8 --json "$RES/qwen3_32k_defaults.json" 2>&1 | grep "^| 32768" | sed "s/^/defaults: /"
     }
@@ -661,6 +648,9 @@ if [ "$stage" = serve ]; then   # issue 5's H200 check (closed in session 3; kep
 fi
 tar czf "$OUT/$stage.tgz" -C "$RES" . && rm -rf "$RES"
 # the cache for the next call (at most 3 parts: $OUT returns 8 files, 64 MiB in all)
-tar czf /tmp/triton-cache.tgz -C "$TRITON_CACHE_DIR" . && split -b 15m /tmp/triton-cache.tgz "$OUT/triton-cache.tgz.part-"
-ls "$OUT"/triton-cache.tgz.part-* | sed -n 4p | grep -q . && { echo "triton cache over 3 parts: not returned"; rm -f "$OUT"/triton-cache.tgz.part-*; }
+tar czf /tmp/triton-cache.tgz -C "$TRITON_CACHE_DIR" . \
+    && split -b 15m /tmp/triton-cache.tgz "$OUT/triton-cache.tgz.part-"
+if [ "$(ls "$OUT"/triton-cache.tgz.part-* | wc -l)" -gt 3 ]; then
+    echo "triton cache over 3 parts: not returned"; rm -f "$OUT"/triton-cache.tgz.part-*
+fi
 echo "triton cache: $(du -h /tmp/triton-cache.tgz | cut -f1) compressed"
