@@ -48,6 +48,7 @@ from crosspool.models.model import MoEModel
 BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
            384, 448, 512)
 IDS, POSITIONS, SLOTS, CONTEXT_LENS, SRC_ROWS = range(5)
+META_ROWS = 5          # the staged metadata's rows above; the step's counters (`DecodeInputs`) follow them
 # the longest context of a bucket's short class (CROSSPOOL_GRAPH_SHORT_CONTEXT; 0: one class, sized for the model's
 # longest context)
 SHORT_CONTEXT = env_int("CROSSPOOL_GRAPH_SHORT_CONTEXT", 4096, minimum=0)
@@ -140,7 +141,7 @@ class DecodeInputs:
     def __init__(self, device: torch.device, max_batch: int, max_model_len: int, block_size: int,
                  counters: int = 0) -> None:
         """counters: int64 counters each step's metadata copy zeroes (`ForwardBatch.counters`), in rows of the
-        metadata after its five."""
+        metadata after its META_ROWS."""
         self.device = device
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -153,7 +154,7 @@ class DecodeInputs:
         # two staging areas, used in turn: with async decode the host fills step n+1's while step n's copy to
         # the device may still be queued (step n-1's completion, which the host waits for, frees the other)
         self.counters = counters
-        rows = 5 + cdiv(counters, max_batch)
+        rows = META_ROWS + cdiv(counters, max_batch)
         self._host_meta = [torch.zeros(rows, max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self._host_tables = [torch.zeros(max_batch, self.max_blocks, dtype=torch.long, pin_memory=pin)
                              for _ in range(2)]
@@ -177,7 +178,7 @@ class DecodeInputs:
             block_tables=self.tables[:bucket], context_lens=self.meta[CONTEXT_LENS, :bucket],
             logits_index=self.rows[:bucket], cu_seqlens_q=None, max_q_len=1,
             max_context_len=context or self.max_model_len,
-            counters=self.meta[5:].view(-1)[:self.counters] if self.counters else None,
+            counters=self.meta[META_ROWS:].view(-1)[:self.counters] if self.counters else None,
         )
 
     def fill(self, scheduled: list[ScheduledSeq], bucket: int, src_rows: list[int] | None = None) -> None:
@@ -204,7 +205,7 @@ class DecodeInputs:
                 host_tables[b, done: len(table)] = torch.tensor(table[done:], dtype=torch.long)
             written[b] = (table, len(table))
         n = len(scheduled)
-        meta[:5, :n] = torch.tensor([ids, positions, slots, lens, src_rows], dtype=torch.long)
+        meta[:META_ROWS, :n] = torch.tensor([ids, positions, slots, lens, src_rows], dtype=torch.long)
         meta[:, n:bucket] = 0
         meta[SLOTS, n:bucket] = -1
         meta[SRC_ROWS, n:bucket] = -1
