@@ -176,7 +176,8 @@ def _norm_gemv_kernel(
         if done == tl.num_programs(0) * tl.num_programs(1) - 1:
             for t in range(T):
                 route_row(out_ptr, weights_ptr, ids_ptr, x_out_ptr, t, N, stride_ot, stride_os, route_scale,
-                          route_eps, TOP_K, BLOCK_TOP, BLOCK_E, SIGMOID, NORMALIZE, 0 if SPLIT_K == 1 else SPLIT_K)
+                          route_eps, TOP_K, BLOCK_TOP, BLOCK_E, SIGMOID, NORMALIZE, 0 if SPLIT_K == 1 else SPLIT_K,
+                          ".cg")
             tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 

@@ -39,26 +39,27 @@ def _route_kernel(
     """One token's routing (`route_row`)."""
     pdl_enter(USE_PDL)
     route_row(logits_ptr, weights_ptr, ids_ptr, round_ptr, tl.program_id(0).to(tl.int64), num_experts, stride_l,
-              stride_s, scale, eps, TOP_K, BLOCK_K, BLOCK_E, SIGMOID, NORMALIZE, SPLIT)
+              stride_s, scale, eps, TOP_K, BLOCK_K, BLOCK_E, SIGMOID, NORMALIZE, SPLIT, "")
 
 
 @triton.jit
 def route_row(logits_ptr, weights_ptr, ids_ptr, round_ptr, t, num_experts, stride_l, stride_s, scale, eps,
               TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
-              NORMALIZE: tl.constexpr, SPLIT: tl.constexpr):
+              NORMALIZE: tl.constexpr, SPLIT: tl.constexpr, CACHE: tl.constexpr):
     """Token t's routing. SPLIT == 0: logits_ptr holds the logits [T, E]; SPLIT > 0: the router's skinny-GEMM
-    partials [SPLIT, T, E] (fp32), summed here in order and rounded to round_ptr's dtype, as `gemv` would. The
-    logits are read past L1 (`.cg`): inside the router GEMV (`gemv.ROUTE_IN_GEMV`) other programs wrote them."""
+    partials [SPLIT, T, E] (fp32), summed here in order and rounded to round_ptr's dtype, as `gemv` would.
+    CACHE: the logits loads' cache modifier (".cg", past L1, inside the router GEMV (`gemv.ROUTE_IN_GEMV`),
+    where other programs of the same launch wrote them)."""
     offs = tl.arange(0, BLOCK_E)
     ok = offs < num_experts
     if SPLIT == 0:
-        x = tl.load(logits_ptr + t * stride_l + offs, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        x = tl.load(logits_ptr + t * stride_l + offs, mask=ok, other=float("-inf"), cache_modifier=CACHE)
         x = x.to(tl.float32)
     else:
         acc = tl.zeros([BLOCK_E], tl.float32)
         for part in tl.static_range(SPLIT):
             acc += tl.load(logits_ptr + part * stride_s + t * stride_l + offs, mask=ok, other=0.0,
-                           cache_modifier=".cg")
+                           cache_modifier=CACHE)
         x = tl.where(ok, acc.to(round_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
     if SIGMOID:
         s = tl.sigmoid(x)
