@@ -11,6 +11,8 @@ phase saw all of the previous one's writes. Variants, each replayed from a CUDA 
 - `layer`: one persistent kernel per layer, its six phases separated by grid barriers (atomic count, acquire spin);
 - `layer-prefetch`: as `layer`, each program loading its first chunk of the next phase before it waits;
 - `step`: one persistent kernel for all 96 phases, with the prefetch;
+- `layer-l2-N`, `step-l2-N`: as `layer-prefetch` and `step`, each program also requesting its next N chunks of the
+  next phase into L2 before it waits (so the memory pipe stays busy through the barrier);
 - `stream`: all of the bytes in one kernel, no phases (the ceiling).
 Prints us per step, us per phase boundary over `stream`, fraction of copy bandwidth, and whether the total checks.
 """
@@ -27,6 +29,7 @@ from crosspool.bench.traffic import copy_bandwidth
 from crosspool.kernels import pdl
 from crosspool.kernels._common import num_sms
 from crosspool.kernels.pdl import enter as pdl_enter
+from crosspool.kernels.prefetch import _prefetch_lines
 
 LOAD_STAGES = tl.constexpr(1)   # the loop pipeliner's register copies would cut the programs an SM holds
 PHASES_MB = (25.2, 8.4, 8.4, 0.26, 67.1, 33.6)
@@ -72,6 +75,16 @@ def _first_chunk(x_ptr, n, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def _request_l2(x_ptr, n, CHUNK: tl.constexpr, L2_CHUNKS: tl.constexpr):
+    """Request chunks 1 .. L2_CHUNKS of this program's grid-stride walk over x[0, n) into L2 (one 128-byte line per
+    thread request; past the end: the last line again)."""
+    lines = (tl.arange(0, L2_CHUNKS * CHUNK // 64) // (CHUNK // 64) + 1).to(tl.int64)       # walk step of each line
+    offs = (tl.program_id(0) + lines * tl.num_programs(0)) * CHUNK + (tl.arange(0, L2_CHUNKS * CHUNK // 64)
+                                                                      % (CHUNK // 64)) * 64
+    _prefetch_lines(x_ptr + tl.minimum(offs, n - 64))
+
+
+@triton.jit
 def _phase_input(ptrs_ptr, sizes_ptr, p):
     """Phase p's tensor and length; the host keeps both multiples of 16 elements, so the loads vectorize."""
     x_ptr = tl.multiple_of(tl.load(ptrs_ptr + p).to(tl.pointer_type(tl.bfloat16)), 16)
@@ -90,7 +103,7 @@ def _one_phase_kernel(x_ptr, n, prev_ptr, out_ptr, nprog, CHUNK: tl.constexpr, N
 @triton.jit
 def _phases_kernel(ptrs_ptr, sizes_ptr, out_ptr, counter_ptr, stuck_ptr, first_phase, num_phases, nprog,
                    CHUNK: tl.constexpr, NPROG_BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
-                   USE_PDL: tl.constexpr = False):
+                   L2_CHUNKS: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
     """Phases [first_phase, first_phase + num_phases) of the step, one grid barrier between each two."""
     pdl_enter(USE_PDL)
     pid = tl.program_id(0)
@@ -106,6 +119,8 @@ def _phases_kernel(ptrs_ptr, sizes_ptr, out_ptr, counter_ptr, stuck_ptr, first_p
         tl.store(out_ptr + p * nprog + pid, total)
         if i + 1 < num_phases:
             x_ptr, n = _phase_input(ptrs_ptr, sizes_ptr, p + 1)
+            if L2_CHUNKS > 0:            # ... and request this program's next chunks into L2 while the grid waits
+                _request_l2(x_ptr, n, CHUNK, L2_CHUNKS)
             if PREFETCH:                 # weights do not depend on the phase before: load them before waiting
                 first = _first_chunk(x_ptr, n, CHUNK)
             _grid_sync(counter_ptr, (i + 1) * nprog, stuck_ptr)
@@ -158,6 +173,8 @@ def main() -> None:
     p.add_argument("--per-sm", type=int, default=4, help="resident programs per SM (the grid is SMs x this)")
     p.add_argument("--chunk", type=int, default=8192, help="bf16 elements a program reads per step")
     p.add_argument("--warps", type=int, default=8)
+    p.add_argument("--l2-chunks", type=int, default=4,
+                   help="the *-l2 variants: chunks of the next phase each program requests into L2 before waiting")
     args = p.parse_args()
     chunk, warps = args.chunk, args.warps
     dev = torch.device("cuda")
@@ -189,12 +206,12 @@ def main() -> None:
                                         CHUNK=chunk, NPROG_BLOCK=nprog_block, HAS_PREV=i > 0, num_warps=warps,
                                         **launch)
 
-    def persistent(per_launch: int, prefetch: bool) -> None:
+    def persistent(per_launch: int, prefetch: bool, l2_chunks: int = 0) -> None:
         counters.zero_()
         for j, first in enumerate(range(0, phases, per_launch)):
             _phases_kernel[(nprog,)](ptrs, sizes_t, out, counters[j:], stuck, first, min(per_launch, phases - first),
                                      nprog, CHUNK=chunk, NPROG_BLOCK=nprog_block, PREFETCH=prefetch,
-                                     num_warps=warps, **launch)
+                                     L2_CHUNKS=l2_chunks, num_warps=warps, **launch)
 
     def stream() -> None:
         _one_phase_kernel[(nprog,)](big, big.numel(), out, out, nprog, CHUNK=chunk, NPROG_BLOCK=nprog_block,
@@ -205,6 +222,8 @@ def main() -> None:
                 "layer": lambda: persistent(per_layer, False),
                 "layer-prefetch": lambda: persistent(per_layer, True),
                 "step": lambda: persistent(phases, True),
+                f"layer-l2-{args.l2_chunks}": lambda: persistent(per_layer, True, args.l2_chunks),
+                f"step-l2-{args.l2_chunks}": lambda: persistent(phases, True, args.l2_chunks),
                 "stream": stream}
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; {total_bytes / 1e6:.0f} MB a step, {phases} phases, "
           f"grid {nprog} x {warps} warps, {chunk * 2 // 1024} KB a load")
