@@ -1,0 +1,200 @@
+"""Can a persistent kernel keep HBM busy through its phase boundaries when its weight loads run ahead of them?
+(issue 4: `scripts/barrier_probe.py` found a grid barrier in plain Triton costs 2.8-3.3 us over pure streaming,
+no less than a kernel boundary under PDL; there every load waits for the barrier. Weights do not depend on the
+phase before, so a kernel that streams them through a shared-memory ring with TMA can keep the next phase's tiles
+in flight while it waits.)
+
+Run on the GPU: `python3 scripts/tma_ring_probe.py [--stages N] [--rows R]`. The same synthetic OLMoE batch-1 step
+as barrier_probe.py (16 layers x 6 dependent phases, 2.4 GB), written as one [rows, 64] bf16 matrix that one TMA
+descriptor covers; each program walks its tiles of [R, 64] (grid stride over the SMs, one program an SM) through a
+ring of N shared-memory slots, each tracked by an mbarrier. The variants, graph-replayed over cold L2:
+- `ring-phases`: one kernel, a grid barrier after each phase; the ring's loads already cross into the next phase
+  (they are issued as soon as a slot frees, whatever phase the tile belongs to);
+- `ring-stream`: the same kernel with all bytes as one phase (the ceiling of this streaming loop);
+- `ring-kernels`: one launch per phase (the ring refilled from empty each time).
+Gluon (triton.experimental.gluon) is used because plain Triton does not expose the ring.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from crosspool.bench.traffic import copy_bandwidth
+from crosspool.kernels._common import num_sms
+
+PHASES_MB = (25.2, 8.4, 8.4, 0.26, 67.1, 33.6)
+# the TMA load's name differs across Triton releases (3.9: async_load; older: async_copy_global_to_shared)
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+COLS = 64                     # bf16 columns: 128-byte rows, the widest box a swizzled TMA tile takes
+
+
+@gluon.jit
+def _tiles_of(tiles_ptr, p, pid, nprog):
+    """How many of phase p's tiles this program walks (tiles pid, pid + nprog, ...)."""
+    return gl.maximum(gl.load(tiles_ptr + p) - pid + nprog - 1, 0) // nprog
+
+
+@gluon.jit
+def _advance(pp, pj, tiles_ptr, num_phases, pid, nprog):
+    """The producer's next (phase, local tile): the next tile of phase pp, else the first of the next phase that
+    has one for this program; pp == num_phases when none is left."""
+    pj += 1
+    while (pp < num_phases) & (pj >= _tiles_of(tiles_ptr, gl.minimum(pp, num_phases - 1), pid, nprog)):
+        pp += 1
+        pj = 0
+    return pp, pj
+
+
+@gluon.jit
+def _ring_kernel(desc, tiles_ptr, base_ptr, out_ptr, counter_ptr, first_phase, num_phases, nprog,
+                 ROWS: gl.constexpr, STAGES: gl.constexpr, NPROG_BLOCK: gl.constexpr, WARPS: gl.constexpr,
+                 BARRIERS: gl.constexpr):
+    """Phases [first_phase, first_phase + num_phases) of the step (`tiles_ptr`/`base_ptr` index from first_phase):
+    sum each phase's tiles, plus the previous phase's total, into out[phase, pid]; with BARRIERS, a grid barrier
+    (counter_ptr) between phases."""
+    pid = gl.program_id(0)
+    tile: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    flat: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, ROWS, 64], desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    fence_async_shared()
+
+    # the producer runs STAGES tiles ahead of the consumer, across phase boundaries
+    zero = pid * 0                                   # a runtime 0: the cursors are loop-carried
+    pp, pj = _advance(zero, zero - 1, tiles_ptr, num_phases, pid, nprog)
+    for s in gl.static_range(STAGES):
+        if pp < num_phases:
+            mbarrier.expect(bars.index(s), ROWS * 64 * 2)
+            _tma_load(desc, [gl.load(base_ptr + pp) + (pid + pj * nprog) * ROWS, 0],
+                                            bars.index(s), ring.index(s))
+            pp, pj = _advance(pp, pj, tiles_ptr, num_phases, pid, nprog)
+
+    consumed = zero
+    for p in range(num_phases):
+        acc = gl.zeros([ROWS, 64], gl.float32, tile)
+        for _ in range(_tiles_of(tiles_ptr, p, pid, nprog)):
+            slot = consumed % STAGES
+            mbarrier.wait(bars.index(slot), (consumed // STAGES) & 1)
+            acc += ring.index(slot).load(tile).to(gl.float32)
+            gl.barrier()                                  # every warp has read the slot: refill it
+            if pp < num_phases:
+                mbarrier.expect(bars.index(slot), ROWS * 64 * 2)
+                _tma_load(desc, [gl.load(base_ptr + pp) + (pid + pj * nprog) * ROWS, 0],
+                                                bars.index(slot), ring.index(slot))
+                pp, pj = _advance(pp, pj, tiles_ptr, num_phases, pid, nprog)
+            consumed += 1
+        total = gl.sum(gl.sum(acc, axis=1), axis=0)
+        phase = first_phase + p
+        if phase > 0:
+            if BARRIERS:
+                if p > 0:
+                    gl.barrier()
+                    gl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+                    seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+                    while seen < p * nprog:
+                        seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+                    gl.barrier()
+            offs = gl.arange(0, NPROG_BLOCK, layout=flat)
+            prev = gl.load(out_ptr + (phase - 1) * nprog + offs, mask=offs < nprog, other=0.0, cache_modifier=".cg")
+            total += gl.sum(prev, axis=0) / nprog
+        gl.store(out_ptr + phase * nprog + pid, total)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(s))
+
+
+def graph_us(calls: list, reps: int = 9) -> float:    # noqa: ANN001
+    """Microseconds per replay of a CUDA graph of `calls`, median of `reps`."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--stages", type=int, default=16, help="shared-memory slots in each program's ring")
+    p.add_argument("--rows", type=int, default=64, help="rows of 64 bf16 in a tile (64: 8 KB)")
+    p.add_argument("--warps", type=int, default=4)
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    copy_bw = copy_bandwidth(dev)
+    rows, stages, warps = args.rows, args.stages, args.warps
+    nprog = num_sms(dev)
+    nprog_block = triton.next_power_of_2(nprog)
+    tile_bytes = rows * COLS * 2
+    tiles = [max(1, round(mb * (1 << 20) / tile_bytes)) for _ in range(args.layers) for mb in PHASES_MB]
+    phases = len(tiles)
+    data = torch.rand(sum(tiles) * rows, COLS, device=dev).to(torch.bfloat16)
+    base = [0]
+    for t in tiles[:-1]:
+        base.append(base[-1] + t * rows)
+    expected = data.float().sum().item()
+    layout = gl.NVMMASharedLayout.get_default_for([rows, COLS], gl.bfloat16)
+    desc = TensorDescriptor.from_tensor(data, [rows, COLS], layout)
+    tiles_t = torch.tensor(tiles, device=dev, dtype=torch.int32)
+    base_t = torch.tensor(base, device=dev, dtype=torch.int32)
+    all_tiles = torch.tensor([sum(tiles)], device=dev, dtype=torch.int32)
+    zero = torch.zeros(1, device=dev, dtype=torch.int32)
+    out = torch.zeros(phases * nprog, device=dev)
+    counter = torch.zeros(1, device=dev, dtype=torch.int32)
+    meta = dict(ROWS=rows, STAGES=stages, NPROG_BLOCK=nprog_block, WARPS=warps, num_warps=warps)
+
+    def phased() -> None:
+        counter.zero_()
+        _ring_kernel[(nprog,)](desc, tiles_t, base_t, out, counter, 0, phases, nprog, BARRIERS=True, **meta)
+
+    def stream() -> None:
+        _ring_kernel[(nprog,)](desc, all_tiles, zero, out, counter, 0, 1, nprog, BARRIERS=False, **meta)
+
+    def kernels() -> None:
+        for i in range(phases):
+            _ring_kernel[(nprog,)](desc, tiles_t[i:], base_t[i:], out, counter, i, 1, nprog, BARRIERS=False,
+                                   **meta)
+
+    variants = {"ring-phases": phased, "ring-kernels": kernels, "ring-stream": stream}
+    total_bytes = data.numel() * 2
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; {total_bytes / 1e6:.0f} MB a step, {phases} phases; grid "
+          f"{nprog} x {warps} warps, a ring of {stages} x {tile_bytes // 1024} KB a program")
+    checks = {}
+    for name, fn in variants.items():
+        out.zero_()
+        fn()
+        torch.cuda.synchronize()
+        last = 0 if name == "ring-stream" else phases - 1
+        got = out[last * nprog:(last + 1) * nprog].sum().item()
+        checks[name] = abs(got - expected) <= 1e-4 * expected
+    times = {name: graph_us([fn]) for name, fn in variants.items()}
+    print("| variant | us a step | us a boundary over ring-stream | frac of copy bw | total checks |\n"
+          "|---|---:|---:|---:|---|")
+    for name in variants:
+        extra = (times[name] - times["ring-stream"]) / (phases - 1)
+        print(f"| {name} | {times[name]:.1f} | {extra:.2f} | {total_bytes / (times[name] * 1e-6) / copy_bw:.3f} | "
+              f"{'yes' if checks[name] else 'NO'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
