@@ -32,6 +32,7 @@ from crosspool.kernels._common import num_sms
 PHASES_MB = (25.2, 8.4, 8.4, 0.26, 67.1, 33.6)
 # the TMA load's name differs across Triton releases (3.9: async_load; older: async_copy_global_to_shared)
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier      # 3.9 | older releases
 COLS = 64                     # bf16 columns: 128-byte rows, the widest box a swizzled TMA tile takes
 
 
@@ -85,7 +86,7 @@ def _ring_kernel(desc, tiles_ptr, base_ptr, out_ptr, counter_ptr, first_phase, n
             slot = consumed % STAGES
             mbarrier.wait(bars.index(slot), (consumed // STAGES) & 1)
             acc += ring.index(slot).load(tile).to(gl.float32)
-            gl.barrier()                                  # every warp has read the slot: refill it
+            _cta_barrier()                                  # every warp has read the slot: refill it
             if pp < num_phases:
                 mbarrier.expect(bars.index(slot), ROWS * 64 * 2)
                 _tma_load(desc, [gl.load(base_ptr + pp) + (pid + pj * nprog) * ROWS, 0],
@@ -97,12 +98,12 @@ def _ring_kernel(desc, tiles_ptr, base_ptr, out_ptr, counter_ptr, first_phase, n
         if phase > 0:
             if BARRIERS:
                 if p > 0:
-                    gl.barrier()
+                    _cta_barrier()
                     gl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
                     seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
                     while seen < p * nprog:
                         seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-                    gl.barrier()
+                    _cta_barrier()
             offs = gl.arange(0, NPROG_BLOCK, layout=flat)
             prev = gl.load(out_ptr + (phase - 1) * nprog + offs, mask=offs < nprog, other=0.0, cache_modifier=".cg")
             total += gl.sum(prev, axis=0) / nprog

@@ -1208,41 +1208,6 @@ def test_norm_route_linear_is_add_norm_then_route_linear(dtype: torch.dtype, t: 
     torch.testing.assert_close(weights, want_w, rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("t,split_k,scoring", [(1, 4, "softmax"), (3, 1, "sigmoid"), (2, 2, "softmax")])
-def test_routing_inside_the_router_gemv_matches_the_routing_kernel(t: int, split_k: int, scoring: str) -> None:
-    """`norm_route_linear` with a counter (`gemv.ROUTE_IN_GEMV`: the GEMV's last program routes) gives the two-kernel
-    path's x, h, weights and ids bit for bit, and leaves the counter 0, launch after launch (200 on a GPU, where
-    the last program is whichever finishes last); with 64 experts over several output blocks and K-splits,
-    softmax or sigmoid scores, renormalized or not."""
-    from crosspool.kernels.routing import norm_route_linear
-    from crosspool.models.spec import RoutingSpec
-
-    spec = RoutingSpec(num_experts=64, top_k=6, scoring=scoring, norm_topk_prob=scoring == "sigmoid",
-                       topk_method="greedy", routed_scaling_factor=1.0 if scoring == "softmax" else 2.5)
-    g = torch.Generator().manual_seed(40 + t + split_k)
-    k = 600
-    delta, residual = (torch.randn(t, k, generator=g).to(DEVICE) for _ in range(2))
-    norm_w = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE)
-    router = (torch.randn(64, k, generator=g) / 6).to(DEVICE)
-    want = norm_route_linear(delta, residual, norm_w, 1e-6, router, spec, split_k=split_k)
-    counter = torch.zeros(1, dtype=torch.long, device=DEVICE)
-    for _ in range(2 if DEVICE.type == "cpu" else 200):      # on a GPU the programs race: many launches
-        got = norm_route_linear(delta, residual, norm_w, 1e-6, router, spec, split_k=split_k, counter=counter)
-        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-        assert counter.item() == 0
-
-
-def test_routing_inside_the_router_gemv_keeps_greedy_tokens(tiny_models, monkeypatch) -> None:  # noqa: ANN001
-    """In decode graphs, the routing inside the router GEMV with the step's zeroed counters
-    (`gemv.ROUTE_IN_GEMV`, the router norm on at every size): the same greedy tokens as the routing kernel, and
-    on it the GEMV routes (`gemv.RouteArgs` built)."""
-    from crosspool.kernels import gemv as gemv_module
-
-    monkeypatch.setattr(gemv_module, "ROUTER_NORM", 64)
-    _same_greedy_tokens_with_switch(tiny_models("tiny-olmoe"), monkeypatch, 12, (gemv_module, "ROUTE_IN_GEMV"),
-                                    (gemv_module, "RouteArgs"))
-
-
 def test_moe_tuning_skips_tiles_larger_than_the_problem() -> None:
     """Tiny shapes try only the tiles that fit them (each tile tried costs a compile and a timing at startup);
     real shapes keep every tile; the smallest tile always stays."""

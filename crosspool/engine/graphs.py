@@ -48,7 +48,7 @@ from crosspool.models.model import MoEModel
 BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
            384, 448, 512)
 IDS, POSITIONS, SLOTS, CONTEXT_LENS, SRC_ROWS = range(5)
-META_ROWS = 5          # the staged metadata's rows above; the step's counters (`DecodeInputs`) follow them
+META_ROWS = 5          # the staged metadata's rows above (`DecodeInputs`)
 # the longest context of a bucket's short class (CROSSPOOL_GRAPH_SHORT_CONTEXT; 0: one class, sized for the model's
 # longest context)
 SHORT_CONTEXT = env_int("CROSSPOOL_GRAPH_SHORT_CONTEXT", 4096, minimum=0)
@@ -138,10 +138,7 @@ def bucket_for(buckets: list[int], batch_size: int) -> int | None:
 class DecodeInputs:
     """The static metadata of a decode step: host (pinned) staging and the device buffers graphs read."""
 
-    def __init__(self, device: torch.device, max_batch: int, max_model_len: int, block_size: int,
-                 counters: int = 0) -> None:
-        """counters: int64 counters each step's metadata copy zeroes (`ForwardBatch.counters`), in rows of the
-        metadata after its META_ROWS."""
+    def __init__(self, device: torch.device, max_batch: int, max_model_len: int, block_size: int) -> None:
         self.device = device
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -153,16 +150,14 @@ class DecodeInputs:
         # sampled in that row (`tokens`), read on the device (async decode).
         # two staging areas, used in turn: with async decode the host fills step n+1's while step n's copy to
         # the device may still be queued (step n-1's completion, which the host waits for, frees the other)
-        self.counters = counters
-        rows = META_ROWS + cdiv(counters, max_batch)
-        self._host_meta = [torch.zeros(rows, max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._host_meta = [torch.zeros(META_ROWS, max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self._host_tables = [torch.zeros(max_batch, self.max_blocks, dtype=torch.long, pin_memory=pin)
                              for _ in range(2)]
         # per staging area and row: (the block-table list last written there, entries written). Tables only
         # grow while a sequence runs (a preempted one gets a new list), so a row needs just its new entries.
         self._written: list[list[tuple[list[int], int] | None]] = [[None] * max_batch for _ in range(2)]
         self._turn = 0
-        self.meta = torch.zeros(rows, max_batch, dtype=torch.long, device=device)
+        self.meta = torch.zeros(META_ROWS, max_batch, dtype=torch.long, device=device)
         self.meta[SLOTS] = -1
         self.meta[SRC_ROWS] = -1
         self.tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.long, device=device)
@@ -178,7 +173,6 @@ class DecodeInputs:
             block_tables=self.tables[:bucket], context_lens=self.meta[CONTEXT_LENS, :bucket],
             logits_index=self.rows[:bucket], cu_seqlens_q=None, max_q_len=1,
             max_context_len=context or self.max_model_len,
-            counters=self.meta[META_ROWS:].view(-1)[:self.counters] if self.counters else None,
         )
 
     def fill(self, scheduled: list[ScheduledSeq], bucket: int, src_rows: list[int] | None = None) -> None:
@@ -205,7 +199,7 @@ class DecodeInputs:
                 host_tables[b, done: len(table)] = torch.tensor(table[done:], dtype=torch.long)
             written[b] = (table, len(table))
         n = len(scheduled)
-        meta[:META_ROWS, :n] = torch.tensor([ids, positions, slots, lens, src_rows], dtype=torch.long)
+        meta[:, :n] = torch.tensor([ids, positions, slots, lens, src_rows], dtype=torch.long)
         meta[:, n:bucket] = 0
         meta[SLOTS, n:bucket] = -1
         meta[SRC_ROWS, n:bucket] = -1
@@ -280,8 +274,7 @@ class DecodeGraphs:
         self.capture = capture
         self.buckets = buckets_up_to(max_batch)
         self.max_batch = max_batch
-        self.inputs = DecodeInputs(device, max_batch, max_model_len, cache.block_size,
-                                   counters=model.spec.num_layers)
+        self.inputs = DecodeInputs(device, max_batch, max_model_len, cache.block_size)
         # (bucket, context class, lane) -> its captured step
         self.steps: dict[tuple[int, int, int], CapturedStep] = {}
         # one memory pool for every lane: a model's passes never run at once (`_done` chains them)

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-_FLOATS = {"eps", "scale", "scale_log2", "route_scale", "route_eps"}
+_FLOATS = {"eps", "scale", "scale_log2"}
 
 
 @dataclass(frozen=True)
@@ -112,13 +112,7 @@ CASES = [
           "inv_freq_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}),
     Case("argmax", "_chunk_max_kernel", {"BLOCK": 4096}, {"x_ptr": "*fp32", "max_ptr": "*fp32", "idx_ptr": "*i32"}),
     Case("argmax", "_pick_kernel", {"BLOCK_C": 64}, {"max_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64"}),
-    Case("gemv", "_norm_gemv_kernel",
-         {"BLOCK_T": 1, "SPLIT_K": 4, "ROUTE": False, "TOP_K": 1, "BLOCK_TOP": 1, "BLOCK_E": 1, "SIGMOID": False,
-          "NORMALIZE": False, **_GEMV_TILE}, {"out_ptr": "*fp32"}),
-    Case("gemv", "_norm_gemv_kernel",                   # OLMoE's router with the routing inside (ROUTE_IN_GEMV)
-         {"BLOCK_T": 1, "SPLIT_K": 4, "ROUTE": True, "TOP_K": 8, "BLOCK_TOP": 8, "BLOCK_E": 64, "SIGMOID": False,
-          "NORMALIZE": False, **_GEMV_TILE},
-         {"out_ptr": "*fp32", "counter_ptr": "*i64", "weights_ptr": "*fp32", "ids_ptr": "*i64"}),
+    Case("gemv", "_norm_gemv_kernel", {"BLOCK_T": 1, "SPLIT_K": 4, **_GEMV_TILE}, {"out_ptr": "*fp32"}),
     Case("gemv", "_split_sum_kernel", {"SPLIT_K": 4, "HAS_BIAS": False, "BLOCK": 64}, {"part_ptr": "*fp32"}),
 ]
 

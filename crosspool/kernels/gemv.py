@@ -28,7 +28,6 @@ buffer), and never sync with the host: graph-capturable.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -37,7 +36,6 @@ import triton.language as tl
 from crosspool.kernels import pdl, tuning
 from crosspool.kernels._common import cdiv, env_int, next_pow2, num_sms
 from crosspool.kernels.pdl import enter as pdl_enter
-from crosspool.kernels.routing import route_row
 
 MAX_GEMV_TOKENS = 8
 ENABLED = False            # the attention side's decode linears call `gemv` at every decode size when this is set
@@ -51,10 +49,6 @@ ROUTER = True
 # of up to ROUTER_NORM tokens (CROSSPOOL_ROUTER_NORM; 0: never): one kernel fewer per MoE layer. On the H200
 # (session 12) OLMoE's step took 1.06 against 1.07 ms at one token, and 3.19-3.21 against 3.18 at eight
 ROUTER_NORM = env_int("CROSSPOOL_ROUTER_NORM", 1)
-# ... and with the routing inside it too (CROSSPOOL_ROUTE_IN_GEMV=1; off until timed on the H200): the program that
-# finishes last (an atomic count, zeroed by each decode step's metadata copy: `ForwardBatch.counters`) routes the
-# tokens, so a batch-1 MoE layer's norm, router and routing are one kernel instead of two
-ROUTE_IN_GEMV = env_int("CROSSPOOL_ROUTE_IN_GEMV", 0)
 
 # registers per thread a tile's accumulator and weight tile may take together ((BLOCK_T + 1) x the weight
 # elements each thread loads): ptxas for sm_90 spills past about this
@@ -127,17 +121,12 @@ def _gemv_kernel(
 def _norm_gemv_kernel(
     d_ptr, r_ptr, nw_ptr, w_ptr, x_out_ptr, h_out_ptr, out_ptr, T, N, K, eps,
     stride_dt, stride_rt, stride_xt, stride_ht, stride_wn, stride_os, stride_ot,
-    counter_ptr, weights_ptr, ids_ptr, route_scale, route_eps,
     BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ROUTE: tl.constexpr = False, TOP_K: tl.constexpr = 1, BLOCK_TOP: tl.constexpr = 1, BLOCK_E: tl.constexpr = 1,
-    SIGMOID: tl.constexpr = False, NORMALIZE: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     """`_gemv_kernel` (no bias) on x = rms_norm(h) * nw, h = residual + d rounded to d's dtype, as
     `norm_rope.add_rms_norm` computes them: each program sums the whole rows' squares itself, then norms its
-    K-chunk as it reads it; the programs of the first output block also store their K-chunk of x and h.
-    ROUTE: w is the MoE router and the program that finishes last (counted at counter_ptr, which must be 0 at
-    launch and is left 0) routes the T tokens from the finished logits (`routing.route_row`)."""
+    K-chunk as it reads it; the programs of the first output block also store their K-chunk of x and h."""
     pdl_enter(USE_PDL)
     pid_k, offs_t, t_ok, offs_n, n_ok, offs_k, k_start, k_chunk = _tile(T, N, K, BLOCK_T, SPLIT_K, BLOCK_N, BLOCK_K)
     dtype = d_ptr.dtype.element_ty
@@ -168,17 +157,6 @@ def _norm_gemv_kernel(
     y = tl.sum(acc, 2)
     tl.store(out_ptr + pid_k * stride_os + offs_t[:, None] * stride_ot + offs_n[None, :],
              y.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
-    if ROUTE:
-        # every thread's stores land before one thread counts this program done (release, GPU scope); the
-        # program that counts last sees all of them (acquire) and routes
-        tl.debug_barrier()
-        done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-        if done == tl.num_programs(0) * tl.num_programs(1) - 1:
-            for t in range(T):
-                route_row(out_ptr, weights_ptr, ids_ptr, x_out_ptr, t, N, stride_ot, stride_os, route_scale,
-                          route_eps, TOP_K, BLOCK_TOP, BLOCK_E, SIGMOID, NORMALIZE, 0 if SPLIT_K == 1 else SPLIT_K,
-                          ".cg")
-            tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -254,13 +232,11 @@ def gemv_parts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
 
 
 def norm_gemv_parts(delta: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                    w: torch.Tensor, *, split_k: int | None = None, route: RouteArgs | None = None
+                    w: torch.Tensor, *, split_k: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """`gemv_parts(x, w)` with x, h = `norm_rope.add_rms_norm(delta, residual, norm_weight, eps)` computed inside
     the GEMV (one kernel instead of two). Returns (x [T, K], h [T, K], the product as `gemv_parts` gives it,
-    split). x is in the norm's output dtype (promote(norm_weight, delta)), h in delta's. route: w is the MoE
-    router and the kernel's last program also routes the tokens into `route.weights` / `route.ids`
-    (`ROUTE_IN_GEMV`)."""
+    split). x is in the norm's output dtype (promote(norm_weight, delta)), h in delta's."""
     _check(delta, w, None)
     t, k = delta.shape
     assert residual.shape == delta.shape and residual.stride(-1) == 1 and norm_weight.shape == (k,)
@@ -276,37 +252,12 @@ def norm_gemv_parts(delta: torch.Tensor, residual: torch.Tensor, norm_weight: to
         out = torch.empty(split, t, n, dtype=torch.float32, device=delta.device)
         stride_os = out.stride(0)
     if t:
-        if route is None:        # the routing arguments are never read
-            ptrs, rule, consts = (x, x, x), (1.0, 0.0), {}
-        else:
-            ptrs, rule = (route.counter, route.weights, route.ids), (route.scale, route.eps)
-            consts = route.constexprs(n)
         _norm_gemv_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), split)](
             delta, residual, norm_weight, w, x, h, out, t, n, k, eps,
             delta.stride(0), residual.stride(0), x.stride(0), h.stride(0), w.stride(0), stride_os, out.stride(-2),
-            *ptrs, *rule,
-            BLOCK_T=next_pow2(t), SPLIT_K=split, ROUTE=route is not None, **consts, **pdl.options(delta.device),
+            BLOCK_T=next_pow2(t), SPLIT_K=split, **pdl.options(delta.device),
         )
     return x, h, out, split
-
-
-@dataclass(frozen=True, slots=True)
-class RouteArgs:
-    """Where `norm_gemv_parts` routes (weights [T, k] fp32, ids [T, k] int64; counter: one zero int32/int64 the
-    kernel counts its finished programs in and leaves zero) and the rule (`routing.route_row`'s arguments)."""
-
-    counter: torch.Tensor
-    weights: torch.Tensor
-    ids: torch.Tensor
-    top_k: int
-    scale: float
-    eps: float
-    sigmoid: bool
-    normalize: bool
-
-    def constexprs(self, experts: int) -> dict[str, object]:
-        return {"TOP_K": self.top_k, "BLOCK_TOP": next_pow2(self.top_k), "BLOCK_E": next_pow2(experts),
-                "SIGMOID": self.sigmoid, "NORMALIZE": self.normalize}
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:

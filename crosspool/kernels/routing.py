@@ -39,27 +39,23 @@ def _route_kernel(
     """One token's routing (`route_row`)."""
     pdl_enter(USE_PDL)
     route_row(logits_ptr, weights_ptr, ids_ptr, round_ptr, tl.program_id(0).to(tl.int64), num_experts, stride_l,
-              stride_s, scale, eps, TOP_K, BLOCK_K, BLOCK_E, SIGMOID, NORMALIZE, SPLIT, "")
+              stride_s, scale, eps, TOP_K, BLOCK_K, BLOCK_E, SIGMOID, NORMALIZE, SPLIT)
 
 
 @triton.jit
 def route_row(logits_ptr, weights_ptr, ids_ptr, round_ptr, t, num_experts, stride_l, stride_s, scale, eps,
               TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
-              NORMALIZE: tl.constexpr, SPLIT: tl.constexpr, CACHE: tl.constexpr):
+              NORMALIZE: tl.constexpr, SPLIT: tl.constexpr):
     """Token t's routing. SPLIT == 0: logits_ptr holds the logits [T, E]; SPLIT > 0: the router's skinny-GEMM
-    partials [SPLIT, T, E] (fp32), summed here in order and rounded to round_ptr's dtype, as `gemv` would.
-    CACHE: the logits loads' cache modifier (".cg", past L1, inside the router GEMV (`gemv.ROUTE_IN_GEMV`),
-    where other programs of the same launch wrote them)."""
+    partials [SPLIT, T, E] (fp32), summed here in order and rounded to round_ptr's dtype, as `gemv` would."""
     offs = tl.arange(0, BLOCK_E)
     ok = offs < num_experts
     if SPLIT == 0:
-        x = tl.load(logits_ptr + t * stride_l + offs, mask=ok, other=float("-inf"), cache_modifier=CACHE)
-        x = x.to(tl.float32)
+        x = tl.load(logits_ptr + t * stride_l + offs, mask=ok, other=float("-inf")).to(tl.float32)
     else:
         acc = tl.zeros([BLOCK_E], tl.float32)
         for part in tl.static_range(SPLIT):
-            acc += tl.load(logits_ptr + part * stride_s + t * stride_l + offs, mask=ok, other=0.0,
-                           cache_modifier=CACHE)
+            acc += tl.load(logits_ptr + part * stride_s + t * stride_l + offs, mask=ok, other=0.0)
         x = tl.where(ok, acc.to(round_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
     if SIGMOID:
         s = tl.sigmoid(x)
@@ -110,49 +106,32 @@ def route_linear(x: torch.Tensor, router: torch.Tensor, routing: RoutingSpec, *,
 
 
 def norm_route_linear(delta: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                      router: torch.Tensor, routing: RoutingSpec, *, split_k: int | None = None,
-                      counter: torch.Tensor | None = None
+                      router: torch.Tensor, routing: RoutingSpec, *, split_k: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`route_linear(x, router, routing)` with x, h = `norm_rope.add_rms_norm(delta, residual, norm_weight, eps)`
     done inside the router's GEMV (`gemv.norm_gemv_parts`): two kernels for the post-attention norm, the router
-    and the routing, or one with `counter` (a zero int32/int64 scalar tensor, left zero): the GEMV's last
-    program routes. Returns (x, h, weights, ids)."""
+    and the routing. Returns (x, h, weights, ids)."""
     from crosspool.kernels import gemv
 
-    if counter is None:
-        x, h, part, split = gemv.norm_gemv_parts(delta, residual, norm_weight, eps, router, split_k=split_k)
-        weights, ids = _route(part, 0 if split == 1 else split, x, routing)
-        return x, h, weights, ids
-    weights, ids = _outputs(delta.shape[0], routing, delta.device)
-    args = gemv.RouteArgs(counter, weights, ids, routing.top_k, *_rule(routing))
-    x, h, _, _ = gemv.norm_gemv_parts(delta, residual, norm_weight, eps, router, split_k=split_k, route=args)
+    x, h, part, split = gemv.norm_gemv_parts(delta, residual, norm_weight, eps, router, split_k=split_k)
+    weights, ids = _route(part, 0 if split == 1 else split, x, routing)
     return x, h, weights, ids
-
-
-def _outputs(t: int, routing: RoutingSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty (weights [t, k] fp32, expert ids [t, k] int64) for the greedy rules the kernels run."""
-    assert supports(routing), "group-limited routing uses torch_ref.route"
-    return (torch.empty(t, routing.top_k, dtype=torch.float32, device=device),
-            torch.empty(t, routing.top_k, dtype=torch.int64, device=device))
-
-
-def _rule(routing: RoutingSpec) -> tuple[float, float, bool, bool]:
-    """`route_row`'s (scale, eps, SIGMOID, NORMALIZE) for a greedy rule."""
-    sigmoid = routing.scoring == "sigmoid"
-    return float(routing.routed_scaling_factor), 1e-20 if sigmoid else 0.0, sigmoid, routing.norm_topk_prob
 
 
 def _route(logits: torch.Tensor, split: int, dtype_of: torch.Tensor, routing: RoutingSpec
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] (split 0) or K-split partials [split, T, E]; dtype_of: a tensor of the logits' dtype."""
+    assert supports(routing), "group-limited routing uses torch_ref.route"
     t, e = logits.shape[-2:]
     k = routing.top_k
-    weights, ids = _outputs(t, routing, logits.device)
+    weights = torch.empty(t, k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(t, k, dtype=torch.int64, device=logits.device)
     if t:
-        scale, eps, sigmoid, normalize = _rule(routing)
+        sigmoid = routing.scoring == "sigmoid"
         _route_kernel[(t,)](
-            logits, weights, ids, dtype_of, e, logits.stride(-2), logits.stride(0) if split else 0, scale, eps,
-            TOP_K=k, BLOCK_K=next_pow2(k), BLOCK_E=next_pow2(e), SIGMOID=sigmoid, NORMALIZE=normalize,
+            logits, weights, ids, dtype_of, e, logits.stride(-2), logits.stride(0) if split else 0,
+            float(routing.routed_scaling_factor), 1e-20 if sigmoid else 0.0,
+            TOP_K=k, BLOCK_K=next_pow2(k), BLOCK_E=next_pow2(e), SIGMOID=sigmoid, NORMALIZE=routing.norm_topk_prob,
             SPLIT=split, num_warps=max(ROUTE_WARPS, next_pow2(e) // 256), **pdl.options(logits.device),
         )
     return weights, ids

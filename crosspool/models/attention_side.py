@@ -78,8 +78,7 @@ class AttentionSide:
         attend = self._mla if self.spec.attention == "mla" else self._mha
         out = attend(w, x, batch, cache.layer(layer), rope)
         if defer_norm:
-            counter = None if batch.counters is None else batch.counters[layer:layer + 1]
-            return hidden, PendingNorm(out, hidden, w["post_attention_layernorm"], self.spec.rms_norm_eps, counter)
+            return hidden, PendingNorm(out, hidden, w["post_attention_layernorm"], self.spec.rms_norm_eps)
         x, hidden = self._add_norm(out, hidden, w["post_attention_layernorm"])
         return hidden, x
 

@@ -34,8 +34,6 @@ class ForwardBatch:
     cu_seqlens_q: torch.Tensor | None = None   # [B+1] int32, start row of each sequence's tokens (kernels)
     max_q_len: int = 0           # most new tokens of one sequence in this batch
     max_context_len: int = 0     # most cached tokens of one sequence after this step
-    counters: torch.Tensor | None = None   # [layers] int64, zero at the start of each step (a decode graph's
-                                           # staged metadata): counts of finished programs (`gemv.ROUTE_IN_GEMV`)
 
     @property
     def num_tokens(self) -> int:
@@ -57,7 +55,6 @@ class PendingNorm:
     residual: torch.Tensor
     weight: torch.Tensor
     eps: float
-    counter: torch.Tensor | None = None    # this layer's slice of `ForwardBatch.counters`, if the step has them
     h: torch.Tensor | None = None
 
     def resolve(self) -> torch.Tensor:

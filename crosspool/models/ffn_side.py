@@ -53,8 +53,7 @@ class FFNSide:
                     from crosspool.kernels.routing import norm_route_linear
 
                     assert self.spec.routing is not None
-                    counter = torch.zeros(1, dtype=torch.long, device=x.device) if gemv.ROUTE_IN_GEMV else None
-                    norm_route_linear(x, x, torch.ones_like(x[0]), 1e-6, router, self.spec.routing, counter=counter)
+                    norm_route_linear(x, x, torch.ones_like(x[0]), 1e-6, router, self.spec.routing)
         return len(shapes)
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -81,9 +80,8 @@ class FFNSide:
                 from crosspool.kernels.routing import norm_route_linear
 
                 assert self.spec.routing is not None
-                counter = x.counter if gemv.ROUTE_IN_GEMV else None
                 normed, x.h, weights, ids = norm_route_linear(x.delta, x.residual, x.weight, x.eps, w["router"],
-                                                              self.spec.routing, counter=counter)
+                                                              self.spec.routing)
                 x, routed = normed, (weights, ids)
             else:
                 x = x.resolve()
