@@ -140,6 +140,9 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=16, help="shared-memory slots in each program's ring")
     p.add_argument("--rows", type=int, default=64, help="rows of 64 bf16 in a tile (64: 8 KB)")
     p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--balanced", action="store_true",
+                   help="round each phase up to a whole number of tiles per program (no program waits at a barrier "
+                        "for another's extra tile; the router phase grows to one tile a program)")
     args = p.parse_args()
     dev = torch.device("cuda")
     copy_bw = copy_bandwidth(dev)
@@ -148,6 +151,8 @@ def main() -> None:
     nprog_block = triton.next_power_of_2(nprog)
     tile_bytes = rows * COLS * 2
     tiles = [max(1, round(mb * (1 << 20) / tile_bytes)) for _ in range(args.layers) for mb in PHASES_MB]
+    if args.balanced:
+        tiles = [-(-t // nprog) * nprog for t in tiles]
     phases = len(tiles)
     data = torch.rand(sum(tiles) * rows, COLS, device=dev).to(torch.bfloat16)
     base = [0]
