@@ -10,6 +10,7 @@ descriptor covers; each program walks its tiles of [R, 64] (grid stride over the
 ring of N shared-memory slots, each tracked by an mbarrier. The variants, graph-replayed over cold L2:
 - `ring-phases`: one kernel, a grid barrier after each phase; the ring's loads already cross into the next phase
   (they are issued as soon as a slot frees, whatever phase the tile belongs to);
+- `ring-phases-flag`: the same with a barrier whose last arriver raises a flag the others poll;
 - `ring-stream`: the same kernel with all bytes as one phase (the ceiling of this streaming loop);
 - `ring-kernels`: one launch per phase (the ring refilled from empty each time).
 Gluon (triton.experimental.gluon) is used because plain Triton does not expose the ring.
@@ -54,12 +55,35 @@ def _advance(pp, pj, tiles_ptr, num_phases, pid, nprog):
 
 
 @gluon.jit
+def _grid_count(counter_ptr, target):
+    """Grid barrier: count this program in (release), then poll the count (acquire) until all `target` are in."""
+    gl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+
+
+@gluon.jit
+def _grid_flag(counter_ptr, flag_ptr, target):
+    """Grid barrier: count this program in (acq_rel); the last one in raises the phase's flag (release), the others
+    poll the flag (acquire), so the polls do not contend with the count's atomics on one address."""
+    before = gl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if before == target - 1:
+        gl.atomic_xchg(flag_ptr, 1, sem="release", scope="gpu")
+    else:
+        seen = gl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+        while seen == 0:
+            seen = gl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+
+
+@gluon.jit
 def _ring_kernel(desc, tiles_ptr, base_ptr, out_ptr, counter_ptr, first_phase, num_phases, nprog,
                  ROWS: gl.constexpr, STAGES: gl.constexpr, NPROG_BLOCK: gl.constexpr, WARPS: gl.constexpr,
-                 BARRIERS: gl.constexpr):
+                 BARRIER: gl.constexpr):
     """Phases [first_phase, first_phase + num_phases) of the step (`tiles_ptr`/`base_ptr` index from first_phase):
-    sum each phase's tiles, plus the previous phase's total, into out[phase, pid]; with BARRIERS, a grid barrier
-    (counter_ptr) between phases."""
+    sum each phase's tiles, plus the previous phase's total, into out[phase, pid]. BARRIER between phases: "" none
+    (one phase a launch), "count" (`_grid_count`), "flag" (`_grid_flag`; the flags follow the count in counter_ptr,
+    one a phase)."""
     pid = gl.program_id(0)
     tile: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     flat: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
@@ -75,8 +99,7 @@ def _ring_kernel(desc, tiles_ptr, base_ptr, out_ptr, counter_ptr, first_phase, n
     for s in gl.static_range(STAGES):
         if pp < num_phases:
             mbarrier.expect(bars.index(s), ROWS * 64 * 2)
-            _tma_load(desc, [gl.load(base_ptr + pp) + (pid + pj * nprog) * ROWS, 0],
-                                            bars.index(s), ring.index(s))
+            _tma_load(desc, [gl.load(base_ptr + pp) + (pid + pj * nprog) * ROWS, 0], bars.index(s), ring.index(s))
             pp, pj = _advance(pp, pj, tiles_ptr, num_phases, pid, nprog)
 
     consumed = zero
@@ -89,20 +112,21 @@ def _ring_kernel(desc, tiles_ptr, base_ptr, out_ptr, counter_ptr, first_phase, n
             _cta_barrier()                                  # every warp has read the slot: refill it
             if pp < num_phases:
                 mbarrier.expect(bars.index(slot), ROWS * 64 * 2)
-                _tma_load(desc, [gl.load(base_ptr + pp) + (pid + pj * nprog) * ROWS, 0],
-                                                bars.index(slot), ring.index(slot))
+                _tma_load(desc, [gl.load(base_ptr + pp) + (pid + pj * nprog) * ROWS, 0], bars.index(slot),
+                          ring.index(slot))
                 pp, pj = _advance(pp, pj, tiles_ptr, num_phases, pid, nprog)
             consumed += 1
         total = gl.sum(gl.sum(acc, axis=1), axis=0)
         phase = first_phase + p
         if phase > 0:
-            if BARRIERS:
-                if p > 0:
+            if p > 0:
+                if BARRIER == "count":
                     _cta_barrier()
-                    gl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-                    seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-                    while seen < p * nprog:
-                        seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+                    _grid_count(counter_ptr, p * nprog)
+                    _cta_barrier()
+                elif BARRIER == "flag":
+                    _cta_barrier()
+                    _grid_flag(counter_ptr, counter_ptr + p, p * nprog)
                     _cta_barrier()
             offs = gl.arange(0, NPROG_BLOCK, layout=flat)
             prev = gl.load(out_ptr + (phase - 1) * nprog + offs, mask=offs < nprog, other=0.0, cache_modifier=".cg")
@@ -166,22 +190,23 @@ def main() -> None:
     all_tiles = torch.tensor([sum(tiles)], device=dev, dtype=torch.int32)
     zero = torch.zeros(1, device=dev, dtype=torch.int32)
     out = torch.zeros(phases * nprog, device=dev)
-    counter = torch.zeros(1, device=dev, dtype=torch.int32)
+    counter = torch.zeros(1 + phases, device=dev, dtype=torch.int32)     # the count, then one flag a phase
     meta = dict(ROWS=rows, STAGES=stages, NPROG_BLOCK=nprog_block, WARPS=warps, num_warps=warps)
 
-    def phased() -> None:
+    def phased(barrier: str) -> None:
         counter.zero_()
-        _ring_kernel[(nprog,)](desc, tiles_t, base_t, out, counter, 0, phases, nprog, BARRIERS=True, **meta)
+        _ring_kernel[(nprog,)](desc, tiles_t, base_t, out, counter, 0, phases, nprog, BARRIER=barrier, **meta)
 
     def stream() -> None:
-        _ring_kernel[(nprog,)](desc, all_tiles, zero, out, counter, 0, 1, nprog, BARRIERS=False, **meta)
+        _ring_kernel[(nprog,)](desc, all_tiles, zero, out, counter, 0, 1, nprog, BARRIER="", **meta)
 
     def kernels() -> None:
         for i in range(phases):
-            _ring_kernel[(nprog,)](desc, tiles_t[i:], base_t[i:], out, counter, i, 1, nprog, BARRIERS=False,
+            _ring_kernel[(nprog,)](desc, tiles_t[i:], base_t[i:], out, counter, i, 1, nprog, BARRIER="",
                                    **meta)
 
-    variants = {"ring-phases": phased, "ring-kernels": kernels, "ring-stream": stream}
+    variants = {"ring-phases": lambda: phased("count"), "ring-phases-flag": lambda: phased("flag"),
+                "ring-kernels": kernels, "ring-stream": stream}
     total_bytes = data.numel() * 2
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; {total_bytes / 1e6:.0f} MB a step, {phases} phases; grid "
           f"{nprog} x {warps} warps, a ring of {stages} x {tile_bytes // 1024} KB a program")
