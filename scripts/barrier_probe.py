@@ -24,6 +24,7 @@ import argparse
 import torch
 import triton
 import triton.language as tl
+from stream_probe import graph_us  # scripts/ is on the path when a script runs
 
 from crosspool.bench.traffic import copy_bandwidth
 from crosspool.kernels import pdl
@@ -145,28 +146,6 @@ def resident_per_sm(chunk: int, warps: int, nprog: int, nprog_block: int, dev: t
     return min(fits)
 
 
-def graph_us(calls: list, reps: int = 9) -> float:    # noqa: ANN001
-    """Microseconds per replay of a CUDA graph of `calls`, median of `reps`."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=16)
@@ -238,7 +217,7 @@ def main() -> None:
         checks[name] = stuck.item() == 0 and (name == "stream" or abs(total - expected) <= 1e-4 * expected)
         if stuck.item():
             raise SystemExit(f"{name}: a grid barrier stalled (programs not all resident); nothing timed")
-    times = {name: graph_us([fn]) for name, fn in variants.items()}
+    times = {name: graph_us([fn], reps=9) for name, fn in variants.items()}
     for name in variants:
         extra = (times[name] - times["stream"]) / (phases - 1)
         print(f"| {name} | {times[name]:.1f} | {extra:.2f} | {total_bytes / (times[name] * 1e-6) / copy_bw:.3f} | "

@@ -22,6 +22,7 @@ import argparse
 
 import torch
 import triton
+from stream_probe import graph_us  # scripts/ is on the path when a script runs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
@@ -136,28 +137,6 @@ def _ring_kernel(desc, tiles_ptr, base_ptr, out_ptr, counter_ptr, first_phase, n
         mbarrier.invalidate(bars.index(s))
 
 
-def graph_us(calls: list, reps: int = 9) -> float:    # noqa: ANN001
-    """Microseconds per replay of a CUDA graph of `calls`, median of `reps`."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=16)
@@ -218,7 +197,7 @@ def main() -> None:
         last = 0 if name == "ring-stream" else phases - 1
         got = out[last * nprog:(last + 1) * nprog].sum().item()
         checks[name] = abs(got - expected) <= 1e-4 * expected
-    times = {name: graph_us([fn]) for name, fn in variants.items()}
+    times = {name: graph_us([fn], reps=9) for name, fn in variants.items()}
     print("| variant | us a step | us a boundary over ring-stream | frac of copy bw | total checks |\n"
           "|---|---:|---:|---:|---|")
     for name in variants:
