@@ -12,7 +12,9 @@ ring of N shared-memory slots, each tracked by an mbarrier. The variants, graph-
   (they are issued as soon as a slot frees, whatever phase the tile belongs to);
 - `ring-phases-flag`: the same with a barrier whose last arriver raises a flag the others poll;
 - `ring-stream`: the same kernel with all bytes as one phase (the ceiling of this streaming loop);
-- `ring-kernels`: one launch per phase (the ring refilled from empty each time).
+- `ring-kernels`: one launch per phase (the ring refilled from empty each time);
+- `barriers-only` (`-flag`): the phases with no tiles, so each barrier's own chain (count or flag, then the read of
+  the previous phase's partials) alone.
 Gluon (triton.experimental.gluon) is used because plain Triton does not expose the ring.
 """
 
@@ -172,9 +174,11 @@ def main() -> None:
     counter = torch.zeros(1 + phases, device=dev, dtype=torch.int32)     # the count, then one flag a phase
     meta = dict(ROWS=rows, STAGES=stages, NPROG_BLOCK=nprog_block, WARPS=warps, num_warps=warps)
 
-    def phased(barrier: str) -> None:
+    no_tiles = torch.zeros_like(tiles_t)
+
+    def phased(barrier: str, tiles_of: torch.Tensor = tiles_t) -> None:
         counter.zero_()
-        _ring_kernel[(nprog,)](desc, tiles_t, base_t, out, counter, 0, phases, nprog, BARRIER=barrier, **meta)
+        _ring_kernel[(nprog,)](desc, tiles_of, base_t, out, counter, 0, phases, nprog, BARRIER=barrier, **meta)
 
     def stream() -> None:
         _ring_kernel[(nprog,)](desc, all_tiles, zero, out, counter, 0, 1, nprog, BARRIER="", **meta)
@@ -186,6 +190,8 @@ def main() -> None:
 
     variants = {"ring-phases": lambda: phased("count"), "ring-phases-flag": lambda: phased("flag"),
                 "ring-kernels": kernels, "ring-stream": stream}
+    # the barriers alone: the same phases with no tiles (each barrier's own chain, with the partials' read after it)
+    empty = {"barriers-only": lambda: phased("count", no_tiles), "barriers-only-flag": lambda: phased("flag", no_tiles)}
     total_bytes = data.numel() * 2
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; {total_bytes / 1e6:.0f} MB a step, {phases} phases; grid "
           f"{nprog} x {warps} warps, a ring of {stages} x {tile_bytes // 1024} KB a program")
@@ -197,13 +203,16 @@ def main() -> None:
         last = 0 if name == "ring-stream" else phases - 1
         got = out[last * nprog:(last + 1) * nprog].sum().item()
         checks[name] = abs(got - expected) <= 1e-4 * expected
-    times = {name: graph_us([fn], reps=9) for name, fn in variants.items()}
+    times = {name: graph_us([fn], reps=9) for name, fn in (variants | empty).items()}
     print("| variant | us a step | us a boundary over ring-stream | frac of copy bw | total checks |\n"
           "|---|---:|---:|---:|---|")
     for name in variants:
         extra = (times[name] - times["ring-stream"]) / (phases - 1)
         print(f"| {name} | {times[name]:.1f} | {extra:.2f} | {total_bytes / (times[name] * 1e-6) / copy_bw:.3f} | "
               f"{'yes' if checks[name] else 'NO'} |", flush=True)
+    for name in empty:
+        print(f"{name}: {times[name]:.1f} us for {phases - 1} barriers, {times[name] / (phases - 1):.2f} us each "
+              "(no bytes, so no total to check)", flush=True)
 
 
 if __name__ == "__main__":
