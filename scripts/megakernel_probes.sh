@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Issue 4: the measurements that decide whether a batch-1 megakernel can reach 0.85 of copy bandwidth (one
+# nvidia-h200, ~4 min; docs/progress.md, "Next session's device time"). Each run prints its table; all of them also
+# go to $OUT/megakernel-probes.txt when $OUT is set (the device's returned folder).
+#   bash scripts/megakernel_probes.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD
+log=${OUT:-/tmp}/megakernel-probes.txt
+run() {   # run ARGS...: one tma_ring_probe configuration, at most 120 s
+    echo "## python3 scripts/tma_ring_probe.py $* ($(git rev-parse --short HEAD 2>/dev/null || cat .run-commit))" | tee -a "$log"
+    timeout 120 python3 scripts/tma_ring_probe.py "$@" 2>&1 | grep -v -i warn | tee -a "$log"
+}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader | tee -a "$log"
+run --rows 128 --stages 12                  # session 13's row again, with the flag barrier and the barriers alone
+run --rows 128 --stages 12 --balanced       # whole tiles per program: the stragglers' share of a boundary
+run --rows 128 --stages 12 --warps 8        # more warps to read the ring after a barrier
