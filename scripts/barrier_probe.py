@@ -146,6 +146,17 @@ def resident_per_sm(chunk: int, warps: int, nprog: int, nprog_block: int, dev: t
     return min(fits)
 
 
+def print_table(names: list[str], times: dict[str, float], checks: dict[str, bool], ceiling: str, phases: int,
+                total_bytes: int, copy_bw: float) -> None:
+    """The probes' table: us a step, us a phase boundary over the no-phase `ceiling` row, fraction of copy bw."""
+    print(f"| variant | us a step | us a boundary over {ceiling} | frac of copy bw | total checks |\n"
+          "|---|---:|---:|---:|---|")
+    for name in names:
+        extra = (times[name] - times[ceiling]) / (phases - 1)
+        print(f"| {name} | {times[name]:.1f} | {extra:.2f} | {total_bytes / (times[name] * 1e-6) / copy_bw:.3f} | "
+              f"{'yes' if checks[name] else 'NO'} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=16)
@@ -206,8 +217,6 @@ def main() -> None:
                 "stream": stream}
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; {total_bytes / 1e6:.0f} MB a step, {phases} phases, "
           f"grid {nprog} x {warps} warps, {chunk * 2 // 1024} KB a load")
-    print("| variant | us a step | us a boundary over stream | frac of copy bw | total checks |\n"
-          "|---|---:|---:|---:|---|")
     checks = {}
     for name, fn in variants.items():         # once each, eagerly: a grid that is not resident stops here
         out.zero_()
@@ -218,10 +227,7 @@ def main() -> None:
         if stuck.item():
             raise SystemExit(f"{name}: a grid barrier stalled (programs not all resident); nothing timed")
     times = {name: graph_us([fn], reps=9) for name, fn in variants.items()}
-    for name in variants:
-        extra = (times[name] - times["stream"]) / (phases - 1)
-        print(f"| {name} | {times[name]:.1f} | {extra:.2f} | {total_bytes / (times[name] * 1e-6) / copy_bw:.3f} | "
-              f"{'yes' if checks[name] else 'NO'} |", flush=True)
+    print_table(list(variants), times, checks, "stream", phases, total_bytes, copy_bw)
 
 
 if __name__ == "__main__":

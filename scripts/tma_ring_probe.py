@@ -24,6 +24,7 @@ import argparse
 
 import torch
 import triton
+from barrier_probe import PHASES_MB, print_table
 from stream_probe import graph_us  # scripts/ is on the path when a script runs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -33,7 +34,6 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from crosspool.bench.traffic import copy_bandwidth
 from crosspool.kernels._common import num_sms
 
-PHASES_MB = (25.2, 8.4, 8.4, 0.26, 67.1, 33.6)
 # the TMA load's name differs across Triton releases (3.9: async_load; older: async_copy_global_to_shared)
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier      # 3.9 | older releases
@@ -204,12 +204,7 @@ def main() -> None:
         got = out[last * nprog:(last + 1) * nprog].sum().item()
         checks[name] = abs(got - expected) <= 1e-4 * expected
     times = {name: graph_us([fn], reps=9) for name, fn in (variants | empty).items()}
-    print("| variant | us a step | us a boundary over ring-stream | frac of copy bw | total checks |\n"
-          "|---|---:|---:|---:|---|")
-    for name in variants:
-        extra = (times[name] - times["ring-stream"]) / (phases - 1)
-        print(f"| {name} | {times[name]:.1f} | {extra:.2f} | {total_bytes / (times[name] * 1e-6) / copy_bw:.3f} | "
-              f"{'yes' if checks[name] else 'NO'} |", flush=True)
+    print_table(list(variants), times, checks, "ring-stream", phases, total_bytes, copy_bw)
     for name in empty:
         print(f"{name}: {times[name]:.1f} us for {phases - 1} barriers, {times[name] / (phases - 1):.2f} us each "
               "(no bytes, so no total to check)", flush=True)
