@@ -13,6 +13,9 @@ ring of N shared-memory slots, each tracked by an mbarrier. The variants, graph-
 - `ring-phases-flag`: the same with a barrier whose last arriver raises a flag the others poll;
 - `ring-stream`: the same kernel with all bytes as one phase (the ceiling of this streaming loop);
 - `ring-kernels`: one launch per phase (the ring refilled from empty each time);
+- with `--l2-ahead D`, `-l2barrier` / `-l2stream`: the same with bulk prefetches into L2 (no shared memory) of the D
+  tiles past the ring's, issued at each barrier / kept D tiles ahead of the ring's loads all along (HBM stays busy
+  while a program with a full ring waits at a barrier);
 - `barriers-only` (`-flag`): the phases with no tiles, so each barrier's own chain (count or flag, then the read of
   the previous phase's partials) alone.
 Gluon (triton.experimental.gluon) is used because plain Triton does not expose the ring.
@@ -80,13 +83,27 @@ def _grid_flag(counter_ptr, flag_ptr, target):
 
 
 @gluon.jit
-def _ring_kernel(desc, tiles_ptr, base_ptr, out_ptr, counter_ptr, first_phase, num_phases, nprog,
+def _prefetch_l2(data_ptr, row, nbytes, WARPS: gl.constexpr):
+    """One bulk prefetch into L2 of `nbytes` contiguous bytes from row `row` of the [*, 64] bf16 matrix (issued by
+    thread 0 alone; it takes no shared memory and no barrier)."""
+    flat: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    lane = gl.arange(0, 32 * WARPS, layout=flat)
+    ptrs = data_ptr + row.to(gl.int64) * 64 + lane * 0
+    gl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.eq.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
+        "=r,l,r,r", [ptrs, lane, lane * 0 + nbytes], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _ring_kernel(desc, data_ptr, tiles_ptr, base_ptr, out_ptr, counter_ptr, first_phase, num_phases, nprog,
                  ROWS: gl.constexpr, STAGES: gl.constexpr, NPROG_BLOCK: gl.constexpr, WARPS: gl.constexpr,
-                 BARRIER: gl.constexpr):
+                 BARRIER: gl.constexpr, L2_AHEAD: gl.constexpr, L2_MODE: gl.constexpr):
     """Phases [first_phase, first_phase + num_phases) of the step (`tiles_ptr`/`base_ptr` index from first_phase):
     sum each phase's tiles, plus the previous phase's total, into out[phase, pid]. BARRIER between phases: "" none
     (one phase a launch), "count" (`_grid_count`), "flag" (`_grid_flag`; the flags follow the count in counter_ptr,
-    one a phase)."""
+    one a phase). L2_MODE "barrier": before each barrier, prefetch into L2 the L2_AHEAD tiles that follow the ring's
+    (so HBM keeps reading while the program waits with a full ring); "stream": keep prefetches L2_AHEAD tiles ahead
+    of the ring's loads all the time (one with each load)."""
     pid = gl.program_id(0)
     tile: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     flat: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
@@ -104,6 +121,12 @@ def _ring_kernel(desc, tiles_ptr, base_ptr, out_ptr, counter_ptr, first_phase, n
             mbarrier.expect(bars.index(s), ROWS * 64 * 2)
             _tma_load(desc, [gl.load(base_ptr + pp) + (pid + pj * nprog) * ROWS, 0], bars.index(s), ring.index(s))
             pp, pj = _advance(pp, pj, tiles_ptr, num_phases, pid, nprog)
+    lp, lj = pp, pj                                  # the L2 cursor ("stream"): L2_AHEAD tiles past the ring's
+    if L2_MODE == "stream":
+        for _d in gl.static_range(L2_AHEAD):
+            if lp < num_phases:
+                _prefetch_l2(data_ptr, gl.load(base_ptr + lp) + (pid + lj * nprog) * ROWS, ROWS * 128, WARPS)
+                lp, lj = _advance(lp, lj, tiles_ptr, num_phases, pid, nprog)
 
     consumed = zero
     for p in range(num_phases):
@@ -118,11 +141,22 @@ def _ring_kernel(desc, tiles_ptr, base_ptr, out_ptr, counter_ptr, first_phase, n
                 _tma_load(desc, [gl.load(base_ptr + pp) + (pid + pj * nprog) * ROWS, 0], bars.index(slot),
                           ring.index(slot))
                 pp, pj = _advance(pp, pj, tiles_ptr, num_phases, pid, nprog)
+            if L2_MODE == "stream":
+                if lp < num_phases:
+                    _prefetch_l2(data_ptr, gl.load(base_ptr + lp) + (pid + lj * nprog) * ROWS, ROWS * 128, WARPS)
+                    lp, lj = _advance(lp, lj, tiles_ptr, num_phases, pid, nprog)
             consumed += 1
         total = gl.sum(gl.sum(acc, axis=1), axis=0)
         phase = first_phase + p
         if phase > 0:
             if p > 0:
+                if L2_MODE == "barrier":
+                    qp, qj = pp, pj
+                    for _d in gl.static_range(L2_AHEAD):
+                        if qp < num_phases:
+                            _prefetch_l2(data_ptr, gl.load(base_ptr + qp) + (pid + qj * nprog) * ROWS, ROWS * 128,
+                                         WARPS)
+                            qp, qj = _advance(qp, qj, tiles_ptr, num_phases, pid, nprog)
                 if BARRIER == "count":
                     _cta_barrier()
                     _grid_count(counter_ptr, p * nprog)
@@ -148,6 +182,8 @@ def main() -> None:
     p.add_argument("--balanced", action="store_true",
                    help="round each phase up to a whole number of tiles per program (no program waits at a barrier "
                         "for another's extra tile; the router phase grows to one tile a program)")
+    p.add_argument("--l2-ahead", type=int, default=0,
+                   help="also time the L2 prefetch variants, this many tiles past the ring (0: not)")
     args = p.parse_args()
     dev = torch.device("cuda")
     copy_bw = copy_bandwidth(dev)
@@ -172,24 +208,32 @@ def main() -> None:
     zero = torch.zeros(1, device=dev, dtype=torch.int32)
     out = torch.zeros(phases * nprog, device=dev)
     counter = torch.zeros(1 + phases, device=dev, dtype=torch.int32)     # the count, then one flag a phase
-    meta = dict(ROWS=rows, STAGES=stages, NPROG_BLOCK=nprog_block, WARPS=warps, num_warps=warps)
+    meta = dict(ROWS=rows, STAGES=stages, NPROG_BLOCK=nprog_block, WARPS=warps, num_warps=warps,
+                L2_AHEAD=args.l2_ahead)
 
     no_tiles = torch.zeros_like(tiles_t)
 
-    def phased(barrier: str, tiles_of: torch.Tensor = tiles_t) -> None:
+    def phased(barrier: str, tiles_of: torch.Tensor = tiles_t, l2: str = "") -> None:
         counter.zero_()
-        _ring_kernel[(nprog,)](desc, tiles_of, base_t, out, counter, 0, phases, nprog, BARRIER=barrier, **meta)
+        _ring_kernel[(nprog,)](desc, data, tiles_of, base_t, out, counter, 0, phases, nprog, BARRIER=barrier,
+                               L2_MODE=l2, **meta)
 
-    def stream() -> None:
-        _ring_kernel[(nprog,)](desc, all_tiles, zero, out, counter, 0, 1, nprog, BARRIER="", **meta)
+    def stream(l2: str = "") -> None:
+        _ring_kernel[(nprog,)](desc, data, all_tiles, zero, out, counter, 0, 1, nprog, BARRIER="", L2_MODE=l2,
+                               **meta)
 
     def kernels() -> None:
         for i in range(phases):
-            _ring_kernel[(nprog,)](desc, tiles_t[i:], base_t[i:], out, counter, i, 1, nprog, BARRIER="",
-                                   **meta)
+            _ring_kernel[(nprog,)](desc, data, tiles_t[i:], base_t[i:], out, counter, i, 1, nprog, BARRIER="",
+                                   L2_MODE="", **meta)
 
     variants = {"ring-phases": lambda: phased("count"), "ring-phases-flag": lambda: phased("flag"),
                 "ring-kernels": kernels, "ring-stream": stream}
+    if args.l2_ahead:
+        variants |= {"ring-phases-flag-l2barrier": lambda: phased("flag", l2="barrier"),
+                     "ring-phases-flag-l2stream": lambda: phased("flag", l2="stream"),
+                     "ring-phases-l2stream": lambda: phased("count", l2="stream"),
+                     "ring-stream-l2stream": lambda: stream("stream")}
     # the barriers alone: the same phases with no tiles (each barrier's own chain, with the partials' read after it)
     empty = {"barriers-only": lambda: phased("count", no_tiles), "barriers-only-flag": lambda: phased("flag", no_tiles)}
     total_bytes = data.numel() * 2
