@@ -4,15 +4,20 @@
 # go to $OUT/megakernel-probes.txt when $OUT is set (the device's returned folder).
 #   bash scripts/megakernel_probes.sh        # session 13's three runs
 #   bash scripts/megakernel_probes.sh l2     # session 14: L2 prefetches past the ring, D tiles ahead
+#   bash scripts/megakernel_probes.sh fence  # session 14: barriers from warp 1, and without fences
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
 log=${OUT:-/tmp}/megakernel-probes.txt
 run() {   # run ARGS...: one tma_ring_probe configuration, at most 120 s
-    echo "## python3 scripts/tma_ring_probe.py $* ($(git rev-parse --short HEAD 2>/dev/null || cat .run-commit))" | tee -a "$log"
+    echo "## python3 scripts/tma_ring_probe.py $* ($(cat .run-commit 2>/dev/null || git rev-parse --short HEAD))" | tee -a "$log"
     timeout 120 python3 scripts/tma_ring_probe.py "$@" 2>&1 | grep -v -i warn | tee -a "$log"
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader | tee -a "$log"
+if [ "${1:-}" = fence ]; then                  # session 14: the barrier's fences, and the thread that issues them
+    run --rows 128 --stages 12
+    exit
+fi
 if [ "${1:-}" = l2 ]; then
     for d in 4 8 16 32; do run --rows 128 --stages 12 --l2-ahead "$d"; done
     exit

@@ -11,6 +11,8 @@ ring of N shared-memory slots, each tracked by an mbarrier. The variants, graph-
 - `ring-phases`: one kernel, a grid barrier after each phase; the ring's loads already cross into the next phase
   (they are issued as soon as a slot frees, whatever phase the tile belongs to);
 - `ring-phases-flag`: the same with a barrier whose last arriver raises a flag the others poll;
+- `ring-phases-warp1`: the count barrier with its atomics issued by warp 1, not by the thread that issues the ring's
+  TMA loads; `ring-phases-relaxed` (timing only): the count barrier with no fences;
 - `ring-stream`: the same kernel with all bytes as one phase (the ceiling of this streaming loop);
 - `ring-kernels`: one launch per phase (the ring refilled from empty each time);
 - with `--l2-ahead D`, `-l2barrier` / `-l2stream`: the same with bulk prefetches into L2 (no shared memory) of the D
@@ -80,6 +82,32 @@ def _grid_flag(counter_ptr, flag_ptr, target):
         seen = gl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
         while seen == 0:
             seen = gl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+
+
+@gluon.jit
+def _grid_relaxed(counter_ptr, target):
+    """Timing only: the count barrier with relaxed atomics (no fence: nothing orders the partials' stores before the
+    count, so its checks may fail). Were the fences the cost, it would show here."""
+    gl.atomic_add(counter_ptr, 1, sem="relaxed", scope="gpu")
+    seen = gl.atomic_add(counter_ptr, 0, sem="relaxed", scope="gpu")
+    while seen < target:
+        seen = gl.atomic_add(counter_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@gluon.jit
+def _grid_count_warp1(counter_ptr, target, WARPS: gl.constexpr):
+    """`_grid_count` with its atomics issued by thread 32 (warp 1), not thread 0, which issues the ring's TMA loads:
+    does the release fence wait for the loads that thread has in flight?"""
+    flat: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    lane = gl.arange(0, 32 * WARPS, layout=flat)
+    mine = lane == 32
+    ptrs = counter_ptr + lane * 0
+    gl.atomic_add(ptrs, lane * 0 + 1, mask=mine, sem="release", scope="gpu")
+    got = gl.atomic_add(ptrs, lane * 0, mask=mine, sem="acquire", scope="gpu")
+    seen = gl.max(gl.where(mine, got, 0), axis=0)
+    while seen < target:
+        got = gl.atomic_add(ptrs, lane * 0, mask=mine, sem="acquire", scope="gpu")
+        seen = gl.max(gl.where(mine, got, 0), axis=0)
 
 
 @gluon.jit
@@ -165,6 +193,14 @@ def _ring_kernel(desc, data_ptr, tiles_ptr, base_ptr, out_ptr, counter_ptr, firs
                     _cta_barrier()
                     _grid_flag(counter_ptr, counter_ptr + p, p * nprog)
                     _cta_barrier()
+                elif BARRIER == "relaxed":
+                    _cta_barrier()
+                    _grid_relaxed(counter_ptr, p * nprog)
+                    _cta_barrier()
+                elif BARRIER == "warp1":
+                    _cta_barrier()
+                    _grid_count_warp1(counter_ptr, p * nprog, WARPS)
+                    _cta_barrier()
             offs = gl.arange(0, NPROG_BLOCK, layout=flat)
             prev = gl.load(out_ptr + (phase - 1) * nprog + offs, mask=offs < nprog, other=0.0, cache_modifier=".cg")
             total += gl.sum(prev, axis=0) / nprog
@@ -228,6 +264,7 @@ def main() -> None:
                                    L2_MODE="", **meta)
 
     variants = {"ring-phases": lambda: phased("count"), "ring-phases-flag": lambda: phased("flag"),
+                "ring-phases-warp1": lambda: phased("warp1"), "ring-phases-relaxed": lambda: phased("relaxed"),
                 "ring-kernels": kernels, "ring-stream": stream}
     if args.l2_ahead:
         variants |= {"ring-phases-flag-l2barrier": lambda: phased("flag", l2="barrier"),
@@ -235,7 +272,8 @@ def main() -> None:
                      "ring-phases-l2stream": lambda: phased("count", l2="stream"),
                      "ring-stream-l2stream": lambda: stream("stream")}
     # the barriers alone: the same phases with no tiles (each barrier's own chain, with the partials' read after it)
-    empty = {"barriers-only": lambda: phased("count", no_tiles), "barriers-only-flag": lambda: phased("flag", no_tiles)}
+    empty = {f"barriers-only{suffix}": (lambda b=b: phased(b, no_tiles))
+             for suffix, b in (("", "count"), ("-flag", "flag"), ("-warp1", "warp1"), ("-relaxed", "relaxed"))}
     total_bytes = data.numel() * 2
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; {total_bytes / 1e6:.0f} MB a step, {phases} phases; grid "
           f"{nprog} x {warps} warps, a ring of {stages} x {tile_bytes // 1024} KB a program")
@@ -244,7 +282,7 @@ def main() -> None:
         out.zero_()
         fn()
         torch.cuda.synchronize()
-        last = 0 if name == "ring-stream" else phases - 1
+        last = 0 if name.startswith("ring-stream") else phases - 1
         got = out[last * nprog:(last + 1) * nprog].sum().item()
         checks[name] = abs(got - expected) <= 1e-4 * expected
     times = {name: graph_us([fn], reps=9) for name, fn in (variants | empty).items()}
