@@ -14,7 +14,7 @@ run() {   # run ARGS...: one tma_ring_probe configuration, at most 120 s
     timeout 120 python3 scripts/tma_ring_probe.py "$@" 2>&1 | grep -v -i warn | tee -a "$log"
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader | tee -a "$log"
-if [ "${1:-}" = fence ]; then                  # session 14: the barrier's fences, and the thread that issues them
+if [ "${1:-}" = fence ]; then   # session 14: barriers from warp 1, without fences, and none (tagged words)
     run --rows 128 --stages 12
     exit
 fi

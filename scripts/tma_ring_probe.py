@@ -13,6 +13,8 @@ ring of N shared-memory slots, each tracked by an mbarrier. The variants, graph-
 - `ring-phases-flag`: the same with a barrier whose last arriver raises a flag the others poll;
 - `ring-phases-warp1`: the count barrier with its atomics issued by warp 1, not by the thread that issues the ring's
   TMA loads; `ring-phases-relaxed` (timing only): the count barrier with no fences;
+- `ring-phases-ll`: no barrier; each partial goes out tagged with its phase in one 64-bit word, and the next phase
+  polls the words until every one carries the tag (a dependency with no count and no fence);
 - `ring-stream`: the same kernel with all bytes as one phase (the ceiling of this streaming loop);
 - `ring-kernels`: one launch per phase (the ring refilled from empty each time);
 - with `--l2-ahead D`, `-l2barrier` / `-l2stream`: the same with bulk prefetches into L2 (no shared memory) of the D
@@ -123,13 +125,15 @@ def _prefetch_l2(data_ptr, row, nbytes, WARPS: gl.constexpr):
 
 
 @gluon.jit
-def _ring_kernel(desc, data_ptr, tiles_ptr, base_ptr, out_ptr, counter_ptr, first_phase, num_phases, nprog,
+def _ring_kernel(desc, data_ptr, tiles_ptr, base_ptr, out_ptr, counter_ptr, ll_ptr, first_phase, num_phases, nprog,
                  ROWS: gl.constexpr, STAGES: gl.constexpr, NPROG_BLOCK: gl.constexpr, WARPS: gl.constexpr,
                  BARRIER: gl.constexpr, L2_AHEAD: gl.constexpr, L2_MODE: gl.constexpr):
     """Phases [first_phase, first_phase + num_phases) of the step (`tiles_ptr`/`base_ptr` index from first_phase):
     sum each phase's tiles, plus the previous phase's total, into out[phase, pid]. BARRIER between phases: "" none
     (one phase a launch), "count" (`_grid_count`), "flag" (`_grid_flag`; the flags follow the count in counter_ptr,
-    one a phase). L2_MODE "barrier": before each barrier, prefetch into L2 the L2_AHEAD tiles that follow the ring's
+    one a phase), "ll" (no barrier: each program's partial goes out with its phase's tag in one 64-bit word, and the
+    next phase polls those words until all carry the tag, as NCCL's LL protocol does; ll_ptr, zeroed each run).
+    L2_MODE "barrier": before each barrier, prefetch into L2 the L2_AHEAD tiles that follow the ring's
     (so HBM keeps reading while the program waits with a full ring); "stream": keep prefetches L2_AHEAD tiles ahead
     of the ring's loads all the time (one with each load)."""
     pid = gl.program_id(0)
@@ -202,9 +206,20 @@ def _ring_kernel(desc, data_ptr, tiles_ptr, base_ptr, out_ptr, counter_ptr, firs
                     _grid_count_warp1(counter_ptr, p * nprog, WARPS)
                     _cta_barrier()
             offs = gl.arange(0, NPROG_BLOCK, layout=flat)
-            prev = gl.load(out_ptr + (phase - 1) * nprog + offs, mask=offs < nprog, other=0.0, cache_modifier=".cg")
+            if BARRIER == "ll":
+                # no barrier: poll the previous phase's words until each carries that phase's tag (phase - 1 + 1)
+                words = gl.load(ll_ptr + (phase - 1) * nprog + offs, mask=offs < nprog, other=0, volatile=True)
+                while gl.min(gl.where((offs >= nprog) | ((words >> 32).to(gl.int32) == phase), 1, 0), axis=0) == 0:
+                    words = gl.load(ll_ptr + (phase - 1) * nprog + offs, mask=offs < nprog, other=0, volatile=True)
+                prev = (words & 0xFFFFFFFF).to(gl.int32).to(gl.float32, bitcast=True)
+            else:
+                prev = gl.load(out_ptr + (phase - 1) * nprog + offs, mask=offs < nprog, other=0.0,
+                               cache_modifier=".cg")
             total += gl.sum(prev, axis=0) / nprog
         gl.store(out_ptr + phase * nprog + pid, total)
+        if BARRIER == "ll":         # the value and its phase's tag in one 64-bit word, one relaxed store
+            word = (total.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF) | ((phase + 1).to(gl.int64) << 32)
+            gl.atomic_xchg(ll_ptr + phase * nprog + pid, word, sem="relaxed", scope="gpu")
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
 
@@ -244,6 +259,7 @@ def main() -> None:
     zero = torch.zeros(1, device=dev, dtype=torch.int32)
     out = torch.zeros(phases * nprog, device=dev)
     counter = torch.zeros(1 + phases, device=dev, dtype=torch.int32)     # the count, then one flag a phase
+    ll = torch.zeros(phases * nprog, device=dev, dtype=torch.int64)      # "ll": tagged partials
     meta = dict(ROWS=rows, STAGES=stages, NPROG_BLOCK=nprog_block, WARPS=warps, num_warps=warps,
                 L2_AHEAD=args.l2_ahead)
 
@@ -251,20 +267,22 @@ def main() -> None:
 
     def phased(barrier: str, tiles_of: torch.Tensor = tiles_t, l2: str = "") -> None:
         counter.zero_()
-        _ring_kernel[(nprog,)](desc, data, tiles_of, base_t, out, counter, 0, phases, nprog, BARRIER=barrier,
+        ll.zero_()
+        _ring_kernel[(nprog,)](desc, data, tiles_of, base_t, out, counter, ll, 0, phases, nprog, BARRIER=barrier,
                                L2_MODE=l2, **meta)
 
     def stream(l2: str = "") -> None:
-        _ring_kernel[(nprog,)](desc, data, all_tiles, zero, out, counter, 0, 1, nprog, BARRIER="", L2_MODE=l2,
+        _ring_kernel[(nprog,)](desc, data, all_tiles, zero, out, counter, ll, 0, 1, nprog, BARRIER="", L2_MODE=l2,
                                **meta)
 
     def kernels() -> None:
         for i in range(phases):
-            _ring_kernel[(nprog,)](desc, data, tiles_t[i:], base_t[i:], out, counter, i, 1, nprog, BARRIER="",
+            _ring_kernel[(nprog,)](desc, data, tiles_t[i:], base_t[i:], out, counter, ll, i, 1, nprog, BARRIER="",
                                    L2_MODE="", **meta)
 
     variants = {"ring-phases": lambda: phased("count"), "ring-phases-flag": lambda: phased("flag"),
                 "ring-phases-warp1": lambda: phased("warp1"), "ring-phases-relaxed": lambda: phased("relaxed"),
+                "ring-phases-ll": lambda: phased("ll"),
                 "ring-kernels": kernels, "ring-stream": stream}
     if args.l2_ahead:
         variants |= {"ring-phases-flag-l2barrier": lambda: phased("flag", l2="barrier"),
@@ -273,7 +291,8 @@ def main() -> None:
                      "ring-stream-l2stream": lambda: stream("stream")}
     # the barriers alone: the same phases with no tiles (each barrier's own chain, with the partials' read after it)
     empty = {f"barriers-only{suffix}": (lambda b=b: phased(b, no_tiles))
-             for suffix, b in (("", "count"), ("-flag", "flag"), ("-warp1", "warp1"), ("-relaxed", "relaxed"))}
+             for suffix, b in (("", "count"), ("-flag", "flag"), ("-warp1", "warp1"), ("-relaxed", "relaxed"),
+                                                                              ("-ll", "ll"))}
     total_bytes = data.numel() * 2
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; {total_bytes / 1e6:.0f} MB a step, {phases} phases; grid "
           f"{nprog} x {warps} warps, a ring of {stages} x {tile_bytes // 1024} KB a program")
