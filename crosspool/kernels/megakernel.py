@@ -1,0 +1,435 @@
+"""Batch-1 decode as one persistent kernel whose phases wait on tagged words, not on barriers (issue 4).
+
+Why (docs/benchmarks.md section 7, sessions 9-14): at batch 1 each OLMoE layer is six dependent GEMV-like
+phases. A kernel per phase loses ~2.5-4 us at every boundary even under PDL, and so does a grid barrier inside
+one kernel, because its release fence waits for the loads in flight. A phase that instead polls the very words
+it reads, each a 64-bit (fp32 value, tag) pair written by one relaxed atomic, costs ~1 us a boundary. The
+synthetic step then reaches 0.89 of copy bandwidth (`scripts/tma_ring_probe.py`, `ring-phases-ll`).
+
+This module is that kernel's core, a chain of dependent GEMV phases over stacked weight families:
+- `Phase` describes one phase: a plain GEMV, or a sum of several matrices each applied to its own segment of the
+  input (the experts' down projections), or a gated pair `silu(W_gate x) * (W_up x)` for several matrices (the
+  experts' gate/up). Each phase can add a residual and wait on one more phase whose words it does not read
+  (the router, before the experts).
+- `plan` checks a chain and lays it out as an int32 table plus word offsets; `reference` computes it in torch.
+- `chain` runs it on the GPU: one program an SM, each walking its work items (16 output rows) and streaming their
+  [16, 256] weight tiles through a ring of shared-memory slots filled by TMA. The ring's loads run ahead across
+  phase boundaries, because the weights do not depend on the phase before.
+- Each output goes out as a tagged word, tag = (epoch * 4096 + phase + 1) mod 2^31. A consumer polls its input
+  words until all of them carry the producer's tag. The epoch lives on the device, and the last program to finish
+  advances it, so CUDA-graph replays need no host work and never see the previous step's words as ready.
+
+What is not here yet: attention, the router's top-k and expert ids chosen at run time, the norms, the
+embedding and lm_head (docs/progress.md). Needs Gluon (Triton >= 3.6) and an sm_90 GPU; `plan` and
+`reference` run anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+
+from crosspool.kernels._common import num_sms
+
+# names that differ across Triton releases (3.9 | 3.6)
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
+
+ROWS = 16                 # output rows of one work item, and rows of one weight tile
+CHUNK = 256               # columns of one weight tile (512 B of bf16, the widest TMA box)
+SUM, SWIGLU = 0, 1
+NO_PHASE = -2             # `residual`/`wait` unset; -1 means the step's input vector
+TAG_PHASES = 4096         # phases a step can have (tags are epoch * TAG_PHASES + phase + 1)
+STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
+(F_KIND, F_FAM, F_ROW0, F_ITEMS, F_KC, F_SOURCES, F_STRIDE, F_UP, F_ITEMS_PER_SRC, F_IN, F_IN_CHUNKS, F_IN_OFF,
+ F_RES, F_RES_OFF, F_OUT_OFF, F_WAIT) = range(16)
+F_WAIT_OFF, F_WAIT_N = 16, 17
+NCOL = 18
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of the chain. kind "sum": out[r] = sum over s < sources of W[row0 + s*stride + r, :] . x_s,
+    where x_s is the input's s-th segment of `k` values (one source: a GEMV). kind "swiglu": for each of
+    `sources` matrices s, rows_per_source outputs silu(W[g, :] . x) * (W[g + up_offset, :] . x), with
+    g = row0 + s*stride + r and x the input's first `k` values. `family` indexes the weight tensors [rows, k]."""
+
+    kind: str
+    family: int
+    row0: int
+    out_rows: int
+    k: int
+    sources: int = 1
+    stride: int = 0
+    up_offset: int = 0
+    input: int = -1               # phase whose outputs are the input (-1: the step's input vector)
+    residual: int = NO_PHASE      # phase whose outputs are added to this one's (-1: the step's input)
+    wait: int = NO_PHASE          # a phase this one waits for without reading it
+
+
+@dataclass(frozen=True)
+class Plan:
+    table: torch.Tensor           # int32 [phases, NCOL]
+    out_offsets: list[int]        # word offset of each phase's outputs
+    words: int                    # words of the whole chain
+    input_len: int                # values of the step's input vector
+
+
+def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int) -> Plan:
+    """Check the chain against its weights and lay it out; a bad chain is a ValueError naming the phase."""
+    if not phases or len(phases) >= TAG_PHASES:
+        raise ValueError(f"a chain has 1..{TAG_PHASES - 1} phases, got {len(phases)}")
+    rows, offsets, total = [], [], 0
+    lengths: list[int] = []
+
+    def length(src: int, i: int, what: str) -> int:
+        if src == -1:
+            return input_len
+        if not 0 <= src < i:
+            raise ValueError(f"phase {i}: {what} {src} is not an earlier phase")
+        return lengths[src]
+
+    for i, ph in enumerate(phases):
+        if ph.kind not in ("sum", "swiglu"):
+            raise ValueError(f"phase {i}: kind {ph.kind!r}, expected 'sum' or 'swiglu'")
+        if not 0 <= ph.family < len(families):
+            raise ValueError(f"phase {i}: family {ph.family}, there are {len(families)}")
+        if ph.k <= 0 or ph.k % CHUNK or ph.sources < 1 or ph.out_rows <= 0 or \
+                ph.out_rows % (ROWS * ph.sources if ph.kind == "swiglu" else ROWS):
+            raise ValueError(f"phase {i}: k ({ph.k}) must be a positive multiple of {CHUNK}, and the outputs "
+                             f"({ph.out_rows}) of {ROWS} a source ({ph.sources})")
+        w = families[ph.family]
+        if w.dim() != 2 or w.shape[1] != ph.k:
+            raise ValueError(f"phase {i}: family {ph.family} is {tuple(w.shape)}, expected [rows, {ph.k}]")
+        swiglu = ph.kind == "swiglu"
+        per_src = ph.out_rows // ph.sources if swiglu else ph.out_rows
+        last_row = ph.row0 + (ph.sources - 1) * ph.stride + per_src + (ph.up_offset if swiglu else 0)
+        if ph.row0 < 0 or last_row > w.shape[0]:
+            raise ValueError(f"phase {i}: rows up to {last_row} of family {ph.family}, which has {w.shape[0]}")
+        need = ph.k if swiglu else ph.k * ph.sources
+        have = length(ph.input, i, "input")
+        if need > have or need > STAGE_CHUNKS * CHUNK:
+            raise ValueError(f"phase {i}: reads {need} input values, its input has {have} (at most "
+                             f"{STAGE_CHUNKS * CHUNK})")
+        if ph.residual != NO_PHASE and length(ph.residual, i, "residual") < ph.out_rows:
+            raise ValueError(f"phase {i}: residual {ph.residual} is shorter than its {ph.out_rows} outputs")
+        if ph.wait != NO_PHASE and (ph.wait < 0 or length(ph.wait, i, "wait") > ROWS * CHUNK):
+            raise ValueError(f"phase {i}: wait {ph.wait} must be an earlier phase of at most {ROWS * CHUNK} outputs")
+        offsets.append(total)
+        lengths.append(ph.out_rows)
+        kc = ph.k // CHUNK
+        src_off = (lambda s: offsets[s] if s >= 0 else 0)
+        rows.append([SWIGLU if swiglu else SUM, ph.family, ph.row0, ph.out_rows // ROWS, kc, ph.sources, ph.stride,
+                     ph.up_offset, per_src // ROWS, ph.input, need // CHUNK, src_off(ph.input), ph.residual,
+                     src_off(ph.residual) if ph.residual != NO_PHASE else 0, total, ph.wait,
+                     src_off(ph.wait) if ph.wait != NO_PHASE else 0,
+                     lengths[ph.wait] if ph.wait >= 0 else 0])
+        total += ph.out_rows
+    return Plan(torch.tensor(rows, dtype=torch.int32), offsets, total, input_len)
+
+
+def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """Every phase's outputs (fp32), as the kernel computes them: each input vector rounded to the weights' dtype
+    (the kernel stages it in shared memory so), products and sums in fp32."""
+    outs: list[torch.Tensor] = []
+    x = x.float()
+
+    def vec(src: int) -> torch.Tensor:
+        return x if src == -1 else outs[src]
+
+    for ph in phases:
+        w = families[ph.family]
+        inp = vec(ph.input).to(w.dtype).float()
+        if ph.kind == "sum":
+            y = torch.zeros(ph.out_rows, dtype=torch.float32, device=w.device)
+            for s in range(ph.sources):
+                rows = w[ph.row0 + s * ph.stride: ph.row0 + s * ph.stride + ph.out_rows].float()
+                y += rows @ inp[s * ph.k:(s + 1) * ph.k]
+        else:
+            per = ph.out_rows // ph.sources
+            parts = []
+            for s in range(ph.sources):
+                g0 = ph.row0 + s * ph.stride
+                gate = w[g0:g0 + per].float() @ inp[:ph.k]
+                up = w[g0 + ph.up_offset:g0 + ph.up_offset + per].float() @ inp[:ph.k]
+                parts.append(torch.nn.functional.silu(gate) * up)
+            y = torch.cat(parts)
+        if ph.residual != NO_PHASE:
+            y = y + vec(ph.residual)[:ph.out_rows]
+        outs.append(y)
+    return outs
+
+
+def unpack(words: torch.Tensor) -> torch.Tensor:
+    """The fp32 values of tagged words (the low halves)."""
+    return (words & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- the kernel
+# the constants above, as the kernel sees them
+K_ROWS = gl.constexpr(ROWS)
+K_CHUNK = gl.constexpr(CHUNK)
+K_SWIGLU = gl.constexpr(SWIGLU)
+K_TAG_PHASES = gl.constexpr(TAG_PHASES)
+K_STAGE_CHUNKS = gl.constexpr(STAGE_CHUNKS)
+K_NCOL = gl.constexpr(NCOL)
+K_F_KIND = gl.constexpr(F_KIND)
+K_F_FAM = gl.constexpr(F_FAM)
+K_F_ROW0 = gl.constexpr(F_ROW0)
+K_F_ITEMS = gl.constexpr(F_ITEMS)
+K_F_KC = gl.constexpr(F_KC)
+K_F_SOURCES = gl.constexpr(F_SOURCES)
+K_F_STRIDE = gl.constexpr(F_STRIDE)
+K_F_UP = gl.constexpr(F_UP)
+K_F_ITEMS_PER_SRC = gl.constexpr(F_ITEMS_PER_SRC)
+K_F_IN = gl.constexpr(F_IN)
+K_F_IN_CHUNKS = gl.constexpr(F_IN_CHUNKS)
+K_F_IN_OFF = gl.constexpr(F_IN_OFF)
+K_F_RES = gl.constexpr(F_RES)
+K_F_RES_OFF = gl.constexpr(F_RES_OFF)
+K_F_OUT_OFF = gl.constexpr(F_OUT_OFF)
+K_F_WAIT = gl.constexpr(F_WAIT)
+K_F_WAIT_OFF = gl.constexpr(F_WAIT_OFF)
+K_F_WAIT_N = gl.constexpr(F_WAIT_N)
+
+
+@gluon.jit
+def _field(table_ptr, p, col: gl.constexpr):
+    return gl.load(table_ptr + p * K_NCOL + col)
+
+
+@gluon.jit
+def _tag(epoch, p):
+    return (epoch * K_TAG_PHASES + p + 1) & 0x7FFFFFFF
+
+
+@gluon.jit
+def _tiles_per_item(table_ptr, p):
+    kc = _field(table_ptr, p, K_F_KC)
+    if _field(table_ptr, p, K_F_KIND) == K_SWIGLU:
+        n = 2 * kc
+    else:
+        n = _field(table_ptr, p, K_F_SOURCES) * kc
+    return n
+
+
+@gluon.jit
+def _items_of(table_ptr, p, pid, nprog):
+    """Work items of phase p this program takes (items pid, pid + nprog, ...)."""
+    return gl.maximum(_field(table_ptr, p, K_F_ITEMS) - pid + nprog - 1, 0) // nprog
+
+
+@gluon.jit
+def _advance(table_ptr, num_phases, pp, pi, pt, pid, nprog):
+    """The producer's next (phase, local item, tile) after (pp, pi, pt); pp == num_phases when none is left."""
+    pt += 1
+    if pt >= _tiles_per_item(table_ptr, gl.minimum(pp, num_phases - 1)):
+        pt = pt * 0
+        pi += 1
+    while (pp < num_phases) & (pi >= _items_of(table_ptr, gl.minimum(pp, num_phases - 1), pid, nprog)):
+        pp += 1
+        pi = pi * 0
+    return pp, pi, pt
+
+
+@gluon.jit
+def _issue(d0, d1, d2, d3, table_ptr, pp, pi, pt, pid, nprog, bar, slot):
+    """Start the TMA load of tile pt of local item pi of phase pp into `slot`."""
+    i = pid + pi * nprog
+    kc = _field(table_ptr, pp, K_F_KC)
+    c = pt % kc
+    if _field(table_ptr, pp, K_F_KIND) == K_SWIGLU:
+        per = _field(table_ptr, pp, K_F_ITEMS_PER_SRC)
+        row = (_field(table_ptr, pp, K_F_ROW0) + (i // per) * _field(table_ptr, pp, K_F_STRIDE) + (i % per) * K_ROWS
+               + (pt // kc) * _field(table_ptr, pp, K_F_UP))
+    else:
+        row = _field(table_ptr, pp, K_F_ROW0) + (pt // kc) * _field(table_ptr, pp, K_F_STRIDE) + i * K_ROWS
+    fam = _field(table_ptr, pp, K_F_FAM)
+    mbarrier.expect(bar, K_ROWS * K_CHUNK * 2)
+    if fam == 0:
+        _tma_load(d0, [row, c * K_CHUNK], bar, slot)
+    elif fam == 1:
+        _tma_load(d1, [row, c * K_CHUNK], bar, slot)
+    elif fam == 2:
+        _tma_load(d2, [row, c * K_CHUNK], bar, slot)
+    else:
+        _tma_load(d3, [row, c * K_CHUNK], bar, slot)
+
+
+@gluon.jit
+def _poll(words_ptr, offs, mask, tag, err_ptr, POLLS: gl.constexpr):
+    """The words at offs (where mask), once every one carries `tag`; after POLLS polls in vain, sets *err_ptr
+    and returns them as they are (a grid whose programs are not all resident would otherwise hang)."""
+    w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
+    ready = gl.min(gl.min(gl.where(mask & ((w >> 32).to(gl.int32) != tag), 0, 1), axis=1), axis=0)
+    n = tag * 0
+    while (ready == 0) & (n < POLLS):
+        w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
+        ready = gl.min(gl.min(gl.where(mask & ((w >> 32).to(gl.int32) != tag), 0, 1), axis=1), axis=0)
+        n += 1
+    if ready == 0:
+        gl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
+    return w
+
+
+if hasattr(gl.shared_memory_descriptor, "reinterpret"):          # Triton 3.9
+    @gluon.jit
+    def _rows_of(xs):
+        return xs.reinterpret(xs.dtype, [xs.shape[0], 1, xs.shape[1]], xs.layout)
+else:                                                              # 3.6
+    @gluon.jit
+    def _rows_of(xs):
+        return xs._reinterpret(xs.dtype, [xs.shape[0], 1, xs.shape[1]], xs.layout)
+
+
+@gluon.jit
+def _value(w):
+    return (w & 0xFFFFFFFF).to(gl.int32).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, x_ptr, words_ptr, epoch_ptr, done_ptr, err_ptr, nprog,
+                  STAGES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr):
+    pid = gl.program_id(0)
+    tile: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])     # a warp reads a 512-B row
+    rows_l: gl.constexpr = gl.SliceLayout(1, tile)
+    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
+    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, K_ROWS, K_CHUNK], d0.layout)
+    # the staged input, [chunks, CHUNK]; `rows_of(xs).index(c)` is chunk c as a [1, CHUNK] row (`tile` layout)
+    xs = gl.allocate_shared_memory(gl.bfloat16, [K_STAGE_CHUNKS, K_CHUNK],
+                                   gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    xrows = _rows_of(xs)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    fence_async_shared()
+    epoch = gl.load(epoch_ptr)
+
+    # the producer runs STAGES tiles ahead of the consumer, across phase boundaries
+    zero = pid * 0
+    pp, pi, pt = zero, zero, zero - 1
+    pp, pi, pt = _advance(table_ptr, num_phases, pp, pi, pt, pid, nprog)
+    for s in gl.static_range(STAGES):
+        if pp < num_phases:
+            _issue(d0, d1, d2, d3, table_ptr, pp, pi, pt, pid, nprog, bars.index(s), ring.index(s))
+            pp, pi, pt = _advance(table_ptr, num_phases, pp, pi, pt, pid, nprog)
+
+    consumed = zero
+    srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
+    scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
+    rows = gl.arange(0, K_ROWS, layout=rows_l)
+    for p in range(num_phases):
+        kind = _field(table_ptr, p, K_F_KIND)
+        kc = _field(table_ptr, p, K_F_KC)
+        src = _field(table_ptr, p, K_F_IN)
+        # stage the input vector in shared memory (bf16), 16 chunks a round, after polling its tags
+        _cta_barrier()                               # every warp is done with the previous phase's input
+        n_in = _field(table_ptr, p, K_F_IN_CHUNKS)
+        for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
+            if r < n_in:
+                offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]
+                mask = (r + srow)[:, None] < n_in
+                if src >= 0:
+                    w = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + offs, mask, _tag(epoch, src), err_ptr,
+                              POLLS)
+                    vals = _value(w)
+                else:
+                    vals = gl.load(x_ptr + offs, mask=mask, other=0.0)
+                xs.slice(r, K_ROWS).store(vals.to(gl.bfloat16))
+        wait = _field(table_ptr, p, K_F_WAIT)
+        if wait >= 0:
+            offs = srow[:, None] * K_CHUNK + scol[None, :]
+            _poll(words_ptr, _field(table_ptr, p, K_F_WAIT_OFF) + offs, offs < _field(table_ptr, p, K_F_WAIT_N),
+                  _tag(epoch, wait), err_ptr, POLLS)
+        _cta_barrier()
+
+        res = _field(table_ptr, p, K_F_RES)
+        for il in range(_items_of(table_ptr, p, pid, nprog)):
+            acc = gl.zeros([K_ROWS, K_CHUNK], gl.float32, tile)
+            acc_up = gl.zeros([K_ROWS, K_CHUNK], gl.float32, tile)
+            for t in range(_tiles_per_item(table_ptr, p)):
+                slot = consumed % STAGES
+                mbarrier.wait(bars.index(slot), (consumed // STAGES) & 1)
+                wt = ring.index(slot).load(tile).to(gl.float32)
+                if kind == K_SWIGLU:
+                    xc = xrows.index(t % kc).load(tile).to(gl.float32)
+                    if t >= kc:
+                        acc_up += wt * xc
+                    else:
+                        acc += wt * xc
+                else:
+                    xc = xrows.index(t).load(tile).to(gl.float32)
+                    acc += wt * xc
+                _cta_barrier()                       # every warp has read the slot: refill it
+                if pp < num_phases:
+                    _issue(d0, d1, d2, d3, table_ptr, pp, pi, pt, pid, nprog, bars.index(slot), ring.index(slot))
+                    pp, pi, pt = _advance(table_ptr, num_phases, pp, pi, pt, pid, nprog)
+                consumed += 1
+            y = gl.sum(acc, axis=1)
+            if kind == K_SWIGLU:
+                y = y / (1.0 + gl.exp(-y)) * gl.sum(acc_up, axis=1)
+            i = pid + il * nprog
+            if res >= 0:
+                w = _poll(words_ptr, _field(table_ptr, p, K_F_RES_OFF) + i * K_ROWS + rows[:, None],
+                          rows[:, None] < K_ROWS, _tag(epoch, res), err_ptr, POLLS)
+                y += gl.sum(_value(w), axis=1)
+            elif res == -1:
+                y += gl.load(x_ptr + i * K_ROWS + rows)
+            word = (y.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF) | (_tag(epoch, p).to(gl.int64) << 32)
+            gl.atomic_xchg(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * K_ROWS + rows, word, sem="relaxed",
+                           scope="gpu")
+
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(s))
+    # the last program out advances the epoch for the next launch (every program read it at its start)
+    _cta_barrier()
+    if gl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu") == nprog - 1:
+        gl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
+        gl.atomic_add(epoch_ptr, 1, sem="relaxed", scope="gpu")
+
+
+class Chain:
+    """A planned chain bound to its weights and device buffers: `run(x)` launches it once (graph-capturable);
+    `outputs()` reads every phase's values back, `check()` raises if a poll gave up."""
+
+    def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 24,
+                 warps: int = 4, polls: int = 1 << 22) -> None:
+        if not 1 <= len(families) <= 4:
+            raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
+        dev = families[0].device
+        for w in families:
+            if w.device != dev or w.dtype != torch.bfloat16 or not w.is_contiguous():
+                raise ValueError("weight families must be contiguous bf16 tensors on one device")
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        self.plan = plan(phases, families, input_len)
+        self.phases = phases
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+        descs = [TensorDescriptor.from_tensor(w, [ROWS, CHUNK], layout) for w in families]
+        self.descs = descs + [descs[0]] * (4 - len(descs))
+        self.families = families
+        self.table = self.plan.table.to(dev)
+        self.words = torch.zeros(self.plan.words, dtype=torch.int64, device=dev)
+        self.state = torch.zeros(3, dtype=torch.int32, device=dev)          # epoch, done count, error flag
+        self.nprog = num_sms(dev)
+        self.meta = dict(STAGES=stages, WARPS=warps, POLLS=polls, num_warps=warps)
+
+    def run(self, x: torch.Tensor) -> None:
+        if x.shape != (self.plan.input_len,) or x.dtype != torch.float32:
+            raise ValueError(f"input: expected fp32 [{self.plan.input_len}], got {x.dtype} {tuple(x.shape)}")
+        st = self.state
+        _chain_kernel[(self.nprog,)](*self.descs, self.table, len(self.phases), x, self.words, st[0:], st[1:],
+                                     st[2:], self.nprog, **self.meta)
+
+    def outputs(self) -> list[torch.Tensor]:
+        values = unpack(self.words)
+        return [values[o:o + ph.out_rows] for o, ph in zip(self.plan.out_offsets, self.phases, strict=True)]
+
+    def check(self) -> None:
+        if int(self.state[2]) != 0:
+            raise RuntimeError("megakernel chain: a phase gave up waiting for its inputs (were all programs "
+                               "resident at once?)")

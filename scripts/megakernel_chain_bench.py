@@ -1,0 +1,109 @@
+"""The megakernel's GEMV chain on OLMoE-1B-7B's batch-1 shapes: how close to copy bandwidth do real GEMVs get
+when each phase waits on tagged words instead of a kernel boundary? (issue 4; `crosspool.kernels.megakernel`)
+
+Run on the GPU: `python3 scripts/megakernel_chain_bench.py [--layers 16] [--stages 24] [--json PATH]`.
+Per layer, the weights a batch-1 OLMoE step reads, except attention's KV and lm_head:
+- QKV [6144, 2048] on the layer's input h;
+- o_proj [2048, 2048] on q's rows (a stand-in for the attention output) + h;
+- the router [64, 2048] on that;
+- 8 experts' gate/up [2 x 1024, 2048] each, SwiGLU, which wait on the router;
+- their down [2048, 1024] each, summed, + the o_proj output: the next layer's h.
+There is no norm, no routing (experts 0-7 of each layer) and no attention yet: this times the chain's machinery.
+The rows, each a CUDA graph replayed over cold L2:
+- `chain`: the dependent chain (5 phases a layer);
+- `independent`: the same phases and tiles, each reading the step's input and waiting on nothing (this kernel's
+  ceiling with no dependencies at all);
+and it checks the chain's last output against the torch reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stream_probe import graph_us  # noqa: E402
+
+from crosspool.bench.traffic import copy_bandwidth  # noqa: E402
+from crosspool.kernels import megakernel as mk  # noqa: E402
+from crosspool.kernels.megakernel import Phase  # noqa: E402
+
+H, QKV, INTER, EXPERTS, ROUTER = 2048, 6144, 1024, 8, 64
+ATTN_ROWS = QKV + H + ROUTER
+
+
+def olmoe_chain(layers: int, dependent: bool) -> list[Phase]:
+    phases: list[Phase] = []
+    h = -1
+    for layer in range(layers):
+        b, e = layer * ATTN_ROWS, layer * EXPERTS * 2 * INTER
+        n = len(phases)
+
+        def src(i: int) -> int:
+            return i if dependent else -1
+
+        phases += [
+            Phase("sum", 0, b, QKV, H, input=src(h)),
+            Phase("sum", 0, b + QKV, H, H, input=src(n), residual=src(h) if dependent else mk.NO_PHASE),
+            Phase("sum", 0, b + QKV + H, ROUTER, H, input=src(n + 1)),
+            Phase("swiglu", 1, e, EXPERTS * INTER, H, sources=EXPERTS, stride=2 * INTER, up_offset=INTER,
+                  input=src(n + 1), wait=n + 2 if dependent else mk.NO_PHASE),
+            Phase("sum", 2, e, H, INTER, sources=EXPERTS, stride=2 * INTER,
+                  input=src(n + 3) if dependent else -1, residual=src(n + 1) if dependent else mk.NO_PHASE),
+        ]
+        h = n + 4
+    return phases
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--stages", type=int, default=24, help="8-KB slots in each program's ring")
+    p.add_argument("--json", help="write the results here too")
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def weights(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=g, device=dev) * 0.02).to(torch.bfloat16)
+
+    L = args.layers
+    fam = [weights(L * ATTN_ROWS, H), weights(L * EXPERTS * 2 * INTER, H), weights(L * EXPERTS * 2 * INTER, INTER)]
+    total_bytes = sum(w.numel() * 2 for w in fam)
+    x = torch.randn(H, generator=g, device=dev)
+    copy_bw = copy_bandwidth(dev)
+    rows = {}
+    for name, dependent in (("chain", True), ("independent", False)):
+        phases = olmoe_chain(L, dependent)
+        # the independent chain reads the step's input everywhere: give it the widest input any phase reads
+        chain = mk.Chain(phases, fam, H if dependent else EXPERTS * INTER, stages=args.stages)
+        inp = x if dependent else torch.randn(EXPERTS * INTER, generator=g, device=dev)
+        us = graph_us([lambda c=chain, i=inp: c.run(i)], reps=9)
+        chain.run(inp)
+        torch.cuda.synchronize()
+        chain.check()
+        got, want = chain.outputs()[-1], mk.reference(phases, fam, inp)[-1]
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        rows[name] = dict(us=us, phases=len(phases), frac_copy_bw=total_bytes / (us * 1e-6) / copy_bw,
+                          last_output_max_rel_err=err)
+    boundary = (rows["chain"]["us"] - rows["independent"]["us"]) / (len(olmoe_chain(L, True)) - 1)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; {total_bytes / 1e6:.0f} MB a step, {L} layers x 5 phases; "
+          f"ring {args.stages} x 8 KB")
+    print("| variant | us a step | frac of copy bw | last output, max rel err |\n|---|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['us']:.1f} | {r['frac_copy_bw']:.3f} | {r['last_output_max_rel_err']:.1e} |")
+    print(f"a dependency costs {boundary:.2f} us over the independent chain")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(commit=commit, device=torch.cuda.get_device_name(dev),
+                                                   copy_bw=copy_bw, bytes=total_bytes, layers=L,
+                                                   stages=args.stages, rows=rows, boundary_us=boundary), indent=1))
+
+
+if __name__ == "__main__":
+    main()

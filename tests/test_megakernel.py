@@ -1,0 +1,110 @@
+"""The megakernel's chain of dependent GEMV phases (`crosspool.kernels.megakernel`): its plan and torch reference
+on the CPU; the Gluon kernel against the reference on the GPU (fresh random inputs, repeated launches and graph
+replays, which must never take the previous step's words for this step's)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crosspool.kernels import megakernel as mk
+from crosspool.kernels.megakernel import Phase
+
+
+def _families(device: str, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    a = torch.randn(4096 + 64, 2048, generator=g) * 0.03
+    b = torch.randn(4096, 1024, generator=g) * 0.03
+    return [a.to(device, torch.bfloat16), b.to(device, torch.bfloat16)]
+
+
+# a layer's shape in small: GEMV, gated pair over two sources, sum over two sources (+ residual), a router-sized
+# GEMV, then a GEMV that waits on it and adds the step's input
+CHAIN = [
+    Phase("sum", 0, 0, 2048, 2048),
+    Phase("swiglu", 0, 0, 2048, 2048, sources=2, stride=2048, up_offset=1024, input=0),
+    Phase("sum", 1, 0, 2048, 1024, sources=2, stride=2048, input=1, residual=0),
+    Phase("sum", 0, 4096, 64, 2048, input=2),
+    Phase("sum", 0, 1024, 1024, 2048, input=2, wait=3, residual=-1),
+]
+
+
+def _by_hand(fam: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    a, b = (f.float() for f in fam)
+
+    def r(v: torch.Tensor) -> torch.Tensor:              # the staged input is rounded to bf16
+        return v.to(torch.bfloat16).float()
+
+    y0 = a[:2048] @ r(x)
+    g0, u0 = a[:1024] @ r(y0), a[1024:2048] @ r(y0)
+    g1, u1 = a[2048:3072] @ r(y0), a[3072:4096] @ r(y0)
+    y1 = torch.cat([torch.nn.functional.silu(g0) * u0, torch.nn.functional.silu(g1) * u1])
+    y2 = b[:2048] @ r(y1)[:1024] + b[2048:4096] @ r(y1)[1024:] + y0
+    y3 = a[4096:4160] @ r(y2)
+    y4 = a[1024:2048] @ r(y2) + x[:1024]
+    return [y0, y1, y2, y3, y4]
+
+
+def test_reference_follows_the_phase_definitions() -> None:
+    fam = _families("cpu", 0)
+    x = torch.randn(2048, generator=torch.Generator().manual_seed(1))
+    for got, want in zip(mk.reference(CHAIN, fam, x), _by_hand(fam, x), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_lays_out_words_and_rejects_bad_chains() -> None:
+    fam = _families("cpu", 0)
+    p = mk.plan(CHAIN, fam, 2048)
+    assert p.out_offsets == [0, 2048, 4096, 6144, 6208] and p.words == 7232
+    assert p.table.shape == (5, mk.NCOL)
+    assert p.table[1, mk.F_ITEMS].item() == 128 and p.table[1, mk.F_ITEMS_PER_SRC].item() == 64
+    assert p.table[2, mk.F_IN_CHUNKS].item() == 8 and p.table[2, mk.F_RES_OFF].item() == 0
+    assert p.table[4, mk.F_WAIT_OFF].item() == 6144 and p.table[4, mk.F_WAIT_N].item() == 64
+    bad = {
+        "kind": Phase("gemm", 0, 0, 2048, 2048),
+        "family": Phase("sum", 2, 0, 2048, 2048),
+        "expected \\[rows, 1024\\]": Phase("sum", 0, 0, 2048, 1024),
+        "multiple of 256": Phase("sum", 0, 0, 2048, 2000),
+        "which has 4160": Phase("sum", 0, 4096, 128, 2048),
+        "reads 4096 input values": Phase("sum", 0, 0, 2048, 2048, sources=2, stride=0),
+        "is not an earlier phase": Phase("sum", 0, 0, 2048, 2048, input=0),
+    }
+    for message, phase in bad.items():
+        with pytest.raises(ValueError, match=message):
+            mk.plan([phase], fam, 2048)
+    with pytest.raises(ValueError, match="residual 0 is shorter"):
+        mk.plan([Phase("sum", 0, 4096, 64, 2048), Phase("sum", 0, 0, 2048, 2048, residual=0)], fam, 2048)
+
+
+def test_unpack_reads_the_value_half() -> None:
+    v = torch.tensor([1.5, -2.25, 0.0, 3e-8])
+    words = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF | (torch.tensor([7, 8, 9, 10]) << 32)
+    assert torch.equal(mk.unpack(words), v)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs an sm_90 GPU")
+def test_chain_kernel_matches_reference_across_launches_and_replays() -> None:
+    fam = _families("cuda", 2)
+    chain = mk.Chain(CHAIN, fam, 2048)
+    x = torch.empty(2048, device="cuda")
+    for seed in (3, 4):                                  # two eager launches: the epoch moves on
+        x.copy_(torch.randn(2048, generator=torch.Generator().manual_seed(seed)))
+        chain.run(x)
+        torch.cuda.synchronize()
+        chain.check()
+        for i, (got, want) in enumerate(zip(chain.outputs(), mk.reference(CHAIN, fam, x), strict=True)):
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3, msg=lambda m, i=i: f"phase {i}: {m}")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain.run(x)
+    for seed in (5, 6, 7):                               # replays with fresh inputs
+        x.copy_(torch.randn(2048, generator=torch.Generator().manual_seed(seed)))
+        graph.replay()
+        torch.cuda.synchronize()
+        chain.check()
+        for i, (got, want) in enumerate(zip(chain.outputs(), mk.reference(CHAIN, fam, x), strict=True)):
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3, msg=lambda m, i=i: f"phase {i}: {m}")
+    with pytest.raises(ValueError, match="input"):
+        chain.run(torch.zeros(1024, device="cuda"))
