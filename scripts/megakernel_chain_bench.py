@@ -69,11 +69,13 @@ def main() -> None:
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
 
-    def weights(rows: int, cols: int) -> torch.Tensor:
-        return (torch.randn(rows, cols, generator=g, device=dev) * 0.02).to(torch.bfloat16)
+    def weights(rows: int, cols: int, std: float) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=g, device=dev) * std).to(torch.bfloat16)
 
     L = args.layers
-    fam = [weights(L * ATTN_ROWS, H), weights(L * EXPERTS * 2 * INTER, H), weights(L * EXPERTS * 2 * INTER, INTER)]
+    # scales that keep the residual stream bounded over the layers (the SwiGLU squares its input)
+    fam = [weights(L * ATTN_ROWS, H, 0.01), weights(L * EXPERTS * 2 * INTER, H, 0.002),
+           weights(L * EXPERTS * 2 * INTER, INTER, 0.01)]
     total_bytes = sum(w.numel() * 2 for w in fam)
     x = torch.randn(H, generator=g, device=dev)
     copy_bw = copy_bandwidth(dev)

@@ -76,6 +76,32 @@ def test_plan_lays_out_words_and_rejects_bad_chains() -> None:
         mk.plan([Phase("sum", 0, 4096, 64, 2048), Phase("sum", 0, 0, 2048, 2048, residual=0)], fam, 2048)
 
 
+@pytest.mark.parametrize("nprog", [1, 3, 132])
+def test_tile_lists_give_every_tile_once_in_consumption_order(nprog: int) -> None:
+    fam = _families("cpu", 0)
+    p = mk.plan(CHAIN, fam, 2048)
+    lists = mk.tile_lists(p, nprog)
+    got = []
+    for r in range(nprog):
+        n = lists[r, 0].item()
+        assert not lists[r, 1 + n:].any()
+        got += [(c >> 28, (c >> 24) & 15, c & 0xFFFFFF) for c in lists[r, 1:1 + n].tolist()]
+    want = []                           # by hand: phase, item, tile; program r takes items r, r + nprog, ...
+    per_phase = [
+        [[(0, c, 16 * i) for c in range(8)] for i in range(128)],
+        [[(0, c, 16 * (i % 64) + 2048 * (i // 64) + 1024 * h) for h in range(2) for c in range(8)]
+         for i in range(128)],
+        [[(1, c, 16 * i + 2048 * s) for s in range(2) for c in range(4)] for i in range(128)],
+        [[(0, c, 4096 + 16 * i) for c in range(8)] for i in range(4)],
+        [[(0, c, 1024 + 16 * i) for c in range(8)] for i in range(64)],
+    ]
+    for r in range(nprog):
+        for items in per_phase:
+            for i in range(r, len(items), nprog):
+                want += items[i]
+    assert got == want
+
+
 def test_unpack_reads_the_value_half() -> None:
     v = torch.tensor([1.5, -2.25, 0.0, 3e-8])
     words = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF | (torch.tensor([7, 8, 9, 10]) << 32)

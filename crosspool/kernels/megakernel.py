@@ -12,9 +12,10 @@ This module is that kernel's core, a chain of dependent GEMV phases over stacked
   experts' gate/up). Each phase can add a residual and wait on one more phase whose words it does not read
   (the router, before the experts).
 - `plan` checks a chain and lays it out as an int32 table plus word offsets; `reference` computes it in torch.
-- `chain` runs it on the GPU: one program an SM, each walking its work items (16 output rows) and streaming their
+- `Chain` runs it on the GPU: one program an SM, each walking its work items (16 output rows) and streaming their
   [16, 256] weight tiles through a ring of shared-memory slots filled by TMA. The ring's loads run ahead across
-  phase boundaries, because the weights do not depend on the phase before.
+  phase boundaries, because the weights do not depend on the phase before. They follow a tile list built on
+  the host (`tile_lists`), so issuing one costs one load, not a walk of the phase table.
 - Each output goes out as a tagged word, tag = (epoch * 4096 + phase + 1) mod 2^31. A consumer polls its input
   words until all of them carry the producer's tag. The epoch lives on the device, and the last program to finish
   advances it, so CUDA-graph replays need no host work and never see the previous step's words as ready.
@@ -164,6 +165,35 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
     return outs
 
 
+def tile_lists(p: Plan, nprog: int) -> torch.Tensor:
+    """Each program's weight tiles in the order it consumes them (its items of phase 0, then of phase 1, ...; an
+    item's tiles in order), as int32 codes family << 28 | chunk << 24 | row; row 0 of program r's list is its count.
+    The ring's producer only reads the next code, so its loads can run ahead across phases."""
+    per_prog: list[list[torch.Tensor]] = [[] for _ in range(nprog)]
+    for f in p.table.tolist():
+        kind, fam, row0, items, kc = f[F_KIND], f[F_FAM], f[F_ROW0], f[F_ITEMS], f[F_KC]
+        item = torch.arange(items)[:, None]
+        if kind == SWIGLU:
+            t = torch.arange(2 * kc)[None, :]
+            per = f[F_ITEMS_PER_SRC]
+            rows = row0 + (item // per) * f[F_STRIDE] + (item % per) * ROWS + (t // kc) * f[F_UP]
+        else:
+            t = torch.arange(f[F_SOURCES] * kc)[None, :]
+            rows = row0 + (t // kc) * f[F_STRIDE] + item * ROWS
+        if rows.max() >= 1 << 24 or fam >= 1 << 3:
+            raise ValueError(f"a tile list codes rows below 2^24 and families below 8 (row {rows.max()})")
+        codes = (fam << 28) | ((t % kc) << 24) | rows
+        for r in range(min(nprog, items)):
+            per_prog[r].append(codes[r::nprog].reshape(-1))
+    flat = [torch.cat(c) if c else torch.zeros(0, dtype=torch.int64) for c in per_prog]
+    width = 1 + max(len(c) for c in flat)
+    out = torch.zeros(nprog, width, dtype=torch.int32)
+    for r, c in enumerate(flat):
+        out[r, 0] = len(c)
+        out[r, 1:1 + len(c)] = c.to(torch.int32)
+    return out
+
+
 def unpack(words: torch.Tensor) -> torch.Tensor:
     """The fp32 values of tagged words (the low halves)."""
     return (words & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
@@ -224,40 +254,20 @@ def _items_of(table_ptr, p, pid, nprog):
 
 
 @gluon.jit
-def _advance(table_ptr, num_phases, pp, pi, pt, pid, nprog):
-    """The producer's next (phase, local item, tile) after (pp, pi, pt); pp == num_phases when none is left."""
-    pt += 1
-    if pt >= _tiles_per_item(table_ptr, gl.minimum(pp, num_phases - 1)):
-        pt = pt * 0
-        pi += 1
-    while (pp < num_phases) & (pi >= _items_of(table_ptr, gl.minimum(pp, num_phases - 1), pid, nprog)):
-        pp += 1
-        pi = pi * 0
-    return pp, pi, pt
-
-
-@gluon.jit
-def _issue(d0, d1, d2, d3, table_ptr, pp, pi, pt, pid, nprog, bar, slot):
-    """Start the TMA load of tile pt of local item pi of phase pp into `slot`."""
-    i = pid + pi * nprog
-    kc = _field(table_ptr, pp, K_F_KC)
-    c = pt % kc
-    if _field(table_ptr, pp, K_F_KIND) == K_SWIGLU:
-        per = _field(table_ptr, pp, K_F_ITEMS_PER_SRC)
-        row = (_field(table_ptr, pp, K_F_ROW0) + (i // per) * _field(table_ptr, pp, K_F_STRIDE) + (i % per) * K_ROWS
-               + (pt // kc) * _field(table_ptr, pp, K_F_UP))
-    else:
-        row = _field(table_ptr, pp, K_F_ROW0) + (pt // kc) * _field(table_ptr, pp, K_F_STRIDE) + i * K_ROWS
-    fam = _field(table_ptr, pp, K_F_FAM)
+def _issue(d0, d1, d2, d3, code, bar, slot):
+    """Start the TMA load of the tile `code` names (`tile_lists`) into `slot`."""
+    fam = code >> 28
+    row = code & 0xFFFFFF
+    col = ((code >> 24) & 15) * K_CHUNK
     mbarrier.expect(bar, K_ROWS * K_CHUNK * 2)
     if fam == 0:
-        _tma_load(d0, [row, c * K_CHUNK], bar, slot)
+        _tma_load(d0, [row, col], bar, slot)
     elif fam == 1:
-        _tma_load(d1, [row, c * K_CHUNK], bar, slot)
+        _tma_load(d1, [row, col], bar, slot)
     elif fam == 2:
-        _tma_load(d2, [row, c * K_CHUNK], bar, slot)
+        _tma_load(d2, [row, col], bar, slot)
     else:
-        _tma_load(d3, [row, c * K_CHUNK], bar, slot)
+        _tma_load(d3, [row, col], bar, slot)
 
 
 @gluon.jit
@@ -292,7 +302,8 @@ def _value(w):
 
 
 @gluon.jit
-def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, x_ptr, words_ptr, epoch_ptr, done_ptr, err_ptr, nprog,
+def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride, x_ptr, words_ptr, epoch_ptr,
+                  done_ptr, err_ptr, nprog,
                   STAGES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr):
     pid = gl.program_id(0)
     tile: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])     # a warp reads a 512-B row
@@ -309,14 +320,14 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, x_ptr, words_ptr, epoch
     fence_async_shared()
     epoch = gl.load(epoch_ptr)
 
-    # the producer runs STAGES tiles ahead of the consumer, across phase boundaries
+    # the producer runs STAGES tiles ahead of the consumer, across phase boundaries, down this program's tile list
+    mine = tiles_ptr + pid * tiles_stride
+    n_tiles = gl.load(mine)
     zero = pid * 0
-    pp, pi, pt = zero, zero, zero - 1
-    pp, pi, pt = _advance(table_ptr, num_phases, pp, pi, pt, pid, nprog)
     for s in gl.static_range(STAGES):
-        if pp < num_phases:
-            _issue(d0, d1, d2, d3, table_ptr, pp, pi, pt, pid, nprog, bars.index(s), ring.index(s))
-            pp, pi, pt = _advance(table_ptr, num_phases, pp, pi, pt, pid, nprog)
+        if s < n_tiles:
+            _issue(d0, d1, d2, d3, gl.load(mine + 1 + s), bars.index(s), ring.index(s))
+    issued = zero + STAGES
 
     consumed = zero
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
@@ -365,9 +376,9 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, x_ptr, words_ptr, epoch
                     xc = xrows.index(t).load(tile).to(gl.float32)
                     acc += wt * xc
                 _cta_barrier()                       # every warp has read the slot: refill it
-                if pp < num_phases:
-                    _issue(d0, d1, d2, d3, table_ptr, pp, pi, pt, pid, nprog, bars.index(slot), ring.index(slot))
-                    pp, pi, pt = _advance(table_ptr, num_phases, pp, pi, pt, pid, nprog)
+                if issued < n_tiles:
+                    _issue(d0, d1, d2, d3, gl.load(mine + 1 + issued), bars.index(slot), ring.index(slot))
+                issued += 1
                 consumed += 1
             y = gl.sum(acc, axis=1)
             if kind == K_SWIGLU:
@@ -416,14 +427,15 @@ class Chain:
         self.words = torch.zeros(self.plan.words, dtype=torch.int64, device=dev)
         self.state = torch.zeros(3, dtype=torch.int32, device=dev)          # epoch, done count, error flag
         self.nprog = num_sms(dev)
+        self.tiles = tile_lists(self.plan, self.nprog).to(dev)
         self.meta = dict(STAGES=stages, WARPS=warps, POLLS=polls, num_warps=warps)
 
     def run(self, x: torch.Tensor) -> None:
         if x.shape != (self.plan.input_len,) or x.dtype != torch.float32:
             raise ValueError(f"input: expected fp32 [{self.plan.input_len}], got {x.dtype} {tuple(x.shape)}")
         st = self.state
-        _chain_kernel[(self.nprog,)](*self.descs, self.table, len(self.phases), x, self.words, st[0:], st[1:],
-                                     st[2:], self.nprog, **self.meta)
+        _chain_kernel[(self.nprog,)](*self.descs, self.table, len(self.phases), self.tiles, self.tiles.shape[1], x,
+                                     self.words, st[0:], st[1:], st[2:], self.nprog, **self.meta)
 
     def outputs(self) -> list[torch.Tensor]:
         values = unpack(self.words)
