@@ -304,7 +304,7 @@ def _value(w):
 @gluon.jit
 def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride, x_ptr, words_ptr, epoch_ptr,
                   done_ptr, err_ptr, nprog,
-                  STAGES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr):
+                  STAGES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr = True):
     pid = gl.program_id(0)
     tile: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])     # a warp reads a 512-B row
     rows_l: gl.constexpr = gl.SliceLayout(1, tile)
@@ -365,14 +365,17 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
             for t in range(_tiles_per_item(table_ptr, p)):
                 slot = consumed % STAGES
                 mbarrier.wait(bars.index(slot), (consumed // STAGES) & 1)
-                wt = ring.index(slot).load(tile).to(gl.float32)
-                if kind == K_SWIGLU:
+                if not COMPUTE:              # timing only (`compute=False`): the tiles stream, nothing is read
+                    pass
+                elif kind == K_SWIGLU:
+                    wt = ring.index(slot).load(tile).to(gl.float32)
                     xc = xrows.index(t % kc).load(tile).to(gl.float32)
                     if t >= kc:
                         acc_up += wt * xc
                     else:
                         acc += wt * xc
                 else:
+                    wt = ring.index(slot).load(tile).to(gl.float32)
                     xc = xrows.index(t).load(tile).to(gl.float32)
                     acc += wt * xc
                 _cta_barrier()                       # every warp has read the slot: refill it
@@ -408,7 +411,7 @@ class Chain:
     `outputs()` reads every phase's values back, `check()` raises if a poll gave up."""
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 24,
-                 warps: int = 4, polls: int = 1 << 22) -> None:
+                 warps: int = 4, polls: int = 1 << 22, compute: bool = True) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -428,7 +431,8 @@ class Chain:
         self.state = torch.zeros(3, dtype=torch.int32, device=dev)          # epoch, done count, error flag
         self.nprog = num_sms(dev)
         self.tiles = tile_lists(self.plan, self.nprog).to(dev)
-        self.meta = dict(STAGES=stages, WARPS=warps, POLLS=polls, num_warps=warps)
+        # compute=False (timing only): the weight tiles stream through the ring unread; the outputs are wrong
+        self.meta = dict(STAGES=stages, WARPS=warps, POLLS=polls, COMPUTE=compute, num_warps=warps)
 
     def run(self, x: torch.Tensor) -> None:
         if x.shape != (self.plan.input_len,) or x.dtype != torch.float32:
