@@ -1,7 +1,8 @@
 """The megakernel's GEMV chain on OLMoE-1B-7B's batch-1 shapes: how close to copy bandwidth do real GEMVs get
 when each phase waits on tagged words instead of a kernel boundary? (issue 4; `crosspool.kernels.megakernel`)
 
-Run on the GPU: `python3 scripts/megakernel_chain_bench.py [--layers 16] [--stages 24] [--json PATH]`.
+Run on the GPU: `python3 scripts/megakernel_chain_bench.py [--layers 16] [--boxes 2] [--stages N] [--warps 4]
+[--json PATH]`.
 Per layer, the weights a batch-1 OLMoE step reads, except attention's KV and lm_head:
 - QKV [6144, 2048] on the layer's input h;
 - o_proj [2048, 2048] on q's rows (a stand-in for the attention output) + h;
@@ -65,9 +66,12 @@ def olmoe_chain(layers: int, dependent: bool) -> list[Phase]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--stages", type=int, default=24, help="8-KB slots in each program's ring")
+    p.add_argument("--boxes", type=int, default=2, help="[16, 256] boxes (8 KB) in a ring slot")
+    p.add_argument("--stages", type=int, help="slots in each program's ring (default: 192 KB of them)")
+    p.add_argument("--warps", type=int, default=4)
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
+    args.stages = args.stages or 24 // args.boxes
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
 
@@ -86,7 +90,8 @@ def main() -> None:
                                      ("independent, tiles unread", False, False)):
         phases = olmoe_chain(L, dependent)
         # the independent chain reads the step's input everywhere: give it the widest input any phase reads
-        chain = mk.Chain(phases, fam, H if dependent else EXPERTS * INTER, stages=args.stages, compute=compute)
+        chain = mk.Chain(phases, fam, H if dependent else EXPERTS * INTER, stages=args.stages,
+                         boxes=args.boxes, warps=args.warps, compute=compute)
         inp = x if dependent else torch.randn(EXPERTS * INTER, generator=g, device=dev)
         us = graph_us([lambda c=chain, i=inp: c.run(i)], reps=9)
         chain.run(inp)
@@ -99,7 +104,7 @@ def main() -> None:
     boundary = (rows["chain"]["us"] - rows["independent"]["us"]) / (len(olmoe_chain(L, True)) - 1)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; {total_bytes / 1e6:.0f} MB a step, {L} layers x 5 phases; "
-          f"ring {args.stages} x 8 KB")
+          f"ring {args.stages} x {8 * args.boxes} KB, {args.warps} warps")
     print("| variant | us a step | frac of copy bw | last output, max rel err |\n|---|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['us']:.1f} | {r['frac_copy_bw']:.3f} | {r['last_output_max_rel_err']:.1e} |")
@@ -107,7 +112,8 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(dict(commit=commit, device=torch.cuda.get_device_name(dev),
                                                    copy_bw=copy_bw, bytes=total_bytes, layers=L,
-                                                   stages=args.stages, rows=rows, boundary_us=boundary), indent=1))
+                                                   stages=args.stages, boxes=args.boxes, warps=args.warps, rows=rows,
+                                                   boundary_us=boundary), indent=1))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,17 @@ def test_tile_lists_give_every_tile_once_in_consumption_order(nprog: int) -> Non
     assert got == want
 
 
+def test_tile_lists_with_boxes_keep_each_slots_first_chunk() -> None:
+    p = mk.plan(CHAIN, _families("cpu", 0), 2048)
+    one, two = mk.tile_lists(p, 3, 1), mk.tile_lists(p, 3, 2, pad=5)
+    for r in range(3):
+        n1, n2 = one[r, 0].item(), two[r, 0].item()
+        assert n2 * 2 == n1 and torch.equal(two[r, 1:1 + n2], one[r, 1:1 + n1][::2])
+        assert two.shape[1] >= 1 + n2 + 5 and not two[r, 1 + n2:].any()
+    with pytest.raises(ValueError, match="do not divide"):
+        mk.tile_lists(p, 3, 3)
+
+
 def test_unpack_reads_the_value_half() -> None:
     v = torch.tensor([1.5, -2.25, 0.0, 3e-8])
     words = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF | (torch.tensor([7, 8, 9, 10]) << 32)

@@ -165,10 +165,11 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
     return outs
 
 
-def tile_lists(p: Plan, nprog: int) -> torch.Tensor:
-    """Each program's weight tiles in the order it consumes them (its items of phase 0, then of phase 1, ...; an
-    item's tiles in order), as int32 codes family << 28 | chunk << 24 | row; row 0 of program r's list is its count.
-    The ring's producer only reads the next code, so its loads can run ahead across phases."""
+def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0) -> torch.Tensor:
+    """Each program's ring slots in the order it consumes them (its items of phase 0, then of phase 1, ...; an
+    item's tiles in order, `boxes` consecutive chunks a slot), as int32 codes family << 28 | first chunk << 24 | row;
+    element 0 of program r's list is its count, and `pad` zero codes follow the last. The ring's producer only reads
+    the next code, so its loads can run ahead across phases."""
     per_prog: list[list[torch.Tensor]] = [[] for _ in range(nprog)]
     for f in p.table.tolist():
         kind, fam, row0, items, kc = f[F_KIND], f[F_FAM], f[F_ROW0], f[F_ITEMS], f[F_KC]
@@ -182,11 +183,13 @@ def tile_lists(p: Plan, nprog: int) -> torch.Tensor:
             rows = row0 + (t // kc) * f[F_STRIDE] + item * ROWS
         if rows.max() >= 1 << 24 or fam >= 1 << 3:
             raise ValueError(f"a tile list codes rows below 2^24 and families below 8 (row {rows.max()})")
-        codes = (fam << 28) | ((t % kc) << 24) | rows
+        if kc % boxes:
+            raise ValueError(f"{boxes} boxes a slot do not divide a row's {kc} chunks")
+        codes = ((fam << 28) | ((t % kc) << 24) | rows)[:, ::boxes]
         for r in range(min(nprog, items)):
             per_prog[r].append(codes[r::nprog].reshape(-1))
     flat = [torch.cat(c) if c else torch.zeros(0, dtype=torch.int64) for c in per_prog]
-    width = 1 + max(len(c) for c in flat)
+    width = 1 + max(len(c) for c in flat) + pad
     out = torch.zeros(nprog, width, dtype=torch.int32)
     for r, c in enumerate(flat):
         out[r, 0] = len(c)
@@ -254,20 +257,23 @@ def _items_of(table_ptr, p, pid, nprog):
 
 
 @gluon.jit
-def _issue(d0, d1, d2, d3, code, bar, slot):
-    """Start the TMA load of the tile `code` names (`tile_lists`) into `slot`."""
+def _issue(d0, d1, d2, d3, code, bar, slot, BOXES: gl.constexpr):
+    """Start the TMA loads of the slot `code` names (`tile_lists`): BOXES [ROWS, CHUNK] boxes side by side along
+    the columns, one mbarrier for them all."""
     fam = code >> 28
     row = code & 0xFFFFFF
     col = ((code >> 24) & 15) * K_CHUNK
-    mbarrier.expect(bar, K_ROWS * K_CHUNK * 2)
-    if fam == 0:
-        _tma_load(d0, [row, col], bar, slot)
-    elif fam == 1:
-        _tma_load(d1, [row, col], bar, slot)
-    elif fam == 2:
-        _tma_load(d2, [row, col], bar, slot)
-    else:
-        _tma_load(d3, [row, col], bar, slot)
+    mbarrier.expect(bar, BOXES * K_ROWS * K_CHUNK * 2)
+    for b in gl.static_range(BOXES):
+        box = slot.slice(b * K_ROWS, K_ROWS)
+        if fam == 0:
+            _tma_load(d0, [row, col + b * K_CHUNK], bar, box)
+        elif fam == 1:
+            _tma_load(d1, [row, col + b * K_CHUNK], bar, box)
+        elif fam == 2:
+            _tma_load(d2, [row, col + b * K_CHUNK], bar, box)
+        else:
+            _tma_load(d3, [row, col + b * K_CHUNK], bar, box)
 
 
 @gluon.jit
@@ -304,12 +310,13 @@ def _value(w):
 @gluon.jit
 def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride, x_ptr, words_ptr, epoch_ptr,
                   done_ptr, err_ptr, nprog,
-                  STAGES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr = True):
+                  STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
+                  COMPUTE: gl.constexpr = True):
     pid = gl.program_id(0)
     tile: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])     # a warp reads a 512-B row
     rows_l: gl.constexpr = gl.SliceLayout(1, tile)
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
-    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, K_ROWS, K_CHUNK], d0.layout)
+    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BOXES * K_ROWS, K_CHUNK], d0.layout)
     # the staged input, [chunks, CHUNK]; `rows_of(xs).index(c)` is chunk c as a [1, CHUNK] row (`tile` layout)
     xs = gl.allocate_shared_memory(gl.bfloat16, [K_STAGE_CHUNKS, K_CHUNK],
                                    gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
@@ -320,14 +327,16 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
     fence_async_shared()
     epoch = gl.load(epoch_ptr)
 
-    # the producer runs STAGES tiles ahead of the consumer, across phase boundaries, down this program's tile list
+    # the producer runs STAGES slots ahead of the consumer, across phase boundaries, down this program's list;
+    # the next slot's code is loaded one refill early, so its latency hides behind a slot's arithmetic
     mine = tiles_ptr + pid * tiles_stride
-    n_tiles = gl.load(mine)
+    n_slots = gl.load(mine)
     zero = pid * 0
     for s in gl.static_range(STAGES):
-        if s < n_tiles:
-            _issue(d0, d1, d2, d3, gl.load(mine + 1 + s), bars.index(s), ring.index(s))
+        if s < n_slots:
+            _issue(d0, d1, d2, d3, gl.load(mine + 1 + s), bars.index(s), ring.index(s), BOXES)
     issued = zero + STAGES
+    code = gl.load(mine + 1 + issued)                # the lists end in STAGES + 1 zero codes
 
     consumed = zero
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
@@ -362,26 +371,29 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
         for il in range(_items_of(table_ptr, p, pid, nprog)):
             acc = gl.zeros([K_ROWS, K_CHUNK], gl.float32, tile)
             acc_up = gl.zeros([K_ROWS, K_CHUNK], gl.float32, tile)
-            for t in range(_tiles_per_item(table_ptr, p)):
+            for j in range(_tiles_per_item(table_ptr, p) // BOXES):
                 slot = consumed % STAGES
                 mbarrier.wait(bars.index(slot), (consumed // STAGES) & 1)
-                if not COMPUTE:              # timing only (`compute=False`): the tiles stream, nothing is read
-                    pass
-                elif kind == K_SWIGLU:
-                    wt = ring.index(slot).load(tile).to(gl.float32)
-                    xc = xrows.index(t % kc).load(tile).to(gl.float32)
-                    if t >= kc:
-                        acc_up += wt * xc
+                for b in gl.static_range(BOXES):
+                    t = j * BOXES + b
+                    if not COMPUTE:          # timing only (`compute=False`): the tiles stream, nothing is read
+                        pass
+                    elif kind == K_SWIGLU:
+                        wt = ring.index(slot).slice(b * K_ROWS, K_ROWS).load(tile).to(gl.float32)
+                        xc = xrows.index(t % kc).load(tile).to(gl.float32)
+                        if t >= kc:
+                            acc_up += wt * xc
+                        else:
+                            acc += wt * xc
                     else:
+                        wt = ring.index(slot).slice(b * K_ROWS, K_ROWS).load(tile).to(gl.float32)
+                        xc = xrows.index(t).load(tile).to(gl.float32)
                         acc += wt * xc
-                else:
-                    wt = ring.index(slot).load(tile).to(gl.float32)
-                    xc = xrows.index(t).load(tile).to(gl.float32)
-                    acc += wt * xc
                 _cta_barrier()                       # every warp has read the slot: refill it
-                if issued < n_tiles:
-                    _issue(d0, d1, d2, d3, gl.load(mine + 1 + issued), bars.index(slot), ring.index(slot))
+                if issued < n_slots:
+                    _issue(d0, d1, d2, d3, code, bars.index(slot), ring.index(slot), BOXES)
                 issued += 1
+                code = gl.load(mine + 1 + issued)
                 consumed += 1
             y = gl.sum(acc, axis=1)
             if kind == K_SWIGLU:
@@ -410,8 +422,8 @@ class Chain:
     """A planned chain bound to its weights and device buffers: `run(x)` launches it once (graph-capturable);
     `outputs()` reads every phase's values back, `check()` raises if a poll gave up."""
 
-    def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 24,
-                 warps: int = 4, polls: int = 1 << 22, compute: bool = True) -> None:
+    def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 12,
+                 boxes: int = 2, warps: int = 4, polls: int = 1 << 22, compute: bool = True) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -430,9 +442,9 @@ class Chain:
         self.words = torch.zeros(self.plan.words, dtype=torch.int64, device=dev)
         self.state = torch.zeros(3, dtype=torch.int32, device=dev)          # epoch, done count, error flag
         self.nprog = num_sms(dev)
-        self.tiles = tile_lists(self.plan, self.nprog).to(dev)
+        self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1).to(dev)
         # compute=False (timing only): the weight tiles stream through the ring unread; the outputs are wrong
-        self.meta = dict(STAGES=stages, WARPS=warps, POLLS=polls, COMPUTE=compute, num_warps=warps)
+        self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, num_warps=warps)
 
     def run(self, x: torch.Tensor) -> None:
         if x.shape != (self.plan.input_len,) or x.dtype != torch.float32:
