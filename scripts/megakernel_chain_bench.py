@@ -1,7 +1,7 @@
 """The megakernel's GEMV chain on OLMoE-1B-7B's batch-1 shapes: how close to copy bandwidth do real GEMVs get
 when each phase waits on tagged words instead of a kernel boundary? (issue 4; `crosspool.kernels.megakernel`)
 
-Run on the GPU: `python3 scripts/megakernel_chain_bench.py [--layers 16] [--boxes 2] [--stages N] [--warps 4]
+Run on the GPU: `python3 scripts/megakernel_chain_bench.py [--layers 16] [--boxes 4] [--stages N] [--warps 4]
 [--json PATH]`.
 Per layer, the weights a batch-1 OLMoE step reads, except attention's KV and lm_head:
 - QKV [6144, 2048] on the layer's input h;
@@ -66,7 +66,7 @@ def olmoe_chain(layers: int, dependent: bool) -> list[Phase]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--boxes", type=int, default=2, help="[16, 256] boxes (8 KB) in a ring slot")
+    p.add_argument("--boxes", type=int, default=4, help="[16, 256] boxes (8 KB) in a ring slot")
     p.add_argument("--stages", type=int, help="slots in each program's ring (default: 192 KB of them)")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--json", help="write the results here too")
