@@ -113,6 +113,16 @@ def test_tile_lists_with_boxes_keep_each_slots_first_chunk() -> None:
         mk.tile_lists(p, 3, 3)
 
 
+def test_chain_rejects_bad_weights_and_rings_before_any_launch() -> None:
+    fam = _families("cpu", 0)
+    with pytest.raises(ValueError, match="1-4 weight families"):
+        mk.Chain(CHAIN, fam * 3, 2048)
+    with pytest.raises(ValueError, match="contiguous bf16"):
+        mk.Chain(CHAIN, [fam[0].float(), fam[1]], 2048)
+    with pytest.raises(ValueError, match="208 KiB"):
+        mk.Chain(CHAIN, fam, 2048, stages=8, boxes=4)
+
+
 def test_unpack_reads_the_value_half() -> None:
     v = torch.tensor([1.5, -2.25, 0.0, 3e-8])
     words = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF | (torch.tensor([7, 8, 9, 10]) << 32)

@@ -183,8 +183,8 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0) -> torch.Tenso
             rows = row0 + (t // kc) * f[F_STRIDE] + item * ROWS
         if rows.max() >= 1 << 24 or fam >= 1 << 3:
             raise ValueError(f"a tile list codes rows below 2^24 and families below 8 (row {rows.max()})")
-        if kc % boxes:
-            raise ValueError(f"{boxes} boxes a slot do not divide a row's {kc} chunks")
+        if kc % boxes or kc > 16:
+            raise ValueError(f"{boxes} boxes a slot do not divide a row's {kc} chunks (at most 16 are coded)")
         codes = ((fam << 28) | ((t % kc) << 24) | rows)[:, ::boxes]
         for r in range(min(nprog, items)):
             per_prog[r].append(codes[r::nprog].reshape(-1))
@@ -436,6 +436,10 @@ class Chain:
         for w in families:
             if w.device != dev or w.dtype != torch.bfloat16 or not w.is_contiguous():
                 raise ValueError("weight families must be contiguous bf16 tensors on one device")
+        ring_kib = stages * boxes * ROWS * CHUNK * 2 // 1024
+        if stages < 1 or boxes < 1 or ring_kib + STAGE_CHUNKS * CHUNK * 2 // 1024 > 208:
+            raise ValueError(f"a ring of {stages} x {boxes} boxes ({ring_kib} KiB) and the staged input must fit "
+                             "in 208 KiB of shared memory (e.g. 6 x 4, 12 x 2, 24 x 1)")
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
         self.plan = plan(phases, families, input_len)
