@@ -258,22 +258,20 @@ def _items_of(table_ptr, p, pid, nprog):
 
 @gluon.jit
 def _issue(d0, d1, d2, d3, code, bar, slot, BOXES: gl.constexpr):
-    """Start the TMA loads of the slot `code` names (`tile_lists`): BOXES [ROWS, CHUNK] boxes side by side along
-    the columns, one mbarrier for them all."""
+    """Start the TMA load of the slot `code` names (`tile_lists`): one [BOXES, ROWS, CHUNK] box of the family's
+    [chunks, rows, CHUNK] view, so BOXES consecutive chunks of ROWS rows land chunk by chunk."""
     fam = code >> 28
     row = code & 0xFFFFFF
-    col = ((code >> 24) & 15) * K_CHUNK
+    chunk = (code >> 24) & 15
     mbarrier.expect(bar, BOXES * K_ROWS * K_CHUNK * 2)
-    for b in gl.static_range(BOXES):
-        box = slot.slice(b * K_ROWS, K_ROWS)
-        if fam == 0:
-            _tma_load(d0, [row, col + b * K_CHUNK], bar, box)
-        elif fam == 1:
-            _tma_load(d1, [row, col + b * K_CHUNK], bar, box)
-        elif fam == 2:
-            _tma_load(d2, [row, col + b * K_CHUNK], bar, box)
-        else:
-            _tma_load(d3, [row, col + b * K_CHUNK], bar, box)
+    if fam == 0:
+        _tma_load(d0, [chunk, row, 0], bar, slot)
+    elif fam == 1:
+        _tma_load(d1, [chunk, row, 0], bar, slot)
+    elif fam == 2:
+        _tma_load(d2, [chunk, row, 0], bar, slot)
+    else:
+        _tma_load(d3, [chunk, row, 0], bar, slot)
 
 
 @gluon.jit
@@ -294,12 +292,12 @@ def _poll(words_ptr, offs, mask, tag, err_ptr, POLLS: gl.constexpr):
 
 if hasattr(gl.shared_memory_descriptor, "reinterpret"):          # Triton 3.9
     @gluon.jit
-    def _rows_of(xs):
-        return xs.reinterpret(xs.dtype, [xs.shape[0], 1, xs.shape[1]], xs.layout)
+    def _view(mem, shape: gl.constexpr, layout: gl.constexpr):
+        return mem.reinterpret(mem.dtype, shape, layout)
 else:                                                              # 3.6
     @gluon.jit
-    def _rows_of(xs):
-        return xs._reinterpret(xs.dtype, [xs.shape[0], 1, xs.shape[1]], xs.layout)
+    def _view(mem, shape: gl.constexpr, layout: gl.constexpr):
+        return mem._reinterpret(mem.dtype, shape, layout)
 
 
 @gluon.jit
@@ -316,11 +314,13 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
     tile: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])     # a warp reads a 512-B row
     rows_l: gl.constexpr = gl.SliceLayout(1, tile)
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
-    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BOXES * K_ROWS, K_CHUNK], d0.layout)
-    # the staged input, [chunks, CHUNK]; `rows_of(xs).index(c)` is chunk c as a [1, CHUNK] row (`tile` layout)
-    xs = gl.allocate_shared_memory(gl.bfloat16, [K_STAGE_CHUNKS, K_CHUNK],
-                                   gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-    xrows = _rows_of(xs)
+    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BOXES, K_ROWS, K_CHUNK], d0.layout)
+    flat_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+    boxes = _view(ring, [STAGES, BOXES * K_ROWS, K_CHUNK], flat_l)     # slot s, box b: rows b*ROWS.. of index(s)
+    # the staged input, [chunks, CHUNK]; `xrows.index(c)` is chunk c as a [1, CHUNK] row (`tile` layout)
+    x_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    xs = gl.allocate_shared_memory(gl.bfloat16, [K_STAGE_CHUNKS, K_CHUNK], x_l)
+    xrows = _view(xs, [K_STAGE_CHUNKS, 1, K_CHUNK], x_l)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(bars.index(s), count=1)
@@ -384,14 +384,14 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
                     if not COMPUTE:          # timing only (`compute=False`): the tiles stream, nothing is read
                         pass
                     elif kind == K_SWIGLU:
-                        wt = ring.index(slot).slice(b * K_ROWS, K_ROWS).load(tile).to(gl.float32)
+                        wt = boxes.index(slot).slice(b * K_ROWS, K_ROWS).load(tile).to(gl.float32)
                         xc = xrows.index(t % kc).load(tile).to(gl.float32)
                         if t >= kc:
                             acc_up += wt * xc
                         else:
                             acc += wt * xc
                     else:
-                        wt = ring.index(slot).slice(b * K_ROWS, K_ROWS).load(tile).to(gl.float32)
+                        wt = boxes.index(slot).slice(b * K_ROWS, K_ROWS).load(tile).to(gl.float32)
                         xc = xrows.index(t).load(tile).to(gl.float32)
                         acc += wt * xc
                 _cta_barrier()                       # every warp has read the slot: refill it
@@ -444,8 +444,10 @@ class Chain:
 
         self.plan = plan(phases, families, input_len)
         self.phases = phases
-        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-        descs = [TensorDescriptor.from_tensor(w, [ROWS, CHUNK], layout) for w in families]
+        # each family [N, K] as its [K / CHUNK, N, CHUNK] view: one box is `boxes` chunks of ROWS rows, chunk-major
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
+        descs = [TensorDescriptor.from_tensor(w.view(w.shape[0], -1, CHUNK).permute(1, 0, 2), [boxes, ROWS, CHUNK],
+                                              layout) for w in families]
         self.descs = descs + [descs[0]] * (4 - len(descs))
         self.families = families
         self.table = self.plan.table.to(dev)
