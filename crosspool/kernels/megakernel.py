@@ -275,15 +275,21 @@ def _issue(d0, d1, d2, d3, code, bar, slot, BOXES: gl.constexpr):
 
 
 @gluon.jit
+def _tagged(w, mask, tag):
+    """1 if every word of w (where mask) carries `tag`, else 0."""
+    return gl.min(gl.min(gl.where(mask & ((w >> 32).to(gl.int32) != tag), 0, 1), axis=1), axis=0)
+
+
+@gluon.jit
 def _poll(words_ptr, offs, mask, tag, err_ptr, POLLS: gl.constexpr):
     """The words at offs (where mask), once every one carries `tag`; after POLLS polls in vain, sets *err_ptr
     and returns them as they are (a grid whose programs are not all resident would otherwise hang)."""
     w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
-    ready = gl.min(gl.min(gl.where(mask & ((w >> 32).to(gl.int32) != tag), 0, 1), axis=1), axis=0)
+    ready = _tagged(w, mask, tag)
     n = tag * 0
     while (ready == 0) & (n < POLLS):
         w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
-        ready = gl.min(gl.min(gl.where(mask & ((w >> 32).to(gl.int32) != tag), 0, 1), axis=1), axis=0)
+        ready = _tagged(w, mask, tag)
         n += 1
     if ready == 0:
         gl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
@@ -346,20 +352,30 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
         kind = _field(table_ptr, p, K_F_KIND)
         kc = _field(table_ptr, p, K_F_KC)
         src = _field(table_ptr, p, K_F_IN)
-        # stage the input vector in shared memory (bf16), 16 chunks a round, after polling its tags
+        # stage the input vector in shared memory (bf16): both rounds of 16 chunks loaded at once, from L2 (.cg);
+        # polled (volatile loads) only when some word does not carry its producer's tag yet
         _cta_barrier()                               # every warp is done with the previous phase's input
         n_in = _field(table_ptr, p, K_F_IN_CHUNKS)
-        for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
-            if r < n_in:
-                offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]
-                mask = (r + srow)[:, None] < n_in
-                if src >= 0:
-                    w = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + offs, mask, _tag(epoch, src), err_ptr,
-                              POLLS)
-                    vals = _value(w)
-                else:
-                    vals = gl.load(x_ptr + offs, mask=mask, other=0.0)
-                xs.slice(r, K_ROWS).store(vals.to(gl.bfloat16))
+        offs0 = srow[:, None] * K_CHUNK + scol[None, :]
+        offs1 = offs0 + K_ROWS * K_CHUNK
+        m0 = srow[:, None] < n_in
+        m1 = (K_ROWS + srow)[:, None] < n_in
+        if src >= 0:
+            in_off = _field(table_ptr, p, K_F_IN_OFF)
+            tag = _tag(epoch, src)
+            w0 = gl.load(words_ptr + in_off + offs0, mask=m0, other=0, cache_modifier=".cg")
+            w1 = gl.load(words_ptr + in_off + offs1, mask=m1, other=0, cache_modifier=".cg")
+            if gl.minimum(_tagged(w0, m0, tag), _tagged(w1, m1, tag)) == 0:
+                w0 = _poll(words_ptr, in_off + offs0, m0, tag, err_ptr, POLLS)
+                w1 = _poll(words_ptr, in_off + offs1, m1, tag, err_ptr, POLLS)
+            v0 = _value(w0)
+            v1 = _value(w1)
+        else:
+            v0 = gl.load(x_ptr + offs0, mask=m0, other=0.0)
+            v1 = gl.load(x_ptr + offs1, mask=m1, other=0.0)
+        xs.slice(0, K_ROWS).store(v0.to(gl.bfloat16))
+        if n_in > K_ROWS:
+            xs.slice(K_ROWS, K_ROWS).store(v1.to(gl.bfloat16))
         wait = _field(table_ptr, p, K_F_WAIT)
         if wait >= 0:
             offs = srow[:, None] * K_CHUNK + scol[None, :]
@@ -404,8 +420,7 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
             if kind == K_SWIGLU:
                 y = y / (1.0 + gl.exp(-y)) * gl.sum(acc_up, axis=1)
             if res >= 0:
-                if gl.min(gl.min(gl.where((res_words >> 32).to(gl.int32) != _tag(epoch, res), 0, 1), axis=1),
-                          axis=0) == 0:
+                if _tagged(res_words, rows[:, None] < K_ROWS, _tag(epoch, res)) == 0:
                     res_words = _poll(words_ptr, res_off + i * K_ROWS + rows[:, None], rows[:, None] < K_ROWS,
                                       _tag(epoch, res), err_ptr, POLLS)
                 y += gl.sum(_value(res_words), axis=1)
