@@ -352,8 +352,8 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
         kind = _field(table_ptr, p, K_F_KIND)
         kc = _field(table_ptr, p, K_F_KC)
         src = _field(table_ptr, p, K_F_IN)
-        # stage the input vector in shared memory (bf16): both rounds of 16 chunks loaded at once, from L2 (.cg);
-        # polled (volatile loads) only when some word does not carry its producer's tag yet
+        # stage the input vector in shared memory (bf16): both rounds of 16 chunks polled together (one round trip a
+        # poll) until every word carries its producer's tag
         _cta_barrier()                               # every warp is done with the previous phase's input
         n_in = _field(table_ptr, p, K_F_IN_CHUNKS)
         offs0 = srow[:, None] * K_CHUNK + scol[None, :]
@@ -363,11 +363,17 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
         if src >= 0:
             in_off = _field(table_ptr, p, K_F_IN_OFF)
             tag = _tag(epoch, src)
-            w0 = gl.load(words_ptr + in_off + offs0, mask=m0, other=0, cache_modifier=".cg")
-            w1 = gl.load(words_ptr + in_off + offs1, mask=m1, other=0, cache_modifier=".cg")
-            if gl.minimum(_tagged(w0, m0, tag), _tagged(w1, m1, tag)) == 0:
-                w0 = _poll(words_ptr, in_off + offs0, m0, tag, err_ptr, POLLS)
-                w1 = _poll(words_ptr, in_off + offs1, m1, tag, err_ptr, POLLS)
+            w0 = gl.load(words_ptr + in_off + offs0, mask=m0, other=0, volatile=True)
+            w1 = gl.load(words_ptr + in_off + offs1, mask=m1, other=0, volatile=True)
+            ready = gl.minimum(_tagged(w0, m0, tag), _tagged(w1, m1, tag))
+            n = tag * 0
+            while (ready == 0) & (n < POLLS):
+                w0 = gl.load(words_ptr + in_off + offs0, mask=m0, other=0, volatile=True)
+                w1 = gl.load(words_ptr + in_off + offs1, mask=m1, other=0, volatile=True)
+                ready = gl.minimum(_tagged(w0, m0, tag), _tagged(w1, m1, tag))
+                n += 1
+            if ready == 0:
+                gl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
             v0 = _value(w0)
             v1 = _value(w1)
         else:
