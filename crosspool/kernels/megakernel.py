@@ -275,15 +275,6 @@ def _issue(d0, d1, d2, d3, code, bar, slot, BOXES: gl.constexpr):
 
 
 @gluon.jit
-def _load_word(ptrs, mask):
-    """64-bit words by `ld.relaxed.gpu` (0 where not mask): strong, so every poll reads L2 afresh, at GPU scope
-    (volatile loads compile to system-scope ones, which staged long-ready words ~6% slower than plain .cg loads)."""
-    return gl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b64 $0, 0; @p ld.relaxed.gpu.global.b64 $0, [$1]; }",
-        "=l,l,r", [ptrs, mask.to(gl.int32)], dtype=gl.int64, is_pure=False, pack=1)
-
-
-@gluon.jit
 def _tagged(w, mask, tag):
     """1 if every word of w (where mask) carries `tag`, else 0."""
     return gl.min(gl.min(gl.where(mask & ((w >> 32).to(gl.int32) != tag), 0, 1), axis=1), axis=0)
@@ -367,18 +358,18 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
         n_in = _field(table_ptr, p, K_F_IN_CHUNKS)
         offs0 = srow[:, None] * K_CHUNK + scol[None, :]
         offs1 = offs0 + K_ROWS * K_CHUNK
-        m0 = (srow[:, None] < n_in) & (offs0 >= 0)   # full [ROWS, CHUNK] masks (the inline loads want them)
-        m1 = ((K_ROWS + srow)[:, None] < n_in) & (offs1 >= 0)
+        m0 = srow[:, None] < n_in
+        m1 = (K_ROWS + srow)[:, None] < n_in
         if src >= 0:
             in_off = _field(table_ptr, p, K_F_IN_OFF)
             tag = _tag(epoch, src)
-            w0 = _load_word(words_ptr + in_off + offs0, m0)
-            w1 = _load_word(words_ptr + in_off + offs1, m1)
+            w0 = gl.load(words_ptr + in_off + offs0, mask=m0, other=0, volatile=True)
+            w1 = gl.load(words_ptr + in_off + offs1, mask=m1, other=0, volatile=True)
             ready = gl.minimum(_tagged(w0, m0, tag), _tagged(w1, m1, tag))
             n = tag * 0
             while (ready == 0) & (n < POLLS):
-                w0 = _load_word(words_ptr + in_off + offs0, m0)
-                w1 = _load_word(words_ptr + in_off + offs1, m1)
+                w0 = gl.load(words_ptr + in_off + offs0, mask=m0, other=0, volatile=True)
+                w1 = gl.load(words_ptr + in_off + offs1, mask=m1, other=0, volatile=True)
                 ready = gl.minimum(_tagged(w0, m0, tag), _tagged(w1, m1, tag))
                 n += 1
             if ready == 0:
