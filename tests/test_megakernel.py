@@ -32,16 +32,16 @@ CHAIN = [
 def _by_hand(fam: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
     a, b = (f.float() for f in fam)
 
-    def r(v: torch.Tensor) -> torch.Tensor:              # the staged input is rounded to bf16
+    def r(v: torch.Tensor) -> torch.Tensor:              # staged inputs and outputs are rounded to bf16
         return v.to(torch.bfloat16).float()
 
-    y0 = a[:2048] @ r(x)
-    g0, u0 = a[:1024] @ r(y0), a[1024:2048] @ r(y0)
-    g1, u1 = a[2048:3072] @ r(y0), a[3072:4096] @ r(y0)
-    y1 = torch.cat([torch.nn.functional.silu(g0) * u0, torch.nn.functional.silu(g1) * u1])
-    y2 = b[:2048] @ r(y1)[:1024] + b[2048:4096] @ r(y1)[1024:] + y0
-    y3 = a[4096:4160] @ r(y2)
-    y4 = a[1024:2048] @ r(y2) + x[:1024]
+    y0 = r(a[:2048] @ r(x))
+    g0, u0 = a[:1024] @ y0, a[1024:2048] @ y0
+    g1, u1 = a[2048:3072] @ y0, a[3072:4096] @ y0
+    y1 = r(torch.cat([torch.nn.functional.silu(g0) * u0, torch.nn.functional.silu(g1) * u1]))
+    y2 = r(b[:2048] @ y1[:1024] + b[2048:4096] @ y1[1024:] + y0)
+    y3 = r(a[4096:4160] @ y2)
+    y4 = r(a[1024:2048] @ y2 + x[:1024])
     return [y0, y1, y2, y3, y4]
 
 
@@ -55,11 +55,11 @@ def test_reference_follows_the_phase_definitions() -> None:
 def test_plan_lays_out_words_and_rejects_bad_chains() -> None:
     fam = _families("cpu", 0)
     p = mk.plan(CHAIN, fam, 2048)
-    assert p.out_offsets == [0, 2048, 4096, 6144, 6208] and p.words == 7232
+    assert p.out_offsets == [0, 1024, 2048, 3072, 3104] and p.words == 3616         # two values a word
     assert p.table.shape == (5, mk.NCOL)
     assert p.table[1, mk.F_ITEMS].item() == 128 and p.table[1, mk.F_ITEMS_PER_SRC].item() == 64
     assert p.table[2, mk.F_IN_CHUNKS].item() == 8 and p.table[2, mk.F_RES_OFF].item() == 0
-    assert p.table[4, mk.F_WAIT_OFF].item() == 6144 and p.table[4, mk.F_WAIT_N].item() == 64
+    assert p.table[4, mk.F_WAIT_OFF].item() == 3072 and p.table[4, mk.F_WAIT_N].item() == 32
     bad = {
         "kind": Phase("gemm", 0, 0, 2048, 2048),
         "family": Phase("sum", 2, 0, 2048, 2048),
@@ -123,10 +123,14 @@ def test_chain_rejects_bad_weights_and_rings_before_any_launch() -> None:
         mk.Chain(CHAIN, fam, 2048, stages=8, boxes=4)
 
 
-def test_unpack_reads_the_value_half() -> None:
-    v = torch.tensor([1.5, -2.25, 0.0, 3e-8])
-    words = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF | (torch.tensor([7, 8, 9, 10]) << 32)
-    assert torch.equal(mk.unpack(words), v)
+def test_unpack_reads_two_bf16_values_a_word_in_order() -> None:
+    v = torch.randn(32, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    bits = v.view(torch.int16).to(torch.int64) & 0xFFFF
+    words = []
+    for item in range(2):                  # word j of an item: value j low, value j + 8 high, the tag above
+        for j in range(8):
+            words.append(bits[16 * item + j] | (bits[16 * item + j + 8] << 16) | (77 << 32))
+    assert torch.equal(mk.unpack(torch.stack(words)), v.float())
 
 
 @pytest.mark.gpu
@@ -142,7 +146,8 @@ def test_chain_kernel_matches_reference_across_launches_and_replays() -> None:
         torch.cuda.synchronize()
         chain.check()
         for i, (got, want) in enumerate(zip(chain.outputs(), mk.reference(CHAIN, fam, x), strict=True)):
-            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3, msg=lambda m, i=i: f"phase {i}: {m}")
+            # outputs are bf16: a sum in another order may round one ulp (2^-8) apart, and that carries on
+            torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2, msg=lambda m, i=i: f"phase {i}: {m}")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         chain.run(x)
@@ -152,6 +157,7 @@ def test_chain_kernel_matches_reference_across_launches_and_replays() -> None:
         torch.cuda.synchronize()
         chain.check()
         for i, (got, want) in enumerate(zip(chain.outputs(), mk.reference(CHAIN, fam, x), strict=True)):
-            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3, msg=lambda m, i=i: f"phase {i}: {m}")
+            # outputs are bf16: a sum in another order may round one ulp (2^-8) apart, and that carries on
+            torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2, msg=lambda m, i=i: f"phase {i}: {m}")
     with pytest.raises(ValueError, match="input"):
         chain.run(torch.zeros(1024, device="cuda"))

@@ -3,7 +3,7 @@
 Why (docs/benchmarks.md section 7, sessions 9-14): at batch 1 each OLMoE layer is six dependent GEMV-like
 phases. A kernel per phase loses ~2.5-4 us at every boundary even under PDL, and so does a grid barrier inside
 one kernel, because its release fence waits for the loads in flight. A phase that instead polls the very words
-it reads, each a 64-bit (fp32 value, tag) pair written by one relaxed atomic, costs ~1 us a boundary. The
+it reads, each a 64-bit (value, tag) pair written by one relaxed atomic, costs ~1 us a boundary. The
 synthetic step then reaches 0.89 of copy bandwidth (`scripts/tma_ring_probe.py`, `ring-phases-ll`).
 
 This module is that kernel's core, a chain of dependent GEMV phases over stacked weight families:
@@ -16,9 +16,10 @@ This module is that kernel's core, a chain of dependent GEMV phases over stacked
   [16, 256] weight tiles through a ring of shared-memory slots filled by TMA. The ring's loads run ahead across
   phase boundaries, because the weights do not depend on the phase before. They follow a tile list built on
   the host (`tile_lists`), so issuing one costs one load, not a walk of the phase table.
-- Each output goes out as a tagged word, tag = (epoch * 4096 + phase + 1) mod 2^31. A consumer polls its input
-  words until all of them carry the producer's tag. The epoch lives on the device, and the last program to finish
-  advances it, so CUDA-graph replays need no host work and never see the previous step's words as ready.
+- Outputs go out two bf16 values a tagged word, tag = (epoch * 4096 + phase + 1) mod 2^31 in the high half.
+  A consumer polls its input words until all of them carry the producer's tag. The epoch lives on the device,
+  and the last program to finish advances it, so CUDA-graph replays need no host work and never see the previous
+  step's words as ready.
 
 What is not here yet: attention, the router's top-k and expert ids chosen at run time, the norms, the
 embedding and lm_head (docs/progress.md). Needs Gluon (Triton >= 3.6) and an sm_90 GPU; `plan` and
@@ -75,7 +76,7 @@ class Phase:
 @dataclass(frozen=True)
 class Plan:
     table: torch.Tensor           # int32 [phases, NCOL]
-    out_offsets: list[int]        # word offset of each phase's outputs
+    out_offsets: list[int]        # word offset of each phase's outputs (two values a word)
     words: int                    # words of the whole chain
     input_len: int                # values of the step's input vector
 
@@ -128,14 +129,15 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int) -> P
                      ph.up_offset, per_src // ROWS, ph.input, need // CHUNK, src_off(ph.input), ph.residual,
                      src_off(ph.residual) if ph.residual != NO_PHASE else 0, total, ph.wait,
                      src_off(ph.wait) if ph.wait != NO_PHASE else 0,
-                     lengths[ph.wait] if ph.wait >= 0 else 0])
-        total += ph.out_rows
+                     lengths[ph.wait] // 2 if ph.wait >= 0 else 0])
+        total += ph.out_rows // 2                 # two values a word
     return Plan(torch.tensor(rows, dtype=torch.int32), offsets, total, input_len)
 
 
 def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
-    """Every phase's outputs (fp32), as the kernel computes them: each input vector rounded to the weights' dtype
-    (the kernel stages it in shared memory so), products and sums in fp32."""
+    """Every phase's outputs, as the kernel computes them: each input vector rounded to the weights' dtype (the
+    kernel stages it in shared memory so), products and sums in fp32, each output rounded to bf16 (two go in a
+    word)."""
     outs: list[torch.Tensor] = []
     x = x.float()
 
@@ -161,7 +163,7 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
             y = torch.cat(parts)
         if ph.residual != NO_PHASE:
             y = y + vec(ph.residual)[:ph.out_rows]
-        outs.append(y)
+        outs.append(y.to(w.dtype).float())        # a word carries two bf16 values
     return outs
 
 
@@ -198,8 +200,11 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0) -> torch.Tenso
 
 
 def unpack(words: torch.Tensor) -> torch.Tensor:
-    """The fp32 values of tagged words (the low halves)."""
-    return (words & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    """The values of tagged words, in order. Word j of a 16-value item holds value j in its low 16 bits and value
+    j + 8 above them (bf16 each); the tag is the high 32 bits."""
+    bits = (words & 0xFFFFFFFF).reshape(-1, ROWS // 2)
+    pairs = torch.cat([bits & 0xFFFF, bits >> 16], dim=1).reshape(-1)
+    return (pairs << 16).to(torch.int32).view(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------- the kernel
@@ -307,8 +312,15 @@ else:                                                              # 3.6
 
 
 @gluon.jit
-def _value(w):
-    return (w & 0xFFFFFFFF).to(gl.int32).to(gl.float32, bitcast=True)
+def _word_of(v):
+    """The word holding value v of a phase's outputs (item v // ROWS, pair v % 8), and which half (0 low, 1 high)."""
+    return (v // K_ROWS) * (K_ROWS // 2) + v % (K_ROWS // 2), (v // (K_ROWS // 2)) % 2
+
+
+@gluon.jit
+def _value(w, half):
+    """The bf16 value in half `half` of each word, as fp32."""
+    return (((w >> (half * 16)) & 0xFFFF) << 16).to(gl.int32).to(gl.float32, bitcast=True)
 
 
 @gluon.jit
@@ -352,36 +364,21 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
         kind = _field(table_ptr, p, K_F_KIND)
         kc = _field(table_ptr, p, K_F_KC)
         src = _field(table_ptr, p, K_F_IN)
-        # stage the input vector in shared memory (bf16): both rounds of 16 chunks polled together (one round trip a
-        # poll) until every word carries its producer's tag
+        # stage the input vector in shared memory (bf16), 16 chunks a round, after polling its tags
         _cta_barrier()                               # every warp is done with the previous phase's input
         n_in = _field(table_ptr, p, K_F_IN_CHUNKS)
-        offs0 = srow[:, None] * K_CHUNK + scol[None, :]
-        offs1 = offs0 + K_ROWS * K_CHUNK
-        m0 = srow[:, None] < n_in
-        m1 = (K_ROWS + srow)[:, None] < n_in
-        if src >= 0:
-            in_off = _field(table_ptr, p, K_F_IN_OFF)
-            tag = _tag(epoch, src)
-            w0 = gl.load(words_ptr + in_off + offs0, mask=m0, other=0, volatile=True)
-            w1 = gl.load(words_ptr + in_off + offs1, mask=m1, other=0, volatile=True)
-            ready = gl.minimum(_tagged(w0, m0, tag), _tagged(w1, m1, tag))
-            n = tag * 0
-            while (ready == 0) & (n < POLLS):
-                w0 = gl.load(words_ptr + in_off + offs0, mask=m0, other=0, volatile=True)
-                w1 = gl.load(words_ptr + in_off + offs1, mask=m1, other=0, volatile=True)
-                ready = gl.minimum(_tagged(w0, m0, tag), _tagged(w1, m1, tag))
-                n += 1
-            if ready == 0:
-                gl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
-            v0 = _value(w0)
-            v1 = _value(w1)
-        else:
-            v0 = gl.load(x_ptr + offs0, mask=m0, other=0.0)
-            v1 = gl.load(x_ptr + offs1, mask=m1, other=0.0)
-        xs.slice(0, K_ROWS).store(v0.to(gl.bfloat16))
-        if n_in > K_ROWS:
-            xs.slice(K_ROWS, K_ROWS).store(v1.to(gl.bfloat16))
+        for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
+            if r < n_in:
+                offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]            # value indices
+                mask = (r + srow)[:, None] < n_in
+                if src >= 0:
+                    q, h = _word_of(offs)
+                    w = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, _tag(epoch, src), err_ptr,
+                              POLLS)
+                    vals = _value(w, h)
+                else:
+                    vals = gl.load(x_ptr + offs, mask=mask, other=0.0)
+                xs.slice(r, K_ROWS).store(vals.to(gl.bfloat16))
         wait = _field(table_ptr, p, K_F_WAIT)
         if wait >= 0:
             offs = srow[:, None] * K_CHUNK + scol[None, :]
@@ -394,8 +391,9 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
         for il in range(_items_of(table_ptr, p, pid, nprog)):
             i = pid + il * nprog
             # the residual's words, loaded before the tiles so their round trip hides behind the arithmetic
-            res_words = gl.load(words_ptr + res_off + i * K_ROWS + rows[:, None],
-                                mask=(rows[:, None] < K_ROWS) & (res >= 0), other=0, volatile=True)
+            res_q, res_h = _word_of(i * K_ROWS + rows[:, None])
+            res_words = gl.load(words_ptr + res_off + res_q, mask=(rows[:, None] < K_ROWS) & (res >= 0), other=0,
+                                volatile=True)
             acc = gl.zeros([K_ROWS, K_CHUNK], gl.float32, tile)
             acc_up = gl.zeros([K_ROWS, K_CHUNK], gl.float32, tile)
             for j in range(_tiles_per_item(table_ptr, p) // BOXES):
@@ -427,14 +425,19 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
                 y = y / (1.0 + gl.exp(-y)) * gl.sum(acc_up, axis=1)
             if res >= 0:
                 if _tagged(res_words, rows[:, None] < K_ROWS, _tag(epoch, res)) == 0:
-                    res_words = _poll(words_ptr, res_off + i * K_ROWS + rows[:, None], rows[:, None] < K_ROWS,
-                                      _tag(epoch, res), err_ptr, POLLS)
-                y += gl.sum(_value(res_words), axis=1)
+                    res_words = _poll(words_ptr, res_off + res_q, rows[:, None] < K_ROWS, _tag(epoch, res), err_ptr,
+                                      POLLS)
+                y += gl.sum(_value(res_words, res_h), axis=1)
             elif res == -1:
                 y += gl.load(x_ptr + i * K_ROWS + rows)
-            word = (y.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF) | (_tag(epoch, p).to(gl.int64) << 32)
-            gl.atomic_xchg(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * K_ROWS + rows, word, sem="relaxed",
-                           scope="gpu")
+            # two bf16 values a word: rows j and j + 8 (the same thread holds both), then the tag
+            bits = y.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+            pair = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, tile))
+            lo = gl.sum(gl.where(rows[:, None] == pair[None, :], bits[:, None], 0), axis=0)
+            hi = gl.sum(gl.where(rows[:, None] == pair[None, :] + K_ROWS // 2, bits[:, None], 0), axis=0)
+            word = (lo | (hi << 16)).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
+            gl.atomic_xchg(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * (K_ROWS // 2) + pair, word,
+                           sem="relaxed", scope="gpu")
 
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
@@ -488,7 +491,7 @@ class Chain:
 
     def outputs(self) -> list[torch.Tensor]:
         values = unpack(self.words)
-        return [values[o:o + ph.out_rows] for o, ph in zip(self.plan.out_offsets, self.phases, strict=True)]
+        return [values[2 * o:2 * o + ph.out_rows] for o, ph in zip(self.plan.out_offsets, self.phases, strict=True)]
 
     def check(self) -> None:
         if int(self.state[2]) != 0:
