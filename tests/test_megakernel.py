@@ -4,6 +4,8 @@ replays, which must never take the previous step's words for this step's)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -29,27 +31,48 @@ CHAIN = [
 ]
 
 
-def _by_hand(fam: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+# the same with RMSNorms before the phases of one input segment (weights at 0 and 2048 of the chain's norms)
+NORM_CHAIN = [dataclasses.replace(ph, norm=n) for ph, n in zip(CHAIN, [0, 2048, -1, 0, 2048], strict=True)]
+EPS = 1e-5
+
+
+def _norms(device: str, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return (1 + 0.2 * torch.randn(4096, generator=g)).to(device, torch.bfloat16)
+
+
+def _by_hand(fam: list[torch.Tensor], x: torch.Tensor, norms: torch.Tensor | None = None) -> list[torch.Tensor]:
     a, b = (f.float() for f in fam)
 
     def r(v: torch.Tensor) -> torch.Tensor:              # staged inputs and outputs are rounded to bf16
         return v.to(torch.bfloat16).float()
 
-    y0 = r(a[:2048] @ r(x))
-    g0, u0 = a[:1024] @ y0, a[1024:2048] @ y0
-    g1, u1 = a[2048:3072] @ y0, a[3072:4096] @ y0
+    def n(v: torch.Tensor, at: int) -> torch.Tensor:     # RMSNorm, rounded as the model rounds it
+        if norms is None:
+            return v
+        return r(norms[at:at + v.numel()].float() * r(v * torch.rsqrt(v.pow(2).mean() + EPS)))
+
+    y0 = r(a[:2048] @ n(r(x), 0))
+    z = n(y0, 2048)
+    g0, u0 = a[:1024] @ z, a[1024:2048] @ z
+    g1, u1 = a[2048:3072] @ z, a[3072:4096] @ z
     y1 = r(torch.cat([torch.nn.functional.silu(g0) * u0, torch.nn.functional.silu(g1) * u1]))
     y2 = r(b[:2048] @ y1[:1024] + b[2048:4096] @ y1[1024:] + y0)
-    y3 = r(a[4096:4160] @ y2)
-    y4 = r(a[1024:2048] @ y2 + x[:1024])
+    y3 = r(a[4096:4160] @ n(y2, 0))
+    y4 = r(a[1024:2048] @ n(y2, 2048) + x[:1024])
     return [y0, y1, y2, y3, y4]
 
 
-def test_reference_follows_the_phase_definitions() -> None:
+@pytest.mark.parametrize("normed", [False, True])
+def test_reference_follows_the_phase_definitions(normed: bool) -> None:
     fam = _families("cpu", 0)
+    norms = _norms("cpu", 4) if normed else None
     x = torch.randn(2048, generator=torch.Generator().manual_seed(1))
-    for got, want in zip(mk.reference(CHAIN, fam, x), _by_hand(fam, x), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    chain = NORM_CHAIN if normed else CHAIN
+    for i, (got, want) in enumerate(zip(mk.reference(chain, fam, x, norms, EPS), _by_hand(fam, x, norms),
+                                        strict=True)):
+        # both round to bf16; a sum in another order may land one bf16 ulp apart
+        torch.testing.assert_close(got, want, rtol=8e-3, atol=1e-3, msg=lambda m, i=i: f"phase {i}: {m}")
 
 
 def test_plan_lays_out_words_and_rejects_bad_chains() -> None:
@@ -72,6 +95,12 @@ def test_plan_lays_out_words_and_rejects_bad_chains() -> None:
     for message, phase in bad.items():
         with pytest.raises(ValueError, match=message):
             mk.plan([phase], fam, 2048)
+    for phase, norms_len in ((Phase("sum", 0, 0, 2048, 2048, norm=0), 0),           # no norms given
+                             (Phase("sum", 0, 0, 2048, 2048, norm=1), 2048),        # runs past their end
+                             (Phase("sum", 1, 0, 2048, 1024, sources=2, stride=2048, norm=0), 4096)):  # two segments
+        with pytest.raises(ValueError, match="norm weights"):
+            mk.plan([phase], fam, 4096, norms_len)
+    assert mk.plan(NORM_CHAIN, fam, 2048, 4096).table[:, mk.F_NORM].tolist() == [0, 2048, -1, 0, 2048]
     with pytest.raises(ValueError, match="residual 0 is shorter"):
         mk.plan([Phase("sum", 0, 4096, 64, 2048), Phase("sum", 0, 0, 2048, 2048, residual=0)], fam, 2048)
 
@@ -121,6 +150,10 @@ def test_chain_rejects_bad_weights_and_rings_before_any_launch() -> None:
         mk.Chain(CHAIN, [fam[0].float(), fam[1]], 2048)
     with pytest.raises(ValueError, match="208 KiB"):
         mk.Chain(CHAIN, fam, 2048, stages=8, boxes=4)
+    with pytest.raises(ValueError, match="norm weights"):
+        mk.Chain(NORM_CHAIN, fam, 2048)                                   # normed phases, no norms given
+    with pytest.raises(ValueError, match="1-D tensor"):
+        mk.Chain(NORM_CHAIN, fam, 2048, norms=_norms("cpu", 4).reshape(2, -1))
 
 
 def test_unpack_reads_two_bf16_values_a_word_in_order() -> None:
@@ -136,16 +169,19 @@ def test_unpack_reads_two_bf16_values_a_word_in_order() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90 GPU")
-def test_chain_kernel_matches_reference_across_launches_and_replays() -> None:
+@pytest.mark.parametrize("normed", [False, True])
+def test_chain_kernel_matches_reference_across_launches_and_replays(normed: bool) -> None:
     fam = _families("cuda", 2)
-    chain = mk.Chain(CHAIN, fam, 2048)
+    norms = _norms("cuda", 4) if normed else None
+    phases = NORM_CHAIN if normed else CHAIN
+    chain = mk.Chain(phases, fam, 2048, norms=norms, eps=EPS)
     x = torch.empty(2048, device="cuda")
     for seed in (3, 4):                                  # two eager launches: the epoch moves on
         x.copy_(torch.randn(2048, generator=torch.Generator().manual_seed(seed)))
         chain.run(x)
         torch.cuda.synchronize()
         chain.check()
-        for i, (got, want) in enumerate(zip(chain.outputs(), mk.reference(CHAIN, fam, x), strict=True)):
+        for i, (got, want) in enumerate(zip(chain.outputs(), mk.reference(phases, fam, x, norms, EPS), strict=True)):
             # outputs are bf16: a sum in another order may round one ulp (2^-8) apart, and that carries on
             torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2, msg=lambda m, i=i: f"phase {i}: {m}")
     graph = torch.cuda.CUDAGraph()
@@ -156,7 +192,7 @@ def test_chain_kernel_matches_reference_across_launches_and_replays() -> None:
         graph.replay()
         torch.cuda.synchronize()
         chain.check()
-        for i, (got, want) in enumerate(zip(chain.outputs(), mk.reference(CHAIN, fam, x), strict=True)):
+        for i, (got, want) in enumerate(zip(chain.outputs(), mk.reference(phases, fam, x, norms, EPS), strict=True)):
             # outputs are bf16: a sum in another order may round one ulp (2^-8) apart, and that carries on
             torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2, msg=lambda m, i=i: f"phase {i}: {m}")
     with pytest.raises(ValueError, match="input"):

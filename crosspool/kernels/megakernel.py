@@ -9,8 +9,8 @@ synthetic step then reaches 0.89 of copy bandwidth (`scripts/tma_ring_probe.py`,
 This module is that kernel's core, a chain of dependent GEMV phases over stacked weight families:
 - `Phase` describes one phase: a plain GEMV, or a sum of several matrices each applied to its own segment of the
   input (the experts' down projections), or a gated pair `silu(W_gate x) * (W_up x)` for several matrices (the
-  experts' gate/up). Each phase can add a residual and wait on one more phase whose words it does not read
-  (the router, before the experts).
+  experts' gate/up). Each phase can RMSNorm its input first (the layer norms), add a residual, and wait on one
+  more phase whose words it does not read (the router, before the experts).
 - `plan` checks a chain and lays it out as an int32 table plus word offsets; `reference` computes it in torch.
 - `Chain` runs it on the GPU: one program an SM, each walking its work items (16 output rows) and streaming their
   [16, 256] weight tiles through a ring of shared-memory slots filled by TMA. The ring's loads run ahead across
@@ -21,8 +21,8 @@ This module is that kernel's core, a chain of dependent GEMV phases over stacked
   and the last program to finish advances it, so CUDA-graph replays need no host work and never see the previous
   step's words as ready.
 
-What is not here yet: attention, the router's top-k and expert ids chosen at run time, the norms, the
-embedding and lm_head (docs/progress.md). Needs Gluon (Triton >= 3.6) and an sm_90 GPU; `plan` and
+What is not here yet: attention, the router's top-k and expert ids chosen at run time, the embedding and
+lm_head (docs/progress.md). Needs Gluon (Triton >= 3.6) and an sm_90 GPU; `plan` and
 `reference` run anywhere.
 """
 
@@ -36,6 +36,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from crosspool.kernels._common import num_sms
+from crosspool.kernels.torch_ref import rms_norm
 
 # names that differ across Triton releases (3.9 | 3.6)
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -49,8 +50,8 @@ TAG_PHASES = 4096         # phases a step can have (tags are epoch * TAG_PHASES 
 STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
 (F_KIND, F_FAM, F_ROW0, F_ITEMS, F_KC, F_SOURCES, F_STRIDE, F_UP, F_ITEMS_PER_SRC, F_IN, F_IN_CHUNKS, F_IN_OFF,
  F_RES, F_RES_OFF, F_OUT_OFF, F_WAIT) = range(16)
-F_WAIT_OFF, F_WAIT_N = 16, 17
-NCOL = 18
+F_WAIT_OFF, F_WAIT_N, F_NORM = 16, 17, 18
+NCOL = 19
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Phase:
     input: int = -1               # phase whose outputs are the input (-1: the step's input vector)
     residual: int = NO_PHASE      # phase whose outputs are added to this one's (-1: the step's input)
     wait: int = NO_PHASE          # a phase this one waits for without reading it
+    norm: int = -1                # RMSNorm of the input first, weights at this offset of the chain's `norms` (-1: none)
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,9 @@ class Plan:
     input_len: int                # values of the step's input vector
 
 
-def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int) -> Plan:
-    """Check the chain against its weights and lay it out; a bad chain is a ValueError naming the phase."""
+def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norms_len: int = 0) -> Plan:
+    """Check the chain against its weights (and `norms_len` norm weights) and lay it out; a bad chain is a
+    ValueError naming the phase."""
     if not phases or len(phases) >= TAG_PHASES:
         raise ValueError(f"a chain has 1..{TAG_PHASES - 1} phases, got {len(phases)}")
     rows, offsets, total = [], [], 0
@@ -121,6 +124,9 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int) -> P
             raise ValueError(f"phase {i}: residual {ph.residual} is shorter than its {ph.out_rows} outputs")
         if ph.wait != NO_PHASE and (ph.wait < 0 or length(ph.wait, i, "wait") > ROWS * CHUNK):
             raise ValueError(f"phase {i}: wait {ph.wait} must be an earlier phase of at most {ROWS * CHUNK} outputs")
+        if ph.norm != -1 and (ph.norm < 0 or ph.norm + need > norms_len or (not swiglu and ph.sources != 1)):
+            raise ValueError(f"phase {i}: norm weights at {ph.norm} need one input segment and {need} of the "
+                             f"chain's {norms_len} norm weights")
         offsets.append(total)
         lengths.append(ph.out_rows)
         kc = ph.k // CHUNK
@@ -129,12 +135,13 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int) -> P
                      ph.up_offset, per_src // ROWS, ph.input, need // CHUNK, src_off(ph.input), ph.residual,
                      src_off(ph.residual) if ph.residual != NO_PHASE else 0, total, ph.wait,
                      src_off(ph.wait) if ph.wait != NO_PHASE else 0,
-                     lengths[ph.wait] // 2 if ph.wait >= 0 else 0])
+                     lengths[ph.wait] // 2 if ph.wait >= 0 else 0, ph.norm])
         total += ph.out_rows // 2                 # two values a word
     return Plan(torch.tensor(rows, dtype=torch.int32), offsets, total, input_len)
 
 
-def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor, norms: torch.Tensor | None = None,
+              eps: float = 1e-5) -> list[torch.Tensor]:
     """Every phase's outputs, as the kernel computes them: each input vector rounded to the weights' dtype (the
     kernel stages it in shared memory so), products and sums in fp32, each output rounded to bf16 (two go in a
     word)."""
@@ -146,7 +153,12 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
 
     for ph in phases:
         w = families[ph.family]
-        inp = vec(ph.input).to(w.dtype).float()
+        inp = vec(ph.input).to(w.dtype)
+        if ph.norm != -1:
+            assert norms is not None
+            n = ph.k if ph.kind == "swiglu" else ph.k * ph.sources
+            inp = rms_norm(inp[:n], norms[ph.norm:ph.norm + n].to(w.dtype), eps)
+        inp = inp.float()
         if ph.kind == "sum":
             y = torch.zeros(ph.out_rows, dtype=torch.float32, device=w.device)
             for s in range(ph.sources):
@@ -233,6 +245,7 @@ K_F_OUT_OFF = gl.constexpr(F_OUT_OFF)
 K_F_WAIT = gl.constexpr(F_WAIT)
 K_F_WAIT_OFF = gl.constexpr(F_WAIT_OFF)
 K_F_WAIT_N = gl.constexpr(F_WAIT_N)
+K_F_NORM = gl.constexpr(F_NORM)
 
 
 @gluon.jit
@@ -324,8 +337,8 @@ def _value(w, half):
 
 
 @gluon.jit
-def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride, x_ptr, words_ptr, epoch_ptr,
-                  done_ptr, err_ptr, nprog,
+def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride, x_ptr, norms_ptr, eps, words_ptr,
+                  epoch_ptr, done_ptr, err_ptr, nprog,
                   STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
                   COMPUTE: gl.constexpr = True):
     pid = gl.program_id(0)
@@ -367,6 +380,8 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
         # stage the input vector in shared memory (bf16), 16 chunks a round, after polling its tags
         _cta_barrier()                               # every warp is done with the previous phase's input
         n_in = _field(table_ptr, p, K_F_IN_CHUNKS)
+        norm = _field(table_ptr, p, K_F_NORM)
+        squares = eps * 0.0                          # the input's sum of squares, for a phase with a norm
         for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
             if r < n_in:
                 offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]            # value indices
@@ -378,7 +393,21 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
                     vals = _value(w, h)
                 else:
                     vals = gl.load(x_ptr + offs, mask=mask, other=0.0)
-                xs.slice(r, K_ROWS).store(vals.to(gl.bfloat16))
+                vals = vals.to(gl.bfloat16)
+                if norm >= 0:
+                    sq = vals.to(gl.float32)
+                    squares += gl.sum(gl.sum(sq * sq, axis=1), axis=0)
+                xs.slice(r, K_ROWS).store(vals)
+        if norm >= 0:
+            # RMSNorm as the model rounds it: bf16(g * bf16(x * rstd)); each thread rescales the values it staged
+            rstd = gl.rsqrt(squares / (n_in * K_CHUNK) + eps)
+            for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
+                if r < n_in:
+                    offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]
+                    mask = (r + srow)[:, None] < n_in
+                    g = gl.load(norms_ptr + norm + offs, mask=mask, other=0.0).to(gl.float32)
+                    v = xs.slice(r, K_ROWS).load(stage_l).to(gl.float32)
+                    xs.slice(r, K_ROWS).store((g * (v * rstd).to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16))
         wait = _field(table_ptr, p, K_F_WAIT)
         if wait >= 0:
             offs = srow[:, None] * K_CHUNK + scol[None, :]
@@ -453,7 +482,8 @@ class Chain:
     `outputs()` reads every phase's values back, `check()` raises if a poll gave up."""
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
-                 boxes: int = 4, warps: int = 4, polls: int = 1 << 22, compute: bool = True) -> None:
+                 boxes: int = 4, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
+                 norms: torch.Tensor | None = None, eps: float = 1e-5) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -466,7 +496,11 @@ class Chain:
                              "in 208 KiB of shared memory (e.g. 6 x 4, 12 x 2, 24 x 1)")
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-        self.plan = plan(phases, families, input_len)
+        if norms is not None and (norms.dim() != 1 or norms.device != dev):
+            raise ValueError("norms: a 1-D tensor of norm weights on the weights' device")
+        self.plan = plan(phases, families, input_len, 0 if norms is None else norms.numel())
+        self.norms = norms if norms is not None else torch.zeros(1, dtype=torch.bfloat16, device=dev)
+        self.eps = eps
         self.phases = phases
         # each family [N, K] as its [K / CHUNK, N, CHUNK] view: one box is `boxes` chunks of ROWS rows, chunk-major
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
@@ -487,7 +521,8 @@ class Chain:
             raise ValueError(f"input: expected fp32 [{self.plan.input_len}], got {x.dtype} {tuple(x.shape)}")
         st = self.state
         _chain_kernel[(self.nprog,)](*self.descs, self.table, len(self.phases), self.tiles, self.tiles.shape[1], x,
-                                     self.words, st[0:], st[1:], st[2:], self.nprog, **self.meta)
+                                     self.norms, self.eps, self.words, st[0:], st[1:], st[2:], self.nprog,
+                                     **self.meta)
 
     def outputs(self) -> list[torch.Tensor]:
         values = unpack(self.words)
