@@ -156,6 +156,68 @@ def test_chain_rejects_bad_weights_and_rings_before_any_launch() -> None:
         mk.Chain(NORM_CHAIN, fam, 2048, norms=_norms("cpu", 4).reshape(2, -1))
 
 
+# a small routed MoE: o_proj-like GEMV on x, a 16-expert router on it, top-4 experts' gate/up (intermediate 512)
+# and their down, summed with their routing weights, + the GEMV's output
+MOE = [
+    Phase("sum", 0, 0, 2048, 2048),
+    Phase("sum", 0, 2048, 16, 2048, input=0),
+    Phase("swiglu", 1, 0, 4 * 512, 2048, sources=4, stride=1024, up_offset=512, input=0, route=1),
+    Phase("sum", 2, 0, 2048, 512, sources=4, stride=2048, input=2, residual=0, route=1),
+]
+
+
+def _moe_families(device: str, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [(torch.randn(rows, cols, generator=g) * 0.03).to(device, torch.bfloat16)
+            for rows, cols in ((2048 + 16, 2048), (16 * 1024, 2048), (16 * 2048, 512))]
+
+
+def test_routed_reference_follows_softmax_top_k() -> None:
+    a, gu, dn = (f.float() for f in _moe_families("cpu", 6))
+    x = torch.randn(2048, generator=torch.Generator().manual_seed(7))
+
+    def r(v: torch.Tensor) -> torch.Tensor:
+        return v.to(torch.bfloat16).float()
+
+    y0 = r(a[:2048] @ r(x))
+    logits = r(a[2048:2064] @ y0)
+    probs, ids = torch.softmax(logits, 0).topk(4)
+    parts = []
+    for e in ids.tolist():
+        gate, up = gu[1024 * e:1024 * e + 512] @ y0, gu[1024 * e + 512:1024 * e + 1024] @ y0
+        parts.append(torch.nn.functional.silu(gate) * up)
+    y2 = r(torch.cat(parts))
+    y3 = r(sum(p * (dn[2048 * e:2048 * e + 2048] @ y2[512 * s:512 * s + 512])
+               for s, (e, p) in enumerate(zip(ids.tolist(), probs.tolist(), strict=True))) + y0)
+    got = mk.reference(MOE, _moe_families("cpu", 6), x)
+    for i, (g, w) in enumerate(zip(got, [y0, logits, y2, y3], strict=True)):
+        torch.testing.assert_close(g, w, rtol=8e-3, atol=1e-3, msg=lambda m, i=i: f"phase {i}: {m}")
+
+
+def test_routed_tiles_wait_for_their_ranking() -> None:
+    p = mk.plan(MOE, _moe_families("cpu", 6), 2048)
+    assert p.routed == [2, 3] and p.table[:, mk.F_ORDINAL].tolist() == [-1, -1, 0, 1]
+    lists = mk.tile_lists(p, 1, 2)                      # one program: every tile, in order
+    codes = lists[0, 1:1 + lists[0, 0]].tolist()
+    static = 128 * 4 + 4                                 # phases 0 and 1: 8 chunks a row, 2 a slot
+    assert not any(c & mk.ROUTED for c in codes[:static])
+    gate_up = codes[static:static + 128 * 8]             # 128 items of 16 rows, gate then up, 4 slots each
+    assert all(c & mk.ROUTED for c in gate_up)
+    assert [(c >> 16) & 0xFF for c in gate_up[:1] + gate_up[-1:]] == [0, 0]
+    first, last = gate_up[0] & 0xFFFF, gate_up[-1] & 0xFFFF
+    assert (first >> 12, first & 0xFFF) == (0, 0)        # source 0, row 0 of the expert
+    assert (last >> 12, last & 0xFFF) == (3, 512 + 496)  # source 3, up row 496 of the expert
+    down = codes[static + 128 * 8:]                      # 128 items x 4 sources x 1 slot (2 chunks)
+    assert len(down) == 128 * 4 and all((c >> 16) & 0xFF == 1 for c in down)
+    assert [(c >> 12) & 15 for c in down[:4]] == [0, 1, 2, 3]
+    bad = {"top-k": dataclasses.replace(MOE[2], sources=32, out_rows=32 * 512),
+           "not an earlier phase": dataclasses.replace(MOE[2], route=3),
+           "positive stride": dataclasses.replace(MOE[2], stride=0)}
+    for message, phase in bad.items():
+        with pytest.raises(ValueError, match=message):
+            mk.plan(MOE[:2] + [phase], _moe_families("cpu", 6), 2048)
+
+
 def test_unpack_reads_two_bf16_values_a_word_in_order() -> None:
     v = torch.randn(32, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     bits = v.view(torch.int16).to(torch.int64) & 0xFFFF
@@ -197,3 +259,38 @@ def test_chain_kernel_matches_reference_across_launches_and_replays(normed: bool
             torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2, msg=lambda m, i=i: f"phase {i}: {m}")
     with pytest.raises(ValueError, match="input"):
         chain.run(torch.zeros(1024, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs an sm_90 GPU")
+def test_routed_chain_ranks_and_loads_the_chosen_experts() -> None:
+    fam = _moe_families("cuda", 6)
+    chain = mk.Chain(MOE, fam, 2048, stages=12, boxes=2)
+    x = torch.empty(2048, device="cuda")
+    graph = None
+    compared = 0
+    for seed in range(8, 14):                            # fresh inputs route to other experts
+        x.copy_(torch.randn(2048, generator=torch.Generator().manual_seed(seed)))
+        if graph is None:
+            chain.run(x)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                chain.run(x)
+        else:
+            graph.replay()
+        torch.cuda.synchronize()
+        chain.check()
+        got, want = chain.outputs(), mk.reference(MOE, fam, x)
+        probs, ids = torch.softmax(got[1], 0).topk(4)   # the ranking of the kernel's own logits
+        for o in range(2):                               # every program ranked them alike, for both phases
+            assert (chain.experts[:, o, :4] == ids.int()).all(), f"seed {seed}, routed phase {o}"
+            torch.testing.assert_close(chain.experts[:, o, 16:20].view(torch.float32),
+                                       probs.expand(chain.nprog, 4), rtol=1e-5, atol=1e-6)
+        top = want[1].topk(5).values
+        phases = 4 if top[3] - top[4] > 0.05 else 2      # the experts' phases only where no near-tie can flip one
+        compared += phases == 4
+        for i in range(phases):
+            torch.testing.assert_close(got[i], want[i], rtol=1.6e-2, atol=1e-2,
+                                       msg=lambda m, i=i, seed=seed: f"seed {seed} phase {i}: {m}")
+    assert compared >= 3

@@ -36,7 +36,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from crosspool.kernels._common import num_sms
-from crosspool.kernels.torch_ref import rms_norm
+from crosspool.kernels.torch_ref import rms_norm, route
+from crosspool.models.spec import RoutingSpec
 
 # names that differ across Triton releases (3.9 | 3.6)
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -50,8 +51,11 @@ TAG_PHASES = 4096         # phases a step can have (tags are epoch * TAG_PHASES 
 STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
 (F_KIND, F_FAM, F_ROW0, F_ITEMS, F_KC, F_SOURCES, F_STRIDE, F_UP, F_ITEMS_PER_SRC, F_IN, F_IN_CHUNKS, F_IN_OFF,
  F_RES, F_RES_OFF, F_OUT_OFF, F_WAIT) = range(16)
-F_WAIT_OFF, F_WAIT_N, F_NORM = 16, 17, 18
-NCOL = 19
+F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL = 16, 17, 18, 19, 20, 21, 22
+NCOL = 23
+MAX_EXPERTS = 256         # router outputs a routed phase can rank
+MAX_TOP_K = 16            # experts a routed phase takes
+ROUTED = 1 << 30          # tile-code flag: the row is ordinal << 16 | source << 12 | row within the expert
 
 
 @dataclass(frozen=True)
@@ -73,11 +77,15 @@ class Phase:
     residual: int = NO_PHASE      # phase whose outputs are added to this one's (-1: the step's input)
     wait: int = NO_PHASE          # a phase this one waits for without reading it
     norm: int = -1                # RMSNorm of the input first, weights at this offset of the chain's `norms` (-1: none)
+    route: int = NO_PHASE         # a router phase: the sources are its top-`sources` experts, not 0..sources-1, and
+                                  # a "sum" weights source s by its softmax probability (OLMoE's rule: greedy, no
+                                  # renormalization)
 
 
 @dataclass(frozen=True)
 class Plan:
     table: torch.Tensor           # int32 [phases, NCOL]
+    routed: list[int]             # the routed phases, in order (a routed phase's ordinal is its index here)
     out_offsets: list[int]        # word offset of each phase's outputs (two values a word)
     words: int                    # words of the whole chain
     input_len: int                # values of the step's input vector
@@ -90,6 +98,7 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
         raise ValueError(f"a chain has 1..{TAG_PHASES - 1} phases, got {len(phases)}")
     rows, offsets, total = [], [], 0
     lengths: list[int] = []
+    routed: list[int] = []
 
     def length(src: int, i: int, what: str) -> int:
         if src == -1:
@@ -112,7 +121,15 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
             raise ValueError(f"phase {i}: family {ph.family} is {tuple(w.shape)}, expected [rows, {ph.k}]")
         swiglu = ph.kind == "swiglu"
         per_src = ph.out_rows // ph.sources if swiglu else ph.out_rows
-        last_row = ph.row0 + (ph.sources - 1) * ph.stride + per_src + (ph.up_offset if swiglu else 0)
+        experts = ph.sources
+        if ph.route != NO_PHASE:
+            experts = length(ph.route, i, "route")
+            if ph.route < 0 or not ph.sources <= min(experts, MAX_TOP_K) or experts > MAX_EXPERTS or \
+                    ph.stride <= 0 or per_src + (ph.up_offset if swiglu else 0) > 1 << 12:
+                raise ValueError(f"phase {i}: routed by phase {ph.route} ({experts} experts) to {ph.sources}: needs "
+                                 f"top-k <= {MAX_TOP_K} and <= experts <= {MAX_EXPERTS}, a positive stride, and "
+                                 "expert rows below 4096")
+        last_row = ph.row0 + (experts - 1) * ph.stride + per_src + (ph.up_offset if swiglu else 0)
         if ph.row0 < 0 or last_row > w.shape[0]:
             raise ValueError(f"phase {i}: rows up to {last_row} of family {ph.family}, which has {w.shape[0]}")
         need = ph.k if swiglu else ph.k * ph.sources
@@ -135,9 +152,14 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
                      ph.up_offset, per_src // ROWS, ph.input, need // CHUNK, src_off(ph.input), ph.residual,
                      src_off(ph.residual) if ph.residual != NO_PHASE else 0, total, ph.wait,
                      src_off(ph.wait) if ph.wait != NO_PHASE else 0,
-                     lengths[ph.wait] // 2 if ph.wait >= 0 else 0, ph.norm])
+                     lengths[ph.wait] // 2 if ph.wait >= 0 else 0, ph.norm, ph.route,
+                     src_off(ph.route) if ph.route != NO_PHASE else 0,
+                     lengths[ph.route] if ph.route != NO_PHASE else 0,
+                     len(routed) if ph.route != NO_PHASE else -1])
+        if ph.route != NO_PHASE:
+            routed.append(i)
         total += ph.out_rows // 2                 # two values a word
-    return Plan(torch.tensor(rows, dtype=torch.int32), offsets, total, input_len)
+    return Plan(torch.tensor(rows, dtype=torch.int32), routed, offsets, total, input_len)
 
 
 def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor, norms: torch.Tensor | None = None,
@@ -159,16 +181,22 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
             n = ph.k if ph.kind == "swiglu" else ph.k * ph.sources
             inp = rms_norm(inp[:n], norms[ph.norm:ph.norm + n].to(w.dtype), eps)
         inp = inp.float()
+        experts, gates = list(range(ph.sources)), [1.0] * ph.sources
+        if ph.route != NO_PHASE:
+            spec = RoutingSpec(num_experts=len(outs[ph.route]), top_k=ph.sources, scoring="softmax",
+                               norm_topk_prob=False, topk_method="greedy")
+            weights, ids = route(outs[ph.route][None], spec, None)
+            experts, gates = ids[0].tolist(), weights[0].tolist()
         if ph.kind == "sum":
             y = torch.zeros(ph.out_rows, dtype=torch.float32, device=w.device)
-            for s in range(ph.sources):
-                rows = w[ph.row0 + s * ph.stride: ph.row0 + s * ph.stride + ph.out_rows].float()
-                y += rows @ inp[s * ph.k:(s + 1) * ph.k]
+            for s, (e, gate) in enumerate(zip(experts, gates, strict=True)):
+                rows = w[ph.row0 + e * ph.stride: ph.row0 + e * ph.stride + ph.out_rows].float()
+                y += gate * (rows @ inp[s * ph.k:(s + 1) * ph.k])
         else:
             per = ph.out_rows // ph.sources
             parts = []
-            for s in range(ph.sources):
-                g0 = ph.row0 + s * ph.stride
+            for e in experts:
+                g0 = ph.row0 + e * ph.stride
                 gate = w[g0:g0 + per].float() @ inp[:ph.k]
                 up = w[g0 + ph.up_offset:g0 + ph.up_offset + per].float() @ inp[:ph.k]
                 parts.append(torch.nn.functional.silu(gate) * up)
@@ -182,8 +210,9 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
 def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0) -> torch.Tensor:
     """Each program's ring slots in the order it consumes them (its items of phase 0, then of phase 1, ...; an
     item's tiles in order, `boxes` consecutive chunks a slot), as int32 codes family << 28 | first chunk << 24 | row;
-    element 0 of program r's list is its count, and `pad` zero codes follow the last. The ring's producer only reads
-    the next code, so its loads can run ahead across phases."""
+    a routed phase's row is ROUTED | ordinal << 16 | source << 12 | row within the expert. Element 0 of program r's
+    list is its count, and `pad` zero codes follow the last. The ring's producer only reads the next code, so its
+    loads can run ahead across phases, up to the first routed tile whose routing is not known yet."""
     per_prog: list[list[torch.Tensor]] = [[] for _ in range(nprog)]
     for f in p.table.tolist():
         kind, fam, row0, items, kc = f[F_KIND], f[F_FAM], f[F_ROW0], f[F_ITEMS], f[F_KC]
@@ -191,12 +220,20 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0) -> torch.Tenso
         if kind == SWIGLU:
             t = torch.arange(2 * kc)[None, :]
             per = f[F_ITEMS_PER_SRC]
-            rows = row0 + (item // per) * f[F_STRIDE] + (item % per) * ROWS + (t // kc) * f[F_UP]
+            src, within = item // per, (item % per) * ROWS + (t // kc) * f[F_UP]
         else:
             t = torch.arange(f[F_SOURCES] * kc)[None, :]
-            rows = row0 + (t // kc) * f[F_STRIDE] + item * ROWS
-        if rows.max() >= 1 << 24 or fam >= 1 << 3:
-            raise ValueError(f"a tile list codes rows below 2^24 and families below 8 (row {rows.max()})")
+            src, within = t // kc, item * ROWS
+        if f[F_ORDINAL] >= 0:                 # the expert is known only once the consumer has ranked the router
+            rows = ROUTED | (f[F_ORDINAL] << 16) | (src << 12) | within
+            if f[F_ORDINAL] >= 1 << 8:
+                raise ValueError("a tile list codes at most 256 routed phases")
+        else:
+            rows = row0 + src * f[F_STRIDE] + within
+            if rows.max() >= 1 << 24:
+                raise ValueError(f"a tile list codes rows below 2^24 (row {rows.max()})")
+        if fam >= 1 << 2:
+            raise ValueError(f"a tile list codes families below 4 (family {fam})")
         if kc % boxes or kc > 16:
             raise ValueError(f"{boxes} boxes a slot do not divide a row's {kc} chunks (at most 16 are coded)")
         codes = ((fam << 28) | ((t % kc) << 24) | rows)[:, ::boxes]
@@ -246,6 +283,12 @@ K_F_WAIT = gl.constexpr(F_WAIT)
 K_F_WAIT_OFF = gl.constexpr(F_WAIT_OFF)
 K_F_WAIT_N = gl.constexpr(F_WAIT_N)
 K_F_NORM = gl.constexpr(F_NORM)
+K_F_ROUTE = gl.constexpr(F_ROUTE)
+K_F_ROUTE_OFF = gl.constexpr(F_ROUTE_OFF)
+K_F_ROUTE_N = gl.constexpr(F_ROUTE_N)
+K_F_ORDINAL = gl.constexpr(F_ORDINAL)
+K_MAX_EXPERTS = gl.constexpr(MAX_EXPERTS)
+K_MAX_TOP_K = gl.constexpr(MAX_TOP_K)
 
 
 @gluon.jit
@@ -275,12 +318,25 @@ def _items_of(table_ptr, p, pid, nprog):
 
 
 @gluon.jit
-def _issue(d0, d1, d2, d3, code, bar, slot, BOXES: gl.constexpr):
+def _issuable(code, ready):
+    """A static tile, or a routed one whose phase this program has already ranked (`ready` routed phases)."""
+    return (((code >> 30) & 1) == 0) | (((code >> 16) & 0xFF) < ready)
+
+
+@gluon.jit
+def _issue(d0, d1, d2, d3, code, bar, slot, table_ptr, routes_ptr, expert_base, n_ord, BOXES: gl.constexpr):
     """Start the TMA load of the slot `code` names (`tile_lists`): one [BOXES, ROWS, CHUNK] box of the family's
-    [chunks, rows, CHUNK] view, so BOXES consecutive chunks of ROWS rows land chunk by chunk."""
-    fam = code >> 28
+    [chunks, rows, CHUNK] view, so BOXES consecutive chunks of ROWS rows land chunk by chunk. A routed code's row
+    is its phase's row0 + expert * stride + its row within the expert, the expert from this program's ranking
+    (`expert_base`: the program's [n_ord, 2 * MAX_TOP_K] ids and weights)."""
+    fam = (code >> 28) & 3
     row = code & 0xFFFFFF
     chunk = (code >> 24) & 15
+    if ((code >> 30) & 1) != 0:
+        o = (row >> 16) & 0xFF
+        ph = gl.load(routes_ptr + o)
+        expert = gl.load(expert_base + o * 2 * K_MAX_TOP_K + ((row >> 12) & 15))
+        row = _field(table_ptr, ph, K_F_ROW0) + expert * _field(table_ptr, ph, K_F_STRIDE) + (row & 0xFFF)
     mbarrier.expect(bar, BOXES * K_ROWS * K_CHUNK * 2)
     if fam == 0:
         _tma_load(d0, [chunk, row, 0], bar, slot)
@@ -338,7 +394,7 @@ def _value(w, half):
 
 @gluon.jit
 def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride, x_ptr, norms_ptr, eps, words_ptr,
-                  epoch_ptr, done_ptr, err_ptr, nprog,
+                  routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog,
                   STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
                   COMPUTE: gl.constexpr = True):
     pid = gl.program_id(0)
@@ -360,14 +416,19 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
 
     # the producer runs STAGES slots ahead of the consumer, across phase boundaries, down this program's list;
     # the next slot's code is loaded one refill early, so its latency hides behind a slot's arithmetic
+    # (in order: it stops at a routed tile until the consumer has ranked that tile's router, then catches up)
     mine = tiles_ptr + pid * tiles_stride
     n_slots = gl.load(mine)
     zero = pid * 0
-    for s in gl.static_range(STAGES):
-        if s < n_slots:
-            _issue(d0, d1, d2, d3, gl.load(mine + 1 + s), bars.index(s), ring.index(s), BOXES)
-    issued = zero + STAGES
-    code = gl.load(mine + 1 + issued)                # the lists end in STAGES + 1 zero codes
+    expert_base = experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K
+    ready = zero                                     # routed phases this program has ranked
+    issued = zero
+    code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
+    while (issued < gl.minimum(n_slots, STAGES)) & _issuable(code, ready):
+        _issue(d0, d1, d2, d3, code, bars.index(issued % STAGES), ring.index(issued % STAGES), table_ptr,
+               routes_ptr, expert_base, n_ord, BOXES)
+        issued += 1
+        code = gl.load(mine + 1 + issued)
 
     consumed = zero
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
@@ -415,6 +476,35 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
                   _tag(epoch, wait), err_ptr, POLLS)
         _cta_barrier()
 
+        router = _field(table_ptr, p, K_F_ROUTE)
+        ordinal = gl.maximum(_field(table_ptr, p, K_F_ORDINAL), 0)
+        if router >= 0:
+            # rank the router's logits (softmax, greedy top-k, as `torch_ref.route` for OLMoE): every program
+            # ranks them for itself, writes ids and weights to its own row, then issues the tiles it held back
+            eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
+            valid = eoffs < _field(table_ptr, p, K_F_ROUTE_N)
+            q, h = _word_of(eoffs)
+            w = _poll(words_ptr, _field(table_ptr, p, K_F_ROUTE_OFF) + q, valid, _tag(epoch, router), err_ptr, POLLS)
+            logit = gl.where(valid, _value(w, h), float("-inf"))
+            ex = gl.where(valid, gl.exp(logit - gl.max(gl.max(logit, axis=1), axis=0)), 0.0)
+            sel = gl.where(valid, ex / gl.sum(gl.sum(ex, axis=1), axis=0), -1.0)
+            mine_route = expert_base + ordinal * 2 * K_MAX_TOP_K
+            for k in gl.static_range(K_MAX_TOP_K):
+                if k < _field(table_ptr, p, K_F_SOURCES):
+                    best = gl.max(gl.max(sel, axis=1), axis=0)
+                    idx = gl.min(gl.min(gl.where(sel == best, eoffs, 1 << 30), axis=1), axis=0)
+                    gl.store(mine_route + k, idx)
+                    gl.store(mine_route + K_MAX_TOP_K + k, best.to(gl.int32, bitcast=True))
+                    sel = gl.where(eoffs == idx, -2.0, sel)
+            _cta_barrier()                           # the ranking is visible to the producer's thread
+            ready = ordinal + 1
+            while (issued < gl.minimum(n_slots, consumed + STAGES)) & _issuable(code, ready):
+                _issue(d0, d1, d2, d3, code, bars.index(issued % STAGES), ring.index(issued % STAGES), table_ptr,
+                       routes_ptr, expert_base, n_ord, BOXES)
+                issued += 1
+                code = gl.load(mine + 1 + issued)
+        gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
+
         res = _field(table_ptr, p, K_F_RES)
         res_off = _field(table_ptr, p, K_F_RES_OFF)
         for il in range(_items_of(table_ptr, p, pid, nprog)):
@@ -442,13 +532,16 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
                     else:
                         wt = boxes.index(slot).slice(b * K_ROWS, K_ROWS).load(tile).to(gl.float32)
                         xc = xrows.index(t).load(tile).to(gl.float32)
+                        if router >= 0:              # a routed sum: source t // kc weighs its routing probability
+                            xc = xc * gl.load(gates + t // kc).to(gl.float32, bitcast=True)
                         acc += wt * xc
                 _cta_barrier()                       # every warp has read the slot: refill it
-                if issued < n_slots:
-                    _issue(d0, d1, d2, d3, code, bars.index(slot), ring.index(slot), BOXES)
-                issued += 1
-                code = gl.load(mine + 1 + issued)
                 consumed += 1
+                while (issued < gl.minimum(n_slots, consumed + STAGES)) & _issuable(code, ready):
+                    _issue(d0, d1, d2, d3, code, bars.index(issued % STAGES), ring.index(issued % STAGES),
+                           table_ptr, routes_ptr, expert_base, n_ord, BOXES)
+                    issued += 1
+                    code = gl.load(mine + 1 + issued)
             y = gl.sum(acc, axis=1)
             if kind == K_SWIGLU:
                 y = y / (1.0 + gl.exp(-y)) * gl.sum(acc_up, axis=1)
@@ -513,6 +606,10 @@ class Chain:
         self.state = torch.zeros(3, dtype=torch.int32, device=dev)          # epoch, done count, error flag
         self.nprog = num_sms(dev)
         self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1).to(dev)
+        n_ord = max(1, len(self.plan.routed))
+        self.routes = torch.tensor(self.plan.routed or [0], dtype=torch.int32, device=dev)
+        # each program's ranking of each routed phase: MAX_TOP_K expert ids, then their weights' fp32 bits
+        self.experts = torch.zeros(self.nprog, n_ord, 2 * MAX_TOP_K, dtype=torch.int32, device=dev)
         # compute=False (timing only): the weight tiles stream through the ring unread; the outputs are wrong
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, num_warps=warps)
 
@@ -521,8 +618,8 @@ class Chain:
             raise ValueError(f"input: expected fp32 [{self.plan.input_len}], got {x.dtype} {tuple(x.shape)}")
         st = self.state
         _chain_kernel[(self.nprog,)](*self.descs, self.table, len(self.phases), self.tiles, self.tiles.shape[1], x,
-                                     self.norms, self.eps, self.words, st[0:], st[1:], st[2:], self.nprog,
-                                     **self.meta)
+                                     self.norms, self.eps, self.words, self.routes, self.experts,
+                                     self.experts.shape[1], st[0:], st[1:], st[2:], self.nprog, **self.meta)
 
     def outputs(self) -> list[torch.Tensor]:
         values = unpack(self.words)
