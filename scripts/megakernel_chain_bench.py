@@ -38,8 +38,29 @@ from crosspool.bench.traffic import copy_bandwidth  # noqa: E402
 from crosspool.kernels import megakernel as mk  # noqa: E402
 from crosspool.kernels.megakernel import Phase  # noqa: E402
 
-H, QKV, INTER, EXPERTS, ROUTER = 2048, 6144, 1024, 8, 64
+H, QKV, INTER, EXPERTS, ROUTER, NUM_EXPERTS = 2048, 6144, 1024, 8, 64, 64
 ATTN_ROWS = QKV + H + ROUTER
+
+
+def olmoe_layer_routed(layers: int) -> list[Phase]:
+    """The real FFN half: input norm before QKV, post-attention norm before the router and the experts, and the
+    8 experts of each layer chosen from its 64 by its router at run time (family 1 and 2 hold all 64)."""
+    phases: list[Phase] = []
+    h = -1
+    for layer in range(layers):
+        b, e = layer * ATTN_ROWS, layer * NUM_EXPERTS * 2 * INTER
+        n = len(phases)
+        phases += [
+            Phase("sum", 0, b, QKV, H, input=h, norm=0),
+            Phase("sum", 0, b + QKV, H, H, input=n, residual=h),
+            Phase("sum", 0, b + QKV + H, ROUTER, H, input=n + 1, norm=H),
+            Phase("swiglu", 1, e, EXPERTS * INTER, H, sources=EXPERTS, stride=2 * INTER, up_offset=INTER,
+                  input=n + 1, norm=H, route=n + 2),
+            Phase("sum", 2, e, H, INTER, sources=EXPERTS, stride=2 * INTER, input=n + 3, residual=n + 1,
+                  route=n + 2),
+        ]
+        h = n + 4
+    return phases
 
 
 def olmoe_chain(layers: int, dependent: bool, ready: bool = False) -> list[Phase]:
@@ -81,6 +102,9 @@ def main() -> None:
     p.add_argument("--stages", type=int, help="slots in each program's ring (default: 192 KB of them)")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--json", help="write the results here too")
+    p.add_argument("--routed", action="store_true",
+                   help="time the routed chain instead: norms, and 8 of 64 experts a layer chosen by its router "
+                        "(12.9 GB of expert weights for 16 layers, of which a step reads 2.15 GB)")
     args = p.parse_args()
     args.stages = args.stages or 24 // args.boxes
     dev = torch.device("cuda")
@@ -90,6 +114,9 @@ def main() -> None:
         return (torch.randn(rows, cols, generator=g, device=dev) * std).to(torch.bfloat16)
 
     L = args.layers
+    if args.routed:
+        routed(args, weights, dev, g)
+        return
     # scales that keep the residual stream bounded over the layers (the SwiGLU squares its input)
     fam = [weights(L * ATTN_ROWS, H, 0.01), weights(L * EXPERTS * 2 * INTER, H, 0.002),
            weights(L * EXPERTS * 2 * INTER, INTER, 0.01)]
@@ -126,6 +153,31 @@ def main() -> None:
                                                    copy_bw=copy_bw, bytes=total_bytes, layers=L,
                                                    stages=args.stages, boxes=args.boxes, warps=args.warps, rows=rows,
                                                    boundary_us=boundary), indent=1))
+
+
+def routed(args: argparse.Namespace, weights, dev: torch.device, g: torch.Generator) -> None:  # noqa: ANN001
+    """`--routed`: the chain with norms and run-time routing, against its reference and copy bandwidth."""
+    L = args.layers
+    fam = [weights(L * ATTN_ROWS, H, 0.01), weights(L * NUM_EXPERTS * 2 * INTER, H, 0.002),
+           weights(L * NUM_EXPERTS * 2 * INTER, INTER, 0.01)]
+    norms = (1 + 0.1 * torch.randn(2 * H, generator=g, device=dev)).to(torch.bfloat16)
+    phases = olmoe_layer_routed(L)
+    chain = mk.Chain(phases, fam, H, stages=args.stages, boxes=args.boxes, warps=args.warps, norms=norms)
+    x = torch.randn(H, generator=g, device=dev)
+    us = graph_us([lambda: chain.run(x)], reps=9)
+    chain.run(x)
+    torch.cuda.synchronize()
+    chain.check()
+    got, want = chain.outputs()[-1], mk.reference(phases, fam, x, norms)[-1]
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    step_bytes = L * (ATTN_ROWS * H + EXPERTS * 2 * INTER * H + EXPERTS * H * INTER) * 2
+    copy_bw = copy_bandwidth(dev)
+    print(f"routed chain: {L} layers, {step_bytes / 1e6:.0f} MB a step; {us:.1f} us, "
+          f"{step_bytes / (us * 1e-6) / copy_bw:.3f} of copy bw; last output max rel err {err:.1e} "
+          "(a near-tie in some layer's router can pick another expert than the reference: compare with care)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(routed=True, layers=L, us=us, bytes=step_bytes, copy_bw=copy_bw,
+                                                   last_output_max_rel_err=err), indent=1))
 
 
 if __name__ == "__main__":
