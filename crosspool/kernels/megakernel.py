@@ -10,7 +10,8 @@ This module is that kernel's core, a chain of dependent GEMV phases over stacked
 - `Phase` describes one phase: a plain GEMV, or a sum of several matrices each applied to its own segment of the
   input (the experts' down projections), or a gated pair `silu(W_gate x) * (W_up x)` for several matrices (the
   experts' gate/up). Each phase can RMSNorm its input first (the layer norms), add a residual, and wait on one
-  more phase whose words it does not read (the router, before the experts).
+  more phase whose words it does not read. A phase can be routed: its matrices are the top-k experts of a router
+  phase, ranked by every program at run time (softmax, greedy), and a routed sum weights each expert.
 - `plan` checks a chain and lays it out as an int32 table plus word offsets; `reference` computes it in torch.
 - `Chain` runs it on the GPU: one program an SM, each walking its work items (16 output rows) and streaming their
   [16, 256] weight tiles through a ring of shared-memory slots filled by TMA. The ring's loads run ahead across
@@ -21,9 +22,8 @@ This module is that kernel's core, a chain of dependent GEMV phases over stacked
   and the last program to finish advances it, so CUDA-graph replays need no host work and never see the previous
   step's words as ready.
 
-What is not here yet: attention, the router's top-k and expert ids chosen at run time, the embedding and
-lm_head (docs/progress.md). Needs Gluon (Triton >= 3.6) and an sm_90 GPU; `plan` and
-`reference` run anywhere.
+What is not here yet: attention, the embedding and lm_head (docs/progress.md). Needs Gluon (Triton >= 3.6) and
+an sm_90 GPU; `plan`, `tile_lists` and `reference` run anywhere.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 ROWS = 16                 # output rows of one work item, and rows of one weight tile
 CHUNK = 256               # columns of one weight tile (512 B of bf16, the widest TMA box)
 SUM, SWIGLU = 0, 1
-NO_PHASE = -2             # `residual`/`wait` unset; -1 means the step's input vector
+NO_PHASE = -2             # `residual`/`wait`/`route` unset; -1 means the step's input vector
 TAG_PHASES = 4096         # phases a step can have (tags are epoch * TAG_PHASES + phase + 1)
 STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
 (F_KIND, F_FAM, F_ROW0, F_ITEMS, F_KC, F_SOURCES, F_STRIDE, F_UP, F_ITEMS_PER_SRC, F_IN, F_IN_CHUNKS, F_IN_OFF,
@@ -552,7 +552,7 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
                 y += gl.sum(_value(res_words, res_h), axis=1)
             elif res == -1:
                 y += gl.load(x_ptr + i * K_ROWS + rows)
-            # two bf16 values a word: rows j and j + 8 (the same thread holds both), then the tag
+            # two bf16 values a word (rows j and j + 8 of the item: a select-and-sum over the rows), then the tag
             bits = y.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
             pair = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, tile))
             lo = gl.sum(gl.where(rows[:, None] == pair[None, :], bits[:, None], 0), axis=0)
