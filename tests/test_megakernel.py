@@ -218,6 +218,52 @@ def test_routed_tiles_wait_for_their_ranking() -> None:
             mk.plan(MOE[:2] + [phase], _moe_families("cpu", 6), 2048)
 
 
+def test_chain_of_an_olmoe_ffn_half_matches_the_engines_torch_path() -> None:
+    """The chain's semantics against the engine's own model code: OLMoE's post-attention norm, router, routing rule
+    (softmax, greedy top-8, no renormalization) and experts, at the real hidden and intermediate sizes (16
+    experts, to keep the test light)."""
+    from crosspool.kernels import torch_ref
+    from crosspool.models.ffn_side import FFNSide
+    from crosspool.models.loader import FFNWeights
+    from crosspool.models.presets import get_preset
+    from crosspool.models.spec import ModelSpec
+
+    spec = ModelSpec.from_hf_config(get_preset("olmoe-1b-7b").config | {"num_hidden_layers": 1, "num_experts": 16})
+    hid, inter, n_exp, top_k = spec.hidden_size, 1024, 16, spec.routing.top_k
+    g = torch.Generator().manual_seed(11)
+
+    def rand(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    w = {"router": rand(n_exp, hid), "experts_gate_up": rand(n_exp, 2 * inter, hid),
+         "experts_down": rand(n_exp, hid, inter)}
+    norm_w = (1 + 0.1 * torch.randn(hid, generator=g)).to(torch.bfloat16)
+    ffn = FFNSide(spec, FFNWeights(layers=[w]), kernels="torch")
+    chain = [
+        Phase("sum", 0, 0, n_exp, hid, norm=0),
+        Phase("swiglu", 1, 0, top_k * inter, hid, sources=top_k, stride=2 * inter, up_offset=inter, norm=0, route=0),
+        Phase("sum", 2, 0, hid, inter, sources=top_k, stride=hid, input=1, route=0),
+    ]
+    fams = [w["router"], w["experts_gate_up"].reshape(-1, hid), w["experts_down"].reshape(-1, inter)]
+    compared = 0
+    for seed in range(4):
+        h = (torch.randn(hid, generator=torch.Generator().manual_seed(20 + seed)) * 3).to(torch.bfloat16)
+        x = torch_ref.rms_norm(h[None], norm_w, spec.rms_norm_eps)
+        engine = ffn.forward(0, x)[0].float()          # the FFN's output, before the residual add
+        logits = torch_ref.linear(x, w["router"])[0].float()
+        top = logits.topk(top_k + 1).values
+        if top[top_k - 1] - top[top_k] < 0.02:         # a near-tie may rank the other way in either: skip
+            continue
+        compared += 1
+        got = mk.reference(chain, fams, h.float(), norm_w, spec.rms_norm_eps)
+        torch.testing.assert_close(got[0], logits, rtol=8e-3, atol=1e-3)
+        err = (got[2] - engine).abs().max() / engine.abs().max()
+        # the engine rounds gate/up and each expert's rows to bf16 before summing; the chain keeps them in fp32
+        # (gate rows read as up rows would give ~1.8 here, no norm before the experts ~9)
+        assert err < 2e-2, f"seed {seed}: max error {err:.2e} of the FFN output's scale"
+    assert compared >= 2
+
+
 def test_unpack_reads_two_bf16_values_a_word_in_order() -> None:
     v = torch.randn(32, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     bits = v.view(torch.int16).to(torch.int64) & 0xFFFF
