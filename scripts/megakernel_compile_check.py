@@ -1,0 +1,52 @@
+"""Compile the megakernel's chain kernel for sm_90 without a GPU, and print what it uses (issue 4).
+
+`python3 scripts/megakernel_compile_check.py [--stages 6] [--boxes 4] [--sass PATH]`: runs Triton's whole pipeline
+(Gluon -> PTX -> cubin by the bundled ptxas) for `crosspool.kernels.megakernel._chain_kernel` and prints shared
+memory, registers and stack bytes (a stack means spilled registers). With another Triton first on PYTHONPATH
+(the device has 3.6) it checks that release's Gluon names too. `--sass PATH` writes the disassembly there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+
+from crosspool.kernels import megakernel as mk
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", type=int, default=6)
+    p.add_argument("--boxes", type=int, default=4)
+    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--sass", help="write the SASS here")
+    args = p.parse_args()
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
+    desc = f"tensordesc<bf16[{args.boxes}, {mk.ROWS}, {mk.CHUNK}],{layout!r}>"
+    sig = {"d0": desc, "d1": desc, "d2": desc, "d3": desc, "table_ptr": "*i32", "num_phases": "i32",
+           "tiles_ptr": "*i32", "tiles_stride": "i32", "x_ptr": "*fp32", "norms_ptr": "*bf16", "eps": "fp32",
+           "words_ptr": "*i64", "routes_ptr": "*i32", "experts_ptr": "*i32", "n_ord": "i32", "epoch_ptr": "*i32",
+           "done_ptr": "*i32", "err_ptr": "*i32", "nprog": "i32"}
+    const = dict(STAGES=args.stages, BOXES=args.boxes, WARPS=args.warps, POLLS=1 << 22, COMPUTE=True)
+    kernel = triton.compile(GluonASTSource(mk._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=args.warps))
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / "megakernel_chain.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    usage = subprocess.run([tools / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True).stdout
+    line = next((s.strip() for s in usage.splitlines() if "REG:" in s), usage.strip())
+    print(f"triton {triton.__version__}: shared memory {kernel.metadata.shared} B; {line}")
+    if args.sass:
+        sass = subprocess.run([tools / "nvdisasm", "-c", cubin], capture_output=True, text=True).stdout
+        Path(args.sass).write_text(sass)
+
+
+if __name__ == "__main__":
+    main()
