@@ -197,6 +197,11 @@ def test_routed_reference_follows_softmax_top_k() -> None:
 def test_routed_tiles_wait_for_their_ranking() -> None:
     p = mk.plan(MOE, _moe_families("cpu", 6), 2048)
     assert p.routed == [2, 3] and p.table[:, mk.F_ORDINAL].tolist() == [-1, -1, 0, 1]
+    # both routed phases share router 1: ranking it for the gate/up serves the down too (its tiles load early)
+    assert p.table[:, mk.F_ROUTE_LAST].tolist() == [-1, -1, 1, 1]
+    two_routers = MOE + [dataclasses.replace(MOE[1], input=3), dataclasses.replace(MOE[3], input=2, route=4)]
+    assert mk.plan(two_routers, _moe_families("cpu", 6), 2048).table[:, mk.F_ROUTE_LAST].tolist() == \
+        [-1, -1, 1, 1, -1, 2]
     lists = mk.tile_lists(p, 1, 2)                      # one program: every tile, in order
     codes = lists[0, 1:1 + lists[0, 0]].tolist()
     static = 128 * 4 + 4                                 # phases 0 and 1: 8 chunks a row, 2 a slot

@@ -51,8 +51,8 @@ TAG_PHASES = 4096         # phases a step can have (tags are epoch * TAG_PHASES 
 STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
 (F_KIND, F_FAM, F_ROW0, F_ITEMS, F_KC, F_SOURCES, F_STRIDE, F_UP, F_ITEMS_PER_SRC, F_IN, F_IN_CHUNKS, F_IN_OFF,
  F_RES, F_RES_OFF, F_OUT_OFF, F_WAIT) = range(16)
-F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL = 16, 17, 18, 19, 20, 21, 22
-NCOL = 23
+F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL, F_ROUTE_LAST = 16, 17, 18, 19, 20, 21, 22, 23
+NCOL = 24
 MAX_EXPERTS = 256         # router outputs a routed phase can rank
 MAX_TOP_K = 16            # experts a routed phase takes
 ROUTED = 1 << 30          # tile-code flag: the row is ordinal << 16 | source << 12 | row within the expert
@@ -155,10 +155,17 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
                      lengths[ph.wait] // 2 if ph.wait >= 0 else 0, ph.norm, ph.route,
                      src_off(ph.route) if ph.route != NO_PHASE else 0,
                      lengths[ph.route] if ph.route != NO_PHASE else 0,
-                     len(routed) if ph.route != NO_PHASE else -1])
+                     len(routed) if ph.route != NO_PHASE else -1, -1])
         if ph.route != NO_PHASE:
             routed.append(i)
         total += ph.out_rows // 2                 # two values a word
+    # the last routed phase of each run that shares one router: ranking it once serves them all, so the ring can
+    # load a later phase's experts (the down's) while an earlier one (the gate/up) computes
+    for first, phase in enumerate(routed):
+        last = first
+        while last + 1 < len(routed) and phases[routed[last + 1]].route == phases[phase].route:
+            last += 1
+        rows[phase][F_ROUTE_LAST] = last
     return Plan(torch.tensor(rows, dtype=torch.int32), routed, offsets, total, input_len)
 
 
@@ -287,6 +294,7 @@ K_F_ROUTE = gl.constexpr(F_ROUTE)
 K_F_ROUTE_OFF = gl.constexpr(F_ROUTE_OFF)
 K_F_ROUTE_N = gl.constexpr(F_ROUTE_N)
 K_F_ORDINAL = gl.constexpr(F_ORDINAL)
+K_F_ROUTE_LAST = gl.constexpr(F_ROUTE_LAST)
 K_MAX_EXPERTS = gl.constexpr(MAX_EXPERTS)
 K_MAX_TOP_K = gl.constexpr(MAX_TOP_K)
 
@@ -478,9 +486,10 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
 
         router = _field(table_ptr, p, K_F_ROUTE)
         ordinal = gl.maximum(_field(table_ptr, p, K_F_ORDINAL), 0)
-        if router >= 0:
+        if (router >= 0) & (ordinal >= ready):
             # rank the router's logits (softmax, greedy top-k, as `torch_ref.route` for OLMoE): every program
-            # ranks them for itself, writes ids and weights to its own row, then issues the tiles it held back
+            # ranks them for itself and writes ids and weights to its own rows, for this routed phase and the
+            # following ones that share its router; then it issues the tiles it held back
             eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
             valid = eoffs < _field(table_ptr, p, K_F_ROUTE_N)
             q, h = _word_of(eoffs)
@@ -488,16 +497,17 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
             logit = gl.where(valid, _value(w, h), float("-inf"))
             ex = gl.where(valid, gl.exp(logit - gl.max(gl.max(logit, axis=1), axis=0)), 0.0)
             sel = gl.where(valid, ex / gl.sum(gl.sum(ex, axis=1), axis=0), -1.0)
-            mine_route = expert_base + ordinal * 2 * K_MAX_TOP_K
+            last = _field(table_ptr, p, K_F_ROUTE_LAST)
             for k in gl.static_range(K_MAX_TOP_K):
                 if k < _field(table_ptr, p, K_F_SOURCES):
                     best = gl.max(gl.max(sel, axis=1), axis=0)
                     idx = gl.min(gl.min(gl.where(sel == best, eoffs, 1 << 30), axis=1), axis=0)
-                    gl.store(mine_route + k, idx)
-                    gl.store(mine_route + K_MAX_TOP_K + k, best.to(gl.int32, bitcast=True))
+                    for o in range(ordinal, last + 1):
+                        gl.store(expert_base + o * 2 * K_MAX_TOP_K + k, idx)
+                        gl.store(expert_base + o * 2 * K_MAX_TOP_K + K_MAX_TOP_K + k, best.to(gl.int32, bitcast=True))
                     sel = gl.where(eoffs == idx, -2.0, sel)
             _cta_barrier()                           # the ranking is visible to the producer's thread
-            ready = ordinal + 1
+            ready = last + 1
             while (issued < gl.minimum(n_slots, consumed + STAGES)) & _issuable(code, ready):
                 _issue(d0, d1, d2, d3, code, bars.index(issued % STAGES), ring.index(issued % STAGES), table_ptr,
                        routes_ptr, expert_base, n_ord, BOXES)
