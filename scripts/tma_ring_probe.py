@@ -189,21 +189,16 @@ def _ring_kernel(desc, data_ptr, tiles_ptr, base_ptr, out_ptr, counter_ptr, ll_p
                             _prefetch_l2(data_ptr, gl.load(base_ptr + qp) + (pid + qj * nprog) * ROWS, ROWS * 128,
                                          WARPS)
                             qp, qj = _advance(qp, qj, tiles_ptr, num_phases, pid, nprog)
-                if BARRIER == "count":
+                if (BARRIER != "") & (BARRIER != "ll"):     # a grid barrier, bracketed by the CTA's own
                     _cta_barrier()
-                    _grid_count(counter_ptr, p * nprog)
-                    _cta_barrier()
-                elif BARRIER == "flag":
-                    _cta_barrier()
-                    _grid_flag(counter_ptr, counter_ptr + p, p * nprog)
-                    _cta_barrier()
-                elif BARRIER == "relaxed":
-                    _cta_barrier()
-                    _grid_relaxed(counter_ptr, p * nprog)
-                    _cta_barrier()
-                elif BARRIER == "warp1":
-                    _cta_barrier()
-                    _grid_count_warp1(counter_ptr, p * nprog, WARPS)
+                    if BARRIER == "count":
+                        _grid_count(counter_ptr, p * nprog)
+                    elif BARRIER == "flag":
+                        _grid_flag(counter_ptr, counter_ptr + p, p * nprog)
+                    elif BARRIER == "relaxed":
+                        _grid_relaxed(counter_ptr, p * nprog)
+                    else:
+                        _grid_count_warp1(counter_ptr, p * nprog, WARPS)
                     _cta_barrier()
             offs = gl.arange(0, NPROG_BLOCK, layout=flat)
             if BARRIER == "ll":
