@@ -1,7 +1,7 @@
 """Compile the megakernel's chain kernel for sm_90 without a GPU, and print what it uses (issue 4).
 
 `python3 scripts/megakernel_compile_check.py [--stages 6] [--boxes 4] [--sass PATH]`: runs Triton's whole pipeline
-(Gluon -> PTX -> cubin by the bundled ptxas) for `crosspool.kernels.megakernel._chain_kernel` and prints shared
+(Gluon -> PTX -> cubin by the bundled ptxas) for `crosspool.kernels.megakernel.chain._chain_kernel` and prints shared
 memory, registers and stack bytes (a stack means spilled registers). With another Triton first on PYTHONPATH
 (the device has 3.6) it checks that release's Gluon names too. `--sass PATH` writes the disassembly there.
 """
@@ -19,6 +19,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from crosspool.kernels import megakernel as mk
+from crosspool.kernels.megakernel import chain
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
            "words_ptr": "*i64", "routes_ptr": "*i32", "experts_ptr": "*i32", "n_ord": "i32", "epoch_ptr": "*i32",
            "done_ptr": "*i32", "err_ptr": "*i32", "nprog": "i32"}
     const = dict(STAGES=args.stages, BOXES=args.boxes, WARPS=args.warps, POLLS=1 << 22, COMPUTE=True)
-    kernel = triton.compile(GluonASTSource(mk._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
+    kernel = triton.compile(GluonASTSource(chain._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=args.warps))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     cubin = Path(os.environ.get("TMPDIR", "/tmp")) / "megakernel_chain.cubin"

@@ -1,0 +1,117 @@
+"""Batch-1 decode as one persistent kernel whose phases wait on tagged words, not on barriers (issue 4).
+
+Why (docs/benchmarks.md section 7, sessions 9-14): at batch 1 each OLMoE layer is six dependent GEMV-like
+phases. A kernel per phase loses ~2.5-4 us at every boundary even under PDL, and so does a grid barrier inside
+one kernel, because its release fence waits for the loads in flight. A phase that instead polls the very words
+it reads, each a 64-bit (value, tag) pair written by one relaxed atomic, costs ~1 us a boundary. The
+synthetic step then reaches 0.89 of copy bandwidth (`scripts/tma_ring_probe.py`, `ring-phases-ll`).
+
+This module is that kernel's core, a chain of dependent GEMV phases over stacked weight families:
+- `Phase` describes one phase: a plain GEMV, or a sum of several matrices each applied to its own segment of the
+  input (the experts' down projections), or a gated pair `silu(W_gate x) * (W_up x)` for several matrices (the
+  experts' gate/up). Each phase can RMSNorm its input first (the layer norms), add a residual, and wait on one
+  more phase whose words it does not read. A phase can be routed: its matrices are the top-k experts of a router
+  phase, ranked by every program at run time (softmax, greedy), and a routed sum weights each expert.
+- `plan` checks a chain and lays it out as an int32 table plus word offsets; `reference` computes it in torch.
+- `Chain` runs it on the GPU: one program an SM, each walking its work items (16 output rows) and streaming their
+  [16, 256] weight tiles through a ring of shared-memory slots filled by TMA. The ring's loads run ahead across
+  phase boundaries, because the weights do not depend on the phase before. They follow a tile list built on
+  the host (`tile_lists`), so issuing one costs one load, not a walk of the phase table.
+- Outputs go out two bf16 values a tagged word, tag = (epoch * 4096 + phase + 1) mod 2^31 in the high half.
+  A consumer polls its input words until all of them carry the producer's tag. The epoch lives on the device,
+  and the last program to finish advances it, so CUDA-graph replays need no host work and never see the previous
+  step's words as ready.
+
+What is not here yet: attention, the embedding and lm_head (docs/progress.md). Needs Gluon (Triton >= 3.6) and
+an sm_90 GPU; `plan`, `tile_lists` and `reference` run anywhere.
+"""
+
+from crosspool.kernels.megakernel.chain import Chain
+from crosspool.kernels.megakernel.plan import (
+    CHUNK,
+    F_FAM,
+    F_IN,
+    F_IN_CHUNKS,
+    F_IN_OFF,
+    F_ITEMS,
+    F_ITEMS_PER_SRC,
+    F_KC,
+    F_KIND,
+    F_NORM,
+    F_ORDINAL,
+    F_OUT_OFF,
+    F_RES,
+    F_RES_OFF,
+    F_ROUTE,
+    F_ROUTE_LAST,
+    F_ROUTE_N,
+    F_ROUTE_OFF,
+    F_ROW0,
+    F_SOURCES,
+    F_STRIDE,
+    F_UP,
+    F_WAIT,
+    F_WAIT_N,
+    F_WAIT_OFF,
+    MAX_EXPERTS,
+    MAX_TOP_K,
+    NCOL,
+    NO_PHASE,
+    ROUTED,
+    ROWS,
+    STAGE_CHUNKS,
+    SUM,
+    SWIGLU,
+    TAG_PHASES,
+    Phase,
+    Plan,
+    plan,
+    reference,
+    tile_lists,
+    unpack,
+)
+
+__all__ = [
+    "Chain",
+    "CHUNK",
+    "F_FAM",
+    "F_IN",
+    "F_IN_CHUNKS",
+    "F_IN_OFF",
+    "F_ITEMS",
+    "F_ITEMS_PER_SRC",
+    "F_KC",
+    "F_KIND",
+    "F_NORM",
+    "F_ORDINAL",
+    "F_OUT_OFF",
+    "F_RES",
+    "F_RES_OFF",
+    "F_ROUTE",
+    "F_ROUTE_LAST",
+    "F_ROUTE_N",
+    "F_ROUTE_OFF",
+    "F_ROW0",
+    "F_SOURCES",
+    "F_STRIDE",
+    "F_UP",
+    "F_WAIT",
+    "F_WAIT_N",
+    "F_WAIT_OFF",
+    "MAX_EXPERTS",
+    "MAX_TOP_K",
+    "NCOL",
+    "NO_PHASE",
+    "ROUTED",
+    "ROWS",
+    "STAGE_CHUNKS",
+    "SUM",
+    "SWIGLU",
+    "TAG_PHASES",
+    "Phase",
+    "Plan",
+    "plan",
+    "reference",
+    "tile_lists",
+    "unpack",
+]
