@@ -42,22 +42,24 @@ H, QKV, INTER, EXPERTS, ROUTER, NUM_EXPERTS = 2048, 6144, 1024, 8, 64, 64
 ATTN_ROWS = QKV + H + ROUTER
 
 
-def olmoe_layer_routed(layers: int) -> list[Phase]:
+def olmoe_layer_routed(layers: int, routed: bool = True, normed: bool = True) -> list[Phase]:
     """The real FFN half: input norm before QKV, post-attention norm before the router and the experts, and the
-    8 experts of each layer chosen from its 64 by its router at run time (family 1 and 2 hold all 64)."""
+    8 experts of each layer chosen from its 64 by its router at run time (family 1 and 2 hold all 64).
+    routed=False: experts 0-7, the gate/up waiting on the router; normed=False: no norms."""
     phases: list[Phase] = []
     h = -1
     for layer in range(layers):
         b, e = layer * ATTN_ROWS, layer * NUM_EXPERTS * 2 * INTER
         n = len(phases)
+        norm = (lambda at: at if normed else -1)
+        how = dict(route=n + 2) if routed else {}
         phases += [
-            Phase("sum", 0, b, QKV, H, input=h, norm=0),
+            Phase("sum", 0, b, QKV, H, input=h, norm=norm(0)),
             Phase("sum", 0, b + QKV, H, H, input=n, residual=h),
-            Phase("sum", 0, b + QKV + H, ROUTER, H, input=n + 1, norm=H),
+            Phase("sum", 0, b + QKV + H, ROUTER, H, input=n + 1, norm=norm(H)),
             Phase("swiglu", 1, e, EXPERTS * INTER, H, sources=EXPERTS, stride=2 * INTER, up_offset=INTER,
-                  input=n + 1, norm=H, route=n + 2),
-            Phase("sum", 2, e, H, INTER, sources=EXPERTS, stride=2 * INTER, input=n + 3, residual=n + 1,
-                  route=n + 2),
+                  input=n + 1, norm=norm(H), **(how if routed else dict(wait=n + 2))),
+            Phase("sum", 2, e, H, INTER, sources=EXPERTS, stride=2 * INTER, input=n + 3, residual=n + 1, **how),
         ]
         h = n + 4
     return phases
@@ -102,6 +104,8 @@ def main() -> None:
     p.add_argument("--stages", type=int, help="slots in each program's ring (default: 192 KB of them)")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--json", help="write the results here too")
+    p.add_argument("--profile", action="store_true",
+                   help="count each program's SM cycles by what they went to, and print the split of each row")
     p.add_argument("--routed", action="store_true",
                    help="time the routed chain instead: norms, and 8 of 64 experts a layer chosen by its router "
                         "(12.9 GB of expert weights for 16 layers, of which a step reads 2.15 GB)")
@@ -130,7 +134,7 @@ def main() -> None:
         phases = olmoe_chain(L, dependent, ready)
         # the independent chain reads the step's input everywhere: give it the widest input any phase reads
         chain = mk.Chain(phases, fam, H if dependent else EXPERTS * INTER, stages=args.stages,
-                         boxes=args.boxes, warps=args.warps, compute=compute)
+                         boxes=args.boxes, warps=args.warps, compute=compute, profile=args.profile)
         inp = x if dependent else torch.randn(EXPERTS * INTER, generator=g, device=dev)
         us = graph_us([lambda c=chain, i=inp: c.run(i)], reps=9)
         chain.run(inp)
@@ -139,7 +143,7 @@ def main() -> None:
         got, want = chain.outputs()[-1], mk.reference(phases, fam, inp)[-1]
         err = ((got - want).abs().max() / want.abs().max()).item() if compute else float("nan")
         rows[name] = dict(us=us, phases=len(phases), frac_copy_bw=total_bytes / (us * 1e-6) / copy_bw,
-                          last_output_max_rel_err=err)
+                          last_output_max_rel_err=err, profile=chain.profile() if args.profile else None)
     boundary = (rows["chain"]["us"] - rows["independent"]["us"]) / (len(olmoe_chain(L, True)) - 1)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; {total_bytes / 1e6:.0f} MB a step, {L} layers x 5 phases; "
@@ -148,11 +152,23 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['us']:.1f} | {r['frac_copy_bw']:.3f} | {r['last_output_max_rel_err']:.1e} |")
     print(f"a dependency costs {boundary:.2f} us over the independent chain")
+    print_profiles(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(commit=commit, device=torch.cuda.get_device_name(dev),
                                                    copy_bw=copy_bw, bytes=total_bytes, layers=L,
                                                    stages=args.stages, boxes=args.boxes, warps=args.warps, rows=rows,
                                                    boundary_us=boundary), indent=1))
+
+
+def print_profiles(rows: dict[str, dict]) -> None:
+    """With --profile: where each row's SM cycles went (mean over programs)."""
+    named = {k: r["profile"] for k, r in rows.items() if r.get("profile")}
+    if not named:
+        return
+    keys = [k for k in next(iter(named.values())) if k != "cycles"]
+    print("| row (cycles a program) | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys))
+    for name, prof in named.items():
+        print(f"| {name} ({prof['cycles'] / 1e6:.2f} M) | " + " | ".join(f"{prof[k]:.3f}" for k in keys) + " |")
 
 
 def routed(args: argparse.Namespace, weights, dev: torch.device, g: torch.Generator) -> None:  # noqa: ANN001
@@ -161,23 +177,31 @@ def routed(args: argparse.Namespace, weights, dev: torch.device, g: torch.Genera
     fam = [weights(L * ATTN_ROWS, H, 0.01), weights(L * NUM_EXPERTS * 2 * INTER, H, 0.002),
            weights(L * NUM_EXPERTS * 2 * INTER, INTER, 0.01)]
     norms = (1 + 0.1 * torch.randn(2 * H, generator=g, device=dev)).to(torch.bfloat16)
-    phases = olmoe_layer_routed(L)
-    chain = mk.Chain(phases, fam, H, stages=args.stages, boxes=args.boxes, warps=args.warps, norms=norms)
     x = torch.randn(H, generator=g, device=dev)
-    us = graph_us([lambda: chain.run(x)], reps=9)
-    chain.run(x)
-    torch.cuda.synchronize()
-    chain.check()
-    got, want = chain.outputs()[-1], mk.reference(phases, fam, x, norms)[-1]
-    err = ((got - want).abs().max() / want.abs().max()).item()
     step_bytes = L * (ATTN_ROWS * H + EXPERTS * 2 * INTER * H + EXPERTS * H * INTER) * 2
     copy_bw = copy_bandwidth(dev)
-    print(f"routed chain: {L} layers, {step_bytes / 1e6:.0f} MB a step; {us:.1f} us, "
-          f"{step_bytes / (us * 1e-6) / copy_bw:.3f} of copy bw; last output max rel err {err:.1e} "
-          "(a near-tie in some layer's router can pick another expert than the reference: compare with care)")
+    print(f"routed chain: {L} layers, {step_bytes / 1e6:.0f} MB a step; ring {args.stages} x {8 * args.boxes} KB, "
+          f"{args.warps} warps (a near-tie in some layer's router can pick another expert than the reference)")
+    print("| variant | us a step | frac of copy bw | last output, max rel err |\n|---|---:|---:|---:|")
+    rows = {}
+    for name, routed_, normed in (("routed, normed", True, True), ("routed, no norms", True, False),
+                                  ("experts 0-7 (waiting on the router), normed", False, True)):
+        phases = olmoe_layer_routed(L, routed_, normed)
+        chain = mk.Chain(phases, fam, H, stages=args.stages, boxes=args.boxes, warps=args.warps, norms=norms,
+                         profile=args.profile)
+        us = graph_us([lambda c=chain: c.run(x)], reps=9)
+        chain.run(x)
+        torch.cuda.synchronize()
+        chain.check()
+        got, want = chain.outputs()[-1], mk.reference(phases, fam, x, norms)[-1]
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        rows[name] = dict(us=us, frac_copy_bw=step_bytes / (us * 1e-6) / copy_bw, last_output_max_rel_err=err,
+                          profile=chain.profile() if args.profile else None)
+        print(f"| {name} | {us:.1f} | {rows[name]['frac_copy_bw']:.3f} | {err:.1e} |")
+    print_profiles(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(routed=True, layers=L, us=us, bytes=step_bytes, copy_bw=copy_bw,
-                                                   last_output_max_rel_err=err), indent=1))
+        Path(args.json).write_text(json.dumps(dict(routed=True, layers=L, bytes=step_bytes, copy_bw=copy_bw,
+                                                   stages=args.stages, boxes=args.boxes, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

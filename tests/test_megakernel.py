@@ -148,7 +148,7 @@ def test_chain_rejects_bad_weights_and_rings_before_any_launch() -> None:
         mk.Chain(CHAIN, fam * 3, 2048)
     with pytest.raises(ValueError, match="contiguous bf16"):
         mk.Chain(CHAIN, [fam[0].float(), fam[1]], 2048)
-    with pytest.raises(ValueError, match="208 KiB"):
+    with pytest.raises(ValueError, match="226 KiB"):
         mk.Chain(CHAIN, fam, 2048, stages=8, boxes=4)
     with pytest.raises(ValueError, match="norm weights"):
         mk.Chain(NORM_CHAIN, fam, 2048)                                   # normed phases, no norms given
@@ -279,6 +279,18 @@ def test_unpack_reads_two_bf16_values_a_word_in_order() -> None:
     assert torch.equal(mk.unpack(torch.stack(words)), v.float())
 
 
+def _check_phases(chain: mk.Chain, phases: list[Phase], fam: list[torch.Tensor], x: torch.Tensor,
+                  norms: torch.Tensor | None) -> None:
+    """Every phase of the kernel's outputs against the reference fed the kernel's own earlier outputs (inputs,
+    residuals, router logits): each phase is checked to about one bf16 rounding, as none carries the roundings of
+    the phases before (from one fp32 order to another, an output's bf16 rounding can flip one ulp, and across a
+    chain those flips add up to far more than a phase's own error). The first phase has no earlier phase: it is
+    the step's input against the reference outright."""
+    got = chain.outputs()
+    for i, want in enumerate(mk.reference(phases, fam, x, norms, EPS, given=got)):
+        torch.testing.assert_close(got[i], want, rtol=1e-2, atol=2e-3, msg=lambda m, i=i: f"phase {i}: {m}")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90 GPU")
@@ -294,9 +306,7 @@ def test_chain_kernel_matches_reference_across_launches_and_replays(normed: bool
         chain.run(x)
         torch.cuda.synchronize()
         chain.check()
-        for i, (got, want) in enumerate(zip(chain.outputs(), mk.reference(phases, fam, x, norms, EPS), strict=True)):
-            # outputs are bf16: a sum in another order may round one ulp (2^-8) apart, and that carries on
-            torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2, msg=lambda m, i=i: f"phase {i}: {m}")
+        _check_phases(chain, phases, fam, x, norms)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         chain.run(x)
@@ -305,9 +315,7 @@ def test_chain_kernel_matches_reference_across_launches_and_replays(normed: bool
         graph.replay()
         torch.cuda.synchronize()
         chain.check()
-        for i, (got, want) in enumerate(zip(chain.outputs(), mk.reference(phases, fam, x, norms, EPS), strict=True)):
-            # outputs are bf16: a sum in another order may round one ulp (2^-8) apart, and that carries on
-            torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2, msg=lambda m, i=i: f"phase {i}: {m}")
+        _check_phases(chain, phases, fam, x, norms)
     with pytest.raises(ValueError, match="input"):
         chain.run(torch.zeros(1024, device="cuda"))
 
@@ -320,7 +328,7 @@ def test_routed_chain_ranks_and_loads_the_chosen_experts() -> None:
     chain = mk.Chain(MOE, fam, 2048, stages=12, boxes=2)
     x = torch.empty(2048, device="cuda")
     graph = None
-    compared = 0
+    chosen = set()
     for seed in range(8, 14):                            # fresh inputs route to other experts
         x.copy_(torch.randn(2048, generator=torch.Generator().manual_seed(seed)))
         if graph is None:
@@ -332,16 +340,12 @@ def test_routed_chain_ranks_and_loads_the_chosen_experts() -> None:
             graph.replay()
         torch.cuda.synchronize()
         chain.check()
-        got, want = chain.outputs(), mk.reference(MOE, fam, x)
+        got = chain.outputs()
         probs, ids = torch.softmax(got[1], 0).topk(4)   # the ranking of the kernel's own logits
         for o in range(2):                               # every program ranked them alike, for both phases
             assert (chain.experts[:, o, :4] == ids.int()).all(), f"seed {seed}, routed phase {o}"
             torch.testing.assert_close(chain.experts[:, o, 16:20].view(torch.float32),
                                        probs.expand(chain.nprog, 4), rtol=1e-5, atol=1e-6)
-        top = want[1].topk(5).values
-        phases = 4 if top[3] - top[4] > 0.05 else 2      # the experts' phases only where no near-tie can flip one
-        compared += phases == 4
-        for i in range(phases):
-            torch.testing.assert_close(got[i], want[i], rtol=1.6e-2, atol=1e-2,
-                                       msg=lambda m, i=i, seed=seed: f"seed {seed} phase {i}: {m}")
-    assert compared >= 3
+        _check_phases(chain, MOE, fam, x, None)          # the experts' phases with the kernel's own ranking
+        chosen.add(tuple(ids.tolist()))
+    assert len(chosen) >= 3                              # the inputs did route to other experts

@@ -50,6 +50,8 @@ from crosspool.kernels.megakernel.plan import (
     unpack,
 )
 
+SHARED_KIB = 227          # shared memory a program can have on sm_90 (1 KiB of it kept for barriers and scratch)
+
 # names that differ across Triton releases (3.9 | 3.6)
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
@@ -147,16 +149,30 @@ def _issue(d0, d1, d2, d3, code, bar, slot, table_ptr, routes_ptr, expert_base, 
 
 
 @gluon.jit
-def _catch_up(d0, d1, d2, d3, bars, ring, mine, code, issued, limit, ready, table_ptr, routes_ptr, expert_base, n_ord,
+def _catch_up(d0, d1, d2, d3, bars, ring, mine, code, code2, issued, limit, ready, table_ptr, routes_ptr, expert_base,
+              n_ord,
               STAGES: gl.constexpr, BOXES: gl.constexpr):
     """Issue this program's next slots, in order, while they fit the ring (`limit`: the first slot not yet freed)
-    and are issuable; returns (issued, the next code)."""
+    and are issuable; returns (issued, the next code, the one after). The codes are loaded two slots ahead, so the
+    loop's test never waits on a load just issued (an L2 round trip under load is ~1 us)."""
     while (issued < limit) & _issuable(code, ready):
         _issue(d0, d1, d2, d3, code, bars.index(issued % STAGES), ring.index(issued % STAGES), table_ptr, routes_ptr,
                expert_base, n_ord, BOXES)
         issued += 1
-        code = gl.load(mine + 1 + issued)
-    return issued, code
+        code = code2
+        code2 = gl.load(mine + 2 + issued)
+    return issued, code, code2
+
+
+@gluon.jit
+def _lap(mark, total, ON: gl.constexpr):
+    """Profiling (ON): the SM's clock now, and `total` plus the cycles since `mark`; otherwise both unchanged."""
+    if ON:
+        now = gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,l", [mark], dtype=gl.int64, is_pure=False,
+                                        pack=1)
+        total += now - mark
+        mark = now
+    return mark, total
 
 
 @gluon.jit
@@ -205,20 +221,23 @@ def _value(w, half):
 
 @gluon.jit
 def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride, x_ptr, norms_ptr, eps, words_ptr,
-                  routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog,
+                  routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr,
                   STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
-                  COMPUTE: gl.constexpr = True):
+                  COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False):
     pid = gl.program_id(0)
-    tile: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])     # a warp reads a 512-B row
-    rows_l: gl.constexpr = gl.SliceLayout(1, tile)
+    # a ring slot in registers: each thread holds 8 columns of every box (its 4-box sum is in-thread); a warp
+    # reads a 512-B row
+    tile3: gl.constexpr = gl.BlockedLayout([BOXES, 1, 8], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
+    acc_l: gl.constexpr = gl.SliceLayout(0, tile3)                                    # [ROWS, CHUNK]
+    rows_l: gl.constexpr = gl.SliceLayout(1, acc_l)
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BOXES, K_ROWS, K_CHUNK], d0.layout)
-    flat_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-    boxes = _view(ring, [STAGES, BOXES * K_ROWS, K_CHUNK], flat_l)     # slot s, box b: rows b*ROWS.. of index(s)
-    # the staged input, [chunks, CHUNK]; `xrows.index(c)` is chunk c as a [1, CHUNK] row (`tile` layout)
+    # the staged input, [chunks, CHUNK]; `xgroups.index(g)` is chunks g * BOXES.. as [BOXES, 1, CHUNK], the input
+    # of one ring slot (a slot's first chunk is a multiple of BOXES)
     x_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
     xs = gl.allocate_shared_memory(gl.bfloat16, [K_STAGE_CHUNKS, K_CHUNK], x_l)
-    xrows = _view(xs, [K_STAGE_CHUNKS, 1, K_CHUNK], x_l)
+    xgroups = _view(xs, [K_STAGE_CHUNKS // BOXES, BOXES, 1, K_CHUNK],
+                    gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(bars.index(s), count=1)
@@ -235,10 +254,22 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
     ready = zero                                     # routed phases this program has ranked
     issued = zero
     code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
-    issued, code = _catch_up(d0, d1, d2, d3, bars, ring, mine, code, issued, gl.minimum(n_slots, STAGES), ready,
-                             table_ptr, routes_ptr, expert_base, n_ord, STAGES, BOXES)
+    code2 = gl.load(mine + 2)
+    issued, code, code2 = _catch_up(d0, d1, d2, d3, bars, ring, mine, code, code2, issued,
+                                    gl.minimum(n_slots, STAGES), ready, table_ptr, routes_ptr, expert_base, n_ord,
+                                    STAGES, BOXES)
 
     consumed = zero
+    # profiling (PROFILE): SM cycles spent staging inputs (polls, norms), ranking, on items' ends (reductions, the
+    # residual, the stores), waiting for slots to land, loading a slot + refilling it, and on the arithmetic
+    mark, _t = _lap(zero.to(gl.int64), zero.to(gl.int64), PROFILE)
+    start = mark
+    t_stage = zero.to(gl.int64)
+    t_rank = t_stage
+    t_item = t_stage
+    t_wait = t_stage
+    t_refill = t_stage
+    t_math = t_stage
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
     scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
     rows = gl.arange(0, K_ROWS, layout=rows_l)
@@ -283,6 +314,7 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
             _poll(words_ptr, _field(table_ptr, p, K_F_WAIT_OFF) + offs, offs < _field(table_ptr, p, K_F_WAIT_N),
                   _tag(epoch, wait), err_ptr, POLLS)
         _cta_barrier()
+        mark, t_stage = _lap(mark, t_stage, PROFILE)
 
         router = _field(table_ptr, p, K_F_ROUTE)
         ordinal = gl.maximum(_field(table_ptr, p, K_F_ORDINAL), 0)
@@ -308,9 +340,10 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
                     sel = gl.where(eoffs == idx, -2.0, sel)
             _cta_barrier()                           # the ranking is visible to the producer's thread
             ready = last + 1
-            issued, code = _catch_up(d0, d1, d2, d3, bars, ring, mine, code, issued,
-                                     gl.minimum(n_slots, consumed + STAGES), ready, table_ptr, routes_ptr,
-                                     expert_base, n_ord, STAGES, BOXES)
+            issued, code, code2 = _catch_up(d0, d1, d2, d3, bars, ring, mine, code, code2, issued,
+                                            gl.minimum(n_slots, consumed + STAGES), ready, table_ptr, routes_ptr,
+                                            expert_base, n_ord, STAGES, BOXES)
+            mark, t_rank = _lap(mark, t_rank, PROFILE)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
 
         res = _field(table_ptr, p, K_F_RES)
@@ -321,33 +354,39 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
             res_q, res_h = _word_of(i * K_ROWS + rows[:, None])
             res_words = gl.load(words_ptr + res_off + res_q, mask=(rows[:, None] < K_ROWS) & (res >= 0), other=0,
                                 volatile=True)
-            acc = gl.zeros([K_ROWS, K_CHUNK], gl.float32, tile)
-            acc_up = gl.zeros([K_ROWS, K_CHUNK], gl.float32, tile)
+            acc = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
+            acc_up = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
             for j in range(_tiles_per_item(table_ptr, p) // BOXES):
                 slot = consumed % STAGES
+                mark, t_item = _lap(mark, t_item, PROFILE)
                 mbarrier.wait(bars.index(slot), (consumed // STAGES) & 1)
-                for b in gl.static_range(BOXES):
-                    t = j * BOXES + b
-                    if not COMPUTE:          # timing only (`compute=False`): the tiles stream, nothing is read
-                        pass
-                    elif kind == K_SWIGLU:
-                        wt = boxes.index(slot).slice(b * K_ROWS, K_ROWS).load(tile).to(gl.float32)
-                        xc = xrows.index(t % kc).load(tile).to(gl.float32)
-                        if t >= kc:
-                            acc_up += wt * xc
-                        else:
-                            acc += wt * xc
-                    else:
-                        wt = boxes.index(slot).slice(b * K_ROWS, K_ROWS).load(tile).to(gl.float32)
-                        xc = xrows.index(t).load(tile).to(gl.float32)
-                        if router >= 0:              # a routed sum: source t // kc weighs its routing probability
-                            xc = xc * gl.load(gates + t // kc).to(gl.float32, bitcast=True)
-                        acc += wt * xc
-                _cta_barrier()                       # every warp has read the slot: refill it
+                mark, t_wait = _lap(mark, t_wait, PROFILE)
+                if COMPUTE:                  # (compute=False, timing only: the tiles stream, nothing is read)
+                    wt = ring.index(slot).load(tile3)
+                # every warp has its part of the slot in registers: refill the slot now, not after the arithmetic,
+                # so the ring keeps STAGES slots in flight (at ~7 us loaded latency, bytes in flight set the rate)
+                _cta_barrier()
                 consumed += 1
-                issued, code = _catch_up(d0, d1, d2, d3, bars, ring, mine, code, issued,
-                                         gl.minimum(n_slots, consumed + STAGES), ready, table_ptr, routes_ptr,
-                                         expert_base, n_ord, STAGES, BOXES)
+                issued, code, code2 = _catch_up(d0, d1, d2, d3, bars, ring, mine, code, code2, issued,
+                                                gl.minimum(n_slots, consumed + STAGES), ready, table_ptr,
+                                                routes_ptr, expert_base, n_ord, STAGES, BOXES)
+                mark, t_refill = _lap(mark, t_refill, PROFILE)
+                if COMPUTE:
+                    t0 = j * BOXES               # the slot's first chunk (a slot never spans two sources: kc % BOXES)
+                    if kind == K_SWIGLU:
+                        c0 = t0 % kc             # gate chunks, then up chunks, over the same input
+                    else:
+                        c0 = t0                  # source t0 // kc reads its own input segment
+                    xc = xgroups.index(c0 // BOXES).load(tile3).to(gl.float32)
+                    part = gl.sum(wt.to(gl.float32) * xc, axis=0)
+                    if router >= 0:
+                        if kind != K_SWIGLU:     # a routed sum: the source weighs its routing probability
+                            part = part * gl.load(gates + t0 // kc).to(gl.float32, bitcast=True)
+                    if (kind == K_SWIGLU) & (t0 >= kc):
+                        acc_up += part
+                    else:
+                        acc += part
+                mark, t_math = _lap(mark, t_math, PROFILE)
             y = gl.sum(acc, axis=1)
             if kind == K_SWIGLU:
                 y = y / (1.0 + gl.exp(-y)) * gl.sum(acc_up, axis=1)
@@ -360,12 +399,23 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
                 y += gl.load(x_ptr + i * K_ROWS + rows)
             # two bf16 values a word (rows j and j + 8 of the item: a select-and-sum over the rows), then the tag
             bits = y.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-            pair = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, tile))
+            pair = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, acc_l))
             lo = gl.sum(gl.where(rows[:, None] == pair[None, :], bits[:, None], 0), axis=0)
             hi = gl.sum(gl.where(rows[:, None] == pair[None, :] + K_ROWS // 2, bits[:, None], 0), axis=0)
             word = (lo | (hi << 16)).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
             gl.atomic_xchg(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * (K_ROWS // 2) + pair, word,
                            sem="relaxed", scope="gpu")
+        mark, t_item = _lap(mark, t_item, PROFILE)
+
+    if PROFILE:
+        mark, total = _lap(start, zero.to(gl.int64), PROFILE)
+        gl.store(prof_ptr + pid * 8 + 0, t_stage)
+        gl.store(prof_ptr + pid * 8 + 1, t_rank)
+        gl.store(prof_ptr + pid * 8 + 2, t_item)
+        gl.store(prof_ptr + pid * 8 + 3, t_wait)
+        gl.store(prof_ptr + pid * 8 + 4, t_refill)
+        gl.store(prof_ptr + pid * 8 + 5, t_math)
+        gl.store(prof_ptr + pid * 8 + 6, total)
 
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
@@ -382,7 +432,7 @@ class Chain:
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int = 4, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
-                 norms: torch.Tensor | None = None, eps: float = 1e-5) -> None:
+                 norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -390,9 +440,10 @@ class Chain:
             if w.device != dev or w.dtype != torch.bfloat16 or not w.is_contiguous():
                 raise ValueError("weight families must be contiguous bf16 tensors on one device")
         ring_kib = stages * boxes * ROWS * CHUNK * 2 // 1024
-        if stages < 1 or boxes < 1 or ring_kib + STAGE_CHUNKS * CHUNK * 2 // 1024 > 208:
-            raise ValueError(f"a ring of {stages} x {boxes} boxes ({ring_kib} KiB) and the staged input must fit "
-                             "in 208 KiB of shared memory (e.g. 6 x 4, 12 x 2, 24 x 1)")
+        if stages < 1 or boxes < 1 or ring_kib + STAGE_CHUNKS * CHUNK * 2 // 1024 > SHARED_KIB - 1:
+            raise ValueError(f"a ring of {stages} x {boxes} boxes ({ring_kib} KiB) and the staged input "
+                             f"({STAGE_CHUNKS * CHUNK * 2 // 1024} KiB) must fit in {SHARED_KIB - 1} KiB of shared "
+                             "memory (e.g. 6 x 4, 13 x 2, 26 x 1)")
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
         if norms is not None and (norms.dim() != 1 or norms.device != dev):
@@ -417,7 +468,10 @@ class Chain:
         # each program's ranking of each routed phase: MAX_TOP_K expert ids, then their weights' fp32 bits
         self.experts = torch.zeros(self.nprog, n_ord, 2 * MAX_TOP_K, dtype=torch.int32, device=dev)
         # compute=False (timing only): the weight tiles stream through the ring unread; the outputs are wrong
-        self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, num_warps=warps)
+        # profile=True: each program counts its SM cycles by what it did (`profile()`)
+        self.prof = torch.zeros(self.nprog, 8, dtype=torch.int64, device=dev)
+        self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
+                         num_warps=warps)
 
     def run(self, x: torch.Tensor) -> None:
         if x.shape != (self.plan.input_len,) or x.dtype != torch.float32:
@@ -425,11 +479,22 @@ class Chain:
         st = self.state
         _chain_kernel[(self.nprog,)](*self.descs, self.table, len(self.phases), self.tiles, self.tiles.shape[1], x,
                                      self.norms, self.eps, self.words, self.routes, self.experts,
-                                     self.experts.shape[1], st[0:], st[1:], st[2:], self.nprog, **self.meta)
+                                     self.experts.shape[1], st[0:], st[1:], st[2:], self.nprog, self.prof,
+                                     **self.meta)
 
     def outputs(self) -> list[torch.Tensor]:
         values = unpack(self.words)
         return [values[2 * o:2 * o + ph.out_rows] for o, ph in zip(self.plan.out_offsets, self.phases, strict=True)]
+
+    def profile(self) -> dict[str, float]:
+        """The last launch's SM cycles by what they were spent on, as fractions of each program's total, averaged
+        over programs, and the mean total (needs profile=True)."""
+        if not self.meta["PROFILE"]:
+            raise ValueError("profile(): build the chain with profile=True")
+        c = self.prof.double().cpu()
+        frac = (c[:, :6] / c[:, 6:7]).mean(0).tolist()
+        names = ("staging", "ranking", "items' ends", "waiting for slots", "slot load + refill", "arithmetic")
+        return dict(zip(names, frac, strict=True)) | {"cycles": c[:, 6].mean().item()}
 
     def check(self) -> None:
         if int(self.state[2]) != 0:

@@ -140,15 +140,16 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
 
 
 def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor, norms: torch.Tensor | None = None,
-              eps: float = 1e-5) -> list[torch.Tensor]:
+              eps: float = 1e-5, given: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Every phase's outputs, as the kernel computes them: each input vector rounded to the weights' dtype (the
     kernel stages it in shared memory so), products and sums in fp32, each output rounded to bf16 (two go in a
-    word)."""
+    word). With `given` (say the kernel's own outputs), each phase reads its inputs, residual and router from
+    those instead: every phase is then checked on its own, to one rounding, with no earlier rounding carried on."""
     outs: list[torch.Tensor] = []
     x = x.float()
 
     def vec(src: int) -> torch.Tensor:
-        return x if src == -1 else outs[src]
+        return x if src == -1 else (given[src].float() if given is not None else outs[src])
 
     for ph in phases:
         w = families[ph.family]
@@ -160,9 +161,9 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
         inp = inp.float()
         experts, gates = list(range(ph.sources)), [1.0] * ph.sources
         if ph.route != NO_PHASE:
-            spec = RoutingSpec(num_experts=len(outs[ph.route]), top_k=ph.sources, scoring="softmax",
+            spec = RoutingSpec(num_experts=len(vec(ph.route)), top_k=ph.sources, scoring="softmax",
                                norm_topk_prob=False, topk_method="greedy")
-            weights, ids = route(outs[ph.route][None], spec, None)
+            weights, ids = route(vec(ph.route)[None], spec, None)
             experts, gates = ids[0].tolist(), weights[0].tolist()
         if ph.kind == "sum":
             y = torch.zeros(ph.out_rows, dtype=torch.float32, device=w.device)
