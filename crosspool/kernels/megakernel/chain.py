@@ -37,7 +37,9 @@ from crosspool.kernels.megakernel.plan import (
     F_WAIT,
     F_WAIT_N,
     F_WAIT_OFF,
+    GROUP,
     MAX_EXPERTS,
+    MAX_ORDINALS,
     MAX_TOP_K,
     NCOL,
     ROWS,
@@ -89,6 +91,8 @@ K_F_ORDINAL = gl.constexpr(F_ORDINAL)
 K_F_ROUTE_LAST = gl.constexpr(F_ROUTE_LAST)
 K_MAX_EXPERTS = gl.constexpr(MAX_EXPERTS)
 K_MAX_TOP_K = gl.constexpr(MAX_TOP_K)
+K_MAX_ORDINALS = gl.constexpr(MAX_ORDINALS)
+K_GROUP = gl.constexpr(GROUP)
 
 
 @gluon.jit
@@ -118,50 +122,52 @@ def _items_of(table_ptr, p, pid, nprog):
 
 
 @gluon.jit
-def _issuable(code, ready):
-    """A static tile, or a routed one whose phase this program has already ranked (`ready` routed phases)."""
-    return (((code >> 30) & 1) == 0) | (((code >> 16) & 0xFF) < ready)
+def _smem_int(buf, i):
+    """Element i of an int32 [n, 1] shared buffer, as a scalar, read by the producer's one warp."""
+    return gl.max(buf.index(i).load(gl.BlockedLayout([1], [32], [1], [0])), axis=0)
 
 
 @gluon.jit
-def _issue(d0, d1, d2, d3, code, bar, slot, table_ptr, routes_ptr, expert_base, n_ord, BOXES: gl.constexpr):
-    """Start the TMA load of the slot `code` names (`tile_lists`): one [BOXES, ROWS, CHUNK] box of the family's
-    [chunks, rows, CHUNK] view, so BOXES consecutive chunks of ROWS rows land chunk by chunk. A routed code's row
-    is its phase's row0 + expert * stride + its row within the expert, the expert from this program's ranking
-    (`expert_base`: the program's [n_ord, 2 * MAX_TOP_K] ids and weights)."""
-    fam = (code >> 28) & 3
-    row = code & 0xFFFFFF
-    chunk = (code >> 24) & 15
-    if ((code >> 30) & 1) != 0:
-        o = (row >> 16) & 0xFF
-        ph = gl.load(routes_ptr + o)
-        expert = gl.load(expert_base + o * 2 * K_MAX_TOP_K + ((row >> 12) & 15))
-        row = _field(table_ptr, ph, K_F_ROW0) + expert * _field(table_ptr, ph, K_F_STRIDE) + (row & 0xFFF)
-    mbarrier.expect(bar, BOXES * K_ROWS * K_CHUNK * 2)
-    if fam == 0:
-        _tma_load(d0, [chunk, row, 0], bar, slot)
-    elif fam == 1:
-        _tma_load(d1, [chunk, row, 0], bar, slot)
-    elif fam == 2:
-        _tma_load(d2, [chunk, row, 0], bar, slot)
-    else:
-        _tma_load(d3, [chunk, row, 0], bar, slot)
-
-
-@gluon.jit
-def _catch_up(d0, d1, d2, d3, bars, ring, mine, code, code2, issued, limit, ready, table_ptr, routes_ptr, expert_base,
-              n_ord,
-              STAGES: gl.constexpr, BOXES: gl.constexpr):
-    """Issue this program's next slots, in order, while they fit the ring (`limit`: the first slot not yet freed)
-    and are issuable; returns (issued, the next code, the one after). The codes are loaded two slots ahead, so the
-    loop's test never waits on a load just issued (an L2 round trip under load is ~1 us)."""
-    while (issued < limit) & _issuable(code, ready):
-        _issue(d0, d1, d2, d3, code, bars.index(issued % STAGES), ring.index(issued % STAGES), table_ptr, routes_ptr,
-               expert_base, n_ord, BOXES)
-        issued += 1
+def _produce(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, mine, STAGES: gl.constexpr, BOXES: gl.constexpr):
+    """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
+    consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
+    [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
+    plus its row within the expert: the producer waits until the consumer has ranked that phase's router
+    (`ranked`, one mbarrier a routed phase) and reads the expert's first row from `rowbase`. Codes are loaded two
+    slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us)."""
+    n_slots = gl.load(mine)
+    code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
+    code2 = gl.load(mine + 2)
+    for s in range(n_slots):
+        stage = s % STAGES
+        mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)      # a fresh barrier passes parity 1
+        fam = (code >> 28) & 3
+        row = code & 0xFFFFFF
+        chunk = (code >> 24) & 15
+        if ((code >> 30) & 1) != 0:
+            o = (row >> 16) & 0xFF
+            mbarrier.wait(ranked.index(o), 0)
+            row = _smem_int(rowbase, (o % K_GROUP) * K_MAX_TOP_K + ((row >> 12) & 15)) + (row & 0xFFF)
+        bar = full.index(stage)
+        mbarrier.expect(bar, BOXES * K_ROWS * K_CHUNK * 2)
+        if fam == 0:
+            _tma_load(d0, [chunk, row, 0], bar, ring.index(stage))
+        elif fam == 1:
+            _tma_load(d1, [chunk, row, 0], bar, ring.index(stage))
+        elif fam == 2:
+            _tma_load(d2, [chunk, row, 0], bar, ring.index(stage))
+        else:
+            _tma_load(d3, [chunk, row, 0], bar, ring.index(stage))
         code = code2
-        code2 = gl.load(mine + 2 + issued)
-    return issued, code, code2
+        code2 = gl.load(mine + 3 + s)
+
+
+@gluon.jit
+def _publish(ptrs, words):
+    """Store tagged words, each by one relaxed gpu-scope 64-bit store: atomic for its readers, and with no value to
+    return, nothing waits for it (an atomic exchange's return is an L2 round trip, ~1 us under load)."""
+    gl.inline_asm_elementwise("st.relaxed.gpu.global.b64 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,l", [ptrs, words],
+                              dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -220,10 +226,12 @@ def _value(w, half):
 
 
 @gluon.jit
-def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride, x_ptr, norms_ptr, eps, words_ptr,
-                  routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr,
-                  STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
-                  COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False):
+def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_ptr, norms_ptr, eps, words_ptr,
+             routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, STAGES: gl.constexpr,
+             BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr,
+             PROFILE: gl.constexpr):
+    """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
+    the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
     # a ring slot in registers: each thread holds 8 columns of every box (its 4-box sum is in-thread); a warp
     # reads a 512-B row
@@ -231,34 +239,15 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
     acc_l: gl.constexpr = gl.SliceLayout(0, tile3)                                    # [ROWS, CHUNK]
     rows_l: gl.constexpr = gl.SliceLayout(1, acc_l)
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
-    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BOXES, K_ROWS, K_CHUNK], d0.layout)
-    # the staged input, [chunks, CHUNK]; `xgroups.index(g)` is chunks g * BOXES.. as [BOXES, 1, CHUNK], the input
-    # of one ring slot (a slot's first chunk is a multiple of BOXES)
-    x_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
-    xs = gl.allocate_shared_memory(gl.bfloat16, [K_STAGE_CHUNKS, K_CHUNK], x_l)
+    one_l: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    # `xgroups.index(g)` is staged chunks g * BOXES.. as [BOXES, 1, CHUNK], the input of one ring slot (a slot's
+    # first chunk is a multiple of BOXES)
     xgroups = _view(xs, [K_STAGE_CHUNKS // BOXES, BOXES, 1, K_CHUNK],
                     gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(bars.index(s), count=1)
-    fence_async_shared()
     epoch = gl.load(epoch_ptr)
-
-    # the producer runs STAGES slots ahead of the consumer, across phase boundaries, down this program's list;
-    # the next slot's code is loaded one refill early, so its latency hides behind a slot's arithmetic
-    # (in order: it stops at a routed tile until the consumer has ranked that tile's router, then catches up)
-    mine = tiles_ptr + pid * tiles_stride
-    n_slots = gl.load(mine)
     zero = pid * 0
     expert_base = experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K
     ready = zero                                     # routed phases this program has ranked
-    issued = zero
-    code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
-    code2 = gl.load(mine + 2)
-    issued, code, code2 = _catch_up(d0, d1, d2, d3, bars, ring, mine, code, code2, issued,
-                                    gl.minimum(n_slots, STAGES), ready, table_ptr, routes_ptr, expert_base, n_ord,
-                                    STAGES, BOXES)
-
     consumed = zero
     # profiling (PROFILE): SM cycles spent staging inputs (polls, norms), ranking, on items' ends (reductions, the
     # residual, the stores), waiting for slots to land, loading a slot + refilling it, and on the arithmetic
@@ -337,12 +326,15 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
                     for o in range(ordinal, last + 1):
                         gl.store(expert_base + o * 2 * K_MAX_TOP_K + k, idx)
                         gl.store(expert_base + o * 2 * K_MAX_TOP_K + K_MAX_TOP_K + k, best.to(gl.int32, bitcast=True))
+                        # the producer's copy: the expert's first row in phase o's family
+                        ph = gl.load(routes_ptr + o)
+                        first = _field(table_ptr, ph, K_F_ROW0) + idx * _field(table_ptr, ph, K_F_STRIDE)
+                        rowbase.index((o % K_GROUP) * K_MAX_TOP_K + k).store(gl.full([1], first, gl.int32, one_l))
                     sel = gl.where(eoffs == idx, -2.0, sel)
-            _cta_barrier()                           # the ranking is visible to the producer's thread
+            _cta_barrier()                           # every warp's stores are in: release them to the producer
+            for o in range(ordinal, last + 1):
+                mbarrier.arrive(ranked.index(o), count=1)
             ready = last + 1
-            issued, code, code2 = _catch_up(d0, d1, d2, d3, bars, ring, mine, code, code2, issued,
-                                            gl.minimum(n_slots, consumed + STAGES), ready, table_ptr, routes_ptr,
-                                            expert_base, n_ord, STAGES, BOXES)
             mark, t_rank = _lap(mark, t_rank, PROFILE)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
 
@@ -359,17 +351,16 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
             for j in range(_tiles_per_item(table_ptr, p) // BOXES):
                 slot = consumed % STAGES
                 mark, t_item = _lap(mark, t_item, PROFILE)
-                mbarrier.wait(bars.index(slot), (consumed // STAGES) & 1)
+                mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
                 mark, t_wait = _lap(mark, t_wait, PROFILE)
                 if COMPUTE:                  # (compute=False, timing only: the tiles stream, nothing is read)
                     wt = ring.index(slot).load(tile3)
-                # every warp has its part of the slot in registers: refill the slot now, not after the arithmetic,
+                # every warp has its part of the slot in registers: free the slot now, not after the arithmetic,
                 # so the ring keeps STAGES slots in flight (at ~7 us loaded latency, bytes in flight set the rate)
+                fence_async_shared()
                 _cta_barrier()
+                mbarrier.arrive(empty.index(slot), count=1)
                 consumed += 1
-                issued, code, code2 = _catch_up(d0, d1, d2, d3, bars, ring, mine, code, code2, issued,
-                                                gl.minimum(n_slots, consumed + STAGES), ready, table_ptr,
-                                                routes_ptr, expert_base, n_ord, STAGES, BOXES)
                 mark, t_refill = _lap(mark, t_refill, PROFILE)
                 if COMPUTE:
                     t0 = j * BOXES               # the slot's first chunk (a slot never spans two sources: kc % BOXES)
@@ -400,11 +391,10 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
             # two bf16 values a word (rows j and j + 8 of the item: a select-and-sum over the rows), then the tag
             bits = y.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
             pair = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, acc_l))
-            lo = gl.sum(gl.where(rows[:, None] == pair[None, :], bits[:, None], 0), axis=0)
-            hi = gl.sum(gl.where(rows[:, None] == pair[None, :] + K_ROWS // 2, bits[:, None], 0), axis=0)
-            word = (lo | (hi << 16)).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
-            gl.atomic_xchg(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * (K_ROWS // 2) + pair, word,
-                           sem="relaxed", scope="gpu")
+            half = gl.where(rows[:, None] == pair[None, :], bits[:, None], 0)
+            half += gl.where(rows[:, None] == pair[None, :] + K_ROWS // 2, bits[:, None] << 16, 0)
+            word = gl.sum(half, axis=0).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
+            _publish(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * (K_ROWS // 2) + pair, word)
         mark, t_item = _lap(mark, t_item, PROFILE)
 
     if PROFILE:
@@ -417,13 +407,46 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
         gl.store(prof_ptr + pid * 8 + 5, t_math)
         gl.store(prof_ptr + pid * 8 + 6, total)
 
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(s))
     # the last program out advances the epoch for the next launch (every program read it at its start)
     _cta_barrier()
     if gl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu") == nprog - 1:
         gl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
         gl.atomic_add(epoch_ptr, 1, sem="relaxed", scope="gpu")
+
+
+@gluon.jit
+def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride, x_ptr, norms_ptr, eps, words_ptr,
+                  routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr,
+                  STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
+                  COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False):
+    """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
+    (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
+    pid = gl.program_id(0)
+    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BOXES, K_ROWS, K_CHUNK], d0.layout)
+    xs = gl.allocate_shared_memory(gl.bfloat16, [K_STAGE_CHUNKS, K_CHUNK],
+                                   gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))          # the staged input
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())    # a slot has landed
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())   # a slot is free
+    ranked = gl.allocate_shared_memory(gl.int64, [K_MAX_ORDINALS, 1], mbarrier.MBarrierLayout())
+    # each ranked expert's first row, for the producer: [GROUP routed phases (ordinal % GROUP), MAX_TOP_K]
+    rowbase = gl.allocate_shared_memory(gl.int32, [K_GROUP * K_MAX_TOP_K, 1],
+                                        gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    for s in gl.static_range(STAGES):
+        mbarrier.init(full.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    for o in range(n_ord):
+        mbarrier.init(ranked.index(o), count=1)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_consume, (ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_ptr, norms_ptr, eps, words_ptr,
+                    routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, STAGES, BOXES,
+                    WARPS, POLLS, COMPUTE, PROFILE)),
+        (_produce, (d0, d1, d2, d3, ring, full, empty, ranked, rowbase, tiles_ptr + pid * tiles_stride, STAGES,
+                    BOXES)),
+    ], [1], [48])
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(full.index(s))
+        mbarrier.invalidate(empty.index(s))
 
 
 class Chain:

@@ -25,6 +25,8 @@ F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL, F_ROUT
 NCOL = 24
 MAX_EXPERTS = 256         # router outputs a routed phase can rank
 MAX_TOP_K = 16            # experts a routed phase takes
+MAX_ORDINALS = 128        # routed phases a chain can have
+GROUP = 4                 # routed phases that can share one router (one ranking serves them all)
 ROUTED = 1 << 30          # tile-code flag: the row is ordinal << 16 | source << 12 | row within the expert
 
 
@@ -131,10 +133,15 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
         total += ph.out_rows // 2                 # two values a word
     # the last routed phase of each run that shares one router: ranking it once serves them all, so the ring can
     # load a later phase's experts (the down's) while an earlier one (the gate/up) computes
+    if len(routed) > MAX_ORDINALS:
+        raise ValueError(f"a chain has at most {MAX_ORDINALS} routed phases, got {len(routed)}")
     for first, phase in enumerate(routed):
         last = first
         while last + 1 < len(routed) and phases[routed[last + 1]].route == phases[phase].route:
             last += 1
+        if last - first >= GROUP and (first == 0 or phases[routed[first - 1]].route != phases[phase].route):
+            raise ValueError(f"phase {phase}: at most {GROUP} consecutive routed phases can share router "
+                             f"{phases[phase].route}")
         rows[phase][F_ROUTE_LAST] = last
     return Plan(torch.tensor(rows, dtype=torch.int32), routed, offsets, total, input_len)
 
