@@ -145,7 +145,7 @@ def main() -> None:
         rows[name] = dict(us=us, phases=len(phases), frac_copy_bw=total_bytes / (us * 1e-6) / copy_bw,
                           last_output_max_rel_err=err, profile=chain.profile() if args.profile else None)
     boundary = (rows["chain"]["us"] - rows["independent"]["us"]) / (len(olmoe_chain(L, True)) - 1)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = run_commit()
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; {total_bytes / 1e6:.0f} MB a step, {L} layers x 5 phases; "
           f"ring {args.stages} x {8 * args.boxes} KB, {args.warps} warps")
     print("| variant | us a step | frac of copy bw | last output, max rel err |\n|---|---:|---:|---:|")
@@ -158,6 +158,14 @@ def main() -> None:
                                                    copy_bw=copy_bw, bytes=total_bytes, layers=L,
                                                    stages=args.stages, boxes=args.boxes, warps=args.warps, rows=rows,
                                                    boundary_us=boundary), indent=1))
+
+
+def run_commit() -> str:
+    """The commit that runs: `.run-commit` where the caller wrote one (a device copy's .git may be stale)."""
+    f = Path(".run-commit")
+    if f.exists():
+        return f.read_text().strip()
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
 def print_profiles(rows: dict[str, dict]) -> None:
@@ -200,8 +208,9 @@ def routed(args: argparse.Namespace, weights, dev: torch.device, g: torch.Genera
         print(f"| {name} | {us:.1f} | {rows[name]['frac_copy_bw']:.3f} | {err:.1e} |")
     print_profiles(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(routed=True, layers=L, bytes=step_bytes, copy_bw=copy_bw,
-                                                   stages=args.stages, boxes=args.boxes, rows=rows), indent=1))
+        Path(args.json).write_text(json.dumps(dict(routed=True, commit=run_commit(), layers=L, bytes=step_bytes,
+                                                   copy_bw=copy_bw, stages=args.stages, boxes=args.boxes, rows=rows),
+                                              indent=1))
 
 
 if __name__ == "__main__":

@@ -249,13 +249,16 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
     expert_base = experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K
     ready = zero                                     # routed phases this program has ranked
     consumed = zero
-    # profiling (PROFILE): SM cycles spent staging inputs (polls, norms), ranking, on items' ends (reductions, the
-    # residual, the stores), waiting for slots to land, loading a slot + refilling it, and on the arithmetic
+    # profiling (PROFILE): SM cycles spent polling and staging inputs, on the rest of staging (norms, waits,
+    # barriers), ranking, on items' starts and ends (reductions, the residual, the stores), waiting for slots to
+    # land, loading a slot + releasing it, and on the arithmetic
     mark, _t = _lap(zero.to(gl.int64), zero.to(gl.int64), PROFILE)
     start = mark
     t_stage = zero.to(gl.int64)
+    t_poll = t_stage
     t_rank = t_stage
-    t_item = t_stage
+    t_start = t_stage
+    t_end = t_stage
     t_wait = t_stage
     t_refill = t_stage
     t_math = t_stage
@@ -287,6 +290,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
                     sq = vals.to(gl.float32)
                     squares += gl.sum(gl.sum(sq * sq, axis=1), axis=0)
                 xs.slice(r, K_ROWS).store(vals)
+        mark, t_poll = _lap(mark, t_poll, PROFILE)
         if norm >= 0:
             # RMSNorm as the model rounds it: bf16(g * bf16(x * rstd)); each thread rescales the values it staged
             rstd = gl.rsqrt(squares / (n_in * K_CHUNK) + eps)
@@ -350,7 +354,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
             acc_up = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
             for j in range(_tiles_per_item(table_ptr, p) // BOXES):
                 slot = consumed % STAGES
-                mark, t_item = _lap(mark, t_item, PROFILE)
+                mark, t_start = _lap(mark, t_start, PROFILE)
                 mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
                 mark, t_wait = _lap(mark, t_wait, PROFILE)
                 if COMPUTE:                  # (compute=False, timing only: the tiles stream, nothing is read)
@@ -395,17 +399,19 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
             half += gl.where(rows[:, None] == pair[None, :] + K_ROWS // 2, bits[:, None] << 16, 0)
             word = gl.sum(half, axis=0).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
             _publish(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * (K_ROWS // 2) + pair, word)
-        mark, t_item = _lap(mark, t_item, PROFILE)
+            mark, t_end = _lap(mark, t_end, PROFILE)
 
     if PROFILE:
         mark, total = _lap(start, zero.to(gl.int64), PROFILE)
-        gl.store(prof_ptr + pid * 8 + 0, t_stage)
-        gl.store(prof_ptr + pid * 8 + 1, t_rank)
-        gl.store(prof_ptr + pid * 8 + 2, t_item)
-        gl.store(prof_ptr + pid * 8 + 3, t_wait)
-        gl.store(prof_ptr + pid * 8 + 4, t_refill)
-        gl.store(prof_ptr + pid * 8 + 5, t_math)
-        gl.store(prof_ptr + pid * 8 + 6, total)
+        gl.store(prof_ptr + pid * 16 + 0, t_poll)
+        gl.store(prof_ptr + pid * 16 + 1, t_stage)
+        gl.store(prof_ptr + pid * 16 + 2, t_rank)
+        gl.store(prof_ptr + pid * 16 + 3, t_start)
+        gl.store(prof_ptr + pid * 16 + 4, t_end)
+        gl.store(prof_ptr + pid * 16 + 5, t_wait)
+        gl.store(prof_ptr + pid * 16 + 6, t_refill)
+        gl.store(prof_ptr + pid * 16 + 7, t_math)
+        gl.store(prof_ptr + pid * 16 + 8, total)
 
     # the last program out advances the epoch for the next launch (every program read it at its start)
     _cta_barrier()
@@ -492,7 +498,7 @@ class Chain:
         self.experts = torch.zeros(self.nprog, n_ord, 2 * MAX_TOP_K, dtype=torch.int32, device=dev)
         # compute=False (timing only): the weight tiles stream through the ring unread; the outputs are wrong
         # profile=True: each program counts its SM cycles by what it did (`profile()`)
-        self.prof = torch.zeros(self.nprog, 8, dtype=torch.int64, device=dev)
+        self.prof = torch.zeros(self.nprog, 16, dtype=torch.int64, device=dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          num_warps=warps)
 
@@ -515,9 +521,10 @@ class Chain:
         if not self.meta["PROFILE"]:
             raise ValueError("profile(): build the chain with profile=True")
         c = self.prof.double().cpu()
-        frac = (c[:, :6] / c[:, 6:7]).mean(0).tolist()
-        names = ("staging", "ranking", "items' ends", "waiting for slots", "slot load + refill", "arithmetic")
-        return dict(zip(names, frac, strict=True)) | {"cycles": c[:, 6].mean().item()}
+        frac = (c[:, :8] / c[:, 8:9]).mean(0).tolist()
+        names = ("input polls", "staging's rest", "ranking", "items' starts", "items' ends", "waiting for slots",
+                 "slot load + release", "arithmetic")
+        return dict(zip(names, frac, strict=True)) | {"cycles": c[:, 8].mean().item()}
 
     def check(self) -> None:
         if int(self.state[2]) != 0:
