@@ -104,6 +104,10 @@ def main() -> None:
     p.add_argument("--stages", type=int, help="slots in each program's ring (default: 192 KB of them)")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--json", help="write the results here too")
+    p.add_argument("--rotate", action="store_true", help="experiment: items rotated across phases")
+    p.add_argument("--rank-keys", action="store_true", help="experiment: one max a pick, inside each warp")
+    p.add_argument("--prefetch", type=int, default=0,
+                   help="experiment: slots prefetched into L2 while a consumer waits for a phase's input")
     p.add_argument("--profile", action="store_true",
                    help="count each program's SM cycles by what they went to, and print the split of each row")
     p.add_argument("--routed", action="store_true",
@@ -134,7 +138,7 @@ def main() -> None:
         phases = olmoe_chain(L, dependent, ready)
         # the independent chain reads the step's input everywhere: give it the widest input any phase reads
         chain = mk.Chain(phases, fam, H if dependent else EXPERTS * INTER, stages=args.stages,
-                         boxes=args.boxes, warps=args.warps, compute=compute, profile=args.profile)
+                         boxes=args.boxes, warps=args.warps, compute=compute, **experiments(args))
         inp = x if dependent else torch.randn(EXPERTS * INTER, generator=g, device=dev)
         us = graph_us([lambda c=chain, i=inp: c.run(i)], reps=9)
         chain.run(inp)
@@ -157,7 +161,12 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(dict(commit=commit, device=torch.cuda.get_device_name(dev),
                                                    copy_bw=copy_bw, bytes=total_bytes, layers=L,
                                                    stages=args.stages, boxes=args.boxes, warps=args.warps, rows=rows,
+                                                   experiments=experiments(args),
                                                    boundary_us=boundary), indent=1))
+
+
+def experiments(args: argparse.Namespace) -> dict:
+    return dict(profile=args.profile, rotate=args.rotate, rank_keys=args.rank_keys, prefetch=args.prefetch)
 
 
 def run_commit() -> str:
@@ -196,7 +205,7 @@ def routed(args: argparse.Namespace, weights, dev: torch.device, g: torch.Genera
                                   ("experts 0-7 (waiting on the router), normed", False, True)):
         phases = olmoe_layer_routed(L, routed_, normed)
         chain = mk.Chain(phases, fam, H, stages=args.stages, boxes=args.boxes, warps=args.warps, norms=norms,
-                         profile=args.profile)
+                         **experiments(args))
         us = graph_us([lambda c=chain: c.run(x)], reps=9)
         chain.run(x)
         torch.cuda.synchronize()
@@ -209,7 +218,8 @@ def routed(args: argparse.Namespace, weights, dev: torch.device, g: torch.Genera
     print_profiles(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(routed=True, commit=run_commit(), layers=L, bytes=step_bytes,
-                                                   copy_bw=copy_bw, stages=args.stages, boxes=args.boxes, rows=rows),
+                                                   copy_bw=copy_bw, stages=args.stages, boxes=args.boxes, rows=rows,
+                                                   experiments=experiments(args)),
                                               indent=1))
 
 

@@ -17,6 +17,7 @@ from crosspool.kernels.megakernel.plan import (
     F_IN,
     F_IN_CHUNKS,
     F_IN_OFF,
+    F_ITEM_BASE,
     F_ITEMS,
     F_ITEMS_PER_SRC,
     F_KC,
@@ -77,6 +78,7 @@ K_F_ITEMS_PER_SRC = gl.constexpr(F_ITEMS_PER_SRC)
 K_F_IN = gl.constexpr(F_IN)
 K_F_IN_CHUNKS = gl.constexpr(F_IN_CHUNKS)
 K_F_IN_OFF = gl.constexpr(F_IN_OFF)
+K_F_ITEM_BASE = gl.constexpr(F_ITEM_BASE)
 K_F_RES = gl.constexpr(F_RES)
 K_F_RES_OFF = gl.constexpr(F_RES_OFF)
 K_F_OUT_OFF = gl.constexpr(F_OUT_OFF)
@@ -116,9 +118,14 @@ def _tiles_per_item(table_ptr, p):
 
 
 @gluon.jit
-def _items_of(table_ptr, p, pid, nprog):
-    """Work items of phase p this program takes (items pid, pid + nprog, ...)."""
-    return gl.maximum(_field(table_ptr, p, K_F_ITEMS) - pid + nprog - 1, 0) // nprog
+def _first_item(table_ptr, p, pid, nprog, ROTATE: gl.constexpr):
+    """This program's first item of phase p and how many it takes (that one, + nprog, ...): item i goes to program
+    i % nprog, or with ROTATE to (F_ITEM_BASE + i) % nprog (`tile_lists(rotate=True)`)."""
+    if ROTATE:
+        i0 = (pid - _field(table_ptr, p, K_F_ITEM_BASE) % nprog + nprog) % nprog
+    else:
+        i0 = pid
+    return i0, gl.maximum(_field(table_ptr, p, K_F_ITEMS) - i0 + nprog - 1, 0) // nprog
 
 
 @gluon.jit
@@ -128,13 +135,42 @@ def _smem_int(buf, i):
 
 
 @gluon.jit
-def _produce(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, mine, STAGES: gl.constexpr, BOXES: gl.constexpr):
+def _prefetch_l2(fams, ks, code, BOXES: gl.constexpr):
+    """Prefetch the slot a static tile code names into L2: its ROWS rows of BOXES * CHUNK values, one half-row a
+    lane (cp.async.bulk.prefetch.L2, no completion to wait for)."""
+    lane = gl.arange(0, 2 * K_ROWS, layout=gl.BlockedLayout([1], [32], [1], [0]))
+    fam = (code >> 28) & 3
+    base = fams[0]
+    k = ks[0]
+    if fam == 1:
+        base = fams[1]
+        k = ks[1]
+    elif fam == 2:
+        base = fams[2]
+        k = ks[2]
+    elif fam == 3:
+        base = fams[3]
+        k = ks[3]
+    half: gl.constexpr = BOXES * K_CHUNK // 2                  # values a lane prefetches
+    row = ((code & 0xFFFFFF) + lane % K_ROWS).to(gl.int64)
+    offs = row * k + ((code >> 24) & 15) * K_CHUNK + (lane // K_ROWS) * half
+    gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                              [base + offs, gl.full([2 * K_ROWS], half * 2, gl.int32, lane.type.layout)],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _produce(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, mine, fams, ks, STAGES: gl.constexpr,
+             BOXES: gl.constexpr, PREFETCH: gl.constexpr):
     """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
     consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
     [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
     plus its row within the expert: the producer waits until the consumer has ranked that phase's router
     (`ranked`, one mbarrier a routed phase) and reads the expert's first row from `rowbase`. Codes are loaded two
-    slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us)."""
+    slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us).
+    PREFETCH > 0 (an experiment): after a flagged slot (`tile_lists(prefetch_after=STAGES)`: the ring is full when
+    the consumer starts waiting for a phase's input), prefetch the next PREFETCH static slots into L2, so HBM
+    streams through the wait and their TMA loads hit L2 after it."""
     n_slots = gl.load(mine)
     code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
     code2 = gl.load(mine + 2)
@@ -158,6 +194,12 @@ def _produce(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, mine, STAGES: g
             _tma_load(d2, [chunk, row, 0], bar, ring.index(stage))
         else:
             _tma_load(d3, [chunk, row, 0], bar, ring.index(stage))
+        if PREFETCH > 0:
+            if code < 0:                             # PREFETCH_FLAG
+                for d in gl.static_range(PREFETCH):
+                    ahead = gl.load(mine + 2 + s + d)
+                    if (((ahead >> 30) & 1) == 0) & (s + 1 + d < n_slots):   # static tiles only
+                        _prefetch_l2(fams, ks, ahead, BOXES)
         code = code2
         code2 = gl.load(mine + 3 + s)
 
@@ -229,7 +271,7 @@ def _value(w, half):
 def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_ptr, norms_ptr, eps, words_ptr,
              routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, STAGES: gl.constexpr,
              BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr,
-             PROFILE: gl.constexpr):
+             PROFILE: gl.constexpr, ROTATE: gl.constexpr, RANK_KEYS: gl.constexpr):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
@@ -240,6 +282,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
     rows_l: gl.constexpr = gl.SliceLayout(1, acc_l)
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     one_l: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    rank_l: gl.constexpr = gl.BlockedLayout([1, K_MAX_EXPERTS // 32], [1, 32], [WARPS, 1], [1, 0])  # [1, experts]
     # `xgroups.index(g)` is staged chunks g * BOXES.. as [BOXES, 1, CHUNK], the input of one ring slot (a slot's
     # first chunk is a multiple of BOXES)
     xgroups = _view(xs, [K_STAGE_CHUNKS // BOXES, BOXES, 1, K_CHUNK],
@@ -315,18 +358,36 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
             # rank the router's logits (softmax, greedy top-k, as `torch_ref.route` for OLMoE): every program
             # ranks them for itself and writes ids and weights to its own rows, for this routed phase and the
             # following ones that share its router; then it issues the tiles it held back
-            eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
+            if RANK_KEYS:
+                # (an experiment) every warp holds all the logits, so its reductions stay in the warp, and one max
+                # a pick ranks them: key = the probability's bits (non-negative floats order as integers) above
+                # MAX_EXPERTS - 1 - id, so equal probabilities go to the lower id, as below
+                eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, rank_l))[None, :]
+            else:
+                eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
             valid = eoffs < _field(table_ptr, p, K_F_ROUTE_N)
             q, h = _word_of(eoffs)
             w = _poll(words_ptr, _field(table_ptr, p, K_F_ROUTE_OFF) + q, valid, _tag(epoch, router), err_ptr, POLLS)
             logit = gl.where(valid, _value(w, h), float("-inf"))
             ex = gl.where(valid, gl.exp(logit - gl.max(gl.max(logit, axis=1), axis=0)), 0.0)
-            sel = gl.where(valid, ex / gl.sum(gl.sum(ex, axis=1), axis=0), -1.0)
+            prob = ex / gl.sum(gl.sum(ex, axis=1), axis=0)
+            if RANK_KEYS:
+                key = gl.where(valid, (prob.to(gl.int32, bitcast=True).to(gl.int64) << 32)
+                               | (K_MAX_EXPERTS - 1 - eoffs), -1)
+            else:
+                sel = gl.where(valid, prob, -1.0)
             last = _field(table_ptr, p, K_F_ROUTE_LAST)
             for k in gl.static_range(K_MAX_TOP_K):
                 if k < _field(table_ptr, p, K_F_SOURCES):
-                    best = gl.max(gl.max(sel, axis=1), axis=0)
-                    idx = gl.min(gl.min(gl.where(sel == best, eoffs, 1 << 30), axis=1), axis=0)
+                    if RANK_KEYS:
+                        top = gl.max(gl.max(key, axis=1), axis=0)
+                        idx = K_MAX_EXPERTS - 1 - (top & 0xFFFFFFFF).to(gl.int32)
+                        best = (top >> 32).to(gl.int32).to(gl.float32, bitcast=True)
+                        key = gl.where(key == top, -1, key)
+                    else:
+                        best = gl.max(gl.max(sel, axis=1), axis=0)
+                        idx = gl.min(gl.min(gl.where(sel == best, eoffs, 1 << 30), axis=1), axis=0)
+                        sel = gl.where(eoffs == idx, -2.0, sel)
                     for o in range(ordinal, last + 1):
                         gl.store(expert_base + o * 2 * K_MAX_TOP_K + k, idx)
                         gl.store(expert_base + o * 2 * K_MAX_TOP_K + K_MAX_TOP_K + k, best.to(gl.int32, bitcast=True))
@@ -334,7 +395,6 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
                         ph = gl.load(routes_ptr + o)
                         first = _field(table_ptr, ph, K_F_ROW0) + idx * _field(table_ptr, ph, K_F_STRIDE)
                         rowbase.index((o % K_GROUP) * K_MAX_TOP_K + k).store(gl.full([1], first, gl.int32, one_l))
-                    sel = gl.where(eoffs == idx, -2.0, sel)
             _cta_barrier()                           # every warp's stores are in: release them to the producer
             for o in range(ordinal, last + 1):
                 mbarrier.arrive(ranked.index(o), count=1)
@@ -344,8 +404,9 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
 
         res = _field(table_ptr, p, K_F_RES)
         res_off = _field(table_ptr, p, K_F_RES_OFF)
-        for il in range(_items_of(table_ptr, p, pid, nprog)):
-            i = pid + il * nprog
+        i0, n_items = _first_item(table_ptr, p, pid, nprog, ROTATE)
+        for il in range(n_items):
+            i = i0 + il * nprog
             # the residual's words, loaded before the tiles so their round trip hides behind the arithmetic
             res_q, res_h = _word_of(i * K_ROWS + rows[:, None])
             res_words = gl.load(words_ptr + res_off + res_q, mask=(rows[:, None] < K_ROWS) & (res >= 0), other=0,
@@ -421,10 +482,11 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
 
 
 @gluon.jit
-def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride, x_ptr, norms_ptr, eps, words_ptr,
-                  routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr,
-                  STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
-                  COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False):
+def _chain_kernel(d0, d1, d2, d3, w0, w1, w2, w3, k0, k1, k2, k3, table_ptr, num_phases, tiles_ptr, tiles_stride,
+                  x_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr,
+                  nprog, prof_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr,
+                  POLLS: gl.constexpr, COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False,
+                  ROTATE: gl.constexpr = False, RANK_KEYS: gl.constexpr = False, PREFETCH: gl.constexpr = 0):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -446,9 +508,9 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
     gl.warp_specialize([
         (_consume, (ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_ptr, norms_ptr, eps, words_ptr,
                     routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, STAGES, BOXES,
-                    WARPS, POLLS, COMPUTE, PROFILE)),
-        (_produce, (d0, d1, d2, d3, ring, full, empty, ranked, rowbase, tiles_ptr + pid * tiles_stride, STAGES,
-                    BOXES)),
+                    WARPS, POLLS, COMPUTE, PROFILE, ROTATE, RANK_KEYS)),
+        (_produce, (d0, d1, d2, d3, ring, full, empty, ranked, rowbase, tiles_ptr + pid * tiles_stride,
+                    (w0, w1, w2, w3), (k0, k1, k2, k3), STAGES, BOXES, PREFETCH)),
     ], [1], [48])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(s))
@@ -461,7 +523,8 @@ class Chain:
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int = 4, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
-                 norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False) -> None:
+                 norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False, rotate: bool = False,
+                 rank_keys: bool = False, prefetch: int = 0) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -491,7 +554,10 @@ class Chain:
         self.words = torch.zeros(self.plan.words, dtype=torch.int64, device=dev)
         self.state = torch.zeros(3, dtype=torch.int32, device=dev)          # epoch, done count, error flag
         self.nprog = num_sms(dev)
-        self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1).to(dev)
+        # experiments, off by default (docs/progress.md): items rotated across phases, ranking by one max a pick
+        # inside each warp, and `prefetch` slots prefetched into L2 while a consumer waits for a phase's input
+        self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1, rotate=rotate,
+                                prefetch_after=stages if prefetch else 0).to(dev)
         n_ord = max(1, len(self.plan.routed))
         self.routes = torch.tensor(self.plan.routed or [0], dtype=torch.int32, device=dev)
         # each program's ranking of each routed phase: MAX_TOP_K expert ids, then their weights' fp32 bits
@@ -500,16 +566,18 @@ class Chain:
         # profile=True: each program counts its SM cycles by what it did (`profile()`)
         self.prof = torch.zeros(self.nprog, 16, dtype=torch.int64, device=dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
-                         num_warps=warps)
+                         ROTATE=rotate, RANK_KEYS=rank_keys, PREFETCH=prefetch, num_warps=warps)
+        fams = families + [families[0]] * (4 - len(families))
+        self.fam_args = fams + [w.shape[1] for w in fams]       # base pointers and row lengths, for prefetches
 
     def run(self, x: torch.Tensor) -> None:
         if x.shape != (self.plan.input_len,) or x.dtype != torch.float32:
             raise ValueError(f"input: expected fp32 [{self.plan.input_len}], got {x.dtype} {tuple(x.shape)}")
         st = self.state
-        _chain_kernel[(self.nprog,)](*self.descs, self.table, len(self.phases), self.tiles, self.tiles.shape[1], x,
-                                     self.norms, self.eps, self.words, self.routes, self.experts,
-                                     self.experts.shape[1], st[0:], st[1:], st[2:], self.nprog, self.prof,
-                                     **self.meta)
+        _chain_kernel[(self.nprog,)](*self.descs, *self.fam_args, self.table, len(self.phases), self.tiles,
+                                     self.tiles.shape[1], x, self.norms, self.eps, self.words, self.routes,
+                                     self.experts, self.experts.shape[1], st[0:], st[1:], st[2:], self.nprog,
+                                     self.prof, **self.meta)
 
     def outputs(self) -> list[torch.Tensor]:
         values = unpack(self.words)
