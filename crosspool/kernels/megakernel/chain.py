@@ -1,5 +1,6 @@
 """The megakernel's GPU side (issue 4; the package docstring has the design): the persistent Gluon kernel that
-runs a planned chain (`_chain_kernel`), and `Chain`, which binds a chain to its weights and device buffers.
+runs a planned chain (`_chain_kernel`: a producer warp, `produce.py`, and the consumer warps, `_consume`), and
+`Chain`, which binds a chain to its weights and device buffers.
 Needs Gluon (Triton >= 3.6) and an sm_90 GPU to run; it imports anywhere Triton does.
 """
 
@@ -8,263 +9,63 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
 from crosspool.kernels._common import num_sms
+from crosspool.kernels.megakernel.common import (
+    K_CHUNK,
+    K_F_IN,
+    K_F_IN_CHUNKS,
+    K_F_IN_OFF,
+    K_F_KC,
+    K_F_KIND,
+    K_F_NORM,
+    K_F_ORDINAL,
+    K_F_OUT_OFF,
+    K_F_RES,
+    K_F_RES_OFF,
+    K_F_ROUTE,
+    K_F_ROUTE_LAST,
+    K_F_ROUTE_N,
+    K_F_ROUTE_OFF,
+    K_F_ROW0,
+    K_F_SOURCES,
+    K_F_STRIDE,
+    K_F_WAIT,
+    K_F_WAIT_N,
+    K_F_WAIT_OFF,
+    K_GROUP,
+    K_MAX_EXPERTS,
+    K_MAX_ORDINALS,
+    K_MAX_TOP_K,
+    K_ROWS,
+    K_STAGE_CHUNKS,
+    K_SWIGLU,
+    SHARED_KIB,
+    _cta_barrier,
+    _field,
+    _first_item,
+    _lap,
+    _poll,
+    _publish,
+    _tag,
+    _tagged,
+    _tiles_per_item,
+    _value,
+    _view,
+    _word_of,
+)
 from crosspool.kernels.megakernel.plan import (
     CHUNK,
-    F_FAM,
-    F_IN,
-    F_IN_CHUNKS,
-    F_IN_OFF,
-    F_ITEM_BASE,
-    F_ITEMS,
-    F_ITEMS_PER_SRC,
-    F_KC,
-    F_KIND,
-    F_NORM,
-    F_ORDINAL,
-    F_OUT_OFF,
-    F_RES,
-    F_RES_OFF,
-    F_ROUTE,
-    F_ROUTE_LAST,
-    F_ROUTE_N,
-    F_ROUTE_OFF,
-    F_ROW0,
-    F_SOURCES,
-    F_STRIDE,
-    F_UP,
-    F_WAIT,
-    F_WAIT_N,
-    F_WAIT_OFF,
-    GROUP,
-    MAX_EXPERTS,
-    MAX_ORDINALS,
     MAX_TOP_K,
-    NCOL,
     ROWS,
     STAGE_CHUNKS,
-    SWIGLU,
-    TAG_PHASES,
     Phase,
     plan,
     tile_lists,
     unpack,
 )
-
-SHARED_KIB = 227          # shared memory a program can have on sm_90 (1 KiB of it kept for barriers and scratch)
-
-# names that differ across Triton releases (3.9 | 3.6)
-_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-_cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
-
-# the constants above, as the kernel sees them
-K_ROWS = gl.constexpr(ROWS)
-K_CHUNK = gl.constexpr(CHUNK)
-K_SWIGLU = gl.constexpr(SWIGLU)
-K_TAG_PHASES = gl.constexpr(TAG_PHASES)
-K_STAGE_CHUNKS = gl.constexpr(STAGE_CHUNKS)
-K_NCOL = gl.constexpr(NCOL)
-K_F_KIND = gl.constexpr(F_KIND)
-K_F_FAM = gl.constexpr(F_FAM)
-K_F_ROW0 = gl.constexpr(F_ROW0)
-K_F_ITEMS = gl.constexpr(F_ITEMS)
-K_F_KC = gl.constexpr(F_KC)
-K_F_SOURCES = gl.constexpr(F_SOURCES)
-K_F_STRIDE = gl.constexpr(F_STRIDE)
-K_F_UP = gl.constexpr(F_UP)
-K_F_ITEMS_PER_SRC = gl.constexpr(F_ITEMS_PER_SRC)
-K_F_IN = gl.constexpr(F_IN)
-K_F_IN_CHUNKS = gl.constexpr(F_IN_CHUNKS)
-K_F_IN_OFF = gl.constexpr(F_IN_OFF)
-K_F_ITEM_BASE = gl.constexpr(F_ITEM_BASE)
-K_F_RES = gl.constexpr(F_RES)
-K_F_RES_OFF = gl.constexpr(F_RES_OFF)
-K_F_OUT_OFF = gl.constexpr(F_OUT_OFF)
-K_F_WAIT = gl.constexpr(F_WAIT)
-K_F_WAIT_OFF = gl.constexpr(F_WAIT_OFF)
-K_F_WAIT_N = gl.constexpr(F_WAIT_N)
-K_F_NORM = gl.constexpr(F_NORM)
-K_F_ROUTE = gl.constexpr(F_ROUTE)
-K_F_ROUTE_OFF = gl.constexpr(F_ROUTE_OFF)
-K_F_ROUTE_N = gl.constexpr(F_ROUTE_N)
-K_F_ORDINAL = gl.constexpr(F_ORDINAL)
-K_F_ROUTE_LAST = gl.constexpr(F_ROUTE_LAST)
-K_MAX_EXPERTS = gl.constexpr(MAX_EXPERTS)
-K_MAX_TOP_K = gl.constexpr(MAX_TOP_K)
-K_MAX_ORDINALS = gl.constexpr(MAX_ORDINALS)
-K_GROUP = gl.constexpr(GROUP)
-
-
-@gluon.jit
-def _field(table_ptr, p, col: gl.constexpr):
-    return gl.load(table_ptr + p * K_NCOL + col)
-
-
-@gluon.jit
-def _tag(epoch, p):
-    return (epoch * K_TAG_PHASES + p + 1) & 0x7FFFFFFF
-
-
-@gluon.jit
-def _tiles_per_item(table_ptr, p):
-    kc = _field(table_ptr, p, K_F_KC)
-    if _field(table_ptr, p, K_F_KIND) == K_SWIGLU:
-        n = 2 * kc
-    else:
-        n = _field(table_ptr, p, K_F_SOURCES) * kc
-    return n
-
-
-@gluon.jit
-def _first_item(table_ptr, p, pid, nprog, ROTATE: gl.constexpr):
-    """This program's first item of phase p and how many it takes (that one, + nprog, ...): item i goes to program
-    i % nprog, or with ROTATE to (F_ITEM_BASE + i) % nprog (`tile_lists(rotate=True)`)."""
-    if ROTATE:
-        i0 = (pid - _field(table_ptr, p, K_F_ITEM_BASE) % nprog + nprog) % nprog
-    else:
-        i0 = pid
-    return i0, gl.maximum(_field(table_ptr, p, K_F_ITEMS) - i0 + nprog - 1, 0) // nprog
-
-
-@gluon.jit
-def _smem_int(buf, i):
-    """Element i of an int32 [n, 1] shared buffer, as a scalar, read by the producer's one warp."""
-    return gl.max(buf.index(i).load(gl.BlockedLayout([1], [32], [1], [0])), axis=0)
-
-
-@gluon.jit
-def _prefetch_l2(fams, ks, code, BOXES: gl.constexpr):
-    """Prefetch the slot a static tile code names into L2: its ROWS rows of BOXES * CHUNK values, one half-row a
-    lane (cp.async.bulk.prefetch.L2, no completion to wait for)."""
-    lane = gl.arange(0, 2 * K_ROWS, layout=gl.BlockedLayout([1], [32], [1], [0]))
-    fam = (code >> 28) & 3
-    base = fams[0]
-    k = ks[0]
-    if fam == 1:
-        base = fams[1]
-        k = ks[1]
-    elif fam == 2:
-        base = fams[2]
-        k = ks[2]
-    elif fam == 3:
-        base = fams[3]
-        k = ks[3]
-    half: gl.constexpr = BOXES * K_CHUNK // 2                  # values a lane prefetches
-    row = ((code & 0xFFFFFF) + lane % K_ROWS).to(gl.int64)
-    offs = row * k + ((code >> 24) & 15) * K_CHUNK + (lane // K_ROWS) * half
-    gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                              [base + offs, gl.full([2 * K_ROWS], half * 2, gl.int32, lane.type.layout)],
-                              dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _produce(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, mine, fams, ks, STAGES: gl.constexpr,
-             BOXES: gl.constexpr, PREFETCH: gl.constexpr):
-    """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
-    consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
-    [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
-    plus its row within the expert: the producer waits until the consumer has ranked that phase's router
-    (`ranked`, one mbarrier a routed phase) and reads the expert's first row from `rowbase`. Codes are loaded two
-    slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us).
-    PREFETCH > 0 (an experiment): after a flagged slot (`tile_lists(prefetch_after=STAGES)`: the ring is full when
-    the consumer starts waiting for a phase's input), prefetch the next PREFETCH static slots into L2, so HBM
-    streams through the wait and their TMA loads hit L2 after it."""
-    n_slots = gl.load(mine)
-    code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
-    code2 = gl.load(mine + 2)
-    for s in range(n_slots):
-        stage = s % STAGES
-        mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)      # a fresh barrier passes parity 1
-        fam = (code >> 28) & 3
-        row = code & 0xFFFFFF
-        chunk = (code >> 24) & 15
-        if ((code >> 30) & 1) != 0:
-            o = (row >> 16) & 0xFF
-            mbarrier.wait(ranked.index(o), 0)
-            row = _smem_int(rowbase, (o % K_GROUP) * K_MAX_TOP_K + ((row >> 12) & 15)) + (row & 0xFFF)
-        bar = full.index(stage)
-        mbarrier.expect(bar, BOXES * K_ROWS * K_CHUNK * 2)
-        if fam == 0:
-            _tma_load(d0, [chunk, row, 0], bar, ring.index(stage))
-        elif fam == 1:
-            _tma_load(d1, [chunk, row, 0], bar, ring.index(stage))
-        elif fam == 2:
-            _tma_load(d2, [chunk, row, 0], bar, ring.index(stage))
-        else:
-            _tma_load(d3, [chunk, row, 0], bar, ring.index(stage))
-        if PREFETCH > 0:
-            if code < 0:                             # PREFETCH_FLAG
-                for d in gl.static_range(PREFETCH):
-                    ahead = gl.load(mine + 2 + s + d)
-                    if (((ahead >> 30) & 1) == 0) & (s + 1 + d < n_slots):   # static tiles only
-                        _prefetch_l2(fams, ks, ahead, BOXES)
-        code = code2
-        code2 = gl.load(mine + 3 + s)
-
-
-@gluon.jit
-def _publish(ptrs, words):
-    """Store tagged words, each by one relaxed gpu-scope 64-bit store: atomic for its readers, and with no value to
-    return, nothing waits for it (an atomic exchange's return is an L2 round trip, ~1 us under load)."""
-    gl.inline_asm_elementwise("st.relaxed.gpu.global.b64 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,l", [ptrs, words],
-                              dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _lap(mark, total, ON: gl.constexpr):
-    """Profiling (ON): the SM's clock now, and `total` plus the cycles since `mark`; otherwise both unchanged."""
-    if ON:
-        now = gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,l", [mark], dtype=gl.int64, is_pure=False,
-                                        pack=1)
-        total += now - mark
-        mark = now
-    return mark, total
-
-
-@gluon.jit
-def _tagged(w, mask, tag):
-    """1 if every word of w (where mask) carries `tag`, else 0."""
-    return gl.min(gl.min(gl.where(mask & ((w >> 32).to(gl.int32) != tag), 0, 1), axis=1), axis=0)
-
-
-@gluon.jit
-def _poll(words_ptr, offs, mask, tag, err_ptr, POLLS: gl.constexpr):
-    """The words at offs (where mask), once every one carries `tag`; after POLLS polls in vain, sets *err_ptr
-    and returns them as they are (a grid whose programs are not all resident would otherwise hang)."""
-    w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
-    ready = _tagged(w, mask, tag)
-    n = tag * 0
-    while (ready == 0) & (n < POLLS):
-        w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
-        ready = _tagged(w, mask, tag)
-        n += 1
-    if ready == 0:
-        gl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
-    return w
-
-
-if hasattr(gl.shared_memory_descriptor, "reinterpret"):          # Triton 3.9
-    @gluon.jit
-    def _view(mem, shape: gl.constexpr, layout: gl.constexpr):
-        return mem.reinterpret(mem.dtype, shape, layout)
-else:                                                              # 3.6
-    @gluon.jit
-    def _view(mem, shape: gl.constexpr, layout: gl.constexpr):
-        return mem._reinterpret(mem.dtype, shape, layout)
-
-
-@gluon.jit
-def _word_of(v):
-    """The word holding value v of a phase's outputs (item v // ROWS, pair v % 8), and which half (0 low, 1 high)."""
-    return (v // K_ROWS) * (K_ROWS // 2) + v % (K_ROWS // 2), (v // (K_ROWS // 2)) % 2
-
-
-@gluon.jit
-def _value(w, half):
-    """The bf16 value in half `half` of each word, as fp32."""
-    return (((w >> (half * 16)) & 0xFFFF) << 16).to(gl.int32).to(gl.float32, bitcast=True)
+from crosspool.kernels.megakernel.produce import _produce
 
 
 @gluon.jit

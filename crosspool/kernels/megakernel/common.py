@@ -1,0 +1,186 @@
+"""The megakernel's device-side basics (issue 4): Gluon's names that differ across Triton releases, the plan's
+constants as the kernel sees them (module-level constants in a Gluon function must be `gl.constexpr`), and the
+helpers that both the producer (`produce.py`) and the consumers (`chain.py`) use: table fields, tags, tagged
+words (publish, poll, unpack), shared-memory views and the cycle counters.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import tma
+
+from crosspool.kernels.megakernel.plan import (
+    CHUNK,
+    F_FAM,
+    F_IN,
+    F_IN_CHUNKS,
+    F_IN_OFF,
+    F_ITEM_BASE,
+    F_ITEMS,
+    F_ITEMS_PER_SRC,
+    F_KC,
+    F_KIND,
+    F_NORM,
+    F_ORDINAL,
+    F_OUT_OFF,
+    F_RES,
+    F_RES_OFF,
+    F_ROUTE,
+    F_ROUTE_LAST,
+    F_ROUTE_N,
+    F_ROUTE_OFF,
+    F_ROW0,
+    F_SOURCES,
+    F_STRIDE,
+    F_UP,
+    F_WAIT,
+    F_WAIT_N,
+    F_WAIT_OFF,
+    GROUP,
+    MAX_EXPERTS,
+    MAX_ORDINALS,
+    MAX_TOP_K,
+    NCOL,
+    ROWS,
+    STAGE_CHUNKS,
+    SWIGLU,
+    TAG_PHASES,
+)
+
+SHARED_KIB = 227          # shared memory a program can have on sm_90 (1 KiB of it kept for barriers and scratch)
+
+# names that differ across Triton releases (3.9 | 3.6)
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
+
+# the constants above, as the kernel sees them
+K_ROWS = gl.constexpr(ROWS)
+K_CHUNK = gl.constexpr(CHUNK)
+K_SWIGLU = gl.constexpr(SWIGLU)
+K_TAG_PHASES = gl.constexpr(TAG_PHASES)
+K_STAGE_CHUNKS = gl.constexpr(STAGE_CHUNKS)
+K_NCOL = gl.constexpr(NCOL)
+K_F_KIND = gl.constexpr(F_KIND)
+K_F_FAM = gl.constexpr(F_FAM)
+K_F_ROW0 = gl.constexpr(F_ROW0)
+K_F_ITEMS = gl.constexpr(F_ITEMS)
+K_F_KC = gl.constexpr(F_KC)
+K_F_SOURCES = gl.constexpr(F_SOURCES)
+K_F_STRIDE = gl.constexpr(F_STRIDE)
+K_F_UP = gl.constexpr(F_UP)
+K_F_ITEMS_PER_SRC = gl.constexpr(F_ITEMS_PER_SRC)
+K_F_IN = gl.constexpr(F_IN)
+K_F_IN_CHUNKS = gl.constexpr(F_IN_CHUNKS)
+K_F_IN_OFF = gl.constexpr(F_IN_OFF)
+K_F_ITEM_BASE = gl.constexpr(F_ITEM_BASE)
+K_F_RES = gl.constexpr(F_RES)
+K_F_RES_OFF = gl.constexpr(F_RES_OFF)
+K_F_OUT_OFF = gl.constexpr(F_OUT_OFF)
+K_F_WAIT = gl.constexpr(F_WAIT)
+K_F_WAIT_OFF = gl.constexpr(F_WAIT_OFF)
+K_F_WAIT_N = gl.constexpr(F_WAIT_N)
+K_F_NORM = gl.constexpr(F_NORM)
+K_F_ROUTE = gl.constexpr(F_ROUTE)
+K_F_ROUTE_OFF = gl.constexpr(F_ROUTE_OFF)
+K_F_ROUTE_N = gl.constexpr(F_ROUTE_N)
+K_F_ORDINAL = gl.constexpr(F_ORDINAL)
+K_F_ROUTE_LAST = gl.constexpr(F_ROUTE_LAST)
+K_MAX_EXPERTS = gl.constexpr(MAX_EXPERTS)
+K_MAX_TOP_K = gl.constexpr(MAX_TOP_K)
+K_MAX_ORDINALS = gl.constexpr(MAX_ORDINALS)
+K_GROUP = gl.constexpr(GROUP)
+
+
+@gluon.jit
+def _field(table_ptr, p, col: gl.constexpr):
+    return gl.load(table_ptr + p * K_NCOL + col)
+
+
+@gluon.jit
+def _tag(epoch, p):
+    return (epoch * K_TAG_PHASES + p + 1) & 0x7FFFFFFF
+
+
+@gluon.jit
+def _tiles_per_item(table_ptr, p):
+    kc = _field(table_ptr, p, K_F_KC)
+    if _field(table_ptr, p, K_F_KIND) == K_SWIGLU:
+        n = 2 * kc
+    else:
+        n = _field(table_ptr, p, K_F_SOURCES) * kc
+    return n
+
+
+@gluon.jit
+def _first_item(table_ptr, p, pid, nprog, ROTATE: gl.constexpr):
+    """This program's first item of phase p and how many it takes (that one, + nprog, ...): item i goes to program
+    i % nprog, or with ROTATE to (F_ITEM_BASE + i) % nprog (`tile_lists(rotate=True)`)."""
+    if ROTATE:
+        i0 = (pid - _field(table_ptr, p, K_F_ITEM_BASE) % nprog + nprog) % nprog
+    else:
+        i0 = pid
+    return i0, gl.maximum(_field(table_ptr, p, K_F_ITEMS) - i0 + nprog - 1, 0) // nprog
+
+
+@gluon.jit
+def _publish(ptrs, words):
+    """Store tagged words, each by one relaxed gpu-scope 64-bit store: atomic for its readers, and with no value to
+    return, nothing waits for it (an atomic exchange's return is an L2 round trip, ~1 us under load)."""
+    gl.inline_asm_elementwise("st.relaxed.gpu.global.b64 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,l", [ptrs, words],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _lap(mark, total, ON: gl.constexpr):
+    """Profiling (ON): the SM's clock now, and `total` plus the cycles since `mark`; otherwise both unchanged."""
+    if ON:
+        now = gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,l", [mark], dtype=gl.int64, is_pure=False,
+                                        pack=1)
+        total += now - mark
+        mark = now
+    return mark, total
+
+
+@gluon.jit
+def _tagged(w, mask, tag):
+    """1 if every word of w (where mask) carries `tag`, else 0."""
+    return gl.min(gl.min(gl.where(mask & ((w >> 32).to(gl.int32) != tag), 0, 1), axis=1), axis=0)
+
+
+@gluon.jit
+def _poll(words_ptr, offs, mask, tag, err_ptr, POLLS: gl.constexpr):
+    """The words at offs (where mask), once every one carries `tag`; after POLLS polls in vain, sets *err_ptr
+    and returns them as they are (a grid whose programs are not all resident would otherwise hang)."""
+    w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
+    ready = _tagged(w, mask, tag)
+    n = tag * 0
+    while (ready == 0) & (n < POLLS):
+        w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
+        ready = _tagged(w, mask, tag)
+        n += 1
+    if ready == 0:
+        gl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
+    return w
+
+
+if hasattr(gl.shared_memory_descriptor, "reinterpret"):          # Triton 3.9
+    @gluon.jit
+    def _view(mem, shape: gl.constexpr, layout: gl.constexpr):
+        return mem.reinterpret(mem.dtype, shape, layout)
+else:                                                              # 3.6
+    @gluon.jit
+    def _view(mem, shape: gl.constexpr, layout: gl.constexpr):
+        return mem._reinterpret(mem.dtype, shape, layout)
+
+
+@gluon.jit
+def _word_of(v):
+    """The word holding value v of a phase's outputs (item v // ROWS, pair v % 8), and which half (0 low, 1 high)."""
+    return (v // K_ROWS) * (K_ROWS // 2) + v % (K_ROWS // 2), (v // (K_ROWS // 2)) % 2
+
+
+@gluon.jit
+def _value(w, half):
+    """The bf16 value in half `half` of each word, as fp32."""
+    return (((w >> (half * 16)) & 0xFFFF) << 16).to(gl.int32).to(gl.float32, bitcast=True)
