@@ -104,7 +104,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
     t_start = t_stage
     t_end = t_stage
     t_wait = t_stage
-    t_refill = t_stage
+    t_release = t_stage
     t_math = t_stage
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
     scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
@@ -158,7 +158,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
         if (router >= 0) & (ordinal >= ready):
             # rank the router's logits (softmax, greedy top-k, as `torch_ref.route` for OLMoE): every program
             # ranks them for itself and writes ids and weights to its own rows, for this routed phase and the
-            # following ones that share its router; then it issues the tiles it held back
+            # following ones that share its router, then tells the producer (`ranked`), which held those tiles back
             if RANK_KEYS:
                 # (an experiment) every warp holds all the logits, so its reductions stay in the warp, and one max
                 # a pick ranks them: key = the probability's bits (non-negative floats order as integers) above
@@ -227,7 +227,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
                 _cta_barrier()
                 mbarrier.arrive(empty.index(slot), count=1)
                 consumed += 1
-                mark, t_refill = _lap(mark, t_refill, PROFILE)
+                mark, t_release = _lap(mark, t_release, PROFILE)
                 if COMPUTE:
                     t0 = j * BOXES               # the slot's first chunk (a slot never spans two sources: kc % BOXES)
                     if kind == K_SWIGLU:
@@ -271,7 +271,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
         gl.store(prof_ptr + pid * 16 + 3, t_start)
         gl.store(prof_ptr + pid * 16 + 4, t_end)
         gl.store(prof_ptr + pid * 16 + 5, t_wait)
-        gl.store(prof_ptr + pid * 16 + 6, t_refill)
+        gl.store(prof_ptr + pid * 16 + 6, t_release)
         gl.store(prof_ptr + pid * 16 + 7, t_math)
         gl.store(prof_ptr + pid * 16 + 8, total)
 
