@@ -10,43 +10,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import tma
 
-from crosspool.kernels.megakernel.plan import (
-    CHUNK,
-    F_FAM,
-    F_IN,
-    F_IN_CHUNKS,
-    F_IN_OFF,
-    F_ITEM_BASE,
-    F_ITEMS,
-    F_ITEMS_PER_SRC,
-    F_KC,
-    F_KIND,
-    F_NORM,
-    F_ORDINAL,
-    F_OUT_OFF,
-    F_RES,
-    F_RES_OFF,
-    F_ROUTE,
-    F_ROUTE_LAST,
-    F_ROUTE_N,
-    F_ROUTE_OFF,
-    F_ROW0,
-    F_SOURCES,
-    F_STRIDE,
-    F_UP,
-    F_WAIT,
-    F_WAIT_N,
-    F_WAIT_OFF,
-    GROUP,
-    MAX_EXPERTS,
-    MAX_ORDINALS,
-    MAX_TOP_K,
-    NCOL,
-    ROWS,
-    STAGE_CHUNKS,
-    SWIGLU,
-    TAG_PHASES,
-)
+import crosspool.kernels.megakernel.plan as P
 
 SHARED_KIB = 227          # shared memory a program can have on sm_90 (1 KiB of it kept for barriers and scratch)
 
@@ -54,42 +18,39 @@ SHARED_KIB = 227          # shared memory a program can have on sm_90 (1 KiB of 
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 
-# the constants above, as the kernel sees them
-K_ROWS = gl.constexpr(ROWS)
-K_CHUNK = gl.constexpr(CHUNK)
-K_SWIGLU = gl.constexpr(SWIGLU)
-K_TAG_PHASES = gl.constexpr(TAG_PHASES)
-K_STAGE_CHUNKS = gl.constexpr(STAGE_CHUNKS)
-K_NCOL = gl.constexpr(NCOL)
-K_F_KIND = gl.constexpr(F_KIND)
-K_F_FAM = gl.constexpr(F_FAM)
-K_F_ROW0 = gl.constexpr(F_ROW0)
-K_F_ITEMS = gl.constexpr(F_ITEMS)
-K_F_KC = gl.constexpr(F_KC)
-K_F_SOURCES = gl.constexpr(F_SOURCES)
-K_F_STRIDE = gl.constexpr(F_STRIDE)
-K_F_UP = gl.constexpr(F_UP)
-K_F_ITEMS_PER_SRC = gl.constexpr(F_ITEMS_PER_SRC)
-K_F_IN = gl.constexpr(F_IN)
-K_F_IN_CHUNKS = gl.constexpr(F_IN_CHUNKS)
-K_F_IN_OFF = gl.constexpr(F_IN_OFF)
-K_F_ITEM_BASE = gl.constexpr(F_ITEM_BASE)
-K_F_RES = gl.constexpr(F_RES)
-K_F_RES_OFF = gl.constexpr(F_RES_OFF)
-K_F_OUT_OFF = gl.constexpr(F_OUT_OFF)
-K_F_WAIT = gl.constexpr(F_WAIT)
-K_F_WAIT_OFF = gl.constexpr(F_WAIT_OFF)
-K_F_WAIT_N = gl.constexpr(F_WAIT_N)
-K_F_NORM = gl.constexpr(F_NORM)
-K_F_ROUTE = gl.constexpr(F_ROUTE)
-K_F_ROUTE_OFF = gl.constexpr(F_ROUTE_OFF)
-K_F_ROUTE_N = gl.constexpr(F_ROUTE_N)
-K_F_ORDINAL = gl.constexpr(F_ORDINAL)
-K_F_ROUTE_LAST = gl.constexpr(F_ROUTE_LAST)
-K_MAX_EXPERTS = gl.constexpr(MAX_EXPERTS)
-K_MAX_TOP_K = gl.constexpr(MAX_TOP_K)
-K_MAX_ORDINALS = gl.constexpr(MAX_ORDINALS)
-K_GROUP = gl.constexpr(GROUP)
+# the plan's constants, as the kernel sees them
+K_ROWS = gl.constexpr(P.ROWS)
+K_CHUNK = gl.constexpr(P.CHUNK)
+K_SWIGLU = gl.constexpr(P.SWIGLU)
+K_TAG_PHASES = gl.constexpr(P.TAG_PHASES)
+K_STAGE_CHUNKS = gl.constexpr(P.STAGE_CHUNKS)
+K_NCOL = gl.constexpr(P.NCOL)
+K_F_KIND = gl.constexpr(P.F_KIND)
+K_F_ROW0 = gl.constexpr(P.F_ROW0)
+K_F_ITEMS = gl.constexpr(P.F_ITEMS)
+K_F_KC = gl.constexpr(P.F_KC)
+K_F_SOURCES = gl.constexpr(P.F_SOURCES)
+K_F_STRIDE = gl.constexpr(P.F_STRIDE)
+K_F_IN = gl.constexpr(P.F_IN)
+K_F_IN_CHUNKS = gl.constexpr(P.F_IN_CHUNKS)
+K_F_IN_OFF = gl.constexpr(P.F_IN_OFF)
+K_F_ITEM_BASE = gl.constexpr(P.F_ITEM_BASE)
+K_F_RES = gl.constexpr(P.F_RES)
+K_F_RES_OFF = gl.constexpr(P.F_RES_OFF)
+K_F_OUT_OFF = gl.constexpr(P.F_OUT_OFF)
+K_F_WAIT = gl.constexpr(P.F_WAIT)
+K_F_WAIT_OFF = gl.constexpr(P.F_WAIT_OFF)
+K_F_WAIT_N = gl.constexpr(P.F_WAIT_N)
+K_F_NORM = gl.constexpr(P.F_NORM)
+K_F_ROUTE = gl.constexpr(P.F_ROUTE)
+K_F_ROUTE_OFF = gl.constexpr(P.F_ROUTE_OFF)
+K_F_ROUTE_N = gl.constexpr(P.F_ROUTE_N)
+K_F_ORDINAL = gl.constexpr(P.F_ORDINAL)
+K_F_ROUTE_LAST = gl.constexpr(P.F_ROUTE_LAST)
+K_MAX_EXPERTS = gl.constexpr(P.MAX_EXPERTS)
+K_MAX_TOP_K = gl.constexpr(P.MAX_TOP_K)
+K_MAX_ORDINALS = gl.constexpr(P.MAX_ORDINALS)
+K_GROUP = gl.constexpr(P.GROUP)
 
 
 @gluon.jit
