@@ -104,10 +104,6 @@ def main() -> None:
     p.add_argument("--stages", type=int, help="slots in each program's ring (default: 192 KB of them)")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--json", help="write the results here too")
-    p.add_argument("--rotate", action="store_true", help="experiment: items rotated across phases")
-    p.add_argument("--rank-keys", action="store_true", help="experiment: one max a pick, inside each warp")
-    p.add_argument("--prefetch", type=int, default=0,
-                   help="experiment: slots prefetched into L2 while a consumer waits for a phase's input")
     p.add_argument("--profile", action="store_true",
                    help="count each program's SM cycles by what they went to, and print the split of each row")
     p.add_argument("--routed", action="store_true",
@@ -166,7 +162,7 @@ def main() -> None:
 
 
 def experiments(args: argparse.Namespace) -> dict:
-    return dict(profile=args.profile, rotate=args.rotate, rank_keys=args.rank_keys, prefetch=args.prefetch)
+    return dict(profile=args.profile)
 
 
 def run_commit() -> str:

@@ -131,46 +131,6 @@ def test_tile_lists_give_every_tile_once_in_consumption_order(nprog: int) -> Non
     assert got == want
 
 
-@pytest.mark.parametrize("nprog", [3, 132])
-def test_rotated_tile_lists_deal_each_phase_on_from_where_the_last_ended(nprog: int) -> None:
-    p = mk.plan(CHAIN, _families("cpu", 0), 2048)
-    plain, rotated = mk.tile_lists(p, nprog), mk.tile_lists(p, nprog, rotate=True)
-    items = [128, 128, 128, 4, 64]                       # CHAIN's phases, 16 rows an item
-    assert p.table[:, mk.F_ITEM_BASE].tolist() == [0, 128, 256, 384, 388]
-    tiles = [8, 16, 8, 8, 8]                             # an item's tiles (one chunk a slot)
-
-    def slots(lists: torch.Tensor, r: int) -> list[int]:
-        return lists[r, 1:1 + lists[r, 0].item()].tolist()
-
-    for r in range(nprog):                               # program r's items, phase by phase, each in order
-        got, at = slots(rotated, r), 0
-        for phase, (n, t, base) in enumerate(zip(items, tiles, [0, 128, 256, 384, 388], strict=True)):
-            mine = range((r - base) % nprog, n, nprog)
-            for i in mine:
-                owner = i % nprog                        # the same item's tiles in the plain lists
-                k = sum(len(range(owner, m, nprog)) * u for m, u in zip(items[:phase], tiles[:phase], strict=True))
-                k += (i // nprog) * t
-                assert got[at:at + t] == slots(plain, owner)[k:k + t], (r, phase, i)
-                at += t
-        assert at == len(got)
-
-
-def test_prefetch_flags_mark_the_slot_before_each_dependent_phases_wait() -> None:
-    p = mk.plan(CHAIN, _families("cpu", 0), 2048)
-    plain, flagged = mk.tile_lists(p, 3, 2), mk.tile_lists(p, 3, 2, prefetch_after=4)
-    assert torch.equal(flagged & 0x7FFFFFFF, plain)      # the flag is bit 31, and only that changes
-    for r in range(3):
-        n = plain[r, 0].item()
-        marks = [j for j in range(n) if flagged[r, 1 + j].item() < 0]
-        # program r's phases start at these slots; phase 0 reads the step's input, so it waits on nothing
-        firsts, at = [], 0
-        for items, slots in zip([128, 128, 128, 4, 64], [4, 8, 4, 4, 4], strict=True):
-            if len(range(r, items, 3)):
-                firsts.append(at)
-            at += len(range(r, items, 3)) * slots
-        assert marks == [f + 3 for f in firsts[1:] if f + 3 < n]
-
-
 def test_tile_lists_with_boxes_keep_each_slots_first_chunk() -> None:
     p = mk.plan(CHAIN, _families("cpu", 0), 2048)
     one, two = mk.tile_lists(p, 3, 1), mk.tile_lists(p, 3, 2, pad=5)
@@ -331,20 +291,15 @@ def _check_phases(chain: mk.Chain, phases: list[Phase], fam: list[torch.Tensor],
         torch.testing.assert_close(got[i], want, rtol=1e-2, atol=2e-3, msg=lambda m, i=i: f"phase {i}: {m}")
 
 
-# the experiments of docs/progress.md, all on (they are off by default)
-EXPERIMENTS = [{}, dict(rotate=True, rank_keys=True, prefetch=2)]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("experiments", EXPERIMENTS)
 @pytest.mark.parametrize("normed", [False, True])
-def test_chain_kernel_matches_reference_across_launches_and_replays(normed: bool, experiments: dict) -> None:
+def test_chain_kernel_matches_reference_across_launches_and_replays(normed: bool) -> None:
     fam = _families("cuda", 2)
     norms = _norms("cuda", 4) if normed else None
     phases = NORM_CHAIN if normed else CHAIN
-    chain = mk.Chain(phases, fam, 2048, norms=norms, eps=EPS, **experiments)
+    chain = mk.Chain(phases, fam, 2048, norms=norms, eps=EPS)
     x = torch.empty(2048, device="cuda")
     for seed in (3, 4):                                  # two eager launches: the epoch moves on
         x.copy_(torch.randn(2048, generator=torch.Generator().manual_seed(seed)))
@@ -368,10 +323,9 @@ def test_chain_kernel_matches_reference_across_launches_and_replays(normed: bool
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("experiments", EXPERIMENTS)
-def test_routed_chain_ranks_and_loads_the_chosen_experts(experiments: dict) -> None:
+def test_routed_chain_ranks_and_loads_the_chosen_experts() -> None:
     fam = _moe_families("cuda", 6)
-    chain = mk.Chain(MOE, fam, 2048, stages=12, boxes=2, **experiments)
+    chain = mk.Chain(MOE, fam, 2048, stages=12, boxes=2)
     x = torch.empty(2048, device="cuda")
     graph = None
     chosen = set()

@@ -44,7 +44,7 @@ from crosspool.kernels.megakernel.common import (
     SHARED_KIB,
     _cta_barrier,
     _field,
-    _first_item,
+    _items_of,
     _lap,
     _poll,
     _publish,
@@ -72,7 +72,7 @@ from crosspool.kernels.megakernel.produce import _produce
 def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_ptr, norms_ptr, eps, words_ptr,
              routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, STAGES: gl.constexpr,
              BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr,
-             PROFILE: gl.constexpr, ROTATE: gl.constexpr, RANK_KEYS: gl.constexpr):
+             PROFILE: gl.constexpr):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
@@ -83,7 +83,6 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
     rows_l: gl.constexpr = gl.SliceLayout(1, acc_l)
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     one_l: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    rank_l: gl.constexpr = gl.BlockedLayout([1, K_MAX_EXPERTS // 32], [1, 32], [WARPS, 1], [1, 0])  # [1, experts]
     # `xgroups.index(g)` is staged chunks g * BOXES.. as [BOXES, 1, CHUNK], the input of one ring slot (a slot's
     # first chunk is a multiple of BOXES)
     xgroups = _view(xs, [K_STAGE_CHUNKS // BOXES, BOXES, 1, K_CHUNK],
@@ -159,36 +158,20 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
             # rank the router's logits (softmax, greedy top-k, as `torch_ref.route` for OLMoE): every program
             # ranks them for itself and writes ids and weights to its own rows, for this routed phase and the
             # following ones that share its router, then tells the producer (`ranked`), which held those tiles back
-            if RANK_KEYS:
-                # (an experiment) every warp holds all the logits, so its reductions stay in the warp, and one max
-                # a pick ranks them: key = the probability's bits (non-negative floats order as integers) above
-                # MAX_EXPERTS - 1 - id, so equal probabilities go to the lower id, as below
-                eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, rank_l))[None, :]
-            else:
-                eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
+            eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
             valid = eoffs < _field(table_ptr, p, K_F_ROUTE_N)
             q, h = _word_of(eoffs)
             w = _poll(words_ptr, _field(table_ptr, p, K_F_ROUTE_OFF) + q, valid, _tag(epoch, router), err_ptr, POLLS)
             logit = gl.where(valid, _value(w, h), float("-inf"))
             ex = gl.where(valid, gl.exp(logit - gl.max(gl.max(logit, axis=1), axis=0)), 0.0)
             prob = ex / gl.sum(gl.sum(ex, axis=1), axis=0)
-            if RANK_KEYS:
-                key = gl.where(valid, (prob.to(gl.int32, bitcast=True).to(gl.int64) << 32)
-                               | (K_MAX_EXPERTS - 1 - eoffs), -1)
-            else:
-                sel = gl.where(valid, prob, -1.0)
+            sel = gl.where(valid, prob, -1.0)
             last = _field(table_ptr, p, K_F_ROUTE_LAST)
             for k in gl.static_range(K_MAX_TOP_K):
                 if k < _field(table_ptr, p, K_F_SOURCES):
-                    if RANK_KEYS:
-                        top = gl.max(gl.max(key, axis=1), axis=0)
-                        idx = K_MAX_EXPERTS - 1 - (top & 0xFFFFFFFF).to(gl.int32)
-                        best = (top >> 32).to(gl.int32).to(gl.float32, bitcast=True)
-                        key = gl.where(key == top, -1, key)
-                    else:
-                        best = gl.max(gl.max(sel, axis=1), axis=0)
-                        idx = gl.min(gl.min(gl.where(sel == best, eoffs, 1 << 30), axis=1), axis=0)
-                        sel = gl.where(eoffs == idx, -2.0, sel)
+                    best = gl.max(gl.max(sel, axis=1), axis=0)
+                    idx = gl.min(gl.min(gl.where(sel == best, eoffs, 1 << 30), axis=1), axis=0)
+                    sel = gl.where(eoffs == idx, -2.0, sel)
                     for o in range(ordinal, last + 1):
                         gl.store(expert_base + o * 2 * K_MAX_TOP_K + k, idx)
                         gl.store(expert_base + o * 2 * K_MAX_TOP_K + K_MAX_TOP_K + k, best.to(gl.int32, bitcast=True))
@@ -205,9 +188,8 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
 
         res = _field(table_ptr, p, K_F_RES)
         res_off = _field(table_ptr, p, K_F_RES_OFF)
-        i0, n_items = _first_item(table_ptr, p, pid, nprog, ROTATE)
-        for il in range(n_items):
-            i = i0 + il * nprog
+        for il in range(_items_of(table_ptr, p, pid, nprog)):
+            i = pid + il * nprog
             # the residual's words, loaded before the tiles so their round trip hides behind the arithmetic
             res_q, res_h = _word_of(i * K_ROWS + rows[:, None])
             res_words = gl.load(words_ptr + res_off + res_q, mask=(rows[:, None] < K_ROWS) & (res >= 0), other=0,
@@ -283,11 +265,10 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
 
 
 @gluon.jit
-def _chain_kernel(d0, d1, d2, d3, w0, w1, w2, w3, k0, k1, k2, k3, table_ptr, num_phases, tiles_ptr, tiles_stride,
+def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride,
                   x_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr,
                   nprog, prof_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr,
-                  POLLS: gl.constexpr, COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False,
-                  ROTATE: gl.constexpr = False, RANK_KEYS: gl.constexpr = False, PREFETCH: gl.constexpr = 0):
+                  POLLS: gl.constexpr, COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -309,9 +290,9 @@ def _chain_kernel(d0, d1, d2, d3, w0, w1, w2, w3, k0, k1, k2, k3, table_ptr, num
     gl.warp_specialize([
         (_consume, (ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_ptr, norms_ptr, eps, words_ptr,
                     routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, STAGES, BOXES,
-                    WARPS, POLLS, COMPUTE, PROFILE, ROTATE, RANK_KEYS)),
+                    WARPS, POLLS, COMPUTE, PROFILE)),
         (_produce, (d0, d1, d2, d3, ring, full, empty, ranked, rowbase, tiles_ptr + pid * tiles_stride,
-                    (w0, w1, w2, w3), (k0, k1, k2, k3), STAGES, BOXES, PREFETCH)),
+                    STAGES, BOXES)),
     ], [1], [48])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(s))
@@ -324,8 +305,7 @@ class Chain:
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int = 4, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
-                 norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False, rotate: bool = False,
-                 rank_keys: bool = False, prefetch: int = 0) -> None:
+                 norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -355,10 +335,7 @@ class Chain:
         self.words = torch.zeros(self.plan.words, dtype=torch.int64, device=dev)
         self.state = torch.zeros(3, dtype=torch.int32, device=dev)          # epoch, done count, error flag
         self.nprog = num_sms(dev)
-        # experiments, off by default (docs/progress.md): items rotated across phases, ranking by one max a pick
-        # inside each warp, and `prefetch` slots prefetched into L2 while a consumer waits for a phase's input
-        self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1, rotate=rotate,
-                                prefetch_after=stages if prefetch else 0).to(dev)
+        self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1).to(dev)
         n_ord = max(1, len(self.plan.routed))
         self.routes = torch.tensor(self.plan.routed or [0], dtype=torch.int32, device=dev)
         # each program's ranking of each routed phase: MAX_TOP_K expert ids, then their weights' fp32 bits
@@ -367,15 +344,13 @@ class Chain:
         # profile=True: each program counts its SM cycles by what it did (`profile()`)
         self.prof = torch.zeros(self.nprog, 16, dtype=torch.int64, device=dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
-                         ROTATE=rotate, RANK_KEYS=rank_keys, PREFETCH=prefetch, num_warps=warps)
-        fams = families + [families[0]] * (4 - len(families))
-        self.fam_args = fams + [w.shape[1] for w in fams]       # base pointers and row lengths, for prefetches
+                         num_warps=warps)
 
     def run(self, x: torch.Tensor) -> None:
         if x.shape != (self.plan.input_len,) or x.dtype != torch.float32:
             raise ValueError(f"input: expected fp32 [{self.plan.input_len}], got {x.dtype} {tuple(x.shape)}")
         st = self.state
-        _chain_kernel[(self.nprog,)](*self.descs, *self.fam_args, self.table, len(self.phases), self.tiles,
+        _chain_kernel[(self.nprog,)](*self.descs, self.table, len(self.phases), self.tiles,
                                      self.tiles.shape[1], x, self.norms, self.eps, self.words, self.routes,
                                      self.experts, self.experts.shape[1], st[0:], st[1:], st[2:], self.nprog,
                                      self.prof, **self.meta)

@@ -34,7 +34,6 @@ K_F_STRIDE = gl.constexpr(P.F_STRIDE)
 K_F_IN = gl.constexpr(P.F_IN)
 K_F_IN_CHUNKS = gl.constexpr(P.F_IN_CHUNKS)
 K_F_IN_OFF = gl.constexpr(P.F_IN_OFF)
-K_F_ITEM_BASE = gl.constexpr(P.F_ITEM_BASE)
 K_F_RES = gl.constexpr(P.F_RES)
 K_F_RES_OFF = gl.constexpr(P.F_RES_OFF)
 K_F_OUT_OFF = gl.constexpr(P.F_OUT_OFF)
@@ -74,14 +73,9 @@ def _tiles_per_item(table_ptr, p):
 
 
 @gluon.jit
-def _first_item(table_ptr, p, pid, nprog, ROTATE: gl.constexpr):
-    """This program's first item of phase p and how many it takes (that one, + nprog, ...): item i goes to program
-    i % nprog, or with ROTATE to (F_ITEM_BASE + i) % nprog (`tile_lists(rotate=True)`)."""
-    if ROTATE:
-        i0 = (pid - _field(table_ptr, p, K_F_ITEM_BASE) % nprog + nprog) % nprog
-    else:
-        i0 = pid
-    return i0, gl.maximum(_field(table_ptr, p, K_F_ITEMS) - i0 + nprog - 1, 0) // nprog
+def _items_of(table_ptr, p, pid, nprog):
+    """How many of phase p's items this program takes: item i goes to program i % nprog."""
+    return gl.maximum(_field(table_ptr, p, K_F_ITEMS) - pid + nprog - 1, 0) // nprog
 
 
 @gluon.jit

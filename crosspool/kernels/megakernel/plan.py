@@ -22,9 +22,7 @@ STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
 (F_KIND, F_FAM, F_ROW0, F_ITEMS, F_KC, F_SOURCES, F_STRIDE, F_UP, F_ITEMS_PER_SRC, F_IN, F_IN_CHUNKS, F_IN_OFF,
  F_RES, F_RES_OFF, F_OUT_OFF, F_WAIT) = range(16)
 F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL, F_ROUTE_LAST = 16, 17, 18, 19, 20, 21, 22, 23
-F_ITEM_BASE = 24          # items of all earlier phases (with rotation, item 0 goes to program F_ITEM_BASE % nprog)
-NCOL = 25
-PREFETCH_FLAG = -(1 << 31)  # tile-code bit 31: after issuing this slot, prefetch the next ones into L2
+NCOL = 24
 MAX_EXPERTS = 256         # router outputs a routed phase can rank
 MAX_TOP_K = 16            # experts a routed phase takes
 MAX_ORDINALS = 128        # routed phases a chain can have
@@ -70,7 +68,7 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
     ValueError naming the phase."""
     if not phases or len(phases) >= TAG_PHASES:
         raise ValueError(f"a chain has 1..{TAG_PHASES - 1} phases, got {len(phases)}")
-    rows, offsets, total, item_base = [], [], 0, 0
+    rows, offsets, total = [], [], 0
     lengths: list[int] = []
     routed: list[int] = []
 
@@ -129,8 +127,7 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
                      lengths[ph.wait] // 2 if ph.wait >= 0 else 0, ph.norm, ph.route,
                      src_off(ph.route) if ph.route != NO_PHASE else 0,
                      lengths[ph.route] if ph.route != NO_PHASE else 0,
-                     len(routed) if ph.route != NO_PHASE else -1, -1, item_base])
-        item_base += ph.out_rows // ROWS
+                     len(routed) if ph.route != NO_PHASE else -1, -1])
         if ph.route != NO_PHASE:
             routed.append(i)
         total += ph.out_rows // 2                 # two values a word
@@ -195,19 +192,13 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
     return outs
 
 
-def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, rotate: bool = False,
-               prefetch_after: int = 0) -> torch.Tensor:
+def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0) -> torch.Tensor:
     """Each program's ring slots in the order it consumes them (its items of phase 0, then of phase 1, ...; an
     item's tiles in order, `boxes` consecutive chunks a slot), as int32 codes family << 28 | first chunk << 24 | row;
     a routed phase's row is ROUTED | ordinal << 16 | source << 12 | row within the expert. Element 0 of program r's
     list is its count, and `pad` zero codes follow the last. The ring's producer only reads the next code, so its
-    loads can run ahead across phases, up to the first routed tile whose routing is not known yet.
-    rotate: item i of a phase goes to program (F_ITEM_BASE + i) % nprog, not i % nprog, so each phase's items go
-    first to the programs the phases before left idle. prefetch_after=d > 0: the code d - 1 slots after the first
-    slot of each phase whose input is another phase's output carries PREFETCH_FLAG. When the consumer waits for that
-    input, the producer has just issued the flagged slot (a ring of d slots) and may prefetch past it into L2."""
+    loads can run ahead across phases, up to the first routed tile whose routing is not known yet."""
     per_prog: list[list[torch.Tensor]] = [[] for _ in range(nprog)]
-    starts: list[list[bool]] = [[] for _ in range(nprog)]        # does each of a program's phases wait on its input
     for f in p.table.tolist():
         kind, fam, row0, items, kc = f[F_KIND], f[F_FAM], f[F_ROW0], f[F_ITEMS], f[F_KC]
         item = torch.arange(items)[:, None]
@@ -231,24 +222,9 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, rotate: bool =
         if kc % boxes or kc > 16:
             raise ValueError(f"{boxes} boxes a slot do not divide a row's {kc} chunks (at most 16 are coded)")
         codes = ((fam << 28) | ((t % kc) << 24) | rows)[:, ::boxes]
-        base = f[F_ITEM_BASE] if rotate else 0
         for r in range(min(nprog, items)):
-            per_prog[(base + r) % nprog].append(codes[r::nprog].reshape(-1))
-            starts[(base + r) % nprog].append(f[F_IN] >= 0)
-    flat = []
-    for c, dependent in zip(per_prog, starts, strict=True):
-        if not c:
-            flat.append(torch.zeros(0, dtype=torch.int64))
-            continue
-        lengths = [len(x) for x in c]
-        codes = torch.cat(c)
-        if prefetch_after > 0:
-            first = 0
-            for n, dep in zip(lengths, dependent, strict=True):
-                if dep and first + prefetch_after - 1 < len(codes):
-                    codes[first + prefetch_after - 1] |= PREFETCH_FLAG
-                first += n
-        flat.append(codes)
+            per_prog[r].append(codes[r::nprog].reshape(-1))
+    flat = [torch.cat(c) if c else torch.zeros(0, dtype=torch.int64) for c in per_prog]
     width = 1 + max(len(c) for c in flat) + pad
     out = torch.zeros(nprog, width, dtype=torch.int32)
     for r, c in enumerate(flat):

@@ -24,42 +24,14 @@ def _smem_int(buf, i):
 
 
 @gluon.jit
-def _prefetch_l2(fams, ks, code, BOXES: gl.constexpr):
-    """Prefetch the slot a static tile code names into L2: its ROWS rows of BOXES * CHUNK values, one half-row a
-    lane (cp.async.bulk.prefetch.L2, no completion to wait for)."""
-    lane = gl.arange(0, 2 * K_ROWS, layout=gl.BlockedLayout([1], [32], [1], [0]))
-    fam = (code >> 28) & 3
-    base = fams[0]
-    k = ks[0]
-    if fam == 1:
-        base = fams[1]
-        k = ks[1]
-    elif fam == 2:
-        base = fams[2]
-        k = ks[2]
-    elif fam == 3:
-        base = fams[3]
-        k = ks[3]
-    half: gl.constexpr = BOXES * K_CHUNK // 2                  # values a lane prefetches
-    row = ((code & 0xFFFFFF) + lane % K_ROWS).to(gl.int64)
-    offs = row * k + ((code >> 24) & 15) * K_CHUNK + (lane // K_ROWS) * half
-    gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                              [base + offs, gl.full([2 * K_ROWS], half * 2, gl.int32, lane.type.layout)],
-                              dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _produce(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, mine, fams, ks, STAGES: gl.constexpr,
-             BOXES: gl.constexpr, PREFETCH: gl.constexpr):
+def _produce(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, mine, STAGES: gl.constexpr,
+             BOXES: gl.constexpr):
     """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
     consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
     [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
     plus its row within the expert: the producer waits until the consumer has ranked that phase's router
     (`ranked`, one mbarrier a routed phase) and reads the expert's first row from `rowbase`. Codes are loaded two
-    slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us).
-    PREFETCH > 0 (an experiment): after a flagged slot (`tile_lists(prefetch_after=STAGES)`: the ring is full when
-    the consumer starts waiting for a phase's input), prefetch the next PREFETCH static slots into L2, so HBM
-    streams through the wait and their TMA loads hit L2 after it."""
+    slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us)."""
     n_slots = gl.load(mine)
     code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
     code2 = gl.load(mine + 2)
@@ -83,11 +55,5 @@ def _produce(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, mine, fams, ks,
             _tma_load(d2, [chunk, row, 0], bar, ring.index(stage))
         else:
             _tma_load(d3, [chunk, row, 0], bar, ring.index(stage))
-        if PREFETCH > 0:
-            if code < 0:                             # PREFETCH_FLAG
-                for d in gl.static_range(PREFETCH):
-                    ahead = gl.load(mine + 2 + s + d)
-                    if (((ahead >> 30) & 1) == 0) & (s + 1 + d < n_slots):   # static tiles only
-                        _prefetch_l2(fams, ks, ahead, BOXES)
         code = code2
         code2 = gl.load(mine + 3 + s)
