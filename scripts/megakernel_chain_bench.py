@@ -42,26 +42,32 @@ H, QKV, INTER, EXPERTS, ROUTER, NUM_EXPERTS = 2048, 6144, 1024, 8, 64, 64
 ATTN_ROWS = QKV + H + ROUTER
 
 
-def olmoe_layer_routed(layers: int, routed: bool = True, normed: bool = True) -> list[Phase]:
+def olmoe_layer_routed(layers: int, routed: bool = True, normed: bool = True, splits: int = 0) -> list[Phase]:
     """The real FFN half: input norm before QKV, post-attention norm before the router and the experts, and the
     8 experts of each layer chosen from its 64 by its router at run time (family 1 and 2 hold all 64).
-    routed=False: experts 0-7, the gate/up waiting on the router; normed=False: no norms."""
+    routed=False: experts 0-7, the gate/up waiting on the router; normed=False: no norms. splits > 0: the real
+    attention between QKV and o_proj (q/k norms, RoPE, the KV cache, heads split that many ways), else o_proj reads
+    q's rows."""
     phases: list[Phase] = []
     h = -1
     for layer in range(layers):
         b, e = layer * ATTN_ROWS, layer * NUM_EXPERTS * 2 * INTER
         n = len(phases)
         norm = (lambda at: at if normed else -1)
-        how = dict(route=n + 2) if routed else {}
+        phases.append(Phase("sum", 0, b, QKV, H, input=h, norm=norm(0)))
+        if splits:
+            phases.append(Phase("attention", 0, layer, H, mk.HEAD_DIM, sources=splits, input=n, norm=norm(2 * H),
+                                scale=mk.HEAD_DIM ** -0.5))
+        o = len(phases)
+        how = dict(route=o + 1) if routed else {}
         phases += [
-            Phase("sum", 0, b, QKV, H, input=h, norm=norm(0)),
-            Phase("sum", 0, b + QKV, H, H, input=n, residual=h),
-            Phase("sum", 0, b + QKV + H, ROUTER, H, input=n + 1, norm=norm(H)),
+            Phase("sum", 0, b + QKV, H, H, input=o - 1, residual=h),
+            Phase("sum", 0, b + QKV + H, ROUTER, H, input=o, norm=norm(H)),
             Phase("swiglu", 1, e, EXPERTS * INTER, H, sources=EXPERTS, stride=2 * INTER, up_offset=INTER,
-                  input=n + 1, norm=norm(H), **(how if routed else dict(wait=n + 2))),
-            Phase("sum", 2, e, H, INTER, sources=EXPERTS, stride=2 * INTER, input=n + 3, residual=n + 1, **how),
+                  input=o, norm=norm(H), **(how if routed else dict(wait=o + 1))),
+            Phase("sum", 2, e, H, INTER, sources=EXPERTS, stride=2 * INTER, input=o + 2, residual=o, **how),
         ]
-        h = n + 4
+        h = o + 3
     return phases
 
 
@@ -106,6 +112,9 @@ def main() -> None:
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--profile", action="store_true",
                    help="count each program's SM cycles by what they went to, and print the split of each row")
+    p.add_argument("--attention", type=int, default=0, metavar="SPLITS",
+                   help="with --routed: also time the chain with attention at --context, heads split SPLITS ways")
+    p.add_argument("--context", type=int, default=1024, help="context length for --attention")
     p.add_argument("--routed", action="store_true",
                    help="time the routed chain instead: norms, and 8 of 64 experts a layer chosen by its router "
                         "(12.9 GB of expert weights for 16 layers, of which a step reads 2.15 GB)")
@@ -189,27 +198,42 @@ def routed(args: argparse.Namespace, weights, dev: torch.device, g: torch.Genera
     L = args.layers
     fam = [weights(L * ATTN_ROWS, H, 0.01), weights(L * NUM_EXPERTS * 2 * INTER, H, 0.002),
            weights(L * NUM_EXPERTS * 2 * INTER, INTER, 0.01)]
-    norms = (1 + 0.1 * torch.randn(2 * H, generator=g, device=dev)).to(torch.bfloat16)
+    norms = (1 + 0.1 * torch.randn(4 * H, generator=g, device=dev)).to(torch.bfloat16)
     x = torch.randn(H, generator=g, device=dev)
     step_bytes = L * (ATTN_ROWS * H + EXPERTS * 2 * INTER * H + EXPERTS * H * INTER) * 2
+    kv_bytes = L * args.context * 2 * H * 2                  # the cached keys and values a step reads
+    ctx = args.context
+    blocks = -(-ctx // mk.BLOCK)
+    kv = (torch.randn(blocks, L, 2, mk.BLOCK, H // mk.HEAD_DIM, mk.HEAD_DIM, generator=g, device=dev)).to(
+        torch.bfloat16)
+    table = torch.randperm(blocks, generator=g, device=dev).to(torch.int32)
+    freq = (ctx - 1) / 10000 ** (torch.arange(0, mk.HEAD_DIM, 2, device=dev) / mk.HEAD_DIM)   # RoPE at ctx - 1
+    step = mk.Step(kv, table, ctx, freq.cos(), freq.sin())
     copy_bw = copy_bandwidth(dev)
     print(f"routed chain: {L} layers, {step_bytes / 1e6:.0f} MB a step; ring {args.stages} x {8 * args.boxes} KB, "
           f"{args.warps} warps (a near-tie in some layer's router can pick another expert than the reference)")
     print("| variant | us a step | frac of copy bw | last output, max rel err |\n|---|---:|---:|---:|")
     rows = {}
-    for name, routed_, normed in (("routed, normed", True, True), ("routed, no norms", True, False),
-                                  ("experts 0-7 (waiting on the router), normed", False, True)):
-        phases = olmoe_layer_routed(L, routed_, normed)
+    variants = [("routed, normed", True, True, 0), ("routed, no norms", True, False, 0),
+                ("experts 0-7 (waiting on the router), normed", False, True, 0)]
+    if args.attention:
+        variants = [(f"routed, normed, attention at {ctx} ({args.attention} splits)", True, True, args.attention),
+                    variants[0]]
+    for name, routed_, normed, splits in variants:
+        phases = olmoe_layer_routed(L, routed_, normed, splits)
         chain = mk.Chain(phases, fam, H, stages=args.stages, boxes=args.boxes, warps=args.warps, norms=norms,
-                         **experiments(args))
+                         kv=kv if splits else None, max_blocks=blocks, **experiments(args))
+        chain.set_step(ctx, table, step.cos, step.sin)
         us = graph_us([lambda c=chain: c.run(x)], reps=9)
         chain.run(x)
         torch.cuda.synchronize()
         chain.check()
-        got, want = chain.outputs()[-1], mk.reference(phases, fam, x, norms)[-1]
+        ref_step = mk.Step(kv.clone(), table, ctx, step.cos, step.sin)
+        got, want = chain.outputs()[-1], mk.reference(phases, fam, x, norms, step=ref_step)[-1]
         err = ((got - want).abs().max() / want.abs().max()).item()
-        rows[name] = dict(us=us, frac_copy_bw=step_bytes / (us * 1e-6) / copy_bw, last_output_max_rel_err=err,
-                          profile=chain.profile() if args.profile else None)
+        nbytes = step_bytes + (kv_bytes if splits else 0)
+        rows[name] = dict(us=us, bytes=nbytes, frac_copy_bw=nbytes / (us * 1e-6) / copy_bw,
+                          last_output_max_rel_err=err, profile=chain.profile() if args.profile else None)
         print(f"| {name} | {us:.1f} | {rows[name]['frac_copy_bw']:.3f} | {err:.1e} |")
     print_profiles(rows)
     if args.json:

@@ -29,16 +29,20 @@ def main() -> None:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--sass", help="write the SASS here")
     p.add_argument("--profile", action="store_true", help="with the cycle counters")
+    p.add_argument("--splits", type=int, default=1, help="attention splits (SPLITS)")
     args = p.parse_args()
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
     desc = f"tensordesc<bf16[{args.boxes}, {mk.ROWS}, {mk.CHUNK}],{layout!r}>"
-    sig = {"d0": desc, "d1": desc, "d2": desc, "d3": desc, "table_ptr": "*i32", "num_phases": "i32",
+    sig = {"d0": desc, "d1": desc, "d2": desc, "d3": desc,
+           "dkv": f"tensordesc<bf16[{mk.BLOCK}, 1, {mk.HEAD_DIM}],{layout!r}>", "table_ptr": "*i32",
+           "num_phases": "i32",
            "tiles_ptr": "*i32", "tiles_stride": "i32", "x_ptr": "*fp32", "norms_ptr": "*bf16", "eps": "fp32",
            "words_ptr": "*i64", "routes_ptr": "*i32", "experts_ptr": "*i32", "n_ord": "i32", "epoch_ptr": "*i32",
            "done_ptr": "*i32", "err_ptr": "*i32", "nprog": "i32",
-           "prof_ptr": "*i64"}
+           "prof_ptr": "*i64", "kv_ptr": "*bf16", "kv_layers": "i32", "ctx_ptr": "*i32", "bt_ptr": "*i32",
+           "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
     const = dict(STAGES=args.stages, BOXES=args.boxes, WARPS=args.warps, POLLS=1 << 22, COMPUTE=True,
-                 PROFILE=args.profile)
+                 PROFILE=args.profile, SPLITS=args.splits)
     kernel = triton.compile(GluonASTSource(chain._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=args.warps))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -12,14 +12,19 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
 from crosspool.kernels._common import num_sms
+from crosspool.kernels.megakernel.attend import _attend_item, _stage_combined
 from crosspool.kernels.megakernel.common import (
+    K_ATTENTION,
     K_CHUNK,
     K_F_IN,
     K_F_IN_CHUNKS,
+    K_F_IN_LSE,
     K_F_IN_OFF,
+    K_F_IN_SPLITS,
     K_F_KC,
     K_F_KIND,
     K_F_NORM,
+    K_F_NORM_SEG,
     K_F_ORDINAL,
     K_F_OUT_OFF,
     K_F_RES,
@@ -35,6 +40,7 @@ from crosspool.kernels.megakernel.common import (
     K_F_WAIT_N,
     K_F_WAIT_OFF,
     K_GROUP,
+    K_HEAD_DIM,
     K_MAX_EXPERTS,
     K_MAX_ORDINALS,
     K_MAX_TOP_K,
@@ -56,7 +62,9 @@ from crosspool.kernels.megakernel.common import (
     _word_of,
 )
 from crosspool.kernels.megakernel.plan import (
+    BLOCK,
     CHUNK,
+    HEAD_DIM,
     MAX_TOP_K,
     ROWS,
     STAGE_CHUNKS,
@@ -69,10 +77,10 @@ from crosspool.kernels.megakernel.produce import _produce
 
 
 @gluon.jit
-def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_ptr, norms_ptr, eps, words_ptr,
-             routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, STAGES: gl.constexpr,
-             BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr,
-             PROFILE: gl.constexpr):
+def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_phases, x_ptr, norms_ptr, eps, words_ptr,
+             routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr, kv_layers,
+             ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr,
+             POLLS: gl.constexpr, COMPUTE: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
@@ -88,6 +96,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
     xgroups = _view(xs, [K_STAGE_CHUNKS // BOXES, BOXES, 1, K_CHUNK],
                     gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
     epoch = gl.load(epoch_ptr)
+    ctx = gl.load(ctx_ptr)
     zero = pid * 0
     expert_base = experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K
     ready = zero                                     # routed phases this program has ranked
@@ -116,7 +125,20 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
         _cta_barrier()                               # every warp is done with the previous phase's input
         n_in = _field(table_ptr, p, K_F_IN_CHUNKS)
         norm = _field(table_ptr, p, K_F_NORM)
-        squares = eps * 0.0                          # the input's sum of squares, for a phase with a norm
+        seg = _field(table_ptr, p, K_F_NORM_SEG)     # chunks under the first norm (attention: q's; k has its own)
+        squares = eps * 0.0                          # the input's sums of squares, for a phase with a norm
+        squares2 = squares
+        if SPLITS > 1:
+            if _field(table_ptr, p, K_F_IN_SPLITS) > 0:
+                # an attention phase's output: its splits combined as they are staged
+                xc = _view(xs, [K_STAGE_CHUNKS * SPLITS // 16, 16 // SPLITS, K_CHUNK],
+                           gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+                for r in range(0, n_in, 16 // SPLITS):
+                    vals = _stage_combined(words_ptr, _field(table_ptr, p, K_F_IN_OFF),
+                                           _field(table_ptr, p, K_F_IN_LSE), _field(table_ptr, src, K_F_STRIDE), r,
+                                           n_in, _tag(epoch, src), err_ptr, SPLITS, WARPS, POLLS)
+                    xc.index(r // (16 // SPLITS)).store(vals.to(gl.bfloat16))
+                n_in = 0                             # staged
         for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
             if r < n_in:
                 offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]            # value indices
@@ -131,19 +153,24 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
                 vals = vals.to(gl.bfloat16)
                 if norm >= 0:
                     sq = vals.to(gl.float32)
-                    squares += gl.sum(gl.sum(sq * sq, axis=1), axis=0)
+                    sq = sq * sq
+                    first = (r + srow)[:, None] < seg
+                    squares += gl.sum(gl.sum(gl.where(first, sq, 0.0), axis=1), axis=0)
+                    squares2 += gl.sum(gl.sum(gl.where(first, 0.0, sq), axis=1), axis=0)
                 xs.slice(r, K_ROWS).store(vals)
         mark, t_poll = _lap(mark, t_poll, PROFILE)
         if norm >= 0:
             # RMSNorm as the model rounds it: bf16(g * bf16(x * rstd)); each thread rescales the values it staged
-            rstd = gl.rsqrt(squares / (n_in * K_CHUNK) + eps)
+            rstd = gl.rsqrt(squares / (seg * K_CHUNK) + eps)
+            rstd2 = gl.rsqrt(squares2 / (gl.maximum(n_in - seg, 1) * K_CHUNK) + eps)
             for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
                 if r < n_in:
                     offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]
                     mask = (r + srow)[:, None] < n_in
                     g = gl.load(norms_ptr + norm + offs, mask=mask, other=0.0).to(gl.float32)
                     v = xs.slice(r, K_ROWS).load(stage_l).to(gl.float32)
-                    xs.slice(r, K_ROWS).store((g * (v * rstd).to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16))
+                    v = v * gl.where((r + srow)[:, None] < seg, rstd, rstd2)
+                    xs.slice(r, K_ROWS).store((g * v.to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16))
         wait = _field(table_ptr, p, K_F_WAIT)
         if wait >= 0:
             offs = srow[:, None] * K_CHUNK + scol[None, :]
@@ -188,7 +215,14 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
 
         res = _field(table_ptr, p, K_F_RES)
         res_off = _field(table_ptr, p, K_F_RES_OFF)
-        for il in range(_items_of(table_ptr, p, pid, nprog)):
+        n_items = _items_of(table_ptr, p, pid, nprog)
+        if kind == K_ATTENTION:
+            for il in range(n_items):
+                consumed = _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, pid + il * nprog,
+                                        ctx, words_ptr, epoch, err_ptr, kv_ptr, bt_ptr, kv_layers, cos_ptr, sin_ptr,
+                                        STAGES, WARPS, POLLS)
+            n_items = 0
+        for il in range(n_items):
             i = pid + il * nprog
             # the residual's words, loaded before the tiles so their round trip hides behind the arithmetic
             res_q, res_h = _word_of(i * K_ROWS + rows[:, None])
@@ -265,10 +299,11 @@ def _consume(ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_pt
 
 
 @gluon.jit
-def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride,
+def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_stride,
                   x_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr,
-                  nprog, prof_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr,
-                  POLLS: gl.constexpr, COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False):
+                  nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr,
+                  BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr = True,
+                  PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 1):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -281,6 +316,8 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
     # each ranked expert's first row, for the producer: [GROUP routed phases (ordinal % GROUP), MAX_TOP_K]
     rowbase = gl.allocate_shared_memory(gl.int32, [K_GROUP * K_MAX_TOP_K, 1],
                                         gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    # an attention item's rotated q, new key, and output (fp32)
+    scratch = gl.allocate_shared_memory(gl.float32, [4, K_HEAD_DIM], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     for s in gl.static_range(STAGES):
         mbarrier.init(full.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
@@ -288,11 +325,12 @@ def _chain_kernel(d0, d1, d2, d3, table_ptr, num_phases, tiles_ptr, tiles_stride
         mbarrier.init(ranked.index(o), count=1)
     fence_async_shared()
     gl.warp_specialize([
-        (_consume, (ring, full, empty, ranked, rowbase, xs, table_ptr, num_phases, x_ptr, norms_ptr, eps, words_ptr,
-                    routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, STAGES, BOXES,
-                    WARPS, POLLS, COMPUTE, PROFILE)),
-        (_produce, (d0, d1, d2, d3, ring, full, empty, ranked, rowbase, tiles_ptr + pid * tiles_stride,
-                    STAGES, BOXES)),
+        (_consume, (ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_phases, x_ptr, norms_ptr, eps,
+                    words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
+                    kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
+                    SPLITS)),
+        (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, tiles_ptr + pid * tiles_stride,
+                    table_ptr, ctx_ptr, bt_ptr, kv_layers, STAGES, BOXES)),
     ], [1], [48])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(s))
@@ -305,7 +343,8 @@ class Chain:
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int = 4, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
-                 norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False) -> None:
+                 norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
+                 kv: torch.Tensor | None = None, max_blocks: int = 1) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -343,21 +382,71 @@ class Chain:
         # compute=False (timing only): the weight tiles stream through the ring unread; the outputs are wrong
         # profile=True: each program counts its SM cycles by what it did (`profile()`)
         self.prof = torch.zeros(self.nprog, 16, dtype=torch.int64, device=dev)
+        self._bind_kv(kv, max_blocks, dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
+                         SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=1),
                          num_warps=warps)
+
+    def _bind_kv(self, kv: torch.Tensor | None, max_blocks: int, dev: torch.device) -> None:
+        """The KV cache the attention phases read and write ([blocks, layers, 2, BLOCK, heads, HEAD_DIM]), as one TMA
+        descriptor over its [blocks * layers * 2 * BLOCK, heads, HEAD_DIM] view (a box: one block of one head), and
+        the step's buffers, which `set_step` fills (a CUDA graph reads them where they are)."""
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        attention = [ph for ph in self.phases if ph.kind == "attention"]
+        if attention and kv is None:
+            raise ValueError("a chain with attention phases needs the KV cache (kv=)")
+        if kv is not None:
+            heads = {ph.out_rows // HEAD_DIM for ph in attention}
+            if kv.dim() != 6 or kv.shape[2:4] != (2, BLOCK) or kv.shape[5] != HEAD_DIM or kv.dtype != torch.bfloat16 \
+                    or not kv.is_contiguous() or kv.device != dev or heads - {kv.shape[4]} or \
+                    any(ph.row0 >= kv.shape[1] for ph in attention):
+                raise ValueError(f"kv: a contiguous bf16 [blocks, layers, 2, {BLOCK}, heads, {HEAD_DIM}] tensor on the "
+                                 f"weights' device with the attention phases' heads ({sorted(heads)}) and layers, got "
+                                 f"{kv.dtype} {tuple(kv.shape)}")
+        self.kv = kv if kv is not None else torch.zeros(1, 1, 2, BLOCK, 1, HEAD_DIM, dtype=torch.bfloat16, device=dev)
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
+        self.kv_desc = TensorDescriptor.from_tensor(self.kv.view(-1, self.kv.shape[4], HEAD_DIM), [BLOCK, 1, HEAD_DIM],
+                                                    layout)
+        self.ctx = torch.ones(1, dtype=torch.int32, device=dev)
+        self.block_table = torch.zeros(max(1, max_blocks), dtype=torch.int32, device=dev)
+        self.cos = torch.ones(HEAD_DIM // 2, dtype=torch.float32, device=dev)
+        self.sin = torch.zeros(HEAD_DIM // 2, dtype=torch.float32, device=dev)
+
+    def set_step(self, ctx: int, block_table: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """The step's context length (the new token is at ctx - 1), block table and that position's cos/sin."""
+        need = -(-ctx // BLOCK)
+        if ctx < 1 or need > self.block_table.numel() or block_table.numel() < need:
+            raise ValueError(f"a step of {ctx} tokens needs {need} blocks: the chain holds {self.block_table.numel()}"
+                             f" (max_blocks), the table gives {block_table.numel()}")
+        self.ctx.fill_(ctx)
+        self.block_table[:need].copy_(block_table[:need])
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
 
     def run(self, x: torch.Tensor) -> None:
         if x.shape != (self.plan.input_len,) or x.dtype != torch.float32:
             raise ValueError(f"input: expected fp32 [{self.plan.input_len}], got {x.dtype} {tuple(x.shape)}")
         st = self.state
-        _chain_kernel[(self.nprog,)](*self.descs, self.table, len(self.phases), self.tiles,
+        _chain_kernel[(self.nprog,)](*self.descs, self.kv_desc, self.table, len(self.phases), self.tiles,
                                      self.tiles.shape[1], x, self.norms, self.eps, self.words, self.routes,
                                      self.experts, self.experts.shape[1], st[0:], st[1:], st[2:], self.nprog,
-                                     self.prof, **self.meta)
+                                     self.prof, self.kv, self.kv.shape[1], self.ctx, self.block_table, self.cos,
+                                     self.sin, **self.meta)
 
     def outputs(self) -> list[torch.Tensor]:
+        """Every phase's outputs as `reference` gives them (an attention phase: its partials, then their
+        log-sum-exps)."""
         values = unpack(self.words)
-        return [values[2 * o:2 * o + ph.out_rows] for o, ph in zip(self.plan.out_offsets, self.phases, strict=True)]
+        outs = []
+        for o, ph in zip(self.plan.out_offsets, self.phases, strict=True):
+            if ph.kind == "attention":
+                n = ph.sources * ph.out_rows
+                lse = (self.words[o + n // 2:o + n // 2 + n // HEAD_DIM] & 0xFFFFFFFF).to(torch.int32)
+                outs.append(torch.cat([values[2 * o:2 * o + n], lse.view(torch.float32)]))
+            else:
+                outs.append(values[2 * o:2 * o + ph.out_rows])
+        return outs
 
     def profile(self) -> dict[str, float]:
         """The last launch's SM cycles by what they were spent on, as fractions of each program's total, averaged

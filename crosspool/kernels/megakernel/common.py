@@ -22,6 +22,10 @@ _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 K_ROWS = gl.constexpr(P.ROWS)
 K_CHUNK = gl.constexpr(P.CHUNK)
 K_SWIGLU = gl.constexpr(P.SWIGLU)
+K_ATTENTION = gl.constexpr(P.ATTENTION)
+K_HEAD_DIM = gl.constexpr(P.HEAD_DIM)
+K_KV_SLOT = gl.constexpr(P.KV_SLOT)
+K_BLOCK = gl.constexpr(P.BLOCK)
 K_TAG_PHASES = gl.constexpr(P.TAG_PHASES)
 K_STAGE_CHUNKS = gl.constexpr(P.STAGE_CHUNKS)
 K_NCOL = gl.constexpr(P.NCOL)
@@ -46,6 +50,10 @@ K_F_ROUTE_OFF = gl.constexpr(P.F_ROUTE_OFF)
 K_F_ROUTE_N = gl.constexpr(P.F_ROUTE_N)
 K_F_ORDINAL = gl.constexpr(P.F_ORDINAL)
 K_F_ROUTE_LAST = gl.constexpr(P.F_ROUTE_LAST)
+K_F_SCALE = gl.constexpr(P.F_SCALE)
+K_F_NORM_SEG = gl.constexpr(P.F_NORM_SEG)
+K_F_IN_SPLITS = gl.constexpr(P.F_IN_SPLITS)
+K_F_IN_LSE = gl.constexpr(P.F_IN_LSE)
 K_MAX_EXPERTS = gl.constexpr(P.MAX_EXPERTS)
 K_MAX_TOP_K = gl.constexpr(P.MAX_TOP_K)
 K_MAX_ORDINALS = gl.constexpr(P.MAX_ORDINALS)
@@ -99,8 +107,28 @@ def _lap(mark, total, ON: gl.constexpr):
 
 @gluon.jit
 def _tagged(w, mask, tag):
-    """1 if every word of w (where mask) carries `tag`, else 0."""
-    return gl.min(gl.min(gl.where(mask & ((w >> 32).to(gl.int32) != tag), 0, 1), axis=1), axis=0)
+    """1 if every word of w (2-D or 3-D, where mask) carries `tag`, else 0."""
+    ok = gl.where(mask & ((w >> 32).to(gl.int32) != tag), 0, 1)
+    if len(w.shape) == 3:
+        ok = gl.min(ok, axis=2)
+    return gl.min(gl.min(ok, axis=1), axis=0)
+
+
+@gluon.jit
+def _poll_pair(words_ptr, offs, offs2, mask, tag, err_ptr, POLLS: gl.constexpr):
+    """`_poll` of two sets of words at once (one round trip a poll for both)."""
+    w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
+    w2 = gl.load(words_ptr + offs2, mask=mask, other=0, volatile=True)
+    ready = _tagged(w, mask, tag) & _tagged(w2, mask, tag)
+    n = tag * 0
+    while (ready == 0) & (n < POLLS):
+        w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
+        w2 = gl.load(words_ptr + offs2, mask=mask, other=0, volatile=True)
+        ready = _tagged(w, mask, tag) & _tagged(w2, mask, tag)
+        n += 1
+    if ready == 0:
+        gl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
+    return w, w2
 
 
 @gluon.jit

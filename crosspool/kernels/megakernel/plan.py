@@ -15,19 +15,25 @@ from crosspool.models.spec import RoutingSpec
 
 ROWS = 16                 # output rows of one work item, and rows of one weight tile
 CHUNK = 256               # columns of one weight tile (512 B of bf16, the widest TMA box)
-SUM, SWIGLU = 0, 1
+SUM, SWIGLU, ATTENTION = 0, 1, 2
+HEAD_DIM = 128            # an attention phase's head dimension
+KV_SLOT = 128             # cached positions in one ring slot of keys or values (8 blocks of 16, one head)
+BLOCK = 16                # tokens in a KV block (the engine's block_size)
 NO_PHASE = -2             # `residual`/`wait`/`route` unset; -1 means the step's input vector
 TAG_PHASES = 4096         # phases a step can have (tags are epoch * TAG_PHASES + phase + 1)
 STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
 (F_KIND, F_FAM, F_ROW0, F_ITEMS, F_KC, F_SOURCES, F_STRIDE, F_UP, F_ITEMS_PER_SRC, F_IN, F_IN_CHUNKS, F_IN_OFF,
  F_RES, F_RES_OFF, F_OUT_OFF, F_WAIT) = range(16)
 F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL, F_ROUTE_LAST = 16, 17, 18, 19, 20, 21, 22, 23
-NCOL = 24
+F_SCALE, F_NORM_SEG, F_IN_SPLITS, F_IN_LSE = 24, 25, 26, 27
+NCOL = 28
 MAX_EXPERTS = 256         # router outputs a routed phase can rank
 MAX_TOP_K = 16            # experts a routed phase takes
 MAX_ORDINALS = 128        # routed phases a chain can have
 GROUP = 4                 # routed phases that can share one router (one ranking serves them all)
 ROUTED = 1 << 30          # tile-code flag: the row is ordinal << 16 | source << 12 | row within the expert
+ATTEND = -(1 << 31)       # tile-code flag (bit 31): an attention item, phase << 16 | item, which the producer
+                          # expands into its key and value slots for the step's context length
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,14 @@ class Phase:
     """One phase of the chain. kind "sum": out[r] = sum over s < sources of W[row0 + s*stride + r, :] . x_s,
     where x_s is the input's s-th segment of `k` values (one source: a GEMV). kind "swiglu": for each of
     `sources` matrices s, rows_per_source outputs silu(W[g, :] . x) * (W[g + up_offset, :] . x), with
-    g = row0 + s*stride + r and x the input's first `k` values. `family` indexes the weight tensors [rows, k]."""
+    g = row0 + s*stride + r and x the input's first `k` values. `family` indexes the weight tensors [rows, k].
+    kind "attention" (batch-1 decode, MHA): the input phase's outputs are q, k, v ([heads * k] each, k = HEAD_DIM);
+    q and k are RMSNormed over their whole length (weights at `norm` and `norm + out_rows`, unless -1) and rotated
+    (RoPE, halves) at the step's position, k and v are written into the KV cache at layer `row0`, and q attends
+    over the step's context. `out_rows` = heads * k; each head's positions are split `sources` ways (a power of
+    two): an item is a (head, split), and its output is that split's normalized partial with its log-sum-exp. A
+    "sum" phase whose input is an attention phase combines the splits as it stages them. `scale`: the softmax
+    scale."""
 
     kind: str
     family: int
@@ -52,6 +65,20 @@ class Phase:
     route: int = NO_PHASE         # a router phase: the sources are its top-`sources` experts, not 0..sources-1, and
                                   # a "sum" weights source s by its softmax probability (OLMoE's rule: greedy, no
                                   # renormalization)
+    scale: float = 0.0            # attention: the softmax scale
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a step's attention phases read beyond the chain's words: the KV cache [blocks, layers, 2, BLOCK, heads,
+    HEAD_DIM] (the engine's layout), the sequence's block table, its context length counting the new token (at
+    position ctx - 1), and cos/sin of that position [HEAD_DIM // 2] (fp32)."""
+
+    kv: torch.Tensor
+    block_table: torch.Tensor
+    ctx: int
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -79,9 +106,22 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
             raise ValueError(f"phase {i}: {what} {src} is not an earlier phase")
         return lengths[src]
 
+    def attention_source(src: int) -> bool:
+        return 0 <= src < len(phases) and phases[src].kind == "attention"
+
     for i, ph in enumerate(phases):
+        if ph.kind == "attention":
+            rows.append(_attention_row(i, ph, phases, length(ph.input, i, "input"), norms_len, offsets, total))
+            offsets.append(total)
+            lengths.append(ph.out_rows)
+            total += ph.sources * (ph.out_rows // 2 + ph.out_rows // HEAD_DIM)     # the partials, then their lse
+            continue
         if ph.kind not in ("sum", "swiglu"):
-            raise ValueError(f"phase {i}: kind {ph.kind!r}, expected 'sum' or 'swiglu'")
+            raise ValueError(f"phase {i}: kind {ph.kind!r}, expected 'sum', 'swiglu' or 'attention'")
+        if any(attention_source(s) for s in (ph.residual, ph.wait, ph.route)) or \
+                (attention_source(ph.input) and (ph.kind != "sum" or ph.sources != 1 or ph.norm != -1)):
+            raise ValueError(f"phase {i}: an attention phase's outputs are only the input of a one-source sum "
+                             "with no norm")
         if not 0 <= ph.family < len(families):
             raise ValueError(f"phase {i}: family {ph.family}, there are {len(families)}")
         if ph.k <= 0 or ph.k % CHUNK or ph.sources < 1 or ph.out_rows <= 0 or \
@@ -127,7 +167,10 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
                      lengths[ph.wait] // 2 if ph.wait >= 0 else 0, ph.norm, ph.route,
                      src_off(ph.route) if ph.route != NO_PHASE else 0,
                      lengths[ph.route] if ph.route != NO_PHASE else 0,
-                     len(routed) if ph.route != NO_PHASE else -1, -1])
+                     len(routed) if ph.route != NO_PHASE else -1, -1, 0, need // CHUNK,
+                     phases[ph.input].sources if attention_source(ph.input) and phases[ph.input].sources > 1 else 0,
+                     src_off(ph.input) + lengths[ph.input] * phases[ph.input].sources // 2
+                     if attention_source(ph.input) else 0])
         if ph.route != NO_PHASE:
             routed.append(i)
         total += ph.out_rows // 2                 # two values a word
@@ -146,12 +189,101 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
     return Plan(torch.tensor(rows, dtype=torch.int32), routed, offsets, total, input_len)
 
 
+def _attention_row(i: int, ph: Phase, phases: list[Phase], have: int, norms_len: int, offsets: list[int],
+                   total: int) -> list[int]:
+    """An attention phase's table row (see `Phase`), after checking it."""
+    heads, splits = ph.out_rows // HEAD_DIM, ph.sources
+    if ph.k != HEAD_DIM or ph.out_rows % HEAD_DIM or not 1 <= splits <= 8 or splits & (splits - 1):
+        raise ValueError(f"phase {i}: attention takes heads of k = {HEAD_DIM} values (out_rows = heads * k, got "
+                         f"{ph.out_rows}, k {ph.k}) and 1, 2, 4 or 8 splits (sources, got {splits})")
+    if ph.input < 0 or have < 3 * ph.out_rows or 2 * ph.out_rows > STAGE_CHUNKS * CHUNK:
+        raise ValueError(f"phase {i}: attention reads q, k and v ({3 * ph.out_rows} values) from an earlier phase "
+                         f"(input {ph.input}, {have} values), and stages q and k (at most {STAGE_CHUNKS * CHUNK})")
+    if any(p.kind == "attention" and p.sources != splits for p in phases):
+        raise ValueError(f"phase {i}: every attention phase of a chain splits its heads alike")
+    if ph.norm != -1 and (ph.norm < 0 or ph.norm + 2 * ph.out_rows > norms_len):
+        raise ValueError(f"phase {i}: q and k norm weights at {ph.norm} need {2 * ph.out_rows} of the chain's "
+                         f"{norms_len} norm weights")
+    if ph.row0 < 0 or ph.scale <= 0 or ph.residual != NO_PHASE or ph.route != NO_PHASE or ph.wait != NO_PHASE:
+        raise ValueError(f"phase {i}: attention needs a KV layer (row0 >= 0) and a positive scale, and takes no "
+                         "residual, router or wait")
+    scale_bits = int(torch.tensor([ph.scale * 1.4426950408889634]).view(torch.int32))   # scale * log2(e)
+    row = [0] * NCOL
+    row[F_KIND], row[F_ROW0], row[F_ITEMS], row[F_SOURCES], row[F_STRIDE] = ATTENTION, ph.row0, heads * splits, \
+        splits, heads
+    row[F_IN], row[F_IN_CHUNKS], row[F_IN_OFF], row[F_OUT_OFF] = ph.input, 2 * ph.out_rows // CHUNK, \
+        offsets[ph.input], total
+    row[F_RES], row[F_WAIT], row[F_NORM], row[F_ROUTE], row[F_ORDINAL], row[F_ROUTE_LAST] = NO_PHASE, NO_PHASE, \
+        ph.norm, NO_PHASE, -1, -1
+    row[F_SCALE], row[F_NORM_SEG] = scale_bits, ph.out_rows // CHUNK       # q's chunks: k has its own norm
+    return row
+
+
+def split_positions(ctx: int, splits: int) -> int:
+    """Cached positions a split of an attention phase covers: the context in `splits` parts, rounded up to whole
+    ring slots (split s covers [s * P, (s + 1) * P))."""
+    per_split = -(-ctx // splits)
+    return -(-per_split // KV_SLOT) * KV_SLOT
+
+
+def attend_reference(ph: Phase, qkv: torch.Tensor, norms: torch.Tensor | None, eps: float, step: Step) -> torch.Tensor:
+    """An attention phase as the kernel computes it: [splits, heads, HEAD_DIM] partials (bf16-rounded), then
+    [splits, heads] log-sum-exps (fp32, base 2, of the scores times scale * log2(e)); writes the new key and value
+    into step.kv."""
+    hd, dtype = ph.out_rows, step.kv.dtype
+    heads, splits = hd // HEAD_DIM, ph.sources
+    q, k, v = (qkv[j * hd:(j + 1) * hd].to(dtype) for j in range(3))
+    if ph.norm != -1:
+        assert norms is not None
+        q = rms_norm(q, norms[ph.norm:ph.norm + hd].to(dtype), eps)
+        k = rms_norm(k, norms[ph.norm + hd:ph.norm + 2 * hd].to(dtype), eps)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        a, b = x.float().view(heads, 2, HEAD_DIM // 2).unbind(1)
+        c, s = step.cos.float().to(x.device), step.sin.float().to(x.device)
+        return torch.cat([a * c - b * s, b * c + a * s], dim=1).to(dtype)
+
+    q, k = rotate(q), rotate(k)
+    pos = step.ctx - 1
+    block = int(step.block_table[pos // BLOCK])
+    step.kv[block, ph.row0, 0, pos % BLOCK] = k
+    step.kv[block, ph.row0, 1, pos % BLOCK] = v.view(heads, HEAD_DIM)
+    blocks = step.block_table[:-(-step.ctx // BLOCK)].long().to(step.kv.device)
+    cached = step.kv[blocks, ph.row0].float()                       # [blocks, 2, BLOCK, heads, dim]
+    keys = cached[:, 0].reshape(-1, heads, HEAD_DIM)[:step.ctx]
+    values = cached[:, 1].reshape(-1, heads, HEAD_DIM)[:step.ctx]
+    scores = torch.einsum("hd,thd->ht", q.float(), keys) * (ph.scale * 1.4426950408889634)
+    span = split_positions(step.ctx, splits)
+    out = torch.zeros(splits, heads, HEAD_DIM, device=qkv.device)
+    lse = torch.full((splits, heads), float("-inf"), device=qkv.device)
+    for s in range(splits):
+        lo, hi = s * span, min((s + 1) * span, step.ctx)
+        if lo >= hi:
+            continue
+        m = scores[:, lo:hi].max(dim=1, keepdim=True).values
+        p = torch.exp2(scores[:, lo:hi] - m)
+        out[s] = (torch.einsum("ht,thd->hd", p, values[lo:hi]) / p.sum(1, keepdim=True)).to(dtype).float()
+        lse[s] = m[:, 0] + torch.log2(p.sum(1))
+    return torch.cat([out.reshape(-1), lse.reshape(-1)])
+
+
+def combine(partials: torch.Tensor, splits: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """An attention phase's output (`attend_reference`'s layout) with its splits combined, rounded."""
+    heads = partials.numel() // (splits * (HEAD_DIM + 1))
+    out = partials[:splits * heads * HEAD_DIM].view(splits, heads, HEAD_DIM)
+    lse = partials[splits * heads * HEAD_DIM:].view(splits, heads, 1)
+    w = torch.exp2(lse - lse.max(0).values)
+    return ((w * out).sum(0) / w.sum(0)).reshape(-1).to(dtype).float()
+
+
 def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor, norms: torch.Tensor | None = None,
-              eps: float = 1e-5, given: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+              eps: float = 1e-5, given: list[torch.Tensor] | None = None, step: Step | None = None
+              ) -> list[torch.Tensor]:
     """Every phase's outputs, as the kernel computes them: each input vector rounded to the weights' dtype (the
     kernel stages it in shared memory so), products and sums in fp32, each output rounded to bf16 (two go in a
     word). With `given` (say the kernel's own outputs), each phase reads its inputs, residual and router from
-    those instead: every phase is then checked on its own, to one rounding, with no earlier rounding carried on."""
+    those instead: every phase is then checked on its own, to one rounding, with no earlier rounding carried on.
+    An attention phase's outputs are its partials and log-sum-exps (`attend_reference`); it writes into step.kv."""
     outs: list[torch.Tensor] = []
     x = x.float()
 
@@ -159,8 +291,15 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
         return x if src == -1 else (given[src].float() if given is not None else outs[src])
 
     for ph in phases:
+        if ph.kind == "attention":
+            assert step is not None, "an attention phase needs the step (KV cache, block table, position)"
+            outs.append(attend_reference(ph, vec(ph.input), norms, eps, step))
+            continue
         w = families[ph.family]
-        inp = vec(ph.input).to(w.dtype)
+        if ph.input >= 0 and phases[ph.input].kind == "attention":
+            inp = combine(vec(ph.input), phases[ph.input].sources, w.dtype)
+        else:
+            inp = vec(ph.input).to(w.dtype)
         if ph.norm != -1:
             assert norms is not None
             n = ph.k if ph.kind == "swiglu" else ph.k * ph.sources
@@ -197,10 +336,17 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0) -> torch.Tenso
     item's tiles in order, `boxes` consecutive chunks a slot), as int32 codes family << 28 | first chunk << 24 | row;
     a routed phase's row is ROUTED | ordinal << 16 | source << 12 | row within the expert. Element 0 of program r's
     list is its count, and `pad` zero codes follow the last. The ring's producer only reads the next code, so its
-    loads can run ahead across phases, up to the first routed tile whose routing is not known yet."""
+    loads can run ahead across phases, up to the first routed tile whose routing is not known yet. An attention
+    item is one code, ATTEND | phase << 16 | item, which stands for as many slots as the step's context needs."""
     per_prog: list[list[torch.Tensor]] = [[] for _ in range(nprog)]
-    for f in p.table.tolist():
+    for phase, f in enumerate(p.table.tolist()):
         kind, fam, row0, items, kc = f[F_KIND], f[F_FAM], f[F_ROW0], f[F_ITEMS], f[F_KC]
+        if kind == ATTENTION:
+            if phase >= 1 << 15 or items > 1 << 16:
+                raise ValueError("a tile list codes attention at phases below 2^15, with at most 2^16 items")
+            for r in range(min(nprog, items)):
+                per_prog[r].append(ATTEND | (phase << 16) | torch.arange(r, items, nprog))
+            continue
         item = torch.arange(items)[:, None]
         if kind == SWIGLU:
             t = torch.arange(2 * kc)[None, :]

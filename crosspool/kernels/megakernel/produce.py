@@ -8,12 +8,16 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
+from crosspool.kernels.megakernel.attend import SLOT_BLOCKS, _kv_slots
 from crosspool.kernels.megakernel.common import (
+    K_BLOCK,
     K_CHUNK,
     K_GROUP,
+    K_HEAD_DIM,
     K_MAX_TOP_K,
     K_ROWS,
     _tma_load,
+    _view,
 )
 
 
@@ -24,36 +28,52 @@ def _smem_int(buf, i):
 
 
 @gluon.jit
-def _produce(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, mine, STAGES: gl.constexpr,
-             BOXES: gl.constexpr):
+def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, mine, table_ptr, ctx_ptr, bt_ptr, kv_layers,
+             STAGES: gl.constexpr, BOXES: gl.constexpr):
     """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
     consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
     [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
     plus its row within the expert: the producer waits until the consumer has ranked that phase's router
     (`ranked`, one mbarrier a routed phase) and reads the expert's first row from `rowbase`. Codes are loaded two
-    slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us)."""
-    n_slots = gl.load(mine)
+    slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us). An attention code
+    stands for its item's key and value slots (`attend._kv_slots`)."""
+    n_codes = gl.load(mine)
     code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
     code2 = gl.load(mine + 2)
-    for s in range(n_slots):
-        stage = s % STAGES
-        mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)      # a fresh barrier passes parity 1
-        fam = (code >> 28) & 3
-        row = code & 0xFFFFFF
-        chunk = (code >> 24) & 15
-        if ((code >> 30) & 1) != 0:
-            o = (row >> 16) & 0xFF
-            mbarrier.wait(ranked.index(o), 0)
-            row = _smem_int(rowbase, (o % K_GROUP) * K_MAX_TOP_K + ((row >> 12) & 15)) + (row & 0xFFF)
-        bar = full.index(stage)
-        mbarrier.expect(bar, BOXES * K_ROWS * K_CHUNK * 2)
-        if fam == 0:
-            _tma_load(d0, [chunk, row, 0], bar, ring.index(stage))
-        elif fam == 1:
-            _tma_load(d1, [chunk, row, 0], bar, ring.index(stage))
-        elif fam == 2:
-            _tma_load(d2, [chunk, row, 0], bar, ring.index(stage))
+    ctx = gl.load(ctx_ptr)
+    box_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)   # as `Chain`'s
+    kvring = _view(ring, [STAGES * SLOT_BLOCKS, K_BLOCK, 1, K_HEAD_DIM], box_l)
+    s = ctx * 0                                      # ring slots issued
+    for c in range(n_codes):
+        if code < 0:
+            s = _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES)
         else:
-            _tma_load(d3, [chunk, row, 0], bar, ring.index(stage))
+            s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES, BOXES)
         code = code2
-        code2 = gl.load(mine + 3 + s)
+        code2 = gl.load(mine + 3 + c)
+
+
+@gluon.jit
+def _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES: gl.constexpr,
+                 BOXES: gl.constexpr):
+    """One weight tile's slot (`tile_lists`' code), as ring slot s; returns s + 1."""
+    stage = s % STAGES
+    mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)      # a fresh barrier passes parity 1
+    fam = (code >> 28) & 3
+    row = code & 0xFFFFFF
+    chunk = (code >> 24) & 15
+    if ((code >> 30) & 1) != 0:
+        o = (row >> 16) & 0xFF
+        mbarrier.wait(ranked.index(o), 0)
+        row = _smem_int(rowbase, (o % K_GROUP) * K_MAX_TOP_K + ((row >> 12) & 15)) + (row & 0xFFF)
+    bar = full.index(stage)
+    mbarrier.expect(bar, BOXES * K_ROWS * K_CHUNK * 2)
+    if fam == 0:
+        _tma_load(d0, [chunk, row, 0], bar, ring.index(stage))
+    elif fam == 1:
+        _tma_load(d1, [chunk, row, 0], bar, ring.index(stage))
+    elif fam == 2:
+        _tma_load(d2, [chunk, row, 0], bar, ring.index(stage))
+    else:
+        _tma_load(d3, [chunk, row, 0], bar, ring.index(stage))
+    return s + 1

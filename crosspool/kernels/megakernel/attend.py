@@ -1,0 +1,211 @@
+"""The megakernel's attention (issue 4): batch-1 decode attention over the engine's paged KV cache, as items of a
+chain. An attention phase's item is one (head, split): the producer (`_kv_slots`) streams the split's cached keys
+and values through the ring, a key slot then a value slot for every 128 positions, and the consumers
+(`_attend_item`) rotate q, fold in the new token's key and value, write those into the cache and publish the
+split's normalized partial and its log-sum-exp. The phase that reads the attention's output combines the splits as
+it stages them (`_stage_combined`).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+
+from crosspool.kernels.megakernel.common import (
+    K_BLOCK,
+    K_CHUNK,
+    K_F_IN,
+    K_F_IN_OFF,
+    K_F_OUT_OFF,
+    K_F_ROW0,
+    K_F_SCALE,
+    K_F_SOURCES,
+    K_F_STRIDE,
+    K_HEAD_DIM,
+    K_KV_SLOT,
+    K_STAGE_CHUNKS,
+    _cta_barrier,
+    _field,
+    _poll,
+    _poll_pair,
+    _publish,
+    _tag,
+    _tma_load,
+    _value,
+    _view,
+    _word_of,
+)
+
+SLOT_BLOCKS = gl.constexpr(8)     # KV blocks of one head in a ring slot (KV_SLOT positions)
+
+
+@gluon.jit
+def _split_bounds(table_ptr, p, item, ctx):
+    """Item `item` of attention phase p: its head, split, and the cached positions [lo, hi) it reads (the new
+    token, at ctx - 1, comes from registers), and the end of its split's range (`plan.split_positions`)."""
+    splits = _field(table_ptr, p, K_F_SOURCES)
+    span = ((ctx + splits - 1) // splits + K_KV_SLOT - 1) // K_KV_SLOT * K_KV_SLOT
+    lo = (item % splits) * span
+    return item // splits, item % splits, lo, gl.minimum(lo + span, ctx - 1), lo + span
+
+
+@gluon.jit
+def _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES: gl.constexpr):
+    """Producer: an attention code's slots, from ring slot count s on; returns the new count. A slot holds one head's
+    keys (or values) of SLOT_BLOCKS blocks, one TMA box a block; blocks past the split's last cached position
+    repeat that block's id (the consumer masks those positions)."""
+    p = (code >> 16) & 0x7FFF
+    head, split, lo, hi, end = _split_bounds(table_ptr, p, code & 0xFFFF, ctx)
+    layer = _field(table_ptr, p, K_F_ROW0)
+    last = (hi - 1) // K_BLOCK
+    for t in range(lo, hi, K_KV_SLOT):
+        for kv in gl.static_range(2):
+            stage = s % STAGES
+            mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)
+            bar = full.index(stage)
+            mbarrier.expect(bar, K_KV_SLOT * K_HEAD_DIM * 2)
+            for j in gl.static_range(SLOT_BLOCKS):
+                block = gl.load(bt_ptr + gl.minimum(t // K_BLOCK + j, last))
+                row = ((block * kv_layers + layer) * 2 + kv) * K_BLOCK
+                _tma_load(dkv, [row, head, 0], bar, kvring.index(stage * SLOT_BLOCKS + j))
+            s += 1
+    return s
+
+
+@gluon.jit
+def _release(empty, slot, consumed):
+    """Every consumer warp is done reading ring slot `slot`: hand it back to the producer."""
+    fence_async_shared()
+    _cta_barrier()
+    mbarrier.arrive(empty.index(slot), count=1)
+    return consumed + 1
+
+
+@gluon.jit
+def _rotate(xrows, row, cos, sin, half_l: gl.constexpr):
+    """The head whose halves are rows `row`, `row + 1` of the staged input (64 values a row), rotated (RoPE,
+    halves) and rounded to bf16."""
+    a = xrows.index(row).load(half_l).to(gl.float32)
+    b = xrows.index(row + 1).load(half_l).to(gl.float32)
+    return (a * cos - b * sin).to(gl.bfloat16), (b * cos + a * sin).to(gl.bfloat16)
+
+
+@gluon.jit
+def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, ctx, words_ptr, epoch, err_ptr,
+                 kv_ptr, bt_ptr, kv_layers, cos_ptr, sin_ptr, STAGES: gl.constexpr, WARPS: gl.constexpr,
+                 POLLS: gl.constexpr):
+    """Consumers: one attention item (head, split) of phase p, whose q and k the staging left normed in xs. Returns
+    the ring's consumed-slot count."""
+    kv3: gl.constexpr = gl.BlockedLayout([SLOT_BLOCKS, 1, 4], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])  # a slot
+    vec_l: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, kv3))                 # [HEAD_DIM]
+    sc_l: gl.constexpr = gl.SliceLayout(2, kv3)                                      # [SLOT_BLOCKS, BLOCK]
+    half_l: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])               # [HEAD_DIM // 2]
+    word_l: gl.constexpr = gl.BlockedLayout([1, 2, 1], [4, 1, 8], [WARPS, 1, 1], [2, 1, 0])   # [8, 2, 8]
+    plain3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])
+    head, split, lo, hi, end = _split_bounds(table_ptr, p, item, ctx)
+    heads = _field(table_ptr, p, K_F_STRIDE)
+    hd = heads * K_HEAD_DIM
+    scale = _field(table_ptr, p, K_F_SCALE).to(gl.float32, bitcast=True)          # softmax scale * log2(e)
+    owner = (lo <= ctx - 1) & (ctx - 1 < end)                                     # the new token is in this split
+    # q (and the owner's new k), rotated, into scratch rows 0 and 1
+    rows_of: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])          # [n, m] viewed as rows of m
+    xrows = _view(xs, [K_STAGE_CHUNKS * K_CHUNK // (K_HEAD_DIM // 2), K_HEAD_DIM // 2], rows_of)
+    j = gl.arange(0, K_HEAD_DIM // 2, layout=half_l)
+    cos = gl.load(cos_ptr + j)
+    sin = gl.load(sin_ptr + j)
+    halves = _view(scratch, [8, K_HEAD_DIM // 2], rows_of)
+    qa, qb = _rotate(xrows, 2 * head, cos, sin, half_l)
+    halves.index(0).store(qa.to(gl.float32))
+    halves.index(1).store(qb.to(gl.float32))
+    ka, kb = _rotate(xrows, 2 * (heads + head), cos, sin, half_l)
+    halves.index(2).store(ka.to(gl.float32))
+    halves.index(3).store(kb.to(gl.float32))
+    _cta_barrier()
+    d = gl.arange(0, K_HEAD_DIM, layout=vec_l)
+    q = scratch.index(0).load(vec_l)
+    q3 = gl.expand_dims(gl.expand_dims(q, 0), 0)
+    blk = gl.arange(0, SLOT_BLOCKS, layout=gl.SliceLayout(1, sc_l))[:, None]
+    tok = gl.arange(0, K_BLOCK, layout=gl.SliceLayout(0, sc_l))[None, :]
+    m = scale * 0.0 - 1.0e30                                                      # finite: no inf - inf
+    lsum = scale * 0.0
+    acc = gl.zeros([K_HEAD_DIM], gl.float32, vec_l)
+    for t in range(lo, hi, K_KV_SLOT):
+        # a slot of keys to registers, freed, then its scores; a slot of values likewise, weighed
+        slot = consumed % STAGES
+        mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
+        keys = _view(ring.index(slot), [SLOT_BLOCKS, K_BLOCK, K_HEAD_DIM], plain3).load(kv3)
+        consumed = _release(empty, slot, consumed)
+        s = gl.sum(keys.to(gl.float32) * q3, axis=2) * scale
+        s = gl.where(t + blk * K_BLOCK + tok < hi, s, float("-inf"))
+        m_new = gl.maximum(m, gl.max(gl.max(s, axis=1), axis=0))
+        alpha = gl.exp2(m - m_new)
+        pr = gl.exp2(s - m_new)
+        lsum = lsum * alpha + gl.sum(gl.sum(pr, axis=1), axis=0)
+        slot = consumed % STAGES
+        mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
+        vals = _view(ring.index(slot), [SLOT_BLOCKS, K_BLOCK, K_HEAD_DIM], plain3).load(kv3)
+        consumed = _release(empty, slot, consumed)
+        acc = acc * alpha + gl.sum(gl.sum(vals.to(gl.float32) * gl.expand_dims(pr, 2), axis=0), axis=0)
+        m = m_new
+    if owner:
+        # the new token: its key (rotated) and value, folded in from registers and written into the cache
+        src = _field(table_ptr, p, K_F_IN)
+        vq, vh = _word_of(2 * hd + head * K_HEAD_DIM + d[None, :])
+        vw = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + vq, d[None, :] < K_HEAD_DIM, _tag(epoch, src),
+                   err_ptr, POLLS)
+        v_new = gl.sum(_value(vw, vh), axis=0)
+        k_new = scratch.index(1).load(vec_l)
+        s_new = gl.sum(q * k_new, axis=0) * scale
+        m_new = gl.maximum(m, s_new)
+        alpha = gl.exp2(m - m_new)
+        pn = gl.exp2(s_new - m_new)
+        lsum = lsum * alpha + pn
+        acc = acc * alpha + pn * v_new
+        m = m_new
+        pos = ctx - 1
+        block = gl.load(bt_ptr + pos // K_BLOCK).to(gl.int64)
+        row = ((block * kv_layers + _field(table_ptr, p, K_F_ROW0)) * 2) * K_BLOCK + pos % K_BLOCK
+        at = kv_ptr + (row * heads + head) * K_HEAD_DIM + d
+        gl.store(at, k_new.to(gl.bfloat16))
+        gl.store(at + K_BLOCK * heads * K_HEAD_DIM, v_new.to(gl.bfloat16))               # kv = 1: the values
+    # publish the normalized partial (64 words) and its log-sum-exp (one word, fp32 bits); an empty split (past
+    # the context) publishes zeros and -inf
+    some = lsum > 0.0
+    scratch.index(2).store(gl.where(some, acc / gl.maximum(lsum, 1e-30), 0.0))
+    _cta_barrier()
+    o = _view(scratch.index(2), [8, 2, 8], plain3).load(word_l)
+    bits = o.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    hf = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, word_l)))[None, :, None]
+    word = gl.sum(bits << (hf * 16), axis=1).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
+    g = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(1, word_l)))[:, None]
+    w8 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, word_l)))[None, :]
+    out = words_ptr + _field(table_ptr, p, K_F_OUT_OFF)
+    _publish(out + (split * hd + head * K_HEAD_DIM) // 2 + g * 8 + w8, word)
+    lse = gl.where(some, m + gl.log2(gl.maximum(lsum, 1e-30)), float("-inf"))
+    lse_word = (lse.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF) | (_tag(epoch, p).to(gl.int64) << 32)
+    one = gl.arange(0, 1, layout=half_l)
+    _publish(out + _field(table_ptr, p, K_F_SOURCES) * hd // 2 + split * heads + head + one,
+             gl.full([1], 0, gl.int64, half_l) + lse_word)
+    _cta_barrier()                                   # scratch is reused by the next item
+    return consumed
+
+
+@gluon.jit
+def _stage_combined(words_ptr, in_off, lse_off, heads, r, n_in, tag, err_ptr, SPLITS: gl.constexpr,
+                    WARPS: gl.constexpr, POLLS: gl.constexpr):
+    """Staging from an attention phase: chunks r.. of its output (16 // SPLITS of them, [chunks, CHUNK]), each
+    value the splits' partials combined by their log-sum-exps. The splits sit in one thread, so the combine is
+    in-thread."""
+    C: gl.constexpr = 16 // SPLITS
+    cmb: gl.constexpr = gl.BlockedLayout([SPLITS, 1, 2], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
+    sp = gl.arange(0, SPLITS, layout=gl.SliceLayout(1, gl.SliceLayout(2, cmb)))[:, None, None]
+    rr = gl.arange(0, C, layout=gl.SliceLayout(0, gl.SliceLayout(2, cmb)))[None, :, None]
+    cc = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, gl.SliceLayout(1, cmb)))[None, None, :]
+    v = (r + rr) * K_CHUNK + cc
+    mask = (r + rr < n_in) & (sp < SPLITS) & (cc < K_CHUNK)
+    q, h = _word_of(sp * (heads * K_HEAD_DIM) + v)
+    w, lw = _poll_pair(words_ptr, in_off + q, lse_off + sp * heads + v // K_HEAD_DIM, mask, tag, err_ptr, POLLS)
+    lse = (lw & 0xFFFFFFFF).to(gl.int32).to(gl.float32, bitcast=True)
+    wgt = gl.exp2(lse - gl.expand_dims(gl.max(lse, axis=0), 0))
+    return gl.sum(wgt * _value(w, h), axis=0) / gl.sum(wgt, axis=0)
