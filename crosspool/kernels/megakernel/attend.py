@@ -16,6 +16,7 @@ from crosspool.kernels.megakernel.common import (
     K_BLOCK,
     K_CHUNK,
     K_F_IN,
+    K_F_IN_LSE,
     K_F_IN_OFF,
     K_F_OUT_OFF,
     K_F_ROW0,
@@ -59,15 +60,19 @@ def _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_laye
     head, split, lo, hi, end = _split_bounds(table_ptr, p, code & 0xFFFF, ctx)
     layer = _field(table_ptr, p, K_F_ROW0)
     last = (hi - 1) // K_BLOCK
+    j8 = gl.arange(0, SLOT_BLOCKS, layout=gl.BlockedLayout([1], [32], [1], [0]))
+    # a slot's block ids by one load, the next slot's loaded before this one's loads wait for free slots
+    ids = gl.load(bt_ptr + gl.minimum(lo // K_BLOCK + j8, last))
     for t in range(lo, hi, K_KV_SLOT):
+        rows = (ids * kv_layers + layer) * 2 * K_BLOCK
+        ids = gl.load(bt_ptr + gl.minimum((t + K_KV_SLOT) // K_BLOCK + j8, last))
         for kv in gl.static_range(2):
             stage = s % STAGES
             mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)
             bar = full.index(stage)
             mbarrier.expect(bar, K_KV_SLOT * K_HEAD_DIM * 2)
             for j in gl.static_range(SLOT_BLOCKS):
-                block = gl.load(bt_ptr + gl.minimum(t // K_BLOCK + j, last))
-                row = ((block * kv_layers + layer) * 2 + kv) * K_BLOCK
+                row = gl.sum(gl.where(j8 == j, rows, 0), axis=0) + kv * K_BLOCK
                 _tma_load(dkv, [row, head, 0], bar, kvring.index(stage * SLOT_BLOCKS + j))
             s += 1
     return s
@@ -91,7 +96,7 @@ def _rotate(xrows, row, cos, sin, half_l: gl.constexpr):
     return (a * cos - b * sin).to(gl.bfloat16), (b * cos + a * sin).to(gl.bfloat16)
 
 
-@gluon.jit
+@gluon.jit(noinline=True)     # its registers stay out of the GEMV path's allocation (Triton 3.6 spilled there)
 def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, ctx, words_ptr, epoch, err_ptr,
                  kv_ptr, bt_ptr, kv_layers, cos_ptr, sin_ptr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                  POLLS: gl.constexpr):
@@ -191,12 +196,24 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
     return consumed
 
 
+@gluon.jit(noinline=True)
+def _stage_combined(xs, words_ptr, table_ptr, p, src, n_in, tag, err_ptr, SPLITS: gl.constexpr, WARPS: gl.constexpr,
+                    POLLS: gl.constexpr):
+    """Staging phase p's input from attention phase `src`: its n_in chunks into xs (bf16), each value the splits'
+    partials combined by their log-sum-exps, 16 // SPLITS chunks a round. The splits sit in one thread, so the
+    combine is in-thread. (Not inlined: its registers stay out of the GEMV path's allocation.)"""
+    C: gl.constexpr = 16 // SPLITS
+    xc = _view(xs, [K_STAGE_CHUNKS // C, C, K_CHUNK], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    for r in range(0, n_in, C):
+        vals = _combined_round(words_ptr, _field(table_ptr, p, K_F_IN_OFF), _field(table_ptr, p, K_F_IN_LSE),
+                               _field(table_ptr, src, K_F_STRIDE), r, n_in, tag, err_ptr, SPLITS, WARPS, POLLS)
+        xc.index(r // C).store(vals.to(gl.bfloat16))
+
+
 @gluon.jit
-def _stage_combined(words_ptr, in_off, lse_off, heads, r, n_in, tag, err_ptr, SPLITS: gl.constexpr,
+def _combined_round(words_ptr, in_off, lse_off, heads, r, n_in, tag, err_ptr, SPLITS: gl.constexpr,
                     WARPS: gl.constexpr, POLLS: gl.constexpr):
-    """Staging from an attention phase: chunks r.. of its output (16 // SPLITS of them, [chunks, CHUNK]), each
-    value the splits' partials combined by their log-sum-exps. The splits sit in one thread, so the combine is
-    in-thread."""
+    """Chunks r.. (16 // SPLITS of them) of an attention phase's output, combined: [chunks, CHUNK] fp32."""
     C: gl.constexpr = 16 // SPLITS
     cmb: gl.constexpr = gl.BlockedLayout([SPLITS, 1, 2], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
     sp = gl.arange(0, SPLITS, layout=gl.SliceLayout(1, gl.SliceLayout(2, cmb)))[:, None, None]

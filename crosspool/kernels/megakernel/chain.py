@@ -18,7 +18,6 @@ from crosspool.kernels.megakernel.common import (
     K_CHUNK,
     K_F_IN,
     K_F_IN_CHUNKS,
-    K_F_IN_LSE,
     K_F_IN_OFF,
     K_F_IN_SPLITS,
     K_F_KC,
@@ -96,7 +95,6 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
     xgroups = _view(xs, [K_STAGE_CHUNKS // BOXES, BOXES, 1, K_CHUNK],
                     gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
     epoch = gl.load(epoch_ptr)
-    ctx = gl.load(ctx_ptr)
     zero = pid * 0
     expert_base = experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K
     ready = zero                                     # routed phases this program has ranked
@@ -131,13 +129,8 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
         if SPLITS > 1:
             if _field(table_ptr, p, K_F_IN_SPLITS) > 0:
                 # an attention phase's output: its splits combined as they are staged
-                xc = _view(xs, [K_STAGE_CHUNKS * SPLITS // 16, 16 // SPLITS, K_CHUNK],
-                           gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-                for r in range(0, n_in, 16 // SPLITS):
-                    vals = _stage_combined(words_ptr, _field(table_ptr, p, K_F_IN_OFF),
-                                           _field(table_ptr, p, K_F_IN_LSE), _field(table_ptr, src, K_F_STRIDE), r,
-                                           n_in, _tag(epoch, src), err_ptr, SPLITS, WARPS, POLLS)
-                    xc.index(r // (16 // SPLITS)).store(vals.to(gl.bfloat16))
+                _stage_combined(xs, words_ptr, table_ptr, p, src, n_in, _tag(epoch, src), err_ptr, SPLITS, WARPS,
+                                POLLS)
                 n_in = 0                             # staged
         for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
             if r < n_in:
@@ -153,10 +146,10 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
                 vals = vals.to(gl.bfloat16)
                 if norm >= 0:
                     sq = vals.to(gl.float32)
-                    sq = sq * sq
-                    first = (r + srow)[:, None] < seg
-                    squares += gl.sum(gl.sum(gl.where(first, sq, 0.0), axis=1), axis=0)
-                    squares2 += gl.sum(gl.sum(gl.where(first, 0.0, sq), axis=1), axis=0)
+                    by_row = gl.sum(sq * sq, axis=1)
+                    first = gl.sum(gl.where(r + srow < seg, by_row, 0.0), axis=0)
+                    squares += first
+                    squares2 += gl.sum(by_row, axis=0) - first
                 xs.slice(r, K_ROWS).store(vals)
         mark, t_poll = _lap(mark, t_poll, PROFILE)
         if norm >= 0:
@@ -219,8 +212,8 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
         if kind == K_ATTENTION:
             for il in range(n_items):
                 consumed = _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, pid + il * nprog,
-                                        ctx, words_ptr, epoch, err_ptr, kv_ptr, bt_ptr, kv_layers, cos_ptr, sin_ptr,
-                                        STAGES, WARPS, POLLS)
+                                        gl.load(ctx_ptr), words_ptr, epoch, err_ptr, kv_ptr, bt_ptr, kv_layers,
+                                        cos_ptr, sin_ptr, STAGES, WARPS, POLLS)
             n_items = 0
         for il in range(n_items):
             i = pid + il * nprog
