@@ -96,7 +96,7 @@ def _rotate(xrows, row, cos, sin, half_l: gl.constexpr):
     return (a * cos - b * sin).to(gl.bfloat16), (b * cos + a * sin).to(gl.bfloat16)
 
 
-@gluon.jit(noinline=True)     # its registers stay out of the GEMV path's allocation (Triton 3.6 spilled there)
+@gluon.jit
 def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, ctx, words_ptr, epoch, err_ptr,
                  kv_ptr, bt_ptr, kv_layers, cos_ptr, sin_ptr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                  POLLS: gl.constexpr):
@@ -196,12 +196,12 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
     return consumed
 
 
-@gluon.jit(noinline=True)
+@gluon.jit
 def _stage_combined(xs, words_ptr, table_ptr, p, src, n_in, tag, err_ptr, SPLITS: gl.constexpr, WARPS: gl.constexpr,
                     POLLS: gl.constexpr):
     """Staging phase p's input from attention phase `src`: its n_in chunks into xs (bf16), each value the splits'
     partials combined by their log-sum-exps, 16 // SPLITS chunks a round. The splits sit in one thread, so the
-    combine is in-thread. (Not inlined: its registers stay out of the GEMV path's allocation.)"""
+    combine is in-thread."""
     C: gl.constexpr = 16 // SPLITS
     xc = _view(xs, [K_STAGE_CHUNKS // C, C, K_CHUNK], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
     for r in range(0, n_in, C):
