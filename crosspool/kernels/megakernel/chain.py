@@ -112,6 +112,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
     t_wait = t_stage
     t_release = t_stage
     t_math = t_stage
+    t_attend = t_stage
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
     scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
     rows = gl.arange(0, K_ROWS, layout=rows_l)
@@ -214,6 +215,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
                 consumed = _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, pid + il * nprog,
                                         gl.load(ctx_ptr), words_ptr, epoch, err_ptr, kv_ptr, bt_ptr, kv_layers,
                                         cos_ptr, sin_ptr, STAGES, WARPS, POLLS)
+            mark, t_attend = _lap(mark, t_attend, PROFILE)
             n_items = 0
         for il in range(n_items):
             i = pid + il * nprog
@@ -283,6 +285,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
         gl.store(prof_ptr + pid * 16 + 6, t_release)
         gl.store(prof_ptr + pid * 16 + 7, t_math)
         gl.store(prof_ptr + pid * 16 + 8, total)
+        gl.store(prof_ptr + pid * 16 + 9, t_attend)
 
     # the last program out advances the epoch for the next launch (every program read it at its start)
     _cta_barrier()
@@ -447,9 +450,9 @@ class Chain:
         if not self.meta["PROFILE"]:
             raise ValueError("profile(): build the chain with profile=True")
         c = self.prof.double().cpu()
-        frac = (c[:, :8] / c[:, 8:9]).mean(0).tolist()
+        frac = (c[:, [0, 1, 2, 3, 4, 5, 6, 7, 9]] / c[:, 8:9]).mean(0).tolist()
         names = ("input polls", "staging's rest", "ranking", "items' starts", "items' ends", "waiting for slots",
-                 "slot load + release", "arithmetic")
+                 "slot load + release", "arithmetic", "attention items")
         return dict(zip(names, frac, strict=True)) | {"cycles": c[:, 8].mean().item()}
 
     def check(self) -> None:
