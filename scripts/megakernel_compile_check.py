@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--sass", help="write the SASS here")
     p.add_argument("--profile", action="store_true", help="with the cycle counters")
-    p.add_argument("--splits", type=int, default=1, help="attention splits (SPLITS)")
+    p.add_argument("--splits", type=int, default=0, help="attention splits (SPLITS; 0: no attention phases)")
     args = p.parse_args()
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
     desc = f"tensordesc<bf16[{args.boxes}, {mk.ROWS}, {mk.CHUNK}],{layout!r}>"

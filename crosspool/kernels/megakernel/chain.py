@@ -210,13 +210,14 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
         res = _field(table_ptr, p, K_F_RES)
         res_off = _field(table_ptr, p, K_F_RES_OFF)
         n_items = _items_of(table_ptr, p, pid, nprog)
-        if kind == K_ATTENTION:
-            for il in range(n_items):
-                consumed = _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, pid + il * nprog,
-                                        gl.load(ctx_ptr), words_ptr, epoch, err_ptr, kv_ptr, bt_ptr, kv_layers,
-                                        cos_ptr, sin_ptr, STAGES, WARPS, POLLS)
-            mark, t_attend = _lap(mark, t_attend, PROFILE)
-            n_items = 0
+        if SPLITS > 0:                               # (a chain with attention phases)
+            if kind == K_ATTENTION:
+                for il in range(n_items):
+                    consumed = _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, pid + il * nprog,
+                                            gl.load(ctx_ptr), words_ptr, epoch, err_ptr, kv_ptr, bt_ptr, kv_layers,
+                                            cos_ptr, sin_ptr, STAGES, WARPS, POLLS)
+                mark, t_attend = _lap(mark, t_attend, PROFILE)
+                n_items = 0
         for il in range(n_items):
             i = pid + il * nprog
             # the residual's words, loaded before the tiles so their round trip hides behind the arithmetic
@@ -299,7 +300,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   x_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr,
                   nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr,
                   BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr = True,
-                  PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 1):
+                  PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -326,7 +327,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
                     SPLITS)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, tiles_ptr + pid * tiles_stride,
-                    table_ptr, ctx_ptr, bt_ptr, kv_layers, STAGES, BOXES)),
+                    table_ptr, ctx_ptr, bt_ptr, kv_layers, STAGES, BOXES, SPLITS > 0)),
     ], [1], [48])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(s))
@@ -380,7 +381,7 @@ class Chain:
         self.prof = torch.zeros(self.nprog, 16, dtype=torch.int64, device=dev)
         self._bind_kv(kv, max_blocks, dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
-                         SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=1),
+                         SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 
     def _bind_kv(self, kv: torch.Tensor | None, max_blocks: int, dev: torch.device) -> None:

@@ -29,7 +29,7 @@ def _smem_int(buf, i):
 
 @gluon.jit
 def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, mine, table_ptr, ctx_ptr, bt_ptr, kv_layers,
-             STAGES: gl.constexpr, BOXES: gl.constexpr):
+             STAGES: gl.constexpr, BOXES: gl.constexpr, ATTENTION: gl.constexpr):
     """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
     consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
     [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
@@ -45,7 +45,7 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, mine, tabl
     kvring = _view(ring, [STAGES * SLOT_BLOCKS, K_BLOCK, 1, K_HEAD_DIM], box_l)
     s = ctx * 0                                      # ring slots issued
     for c in range(n_codes):
-        if code < 0:
+        if ATTENTION and code < 0:
             s = _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES)
         else:
             s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES, BOXES)
