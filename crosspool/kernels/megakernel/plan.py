@@ -186,6 +186,7 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
             raise ValueError(f"phase {phase}: at most {GROUP} consecutive routed phases can share router "
                              f"{phases[phase].route}")
         rows[phase][F_ROUTE_LAST] = last
+    rows = [r + [0] * (NCOL - len(r)) for r in rows]
     return Plan(torch.tensor(rows, dtype=torch.int32), routed, offsets, total, input_len)
 
 
