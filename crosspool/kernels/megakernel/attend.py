@@ -28,6 +28,7 @@ from crosspool.kernels.megakernel.common import (
     K_STAGE_CHUNKS,
     _cta_barrier,
     _field,
+    _lap,
     _poll,
     _poll_pair,
     _publish,
@@ -39,6 +40,7 @@ from crosspool.kernels.megakernel.common import (
 )
 
 SLOT_BLOCKS = gl.constexpr(8)     # KV blocks of one head in a ring slot (KV_SLOT positions)
+MAX_LSE = gl.constexpr(512)       # an attention phase's (split, head) pairs (plan.py checks)
 
 
 @gluon.jit
@@ -88,6 +90,15 @@ def _release(empty, slot, consumed):
 
 
 @gluon.jit
+def _wait_full(full, slot, consumed, t_wait, STAGES: gl.constexpr, PROFILE: gl.constexpr):
+    """Wait for ring slot `slot` to land; PROFILE: `t_wait` plus the cycles that took."""
+    start, _t = _lap(t_wait, t_wait, PROFILE)
+    mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
+    _m, t_wait = _lap(start, t_wait, PROFILE)
+    return t_wait
+
+
+@gluon.jit
 def _rotate(xrows, row, cos, sin, half_l: gl.constexpr):
     """The head whose halves are rows `row`, `row + 1` of the staged input (64 values a row), rotated (RoPE,
     halves) and rounded to bf16."""
@@ -98,10 +109,10 @@ def _rotate(xrows, row, cos, sin, half_l: gl.constexpr):
 
 @gluon.jit
 def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, ctx, words_ptr, epoch, err_ptr,
-                 kv_ptr, bt_ptr, kv_layers, cos_ptr, sin_ptr, STAGES: gl.constexpr, WARPS: gl.constexpr,
-                 POLLS: gl.constexpr):
+                 kv_ptr, bt_ptr, kv_layers, cos_ptr, sin_ptr, t_wait, STAGES: gl.constexpr, WARPS: gl.constexpr,
+                 POLLS: gl.constexpr, PROFILE: gl.constexpr):
     """Consumers: one attention item (head, split) of phase p, whose q and k the staging left normed in xs. Returns
-    the ring's consumed-slot count."""
+    the ring's consumed-slot count, and (PROFILE) `t_wait` plus the cycles it waited for slots to land."""
     kv3: gl.constexpr = gl.BlockedLayout([SLOT_BLOCKS, 1, 4], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])  # a slot
     vec_l: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, kv3))                 # [HEAD_DIM]
     sc_l: gl.constexpr = gl.SliceLayout(2, kv3)                                      # [SLOT_BLOCKS, BLOCK]
@@ -138,7 +149,7 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
     for t in range(lo, hi, K_KV_SLOT):
         # a slot of keys to registers, freed, then its scores; a slot of values likewise, weighed
         slot = consumed % STAGES
-        mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
+        t_wait = _wait_full(full, slot, consumed, t_wait, STAGES, PROFILE)
         keys = _view(ring.index(slot), [SLOT_BLOCKS, K_BLOCK, K_HEAD_DIM], plain3).load(kv3)
         consumed = _release(empty, slot, consumed)
         s = gl.sum(keys.to(gl.float32) * q3, axis=2) * scale
@@ -148,7 +159,7 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
         pr = gl.exp2(s - m_new)
         lsum = lsum * alpha + gl.sum(gl.sum(pr, axis=1), axis=0)
         slot = consumed % STAGES
-        mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
+        t_wait = _wait_full(full, slot, consumed, t_wait, STAGES, PROFILE)
         vals = _view(ring.index(slot), [SLOT_BLOCKS, K_BLOCK, K_HEAD_DIM], plain3).load(kv3)
         consumed = _release(empty, slot, consumed)
         acc = acc * alpha + gl.sum(gl.sum(vals.to(gl.float32) * gl.expand_dims(pr, 2), axis=0), axis=0)
@@ -193,7 +204,7 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
     _publish(out + _field(table_ptr, p, K_F_SOURCES) * hd // 2 + split * heads + head + one,
              gl.full([1], 0, gl.int64, half_l) + lse_word)
     _cta_barrier()                                   # scratch is reused by the next item
-    return consumed
+    return consumed, t_wait
 
 
 @gluon.jit
@@ -203,6 +214,12 @@ def _stage_combined(xs, words_ptr, table_ptr, p, src, n_in, tag, err_ptr, SPLITS
     partials combined by their log-sum-exps, 16 // SPLITS chunks a round. The splits sit in one thread, so the
     combine is in-thread."""
     C: gl.constexpr = 16 // SPLITS
+    # first wait on the splits' log-sum-exps alone (one word a head and split, each published after its item's
+    # values): 132 programs spinning on every value and lse word would load ~128 KB each a spin
+    lse_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, WARPS], [1, 0])
+    heads = _field(table_ptr, src, K_F_STRIDE)
+    e = gl.arange(0, MAX_LSE, layout=gl.SliceLayout(0, lse_l))[None, :]
+    _poll(words_ptr, _field(table_ptr, p, K_F_IN_LSE) + e, e < SPLITS * heads, tag, err_ptr, POLLS)
     xc = _view(xs, [K_STAGE_CHUNKS // C, C, K_CHUNK], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
     for r in range(0, n_in, C):
         vals = _combined_round(words_ptr, _field(table_ptr, p, K_F_IN_OFF), _field(table_ptr, p, K_F_IN_LSE),

@@ -113,6 +113,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
     t_release = t_stage
     t_math = t_stage
     t_attend = t_stage
+    t_kv_wait = t_stage
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
     scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
     rows = gl.arange(0, K_ROWS, layout=rows_l)
@@ -213,9 +214,10 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
         if SPLITS > 0:                               # (a chain with attention phases)
             if kind == K_ATTENTION:
                 for il in range(n_items):
-                    consumed = _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, pid + il * nprog,
-                                            gl.load(ctx_ptr), words_ptr, epoch, err_ptr, kv_ptr, bt_ptr, kv_layers,
-                                            cos_ptr, sin_ptr, STAGES, WARPS, POLLS)
+                    consumed, t_kv_wait = _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p,
+                                                       pid + il * nprog, gl.load(ctx_ptr), words_ptr, epoch, err_ptr,
+                                                       kv_ptr, bt_ptr, kv_layers, cos_ptr, sin_ptr, t_kv_wait, STAGES,
+                                                       WARPS, POLLS, PROFILE)
                 mark, t_attend = _lap(mark, t_attend, PROFILE)
                 n_items = 0
         for il in range(n_items):
@@ -287,6 +289,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
         gl.store(prof_ptr + pid * 16 + 7, t_math)
         gl.store(prof_ptr + pid * 16 + 8, total)
         gl.store(prof_ptr + pid * 16 + 9, t_attend)
+        gl.store(prof_ptr + pid * 16 + 10, t_kv_wait)
 
     # the last program out advances the epoch for the next launch (every program read it at its start)
     _cta_barrier()
@@ -451,9 +454,9 @@ class Chain:
         if not self.meta["PROFILE"]:
             raise ValueError("profile(): build the chain with profile=True")
         c = self.prof.double().cpu()
-        frac = (c[:, [0, 1, 2, 3, 4, 5, 6, 7, 9]] / c[:, 8:9]).mean(0).tolist()
+        frac = (c[:, [0, 1, 2, 3, 4, 5, 6, 7, 9, 10]] / c[:, 8:9]).mean(0).tolist()
         names = ("input polls", "staging's rest", "ranking", "items' starts", "items' ends", "waiting for slots",
-                 "slot load + release", "arithmetic", "attention items")
+                 "slot load + release", "arithmetic", "attention items", "of which waiting for KV slots")
         return dict(zip(names, frac, strict=True)) | {"cycles": c[:, 8].mean().item()}
 
     def check(self) -> None:
