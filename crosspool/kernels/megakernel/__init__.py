@@ -23,8 +23,12 @@ This module is that kernel's core, a chain of dependent GEMV phases over stacked
   and the last program to finish advances it, so CUDA-graph replays need no host work and never see the previous
   step's words as ready.
 
-What is not here yet: attention, the embedding and lm_head (docs/progress.md). Needs Gluon (Triton >= 3.6) and
-an sm_90 GPU; `plan`, `tile_lists` and `reference` run anywhere.
+- An attention phase (`attend.py`) runs batch-1 decode attention over the engine's paged KV cache: items are
+  (head, split), the producer expands each into its key and value slots from the step's block table, and the
+  phase that reads it combines the splits as it stages them.
+
+What is not here yet: the embedding and lm_head, and the engine's path (docs/progress.md). Needs Gluon (Triton >=
+3.6) and an sm_90 GPU; `plan`, `tile_lists` and `reference` run anywhere.
 """
 
 from crosspool.kernels.megakernel.chain import Chain
