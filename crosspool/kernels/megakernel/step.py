@@ -1,0 +1,95 @@
+"""A model's whole batch-1 decode step as one megakernel chain (issue 4): its weights laid out as the chain's
+families and norms, and the phases of every layer plus the final norm and lm_head (`decode_chain`). The step's
+input is the new token's embedding row; its last phase's outputs are the logits.
+
+OLMoE's shape only, for now: MHA with a 128-wide head, q/k RMSNorm over all heads ("full"), RoPE on halves, no
+biases or clipping, softmax routing to the top k with no renormalization, no shared experts. Other models are
+refused with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from crosspool.kernels.megakernel.plan import CHUNK, HEAD_DIM, ROWS, Phase
+from crosspool.models.loader import AttentionWeights, FFNWeights
+from crosspool.models.spec import ModelSpec
+
+
+@dataclass
+class DecodeChain:
+    phases: list[Phase]
+    families: list[torch.Tensor]  # attention rows + routers + lm_head [*, hidden]; experts' gate/up; their down
+    norms: torch.Tensor           # per layer: input norm, post-attention norm, q norm, k norm; then the final norm
+    eps: float
+
+    @property
+    def logits(self) -> int:
+        return len(self.phases) - 1
+
+
+def check_supported(spec: ModelSpec) -> None:
+    """Raise ValueError naming what keeps this model off the megakernel."""
+    r = spec.routing
+    why = [
+        (spec.attention != "mha", f"attention {spec.attention!r} (needs MHA)"),
+        (spec.num_kv_heads != spec.num_heads, f"{spec.num_kv_heads} kv heads for {spec.num_heads} (needs MHA)"),
+        (spec.head_dim != HEAD_DIM, f"head dim {spec.head_dim} (needs {HEAD_DIM})"),
+        (spec.num_heads * spec.head_dim != spec.hidden_size, "q's width differs from the hidden size"),
+        (spec.qk_norm not in ("full", "none"), f"q/k norm {spec.qk_norm!r}"),
+        (spec.qkv_bias or spec.o_bias or spec.clip_qkv is not None, "attention biases or qkv clipping"),
+        (spec.rope.interleaved or spec.rope.scaling == "yarn", "interleaved or YaRN RoPE"),
+        (r is None or r.scoring != "softmax" or r.norm_topk_prob or r.topk_method != "greedy" or r.score_bias,
+         "routing other than softmax, greedy top-k, no renormalization"),
+        (not all(spec.moe_layers) or spec.shared_intermediate_size > 0, "dense layers or shared experts"),
+        (spec.hidden_size % CHUNK or spec.moe_intermediate_size % CHUNK,
+         f"hidden or expert sizes not multiples of {CHUNK}"),
+        (spec.vocab_size % ROWS or (r is not None and r.num_experts % ROWS),
+         f"vocabulary or expert count not multiples of {ROWS}"),
+    ]
+    reasons = [text for bad, text in why if bad]
+    if reasons:
+        raise ValueError(f"{spec.architecture}: not on the megakernel yet: " + "; ".join(reasons))
+
+
+def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, splits: int = 4) -> DecodeChain:
+    """The step's chain over copies of the model's weights (the families are new tensors: the engine's own stay
+    as they are). Layer l's KV cache layer is l; attention heads are split `splits` ways."""
+    check_supported(spec)
+    assert spec.routing is not None
+    h, hd, n_exp, inter = spec.hidden_size, spec.num_heads * HEAD_DIM, spec.routing.num_experts, \
+        spec.moe_intermediate_size
+    rows_a = 3 * hd + h + n_exp                      # a layer's rows of family 0: q, k, v, o_proj, the router
+    fam0, gate_up, down, norms = [], [], [], []
+    phases: list[Phase] = []
+    resid = -1                                       # the residual stream: the step's input, then each down's sum
+    for layer, (aw, fw) in enumerate(zip(attn.layers, ffn.layers, strict=True)):
+        fam0 += [aw["q_proj"], aw["k_proj"], aw["v_proj"], aw["o_proj"], fw["router"].to(aw["o_proj"].dtype)]
+        gate_up.append(fw["experts_gate_up"].reshape(-1, h))
+        down.append(fw["experts_down"].reshape(-1, inter))
+        base, n = layer * rows_a, len(norms)
+        ones = torch.ones(hd, dtype=aw["o_proj"].dtype, device=aw["o_proj"].device)
+        norms += [aw["input_layernorm"], aw["post_attention_layernorm"], aw.get("q_norm", ones),
+                  aw.get("k_norm", ones)]
+        at = sum(int(t.numel()) for t in norms[:n])                 # this layer's norms start here
+        p = len(phases)
+        phases += [
+            Phase("sum", 0, base, 3 * hd, h, input=resid, norm=at),
+            Phase("attention", 0, layer, hd, HEAD_DIM, sources=splits, input=p,
+                  norm=at + 2 * h if spec.qk_norm == "full" else -1, scale=spec.softmax_scale),
+            Phase("sum", 0, base + 3 * hd, h, hd, input=p + 1, residual=resid),
+            Phase("sum", 0, base + 3 * hd + h, n_exp, h, input=p + 2, norm=at + h),
+            Phase("swiglu", 1, layer * n_exp * 2 * inter, spec.routing.top_k * inter, h, sources=spec.routing.top_k,
+                  stride=2 * inter, up_offset=inter, input=p + 2, norm=at + h, route=p + 3),
+            Phase("sum", 2, layer * n_exp * h, h, inter, sources=spec.routing.top_k, stride=h, input=p + 4,
+                  residual=p + 2, route=p + 3),
+        ]
+        resid = p + 5
+    at = sum(int(t.numel()) for t in norms)
+    norms.append(attn.final_norm)
+    phases.append(Phase("sum", 0, len(attn.layers) * rows_a, spec.vocab_size, h, input=resid, norm=at))
+    fam0.append(attn.lm_head)
+    return DecodeChain(phases, [torch.cat(fam0), torch.cat(gate_up), torch.cat(down)], torch.cat(norms),
+                       spec.rms_norm_eps)

@@ -1,0 +1,102 @@
+"""A whole batch-1 OLMoE-1B-7B decode step as one megakernel launch (issue 4; `crosspool.kernels.megakernel.step`):
+its time against copy bandwidth, on random weights of the real shapes built on the GPU (the kernel, not a
+checkpoint's values, is what is timed), at one context length.
+
+Run on the GPU: `python3 scripts/megakernel_step_bench.py [--context 1024] [--splits 4] [--stages 6] [--layers 16]
+[--profile] [--json PATH]`.
+Bytes a step: every layer's q/k/v/o_proj and router, the 8 experts each layer routes to (gate/up and down), the
+cached keys and values, the final norm's lm_head; the embedding row is the step's input. The logits are checked
+against the torch reference (`megakernel.reference`) fed the kernel's own earlier outputs, phase by phase.
+The engine's own batch-1 step at 1k took 1.05-1.06 ms (0.557 of copy bw) in sessions 11-13 (benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from megakernel_chain_bench import print_profiles, run_commit  # noqa: E402
+from stream_probe import graph_us  # noqa: E402
+
+from crosspool.bench.traffic import copy_bandwidth  # noqa: E402
+from crosspool.kernels import megakernel as mk  # noqa: E402
+from crosspool.kernels import torch_ref  # noqa: E402
+from crosspool.kernels.megakernel.step import decode_chain  # noqa: E402
+from crosspool.models.loader import AttentionWeights, FFNWeights  # noqa: E402
+from crosspool.models.presets import get_preset  # noqa: E402
+from crosspool.models.spec import ModelSpec  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--context", type=int, default=1024, help="tokens in the cache after the step")
+    p.add_argument("--splits", type=int, default=4, help="attention splits a head")
+    p.add_argument("--stages", type=int, default=6, help="ring slots a program (32 KB each)")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
+    p.add_argument("--json", help="write the results here too")
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    spec = ModelSpec.from_hf_config(get_preset("olmoe-1b-7b").config | {"num_hidden_layers": args.layers})
+    g = torch.Generator(device=dev).manual_seed(0)
+    h, e, i = spec.hidden_size, spec.routing.num_experts, spec.moe_intermediate_size
+
+    def rand(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, device=dev) * std).to(torch.bfloat16)
+
+    def norm(n: int) -> torch.Tensor:
+        return (1 + 0.1 * torch.randn(n, generator=g, device=dev)).to(torch.bfloat16)
+
+    attn = AttentionWeights(rand(spec.vocab_size, h, std=1.0), norm(h), rand(spec.vocab_size, h), [
+        {"q_proj": rand(h, h), "k_proj": rand(h, h), "v_proj": rand(h, h), "o_proj": rand(h, h), "q_norm": norm(h),
+         "k_norm": norm(h), "input_layernorm": norm(h), "post_attention_layernorm": norm(h)}
+        for _ in range(args.layers)])
+    ffn = FFNWeights(layers=[{"router": rand(e, h, std=0.1), "experts_gate_up": rand(e, 2 * i, h),
+                              "experts_down": rand(e, h, i, std=0.01)} for _ in range(args.layers)])
+    dc = decode_chain(spec, attn, ffn, splits=args.splits)
+    del ffn                                          # the chain holds its own copies
+    ctx = args.context
+    blocks = -(-ctx // mk.BLOCK)
+    kv = rand(blocks, args.layers, 2, mk.BLOCK, spec.num_heads, mk.HEAD_DIM, std=1.0)
+    table = torch.randperm(blocks, generator=g, device=dev).to(torch.int32)
+    cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))
+    chain = mk.Chain(dc.phases, dc.families, h, stages=args.stages, norms=dc.norms, eps=dc.eps, kv=kv,
+                     max_blocks=blocks, profile=args.profile)
+    chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
+    x = attn.embed[17].float()
+    copy_bw = copy_bandwidth(dev)
+    us = graph_us([lambda: chain.run(x)], reps=9)
+    before = kv.clone()
+    chain.run(x)
+    torch.cuda.synchronize()
+    chain.check()
+    got = chain.outputs()
+    want = mk.reference(dc.phases, dc.families, x, dc.norms, dc.eps, given=got,
+                        step=mk.Step(before, table, ctx, cos[0].to(dev), sin[0].to(dev)))
+    err = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item() for a, b in zip(got, want, strict=True))
+    attn_bytes = args.layers * (4 * h * h + e * h) * 2
+    expert_bytes = args.layers * spec.routing.top_k * 3 * h * i * 2
+    kv_bytes = args.layers * ctx * 2 * h * 2
+    head_bytes = spec.vocab_size * h * 2
+    total = attn_bytes + expert_bytes + kv_bytes + head_bytes
+    frac = total / (us * 1e-6) / copy_bw
+    print(f"OLMoE-1B-7B shapes, {args.layers} layers, context {ctx}, {args.splits} splits, ring {args.stages} x 32 KB; "
+          f"copy bw {copy_bw / 1e12:.2f} TB/s")
+    print("| step | us | MB a step | frac of copy bw | worst phase, max rel err |\n|---|---:|---:|---:|---:|")
+    print(f"| megakernel, {len(dc.phases)} phases | {us:.1f} | {total / 1e6:.0f} | {frac:.3f} | {err:.1e} |")
+    rows = {"megakernel": dict(us=us, frac_copy_bw=frac, profile=chain.profile() if args.profile else None)}
+    print_profiles(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(commit=run_commit(), device=torch.cuda.get_device_name(dev),
+                                                   context=ctx, splits=args.splits, stages=args.stages,
+                                                   layers=args.layers, bytes=total, copy_bw=copy_bw, us=us,
+                                                   frac_copy_bw=frac, max_rel_err=err, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

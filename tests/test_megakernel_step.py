@@ -1,0 +1,151 @@
+"""A whole decode step as one megakernel chain (`megakernel.step`): its reference against the engine's torch path
+on the same weights and cache (issue 4)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from crosspool.kernels import megakernel as mk
+from crosspool.kernels import torch_ref
+from crosspool.kernels.megakernel.step import check_supported, decode_chain
+from crosspool.models.attention_side import AttentionSide
+from crosspool.models.batch import ForwardBatch
+from crosspool.models.ffn_side import FFNSide
+from crosspool.models.loader import AttentionWeights, FFNWeights
+from crosspool.models.model import MoEModel
+from crosspool.models.presets import get_preset
+from crosspool.models.spec import ModelSpec
+
+BS = mk.BLOCK
+
+
+def _spec() -> ModelSpec:
+    """OLMoE in small, with the megakernel's shapes: 2 heads of 128, hidden 256, 16 experts of 256, top 2."""
+    cfg = get_preset("olmoe-1b-7b").config | {"num_hidden_layers": 2, "hidden_size": 256, "num_attention_heads": 2,
+                                              "num_key_value_heads": 2, "intermediate_size": 256, "num_experts": 16,
+                                              "num_experts_per_tok": 2, "vocab_size": 512}
+    return ModelSpec.from_hf_config(cfg)
+
+
+def _weights(spec: ModelSpec, seed: int) -> tuple[AttentionWeights, FFNWeights]:
+    g = torch.Generator().manual_seed(seed)
+    h, i, e = spec.hidden_size, spec.moe_intermediate_size, spec.routing.num_experts
+
+    def rand(*shape: int, std: float = 0.05) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    def norm(n: int) -> torch.Tensor:
+        return (1 + 0.2 * torch.randn(n, generator=g)).to(torch.bfloat16)
+
+    layers = [{"q_proj": rand(h, h), "k_proj": rand(h, h), "v_proj": rand(h, h), "o_proj": rand(h, h),
+               "q_norm": norm(h), "k_norm": norm(h), "input_layernorm": norm(h),
+               "post_attention_layernorm": norm(h)} for _ in range(spec.num_layers)]
+    ffn = [{"router": rand(e, h, std=0.2), "experts_gate_up": rand(e, 2 * i, h), "experts_down": rand(e, h, i)}
+           for _ in range(spec.num_layers)]
+    attn = AttentionWeights(rand(spec.vocab_size, h, std=1.0), norm(h), rand(spec.vocab_size, h), layers)
+    return attn, FFNWeights(layers=ffn)
+
+
+class _Cache:
+    """The engine's KV layout [blocks, layers, 2, BLOCK, heads, dim], as the torch path's PagedCache."""
+
+    block_size = BS
+
+    def __init__(self, kv: torch.Tensor) -> None:
+        self.kv = kv
+
+    def layer(self, layer: int) -> list[torch.Tensor]:
+        return [self.kv[:, layer, 0], self.kv[:, layer, 1]]
+
+
+def _batch(ids: list[int], start: int, table: torch.Tensor) -> ForwardBatch:
+    """One sequence's tokens at positions start.., its cache at the blocks of `table`."""
+    pos = torch.arange(start, start + len(ids))
+    ctx = start + len(ids)
+    return ForwardBatch(torch.tensor(ids), pos, torch.zeros_like(pos), table[pos // BS].long() * BS + pos % BS,
+                        table[None].long(), torch.tensor([ctx]), torch.tensor([len(ids) - 1]),
+                        max_q_len=len(ids), max_context_len=ctx)
+
+
+@pytest.mark.parametrize("prompt_len", [5, 40])
+def test_decode_chain_matches_the_engines_torch_path(prompt_len: int) -> None:
+    spec = _spec()
+    attn, ffn = _weights(spec, 0)
+    chain = decode_chain(spec, attn, ffn, splits=2)
+    model = MoEModel(spec, AttentionSide(spec, attn, "torch"), FFNSide(spec, ffn, "torch"))
+    g = torch.Generator().manual_seed(prompt_len)
+    blocks = 8
+    kv = torch.zeros(blocks, spec.num_layers, 2, BS, spec.num_heads, mk.HEAD_DIM, dtype=torch.bfloat16)
+    table = torch.randperm(blocks, generator=g).to(torch.int32)
+    cache = _Cache(kv)
+    ids = torch.randint(0, spec.vocab_size, (prompt_len + 1,), generator=g).tolist()
+    model.forward(_batch(ids[:-1], 0, table), cache)                      # prefill: the cache holds the prompt
+    before = kv.clone()
+    want = model.compute_logits(model.forward(_batch(ids[-1:], prompt_len, table), cache))[0].float()
+    ctx = prompt_len + 1
+    cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))
+    step = mk.Step(before, table, ctx, cos[0], sin[0])
+    x = attn.embed[ids[-1]].float()
+    outs = mk.reference(chain.phases, chain.families, x, chain.norms, chain.eps, step=step)
+    got = outs[chain.logits]
+    # the engine rounds every op to bf16 (scores, probabilities, each expert's rows); the chain keeps sums in fp32
+    err = (got - want).abs().max() / want.abs().max()
+    assert err < 1.5e-2, f"logits off by {err:.2e} of their scale"     # 6-7e-3 here; a wrong norm, 2.7e-2 or more
+    assert got.argmax() == want.argmax() or want.topk(2).values.diff().abs().item() < 3e-2 * want.abs().max()
+    torch.testing.assert_close(step.kv.float(), kv.float(), rtol=2e-2, atol=2e-2)   # the new token's key/value
+    mk.plan(chain.phases, chain.families, spec.hidden_size, chain.norms.numel())      # and the kernel takes it
+
+
+def test_decode_chain_refuses_other_models_with_the_reason() -> None:
+    spec = _spec()
+    check_supported(spec)
+    for change, reason in ((dict(num_kv_heads=1), "kv heads"), (dict(head_dim=64), "head dim"),
+                           (dict(qk_norm="head"), "q/k norm"), (dict(attention="mla"), "attention 'mla'"),
+                           (dict(routing=dataclasses.replace(spec.routing, norm_topk_prob=True)), "routing"),
+                           (dict(vocab_size=500), "multiples of 16")):
+        with pytest.raises(ValueError, match=reason):
+            check_supported(dataclasses.replace(spec, **change))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs an sm_90 GPU")
+def test_decode_chain_kernel_matches_its_reference_phase_by_phase() -> None:
+    """The whole small step on the GPU: every phase against the reference fed the kernel's own earlier outputs,
+    the new token's key and value in the cache, over three steps of one sequence in a CUDA graph."""
+    spec = _spec()
+    attn, ffn = _weights(spec, 1)
+    attn = AttentionWeights(attn.embed.cuda(), attn.final_norm.cuda(), attn.lm_head.cuda(),
+                            [{k: v.cuda() for k, v in w.items()} for w in attn.layers])
+    ffn = FFNWeights(layers=[{k: v.cuda() for k, v in w.items()} for w in ffn.layers])
+    dc = decode_chain(spec, attn, ffn, splits=2)
+    g = torch.Generator().manual_seed(3)
+    kv = (torch.randn(64, spec.num_layers, 2, BS, spec.num_heads, mk.HEAD_DIM, generator=g) * 0.5).to(
+        "cuda", torch.bfloat16)
+    table = torch.randperm(64, generator=g).to(torch.int32).cuda()
+    chain = mk.Chain(dc.phases, dc.families, spec.hidden_size, norms=dc.norms, eps=dc.eps, kv=kv, max_blocks=64)
+    x = torch.empty(spec.hidden_size, device="cuda")
+    graph = None
+    for ctx in (300, 301, 302):
+        cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))
+        chain.set_step(ctx, table, cos[0].cuda(), sin[0].cuda())
+        x.copy_(attn.embed[ctx % spec.vocab_size].float())
+        before = kv.clone()
+        if graph is None:
+            chain.run(x)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                chain.run(x)
+        else:
+            graph.replay()
+        torch.cuda.synchronize()
+        chain.check()
+        got = chain.outputs()
+        step = mk.Step(before, table, ctx, cos[0].cuda(), sin[0].cuda())
+        want = mk.reference(dc.phases, dc.families, x, dc.norms, dc.eps, given=got, step=step)
+        for j, (a, b) in enumerate(zip(got, want, strict=True)):
+            torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-3, msg=lambda m, j=j, c=ctx: f"ctx {c} phase {j}: {m}")
+        torch.testing.assert_close(kv.float(), step.kv.float(), rtol=1e-2, atol=1e-2)
