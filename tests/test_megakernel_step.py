@@ -149,3 +149,50 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase() -> None:
         for j, (a, b) in enumerate(zip(got, want, strict=True)):
             torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-3, msg=lambda m, j=j, c=ctx: f"ctx {c} phase {j}: {m}")
         torch.testing.assert_close(kv.float(), step.kv.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_engine_keeps_its_graphs_where_the_megakernel_cannot_run(tiny_models, monkeypatch, caplog) -> None:  # noqa: ANN001
+    """CROSSPOOL_MEGAKERNEL=1 on a machine or model it cannot serve: the decode graphs stay as they are, and the
+    log says why (here: no sm_90 GPU, a 16-wide head, not a bf16 cache of 16-token blocks)."""
+    from crosspool.engine import graphs
+    from crosspool.pools.kv_pool import KVPool
+
+    monkeypatch.setattr(graphs, "MEGAKERNEL", 1)
+    model = MoEModel.load(tiny_models("tiny-olmoe"), torch.float32, "cpu", kernels="torch")
+    cache = KVPool(64 << 20).register("m", model.spec, 4, torch.float32)
+    with caplog.at_level("WARNING", logger="crosspool.engine"):
+        g = graphs.DecodeGraphs(model, cache, torch.device("cpu"), 4, 64, capture=False)
+    assert g.megakernel is None
+    text = caplog.text
+    assert "sm_90" in text and "head dim 16 (needs 128)" in text and "16-token blocks" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs an sm_90 GPU")
+def test_engine_greedy_tokens_with_the_megakernel_match_the_graph_of_kernels(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """CROSSPOOL_MEGAKERNEL=1: the engine's batch-1 decode steps run as one megakernel launch (in its CUDA graph),
+    and greedy generation gives the tokens of the graph of kernels, on a small OLMoE with the megakernel's widths
+    (bf16: a long generation may part only at a near-tie of two logits, reported with its gap)."""
+    from crosspool import LLM, EngineConfig, SamplingParams
+    from crosspool.engine import graphs
+    from crosspool.models.make_model import make_model
+
+    d = make_model("tiny-olmoe", tmp_path / "m", seed=4, progress=False,
+                   config_changes={"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 2,
+                                   "intermediate_size": 256, "num_experts": 16})
+    prompts = [torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 70)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=2)
+    outs = {}
+    for on in (0, 1):
+        monkeypatch.setattr(graphs, "MEGAKERNEL", on)
+        with LLM(d, EngineConfig(device="cuda", dtype=torch.bfloat16, kernels="triton", cuda_graphs=True,
+                                 max_num_seqs=1)) as llm:
+            outs[on] = llm.generate(prompts, params)
+            runner = next(iter(llm.engine.models.values())).runner
+            assert (runner.graphs.megakernel is not None) == bool(on)
+    for a, b in zip(outs[0], outs[1], strict=True):
+        if a.token_ids != b.token_ids:
+            i = next(j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False)) if x != y)
+            (_, first), (_, second) = a.logprobs[i].top[:2]
+            assert first - second < 0.05, f"tokens part at {i} with a logprob gap of {first - second:.3f}"

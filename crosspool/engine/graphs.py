@@ -32,10 +32,12 @@ order whatever their lanes. `capture=False` runs the same static-buffer path wit
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -44,6 +46,9 @@ from crosspool.kernels._common import cdiv, env_int
 from crosspool.kernels.torch_ref import feed_ids
 from crosspool.models.batch import ForwardBatch, PagedCache
 from crosspool.models.model import MoEModel
+
+if TYPE_CHECKING:
+    from crosspool.kernels.megakernel.step import DecodeStep
 
 BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
            384, 448, 512)
@@ -55,6 +60,11 @@ SHORT_CONTEXT = env_int("CROSSPOOL_GRAPH_SHORT_CONTEXT", 4096, minimum=0)
 # a whole-step graph's ends: 1, its input as one kernel and its last residual add inside the final norm
 # (`embed_inputs`, `MoEModel.forward_logits`); 0, torch's ops there, as before session 11 (before/after runs)
 FUSED_ENDS = env_int("CROSSPOOL_GRAPH_FUSED_ENDS", 1)
+# a batch-1 step as one megakernel launch (`kernels.megakernel.step`; OLMoE-shaped models on an sm_90 GPU, over
+# copies of the model's weights): 1 on, 0 off (the default: so far slower than the graph of kernels, benchmarks.md
+# section 7, session 16)
+MEGAKERNEL = env_int("CROSSPOOL_MEGAKERNEL", 0)
+log = logging.getLogger("crosspool.engine")
 
 
 def context_classes(max_model_len: int) -> tuple[int, ...]:
@@ -285,6 +295,30 @@ class DecodeGraphs:
         self._done: torch.cuda.Event | None = None             # after this model's last pass, on its lane
         # benchmarks: a list to receive (lane, start, end) timing events around each pass on its lane's stream
         self.spans: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] | None = None
+        self.megakernel = self._megakernel() if MEGAKERNEL else None
+
+    def _megakernel(self) -> DecodeStep | None:
+        """Batch-1 steps as one megakernel launch, where this model and device allow it; else None, and why is
+        logged."""
+        from crosspool.kernels.megakernel.plan import BLOCK
+        from crosspool.kernels.megakernel.step import DecodeStep, check_supported
+
+        kv = getattr(self.cache, "buffer", None)
+        why = []
+        if self.remote:
+            why.append("the FFN runs on other ranks")
+        if self.device.type != "cuda" or torch.cuda.get_device_capability(self.device) < (9, 0):
+            why.append("it needs an sm_90 GPU")
+        if kv is None or self.cache.block_size != BLOCK or kv.dtype != torch.bfloat16:
+            why.append(f"it needs a bf16 KV cache of {BLOCK}-token blocks")
+        try:
+            check_supported(self.model.spec)
+        except ValueError as e:
+            why.append(str(e))
+        if why:
+            log.warning("CROSSPOOL_MEGAKERNEL=1 but batch-1 steps keep the graph of kernels: %s", "; ".join(why))
+            return None
+        return DecodeStep(self.model.spec, self.model.attention.w, self.model.ffn.w, kv, self.inputs.max_blocks)
 
     def _ffn_calls(self, lane: int, rehearse: bool = False) -> AbstractContextManager[None]:
         """Across pool ranks: the FFN calls of a whole pass (no header each; see `RemoteFFN.pass_calls`)."""
@@ -403,6 +437,11 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         rows = batch.input_ids.shape[0]
+        if rows == 1 and self.megakernel is not None:
+            x, (cos, sin) = embed_inputs(self.model, self.inputs, batch)
+            logits = self.megakernel.run(x[0], cos[0], sin[0], batch.context_lens[0], batch.block_tables[0])
+            self.model.attention.greedy_tokens(logits, out=self.inputs.tokens[:rows])
+            return logits
         if FUSED_ENDS:
             logits = self.model.forward_logits(batch, self.cache, embed_inputs(self.model, self.inputs, batch))
             self.model.attention.greedy_tokens(logits, out=self.inputs.tokens[:rows])

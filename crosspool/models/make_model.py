@@ -101,14 +101,15 @@ def write_weights(spec: ModelSpec, out_dir: Path, *, seed: int, dtype: torch.dty
 
 def make_model(preset_name: str, out_dir: str | os.PathLike[str], *, layers: int | None = None, seed: int = 0,
                dtype: str = "bf16", max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
-               device: str = "cpu") -> Path:
-    """Write a full checkpoint directory (config, generation config, tokenizer, weights) for a preset."""
+               device: str = "cpu", config_changes: dict[str, Any] | None = None) -> Path:
+    """Write a full checkpoint directory (config, generation config, tokenizer, weights) for a preset;
+    `config_changes` replace keys of its config.json (say, a tiny model with other widths)."""
     from crosspool.models.presets import get_preset
     from crosspool.models.tokenizer import write_tokenizer
 
     preset = get_preset(preset_name)
     torch_dtype = parse_dtype(dtype)
-    config: dict[str, Any] = dict(preset.config)
+    config: dict[str, Any] = dict(preset.config) | dict(config_changes or {})
     if layers is not None:
         if layers < 1:
             raise ValueError(f"--layers must be >= 1, got {layers}")

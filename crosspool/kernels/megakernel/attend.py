@@ -61,7 +61,7 @@ def _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_laye
     p = (code >> 16) & 0x7FFF
     head, split, lo, hi, end = _split_bounds(table_ptr, p, code & 0xFFFF, ctx)
     layer = _field(table_ptr, p, K_F_ROW0)
-    last = (hi - 1) // K_BLOCK
+    last = gl.maximum(hi - 1, 0) // K_BLOCK           # (an item with no cached positions reads entry 0, unused)
     j8 = gl.arange(0, SLOT_BLOCKS, layout=gl.BlockedLayout([1], [32], [1], [0]))
     # a slot's block ids by one load, the next slot's loaded before this one's loads wait for free slots
     ids = gl.load(bt_ptr + gl.minimum(lo // K_BLOCK + j8, last))
@@ -241,5 +241,7 @@ def _combined_round(words_ptr, in_off, lse_off, heads, r, n_in, tag, err_ptr, SP
     q, h = _word_of(sp * (heads * K_HEAD_DIM) + v)
     w, lw = _poll_pair(words_ptr, in_off + q, lse_off + sp * heads + v // K_HEAD_DIM, mask, tag, err_ptr, POLLS)
     lse = (lw & 0xFFFFFFFF).to(gl.int32).to(gl.float32, bitcast=True)
-    wgt = gl.exp2(lse - gl.expand_dims(gl.max(lse, axis=0), 0))
-    return gl.sum(wgt * _value(w, h), axis=0) / gl.sum(wgt, axis=0)
+    top = gl.max(lse, axis=0)
+    wgt = gl.exp2(lse - gl.expand_dims(gl.where(top == float("-inf"), 0.0, top), 0))
+    # (no split has a position only in a padding step, context 0: its value is 0, not NaN)
+    return gl.sum(wgt * _value(w, h), axis=0) / gl.maximum(gl.sum(wgt, axis=0), 1e-30)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crosspool.kernels.megakernel.plan import CHUNK, HEAD_DIM, ROWS, Phase
+from crosspool.kernels.megakernel.plan import CHUNK, HEAD_DIM, ROWS, Phase, unpack
 from crosspool.models.loader import AttentionWeights, FFNWeights
 from crosspool.models.spec import ModelSpec
 
@@ -66,7 +66,8 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
     phases: list[Phase] = []
     resid = -1                                       # the residual stream: the step's input, then each down's sum
     for layer, (aw, fw) in enumerate(zip(attn.layers, ffn.layers, strict=True)):
-        fam0 += [aw["q_proj"], aw["k_proj"], aw["v_proj"], aw["o_proj"], fw["router"].to(aw["o_proj"].dtype)]
+        qkv = [aw["qkv_proj"]] if "qkv_proj" in aw else [aw["q_proj"], aw["k_proj"], aw["v_proj"]]   # (Triton path)
+        fam0 += qkv + [aw["o_proj"], fw["router"].to(aw["o_proj"].dtype)]
         gate_up.append(fw["experts_gate_up"].reshape(-1, h))
         down.append(fw["experts_down"].reshape(-1, inter))
         base, n = layer * rows_a, len(norms)
@@ -93,3 +94,36 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
     fam0.append(attn.lm_head)
     return DecodeChain(phases, [torch.cat(fam0), torch.cat(gate_up), torch.cat(down)], torch.cat(norms),
                        spec.rms_norm_eps)
+
+
+class DecodeStep:
+    """A model's batch-1 decode step as one megakernel launch over the engine's KV cache (`kv`, [blocks, layers, 2,
+    BLOCK, heads, HEAD_DIM]), graph-capturable: `run` copies the step's inputs into the chain's buffers on the
+    device, launches it, and returns the logits. Holds copies of the weights (`decode_chain`)."""
+
+    def __init__(self, spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, kv: torch.Tensor, max_blocks: int,
+                 splits: int = 4, stages: int = 6) -> None:
+        from crosspool.kernels.megakernel.chain import Chain
+
+        self.decode = decode_chain(spec, attn, ffn, splits)
+        d = self.decode
+        self.chain = Chain(d.phases, d.families, spec.hidden_size, stages=stages, norms=d.norms, eps=d.eps, kv=kv,
+                           max_blocks=max_blocks)
+        self.x = torch.zeros(spec.hidden_size, dtype=torch.float32, device=kv.device)
+        at = self.chain.plan.out_offsets[d.logits]
+        self._logit_words = self.chain.words[at:at + spec.vocab_size // 2]
+
+    def run(self, embed_row: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context_len: torch.Tensor,
+            block_table: torch.Tensor) -> torch.Tensor:
+        """Logits [1, vocab] (fp32) of the token whose embedding row is `embed_row`, at position context_len - 1
+        (a device scalar), its RoPE cos/sin given, the sequence's KV at `block_table`'s blocks (device tensors:
+        nothing is read on the host)."""
+        c = self.chain
+        self.x.copy_(embed_row)
+        c.ctx.copy_(context_len.reshape(1))
+        n = min(c.block_table.numel(), block_table.numel())
+        c.block_table[:n].copy_(block_table[:n])
+        c.cos.copy_(cos[:c.cos.numel()])
+        c.sin.copy_(sin[:c.sin.numel()])
+        c.run(self.x)
+        return unpack(self._logit_words)[None]
