@@ -33,6 +33,7 @@ from crosspool.kernels.megakernel.common import (
     _poll_pair,
     _publish,
     _tag,
+    _tagged,
     _tma_load,
     _value,
     _view,
@@ -139,6 +140,14 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
     halves.index(3).store(kb.to(gl.float32))
     _cta_barrier()
     d = gl.arange(0, K_HEAD_DIM, layout=vec_l)
+    # the owner's new value and cache block, loaded now: their round trips pass under the slots' arithmetic
+    src = _field(table_ptr, p, K_F_IN)
+    vq, vh = _word_of(2 * hd + head * K_HEAD_DIM + d[None, :])
+    v_at = _field(table_ptr, p, K_F_IN_OFF) + vq
+    v_mask = (d[None, :] < K_HEAD_DIM) & owner
+    vw = gl.load(words_ptr + v_at, mask=v_mask, other=0, volatile=True)
+    new_block = gl.load(bt_ptr + gl.maximum(ctx - 1, 0) // K_BLOCK).to(gl.int64)
+    layer = _field(table_ptr, p, K_F_ROW0)
     q = scratch.index(0).load(vec_l)
     q3 = gl.expand_dims(gl.expand_dims(q, 0), 0)
     blk = gl.arange(0, SLOT_BLOCKS, layout=gl.SliceLayout(1, sc_l))[:, None]
@@ -166,10 +175,8 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
         m = m_new
     if owner:
         # the new token: its key (rotated) and value, folded in from registers and written into the cache
-        src = _field(table_ptr, p, K_F_IN)
-        vq, vh = _word_of(2 * hd + head * K_HEAD_DIM + d[None, :])
-        vw = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + vq, d[None, :] < K_HEAD_DIM, _tag(epoch, src),
-                   err_ptr, POLLS)
+        if _tagged(vw, v_mask, _tag(epoch, src)) == 0:
+            vw = _poll(words_ptr, v_at, v_mask, _tag(epoch, src), err_ptr, POLLS)
         v_new = gl.sum(_value(vw, vh), axis=0)
         k_new = scratch.index(1).load(vec_l)
         s_new = gl.sum(q * k_new, axis=0) * scale
@@ -179,9 +186,7 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
         lsum = lsum * alpha + pn
         acc = acc * alpha + pn * v_new
         m = m_new
-        pos = ctx - 1
-        block = gl.load(bt_ptr + pos // K_BLOCK).to(gl.int64)
-        row = ((block * kv_layers + _field(table_ptr, p, K_F_ROW0)) * 2) * K_BLOCK + pos % K_BLOCK
+        row = ((new_block * kv_layers + layer) * 2) * K_BLOCK + (ctx - 1) % K_BLOCK
         at = kv_ptr + (row * heads + head) * K_HEAD_DIM + d
         gl.store(at, k_new.to(gl.bfloat16))
         gl.store(at + K_BLOCK * heads * K_HEAD_DIM, v_new.to(gl.bfloat16))               # kv = 1: the values

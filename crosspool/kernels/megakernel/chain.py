@@ -126,6 +126,10 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
         n_in = _field(table_ptr, p, K_F_IN_CHUNKS)
         norm = _field(table_ptr, p, K_F_NORM)
         seg = _field(table_ptr, p, K_F_NORM_SEG)     # chunks under the first norm (attention: q's; k has its own)
+        if SPLITS > 0:
+            if (kind == K_ATTENTION) & (_items_of(table_ptr, p, pid, nprog) == 0):
+                n_in = 0                             # no item of this attention phase here: nothing to stage
+                norm = -1
         squares = eps * 0.0                          # the input's sums of squares, for a phase with a norm
         squares2 = squares
         if SPLITS > 1:
