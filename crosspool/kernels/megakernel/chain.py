@@ -125,8 +125,9 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
         _cta_barrier()                               # every warp is done with the previous phase's input
         n_in = _field(table_ptr, p, K_F_IN_CHUNKS)
         norm = _field(table_ptr, p, K_F_NORM)
-        seg = _field(table_ptr, p, K_F_NORM_SEG)     # chunks under the first norm (attention: q's; k has its own)
-        if SPLITS > 0:
+        seg = n_in                                   # chunks under the first norm (attention: q's; k has its own)
+        if SPLITS > 0:                               # (a chain with attention: the code below compiles only there)
+            seg = _field(table_ptr, p, K_F_NORM_SEG)
             if (kind == K_ATTENTION) & (_items_of(table_ptr, p, pid, nprog) == 0):
                 n_in = 0                             # no item of this attention phase here: nothing to stage
                 norm = -1
@@ -153,22 +154,30 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
                 if norm >= 0:
                     sq = vals.to(gl.float32)
                     by_row = gl.sum(sq * sq, axis=1)
-                    first = gl.sum(gl.where(r + srow < seg, by_row, 0.0), axis=0)
-                    squares += first
-                    squares2 += gl.sum(by_row, axis=0) - first
+                    if SPLITS > 0:
+                        first = gl.sum(gl.where(r + srow < seg, by_row, 0.0), axis=0)
+                        squares += first
+                        squares2 += gl.sum(by_row, axis=0) - first
+                    else:
+                        squares += gl.sum(by_row, axis=0)
                 xs.slice(r, K_ROWS).store(vals)
         mark, t_poll = _lap(mark, t_poll, PROFILE)
         if norm >= 0:
             # RMSNorm as the model rounds it: bf16(g * bf16(x * rstd)); each thread rescales the values it staged
             rstd = gl.rsqrt(squares / (seg * K_CHUNK) + eps)
-            rstd2 = gl.rsqrt(squares2 / (gl.maximum(n_in - seg, 1) * K_CHUNK) + eps)
+            rstd2 = rstd
+            if SPLITS > 0:
+                rstd2 = gl.rsqrt(squares2 / (gl.maximum(n_in - seg, 1) * K_CHUNK) + eps)
             for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
                 if r < n_in:
                     offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]
                     mask = (r + srow)[:, None] < n_in
                     g = gl.load(norms_ptr + norm + offs, mask=mask, other=0.0).to(gl.float32)
                     v = xs.slice(r, K_ROWS).load(stage_l).to(gl.float32)
-                    v = v * gl.where((r + srow)[:, None] < seg, rstd, rstd2)
+                    if SPLITS > 0:
+                        v = v * gl.where((r + srow)[:, None] < seg, rstd, rstd2)
+                    else:
+                        v = v * rstd
                     xs.slice(r, K_ROWS).store((g * v.to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16))
         wait = _field(table_ptr, p, K_F_WAIT)
         if wait >= 0:
