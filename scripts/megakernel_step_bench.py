@@ -2,8 +2,8 @@
 its time against copy bandwidth, on random weights of the real shapes built on the GPU (the kernel, not a
 checkpoint's values, is what is timed), at one context length.
 
-Run on the GPU: `python3 scripts/megakernel_step_bench.py [--context 1024] [--splits 4] [--stages 6] [--layers 16]
-[--profile] [--json PATH]`.
+Run on the GPU: `python3 scripts/megakernel_step_bench.py [--context 1024] [--splits 4] [--stages 6] [--warps 4]
+[--layers 16] [--profile] [--json PATH]`.
 Bytes a step: every layer's q/k/v/o_proj and router, the 8 experts each layer routes to (gate/up and down), the
 cached keys and values, the final norm's lm_head; the embedding row is the step's input. The logits are checked
 against the torch reference (`megakernel.reference`) fed the kernel's own earlier outputs, phase by phase.
@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024, help="tokens in the cache after the step")
     p.add_argument("--splits", type=int, default=4, help="attention splits a head")
     p.add_argument("--stages", type=int, default=6, help="ring slots a program (32 KB each)")
+    p.add_argument("--warps", type=int, default=4, help="consumer warps a program (plus the producer warp)")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
@@ -65,8 +66,8 @@ def main() -> None:
     kv = rand(blocks, args.layers, 2, mk.BLOCK, spec.num_heads, mk.HEAD_DIM, std=1.0)
     table = torch.randperm(blocks, generator=g, device=dev).to(torch.int32)
     cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))
-    chain = mk.Chain(dc.phases, dc.families, h, stages=args.stages, norms=dc.norms, eps=dc.eps, kv=kv,
-                     max_blocks=blocks, profile=args.profile)
+    chain = mk.Chain(dc.phases, dc.families, h, stages=args.stages, warps=args.warps, norms=dc.norms, eps=dc.eps,
+                     kv=kv, max_blocks=blocks, profile=args.profile)
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()
     copy_bw = copy_bandwidth(dev)
@@ -85,8 +86,8 @@ def main() -> None:
     head_bytes = spec.vocab_size * h * 2
     total = attn_bytes + expert_bytes + kv_bytes + head_bytes
     frac = total / (us * 1e-6) / copy_bw
-    print(f"OLMoE-1B-7B shapes, {args.layers} layers, context {ctx}, {args.splits} splits, ring {args.stages} x 32 KB; "
-          f"copy bw {copy_bw / 1e12:.2f} TB/s")
+    print(f"OLMoE-1B-7B shapes, {args.layers} layers, context {ctx}, {args.splits} splits, ring {args.stages} x 32 KB, "
+          f"{args.warps} consumer warps; copy bw {copy_bw / 1e12:.2f} TB/s")
     print("| step | us | MB a step | frac of copy bw | worst phase, max rel err |\n|---|---:|---:|---:|---:|")
     print(f"| megakernel, {len(dc.phases)} phases | {us:.1f} | {total / 1e6:.0f} | {frac:.3f} | {err:.1e} |")
     rows = {"megakernel": dict(us=us, frac_copy_bw=frac, profile=chain.profile() if args.profile else None)}
@@ -94,6 +95,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(dict(commit=run_commit(), device=torch.cuda.get_device_name(dev),
                                                    context=ctx, splits=args.splits, stages=args.stages,
+                                                   warps=args.warps,
                                                    layers=args.layers, bytes=total, copy_bw=copy_bw, us=us,
                                                    frac_copy_bw=frac, max_rel_err=err, rows=rows), indent=1))
 

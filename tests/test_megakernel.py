@@ -294,12 +294,12 @@ def _check_phases(chain: mk.Chain, phases: list[Phase], fam: list[torch.Tensor],
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("normed", [False, True])
-def test_chain_kernel_matches_reference_across_launches_and_replays(normed: bool) -> None:
+@pytest.mark.parametrize(("normed", "warps"), [(False, 4), (True, 4), (True, 8)])
+def test_chain_kernel_matches_reference_across_launches_and_replays(normed: bool, warps: int) -> None:
     fam = _families("cuda", 2)
     norms = _norms("cuda", 4) if normed else None
     phases = NORM_CHAIN if normed else CHAIN
-    chain = mk.Chain(phases, fam, 2048, norms=norms, eps=EPS)
+    chain = mk.Chain(phases, fam, 2048, norms=norms, eps=EPS, warps=warps)
     x = torch.empty(2048, device="cuda")
     for seed in (3, 4):                                  # two eager launches: the epoch moves on
         x.copy_(torch.randn(2048, generator=torch.Generator().manual_seed(seed)))

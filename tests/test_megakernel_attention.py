@@ -152,8 +152,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("splits", [1, 4])
-def test_attention_chain_matches_reference_and_writes_the_cache(splits: int) -> None:
+@pytest.mark.parametrize(("splits", "warps"), [(1, 4), (4, 4), (4, 8)])
+def test_attention_chain_matches_reference_and_writes_the_cache(splits: int, warps: int) -> None:
     """QKV, attention and o_proj on the GPU at several context lengths (eager, then graph replays): every phase
     against the reference fed the kernel's own earlier outputs, and the cache against the reference's writes."""
     heads = 16
@@ -162,7 +162,7 @@ def test_attention_chain_matches_reference_and_writes_the_cache(splits: int) -> 
     phases = _chain(heads, splits)
     step = _step(heads, 1, "cuda", 7, blocks=400)
     kv = step.kv.clone()
-    chain = mk.Chain(phases, fam, hd, norms=norms, eps=EPS, kv=kv, max_blocks=256)
+    chain = mk.Chain(phases, fam, hd, norms=norms, eps=EPS, kv=kv, max_blocks=256, warps=warps)
     x = torch.empty(hd, device="cuda")
     graph = None
     for i, ctx in enumerate([1, 16, 17, 129, 1000, 1024, 3001]):
