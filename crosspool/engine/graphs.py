@@ -64,6 +64,7 @@ FUSED_ENDS = env_int("CROSSPOOL_GRAPH_FUSED_ENDS", 1)
 # copies of the model's weights): 1 on, 0 off (the default: so far slower than the graph of kernels, benchmarks.md
 # section 7, session 16)
 MEGAKERNEL = env_int("CROSSPOOL_MEGAKERNEL", 0)
+MEGAKERNEL_WARPS = env_int("CROSSPOOL_MEGAKERNEL_WARPS", 4)        # its consumer warps a program (4 or 8)
 log = logging.getLogger("crosspool.engine")
 
 
@@ -318,7 +319,8 @@ class DecodeGraphs:
         if why:
             log.warning("CROSSPOOL_MEGAKERNEL=1 but batch-1 steps keep the graph of kernels: %s", "; ".join(why))
             return None
-        return DecodeStep(self.model.spec, self.model.attention.w, self.model.ffn.w, kv, self.inputs.max_blocks)
+        return DecodeStep(self.model.spec, self.model.attention.w, self.model.ffn.w, kv, self.inputs.max_blocks,
+                          warps=MEGAKERNEL_WARPS)
 
     def _ffn_calls(self, lane: int, rehearse: bool = False) -> AbstractContextManager[None]:
         """Across pool ranks: the FFN calls of a whole pass (no header each; see `RemoteFFN.pass_calls`)."""

@@ -102,13 +102,13 @@ class DecodeStep:
     device, launches it, and returns the logits. Holds copies of the weights (`decode_chain`)."""
 
     def __init__(self, spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, kv: torch.Tensor, max_blocks: int,
-                 splits: int = 4, stages: int = 6) -> None:
+                 splits: int = 4, stages: int = 6, warps: int = 4) -> None:
         from crosspool.kernels.megakernel.chain import Chain
 
         self.decode = decode_chain(spec, attn, ffn, splits)
         d = self.decode
-        self.chain = Chain(d.phases, d.families, spec.hidden_size, stages=stages, norms=d.norms, eps=d.eps, kv=kv,
-                           max_blocks=max_blocks)
+        self.chain = Chain(d.phases, d.families, spec.hidden_size, stages=stages, warps=warps, norms=d.norms,
+                           eps=d.eps, kv=kv, max_blocks=max_blocks)
         self.x = torch.zeros(spec.hidden_size, dtype=torch.float32, device=kv.device)
         at = self.chain.plan.out_offsets[d.logits]
         self._logit_words = self.chain.words[at:at + spec.vocab_size // 2]
