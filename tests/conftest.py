@@ -21,3 +21,24 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pat
         return cache[preset]
 
     return get
+
+
+@pytest.fixture
+def graph_launch() -> Callable[[Callable[[], None]], None]:
+    """A launcher for GPU tests of persistent kernels: its first call runs `fn` eagerly (compiling it) and captures
+    it into a CUDA graph; each later call replays that graph. Every call ends synchronized."""
+    import torch
+
+    graph: list[torch.cuda.CUDAGraph] = []
+
+    def launch(fn: Callable[[], None]) -> None:
+        if graph:
+            graph[0].replay()
+        else:
+            fn()
+            graph.append(torch.cuda.CUDAGraph())
+            with torch.cuda.graph(graph[0]):
+                fn()
+        torch.cuda.synchronize()
+
+    return launch

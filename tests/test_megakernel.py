@@ -323,22 +323,14 @@ def test_chain_kernel_matches_reference_across_launches_and_replays(normed: bool
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90 GPU")
-def test_routed_chain_ranks_and_loads_the_chosen_experts() -> None:
+def test_routed_chain_ranks_and_loads_the_chosen_experts(graph_launch) -> None:  # noqa: ANN001
     fam = _moe_families("cuda", 6)
     chain = mk.Chain(MOE, fam, 2048, stages=12, boxes=2)
     x = torch.empty(2048, device="cuda")
-    graph = None
     chosen = set()
     for seed in range(8, 14):                            # fresh inputs route to other experts
         x.copy_(torch.randn(2048, generator=torch.Generator().manual_seed(seed)))
-        if graph is None:
-            chain.run(x)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                chain.run(x)
-        else:
-            graph.replay()
-        torch.cuda.synchronize()
+        graph_launch(lambda: chain.run(x))
         chain.check()
         got = chain.outputs()
         probs, ids = torch.softmax(got[1], 0).topk(4)   # the ranking of the kernel's own logits

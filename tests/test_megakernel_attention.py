@@ -153,7 +153,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize(("splits", "warps"), [(1, 4), (4, 4), (4, 8)])
-def test_attention_chain_matches_reference_and_writes_the_cache(splits: int, warps: int) -> None:
+def test_attention_chain_matches_reference_and_writes_the_cache(splits: int, warps: int, graph_launch) -> None:  # noqa: ANN001
     """QKV, attention and o_proj on the GPU at several context lengths (eager, then graph replays): every phase
     against the reference fed the kernel's own earlier outputs, and the cache against the reference's writes."""
     heads = 16
@@ -164,7 +164,6 @@ def test_attention_chain_matches_reference_and_writes_the_cache(splits: int, war
     kv = step.kv.clone()
     chain = mk.Chain(phases, fam, hd, norms=norms, eps=EPS, kv=kv, max_blocks=256, warps=warps)
     x = torch.empty(hd, device="cuda")
-    graph = None
     for i, ctx in enumerate([1, 16, 17, 129, 1000, 1024, 3001]):
         s = _step(heads, ctx, "cuda", 8 + i, blocks=400)
         kv.copy_(s.kv)
@@ -172,13 +171,9 @@ def test_attention_chain_matches_reference_and_writes_the_cache(splits: int, war
         chain.set_step(ctx, s.block_table, s.cos, s.sin)
         if i < 3:                                        # eager launches, then a graph's replays
             chain.run(x)
+            torch.cuda.synchronize()
         else:
-            if graph is None:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    chain.run(x)
-            graph.replay()
-        torch.cuda.synchronize()
+            graph_launch(lambda: chain.run(x))
         chain.check()
         got = chain.outputs()
         want_step = mk.Step(s.kv.clone(), s.block_table, ctx, s.cos, s.sin)

@@ -113,7 +113,7 @@ def test_decode_chain_refuses_other_models_with_the_reason() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90 GPU")
-def test_decode_chain_kernel_matches_its_reference_phase_by_phase() -> None:
+def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch) -> None:  # noqa: ANN001
     """The whole small step on the GPU: every phase against the reference fed the kernel's own earlier outputs,
     the new token's key and value in the cache, over three steps of one sequence in a CUDA graph."""
     spec = _spec()
@@ -128,20 +128,12 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase() -> None:
     table = torch.randperm(64, generator=g).to(torch.int32).cuda()
     chain = mk.Chain(dc.phases, dc.families, spec.hidden_size, norms=dc.norms, eps=dc.eps, kv=kv, max_blocks=64)
     x = torch.empty(spec.hidden_size, device="cuda")
-    graph = None
     for ctx in (300, 301, 302):
         cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))
         chain.set_step(ctx, table, cos[0].cuda(), sin[0].cuda())
         x.copy_(attn.embed[ctx % spec.vocab_size].float())
         before = kv.clone()
-        if graph is None:
-            chain.run(x)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                chain.run(x)
-        else:
-            graph.replay()
-        torch.cuda.synchronize()
+        graph_launch(lambda: chain.run(x))
         chain.check()
         got = chain.outputs()
         step = mk.Step(before, table, ctx, cos[0].cuda(), sin[0].cuda())

@@ -135,9 +135,10 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
     qa, qb = _rotate(xrows, 2 * head, cos, sin, half_l)
     halves.index(0).store(qa.to(gl.float32))
     halves.index(1).store(qb.to(gl.float32))
-    ka, kb = _rotate(xrows, 2 * (heads + head), cos, sin, half_l)
-    halves.index(2).store(ka.to(gl.float32))
-    halves.index(3).store(kb.to(gl.float32))
+    if owner:                                        # only the new token's split needs its key
+        ka, kb = _rotate(xrows, 2 * (heads + head), cos, sin, half_l)
+        halves.index(2).store(ka.to(gl.float32))
+        halves.index(3).store(kb.to(gl.float32))
     _cta_barrier()
     d = gl.arange(0, K_HEAD_DIM, layout=vec_l)
     # the owner's new value and cache block, loaded now: their round trips pass under the slots' arithmetic

@@ -62,6 +62,7 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
     h, hd, n_exp, inter = spec.hidden_size, spec.num_heads * HEAD_DIM, spec.routing.num_experts, \
         spec.moe_intermediate_size
     rows_a = 3 * hd + h + n_exp                      # a layer's rows of family 0: q, k, v, o_proj, the router
+    norms_a = 2 * h + 2 * hd                         # a layer's norm weights: input, post-attention, q, k
     fam0, gate_up, down, norms = [], [], [], []
     phases: list[Phase] = []
     resid = -1                                       # the residual stream: the step's input, then each down's sum
@@ -70,11 +71,10 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
         fam0 += qkv + [aw["o_proj"], fw["router"].to(aw["o_proj"].dtype)]
         gate_up.append(fw["experts_gate_up"].reshape(-1, h))
         down.append(fw["experts_down"].reshape(-1, inter))
-        base, n = layer * rows_a, len(norms)
+        base, at = layer * rows_a, layer * norms_a               # this layer's rows and norms start here
         ones = torch.ones(hd, dtype=aw["o_proj"].dtype, device=aw["o_proj"].device)
         norms += [aw["input_layernorm"], aw["post_attention_layernorm"], aw.get("q_norm", ones),
                   aw.get("k_norm", ones)]
-        at = sum(int(t.numel()) for t in norms[:n])                 # this layer's norms start here
         p = len(phases)
         phases += [
             Phase("sum", 0, base, 3 * hd, h, input=resid, norm=at),
@@ -88,9 +88,9 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
                   residual=p + 2, route=p + 3),
         ]
         resid = p + 5
-    at = sum(int(t.numel()) for t in norms)
     norms.append(attn.final_norm)
-    phases.append(Phase("sum", 0, len(attn.layers) * rows_a, spec.vocab_size, h, input=resid, norm=at))
+    layers = len(attn.layers)
+    phases.append(Phase("sum", 0, layers * rows_a, spec.vocab_size, h, input=resid, norm=layers * norms_a))
     fam0.append(attn.lm_head)
     return DecodeChain(phases, [torch.cat(fam0), torch.cat(gate_up), torch.cat(down)], torch.cat(norms),
                        spec.rms_norm_eps)
