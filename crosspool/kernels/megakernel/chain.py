@@ -12,7 +12,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
 from crosspool.kernels._common import num_sms
-from crosspool.kernels.megakernel.attend import _attend_item, _stage_combined
+from crosspool.kernels.megakernel.attend import SLOT_BLOCKS, _attend_item, _stage_combined
 from crosspool.kernels.megakernel.common import (
     K_ATTENTION,
     K_CHUNK,
@@ -61,8 +61,11 @@ from crosspool.kernels.megakernel.common import (
     _word_of,
 )
 from crosspool.kernels.megakernel.plan import (
+    ATTENTION,
     BLOCK,
     CHUNK,
+    F_KC,
+    F_KIND,
     HEAD_DIM,
     MAX_TOP_K,
     ROWS,
@@ -355,7 +358,7 @@ class Chain:
     `outputs()` reads every phase's values back, `check()` raises if a poll gave up."""
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
-                 boxes: int = 4, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
+                 boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1) -> None:
         if not 1 <= len(families) <= 4:
@@ -364,16 +367,23 @@ class Chain:
         for w in families:
             if w.device != dev or w.dtype != torch.bfloat16 or not w.is_contiguous():
                 raise ValueError("weight families must be contiguous bf16 tensors on one device")
-        ring_kib = stages * boxes * ROWS * CHUNK * 2 // 1024
-        if stages < 1 or boxes < 1 or ring_kib + STAGE_CHUNKS * CHUNK * 2 // 1024 > SHARED_KIB - 1:
-            raise ValueError(f"a ring of {stages} x {boxes} boxes ({ring_kib} KiB) and the staged input "
-                             f"({STAGE_CHUNKS * CHUNK * 2 // 1024} KiB) must fit in {SHARED_KIB - 1} KiB of shared "
-                             "memory (e.g. 6 x 4, 13 x 2, 26 x 1)")
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
         if norms is not None and (norms.dim() != 1 or norms.device != dev):
             raise ValueError("norms: a 1-D tensor of norm weights on the weights' device")
         self.plan = plan(phases, families, input_len, 0 if norms is None else norms.numel())
+        attention = any(f[F_KIND] == ATTENTION for f in self.plan.table.tolist())
+        if boxes is None:                    # the widest slot (up to 4 chunks) that every weight row fills whole
+            kcs = [f[F_KC] for f in self.plan.table.tolist() if f[F_KIND] != ATTENTION]
+            boxes = 4 if attention else next(b for b in (4, 2, 1) if all(kc % b == 0 for kc in kcs))
+        if attention and boxes != 4:
+            raise ValueError(f"a chain with attention needs 4 boxes a slot (a slot holds {SLOT_BLOCKS} KV blocks of "
+                             f"a head: 32 KiB), got {boxes}")
+        ring_kib = stages * boxes * ROWS * CHUNK * 2 // 1024
+        if stages < 1 or boxes < 1 or ring_kib + STAGE_CHUNKS * CHUNK * 2 // 1024 > SHARED_KIB - 1:
+            raise ValueError(f"a ring of {stages} x {boxes} boxes ({ring_kib} KiB) and the staged input "
+                             f"({STAGE_CHUNKS * CHUNK * 2 // 1024} KiB) must fit in {SHARED_KIB - 1} KiB of shared "
+                             "memory (e.g. 6 x 4, 13 x 2, 26 x 1)")
         self.norms = norms if norms is not None else torch.zeros(1, dtype=torch.bfloat16, device=dev)
         self.eps = eps
         self.phases = phases

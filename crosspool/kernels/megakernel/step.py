@@ -17,6 +17,8 @@ from crosspool.kernels.megakernel.plan import CHUNK, HEAD_DIM, ROWS, Phase, unpa
 from crosspool.models.loader import AttentionWeights, FFNWeights
 from crosspool.models.spec import ModelSpec
 
+SLOT = 4 * CHUNK                                  # the values of a weight row in one 32-KiB ring slot
+
 
 @dataclass
 class DecodeChain:
@@ -44,8 +46,8 @@ def check_supported(spec: ModelSpec) -> None:
         (r is None or r.scoring != "softmax" or r.norm_topk_prob or r.topk_method != "greedy" or r.score_bias,
          "routing other than softmax, greedy top-k, no renormalization"),
         (not all(spec.moe_layers) or spec.shared_intermediate_size > 0, "dense layers or shared experts"),
-        (spec.hidden_size % CHUNK or spec.moe_intermediate_size % CHUNK,
-         f"hidden or expert sizes not multiples of {CHUNK}"),
+        (spec.hidden_size % SLOT or spec.moe_intermediate_size % SLOT,
+         f"hidden or expert sizes not multiples of {SLOT} (a ring slot's row)"),
         (spec.vocab_size % ROWS or (r is not None and r.num_experts % ROWS),
          f"vocabulary or expert count not multiples of {ROWS}"),
     ]
