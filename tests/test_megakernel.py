@@ -194,6 +194,21 @@ def test_routed_reference_follows_softmax_top_k() -> None:
         torch.testing.assert_close(g, w, rtol=8e-3, atol=1e-3, msg=lambda m, i=i: f"phase {i}: {m}")
 
 
+def test_routed_reference_breaks_ties_as_the_kernel_does() -> None:
+    """Router logits equal in bf16 are common among 64 experts: the reference ranks the lower expert id first, as
+    the kernel does, so a tie at the k-th place picks the same expert on both sides."""
+    fam = _moe_families("cpu", 6)
+    x = torch.randn(2048, generator=torch.Generator().manual_seed(7))
+    given = mk.reference(MOE, fam, x)
+    given[1] = torch.zeros_like(given[1])
+    given[1][[12, 3, 9]] = 1.0                       # experts 3, 9 and 12 lead; the other 13 tie for the 4th place
+    got = mk.reference(MOE, fam, x, given=given)
+    gu, y0 = fam[1].float(), given[0]
+    want = torch.cat([torch.nn.functional.silu(gu[1024 * e:1024 * e + 512] @ y0) * (gu[1024 * e + 512:1024 * e + 1024]
+                                                                                      @ y0) for e in (3, 9, 12, 0)])
+    torch.testing.assert_close(got[2], want.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-3)
+
+
 def test_routed_tiles_wait_for_their_ranking() -> None:
     p = mk.plan(MOE, _moe_families("cpu", 6), 2048)
     assert p.routed == [2, 3] and p.table[:, mk.F_ORDINAL].tolist() == [-1, -1, 0, 1]

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crosspool.kernels.torch_ref import rms_norm, route
-from crosspool.models.spec import RoutingSpec
+from crosspool.kernels.torch_ref import rms_norm
 
 ROWS = 16                 # output rows of one work item, and rows of one weight tile
 CHUNK = 256               # columns of one weight tile (512 B of bf16, the widest TMA box)
@@ -309,11 +308,10 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
             inp = rms_norm(inp[:n], norms[ph.norm:ph.norm + n].to(w.dtype), eps)
         inp = inp.float()
         experts, gates = list(range(ph.sources)), [1.0] * ph.sources
-        if ph.route != NO_PHASE:
-            spec = RoutingSpec(num_experts=len(vec(ph.route)), top_k=ph.sources, scoring="softmax",
-                               norm_topk_prob=False, topk_method="greedy")
-            weights, ids = route(vec(ph.route)[None], spec, None)
-            experts, gates = ids[0].tolist(), weights[0].tolist()
+        if ph.route != NO_PHASE:            # `torch_ref.route`'s rule, with the kernel's tie-break: lower id first
+            probs = torch.softmax(vec(ph.route).float(), dim=0)
+            ids = torch.sort(probs, descending=True, stable=True).indices[:ph.sources]
+            experts, gates = ids.tolist(), probs[ids].tolist()
         if ph.kind == "sum":
             y = torch.zeros(ph.out_rows, dtype=torch.float32, device=w.device)
             for s, (e, gate) in enumerate(zip(experts, gates, strict=True)):
