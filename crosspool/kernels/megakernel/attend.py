@@ -114,9 +114,15 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
                  POLLS: gl.constexpr, PROFILE: gl.constexpr):
     """Consumers: one attention item (head, split) of phase p, whose q and k the staging left normed in xs. Returns
     the ring's consumed-slot count, and (PROFILE) `t_wait` plus the cycles it waited for slots to land."""
-    kv3: gl.constexpr = gl.BlockedLayout([SLOT_BLOCKS, 1, 4], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])  # a slot
-    vec_l: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, kv3))                 # [HEAD_DIM]
+    # a slot [SLOT_BLOCKS, BLOCK, HEAD_DIM] in registers: each thread holds 8 consecutive values of one token row
+    # in every block (and with 4 warps 8 more, 64 further on), so a warp reads whole 128-B lines. Each of the BLOCK
+    # rows (a token's place in its block) keeps its own running max, sum and output, combined once at the item's
+    # end: a slot's scores reduce across a few lanes, and nothing is exchanged between warps a slot
+    kv3: gl.constexpr = gl.BlockedLayout([SLOT_BLOCKS, 1, 8], [1, K_BLOCK // WARPS, 32 * WARPS // K_BLOCK],
+                                         [1, WARPS, 1], [2, 1, 0])
+    q_l: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, kv3))                  # [HEAD_DIM] against a slot
     sc_l: gl.constexpr = gl.SliceLayout(2, kv3)                                      # [SLOT_BLOCKS, BLOCK]
+    vec_l: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, kv3))                 # [HEAD_DIM], rows combined
     half_l: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])               # [HEAD_DIM // 2]
     word_l: gl.constexpr = gl.BlockedLayout([1, 2, 1], [4, 1, 8], [WARPS, 1, 1], [2, 1, 0])   # [8, 2, 8]
     plain3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])
@@ -149,13 +155,12 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
     vw = gl.load(words_ptr + v_at, mask=v_mask, other=0, volatile=True)
     new_block = gl.load(bt_ptr + gl.maximum(ctx - 1, 0) // K_BLOCK).to(gl.int64)
     layer = _field(table_ptr, p, K_F_ROW0)
-    q = scratch.index(0).load(vec_l)
-    q3 = gl.expand_dims(gl.expand_dims(q, 0), 0)
+    q3 = gl.expand_dims(gl.expand_dims(scratch.index(0).load(q_l), 0), 0)
     blk = gl.arange(0, SLOT_BLOCKS, layout=gl.SliceLayout(1, sc_l))[:, None]
     tok = gl.arange(0, K_BLOCK, layout=gl.SliceLayout(0, sc_l))[None, :]
-    m = scale * 0.0 - 1.0e30                                                      # finite: no inf - inf
-    lsum = scale * 0.0
-    acc = gl.zeros([K_HEAD_DIM], gl.float32, vec_l)
+    m = gl.full([1, K_BLOCK], -1.0e30, gl.float32, sc_l)                         # finite: no inf - inf
+    lsum = gl.zeros([1, K_BLOCK], gl.float32, sc_l)
+    acc = gl.zeros([1, K_BLOCK, K_HEAD_DIM], gl.float32, kv3)
     for t in range(lo, hi, K_KV_SLOT):
         # a slot of keys to registers, freed, then its scores; a slot of values likewise, weighed
         slot = consumed % STAGES
@@ -164,23 +169,30 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
         consumed = _release(empty, slot, consumed)
         s = gl.sum(keys.to(gl.float32) * q3, axis=2) * scale
         s = gl.where(t + blk * K_BLOCK + tok < hi, s, float("-inf"))
-        m_new = gl.maximum(m, gl.max(gl.max(s, axis=1), axis=0))
+        m_new = gl.maximum(m, gl.max(s, axis=0, keep_dims=True))
         alpha = gl.exp2(m - m_new)
         pr = gl.exp2(s - m_new)
-        lsum = lsum * alpha + gl.sum(gl.sum(pr, axis=1), axis=0)
+        lsum = lsum * alpha + gl.sum(pr, axis=0, keep_dims=True)
         slot = consumed % STAGES
         t_wait = _wait_full(full, slot, consumed, t_wait, STAGES, PROFILE)
         vals = _view(ring.index(slot), [SLOT_BLOCKS, K_BLOCK, K_HEAD_DIM], plain3).load(kv3)
         consumed = _release(empty, slot, consumed)
-        acc = acc * alpha + gl.sum(gl.sum(vals.to(gl.float32) * gl.expand_dims(pr, 2), axis=0), axis=0)
+        acc = acc * gl.expand_dims(alpha, 2) + gl.sum(vals.to(gl.float32) * gl.expand_dims(pr, 2), axis=0,
+                                                      keep_dims=True)
         m = m_new
+    # the rows combined (a row with no position weighs nothing: its sum and output are zero)
+    top = gl.max(m, axis=1, keep_dims=True)
+    w = gl.exp2(m - top)
+    acc = gl.sum(gl.sum(acc * gl.expand_dims(w, 2), axis=1), axis=0)
+    lsum = gl.sum(gl.sum(lsum * w, axis=1), axis=0)
+    m = gl.max(gl.max(top, axis=1), axis=0)
     if owner:
         # the new token: its key (rotated) and value, folded in from registers and written into the cache
         if _tagged(vw, v_mask, _tag(epoch, src)) == 0:
             vw = _poll(words_ptr, v_at, v_mask, _tag(epoch, src), err_ptr, POLLS)
         v_new = gl.sum(_value(vw, vh), axis=0)
         k_new = scratch.index(1).load(vec_l)
-        s_new = gl.sum(q * k_new, axis=0) * scale
+        s_new = gl.sum(scratch.index(0).load(vec_l) * k_new, axis=0) * scale
         m_new = gl.maximum(m, s_new)
         alpha = gl.exp2(m - m_new)
         pn = gl.exp2(s_new - m_new)
