@@ -31,6 +31,30 @@ from crosspool.models.loader import AttentionWeights, FFNWeights  # noqa: E402
 from crosspool.models.presets import get_preset  # noqa: E402
 from crosspool.models.spec import ModelSpec  # noqa: E402
 
+LAYER_PHASES = ("qkv", "attention", "o_proj", "router", "gate/up", "down")
+
+
+def print_timeline(t: torch.Tensor, phases: list[mk.Phase]) -> None:
+    """With --profile: the step's critical path by phase of a layer, in us (mean over layers). `span`: from the
+    previous phase's last program done to this one's; `lag`: from the input phase's last program done to the first
+    program with the input staged; `spread`: first to last program with it staged; `work`: the longest time a
+    program spent on the phase's items after staging."""
+    start, ready, done = (t[:, :, k].double() / 1e3 for k in range(3))
+    last_done = done.max(0).values
+    n = len(LAYER_PHASES)
+    print("| phase | span | lag | spread | work |\n|---|---:|---:|---:|---:|")
+    for j, name in enumerate(LAYER_PHASES):
+        ps = list(range(j, len(phases) - 1, n))
+        prev = [last_done[p - 1].item() if p else 0.0 for p in ps]
+        inp = [last_done[phases[p].input].item() if phases[p].input >= 0 else 0.0 for p in ps]
+        cols = [sum(last_done[p].item() - a for p, a in zip(ps, prev, strict=True)),
+                sum(ready[:, p].min().item() - a for p, a in zip(ps, inp, strict=True)),
+                sum((ready[:, p].max() - ready[:, p].min()).item() for p in ps),
+                sum((done[:, p] - ready[:, p]).max().item() for p in ps)]
+        print(f"| {name} | " + " | ".join(f"{c / len(ps):.2f}" for c in cols) + " |")
+    print(f"| final norm + lm_head | {last_done[-1].item() - last_done[-2].item():.2f} | | | |")
+    print(f"(stamped step: {last_done[-1].item():.1f} us from the first program's start)")
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +120,8 @@ def main() -> None:
           f"{worst}, {dc.phases[worst].kind}) |")
     rows = {"megakernel": dict(us=us, frac_copy_bw=frac, profile=chain.profile() if args.profile else None)}
     print_profiles(rows)
+    if args.profile:
+        print_timeline(chain.timeline(), dc.phases)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(commit=run_commit(), device=torch.cuda.get_device_name(dev),
                                                    context=ctx, splits=args.splits, stages=args.stages,

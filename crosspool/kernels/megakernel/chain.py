@@ -53,6 +53,7 @@ from crosspool.kernels.megakernel.common import (
     _lap,
     _poll,
     _publish,
+    _stamp,
     _tag,
     _tagged,
     _tiles_per_item,
@@ -107,6 +108,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
     # land, loading a slot + releasing it, and on the arithmetic
     mark, _t = _lap(zero.to(gl.int64), zero.to(gl.int64), PROFILE)
     start = mark
+    prof = prof_ptr + pid * (16 + 3 * num_phases)    # this program's counters, then 3 timestamps a phase
     t_stage = zero.to(gl.int64)
     t_poll = t_stage
     t_rank = t_stage
@@ -126,6 +128,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
         src = _field(table_ptr, p, K_F_IN)
         # stage the input vector in shared memory (bf16), 16 chunks a round, after polling its tags
         _cta_barrier()                               # every warp is done with the previous phase's input
+        _stamp(prof + 16 + 3 * p, PROFILE)
         n_in = _field(table_ptr, p, K_F_IN_CHUNKS)
         norm = _field(table_ptr, p, K_F_NORM)
         seg = n_in                                   # chunks under the first norm (attention: q's; k has its own)
@@ -224,6 +227,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
             mark, t_rank = _lap(mark, t_rank, PROFILE)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
 
+        _stamp(prof + 17 + 3 * p, PROFILE)            # the input staged (and the router ranked)
         res = _field(table_ptr, p, K_F_RES)
         res_off = _field(table_ptr, p, K_F_RES_OFF)
         n_items = _items_of(table_ptr, p, pid, nprog)
@@ -292,20 +296,21 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
             word = gl.sum(half, axis=0).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
             _publish(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * (K_ROWS // 2) + pair, word)
             mark, t_end = _lap(mark, t_end, PROFILE)
+        _stamp(prof + 18 + 3 * p, PROFILE)            # this program's items of the phase published
 
     if PROFILE:
         mark, total = _lap(start, zero.to(gl.int64), PROFILE)
-        gl.store(prof_ptr + pid * 16 + 0, t_poll)
-        gl.store(prof_ptr + pid * 16 + 1, t_stage)
-        gl.store(prof_ptr + pid * 16 + 2, t_rank)
-        gl.store(prof_ptr + pid * 16 + 3, t_start)
-        gl.store(prof_ptr + pid * 16 + 4, t_end)
-        gl.store(prof_ptr + pid * 16 + 5, t_wait)
-        gl.store(prof_ptr + pid * 16 + 6, t_release)
-        gl.store(prof_ptr + pid * 16 + 7, t_math)
-        gl.store(prof_ptr + pid * 16 + 8, total)
-        gl.store(prof_ptr + pid * 16 + 9, t_attend)
-        gl.store(prof_ptr + pid * 16 + 10, t_kv_wait)
+        gl.store(prof + 0, t_poll)
+        gl.store(prof + 1, t_stage)
+        gl.store(prof + 2, t_rank)
+        gl.store(prof + 3, t_start)
+        gl.store(prof + 4, t_end)
+        gl.store(prof + 5, t_wait)
+        gl.store(prof + 6, t_release)
+        gl.store(prof + 7, t_math)
+        gl.store(prof + 8, total)
+        gl.store(prof + 9, t_attend)
+        gl.store(prof + 10, t_kv_wait)
 
     # the last program out advances the epoch for the next launch (every program read it at its start)
     _cta_barrier()
@@ -404,7 +409,8 @@ class Chain:
         self.experts = torch.zeros(self.nprog, n_ord, 2 * MAX_TOP_K, dtype=torch.int32, device=dev)
         # compute=False (timing only): the weight tiles stream through the ring unread; the outputs are wrong
         # profile=True: each program counts its SM cycles by what it did (`profile()`)
-        self.prof = torch.zeros(self.nprog, 16, dtype=torch.int64, device=dev)
+        # and stamps the GPU's nanosecond timer at each phase's start, once its input is staged, and at its end
+        self.prof = torch.zeros(self.nprog, 16 + 3 * len(phases), dtype=torch.int64, device=dev)
         self._bind_kv(kv, max_blocks, dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
@@ -481,6 +487,14 @@ class Chain:
         names = ("input polls", "staging's rest", "ranking", "items' starts", "items' ends", "waiting for slots",
                  "slot load + release", "arithmetic", "attention items", "of which waiting for KV slots")
         return dict(zip(names, frac, strict=True)) | {"cycles": c[:, 8].mean().item()}
+
+    def timeline(self) -> torch.Tensor:
+        """The last launch's [programs, phases, 3] nanosecond stamps (the GPU's global timer, from the launch's
+        first stamp): each phase's start, its input staged, its items done (needs profile=True)."""
+        if not self.meta["PROFILE"]:
+            raise ValueError("timeline(): build the chain with profile=True")
+        t = self.prof[:, 16:].cpu().reshape(self.nprog, -1, 3)
+        return t - t[:, 0, 0].min()
 
     def check(self) -> None:
         if int(self.state[2]) != 0:

@@ -106,6 +106,15 @@ def _lap(mark, total, ON: gl.constexpr):
 
 
 @gluon.jit
+def _stamp(at, ON: gl.constexpr):
+    """Profiling (ON): the GPU's global nanosecond timer (one clock for every SM) stored at `at`."""
+    if ON:
+        now = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,l", [at.to(gl.int64, bitcast=True)],
+                                        dtype=gl.int64, is_pure=False, pack=1)
+        gl.store(at, now)
+
+
+@gluon.jit
 def _tagged(w, mask, tag):
     """1 if every word of w (2-D or 3-D, where mask) carries `tag`, else 0."""
     ok = gl.where(mask & ((w >> 32).to(gl.int32) != tag), 0, 1)
