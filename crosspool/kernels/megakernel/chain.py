@@ -93,7 +93,6 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
     acc_l: gl.constexpr = gl.SliceLayout(0, tile3)                                    # [ROWS, CHUNK]
     rows_l: gl.constexpr = gl.SliceLayout(1, acc_l)
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
-    one_l: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     # `xgroups.index(g)` is staged chunks g * BOXES.. as [BOXES, 1, CHUNK], the input of one ring slot (a slot's
     # first chunk is a multiple of BOXES)
     xgroups = _view(xs, [K_STAGE_CHUNKS // BOXES, BOXES, 1, K_CHUNK],
@@ -201,25 +200,40 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
             # following ones that share its router, then tells the producer (`ranked`), which held those tiles back
             eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
             valid = eoffs < _field(table_ptr, p, K_F_ROUTE_N)
+            last = _field(table_ptr, p, K_F_ROUTE_LAST)
+            n_src = _field(table_ptr, p, K_F_SOURCES)
+            # the routed phases' first rows and strides, loaded before the logits' poll (dependent loads, each a
+            # round trip, in the ranking itself took ~5 us a layer)
+            og = gl.arange(0, K_GROUP, layout=gl.SliceLayout(0, stage_l))[None, :]
+            o_ph = gl.load(routes_ptr + ordinal + og, mask=ordinal + og <= last, other=0)
+            o_row0 = _field(table_ptr, o_ph, K_F_ROW0)
+            o_stride = _field(table_ptr, o_ph, K_F_STRIDE)
             q, h = _word_of(eoffs)
             w = _poll(words_ptr, _field(table_ptr, p, K_F_ROUTE_OFF) + q, valid, _tag(epoch, router), err_ptr, POLLS)
             logit = gl.where(valid, _value(w, h), float("-inf"))
             ex = gl.where(valid, gl.exp(logit - gl.max(gl.max(logit, axis=1), axis=0)), 0.0)
             prob = ex / gl.sum(gl.sum(ex, axis=1), axis=0)
             sel = gl.where(valid, prob, -1.0)
-            last = _field(table_ptr, p, K_F_ROUTE_LAST)
+            kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, stage_l))[:, None]     # [MAX_TOP_K, 1]
+            ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
+            bests = gl.zeros([K_MAX_TOP_K, 1], gl.float32, stage_l)
             for k in gl.static_range(K_MAX_TOP_K):
-                if k < _field(table_ptr, p, K_F_SOURCES):
+                if k < n_src:
                     best = gl.max(gl.max(sel, axis=1), axis=0)
                     idx = gl.min(gl.min(gl.where(sel == best, eoffs, 1 << 30), axis=1), axis=0)
                     sel = gl.where(eoffs == idx, -2.0, sel)
-                    for o in range(ordinal, last + 1):
-                        gl.store(expert_base + o * 2 * K_MAX_TOP_K + k, idx)
-                        gl.store(expert_base + o * 2 * K_MAX_TOP_K + K_MAX_TOP_K + k, best.to(gl.int32, bitcast=True))
-                        # the producer's copy: the expert's first row in phase o's family
-                        ph = gl.load(routes_ptr + o)
-                        first = _field(table_ptr, ph, K_F_ROW0) + idx * _field(table_ptr, ph, K_F_STRIDE)
-                        rowbase.index((o % K_GROUP) * K_MAX_TOP_K + k).store(gl.full([1], first, gl.int32, one_l))
+                    ids = gl.where(kk == k, idx, ids)
+                    bests = gl.where(kk == k, best, bests)
+            for o in range(ordinal, last + 1):
+                at = expert_base + o * 2 * K_MAX_TOP_K + kk
+                gl.store(at, ids, mask=kk < n_src)
+                gl.store(at + K_MAX_TOP_K, bests.to(gl.int32, bitcast=True), mask=kk < n_src)
+                # the producer's copy: each expert's first row in phase o's family
+                pick = og == o - ordinal
+                first = gl.sum(gl.where(pick, o_row0, 0), axis=1, keep_dims=True) + \
+                    ids * gl.sum(gl.where(pick, o_stride, 0), axis=1, keep_dims=True)
+                _view(rowbase, [K_GROUP, K_MAX_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, order=[0])).index(
+                    o % K_GROUP).store(gl.sum(first, axis=1))
             _cta_barrier()                           # every warp's stores are in: release them to the producer
             for o in range(ordinal, last + 1):
                 mbarrier.arrive(ranked.index(o), count=1)
