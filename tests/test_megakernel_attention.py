@@ -56,8 +56,9 @@ def test_attention_reference_matches_the_engines_torch_path(ctx: int, splits: in
     ours = mk.Step(step.kv.clone(), step.block_table, ctx, step.cos, step.sin)
     qkv = torch.randn(3 * hd, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).float()
     phase = _chain(heads, splits, layer)[1]
-    partials = mk.attend_reference(phase, qkv, norms, EPS, ours)
-    got = mk.combine(partials, splits)
+    outs = mk.attend_reference(phase, qkv, norms, EPS, ours)
+    got = outs[-hd:]                                     # the heads, combined (after the partials and their lse)
+    assert torch.equal(got, mk.combine(outs[:-hd], splits))
     # the engine's torch path (bf16 throughout: it rounds scores and probabilities, so agreement is to ~1e-2)
     q, k, v = (qkv[j * hd:(j + 1) * hd].to(torch.bfloat16) for j in range(3))
     q = torch_ref.rms_norm(q, norms[hd:2 * hd], EPS).view(1, heads, D)
@@ -88,12 +89,12 @@ def test_attention_splits_agree_and_empty_splits_weigh_nothing() -> None:
     for splits in (1, 2, 4, 8):
         step = _step(heads, ctx, "cpu", 5)
         partials = mk.attend_reference(_chain(heads, splits)[1], qkv, norms, EPS, step)
-        lse = partials[splits * hd:].view(splits, heads)
+        lse = partials[splits * hd:-hd].view(splits, heads)
         span = mk.split_positions(ctx, splits)
         assert span % mk.KV_SLOT == 0 and span * splits >= ctx
         for s in range(splits):                          # a split past the context: no positions, lse -inf
             assert torch.isinf(lse[s]).all() == (s * span >= ctx)
-        outs[splits] = mk.combine(partials, splits)
+        outs[splits] = partials[-hd:]
     for splits in (2, 4, 8):                             # partials are rounded to bf16 before the combine
         torch.testing.assert_close(outs[splits], outs[1], rtol=2e-2, atol=1e-2)
 
@@ -107,13 +108,13 @@ def test_attention_phases_are_planned_and_coded() -> None:
     assert row[mk.F_IN_CHUNKS] == 2 * heads * D // mk.CHUNK and row[mk.F_NORM_SEG] == heads * D // mk.CHUNK
     assert torch.tensor([row[mk.F_SCALE]], dtype=torch.int32).view(torch.float32).item() == \
         pytest.approx(math.log2(math.e) / math.sqrt(D))
-    # the attention's words: partials, then one lse a (split, head); o_proj stages them combined
-    assert p.out_offsets[2] - p.out_offsets[1] == splits * heads * D // 2 + splits * heads
-    assert p.table[2, mk.F_IN_SPLITS].item() == splits
-    assert p.table[2, mk.F_IN_LSE].item() == p.out_offsets[1] + splits * heads * D // 2
+    # the attention's words: partials, one lse a (split, head), the combined heads, an arrival count a head;
+    # o_proj stages the combined heads
+    partials = splits * heads * D // 2 + splits * heads
+    assert p.out_offsets[2] - p.out_offsets[1] == partials + heads * D // 2 + heads
+    assert p.table[2, mk.F_IN_OFF].item() == p.out_offsets[1] + partials
+    assert p.table[2, mk.F_IN_CHUNKS].item() == heads * D // mk.CHUNK
     assert p.table[0, mk.F_NORM_SEG].item() == p.table[0, mk.F_IN_CHUNKS].item()    # one norm, the whole input
-    one = mk.plan(_chain(heads, 1), fam, heads * D, 3 * heads * D)
-    assert one.table[2, mk.F_IN_SPLITS].item() == 0      # one split: its words are the plain output
     codes = mk.tile_lists(p, 5)
     attn = [c for r in range(5) for c in codes[r, 1:1 + codes[r, 0]].tolist() if c < 0]
     assert sorted(c & 0xFFFF for c in attn) == list(range(heads * splits))

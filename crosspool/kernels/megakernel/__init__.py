@@ -24,11 +24,12 @@ This module is that kernel's core, a chain of dependent GEMV phases over stacked
   step's words as ready.
 
 - An attention phase (`attend.py`) runs batch-1 decode attention over the engine's paged KV cache: items are
-  (head, split), the producer expands each into its key and value slots from the step's block table, and the
-  phase that reads it combines the splits as it stages them.
+  (head, split), the producer expands each into its key and value slots from the step's block table, and each
+  head's last split to finish combines the head's splits.
+- `step.py` lays out a whole model's batch-1 decode step (every layer, the final norm, lm_head) as one chain, and
+  runs it on the engine's KV cache.
 
-What is not here yet: the embedding and lm_head, and the engine's path (docs/progress.md). Needs Gluon (Triton >=
-3.6) and an sm_90 GPU; `plan`, `tile_lists` and `reference` run anywhere.
+Needs Gluon (Triton >= 3.6) and an sm_90 GPU; `plan`, `tile_lists` and `reference` run anywhere.
 """
 
 from crosspool.kernels.megakernel.chain import Chain
@@ -40,9 +41,7 @@ from crosspool.kernels.megakernel.plan import (
     F_FAM,
     F_IN,
     F_IN_CHUNKS,
-    F_IN_LSE,
     F_IN_OFF,
-    F_IN_SPLITS,
     F_ITEMS,
     F_ITEMS_PER_SRC,
     F_KC,
@@ -98,8 +97,6 @@ __all__ = [
     "split_positions",
     "combine",
     "Step",
-    "F_IN_LSE",
-    "F_IN_SPLITS",
     "F_NORM_SEG",
     "F_SCALE",
     "KV_SLOT",

@@ -2,8 +2,8 @@
 chain. An attention phase's item is one (head, split): the producer (`_kv_slots`) streams the split's cached keys
 and values through the ring, a key slot then a value slot for every 128 positions, and the consumers
 (`_attend_item`) rotate q, fold in the new token's key and value, write those into the cache and publish the
-split's normalized partial and its log-sum-exp. The phase that reads the attention's output combines the splits as
-it stages them (`_stage_combined`).
+split's normalized partial and its log-sum-exp. The head's last split to finish (an arrival count a head)
+combines the head's splits into its output, which the next phase stages like any other input.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from crosspool.kernels.megakernel.common import (
     K_BLOCK,
     K_CHUNK,
     K_F_IN,
-    K_F_IN_LSE,
     K_F_IN_OFF,
     K_F_OUT_OFF,
     K_F_ROW0,
@@ -41,7 +40,6 @@ from crosspool.kernels.megakernel.common import (
 )
 
 SLOT_BLOCKS = gl.constexpr(8)     # KV blocks of one head in a ring slot (KV_SLOT positions)
-MAX_LSE = gl.constexpr(512)       # an attention phase's (split, head) pairs (plan.py checks)
 
 
 @gluon.jit
@@ -111,9 +109,10 @@ def _rotate(xrows, row, cos, sin, half_l: gl.constexpr):
 @gluon.jit
 def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, ctx, words_ptr, epoch, err_ptr,
                  kv_ptr, bt_ptr, kv_layers, cos_ptr, sin_ptr, t_wait, STAGES: gl.constexpr, WARPS: gl.constexpr,
-                 POLLS: gl.constexpr, PROFILE: gl.constexpr):
-    """Consumers: one attention item (head, split) of phase p, whose q and k the staging left normed in xs. Returns
-    the ring's consumed-slot count, and (PROFILE) `t_wait` plus the cycles it waited for slots to land."""
+                 POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr):
+    """Consumers: one attention item (head, split) of phase p (split SPLITS ways), whose q and k the staging left
+    normed in xs. Returns the ring's consumed-slot count, and (PROFILE) `t_wait` plus the cycles it waited for
+    slots to land."""
     # a slot [SLOT_BLOCKS, BLOCK, HEAD_DIM] in registers: each thread holds 8 consecutive values of one token row
     # in every block (and with 4 warps 8 more, 64 further on), so a warp reads whole 128-B lines. Each of the BLOCK
     # rows (a token's place in its block) keeps its own running max, sum and output, combined once at the item's
@@ -124,7 +123,6 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
     sc_l: gl.constexpr = gl.SliceLayout(2, kv3)                                      # [SLOT_BLOCKS, BLOCK]
     vec_l: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, kv3))                 # [HEAD_DIM], rows combined
     half_l: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])               # [HEAD_DIM // 2]
-    word_l: gl.constexpr = gl.BlockedLayout([1, 2, 1], [4, 1, 8], [WARPS, 1, 1], [2, 1, 0])   # [8, 2, 8]
     plain3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])
     head, split, lo, hi, end = _split_bounds(table_ptr, p, item, ctx)
     heads = _field(table_ptr, p, K_F_STRIDE)
@@ -208,58 +206,45 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
     some = lsum > 0.0
     scratch.index(2).store(gl.where(some, acc / gl.maximum(lsum, 1e-30), 0.0))
     _cta_barrier()
-    o = _view(scratch.index(2), [8, 2, 8], plain3).load(word_l)
-    bits = o.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    hf = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, word_l)))[None, :, None]
-    word = gl.sum(bits << (hf * 16), axis=1).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
-    g = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(1, word_l)))[:, None]
-    w8 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, word_l)))[None, :]
+    tag = _tag(epoch, p)
     out = words_ptr + _field(table_ptr, p, K_F_OUT_OFF)
-    _publish(out + (split * hd + head * K_HEAD_DIM) // 2 + g * 8 + w8, word)
+    _publish_head(scratch.index(2), out + (split * hd + head * K_HEAD_DIM) // 2, tag, WARPS)
     lse = gl.where(some, m + gl.log2(gl.maximum(lsum, 1e-30)), float("-inf"))
-    lse_word = (lse.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF) | (_tag(epoch, p).to(gl.int64) << 32)
+    lse_word = (lse.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF) | (tag.to(gl.int64) << 32)
     one = gl.arange(0, 1, layout=half_l)
-    _publish(out + _field(table_ptr, p, K_F_SOURCES) * hd // 2 + split * heads + head + one,
-             gl.full([1], 0, gl.int64, half_l) + lse_word)
+    _publish(out + SPLITS * hd // 2 + split * heads + head + one, gl.full([1], 0, gl.int64, half_l) + lse_word)
+    # the head's last split to arrive combines its splits (their words polled: each carries this step's tag) and
+    # publishes the head's output
+    _cta_barrier()
+    combined = out + SPLITS * (hd // 2 + heads)                                   # then an arrival count a head
+    arrived = gl.atomic_add(combined + hd // 2 + head, (head * 0 + 1).to(gl.int64), sem="acq_rel", scope="gpu")
+    if arrived % SPLITS == SPLITS - 1:
+        c2: gl.constexpr = gl.BlockedLayout([SPLITS, 1], [1, 32], [1, WARPS], [1, 0])     # [SPLITS, HEAD_DIM]
+        sp = gl.arange(0, SPLITS, layout=gl.SliceLayout(1, c2))[:, None]
+        dd = gl.arange(0, K_HEAD_DIM, layout=gl.SliceLayout(0, c2))[None, :]
+        wq, wh = _word_of(sp * hd + head * K_HEAD_DIM + dd)
+        pw, lw = _poll_pair(out, wq, SPLITS * hd // 2 + sp * heads + head + dd * 0, (sp < SPLITS) & (dd < K_HEAD_DIM),
+                            tag, err_ptr, POLLS)
+        lse_s = (lw & 0xFFFFFFFF).to(gl.int32).to(gl.float32, bitcast=True)
+        big = gl.max(lse_s, axis=0)
+        wgt = gl.exp2(lse_s - gl.expand_dims(gl.where(big == float("-inf"), 0.0, big), 0))
+        # (a head with no position, a padding step's context 0: zeros, not NaN)
+        scratch.index(3).store(gl.sum(wgt * _value(pw, wh), axis=0) / gl.maximum(gl.sum(wgt, axis=0), 1e-30))
+        _cta_barrier()
+        _publish_head(scratch.index(3), combined + head * K_HEAD_DIM // 2, tag, WARPS)
     _cta_barrier()                                   # scratch is reused by the next item
     return consumed, t_wait
 
 
 @gluon.jit
-def _stage_combined(xs, words_ptr, table_ptr, p, src, n_in, tag, err_ptr, SPLITS: gl.constexpr, WARPS: gl.constexpr,
-                    POLLS: gl.constexpr):
-    """Staging phase p's input from attention phase `src`: its n_in chunks into xs (bf16), each value the splits'
-    partials combined by their log-sum-exps, 16 // SPLITS chunks a round. The splits sit in one thread, so the
-    combine is in-thread."""
-    C: gl.constexpr = 16 // SPLITS
-    # first wait on the splits' log-sum-exps alone (one word a head and split, each published after its item's
-    # values): 132 programs spinning on every value and lse word would load ~128 KB each a spin
-    lse_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, WARPS], [1, 0])
-    heads = _field(table_ptr, src, K_F_STRIDE)
-    e = gl.arange(0, MAX_LSE, layout=gl.SliceLayout(0, lse_l))[None, :]
-    _poll(words_ptr, _field(table_ptr, p, K_F_IN_LSE) + e, e < SPLITS * heads, tag, err_ptr, POLLS)
-    xc = _view(xs, [K_STAGE_CHUNKS // C, C, K_CHUNK], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-    for r in range(0, n_in, C):
-        vals = _combined_round(words_ptr, _field(table_ptr, p, K_F_IN_OFF), _field(table_ptr, p, K_F_IN_LSE),
-                               _field(table_ptr, src, K_F_STRIDE), r, n_in, tag, err_ptr, SPLITS, WARPS, POLLS)
-        xc.index(r // C).store(vals.to(gl.bfloat16))
-
-
-@gluon.jit
-def _combined_round(words_ptr, in_off, lse_off, heads, r, n_in, tag, err_ptr, SPLITS: gl.constexpr,
-                    WARPS: gl.constexpr, POLLS: gl.constexpr):
-    """Chunks r.. (16 // SPLITS of them) of an attention phase's output, combined: [chunks, CHUNK] fp32."""
-    C: gl.constexpr = 16 // SPLITS
-    cmb: gl.constexpr = gl.BlockedLayout([SPLITS, 1, 2], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
-    sp = gl.arange(0, SPLITS, layout=gl.SliceLayout(1, gl.SliceLayout(2, cmb)))[:, None, None]
-    rr = gl.arange(0, C, layout=gl.SliceLayout(0, gl.SliceLayout(2, cmb)))[None, :, None]
-    cc = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, gl.SliceLayout(1, cmb)))[None, None, :]
-    v = (r + rr) * K_CHUNK + cc
-    mask = (r + rr < n_in) & (sp < SPLITS) & (cc < K_CHUNK)
-    q, h = _word_of(sp * (heads * K_HEAD_DIM) + v)
-    w, lw = _poll_pair(words_ptr, in_off + q, lse_off + sp * heads + v // K_HEAD_DIM, mask, tag, err_ptr, POLLS)
-    lse = (lw & 0xFFFFFFFF).to(gl.int32).to(gl.float32, bitcast=True)
-    top = gl.max(lse, axis=0)
-    wgt = gl.exp2(lse - gl.expand_dims(gl.where(top == float("-inf"), 0.0, top), 0))
-    # (no split has a position only in a padding step, context 0: its value is 0, not NaN)
-    return gl.sum(wgt * _value(w, h), axis=0) / gl.maximum(gl.sum(wgt, axis=0), 1e-30)
+def _publish_head(row, at, tag, WARPS: gl.constexpr):
+    """A head's HEAD_DIM fp32 values in shared memory (`row`), published as 64 words from `at` on (bf16 pairs,
+    `_word_of`'s order) with `tag`."""
+    word_l: gl.constexpr = gl.BlockedLayout([1, 2, 1], [4, 1, 8], [WARPS, 1, 1], [2, 1, 0])   # [8, 2, 8]
+    o = _view(row, [8, 2, 8], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])).load(word_l)
+    bits = o.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    hf = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, word_l)))[None, :, None]
+    word = gl.sum(bits << (hf * 16), axis=1).to(gl.int64) & 0xFFFFFFFF | (tag.to(gl.int64) << 32)
+    g = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(1, word_l)))[:, None]
+    w8 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, word_l)))[None, :]
+    _publish(at + g * 8 + w8, word)

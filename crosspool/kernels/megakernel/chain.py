@@ -12,14 +12,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
 from crosspool.kernels._common import num_sms
-from crosspool.kernels.megakernel.attend import SLOT_BLOCKS, _attend_item, _stage_combined
+from crosspool.kernels.megakernel.attend import SLOT_BLOCKS, _attend_item
 from crosspool.kernels.megakernel.common import (
     K_ATTENTION,
     K_CHUNK,
     K_F_IN,
     K_F_IN_CHUNKS,
     K_F_IN_OFF,
-    K_F_IN_SPLITS,
     K_F_KC,
     K_F_KIND,
     K_F_NORM,
@@ -72,6 +71,7 @@ from crosspool.kernels.megakernel.plan import (
     ROWS,
     STAGE_CHUNKS,
     Phase,
+    combined_offset,
     plan,
     tile_lists,
     unpack,
@@ -138,12 +138,6 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
                 norm = -1
         squares = eps * 0.0                          # the input's sums of squares, for a phase with a norm
         squares2 = squares
-        if SPLITS > 1:
-            if _field(table_ptr, p, K_F_IN_SPLITS) > 0:
-                # an attention phase's output: its splits combined as they are staged
-                _stage_combined(xs, words_ptr, table_ptr, p, src, n_in, _tag(epoch, src), err_ptr, SPLITS, WARPS,
-                                POLLS)
-                n_in = 0                             # staged
         for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
             if r < n_in:
                 offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]            # value indices
@@ -251,7 +245,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
                     consumed, t_kv_wait = _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p,
                                                        pid + il * nprog, gl.load(ctx_ptr), words_ptr, epoch, err_ptr,
                                                        kv_ptr, bt_ptr, kv_layers, cos_ptr, sin_ptr, t_kv_wait, STAGES,
-                                                       WARPS, POLLS, PROFILE)
+                                                       WARPS, POLLS, PROFILE, SPLITS)
                 mark, t_attend = _lap(mark, t_attend, PROFILE)
                 n_items = 0
         for il in range(n_items):
@@ -478,15 +472,16 @@ class Chain:
                                      self.sin, **self.meta)
 
     def outputs(self) -> list[torch.Tensor]:
-        """Every phase's outputs as `reference` gives them (an attention phase: its partials, then their
-        log-sum-exps)."""
+        """Every phase's outputs as `reference` gives them (an attention phase: its partials, their log-sum-exps,
+        the combined heads)."""
         values = unpack(self.words)
         outs = []
         for o, ph in zip(self.plan.out_offsets, self.phases, strict=True):
             if ph.kind == "attention":
-                n = ph.sources * ph.out_rows
-                lse = (self.words[o + n // 2:o + n // 2 + n // HEAD_DIM] & 0xFFFFFFFF).to(torch.int32)
-                outs.append(torch.cat([values[2 * o:2 * o + n], lse.view(torch.float32)]))
+                n, c = ph.sources * ph.out_rows, o + combined_offset(ph)
+                lse = (self.words[o + n // 2:c] & 0xFFFFFFFF).to(torch.int32)
+                outs.append(torch.cat([values[2 * o:2 * o + n], lse.view(torch.float32),
+                                       values[2 * c:2 * c + ph.out_rows]]))
             else:
                 outs.append(values[2 * o:2 * o + ph.out_rows])
         return outs

@@ -24,8 +24,8 @@ STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
 (F_KIND, F_FAM, F_ROW0, F_ITEMS, F_KC, F_SOURCES, F_STRIDE, F_UP, F_ITEMS_PER_SRC, F_IN, F_IN_CHUNKS, F_IN_OFF,
  F_RES, F_RES_OFF, F_OUT_OFF, F_WAIT) = range(16)
 F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL, F_ROUTE_LAST = 16, 17, 18, 19, 20, 21, 22, 23
-F_SCALE, F_NORM_SEG, F_IN_SPLITS, F_IN_LSE = 24, 25, 26, 27
-NCOL = 32                 # (28 used) a phase's row is one 128-B line: its fields are one L1 miss, not two
+F_SCALE, F_NORM_SEG = 24, 25
+NCOL = 32                 # (26 used) a phase's row is one 128-B line: its fields are one L1 miss, not two
 MAX_EXPERTS = 256         # router outputs a routed phase can rank
 MAX_TOP_K = 16            # experts a routed phase takes
 MAX_ORDINALS = 128        # routed phases a chain can have
@@ -45,9 +45,9 @@ class Phase:
     q and k are RMSNormed over their whole length (weights at `norm` and `norm + out_rows`, unless -1) and rotated
     (RoPE, halves) at the step's position, k and v are written into the KV cache at layer `row0`, and q attends
     over the step's context. `out_rows` = heads * k; each head's positions are split `sources` ways (a power of
-    two): an item is a (head, split), and its output is that split's normalized partial with its log-sum-exp. A
-    "sum" phase whose input is an attention phase combines the splits as it stages them. `scale`: the softmax
-    scale."""
+    two): an item is a (head, split), and its output is that split's normalized partial with its log-sum-exp; the
+    head's last split to finish combines them into the head's output, which a "sum" phase reading the attention
+    phase takes as its input. `scale`: the softmax scale."""
 
     kind: str
     family: int
@@ -113,7 +113,7 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
             rows.append(_attention_row(i, ph, phases, length(ph.input, i, "input"), norms_len, offsets, total))
             offsets.append(total)
             lengths.append(ph.out_rows)
-            total += ph.sources * (ph.out_rows // 2 + ph.out_rows // HEAD_DIM)     # the partials, then their lse
+            total += attention_words(ph)
             continue
         if ph.kind not in ("sum", "swiglu"):
             raise ValueError(f"phase {i}: kind {ph.kind!r}, expected 'sum', 'swiglu' or 'attention'")
@@ -166,10 +166,9 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
                      lengths[ph.wait] // 2 if ph.wait >= 0 else 0, ph.norm, ph.route,
                      src_off(ph.route) if ph.route != NO_PHASE else 0,
                      lengths[ph.route] if ph.route != NO_PHASE else 0,
-                     len(routed) if ph.route != NO_PHASE else -1, -1, 0, need // CHUNK,
-                     phases[ph.input].sources if attention_source(ph.input) and phases[ph.input].sources > 1 else 0,
-                     src_off(ph.input) + lengths[ph.input] * phases[ph.input].sources // 2
-                     if attention_source(ph.input) else 0])
+                     len(routed) if ph.route != NO_PHASE else -1, -1, 0, need // CHUNK])
+        if attention_source(ph.input):        # the heads' outputs, combined by each head's last split
+            rows[-1][F_IN_OFF] += combined_offset(phases[ph.input])
         if ph.route != NO_PHASE:
             routed.append(i)
         total += ph.out_rows // 2                 # two values a word
@@ -221,6 +220,18 @@ def _attention_row(i: int, ph: Phase, phases: list[Phase], have: int, norms_len:
     return row
 
 
+def combined_offset(ph: Phase) -> int:
+    """Words of an attention phase's outputs before its combined ones: each split's partials (two values a word),
+    then each (split, head)'s log-sum-exp (one a word)."""
+    return ph.sources * (ph.out_rows // 2 + ph.out_rows // HEAD_DIM)
+
+
+def attention_words(ph: Phase) -> int:
+    """An attention phase's words: `combined_offset`'s, the heads' combined outputs (two values a word), then one
+    arrival count a head (untagged: the split that raises it to a multiple of the splits combines the head)."""
+    return combined_offset(ph) + ph.out_rows // 2 + ph.out_rows // HEAD_DIM
+
+
 def split_positions(ctx: int, splits: int) -> int:
     """Cached positions a split of an attention phase covers: the context in `splits` parts, rounded up to whole
     ring slots (split s covers [s * P, (s + 1) * P))."""
@@ -230,8 +241,8 @@ def split_positions(ctx: int, splits: int) -> int:
 
 def attend_reference(ph: Phase, qkv: torch.Tensor, norms: torch.Tensor | None, eps: float, step: Step) -> torch.Tensor:
     """An attention phase as the kernel computes it: [splits, heads, HEAD_DIM] partials (bf16-rounded), then
-    [splits, heads] log-sum-exps (fp32, base 2, of the scores times scale * log2(e)); writes the new key and value
-    into step.kv."""
+    [splits, heads] log-sum-exps (fp32, base 2, of the scores times scale * log2(e)), then the [heads, HEAD_DIM]
+    output, the splits combined (bf16-rounded); writes the new key and value into step.kv."""
     hd, dtype = ph.out_rows, step.kv.dtype
     heads, splits = hd // HEAD_DIM, ph.sources
     q, k, v = (qkv[j * hd:(j + 1) * hd].to(dtype) for j in range(3))
@@ -266,11 +277,12 @@ def attend_reference(ph: Phase, qkv: torch.Tensor, norms: torch.Tensor | None, e
         p = torch.exp2(scores[:, lo:hi] - m)
         out[s] = (torch.einsum("ht,thd->hd", p, values[lo:hi]) / p.sum(1, keepdim=True)).to(dtype).float()
         lse[s] = m[:, 0] + torch.log2(p.sum(1))
-    return torch.cat([out.reshape(-1), lse.reshape(-1)])
+    parts = torch.cat([out.reshape(-1), lse.reshape(-1)])
+    return torch.cat([parts, combine(parts, splits, dtype)])
 
 
 def combine(partials: torch.Tensor, splits: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """An attention phase's output (`attend_reference`'s layout) with its splits combined, rounded."""
+    """Partials and log-sum-exps (`attend_reference`'s layout) with the splits combined, rounded."""
     heads = partials.numel() // (splits * (HEAD_DIM + 1))
     out = partials[:splits * heads * HEAD_DIM].view(splits, heads, HEAD_DIM)
     lse = partials[splits * heads * HEAD_DIM:].view(splits, heads, 1)
@@ -285,7 +297,8 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
     kernel stages it in shared memory so), products and sums in fp32, each output rounded to bf16 (two go in a
     word). With `given` (say the kernel's own outputs), each phase reads its inputs, residual and router from
     those instead: every phase is then checked on its own, to one rounding, with no earlier rounding carried on.
-    An attention phase's outputs are its partials and log-sum-exps (`attend_reference`); it writes into step.kv."""
+    An attention phase's outputs are its partials, log-sum-exps and combined heads (`attend_reference`); it writes
+    into step.kv."""
     outs: list[torch.Tensor] = []
     x = x.float()
 
@@ -299,7 +312,8 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
             continue
         w = families[ph.family]
         if ph.input >= 0 and phases[ph.input].kind == "attention":
-            inp = combine(vec(ph.input), phases[ph.input].sources, w.dtype)
+            v = vec(ph.input)
+            inp = v[v.numel() - phases[ph.input].out_rows:].to(w.dtype)       # the combined heads
         else:
             inp = vec(ph.input).to(w.dtype)
         if ph.norm != -1:
