@@ -64,7 +64,7 @@ FUSED_ENDS = env_int("CROSSPOOL_GRAPH_FUSED_ENDS", 1)
 # copies of the model's weights): 1 on, 0 off (the default: so far slower than the graph of kernels, benchmarks.md
 # section 7, session 16)
 MEGAKERNEL = env_int("CROSSPOOL_MEGAKERNEL", 0)
-MEGAKERNEL_WARPS = env_int("CROSSPOOL_MEGAKERNEL_WARPS", 4)        # its consumer warps a program (4 or 8)
+MEGAKERNEL_WARPS = env_int("CROSSPOOL_MEGAKERNEL_WARPS", 8)        # its consumer warps a program (4 or 8)
 log = logging.getLogger("crosspool.engine")
 
 

@@ -137,6 +137,9 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
                 n_in = 0                             # no item of this attention phase here: nothing to stage
                 norm = -1
         squares = eps * 0.0                          # the input's sums of squares, for a phase with a norm
+        # the first round's norm weights, loaded before the input's poll: their round trip is off the critical path
+        g_first = gl.load(norms_ptr + norm + srow[:, None] * K_CHUNK + scol[None, :],
+                          mask=(srow[:, None] < n_in) & (norm >= 0), other=0.0)
         squares2 = squares
         for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
             if r < n_in:
@@ -171,7 +174,10 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
                 if r < n_in:
                     offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]
                     mask = (r + srow)[:, None] < n_in
-                    g = gl.load(norms_ptr + norm + offs, mask=mask, other=0.0).to(gl.float32)
+                    if r == 0:
+                        g = g_first.to(gl.float32)
+                    else:
+                        g = gl.load(norms_ptr + norm + offs, mask=mask, other=0.0).to(gl.float32)
                     v = xs.slice(r, K_ROWS).load(stage_l).to(gl.float32)
                     if SPLITS > 0:
                         v = v * gl.where((r + srow)[:, None] < seg, rstd, rstd2)

@@ -104,7 +104,7 @@ class DecodeStep:
     device, launches it, and returns the logits. Holds copies of the weights (`decode_chain`)."""
 
     def __init__(self, spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, kv: torch.Tensor, max_blocks: int,
-                 splits: int = 4, stages: int = 6, warps: int = 4) -> None:
+                 splits: int = 4, stages: int = 6, warps: int = 8) -> None:
         from crosspool.kernels.megakernel.chain import Chain
 
         self.decode = decode_chain(spec, attn, ffn, splits)
