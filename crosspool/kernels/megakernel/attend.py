@@ -108,7 +108,7 @@ def _rotate(xrows, row, cos, sin, half_l: gl.constexpr):
 
 @gluon.jit
 def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, ctx, words_ptr, epoch, err_ptr,
-                 kv_ptr, bt_ptr, kv_layers, cos_ptr, sin_ptr, t_wait, STAGES: gl.constexpr, WARPS: gl.constexpr,
+                 kv_ptr, bt_ptr, kv_layers, cos, sin, t_wait, STAGES: gl.constexpr, WARPS: gl.constexpr,
                  POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr):
     """Consumers: one attention item (head, split) of phase p (split SPLITS ways), whose q and k the staging left
     normed in xs. Returns the ring's consumed-slot count, and (PROFILE) `t_wait` plus the cycles it waited for
@@ -132,9 +132,6 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
     # q (and the owner's new k), rotated, into scratch rows 0 and 1
     rows_of: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])          # [n, m] viewed as rows of m
     xrows = _view(xs, [K_STAGE_CHUNKS * K_CHUNK // (K_HEAD_DIM // 2), K_HEAD_DIM // 2], rows_of)
-    j = gl.arange(0, K_HEAD_DIM // 2, layout=half_l)
-    cos = gl.load(cos_ptr + j)
-    sin = gl.load(sin_ptr + j)
     halves = _view(scratch, [8, K_HEAD_DIM // 2], rows_of)
     qa, qb = _rotate(xrows, 2 * head, cos, sin, half_l)
     halves.index(0).store(qa.to(gl.float32))
@@ -213,11 +210,11 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
     lse_word = (lse.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF) | (tag.to(gl.int64) << 32)
     one = gl.arange(0, 1, layout=half_l)
     _publish(out + SPLITS * hd // 2 + split * heads + head + one, gl.full([1], 0, gl.int64, half_l) + lse_word)
-    # the head's last split to arrive combines its splits (their words polled: each carries this step's tag) and
-    # publishes the head's output
+    # the head's last split to arrive combines its splits and publishes the head's output. The count is relaxed:
+    # the last split polls the splits' words (each carries this step's tag), so it needs no ordering from the count
     _cta_barrier()
     combined = out + SPLITS * (hd // 2 + heads)                                   # then an arrival count a head
-    arrived = gl.atomic_add(combined + hd // 2 + head, (head * 0 + 1).to(gl.int64), sem="acq_rel", scope="gpu")
+    arrived = gl.atomic_add(combined + hd // 2 + head, (head * 0 + 1).to(gl.int64), sem="relaxed", scope="gpu")
     if arrived % SPLITS == SPLITS - 1:
         c2: gl.constexpr = gl.BlockedLayout([SPLITS, 1], [1, 32], [1, WARPS], [1, 0])     # [SPLITS, HEAD_DIM]
         sp = gl.arange(0, SPLITS, layout=gl.SliceLayout(1, c2))[:, None]

@@ -99,6 +99,11 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
                     gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
     epoch = gl.load(epoch_ptr)
     zero = pid * 0
+    # the step's context length and RoPE cos/sin (attention), loaded once: no item waits on them
+    ctx = gl.load(ctx_ptr)
+    rope_j = gl.arange(0, K_HEAD_DIM // 2, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+    cos = gl.load(cos_ptr + rope_j)
+    sin = gl.load(sin_ptr + rope_j)
     expert_base = experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K
     ready = zero                                     # routed phases this program has ranked
     consumed = zero
@@ -249,8 +254,8 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
             if kind == K_ATTENTION:
                 for il in range(n_items):
                     consumed, t_kv_wait = _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p,
-                                                       pid + il * nprog, gl.load(ctx_ptr), words_ptr, epoch, err_ptr,
-                                                       kv_ptr, bt_ptr, kv_layers, cos_ptr, sin_ptr, t_kv_wait, STAGES,
+                                                       pid + il * nprog, ctx, words_ptr, epoch, err_ptr,
+                                                       kv_ptr, bt_ptr, kv_layers, cos, sin, t_kv_wait, STAGES,
                                                        WARPS, POLLS, PROFILE, SPLITS)
                 mark, t_attend = _lap(mark, t_attend, PROFILE)
                 n_items = 0
