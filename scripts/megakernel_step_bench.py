@@ -35,24 +35,34 @@ LAYER_PHASES = ("qkv", "attention", "o_proj", "router", "gate/up", "down")
 
 
 def print_timeline(t: torch.Tensor, phases: list[mk.Phase]) -> None:
-    """With --profile: the step's critical path by phase of a layer, in us (mean over layers). `span`: from the
-    previous phase's last program done to this one's; `lag`: from the input phase's last program done to the first
-    program with the input staged; `spread`: first to last program with it staged; `work`: the longest time a
-    program spent on the phase's items after staging."""
-    start, ready, done = (t[:, :, k].double() / 1e3 for k in range(3))
-    last_done = done.max(0).values
+    """With --profile: the step's critical path by phase of a layer, in us (means over layers), from
+    `Chain.timeline`. `span`: from the previous phase's last program done to this one's; `lag`: from the input
+    phase's last program done to the first program with the input staged; `spread`: first to last program with it
+    staged; `work`: the longest any program spent on the phase's items after staging; `to first`: the mean time
+    from staged to the first slot landed (attention: to the item's partial out); `after`: the mean time from there
+    to the program's items done (attention: its heads' combine)."""
+    start, ready, first, done = (t[:, :, k] for k in range(4))
+
+    def top(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x.isnan(), float("-inf"), x).max(0).values
+
+    last_done = top(done)
     n = len(LAYER_PHASES)
-    print("| phase | span | lag | spread | work |\n|---|---:|---:|---:|---:|")
+    print("| phase | span | lag | spread | work | to first | after |\n|---|---:|---:|---:|---:|---:|---:|")
     for j, name in enumerate(LAYER_PHASES):
         ps = list(range(j, len(phases) - 1, n))
-        prev = [last_done[p - 1].item() if p else 0.0 for p in ps]
-        inp = [last_done[phases[p].input].item() if phases[p].input >= 0 else 0.0 for p in ps]
-        cols = [sum(last_done[p].item() - a for p, a in zip(ps, prev, strict=True)),
-                sum(ready[:, p].min().item() - a for p, a in zip(ps, inp, strict=True)),
-                sum((ready[:, p].max() - ready[:, p].min()).item() for p in ps),
-                sum((done[:, p] - ready[:, p]).max().item() for p in ps)]
-        print(f"| {name} | " + " | ".join(f"{c / len(ps):.2f}" for c in cols) + " |")
-    print(f"| final norm + lm_head | {last_done[-1].item() - last_done[-2].item():.2f} | | | |")
+        cols = [[] for _ in range(6)]
+        for p in ps:
+            inp = last_done[phases[p].input].item() if phases[p].input >= 0 else 0.0
+            lo = torch.where(ready[:, p].isnan(), float("inf"), ready[:, p]).min().item()
+            cols[0].append(last_done[p].item() - (last_done[p - 1].item() if p else 0.0))
+            cols[1].append(lo - inp)
+            cols[2].append(top(ready[:, p:p + 1]).item() - lo)
+            cols[3].append(top((done - ready)[:, p:p + 1]).item())
+            cols[4].append((first[:, p] - ready[:, p]).nanmean().item())
+            cols[5].append((done[:, p] - first[:, p]).nanmean().item())
+        print(f"| {name} | " + " | ".join(f"{sum(c) / len(c):.2f}" for c in cols) + " |")
+    print(f"| final norm + lm_head | {last_done[-1].item() - last_done[-2].item():.2f} | | | | | |")
     print(f"(stamped step: {last_done[-1].item():.1f} us from the first program's start)")
 
 

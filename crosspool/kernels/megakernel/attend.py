@@ -31,6 +31,7 @@ from crosspool.kernels.megakernel.common import (
     _poll,
     _poll_pair,
     _publish,
+    _stamp,
     _tag,
     _tagged,
     _tma_load,
@@ -108,11 +109,11 @@ def _rotate(xrows, row, cos, sin, half_l: gl.constexpr):
 
 @gluon.jit
 def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, ctx, words_ptr, epoch, err_ptr,
-                 kv_ptr, bt_ptr, kv_layers, cos, sin, t_wait, STAGES: gl.constexpr, WARPS: gl.constexpr,
+                 kv_ptr, bt_ptr, kv_layers, cos, sin, t_wait, stamp_at, STAGES: gl.constexpr, WARPS: gl.constexpr,
                  POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr):
     """Consumers: one attention item (head, split) of phase p (split SPLITS ways), whose q and k the staging left
     normed in xs. Returns the ring's consumed-slot count, and (PROFILE) `t_wait` plus the cycles it waited for
-    slots to land."""
+    slots to land; PROFILE also stamps the time at `stamp_at` once the item's partial is out."""
     # a slot [SLOT_BLOCKS, BLOCK, HEAD_DIM] in registers: each thread holds 8 consecutive values of one token row
     # in every block (and with 4 warps 8 more, 64 further on), so a warp reads whole 128-B lines. Each of the BLOCK
     # rows (a token's place in its block) keeps its own running max, sum and output, combined once at the item's
@@ -210,6 +211,7 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
     lse_word = (lse.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF) | (tag.to(gl.int64) << 32)
     one = gl.arange(0, 1, layout=half_l)
     _publish(out + SPLITS * hd // 2 + split * heads + head + one, gl.full([1], 0, gl.int64, half_l) + lse_word)
+    _stamp(stamp_at, PROFILE)                        # (profiling: the partial is out)
     # the head's last split to arrive combines its splits and publishes the head's output. The count is relaxed:
     # the last split polls the splits' words (each carries this step's tag), so it needs no ordering from the count
     _cta_barrier()

@@ -112,7 +112,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
     # land, loading a slot + releasing it, and on the arithmetic
     mark, _t = _lap(zero.to(gl.int64), zero.to(gl.int64), PROFILE)
     start = mark
-    prof = prof_ptr + pid * (16 + 3 * num_phases)    # this program's counters, then 3 timestamps a phase
+    prof = prof_ptr + pid * (16 + 4 * num_phases)    # this program's counters, then 4 timestamps a phase
     t_stage = zero.to(gl.int64)
     t_poll = t_stage
     t_rank = t_stage
@@ -132,7 +132,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
         src = _field(table_ptr, p, K_F_IN)
         # stage the input vector in shared memory (bf16), 16 chunks a round, after polling its tags
         _cta_barrier()                               # every warp is done with the previous phase's input
-        _stamp(prof + 16 + 3 * p, PROFILE)
+        _stamp(prof + 16 + 4 * p, PROFILE)
         n_in = _field(table_ptr, p, K_F_IN_CHUNKS)
         norm = _field(table_ptr, p, K_F_NORM)
         seg = n_in                                   # chunks under the first norm (attention: q's; k has its own)
@@ -246,7 +246,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
             mark, t_rank = _lap(mark, t_rank, PROFILE)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
 
-        _stamp(prof + 17 + 3 * p, PROFILE)            # the input staged (and the router ranked)
+        _stamp(prof + 17 + 4 * p, PROFILE)            # the input staged (and the router ranked)
         res = _field(table_ptr, p, K_F_RES)
         res_off = _field(table_ptr, p, K_F_RES_OFF)
         n_items = _items_of(table_ptr, p, pid, nprog)
@@ -255,8 +255,8 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
                 for il in range(n_items):
                     consumed, t_kv_wait = _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p,
                                                        pid + il * nprog, ctx, words_ptr, epoch, err_ptr,
-                                                       kv_ptr, bt_ptr, kv_layers, cos, sin, t_kv_wait, STAGES,
-                                                       WARPS, POLLS, PROFILE, SPLITS)
+                                                       kv_ptr, bt_ptr, kv_layers, cos, sin, t_kv_wait,
+                                                       prof + 18 + 4 * p, STAGES, WARPS, POLLS, PROFILE, SPLITS)
                 mark, t_attend = _lap(mark, t_attend, PROFILE)
                 n_items = 0
         for il in range(n_items):
@@ -272,6 +272,9 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
                 mark, t_start = _lap(mark, t_start, PROFILE)
                 mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
                 mark, t_wait = _lap(mark, t_wait, PROFILE)
+                if PROFILE:
+                    if (il == 0) & (j == 0):
+                        _stamp(prof + 18 + 4 * p, PROFILE)      # the phase's first slot landed
                 if COMPUTE:                  # (compute=False, timing only: the tiles stream, nothing is read)
                     wt = ring.index(slot).load(tile3)
                 # every warp has its part of the slot in registers: free the slot now, not after the arithmetic,
@@ -315,7 +318,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
             word = gl.sum(half, axis=0).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
             _publish(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * (K_ROWS // 2) + pair, word)
             mark, t_end = _lap(mark, t_end, PROFILE)
-        _stamp(prof + 18 + 3 * p, PROFILE)            # this program's items of the phase published
+        _stamp(prof + 19 + 4 * p, PROFILE)            # this program's items of the phase published
 
     if PROFILE:
         mark, total = _lap(start, zero.to(gl.int64), PROFILE)
@@ -428,8 +431,9 @@ class Chain:
         self.experts = torch.zeros(self.nprog, n_ord, 2 * MAX_TOP_K, dtype=torch.int32, device=dev)
         # compute=False (timing only): the weight tiles stream through the ring unread; the outputs are wrong
         # profile=True: each program counts its SM cycles by what it did (`profile()`)
-        # and stamps the GPU's nanosecond timer at each phase's start, once its input is staged, and at its end
-        self.prof = torch.zeros(self.nprog, 16 + 3 * len(phases), dtype=torch.int64, device=dev)
+        # and stamps the GPU's nanosecond timer at each phase's start, once its input is staged, when its first slot
+        # lands (attention: when its item's partial is out), and at its end
+        self.prof = torch.zeros(self.nprog, 16 + 4 * len(phases), dtype=torch.int64, device=dev)
         self._bind_kv(kv, max_blocks, dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
@@ -509,12 +513,14 @@ class Chain:
         return dict(zip(names, frac, strict=True)) | {"cycles": c[:, 8].mean().item()}
 
     def timeline(self) -> torch.Tensor:
-        """The last launch's [programs, phases, 3] nanosecond stamps (the GPU's global timer, from the launch's
-        first stamp): each phase's start, its input staged, its items done (needs profile=True)."""
+        """The last launch's [programs, phases, 4] stamps of the GPU's global timer, in us from the launch's first:
+        each phase's start, its input staged, its first slot landed (attention: the program's last partial out),
+        its items done; NaN where a program had no such moment (needs profile=True)."""
         if not self.meta["PROFILE"]:
             raise ValueError("timeline(): build the chain with profile=True")
-        t = self.prof[:, 16:].cpu().reshape(self.nprog, -1, 3)
-        return t - t[:, 0, 0].min()
+        t = self.prof[:, 16:].cpu().reshape(self.nprog, -1, 4)
+        us = (t - t[:, 0, 0].min()).double() / 1e3
+        return torch.where(t == 0, float("nan"), us)
 
     def check(self) -> None:
         if int(self.state[2]) != 0:
