@@ -11,10 +11,10 @@ This module is that kernel's core, a chain of dependent GEMV phases over stacked
   input (the experts' down projections), or a gated pair `silu(W_gate x) * (W_up x)` for several matrices (the
   experts' gate/up). Each phase can RMSNorm its input first (the layer norms), add a residual, and wait on one
   more phase whose words it does not read. A phase can be routed: its matrices are the top-k experts of a router
-  phase, ranked by every program at run time (softmax, greedy), and a routed sum weights each expert.
+  phase, ranked by every program at run time (`rank.py`: softmax, greedy), and a routed sum weights each expert.
 - `plan` checks a chain and lays it out as an int32 table plus word offsets; `reference` computes it in torch.
 - `Chain` runs it on the GPU (`chain.py`): one program an SM. In each, a producer warp (`produce.py`) streams the
-  weight tiles through a ring of shared-memory slots by TMA, and four consumer warps walk the work items (16
+  weight tiles through a ring of shared-memory slots by TMA, and 4 or 8 consumer warps walk the work items (16
   output rows) and compute from the landed slots. The ring's loads run ahead across phase boundaries, because the
   weights do not depend on the phase before. They follow a tile list built on the host (`tile_lists`), so issuing
   one costs one load, not a walk of the phase table. `common.py` holds what both sides use.

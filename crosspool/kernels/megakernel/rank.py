@@ -1,0 +1,77 @@
+"""The megakernel's routing (issue 4): a routed phase's router logits ranked inside the consumers (softmax, greedy
+top-k, as `torch_ref.route` for OLMoE; ties go to the lower expert id, as in `plan.reference`)."""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+
+from crosspool.kernels.megakernel.common import (
+    K_F_ROUTE_LAST,
+    K_F_ROUTE_N,
+    K_F_ROUTE_OFF,
+    K_F_ROW0,
+    K_F_SOURCES,
+    K_F_STRIDE,
+    K_GROUP,
+    K_MAX_EXPERTS,
+    K_MAX_TOP_K,
+    _cta_barrier,
+    _field,
+    _poll,
+    _tag,
+    _value,
+    _view,
+    _word_of,
+)
+
+
+@gluon.jit
+def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, expert_base, rowbase, ranked,
+          WARPS: gl.constexpr, POLLS: gl.constexpr):
+    """Rank routed phase p's router logits: every program ranks them for itself and writes the expert ids and
+    weights to its own rows, for phase p and the following routed phases that share its router (ordinals
+    `ordinal`..the table's last), then arrives on their `ranked` mbarriers: the producer held their tiles back
+    until now, and reads each expert's first row from `rowbase`. Returns the ordinal after the last one ranked."""
+    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
+    eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
+    valid = eoffs < _field(table_ptr, p, K_F_ROUTE_N)
+    last = _field(table_ptr, p, K_F_ROUTE_LAST)
+    n_src = _field(table_ptr, p, K_F_SOURCES)
+    # the routed phases' first rows and strides, loaded before the logits' poll (dependent loads, each a
+    # round trip, in the ranking itself took ~5 us a layer)
+    og = gl.arange(0, K_GROUP, layout=gl.SliceLayout(0, stage_l))[None, :]
+    o_ph = gl.load(routes_ptr + ordinal + og, mask=ordinal + og <= last, other=0)
+    o_row0 = _field(table_ptr, o_ph, K_F_ROW0)
+    o_stride = _field(table_ptr, o_ph, K_F_STRIDE)
+    q, h = _word_of(eoffs)
+    w = _poll(words_ptr, _field(table_ptr, p, K_F_ROUTE_OFF) + q, valid, _tag(epoch, router), err_ptr, POLLS)
+    logit = gl.where(valid, _value(w, h), float("-inf"))
+    ex = gl.where(valid, gl.exp(logit - gl.max(gl.max(logit, axis=1), axis=0)), 0.0)
+    prob = ex / gl.sum(gl.sum(ex, axis=1), axis=0)
+    sel = gl.where(valid, prob, -1.0)
+    kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, stage_l))[:, None]     # [MAX_TOP_K, 1]
+    ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
+    bests = gl.zeros([K_MAX_TOP_K, 1], gl.float32, stage_l)
+    for k in gl.static_range(K_MAX_TOP_K):
+        if k < n_src:
+            best = gl.max(gl.max(sel, axis=1), axis=0)
+            idx = gl.min(gl.min(gl.where(sel == best, eoffs, 1 << 30), axis=1), axis=0)
+            sel = gl.where(eoffs == idx, -2.0, sel)
+            ids = gl.where(kk == k, idx, ids)
+            bests = gl.where(kk == k, best, bests)
+    for o in range(ordinal, last + 1):
+        at = expert_base + o * 2 * K_MAX_TOP_K + kk
+        gl.store(at, ids, mask=kk < n_src)
+        gl.store(at + K_MAX_TOP_K, bests.to(gl.int32, bitcast=True), mask=kk < n_src)
+        # the producer's copy: each expert's first row in phase o's family
+        pick = og == o - ordinal
+        first = gl.sum(gl.where(pick, o_row0, 0), axis=1, keep_dims=True) + \
+            ids * gl.sum(gl.where(pick, o_stride, 0), axis=1, keep_dims=True)
+        _view(rowbase, [K_GROUP, K_MAX_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, order=[0])).index(
+            o % K_GROUP).store(gl.sum(first, axis=1))
+    _cta_barrier()                           # every warp's stores are in: release them to the producer
+    for o in range(ordinal, last + 1):
+        mbarrier.arrive(ranked.index(o), count=1)
+    return last + 1
