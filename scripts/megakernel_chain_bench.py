@@ -37,6 +37,7 @@ from stream_probe import graph_us  # noqa: E402
 from crosspool.bench.traffic import copy_bandwidth  # noqa: E402
 from crosspool.kernels import megakernel as mk  # noqa: E402
 from crosspool.kernels.megakernel import Phase  # noqa: E402
+from crosspool.kernels.megakernel.profile import cycles_by_activity  # noqa: E402
 
 H, QKV, INTER, EXPERTS, ROUTER, NUM_EXPERTS = 2048, 6144, 1024, 8, 64, 64
 ATTN_ROWS = QKV + H + ROUTER
@@ -152,7 +153,7 @@ def main() -> None:
         got, want = chain.outputs()[-1], mk.reference(phases, fam, inp)[-1]
         err = ((got - want).abs().max() / want.abs().max()).item() if compute else float("nan")
         rows[name] = dict(us=us, phases=len(phases), frac_copy_bw=total_bytes / (us * 1e-6) / copy_bw,
-                          last_output_max_rel_err=err, profile=chain.profile() if args.profile else None)
+                          last_output_max_rel_err=err, profile=cycles_by_activity(chain) if args.profile else None)
     boundary = (rows["chain"]["us"] - rows["independent"]["us"]) / (len(olmoe_chain(L, True)) - 1)
     commit = run_commit()
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; {total_bytes / 1e6:.0f} MB a step, {L} layers x 5 phases; "
@@ -233,7 +234,7 @@ def routed(args: argparse.Namespace, weights, dev: torch.device, g: torch.Genera
         err = ((got - want).abs().max() / want.abs().max()).item()
         nbytes = step_bytes + (kv_bytes if splits else 0)
         rows[name] = dict(us=us, bytes=nbytes, frac_copy_bw=nbytes / (us * 1e-6) / copy_bw,
-                          last_output_max_rel_err=err, profile=chain.profile() if args.profile else None)
+                          last_output_max_rel_err=err, profile=cycles_by_activity(chain) if args.profile else None)
         print(f"| {name} | {us:.1f} | {rows[name]['frac_copy_bw']:.3f} | {err:.1e} |")
     print_profiles(rows)
     if args.json:

@@ -30,16 +30,20 @@ def main() -> None:
     p.add_argument("--sass", help="write the SASS here")
     p.add_argument("--profile", action="store_true", help="with the cycle counters")
     p.add_argument("--splits", type=int, default=0, help="attention splits (SPLITS; 0: no attention phases)")
+    p.add_argument("--engine", action="store_true",
+                   help="as the engine launches it (`DecodeStep`): a bf16 input row, int64 context and block table")
     args = p.parse_args()
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
     desc = f"tensordesc<bf16[{args.boxes}, {mk.ROWS}, {mk.CHUNK}],{layout!r}>"
     sig = {"d0": desc, "d1": desc, "d2": desc, "d3": desc,
            "dkv": f"tensordesc<bf16[{mk.BLOCK}, 1, {mk.HEAD_DIM}],{layout!r}>", "table_ptr": "*i32",
            "num_phases": "i32",
-           "tiles_ptr": "*i32", "tiles_stride": "i32", "x_ptr": "*fp32", "norms_ptr": "*bf16", "eps": "fp32",
+           "tiles_ptr": "*i32", "tiles_stride": "i32", "x_ptr": "*bf16" if args.engine else "*fp32",
+           "last_ptr": "*fp32", "norms_ptr": "*bf16", "eps": "fp32",
            "words_ptr": "*i64", "routes_ptr": "*i32", "experts_ptr": "*i32", "n_ord": "i32", "epoch_ptr": "*i32",
            "done_ptr": "*i32", "err_ptr": "*i32", "nprog": "i32",
-           "prof_ptr": "*i64", "kv_ptr": "*bf16", "kv_layers": "i32", "ctx_ptr": "*i32", "bt_ptr": "*i32",
+           "prof_ptr": "*i64", "kv_ptr": "*bf16", "kv_layers": "i32",
+           "ctx_ptr": "*i64" if args.engine else "*i32", "bt_ptr": "*i64" if args.engine else "*i32",
            "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
     const = dict(STAGES=args.stages, BOXES=args.boxes, WARPS=args.warps, POLLS=1 << 22, COMPUTE=True,
                  PROFILE=args.profile, SPLITS=args.splits)

@@ -26,6 +26,7 @@ from stream_probe import graph_us  # noqa: E402
 from crosspool.bench.traffic import copy_bandwidth  # noqa: E402
 from crosspool.kernels import megakernel as mk  # noqa: E402
 from crosspool.kernels import torch_ref  # noqa: E402
+from crosspool.kernels.megakernel.profile import cycles_by_activity, timeline  # noqa: E402
 from crosspool.kernels.megakernel.step import decode_chain  # noqa: E402
 from crosspool.models.loader import AttentionWeights, FFNWeights  # noqa: E402
 from crosspool.models.presets import get_preset  # noqa: E402
@@ -36,11 +37,11 @@ LAYER_PHASES = ("qkv", "attention", "o_proj", "router", "gate/up", "down")
 
 def print_timeline(t: torch.Tensor, phases: list[mk.Phase]) -> None:
     """With --profile: the step's critical path by phase of a layer, in us (means over layers), from
-    `Chain.timeline`. `span`: from the previous phase's last program done to this one's; `lag`: from the input
-    phase's last program done to the first program with the input staged; `spread`: first to last program with it
-    staged; `work`: the longest any program spent on the phase's items after staging; `to first`: the mean time
-    from staged to the first slot landed (attention: to the item's partial out); `after`: the mean time from there
-    to the program's items done (attention: its heads' combine)."""
+    `megakernel.profile.timeline`. `span`: from the previous phase's last program done to this one's; `lag`: from
+    the input phase's last program done to the first program with the input staged; `spread`: first to last
+    program with it staged; `work`: the longest any program spent on the phase's items after staging; `to first`:
+    the mean time from staged to the first slot landed (attention: to the item's partial out); `after`: the mean
+    time from there to the program's items done (attention: its heads' combine)."""
     start, ready, first, done = (t[:, :, k] for k in range(4))
 
     def top(x: torch.Tensor) -> torch.Tensor:
@@ -128,10 +129,10 @@ def main() -> None:
     print("| step | us | MB a step | frac of copy bw | worst phase, max rel err |\n|---|---:|---:|---:|---:|")
     print(f"| megakernel, {len(dc.phases)} phases | {us:.1f} | {total / 1e6:.0f} | {frac:.3f} | {err:.1e} (phase "
           f"{worst}, {dc.phases[worst].kind}) |")
-    rows = {"megakernel": dict(us=us, frac_copy_bw=frac, profile=chain.profile() if args.profile else None)}
+    rows = {"megakernel": dict(us=us, frac_copy_bw=frac, profile=cycles_by_activity(chain) if args.profile else None)}
     print_profiles(rows)
     if args.profile:
-        print_timeline(chain.timeline(), dc.phases)
+        print_timeline(timeline(chain), dc.phases)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(commit=run_commit(), device=torch.cuda.get_device_name(dev),
                                                    context=ctx, splits=args.splits, stages=args.stages,

@@ -10,7 +10,7 @@ import torch
 
 from crosspool.kernels import megakernel as mk
 from crosspool.kernels import torch_ref
-from crosspool.kernels.megakernel.step import check_supported, decode_chain
+from crosspool.kernels.megakernel.step import DecodeStep, check_supported, decode_chain
 from crosspool.models.attention_side import AttentionSide
 from crosspool.models.batch import ForwardBatch
 from crosspool.models.ffn_side import FFNSide
@@ -137,11 +137,36 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch) 
         graph_launch(lambda: chain.run(x))
         chain.check()
         got = chain.outputs()
+        assert torch.equal(chain.last.to(torch.bfloat16).float(), got[-1])    # the logits in fp32, as published
         step = mk.Step(before, table, ctx, cos[0].cuda(), sin[0].cuda())
         want = mk.reference(dc.phases, dc.families, x, dc.norms, dc.eps, given=got, step=step)
         for j, (a, b) in enumerate(zip(got, want, strict=True)):
             torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-3, msg=lambda m, j=j, c=ctx: f"ctx {c} phase {j}: {m}")
         torch.testing.assert_close(kv.float(), step.kv.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_decode_step_reads_the_engines_buffers_in_place() -> None:
+    """DecodeStep binds the chain to the engine's own context-length and block-table buffers (int64 views, no
+    copies in the step's graph) and to its cos/sin rows; bad buffers and inputs are refused before any launch."""
+    spec = _spec()
+    attn, ffn = _weights(spec, 1)
+    kv = torch.zeros(8, spec.num_layers, 2, BS, spec.num_heads, mk.HEAD_DIM, dtype=torch.bfloat16)
+    meta, tables = torch.zeros(5, 4, dtype=torch.long), torch.zeros(4, 8, dtype=torch.long)
+    step = DecodeStep(spec, attn, ffn, kv, meta[3, :1], tables[0])
+    c = step.chain
+    assert c.ctx.data_ptr() == meta[3].data_ptr() and c.block_table.data_ptr() == tables[0].data_ptr()
+    assert (c.cos.data_ptr(), c.sin.data_ptr()) == (step.cos.data_ptr(), step.sin.data_ptr())
+    assert c.last.shape == (spec.vocab_size,) and c.last.dtype == torch.float32
+    c.set_step(20, torch.arange(2), step.cos[0], step.sin[0])             # writes into the engine's buffers
+    assert meta[3, 0] == 20 and tables[0, :2].tolist() == [0, 1]
+    for args, what in (((meta[:, 0], tables[0]), "ctx"), ((meta[3, :1], tables[0].float()), "block_table"),
+                       ((meta[3, :1], tables[0, :4]), "block_table")):    # strided; float; shorter than max_blocks
+        with pytest.raises(ValueError, match=what):
+            c.bind_step(*args, step.cos[0], step.sin[0])
+    with pytest.raises(ValueError, match="cos"):
+        c.bind_step(meta[3, :1], tables[0], step.cos[0].double(), step.sin[0])
+    with pytest.raises(ValueError, match="input"):
+        step.run(torch.zeros(spec.hidden_size + 1, dtype=torch.bfloat16))
 
 
 def test_engine_keeps_its_graphs_where_the_megakernel_cannot_run(tiny_models, monkeypatch, caplog) -> None:  # noqa: ANN001

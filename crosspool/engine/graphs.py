@@ -319,8 +319,8 @@ class DecodeGraphs:
         if why:
             log.warning("CROSSPOOL_MEGAKERNEL=1 but batch-1 steps keep the graph of kernels: %s", "; ".join(why))
             return None
-        return DecodeStep(self.model.spec, self.model.attention.w, self.model.ffn.w, kv, self.inputs.max_blocks,
-                          warps=MEGAKERNEL_WARPS)
+        return DecodeStep(self.model.spec, self.model.attention.w, self.model.ffn.w, kv,
+                          self.inputs.meta[CONTEXT_LENS, :1], self.inputs.tables[0], warps=MEGAKERNEL_WARPS)
 
     def _ffn_calls(self, lane: int, rehearse: bool = False) -> AbstractContextManager[None]:
         """Across pool ranks: the FFN calls of a whole pass (no header each; see `RemoteFFN.pass_calls`)."""
@@ -440,8 +440,10 @@ class DecodeGraphs:
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         rows = batch.input_ids.shape[0]
         if rows == 1 and self.megakernel is not None:
-            x, (cos, sin) = embed_inputs(self.model, self.inputs, batch)
-            logits = self.megakernel.run(x[0], cos[0], sin[0], batch.context_lens[0], batch.block_tables[0])
+            # one launch: it reads the step's context length and block table from `inputs`, where the batch's
+            # are, and the RoPE tables from where the embedding kernel writes them
+            x, _ = embed_inputs(self.model, self.inputs, batch, self.megakernel.cos, self.megakernel.sin)
+            logits = self.megakernel.run(x[0])
             self.model.attention.greedy_tokens(logits, out=self.inputs.tokens[:rows])
             return logits
         if FUSED_ENDS:

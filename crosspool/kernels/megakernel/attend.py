@@ -64,10 +64,10 @@ def _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_laye
     last = gl.maximum(hi - 1, 0) // K_BLOCK           # (an item with no cached positions reads entry 0, unused)
     j8 = gl.arange(0, SLOT_BLOCKS, layout=gl.BlockedLayout([1], [32], [1], [0]))
     # a slot's block ids by one load, the next slot's loaded before this one's loads wait for free slots
-    ids = gl.load(bt_ptr + gl.minimum(lo // K_BLOCK + j8, last))
+    ids = gl.load(bt_ptr + gl.minimum(lo // K_BLOCK + j8, last)).to(gl.int32)     # (int32 or int64 tables)
     for t in range(lo, hi, K_KV_SLOT):
         rows = (ids * kv_layers + layer) * 2 * K_BLOCK
-        ids = gl.load(bt_ptr + gl.minimum((t + K_KV_SLOT) // K_BLOCK + j8, last))
+        ids = gl.load(bt_ptr + gl.minimum((t + K_KV_SLOT) // K_BLOCK + j8, last)).to(gl.int32)
         for kv in gl.static_range(2):
             stage = s % STAGES
             mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)

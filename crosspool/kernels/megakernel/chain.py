@@ -74,10 +74,11 @@ from crosspool.kernels.megakernel.rank import _rank
 
 
 @gluon.jit
-def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_phases, x_ptr, norms_ptr, eps, words_ptr,
-             routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr, kv_layers,
-             ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr,
-             POLLS: gl.constexpr, COMPUTE: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr):
+def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_phases, x_ptr, last_ptr, norms_ptr, eps,
+             words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
+             kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr,
+             WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr, PROFILE: gl.constexpr,
+             SPLITS: gl.constexpr):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
@@ -94,7 +95,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
     epoch = gl.load(epoch_ptr)
     zero = pid * 0
     # the step's context length and RoPE cos/sin (attention), loaded once: no item waits on them
-    ctx = gl.load(ctx_ptr)
+    ctx = gl.load(ctx_ptr).to(gl.int32)
     rope_j = gl.arange(0, K_HEAD_DIM // 2, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
     cos = gl.load(cos_ptr + rope_j)
     sin = gl.load(sin_ptr + rope_j)
@@ -150,7 +151,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
                               POLLS)
                     vals = _value(w, h)
                 else:
-                    vals = gl.load(x_ptr + offs, mask=mask, other=0.0)
+                    vals = gl.load(x_ptr + offs, mask=mask, other=0.0).to(gl.float32)    # (fp32 or bf16)
                 vals = vals.to(gl.bfloat16)
                 if norm >= 0:
                     sq = vals.to(gl.float32)
@@ -262,7 +263,9 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
                                       POLLS)
                 y += gl.sum(_value(res_words, res_h), axis=1)
             elif res == -1:
-                y += gl.load(x_ptr + i * K_ROWS + rows)
+                y += gl.load(x_ptr + i * K_ROWS + rows).to(gl.float32)
+            if p == num_phases - 1:                  # the last phase's outputs in fp32 too (the logits)
+                gl.store(last_ptr + i * K_ROWS + rows, y)
             # two bf16 values a word (rows j and j + 8 of the item: a select-and-sum over the rows), then the tag
             bits = y.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
             pair = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, acc_l))
@@ -296,8 +299,8 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
 
 @gluon.jit
 def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_stride,
-                  x_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr,
-                  nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr,
+                  x_ptr, last_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr,
+                  err_ptr, nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr,
                   BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr = True,
                   PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
@@ -321,7 +324,8 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
         mbarrier.init(ranked.index(o), count=1)
     fence_async_shared()
     gl.warp_specialize([
-        (_consume, (ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_phases, x_ptr, norms_ptr, eps,
+        (_consume, (ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_phases, x_ptr, last_ptr, norms_ptr,
+                    eps,
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
                     SPLITS)),
@@ -375,6 +379,7 @@ class Chain:
         self.families = families
         self.table = self.plan.table.to(dev)
         self.words = torch.zeros(self.plan.words, dtype=torch.int64, device=dev)
+        self.last = torch.zeros(phases[-1].out_rows, dtype=torch.float32, device=dev)   # the last phase's, in fp32
         self.state = torch.zeros(3, dtype=torch.int32, device=dev)          # epoch, done count, error flag
         self.nprog = num_sms(dev)
         self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1).to(dev)
@@ -383,7 +388,7 @@ class Chain:
         # each program's ranking of each routed phase: MAX_TOP_K expert ids, then their weights' fp32 bits
         self.experts = torch.zeros(self.nprog, n_ord, 2 * MAX_TOP_K, dtype=torch.int32, device=dev)
         # compute=False (timing only): the weight tiles stream through the ring unread; the outputs are wrong
-        # profile=True: each program counts its SM cycles by what it did (`profile()`)
+        # profile=True: each program counts its SM cycles by what it did (`profile.cycles_by_activity`)
         # and stamps the GPU's nanosecond timer at each phase's start, once its input is staged, when its first slot
         # lands (attention: when its item's partial is out), and at its end
         self.prof = torch.zeros(self.nprog, 16 + 4 * len(phases), dtype=torch.int64, device=dev)
@@ -429,12 +434,29 @@ class Chain:
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
+    def bind_step(self, ctx: torch.Tensor, block_table: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Read every launch's step from these tensors where they are (an engine's static buffers, which a CUDA
+        graph replays in place), not from copies: ctx [1] and block_table [max_blocks or more] int32 or int64,
+        cos and sin [HEAD_DIM // 2] fp32, each 1-D and contiguous on the chain's device. `set_step` writes into
+        them from then on."""
+        ints, dev = (torch.int32, torch.int64), self.words.device
+        for name, t, dtypes, n in (("ctx", ctx, ints, 1), ("block_table", block_table, ints, self.block_table.numel()),
+                                   ("cos", cos, (torch.float32,), HEAD_DIM // 2),
+                                   ("sin", sin, (torch.float32,), HEAD_DIM // 2)):
+            if t.device != dev or t.dtype not in dtypes or t.dim() != 1 or not t.is_contiguous() or t.numel() < n:
+                raise ValueError(f"{name}: a contiguous 1-D {' or '.join(str(d) for d in dtypes)} tensor of at least "
+                                 f"{n} on {dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        self.ctx, self.block_table, self.cos, self.sin = ctx, block_table, cos, sin
+
     def run(self, x: torch.Tensor) -> None:
-        if x.shape != (self.plan.input_len,) or x.dtype != torch.float32:
-            raise ValueError(f"input: expected fp32 [{self.plan.input_len}], got {x.dtype} {tuple(x.shape)}")
+        """One launch on the step's input vector x (fp32 or bf16 [input_len], contiguous, on the chain's device)."""
+        if x.shape != (self.plan.input_len,) or x.dtype not in (torch.float32, torch.bfloat16) or \
+                not x.is_contiguous() or x.device != self.words.device:
+            raise ValueError(f"input: expected a contiguous fp32 or bf16 [{self.plan.input_len}] on "
+                             f"{self.words.device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
         st = self.state
         _chain_kernel[(self.nprog,)](*self.descs, self.kv_desc, self.table, len(self.phases), self.tiles,
-                                     self.tiles.shape[1], x, self.norms, self.eps, self.words, self.routes,
+                                     self.tiles.shape[1], x, self.last, self.norms, self.eps, self.words, self.routes,
                                      self.experts, self.experts.shape[1], st[0:], st[1:], st[2:], self.nprog,
                                      self.prof, self.kv, self.kv.shape[1], self.ctx, self.block_table, self.cos,
                                      self.sin, **self.meta)
@@ -453,27 +475,6 @@ class Chain:
             else:
                 outs.append(values[2 * o:2 * o + ph.out_rows])
         return outs
-
-    def profile(self) -> dict[str, float]:
-        """The last launch's SM cycles by what they were spent on, as fractions of each program's total, averaged
-        over programs, and the mean total (needs profile=True)."""
-        if not self.meta["PROFILE"]:
-            raise ValueError("profile(): build the chain with profile=True")
-        c = self.prof.double().cpu()
-        frac = (c[:, [0, 1, 2, 3, 4, 5, 6, 7, 9, 10]] / c[:, 8:9]).mean(0).tolist()
-        names = ("input polls", "staging's rest", "ranking", "items' starts", "items' ends", "waiting for slots",
-                 "slot load + release", "arithmetic", "attention items", "of which waiting for KV slots")
-        return dict(zip(names, frac, strict=True)) | {"cycles": c[:, 8].mean().item()}
-
-    def timeline(self) -> torch.Tensor:
-        """The last launch's [programs, phases, 4] stamps of the GPU's global timer, in us from the launch's first:
-        each phase's start, its input staged, its first slot landed (attention: the program's last partial out),
-        its items done; NaN where a program had no such moment (needs profile=True)."""
-        if not self.meta["PROFILE"]:
-            raise ValueError("timeline(): build the chain with profile=True")
-        t = self.prof[:, 16:].cpu().reshape(self.nprog, -1, 4)
-        us = (t - t[:, 0, 0].min()).double() / 1e3
-        return torch.where(t == 0, float("nan"), us)
 
     def check(self) -> None:
         if int(self.state[2]) != 0:

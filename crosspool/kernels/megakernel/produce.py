@@ -40,7 +40,7 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, mine, tabl
     n_codes = gl.load(mine)
     code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
     code2 = gl.load(mine + 2)
-    ctx = gl.load(ctx_ptr)
+    ctx = gl.load(ctx_ptr).to(gl.int32)              # (the engine's buffers are int64)
     box_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)   # as `Chain`'s
     kvring = _view(ring, [STAGES * SLOT_BLOCKS, K_BLOCK, 1, K_HEAD_DIM], box_l)
     s = ctx * 0                                      # ring slots issued

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crosspool.kernels.megakernel.plan import CHUNK, HEAD_DIM, ROWS, Phase, unpack
+from crosspool.kernels.megakernel.plan import CHUNK, HEAD_DIM, ROWS, Phase
 from crosspool.models.loader import AttentionWeights, FFNWeights
 from crosspool.models.spec import ModelSpec
 
@@ -100,32 +100,26 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
 
 class DecodeStep:
     """A model's batch-1 decode step as one megakernel launch over the engine's KV cache (`kv`, [blocks, layers, 2,
-    BLOCK, heads, HEAD_DIM]), graph-capturable: `run` copies the step's inputs into the chain's buffers on the
-    device, launches it, and returns the logits. Holds copies of the weights (`decode_chain`)."""
+    BLOCK, heads, HEAD_DIM]), graph-capturable. The launch reads the step where the engine keeps it: the context
+    length (`context_len`, [1]) and block table (`block_table`, [max_blocks]) from the engine's buffers (int64 or
+    int32), and RoPE cos/sin of the new position from `cos` / `sin` ([1, HEAD_DIM // 2] fp32), which the engine's
+    embedding kernel fills. Holds copies of the weights (`decode_chain`)."""
 
-    def __init__(self, spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, kv: torch.Tensor, max_blocks: int,
-                 splits: int = 4, stages: int = 6, warps: int = 8) -> None:
+    def __init__(self, spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, kv: torch.Tensor,
+                 context_len: torch.Tensor, block_table: torch.Tensor, splits: int = 4, stages: int = 6,
+                 warps: int = 8) -> None:
         from crosspool.kernels.megakernel.chain import Chain
 
         self.decode = decode_chain(spec, attn, ffn, splits)
         d = self.decode
         self.chain = Chain(d.phases, d.families, spec.hidden_size, stages=stages, warps=warps, norms=d.norms,
-                           eps=d.eps, kv=kv, max_blocks=max_blocks)
-        self.x = torch.zeros(spec.hidden_size, dtype=torch.float32, device=kv.device)
-        at = self.chain.plan.out_offsets[d.logits]
-        self._logit_words = self.chain.words[at:at + spec.vocab_size // 2]
+                           eps=d.eps, kv=kv, max_blocks=block_table.numel())
+        self.cos = torch.ones(1, HEAD_DIM // 2, dtype=torch.float32, device=kv.device)
+        self.sin = torch.zeros(1, HEAD_DIM // 2, dtype=torch.float32, device=kv.device)
+        self.chain.bind_step(context_len, block_table, self.cos[0], self.sin[0])
 
-    def run(self, embed_row: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context_len: torch.Tensor,
-            block_table: torch.Tensor) -> torch.Tensor:
-        """Logits [1, vocab] (fp32) of the token whose embedding row is `embed_row`, at position context_len - 1
-        (a device scalar), its RoPE cos/sin given, the sequence's KV at `block_table`'s blocks (device tensors:
-        nothing is read on the host)."""
-        c = self.chain
-        self.x.copy_(embed_row)
-        c.ctx.copy_(context_len.reshape(1))
-        n = min(c.block_table.numel(), block_table.numel())
-        c.block_table[:n].copy_(block_table[:n])
-        c.cos.copy_(cos[:c.cos.numel()])
-        c.sin.copy_(sin[:c.sin.numel()])
-        c.run(self.x)
-        return unpack(self._logit_words)[None]
+    def run(self, embed_row: torch.Tensor) -> torch.Tensor:
+        """Launch the step on the new token's embedding row ([hidden], bf16 or fp32; at position context_len - 1,
+        whose cos/sin are in `cos` / `sin`), and return its logits: fp32 [1, vocab], rewritten by every launch."""
+        self.chain.run(embed_row)
+        return self.chain.last[None]
