@@ -100,6 +100,35 @@ def test_decode_chain_matches_the_engines_torch_path(prompt_len: int) -> None:
     mk.plan(chain.phases, chain.families, spec.hidden_size, chain.norms.numel())      # and the kernel takes it
 
 
+def test_decode_chain_adopts_the_models_weights_without_changing_its_outputs() -> None:
+    """adopt=True: the model's weight tensors become views of the chain's families (one copy between the model and
+    the megakernel; a tied embedding stays tied), with their values, and the model's logits do not move."""
+    spec = _spec()
+    attn, ffn = _weights(spec, 0)
+    attn.embed = attn.lm_head                                        # tied, as many checkpoints are
+    model = MoEModel(spec, AttentionSide(spec, attn, "torch"), FFNSide(spec, ffn, "torch"))
+    table = torch.arange(4, dtype=torch.int32)
+    ids = torch.randint(0, spec.vocab_size, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def logits() -> torch.Tensor:
+        kv = torch.zeros(4, spec.num_layers, 2, BS, spec.num_heads, mk.HEAD_DIM, dtype=torch.bfloat16)
+        return model.compute_logits(model.forward(_batch(ids, 0, table), _Cache(kv)))
+
+    keys = ("q_proj", "k_proj", "v_proj", "o_proj", "router", "experts_gate_up", "experts_down")
+    before = [{k: v.clone() for k, v in (a | f).items() if k in keys}
+              for a, f in zip(attn.layers, ffn.layers, strict=True)]
+    want = logits()
+    chain = decode_chain(spec, attn, ffn, splits=2, adopt=True)
+    stores = {f.untyped_storage().data_ptr() for f in chain.families}
+    for old, a, f in zip(before, attn.layers, ffn.layers, strict=True):
+        for k, v in old.items():
+            now = (a | f)[k]
+            assert now.untyped_storage().data_ptr() in stores and torch.equal(now, v), k
+    assert attn.lm_head.untyped_storage().data_ptr() in stores and attn.embed is attn.lm_head
+    assert torch.equal(logits(), want)
+    assert torch.equal(chain.families[0][-spec.vocab_size:], attn.lm_head)
+
+
 def test_decode_chain_refuses_other_models_with_the_reason() -> None:
     spec = _spec()
     check_supported(spec)

@@ -60,9 +60,9 @@ SHORT_CONTEXT = env_int("CROSSPOOL_GRAPH_SHORT_CONTEXT", 4096, minimum=0)
 # a whole-step graph's ends: 1, its input as one kernel and its last residual add inside the final norm
 # (`embed_inputs`, `MoEModel.forward_logits`); 0, torch's ops there, as before session 11 (before/after runs)
 FUSED_ENDS = env_int("CROSSPOOL_GRAPH_FUSED_ENDS", 1)
-# a batch-1 step as one megakernel launch (`kernels.megakernel.step`; OLMoE-shaped models on an sm_90 GPU, over
-# copies of the model's weights): 1 on, 0 off (the default: so far slower than the graph of kernels, benchmarks.md
-# section 7, session 16)
+# a batch-1 step as one megakernel launch (`kernels.megakernel.step`; OLMoE-shaped models on an sm_90 GPU; the
+# model's weights become views of the megakernel's layout when the graphs are built, before any capture): 1 on, 0
+# off (the default: so far level with the graph of kernels, not past it; benchmarks.md section 7, session 17)
 MEGAKERNEL = env_int("CROSSPOOL_MEGAKERNEL", 0)
 MEGAKERNEL_WARPS = env_int("CROSSPOOL_MEGAKERNEL_WARPS", 8)        # its consumer warps a program (4 or 8)
 log = logging.getLogger("crosspool.engine")
@@ -300,7 +300,7 @@ class DecodeGraphs:
 
     def _megakernel(self) -> DecodeStep | None:
         """Batch-1 steps as one megakernel launch, where this model and device allow it; else None, and why is
-        logged."""
+        logged. Built before any graph is captured: the model's weights become views of the megakernel's."""
         from crosspool.kernels.megakernel.plan import BLOCK
         from crosspool.kernels.megakernel.step import DecodeStep, check_supported
 

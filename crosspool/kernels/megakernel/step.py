@@ -56,25 +56,46 @@ def check_supported(spec: ModelSpec) -> None:
         raise ValueError(f"{spec.architecture}: not on the megakernel yet: " + "; ".join(reasons))
 
 
-def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, splits: int = 4) -> DecodeChain:
-    """The step's chain over copies of the model's weights (the families are new tensors: the engine's own stay
-    as they are). Layer l's KV cache layer is l; attention heads are split `splits` ways."""
+def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, splits: int = 4,
+                 adopt: bool = False) -> DecodeChain:
+    """The step's chain over the model's weights, copied into the chain's families (three tensors, filled layer by
+    layer). adopt=True: the model's own weight tensors then become views of the families (the same values), so
+    the model and the chain hold one copy once the build is done (two during it). Only do that before
+    anything captures a CUDA graph over the old tensors, and only where nothing else refers to them. Layer l's KV
+    cache layer is l; attention heads are split `splits` ways."""
     check_supported(spec)
     assert spec.routing is not None
     h, hd, n_exp, inter = spec.hidden_size, spec.num_heads * HEAD_DIM, spec.routing.num_experts, \
         spec.moe_intermediate_size
+    layers = len(attn.layers)
     rows_a = 3 * hd + h + n_exp                      # a layer's rows of family 0: q, k, v, o_proj, the router
     norms_a = 2 * h + 2 * hd                         # a layer's norm weights: input, post-attention, q, k
-    fam0, gate_up, down, norms = [], [], [], []
+    like = attn.layers[0]["o_proj"]
+    families = [torch.empty(layers * rows_a + spec.vocab_size, h, dtype=like.dtype, device=like.device),
+                torch.empty(layers * n_exp * 2 * inter, h, dtype=like.dtype, device=like.device),
+                torch.empty(layers * n_exp * h, inter, dtype=like.dtype, device=like.device)]
+
+    def place(family: int, row: int, owner: dict[str, torch.Tensor], key: str) -> None:
+        """Copy owner[key] into the family from `row` on; with adopt, owner[key] becomes that view."""
+        w = owner[key]
+        view = families[family][row:row + w.numel() // families[family].shape[1]]
+        view.copy_(w.reshape(view.shape))
+        if adopt and w.dtype == view.dtype:
+            owner[key] = view.view(w.shape)
+
+    norms: list[torch.Tensor] = []
     phases: list[Phase] = []
     resid = -1                                       # the residual stream: the step's input, then each down's sum
     for layer, (aw, fw) in enumerate(zip(attn.layers, ffn.layers, strict=True)):
-        qkv = [aw["qkv_proj"]] if "qkv_proj" in aw else [aw["q_proj"], aw["k_proj"], aw["v_proj"]]   # (Triton path)
-        fam0 += qkv + [aw["o_proj"], fw["router"].to(aw["o_proj"].dtype)]
-        gate_up.append(fw["experts_gate_up"].reshape(-1, h))
-        down.append(fw["experts_down"].reshape(-1, inter))
         base, at = layer * rows_a, layer * norms_a               # this layer's rows and norms start here
-        ones = torch.ones(hd, dtype=aw["o_proj"].dtype, device=aw["o_proj"].device)
+        qkv = ["qkv_proj"] if "qkv_proj" in aw else ["q_proj", "k_proj", "v_proj"]    # (fused on the Triton path)
+        for j, key in enumerate(qkv):
+            place(0, base + j * hd, aw, key)
+        place(0, base + 3 * hd, aw, "o_proj")
+        place(0, base + 3 * hd + h, fw, "router")                # (a router kept in fp32 is copied, not adopted)
+        place(1, layer * n_exp * 2 * inter, fw, "experts_gate_up")
+        place(2, layer * n_exp * h, fw, "experts_down")
+        ones = torch.ones(hd, dtype=like.dtype, device=like.device)
         norms += [aw["input_layernorm"], aw["post_attention_layernorm"], aw.get("q_norm", ones),
                   aw.get("k_norm", ones)]
         p = len(phases)
@@ -91,11 +112,15 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
         ]
         resid = p + 5
     norms.append(attn.final_norm)
-    layers = len(attn.layers)
     phases.append(Phase("sum", 0, layers * rows_a, spec.vocab_size, h, input=resid, norm=layers * norms_a))
-    fam0.append(attn.lm_head)
-    return DecodeChain(phases, [torch.cat(fam0), torch.cat(gate_up), torch.cat(down)], torch.cat(norms),
-                       spec.rms_norm_eps)
+    head = {"lm_head": attn.lm_head}
+    place(0, layers * rows_a, head, "lm_head")
+    if adopt:                                        # a tied embedding stays tied: both become the one view
+        tied = attn.embed.untyped_storage().data_ptr() == attn.lm_head.untyped_storage().data_ptr()
+        attn.lm_head = head["lm_head"]
+        if tied and attn.embed.shape == attn.lm_head.shape:
+            attn.embed = attn.lm_head
+    return DecodeChain(phases, families, torch.cat(norms), spec.rms_norm_eps)
 
 
 class DecodeStep:
@@ -103,14 +128,15 @@ class DecodeStep:
     BLOCK, heads, HEAD_DIM]), graph-capturable. The launch reads the step where the engine keeps it: the context
     length (`context_len`, [1]) and block table (`block_table`, [max_blocks]) from the engine's buffers (int64 or
     int32), and RoPE cos/sin of the new position from `cos` / `sin` ([1, HEAD_DIM // 2] fp32), which the engine's
-    embedding kernel fills. Holds copies of the weights (`decode_chain`)."""
+    embedding kernel fills. The model's weights become views of the chain's (`decode_chain(adopt=True)`): build it
+    before any CUDA graph is captured over the model."""
 
     def __init__(self, spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, kv: torch.Tensor,
                  context_len: torch.Tensor, block_table: torch.Tensor, splits: int = 4, stages: int = 6,
                  warps: int = 8) -> None:
         from crosspool.kernels.megakernel.chain import Chain
 
-        self.decode = decode_chain(spec, attn, ffn, splits)
+        self.decode = decode_chain(spec, attn, ffn, splits, adopt=True)
         d = self.decode
         self.chain = Chain(d.phases, d.families, spec.hidden_size, stages=stages, warps=warps, norms=d.norms,
                            eps=d.eps, kv=kv, max_blocks=block_table.numel())
