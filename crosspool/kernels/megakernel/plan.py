@@ -192,11 +192,9 @@ def _attention_row(i: int, ph: Phase, phases: list[Phase], have: int, norms_len:
                    total: int) -> list[int]:
     """An attention phase's table row (see `Phase`), after checking it."""
     heads, splits = ph.out_rows // HEAD_DIM, ph.sources
-    if ph.k != HEAD_DIM or ph.out_rows % HEAD_DIM or not 1 <= splits <= 8 or splits & (splits - 1) or \
-            splits * heads > 512:
+    if ph.k != HEAD_DIM or ph.out_rows % HEAD_DIM or not 1 <= splits <= 8 or splits & (splits - 1):
         raise ValueError(f"phase {i}: attention takes heads of k = {HEAD_DIM} values (out_rows = heads * k, got "
-                         f"{ph.out_rows}, k {ph.k}) and 1, 2, 4 or 8 splits (sources, got {splits}), at most 512 "
-                         "(split, head) pairs")
+                         f"{ph.out_rows}, k {ph.k}) and 1, 2, 4 or 8 splits (sources, got {splits})")
     if ph.input < 0 or have < 3 * ph.out_rows or 2 * ph.out_rows > STAGE_CHUNKS * CHUNK:
         raise ValueError(f"phase {i}: attention reads q, k and v ({3 * ph.out_rows} values) from an earlier phase "
                          f"(input {ph.input}, {have} values), and stages q and k (at most {STAGE_CHUNKS * CHUNK})")

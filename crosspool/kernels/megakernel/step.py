@@ -83,6 +83,7 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
         if adopt and w.dtype == view.dtype:
             owner[key] = view.view(w.shape)
 
+    ones = torch.ones(hd, dtype=like.dtype, device=like.device)    # q/k norm weights of a model without them
     norms: list[torch.Tensor] = []
     phases: list[Phase] = []
     resid = -1                                       # the residual stream: the step's input, then each down's sum
@@ -95,7 +96,6 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
         place(0, base + 3 * hd + h, fw, "router")                # (a router kept in fp32 is copied, not adopted)
         place(1, layer * n_exp * 2 * inter, fw, "experts_gate_up")
         place(2, layer * n_exp * h, fw, "experts_down")
-        ones = torch.ones(hd, dtype=like.dtype, device=like.device)
         norms += [aw["input_layernorm"], aw["post_attention_layernorm"], aw.get("q_norm", ones),
                   aw.get("k_norm", ones)]
         p = len(phases)
@@ -136,8 +136,7 @@ class DecodeStep:
                  warps: int = 8) -> None:
         from crosspool.kernels.megakernel.chain import Chain
 
-        self.decode = decode_chain(spec, attn, ffn, splits, adopt=True)
-        d = self.decode
+        d = decode_chain(spec, attn, ffn, splits, adopt=True)
         self.chain = Chain(d.phases, d.families, spec.hidden_size, stages=stages, warps=warps, norms=d.norms,
                            eps=d.eps, kv=kv, max_blocks=block_table.numel())
         self.cos = torch.ones(1, HEAD_DIM // 2, dtype=torch.float32, device=kv.device)
