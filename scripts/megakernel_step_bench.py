@@ -76,6 +76,11 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
+    p.add_argument("--probe", type=int, default=0, help="with --profile: move the third stamp of a phase "
+                   "(`Chain(probe=)`): attention 1 q rotated, 2 after the slots, 3 rows combined, 4 new token folded in; ranking 5 "
+                   "logits polled, 6 ranked, 7 stored")
+    p.add_argument("--timeline", help="with --profile: torch.save the raw timeline ([programs, phases, 4] us) and "
+                   "the phases' kinds here, for a closer look")
     args = p.parse_args()
     dev = torch.device("cuda")
     spec = ModelSpec.from_hf_config(get_preset("olmoe-1b-7b").config | {"num_hidden_layers": args.layers})
@@ -102,7 +107,8 @@ def main() -> None:
     table = torch.randperm(blocks, generator=g, device=dev).to(torch.int32)
     cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))
     chain = mk.Chain(dc.phases, dc.families, h, stages=args.stages, warps=args.warps, norms=dc.norms, eps=dc.eps,
-                     kv=kv, max_blocks=blocks, profile=args.profile)
+                     kv=kv, max_blocks=blocks, profile=args.profile,
+                     probe=args.probe)
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()
     copy_bw = copy_bandwidth(dev)
@@ -133,6 +139,9 @@ def main() -> None:
     print_profiles(rows)
     if args.profile:
         print_timeline(timeline(chain), dc.phases)
+        if args.timeline:
+            torch.save(dict(timeline=timeline(chain), kinds=[ph.kind for ph in dc.phases], context=ctx,
+                            splits=args.splits), args.timeline)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(commit=run_commit(), device=torch.cuda.get_device_name(dev),
                                                    context=ctx, splits=args.splits, stages=args.stages,

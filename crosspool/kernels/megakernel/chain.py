@@ -78,7 +78,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
              words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
              kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr,
              WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr, PROFILE: gl.constexpr,
-             SPLITS: gl.constexpr):
+             SPLITS: gl.constexpr, PROBE: gl.constexpr):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
@@ -196,7 +196,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
         ordinal = gl.maximum(_field(table_ptr, p, K_F_ORDINAL), 0)
         if (router >= 0) & (ordinal >= ready):
             ready = _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, expert_base, rowbase,
-                          ranked, WARPS, POLLS)
+                          ranked, prof + 18 + 4 * p, WARPS, POLLS, PROFILE, PROBE)
             mark, t_rank = _lap(mark, t_rank, PROFILE)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
 
@@ -210,7 +210,8 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
                     consumed, t_kv_wait = _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p,
                                                        pid + il * nprog, ctx, words_ptr, epoch, err_ptr,
                                                        kv_ptr, bt_ptr, kv_layers, cos, sin, t_kv_wait,
-                                                       prof + 18 + 4 * p, STAGES, WARPS, POLLS, PROFILE, SPLITS)
+                                                       prof + 18 + 4 * p, STAGES, WARPS, POLLS, PROFILE, SPLITS,
+                                                       PROBE)
                 mark, t_attend = _lap(mark, t_attend, PROFILE)
                 n_items = 0
         for il in range(n_items):
@@ -226,7 +227,7 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
                 mark, t_start = _lap(mark, t_start, PROFILE)
                 mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
                 mark, t_wait = _lap(mark, t_wait, PROFILE)
-                if PROFILE:
+                if PROFILE & (PROBE < 5):             # (PROBE 5-7: the ranking's moments, `_rank`)
                     if (il == 0) & (j == 0):
                         _stamp(prof + 18 + 4 * p, PROFILE)      # the phase's first slot landed
                 if COMPUTE:                  # (compute=False, timing only: the tiles stream, nothing is read)
@@ -302,7 +303,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   x_ptr, last_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr,
                   err_ptr, nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr,
                   BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr = True,
-                  PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0):
+                  PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0, PROBE: gl.constexpr = 0):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -328,7 +329,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     eps,
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
-                    SPLITS)),
+                    SPLITS, PROBE)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, STAGES, BOXES, SPLITS > 0)),
     ], [1], [48])
@@ -344,7 +345,7 @@ class Chain:
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
-                 kv: torch.Tensor | None = None, max_blocks: int = 1) -> None:
+                 kv: torch.Tensor | None = None, max_blocks: int = 1, probe: int = 0) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -390,10 +391,14 @@ class Chain:
         # compute=False (timing only): the weight tiles stream through the ring unread; the outputs are wrong
         # profile=True: each program counts its SM cycles by what it did (`profile.cycles_by_activity`)
         # and stamps the GPU's nanosecond timer at each phase's start, once its input is staged, when its first slot
-        # lands (attention: when its item's partial is out), and at its end
+        # lands (attention: when its item's partial is out), and at its end. probe=1-7 (with profile): that third
+        # stamp moves, to one moment of an attention item (1-4) or of the ranking (5-7; `_attend_item`, `_rank`)
         self.prof = torch.zeros(self.nprog, 16 + 4 * len(phases), dtype=torch.int64, device=dev)
         self._bind_kv(kv, max_blocks, dev)
+        if not 0 <= probe <= 7 or (probe and not profile):
+            raise ValueError(f"probe: 0-7, and only with profile=True (got {probe})")
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
+                         PROBE=probe,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 

@@ -20,6 +20,7 @@ from crosspool.kernels.megakernel.common import (
     _cta_barrier,
     _field,
     _poll,
+    _stamp,
     _tag,
     _value,
     _view,
@@ -29,11 +30,13 @@ from crosspool.kernels.megakernel.common import (
 
 @gluon.jit
 def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, expert_base, rowbase, ranked,
-          WARPS: gl.constexpr, POLLS: gl.constexpr):
+          stamp_at, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr = False, PROBE: gl.constexpr = 0):
     """Rank routed phase p's router logits: every program ranks them for itself and writes the expert ids and
     weights to its own rows, for phase p and the following routed phases that share its router (ordinals
     `ordinal`..the table's last), then arrives on their `ranked` mbarriers: the producer held their tiles back
-    until now, and reads each expert's first row from `rowbase`. Returns the ordinal after the last one ranked."""
+    until now, and reads each expert's first row from `rowbase`. Returns the ordinal after the last one ranked.
+    Profiling with PROBE 5-7 (`Chain(probe=)`): the time at `stamp_at` once the logits are polled, once ranked,
+    once stored."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
     eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
     valid = eoffs < _field(table_ptr, p, K_F_ROUTE_N)
@@ -47,6 +50,7 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
     o_stride = _field(table_ptr, o_ph, K_F_STRIDE)
     q, h = _word_of(eoffs)
     w = _poll(words_ptr, _field(table_ptr, p, K_F_ROUTE_OFF) + q, valid, _tag(epoch, router), err_ptr, POLLS)
+    _stamp(stamp_at, PROFILE & (PROBE == 5))
     logit = gl.where(valid, _value(w, h), float("-inf"))
     ex = gl.where(valid, gl.exp(logit - gl.max(gl.max(logit, axis=1), axis=0)), 0.0)
     prob = ex / gl.sum(gl.sum(ex, axis=1), axis=0)
@@ -61,6 +65,7 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
             sel = gl.where(eoffs == idx, -2.0, sel)
             ids = gl.where(kk == k, idx, ids)
             bests = gl.where(kk == k, best, bests)
+    _stamp(stamp_at, PROFILE & (PROBE == 6))
     for o in range(ordinal, last + 1):
         at = expert_base + o * 2 * K_MAX_TOP_K + kk
         gl.store(at, ids, mask=kk < n_src)
@@ -72,6 +77,7 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
         _view(rowbase, [K_GROUP, K_MAX_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, order=[0])).index(
             o % K_GROUP).store(gl.sum(first, axis=1))
     _cta_barrier()                           # every warp's stores are in: release them to the producer
+    _stamp(stamp_at, PROFILE & (PROBE == 7))
     for o in range(ordinal, last + 1):
         mbarrier.arrive(ranked.index(o), count=1)
     return last + 1
