@@ -77,8 +77,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--probe", type=int, default=0, help="with --profile: move the third stamp of a phase "
-                   "(`Chain(probe=)`): attention 1 q rotated, 2 after the slots, 3 rows combined, 4 new token folded in; ranking 5 "
-                   "logits polled, 6 ranked, 7 stored")
+                   "(`Chain(probe=)`): attention 1 q rotated, 2 after the slots, 3 rows combined, 4 new token "
+                   "folded in; ranking 5 logits polled, 6 ranked, 7 stored")
     p.add_argument("--timeline", help="with --profile: torch.save the raw timeline ([programs, phases, 4] us) and "
                    "the phases' kinds here, for a closer look")
     args = p.parse_args()
