@@ -108,7 +108,7 @@ def _rotate(xrows, row, cos, sin, half_l: gl.constexpr):
 
 
 @gluon.jit
-def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, ctx, words_ptr, epoch, err_ptr,
+def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, item, ctx, words_ptr, epoch, err_ptr,
                  kv_ptr, bt_ptr, kv_layers, cos, sin, t_wait, stamp_at, STAGES: gl.constexpr, WARPS: gl.constexpr,
                  POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr, PROBE: gl.constexpr = 0):
     """Consumers: one attention item (head, split) of phase p (split SPLITS ways), whose q and k the staging left
@@ -124,6 +124,10 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
                                          [1, WARPS, 1], [2, 1, 0])
     q_l: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, kv3))                  # [HEAD_DIM] against a slot
     sc_l: gl.constexpr = gl.SliceLayout(2, kv3)                                      # [SLOT_BLOCKS, BLOCK]
+    row_l: gl.constexpr = gl.SliceLayout(0, sc_l)                                    # [BLOCK]: each row's state
+    out_l: gl.constexpr = gl.SliceLayout(0, kv3)                                     # [BLOCK, HEAD_DIM]
+    # the rows' combine: every row of one output column in one thread
+    comb_l: gl.constexpr = gl.BlockedLayout([K_BLOCK, 1], [1, 32], [1, WARPS], [0, 1])   # [BLOCK, HEAD_DIM]
     vec_l: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, kv3))                 # [HEAD_DIM], rows combined
     half_l: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])               # [HEAD_DIM // 2]
     plain3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])
@@ -155,11 +159,14 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
     new_block = gl.load(bt_ptr + gl.maximum(ctx - 1, 0) // K_BLOCK).to(gl.int64)
     layer = _field(table_ptr, p, K_F_ROW0)
     q3 = gl.expand_dims(gl.expand_dims(scratch.index(0).load(q_l), 0), 0)
+    # the new token's key and score (the owner's; garbage elsewhere, unused), before the slots: off the item's path
+    k_new = scratch.index(1).load(vec_l)
+    s_new = gl.sum(scratch.index(0).load(vec_l) * k_new, axis=0) * scale
     blk = gl.arange(0, SLOT_BLOCKS, layout=gl.SliceLayout(1, sc_l))[:, None]
-    tok = gl.arange(0, K_BLOCK, layout=gl.SliceLayout(0, sc_l))[None, :]
-    m = gl.full([1, K_BLOCK], -1.0e30, gl.float32, sc_l)                         # finite: no inf - inf
-    lsum = gl.zeros([1, K_BLOCK], gl.float32, sc_l)
-    acc = gl.zeros([1, K_BLOCK, K_HEAD_DIM], gl.float32, kv3)
+    tok = gl.arange(0, K_BLOCK, layout=row_l)[None, :]
+    m = gl.full([K_BLOCK], -1.0e30, gl.float32, row_l)                           # finite: no inf - inf
+    lsum = gl.zeros([K_BLOCK], gl.float32, row_l)
+    acc = gl.zeros([K_BLOCK, K_HEAD_DIM], gl.float32, out_l)
     for t in range(lo, hi, K_KV_SLOT):
         # a slot of keys to registers, freed, then its scores; a slot of values likewise, weighed
         slot = consumed % STAGES
@@ -168,32 +175,38 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
         consumed = _release(empty, slot, consumed)
         s = gl.sum(keys.to(gl.float32) * q3, axis=2) * scale
         s = gl.where(t + blk * K_BLOCK + tok < hi, s, float("-inf"))
-        m_new = gl.maximum(m, gl.max(s, axis=0, keep_dims=True))
+        m_new = gl.maximum(m, gl.max(s, axis=0))
         alpha = gl.exp2(m - m_new)
-        pr = gl.exp2(s - m_new)
-        lsum = lsum * alpha + gl.sum(pr, axis=0, keep_dims=True)
+        pr = gl.exp2(s - m_new[None, :])
+        lsum = lsum * alpha + gl.sum(pr, axis=0)
         slot = consumed % STAGES
         t_wait = _wait_full(full, slot, consumed, t_wait, STAGES, PROFILE)
         vals = _view(ring.index(slot), [SLOT_BLOCKS, K_BLOCK, K_HEAD_DIM], plain3).load(kv3)
         consumed = _release(empty, slot, consumed)
-        acc = acc * gl.expand_dims(alpha, 2) + gl.sum(vals.to(gl.float32) * gl.expand_dims(pr, 2), axis=0,
-                                                      keep_dims=True)
+        a_rows = gl.convert_layout(alpha, gl.SliceLayout(1, out_l))                # (the same rows: no move)
+        acc = acc * a_rows[:, None] + gl.sum(vals.to(gl.float32) * gl.expand_dims(pr, 2), axis=0)
         m = m_new
     _stamp(stamp_at, PROFILE & (PROBE == 2))
-    # the rows combined (a row with no position weighs nothing: its sum and output are zero)
-    top = gl.max(m, axis=1, keep_dims=True)
-    w = gl.exp2(m - top)
-    acc = gl.sum(gl.sum(acc * gl.expand_dims(w, 2), axis=1), axis=0)
-    lsum = gl.sum(gl.sum(lsum * w, axis=1), axis=0)
-    m = gl.max(gl.max(top, axis=1), axis=0)
+    # the rows combined (a row with no position weighs nothing: its sum and output are zero), through shared memory
+    # in one exchange: each thread then sums one column's rows
+    rows.store(acc)
+    scratch.index(3).slice(0, K_BLOCK).store(m)
+    scratch.index(3).slice(K_BLOCK, K_BLOCK).store(lsum)
+    _cta_barrier()
+    m_all = scratch.index(3).slice(0, K_BLOCK).load(gl.SliceLayout(1, comb_l))
+    top = gl.max(m_all, axis=0)
+    w = gl.exp2(m_all - top)
+    lsum = gl.sum(scratch.index(3).slice(K_BLOCK, K_BLOCK).load(gl.SliceLayout(1, comb_l)) * w, axis=0)
+    scratch.index(2).store(gl.sum(rows.load(comb_l) * w[:, None], axis=0))
+    m = top
+    _cta_barrier()
+    acc = scratch.index(2).load(vec_l)
     _stamp(stamp_at, PROFILE & (PROBE == 3))
     if owner:
         # the new token: its key (rotated) and value, folded in from registers and written into the cache
         if _tagged(vw, v_mask, _tag(epoch, src)) == 0:
             vw = _poll(words_ptr, v_at, v_mask, _tag(epoch, src), err_ptr, POLLS)
         v_new = gl.sum(_value(vw, vh), axis=0)
-        k_new = scratch.index(1).load(vec_l)
-        s_new = gl.sum(scratch.index(0).load(vec_l) * k_new, axis=0) * scale
         m_new = gl.maximum(m, s_new)
         alpha = gl.exp2(m - m_new)
         pn = gl.exp2(s_new - m_new)
@@ -208,11 +221,11 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p, item, c
     # the context) publishes zeros and -inf
     _stamp(stamp_at, PROFILE & (PROBE == 4))
     some = lsum > 0.0
-    scratch.index(2).store(gl.where(some, acc / gl.maximum(lsum, 1e-30), 0.0))
+    scratch.index(0).store(gl.where(some, acc / gl.maximum(lsum, 1e-30), 0.0))    # (q's row: read before the slots)
     _cta_barrier()
     tag = _tag(epoch, p)
     out = words_ptr + _field(table_ptr, p, K_F_OUT_OFF)
-    _publish_head(scratch.index(2), out + (split * hd + head * K_HEAD_DIM) // 2, tag, WARPS)
+    _publish_head(scratch.index(0), out + (split * hd + head * K_HEAD_DIM) // 2, tag, WARPS)
     lse = gl.where(some, m + gl.log2(gl.maximum(lsum, 1e-30)), float("-inf"))
     lse_word = (lse.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF) | (tag.to(gl.int64) << 32)
     one = gl.arange(0, 1, layout=half_l)

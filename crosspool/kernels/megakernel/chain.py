@@ -15,6 +15,7 @@ from crosspool.kernels._common import num_sms
 from crosspool.kernels.megakernel.attend import SLOT_BLOCKS, _attend_item
 from crosspool.kernels.megakernel.common import (
     K_ATTENTION,
+    K_BLOCK,
     K_CHUNK,
     K_F_IN,
     K_F_IN_CHUNKS,
@@ -74,7 +75,8 @@ from crosspool.kernels.megakernel.rank import _rank
 
 
 @gluon.jit
-def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_phases, x_ptr, last_ptr, norms_ptr, eps,
+def _consume(ring, full, empty, ranked, rowbase, xs, scratch, attn_rows, table_ptr, num_phases, x_ptr, last_ptr,
+             norms_ptr, eps,
              words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
              kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr,
              WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr, PROFILE: gl.constexpr,
@@ -207,7 +209,8 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_pha
         if SPLITS > 0:                               # (a chain with attention phases)
             if kind == K_ATTENTION:
                 for il in range(n_items):
-                    consumed, t_kv_wait = _attend_item(ring, full, empty, consumed, xs, scratch, table_ptr, p,
+                    consumed, t_kv_wait = _attend_item(ring, full, empty, consumed, xs, scratch, attn_rows,
+                                                       table_ptr, p,
                                                        pid + il * nprog, ctx, words_ptr, epoch, err_ptr,
                                                        kv_ptr, bt_ptr, kv_layers, cos, sin, t_kv_wait,
                                                        prof + 18 + 4 * p, STAGES, WARPS, POLLS, PROFILE, SPLITS,
@@ -316,8 +319,9 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
     # each ranked expert's first row, for the producer: [GROUP routed phases (ordinal % GROUP), MAX_TOP_K]
     rowbase = gl.allocate_shared_memory(gl.int32, [K_GROUP * K_MAX_TOP_K, 1],
                                         gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-    # an attention item's rotated q, new key, and output (fp32)
+    # an attention item's rotated q, new key, and output (fp32), and its BLOCK rows' outputs to combine
     scratch = gl.allocate_shared_memory(gl.float32, [4, K_HEAD_DIM], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    rows = gl.allocate_shared_memory(gl.float32, [K_BLOCK, K_HEAD_DIM], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
     for s in gl.static_range(STAGES):
         mbarrier.init(full.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
@@ -325,8 +329,8 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
         mbarrier.init(ranked.index(o), count=1)
     fence_async_shared()
     gl.warp_specialize([
-        (_consume, (ring, full, empty, ranked, rowbase, xs, scratch, table_ptr, num_phases, x_ptr, last_ptr, norms_ptr,
-                    eps,
+        (_consume, (ring, full, empty, ranked, rowbase, xs, scratch, rows, table_ptr, num_phases, x_ptr, last_ptr,
+                    norms_ptr, eps,
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
                     SPLITS, PROBE)),

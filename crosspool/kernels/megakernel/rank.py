@@ -27,6 +27,45 @@ from crosspool.kernels.megakernel.common import (
     _word_of,
 )
 
+K_FEW = gl.constexpr(64)  # routers of at most this many experts rank by counting (`_rank_few`)
+
+
+@gluon.jit
+def _probs(words_ptr, route_off, eoffs, n_route, tag, err_ptr, stamp_at, POLLS: gl.constexpr, PROFILE: gl.constexpr,
+           PROBE: gl.constexpr):
+    """The router's logits at `eoffs` ([1, E]), once tagged, as softmax probabilities; -1 past the router's
+    `n_route` experts (so they rank last)."""
+    valid = eoffs < n_route
+    q, h = _word_of(eoffs)
+    w = _poll(words_ptr, route_off + q, valid, tag, err_ptr, POLLS)
+    _stamp(stamp_at, PROFILE & (PROBE == 5))
+    logit = gl.where(valid, _value(w, h), float("-inf"))
+    ex = gl.where(valid, gl.exp(logit - gl.max(gl.max(logit, axis=1), axis=0)), 0.0)
+    return gl.where(valid, ex / gl.sum(gl.sum(ex, axis=1), axis=0), -1.0)
+
+
+@gluon.jit
+def _rank_few(words_ptr, route_off, n_route, tag, err_ptr, stamp_at, kk, WARPS: gl.constexpr, POLLS: gl.constexpr,
+              PROFILE: gl.constexpr, PROBE: gl.constexpr):
+    """Top-k of at most K_FEW experts by counting, in no dependent rounds: expert i's rank is how many experts
+    beat it (a higher probability, or an equal one and a lower id); the expert of rank k is the k-th pick, as the
+    greedy loop in `_rank` would make it. Returns the ids and probabilities of ranks `kk` ([MAX_TOP_K, 1])."""
+    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
+    # [j, i]: every j of one i in one thread, so a rank sums in-thread
+    pair_l: gl.constexpr = gl.BlockedLayout([K_FEW, 1], [1, 32], [1, WARPS], [0, 1])
+    eoffs = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]
+    sel = _probs(words_ptr, route_off, eoffs, n_route, tag, err_ptr, stamp_at, POLLS, PROFILE, PROBE)
+    flat = gl.max(sel, axis=0)                                                     # [K_FEW] (axis 0 has one row)
+    si = gl.convert_layout(flat, gl.SliceLayout(0, pair_l))[None, :]
+    sj = gl.convert_layout(flat, gl.SliceLayout(1, pair_l))[:, None]
+    ii = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, pair_l))[None, :]
+    jj = gl.arange(0, K_FEW, layout=gl.SliceLayout(1, pair_l))[:, None]
+    beats = (sj > si) | ((sj == si) & (jj < ii))
+    rank = gl.convert_layout(gl.sum(beats.to(gl.int32), axis=0), gl.SliceLayout(0, stage_l))[None, :]
+    hit = rank == kk                                                               # [MAX_TOP_K, K_FEW]
+    return gl.sum(gl.where(hit, eoffs, 0), axis=1, keep_dims=True), gl.sum(gl.where(hit, sel, 0.0), axis=1,
+                                                                           keep_dims=True)
+
 
 @gluon.jit
 def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, expert_base, rowbase, ranked,
@@ -38,8 +77,7 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
     Profiling with PROBE 5-7 (`Chain(probe=)`): the time at `stamp_at` once the logits are polled, once ranked,
     once stored."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
-    eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
-    valid = eoffs < _field(table_ptr, p, K_F_ROUTE_N)
+    n_route = _field(table_ptr, p, K_F_ROUTE_N)
     last = _field(table_ptr, p, K_F_ROUTE_LAST)
     n_src = _field(table_ptr, p, K_F_SOURCES)
     # the routed phases' first rows and strides, loaded before the logits' poll (dependent loads, each a
@@ -48,23 +86,24 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
     o_ph = gl.load(routes_ptr + ordinal + og, mask=ordinal + og <= last, other=0)
     o_row0 = _field(table_ptr, o_ph, K_F_ROW0)
     o_stride = _field(table_ptr, o_ph, K_F_STRIDE)
-    q, h = _word_of(eoffs)
-    w = _poll(words_ptr, _field(table_ptr, p, K_F_ROUTE_OFF) + q, valid, _tag(epoch, router), err_ptr, POLLS)
-    _stamp(stamp_at, PROFILE & (PROBE == 5))
-    logit = gl.where(valid, _value(w, h), float("-inf"))
-    ex = gl.where(valid, gl.exp(logit - gl.max(gl.max(logit, axis=1), axis=0)), 0.0)
-    prob = ex / gl.sum(gl.sum(ex, axis=1), axis=0)
-    sel = gl.where(valid, prob, -1.0)
+    route_off = _field(table_ptr, p, K_F_ROUTE_OFF)
     kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, stage_l))[:, None]     # [MAX_TOP_K, 1]
-    ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
-    bests = gl.zeros([K_MAX_TOP_K, 1], gl.float32, stage_l)
-    for k in gl.static_range(K_MAX_TOP_K):
-        if k < n_src:
-            best = gl.max(gl.max(sel, axis=1), axis=0)
-            idx = gl.min(gl.min(gl.where(sel == best, eoffs, 1 << 30), axis=1), axis=0)
-            sel = gl.where(eoffs == idx, -2.0, sel)
-            ids = gl.where(kk == k, idx, ids)
-            bests = gl.where(kk == k, best, bests)
+    if n_route <= K_FEW:
+        ids, bests = _rank_few(words_ptr, route_off, n_route, _tag(epoch, router), err_ptr, stamp_at, kk, WARPS,
+                               POLLS, PROFILE, PROBE)
+    else:
+        eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
+        sel = _probs(words_ptr, route_off, eoffs, n_route, _tag(epoch, router), err_ptr, stamp_at, POLLS, PROFILE,
+                     PROBE)
+        ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
+        bests = gl.zeros([K_MAX_TOP_K, 1], gl.float32, stage_l)
+        for k in gl.static_range(K_MAX_TOP_K):
+            if k < n_src:
+                best = gl.max(gl.max(sel, axis=1), axis=0)
+                idx = gl.min(gl.min(gl.where(sel == best, eoffs, 1 << 30), axis=1), axis=0)
+                sel = gl.where(eoffs == idx, -2.0, sel)
+                ids = gl.where(kk == k, idx, ids)
+                bests = gl.where(kk == k, best, bests)
     _stamp(stamp_at, PROFILE & (PROBE == 6))
     for o in range(ordinal, last + 1):
         at = expert_base + o * 2 * K_MAX_TOP_K + kk
