@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--sass", help="write the SASS here")
     p.add_argument("--profile", action="store_true", help="with the cycle counters")
     p.add_argument("--probe", type=int, default=0, help="with --profile: where the third stamp goes (`Chain(probe=)`)")
+    p.add_argument("--dynamic", action="store_true", help="with dynamic phases (`Chain(dynamic=True)`)")
     p.add_argument("--splits", type=int, default=0, help="attention splits (SPLITS; 0: no attention phases)")
     p.add_argument("--engine", action="store_true",
                    help="as the engine launches it (`DecodeStep`): a bf16 input row, int64 context and block table")
@@ -45,9 +46,10 @@ def main() -> None:
            "done_ptr": "*i32", "err_ptr": "*i32", "nprog": "i32",
            "prof_ptr": "*i64", "kv_ptr": "*bf16", "kv_layers": "i32",
            "ctx_ptr": "*i64" if args.engine else "*i32", "bt_ptr": "*i64" if args.engine else "*i32",
-           "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
+           "cos_ptr": "*fp32", "sin_ptr": "*fp32", "counters_ptr": "*i32"}
     const = dict(STAGES=args.stages, BOXES=args.boxes, WARPS=args.warps, POLLS=1 << 22, COMPUTE=True,
-                 PROFILE=args.profile, SPLITS=args.splits, PROBE=args.probe)
+                 PROFILE=args.profile, SPLITS=args.splits, PROBE=args.probe,
+                 DYNAMIC=args.dynamic)
     kernel = triton.compile(GluonASTSource(chain._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=args.warps))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

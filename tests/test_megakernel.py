@@ -131,6 +131,22 @@ def test_tile_lists_give_every_tile_once_in_consumption_order(nprog: int) -> Non
     assert got == want
 
 
+def test_tile_lists_dynamic_leave_the_swiglu_phases_to_the_producer() -> None:
+    """With dynamic=True every program's list holds one DYNAMIC code for each swiglu phase in place of its tiles (the
+    producer takes that phase's items as it goes); the other phases' tiles are as before."""
+    p = mk.plan(CHAIN, _families("cpu", 0), 2048)
+    assert mk.dynamic_phases(p) == [1]
+    static, dynamic = mk.tile_lists(p, 3, 2), mk.tile_lists(p, 3, 2, dynamic=True)
+    for r in range(3):
+        codes, mine = static[r, 1:1 + static[r, 0]].tolist(), dynamic[r, 1:1 + dynamic[r, 0]].tolist()
+        n0 = 4 * len(range(r, 128, 3))                   # phase 0's slots: 8 chunks an item, 2 a slot
+        n1 = 8 * len(range(r, 128, 3))                   # phase 1's (swiglu): 16 chunks an item
+        assert len(codes) == len(mine) + n1 - 1
+        assert mine[:n0] == codes[:n0]
+        assert mine[n0] == mk.DYNAMIC | 1 and mine[n0] < 0 and (mine[n0] >> 30) & 1
+        assert mine[n0 + 1:] == codes[n0 + n1:]
+
+
 def test_tile_lists_with_boxes_keep_each_slots_first_chunk() -> None:
     p = mk.plan(CHAIN, _families("cpu", 0), 2048)
     one, two = mk.tile_lists(p, 3, 1), mk.tile_lists(p, 3, 2, pad=5)

@@ -22,11 +22,11 @@ from crosspool.models.spec import ModelSpec
 BS = mk.BLOCK
 
 
-def _spec() -> ModelSpec:
+def _spec(top_k: int = 2) -> ModelSpec:
     """OLMoE in small, with the megakernel's shapes: 8 heads of 128, hidden 1024, 16 experts of 1024, top 2."""
     cfg = get_preset("olmoe-1b-7b").config | {"num_hidden_layers": 2, "hidden_size": 1024, "num_attention_heads": 8,
                                               "num_key_value_heads": 8, "intermediate_size": 1024, "num_experts": 16,
-                                              "num_experts_per_tok": 2, "vocab_size": 512}
+                                              "num_experts_per_tok": top_k, "vocab_size": 512}
     return ModelSpec.from_hf_config(cfg)
 
 
@@ -143,10 +143,13 @@ def test_decode_chain_refuses_other_models_with_the_reason() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90 GPU")
-def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, dynamic: bool) -> None:  # noqa: ANN001
     """The whole small step on the GPU: every phase against the reference fed the kernel's own earlier outputs,
-    the new token's key and value in the cache, over three steps of one sequence in a CUDA graph."""
-    spec = _spec()
+    the new token's key and value in the cache, over three steps of one sequence in a CUDA graph. Dynamic: the
+    gate/up phases' items taken from counters (top 4: 256 items, more than the programs, so some come from there;
+    the counters start each launch from zero)."""
+    spec = _spec(4 if dynamic else 2)
     attn, ffn = _weights(spec, 1)
     attn = AttentionWeights(attn.embed.cuda(), attn.final_norm.cuda(), attn.lm_head.cuda(),
                             [{k: v.cuda() for k, v in w.items()} for w in attn.layers])
@@ -156,7 +159,8 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch) 
     kv = (torch.randn(64, spec.num_layers, 2, BS, spec.num_heads, mk.HEAD_DIM, generator=g) * 0.5).to(
         "cuda", torch.bfloat16)
     table = torch.randperm(64, generator=g).to(torch.int32).cuda()
-    chain = mk.Chain(dc.phases, dc.families, spec.hidden_size, norms=dc.norms, eps=dc.eps, kv=kv, max_blocks=64)
+    chain = mk.Chain(dc.phases, dc.families, spec.hidden_size, norms=dc.norms, eps=dc.eps, kv=kv, max_blocks=64,
+                     dynamic=dynamic)
     x = torch.empty(spec.hidden_size, device="cuda")
     for ctx in (300, 301, 302):
         cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))
@@ -172,6 +176,7 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch) 
         for j, (a, b) in enumerate(zip(got, want, strict=True)):
             torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-3, msg=lambda m, j=j, c=ctx: f"ctx {c} phase {j}: {m}")
         torch.testing.assert_close(kv.float(), step.kv.float(), rtol=1e-2, atol=1e-2)
+    assert not chain.counters.any()                  # each launch's last program reset them for the next
 
 
 def test_decode_step_reads_the_engines_buffers_in_place() -> None:

@@ -17,6 +17,7 @@ from crosspool.kernels.megakernel.common import (
     K_ATTENTION,
     K_BLOCK,
     K_CHUNK,
+    K_F_DYN,
     K_F_IN,
     K_F_IN_CHUNKS,
     K_F_IN_OFF,
@@ -58,6 +59,7 @@ from crosspool.kernels.megakernel.plan import (
     ATTENTION,
     BLOCK,
     CHUNK,
+    F_DYN,
     F_KC,
     F_KIND,
     HEAD_DIM,
@@ -66,6 +68,7 @@ from crosspool.kernels.megakernel.plan import (
     STAGE_CHUNKS,
     Phase,
     combined_offset,
+    dynamic_phases,
     plan,
     tile_lists,
     unpack,
@@ -75,12 +78,12 @@ from crosspool.kernels.megakernel.rank import _rank
 
 
 @gluon.jit
-def _consume(ring, full, empty, ranked, rowbase, xs, scratch, attn_rows, table_ptr, num_phases, x_ptr, last_ptr,
+def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, table_ptr, num_phases, x_ptr, last_ptr,
              norms_ptr, eps,
              words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
              kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr,
              WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr, PROFILE: gl.constexpr,
-             SPLITS: gl.constexpr, PROBE: gl.constexpr):
+             SPLITS: gl.constexpr, PROBE: gl.constexpr, DYNAMIC: gl.constexpr, counters_ptr):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
@@ -217,8 +220,15 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, attn_rows, table_p
                                                        PROBE)
                 mark, t_attend = _lap(mark, t_attend, PROFILE)
                 n_items = 0
-        for il in range(n_items):
-            i = pid + il * nprog
+        # this program's items: i = pid + il * nprog, or (a dynamic phase) as the producer took them (`itemq`)
+        dyn = zero
+        if DYNAMIC:
+            dyn = _field(table_ptr, p, K_F_DYN)
+        i = gl.where(n_items > 0, pid, -1)
+        if dyn != 0:
+            i, consumed = _next_item(full, empty, itemq, consumed, STAGES, WARPS)
+        il = zero
+        while i >= 0:
             # the residual's words, loaded before the tiles so their round trip hides behind the arithmetic
             res_q, res_h = _word_of(i * K_ROWS + rows[:, None])
             res_words = gl.load(words_ptr + res_off + res_q, mask=(rows[:, None] < K_ROWS) & (res >= 0), other=0,
@@ -278,6 +288,10 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, attn_rows, table_p
             word = gl.sum(half, axis=0).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
             _publish(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * (K_ROWS // 2) + pair, word)
             mark, t_end = _lap(mark, t_end, PROFILE)
+            il += 1
+            i = gl.where(il < n_items, pid + il * nprog, -1)
+            if dyn != 0:
+                i, consumed = _next_item(full, empty, itemq, consumed, STAGES, WARPS)
         _stamp(prof + 19 + 4 * p, PROFILE)            # this program's items of the phase published
 
     if PROFILE:
@@ -299,14 +313,34 @@ def _consume(ring, full, empty, ranked, rowbase, xs, scratch, attn_rows, table_p
     if gl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu") == nprog - 1:
         gl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
         gl.atomic_add(epoch_ptr, 1, sem="relaxed", scope="gpu")
+        if DYNAMIC:                                  # the dynamic phases' item counters, for the next launch
+            q = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+            for q0 in range(0, num_phases, 128):
+                gl.store(counters_ptr + q0 + q, 0, mask=q0 + q < num_phases)
+
+
+@gluon.jit
+def _next_item(full, empty, itemq, consumed, STAGES: gl.constexpr, WARPS: gl.constexpr):
+    """A dynamic phase's next item for the consumers: the item of the ring's next slot once it lands (`itemq`), or
+    -1 where the producer ended the phase there (that slot, with no bytes, is handed back)."""
+    slot = consumed % STAGES
+    mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
+    i = gl.max(itemq.index(slot).load(gl.BlockedLayout([1], [32], [WARPS], [0])), axis=0)
+    if i < 0:
+        fence_async_shared()
+        _cta_barrier()
+        mbarrier.arrive(empty.index(slot), count=1)
+        consumed += 1
+    return i, consumed
 
 
 @gluon.jit
 def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_stride,
                   x_ptr, last_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr,
-                  err_ptr, nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr,
-                  BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr = True,
-                  PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0, PROBE: gl.constexpr = 0):
+                  err_ptr, nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, counters_ptr,
+                  STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
+                  COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
+                  PROBE: gl.constexpr = 0, DYNAMIC: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -319,6 +353,8 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
     # each ranked expert's first row, for the producer: [GROUP routed phases (ordinal % GROUP), MAX_TOP_K]
     rowbase = gl.allocate_shared_memory(gl.int32, [K_GROUP * K_MAX_TOP_K, 1],
                                         gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    # a dynamic phase's item of each ring slot (`produce._dynamic_items`)
+    itemq = gl.allocate_shared_memory(gl.int32, [STAGES, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     # an attention item's rotated q, new key, and output (fp32), and its BLOCK rows' outputs to combine
     scratch = gl.allocate_shared_memory(gl.float32, [4, K_HEAD_DIM], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     rows = gl.allocate_shared_memory(gl.float32, [K_BLOCK, K_HEAD_DIM], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
@@ -329,13 +365,13 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
         mbarrier.init(ranked.index(o), count=1)
     fence_async_shared()
     gl.warp_specialize([
-        (_consume, (ring, full, empty, ranked, rowbase, xs, scratch, rows, table_ptr, num_phases, x_ptr, last_ptr,
-                    norms_ptr, eps,
+        (_consume, (ring, full, empty, ranked, rowbase, itemq, xs, scratch, rows, table_ptr, num_phases, x_ptr,
+                    last_ptr, norms_ptr, eps,
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
-                    SPLITS, PROBE)),
-        (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, tiles_ptr + pid * tiles_stride,
-                    table_ptr, ctx_ptr, bt_ptr, kv_layers, STAGES, BOXES, SPLITS > 0)),
+                    SPLITS, PROBE, DYNAMIC, counters_ptr)),
+        (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
+                    table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, STAGES, BOXES, SPLITS > 0, DYNAMIC)),
     ], [1], [48])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(s))
@@ -349,7 +385,7 @@ class Chain:
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
-                 kv: torch.Tensor | None = None, max_blocks: int = 1, probe: int = 0) -> None:
+                 kv: torch.Tensor | None = None, max_blocks: int = 1, probe: int = 0, dynamic: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -387,7 +423,11 @@ class Chain:
         self.last = torch.zeros(phases[-1].out_rows, dtype=torch.float32, device=dev)   # the last phase's, in fp32
         self.state = torch.zeros(3, dtype=torch.int32, device=dev)          # epoch, done count, error flag
         self.nprog = num_sms(dev)
-        self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1).to(dev)
+        # dynamic=True: the programs take the items of `dynamic_phases` as they go, from a counter a phase
+        self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1, dynamic=dynamic).to(dev)
+        if dynamic:
+            self.table[dynamic_phases(self.plan), F_DYN] = 1
+        self.counters = torch.zeros(len(phases), dtype=torch.int32, device=dev)
         n_ord = max(1, len(self.plan.routed))
         self.routes = torch.tensor(self.plan.routed or [0], dtype=torch.int32, device=dev)
         # each program's ranking of each routed phase: MAX_TOP_K expert ids, then their weights' fp32 bits
@@ -402,7 +442,7 @@ class Chain:
         if not 0 <= probe <= 7 or (probe and not profile):
             raise ValueError(f"probe: 0-7, and only with profile=True (got {probe})")
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
-                         PROBE=probe,
+                         PROBE=probe, DYNAMIC=dynamic,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 
@@ -468,7 +508,7 @@ class Chain:
                                      self.tiles.shape[1], x, self.last, self.norms, self.eps, self.words, self.routes,
                                      self.experts, self.experts.shape[1], st[0:], st[1:], st[2:], self.nprog,
                                      self.prof, self.kv, self.kv.shape[1], self.ctx, self.block_table, self.cos,
-                                     self.sin, **self.meta)
+                                     self.sin, self.counters, **self.meta)
 
     def outputs(self) -> list[torch.Tensor]:
         """Every phase's outputs as `reference` gives them (an attention phase: its partials, their log-sum-exps,

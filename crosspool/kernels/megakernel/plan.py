@@ -24,8 +24,8 @@ STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
 (F_KIND, F_FAM, F_ROW0, F_ITEMS, F_KC, F_SOURCES, F_STRIDE, F_UP, F_ITEMS_PER_SRC, F_IN, F_IN_CHUNKS, F_IN_OFF,
  F_RES, F_RES_OFF, F_OUT_OFF, F_WAIT) = range(16)
 F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL, F_ROUTE_LAST = 16, 17, 18, 19, 20, 21, 22, 23
-F_SCALE, F_NORM_SEG = 24, 25
-NCOL = 32                 # (26 used) a phase's row is one 128-B line: its fields are one L1 miss, not two
+F_SCALE, F_NORM_SEG, F_DYN = 24, 25, 26
+NCOL = 32                 # (27 used) a phase's row is one 128-B line: its fields are one L1 miss, not two
 MAX_EXPERTS = 256         # router outputs a routed phase can rank
 MAX_TOP_K = 16            # experts a routed phase takes
 MAX_ORDINALS = 128        # routed phases a chain can have
@@ -33,6 +33,8 @@ GROUP = 4                 # routed phases that can share one router (one ranking
 ROUTED = 1 << 30          # tile-code flag: the row is ordinal << 16 | source << 12 | row within the expert
 ATTEND = -(1 << 31)       # tile-code flag (bit 31): an attention item, phase << 16 | item, which the producer
                           # expands into its key and value slots for the step's context length
+DYNAMIC = ATTEND | 1 << 30  # tile code (bits 31, 30): a dynamic phase's items, ATTEND | DYNAMIC | phase: the
+                          # program's own item, then items fetched from the phase's counter (`tile_lists`)
 
 
 @dataclass(frozen=True)
@@ -344,19 +346,35 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
     return outs
 
 
-def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0) -> torch.Tensor:
+def dynamic_phases(p: Plan) -> list[int]:
+    """The phases whose items the programs take as they go, with `tile_lists(dynamic=True)`: the swiglu phases (a
+    static split leaves the tail to the slowest programs, and a program's pace through the same bytes varies by
+    ~30%)."""
+    return [q for q, f in enumerate(p.table.tolist()) if f[F_KIND] == SWIGLU]
+
+
+def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: bool = False) -> torch.Tensor:
     """Each program's ring slots in the order it consumes them (its items of phase 0, then of phase 1, ...; an
     item's tiles in order, `boxes` consecutive chunks a slot), as int32 codes family << 28 | first chunk << 24 | row;
     a routed phase's row is ROUTED | ordinal << 16 | source << 12 | row within the expert. Element 0 of program r's
     list is its count, and `pad` zero codes follow the last. The ring's producer only reads the next code, so its
     loads can run ahead across phases, up to the first routed tile whose routing is not known yet. An attention
-    item is one code, ATTEND | phase << 16 | item, which stands for as many slots as the step's context needs."""
+    item is one code, ATTEND | phase << 16 | item, which stands for as many slots as the step's context needs.
+    With `dynamic`, each of `dynamic_phases` is one code for every program, DYNAMIC | phase: the producer takes the
+    program's own item (its index), then the next items from the phase's counter, and makes their codes itself."""
     per_prog: list[list[torch.Tensor]] = [[] for _ in range(nprog)]
+    dyn = set(dynamic_phases(p)) if dynamic else set()
     for phase, f in enumerate(p.table.tolist()):
         kind, fam, row0, items, kc = f[F_KIND], f[F_FAM], f[F_ROW0], f[F_ITEMS], f[F_KC]
+        if phase in dyn:
+            if phase >= 1 << 16:
+                raise ValueError("a tile list codes dynamic phases below 2^16")
+            for r in range(nprog):
+                per_prog[r].append(torch.tensor([DYNAMIC | phase]))
+            continue
         if kind == ATTENTION:
-            if phase >= 1 << 15 or items > 1 << 16:
-                raise ValueError("a tile list codes attention at phases below 2^15, with at most 2^16 items")
+            if phase >= 1 << 14 or items > 1 << 16:
+                raise ValueError("a tile list codes attention at phases below 2^14, with at most 2^16 items")
             for r in range(min(nprog, items)):
                 per_prog[r].append(ATTEND | (phase << 16) | torch.arange(r, items, nprog))
             continue

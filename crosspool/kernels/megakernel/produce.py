@@ -12,10 +12,20 @@ from crosspool.kernels.megakernel.attend import SLOT_BLOCKS, _kv_slots
 from crosspool.kernels.megakernel.common import (
     K_BLOCK,
     K_CHUNK,
+    K_F_FAM,
+    K_F_ITEMS,
+    K_F_ITEMS_PER_SRC,
+    K_F_KC,
+    K_F_ORDINAL,
+    K_F_ROW0,
+    K_F_STRIDE,
+    K_F_UP,
     K_GROUP,
     K_HEAD_DIM,
     K_MAX_TOP_K,
+    K_ROUTED,
     K_ROWS,
+    _field,
     _tma_load,
     _view,
 )
@@ -28,15 +38,17 @@ def _smem_int(buf, i):
 
 
 @gluon.jit
-def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, mine, table_ptr, ctx_ptr, bt_ptr, kv_layers,
-             STAGES: gl.constexpr, BOXES: gl.constexpr, ATTENTION: gl.constexpr):
+def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, mine, table_ptr, ctx_ptr, bt_ptr,
+             kv_layers, counters_ptr, nprog, STAGES: gl.constexpr, BOXES: gl.constexpr, ATTENTION: gl.constexpr,
+             DYNAMIC: gl.constexpr):
     """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
     consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
     [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
     plus its row within the expert: the producer waits until the consumer has ranked that phase's router
     (`ranked`, one mbarrier a routed phase) and reads the expert's first row from `rowbase`. Codes are loaded two
     slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us). An attention code
-    stands for its item's key and value slots (`attend._kv_slots`)."""
+    stands for its item's key and value slots (`attend._kv_slots`); a dynamic code for a dynamic phase's items
+    (`_dynamic_items`)."""
     n_codes = gl.load(mine)
     code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
     code2 = gl.load(mine + 2)
@@ -45,7 +57,10 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, mine, tabl
     kvring = _view(ring, [STAGES * SLOT_BLOCKS, K_BLOCK, 1, K_HEAD_DIM], box_l)
     s = ctx * 0                                      # ring slots issued
     for c in range(n_codes):
-        if ATTENTION and code < 0:
+        if DYNAMIC and (code < 0) & (((code >> 30) & 1) != 0):
+            s = _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr,
+                               code & 0xFFFF, counters_ptr, nprog, STAGES, BOXES)
+        elif ATTENTION and code < 0:
             s = _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES)
         else:
             s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES, BOXES)
@@ -55,10 +70,13 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, mine, tabl
 
 @gluon.jit
 def _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES: gl.constexpr,
-                 BOXES: gl.constexpr):
-    """One weight tile's slot (`tile_lists`' code), as ring slot s; returns s + 1."""
+                 BOXES: gl.constexpr, itemq=None, item=-1):
+    """One weight tile's slot (`tile_lists`' code), as ring slot s; returns s + 1. With `itemq` (a dynamic phase),
+    the slot's item goes there first."""
     stage = s % STAGES
     mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)      # a fresh barrier passes parity 1
+    if itemq is not None:
+        itemq.index(stage).store(gl.full([1], item, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
     fam = (code >> 28) & 3
     row = code & 0xFFFFFF
     chunk = (code >> 24) & 15
@@ -76,4 +94,45 @@ def _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, ST
         _tma_load(d2, [chunk, row, 0], bar, ring.index(stage))
     else:
         _tma_load(d3, [chunk, row, 0], bar, ring.index(stage))
+    return s + 1
+
+
+@gluon.jit
+def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr, p, counters_ptr, nprog,
+                   STAGES: gl.constexpr, BOXES: gl.constexpr):
+    """Producer: swiglu phase p's items as this program takes them: its own (item pid), then each next one from
+    the phase's counter (an atomic, issued an item ahead, so its round trip passes under that item's loads); the
+    codes as `tile_lists` makes them. Each slot's item goes into `itemq` beside the ring; -1 in a slot with no
+    bytes ends the phase for the consumers. Returns the ring slot count."""
+    one_l: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    items = _field(table_ptr, p, K_F_ITEMS)
+    kc = _field(table_ptr, p, K_F_KC)
+    fam = _field(table_ptr, p, K_F_FAM)
+    per = _field(table_ptr, p, K_F_ITEMS_PER_SRC)
+    up = _field(table_ptr, p, K_F_UP)
+    ordinal = _field(table_ptr, p, K_F_ORDINAL)
+    row0 = _field(table_ptr, p, K_F_ROW0)
+    stride = _field(table_ptr, p, K_F_STRIDE)
+    at = counters_ptr + p + gl.arange(0, 1, layout=one_l)
+    nxt = gl.atomic_add(at, gl.full([1], 1, gl.int32, one_l), sem="relaxed", scope="gpu") + nprog
+    item = gl.program_id(0)
+    while item < items:
+        src = item // per
+        for j in range(2 * kc // BOXES):
+            t = j * BOXES
+            within = (item % per) * K_ROWS + (t // kc) * up
+            if ordinal >= 0:
+                row = K_ROUTED | (ordinal << 16) | (src << 12) | within
+            else:
+                row = row0 + src * stride + within
+            s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, (fam << 28) | ((t % kc) << 24) |
+                             row, STAGES, BOXES, itemq, item)
+        item = gl.max(nxt, axis=0)
+        nxt = gl.atomic_add(at, gl.full([1], 1, gl.int32, one_l), sem="relaxed", scope="gpu") + nprog
+    stage = s % STAGES
+    mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)
+    # -1, made from the last (unused) counter value: the phase ends only once that atomic is done, so the last
+    # program's reset of the counters (`_chain_kernel`) comes after every increment
+    itemq.index(stage).store(gl.where(nxt < 0, 0, -1))
+    mbarrier.arrive(full.index(stage), count=1)
     return s + 1
