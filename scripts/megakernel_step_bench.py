@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--static", action="store_true", help="each program's gate/up items fixed in advance, not taken "
                    "from counters as it goes (`Chain(dynamic=False)`; DecodeStep's default is dynamic)")
+    p.add_argument("--dynamic-sums", action="store_true", help="the sum phases of more items than programs (QKV, "
+                   "o_proj, lm_head) taken from counters too (`Chain(dynamic_sums=True)`; untimed, session 18)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--probe", type=int, default=0, help="with --profile: move the third stamp of a phase "
@@ -110,7 +112,8 @@ def main() -> None:
     cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))
     chain = mk.Chain(dc.phases, dc.families, h, stages=args.stages, warps=args.warps, norms=dc.norms, eps=dc.eps,
                      kv=kv, max_blocks=blocks, profile=args.profile,
-                     probe=args.probe, dynamic=not args.static)
+                     probe=args.probe, dynamic=not args.static,
+                     dynamic_sums=args.dynamic_sums)
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()
     copy_bw = copy_bandwidth(dev)

@@ -136,7 +136,8 @@ def test_tile_lists_dynamic_leave_the_swiglu_phases_to_the_producer() -> None:
     producer takes that phase's items as it goes); the other phases' tiles are as before."""
     p = mk.plan(CHAIN, _families("cpu", 0), 2048)
     assert mk.dynamic_phases(p) == [1]
-    static, dynamic = mk.tile_lists(p, 3, 2), mk.tile_lists(p, 3, 2, dynamic=True)
+    assert mk.dynamic_phases(p, sums_above=100) == [0, 1, 2]     # and the sums of 128 items
+    static, dynamic = mk.tile_lists(p, 3, 2), mk.tile_lists(p, 3, 2, dynamic=[1])
     for r in range(3):
         codes, mine = static[r, 1:1 + static[r, 0]].tolist(), dynamic[r, 1:1 + dynamic[r, 0]].tolist()
         n0 = 4 * len(range(r, 128, 3))                   # phase 0's slots: 8 chunks an item, 2 a slot

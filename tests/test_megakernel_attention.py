@@ -119,6 +119,9 @@ def test_attention_phases_are_planned_and_coded() -> None:
     attn = [c for r in range(5) for c in codes[r, 1:1 + codes[r, 0]].tolist() if c < 0]
     assert sorted(c & 0xFFFF for c in attn) == list(range(heads * splits))
     assert all((c >> 16) & 0x7FFF == 1 for c in attn)
+    assert 1 not in mk.dynamic_phases(p, sums_above=0)
+    with pytest.raises(ValueError, match="only sum and swiglu"):
+        mk.tile_lists(p, 5, dynamic=[1])                 # an attention phase's items are not dynamic
 
 
 def test_bad_attention_phases_are_rejected() -> None:

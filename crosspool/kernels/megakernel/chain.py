@@ -385,7 +385,8 @@ class Chain:
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
-                 kv: torch.Tensor | None = None, max_blocks: int = 1, probe: int = 0, dynamic: bool = False) -> None:
+                 kv: torch.Tensor | None = None, max_blocks: int = 1, probe: int = 0, dynamic: bool = False,
+                 dynamic_sums: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -423,10 +424,11 @@ class Chain:
         self.last = torch.zeros(phases[-1].out_rows, dtype=torch.float32, device=dev)   # the last phase's, in fp32
         self.state = torch.zeros(3, dtype=torch.int32, device=dev)          # epoch, done count, error flag
         self.nprog = num_sms(dev)
-        # dynamic=True: the programs take the items of `dynamic_phases` as they go, from a counter a phase
-        self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1, dynamic=dynamic).to(dev)
-        if dynamic:
-            self.table[dynamic_phases(self.plan), F_DYN] = 1
+        # dynamic=True: the programs take the gate/up items as they go, from a counter a phase (`dynamic_phases`);
+        # dynamic_sums=True too: the sum phases of more items than programs (QKV, o_proj, lm_head)
+        dyn = dynamic_phases(self.plan, self.nprog if dynamic_sums else None) if dynamic else []
+        self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1, dynamic=dyn).to(dev)
+        self.table[dyn, F_DYN] = 1
         self.counters = torch.zeros(len(phases), dtype=torch.int32, device=dev)
         n_ord = max(1, len(self.plan.routed))
         self.routes = torch.tensor(self.plan.routed or [0], dtype=torch.int32, device=dev)

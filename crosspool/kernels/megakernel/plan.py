@@ -6,6 +6,7 @@ all of it runs on the CPU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -346,32 +347,31 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
     return outs
 
 
-def dynamic_phases(p: Plan) -> list[int]:
-    """The phases whose items the programs take as they go, with `tile_lists(dynamic=True)`: the swiglu phases (a
-    static split leaves the tail to the slowest programs, and a program's pace through the same bytes varies by
-    ~30%)."""
-    return [q for q, f in enumerate(p.table.tolist()) if f[F_KIND] == SWIGLU]
+def dynamic_phases(p: Plan, sums_above: int | None = None) -> list[int]:
+    """Phases whose items the programs should take as they go (`tile_lists(dynamic=...)`): the swiglu phases, and
+    with `sums_above` the sum phases of more items than that (the program count: a program with one item has
+    nothing to rebalance). A static split leaves a phase's tail to its slowest programs, and a program's pace
+    through the same bytes varies by ~30%."""
+    return [q for q, f in enumerate(p.table.tolist()) if f[F_KIND] == SWIGLU or
+            (sums_above is not None and f[F_KIND] == SUM and f[F_ITEMS] > sums_above)]
 
 
-def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: bool = False) -> torch.Tensor:
+def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: Sequence[int] = ()) -> torch.Tensor:
     """Each program's ring slots in the order it consumes them (its items of phase 0, then of phase 1, ...; an
     item's tiles in order, `boxes` consecutive chunks a slot), as int32 codes family << 28 | first chunk << 24 | row;
     a routed phase's row is ROUTED | ordinal << 16 | source << 12 | row within the expert. Element 0 of program r's
     list is its count, and `pad` zero codes follow the last. The ring's producer only reads the next code, so its
     loads can run ahead across phases, up to the first routed tile whose routing is not known yet. An attention
     item is one code, ATTEND | phase << 16 | item, which stands for as many slots as the step's context needs.
-    With `dynamic`, each of `dynamic_phases` is one code for every program, DYNAMIC | phase: the producer takes the
-    program's own item (its index), then the next items from the phase's counter, and makes their codes itself."""
+    Each phase in `dynamic` (swiglu or sum, `dynamic_phases`) is one code for every program, DYNAMIC | phase: the
+    producer takes the program's own item (its index), then the next items from the phase's counter, and makes
+    their codes itself."""
     per_prog: list[list[torch.Tensor]] = [[] for _ in range(nprog)]
-    dyn = set(dynamic_phases(p)) if dynamic else set()
+    dyn = set(dynamic)
+    if any(p.table[q, F_KIND] not in (SUM, SWIGLU) for q in dyn):
+        raise ValueError("only sum and swiglu phases can be dynamic")
     for phase, f in enumerate(p.table.tolist()):
         kind, fam, row0, items, kc = f[F_KIND], f[F_FAM], f[F_ROW0], f[F_ITEMS], f[F_KC]
-        if phase in dyn:
-            if phase >= 1 << 16:
-                raise ValueError("a tile list codes dynamic phases below 2^16")
-            for r in range(nprog):
-                per_prog[r].append(torch.tensor([DYNAMIC | phase]))
-            continue
         if kind == ATTENTION:
             if phase >= 1 << 14 or items > 1 << 16:
                 raise ValueError("a tile list codes attention at phases below 2^14, with at most 2^16 items")
@@ -399,6 +399,12 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: bool 
         if kc % boxes or kc > 16:
             raise ValueError(f"{boxes} boxes a slot do not divide a row's {kc} chunks (at most 16 are coded)")
         codes = ((fam << 28) | ((t % kc) << 24) | rows)[:, ::boxes]
+        if phase in dyn:                      # (its codes checked all the same: the producer makes these)
+            if phase >= 1 << 16:
+                raise ValueError("a tile list codes dynamic phases below 2^16")
+            for r in range(nprog):
+                per_prog[r].append(torch.tensor([DYNAMIC | phase]))
+            continue
         for r in range(min(nprog, items)):
             per_prog[r].append(codes[r::nprog].reshape(-1))
     flat = [torch.cat(c) if c else torch.zeros(0, dtype=torch.int64) for c in per_prog]

@@ -16,8 +16,10 @@ from crosspool.kernels.megakernel.common import (
     K_F_ITEMS,
     K_F_ITEMS_PER_SRC,
     K_F_KC,
+    K_F_KIND,
     K_F_ORDINAL,
     K_F_ROW0,
+    K_F_SOURCES,
     K_F_STRIDE,
     K_F_UP,
     K_GROUP,
@@ -25,6 +27,7 @@ from crosspool.kernels.megakernel.common import (
     K_MAX_TOP_K,
     K_ROUTED,
     K_ROWS,
+    K_SWIGLU,
     _field,
     _tma_load,
     _view,
@@ -100,13 +103,15 @@ def _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, ST
 @gluon.jit
 def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr, p, counters_ptr, nprog,
                    STAGES: gl.constexpr, BOXES: gl.constexpr):
-    """Producer: swiglu phase p's items as this program takes them: its own (item pid), then each next one from
-    the phase's counter (an atomic, issued an item ahead, so its round trip passes under that item's loads); the
-    codes as `tile_lists` makes them. Each slot's item goes into `itemq` beside the ring; -1 in a slot with no
+    """Producer: (swiglu or sum) phase p's items as this program takes them: its own (item pid), then each next one
+    from the phase's counter (an atomic, issued an item ahead, so its round trip passes under that item's loads);
+    the codes as `tile_lists` makes them. Each slot's item goes into `itemq` beside the ring; -1 in a slot with no
     bytes ends the phase for the consumers. Returns the ring slot count."""
     one_l: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     items = _field(table_ptr, p, K_F_ITEMS)
     kc = _field(table_ptr, p, K_F_KC)
+    swiglu = _field(table_ptr, p, K_F_KIND) == K_SWIGLU
+    tiles = gl.where(swiglu, 2 * kc, _field(table_ptr, p, K_F_SOURCES) * kc)
     fam = _field(table_ptr, p, K_F_FAM)
     per = _field(table_ptr, p, K_F_ITEMS_PER_SRC)
     up = _field(table_ptr, p, K_F_UP)
@@ -117,10 +122,13 @@ def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s,
     nxt = gl.atomic_add(at, gl.full([1], 1, gl.int32, one_l), sem="relaxed", scope="gpu") + nprog
     item = gl.program_id(0)
     while item < items:
-        src = item // per
-        for j in range(2 * kc // BOXES):
+        for j in range(tiles // BOXES):
             t = j * BOXES
-            within = (item % per) * K_ROWS + (t // kc) * up
+            src = t // kc                                # a sum: source s reads its own matrix, item rows
+            within = item * K_ROWS
+            if swiglu:                                   # swiglu: the item's expert, its gate rows then up rows
+                src = item // per
+                within = (item % per) * K_ROWS + (t // kc) * up
             if ordinal >= 0:
                 row = K_ROUTED | (ordinal << 16) | (src << 12) | within
             else:
