@@ -78,6 +78,8 @@ def main() -> None:
                    "from counters as it goes (`Chain(dynamic=False)`; DecodeStep's default is dynamic)")
     p.add_argument("--dynamic-sums", action="store_true", help="the sum phases of more items than programs (QKV, "
                    "o_proj, lm_head) taken from counters too (`Chain(dynamic_sums=True)`; untimed, session 18)")
+    p.add_argument("--lean-release", action="store_true", help="the proxy fence that frees a ring slot in the "
+                   "producer, not in every consumer thread (`Chain(lean_release=True)`; untimed, session 18)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--probe", type=int, default=0, help="with --profile: move the third stamp of a phase "
@@ -113,7 +115,7 @@ def main() -> None:
     chain = mk.Chain(dc.phases, dc.families, h, stages=args.stages, warps=args.warps, norms=dc.norms, eps=dc.eps,
                      kv=kv, max_blocks=blocks, profile=args.profile,
                      probe=args.probe, dynamic=not args.static,
-                     dynamic_sums=args.dynamic_sums)
+                     dynamic_sums=args.dynamic_sums, lean_release=args.lean_release)
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()
     copy_bw = copy_bandwidth(dev)

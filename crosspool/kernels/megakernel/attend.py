@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from crosspool.kernels.megakernel.common import (
     K_BLOCK,
@@ -25,12 +25,14 @@ from crosspool.kernels.megakernel.common import (
     K_HEAD_DIM,
     K_KV_SLOT,
     K_STAGE_CHUNKS,
+    _claim,
     _cta_barrier,
     _field,
     _lap,
     _poll,
     _poll_pair,
     _publish,
+    _release,
     _stamp,
     _tag,
     _tagged,
@@ -54,7 +56,8 @@ def _split_bounds(table_ptr, p, item, ctx):
 
 
 @gluon.jit
-def _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES: gl.constexpr):
+def _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES: gl.constexpr,
+              LEAN: gl.constexpr = False):
     """Producer: an attention code's slots, from ring slot count s on; returns the new count. A slot holds one head's
     keys (or values) of SLOT_BLOCKS blocks, one TMA box a block; blocks past the split's last cached position
     repeat that block's id (the consumer masks those positions)."""
@@ -69,8 +72,7 @@ def _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_laye
         rows = (ids * kv_layers + layer) * 2 * K_BLOCK
         ids = gl.load(bt_ptr + gl.minimum((t + K_KV_SLOT) // K_BLOCK + j8, last)).to(gl.int32)
         for kv in gl.static_range(2):
-            stage = s % STAGES
-            mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)
+            stage = _claim(empty, s, STAGES, LEAN)
             bar = full.index(stage)
             mbarrier.expect(bar, K_KV_SLOT * K_HEAD_DIM * 2)
             for j in gl.static_range(SLOT_BLOCKS):
@@ -78,15 +80,6 @@ def _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_laye
                 _tma_load(dkv, [row, head, 0], bar, kvring.index(stage * SLOT_BLOCKS + j))
             s += 1
     return s
-
-
-@gluon.jit
-def _release(empty, slot, consumed):
-    """Every consumer warp is done reading ring slot `slot`: hand it back to the producer."""
-    fence_async_shared()
-    _cta_barrier()
-    mbarrier.arrive(empty.index(slot), count=1)
-    return consumed + 1
 
 
 @gluon.jit
@@ -110,7 +103,8 @@ def _rotate(xrows, row, cos, sin, half_l: gl.constexpr):
 @gluon.jit
 def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, item, ctx, words_ptr, epoch, err_ptr,
                  kv_ptr, bt_ptr, kv_layers, cos, sin, t_wait, stamp_at, STAGES: gl.constexpr, WARPS: gl.constexpr,
-                 POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr, PROBE: gl.constexpr = 0):
+                 POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr, PROBE: gl.constexpr = 0,
+                 LEAN: gl.constexpr = False):
     """Consumers: one attention item (head, split) of phase p (split SPLITS ways), whose q and k the staging left
     normed in xs. Returns the ring's consumed-slot count, and (PROFILE) `t_wait` plus the cycles it waited for
     slots to land; PROFILE also stamps the time at `stamp_at` once the item's partial is out, or with PROBE 1-4
@@ -172,7 +166,7 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, i
         slot = consumed % STAGES
         t_wait = _wait_full(full, slot, consumed, t_wait, STAGES, PROFILE)
         keys = _view(ring.index(slot), [SLOT_BLOCKS, K_BLOCK, K_HEAD_DIM], plain3).load(kv3)
-        consumed = _release(empty, slot, consumed)
+        consumed = _release(empty, slot, consumed, LEAN)
         s = gl.sum(keys.to(gl.float32) * q3, axis=2) * scale
         s = gl.where(t + blk * K_BLOCK + tok < hi, s, float("-inf"))
         m_new = gl.maximum(m, gl.max(s, axis=0))
@@ -182,7 +176,7 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, i
         slot = consumed % STAGES
         t_wait = _wait_full(full, slot, consumed, t_wait, STAGES, PROFILE)
         vals = _view(ring.index(slot), [SLOT_BLOCKS, K_BLOCK, K_HEAD_DIM], plain3).load(kv3)
-        consumed = _release(empty, slot, consumed)
+        consumed = _release(empty, slot, consumed, LEAN)
         a_rows = gl.convert_layout(alpha, gl.SliceLayout(1, out_l))                # (the same rows: no move)
         acc = acc * a_rows[:, None] + gl.sum(vals.to(gl.float32) * gl.expand_dims(pr, 2), axis=0)
         m = m_new

@@ -47,6 +47,7 @@ from crosspool.kernels.megakernel.common import (
     _lap,
     _poll,
     _publish,
+    _release,
     _stamp,
     _tag,
     _tagged,
@@ -83,7 +84,7 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
              words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
              kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr,
              WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr, PROFILE: gl.constexpr,
-             SPLITS: gl.constexpr, PROBE: gl.constexpr, DYNAMIC: gl.constexpr, counters_ptr):
+             SPLITS: gl.constexpr, PROBE: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
@@ -217,7 +218,7 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
                                                        pid + il * nprog, ctx, words_ptr, epoch, err_ptr,
                                                        kv_ptr, bt_ptr, kv_layers, cos, sin, t_kv_wait,
                                                        prof + 18 + 4 * p, STAGES, WARPS, POLLS, PROFILE, SPLITS,
-                                                       PROBE)
+                                                       PROBE, LEAN)
                 mark, t_attend = _lap(mark, t_attend, PROFILE)
                 n_items = 0
         # this program's items: i = pid + il * nprog, or (a dynamic phase) as the producer took them (`itemq`)
@@ -226,7 +227,7 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
             dyn = _field(table_ptr, p, K_F_DYN)
         i = gl.where(n_items > 0, pid, -1)
         if dyn != 0:
-            i, consumed = _next_item(full, empty, itemq, consumed, STAGES, WARPS)
+            i, consumed = _next_item(full, empty, itemq, consumed, STAGES, WARPS, LEAN)
         il = zero
         while i >= 0:
             # the residual's words, loaded before the tiles so their round trip hides behind the arithmetic
@@ -247,10 +248,7 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
                     wt = ring.index(slot).load(tile3)
                 # every warp has its part of the slot in registers: free the slot now, not after the arithmetic,
                 # so the ring keeps STAGES slots in flight (at ~7 us loaded latency, bytes in flight set the rate)
-                fence_async_shared()
-                _cta_barrier()
-                mbarrier.arrive(empty.index(slot), count=1)
-                consumed += 1
+                consumed = _release(empty, slot, consumed, LEAN)
                 mark, t_release = _lap(mark, t_release, PROFILE)
                 if COMPUTE:
                     t0 = j * BOXES               # the slot's first chunk (a slot never spans two sources: kc % BOXES)
@@ -291,7 +289,7 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
             il += 1
             i = gl.where(il < n_items, pid + il * nprog, -1)
             if dyn != 0:
-                i, consumed = _next_item(full, empty, itemq, consumed, STAGES, WARPS)
+                i, consumed = _next_item(full, empty, itemq, consumed, STAGES, WARPS, LEAN)
         _stamp(prof + 19 + 4 * p, PROFILE)            # this program's items of the phase published
 
     if PROFILE:
@@ -320,17 +318,14 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
 
 
 @gluon.jit
-def _next_item(full, empty, itemq, consumed, STAGES: gl.constexpr, WARPS: gl.constexpr):
+def _next_item(full, empty, itemq, consumed, STAGES: gl.constexpr, WARPS: gl.constexpr, LEAN: gl.constexpr):
     """A dynamic phase's next item for the consumers: the item of the ring's next slot once it lands (`itemq`), or
     -1 where the producer ended the phase there (that slot, with no bytes, is handed back)."""
     slot = consumed % STAGES
     mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
     i = gl.max(itemq.index(slot).load(gl.BlockedLayout([1], [32], [WARPS], [0])), axis=0)
     if i < 0:
-        fence_async_shared()
-        _cta_barrier()
-        mbarrier.arrive(empty.index(slot), count=1)
-        consumed += 1
+        consumed = _release(empty, slot, consumed, LEAN)
     return i, consumed
 
 
@@ -340,7 +335,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   err_ptr, nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, counters_ptr,
                   STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
-                  PROBE: gl.constexpr = 0, DYNAMIC: gl.constexpr = False):
+                  PROBE: gl.constexpr = 0, DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -369,9 +364,10 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     last_ptr, norms_ptr, eps,
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
-                    SPLITS, PROBE, DYNAMIC, counters_ptr)),
+                    SPLITS, PROBE, DYNAMIC, LEAN, counters_ptr)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
-                    table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, STAGES, BOXES, SPLITS > 0, DYNAMIC)),
+                    table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, STAGES, BOXES, SPLITS > 0, DYNAMIC,
+                    LEAN)),
     ], [1], [48])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(s))
@@ -386,7 +382,7 @@ class Chain:
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, probe: int = 0, dynamic: bool = False,
-                 dynamic_sums: bool = False) -> None:
+                 dynamic_sums: bool = False, lean_release: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -444,7 +440,7 @@ class Chain:
         if not 0 <= probe <= 7 or (probe and not profile):
             raise ValueError(f"probe: 0-7, and only with profile=True (got {probe})")
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
-                         PROBE=probe, DYNAMIC=dynamic,
+                         PROBE=probe, DYNAMIC=dynamic, LEAN=lean_release,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import tma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 import crosspool.kernels.megakernel.plan as P
 
@@ -87,6 +87,33 @@ def _tiles_per_item(table_ptr, p):
 def _items_of(table_ptr, p, pid, nprog):
     """How many of phase p's items this program takes: item i goes to program i % nprog."""
     return gl.maximum(_field(table_ptr, p, K_F_ITEMS) - pid + nprog - 1, 0) // nprog
+
+
+@gluon.jit
+def _release(empty, slot, consumed, LEAN: gl.constexpr):
+    """Consumers: every warp is done reading ring slot `slot` (its values are in registers): hand it back to the
+    producer (one arrive after a barrier of the consumer warps); returns consumed + 1. The TMA that refills the
+    slot writes through the async proxy after these generic reads, so a proxy fence orders the two: here in every
+    consumer thread, or with LEAN in the producer, after it has taken the slot (`_claim`). Each thread's fence
+    compiles to MEMBAR.ALL.CTA, which also waits for that thread's global loads and stores in flight (the residual
+    loaded ahead of an item, the last item's published words)."""
+    if not LEAN:
+        fence_async_shared()
+    _cta_barrier()
+    mbarrier.arrive(empty.index(slot), count=1)
+    return consumed + 1
+
+
+@gluon.jit
+def _claim(empty, s, STAGES: gl.constexpr, LEAN: gl.constexpr):
+    """Producer: wait until ring slot count s's stage is free (a fresh barrier passes parity 1); with LEAN, the
+    proxy fence that orders the consumers' reads of it before the TMA that will overwrite it (`_release`).
+    Returns the stage."""
+    stage = s % STAGES
+    mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)
+    if LEAN:
+        fence_async_shared()
+    return stage
 
 
 @gluon.jit

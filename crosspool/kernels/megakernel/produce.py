@@ -28,6 +28,7 @@ from crosspool.kernels.megakernel.common import (
     K_ROUTED,
     K_ROWS,
     K_SWIGLU,
+    _claim,
     _field,
     _tma_load,
     _view,
@@ -43,7 +44,7 @@ def _smem_int(buf, i):
 @gluon.jit
 def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, mine, table_ptr, ctx_ptr, bt_ptr,
              kv_layers, counters_ptr, nprog, STAGES: gl.constexpr, BOXES: gl.constexpr, ATTENTION: gl.constexpr,
-             DYNAMIC: gl.constexpr):
+             DYNAMIC: gl.constexpr, LEAN: gl.constexpr = False):
     """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
     consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
     [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
@@ -62,22 +63,21 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
     for c in range(n_codes):
         if DYNAMIC and (code < 0) & (((code >> 30) & 1) != 0):
             s = _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr,
-                               code & 0xFFFF, counters_ptr, nprog, STAGES, BOXES)
+                               code & 0xFFFF, counters_ptr, nprog, STAGES, BOXES, LEAN)
         elif ATTENTION and code < 0:
-            s = _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES)
+            s = _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES, LEAN)
         else:
-            s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES, BOXES)
+            s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES, BOXES, LEAN)
         code = code2
         code2 = gl.load(mine + 3 + c)
 
 
 @gluon.jit
 def _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES: gl.constexpr,
-                 BOXES: gl.constexpr, itemq=None, item=-1):
+                 BOXES: gl.constexpr, LEAN: gl.constexpr = False, itemq=None, item=-1):
     """One weight tile's slot (`tile_lists`' code), as ring slot s; returns s + 1. With `itemq` (a dynamic phase),
     the slot's item goes there first."""
-    stage = s % STAGES
-    mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)      # a fresh barrier passes parity 1
+    stage = _claim(empty, s, STAGES, LEAN)
     if itemq is not None:
         itemq.index(stage).store(gl.full([1], item, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
     fam = (code >> 28) & 3
@@ -102,7 +102,7 @@ def _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, ST
 
 @gluon.jit
 def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr, p, counters_ptr, nprog,
-                   STAGES: gl.constexpr, BOXES: gl.constexpr):
+                   STAGES: gl.constexpr, BOXES: gl.constexpr, LEAN: gl.constexpr):
     """Producer: (swiglu or sum) phase p's items as this program takes them: its own (item pid), then each next one
     from the phase's counter (an atomic, issued an item ahead, so its round trip passes under that item's loads);
     the codes as `tile_lists` makes them. Each slot's item goes into `itemq` beside the ring; -1 in a slot with no
@@ -134,11 +134,10 @@ def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s,
             else:
                 row = row0 + src * stride + within
             s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, (fam << 28) | ((t % kc) << 24) |
-                             row, STAGES, BOXES, itemq, item)
+                             row, STAGES, BOXES, LEAN, itemq, item)
         item = gl.max(nxt, axis=0)
         nxt = gl.atomic_add(at, gl.full([1], 1, gl.int32, one_l), sem="relaxed", scope="gpu") + nprog
-    stage = s % STAGES
-    mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)
+    stage = _claim(empty, s, STAGES, LEAN)      # (no TMA into this one: nothing to fence, but it does no harm)
     # -1, made from the last (unused) counter value: the phase ends only once that atomic is done, so the last
     # program's reset of the counters (`_chain_kernel`) comes after every increment
     itemq.index(stage).store(gl.where(nxt < 0, 0, -1))
