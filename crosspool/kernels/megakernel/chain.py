@@ -236,6 +236,7 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
                                 volatile=True)
             acc = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
             acc_up = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
+            src = zero                                   # the source of slot j (a routed sum's expert)
             for j in range(_tiles_per_item(table_ptr, p) // BOXES):
                 slot = consumed % STAGES
                 mark, t_start = _lap(mark, t_start, PROFILE)
@@ -253,18 +254,23 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
                 if COMPUTE:
                     t0 = j * BOXES               # the slot's first chunk (a slot never spans two sources: kc % BOXES)
                     if kind == K_SWIGLU:
-                        c0 = t0 % kc             # gate chunks, then up chunks, over the same input
+                        c0 = gl.where(t0 >= kc, t0 - kc, t0)    # gate chunks, then up chunks, over the same
+                        # input (t0 < 2 kc; not t0 % kc: a division by a runtime value is ~25 dependent instructions
+                        # ahead of the input's load, in every slot)
                     else:
                         c0 = t0                  # source t0 // kc reads its own input segment
                     xc = xgroups.index(c0 // BOXES).load(tile3).to(gl.float32)
                     part = gl.sum(wt.to(gl.float32) * xc, axis=0)
                     if router >= 0:
                         if kind != K_SWIGLU:     # a routed sum: the source weighs its routing probability
-                            part = part * gl.load(gates + t0 // kc).to(gl.float32, bitcast=True)
+                            part = part * gl.load(gates + src).to(gl.float32, bitcast=True)
                     if (kind == K_SWIGLU) & (t0 >= kc):
                         acc_up += part
                     else:
                         acc += part
+                    # the next slot's source (t0 // kc, counted, not divided)
+                    wrap = t0 + BOXES - src * kc == kc
+                    src = gl.where(wrap, src + 1, src)
                 mark, t_math = _lap(mark, t_math, PROFILE)
             y = gl.sum(acc, axis=1)
             if kind == K_SWIGLU:

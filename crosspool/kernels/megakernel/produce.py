@@ -122,19 +122,25 @@ def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s,
     nxt = gl.atomic_add(at, gl.full([1], 1, gl.int32, one_l), sem="relaxed", scope="gpu") + nprog
     item = gl.program_id(0)
     while item < items:
-        for j in range(tiles // BOXES):
-            t = j * BOXES
-            src = t // kc                                # a sum: source s reads its own matrix, item rows
+        expert = item // per                             # (swiglu: the item's expert and first row in it)
+        first = (item % per) * K_ROWS
+        part = item * 0                                  # t // kc: a sum's source, a swiglu's gate (0) or up (1)
+        chunk = part                                     # t % kc (counted: no division a slot)
+        for _j in range(tiles // BOXES):
+            src = part                                   # a sum: source s reads its own matrix, item rows
             within = item * K_ROWS
             if swiglu:                                   # swiglu: the item's expert, its gate rows then up rows
-                src = item // per
-                within = (item % per) * K_ROWS + (t // kc) * up
+                src = expert
+                within = first + part * up
             if ordinal >= 0:
                 row = K_ROUTED | (ordinal << 16) | (src << 12) | within
             else:
                 row = row0 + src * stride + within
-            s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, (fam << 28) | ((t % kc) << 24) |
+            s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, (fam << 28) | (chunk << 24) |
                              row, STAGES, BOXES, LEAN, itemq, item)
+            chunk += BOXES
+            part = gl.where(chunk == kc, part + 1, part)
+            chunk = gl.where(chunk == kc, 0, chunk)
         item = gl.max(nxt, axis=0)
         nxt = gl.atomic_add(at, gl.full([1], 1, gl.int32, one_l), sem="relaxed", scope="gpu") + nprog
     stage = _claim(empty, s, STAGES, LEAN)      # (no TMA into this one: nothing to fence, but it does no harm)
