@@ -245,22 +245,24 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
                 if PROFILE & (PROBE < 5):             # (PROBE 5-7: the ranking's moments, `_rank`)
                     if (il == 0) & (j == 0):
                         _stamp(prof + 18 + 4 * p, PROFILE)      # the phase's first slot landed
+                t0 = j * BOXES                   # the slot's first chunk (a slot never spans two sources: kc % BOXES)
                 if COMPUTE:                  # (compute=False, timing only: the tiles stream, nothing is read)
                     wt = ring.index(slot).load(tile3)
-                # every warp has its part of the slot in registers: free the slot now, not after the arithmetic,
-                # so the ring keeps STAGES slots in flight (at ~7 us loaded latency, bytes in flight set the rate)
-                consumed = _release(empty, slot, consumed, LEAN)
-                mark, t_release = _lap(mark, t_release, PROFILE)
-                if COMPUTE:
-                    t0 = j * BOXES               # the slot's first chunk (a slot never spans two sources: kc % BOXES)
                     if kind == K_SWIGLU:
                         c0 = gl.where(t0 >= kc, t0 - kc, t0)    # gate chunks, then up chunks, over the same
                         # input (t0 < 2 kc; not t0 % kc: a division by a runtime value is ~25 dependent instructions
                         # ahead of the input's load, in every slot)
                     else:
                         c0 = t0                  # source t0 // kc reads its own input segment
-                    xc = xgroups.index(c0 // BOXES).load(tile3).to(gl.float32)
-                    part = gl.sum(wt.to(gl.float32) * xc, axis=0)
+                    # the slot's input too, before the release: Triton's barrier analysis puts a CTA barrier between
+                    # an mbarrier arrive and the next shared-memory read
+                    xc = xgroups.index(c0 // BOXES).load(tile3)
+                # every warp has its part of the slot in registers: free the slot now, not after the arithmetic,
+                # so the ring keeps STAGES slots in flight (at ~7 us loaded latency, bytes in flight set the rate)
+                consumed = _release(empty, slot, consumed, LEAN)
+                mark, t_release = _lap(mark, t_release, PROFILE)
+                if COMPUTE:
+                    part = gl.sum(wt.to(gl.float32) * xc.to(gl.float32), axis=0)
                     if router >= 0:
                         if kind != K_SWIGLU:     # a routed sum: the source weighs its routing probability
                             part = part * gl.load(gates + src).to(gl.float32, bitcast=True)
