@@ -287,11 +287,13 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
             if p == num_phases - 1:                  # the last phase's outputs in fp32 too (the logits)
                 gl.store(last_ptr + i * K_ROWS + rows, y)
             # two bf16 values a word (rows j and j + 8 of the item: a select-and-sum over the rows), then the tag
-            bits = y.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-            pair = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, acc_l))
-            half = gl.where(rows[:, None] == pair[None, :], bits[:, None], 0)
-            half += gl.where(rows[:, None] == pair[None, :] + K_ROWS // 2, bits[:, None] << 16, 0)
-            word = gl.sum(half, axis=0).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
+            # rows j and j + 8 of the item share a warp (the slot layout deals rows to warps round-robin), so
+            # [16] as [2, 8] pairs them in registers: no exchange between warps
+            bits = gl.reshape(y.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF, [2, K_ROWS // 2])
+            pairs_l: gl.constexpr = bits.type.layout
+            hf = gl.arange(0, 2, layout=gl.SliceLayout(1, pairs_l))[:, None]
+            pair = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, pairs_l))
+            word = gl.sum(bits << (hf * 16), axis=0).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
             _publish(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * (K_ROWS // 2) + pair, word)
             mark, t_end = _lap(mark, t_end, PROFILE)
             il += 1
