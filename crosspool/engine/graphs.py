@@ -65,6 +65,10 @@ FUSED_ENDS = env_int("CROSSPOOL_GRAPH_FUSED_ENDS", 1)
 # off (the default: so far level with the graph of kernels, not past it; benchmarks.md section 7, session 17)
 MEGAKERNEL = env_int("CROSSPOOL_MEGAKERNEL", 0)
 MEGAKERNEL_WARPS = env_int("CROSSPOOL_MEGAKERNEL_WARPS", 8)        # its consumer warps a program (4 or 8)
+# its split of the items: 0 fixed, 1 gate/up from counters (the default), 2 the larger sums too (`Chain(dynamic=,
+# dynamic_sums=)`); and 1 to free ring slots with the proxy fence in the producer (`Chain(lean_release=)`)
+MEGAKERNEL_DYNAMIC = env_int("CROSSPOOL_MEGAKERNEL_DYNAMIC", 1)
+MEGAKERNEL_LEAN = env_int("CROSSPOOL_MEGAKERNEL_LEAN", 0)
 log = logging.getLogger("crosspool.engine")
 
 
@@ -320,7 +324,9 @@ class DecodeGraphs:
             log.warning("CROSSPOOL_MEGAKERNEL=1 but batch-1 steps keep the graph of kernels: %s", "; ".join(why))
             return None
         return DecodeStep(self.model.spec, self.model.attention.w, self.model.ffn.w, kv,
-                          self.inputs.meta[CONTEXT_LENS, :1], self.inputs.tables[0], warps=MEGAKERNEL_WARPS)
+                          self.inputs.meta[CONTEXT_LENS, :1], self.inputs.tables[0], warps=MEGAKERNEL_WARPS,
+                          dynamic=MEGAKERNEL_DYNAMIC >= 1, dynamic_sums=MEGAKERNEL_DYNAMIC >= 2,
+                          lean_release=MEGAKERNEL_LEAN == 1)
 
     def _ffn_calls(self, lane: int, rehearse: bool = False) -> AbstractContextManager[None]:
         """Across pool ranks: the FFN calls of a whole pass (no header each; see `RemoteFFN.pass_calls`)."""
