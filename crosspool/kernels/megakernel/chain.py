@@ -80,9 +80,8 @@ from crosspool.kernels.megakernel.rank import _rank
 
 @gluon.jit
 def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, table_ptr, num_phases, x_ptr, last_ptr,
-             norms_ptr, eps,
-             words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
-             kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr,
+             norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr,
+             kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr,
              WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr, PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, PROBE: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
@@ -286,7 +285,7 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
                 y += gl.load(x_ptr + i * K_ROWS + rows).to(gl.float32)
             if p == num_phases - 1:                  # the last phase's outputs in fp32 too (the logits)
                 gl.store(last_ptr + i * K_ROWS + rows, y)
-            # two bf16 values a word (rows j and j + 8 of the item: a select-and-sum over the rows), then the tag
+            # two bf16 values a word (rows j and j + 8 of the item), then the tag
             # rows j and j + 8 of the item share a warp (the slot layout deals rows to warps round-robin), so
             # [16] as [2, 8] pairs them in registers: no exchange between warps
             bits = gl.reshape(y.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF, [2, K_ROWS // 2])
