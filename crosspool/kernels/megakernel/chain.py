@@ -19,20 +19,13 @@ from crosspool.kernels.megakernel.common import (
     K_CHUNK,
     K_F_DYN,
     K_F_IN,
-    K_F_IN_CHUNKS,
-    K_F_IN_OFF,
     K_F_KC,
     K_F_KIND,
-    K_F_NORM,
-    K_F_NORM_SEG,
     K_F_ORDINAL,
     K_F_OUT_OFF,
     K_F_RES,
     K_F_RES_OFF,
     K_F_ROUTE,
-    K_F_WAIT,
-    K_F_WAIT_N,
-    K_F_WAIT_OFF,
     K_GROUP,
     K_HEAD_DIM,
     K_MAX_ORDINALS,
@@ -76,6 +69,7 @@ from crosspool.kernels.megakernel.plan import (
 )
 from crosspool.kernels.megakernel.produce import _produce
 from crosspool.kernels.megakernel.rank import _rank
+from crosspool.kernels.megakernel.stage import _stage
 
 
 @gluon.jit
@@ -92,7 +86,6 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
     tile3: gl.constexpr = gl.BlockedLayout([BOXES, 1, 8], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
     acc_l: gl.constexpr = gl.SliceLayout(0, tile3)                                    # [ROWS, CHUNK]
     rows_l: gl.constexpr = gl.SliceLayout(1, acc_l)
-    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     # `xgroups.index(g)` is staged chunks g * BOXES.. as [BOXES, 1, CHUNK], the input of one ring slot (a slot's
     # first chunk is a multiple of BOXES)
     xgroups = _view(xs, [K_STAGE_CHUNKS // BOXES, BOXES, 1, K_CHUNK],
@@ -123,79 +116,15 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
     t_math = t_stage
     t_attend = t_stage
     t_kv_wait = t_stage
-    srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
-    scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
     rows = gl.arange(0, K_ROWS, layout=rows_l)
     for p in range(num_phases):
         kind = _field(table_ptr, p, K_F_KIND)
         kc = _field(table_ptr, p, K_F_KC)
         src = _field(table_ptr, p, K_F_IN)
-        # stage the input vector in shared memory (bf16), 16 chunks a round, after polling its tags
         _cta_barrier()                               # every warp is done with the previous phase's input
         _stamp(prof + 16 + 4 * p, PROFILE)
-        n_in = _field(table_ptr, p, K_F_IN_CHUNKS)
-        norm = _field(table_ptr, p, K_F_NORM)
-        seg = n_in                                   # chunks under the first norm (attention: q's; k has its own)
-        if SPLITS > 0:                               # (a chain with attention: the code below compiles only there)
-            seg = _field(table_ptr, p, K_F_NORM_SEG)
-            if (kind == K_ATTENTION) & (_items_of(table_ptr, p, pid, nprog) == 0):
-                n_in = 0                             # no item of this attention phase here: nothing to stage
-                norm = -1
-        squares = eps * 0.0                          # the input's sums of squares, for a phase with a norm
-        # the first round's norm weights, loaded before the input's poll: their round trip is off the critical path
-        g_first = gl.load(norms_ptr + norm + srow[:, None] * K_CHUNK + scol[None, :],
-                          mask=(srow[:, None] < n_in) & (norm >= 0), other=0.0)
-        squares2 = squares
-        for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
-            if r < n_in:
-                offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]            # value indices
-                mask = (r + srow)[:, None] < n_in
-                if src >= 0:
-                    q, h = _word_of(offs)
-                    w = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, _tag(epoch, src), err_ptr,
-                              POLLS)
-                    vals = _value(w, h)
-                else:
-                    vals = gl.load(x_ptr + offs, mask=mask, other=0.0).to(gl.float32)    # (fp32 or bf16)
-                vals = vals.to(gl.bfloat16)
-                if norm >= 0:
-                    sq = vals.to(gl.float32)
-                    by_row = gl.sum(sq * sq, axis=1)
-                    if SPLITS > 0:
-                        first = gl.sum(gl.where(r + srow < seg, by_row, 0.0), axis=0)
-                        squares += first
-                        squares2 += gl.sum(by_row, axis=0) - first
-                    else:
-                        squares += gl.sum(by_row, axis=0)
-                xs.slice(r, K_ROWS).store(vals)
-        mark, t_poll = _lap(mark, t_poll, PROFILE)
-        if norm >= 0:
-            # RMSNorm as the model rounds it: bf16(g * bf16(x * rstd)); each thread rescales the values it staged
-            rstd = gl.rsqrt(squares / (seg * K_CHUNK) + eps)
-            rstd2 = rstd
-            if SPLITS > 0:
-                rstd2 = gl.rsqrt(squares2 / (gl.maximum(n_in - seg, 1) * K_CHUNK) + eps)
-            for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
-                if r < n_in:
-                    offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]
-                    mask = (r + srow)[:, None] < n_in
-                    if r == 0:
-                        g = g_first.to(gl.float32)
-                    else:
-                        g = gl.load(norms_ptr + norm + offs, mask=mask, other=0.0).to(gl.float32)
-                    v = xs.slice(r, K_ROWS).load(stage_l).to(gl.float32)
-                    if SPLITS > 0:
-                        v = v * gl.where((r + srow)[:, None] < seg, rstd, rstd2)
-                    else:
-                        v = v * rstd
-                    xs.slice(r, K_ROWS).store((g * v.to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16))
-        wait = _field(table_ptr, p, K_F_WAIT)
-        if wait >= 0:
-            offs = srow[:, None] * K_CHUNK + scol[None, :]
-            _poll(words_ptr, _field(table_ptr, p, K_F_WAIT_OFF) + offs, offs < _field(table_ptr, p, K_F_WAIT_N),
-                  _tag(epoch, wait), err_ptr, POLLS)
-        _cta_barrier()
-        mark, t_stage = _lap(mark, t_stage, PROFILE)
+        mark, t_poll, t_stage = _stage(table_ptr, p, kind, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr,
+                                       pid, nprog, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS)
 
         router = _field(table_ptr, p, K_F_ROUTE)
         ordinal = gl.maximum(_field(table_ptr, p, K_F_ORDINAL), 0)

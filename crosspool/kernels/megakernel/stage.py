@@ -1,0 +1,105 @@
+"""The megakernel's staging (issue 4): a phase's input vector polled from its tagged words (or read from the step's
+input), rounded to bf16 into shared memory, and RMSNormed there as the model rounds it."""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from crosspool.kernels.megakernel.common import (
+    K_ATTENTION,
+    K_CHUNK,
+    K_F_IN_CHUNKS,
+    K_F_IN_OFF,
+    K_F_NORM,
+    K_F_NORM_SEG,
+    K_F_WAIT,
+    K_F_WAIT_N,
+    K_F_WAIT_OFF,
+    K_ROWS,
+    K_STAGE_CHUNKS,
+    _cta_barrier,
+    _field,
+    _items_of,
+    _lap,
+    _poll,
+    _tag,
+    _value,
+    _word_of,
+)
+
+
+@gluon.jit
+def _stage(table_ptr, p, kind, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, pid, nprog, mark, t_poll,
+           t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr):
+    """Consumers: stage phase p's input in `xs` (bf16), 16 chunks a round, after polling its tags (phase `src`, or
+    the step's input `x_ptr` where src < 0); RMSNorm it where the phase has norm weights (an attention phase: q and
+    k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. PROFILE: `t_poll` and
+    `t_stage` plus the cycles of the polls and of the rest. Returns mark, t_poll, t_stage."""
+    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
+    srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
+    scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
+    n_in = _field(table_ptr, p, K_F_IN_CHUNKS)
+    norm = _field(table_ptr, p, K_F_NORM)
+    seg = n_in                                   # chunks under the first norm (attention: q's; k has its own)
+    if SPLITS > 0:                               # (a chain with attention: the code below compiles only there)
+        seg = _field(table_ptr, p, K_F_NORM_SEG)
+        if (kind == K_ATTENTION) & (_items_of(table_ptr, p, pid, nprog) == 0):
+            n_in = 0                             # no item of this attention phase here: nothing to stage
+            norm = -1
+    squares = eps * 0.0                          # the input's sums of squares, for a phase with a norm
+    # the first round's norm weights, loaded before the input's poll: their round trip is off the critical path
+    g_first = gl.load(norms_ptr + norm + srow[:, None] * K_CHUNK + scol[None, :],
+                      mask=(srow[:, None] < n_in) & (norm >= 0), other=0.0)
+    squares2 = squares
+    for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
+        if r < n_in:
+            offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]            # value indices
+            mask = (r + srow)[:, None] < n_in
+            if src >= 0:
+                q, h = _word_of(offs)
+                w = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, _tag(epoch, src), err_ptr,
+                          POLLS)
+                vals = _value(w, h)
+            else:
+                vals = gl.load(x_ptr + offs, mask=mask, other=0.0).to(gl.float32)    # (fp32 or bf16)
+            vals = vals.to(gl.bfloat16)
+            if norm >= 0:
+                sq = vals.to(gl.float32)
+                by_row = gl.sum(sq * sq, axis=1)
+                if SPLITS > 0:
+                    first = gl.sum(gl.where(r + srow < seg, by_row, 0.0), axis=0)
+                    squares += first
+                    squares2 += gl.sum(by_row, axis=0) - first
+                else:
+                    squares += gl.sum(by_row, axis=0)
+            xs.slice(r, K_ROWS).store(vals)
+    mark, t_poll = _lap(mark, t_poll, PROFILE)
+    if norm >= 0:
+        # RMSNorm as the model rounds it: bf16(g * bf16(x * rstd)); each thread rescales the values it staged
+        rstd = gl.rsqrt(squares / (seg * K_CHUNK) + eps)
+        rstd2 = rstd
+        if SPLITS > 0:
+            rstd2 = gl.rsqrt(squares2 / (gl.maximum(n_in - seg, 1) * K_CHUNK) + eps)
+        for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
+            if r < n_in:
+                offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]
+                mask = (r + srow)[:, None] < n_in
+                if r == 0:
+                    g = g_first.to(gl.float32)
+                else:
+                    g = gl.load(norms_ptr + norm + offs, mask=mask, other=0.0).to(gl.float32)
+                v = xs.slice(r, K_ROWS).load(stage_l).to(gl.float32)
+                if SPLITS > 0:
+                    v = v * gl.where((r + srow)[:, None] < seg, rstd, rstd2)
+                else:
+                    v = v * rstd
+                xs.slice(r, K_ROWS).store((g * v.to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16))
+    wait = _field(table_ptr, p, K_F_WAIT)
+    if wait >= 0:
+        offs = srow[:, None] * K_CHUNK + scol[None, :]
+        _poll(words_ptr, _field(table_ptr, p, K_F_WAIT_OFF) + offs, offs < _field(table_ptr, p, K_F_WAIT_N),
+              _tag(epoch, wait), err_ptr, POLLS)
+    _cta_barrier()
+    mark, t_stage = _lap(mark, t_stage, PROFILE)
+    return mark, t_poll, t_stage
