@@ -29,7 +29,6 @@ def main() -> None:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--sass", help="write the SASS here")
     p.add_argument("--profile", action="store_true", help="with the cycle counters")
-    p.add_argument("--probe", type=int, default=0, help="with --profile: where the third stamp goes (`Chain(probe=)`)")
     p.add_argument("--lean-release", action="store_true",
                    help="the proxy fence in the producer (`Chain(lean_release=True)`)")
     p.add_argument("--dynamic", action="store_true", help="with dynamic phases (`Chain(dynamic=True)`)")
@@ -50,7 +49,7 @@ def main() -> None:
            "ctx_ptr": "*i64" if args.engine else "*i32", "bt_ptr": "*i64" if args.engine else "*i32",
            "cos_ptr": "*fp32", "sin_ptr": "*fp32", "counters_ptr": "*i32"}
     const = dict(STAGES=args.stages, BOXES=args.boxes, WARPS=args.warps, POLLS=1 << 22, COMPUTE=True,
-                 PROFILE=args.profile, SPLITS=args.splits, PROBE=args.probe,
+                 PROFILE=args.profile, SPLITS=args.splits,
                  DYNAMIC=args.dynamic, LEAN=args.lean_release)
     kernel = triton.compile(GluonASTSource(chain._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=args.warps))

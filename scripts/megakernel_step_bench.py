@@ -65,6 +65,25 @@ def print_timeline(t: torch.Tensor, phases: list[mk.Phase]) -> None:
         print(f"| {name} | " + " | ".join(f"{sum(c) / len(c):.2f}" for c in cols) + " |")
     print(f"| final norm + lm_head | {last_done[-1].item() - last_done[-2].item():.2f} | | | | | |")
     print(f"(stamped step: {last_done[-1].item():.1f} us from the first program's start)")
+    # the parts, as means over programs and layers, in us from the moment before
+    att = [p for p, ph in enumerate(phases) if ph.kind == "attention"]
+    ranked = [p for p in range(len(phases)) if not t[:, p, 4].isnan().all() and phases[p].kind != "attention"]
+
+    def mean_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+        return (b - a).nanmean().item()
+
+    if att:
+        a = t[:, att]
+        print("| attention item, from staged | q rotated | slots done | rows combined | new token folded | "
+              "partial out |\n|---|---:|---:|---:|---:|---:|")
+        print("| us | " + " | ".join(f"{mean_gap(a[..., 1], a[..., k]):.2f}" for k in (4, 5, 6, 7, 2)) + " |")
+    if ranked:
+        r = t[:, ranked]
+        routers = [phases[p].route for p in ranked]
+        router_done = torch.stack([top(done[:, q:q + 1]) for q in routers], dim=1)           # [1, routed]
+        print("| ranking, from the router's last program | logits polled | ranked | stored | staged |\n"
+              "|---|---:|---:|---:|---:|")
+        print("| us | " + " | ".join(f"{(r[..., k] - router_done).nanmean().item():.2f}" for k in (4, 5, 6, 1)) + " |")
 
 
 def main() -> None:
@@ -82,10 +101,7 @@ def main() -> None:
                    "producer, not in every consumer thread (`Chain(lean_release=True)`; untimed, session 18)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
-    p.add_argument("--probe", type=int, default=0, help="with --profile: move the third stamp of a phase "
-                   "(`Chain(probe=)`): attention 1 q rotated, 2 after the slots, 3 rows combined, 4 new token "
-                   "folded in; ranking 5 logits polled, 6 ranked, 7 stored")
-    p.add_argument("--timeline", help="with --profile: torch.save the raw timeline ([programs, phases, 4] us) and "
+    p.add_argument("--timeline", help="with --profile: torch.save the raw timeline ([programs, phases, 8] us) and "
                    "the phases' kinds here, for a closer look")
     args = p.parse_args()
     dev = torch.device("cuda")
@@ -114,7 +130,7 @@ def main() -> None:
     cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))
     chain = mk.Chain(dc.phases, dc.families, h, stages=args.stages, warps=args.warps, norms=dc.norms, eps=dc.eps,
                      kv=kv, max_blocks=blocks, profile=args.profile,
-                     probe=args.probe, dynamic=not args.static,
+                     dynamic=not args.static,
                      dynamic_sums=args.dynamic_sums, lean_release=args.lean_release)
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()

@@ -103,13 +103,12 @@ def _rotate(xrows, row, cos, sin, half_l: gl.constexpr):
 @gluon.jit
 def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, item, ctx, words_ptr, epoch, err_ptr,
                  kv_ptr, bt_ptr, kv_layers, cos, sin, t_wait, stamp_at, STAGES: gl.constexpr, WARPS: gl.constexpr,
-                 POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr, PROBE: gl.constexpr = 0,
-                 LEAN: gl.constexpr = False):
+                 POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr, LEAN: gl.constexpr = False,
+                 parts_at=None):
     """Consumers: one attention item (head, split) of phase p (split SPLITS ways), whose q and k the staging left
     normed in xs. Returns the ring's consumed-slot count, and (PROFILE) `t_wait` plus the cycles it waited for
-    slots to land; PROFILE also stamps the time at `stamp_at` once the item's partial is out, or with PROBE 1-4
-    (`Chain(probe=)`) earlier: once q is rotated, after the slots, after the rows are combined, after the new
-    token is folded in."""
+    slots to land; PROFILE also stamps the time at `stamp_at` once the item's partial is out, and at `parts_at`
+    + 0..3 once q is rotated, after the slots, once the rows are combined, once the new token is folded in."""
     # a slot [SLOT_BLOCKS, BLOCK, HEAD_DIM] in registers: each thread holds 8 consecutive values of one token row
     # in every block (and with 4 warps 8 more, 64 further on), so a warp reads whole 128-B lines. Each of the BLOCK
     # rows (a token's place in its block) keeps its own running max, sum and output, combined once at the item's
@@ -142,7 +141,7 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, i
         halves.index(2).store(ka.to(gl.float32))
         halves.index(3).store(kb.to(gl.float32))
     _cta_barrier()
-    _stamp(stamp_at, PROFILE & (PROBE == 1))
+    _stamp(parts_at + 0, PROFILE)
     d = gl.arange(0, K_HEAD_DIM, layout=vec_l)
     # the owner's new value and cache block, loaded now: their round trips pass under the slots' arithmetic
     src = _field(table_ptr, p, K_F_IN)
@@ -180,7 +179,7 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, i
         a_rows = gl.convert_layout(alpha, gl.SliceLayout(1, out_l))                # (the same rows: no move)
         acc = acc * a_rows[:, None] + gl.sum(vals.to(gl.float32) * gl.expand_dims(pr, 2), axis=0)
         m = m_new
-    _stamp(stamp_at, PROFILE & (PROBE == 2))
+    _stamp(parts_at + 1, PROFILE)
     # the rows combined (a row with no position weighs nothing: its sum and output are zero), through shared memory
     # in one exchange: each thread then sums one column's rows
     rows.store(acc)
@@ -195,7 +194,7 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, i
     m = top
     _cta_barrier()
     acc = scratch.index(2).load(vec_l)
-    _stamp(stamp_at, PROFILE & (PROBE == 3))
+    _stamp(parts_at + 2, PROFILE)
     if owner:
         # the new token: its key (rotated) and value, folded in from registers and written into the cache
         if _tagged(vw, v_mask, _tag(epoch, src)) == 0:
@@ -213,7 +212,7 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, i
         gl.store(at + K_BLOCK * heads * K_HEAD_DIM, v_new.to(gl.bfloat16))               # kv = 1: the values
     # publish the normalized partial (64 words) and its log-sum-exp (one word, fp32 bits); an empty split (past
     # the context) publishes zeros and -inf
-    _stamp(stamp_at, PROFILE & (PROBE == 4))
+    _stamp(parts_at + 3, PROFILE)
     some = lsum > 0.0
     scratch.index(0).store(gl.where(some, acc / gl.maximum(lsum, 1e-30), 0.0))    # (q's row: read before the slots)
     _cta_barrier()
@@ -224,7 +223,7 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, i
     lse_word = (lse.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF) | (tag.to(gl.int64) << 32)
     one = gl.arange(0, 1, layout=half_l)
     _publish(out + SPLITS * hd // 2 + split * heads + head + one, gl.full([1], 0, gl.int64, half_l) + lse_word)
-    _stamp(stamp_at, PROFILE & ((PROBE == 0) | (PROBE > 4)))          # (profiling: the partial is out)
+    _stamp(stamp_at, PROFILE)                        # (profiling: the partial is out)
     # the head's last split to arrive combines its splits and publishes the head's output. The count is relaxed:
     # the last split polls the splits' words (each carries this step's tag), so it needs no ordering from the count
     _cta_barrier()

@@ -77,7 +77,7 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
              norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr,
              kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr,
              WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr, PROFILE: gl.constexpr,
-             SPLITS: gl.constexpr, PROBE: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr):
+             SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
@@ -105,7 +105,7 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
     # land, loading a slot + releasing it, and on the arithmetic
     mark, _t = _lap(zero.to(gl.int64), zero.to(gl.int64), PROFILE)
     start = mark
-    prof = prof_ptr + pid * (16 + 4 * num_phases)    # this program's counters, then 4 timestamps a phase
+    prof = prof_ptr + pid * (16 + 8 * num_phases)    # this program's counters, then 8 timestamps a phase
     t_stage = zero.to(gl.int64)
     t_poll = t_stage
     t_rank = t_stage
@@ -122,7 +122,7 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
         kc = _field(table_ptr, p, K_F_KC)
         src = _field(table_ptr, p, K_F_IN)
         _cta_barrier()                               # every warp is done with the previous phase's input
-        _stamp(prof + 16 + 4 * p, PROFILE)
+        _stamp(prof + 16 + 8 * p, PROFILE)
         mark, t_poll, t_stage = _stage(table_ptr, p, kind, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr,
                                        pid, nprog, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS)
 
@@ -130,11 +130,11 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
         ordinal = gl.maximum(_field(table_ptr, p, K_F_ORDINAL), 0)
         if (router >= 0) & (ordinal >= ready):
             ready = _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, expert_base, rowbase,
-                          ranked, prof + 18 + 4 * p, WARPS, POLLS, PROFILE, PROBE)
+                          ranked, prof + 20 + 8 * p, WARPS, POLLS, PROFILE)
             mark, t_rank = _lap(mark, t_rank, PROFILE)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
 
-        _stamp(prof + 17 + 4 * p, PROFILE)            # the input staged (and the router ranked)
+        _stamp(prof + 17 + 8 * p, PROFILE)            # the input staged (and the router ranked)
         res = _field(table_ptr, p, K_F_RES)
         res_off = _field(table_ptr, p, K_F_RES_OFF)
         n_items = _items_of(table_ptr, p, pid, nprog)
@@ -145,8 +145,8 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
                                                        table_ptr, p,
                                                        pid + il * nprog, ctx, words_ptr, epoch, err_ptr,
                                                        kv_ptr, bt_ptr, kv_layers, cos, sin, t_kv_wait,
-                                                       prof + 18 + 4 * p, STAGES, WARPS, POLLS, PROFILE, SPLITS,
-                                                       PROBE, LEAN)
+                                                       prof + 18 + 8 * p, STAGES, WARPS, POLLS, PROFILE, SPLITS,
+                                                       LEAN, prof + 20 + 8 * p)
                 mark, t_attend = _lap(mark, t_attend, PROFILE)
                 n_items = 0
         # this program's items: i = pid + il * nprog, or (a dynamic phase) as the producer took them (`itemq`)
@@ -170,9 +170,9 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
                 mark, t_start = _lap(mark, t_start, PROFILE)
                 mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
                 mark, t_wait = _lap(mark, t_wait, PROFILE)
-                if PROFILE & (PROBE < 5):             # (PROBE 5-7: the ranking's moments, `_rank`)
+                if PROFILE:
                     if (il == 0) & (j == 0):
-                        _stamp(prof + 18 + 4 * p, PROFILE)      # the phase's first slot landed
+                        _stamp(prof + 18 + 8 * p, PROFILE)      # the phase's first slot landed
                 t0 = j * BOXES                   # the slot's first chunk (a slot never spans two sources: kc % BOXES)
                 if COMPUTE:                  # (compute=False, timing only: the tiles stream, nothing is read)
                     wt = ring.index(slot).load(tile3)
@@ -228,7 +228,7 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
             i = gl.where(il < n_items, pid + il * nprog, -1)
             if dyn != 0:
                 i, consumed = _next_item(full, empty, itemq, consumed, STAGES, WARPS, LEAN)
-        _stamp(prof + 19 + 4 * p, PROFILE)            # this program's items of the phase published
+        _stamp(prof + 19 + 8 * p, PROFILE)            # this program's items of the phase published
 
     if PROFILE:
         mark, total = _lap(start, zero.to(gl.int64), PROFILE)
@@ -273,7 +273,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   err_ptr, nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, counters_ptr,
                   STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
-                  PROBE: gl.constexpr = 0, DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False):
+                  DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -302,7 +302,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     last_ptr, norms_ptr, eps,
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
-                    SPLITS, PROBE, DYNAMIC, LEAN, counters_ptr)),
+                    SPLITS, DYNAMIC, LEAN, counters_ptr)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, STAGES, BOXES, SPLITS > 0, DYNAMIC,
                     LEAN)),
@@ -319,7 +319,7 @@ class Chain:
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
-                 kv: torch.Tensor | None = None, max_blocks: int = 1, probe: int = 0, dynamic: bool = False,
+                 kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
                  dynamic_sums: bool = False, lean_release: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
@@ -371,14 +371,12 @@ class Chain:
         # compute=False (timing only): the weight tiles stream through the ring unread; the outputs are wrong
         # profile=True: each program counts its SM cycles by what it did (`profile.cycles_by_activity`)
         # and stamps the GPU's nanosecond timer at each phase's start, once its input is staged, when its first slot
-        # lands (attention: when its item's partial is out), and at its end. probe=1-7 (with profile): that third
-        # stamp moves, to one moment of an attention item (1-4) or of the ranking (5-7; `_attend_item`, `_rank`)
-        self.prof = torch.zeros(self.nprog, 16 + 4 * len(phases), dtype=torch.int64, device=dev)
+        # lands (attention: when its item's partial is out), and at its end; then 4 more of a phase's parts: an
+        # attention item's moments (`_attend_item`), a routed phase's ranking (`_rank`)
+        self.prof = torch.zeros(self.nprog, 16 + 8 * len(phases), dtype=torch.int64, device=dev)
         self._bind_kv(kv, max_blocks, dev)
-        if not 0 <= probe <= 7 or (probe and not profile):
-            raise ValueError(f"probe: 0-7, and only with profile=True (got {probe})")
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
-                         PROBE=probe, DYNAMIC=dynamic, LEAN=lean_release,
+                         DYNAMIC=dynamic, LEAN=lean_release,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 

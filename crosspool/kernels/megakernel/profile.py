@@ -21,11 +21,13 @@ def cycles_by_activity(chain: Chain) -> dict[str, float]:
 
 
 def timeline(chain: Chain) -> torch.Tensor:
-    """The last launch's [programs, phases, 4] stamps of the GPU's global timer, in us from the launch's first:
-    each phase's start, its input staged, its first slot landed (attention: the program's last partial out),
-    its items done; NaN where a program had no such moment."""
+    """The last launch's [programs, phases, 8] stamps of the GPU's global timer, in us from the launch's first:
+    each phase's start, its input staged, its first slot landed (attention: the program's last partial out), its
+    items done; then its parts: an attention phase's q rotated, slots done, rows combined, new token folded in (its
+    last item's); a routed phase's router logits polled, ranked, stored (where it ranked); NaN where a program had
+    no such moment."""
     _need_profile(chain)
-    t = chain.prof[:, 16:].cpu().reshape(chain.nprog, -1, 4)
+    t = chain.prof[:, 16:].cpu().reshape(chain.nprog, -1, 8)
     us = (t - t[:, 0, 0].min()).double() / 1e3
     return torch.where(t == 0, float("nan"), us)
 

@@ -31,14 +31,14 @@ K_FEW = gl.constexpr(64)  # routers of at most this many experts rank by countin
 
 
 @gluon.jit
-def _probs(words_ptr, route_off, eoffs, n_route, tag, err_ptr, stamp_at, POLLS: gl.constexpr, PROFILE: gl.constexpr,
-           PROBE: gl.constexpr):
+def _probs(words_ptr, route_off, eoffs, n_route, tag, err_ptr, stamp_at, POLLS: gl.constexpr,
+           PROFILE: gl.constexpr):
     """The router's logits at `eoffs` ([1, E]), once tagged, as softmax probabilities; -1 past the router's
     `n_route` experts (so they rank last)."""
     valid = eoffs < n_route
     q, h = _word_of(eoffs)
     w = _poll(words_ptr, route_off + q, valid, tag, err_ptr, POLLS)
-    _stamp(stamp_at, PROFILE & (PROBE == 5))
+    _stamp(stamp_at, PROFILE)
     logit = gl.where(valid, _value(w, h), float("-inf"))
     ex = gl.where(valid, gl.exp(logit - gl.max(gl.max(logit, axis=1), axis=0)), 0.0)
     return gl.where(valid, ex / gl.sum(gl.sum(ex, axis=1), axis=0), -1.0)
@@ -46,7 +46,7 @@ def _probs(words_ptr, route_off, eoffs, n_route, tag, err_ptr, stamp_at, POLLS: 
 
 @gluon.jit
 def _rank_few(words_ptr, route_off, n_route, tag, err_ptr, stamp_at, kk, WARPS: gl.constexpr, POLLS: gl.constexpr,
-              PROFILE: gl.constexpr, PROBE: gl.constexpr):
+              PROFILE: gl.constexpr):
     """Top-k of at most K_FEW experts by counting, in no dependent rounds: expert i's rank is how many experts
     beat it (a higher probability, or an equal one and a lower id); the expert of rank k is the k-th pick, as the
     greedy loop in `_rank` would make it. Returns the ids and probabilities of ranks `kk` ([MAX_TOP_K, 1])."""
@@ -54,7 +54,7 @@ def _rank_few(words_ptr, route_off, n_route, tag, err_ptr, stamp_at, kk, WARPS: 
     # [j, i]: every j of one i in one thread, so a rank sums in-thread
     pair_l: gl.constexpr = gl.BlockedLayout([K_FEW, 1], [1, 32], [1, WARPS], [0, 1])
     eoffs = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]
-    sel = _probs(words_ptr, route_off, eoffs, n_route, tag, err_ptr, stamp_at, POLLS, PROFILE, PROBE)
+    sel = _probs(words_ptr, route_off, eoffs, n_route, tag, err_ptr, stamp_at, POLLS, PROFILE)
     flat = gl.max(sel, axis=0)                                                     # [K_FEW] (axis 0 has one row)
     si = gl.convert_layout(flat, gl.SliceLayout(0, pair_l))[None, :]
     sj = gl.convert_layout(flat, gl.SliceLayout(1, pair_l))[:, None]
@@ -69,13 +69,12 @@ def _rank_few(words_ptr, route_off, n_route, tag, err_ptr, stamp_at, kk, WARPS: 
 
 @gluon.jit
 def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, expert_base, rowbase, ranked,
-          stamp_at, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr = False, PROBE: gl.constexpr = 0):
+          parts_at, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr = False):
     """Rank routed phase p's router logits: every program ranks them for itself and writes the expert ids and
     weights to its own rows, for phase p and the following routed phases that share its router (ordinals
     `ordinal`..the table's last), then arrives on their `ranked` mbarriers: the producer held their tiles back
     until now, and reads each expert's first row from `rowbase`. Returns the ordinal after the last one ranked.
-    Profiling with PROBE 5-7 (`Chain(probe=)`): the time at `stamp_at` once the logits are polled, once ranked,
-    once stored."""
+    Profiling: the time at `parts_at` + 0..2 once the logits are polled, once ranked, once stored."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
     n_route = _field(table_ptr, p, K_F_ROUTE_N)
     last = _field(table_ptr, p, K_F_ROUTE_LAST)
@@ -89,12 +88,11 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
     route_off = _field(table_ptr, p, K_F_ROUTE_OFF)
     kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, stage_l))[:, None]     # [MAX_TOP_K, 1]
     if n_route <= K_FEW:
-        ids, bests = _rank_few(words_ptr, route_off, n_route, _tag(epoch, router), err_ptr, stamp_at, kk, WARPS,
-                               POLLS, PROFILE, PROBE)
+        ids, bests = _rank_few(words_ptr, route_off, n_route, _tag(epoch, router), err_ptr, parts_at, kk, WARPS,
+                               POLLS, PROFILE)
     else:
         eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
-        sel = _probs(words_ptr, route_off, eoffs, n_route, _tag(epoch, router), err_ptr, stamp_at, POLLS, PROFILE,
-                     PROBE)
+        sel = _probs(words_ptr, route_off, eoffs, n_route, _tag(epoch, router), err_ptr, parts_at, POLLS, PROFILE)
         ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
         bests = gl.zeros([K_MAX_TOP_K, 1], gl.float32, stage_l)
         for k in gl.static_range(K_MAX_TOP_K):
@@ -104,7 +102,7 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
                 sel = gl.where(eoffs == idx, -2.0, sel)
                 ids = gl.where(kk == k, idx, ids)
                 bests = gl.where(kk == k, best, bests)
-    _stamp(stamp_at, PROFILE & (PROBE == 6))
+    _stamp(parts_at + 1, PROFILE)
     for o in range(ordinal, last + 1):
         at = expert_base + o * 2 * K_MAX_TOP_K + kk
         gl.store(at, ids, mask=kk < n_src)
@@ -116,7 +114,7 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
         _view(rowbase, [K_GROUP, K_MAX_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, order=[0])).index(
             o % K_GROUP).store(gl.sum(first, axis=1))
     _cta_barrier()                           # every warp's stores are in: release them to the producer
-    _stamp(stamp_at, PROFILE & (PROBE == 7))
+    _stamp(parts_at + 2, PROFILE)
     for o in range(ordinal, last + 1):
         mbarrier.arrive(ranked.index(o), count=1)
     return last + 1
