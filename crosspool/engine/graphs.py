@@ -62,7 +62,8 @@ SHORT_CONTEXT = env_int("CROSSPOOL_GRAPH_SHORT_CONTEXT", 4096, minimum=0)
 FUSED_ENDS = env_int("CROSSPOOL_GRAPH_FUSED_ENDS", 1)
 # a batch-1 step as one megakernel launch (`kernels.megakernel.step`; OLMoE-shaped models on an sm_90 GPU; the
 # model's weights become views of the megakernel's layout when the graphs are built, before any capture): 1 on, 0
-# off (the default: so far level with the graph of kernels, not past it; benchmarks.md section 7, session 17)
+# off (the default: about level with the graph of kernels in the engine, not past it; benchmarks.md section 7,
+# sessions 17-18)
 MEGAKERNEL = env_int("CROSSPOOL_MEGAKERNEL", 0)
 MEGAKERNEL_WARPS = env_int("CROSSPOOL_MEGAKERNEL_WARPS", 8)        # its consumer warps a program (4 or 8)
 # its split of the items: 0 fixed, 1 gate/up from counters (the default), 2 the larger sums too (`Chain(dynamic=,

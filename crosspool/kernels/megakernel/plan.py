@@ -34,7 +34,7 @@ GROUP = 4                 # routed phases that can share one router (one ranking
 ROUTED = 1 << 30          # tile-code flag: the row is ordinal << 16 | source << 12 | row within the expert
 ATTEND = -(1 << 31)       # tile-code flag (bit 31): an attention item, phase << 16 | item, which the producer
                           # expands into its key and value slots for the step's context length
-DYNAMIC = ATTEND | 1 << 30  # tile code (bits 31, 30): a dynamic phase's items, ATTEND | DYNAMIC | phase: the
+DYNAMIC = ATTEND | 1 << 30  # tile-code flag (bits 31, 30): a dynamic phase's items, DYNAMIC | phase: the
                           # program's own item, then items fetched from the phase's counter (`tile_lists`)
 
 
