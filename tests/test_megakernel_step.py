@@ -4,13 +4,17 @@ on the same weights and cache (issue 4)."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from crosspool.kernels import megakernel as mk
 from crosspool.kernels import torch_ref
-from crosspool.kernels.megakernel.step import DecodeStep, check_supported, decode_chain
+from crosspool.kernels.megakernel.step import DecodeStep, chain_bytes, check_supported, decode_chain
 from crosspool.models.attention_side import AttentionSide
 from crosspool.models.batch import ForwardBatch
 from crosspool.models.ffn_side import FFNSide
@@ -127,6 +131,7 @@ def test_decode_chain_adopts_the_models_weights_without_changing_its_outputs() -
     assert attn.lm_head.untyped_storage().data_ptr() in stores and attn.embed is attn.lm_head
     assert torch.equal(logits(), want)
     assert torch.equal(chain.families[0][-spec.vocab_size:], attn.lm_head)
+    assert chain_bytes(spec) == sum(f.numel() * f.element_size() for f in chain.families)
 
 
 def test_decode_chain_refuses_other_models_with_the_reason() -> None:
@@ -211,7 +216,7 @@ def test_engine_keeps_its_graphs_where_the_megakernel_cannot_run(tiny_models, mo
     from crosspool.engine import graphs
     from crosspool.pools.kv_pool import KVPool
 
-    monkeypatch.setattr(graphs, "MEGAKERNEL", 1)
+    monkeypatch.setattr(graphs, "MEGAKERNEL", "1")
     model = MoEModel.load(tiny_models("tiny-olmoe"), torch.float32, "cpu", kernels="torch")
     cache = KVPool(64 << 20).register("m", model.spec, 4, torch.float32)
     with caplog.at_level("WARNING", logger="crosspool.engine"):
@@ -219,6 +224,62 @@ def test_engine_keeps_its_graphs_where_the_megakernel_cannot_run(tiny_models, mo
     assert g.megakernel is None
     text = caplog.text
     assert "sm_90" in text and "head dim 16 (needs 128)" in text and "16-token blocks" in text
+
+
+def test_engine_megakernel_setting_by_default_falls_back_without_a_warning(tiny_models, monkeypatch,  # noqa: ANN001
+                                                                           caplog) -> None:  # noqa: ANN001
+    """The default ("auto"): a model the megakernel cannot serve keeps its graphs, and the reason is logged at INFO
+    only (most models are not OLMoE-shaped: that is no cause for a warning). A value other than auto, 0 or 1 is a
+    clear error when the engine's graphs module loads."""
+    from crosspool.engine import graphs
+    from crosspool.pools.kv_pool import KVPool
+
+    assert graphs.MEGAKERNEL == "auto"
+    model = MoEModel.load(tiny_models("tiny-olmoe"), torch.float32, "cpu", kernels="torch")
+    cache = KVPool(64 << 20).register("m", model.spec, 4, torch.float32)
+    with caplog.at_level("INFO", logger="crosspool.engine"):
+        g = graphs.DecodeGraphs(model, cache, torch.device("cpu"), 4, 64, capture=False)
+    assert g.megakernel is None
+    records = [r for r in caplog.records if "megakernel" in r.getMessage()]
+    assert records and all(r.levelname == "INFO" for r in records) and "sm_90" in records[0].getMessage()
+    monkeypatch.setattr(graphs, "MEGAKERNEL", "0")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="crosspool.engine"):
+        assert graphs.DecodeGraphs(model, cache, torch.device("cpu"), 4, 64, capture=False).megakernel is None
+    assert "megakernel" not in caplog.text                       # off: not even looked at
+    env = dict(os.environ, CROSSPOOL_MEGAKERNEL="yes")
+    run = subprocess.run([sys.executable, "-c", "import crosspool.engine.graphs"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode != 0 and "CROSSPOOL_MEGAKERNEL='yes': expected auto, 0 or 1" in run.stderr
+
+
+def _megakernel_olmoe(tmp_path) -> Path:  # noqa: ANN001
+    """A small OLMoE checkpoint with the megakernel's widths."""
+    from crosspool.models.make_model import make_model
+
+    return make_model("tiny-olmoe", tmp_path / "m", seed=4, progress=False,
+                      config_changes={"hidden_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 8,
+                                      "intermediate_size": 1024, "num_experts": 16})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs an sm_90 GPU")
+def test_engine_skips_the_megakernel_without_memory_for_its_layout(tmp_path, monkeypatch, caplog) -> None:  # noqa: ANN001
+    """Building the megakernel's weight layout holds the weights twice for a while: without room for that, the
+    engine keeps the graph of kernels and says why (here the room asked for is made too large to exist)."""
+    from crosspool import LLM, EngineConfig, SamplingParams
+    from crosspool.engine import graphs
+
+    monkeypatch.setattr(graphs, "MEGAKERNEL", "1")
+    monkeypatch.setattr(graphs, "MEGAKERNEL_SPARE", 1 << 50)
+    with caplog.at_level("WARNING", logger="crosspool.engine"), \
+            LLM(_megakernel_olmoe(tmp_path), EngineConfig(device="cuda", dtype=torch.bfloat16, kernels="triton",
+                                                          cuda_graphs=True, max_num_seqs=1)) as llm:
+        assert next(iter(llm.engine.models.values())).runner.graphs.megakernel is None
+        out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
+    assert "GiB free while it is built" in caplog.text
 
 
 @pytest.mark.gpu
@@ -233,16 +294,13 @@ def test_engine_greedy_tokens_with_the_megakernel_match_the_graph_of_kernels(tmp
     give); where they part, the graph of kernels' top two are within 0.3."""
     from crosspool import LLM, EngineConfig, SamplingParams
     from crosspool.engine import graphs
-    from crosspool.models.make_model import make_model
 
-    d = make_model("tiny-olmoe", tmp_path / "m", seed=4, progress=False,
-                   config_changes={"hidden_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 8,
-                                   "intermediate_size": 1024, "num_experts": 16})
+    d = _megakernel_olmoe(tmp_path)
     prompts = [torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 70)]
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=3)
     outs = {}
     for on in (0, 1):
-        monkeypatch.setattr(graphs, "MEGAKERNEL", on)
+        monkeypatch.setattr(graphs, "MEGAKERNEL", str(on))
         with LLM(d, EngineConfig(device="cuda", dtype=torch.bfloat16, kernels="triton", cuda_graphs=True,
                                  max_num_seqs=1)) as llm:
             outs[on] = llm.generate(prompts, params)

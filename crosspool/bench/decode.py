@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     engine = create_engine({"m": args.model}, config)   # across ranks: tuned and captured while loading
     load_s = time.perf_counter() - t0
-    if device.type == "cuda" and not split:          # weights, KV pool and (CROSSPOOL_MEGAKERNEL=1) its buffers
+    if device.type == "cuda" and not split:          # weights, KV pool and the megakernel's buffers
         print(f"GPU memory after loading: {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB allocated, peak "
               f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", flush=True)
     graphs = engine.models["m"].runner.graphs

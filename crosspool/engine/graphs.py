@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -61,15 +62,19 @@ SHORT_CONTEXT = env_int("CROSSPOOL_GRAPH_SHORT_CONTEXT", 4096, minimum=0)
 # (`embed_inputs`, `MoEModel.forward_logits`); 0, torch's ops there, as before session 11 (before/after runs)
 FUSED_ENDS = env_int("CROSSPOOL_GRAPH_FUSED_ENDS", 1)
 # a batch-1 step as one megakernel launch (`kernels.megakernel.step`; OLMoE-shaped models on an sm_90 GPU; the
-# model's weights become views of the megakernel's layout when the graphs are built, before any capture): 1 on, 0
-# off (the default: about level with the graph of kernels in the engine, not past it; benchmarks.md section 7,
-# sessions 17-18)
-MEGAKERNEL = env_int("CROSSPOOL_MEGAKERNEL", 0)
+# model's weights become views of the megakernel's layout when the graphs are built, before any capture): "auto"
+# (the default) wherever it can run, quietly keeping the graph of kernels elsewhere; "1" the same, but a model
+# that cannot have it logs a warning saying why; "0" never. On the H200 at context 1k the engine's batch-1 OLMoE
+# step took 1.01 ms with it against 1.07 without (benchmarks.md section 7, session 19).
+MEGAKERNEL = os.environ.get("CROSSPOOL_MEGAKERNEL", "").strip() or "auto"
+if MEGAKERNEL not in ("auto", "0", "1"):
+    raise ValueError(f"CROSSPOOL_MEGAKERNEL={MEGAKERNEL!r}: expected auto, 0 or 1")
 MEGAKERNEL_WARPS = env_int("CROSSPOOL_MEGAKERNEL_WARPS", 8)        # its consumer warps a program (4 or 8)
 # its split of the items: 0 fixed, 1 gate/up from counters (the default), 2 the larger sums too (`Chain(dynamic=,
 # dynamic_sums=)`); and 1 to free ring slots with the proxy fence in the producer (`Chain(lean_release=)`)
 MEGAKERNEL_DYNAMIC = env_int("CROSSPOOL_MEGAKERNEL_DYNAMIC", 1)
 MEGAKERNEL_LEAN = env_int("CROSSPOOL_MEGAKERNEL_LEAN", 0)
+MEGAKERNEL_SPARE = 256 << 20     # bytes kept free past the layout's own while it is built (its buffers, the ring)
 log = logging.getLogger("crosspool.engine")
 
 
@@ -301,13 +306,13 @@ class DecodeGraphs:
         self._done: torch.cuda.Event | None = None             # after this model's last pass, on its lane
         # benchmarks: a list to receive (lane, start, end) timing events around each pass on its lane's stream
         self.spans: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] | None = None
-        self.megakernel = self._megakernel() if MEGAKERNEL else None
+        self.megakernel = self._megakernel() if MEGAKERNEL != "0" else None
 
     def _megakernel(self) -> DecodeStep | None:
         """Batch-1 steps as one megakernel launch, where this model and device allow it; else None, and why is
         logged. Built before any graph is captured: the model's weights become views of the megakernel's."""
         from crosspool.kernels.megakernel.plan import BLOCK
-        from crosspool.kernels.megakernel.step import DecodeStep, check_supported
+        from crosspool.kernels.megakernel.step import DecodeStep, chain_bytes, check_supported
 
         kv = getattr(self.cache, "buffer", None)
         why = []
@@ -321,13 +326,25 @@ class DecodeGraphs:
             check_supported(self.model.spec)
         except ValueError as e:
             why.append(str(e))
+        if not why:
+            # the build holds the model's weights twice until each old tensor is freed (`decode_chain`)
+            need = chain_bytes(self.model.spec)
+            free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) \
+                - torch.cuda.memory_allocated(self.device)
+            if free < need + MEGAKERNEL_SPARE:
+                why.append(f"its weight layout needs {(need + MEGAKERNEL_SPARE) / 2**30:.2f} GiB free while it is "
+                           f"built, {free / 2**30:.2f} GiB are")
         if why:
-            log.warning("CROSSPOOL_MEGAKERNEL=1 but batch-1 steps keep the graph of kernels: %s", "; ".join(why))
+            (log.warning if MEGAKERNEL == "1" else log.info)(
+                "%s: batch-1 steps keep the graph of kernels, not the megakernel: %s", self.model.spec.architecture,
+                "; ".join(why))
             return None
-        return DecodeStep(self.model.spec, self.model.attention.w, self.model.ffn.w, kv,
+        step = DecodeStep(self.model.spec, self.model.attention.w, self.model.ffn.w, kv,
                           self.inputs.meta[CONTEXT_LENS, :1], self.inputs.tables[0], warps=MEGAKERNEL_WARPS,
                           dynamic=MEGAKERNEL_DYNAMIC >= 1, dynamic_sums=MEGAKERNEL_DYNAMIC >= 2,
                           lean_release=MEGAKERNEL_LEAN == 1)
+        torch.cuda.empty_cache()       # the old weights' memory back to the device, where the KV pool maps pages
+        return step
 
     def _ffn_calls(self, lane: int, rehearse: bool = False) -> AbstractContextManager[None]:
         """Across pool ranks: the FFN calls of a whole pass (no header each; see `RemoteFFN.pass_calls`)."""

@@ -56,6 +56,17 @@ def check_supported(spec: ModelSpec) -> None:
         raise ValueError(f"{spec.architecture}: not on the megakernel yet: " + "; ".join(reasons))
 
 
+def chain_bytes(spec: ModelSpec, itemsize: int = 2) -> int:
+    """The bytes of the chain's weight families for this model (`decode_chain`): what its build allocates beside
+    the model's own weights, which it frees layer by layer as they become views of the families."""
+    assert spec.routing is not None
+    h, hd, n_exp, inter = spec.hidden_size, spec.num_heads * HEAD_DIM, spec.routing.num_experts, \
+        spec.moe_intermediate_size
+    layers = spec.num_layers
+    rows = layers * (3 * hd + h + n_exp) + spec.vocab_size
+    return itemsize * (rows * h + layers * n_exp * 3 * inter * h)
+
+
 def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, splits: int = 4,
                  adopt: bool = False) -> DecodeChain:
     """The step's chain over the model's weights, copied into the chain's families (three tensors, filled layer by
