@@ -21,12 +21,12 @@ def _families(device: str, seed: int) -> list[torch.Tensor]:
 
 
 # a layer's shape in small: GEMV, gated pair over two sources, sum over two sources (+ residual), a router-sized
-# GEMV, then a GEMV that waits on it and adds the step's input
+# GEMV on the last programs, then a GEMV that waits on it and adds the step's input
 CHAIN = [
     Phase("sum", 0, 0, 2048, 2048),
     Phase("swiglu", 0, 0, 2048, 2048, sources=2, stride=2048, up_offset=1024, input=0),
     Phase("sum", 1, 0, 2048, 1024, sources=2, stride=2048, input=1, residual=0),
-    Phase("sum", 0, 4096, 64, 2048, input=2),
+    Phase("sum", 0, 4096, 64, 2048, input=2, tail=True),
     Phase("sum", 0, 1024, 1024, 2048, input=2, wait=3, residual=-1),
 ]
 
@@ -115,7 +115,8 @@ def test_tile_lists_give_every_tile_once_in_consumption_order(nprog: int) -> Non
         n = lists[r, 0].item()
         assert not lists[r, 1 + n:].any()
         got += [(c >> 28, (c >> 24) & 15, c & 0xFFFFFF) for c in lists[r, 1:1 + n].tolist()]
-    want = []                           # by hand: phase, item, tile; program r takes items r, r + nprog, ...
+    want = []           # by hand: phase, item, tile; program r takes items r, r + nprog, ... (phase 3: its last
+                        # programs, item i on program (i - 4) mod nprog)
     per_phase = [
         [[(0, c, 16 * i) for c in range(8)] for i in range(128)],
         [[(0, c, 16 * (i % 64) + 2048 * (i // 64) + 1024 * h) for h in range(2) for c in range(8)]
@@ -125,10 +126,15 @@ def test_tile_lists_give_every_tile_once_in_consumption_order(nprog: int) -> Non
         [[(0, c, 1024 + 16 * i) for c in range(8)] for i in range(64)],
     ]
     for r in range(nprog):
-        for items in per_phase:
-            for i in range(r, len(items), nprog):
-                want += items[i]
+        for phase, items in enumerate(per_phase):
+            if phase == 3:
+                want += [t for i in range(4) if (i - 4) % nprog == r for t in items[i]]
+            else:
+                for i in range(r, len(items), nprog):
+                    want += items[i]
     assert got == want
+    with pytest.raises(ValueError, match="no tail"):
+        mk.tile_lists(p, nprog, dynamic=[3])
 
 
 def test_tile_lists_dynamic_leave_the_swiglu_phases_to_the_producer() -> None:

@@ -36,6 +36,7 @@ from crosspool.kernels.megakernel.common import (
     SHARED_KIB,
     _cta_barrier,
     _field,
+    _first_item,
     _items_of,
     _lap,
     _poll,
@@ -121,12 +122,20 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
         kind = _field(table_ptr, p, K_F_KIND)
         kc = _field(table_ptr, p, K_F_KC)
         src = _field(table_ptr, p, K_F_IN)
+        router = _field(table_ptr, p, K_F_ROUTE)
+        first = _first_item(table_ptr, p, pid, nprog)
+        n_items = _items_of(table_ptr, p, first, nprog)
+        dyn = zero
+        if DYNAMIC:
+            dyn = _field(table_ptr, p, K_F_DYN)
         _cta_barrier()                               # every warp is done with the previous phase's input
         _stamp(prof + 16 + 8 * p, PROFILE)
-        mark, t_poll, t_stage = _stage(table_ptr, p, kind, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr,
-                                       pid, nprog, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS)
+        # a program with no item of a fixed split's phase skips its staging (a routed phase's ranking still
+        # serves the phases that share its router)
+        skip = (n_items == 0) & (dyn == 0) & (router < 0)
+        mark, t_poll, t_stage = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr,
+                                       skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS)
 
-        router = _field(table_ptr, p, K_F_ROUTE)
         ordinal = gl.maximum(_field(table_ptr, p, K_F_ORDINAL), 0)
         if (router >= 0) & (ordinal >= ready):
             ready = _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, expert_base, rowbase,
@@ -137,23 +146,19 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
         _stamp(prof + 17 + 8 * p, PROFILE)            # the input staged (and the router ranked)
         res = _field(table_ptr, p, K_F_RES)
         res_off = _field(table_ptr, p, K_F_RES_OFF)
-        n_items = _items_of(table_ptr, p, pid, nprog)
         if SPLITS > 0:                               # (a chain with attention phases)
             if kind == K_ATTENTION:
                 for il in range(n_items):
                     consumed, t_kv_wait = _attend_item(ring, full, empty, consumed, xs, scratch, attn_rows,
                                                        table_ptr, p,
-                                                       pid + il * nprog, ctx, words_ptr, epoch, err_ptr,
+                                                       first + il * nprog, ctx, words_ptr, epoch, err_ptr,
                                                        kv_ptr, bt_ptr, kv_layers, cos, sin, t_kv_wait,
                                                        prof + 18 + 8 * p, STAGES, WARPS, POLLS, PROFILE, SPLITS,
                                                        LEAN, prof + 20 + 8 * p)
                 mark, t_attend = _lap(mark, t_attend, PROFILE)
                 n_items = 0
-        # this program's items: i = pid + il * nprog, or (a dynamic phase) as the producer took them (`itemq`)
-        dyn = zero
-        if DYNAMIC:
-            dyn = _field(table_ptr, p, K_F_DYN)
-        i = gl.where(n_items > 0, pid, -1)
+        # this program's items: i = first + il * nprog, or (a dynamic phase) as the producer took them (`itemq`)
+        i = gl.where(n_items > 0, first, -1)
         if dyn != 0:
             i, consumed = _next_item(full, empty, itemq, consumed, STAGES, WARPS, LEAN)
         il = zero
@@ -225,7 +230,7 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
             _publish(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * (K_ROWS // 2) + pair, word)
             mark, t_end = _lap(mark, t_end, PROFILE)
             il += 1
-            i = gl.where(il < n_items, pid + il * nprog, -1)
+            i = gl.where(il < n_items, first + il * nprog, -1)
             if dyn != 0:
                 i, consumed = _next_item(full, empty, itemq, consumed, STAGES, WARPS, LEAN)
         _stamp(prof + 19 + 8 * p, PROFILE)            # this program's items of the phase published

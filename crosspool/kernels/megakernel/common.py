@@ -57,6 +57,7 @@ K_F_ORDINAL = gl.constexpr(P.F_ORDINAL)
 K_F_ROUTE_LAST = gl.constexpr(P.F_ROUTE_LAST)
 K_F_SCALE = gl.constexpr(P.F_SCALE)
 K_F_NORM_SEG = gl.constexpr(P.F_NORM_SEG)
+K_F_TAIL = gl.constexpr(P.F_TAIL)
 K_MAX_EXPERTS = gl.constexpr(P.MAX_EXPERTS)
 K_MAX_TOP_K = gl.constexpr(P.MAX_TOP_K)
 K_MAX_ORDINALS = gl.constexpr(P.MAX_ORDINALS)
@@ -84,9 +85,18 @@ def _tiles_per_item(table_ptr, p):
 
 
 @gluon.jit
-def _items_of(table_ptr, p, pid, nprog):
-    """How many of phase p's items this program takes: item i goes to program i % nprog."""
-    return gl.maximum(_field(table_ptr, p, K_F_ITEMS) - pid + nprog - 1, 0) // nprog
+def _first_item(table_ptr, p, pid, nprog):
+    """This program's first item of phase p (`plan.first_item`): its next ones follow nprog apart."""
+    first = pid
+    if _field(table_ptr, p, K_F_TAIL) != 0:
+        first = (pid + _field(table_ptr, p, K_F_ITEMS)) % nprog
+    return first
+
+
+@gluon.jit
+def _items_of(table_ptr, p, first, nprog):
+    """How many of phase p's items the program whose first item is `first` takes."""
+    return gl.maximum(_field(table_ptr, p, K_F_ITEMS) - first + nprog - 1, 0) // nprog
 
 
 @gluon.jit

@@ -25,8 +25,8 @@ STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
 (F_KIND, F_FAM, F_ROW0, F_ITEMS, F_KC, F_SOURCES, F_STRIDE, F_UP, F_ITEMS_PER_SRC, F_IN, F_IN_CHUNKS, F_IN_OFF,
  F_RES, F_RES_OFF, F_OUT_OFF, F_WAIT) = range(16)
 F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL, F_ROUTE_LAST = 16, 17, 18, 19, 20, 21, 22, 23
-F_SCALE, F_NORM_SEG, F_DYN = 24, 25, 26
-NCOL = 32                 # (27 used) a phase's row is one 128-B line: its fields are one L1 miss, not two
+F_SCALE, F_NORM_SEG, F_DYN, F_TAIL = 24, 25, 26, 27
+NCOL = 32                 # (28 used) a phase's row is one 128-B line: its fields are one L1 miss, not two
 MAX_EXPERTS = 256         # router outputs a routed phase can rank
 MAX_TOP_K = 16            # experts a routed phase takes
 MAX_ORDINALS = 128        # routed phases a chain can have
@@ -68,6 +68,9 @@ class Phase:
                                   # a "sum" weights source s by its softmax probability (OLMoE's rule: greedy, no
                                   # renormalization)
     scale: float = 0.0            # attention: the softmax scale
+    tail: bool = False            # a sum or swiglu phase's items on the last programs, not the first (item i on
+                                  # program (i + P - items % P) % P of P): a small phase there runs beside a larger
+                                  # one whose items fill the first programs (attention's, o_proj's)
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
             continue
         if ph.kind not in ("sum", "swiglu"):
             raise ValueError(f"phase {i}: kind {ph.kind!r}, expected 'sum', 'swiglu' or 'attention'")
+        if ph.tail and ph.route != NO_PHASE:
+            raise ValueError(f"phase {i}: a routed phase's items start at the first program (no tail)")
         if any(attention_source(s) for s in (ph.residual, ph.wait, ph.route)) or \
                 (attention_source(ph.input) and (ph.kind != "sum" or ph.sources != 1 or ph.norm != -1)):
             raise ValueError(f"phase {i}: an attention phase's outputs are only the input of a one-source sum "
@@ -169,7 +174,7 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
                      lengths[ph.wait] // 2 if ph.wait >= 0 else 0, ph.norm, ph.route,
                      src_off(ph.route) if ph.route != NO_PHASE else 0,
                      lengths[ph.route] if ph.route != NO_PHASE else 0,
-                     len(routed) if ph.route != NO_PHASE else -1, -1, 0, need // CHUNK])
+                     len(routed) if ph.route != NO_PHASE else -1, -1, 0, need // CHUNK, 0, int(ph.tail)])
         if attention_source(ph.input):        # the heads' outputs, combined by each head's last split
             rows[-1][F_IN_OFF] += combined_offset(phases[ph.input])
         if ph.route != NO_PHASE:
@@ -206,9 +211,10 @@ def _attention_row(i: int, ph: Phase, phases: list[Phase], have: int, norms_len:
     if ph.norm != -1 and (ph.norm < 0 or ph.norm + 2 * ph.out_rows > norms_len):
         raise ValueError(f"phase {i}: q and k norm weights at {ph.norm} need {2 * ph.out_rows} of the chain's "
                          f"{norms_len} norm weights")
-    if ph.row0 < 0 or ph.scale <= 0 or ph.residual != NO_PHASE or ph.route != NO_PHASE or ph.wait != NO_PHASE:
+    if ph.row0 < 0 or ph.scale <= 0 or ph.residual != NO_PHASE or ph.route != NO_PHASE or ph.wait != NO_PHASE \
+            or ph.tail:
         raise ValueError(f"phase {i}: attention needs a KV layer (row0 >= 0) and a positive scale, and takes no "
-                         "residual, router or wait")
+                         "residual, router, wait or tail")
     scale_bits = int(torch.tensor([ph.scale * 1.4426950408889634]).view(torch.int32))   # scale * log2(e)
     row = [0] * NCOL
     row[F_KIND], row[F_ROW0], row[F_ITEMS], row[F_SOURCES], row[F_STRIDE] = ATTENTION, ph.row0, heads * splits, \
@@ -352,8 +358,8 @@ def dynamic_phases(p: Plan, sums_above: int | None = None) -> list[int]:
     with `sums_above` the sum phases of more items than that (the program count: a program with one item has
     nothing to rebalance). A static split leaves a phase's tail to its slowest programs, and a program's pace
     through the same bytes varies by ~30%."""
-    return [q for q, f in enumerate(p.table.tolist()) if f[F_KIND] == SWIGLU or
-            (sums_above is not None and f[F_KIND] == SUM and f[F_ITEMS] > sums_above)]
+    return [q for q, f in enumerate(p.table.tolist()) if not f[F_TAIL] and (f[F_KIND] == SWIGLU or
+            (sums_above is not None and f[F_KIND] == SUM and f[F_ITEMS] > sums_above))]
 
 
 def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: Sequence[int] = ()) -> torch.Tensor:
@@ -368,8 +374,8 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: Seque
     their codes itself."""
     per_prog: list[list[torch.Tensor]] = [[] for _ in range(nprog)]
     dyn = set(dynamic)
-    if any(p.table[q, F_KIND] not in (SUM, SWIGLU) for q in dyn):
-        raise ValueError("only sum and swiglu phases can be dynamic")
+    if any(p.table[q, F_KIND] not in (SUM, SWIGLU) or p.table[q, F_TAIL] for q in dyn):
+        raise ValueError("only sum and swiglu phases with no tail can be dynamic")
     for phase, f in enumerate(p.table.tolist()):
         kind, fam, row0, items, kc = f[F_KIND], f[F_FAM], f[F_ROW0], f[F_ITEMS], f[F_KC]
         if kind == ATTENTION:
@@ -405,8 +411,10 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: Seque
             for r in range(nprog):
                 per_prog[r].append(torch.tensor([DYNAMIC | phase]))
             continue
-        for r in range(min(nprog, items)):
-            per_prog[r].append(codes[r::nprog].reshape(-1))
+        for r in range(nprog):
+            first = first_item(r, items, nprog, bool(f[F_TAIL]))
+            if first < items:
+                per_prog[r].append(codes[first::nprog].reshape(-1))
     flat = [torch.cat(c) if c else torch.zeros(0, dtype=torch.int64) for c in per_prog]
     width = 1 + max(len(c) for c in flat) + pad
     out = torch.zeros(nprog, width, dtype=torch.int32)
@@ -414,6 +422,12 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: Seque
         out[r, 0] = len(c)
         out[r, 1:1 + len(c)] = c.to(torch.int32)
     return out
+
+
+def first_item(program: int, items: int, nprog: int, tail: bool) -> int:
+    """A program's first item of a phase (its next ones follow nprog apart): item i goes to program i % nprog, or
+    with `tail` (i + nprog - items % nprog) % nprog."""
+    return (program + items) % nprog if tail else program
 
 
 def unpack(words: torch.Tensor) -> torch.Tensor:

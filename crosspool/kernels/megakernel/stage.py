@@ -7,7 +7,6 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from crosspool.kernels.megakernel.common import (
-    K_ATTENTION,
     K_CHUNK,
     K_F_IN_CHUNKS,
     K_F_IN_OFF,
@@ -20,7 +19,6 @@ from crosspool.kernels.megakernel.common import (
     K_STAGE_CHUNKS,
     _cta_barrier,
     _field,
-    _items_of,
     _lap,
     _poll,
     _tag,
@@ -30,23 +28,27 @@ from crosspool.kernels.megakernel.common import (
 
 
 @gluon.jit
-def _stage(table_ptr, p, kind, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, pid, nprog, mark, t_poll,
+def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, mark, t_poll,
            t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr):
     """Consumers: stage phase p's input in `xs` (bf16), 16 chunks a round, after polling its tags (phase `src`, or
     the step's input `x_ptr` where src < 0); RMSNorm it where the phase has norm weights (an attention phase: q and
-    k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. PROFILE: `t_poll` and
-    `t_stage` plus the cycles of the polls and of the rest. Returns mark, t_poll, t_stage."""
+    k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. With `skip` (a program
+    with no item of the phase) only the barrier: the program goes on to its next phase without waiting for this
+    one's input. PROFILE: `t_poll` and `t_stage` plus the cycles of the polls and of the rest. Returns mark,
+    t_poll, t_stage."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
     scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
     n_in = _field(table_ptr, p, K_F_IN_CHUNKS)
     norm = _field(table_ptr, p, K_F_NORM)
+    wait = _field(table_ptr, p, K_F_WAIT)
     seg = n_in                                   # chunks under the first norm (attention: q's; k has its own)
     if SPLITS > 0:                               # (a chain with attention: the code below compiles only there)
         seg = _field(table_ptr, p, K_F_NORM_SEG)
-        if (kind == K_ATTENTION) & (_items_of(table_ptr, p, pid, nprog) == 0):
-            n_in = 0                             # no item of this attention phase here: nothing to stage
-            norm = -1
+    if skip:
+        n_in = 0                                 # no item of this phase here: nothing to stage or wait for
+        norm = -1
+        wait = -1
     squares = eps * 0.0                          # the input's sums of squares, for a phase with a norm
     # the first round's norm weights, loaded before the input's poll: their round trip is off the critical path
     g_first = gl.load(norms_ptr + norm + srow[:, None] * K_CHUNK + scol[None, :],
@@ -95,7 +97,6 @@ def _stage(table_ptr, p, kind, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
                 else:
                     v = v * rstd
                 xs.slice(r, K_ROWS).store((g * v.to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16))
-    wait = _field(table_ptr, p, K_F_WAIT)
     if wait >= 0:
         offs = srow[:, None] * K_CHUNK + scol[None, :]
         _poll(words_ptr, _field(table_ptr, p, K_F_WAIT_OFF) + offs, offs < _field(table_ptr, p, K_F_WAIT_N),
