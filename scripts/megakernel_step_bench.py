@@ -32,7 +32,8 @@ from crosspool.models.loader import AttentionWeights, FFNWeights  # noqa: E402
 from crosspool.models.presets import get_preset  # noqa: E402
 from crosspool.models.spec import ModelSpec  # noqa: E402
 
-LAYER_PHASES = ("qkv", "attention", "o_proj", "router", "gate/up", "down")
+# a layer's phases (`decode_chain`): the router folded in two, (R g) h beside QKV and (R g W_o) a beside o_proj
+LAYER_PHASES = ("qkv", "router (R g) h", "attention", "o_proj", "router (R g W_o) a", "gate/up", "down")
 
 
 def print_timeline(t: torch.Tensor, phases: list[mk.Phase]) -> None:

@@ -261,6 +261,36 @@ def test_routed_tiles_wait_for_their_ranking() -> None:
             mk.plan(MOE[:2] + [phase], _moe_families("cpu", 6), 2048)
 
 
+def test_folded_router_routes_as_the_router_after_the_norm() -> None:
+    """A router folded through its norm (`Phase.rms_of`: rows R g reading x itself, not R reading norm(x)) picks the
+    same experts and weighs them alike: its outputs are the logits times x's RMS, which the routed phases take
+    out. The plan rejects folded routers it cannot run."""
+    fam = _moe_families("cpu", 6)
+    g = torch.Generator().manual_seed(8)
+    norms = (1 + 0.3 * torch.randn(2048, generator=g)).to(torch.bfloat16)
+    x = torch.randn(2048, generator=g)
+    plain = [MOE[0], dataclasses.replace(MOE[1], norm=0), dataclasses.replace(MOE[2], norm=0), MOE[3]]
+    folded = [MOE[0], dataclasses.replace(MOE[1], rms_of=0), dataclasses.replace(MOE[2], norm=0), MOE[3]]
+    fam_folded = [fam[0].clone(), fam[1], fam[2]]
+    fam_folded[0][2048:2064] = (fam[0][2048:2064].float() * norms.float()).to(torch.bfloat16)
+    want = mk.reference(plain, fam, x, norms)
+    got = mk.reference(folded, fam_folded, x, norms)
+    rstd = torch.rsqrt(want[0].pow(2).mean() + 1e-5)
+    torch.testing.assert_close(got[1] * rstd, want[1], rtol=2e-2, atol=2e-2)           # the logits, scaled
+    assert torch.equal(got[2], want[2])                  # the same experts, the same staged input
+    # weighed alike: the experts' part of the down (its residual aside) to 1.6% of its scale here; with the
+    # logits left unscaled, 21%
+    routed, want_routed = got[3] - want[0], want[3] - want[0]
+    assert (routed - want_routed).abs().max() < 0.03 * want_routed.abs().max()
+    assert mk.plan(folded, fam_folded, 2048, 2048).table[:, mk.F_ROUTE_SCALED].tolist() == [0, 0, 1, 1]
+    bad = {"at most 64 outputs": [MOE[0], Phase("sum", 0, 0, 128, 2048, input=0, rms_of=0)],
+           "an earlier phase": [dataclasses.replace(MOE[0], rms_of=0)],
+           "stage all of that phase's outputs with a norm": folded[:2] + [MOE[2]]}
+    for message, chain in bad.items():
+        with pytest.raises(ValueError, match=message):
+            mk.plan(chain, fam_folded, 2048, 2048)
+
+
 def test_chain_of_an_olmoe_ffn_half_matches_the_engines_torch_path() -> None:
     """The chain's semantics against the engine's own model code: OLMoE's post-attention norm, router, routing rule
     (softmax, greedy top-8, no renormalization) and experts, at the real hidden and intermediate sizes (16

@@ -100,7 +100,13 @@ def test_decode_chain_matches_the_engines_torch_path(prompt_len: int) -> None:
     # 5-7e-3 here; a wrong q or post-attention norm, 2.7e-2 or more
     assert err < 1.5e-2, f"logits off by {err:.2e} of their scale"
     assert got.argmax() == want.argmax() or want.topk(2).values.diff().abs().item() < 3e-2 * want.abs().max()
-    torch.testing.assert_close(step.kv.float(), kv.float(), rtol=2e-2, atol=2e-2)   # the new token's key/value
+    # the new token's key/value: layer 0's from the step's input, value by value; a later layer's from the layers
+    # before, whose rounding it carries (the chain folds the router, the engine rounds every op), so against its
+    # scale, as the logits: 3e-3 at layer 0 and 5e-3-1.5e-2 at layer 1 over 8 seeds, folded router or not
+    torch.testing.assert_close(step.kv[:, 0].float(), kv[:, 0].float(), rtol=2e-2, atol=2e-2)
+    for layer in range(1, spec.num_layers):
+        got_kv, want_kv = step.kv[:, layer].float(), kv[:, layer].float()
+        assert (got_kv - want_kv).abs().max() < 2.5e-2 * want_kv.abs().max(), f"layer {layer}'s new key/value"
     mk.plan(chain.phases, chain.families, spec.hidden_size, chain.norms.numel())      # and the kernel takes it
 
 
@@ -118,9 +124,11 @@ def test_decode_chain_adopts_the_models_weights_without_changing_its_outputs() -
         kv = torch.zeros(4, spec.num_layers, 2, BS, spec.num_heads, mk.HEAD_DIM, dtype=torch.bfloat16)
         return model.compute_logits(model.forward(_batch(ids, 0, table), _Cache(kv)))
 
-    keys = ("q_proj", "k_proj", "v_proj", "o_proj", "router", "experts_gate_up", "experts_down")
+    # (the router is folded into two other matrices: the model keeps its own, unchanged)
+    keys = ("q_proj", "k_proj", "v_proj", "o_proj", "experts_gate_up", "experts_down")
     before = [{k: v.clone() for k, v in (a | f).items() if k in keys}
               for a, f in zip(attn.layers, ffn.layers, strict=True)]
+    routers = [f["router"].clone() for f in ffn.layers]
     want = logits()
     chain = decode_chain(spec, attn, ffn, splits=2, adopt=True)
     stores = {f.untyped_storage().data_ptr() for f in chain.families}
@@ -129,6 +137,8 @@ def test_decode_chain_adopts_the_models_weights_without_changing_its_outputs() -
             now = (a | f)[k]
             assert now.untyped_storage().data_ptr() in stores and torch.equal(now, v), k
     assert attn.lm_head.untyped_storage().data_ptr() in stores and attn.embed is attn.lm_head
+    assert all(torch.equal(r, f["router"]) and f["router"].untyped_storage().data_ptr() not in stores
+               for r, f in zip(routers, ffn.layers, strict=True))
     assert torch.equal(logits(), want)
     assert torch.equal(chain.families[0][-spec.vocab_size:], attn.lm_head)
     assert chain_bytes(spec) == sum(f.numel() * f.element_size() for f in chain.families)

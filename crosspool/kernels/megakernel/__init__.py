@@ -12,6 +12,8 @@ This module is that kernel's core, a chain of dependent GEMV phases over stacked
   experts' gate/up). Each phase can RMSNorm its input first (the layer norms), add a residual, and wait on one
   more phase whose words it does not read. A phase can be routed: its matrices are the top-k experts of a router
   phase, ranked by every program at run time (`rank.py`: softmax, greedy), and a routed sum weights each expert.
+  A router can be folded through its norm (`Phase.rms_of`): its outputs are then ranked before the normed input
+  exists, and the experts' weights take the norm's scale from the routed phase's staging.
 - `plan` checks a chain and lays it out as an int32 table plus word offsets; `reference` computes it in torch.
 - `Chain` runs it on the GPU (`chain.py`): one program an SM. In each, a producer warp (`produce.py`) streams the
   weight tiles through a ring of shared-memory slots by TMA, and 4 or 8 consumer warps walk the work items (16
@@ -58,6 +60,7 @@ from crosspool.kernels.megakernel.plan import (
     F_ROUTE_LAST,
     F_ROUTE_N,
     F_ROUTE_OFF,
+    F_ROUTE_SCALED,
     F_ROW0,
     F_SCALE,
     F_SOURCES,
@@ -67,6 +70,7 @@ from crosspool.kernels.megakernel.plan import (
     F_WAIT,
     F_WAIT_N,
     F_WAIT_OFF,
+    FEW_EXPERTS,
     GROUP,
     HEAD_DIM,
     KV_SLOT,
@@ -129,6 +133,8 @@ __all__ = [
     "F_ROUTE_LAST",
     "F_ROUTE_N",
     "F_ROUTE_OFF",
+    "F_ROUTE_SCALED",
+    "FEW_EXPERTS",
     "F_ROW0",
     "F_SOURCES",
     "F_STRIDE",

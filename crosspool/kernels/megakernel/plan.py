@@ -25,9 +25,10 @@ STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
 (F_KIND, F_FAM, F_ROW0, F_ITEMS, F_KC, F_SOURCES, F_STRIDE, F_UP, F_ITEMS_PER_SRC, F_IN, F_IN_CHUNKS, F_IN_OFF,
  F_RES, F_RES_OFF, F_OUT_OFF, F_WAIT) = range(16)
 F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL, F_ROUTE_LAST = 16, 17, 18, 19, 20, 21, 22, 23
-F_SCALE, F_NORM_SEG, F_DYN, F_TAIL = 24, 25, 26, 27
-NCOL = 32                 # (28 used) a phase's row is one 128-B line: its fields are one L1 miss, not two
+F_SCALE, F_NORM_SEG, F_DYN, F_TAIL, F_ROUTE_SCALED = 24, 25, 26, 27, 28
+NCOL = 32                 # (29 used) a phase's row is one 128-B line: its fields are one L1 miss, not two
 MAX_EXPERTS = 256         # router outputs a routed phase can rank
+FEW_EXPERTS = 64          # router outputs a router with `rms_of` can have (the kernel's ranking by counting)
 MAX_TOP_K = 16            # experts a routed phase takes
 MAX_ORDINALS = 128        # routed phases a chain can have
 GROUP = 4                 # routed phases that can share one router (one ranking serves them all)
@@ -68,6 +69,11 @@ class Phase:
                                   # a "sum" weights source s by its softmax probability (OLMoE's rule: greedy, no
                                   # renormalization)
     scale: float = 0.0            # attention: the softmax scale
+    rms_of: int = NO_PHASE        # a router folded through a norm (`decode_chain`): its outputs are the logits times
+                                  # the RMS of this earlier phase's outputs. Its routed phases rank them as they are
+                                  # (the order is the same) and weigh their experts by softmax(outputs * rstd), rstd
+                                  # = rsqrt(mean(rms_of's outputs^2) + eps); a ranking phase among them stages
+                                  # rms_of's outputs whole with a norm (in the kernel, its staging gives rstd)
     tail: bool = False            # a sum or swiglu phase's items on the last programs, not the first (item i on
                                   # program (i + P - items % P) % P of P): a small phase there runs beside a larger
                                   # one whose items fill the first programs (attention's, o_proj's)
@@ -125,6 +131,10 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
             raise ValueError(f"phase {i}: kind {ph.kind!r}, expected 'sum', 'swiglu' or 'attention'")
         if ph.tail and ph.route != NO_PHASE:
             raise ValueError(f"phase {i}: a routed phase's items start at the first program (no tail)")
+        if ph.rms_of != NO_PHASE and (ph.kind != "sum" or ph.out_rows > FEW_EXPERTS or attention_source(ph.rms_of)
+                                      or not 0 <= ph.rms_of < i):
+            raise ValueError(f"phase {i}: a router with rms_of is a sum of at most {FEW_EXPERTS} outputs, and "
+                             f"rms_of ({ph.rms_of}) an earlier phase, not attention")
         if any(attention_source(s) for s in (ph.residual, ph.wait, ph.route)) or \
                 (attention_source(ph.input) and (ph.kind != "sum" or ph.sources != 1 or ph.norm != -1)):
             raise ValueError(f"phase {i}: an attention phase's outputs are only the input of a one-source sum "
@@ -174,7 +184,8 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
                      lengths[ph.wait] // 2 if ph.wait >= 0 else 0, ph.norm, ph.route,
                      src_off(ph.route) if ph.route != NO_PHASE else 0,
                      lengths[ph.route] if ph.route != NO_PHASE else 0,
-                     len(routed) if ph.route != NO_PHASE else -1, -1, 0, need // CHUNK, 0, int(ph.tail)])
+                     len(routed) if ph.route != NO_PHASE else -1, -1, 0, need // CHUNK, 0, int(ph.tail),
+                     int(ph.route != NO_PHASE and phases[ph.route].rms_of != NO_PHASE)])
         if attention_source(ph.input):        # the heads' outputs, combined by each head's last split
             rows[-1][F_IN_OFF] += combined_offset(phases[ph.input])
         if ph.route != NO_PHASE:
@@ -188,9 +199,15 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
         last = first
         while last + 1 < len(routed) and phases[routed[last + 1]].route == phases[phase].route:
             last += 1
-        if last - first >= GROUP and (first == 0 or phases[routed[first - 1]].route != phases[phase].route):
+        ranks = first == 0 or phases[routed[first - 1]].route != phases[phase].route
+        if last - first >= GROUP and ranks:
             raise ValueError(f"phase {phase}: at most {GROUP} consecutive routed phases can share router "
                              f"{phases[phase].route}")
+        ph, rms_of = phases[phase], phases[phases[phase].route].rms_of
+        if ranks and rms_of != NO_PHASE and (ph.input != rms_of or ph.norm == -1 or ph.sources != 1 and
+                                             ph.kind == "sum" or rows[phase][F_IN_CHUNKS] * CHUNK != lengths[rms_of]):
+            raise ValueError(f"phase {phase}: ranks router {ph.route}, whose outputs are scaled by the RMS of "
+                             f"phase {rms_of}: it must stage all of that phase's outputs with a norm")
         rows[phase][F_ROUTE_LAST] = last
     rows = [r + [0] * (NCOL - len(r)) for r in rows]
     return Plan(torch.tensor(rows, dtype=torch.int32), routed, offsets, total, input_len)
@@ -330,7 +347,11 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
         inp = inp.float()
         experts, gates = list(range(ph.sources)), [1.0] * ph.sources
         if ph.route != NO_PHASE:            # `torch_ref.route`'s rule, with the kernel's tie-break: lower id first
-            probs = torch.softmax(vec(ph.route).float(), dim=0)
+            logits = vec(ph.route).float()
+            rms_of = phases[ph.route].rms_of
+            if rms_of != NO_PHASE:           # a folded router's outputs are the logits times rms_of's RMS
+                logits = logits * torch.rsqrt(vec(rms_of).float().pow(2).mean() + eps)
+            probs = torch.softmax(logits, dim=0)
             ids = torch.sort(probs, descending=True, stable=True).indices[:ph.sources]
             experts, gates = ids.tolist(), probs[ids].tolist()
         if ph.kind == "sum":

@@ -26,22 +26,29 @@ from crosspool.kernels.megakernel.common import (
     _view,
     _word_of,
 )
+from crosspool.kernels.megakernel.plan import FEW_EXPERTS
 
-K_FEW = gl.constexpr(64)  # routers of at most this many experts rank by counting (`_rank_few`)
+K_FEW = gl.constexpr(FEW_EXPERTS)  # routers of at most this many experts rank by counting (`_rank_few`)
 
 
 @gluon.jit
 def _probs(words_ptr, route_off, eoffs, n_route, tag, err_ptr, stamp_at, POLLS: gl.constexpr,
            PROFILE: gl.constexpr):
-    """The router's logits at `eoffs` ([1, E]), once tagged, as softmax probabilities; -1 past the router's
-    `n_route` experts (so they rank last)."""
+    """The router's logits at `eoffs` ([1, E]), once tagged, as softmax probabilities (-1 past the router's
+    `n_route` experts, so they rank last), and the logits themselves (-inf past them)."""
     valid = eoffs < n_route
     q, h = _word_of(eoffs)
     w = _poll(words_ptr, route_off + q, valid, tag, err_ptr, POLLS)
     _stamp(stamp_at, PROFILE)
     logit = gl.where(valid, _value(w, h), float("-inf"))
+    return gl.where(valid, _softmax(logit, valid), -1.0), logit
+
+
+@gluon.jit
+def _softmax(logit, valid):
+    """Softmax of [1, E] logits over the `valid` ones (0 elsewhere)."""
     ex = gl.where(valid, gl.exp(logit - gl.max(gl.max(logit, axis=1), axis=0)), 0.0)
-    return gl.where(valid, ex / gl.sum(gl.sum(ex, axis=1), axis=0), -1.0)
+    return ex / gl.sum(gl.sum(ex, axis=1), axis=0)
 
 
 @gluon.jit
@@ -49,12 +56,13 @@ def _rank_few(words_ptr, route_off, n_route, tag, err_ptr, stamp_at, kk, WARPS: 
               PROFILE: gl.constexpr):
     """Top-k of at most K_FEW experts by counting, in no dependent rounds: expert i's rank is how many experts
     beat it (a higher probability, or an equal one and a lower id); the expert of rank k is the k-th pick, as the
-    greedy loop in `_rank` would make it. Returns the ids and probabilities of ranks `kk` ([MAX_TOP_K, 1])."""
+    greedy loop in `_rank` would make it. Returns the ids and probabilities of ranks `kk` ([MAX_TOP_K, 1]), and
+    the logits ([1, K_FEW], -inf past `n_route`)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
     # [j, i]: every j of one i in one thread, so a rank sums in-thread
     pair_l: gl.constexpr = gl.BlockedLayout([K_FEW, 1], [1, 32], [1, WARPS], [0, 1])
     eoffs = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]
-    sel = _probs(words_ptr, route_off, eoffs, n_route, tag, err_ptr, stamp_at, POLLS, PROFILE)
+    sel, logit = _probs(words_ptr, route_off, eoffs, n_route, tag, err_ptr, stamp_at, POLLS, PROFILE)
     flat = gl.max(sel, axis=0)                                                     # [K_FEW] (axis 0 has one row)
     si = gl.convert_layout(flat, gl.SliceLayout(0, pair_l))[None, :]
     sj = gl.convert_layout(flat, gl.SliceLayout(1, pair_l))[:, None]
@@ -64,16 +72,18 @@ def _rank_few(words_ptr, route_off, n_route, tag, err_ptr, stamp_at, kk, WARPS: 
     rank = gl.convert_layout(gl.sum(beats.to(gl.int32), axis=0), gl.SliceLayout(0, stage_l))[None, :]
     hit = rank == kk                                                               # [MAX_TOP_K, K_FEW]
     return gl.sum(gl.where(hit, eoffs, 0), axis=1, keep_dims=True), gl.sum(gl.where(hit, sel, 0.0), axis=1,
-                                                                           keep_dims=True)
+                                                                           keep_dims=True), logit
 
 
 @gluon.jit
 def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, expert_base, rowbase, ranked,
-          parts_at, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr = False):
+          parts_at, scaled, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr = False):
     """Rank routed phase p's router logits: every program ranks them for itself and writes the expert ids and
     weights to its own rows, for phase p and the following routed phases that share its router (ordinals
     `ordinal`..the table's last), then arrives on their `ranked` mbarriers: the producer held their tiles back
-    until now, and reads each expert's first row from `rowbase`. Returns the ordinal after the last one ranked.
+    until now, and reads each expert's first row from `rowbase`. With `scaled` (a folded router, `Phase.rms_of`)
+    the weights are left to `_gates`, once the staging has the scale. Returns the ordinal after the last one
+    ranked, the ids ([MAX_TOP_K, 1]) and, for a router of at most K_FEW experts, the logits ([1, K_FEW]).
     Profiling: the time at `parts_at` + 0..2 once the logits are polled, once ranked, once stored."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
     n_route = _field(table_ptr, p, K_F_ROUTE_N)
@@ -87,12 +97,14 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
     o_stride = _field(table_ptr, o_ph, K_F_STRIDE)
     route_off = _field(table_ptr, p, K_F_ROUTE_OFF)
     kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, stage_l))[:, None]     # [MAX_TOP_K, 1]
+    logits = gl.zeros([1, K_FEW], gl.float32, stage_l)
     if n_route <= K_FEW:
-        ids, bests = _rank_few(words_ptr, route_off, n_route, _tag(epoch, router), err_ptr, parts_at, kk, WARPS,
+        ids, bests, logits = _rank_few(words_ptr, route_off, n_route, _tag(epoch, router), err_ptr, parts_at, kk, WARPS,
                                POLLS, PROFILE)
     else:
         eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
-        sel = _probs(words_ptr, route_off, eoffs, n_route, _tag(epoch, router), err_ptr, parts_at, POLLS, PROFILE)
+        sel, _ = _probs(words_ptr, route_off, eoffs, n_route, _tag(epoch, router), err_ptr, parts_at, POLLS,
+                        PROFILE)
         ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
         bests = gl.zeros([K_MAX_TOP_K, 1], gl.float32, stage_l)
         for k in gl.static_range(K_MAX_TOP_K):
@@ -106,7 +118,7 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
     for o in range(ordinal, last + 1):
         at = expert_base + o * 2 * K_MAX_TOP_K + kk
         gl.store(at, ids, mask=kk < n_src)
-        gl.store(at + K_MAX_TOP_K, bests.to(gl.int32, bitcast=True), mask=kk < n_src)
+        gl.store(at + K_MAX_TOP_K, bests.to(gl.int32, bitcast=True), mask=(kk < n_src) & (scaled == 0))
         # the producer's copy: each expert's first row in phase o's family
         pick = og == o - ordinal
         first = gl.sum(gl.where(pick, o_row0, 0), axis=1, keep_dims=True) + \
@@ -117,4 +129,19 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
     _stamp(parts_at + 2, PROFILE)
     for o in range(ordinal, last + 1):
         mbarrier.arrive(ranked.index(o), count=1)
-    return last + 1
+    return last + 1, ids, logits
+
+
+@gluon.jit
+def _gates(table_ptr, p, ordinal, ids, logits, rstd, expert_base, WARPS: gl.constexpr):
+    """A folded router's expert weights (`Phase.rms_of`), for routed phase p and those sharing its router (ordinals
+    `ordinal`..): softmax(logits * rstd) at the ranked `ids`, where rstd is the norm's scale, from the staging of
+    the phase that ranked them."""
+    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
+    eoffs = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]
+    probs = _softmax(logits * rstd, eoffs < _field(table_ptr, p, K_F_ROUTE_N))
+    gates = gl.sum(gl.where(eoffs == ids, probs, 0.0), axis=1, keep_dims=True)               # [MAX_TOP_K, 1]
+    kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, stage_l))[:, None]
+    for o in range(ordinal, _field(table_ptr, p, K_F_ROUTE_LAST) + 1):
+        gl.store(expert_base + o * 2 * K_MAX_TOP_K + K_MAX_TOP_K + kk, gates.to(gl.int32, bitcast=True),
+                 mask=kk < _field(table_ptr, p, K_F_SOURCES))

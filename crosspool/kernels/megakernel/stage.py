@@ -35,7 +35,7 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
     k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. With `skip` (a program
     with no item of the phase) only the barrier: the program goes on to its next phase without waiting for this
     one's input. PROFILE: `t_poll` and `t_stage` plus the cycles of the polls and of the rest. Returns mark,
-    t_poll, t_stage."""
+    t_poll, t_stage, and the norm's scale rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
     scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
@@ -77,6 +77,7 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
                     squares += gl.sum(by_row, axis=0)
             xs.slice(r, K_ROWS).store(vals)
     mark, t_poll = _lap(mark, t_poll, PROFILE)
+    rstd = squares * 0.0 + 1.0
     if norm >= 0:
         # RMSNorm as the model rounds it: bf16(g * bf16(x * rstd)); each thread rescales the values it staged
         rstd = gl.rsqrt(squares / (seg * K_CHUNK) + eps)
@@ -103,4 +104,4 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
               _tag(epoch, wait), err_ptr, POLLS)
     _cta_barrier()
     mark, t_stage = _lap(mark, t_stage, PROFILE)
-    return mark, t_poll, t_stage
+    return mark, t_poll, t_stage, rstd

@@ -63,15 +63,23 @@ def chain_bytes(spec: ModelSpec, itemsize: int = 2) -> int:
     h, hd, n_exp, inter = spec.hidden_size, spec.num_heads * HEAD_DIM, spec.routing.num_experts, \
         spec.moe_intermediate_size
     layers = spec.num_layers
-    rows = layers * (3 * hd + h + n_exp) + spec.vocab_size
+    rows = layers * (3 * hd + h + 2 * n_exp) + spec.vocab_size
     return itemsize * (rows * h + layers * n_exp * 3 * inter * h)
 
 
 def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, splits: int = 4,
                  adopt: bool = False) -> DecodeChain:
     """The step's chain over the model's weights, copied into the chain's families (three tensors, filled layer by
-    layer). adopt=True: the model's own weight tensors then become views of the families (the same values), so
-    the model and the chain hold one copy once the build is done (two during it). Only do that before
+    layer). The router is folded through the post-attention norm and o_proj, so the experts can be ranked while
+    o_proj runs, not after it: with x = h + W_o a (h the layer's input, a the attention's output) and the norm's
+    weights g, the router's logits are rstd(x) * (R g) x = rstd(x) * ((R g) h + (R g W_o) a). A phase of the rows
+    R g reads h (beside QKV, on the last programs), and one of the rows R g W_o reads a with the first's outputs
+    as its residual (beside o_proj, on the programs o_proj leaves free). The ranking needs no rstd (it scales
+    every logit alike); the experts' weights take it from the gate/up's staging (`Phase.rms_of`). The folded
+    logits differ from the engine's by about the engine's own bf16 rounding of them (0.01-0.05 at a scale of 5-10
+    on random weights, against an fp64 router: tests/test_megakernel_step.py).
+    adopt=True: the model's own weight tensors (the router aside) then become views of the families (the same
+    values), so the model and the chain hold one copy once the build is done (two during it). Only do that before
     anything captures a CUDA graph over the old tensors, and only where nothing else refers to them. Layer l's KV
     cache layer is l; attention heads are split `splits` ways."""
     check_supported(spec)
@@ -79,7 +87,7 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
     h, hd, n_exp, inter = spec.hidden_size, spec.num_heads * HEAD_DIM, spec.routing.num_experts, \
         spec.moe_intermediate_size
     layers = len(attn.layers)
-    rows_a = 3 * hd + h + n_exp                      # a layer's rows of family 0: q, k, v, o_proj, the router
+    rows_a = 3 * hd + h + 2 * n_exp                  # a layer's rows of family 0: q, k, v, o_proj, R g, R g W_o
     norms_a = 2 * h + 2 * hd                         # a layer's norm weights: input, post-attention, q, k
     like = attn.layers[0]["o_proj"]
     families = [torch.empty(layers * rows_a + spec.vocab_size, h, dtype=like.dtype, device=like.device),
@@ -104,24 +112,29 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
         for j, key in enumerate(qkv):
             place(0, base + j * hd, aw, key)
         place(0, base + 3 * hd, aw, "o_proj")
-        place(0, base + 3 * hd + h, fw, "router")                # (a router kept in fp32 is copied, not adopted)
+        # the folded router's two parts, from fp32 (the model keeps its own router for the graph of kernels)
+        r_g = fw["router"].float() * aw["post_attention_layernorm"].float()[None, :]
+        families[0][base + 3 * hd + h:base + 3 * hd + h + n_exp] = r_g
+        families[0][base + 3 * hd + h + n_exp:base + rows_a] = r_g @ aw["o_proj"].float()
         place(1, layer * n_exp * 2 * inter, fw, "experts_gate_up")
         place(2, layer * n_exp * h, fw, "experts_down")
         norms += [aw["input_layernorm"], aw["post_attention_layernorm"], aw.get("q_norm", ones),
                   aw.get("k_norm", ones)]
         p = len(phases)
         phases += [
-            Phase("sum", 0, base, 3 * hd, h, input=resid, norm=at),
+            Phase("sum", 0, base, 3 * hd, h, input=resid, norm=at),                                  # QKV
+            Phase("sum", 0, base + 3 * hd + h, n_exp, h, input=resid, tail=True),                    # (R g) h
             Phase("attention", 0, layer, hd, HEAD_DIM, sources=splits, input=p,
                   norm=at + 2 * h if spec.qk_norm == "full" else -1, scale=spec.softmax_scale),
-            Phase("sum", 0, base + 3 * hd, h, hd, input=p + 1, residual=resid),
-            Phase("sum", 0, base + 3 * hd + h, n_exp, h, input=p + 2, norm=at + h),
+            Phase("sum", 0, base + 3 * hd, h, hd, input=p + 2, residual=resid),                      # o_proj: x
+            Phase("sum", 0, base + 3 * hd + h + n_exp, n_exp, hd, input=p + 2, residual=p + 1, rms_of=p + 3,
+                  tail=True),                                                                        # the router
             Phase("swiglu", 1, layer * n_exp * 2 * inter, spec.routing.top_k * inter, h, sources=spec.routing.top_k,
-                  stride=2 * inter, up_offset=inter, input=p + 2, norm=at + h, route=p + 3),
-            Phase("sum", 2, layer * n_exp * h, h, inter, sources=spec.routing.top_k, stride=h, input=p + 4,
-                  residual=p + 2, route=p + 3),
+                  stride=2 * inter, up_offset=inter, input=p + 3, norm=at + h, route=p + 4),
+            Phase("sum", 2, layer * n_exp * h, h, inter, sources=spec.routing.top_k, stride=h, input=p + 5,
+                  residual=p + 3, route=p + 4),
         ]
-        resid = p + 5
+        resid = p + 6
     norms.append(attn.final_norm)
     phases.append(Phase("sum", 0, layers * rows_a, spec.vocab_size, h, input=resid, norm=layers * norms_a))
     head = {"lm_head": attn.lm_head}
