@@ -70,7 +70,7 @@ from crosspool.kernels.megakernel.plan import (
     unpack,
 )
 from crosspool.kernels.megakernel.produce import _produce
-from crosspool.kernels.megakernel.rank import _gates, _rank
+from crosspool.kernels.megakernel.rank import K_FEW, _gates, _rank
 from crosspool.kernels.megakernel.stage import _stage
 
 
@@ -88,6 +88,7 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
     tile3: gl.constexpr = gl.BlockedLayout([BOXES, 1, 8], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
     acc_l: gl.constexpr = gl.SliceLayout(0, tile3)                                    # [ROWS, CHUNK]
     rows_l: gl.constexpr = gl.SliceLayout(1, acc_l)
+    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])     # the ranking's
     # `xgroups.index(g)` is staged chunks g * BOXES.. as [BOXES, 1, CHUNK], the input of one ring slot (a slot's
     # first chunk is a multiple of BOXES)
     xgroups = _view(xs, [K_STAGE_CHUNKS // BOXES, BOXES, 1, K_CHUNK],
@@ -131,23 +132,25 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
             dyn = _field(table_ptr, p, K_F_DYN)
         _cta_barrier()                               # every warp is done with the previous phase's input
         _stamp(prof + 16 + 8 * p, PROFILE)
-        # a program with no item of a fixed split's phase skips its staging (a routed phase's ranking still
-        # serves the phases that share its router)
-        skip = (n_items == 0) & (dyn == 0) & (router < 0)
-        mark, t_poll, t_stage, rstd = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
-                                             err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS)
-        # the router ranked after the staging, not before: once it frees the producer, the ring's loads flood
-        # the memory system, and the staging's polls took ~5 us longer behind them (session 19)
+        # the router ranked before the input is staged: the producer can start on the experts' tiles meanwhile
         ordinal = gl.maximum(_field(table_ptr, p, K_F_ORDINAL), 0)
+        ranks = (router >= 0) & (ordinal >= ready)
         scaled = zero
-        if (router >= 0) & (ordinal >= ready):
+        ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
+        logits = gl.zeros([1, K_FEW], gl.float32, stage_l)
+        if ranks:
             scaled = _field(table_ptr, p, K_F_ROUTE_SCALED)
             ready, ids, logits = _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr,
                                        expert_base, rowbase, ranked, prof + 20 + 8 * p, scaled, WARPS, POLLS,
                                        PROFILE)
             mark, t_rank = _lap(mark, t_rank, PROFILE)
-            if scaled != 0:                          # a folded router: its weights need the norm's scale
-                _gates(table_ptr, p, ordinal, ids, logits, rstd, expert_base, WARPS)
+        # a program with no item of a fixed split's phase skips its staging (a routed phase's ranking still
+        # serves the phases that share its router)
+        skip = (n_items == 0) & (dyn == 0) & (router < 0)
+        mark, t_poll, t_stage, rstd = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
+                                             err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS)
+        if scaled != 0:                              # a folded router: its weights need the norm's scale
+            _gates(table_ptr, p, ordinal, ids, logits, rstd, expert_base, WARPS)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
 
         _stamp(prof + 17 + 8 * p, PROFILE)            # the input staged (and the router ranked)
