@@ -133,26 +133,22 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
         _cta_barrier()                               # every warp is done with the previous phase's input
         _stamp(prof + 16 + 8 * p, PROFILE)
         # the router ranked before the input is staged: the producer can start on the experts' tiles meanwhile
-        # (staged first, 939-941 us a step against 910-918, session 19); the ranking loads the staging's words
-        # before it frees the producer
         ordinal = gl.maximum(_field(table_ptr, p, K_F_ORDINAL), 0)
         ranks = (router >= 0) & (ordinal >= ready)
         scaled = zero
         ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
         logits = gl.zeros([1, K_FEW], gl.float32, stage_l)
-        pre = gl.zeros([K_ROWS, K_CHUNK], gl.int64, stage_l)      # (the staging's first words, `_preload`)
         if ranks:
             scaled = _field(table_ptr, p, K_F_ROUTE_SCALED)
-            ready, ids, logits, pre = _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr,
-                                            routes_ptr, expert_base, rowbase, ranked, prof + 20 + 8 * p, scaled,
-                                            WARPS, POLLS, PROFILE)
+            ready, ids, logits = _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr,
+                                       expert_base, rowbase, ranked, prof + 20 + 8 * p, scaled, WARPS, POLLS,
+                                       PROFILE)
             mark, t_rank = _lap(mark, t_rank, PROFILE)
         # a program with no item of a fixed split's phase skips its staging (a routed phase's ranking still
         # serves the phases that share its router)
         skip = (n_items == 0) & (dyn == 0) & (router < 0)
         mark, t_poll, t_stage, rstd = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
-                                             err_ptr, skip, pre, ranks.to(gl.int32), mark, t_poll, t_stage, WARPS,
-                                             POLLS, PROFILE, SPLITS)
+                                             err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS)
         if scaled != 0:                              # a folded router: its weights need the norm's scale
             _gates(table_ptr, p, ordinal, ids, logits, rstd, expert_base, WARPS)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights

@@ -27,7 +27,6 @@ from crosspool.kernels.megakernel.common import (
     _word_of,
 )
 from crosspool.kernels.megakernel.plan import FEW_EXPERTS
-from crosspool.kernels.megakernel.stage import _preload
 
 K_FEW = gl.constexpr(FEW_EXPERTS)  # routers of at most this many experts rank by counting (`_rank_few`)
 
@@ -53,14 +52,17 @@ def _softmax(logit, valid):
 
 
 @gluon.jit
-def _rank_few(sel, eoffs, kk, WARPS: gl.constexpr):
-    """Top-k of at most K_FEW experts (probabilities `sel`, [1, K_FEW] at `eoffs`) by counting, in no dependent
-    rounds: expert i's rank is how many experts beat it (a higher probability, or an equal one and a lower id);
-    the expert of rank k is the k-th pick, as the greedy loop in `_rank` would make it. Returns the ids and
-    probabilities of ranks `kk` ([MAX_TOP_K, 1])."""
+def _rank_few(words_ptr, route_off, n_route, tag, err_ptr, stamp_at, kk, WARPS: gl.constexpr, POLLS: gl.constexpr,
+              PROFILE: gl.constexpr):
+    """Top-k of at most K_FEW experts by counting, in no dependent rounds: expert i's rank is how many experts
+    beat it (a higher probability, or an equal one and a lower id); the expert of rank k is the k-th pick, as the
+    greedy loop in `_rank` would make it. Returns the ids and probabilities of ranks `kk` ([MAX_TOP_K, 1]), and
+    the logits ([1, K_FEW], -inf past `n_route`)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
     # [j, i]: every j of one i in one thread, so a rank sums in-thread
     pair_l: gl.constexpr = gl.BlockedLayout([K_FEW, 1], [1, 32], [1, WARPS], [0, 1])
+    eoffs = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]
+    sel, logit = _probs(words_ptr, route_off, eoffs, n_route, tag, err_ptr, stamp_at, POLLS, PROFILE)
     flat = gl.max(sel, axis=0)                                                     # [K_FEW] (axis 0 has one row)
     si = gl.convert_layout(flat, gl.SliceLayout(0, pair_l))[None, :]
     sj = gl.convert_layout(flat, gl.SliceLayout(1, pair_l))[:, None]
@@ -70,7 +72,7 @@ def _rank_few(sel, eoffs, kk, WARPS: gl.constexpr):
     rank = gl.convert_layout(gl.sum(beats.to(gl.int32), axis=0), gl.SliceLayout(0, stage_l))[None, :]
     hit = rank == kk                                                               # [MAX_TOP_K, K_FEW]
     return gl.sum(gl.where(hit, eoffs, 0), axis=1, keep_dims=True), gl.sum(gl.where(hit, sel, 0.0), axis=1,
-                                                                           keep_dims=True)
+                                                                           keep_dims=True), logit
 
 
 @gluon.jit
@@ -80,10 +82,8 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
     weights to its own rows, for phase p and the following routed phases that share its router (ordinals
     `ordinal`..the table's last), then arrives on their `ranked` mbarriers: the producer held their tiles back
     until now, and reads each expert's first row from `rowbase`. With `scaled` (a folded router, `Phase.rms_of`)
-    the weights are left to `_gates`, once the staging has the scale. Phase p's first staging round's input words
-    are loaded once the logits are in, before the producer is freed (`_preload`). Returns the ordinal after the
-    last one ranked, the ids ([MAX_TOP_K, 1]), for a router of at most K_FEW experts the logits ([1, K_FEW]), and
-    the preloaded words.
+    the weights are left to `_gates`, once the staging has the scale. Returns the ordinal after the last one
+    ranked, the ids ([MAX_TOP_K, 1]) and, for a router of at most K_FEW experts, the logits ([1, K_FEW]).
     Profiling: the time at `parts_at` + 0..2 once the logits are polled, once ranked, once stored."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
     n_route = _field(table_ptr, p, K_F_ROUTE_N)
@@ -99,16 +99,12 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
     kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, stage_l))[:, None]     # [MAX_TOP_K, 1]
     logits = gl.zeros([1, K_FEW], gl.float32, stage_l)
     if n_route <= K_FEW:
-        e_few = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]
-        p_few, logits = _probs(words_ptr, route_off, e_few, n_route, _tag(epoch, router), err_ptr, parts_at, POLLS,
-                               PROFILE)
-        pre = _preload(table_ptr, p, words_ptr, WARPS)
-        ids, bests = _rank_few(p_few, e_few, kk, WARPS)
+        ids, bests, logits = _rank_few(words_ptr, route_off, n_route, _tag(epoch, router), err_ptr, parts_at, kk, WARPS,
+                               POLLS, PROFILE)
     else:
         eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
         sel, _ = _probs(words_ptr, route_off, eoffs, n_route, _tag(epoch, router), err_ptr, parts_at, POLLS,
                         PROFILE)
-        pre = _preload(table_ptr, p, words_ptr, WARPS)
         ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
         bests = gl.zeros([K_MAX_TOP_K, 1], gl.float32, stage_l)
         for k in gl.static_range(K_MAX_TOP_K):
@@ -133,7 +129,7 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
     _stamp(parts_at + 2, PROFILE)
     for o in range(ordinal, last + 1):
         mbarrier.arrive(ranked.index(o), count=1)
-    return last + 1, ids, logits, pre
+    return last + 1, ids, logits
 
 
 @gluon.jit

@@ -8,7 +8,6 @@ from triton.experimental.gluon import language as gl
 
 from crosspool.kernels.megakernel.common import (
     K_CHUNK,
-    K_F_IN,
     K_F_IN_CHUNKS,
     K_F_IN_OFF,
     K_F_NORM,
@@ -23,36 +22,19 @@ from crosspool.kernels.megakernel.common import (
     _lap,
     _poll,
     _tag,
-    _tagged,
     _value,
     _word_of,
 )
 
 
 @gluon.jit
-def _preload(table_ptr, p, words_ptr, WARPS: gl.constexpr):
-    """The first staging round's input words of phase p (its input an earlier phase), loaded now, tagged or not:
-    `_stage(pre=...)` polls only those that were not. The ranking issues them before it frees the producer,
-    whose ring loads would otherwise be queued ahead of them (they took ~5 us longer after it, session 19)."""
-    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
-    srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
-    scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
-    q, h = _word_of(srow[:, None] * K_CHUNK + scol[None, :])
-    return gl.load(words_ptr + _field(table_ptr, p, K_F_IN_OFF) + q,
-                   mask=(srow[:, None] < _field(table_ptr, p, K_F_IN_CHUNKS)) & (_field(table_ptr, p, K_F_IN) >= 0),
-                   other=0, volatile=True)
-
-
-@gluon.jit
-def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, pre, has_pre, mark,
-           t_poll, t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr,
-           SPLITS: gl.constexpr):
+def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, mark, t_poll,
+           t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr):
     """Consumers: stage phase p's input in `xs` (bf16), 16 chunks a round, after polling its tags (phase `src`, or
     the step's input `x_ptr` where src < 0); RMSNorm it where the phase has norm weights (an attention phase: q and
     k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. With `skip` (a program
     with no item of the phase) only the barrier: the program goes on to its next phase without waiting for this
-    one's input. With `has_pre`, the first round's words are `pre` (`_preload`), polled again only if one
-    was not tagged yet. PROFILE: `t_poll` and `t_stage` plus the cycles of the polls and of the rest. Returns mark,
+    one's input. PROFILE: `t_poll` and `t_stage` plus the cycles of the polls and of the rest. Returns mark,
     t_poll, t_stage, and the norm's scale rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
@@ -78,13 +60,8 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
             mask = (r + srow)[:, None] < n_in
             if src >= 0:
                 q, h = _word_of(offs)
-                tag = _tag(epoch, src)
-                if r == 0:
-                    w = pre
-                    if (has_pre == 0) | (_tagged(w, mask, tag) == 0):
-                        w = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, tag, err_ptr, POLLS)
-                else:
-                    w = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, tag, err_ptr, POLLS)
+                w = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, _tag(epoch, src), err_ptr,
+                          POLLS)
                 vals = _value(w, h)
             else:
                 vals = gl.load(x_ptr + offs, mask=mask, other=0.0).to(gl.float32)    # (fp32 or bf16)
