@@ -74,7 +74,6 @@ MEGAKERNEL_WARPS = env_int("CROSSPOOL_MEGAKERNEL_WARPS", 8)        # its consume
 # dynamic_sums=)`); and 1 to free ring slots with the proxy fence in the producer (`Chain(lean_release=)`)
 MEGAKERNEL_DYNAMIC = env_int("CROSSPOOL_MEGAKERNEL_DYNAMIC", 1)
 MEGAKERNEL_LEAN = env_int("CROSSPOOL_MEGAKERNEL_LEAN", 0)
-MEGAKERNEL_SPIN = env_int("CROSSPOOL_MEGAKERNEL_SPIN", 0)     # 1: the staging's polls thread by thread
 MEGAKERNEL_SPARE = 256 << 20     # bytes kept free past the layout's own while it is built (its buffers, the ring)
 log = logging.getLogger("crosspool.engine")
 
@@ -343,7 +342,7 @@ class DecodeGraphs:
         step = DecodeStep(self.model.spec, self.model.attention.w, self.model.ffn.w, kv,
                           self.inputs.meta[CONTEXT_LENS, :1], self.inputs.tables[0], warps=MEGAKERNEL_WARPS,
                           dynamic=MEGAKERNEL_DYNAMIC >= 1, dynamic_sums=MEGAKERNEL_DYNAMIC >= 2,
-                          lean_release=MEGAKERNEL_LEAN == 1, spin_polls=MEGAKERNEL_SPIN == 1)
+                          lean_release=MEGAKERNEL_LEAN == 1)
         torch.cuda.empty_cache()       # the old weights' memory back to the device, where the KV pool maps pages
         return step
 

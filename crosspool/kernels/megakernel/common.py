@@ -197,51 +197,6 @@ def _poll(words_ptr, offs, mask, tag, err_ptr, POLLS: gl.constexpr):
     return w
 
 
-SPIN_PACK = 16              # words one spin-poll block waits for (a staging round's per thread at 8 warps; 32 at 4)
-
-
-def _spin_asm(pack: int, polls: int) -> str:
-    """PTX for `_poll_spin`: `pack` words in ($0.. the results, then the words as loaded, their addresses and the
-    tags wanted, -1 for a word not waited for); reloads every word whose tag differs, all at once, until none does
-    or `polls` rounds have passed. (Labels inside braces are local to the block, so it can be inlined many times.)"""
-    w, a, t = pack, 2 * pack, 3 * pack
-    lines = [f".reg .pred sp_ok<{pack}>, sp_all, sp_more;", ".reg .b32 sp_lo, sp_hi, sp_n;", "mov.u32 sp_n, 0;"]
-    lines += [f"mov.b64 ${i}, ${w + i};" for i in range(pack)]
-    lines.append("SP_LOOP:")
-    for i in range(pack):
-        lines += [f"mov.b64 {{sp_lo, sp_hi}}, ${i};", f"setp.eq.s32 sp_ok{i}, sp_hi, ${t + i};",
-                  f"setp.eq.or.s32 sp_ok{i}, ${t + i}, -1, sp_ok{i};"]
-    lines.append("mov.pred sp_all, sp_ok0;")
-    lines += [f"and.pred sp_all, sp_all, sp_ok{i};" for i in range(1, pack)]
-    lines.append("@sp_all bra SP_DONE;")
-    lines += [f"@!sp_ok{i} ld.volatile.global.b64 ${i}, [${a + i}];" for i in range(pack)]
-    lines += ["add.u32 sp_n, sp_n, 1;", f"setp.lt.u32 sp_more, sp_n, {polls};", "@sp_more bra SP_LOOP;", "SP_DONE:"]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-SPIN_POLLS = 1 << 22      # rounds before a spin poll gives up (`Chain`'s default polls)
-K_SPIN_PACK = gl.constexpr(SPIN_PACK)
-K_SPIN_ASM = gl.constexpr(_spin_asm(SPIN_PACK, SPIN_POLLS))
-# early-clobber results: the block writes them before it has read every address
-K_SPIN_CONSTRAINTS = gl.constexpr(",".join(["=&l"] * SPIN_PACK + ["l"] * (2 * SPIN_PACK) + ["r"] * SPIN_PACK))
-
-
-@gluon.jit
-def _poll_spin(words_ptr, offs, mask, tag, err_ptr):
-    """`_poll` with no reduction a round: every thread loads its words at once, then waits for its own stale ones
-    (`_spin_asm`, SPIN_PACK at a time), each round one memory round trip; a thread that has its words goes on to the
-    caller's CTA barrier. A `_poll` round also reduces the tags across the CTA (a shared-memory exchange and a
-    barrier), so a word that lands just after a round's loads waits for up to two rounds."""
-    ptrs = words_ptr + offs
-    w = gl.load(ptrs, mask=mask, other=0, volatile=True)
-    want = gl.where(mask, tag, -1)
-    w = gl.inline_asm_elementwise(K_SPIN_ASM, K_SPIN_CONSTRAINTS, [w, ptrs.to(gl.int64), want], dtype=gl.int64,
-                                  is_pure=False, pack=K_SPIN_PACK)
-    if _tagged(w, mask, tag) == 0:
-        gl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
-    return w
-
-
 if hasattr(gl.shared_memory_descriptor, "reinterpret"):          # Triton 3.9
     @gluon.jit
     def _view(mem, shape: gl.constexpr, layout: gl.constexpr):

@@ -21,7 +21,6 @@ from crosspool.kernels.megakernel.common import (
     _field,
     _lap,
     _poll,
-    _poll_spin,
     _tag,
     _value,
     _word_of,
@@ -30,15 +29,13 @@ from crosspool.kernels.megakernel.common import (
 
 @gluon.jit
 def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, mark, t_poll,
-           t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr,
-           SPIN: gl.constexpr = False):
+           t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr):
     """Consumers: stage phase p's input in `xs` (bf16), 16 chunks a round, after polling its tags (phase `src`, or
     the step's input `x_ptr` where src < 0); RMSNorm it where the phase has norm weights (an attention phase: q and
     k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. With `skip` (a program
     with no item of the phase) only the barrier: the program goes on to its next phase without waiting for this
-    one's input. SPIN: the input's words polled by `_poll_spin`, not `_poll`. PROFILE: `t_poll` and `t_stage` plus
-    the cycles of the polls and of the rest. Returns mark, t_poll, t_stage, and the norm's scale
-    rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
+    one's input. PROFILE: `t_poll` and `t_stage` plus the cycles of the polls and of the rest. Returns mark,
+    t_poll, t_stage, and the norm's scale rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
     scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
@@ -63,11 +60,8 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
             mask = (r + srow)[:, None] < n_in
             if src >= 0:
                 q, h = _word_of(offs)
-                if SPIN:
-                    w = _poll_spin(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, _tag(epoch, src), err_ptr)
-                else:
-                    w = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, _tag(epoch, src), err_ptr,
-                              POLLS)
+                w = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, _tag(epoch, src), err_ptr,
+                          POLLS)
                 vals = _value(w, h)
             else:
                 vals = gl.load(x_ptr + offs, mask=mask, other=0.0).to(gl.float32)    # (fp32 or bf16)
