@@ -65,7 +65,7 @@ FUSED_ENDS = env_int("CROSSPOOL_GRAPH_FUSED_ENDS", 1)
 # model's weights become views of the megakernel's layout when the graphs are built, before any capture): "auto"
 # (the default) wherever it can run, quietly keeping the graph of kernels elsewhere; "1" the same, but a model
 # that cannot have it logs a warning saying why; "0" never. On the H200 at context 1k the engine's batch-1 OLMoE
-# step took 1.01 ms with it against 1.07 without (benchmarks.md section 7, session 19).
+# step took 0.96 ms with it against 1.05 without (benchmarks.md section 7, session 19).
 MEGAKERNEL = os.environ.get("CROSSPOOL_MEGAKERNEL", "").strip() or "auto"
 if MEGAKERNEL not in ("auto", "0", "1"):
     raise ValueError(f"CROSSPOOL_MEGAKERNEL={MEGAKERNEL!r}: expected auto, 0 or 1")
