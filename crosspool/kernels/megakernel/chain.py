@@ -71,7 +71,7 @@ from crosspool.kernels.megakernel.plan import (
 )
 from crosspool.kernels.megakernel.produce import _produce
 from crosspool.kernels.megakernel.rank import K_FEW, _gates, _rank
-from crosspool.kernels.megakernel.stage import _norm_weights, _stage
+from crosspool.kernels.megakernel.stage import _stage
 
 
 @gluon.jit
@@ -132,10 +132,6 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
             dyn = _field(table_ptr, p, K_F_DYN)
         _cta_barrier()                               # every warp is done with the previous phase's input
         _stamp(prof + 16 + 8 * p, PROFILE)
-        # a program with no item of a fixed split's phase skips its staging (a routed phase's ranking still
-        # serves the phases that share its router)
-        skip = (n_items == 0) & (dyn == 0) & (router < 0)
-        g_first = _norm_weights(table_ptr, p, norms_ptr, skip.to(gl.int32), WARPS)
         # the router ranked before the input is staged: the producer can start on the experts' tiles meanwhile
         ordinal = gl.maximum(_field(table_ptr, p, K_F_ORDINAL), 0)
         ranks = (router >= 0) & (ordinal >= ready)
@@ -148,9 +144,11 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
                                        expert_base, rowbase, ranked, prof + 20 + 8 * p, scaled, WARPS, POLLS,
                                        PROFILE)
             mark, t_rank = _lap(mark, t_rank, PROFILE)
+        # a program with no item of a fixed split's phase skips its staging (a routed phase's ranking still
+        # serves the phases that share its router)
+        skip = (n_items == 0) & (dyn == 0) & (router < 0)
         mark, t_poll, t_stage, rstd = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
-                                             err_ptr, skip, g_first, mark, t_poll, t_stage, WARPS, POLLS, PROFILE,
-                                             SPLITS)
+                                             err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS)
         if scaled != 0:                              # a folded router: its weights need the norm's scale
             _gates(table_ptr, p, ordinal, ids, logits, rstd, expert_base, WARPS)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights

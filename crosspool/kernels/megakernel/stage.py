@@ -28,28 +28,14 @@ from crosspool.kernels.megakernel.common import (
 
 
 @gluon.jit
-def _norm_weights(table_ptr, p, norms_ptr, skip, WARPS: gl.constexpr):
-    """Phase p's norm weights for `_stage`'s first round ([16, 256]; 0 where it has none or `skip`). Loaded before
-    the input's poll, and before a ranking frees the producer: behind the ring's loads, a load from L2 took ~5 us
-    (session 19)."""
-    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
-    srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
-    scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
-    norm = _field(table_ptr, p, K_F_NORM)
-    return gl.load(norms_ptr + norm + srow[:, None] * K_CHUNK + scol[None, :],
-                   mask=(srow[:, None] < _field(table_ptr, p, K_F_IN_CHUNKS)) & (norm >= 0) & (skip == 0), other=0.0)
-
-
-@gluon.jit
-def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, g_first, mark, t_poll,
+def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, mark, t_poll,
            t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr):
     """Consumers: stage phase p's input in `xs` (bf16), 16 chunks a round, after polling its tags (phase `src`, or
     the step's input `x_ptr` where src < 0); RMSNorm it where the phase has norm weights (an attention phase: q and
     k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. With `skip` (a program
     with no item of the phase) only the barrier: the program goes on to its next phase without waiting for this
-    one's input. `g_first`: the first round's norm weights (`_norm_weights`). PROFILE: `t_poll` and `t_stage` plus
-    the cycles of the polls and of the rest. Returns mark, t_poll, t_stage, and the norm's scale
-    rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
+    one's input. PROFILE: `t_poll` and `t_stage` plus the cycles of the polls and of the rest. Returns mark,
+    t_poll, t_stage, and the norm's scale rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
     scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
@@ -64,6 +50,9 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
         norm = -1
         wait = -1
     squares = eps * 0.0                          # the input's sums of squares, for a phase with a norm
+    # the first round's norm weights, loaded before the input's poll: their round trip is off the critical path
+    g_first = gl.load(norms_ptr + norm + srow[:, None] * K_CHUNK + scol[None, :],
+                      mask=(srow[:, None] < n_in) & (norm >= 0), other=0.0)
     squares2 = squares
     for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
         if r < n_in:
