@@ -391,9 +391,12 @@ def test_chain_kernel_matches_reference_across_launches_and_replays(normed: bool
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90 GPU")
-def test_routed_chain_ranks_and_loads_the_chosen_experts(graph_launch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("keys", [False, True])
+def test_routed_chain_ranks_and_loads_the_chosen_experts(graph_launch, keys: bool) -> None:  # noqa: ANN001
+    """Every program ranks the router alike and writes the experts' ids and weights for both routed phases; keys:
+    ranked on the logits as integer keys, the weights written after the staging (`Chain(rank_keys=True)`)."""
     fam = _moe_families("cuda", 6)
-    chain = mk.Chain(MOE, fam, 2048, stages=12, boxes=2)
+    chain = mk.Chain(MOE, fam, 2048, stages=12, boxes=2, rank_keys=keys)
     x = torch.empty(2048, device="cuda")
     chosen = set()
     for seed in range(8, 14):                            # fresh inputs route to other experts

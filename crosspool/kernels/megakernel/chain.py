@@ -79,7 +79,7 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
              norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr,
              kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr,
              WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr, PROFILE: gl.constexpr,
-             SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr):
+             SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
@@ -136,21 +136,23 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
         ordinal = gl.maximum(_field(table_ptr, p, K_F_ORDINAL), 0)
         ranks = (router >= 0) & (ordinal >= ready)
         scaled = zero
+        defer = zero
         ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
         logits = gl.zeros([1, K_FEW], gl.float32, stage_l)
         if ranks:
             scaled = _field(table_ptr, p, K_F_ROUTE_SCALED)
-            ready, ids, logits = _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr,
-                                       expert_base, rowbase, ranked, prof + 20 + 8 * p, scaled, WARPS, POLLS,
-                                       PROFILE)
+            ready, ids, logits, defer = _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr,
+                                              routes_ptr, expert_base, rowbase, ranked, prof + 20 + 8 * p, scaled,
+                                              WARPS, POLLS, PROFILE, KEYS)
             mark, t_rank = _lap(mark, t_rank, PROFILE)
         # a program with no item of a fixed split's phase skips its staging (a routed phase's ranking still
         # serves the phases that share its router)
         skip = (n_items == 0) & (dyn == 0) & (router < 0)
         mark, t_poll, t_stage, rstd = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
                                              err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS)
-        if scaled != 0:                              # a folded router: its weights need the norm's scale
-            _gates(table_ptr, p, ordinal, ids, logits, rstd, expert_base, WARPS)
+        if defer != 0:                               # the weights left to the end of the staging: a folded
+            # router's need the norm's scale
+            _gates(table_ptr, p, ordinal, ids, logits, gl.where(scaled != 0, rstd, 1.0), expert_base, WARPS)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
 
         _stamp(prof + 17 + 8 * p, PROFILE)            # the input staged (and the router ranked)
@@ -288,7 +290,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   err_ptr, nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, counters_ptr,
                   STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
-                  DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False):
+                  DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -317,7 +319,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     last_ptr, norms_ptr, eps,
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
-                    SPLITS, DYNAMIC, LEAN, counters_ptr)),
+                    SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, STAGES, BOXES, SPLITS > 0, DYNAMIC,
                     LEAN)),
@@ -329,13 +331,15 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
 
 class Chain:
     """A planned chain bound to its weights and device buffers: `run(x)` launches it once (graph-capturable);
-    `outputs()` reads every phase's values back, `check()` raises if a poll gave up."""
+    `outputs()` reads every phase's values back, `check()` raises if a poll gave up. `rank_keys`: routers of at
+    most 64 experts ranked on their logits as integer keys, the weights computed after the staging
+    (`rank._rank_keys`; untimed)."""
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
-                 dynamic_sums: bool = False, lean_release: bool = False) -> None:
+                 dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -391,7 +395,7 @@ class Chain:
         self.prof = torch.zeros(self.nprog, 16 + 8 * len(phases), dtype=torch.int64, device=dev)
         self._bind_kv(kv, max_blocks, dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
-                         DYNAMIC=dynamic, LEAN=lean_release,
+                         DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 

@@ -76,14 +76,65 @@ def _rank_few(words_ptr, route_off, n_route, tag, err_ptr, stamp_at, kk, WARPS: 
 
 
 @gluon.jit
+def _rank_keys(words_ptr, route_off, n_route, tag, err_ptr, stamp_at, kk, WARPS: gl.constexpr, POLLS: gl.constexpr,
+               PROFILE: gl.constexpr):
+    """`_rank_few` on the logits themselves, as integer keys: no softmax before the ranking, one integer compare a
+    pair. A logit's bf16 bits as a signed magnitude, times 64, plus 63 - its expert: the keys are distinct and
+    order as (logit descending, expert ascending), which is the probabilities' order (softmax keeps it, and
+    distinct bf16 logits stay distinct in fp32 but where both probabilities underflow, or for logits within
+    fp32's rounding of the maximum's exponent, neither of which reaches a top k). Returns the ids of ranks `kk`
+    ([MAX_TOP_K, 1]) and the logits ([1, K_FEW], -inf past `n_route`)."""
+    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
+    pair_l: gl.constexpr = gl.BlockedLayout([K_FEW, 1], [1, 32], [1, WARPS], [0, 1])
+    eoffs = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]
+    valid = eoffs < n_route
+    q, h = _word_of(eoffs)
+    w = _poll(words_ptr, route_off + q, valid, tag, err_ptr, POLLS)
+    _stamp(stamp_at, PROFILE)
+    bits = ((w >> (16 * h)) & 0xFFFF).to(gl.int32)
+    magnitude = bits & 0x7FFF
+    key = gl.where(valid, gl.where(bits >= 0x8000, -magnitude, magnitude) * K_FEW + (K_FEW - 1 - eoffs),
+                   -(1 << 30))
+    flat = gl.max(key, axis=0)                                                     # [K_FEW] (axis 0 has one row)
+    ki = gl.convert_layout(flat, gl.SliceLayout(0, pair_l))[None, :]
+    kj = gl.convert_layout(flat, gl.SliceLayout(1, pair_l))[:, None]
+    rank = gl.convert_layout(gl.sum((kj > ki).to(gl.int32), axis=0), gl.SliceLayout(0, stage_l))[None, :]
+    ids = gl.sum(gl.where(rank == kk, eoffs, 0), axis=1, keep_dims=True)
+    return ids, gl.where(valid, _value(w, h), float("-inf"))
+
+
+@gluon.jit
+def _rank_greedy(words_ptr, route_off, n_route, n_src, tag, err_ptr, stamp_at, kk, WARPS: gl.constexpr,
+                 POLLS: gl.constexpr, PROFILE: gl.constexpr):
+    """Top-k of up to MAX_EXPERTS experts, one pick at a time (the highest probability, the lower id on a tie).
+    Returns the ids and probabilities of ranks `kk` ([MAX_TOP_K, 1])."""
+    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
+    eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
+    sel, _ = _probs(words_ptr, route_off, eoffs, n_route, tag, err_ptr, stamp_at, POLLS, PROFILE)
+    ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
+    bests = gl.zeros([K_MAX_TOP_K, 1], gl.float32, stage_l)
+    for k in gl.static_range(K_MAX_TOP_K):
+        if k < n_src:
+            best = gl.max(gl.max(sel, axis=1), axis=0)
+            idx = gl.min(gl.min(gl.where(sel == best, eoffs, 1 << 30), axis=1), axis=0)
+            sel = gl.where(eoffs == idx, -2.0, sel)
+            ids = gl.where(kk == k, idx, ids)
+            bests = gl.where(kk == k, best, bests)
+    return ids, bests
+
+
+@gluon.jit
 def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, expert_base, rowbase, ranked,
-          parts_at, scaled, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr = False):
+          parts_at, scaled, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr = False,
+          KEYS: gl.constexpr = False):
     """Rank routed phase p's router logits: every program ranks them for itself and writes the expert ids and
     weights to its own rows, for phase p and the following routed phases that share its router (ordinals
     `ordinal`..the table's last), then arrives on their `ranked` mbarriers: the producer held their tiles back
     until now, and reads each expert's first row from `rowbase`. With `scaled` (a folded router, `Phase.rms_of`)
-    the weights are left to `_gates`, once the staging has the scale. Returns the ordinal after the last one
-    ranked, the ids ([MAX_TOP_K, 1]) and, for a router of at most K_FEW experts, the logits ([1, K_FEW]).
+    the weights are left to `_gates`, once the staging has the scale; with KEYS, a router of at most K_FEW
+    experts is ranked by `_rank_keys` and its weights are left to `_gates` too. Returns the ordinal after the
+    last one ranked, the ids ([MAX_TOP_K, 1]), for a router of at most K_FEW experts the logits ([1, K_FEW]), and
+    whether the weights are left to `_gates`.
     Profiling: the time at `parts_at` + 0..2 once the logits are polled, once ranked, once stored."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
     n_route = _field(table_ptr, p, K_F_ROUTE_N)
@@ -98,27 +149,28 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
     route_off = _field(table_ptr, p, K_F_ROUTE_OFF)
     kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, stage_l))[:, None]     # [MAX_TOP_K, 1]
     logits = gl.zeros([1, K_FEW], gl.float32, stage_l)
-    if n_route <= K_FEW:
-        ids, bests, logits = _rank_few(words_ptr, route_off, n_route, _tag(epoch, router), err_ptr, parts_at, kk, WARPS,
-                               POLLS, PROFILE)
+    defer = scaled
+    if KEYS:
+        if n_route <= K_FEW:
+            ids, logits = _rank_keys(words_ptr, route_off, n_route, _tag(epoch, router), err_ptr, parts_at, kk,
+                                     WARPS, POLLS, PROFILE)
+            bests = gl.zeros([K_MAX_TOP_K, 1], gl.float32, stage_l)
+            defer = scaled * 0 + 1
+        else:
+            ids, bests = _rank_greedy(words_ptr, route_off, n_route, n_src, _tag(epoch, router), err_ptr, parts_at,
+                                      kk, WARPS, POLLS, PROFILE)
     else:
-        eoffs = gl.arange(0, K_MAX_EXPERTS, layout=gl.SliceLayout(0, stage_l))[None, :]
-        sel, _ = _probs(words_ptr, route_off, eoffs, n_route, _tag(epoch, router), err_ptr, parts_at, POLLS,
-                        PROFILE)
-        ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
-        bests = gl.zeros([K_MAX_TOP_K, 1], gl.float32, stage_l)
-        for k in gl.static_range(K_MAX_TOP_K):
-            if k < n_src:
-                best = gl.max(gl.max(sel, axis=1), axis=0)
-                idx = gl.min(gl.min(gl.where(sel == best, eoffs, 1 << 30), axis=1), axis=0)
-                sel = gl.where(eoffs == idx, -2.0, sel)
-                ids = gl.where(kk == k, idx, ids)
-                bests = gl.where(kk == k, best, bests)
+        if n_route <= K_FEW:
+            ids, bests, logits = _rank_few(words_ptr, route_off, n_route, _tag(epoch, router), err_ptr, parts_at, kk,
+                                           WARPS, POLLS, PROFILE)
+        else:
+            ids, bests = _rank_greedy(words_ptr, route_off, n_route, n_src, _tag(epoch, router), err_ptr, parts_at,
+                                      kk, WARPS, POLLS, PROFILE)
     _stamp(parts_at + 1, PROFILE)
     for o in range(ordinal, last + 1):
         at = expert_base + o * 2 * K_MAX_TOP_K + kk
         gl.store(at, ids, mask=kk < n_src)
-        gl.store(at + K_MAX_TOP_K, bests.to(gl.int32, bitcast=True), mask=(kk < n_src) & (scaled == 0))
+        gl.store(at + K_MAX_TOP_K, bests.to(gl.int32, bitcast=True), mask=(kk < n_src) & (defer == 0))
         # the producer's copy: each expert's first row in phase o's family
         pick = og == o - ordinal
         first = gl.sum(gl.where(pick, o_row0, 0), axis=1, keep_dims=True) + \
@@ -129,7 +181,7 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
     _stamp(parts_at + 2, PROFILE)
     for o in range(ordinal, last + 1):
         mbarrier.arrive(ranked.index(o), count=1)
-    return last + 1, ids, logits
+    return last + 1, ids, logits, defer
 
 
 @gluon.jit
