@@ -339,11 +339,15 @@ class DecodeGraphs:
                 "%s: batch-1 steps keep the graph of kernels, not the megakernel: %s", self.model.spec.architecture,
                 "; ".join(why))
             return None
+        t0 = time.perf_counter()
         step = DecodeStep(self.model.spec, self.model.attention.w, self.model.ffn.w, kv,
                           self.inputs.meta[CONTEXT_LENS, :1], self.inputs.tables[0], warps=MEGAKERNEL_WARPS,
                           dynamic=MEGAKERNEL_DYNAMIC >= 1, dynamic_sums=MEGAKERNEL_DYNAMIC >= 2,
                           lean_release=MEGAKERNEL_LEAN == 1)
         torch.cuda.empty_cache()       # the old weights' memory back to the device, where the KV pool maps pages
+        log.info("%s: batch-1 steps run as one megakernel (weights laid out in %.1f s; its first launch, at the "
+                 "graphs' capture, compiles it unless Triton's cache has it)", self.model.spec.architecture,
+                 time.perf_counter() - t0)
         return step
 
     def _ffn_calls(self, lane: int, rehearse: bool = False) -> AbstractContextManager[None]:
