@@ -102,6 +102,8 @@ def main() -> None:
                    "producer, not in every consumer thread (`Chain(lean_release=True)`; untimed, session 18)")
     p.add_argument("--rank-keys", action="store_true", help="the router ranked on its logits as integer keys "
                    "(`Chain(rank_keys=True)`; untimed, session 19)")
+    p.add_argument("--counted-polls", action="store_true", help="a staging waits on its input phase's published "
+                   "count before polling the words (`Chain(counted_polls=True)`; untimed, session 19)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--timeline", help="with --profile: torch.save the raw timeline ([programs, phases, 8] us) and "
@@ -134,7 +136,8 @@ def main() -> None:
     chain = mk.Chain(dc.phases, dc.families, h, stages=args.stages, warps=args.warps, norms=dc.norms, eps=dc.eps,
                      kv=kv, max_blocks=blocks, profile=args.profile,
                      dynamic=not args.static,
-                     dynamic_sums=args.dynamic_sums, lean_release=args.lean_release, rank_keys=args.rank_keys)
+                     dynamic_sums=args.dynamic_sums, lean_release=args.lean_release, rank_keys=args.rank_keys,
+                     counted_polls=args.counted_polls)
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()
     copy_bw = copy_bandwidth(dev)

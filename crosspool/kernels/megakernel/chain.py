@@ -79,7 +79,8 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
              norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr,
              kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr,
              WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr, PROFILE: gl.constexpr,
-             SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr):
+             SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
+             COUNTED: gl.constexpr):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
@@ -150,7 +151,8 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
         # serves the phases that share its router)
         skip = (n_items == 0) & (dyn == 0) & (router < 0)
         mark, t_poll, t_stage, rstd = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
-                                             err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS)
+                                             err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS,
+                                             counters_ptr + num_phases, COUNTED)
         if defer != 0:                               # the weights left to the end of the staging: a folded
             # router's need the norm's scale
             _gates(table_ptr, p, ordinal, ids, logits, gl.where(scaled != 0, rstd, 1.0), expert_base, WARPS)
@@ -241,6 +243,8 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
             pair = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, pairs_l))
             word = gl.sum(bits << (hf * 16), axis=0).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
             _publish(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * (K_ROWS // 2) + pair, word)
+            if COUNTED:                          # one more of the phase's items out (`_stage(COUNTED=True)`)
+                gl.atomic_add(counters_ptr + num_phases + p, 1, sem="relaxed", scope="gpu")
             mark, t_end = _lap(mark, t_end, PROFILE)
             il += 1
             i = gl.where(il < n_items, first + il * nprog, -1)
@@ -267,10 +271,10 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
     if gl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu") == nprog - 1:
         gl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
         gl.atomic_add(epoch_ptr, 1, sem="relaxed", scope="gpu")
-        if DYNAMIC:                                  # the dynamic phases' item counters, for the next launch
+        if DYNAMIC or COUNTED:                       # the item counters and published counts, for the next launch
             q = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
-            for q0 in range(0, num_phases, 128):
-                gl.store(counters_ptr + q0 + q, 0, mask=q0 + q < num_phases)
+            for q0 in range(0, 2 * num_phases, 128):
+                gl.store(counters_ptr + q0 + q, 0, mask=q0 + q < 2 * num_phases)
 
 
 @gluon.jit
@@ -291,7 +295,8 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   err_ptr, nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, counters_ptr,
                   STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
-                  DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False):
+                  DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
+                  COUNTED: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -320,7 +325,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     last_ptr, norms_ptr, eps,
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
-                    SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS)),
+                    SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, STAGES, BOXES, SPLITS > 0, DYNAMIC,
                     LEAN)),
@@ -334,13 +339,15 @@ class Chain:
     """A planned chain bound to its weights and device buffers: `run(x)` launches it once (graph-capturable);
     `outputs()` reads every phase's values back, `check()` raises if a poll gave up. `rank_keys`: routers of at
     most 64 experts ranked on their logits as integer keys, the weights computed after the staging
-    (`rank._rank_keys`; untimed)."""
+    (`rank._rank_keys`; untimed). `counted_polls`: each published item adds one to its phase's count, and a staging
+    waits on that one word before it polls its input's words (`stage._stage(COUNTED=True)`; untimed)."""
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
-                 dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = False) -> None:
+                 dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = False,
+                 counted_polls: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -383,7 +390,8 @@ class Chain:
         dyn = dynamic_phases(self.plan, self.nprog if dynamic_sums else None) if dynamic else []
         self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1, dynamic=dyn).to(dev)
         self.table[dyn, F_DYN] = 1
-        self.counters = torch.zeros(len(phases), dtype=torch.int32, device=dev)
+        # the dynamic phases' item counters, then each phase's published items (`counted_polls`)
+        self.counters = torch.zeros(2 * len(phases), dtype=torch.int32, device=dev)
         n_ord = max(1, len(self.plan.routed))
         self.routes = torch.tensor(self.plan.routed or [0], dtype=torch.int32, device=dev)
         # each program's ranking of each routed phase: MAX_TOP_K expert ids, then their weights' fp32 bits
@@ -396,7 +404,7 @@ class Chain:
         self.prof = torch.zeros(self.nprog, 16 + 8 * len(phases), dtype=torch.int64, device=dev)
         self._bind_kv(kv, max_blocks, dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
-                         DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys,
+                         DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 

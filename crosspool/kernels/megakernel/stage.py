@@ -7,9 +7,12 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from crosspool.kernels.megakernel.common import (
+    K_ATTENTION,
     K_CHUNK,
     K_F_IN_CHUNKS,
     K_F_IN_OFF,
+    K_F_ITEMS,
+    K_F_KIND,
     K_F_NORM,
     K_F_NORM_SEG,
     K_F_WAIT,
@@ -29,13 +32,16 @@ from crosspool.kernels.megakernel.common import (
 
 @gluon.jit
 def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, mark, t_poll,
-           t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr):
+           t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr,
+           published_ptr, COUNTED: gl.constexpr = False):
     """Consumers: stage phase p's input in `xs` (bf16), 16 chunks a round, after polling its tags (phase `src`, or
     the step's input `x_ptr` where src < 0); RMSNorm it where the phase has norm weights (an attention phase: q and
     k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. With `skip` (a program
     with no item of the phase) only the barrier: the program goes on to its next phase without waiting for this
-    one's input. PROFILE: `t_poll` and `t_stage` plus the cycles of the polls and of the rest. Returns mark,
-    t_poll, t_stage, and the norm's scale rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
+    one's input. COUNTED: first wait until the input phase has published all its items (`published_ptr[src]`, one
+    word, no reduction a round) unless it is attention, then poll its words as before. PROFILE: `t_poll` and
+    `t_stage` plus the cycles of the polls and of the rest. Returns mark, t_poll, t_stage, and the norm's scale
+    rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
     scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
@@ -54,6 +60,15 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
     g_first = gl.load(norms_ptr + norm + srow[:, None] * K_CHUNK + scol[None, :],
                       mask=(srow[:, None] < n_in) & (norm >= 0), other=0.0)
     squares2 = squares
+    if COUNTED:
+        if (src >= 0) & (n_in > 0):
+            if _field(table_ptr, src, K_F_KIND) != K_ATTENTION:
+                want = _field(table_ptr, src, K_F_ITEMS)
+                count = gl.load(published_ptr + src, volatile=True)
+                rounds = want * 0
+                while (count < want) & (rounds < POLLS):
+                    count = gl.load(published_ptr + src, volatile=True)
+                    rounds += 1
     for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
         if r < n_in:
             offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]            # value indices

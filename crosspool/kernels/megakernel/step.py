@@ -155,18 +155,19 @@ class DecodeStep:
     embedding kernel fills. The model's weights become views of the chain's (`decode_chain(adopt=True)`): build it
     before any CUDA graph is captured over the model. `dynamic`: the programs take the gate/up items from counters
     as they go (`Chain(dynamic=True)`; 1,004-1,011 us a step against 1,041-1,045 with a fixed split, session 18);
-    `dynamic_sums`, `lean_release` and `rank_keys` as `Chain`'s."""
+    `dynamic_sums`, `lean_release`, `rank_keys` and `counted_polls` as `Chain`'s."""
 
     def __init__(self, spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, kv: torch.Tensor,
                  context_len: torch.Tensor, block_table: torch.Tensor, splits: int = 4, stages: int = 6,
                  warps: int = 8, dynamic: bool = True, dynamic_sums: bool = False,
-                 lean_release: bool = False, rank_keys: bool = False) -> None:
+                 lean_release: bool = False, rank_keys: bool = False, counted_polls: bool = False) -> None:
         from crosspool.kernels.megakernel.chain import Chain
 
         d = decode_chain(spec, attn, ffn, splits, adopt=True)
         self.chain = Chain(d.phases, d.families, spec.hidden_size, stages=stages, warps=warps, norms=d.norms,
                            eps=d.eps, kv=kv, max_blocks=block_table.numel(), dynamic=dynamic,
-                           dynamic_sums=dynamic_sums, lean_release=lean_release, rank_keys=rank_keys)
+                           dynamic_sums=dynamic_sums, lean_release=lean_release, rank_keys=rank_keys,
+                           counted_polls=counted_polls)
         self.cos = torch.ones(1, HEAD_DIM // 2, dtype=torch.float32, device=kv.device)
         self.sin = torch.zeros(1, HEAD_DIM // 2, dtype=torch.float32, device=kv.device)
         self.chain.bind_step(context_len, block_table, self.cos[0], self.sin[0])
