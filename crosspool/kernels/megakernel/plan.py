@@ -204,8 +204,8 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
             raise ValueError(f"phase {phase}: at most {GROUP} consecutive routed phases can share router "
                              f"{phases[phase].route}")
         ph, rms_of = phases[phase], phases[phases[phase].route].rms_of
-        if ranks and rms_of != NO_PHASE and (ph.input != rms_of or ph.norm == -1 or ph.sources != 1 and
-                                             ph.kind == "sum" or rows[phase][F_IN_CHUNKS] * CHUNK != lengths[rms_of]):
+        if ranks and rms_of != NO_PHASE and (ph.input != rms_of or ph.norm == -1 or (ph.sources != 1 and
+                                             ph.kind == "sum") or rows[phase][F_IN_CHUNKS] * CHUNK != lengths[rms_of]):
             raise ValueError(f"phase {phase}: ranks router {ph.route}, whose outputs are scaled by the RMS of "
                              f"phase {rms_of}: it must stage all of that phase's outputs with a norm")
         rows[phase][F_ROUTE_LAST] = last
