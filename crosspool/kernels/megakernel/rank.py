@@ -186,9 +186,10 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
 
 @gluon.jit
 def _gates(table_ptr, p, ordinal, ids, logits, rstd, expert_base, WARPS: gl.constexpr):
-    """A folded router's expert weights (`Phase.rms_of`), for routed phase p and those sharing its router (ordinals
-    `ordinal`..): softmax(logits * rstd) at the ranked `ids`, where rstd is the norm's scale, from the staging of
-    the phase that ranked them."""
+    """The experts' weights `_rank` left to the end of the staging (a folded router's, `Phase.rms_of`, and with
+    KEYS any router's of at most K_FEW experts), for routed phase p and those sharing its router (ordinals
+    `ordinal`..): softmax(logits * rstd) at the ranked `ids`, where rstd is the norm's scale from the staging of
+    the phase that ranked them (a folded router), else 1."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
     eoffs = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]
     probs = _softmax(logits * rstd, eoffs < _field(table_ptr, p, K_F_ROUTE_N))
