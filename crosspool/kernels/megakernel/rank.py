@@ -150,22 +150,18 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
     kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, stage_l))[:, None]     # [MAX_TOP_K, 1]
     logits = gl.zeros([1, K_FEW], gl.float32, stage_l)
     defer = scaled
-    if KEYS:
-        if n_route <= K_FEW:
+    if n_route <= K_FEW:
+        if KEYS:
             ids, logits = _rank_keys(words_ptr, route_off, n_route, _tag(epoch, router), err_ptr, parts_at, kk,
                                      WARPS, POLLS, PROFILE)
             bests = gl.zeros([K_MAX_TOP_K, 1], gl.float32, stage_l)
             defer = scaled * 0 + 1
         else:
-            ids, bests = _rank_greedy(words_ptr, route_off, n_route, n_src, _tag(epoch, router), err_ptr, parts_at,
-                                      kk, WARPS, POLLS, PROFILE)
-    else:
-        if n_route <= K_FEW:
             ids, bests, logits = _rank_few(words_ptr, route_off, n_route, _tag(epoch, router), err_ptr, parts_at, kk,
                                            WARPS, POLLS, PROFILE)
-        else:
-            ids, bests = _rank_greedy(words_ptr, route_off, n_route, n_src, _tag(epoch, router), err_ptr, parts_at,
-                                      kk, WARPS, POLLS, PROFILE)
+    else:
+        ids, bests = _rank_greedy(words_ptr, route_off, n_route, n_src, _tag(epoch, router), err_ptr, parts_at, kk,
+                                  WARPS, POLLS, PROFILE)
     _stamp(parts_at + 1, PROFILE)
     for o in range(ordinal, last + 1):
         at = expert_base + o * 2 * K_MAX_TOP_K + kk
