@@ -9,6 +9,7 @@ refused with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -56,15 +57,21 @@ def check_supported(spec: ModelSpec) -> None:
         raise ValueError(f"{spec.architecture}: not on the megakernel yet: " + "; ".join(reasons))
 
 
-def chain_bytes(spec: ModelSpec, itemsize: int = 2) -> int:
-    """The bytes of the chain's weight families for this model (`decode_chain`): what its build allocates beside
-    the model's own weights, which it frees layer by layer as they become views of the families."""
+def family_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
+    """The shapes of the chain's three weight families for this model (`decode_chain`): every layer's q, k, v,
+    o_proj, R g and R g W_o rows, then lm_head's; the experts' gate/up rows; their down rows."""
     assert spec.routing is not None
     h, hd, n_exp, inter = spec.hidden_size, spec.num_heads * HEAD_DIM, spec.routing.num_experts, \
         spec.moe_intermediate_size
     layers = spec.num_layers
-    rows = layers * (3 * hd + h + 2 * n_exp) + spec.vocab_size
-    return itemsize * (rows * h + layers * n_exp * 3 * inter * h)
+    return [(layers * (3 * hd + h + 2 * n_exp) + spec.vocab_size, h), (layers * n_exp * 2 * inter, h),
+            (layers * n_exp * h, inter)]
+
+
+def chain_bytes(spec: ModelSpec, itemsize: int = 2) -> int:
+    """The bytes of the chain's weight families for this model: what its build allocates beside the model's own
+    weights, which it frees layer by layer as they become views of the families."""
+    return itemsize * sum(rows * cols for rows, cols in family_shapes(spec))
 
 
 def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, splits: int = 4,
@@ -90,9 +97,8 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
     rows_a = 3 * hd + h + 2 * n_exp                  # a layer's rows of family 0: q, k, v, o_proj, R g, R g W_o
     norms_a = 2 * h + 2 * hd                         # a layer's norm weights: input, post-attention, q, k
     like = attn.layers[0]["o_proj"]
-    families = [torch.empty(layers * rows_a + spec.vocab_size, h, dtype=like.dtype, device=like.device),
-                torch.empty(layers * n_exp * 2 * inter, h, dtype=like.dtype, device=like.device),
-                torch.empty(layers * n_exp * h, inter, dtype=like.dtype, device=like.device)]
+    families = [torch.empty(shape, dtype=like.dtype, device=like.device)
+                for shape in family_shapes(dataclasses.replace(spec, num_layers=layers))]
 
     def place(family: int, row: int, owner: dict[str, torch.Tensor], key: str) -> None:
         """Copy owner[key] into the family from `row` on; with adopt, owner[key] becomes that view."""
