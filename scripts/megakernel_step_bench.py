@@ -90,7 +90,7 @@ def print_timeline(t: torch.Tensor, phases: list[mk.Phase]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", type=int, default=1024, help="tokens in the cache after the step")
-    p.add_argument("--splits", type=int, default=4, help="attention splits a head")
+    p.add_argument("--splits", type=int, default=8, help="attention splits a head (DecodeStep's default)")
     p.add_argument("--stages", type=int, default=6, help="ring slots a program (32 KB each)")
     p.add_argument("--warps", type=int, default=8, help="consumer warps a program (plus the producer warp)")
     p.add_argument("--layers", type=int, default=16)
@@ -100,10 +100,10 @@ def main() -> None:
                    "o_proj, lm_head) taken from counters too (`Chain(dynamic_sums=True)`; untimed, session 18)")
     p.add_argument("--lean-release", action="store_true", help="the proxy fence that frees a ring slot in the "
                    "producer, not in every consumer thread (`Chain(lean_release=True)`; untimed, session 18)")
-    p.add_argument("--rank-keys", action="store_true", help="the router ranked on its logits as integer keys "
-                   "(`Chain(rank_keys=True)`; untimed, session 19)")
+    p.add_argument("--rank-weights", action="store_true", help="the router ranked on its experts' weights, not on "
+                   "its logits as integer keys (`Chain(rank_keys=False)`; ~10 us a step slower, session 20)")
     p.add_argument("--counted-polls", action="store_true", help="a staging waits on its input phase's published "
-                   "count before polling the words (`Chain(counted_polls=True)`; untimed, session 19)")
+                   "count before polling the words (`Chain(counted_polls=True)`; 25-30 us a step slower, session 20)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--timeline", help="with --profile: torch.save the raw timeline ([programs, phases, 8] us) and "
@@ -136,7 +136,7 @@ def main() -> None:
     chain = mk.Chain(dc.phases, dc.families, h, stages=args.stages, warps=args.warps, norms=dc.norms, eps=dc.eps,
                      kv=kv, max_blocks=blocks, profile=args.profile,
                      dynamic=not args.static,
-                     dynamic_sums=args.dynamic_sums, lean_release=args.lean_release, rank_keys=args.rank_keys,
+                     dynamic_sums=args.dynamic_sums, lean_release=args.lean_release, rank_keys=not args.rank_weights,
                      counted_polls=args.counted_polls)
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()

@@ -337,16 +337,18 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
 
 class Chain:
     """A planned chain bound to its weights and device buffers: `run(x)` launches it once (graph-capturable);
-    `outputs()` reads every phase's values back, `check()` raises if a poll gave up. `rank_keys`: routers of at
-    most 64 experts ranked on their logits as integer keys, the weights computed after the staging
-    (`rank._rank_keys`; untimed). `counted_polls`: each published item adds one to its phase's count, and a staging
-    waits on that one word before it polls its input's words (`stage._stage(COUNTED=True)`; untimed)."""
+    `outputs()` reads every phase's values back, `check()` raises if a poll gave up. `rank_keys` (the default):
+    routers of at most 64 experts ranked on their logits as integer keys, the weights computed after the staging
+    (`rank._rank_keys`; 903-909 us a step against 913-922 ranked on the weights, session 20). `counted_polls`: each
+    published item adds one to its phase's count, and a staging waits on that one word before it polls its input's
+    words (`stage._stage(COUNTED=True)`; 25-30 us a step slower, session 20: the count's round trip comes before
+    the words')."""
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
-                 dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = False,
+                 dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = True,
                  counted_polls: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
