@@ -26,6 +26,8 @@ from crosspool.kernels.megakernel.common import (
     K_F_RES,
     K_F_RES_OFF,
     K_F_ROUTE,
+    K_F_ROUTE_LAST,
+    K_F_ROUTE_N,
     K_F_ROUTE_SCALED,
     K_GROUP,
     K_HEAD_DIM,
@@ -70,14 +72,14 @@ from crosspool.kernels.megakernel.plan import (
     unpack,
 )
 from crosspool.kernels.megakernel.produce import _produce
-from crosspool.kernels.megakernel.rank import K_FEW, _gates, _rank
+from crosspool.kernels.megakernel.rank import K_FEW, _gates, _producer_ranking, _rank
 from crosspool.kernels.megakernel.stage import _stage
 
 
 @gluon.jit
-def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, table_ptr, num_phases, x_ptr, last_ptr,
-             norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr,
-             kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr,
+def _consume(ring, full, empty, ranked, rowbase, picked, itemq, xs, scratch, attn_rows, table_ptr, num_phases, x_ptr,
+             last_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog,
+             prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr,
              WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr, PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
              COUNTED: gl.constexpr):
@@ -141,11 +143,18 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
         defer = zero
         ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
         logits = gl.zeros([1, K_FEW], gl.float32, stage_l)
+        produced = zero                              # the producer ranked this phase's router (KEYS)
         if ranks:
             scaled = _field(table_ptr, p, K_F_ROUTE_SCALED)
-            ready, ids, logits, defer = _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr,
-                                              routes_ptr, expert_base, rowbase, ranked, prof + 20 + 8 * p, scaled,
-                                              WARPS, POLLS, PROFILE, KEYS)
+            if KEYS:
+                produced = gl.where(_field(table_ptr, p, K_F_ROUTE_N) <= K_FEW, 1, 0)
+            if produced != 0:                        # (its ids and the weights come after the staging)
+                ready = _field(table_ptr, p, K_F_ROUTE_LAST) + 1
+                defer = zero + 1
+            else:
+                ready, ids, logits, defer = _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr,
+                                                  routes_ptr, expert_base, rowbase, ranked, prof + 20 + 8 * p, scaled,
+                                                  WARPS, POLLS, PROFILE)
             mark, t_rank = _lap(mark, t_rank, PROFILE)
         # a program with no item of a fixed split's phase skips its staging (a routed phase's ranking still
         # serves the phases that share its router)
@@ -155,6 +164,10 @@ def _consume(ring, full, empty, ranked, rowbase, itemq, xs, scratch, attn_rows, 
                                              counters_ptr + num_phases, COUNTED)
         if defer != 0:                               # the weights left to the end of the staging: a folded
             # router's need the norm's scale
+            if KEYS:
+                if produced != 0:
+                    ids, logits = _producer_ranking(table_ptr, p, ordinal, router, ranked, picked, words_ptr, epoch,
+                                                    err_ptr, WARPS, POLLS)
             _gates(table_ptr, p, ordinal, ids, logits, gl.where(scaled != 0, rstd, 1.0), expert_base, WARPS)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
 
@@ -306,6 +319,10 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())    # a slot has landed
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())   # a slot is free
     ranked = gl.allocate_shared_memory(gl.int64, [K_MAX_ORDINALS, 1], mbarrier.MBarrierLayout())
+    # KEYS: the producer's ranking (`rank._rank_by_producer`): the ids it picked, by the routed phase's parity, and
+    # the router's keys as it compares them
+    picked = gl.allocate_shared_memory(gl.int32, [2, K_MAX_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    keys = gl.allocate_shared_memory(gl.int32, [2, 32], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     # each ranked expert's first row, for the producer: [GROUP routed phases (ordinal % GROUP), MAX_TOP_K]
     rowbase = gl.allocate_shared_memory(gl.int32, [K_GROUP * K_MAX_TOP_K, 1],
                                         gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
@@ -321,14 +338,16 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
         mbarrier.init(ranked.index(o), count=1)
     fence_async_shared()
     gl.warp_specialize([
-        (_consume, (ring, full, empty, ranked, rowbase, itemq, xs, scratch, rows, table_ptr, num_phases, x_ptr,
+        (_consume, (ring, full, empty, ranked, rowbase, picked, itemq, xs, scratch, rows, table_ptr, num_phases, x_ptr,
                     last_ptr, norms_ptr, eps,
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
                     SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
-                    table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, STAGES, BOXES, SPLITS > 0, DYNAMIC,
-                    LEAN)),
+                    table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
+                    err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys,
+                    prof_ptr + pid * (16 + 8 * num_phases), STAGES, BOXES, SPLITS > 0, DYNAMIC, LEAN, KEYS, POLLS,
+                    PROFILE)),
     ], [1], [48])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(s))

@@ -33,6 +33,7 @@ from crosspool.kernels.megakernel.common import (
     _tma_load,
     _view,
 )
+from crosspool.kernels.megakernel.rank import _rank_by_producer
 
 
 @gluon.jit
@@ -43,13 +44,16 @@ def _smem_int(buf, i):
 
 @gluon.jit
 def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, mine, table_ptr, ctx_ptr, bt_ptr,
-             kv_layers, counters_ptr, nprog, STAGES: gl.constexpr, BOXES: gl.constexpr, ATTENTION: gl.constexpr,
-             DYNAMIC: gl.constexpr, LEAN: gl.constexpr = False):
+             kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr, err_ptr, expert_base, picked, keys,
+             prof, STAGES: gl.constexpr, BOXES: gl.constexpr, ATTENTION: gl.constexpr, DYNAMIC: gl.constexpr,
+             LEAN: gl.constexpr = False, KEYS: gl.constexpr = False, POLLS: gl.constexpr = 1,
+             PROFILE: gl.constexpr = False):
     """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
     consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
     [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
-    plus its row within the expert: the producer waits until the consumer has ranked that phase's router
-    (`ranked`, one mbarrier a routed phase) and reads the expert's first row from `rowbase`. Codes are loaded two
+    plus its row within the expert, from `rowbase`: with KEYS the producer ranks a router of at most K_FEW experts
+    itself when it first meets one of its routed codes (`rank._rank_by_producer`); otherwise it waits until the
+    consumers have (`ranked`, one mbarrier a routed phase). Codes are loaded two
     slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us). An attention code
     stands for its item's key and value slots (`attend._kv_slots`); a dynamic code for a dynamic phase's items
     (`_dynamic_items`)."""
@@ -60,7 +64,16 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
     box_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)   # as `Chain`'s
     kvring = _view(ring, [STAGES * SLOT_BLOCKS, K_BLOCK, 1, K_HEAD_DIM], box_l)
     s = ctx * 0                                      # ring slots issued
+    epoch = gl.load(epoch_ptr)
+    ranked_to = s                                    # routed ordinals this warp has ranked (or left to the consumers)
     for c in range(n_codes):
+        if KEYS:                                     # a routed code whose router is not ranked yet: rank it first
+            o = gl.where((code >= 0) & (((code >> 30) & 1) != 0), (code >> 16) & 0xFF, -1)
+            if DYNAMIC and (code < 0) & (((code >> 30) & 1) != 0):
+                o = _field(table_ptr, code & 0xFFFF, K_F_ORDINAL)
+            if o >= ranked_to:
+                ranked_to = _rank_by_producer(table_ptr, o, routes_ptr, words_ptr, epoch, err_ptr, expert_base,
+                                              rowbase, picked, keys, ranked, prof, POLLS, PROFILE)
         if DYNAMIC and (code < 0) & (((code >> 30) & 1) != 0):
             s = _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr,
                                code & 0xFFFF, counters_ptr, nprog, STAGES, BOXES, LEAN)

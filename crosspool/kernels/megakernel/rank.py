@@ -1,5 +1,7 @@
-"""The megakernel's routing (issue 4): a routed phase's router logits ranked inside the consumers (softmax, greedy
-top-k, as `torch_ref.route` for OLMoE; ties go to the lower expert id, as in `plan.reference`)."""
+"""The megakernel's routing (issue 4): a routed phase's router logits ranked inside the kernel (softmax, greedy
+top-k, as `torch_ref.route` for OLMoE; ties go to the lower expert id, as in `plan.reference`): by the producer
+warp where the router has at most FEW_EXPERTS experts (`_rank_by_producer`, `Chain(rank_keys=True)`, the default),
+else by the consumers (`_rank`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from crosspool.kernels.megakernel.common import (
+    K_F_ROUTE,
     K_F_ROUTE_LAST,
     K_F_ROUTE_N,
     K_F_ROUTE_OFF,
@@ -22,6 +25,7 @@ from crosspool.kernels.megakernel.common import (
     _poll,
     _stamp,
     _tag,
+    _tagged,
     _value,
     _view,
     _word_of,
@@ -76,30 +80,91 @@ def _rank_few(words_ptr, route_off, n_route, tag, err_ptr, stamp_at, kk, WARPS: 
 
 
 @gluon.jit
-def _rank_keys(words_ptr, route_off, n_route, tag, err_ptr, stamp_at, kk, WARPS: gl.constexpr, POLLS: gl.constexpr,
-               PROFILE: gl.constexpr):
-    """`_rank_few` on the logits themselves, as integer keys: no softmax before the ranking, one integer compare a
-    pair. A logit's bf16 bits as a signed magnitude, times 64, plus 63 - its expert: the keys are distinct and
-    order as (logit descending, expert ascending), which is the probabilities' order (softmax keeps it, and
-    distinct bf16 logits stay distinct in fp32 but where both probabilities underflow, or for logits within
-    fp32's rounding of the maximum's exponent, neither of which reaches a top k). Returns the ids of ranks `kk`
-    ([MAX_TOP_K, 1]) and the logits ([1, K_FEW], -inf past `n_route`)."""
-    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
-    pair_l: gl.constexpr = gl.BlockedLayout([K_FEW, 1], [1, 32], [1, WARPS], [0, 1])
-    eoffs = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]
-    valid = eoffs < n_route
-    q, h = _word_of(eoffs)
-    w = _poll(words_ptr, route_off + q, valid, tag, err_ptr, POLLS)
-    _stamp(stamp_at, PROFILE)
-    bits = ((w >> (16 * h)) & 0xFFFF).to(gl.int32)
+def _key(w, half: gl.constexpr, e, valid):
+    """Ranking keys (`_rank_by_producer`): the bf16 logit in half `half` of words w, of experts e, as a signed
+    magnitude times K_FEW, plus K_FEW - 1 - e (-2^30 where not `valid`)."""
+    bits = ((w >> (16 * half)) & 0xFFFF).to(gl.int32)
     magnitude = bits & 0x7FFF
-    key = gl.where(valid, gl.where(bits >= 0x8000, -magnitude, magnitude) * K_FEW + (K_FEW - 1 - eoffs),
-                   -(1 << 30))
-    flat = gl.max(key, axis=0)                                                     # [K_FEW] (axis 0 has one row)
-    ki = gl.convert_layout(flat, gl.SliceLayout(0, pair_l))[None, :]
-    kj = gl.convert_layout(flat, gl.SliceLayout(1, pair_l))[:, None]
-    rank = gl.convert_layout(gl.sum((kj > ki).to(gl.int32), axis=0), gl.SliceLayout(0, stage_l))[None, :]
-    ids = gl.sum(gl.where(rank == kk, eoffs, 0), axis=1, keep_dims=True)
+    return gl.where(valid, gl.where(bits >= 0x8000, -magnitude, magnitude) * K_FEW + (K_FEW - 1 - e), -(1 << 30))
+
+
+@gluon.jit
+def _rank_by_producer(table_ptr, o, routes_ptr, words_ptr, epoch, err_ptr, expert_base, rowbase, picked, keys,
+                      ranked, prof, POLLS: gl.constexpr, PROFILE: gl.constexpr):
+    """The producer warp ranks routed ordinal o's router itself (`Chain(rank_keys=True)`), where it has at most
+    K_FEW experts, as soon as its logits are published: it needs the experts before it can load their tiles, and
+    the consumers may still be busy with the phases before (o_proj's items, say). The keys (`_key`) are distinct
+    and order as (logit descending, expert ascending), which is the probabilities' order (softmax keeps it, and
+    distinct bf16 logits stay distinct in fp32 but where both probabilities underflow, or for logits within fp32's
+    rounding of the maximum's exponent, neither of which reaches a top k). An expert's rank is how many keys beat
+    its own. The producer writes each expert's first row for itself (`rowbase`, for ordinals o..the router's
+    last), the ids for the consumers (`picked`, by o's parity, and the experts buffer), then arrives on `ranked`:
+    the consumers weigh the experts once their staging has the norm's scale (`_gates`). Returns the ordinal after
+    the last one this router serves. Profiling: the time at prof + 20 + 8 p + 0..2 once the logits are polled,
+    once ranked, once stored."""
+    word_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, 1], [1, 0])         # [1, 32]: word i in lane i
+    sel_l: gl.constexpr = gl.BlockedLayout([K_MAX_TOP_K, 1], [1, 32], [1, 1], [0, 1])  # [MAX_TOP_K, 32]
+    cmp_l: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [1, 1], [1, 0])           # [32, 8]: 8 keys in each lane
+    p = gl.load(routes_ptr + o)
+    last = _field(table_ptr, p, K_F_ROUTE_LAST)
+    n_route = _field(table_ptr, p, K_F_ROUTE_N)
+    if n_route <= K_FEW:
+        stamp_at = prof + 20 + 8 * p
+        wi = gl.arange(0, 32, layout=gl.SliceLayout(0, word_l))[None, :]
+        e_lo = (wi // 8) * 16 + wi % 8               # word i holds experts e_lo (low half) and e_lo + 8 (`_word_of`)
+        valid = e_lo < n_route                       # (n_route is a multiple of 16)
+        w = _poll(words_ptr, _field(table_ptr, p, K_F_ROUTE_OFF) + wi, valid, _tag(epoch, _field(table_ptr, p,
+                  K_F_ROUTE)), err_ptr, POLLS)
+        _stamp(stamp_at, PROFILE)
+        k_lo = _key(w, 0, e_lo, valid)
+        k_hi = _key(w, 1, e_lo + 8, valid)
+        keys.index(0).store(gl.max(k_lo, axis=0))
+        keys.index(1).store(gl.max(k_hi, axis=0))
+        _cta_barrier()                               # (the warp's keys in, before every lane reads them all)
+        mine_lo = gl.convert_layout(gl.max(k_lo, axis=0), gl.SliceLayout(1, cmp_l))[:, None]
+        mine_hi = gl.convert_layout(gl.max(k_hi, axis=0), gl.SliceLayout(1, cmp_l))[:, None]
+        r_lo = gl.zeros([32], gl.int32, gl.SliceLayout(1, cmp_l))
+        r_hi = r_lo
+        for c in gl.static_range(2 * 32 // 8):       # every key against 8 of them a round, each lane all 8
+            other = keys.index(c // 4).slice((c % 4) * 8, 8).load(gl.SliceLayout(0, cmp_l))[None, :]
+            r_lo += gl.sum((other > mine_lo).to(gl.int32), axis=1)
+            r_hi += gl.sum((other > mine_hi).to(gl.int32), axis=1)
+        kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, sel_l))[:, None]
+        rl = gl.convert_layout(r_lo, gl.SliceLayout(0, sel_l))[None, :]
+        rh = gl.convert_layout(r_hi, gl.SliceLayout(0, sel_l))[None, :]
+        el = gl.convert_layout(gl.max(e_lo, axis=0), gl.SliceLayout(0, sel_l))[None, :]
+        ids = gl.sum(gl.where(rl == kk, el, 0) + gl.where(rh == kk, el + 8, 0), axis=1)      # [MAX_TOP_K]
+        _stamp(stamp_at + 1, PROFILE)
+        n_src = _field(table_ptr, p, K_F_SOURCES)
+        k1 = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, sel_l))
+        picked.index(o % 2).store(ids)
+        for q in range(o, last + 1):
+            ph = gl.load(routes_ptr + q)
+            gl.store(expert_base + q * 2 * K_MAX_TOP_K + k1, ids, mask=k1 < n_src)
+            _view(rowbase, [K_GROUP, K_MAX_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, order=[0])).index(
+                q % K_GROUP).store(_field(table_ptr, ph, K_F_ROW0) + ids * _field(table_ptr, ph, K_F_STRIDE))
+        _cta_barrier()                               # the warp's stores are in: release them to the consumers
+        for q in range(o, last + 1):
+            mbarrier.arrive(ranked.index(q), count=1)
+        _stamp(stamp_at + 2, PROFILE)
+    return last + 1
+
+
+@gluon.jit
+def _producer_ranking(table_ptr, p, ordinal, router, ranked, picked, words_ptr, epoch, err_ptr, WARPS: gl.constexpr,
+                      POLLS: gl.constexpr):
+    """Consumers: the ids the producer ranked for routed phase p (`_rank_by_producer`), once it has, as
+    [MAX_TOP_K, 1], and the router's logits ([1, K_FEW], -inf past its experts) for `_gates`."""
+    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
+    eoffs = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]
+    valid = eoffs < _field(table_ptr, p, K_F_ROUTE_N)
+    q, h = _word_of(eoffs)
+    at = _field(table_ptr, p, K_F_ROUTE_OFF) + q
+    w = gl.load(words_ptr + at, mask=valid, other=0, volatile=True)        # (tagged: the producer polled them)
+    mbarrier.wait(ranked.index(ordinal), 0)
+    if _tagged(w, valid, _tag(epoch, router)) == 0:
+        w = _poll(words_ptr, at, valid, _tag(epoch, router), err_ptr, POLLS)
+    ids = picked.index(ordinal % 2).load(gl.SliceLayout(1, stage_l))[:, None]
     return ids, gl.where(valid, _value(w, h), float("-inf"))
 
 
@@ -125,16 +190,15 @@ def _rank_greedy(words_ptr, route_off, n_route, n_src, tag, err_ptr, stamp_at, k
 
 @gluon.jit
 def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, expert_base, rowbase, ranked,
-          parts_at, scaled, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr = False,
-          KEYS: gl.constexpr = False):
+          parts_at, scaled, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr = False):
     """Rank routed phase p's router logits: every program ranks them for itself and writes the expert ids and
     weights to its own rows, for phase p and the following routed phases that share its router (ordinals
     `ordinal`..the table's last), then arrives on their `ranked` mbarriers: the producer held their tiles back
     until now, and reads each expert's first row from `rowbase`. With `scaled` (a folded router, `Phase.rms_of`)
-    the weights are left to `_gates`, once the staging has the scale; with KEYS, a router of at most K_FEW
-    experts is ranked by `_rank_keys` and its weights are left to `_gates` too. Returns the ordinal after the
-    last one ranked, the ids ([MAX_TOP_K, 1]), for a router of at most K_FEW experts the logits ([1, K_FEW]), and
-    whether the weights are left to `_gates`.
+    the weights are left to `_gates`, once the staging has the scale. Returns the ordinal after the last one
+    ranked, the ids ([MAX_TOP_K, 1]), for a router of at most K_FEW experts the logits ([1, K_FEW]), and whether
+    the weights are left to `_gates`. (With `Chain(rank_keys=True)` the producer ranks the routers of at most
+    K_FEW experts itself: `_rank_by_producer`.)
     Profiling: the time at `parts_at` + 0..2 once the logits are polled, once ranked, once stored."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
     n_route = _field(table_ptr, p, K_F_ROUTE_N)
@@ -151,14 +215,8 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
     logits = gl.zeros([1, K_FEW], gl.float32, stage_l)
     defer = scaled
     if n_route <= K_FEW:
-        if KEYS:
-            ids, logits = _rank_keys(words_ptr, route_off, n_route, _tag(epoch, router), err_ptr, parts_at, kk,
-                                     WARPS, POLLS, PROFILE)
-            bests = gl.zeros([K_MAX_TOP_K, 1], gl.float32, stage_l)
-            defer = scaled * 0 + 1
-        else:
-            ids, bests, logits = _rank_few(words_ptr, route_off, n_route, _tag(epoch, router), err_ptr, parts_at, kk,
-                                           WARPS, POLLS, PROFILE)
+        ids, bests, logits = _rank_few(words_ptr, route_off, n_route, _tag(epoch, router), err_ptr, parts_at, kk,
+                                       WARPS, POLLS, PROFILE)
     else:
         ids, bests = _rank_greedy(words_ptr, route_off, n_route, n_src, _tag(epoch, router), err_ptr, parts_at, kk,
                                   WARPS, POLLS, PROFILE)
@@ -182,8 +240,8 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
 
 @gluon.jit
 def _gates(table_ptr, p, ordinal, ids, logits, rstd, expert_base, WARPS: gl.constexpr):
-    """The experts' weights `_rank` left to the end of the staging (a folded router's, `Phase.rms_of`, and with
-    KEYS any router's of at most K_FEW experts), for routed phase p and those sharing its router (ordinals
+    """The experts' weights `_rank` left to the end of the staging (a folded router's, `Phase.rms_of`, and any
+    router's that the producer ranked, `_rank_by_producer`), for routed phase p and those sharing its router (ordinals
     `ordinal`..): softmax(logits * rstd) at the ranked `ids`, where rstd is the norm's scale from the staging of
     the phase that ranked them (a folded router), else 1."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
