@@ -226,23 +226,16 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, i
     _stamp(stamp_at, PROFILE)                        # (profiling: the partial is out)
     # the head's last split to arrive combines its splits and publishes the head's output. The count is relaxed:
     # the last split polls the splits' words (each carries this step's tag), so it needs no ordering from the count
-    # Every split loads the head's partials while its count's round trip is in flight (the last split's own are in
-    # by the CTA barrier; the others' usually are by the time the count says so): one round trip, not two, before
-    # the combine (a stale word only means one more poll)
     _cta_barrier()
     combined = out + SPLITS * (hd // 2 + heads)                                   # then an arrival count a head
     arrived = gl.atomic_add(combined + hd // 2 + head, (head * 0 + 1).to(gl.int64), sem="relaxed", scope="gpu")
-    c2: gl.constexpr = gl.BlockedLayout([SPLITS, 1], [1, 32], [1, WARPS], [1, 0])         # [SPLITS, HEAD_DIM]
-    sp = gl.arange(0, SPLITS, layout=gl.SliceLayout(1, c2))[:, None]
-    dd = gl.arange(0, K_HEAD_DIM, layout=gl.SliceLayout(0, c2))[None, :]
-    wq, wh = _word_of(sp * hd + head * K_HEAD_DIM + dd)
-    lq = SPLITS * hd // 2 + sp * heads + head + dd * 0
-    every = (sp < SPLITS) & (dd < K_HEAD_DIM)
-    pw = gl.load(out + wq, mask=every, other=0, volatile=True)
-    lw = gl.load(out + lq, mask=every, other=0, volatile=True)
     if arrived % SPLITS == SPLITS - 1:
-        if (_tagged(pw, every, tag) & _tagged(lw, every, tag)) == 0:
-            pw, lw = _poll_pair(out, wq, lq, every, tag, err_ptr, POLLS)
+        c2: gl.constexpr = gl.BlockedLayout([SPLITS, 1], [1, 32], [1, WARPS], [1, 0])     # [SPLITS, HEAD_DIM]
+        sp = gl.arange(0, SPLITS, layout=gl.SliceLayout(1, c2))[:, None]
+        dd = gl.arange(0, K_HEAD_DIM, layout=gl.SliceLayout(0, c2))[None, :]
+        wq, wh = _word_of(sp * hd + head * K_HEAD_DIM + dd)
+        pw, lw = _poll_pair(out, wq, SPLITS * hd // 2 + sp * heads + head + dd * 0, (sp < SPLITS) & (dd < K_HEAD_DIM),
+                            tag, err_ptr, POLLS)
         lse_s = (lw & 0xFFFFFFFF).to(gl.int32).to(gl.float32, bitcast=True)
         big = gl.max(lse_s, axis=0)
         wgt = gl.exp2(lse_s - gl.expand_dims(gl.where(big == float("-inf"), 0.0, big), 0))

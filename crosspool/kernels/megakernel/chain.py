@@ -77,10 +77,11 @@ from crosspool.kernels.megakernel.stage import _stage
 
 
 @gluon.jit
-def _consume(ring, full, empty, ranked, rowbase, picked, itemq, xs, scratch, attn_rows, table_ptr, num_phases, x_ptr,
-             last_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog,
-             prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr,
-             WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr, PROFILE: gl.constexpr,
+def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratch, attn_rows, table_ptr, num_phases,
+             x_ptr, last_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr,
+             nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr,
+             BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr,
+             PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
              COUNTED: gl.constexpr):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
@@ -143,6 +144,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, itemq, xs, scratch, att
         defer = zero
         ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
         logits = gl.zeros([1, K_FEW], gl.float32, stage_l)
+        experts = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]     # each logit's expert
         produced = zero                              # the producer ranked this phase's router (KEYS)
         if ranks:
             scaled = _field(table_ptr, p, K_F_ROUTE_SCALED)
@@ -166,9 +168,8 @@ def _consume(ring, full, empty, ranked, rowbase, picked, itemq, xs, scratch, att
             # router's need the norm's scale
             if KEYS:
                 if produced != 0:
-                    ids, logits = _producer_ranking(table_ptr, p, ordinal, router, ranked, picked, words_ptr, epoch,
-                                                    err_ptr, WARPS, POLLS)
-            _gates(table_ptr, p, ordinal, ids, logits, gl.where(scaled != 0, rstd, 1.0), expert_base, WARPS)
+                    ids, logits, experts = _producer_ranking(ordinal, ranked, picked, lbuf, WARPS)
+            _gates(table_ptr, p, ordinal, ids, logits, experts, gl.where(scaled != 0, rstd, 1.0), expert_base, WARPS)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
 
         _stamp(prof + 17 + 8 * p, PROFILE)            # the input staged (and the router ranked)
@@ -323,6 +324,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
     # the router's keys as it compares them
     picked = gl.allocate_shared_memory(gl.int32, [2, K_MAX_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     keys = gl.allocate_shared_memory(gl.int32, [2, 32], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    lbuf = gl.allocate_shared_memory(gl.float32, [4, 32], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))   # logits
     # each ranked expert's first row, for the producer: [GROUP routed phases (ordinal % GROUP), MAX_TOP_K]
     rowbase = gl.allocate_shared_memory(gl.int32, [K_GROUP * K_MAX_TOP_K, 1],
                                         gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
@@ -338,17 +340,17 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
         mbarrier.init(ranked.index(o), count=1)
     fence_async_shared()
     gl.warp_specialize([
-        (_consume, (ring, full, empty, ranked, rowbase, picked, itemq, xs, scratch, rows, table_ptr, num_phases, x_ptr,
-                    last_ptr, norms_ptr, eps,
+        (_consume, (ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratch, rows, table_ptr, num_phases,
+                    x_ptr, last_ptr, norms_ptr, eps,
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
                     SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
-                    err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys,
+                    err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys, lbuf,
                     prof_ptr + pid * (16 + 8 * num_phases), STAGES, BOXES, SPLITS > 0, DYNAMIC, LEAN, KEYS, POLLS,
                     PROFILE)),
-    ], [1], [48])
+    ], [1], [56])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(s))
         mbarrier.invalidate(empty.index(s))

@@ -45,7 +45,7 @@ def _smem_int(buf, i):
 @gluon.jit
 def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, mine, table_ptr, ctx_ptr, bt_ptr,
              kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr, err_ptr, expert_base, picked, keys,
-             prof, STAGES: gl.constexpr, BOXES: gl.constexpr, ATTENTION: gl.constexpr, DYNAMIC: gl.constexpr,
+             lbuf, prof, STAGES: gl.constexpr, BOXES: gl.constexpr, ATTENTION: gl.constexpr, DYNAMIC: gl.constexpr,
              LEAN: gl.constexpr = False, KEYS: gl.constexpr = False, POLLS: gl.constexpr = 1,
              PROFILE: gl.constexpr = False):
     """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
@@ -73,7 +73,7 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
                 o = _field(table_ptr, code & 0xFFFF, K_F_ORDINAL)
             if o >= ranked_to:
                 ranked_to = _rank_by_producer(table_ptr, o, routes_ptr, words_ptr, epoch, err_ptr, expert_base,
-                                              rowbase, picked, keys, ranked, prof, POLLS, PROFILE)
+                                              rowbase, picked, keys, lbuf, ranked, prof, POLLS, PROFILE)
         if DYNAMIC and (code < 0) & (((code >> 30) & 1) != 0):
             s = _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr,
                                code & 0xFFFF, counters_ptr, nprog, STAGES, BOXES, LEAN)

@@ -25,7 +25,6 @@ from crosspool.kernels.megakernel.common import (
     _poll,
     _stamp,
     _tag,
-    _tagged,
     _value,
     _view,
     _word_of,
@@ -90,7 +89,7 @@ def _key(w, half: gl.constexpr, e, valid):
 
 @gluon.jit
 def _rank_by_producer(table_ptr, o, routes_ptr, words_ptr, epoch, err_ptr, expert_base, rowbase, picked, keys,
-                      ranked, prof, POLLS: gl.constexpr, PROFILE: gl.constexpr):
+                      lbuf, ranked, prof, POLLS: gl.constexpr, PROFILE: gl.constexpr):
     """The producer warp ranks routed ordinal o's router itself (`Chain(rank_keys=True)`), where it has at most
     K_FEW experts, as soon as its logits are published: it needs the experts before it can load their tiles, and
     the consumers may still be busy with the phases before (o_proj's items, say). The keys (`_key`) are distinct
@@ -98,7 +97,8 @@ def _rank_by_producer(table_ptr, o, routes_ptr, words_ptr, epoch, err_ptr, exper
     distinct bf16 logits stay distinct in fp32 but where both probabilities underflow, or for logits within fp32's
     rounding of the maximum's exponent, neither of which reaches a top k). An expert's rank is how many keys beat
     its own. The producer writes each expert's first row for itself (`rowbase`, for ordinals o..the router's
-    last), the ids for the consumers (`picked`, by o's parity, and the experts buffer), then arrives on `ranked`:
+    last), the ids and logits for the consumers (`picked` and `lbuf`, by o's parity; the ids in the experts buffer
+    too), then arrives on `ranked`:
     the consumers weigh the experts once their staging has the norm's scale (`_gates`). Returns the ordinal after
     the last one this router serves. Profiling: the time at prof + 20 + 8 p + 0..2 once the logits are polled,
     once ranked, once stored."""
@@ -110,12 +110,22 @@ def _rank_by_producer(table_ptr, o, routes_ptr, words_ptr, epoch, err_ptr, exper
     n_route = _field(table_ptr, p, K_F_ROUTE_N)
     if n_route <= K_FEW:
         stamp_at = prof + 20 + 8 * p
+        n_src = _field(table_ptr, p, K_F_SOURCES)
+        # the routed phases' first rows and strides, loaded before the logits' poll (as dependent loads after the
+        # ranking, they took ~1 us: session 20)
+        og = gl.arange(0, K_GROUP, layout=gl.SliceLayout(1, sel_l))
+        o_ph = gl.load(routes_ptr + o + og, mask=o + og <= last, other=0)
+        o_row0 = _field(table_ptr, o_ph, K_F_ROW0)
+        o_stride = _field(table_ptr, o_ph, K_F_STRIDE)
         wi = gl.arange(0, 32, layout=gl.SliceLayout(0, word_l))[None, :]
         e_lo = (wi // 8) * 16 + wi % 8               # word i holds experts e_lo (low half) and e_lo + 8 (`_word_of`)
         valid = e_lo < n_route                       # (n_route is a multiple of 16)
         w = _poll(words_ptr, _field(table_ptr, p, K_F_ROUTE_OFF) + wi, valid, _tag(epoch, _field(table_ptr, p,
                   K_F_ROUTE)), err_ptr, POLLS)
         _stamp(stamp_at, PROFILE)
+        vals = _view(lbuf, [4, 32], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        vals.index(2 * (o % 2)).store(gl.max(gl.where(valid, _value(w, 0), float("-inf")), axis=0))
+        vals.index(2 * (o % 2) + 1).store(gl.max(gl.where(valid, _value(w, 1), float("-inf")), axis=0))
         k_lo = _key(w, 0, e_lo, valid)
         k_hi = _key(w, 1, e_lo + 8, valid)
         keys.index(0).store(gl.max(k_lo, axis=0))
@@ -135,14 +145,14 @@ def _rank_by_producer(table_ptr, o, routes_ptr, words_ptr, epoch, err_ptr, exper
         el = gl.convert_layout(gl.max(e_lo, axis=0), gl.SliceLayout(0, sel_l))[None, :]
         ids = gl.sum(gl.where(rl == kk, el, 0) + gl.where(rh == kk, el + 8, 0), axis=1)      # [MAX_TOP_K]
         _stamp(stamp_at + 1, PROFILE)
-        n_src = _field(table_ptr, p, K_F_SOURCES)
         k1 = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, sel_l))
         picked.index(o % 2).store(ids)
         for q in range(o, last + 1):
-            ph = gl.load(routes_ptr + q)
             gl.store(expert_base + q * 2 * K_MAX_TOP_K + k1, ids, mask=k1 < n_src)
+            pick = og == q - o
+            first = gl.sum(gl.where(pick, o_row0, 0), axis=0) + ids * gl.sum(gl.where(pick, o_stride, 0), axis=0)
             _view(rowbase, [K_GROUP, K_MAX_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, order=[0])).index(
-                q % K_GROUP).store(_field(table_ptr, ph, K_F_ROW0) + ids * _field(table_ptr, ph, K_F_STRIDE))
+                q % K_GROUP).store(first)
         _cta_barrier()                               # the warp's stores are in: release them to the consumers
         for q in range(o, last + 1):
             mbarrier.arrive(ranked.index(q), count=1)
@@ -151,21 +161,19 @@ def _rank_by_producer(table_ptr, o, routes_ptr, words_ptr, epoch, err_ptr, exper
 
 
 @gluon.jit
-def _producer_ranking(table_ptr, p, ordinal, router, ranked, picked, words_ptr, epoch, err_ptr, WARPS: gl.constexpr,
-                      POLLS: gl.constexpr):
-    """Consumers: the ids the producer ranked for routed phase p (`_rank_by_producer`), once it has, as
-    [MAX_TOP_K, 1], and the router's logits ([1, K_FEW], -inf past its experts) for `_gates`."""
+def _producer_ranking(ordinal, ranked, picked, lbuf, WARPS: gl.constexpr):
+    """Consumers: what the producer ranked for routed ordinal `ordinal` (`_rank_by_producer`), once it has: the ids
+    ([MAX_TOP_K, 1]), the router's logits in its words' order ([1, K_FEW], -inf past its experts) and the expert
+    of each ([1, K_FEW]), for `_gates`. All from shared memory: nothing waits on a load while the experts' tiles
+    crowd the memory system (the logits loaded after the staging took 1-7 us: session 20)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
-    eoffs = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]
-    valid = eoffs < _field(table_ptr, p, K_F_ROUTE_N)
-    q, h = _word_of(eoffs)
-    at = _field(table_ptr, p, K_F_ROUTE_OFF) + q
-    w = gl.load(words_ptr + at, mask=valid, other=0, volatile=True)        # (tagged: the producer polled them)
+    j = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))
     mbarrier.wait(ranked.index(ordinal), 0)
-    if _tagged(w, valid, _tag(epoch, router)) == 0:
-        w = _poll(words_ptr, at, valid, _tag(epoch, router), err_ptr, POLLS)
     ids = picked.index(ordinal % 2).load(gl.SliceLayout(1, stage_l))[:, None]
-    return ids, gl.where(valid, _value(w, h), float("-inf"))
+    logits = _view(lbuf, [2, K_FEW], gl.SwizzledSharedLayout(1, 1, 1, order=[0])).index(ordinal % 2).load(
+        gl.SliceLayout(0, stage_l))[None, :]
+    word = j % 32                                    # position j: half j // 32 of word j % 32 (`_word_of`)
+    return ids, logits, ((word // 8) * 16 + (j // 32) * 8 + word % 8)[None, :]
 
 
 @gluon.jit
@@ -239,15 +247,14 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
 
 
 @gluon.jit
-def _gates(table_ptr, p, ordinal, ids, logits, rstd, expert_base, WARPS: gl.constexpr):
+def _gates(table_ptr, p, ordinal, ids, logits, experts, rstd, expert_base, WARPS: gl.constexpr):
     """The experts' weights `_rank` left to the end of the staging (a folded router's, `Phase.rms_of`, and any
     router's that the producer ranked, `_rank_by_producer`), for routed phase p and those sharing its router (ordinals
     `ordinal`..): softmax(logits * rstd) at the ranked `ids`, where rstd is the norm's scale from the staging of
-    the phase that ranked them (a folded router), else 1."""
+    the phase that ranked them (a folded router), else 1. `experts`: the expert of each logit ([1, K_FEW])."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
-    eoffs = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]
-    probs = _softmax(logits * rstd, eoffs < _field(table_ptr, p, K_F_ROUTE_N))
-    gates = gl.sum(gl.where(eoffs == ids, probs, 0.0), axis=1, keep_dims=True)               # [MAX_TOP_K, 1]
+    probs = _softmax(logits * rstd, experts < _field(table_ptr, p, K_F_ROUTE_N))
+    gates = gl.sum(gl.where(experts == ids, probs, 0.0), axis=1, keep_dims=True)             # [MAX_TOP_K, 1]
     kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, stage_l))[:, None]
     for o in range(ordinal, _field(table_ptr, p, K_F_ROUTE_LAST) + 1):
         gl.store(expert_base + o * 2 * K_MAX_TOP_K + K_MAX_TOP_K + kk, gates.to(gl.int32, bitcast=True),
