@@ -23,11 +23,11 @@ from crosspool.kernels.megakernel.common import (
     K_F_KIND,
     K_F_ORDINAL,
     K_F_OUT_OFF,
+    K_F_PRODUCER_RANKS,
     K_F_RES,
     K_F_RES_OFF,
     K_F_ROUTE,
     K_F_ROUTE_LAST,
-    K_F_ROUTE_N,
     K_F_ROUTE_SCALED,
     K_GROUP,
     K_HEAD_DIM,
@@ -60,6 +60,9 @@ from crosspool.kernels.megakernel.plan import (
     F_DYN,
     F_KC,
     F_KIND,
+    F_PRODUCER_RANKS,
+    F_ROUTE_N,
+    FEW_EXPERTS,
     HEAD_DIM,
     MAX_TOP_K,
     ROWS,
@@ -149,7 +152,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         if ranks:
             scaled = _field(table_ptr, p, K_F_ROUTE_SCALED)
             if KEYS:
-                produced = gl.where(_field(table_ptr, p, K_F_ROUTE_N) <= K_FEW, 1, 0)
+                produced = _field(table_ptr, p, K_F_PRODUCER_RANKS)
             if produced != 0:                        # (its ids and the weights come after the staging)
                 ready = _field(table_ptr, p, K_F_ROUTE_LAST) + 1
                 defer = zero + 1
@@ -413,6 +416,13 @@ class Chain:
         dyn = dynamic_phases(self.plan, self.nprog if dynamic_sums else None) if dynamic else []
         self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1, dynamic=dyn).to(dev)
         self.table[dyn, F_DYN] = 1
+        # rank_keys: the producer ranks a router of at most FEW_EXPERTS experts where its first routed phase is
+        # dynamic (every program's tile list then holds that phase's code, where the producer ranks it)
+        routed = self.plan.routed
+        for j, q in enumerate(routed):
+            first = j == 0 or phases[routed[j - 1]].route != phases[q].route
+            if rank_keys and first and q in dyn and self.plan.table[q, F_ROUTE_N] <= FEW_EXPERTS:
+                self.table[q, F_PRODUCER_RANKS] = 1
         # the dynamic phases' item counters, then each phase's published items (`counted_polls`)
         self.counters = torch.zeros(2 * len(phases), dtype=torch.int32, device=dev)
         n_ord = max(1, len(self.plan.routed))

@@ -25,8 +25,8 @@ STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
 (F_KIND, F_FAM, F_ROW0, F_ITEMS, F_KC, F_SOURCES, F_STRIDE, F_UP, F_ITEMS_PER_SRC, F_IN, F_IN_CHUNKS, F_IN_OFF,
  F_RES, F_RES_OFF, F_OUT_OFF, F_WAIT) = range(16)
 F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL, F_ROUTE_LAST = 16, 17, 18, 19, 20, 21, 22, 23
-F_SCALE, F_NORM_SEG, F_DYN, F_TAIL, F_ROUTE_SCALED = 24, 25, 26, 27, 28
-NCOL = 32                 # (29 used) a phase's row is one 128-B line: its fields are one L1 miss, not two
+F_SCALE, F_NORM_SEG, F_DYN, F_TAIL, F_ROUTE_SCALED, F_PRODUCER_RANKS = 24, 25, 26, 27, 28, 29
+NCOL = 32                 # (30 used) a phase's row is one 128-B line: its fields are one L1 miss, not two
 MAX_EXPERTS = 256         # router outputs a routed phase can rank
 FEW_EXPERTS = 64          # router outputs a router with `rms_of` can have (the kernel's ranking by counting)
 MAX_TOP_K = 16            # experts a routed phase takes

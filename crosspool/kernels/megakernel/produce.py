@@ -18,6 +18,7 @@ from crosspool.kernels.megakernel.common import (
     K_F_KC,
     K_F_KIND,
     K_F_ORDINAL,
+    K_F_PRODUCER_RANKS,
     K_F_ROW0,
     K_F_SOURCES,
     K_F_STRIDE,
@@ -51,9 +52,9 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
     """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
     consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
     [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
-    plus its row within the expert, from `rowbase`: with KEYS the producer ranks a router of at most K_FEW experts
-    itself when it first meets one of its routed codes (`rank._rank_by_producer`); otherwise it waits until the
-    consumers have (`ranked`, one mbarrier a routed phase). Codes are loaded two
+    plus its row within the expert, from `rowbase`: with KEYS the producer ranks the router itself at the code of a
+    phase the table marks (F_PRODUCER_RANKS: a dynamic phase, first of its router's, `rank._rank_by_producer`);
+    otherwise it waits until the consumers have (`ranked`, one mbarrier a routed phase). Codes are loaded two
     slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us). An attention code
     stands for its item's key and value slots (`attend._kv_slots`); a dynamic code for a dynamic phase's items
     (`_dynamic_items`)."""
@@ -65,15 +66,12 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
     kvring = _view(ring, [STAGES * SLOT_BLOCKS, K_BLOCK, 1, K_HEAD_DIM], box_l)
     s = ctx * 0                                      # ring slots issued
     epoch = gl.load(epoch_ptr)
-    ranked_to = s                                    # routed ordinals this warp has ranked (or left to the consumers)
     for c in range(n_codes):
-        if KEYS:                                     # a routed code whose router is not ranked yet: rank it first
-            o = gl.where((code >= 0) & (((code >> 30) & 1) != 0), (code >> 16) & 0xFF, -1)
-            if DYNAMIC and (code < 0) & (((code >> 30) & 1) != 0):
-                o = _field(table_ptr, code & 0xFFFF, K_F_ORDINAL)
-            if o >= ranked_to:
-                ranked_to = _rank_by_producer(table_ptr, o, routes_ptr, words_ptr, epoch, err_ptr, expert_base,
-                                              rowbase, picked, keys, lbuf, ranked, prof, POLLS, PROFILE)
+        if DYNAMIC and KEYS and (code < 0) & (((code >> 30) & 1) != 0):
+            if _field(table_ptr, code & 0xFFFF, K_F_PRODUCER_RANKS) != 0:     # rank its router first
+                _rank_by_producer(table_ptr, _field(table_ptr, code & 0xFFFF, K_F_ORDINAL), routes_ptr, words_ptr,
+                                  epoch, err_ptr, expert_base, rowbase, picked, keys, lbuf, ranked, prof, POLLS,
+                                  PROFILE)
         if DYNAMIC and (code < 0) & (((code >> 30) & 1) != 0):
             s = _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr,
                                code & 0xFFFF, counters_ptr, nprog, STAGES, BOXES, LEAN)
