@@ -16,10 +16,10 @@ This module is that kernel's core, a chain of dependent GEMV phases over stacked
   exists, and the experts' weights take the norm's scale from the routed phase's staging.
 - `plan` checks a chain and lays it out as an int32 table plus word offsets; `reference` computes it in torch.
 - `Chain` runs it on the GPU (`chain.py`): one program an SM. In each, a producer warp (`produce.py`) streams the
-  weight tiles through a ring of shared-memory slots by TMA, and 4 or 8 consumer warps walk the work items (16
-  output rows) and compute from the landed slots. The ring's loads run ahead across phase boundaries, because the
-  weights do not depend on the phase before. They follow a tile list built on the host (`tile_lists`), so issuing
-  one costs one load, not a walk of the phase table. `common.py` holds what both sides use.
+  weight tiles through a ring of shared-memory slots by TMA, and 4 or 8 consumer warps (`consume.py`) walk the
+  work items (16 output rows) and compute from the landed slots. The ring's loads run ahead across phase
+  boundaries, because the weights do not depend on the phase before. They follow a tile list built on the host
+  (`tile_lists`), so issuing one costs one load, not a walk of the phase table. `common.py` holds what both sides use.
 - Outputs go out two bf16 values a tagged word, tag = (epoch * 4096 + phase + 1) mod 2^31 in the high half.
   A consumer polls its input words until all of them carry the producer's tag. The epoch lives on the device,
   and the last program to finish advances it, so CUDA-graph replays need no host work and never see the previous

@@ -1,6 +1,6 @@
 """The megakernel's device-side basics (issue 4): Gluon's names that differ across Triton releases, the plan's
 constants as the kernel sees them (module-level constants in a Gluon function must be `gl.constexpr`), and the
-helpers that both the producer (`produce.py`) and the consumers (`chain.py`) use: table fields, tags, tagged
+helpers that both the producer (`produce.py`) and the consumers (`consume.py`) use: table fields, tags, tagged
 words (publish, poll, unpack), shared-memory views and the cycle counters.
 """
 

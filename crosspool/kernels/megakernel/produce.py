@@ -1,5 +1,5 @@
 """The megakernel's producer warp (issue 4): it walks its program's tile list and streams the weight tiles into
-the ring by TMA as the consumers free slots (`chain.py` runs the consumers).
+the ring by TMA as the consumers (`consume.py`) free slots.
 """
 
 from __future__ import annotations

@@ -1,0 +1,278 @@
+"""The megakernel's consumer warps (issue 4; the package docstring has the design): each phase's input staged
+(`stage.py`), a router ranked or its ranking taken from the producer (`rank.py`), the items computed from the
+ring's slots (attention items in `attend.py`) and their outputs published as tagged words. `chain._chain_kernel`
+runs them beside the producer warp (`produce.py`).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+
+from crosspool.kernels.megakernel.attend import _attend_item
+from crosspool.kernels.megakernel.common import (
+    K_ATTENTION,
+    K_CHUNK,
+    K_F_DYN,
+    K_F_IN,
+    K_F_KC,
+    K_F_KIND,
+    K_F_ORDINAL,
+    K_F_OUT_OFF,
+    K_F_PRODUCER_RANKS,
+    K_F_RES,
+    K_F_RES_OFF,
+    K_F_ROUTE,
+    K_F_ROUTE_LAST,
+    K_F_ROUTE_SCALED,
+    K_HEAD_DIM,
+    K_MAX_TOP_K,
+    K_ROWS,
+    K_STAGE_CHUNKS,
+    K_SWIGLU,
+    _cta_barrier,
+    _field,
+    _first_item,
+    _items_of,
+    _lap,
+    _poll,
+    _publish,
+    _release,
+    _stamp,
+    _tag,
+    _tagged,
+    _tiles_per_item,
+    _value,
+    _view,
+    _word_of,
+)
+from crosspool.kernels.megakernel.rank import K_FEW, _gates, _producer_ranking, _rank
+from crosspool.kernels.megakernel.stage import _stage
+
+
+@gluon.jit
+def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratch, attn_rows, table_ptr, num_phases,
+             x_ptr, last_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr,
+             nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES: gl.constexpr,
+             BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr,
+             PROFILE: gl.constexpr,
+             SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
+             COUNTED: gl.constexpr):
+    """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
+    the ring's slots, and their outputs published as tagged words."""
+    pid = gl.program_id(0)
+    # a ring slot in registers: each thread holds 8 columns of every box (its 4-box sum is in-thread); a warp
+    # reads a 512-B row
+    tile3: gl.constexpr = gl.BlockedLayout([BOXES, 1, 8], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
+    acc_l: gl.constexpr = gl.SliceLayout(0, tile3)                                    # [ROWS, CHUNK]
+    rows_l: gl.constexpr = gl.SliceLayout(1, acc_l)
+    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])     # the ranking's
+    # `xgroups.index(g)` is staged chunks g * BOXES.. as [BOXES, 1, CHUNK], the input of one ring slot (a slot's
+    # first chunk is a multiple of BOXES)
+    xgroups = _view(xs, [K_STAGE_CHUNKS // BOXES, BOXES, 1, K_CHUNK],
+                    gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
+    epoch = gl.load(epoch_ptr)
+    zero = pid * 0
+    # the step's context length and RoPE cos/sin (attention), loaded once: no item waits on them
+    ctx = gl.load(ctx_ptr).to(gl.int32)
+    rope_j = gl.arange(0, K_HEAD_DIM // 2, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+    cos = gl.load(cos_ptr + rope_j)
+    sin = gl.load(sin_ptr + rope_j)
+    expert_base = experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K
+    ready = zero                                     # routed phases this program has ranked
+    consumed = zero
+    # profiling (PROFILE): SM cycles spent polling and staging inputs, on the rest of staging (norms, waits,
+    # barriers), ranking, on items' starts and ends (reductions, the residual, the stores), waiting for slots to
+    # land, loading a slot + releasing it, and on the arithmetic
+    mark, _t = _lap(zero.to(gl.int64), zero.to(gl.int64), PROFILE)
+    start = mark
+    prof = prof_ptr + pid * (16 + 8 * num_phases)    # this program's counters, then 8 timestamps a phase
+    t_stage = zero.to(gl.int64)
+    t_poll = t_stage
+    t_rank = t_stage
+    t_start = t_stage
+    t_end = t_stage
+    t_wait = t_stage
+    t_release = t_stage
+    t_math = t_stage
+    t_attend = t_stage
+    t_kv_wait = t_stage
+    rows = gl.arange(0, K_ROWS, layout=rows_l)
+    for p in range(num_phases):
+        kind = _field(table_ptr, p, K_F_KIND)
+        kc = _field(table_ptr, p, K_F_KC)
+        src = _field(table_ptr, p, K_F_IN)
+        router = _field(table_ptr, p, K_F_ROUTE)
+        first = _first_item(table_ptr, p, pid, nprog)
+        n_items = _items_of(table_ptr, p, first, nprog)
+        dyn = zero
+        if DYNAMIC:
+            dyn = _field(table_ptr, p, K_F_DYN)
+        _cta_barrier()                               # every warp is done with the previous phase's input
+        _stamp(prof + 16 + 8 * p, PROFILE)
+        # the router ranked before the input is staged: the producer can start on the experts' tiles meanwhile
+        # (staged first, the step took 25 us longer: session 19)
+        ordinal = gl.maximum(_field(table_ptr, p, K_F_ORDINAL), 0)
+        ranks = (router >= 0) & (ordinal >= ready)
+        scaled = zero
+        defer = zero
+        ids = gl.zeros([K_MAX_TOP_K, 1], gl.int32, stage_l)
+        logits = gl.zeros([1, K_FEW], gl.float32, stage_l)
+        experts = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]     # each logit's expert
+        produced = zero                              # the producer ranked this phase's router (KEYS)
+        if ranks:
+            scaled = _field(table_ptr, p, K_F_ROUTE_SCALED)
+            if KEYS:
+                produced = _field(table_ptr, p, K_F_PRODUCER_RANKS)
+            if produced != 0:                        # (its ids and the weights come after the staging)
+                ready = _field(table_ptr, p, K_F_ROUTE_LAST) + 1
+                defer = zero + 1
+            else:
+                ready, ids, logits, defer = _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr,
+                                                  routes_ptr, expert_base, rowbase, ranked, prof + 20 + 8 * p, scaled,
+                                                  WARPS, POLLS, PROFILE)
+            mark, t_rank = _lap(mark, t_rank, PROFILE)
+        # a program with no item of a fixed split's phase skips its staging (a routed phase's ranking still
+        # serves the phases that share its router)
+        skip = (n_items == 0) & (dyn == 0) & (router < 0)
+        mark, t_poll, t_stage, rstd = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
+                                             err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS,
+                                             counters_ptr + num_phases, COUNTED)
+        if defer != 0:                               # the weights left to the end of the staging: a folded
+            # router's need the norm's scale
+            if KEYS:
+                if produced != 0:
+                    ids, logits, experts = _producer_ranking(ordinal, ranked, picked, lbuf, WARPS)
+            _gates(table_ptr, p, ordinal, ids, logits, experts, gl.where(scaled != 0, rstd, 1.0), expert_base, WARPS)
+        gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
+
+        _stamp(prof + 17 + 8 * p, PROFILE)            # the input staged (and the router ranked)
+        res = _field(table_ptr, p, K_F_RES)
+        res_off = _field(table_ptr, p, K_F_RES_OFF)
+        if SPLITS > 0:                               # (a chain with attention phases)
+            if kind == K_ATTENTION:
+                for il in range(n_items):
+                    consumed, t_kv_wait = _attend_item(ring, full, empty, consumed, xs, scratch, attn_rows,
+                                                       table_ptr, p,
+                                                       first + il * nprog, ctx, words_ptr, epoch, err_ptr,
+                                                       kv_ptr, bt_ptr, kv_layers, cos, sin, t_kv_wait,
+                                                       prof + 18 + 8 * p, STAGES, WARPS, POLLS, PROFILE, SPLITS,
+                                                       LEAN, prof + 20 + 8 * p)
+                mark, t_attend = _lap(mark, t_attend, PROFILE)
+                n_items = 0
+        # this program's items: i = first + il * nprog, or (a dynamic phase) as the producer took them (`itemq`)
+        i = gl.where(n_items > 0, first, -1)
+        if dyn != 0:
+            i, consumed = _next_item(full, empty, itemq, consumed, STAGES, WARPS, LEAN)
+        il = zero
+        while i >= 0:
+            # the residual's words, loaded before the tiles so their round trip hides behind the arithmetic
+            res_q, res_h = _word_of(i * K_ROWS + rows[:, None])
+            res_words = gl.load(words_ptr + res_off + res_q, mask=(rows[:, None] < K_ROWS) & (res >= 0), other=0,
+                                volatile=True)
+            acc = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
+            acc_up = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
+            src = zero                                   # the source of slot j (a routed sum's expert)
+            for j in range(_tiles_per_item(table_ptr, p) // BOXES):
+                slot = consumed % STAGES
+                mark, t_start = _lap(mark, t_start, PROFILE)
+                mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
+                mark, t_wait = _lap(mark, t_wait, PROFILE)
+                if PROFILE:
+                    if (il == 0) & (j == 0):
+                        _stamp(prof + 18 + 8 * p, PROFILE)      # the phase's first slot landed
+                t0 = j * BOXES                   # the slot's first chunk (a slot never spans two sources: kc % BOXES)
+                if COMPUTE:                  # (compute=False, timing only: the tiles stream, nothing is read)
+                    wt = ring.index(slot).load(tile3)
+                    if kind == K_SWIGLU:
+                        c0 = gl.where(t0 >= kc, t0 - kc, t0)    # gate chunks, then up chunks, over the same
+                        # input (t0 < 2 kc; not t0 % kc: a division by a runtime value is ~25 dependent instructions
+                        # ahead of the input's load, in every slot)
+                    else:
+                        c0 = t0                  # source t0 // kc reads its own input segment
+                    # the slot's input too, before the release: Triton's barrier analysis puts a CTA barrier between
+                    # an mbarrier arrive and the next shared-memory read
+                    xc = xgroups.index(c0 // BOXES).load(tile3)
+                # every warp has its part of the slot in registers: free the slot now, not after the arithmetic,
+                # so the ring keeps STAGES slots in flight (at ~7 us loaded latency, bytes in flight set the rate)
+                consumed = _release(empty, slot, consumed, LEAN)
+                mark, t_release = _lap(mark, t_release, PROFILE)
+                if COMPUTE:
+                    part = gl.sum(wt.to(gl.float32) * xc.to(gl.float32), axis=0)
+                    if router >= 0:
+                        if kind != K_SWIGLU:     # a routed sum: the source weighs its routing probability
+                            part = part * gl.load(gates + src).to(gl.float32, bitcast=True)
+                    if (kind == K_SWIGLU) & (t0 >= kc):
+                        acc_up += part
+                    else:
+                        acc += part
+                    # the next slot's source (t0 // kc, counted, not divided)
+                    wrap = t0 + BOXES - src * kc == kc
+                    src = gl.where(wrap, src + 1, src)
+                mark, t_math = _lap(mark, t_math, PROFILE)
+            y = gl.sum(acc, axis=1)
+            if kind == K_SWIGLU:
+                y = y / (1.0 + gl.exp(-y)) * gl.sum(acc_up, axis=1)
+            if res >= 0:
+                if _tagged(res_words, rows[:, None] < K_ROWS, _tag(epoch, res)) == 0:
+                    res_words = _poll(words_ptr, res_off + res_q, rows[:, None] < K_ROWS, _tag(epoch, res), err_ptr,
+                                      POLLS)
+                y += gl.sum(_value(res_words, res_h), axis=1)
+            elif res == -1:
+                y += gl.load(x_ptr + i * K_ROWS + rows).to(gl.float32)
+            if p == num_phases - 1:                  # the last phase's outputs in fp32 too (the logits)
+                gl.store(last_ptr + i * K_ROWS + rows, y)
+            # two bf16 values a word (rows j and j + 8 of the item), then the tag
+            # rows j and j + 8 of the item share a warp (the slot layout deals rows to warps round-robin), so
+            # [16] as [2, 8] pairs them in registers: no exchange between warps
+            bits = gl.reshape(y.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF, [2, K_ROWS // 2])
+            pairs_l: gl.constexpr = bits.type.layout
+            hf = gl.arange(0, 2, layout=gl.SliceLayout(1, pairs_l))[:, None]
+            pair = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, pairs_l))
+            word = gl.sum(bits << (hf * 16), axis=0).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
+            _publish(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * (K_ROWS // 2) + pair, word)
+            if COUNTED:                          # one more of the phase's items out (`_stage(COUNTED=True)`)
+                gl.atomic_add(counters_ptr + num_phases + p, 1, sem="relaxed", scope="gpu")
+            mark, t_end = _lap(mark, t_end, PROFILE)
+            il += 1
+            i = gl.where(il < n_items, first + il * nprog, -1)
+            if dyn != 0:
+                i, consumed = _next_item(full, empty, itemq, consumed, STAGES, WARPS, LEAN)
+        _stamp(prof + 19 + 8 * p, PROFILE)            # this program's items of the phase published
+
+    if PROFILE:
+        mark, total = _lap(start, zero.to(gl.int64), PROFILE)
+        gl.store(prof + 0, t_poll)
+        gl.store(prof + 1, t_stage)
+        gl.store(prof + 2, t_rank)
+        gl.store(prof + 3, t_start)
+        gl.store(prof + 4, t_end)
+        gl.store(prof + 5, t_wait)
+        gl.store(prof + 6, t_release)
+        gl.store(prof + 7, t_math)
+        gl.store(prof + 8, total)
+        gl.store(prof + 9, t_attend)
+        gl.store(prof + 10, t_kv_wait)
+
+    # the last program out advances the epoch for the next launch (every program read it at its start)
+    _cta_barrier()
+    if gl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu") == nprog - 1:
+        gl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
+        gl.atomic_add(epoch_ptr, 1, sem="relaxed", scope="gpu")
+        if DYNAMIC or COUNTED:                       # the item counters and published counts, for the next launch
+            q = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+            for q0 in range(0, 2 * num_phases, 128):
+                gl.store(counters_ptr + q0 + q, 0, mask=q0 + q < 2 * num_phases)
+
+
+@gluon.jit
+def _next_item(full, empty, itemq, consumed, STAGES: gl.constexpr, WARPS: gl.constexpr, LEAN: gl.constexpr):
+    """A dynamic phase's next item for the consumers: the item of the ring's next slot once it lands (`itemq`), or
+    -1 where the producer ended the phase there (that slot, with no bytes, is handed back)."""
+    slot = consumed % STAGES
+    mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
+    i = gl.max(itemq.index(slot).load(gl.BlockedLayout([1], [32], [WARPS], [0])), axis=0)
+    if i < 0:
+        consumed = _release(empty, slot, consumed, LEAN)
+    return i, consumed
