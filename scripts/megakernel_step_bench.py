@@ -104,6 +104,8 @@ def main() -> None:
                    "its logits as integer keys (`Chain(rank_keys=False)`; ~10 us a step slower, session 20)")
     p.add_argument("--counted-polls", action="store_true", help="a staging waits on its input phase's published "
                    "count before polling the words (`Chain(counted_polls=True)`; 25-30 us a step slower, session 20)")
+    p.add_argument("--pipelined", action="store_true", help="each slot's loads before the previous slot's "
+                   "arithmetic (`Chain(pipelined=True)`; untimed, session 20)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--timeline", help="with --profile: torch.save the raw timeline ([programs, phases, 8] us) and "
@@ -137,7 +139,7 @@ def main() -> None:
                      kv=kv, max_blocks=blocks, profile=args.profile,
                      dynamic=not args.static,
                      dynamic_sums=args.dynamic_sums, lean_release=args.lean_release, rank_keys=not args.rank_weights,
-                     counted_polls=args.counted_polls)
+                     counted_polls=args.counted_polls, pipelined=args.pipelined)
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()
     copy_bw = copy_bandwidth(dev)

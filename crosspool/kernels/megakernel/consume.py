@@ -58,7 +58,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
              BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr,
              PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
-             COUNTED: gl.constexpr):
+             COUNTED: gl.constexpr, PIPE: gl.constexpr = False):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
@@ -174,43 +174,32 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             acc = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
             acc_up = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
             src = zero                                   # the source of slot j (a routed sum's expert)
-            for j in range(_tiles_per_item(table_ptr, p) // BOXES):
-                slot = consumed % STAGES
-                mark, t_start = _lap(mark, t_start, PROFILE)
-                mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
-                mark, t_wait = _lap(mark, t_wait, PROFILE)
-                if PROFILE:
-                    if (il == 0) & (j == 0):
-                        _stamp(prof + 18 + 8 * p, PROFILE)      # the phase's first slot landed
-                t0 = j * BOXES                   # the slot's first chunk (a slot never spans two sources: kc % BOXES)
-                if COMPUTE:                  # (compute=False, timing only: the tiles stream, nothing is read)
-                    wt = ring.index(slot).load(tile3)
-                    if kind == K_SWIGLU:
-                        c0 = gl.where(t0 >= kc, t0 - kc, t0)    # gate chunks, then up chunks, over the same
-                        # input (t0 < 2 kc; not t0 % kc: a division by a runtime value is ~25 dependent instructions
-                        # ahead of the input's load, in every slot)
-                    else:
-                        c0 = t0                  # source t0 // kc reads its own input segment
-                    # the slot's input too, before the release: Triton's barrier analysis puts a CTA barrier between
-                    # an mbarrier arrive and the next shared-memory read
-                    xc = xgroups.index(c0 // BOXES).load(tile3)
-                # every warp has its part of the slot in registers: free the slot now, not after the arithmetic,
-                # so the ring keeps STAGES slots in flight (at ~7 us loaded latency, bytes in flight set the rate)
-                consumed = _release(empty, slot, consumed, LEAN)
-                mark, t_release = _lap(mark, t_release, PROFILE)
-                if COMPUTE:
-                    part = gl.sum(wt.to(gl.float32) * xc.to(gl.float32), axis=0)
-                    if router >= 0:
-                        if kind != K_SWIGLU:     # a routed sum: the source weighs its routing probability
-                            part = part * gl.load(gates + src).to(gl.float32, bitcast=True)
-                    if (kind == K_SWIGLU) & (t0 >= kc):
-                        acc_up += part
-                    else:
-                        acc += part
-                    # the next slot's source (t0 // kc, counted, not divided)
-                    wrap = t0 + BOXES - src * kc == kc
-                    src = gl.where(wrap, src + 1, src)
-                mark, t_math = _lap(mark, t_math, PROFILE)
+            n_slots = _tiles_per_item(table_ptr, p) // BOXES
+            if PIPE:                                 # the next slot's loads before this one's arithmetic
+                acc, acc_up, consumed = _pipelined_slots(ring, full, empty, xgroups, consumed, n_slots, kc, kind,
+                                                         router, gates, acc, acc_up, tile3, STAGES, BOXES, LEAN)
+            else:
+                for j in range(n_slots):
+                    slot = consumed % STAGES
+                    mark, t_start = _lap(mark, t_start, PROFILE)
+                    mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
+                    mark, t_wait = _lap(mark, t_wait, PROFILE)
+                    if PROFILE:
+                        if (il == 0) & (j == 0):
+                            _stamp(prof + 18 + 8 * p, PROFILE)      # the phase's first slot landed
+                    t0 = j * BOXES               # the slot's first chunk (a slot never spans two sources: kc % BOXES)
+                    if COMPUTE:              # (compute=False, timing only: the tiles stream, nothing is read)
+                        # the slot's input too, before the release: Triton's barrier analysis puts a CTA barrier
+                        # between an mbarrier arrive and the next shared-memory read
+                        wt, xc = _slot_in(ring, xgroups, slot, t0, kc, kind, tile3, BOXES)
+                    # every warp has its part of the slot in registers: free the slot now, not after the
+                    # arithmetic, so the ring keeps STAGES slots in flight (at ~7 us loaded latency, bytes in flight
+                    # set the rate)
+                    consumed = _release(empty, slot, consumed, LEAN)
+                    mark, t_release = _lap(mark, t_release, PROFILE)
+                    if COMPUTE:
+                        acc, acc_up, src = _slot_math(wt, xc, t0, kc, kind, router, gates, src, acc, acc_up, BOXES)
+                    mark, t_math = _lap(mark, t_math, PROFILE)
             y = gl.sum(acc, axis=1)
             if kind == K_SWIGLU:
                 y = y / (1.0 + gl.exp(-y)) * gl.sum(acc_up, axis=1)
@@ -276,3 +265,57 @@ def _next_item(full, empty, itemq, consumed, STAGES: gl.constexpr, WARPS: gl.con
     if i < 0:
         consumed = _release(empty, slot, consumed, LEAN)
     return i, consumed
+
+
+@gluon.jit
+def _slot_in(ring, xgroups, slot, t0, kc, kind, tile3: gl.constexpr, BOXES: gl.constexpr):
+    """Ring slot `slot` (chunks t0.. of its item) and the staged input it multiplies, in registers."""
+    if kind == K_SWIGLU:
+        c0 = gl.where(t0 >= kc, t0 - kc, t0)    # gate chunks, then up chunks, over the same input (t0 < 2 kc; not
+        # t0 % kc: a division by a runtime value is ~25 dependent instructions ahead of the input's load, a slot)
+    else:
+        c0 = t0                                  # source t0 // kc reads its own input segment
+    return ring.index(slot).load(tile3), xgroups.index(c0 // BOXES).load(tile3)
+
+
+@gluon.jit
+def _slot_math(wt, xc, t0, kc, kind, router, gates, src, acc, acc_up, BOXES: gl.constexpr):
+    """A slot's products summed into the item's accumulators (a swiglu's up chunks into acc_up); returns them and
+    the next slot's source (a routed sum's: t0 // kc, counted, not divided)."""
+    part = gl.sum(wt.to(gl.float32) * xc.to(gl.float32), axis=0)
+    if router >= 0:
+        if kind != K_SWIGLU:                     # a routed sum: the source weighs its routing probability
+            part = part * gl.load(gates + src).to(gl.float32, bitcast=True)
+    if (kind == K_SWIGLU) & (t0 >= kc):
+        acc_up += part
+    else:
+        acc += part
+    wrap = t0 + BOXES - src * kc == kc
+    return acc, acc_up, gl.where(wrap, src + 1, src)
+
+
+@gluon.jit
+def _pipelined_slots(ring, full, empty, xgroups, consumed, n_slots, kc, kind, router, gates, acc, acc_up,
+                     tile3: gl.constexpr, STAGES: gl.constexpr, BOXES: gl.constexpr, LEAN: gl.constexpr):
+    """An item's slots with the next slot's loads issued before this slot's arithmetic (`Chain(pipelined=True)`),
+    so their shared-memory latency passes under it; each slot is still freed before its own arithmetic. Returns
+    the accumulators and the ring's consumed count."""
+    slot = consumed % STAGES
+    mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
+    wt, xc = _slot_in(ring, xgroups, slot, consumed * 0, kc, kind, tile3, BOXES)
+    consumed = _release(empty, slot, consumed, LEAN)
+    src = consumed * 0
+    for j in range(n_slots):
+        t0 = j * BOXES
+        wt_next = wt
+        xc_next = xc
+        if j + 1 < n_slots:
+            slot = consumed % STAGES
+            mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
+            wt_next, xc_next = _slot_in(ring, xgroups, slot, t0 + BOXES, kc, kind, tile3, BOXES)
+        acc, acc_up, src = _slot_math(wt, xc, t0, kc, kind, router, gates, src, acc, acc_up, BOXES)
+        if j + 1 < n_slots:
+            consumed = _release(empty, slot, consumed, LEAN)
+        wt = wt_next
+        xc = xc_next
+    return acc, acc_up, consumed
