@@ -89,16 +89,14 @@ from crosspool.kernels.megakernel.plan import (
     Phase,
     Plan,
     Step,
-    attend_reference,
-    combine,
     dynamic_phases,
     first_item,
     plan,
-    reference,
     split_positions,
     tile_lists,
     unpack,
 )
+from crosspool.kernels.megakernel.reference import attend_reference, combine, reference
 
 __all__ = [
     "Chain",
