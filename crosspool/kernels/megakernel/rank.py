@@ -1,5 +1,5 @@
 """The megakernel's routing (issue 4): a routed phase's router logits ranked inside the kernel (softmax, greedy
-top-k, as `torch_ref.route` for OLMoE; ties go to the lower expert id, as in `plan.reference`): by the producer
+top-k, as `torch_ref.route` for OLMoE; ties go to the lower expert id, as in `reference.reference`): by the producer
 warp where the router has at most FEW_EXPERTS experts (`_rank_by_producer`, `Chain(rank_keys=True)`, the default),
 else by the consumers (`_rank`)."""
 
