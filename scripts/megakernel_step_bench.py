@@ -108,6 +108,8 @@ def main() -> None:
                    "arithmetic (`Chain(pipelined=True)`; untimed, session 20)")
     p.add_argument("--paired-staging", action="store_true", help="an input of two rounds (the down's) polled at "
                    "once (`Chain(paired_staging=True)`; untimed, session 20)")
+    p.add_argument("--fold-heads", action="store_true", help="the router's o_proj part in the attention's head "
+                   "combine, summed by a heads phase (`decode_chain(fold_heads=True)`; untimed, session 20)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--timeline", help="with --profile: torch.save the raw timeline ([programs, phases, 8] us) and "
@@ -130,7 +132,7 @@ def main() -> None:
         for _ in range(args.layers)])
     ffn = FFNWeights(layers=[{"router": rand(e, h, std=0.1), "experts_gate_up": rand(e, 2 * i, h),
                               "experts_down": rand(e, h, i, std=0.01)} for _ in range(args.layers)])
-    dc = decode_chain(spec, attn, ffn, splits=args.splits)
+    dc = decode_chain(spec, attn, ffn, splits=args.splits, fold_heads=args.fold_heads)
     del ffn                                          # the chain holds its own copies
     ctx = args.context
     blocks = -(-ctx // mk.BLOCK)

@@ -74,11 +74,17 @@ def _batch(ids: list[int], start: int, table: torch.Tensor) -> ForwardBatch:
                         max_q_len=len(ids), max_context_len=ctx)
 
 
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("prompt_len", [5, 40])
-def test_decode_chain_matches_the_engines_torch_path(prompt_len: int) -> None:
+def test_decode_chain_matches_the_engines_torch_path(prompt_len: int, fold: bool) -> None:
+    """The chain's reference against the engine's torch path on one decode step; fold: the router's o_proj part
+    computed in the attention's head combine and summed by a "heads" phase (`decode_chain(fold_heads=True)`)."""
     spec = _spec()
     attn, ffn = _weights(spec, 0)
-    chain = decode_chain(spec, attn, ffn, splits=2)
+    chain = decode_chain(spec, attn, ffn, splits=2, fold_heads=fold)
+    if fold:                                         # the router's phase sums the heads' products, with no weights
+        assert sum(ph.kind == "heads" for ph in chain.phases) == spec.num_layers
+        assert all(ph.fold_rows == spec.routing.num_experts for ph in chain.phases if ph.kind == "attention")
     model = MoEModel(spec, AttentionSide(spec, attn, "torch"), FFNSide(spec, ffn, "torch"))
     g = torch.Generator().manual_seed(prompt_len)
     blocks = 8
@@ -108,6 +114,53 @@ def test_decode_chain_matches_the_engines_torch_path(prompt_len: int) -> None:
         got_kv, want_kv = step.kv[:, layer].float(), kv[:, layer].float()
         assert (got_kv - want_kv).abs().max() < 2.5e-2 * want_kv.abs().max(), f"layer {layer}'s new key/value"
     mk.plan(chain.phases, chain.families, spec.hidden_size, chain.norms.numel())      # and the kernel takes it
+
+
+def test_folded_router_ranks_the_experts_of_the_unfolded_one() -> None:
+    """decode_chain(fold_heads=True) against the default chain on the same step: the same experts, and every
+    phase's outputs within bf16 rounding (the heads' products are summed in fp32, then rounded once)."""
+    spec = _spec(4)
+    attn, ffn = _weights(spec, 1)
+    g = torch.Generator().manual_seed(3)
+    kv = (torch.randn(64, spec.num_layers, 2, BS, spec.num_heads, mk.HEAD_DIM, generator=g) * 0.5).to(torch.bfloat16)
+    table = torch.randperm(64, generator=g).to(torch.int32)
+    cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([299]), torch_ref.rope_inv_freq(spec.rope))
+    outs = []
+    for fold in (False, True):
+        dc = decode_chain(spec, attn, ffn, splits=2, fold_heads=fold)
+        outs.append((dc, mk.reference(dc.phases, dc.families, attn.embed[7].float(), dc.norms, dc.eps,
+                                      step=mk.Step(kv.clone(), table, 300, cos[0], sin[0]))))
+    (plain, a), (folded, b) = outs
+    for j, (ph, x, y) in enumerate(zip(folded.phases, a, b, strict=True)):
+        if ph.kind == "attention":                   # (the fold's products follow the combined heads)
+            heads = ph.out_rows // mk.HEAD_DIM
+            assert y.numel() == x.numel() + heads * ph.fold_rows
+            y = y[:x.numel()]
+        assert plain.phases[j].kind == ph.kind or (plain.phases[j].kind, ph.kind) == ("sum", "heads")
+        torch.testing.assert_close(y, x, rtol=2e-2, atol=2e-2 * x.abs().max().item(), msg=f"phase {j}")
+    for j, ph in enumerate(folded.phases):
+        if ph.route != mk.NO_PHASE:                  # the same experts: the routers' top k agree
+            k = ph.sources
+            assert set(a[ph.route].topk(k).indices.tolist()) == set(b[ph.route].topk(k).indices.tolist()), j
+
+
+def test_plan_refuses_a_heads_phase_without_its_fold() -> None:
+    spec = _spec()
+    attn, ffn = _weights(spec, 0)
+    dc = decode_chain(spec, attn, ffn, splits=2, fold_heads=True)
+    att = next(j for j, ph in enumerate(dc.phases) if ph.kind == "attention")
+    heads = next(j for j, ph in enumerate(dc.phases) if ph.kind == "heads")
+
+    def with_phase(j: int, **change: object) -> list[mk.Phase]:
+        return [dataclasses.replace(ph, **change) if i == j else ph for i, ph in enumerate(dc.phases)]
+
+    for phases, match in ((with_phase(att, fold=-1, fold_rows=0), "attention phase with a fold"),
+                          (with_phase(heads, input=att - 1), "attention phase with a fold"),
+                          (with_phase(heads, norm=0), "no norm"),
+                          (with_phase(att, fold_rows=8), "a multiple of 16"),
+                          (with_phase(att, fold=dc.families[0].shape[0] - 8), "from row")):
+        with pytest.raises(ValueError, match=match):
+            mk.plan(phases, dc.families, spec.hidden_size, dc.norms.numel())
 
 
 def test_decode_chain_adopts_the_models_weights_without_changing_its_outputs() -> None:
@@ -159,7 +212,7 @@ def test_decode_chain_refuses_other_models_with_the_reason() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("split", ["static", "dynamic", "dynamic sums", "dynamic lean", "dynamic weights",
-                                   "dynamic counted", "dynamic pipelined", "dynamic paired"])
+                                   "dynamic counted", "dynamic pipelined", "dynamic paired", "dynamic fold"])
 def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, split: str) -> None:  # noqa: ANN001
     """The whole small step on the GPU: every phase against the reference fed the kernel's own earlier outputs,
     the new token's key and value in the cache, over three steps of one sequence in a CUDA graph. Dynamic: the
@@ -169,14 +222,15 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     on its logits as integer keys (`Chain(rank_keys=False)`); counted: each staging waits on its input phase's
     published count first (`Chain(counted_polls=True)`; the counts start each launch from zero too); pipelined:
     each slot's loads before the previous slot's arithmetic (`Chain(pipelined=True)`); paired: the down's input
-    polled in one round (`Chain(paired_staging=True)`)."""
+    polled in one round (`Chain(paired_staging=True)`); fold: the router's o_proj part in the attention's head
+    combine (`decode_chain(fold_heads=True)`)."""
     dynamic = split != "static"
     spec = _spec(4 if dynamic else 2)
     attn, ffn = _weights(spec, 1)
     attn = AttentionWeights(attn.embed.cuda(), attn.final_norm.cuda(), attn.lm_head.cuda(),
                             [{k: v.cuda() for k, v in w.items()} for w in attn.layers])
     ffn = FFNWeights(layers=[{k: v.cuda() for k, v in w.items()} for w in ffn.layers])
-    dc = decode_chain(spec, attn, ffn, splits=2)
+    dc = decode_chain(spec, attn, ffn, splits=2, fold_heads=split == "dynamic fold")
     g = torch.Generator().manual_seed(3)
     kv = (torch.randn(64, spec.num_layers, 2, BS, spec.num_heads, mk.HEAD_DIM, generator=g) * 0.5).to(
         "cuda", torch.bfloat16)

@@ -15,6 +15,8 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 from crosspool.kernels.megakernel.common import (
     K_BLOCK,
     K_CHUNK,
+    K_F_FOLD,
+    K_F_FOLD_N,
     K_F_IN,
     K_F_IN_OFF,
     K_F_OUT_OFF,
@@ -32,6 +34,7 @@ from crosspool.kernels.megakernel.common import (
     _poll,
     _poll_pair,
     _publish,
+    _publish_where,
     _release,
     _stamp,
     _tag,
@@ -41,8 +44,10 @@ from crosspool.kernels.megakernel.common import (
     _view,
     _word_of,
 )
+from crosspool.kernels.megakernel.plan import FEW_EXPERTS
 
 SLOT_BLOCKS = gl.constexpr(8)     # KV blocks of one head in a ring slot (KV_SLOT positions)
+K_FOLD = gl.constexpr(FEW_EXPERTS)  # rows a fold can have (`Phase.fold_rows`)
 
 
 @gluon.jit
@@ -104,7 +109,7 @@ def _rotate(xrows, row, cos, sin, half_l: gl.constexpr):
 def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, item, ctx, words_ptr, epoch, err_ptr,
                  kv_ptr, bt_ptr, kv_layers, cos, sin, t_wait, stamp_at, STAGES: gl.constexpr, WARPS: gl.constexpr,
                  POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr, LEAN: gl.constexpr = False,
-                 parts_at=None):
+                 parts_at=None, fold_ptr=None, FOLD: gl.constexpr = False):
     """Consumers: one attention item (head, split) of phase p (split SPLITS ways), whose q and k the staging left
     normed in xs. Returns the ring's consumed-slot count, and (PROFILE) `t_wait` plus the cycles it waited for
     slots to land; PROFILE also stamps the time at `stamp_at` once the item's partial is out, and at `parts_at`
@@ -230,6 +235,17 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, i
     combined = out + SPLITS * (hd // 2 + heads)                                   # then an arrival count a head
     arrived = gl.atomic_add(combined + hd // 2 + head, (head * 0 + 1).to(gl.int64), sem="relaxed", scope="gpu")
     if arrived % SPLITS == SPLITS - 1:
+        # FOLD: a fold's rows of the head's columns (`Phase.fold`), loaded first: their round trip passes under the
+        # poll
+        fold_l: gl.constexpr = gl.BlockedLayout([2, 16], [4, 8], [WARPS, 1], [1, 0])     # [K_FOLD, HEAD_DIM]
+        fe = gl.arange(0, K_FOLD, layout=gl.SliceLayout(1, fold_l))
+        n_fold = head * 0
+        fw = gl.zeros([K_FOLD, K_HEAD_DIM], gl.bfloat16, fold_l)
+        if FOLD:
+            n_fold = _field(table_ptr, p, K_F_FOLD_N)
+            fd = gl.arange(0, K_HEAD_DIM, layout=gl.SliceLayout(0, fold_l))[None, :]
+            fw = gl.load(fold_ptr + (_field(table_ptr, p, K_F_FOLD) + fe[:, None]).to(gl.int64) * hd +
+                         head * K_HEAD_DIM + fd, mask=(fe[:, None] < n_fold) & (fd < K_HEAD_DIM), other=0.0)
         c2: gl.constexpr = gl.BlockedLayout([SPLITS, 1], [1, 32], [1, WARPS], [1, 0])     # [SPLITS, HEAD_DIM]
         sp = gl.arange(0, SPLITS, layout=gl.SliceLayout(1, c2))[:, None]
         dd = gl.arange(0, K_HEAD_DIM, layout=gl.SliceLayout(0, c2))[None, :]
@@ -243,6 +259,11 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, i
         scratch.index(3).store(gl.sum(wgt * _value(pw, wh), axis=0) / gl.maximum(gl.sum(wgt, axis=0), 1e-30))
         _cta_barrier()
         _publish_head(scratch.index(3), combined + head * K_HEAD_DIM // 2, tag, WARPS)
+        if FOLD and n_fold > 0:                      # the fold's products with the head's output, as published
+            a = scratch.index(3).load(gl.SliceLayout(0, fold_l)).to(gl.bfloat16).to(gl.float32)
+            r = gl.sum(fw.to(gl.float32) * a[None, :], axis=1)
+            word = r.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF | (tag.to(gl.int64) << 32)
+            _publish_where(combined + hd // 2 + heads + head * n_fold + fe, word, (fe < n_fold).to(gl.int32))
     _cta_barrier()                                   # scratch is reused by the next item
     return consumed, t_wait
 

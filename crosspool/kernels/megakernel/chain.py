@@ -42,6 +42,7 @@ from crosspool.kernels.megakernel.plan import (
     Phase,
     combined_offset,
     dynamic_phases,
+    fold_offset,
     plan,
     tile_lists,
     unpack,
@@ -53,10 +54,11 @@ from crosspool.kernels.megakernel.produce import _produce
 def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_stride,
                   x_ptr, last_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr,
                   err_ptr, nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, counters_ptr,
-                  STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
+                  fold_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
                   DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
-                  COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, PAIRED: gl.constexpr = False):
+                  COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, PAIRED: gl.constexpr = False,
+                  FOLD: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -90,7 +92,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     x_ptr, last_ptr, norms_ptr, eps,
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
-                    SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, PAIRED)),
+                    SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, PAIRED, fold_ptr, FOLD)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
                     err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys, lbuf,
@@ -152,6 +154,11 @@ class Chain:
                                               layout) for w in families]
         self.descs = descs + [descs[0]] * (4 - len(descs))
         self.families = families
+        # the family an attention phase's fold reads (`Phase.fold`): one for the chain
+        folds_read = sorted({ph.family for ph in phases if ph.kind == "attention" and ph.fold != -1})
+        if len(folds_read) > 1:
+            raise ValueError(f"the attention phases' folds read one family, got {folds_read}")
+        self.fold_family = families[folds_read[0] if folds_read else 0]
         self.table = self.plan.table.to(dev)
         self.words = torch.zeros(self.plan.words, dtype=torch.int64, device=dev)
         self.last = torch.zeros(phases[-1].out_rows, dtype=torch.float32, device=dev)   # the last phase's, in fp32
@@ -184,7 +191,7 @@ class Chain:
         self._bind_kv(kv, max_blocks, dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
-                         PAIRED=paired_staging,
+                         PAIRED=paired_staging, FOLD=bool(folds_read),
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 
@@ -250,7 +257,7 @@ class Chain:
                                      self.tiles.shape[1], x, self.last, self.norms, self.eps, self.words, self.routes,
                                      self.experts, self.experts.shape[1], st[0:], st[1:], st[2:], self.nprog,
                                      self.prof, self.kv, self.kv.shape[1], self.ctx, self.block_table, self.cos,
-                                     self.sin, self.counters, **self.meta)
+                                     self.sin, self.counters, self.fold_family, **self.meta)
 
     def outputs(self) -> list[torch.Tensor]:
         """Every phase's outputs as `reference` gives them (an attention phase: its partials, their log-sum-exps,
@@ -259,10 +266,11 @@ class Chain:
         outs = []
         for o, ph in zip(self.plan.out_offsets, self.phases, strict=True):
             if ph.kind == "attention":
-                n, c = ph.sources * ph.out_rows, o + combined_offset(ph)
+                n, c, f = ph.sources * ph.out_rows, o + combined_offset(ph), o + fold_offset(ph)
                 lse = (self.words[o + n // 2:c] & 0xFFFFFFFF).to(torch.int32)
+                folded = (self.words[f:f + (ph.out_rows // HEAD_DIM) * ph.fold_rows] & 0xFFFFFFFF).to(torch.int32)
                 outs.append(torch.cat([values[2 * o:2 * o + n], lse.view(torch.float32),
-                                       values[2 * c:2 * c + ph.out_rows]]))
+                                       values[2 * c:2 * c + ph.out_rows], folded.view(torch.float32)]))
             else:
                 outs.append(values[2 * o:2 * o + ph.out_rows])
         return outs

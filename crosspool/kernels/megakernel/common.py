@@ -23,6 +23,7 @@ K_ROWS = gl.constexpr(P.ROWS)
 K_CHUNK = gl.constexpr(P.CHUNK)
 K_SWIGLU = gl.constexpr(P.SWIGLU)
 K_ATTENTION = gl.constexpr(P.ATTENTION)
+K_HEADS = gl.constexpr(P.HEADS)
 K_HEAD_DIM = gl.constexpr(P.HEAD_DIM)
 K_KV_SLOT = gl.constexpr(P.KV_SLOT)
 K_BLOCK = gl.constexpr(P.BLOCK)
@@ -60,6 +61,8 @@ K_F_NORM_SEG = gl.constexpr(P.F_NORM_SEG)
 K_F_TAIL = gl.constexpr(P.F_TAIL)
 K_F_ROUTE_SCALED = gl.constexpr(P.F_ROUTE_SCALED)
 K_F_PRODUCER_RANKS = gl.constexpr(P.F_PRODUCER_RANKS)
+K_F_FOLD = gl.constexpr(P.F_FOLD)
+K_F_FOLD_N = gl.constexpr(P.F_FOLD_N)
 K_MAX_EXPERTS = gl.constexpr(P.MAX_EXPERTS)
 K_MAX_TOP_K = gl.constexpr(P.MAX_TOP_K)
 K_MAX_ORDINALS = gl.constexpr(P.MAX_ORDINALS)
@@ -134,6 +137,14 @@ def _publish(ptrs, words):
     return, nothing waits for it (an atomic exchange's return is an L2 round trip, ~1 us under load)."""
     gl.inline_asm_elementwise("st.relaxed.gpu.global.b64 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,l", [ptrs, words],
                               dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _publish_where(ptrs, words, mask):
+    """`_publish` where `mask` (int32, nonzero) only."""
+    gl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.relaxed.gpu.global.b64 [$1], $2; }\n\t"
+                              "mov.u32 $0, 0;", "=r,l,l,r", [ptrs, words, mask], dtype=gl.int32, is_pure=False,
+                              pack=1)
 
 
 @gluon.jit

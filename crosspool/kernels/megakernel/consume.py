@@ -16,6 +16,8 @@ from crosspool.kernels.megakernel.common import (
     K_CHUNK,
     K_F_DYN,
     K_F_IN,
+    K_F_IN_OFF,
+    K_F_ITEMS,
     K_F_KC,
     K_F_KIND,
     K_F_ORDINAL,
@@ -26,7 +28,9 @@ from crosspool.kernels.megakernel.common import (
     K_F_ROUTE,
     K_F_ROUTE_LAST,
     K_F_ROUTE_SCALED,
+    K_F_STRIDE,
     K_HEAD_DIM,
+    K_HEADS,
     K_MAX_TOP_K,
     K_ROWS,
     K_STAGE_CHUNKS,
@@ -58,7 +62,8 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
              BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr, COMPUTE: gl.constexpr,
              PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
-             COUNTED: gl.constexpr, PIPE: gl.constexpr = False, PAIRED: gl.constexpr = False):
+             COUNTED: gl.constexpr, PIPE: gl.constexpr = False, PAIRED: gl.constexpr = False, fold_ptr=None,
+             FOLD: gl.constexpr = False):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
@@ -158,7 +163,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                                                        first + il * nprog, ctx, words_ptr, epoch, err_ptr,
                                                        kv_ptr, bt_ptr, kv_layers, cos, sin, t_kv_wait,
                                                        prof + 18 + 8 * p, STAGES, WARPS, POLLS, PROFILE, SPLITS,
-                                                       LEAN, prof + 20 + 8 * p)
+                                                       LEAN, prof + 20 + 8 * p, fold_ptr, FOLD)
                 mark, t_attend = _lap(mark, t_attend, PROFILE)
                 n_items = 0
         # this program's items: i = first + il * nprog, or (a dynamic phase) as the producer took them (`itemq`)
@@ -203,6 +208,9 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             y = gl.sum(acc, axis=1)
             if kind == K_SWIGLU:
                 y = y / (1.0 + gl.exp(-y)) * gl.sum(acc_up, axis=1)
+            if FOLD and kind == K_HEADS:             # no slots: the attention's fold products, summed over heads
+                y += _heads_sum(table_ptr, p, i, words_ptr, _tag(epoch, _field(table_ptr, p, K_F_IN)), err_ptr, acc,
+                                POLLS)
             if res >= 0:
                 if _tagged(res_words, rows[:, None] < K_ROWS, _tag(epoch, res)) == 0:
                     res_words = _poll(words_ptr, res_off + res_q, rows[:, None] < K_ROWS, _tag(epoch, res), err_ptr,
@@ -319,3 +327,15 @@ def _pipelined_slots(ring, full, empty, xgroups, consumed, n_slots, kc, kind, ro
         wt = wt_next
         xc = xc_next
     return acc, acc_up, consumed
+
+
+@gluon.jit
+def _heads_sum(table_ptr, p, i, words_ptr, tag, err_ptr, acc, POLLS: gl.constexpr):
+    """A "heads" phase's item i: its rows of the attention's fold products ([heads, out_rows] fp32 words), once
+    tagged, summed over the heads (as [ROWS], the layout of acc's row sums)."""
+    rows = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, acc.type.layout))[:, None]
+    heads = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, acc.type.layout))[None, :]
+    mask = (heads < _field(table_ptr, p, K_F_STRIDE)) & (rows < K_ROWS)
+    w = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + heads * (_field(table_ptr, p, K_F_ITEMS) * K_ROWS) +
+              i * K_ROWS + rows, mask, tag, err_ptr, POLLS)
+    return gl.sum(gl.where(mask, (w & 0xFFFFFFFF).to(gl.int32).to(gl.float32, bitcast=True), 0.0), axis=1)

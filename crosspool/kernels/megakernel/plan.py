@@ -13,7 +13,7 @@ import torch
 
 ROWS = 16                 # output rows of one work item, and rows of one weight tile
 CHUNK = 256               # columns of one weight tile (512 B of bf16, the widest TMA box)
-SUM, SWIGLU, ATTENTION = 0, 1, 2
+SUM, SWIGLU, ATTENTION, HEADS = 0, 1, 2, 3
 HEAD_DIM = 128            # an attention phase's head dimension
 KV_SLOT = 128             # cached positions in one ring slot of keys or values (8 blocks of 16, one head)
 BLOCK = 16                # tokens in a KV block (the engine's block_size)
@@ -23,8 +23,8 @@ STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
 (F_KIND, F_FAM, F_ROW0, F_ITEMS, F_KC, F_SOURCES, F_STRIDE, F_UP, F_ITEMS_PER_SRC, F_IN, F_IN_CHUNKS, F_IN_OFF,
  F_RES, F_RES_OFF, F_OUT_OFF, F_WAIT) = range(16)
 F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL, F_ROUTE_LAST = 16, 17, 18, 19, 20, 21, 22, 23
-F_SCALE, F_NORM_SEG, F_DYN, F_TAIL, F_ROUTE_SCALED, F_PRODUCER_RANKS = 24, 25, 26, 27, 28, 29
-NCOL = 32                 # (30 used) a phase's row is one 128-B line: its fields are one L1 miss, not two
+F_SCALE, F_NORM_SEG, F_DYN, F_TAIL, F_ROUTE_SCALED, F_PRODUCER_RANKS, F_FOLD, F_FOLD_N = 24, 25, 26, 27, 28, 29, 30, 31
+NCOL = 32                 # (all used) a phase's row is one 128-B line: its fields are one L1 miss, not two
 MAX_EXPERTS = 256         # router outputs a routed phase can rank
 FEW_EXPERTS = 64          # router outputs a router with `rms_of` can have (the kernel's ranking by counting)
 MAX_TOP_K = 16            # experts a routed phase takes
@@ -49,7 +49,11 @@ class Phase:
     over the step's context. `out_rows` = heads * k; each head's positions are split `sources` ways (a power of
     two): an item is a (head, split), and its output is that split's normalized partial with its log-sum-exp; the
     head's last split to finish combines them into the head's output, which a "sum" phase reading the attention
-    phase takes as its input. `scale`: the softmax scale."""
+    phase takes as its input. `scale`: the softmax scale. With `fold` (a router folded through o_proj,
+    `decode_chain(fold_heads=True)`): rows fold.. of `family` are [fold_rows, out_rows], and each head's combining
+    split also publishes those rows' columns of the head times the head's output (fp32, one a word).
+    kind "heads": the sum over the heads of its input attention phase's `fold` products ([out_rows] = fold_rows,
+    in head order, fp32), plus its `residual`; no weights of its own, so no ring slots."""
 
     kind: str
     family: int
@@ -72,6 +76,8 @@ class Phase:
                                   # (the order is the same) and weigh their experts by softmax(outputs * rstd), rstd
                                   # = rsqrt(mean(rms_of's outputs^2) + eps); a ranking phase among them stages
                                   # rms_of's outputs whole with a norm (in the kernel, its staging gives rstd)
+    fold: int = -1                # attention: the first row of a folded router's o_proj part (see above)
+    fold_rows: int = 0            # attention: its rows (the router's experts; 16..FEW_EXPERTS, a multiple of 16)
     tail: bool = False            # a sum or swiglu phase's items on the last programs, not the first (item i on
                                   # program (i + P - items % P) % P of P): a small phase there runs beside a larger
                                   # one whose items fill the first programs (attention's, o_proj's)
@@ -120,13 +126,22 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
 
     for i, ph in enumerate(phases):
         if ph.kind == "attention":
-            rows.append(_attention_row(i, ph, phases, length(ph.input, i, "input"), norms_len, offsets, total))
+            rows.append(_attention_row(i, ph, phases, length(ph.input, i, "input"), norms_len, offsets, total,
+                                       families))
             offsets.append(total)
             lengths.append(ph.out_rows)
             total += attention_words(ph)
             continue
+        if ph.kind == "heads":
+            rows.append(_heads_row(i, ph, phases, [length(s, i, "input, residual or rms_of") if s != NO_PHASE
+                                                   else 0 for s in (ph.input, ph.residual, ph.rms_of)], offsets,
+                                   total))
+            offsets.append(total)
+            lengths.append(ph.out_rows)
+            total += ph.out_rows // 2
+            continue
         if ph.kind not in ("sum", "swiglu"):
-            raise ValueError(f"phase {i}: kind {ph.kind!r}, expected 'sum', 'swiglu' or 'attention'")
+            raise ValueError(f"phase {i}: kind {ph.kind!r}, expected 'sum', 'swiglu', 'attention' or 'heads'")
         if ph.tail and ph.route != NO_PHASE:
             raise ValueError(f"phase {i}: a routed phase's items start at the first program (no tail)")
         if ph.rms_of != NO_PHASE and (ph.kind != "sum" or ph.out_rows > FEW_EXPERTS or attention_source(ph.rms_of)
@@ -212,7 +227,7 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
 
 
 def _attention_row(i: int, ph: Phase, phases: list[Phase], have: int, norms_len: int, offsets: list[int],
-                   total: int) -> list[int]:
+                   total: int, families: list[torch.Tensor]) -> list[int]:
     """An attention phase's table row (see `Phase`), after checking it."""
     heads, splits = ph.out_rows // HEAD_DIM, ph.sources
     if ph.k != HEAD_DIM or ph.out_rows % HEAD_DIM or not 1 <= splits <= 8 or splits & (splits - 1):
@@ -239,6 +254,37 @@ def _attention_row(i: int, ph: Phase, phases: list[Phase], have: int, norms_len:
     row[F_RES], row[F_WAIT], row[F_NORM], row[F_ROUTE], row[F_ORDINAL], row[F_ROUTE_LAST] = NO_PHASE, NO_PHASE, \
         ph.norm, NO_PHASE, -1, -1
     row[F_SCALE], row[F_NORM_SEG] = scale_bits, ph.out_rows // CHUNK       # q's chunks: k has its own norm
+    row[F_FOLD], row[F_FOLD_N], row[F_FAM] = ph.fold, ph.fold_rows, ph.family
+    if ph.fold != -1:
+        fam = families[ph.family] if 0 <= ph.family < len(families) else None
+        if fam is None or fam.dim() != 2 or fam.shape[1] != ph.out_rows or ph.fold < 0 or \
+                ph.fold + ph.fold_rows > fam.shape[0] or not ROWS <= ph.fold_rows <= FEW_EXPERTS or ph.fold_rows % ROWS:
+            raise ValueError(f"phase {i}: a fold is {ROWS}..{FEW_EXPERTS} rows (a multiple of {ROWS}, got "
+                             f"{ph.fold_rows}) from row {ph.fold} of a family [rows, {ph.out_rows}] (family "
+                             f"{ph.family})")
+    return row
+
+
+def _heads_row(i: int, ph: Phase, phases: list[Phase], have: list[int], offsets: list[int], total: int) -> list[int]:
+    """A "heads" phase's table row (see `Phase`), after checking it; `have`: the lengths of its input, residual
+    and rms_of phases."""
+    att = phases[ph.input] if 0 <= ph.input < i else None
+    if att is None or att.kind != "attention" or att.fold == -1 or att.fold_rows != ph.out_rows:
+        raise ValueError(f"phase {i}: a heads phase reads an earlier attention phase with a fold of its "
+                         f"{ph.out_rows} outputs")
+    if ph.norm != -1 or ph.route != NO_PHASE or ph.wait != NO_PHASE or ph.sources != 1 or \
+            (ph.residual != NO_PHASE and (ph.residual < -1 or have[1] < ph.out_rows)) or \
+            (ph.rms_of != NO_PHASE and (not 0 <= ph.rms_of < i or phases[ph.rms_of].kind == "attention")):
+        raise ValueError(f"phase {i}: a heads phase takes no norm, router, wait or sources, a residual of at least "
+                         f"its {ph.out_rows} outputs, and rms_of an earlier phase, not attention")
+    row = [0] * NCOL
+    row[F_KIND], row[F_ITEMS], row[F_SOURCES], row[F_STRIDE], row[F_ITEMS_PER_SRC] = HEADS, ph.out_rows // ROWS, 1, \
+        att.out_rows // HEAD_DIM, ph.out_rows // ROWS
+    row[F_IN], row[F_IN_OFF], row[F_OUT_OFF] = ph.input, offsets[ph.input] + fold_offset(att), total
+    row[F_RES] = ph.residual
+    row[F_RES_OFF] = offsets[ph.residual] if ph.residual >= 0 else 0
+    row[F_WAIT], row[F_NORM], row[F_ROUTE], row[F_ORDINAL], row[F_ROUTE_LAST] = NO_PHASE, -1, NO_PHASE, -1, -1
+    row[F_TAIL], row[F_FOLD] = int(ph.tail), -1
     return row
 
 
@@ -248,10 +294,16 @@ def combined_offset(ph: Phase) -> int:
     return ph.sources * (ph.out_rows // 2 + ph.out_rows // HEAD_DIM)
 
 
-def attention_words(ph: Phase) -> int:
-    """An attention phase's words: `combined_offset`'s, the heads' combined outputs (two values a word), then one
-    arrival count a head (untagged: the split that raises it to a multiple of the splits combines the head)."""
+def fold_offset(ph: Phase) -> int:
+    """Words of an attention phase's outputs before its fold's (`attention_words`)."""
     return combined_offset(ph) + ph.out_rows // 2 + ph.out_rows // HEAD_DIM
+
+
+def attention_words(ph: Phase) -> int:
+    """An attention phase's words: `combined_offset`'s, the heads' combined outputs (two values a word), one
+    arrival count a head (untagged: the split that raises it to a multiple of the splits combines the head), then
+    with a fold each head's fold_rows products (one fp32 value a word, head by head)."""
+    return fold_offset(ph) + (ph.out_rows // HEAD_DIM) * ph.fold_rows
 
 
 def split_positions(ctx: int, splits: int) -> int:
@@ -286,6 +338,8 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: Seque
         raise ValueError("only sum and swiglu phases with no tail can be dynamic")
     for phase, f in enumerate(p.table.tolist()):
         kind, fam, row0, items, kc = f[F_KIND], f[F_FAM], f[F_ROW0], f[F_ITEMS], f[F_KC]
+        if kind == HEADS:                     # (no weights)
+            continue
         if kind == ATTENTION:
             if phase >= 1 << 14 or items > 1 << 16:
                 raise ValueError("a tile list codes attention at phases below 2^14, with at most 2^16 items")

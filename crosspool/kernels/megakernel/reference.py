@@ -10,10 +10,12 @@ from crosspool.kernels.megakernel.plan import BLOCK, HEAD_DIM, NO_PHASE, Phase, 
 from crosspool.kernels.torch_ref import rms_norm
 
 
-def attend_reference(ph: Phase, qkv: torch.Tensor, norms: torch.Tensor | None, eps: float, step: Step) -> torch.Tensor:
+def attend_reference(ph: Phase, qkv: torch.Tensor, norms: torch.Tensor | None, eps: float, step: Step,
+                     family: torch.Tensor | None = None) -> torch.Tensor:
     """An attention phase as the kernel computes it: [splits, heads, HEAD_DIM] partials (bf16-rounded), then
     [splits, heads] log-sum-exps (fp32, base 2, of the scores times scale * log2(e)), then the [heads, HEAD_DIM]
-    output, the splits combined (bf16-rounded); writes the new key and value into step.kv."""
+    output, the splits combined (bf16-rounded), then with a fold the [heads, fold_rows] products of `family`'s fold
+    rows with each head's output (fp32); writes the new key and value into step.kv."""
     hd, dtype = ph.out_rows, step.kv.dtype
     heads, splits = hd // HEAD_DIM, ph.sources
     q, k, v = (qkv[j * hd:(j + 1) * hd].to(dtype) for j in range(3))
@@ -49,7 +51,13 @@ def attend_reference(ph: Phase, qkv: torch.Tensor, norms: torch.Tensor | None, e
         out[s] = (torch.einsum("ht,thd->hd", p, values[lo:hi]) / p.sum(1, keepdim=True)).to(dtype).float()
         lse[s] = m[:, 0] + torch.log2(p.sum(1))
     parts = torch.cat([out.reshape(-1), lse.reshape(-1)])
-    return torch.cat([parts, combine(parts, splits, dtype)])
+    heads_out = combine(parts, splits, dtype)
+    if ph.fold == -1:
+        return torch.cat([parts, heads_out])
+    assert family is not None, "an attention phase with a fold needs its family"
+    w = family[ph.fold:ph.fold + ph.fold_rows].float().view(ph.fold_rows, heads, HEAD_DIM)
+    folded = (w * heads_out.to(w.device).view(1, heads, HEAD_DIM)).sum(-1).t()        # [heads, fold_rows]
+    return torch.cat([parts, heads_out, folded.reshape(-1).to(parts.device)])
 
 
 def combine(partials: torch.Tensor, splits: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -79,12 +87,27 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
     for ph in phases:
         if ph.kind == "attention":
             assert step is not None, "an attention phase needs the step (KV cache, block table, position)"
-            outs.append(attend_reference(ph, vec(ph.input), norms, eps, step))
+            outs.append(attend_reference(ph, vec(ph.input), norms, eps, step,
+                                         families[ph.family] if ph.fold != -1 else None))
+            continue
+        if ph.kind == "heads":                # the fold's products summed head by head, in order
+            att = phases[ph.input]
+            heads = att.out_rows // HEAD_DIM
+            v = vec(ph.input)
+            folded = v[v.numel() - heads * ph.out_rows:].view(heads, ph.out_rows)
+            y = torch.zeros(ph.out_rows, dtype=torch.float32, device=v.device)
+            for h in range(heads):
+                y = y + folded[h]
+            if ph.residual != NO_PHASE:
+                y = y + vec(ph.residual)[:ph.out_rows].to(y.device)
+            outs.append(y.to(torch.bfloat16).float())
             continue
         w = families[ph.family]
         if ph.input >= 0 and phases[ph.input].kind == "attention":
+            att = phases[ph.input]
             v = vec(ph.input)
-            inp = v[v.numel() - phases[ph.input].out_rows:].to(w.dtype)       # the combined heads
+            end = v.numel() - (att.out_rows // HEAD_DIM) * att.fold_rows
+            inp = v[end - att.out_rows:end].to(w.dtype)                        # the combined heads
         else:
             inp = vec(ph.input).to(w.dtype)
         if ph.norm != -1:

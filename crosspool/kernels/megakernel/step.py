@@ -75,7 +75,7 @@ def chain_bytes(spec: ModelSpec, itemsize: int = 2) -> int:
 
 
 def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, splits: int = 4,
-                 adopt: bool = False) -> DecodeChain:
+                 adopt: bool = False, fold_heads: bool = False) -> DecodeChain:
     """The step's chain over the model's weights, copied into the chain's families (three tensors, filled layer by
     layer). The router is folded through the post-attention norm and o_proj, so the experts can be ranked while
     o_proj runs, not after it: with x = h + W_o a (h the layer's input, a the attention's output) and the norm's
@@ -88,7 +88,10 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
     adopt=True: the model's own weight tensors (the router aside) then become views of the families (the same
     values), so the model and the chain hold one copy once the build is done (two during it). Only do that before
     anything captures a CUDA graph over the old tensors, and only where nothing else refers to them. Layer l's KV
-    cache layer is l; attention heads are split `splits` ways."""
+    cache layer is l; attention heads are split `splits` ways. fold_heads=True: the R g W_o part is computed inside
+    the attention's head combine instead (each head's combining split multiplies its output by its columns of
+    R g W_o, `Phase.fold`), and a "heads" phase sums the heads' products with (R g) h: the logits are out once the
+    last head is, not after a phase of their own (untimed, session 20)."""
     check_supported(spec)
     assert spec.routing is not None
     h, hd, n_exp, inter = spec.hidden_size, spec.num_heads * HEAD_DIM, spec.routing.num_experts, \
@@ -131,8 +134,11 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
             Phase("sum", 0, base, 3 * hd, h, input=resid, norm=at),                                  # QKV
             Phase("sum", 0, base + 3 * hd + h, n_exp, h, input=resid, tail=True),                    # (R g) h
             Phase("attention", 0, layer, hd, HEAD_DIM, sources=splits, input=p,
-                  norm=at + 2 * h if spec.qk_norm == "full" else -1, scale=spec.softmax_scale),
+                  norm=at + 2 * h if spec.qk_norm == "full" else -1, scale=spec.softmax_scale,
+                  fold=base + 3 * hd + h + n_exp if fold_heads else -1, fold_rows=n_exp if fold_heads else 0),
             Phase("sum", 0, base + 3 * hd, h, hd, input=p + 2, residual=resid),                      # o_proj: x
+            Phase("heads", 0, 0, n_exp, HEAD_DIM, input=p + 2, residual=p + 1, rms_of=p + 3, tail=True)
+            if fold_heads else
             Phase("sum", 0, base + 3 * hd + h + n_exp, n_exp, hd, input=p + 2, residual=p + 1, rms_of=p + 3,
                   tail=True),                                                                        # the router
             Phase("swiglu", 1, layer * n_exp * 2 * inter, spec.routing.top_k * inter, h, sources=spec.routing.top_k,
@@ -162,15 +168,16 @@ class DecodeStep:
     before any CUDA graph is captured over the model. `dynamic`: the programs take the gate/up items from counters
     as they go (`Chain(dynamic=True)`; 1,004-1,011 us a step against 1,041-1,045 with a fixed split, session 18);
     `splits`: each attention head's context in 8 parts (890-898 us a step against 906-910 with 4, session 20);
-    `dynamic_sums`, `lean_release`, `rank_keys` and `counted_polls` as `Chain`'s."""
+    `dynamic_sums`, `lean_release`, `rank_keys` and `counted_polls` as `Chain`'s; `fold_heads` as `decode_chain`'s."""
 
     def __init__(self, spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, kv: torch.Tensor,
                  context_len: torch.Tensor, block_table: torch.Tensor, splits: int = 8, stages: int = 6,
                  warps: int = 8, dynamic: bool = True, dynamic_sums: bool = False,
-                 lean_release: bool = False, rank_keys: bool = True, counted_polls: bool = False) -> None:
+                 lean_release: bool = False, rank_keys: bool = True, counted_polls: bool = False,
+                 fold_heads: bool = False) -> None:
         from crosspool.kernels.megakernel.chain import Chain
 
-        d = decode_chain(spec, attn, ffn, splits, adopt=True)
+        d = decode_chain(spec, attn, ffn, splits, adopt=True, fold_heads=fold_heads)
         self.chain = Chain(d.phases, d.families, spec.hidden_size, stages=stages, warps=warps, norms=d.norms,
                            eps=d.eps, kv=kv, max_blocks=block_table.numel(), dynamic=dynamic,
                            dynamic_sums=dynamic_sums, lean_release=lean_release, rank_keys=rank_keys,
