@@ -86,6 +86,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
     sin = gl.load(sin_ptr + rope_j)
     expert_base = experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K
     ready = zero                                     # routed phases this program has ranked
+    handed = zero                                    # rankings the producer has handed over (KEYS)
     consumed = zero
     # profiling (PROFILE): SM cycles spent polling and staging inputs, on the rest of staging (norms, waits,
     # barriers), ranking, on items' starts and ends (reductions, the residual, the stores), waiting for slots to
@@ -148,7 +149,8 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             # router's need the norm's scale
             if KEYS:
                 if produced != 0:
-                    ids, logits, experts = _producer_ranking(ordinal, ranked, picked, lbuf, WARPS)
+                    ids, logits, experts = _producer_ranking(ordinal, handed % 2, ranked, picked, lbuf, WARPS)
+                    handed += 1
             _gates(table_ptr, p, ordinal, ids, logits, experts, gl.where(scaled != 0, rstd, 1.0), expert_base, WARPS)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
 

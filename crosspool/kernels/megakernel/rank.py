@@ -88,27 +88,26 @@ def _key(w, half: gl.constexpr, e, valid):
 
 
 @gluon.jit
-def _rank_by_producer(table_ptr, o, routes_ptr, words_ptr, epoch, err_ptr, expert_base, rowbase, picked, keys,
+def _rank_by_producer(table_ptr, o, buf, routes_ptr, words_ptr, epoch, err_ptr, expert_base, rowbase, picked, keys,
                       lbuf, ranked, prof, POLLS: gl.constexpr, PROFILE: gl.constexpr):
-    """The producer warp ranks routed ordinal o's router itself (`Chain(rank_keys=True)`), where it has at most
-    K_FEW experts, as soon as its logits are published: it needs the experts before it can load their tiles, and
-    the consumers may still be busy with the phases before (o_proj's items, say). The keys (`_key`) are distinct
-    and order as (logit descending, expert ascending), which is the probabilities' order (softmax keeps it, and
-    distinct bf16 logits stay distinct in fp32 but where both probabilities underflow, or for logits within fp32's
-    rounding of the maximum's exponent, neither of which reaches a top k). An expert's rank is how many keys beat
-    its own. The producer writes each expert's first row for itself (`rowbase`, for ordinals o..the router's
-    last), the ids and logits for the consumers (`picked` and `lbuf`, by o's parity; the ids in the experts buffer
-    too), then arrives on `ranked`:
-    the consumers weigh the experts once their staging has the norm's scale (`_gates`). Returns the ordinal after
-    the last one this router serves. Profiling: the time at prof + 20 + 8 p + 0..2 once the logits are polled,
-    once ranked, once stored."""
+    """The producer warp ranks routed ordinal o's router itself (`Chain(rank_keys=True)`; the table marks where,
+    F_PRODUCER_RANKS: at most K_FEW experts) as soon as its logits are published: it needs the experts before it can
+    load their tiles, and the consumers may still be busy with the phases before (o_proj's items, say). The keys
+    (`_key`) are distinct and order as (logit descending, expert ascending), which is the probabilities' order
+    (softmax keeps it, and distinct bf16 logits stay distinct in fp32 but where both probabilities underflow, or for
+    logits within fp32's rounding of the maximum's exponent, neither of which reaches a top k). An expert's rank is
+    how many keys beat its own. The producer writes each expert's first row for itself (`rowbase`, for ordinals
+    o..the router's last), the ids and logits for the consumers (`picked` and `lbuf` half `buf`, the parity of its
+    rankings so far; the ids in the experts buffer too), then arrives on `ranked`: the consumers weigh the experts
+    once their staging has the norm's scale (`_gates`). Profiling: the time at prof + 20 + 8 p + 0..2 once the
+    logits are polled, once ranked, once stored."""
     word_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, 1], [1, 0])         # [1, 32]: word i in lane i
     sel_l: gl.constexpr = gl.BlockedLayout([K_MAX_TOP_K, 1], [1, 32], [1, 1], [0, 1])  # [MAX_TOP_K, 32]
     cmp_l: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [1, 1], [1, 0])           # [32, 8]: 8 keys in each lane
     p = gl.load(routes_ptr + o)
     last = _field(table_ptr, p, K_F_ROUTE_LAST)
     n_route = _field(table_ptr, p, K_F_ROUTE_N)
-    if n_route <= K_FEW:
+    if n_route <= K_FEW:                             # (the host marks no other)
         stamp_at = prof + 20 + 8 * p
         n_src = _field(table_ptr, p, K_F_SOURCES)
         # the routed phases' first rows and strides, loaded before the logits' poll (as dependent loads after the
@@ -124,8 +123,8 @@ def _rank_by_producer(table_ptr, o, routes_ptr, words_ptr, epoch, err_ptr, exper
                   K_F_ROUTE)), err_ptr, POLLS)
         _stamp(stamp_at, PROFILE)
         vals = _view(lbuf, [4, 32], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-        vals.index(2 * (o % 2)).store(gl.max(gl.where(valid, _value(w, 0), float("-inf")), axis=0))
-        vals.index(2 * (o % 2) + 1).store(gl.max(gl.where(valid, _value(w, 1), float("-inf")), axis=0))
+        vals.index(2 * buf).store(gl.max(gl.where(valid, _value(w, 0), float("-inf")), axis=0))
+        vals.index(2 * buf + 1).store(gl.max(gl.where(valid, _value(w, 1), float("-inf")), axis=0))
         k_lo = _key(w, 0, e_lo, valid)
         k_hi = _key(w, 1, e_lo + 8, valid)
         keys.index(0).store(gl.max(k_lo, axis=0))
@@ -146,7 +145,7 @@ def _rank_by_producer(table_ptr, o, routes_ptr, words_ptr, epoch, err_ptr, exper
         ids = gl.sum(gl.where(rl == kk, el, 0) + gl.where(rh == kk, el + 8, 0), axis=1)      # [MAX_TOP_K]
         _stamp(stamp_at + 1, PROFILE)
         k1 = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, sel_l))
-        picked.index(o % 2).store(ids)
+        picked.index(buf).store(ids)
         for q in range(o, last + 1):
             gl.store(expert_base + q * 2 * K_MAX_TOP_K + k1, ids, mask=k1 < n_src)
             pick = og == q - o
@@ -157,20 +156,20 @@ def _rank_by_producer(table_ptr, o, routes_ptr, words_ptr, epoch, err_ptr, exper
         for q in range(o, last + 1):
             mbarrier.arrive(ranked.index(q), count=1)
         _stamp(stamp_at + 2, PROFILE)
-    return last + 1
 
 
 @gluon.jit
-def _producer_ranking(ordinal, ranked, picked, lbuf, WARPS: gl.constexpr):
-    """Consumers: what the producer ranked for routed ordinal `ordinal` (`_rank_by_producer`), once it has: the ids
+def _producer_ranking(ordinal, buf, ranked, picked, lbuf, WARPS: gl.constexpr):
+    """Consumers: what the producer ranked for routed ordinal `ordinal` (`_rank_by_producer`, into half `buf` of
+    its buffers), once it has: the ids
     ([MAX_TOP_K, 1]), the router's logits in its words' order ([1, K_FEW], -inf past its experts) and the expert
     of each ([1, K_FEW]), for `_gates`. All from shared memory: nothing waits on a load while the experts' tiles
     crowd the memory system (the logits loaded after the staging took 1-7 us: session 20)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
     j = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))
     mbarrier.wait(ranked.index(ordinal), 0)
-    ids = picked.index(ordinal % 2).load(gl.SliceLayout(1, stage_l))[:, None]
-    logits = _view(lbuf, [2, K_FEW], gl.SwizzledSharedLayout(1, 1, 1, order=[0])).index(ordinal % 2).load(
+    ids = picked.index(buf).load(gl.SliceLayout(1, stage_l))[:, None]
+    logits = _view(lbuf, [2, K_FEW], gl.SwizzledSharedLayout(1, 1, 1, order=[0])).index(buf).load(
         gl.SliceLayout(0, stage_l))[None, :]
     word = j % 32                                    # position j: half j // 32 of word j % 32 (`_word_of`)
     return ids, logits, ((word // 8) * 16 + (j // 32) * 8 + word % 8)[None, :]
