@@ -173,6 +173,8 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         if dyn != 0:
             i, consumed = _next_item(full, empty, itemq, consumed, STAGES, WARPS, LEAN)
         il = zero
+        n_slots = _tiles_per_item(table_ptr, p) // BOXES          # (the phase's fields once, not an item)
+        out_words = words_ptr + _field(table_ptr, p, K_F_OUT_OFF)
         while i >= 0:
             # the residual's words, loaded before the tiles so their round trip hides behind the arithmetic
             res_q, res_h = _word_of(i * K_ROWS + rows[:, None])
@@ -181,7 +183,6 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             acc = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
             acc_up = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
             src = zero                                   # the source of slot j (a routed sum's expert)
-            n_slots = _tiles_per_item(table_ptr, p) // BOXES
             if PIPE:                                 # the next slot's loads before this one's arithmetic
                 acc, acc_up, consumed = _pipelined_slots(ring, full, empty, xgroups, consumed, n_slots, kc, kind,
                                                          router, gates, acc, acc_up, tile3, STAGES, BOXES, LEAN)
@@ -230,7 +231,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             hf = gl.arange(0, 2, layout=gl.SliceLayout(1, pairs_l))[:, None]
             pair = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, pairs_l))
             word = gl.sum(bits << (hf * 16), axis=0).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
-            _publish(words_ptr + _field(table_ptr, p, K_F_OUT_OFF) + i * (K_ROWS // 2) + pair, word)
+            _publish(out_words + i * (K_ROWS // 2) + pair, word)
             if COUNTED:                          # one more of the phase's items out (`_stage(COUNTED=True)`)
                 gl.atomic_add(counters_ptr + num_phases + p, 1, sem="relaxed", scope="gpu")
             mark, t_end = _lap(mark, t_end, PROFILE)
