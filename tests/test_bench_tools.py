@@ -263,3 +263,20 @@ def test_decode_bench_max_model_len(tiny_models, tmp_path: Path, capsys) -> None
     assert result["max_model_len"] == 2048
     rows = result["rows"]
     assert [(r["batch"], r["context"]) for r in rows] == [(1, 24)] and rows[0]["step_ms"] > 0
+
+
+def test_megakernel_variants_reads_the_step_benchs_row() -> None:
+    """`scripts/megakernel_variants.py`: each variant's command, and its cell from the step bench's result row (or
+    why there is none)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import megakernel_variants as mv
+
+    assert mv.command("--splits 4 --pipelined")[1:] == ["scripts/megakernel_step_bench.py", "--splits", "4",
+                                                        "--pipelined"]
+    assert mv.command("@abc1234 --profile")[1:] == ["scripts/megakernel_ab.py", "run", "abc1234",
+                                                    "mkb/mk_abc1234/step_bench.py", "--profile"]
+    row = "| megakernel, 113 phases | 893.4 | 2492 | 0.655 | 9.5e-04 (phase 56, sum) |"
+    assert mv.result("OLMoE-1B-7B shapes\n" + row + "\n", "", 0) == "893.4 (0.655)"
+    assert mv.result("", "Traceback ...\nRuntimeError: no GPU\n", 1) == "failed, rc 1: RuntimeError: no GPU"
