@@ -5,6 +5,10 @@
 #   bash scripts/gpu_issue4.sh profile  # OLMoE decode with per-kernel device time and host profile; kernels alone
 #   bash scripts/gpu_issue4.sh bench    # OLMoE decode (+HF), Qwen3 table, kernels alone, greedy parity
 #   bash scripts/gpu_issue4.sh qwen3    # the Qwen3-30B-A3B table alone, then OLMoE decode
+#   bash scripts/gpu_issue4.sh megakernel [VARIANT ...]
+#                                       # the megakernel's GPU tests (verbose, into $OUT/tests.log), then its step
+#                                       # bench's VARIANTs alternated twice (`megakernel_variants.py`; default "")
+#   bash scripts/gpu_issue4.sh engine   # bench decode of OLMoE at batch 1, megakernel on and off, same call
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -63,4 +67,18 @@ if [ "$stage" = fast ]; then
     timeout 200 $B --batch 1,8,32 --hf --json "$OUT/olmoe_graphs.json" 2>&1 | grep -v "^{" | tail -12
     timeout 100 $B --batch 1,8 --no-cuda-graphs --json "$OUT/olmoe_eager.json" 2>&1 | grep -v "^{" | tail -6
     timeout 100 $B --batch 1 --kernels torch --json "$OUT/olmoe_torch.json" 2>&1 | grep -v "^{" | tail -5
+fi
+if [ "$stage" = megakernel ]; then
+    shift
+    timeout 300 python3 -u -m pytest -v -x -m gpu tests/test_megakernel.py tests/test_megakernel_attention.py \
+        tests/test_megakernel_step.py > "$OUT/tests.log" 2>&1
+    grep -E "PASS|FAIL|ERROR|passed|failed" "$OUT/tests.log" | sed 's/^tests\///' | cut -c1-150 | tail -40
+    python3 scripts/megakernel_variants.py --rounds "${ROUNDS:-2}" "${@:-}"
+fi
+if [ "$stage" = engine ]; then
+    python3 -m crosspool.cli make-model --preset olmoe-1b-7b --out /tmp/olmoe --quiet --device cuda
+    for m in 1 0; do
+        CROSSPOOL_MEGAKERNEL=$m timeout 170 python3 -m crosspool.cli bench decode --model /tmp/olmoe \
+            --kv-cache-gb 16 --context 1024 --batch 1 --json "$OUT/olmoe_mk$m.json" 2>&1 | grep -v "^{" | tail -4
+    done
 fi
