@@ -184,8 +184,10 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             acc_up = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
             src = zero                                   # the source of slot j (a routed sum's expert)
             if PIPE:                                 # the next slot's loads before this one's arithmetic
-                acc, acc_up, consumed = _pipelined_slots(ring, full, empty, xgroups, consumed, n_slots, kc, kind,
-                                                         router, gates, acc, acc_up, tile3, STAGES, BOXES, LEAN)
+                if n_slots > 0:                      # (a heads phase's items have none)
+                    acc, acc_up, consumed = _pipelined_slots(ring, full, empty, xgroups, consumed, n_slots, kc,
+                                                             kind, router, gates, acc, acc_up, tile3, STAGES, BOXES,
+                                                             LEAN)
             else:
                 for j in range(n_slots):
                     slot = consumed % STAGES
@@ -308,9 +310,9 @@ def _slot_math(wt, xc, t0, kc, kind, router, gates, src, acc, acc_up, BOXES: gl.
 @gluon.jit
 def _pipelined_slots(ring, full, empty, xgroups, consumed, n_slots, kc, kind, router, gates, acc, acc_up,
                      tile3: gl.constexpr, STAGES: gl.constexpr, BOXES: gl.constexpr, LEAN: gl.constexpr):
-    """An item's slots with the next slot's loads issued before this slot's arithmetic (`Chain(pipelined=True)`),
-    so their shared-memory latency passes under it; each slot is still freed before its own arithmetic. Returns
-    the accumulators and the ring's consumed count."""
+    """An item's n_slots (> 0) slots with the next slot's loads issued before this slot's arithmetic
+    (`Chain(pipelined=True)`), so their shared-memory latency passes under it; each slot is still freed before its
+    own arithmetic. Returns the accumulators and the ring's consumed count."""
     slot = consumed % STAGES
     mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
     wt, xc = _slot_in(ring, xgroups, slot, consumed * 0, kc, kind, tile3, BOXES)
