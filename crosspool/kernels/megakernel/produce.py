@@ -68,13 +68,13 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
     epoch = gl.load(epoch_ptr)
     rankings = s                                     # routers this warp has ranked (KEYS)
     for c in range(n_codes):
-        if DYNAMIC and KEYS and (code < 0) & (((code >> 30) & 1) != 0):
-            if _field(table_ptr, code & 0xFFFF, K_F_PRODUCER_RANKS) != 0:     # rank its router first
-                _rank_by_producer(table_ptr, _field(table_ptr, code & 0xFFFF, K_F_ORDINAL), rankings % 2, routes_ptr,
-                                  words_ptr, epoch, err_ptr, expert_base, rowbase, picked, keys, lbuf, ranked, prof,
-                                  POLLS, PROFILE)
-                rankings += 1
         if DYNAMIC and (code < 0) & (((code >> 30) & 1) != 0):
+            if KEYS:
+                if _field(table_ptr, code & 0xFFFF, K_F_PRODUCER_RANKS) != 0:     # rank its router first
+                    _rank_by_producer(table_ptr, _field(table_ptr, code & 0xFFFF, K_F_ORDINAL), rankings % 2,
+                                      routes_ptr, words_ptr, epoch, err_ptr, expert_base, rowbase, picked, keys, lbuf,
+                                      ranked, prof, POLLS, PROFILE)
+                    rankings += 1
             s = _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr,
                                code & 0xFFFF, counters_ptr, nprog, STAGES, BOXES, LEAN)
         elif ATTENTION and code < 0:

@@ -107,55 +107,54 @@ def _rank_by_producer(table_ptr, o, buf, routes_ptr, words_ptr, epoch, err_ptr, 
     p = gl.load(routes_ptr + o)
     last = _field(table_ptr, p, K_F_ROUTE_LAST)
     n_route = _field(table_ptr, p, K_F_ROUTE_N)
-    if n_route <= K_FEW:                             # (the host marks no other)
-        stamp_at = prof + 20 + 8 * p
-        n_src = _field(table_ptr, p, K_F_SOURCES)
-        # the routed phases' first rows and strides, loaded before the logits' poll (as dependent loads after the
-        # ranking, they took ~1 us: session 20)
-        og = gl.arange(0, K_GROUP, layout=gl.SliceLayout(1, sel_l))
-        o_ph = gl.load(routes_ptr + o + og, mask=o + og <= last, other=0)
-        o_row0 = _field(table_ptr, o_ph, K_F_ROW0)
-        o_stride = _field(table_ptr, o_ph, K_F_STRIDE)
-        wi = gl.arange(0, 32, layout=gl.SliceLayout(0, word_l))[None, :]
-        e_lo = (wi // 8) * 16 + wi % 8               # word i holds experts e_lo (low half) and e_lo + 8 (`_word_of`)
-        valid = e_lo < n_route                       # (n_route is a multiple of 16)
-        w = _poll(words_ptr, _field(table_ptr, p, K_F_ROUTE_OFF) + wi, valid, _tag(epoch, _field(table_ptr, p,
-                  K_F_ROUTE)), err_ptr, POLLS)
-        _stamp(stamp_at, PROFILE)
-        vals = _view(lbuf, [4, 32], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-        vals.index(2 * buf).store(gl.max(gl.where(valid, _value(w, 0), float("-inf")), axis=0))
-        vals.index(2 * buf + 1).store(gl.max(gl.where(valid, _value(w, 1), float("-inf")), axis=0))
-        k_lo = _key(w, 0, e_lo, valid)
-        k_hi = _key(w, 1, e_lo + 8, valid)
-        keys.index(0).store(gl.max(k_lo, axis=0))
-        keys.index(1).store(gl.max(k_hi, axis=0))
-        _cta_barrier()                               # (the warp's keys in, before every lane reads them all)
-        mine_lo = gl.convert_layout(gl.max(k_lo, axis=0), gl.SliceLayout(1, cmp_l))[:, None]
-        mine_hi = gl.convert_layout(gl.max(k_hi, axis=0), gl.SliceLayout(1, cmp_l))[:, None]
-        r_lo = gl.zeros([32], gl.int32, gl.SliceLayout(1, cmp_l))
-        r_hi = r_lo
-        for c in gl.static_range(2 * 32 // 8):       # every key against 8 of them a round, each lane all 8
-            other = keys.index(c // 4).slice((c % 4) * 8, 8).load(gl.SliceLayout(0, cmp_l))[None, :]
-            r_lo += gl.sum((other > mine_lo).to(gl.int32), axis=1)
-            r_hi += gl.sum((other > mine_hi).to(gl.int32), axis=1)
-        kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, sel_l))[:, None]
-        rl = gl.convert_layout(r_lo, gl.SliceLayout(0, sel_l))[None, :]
-        rh = gl.convert_layout(r_hi, gl.SliceLayout(0, sel_l))[None, :]
-        el = gl.convert_layout(gl.max(e_lo, axis=0), gl.SliceLayout(0, sel_l))[None, :]
-        ids = gl.sum(gl.where(rl == kk, el, 0) + gl.where(rh == kk, el + 8, 0), axis=1)      # [MAX_TOP_K]
-        _stamp(stamp_at + 1, PROFILE)
-        k1 = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, sel_l))
-        picked.index(buf).store(ids)
-        for q in range(o, last + 1):
-            gl.store(expert_base + q * 2 * K_MAX_TOP_K + k1, ids, mask=k1 < n_src)
-            pick = og == q - o
-            first = gl.sum(gl.where(pick, o_row0, 0), axis=0) + ids * gl.sum(gl.where(pick, o_stride, 0), axis=0)
-            _view(rowbase, [K_GROUP, K_MAX_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, order=[0])).index(
-                q % K_GROUP).store(first)
-        _cta_barrier()                               # the warp's stores are in: release them to the consumers
-        for q in range(o, last + 1):
-            mbarrier.arrive(ranked.index(q), count=1)
-        _stamp(stamp_at + 2, PROFILE)
+    stamp_at = prof + 20 + 8 * p
+    n_src = _field(table_ptr, p, K_F_SOURCES)
+    # the routed phases' first rows and strides, loaded before the logits' poll (as dependent loads after the
+    # ranking, they took ~1 us: session 20)
+    og = gl.arange(0, K_GROUP, layout=gl.SliceLayout(1, sel_l))
+    o_ph = gl.load(routes_ptr + o + og, mask=o + og <= last, other=0)
+    o_row0 = _field(table_ptr, o_ph, K_F_ROW0)
+    o_stride = _field(table_ptr, o_ph, K_F_STRIDE)
+    wi = gl.arange(0, 32, layout=gl.SliceLayout(0, word_l))[None, :]
+    e_lo = (wi // 8) * 16 + wi % 8               # word i holds experts e_lo (low half) and e_lo + 8 (`_word_of`)
+    valid = e_lo < n_route                       # (n_route is a multiple of 16)
+    w = _poll(words_ptr, _field(table_ptr, p, K_F_ROUTE_OFF) + wi, valid, _tag(epoch, _field(table_ptr, p,
+              K_F_ROUTE)), err_ptr, POLLS)
+    _stamp(stamp_at, PROFILE)
+    vals = _view(lbuf, [4, 32], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    vals.index(2 * buf).store(gl.max(gl.where(valid, _value(w, 0), float("-inf")), axis=0))
+    vals.index(2 * buf + 1).store(gl.max(gl.where(valid, _value(w, 1), float("-inf")), axis=0))
+    k_lo = _key(w, 0, e_lo, valid)
+    k_hi = _key(w, 1, e_lo + 8, valid)
+    keys.index(0).store(gl.max(k_lo, axis=0))
+    keys.index(1).store(gl.max(k_hi, axis=0))
+    _cta_barrier()                               # (the warp's keys in, before every lane reads them all)
+    mine_lo = gl.convert_layout(gl.max(k_lo, axis=0), gl.SliceLayout(1, cmp_l))[:, None]
+    mine_hi = gl.convert_layout(gl.max(k_hi, axis=0), gl.SliceLayout(1, cmp_l))[:, None]
+    r_lo = gl.zeros([32], gl.int32, gl.SliceLayout(1, cmp_l))
+    r_hi = r_lo
+    for c in gl.static_range(2 * 32 // 8):       # every key against 8 of them a round, each lane all 8
+        other = keys.index(c // 4).slice((c % 4) * 8, 8).load(gl.SliceLayout(0, cmp_l))[None, :]
+        r_lo += gl.sum((other > mine_lo).to(gl.int32), axis=1)
+        r_hi += gl.sum((other > mine_hi).to(gl.int32), axis=1)
+    kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, sel_l))[:, None]
+    rl = gl.convert_layout(r_lo, gl.SliceLayout(0, sel_l))[None, :]
+    rh = gl.convert_layout(r_hi, gl.SliceLayout(0, sel_l))[None, :]
+    el = gl.convert_layout(gl.max(e_lo, axis=0), gl.SliceLayout(0, sel_l))[None, :]
+    ids = gl.sum(gl.where(rl == kk, el, 0) + gl.where(rh == kk, el + 8, 0), axis=1)      # [MAX_TOP_K]
+    _stamp(stamp_at + 1, PROFILE)
+    k1 = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, sel_l))
+    picked.index(buf).store(ids)
+    for q in range(o, last + 1):
+        gl.store(expert_base + q * 2 * K_MAX_TOP_K + k1, ids, mask=k1 < n_src)
+        pick = og == q - o
+        first = gl.sum(gl.where(pick, o_row0, 0), axis=0) + ids * gl.sum(gl.where(pick, o_stride, 0), axis=0)
+        _view(rowbase, [K_GROUP, K_MAX_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, order=[0])).index(
+            q % K_GROUP).store(first)
+    _cta_barrier()                               # the warp's stores are in: release them to the consumers
+    for q in range(o, last + 1):
+        mbarrier.arrive(ranked.index(q), count=1)
+    _stamp(stamp_at + 2, PROFILE)
 
 
 @gluon.jit
