@@ -73,7 +73,7 @@ if [ "$stage" = megakernel ]; then
     timeout 300 python3 -u -m pytest -v -x -m gpu tests/test_megakernel.py tests/test_megakernel_attention.py \
         tests/test_megakernel_step.py > "$OUT/tests.log" 2>&1
     grep -E "PASS|FAIL|ERROR|passed|failed" "$OUT/tests.log" | sed 's/^tests\///' | cut -c1-150 | tail -40
-    python3 scripts/megakernel_variants.py --rounds "${ROUNDS:-2}" "${@:-}"
+    python3 scripts/megakernel_variants.py --rounds "${ROUNDS:-2}" -- "${@:-}"
 fi
 if [ "$stage" = engine ]; then
     python3 -m crosspool.cli make-model --preset olmoe-1b-7b --out /tmp/olmoe --quiet --device cuda
