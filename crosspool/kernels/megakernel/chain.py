@@ -54,12 +54,11 @@ from crosspool.kernels.megakernel.produce import _produce
 def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_stride,
                   x_ptr, last_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr,
                   err_ptr, nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, counters_ptr,
-                  fold_ptr, wbase_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr,
-                  POLLS: gl.constexpr,
+                  fold_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
                   DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
                   COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, PAIRED: gl.constexpr = False,
-                  FOLD: gl.constexpr = False, PREFETCH: gl.constexpr = 0,
+                  FOLD: gl.constexpr = False, wbase_ptr=None, PREFETCH: gl.constexpr = 0,
                   PREFETCH_LAST: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
