@@ -36,8 +36,6 @@ def main() -> None:
     p.add_argument("--pipelined", action="store_true", help="`Chain(pipelined=True)`")
     p.add_argument("--paired-staging", action="store_true", help="`Chain(paired_staging=True)`")
     p.add_argument("--fold-heads", action="store_true", help="with a fold (`decode_chain(fold_heads=True)`)")
-    p.add_argument("--prefetch", type=int, default=0, help="`Chain(prefetch=N)`")
-    p.add_argument("--prefetch-last", action="store_true", help="`Chain(prefetch_last=True)`")
     p.add_argument("--dynamic", action="store_true", help="with dynamic phases (`Chain(dynamic=True)`)")
     p.add_argument("--splits", type=int, default=0, help="attention splits (SPLITS; 0: no attention phases)")
     p.add_argument("--engine", action="store_true",
@@ -54,13 +52,11 @@ def main() -> None:
            "done_ptr": "*i32", "err_ptr": "*i32", "nprog": "i32",
            "prof_ptr": "*i64", "kv_ptr": "*bf16", "kv_layers": "i32",
            "ctx_ptr": "*i64" if args.engine else "*i32", "bt_ptr": "*i64" if args.engine else "*i32",
-           "cos_ptr": "*fp32", "sin_ptr": "*fp32", "counters_ptr": "*i32", "fold_ptr": "*bf16",
-           "wbase_ptr": "*i64"}
+           "cos_ptr": "*fp32", "sin_ptr": "*fp32", "counters_ptr": "*i32", "fold_ptr": "*bf16"}
     const = dict(STAGES=args.stages, BOXES=args.boxes, WARPS=args.warps, POLLS=1 << 22, COMPUTE=True,
                  PROFILE=args.profile, SPLITS=args.splits,
                  DYNAMIC=args.dynamic, LEAN=args.lean_release, KEYS=not args.rank_weights, COUNTED=args.counted_polls,
-                 PIPE=args.pipelined, PAIRED=args.paired_staging, FOLD=args.fold_heads,
-                 PREFETCH=args.prefetch, PREFETCH_LAST=args.prefetch_last)
+                 PIPE=args.pipelined, PAIRED=args.paired_staging, FOLD=args.fold_heads)
     kernel = triton.compile(GluonASTSource(chain._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=args.warps))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -213,7 +213,7 @@ def test_decode_chain_refuses_other_models_with_the_reason() -> None:
                     reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("split", ["static", "dynamic", "dynamic sums", "dynamic lean", "dynamic weights",
                                    "dynamic counted", "dynamic pipelined", "dynamic paired", "dynamic fold",
-                                   "dynamic fold pipelined", "dynamic prefetch"])
+                                   "dynamic fold pipelined"])
 def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, split: str) -> None:  # noqa: ANN001
     """The whole small step on the GPU: every phase against the reference fed the kernel's own earlier outputs,
     the new token's key and value in the cache, over three steps of one sequence in a CUDA graph. Dynamic: the
@@ -239,8 +239,7 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     chain = mk.Chain(dc.phases, dc.families, spec.hidden_size, norms=dc.norms, eps=dc.eps, kv=kv, max_blocks=64,
                      dynamic=dynamic, dynamic_sums=split == "dynamic sums", lean_release=split == "dynamic lean",
                      rank_keys=split != "dynamic weights", counted_polls=split == "dynamic counted",
-                     pipelined=split.endswith("pipelined"), paired_staging=split == "dynamic paired",
-                     prefetch=8 if split == "dynamic prefetch" else 0, prefetch_last=split == "dynamic prefetch")
+                     pipelined=split.endswith("pipelined"), paired_staging=split == "dynamic paired")
     x = torch.empty(spec.hidden_size, device="cuda")
     for ctx in (300, 301, 302):
         cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))

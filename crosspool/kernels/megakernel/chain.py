@@ -58,8 +58,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
                   DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
                   COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, PAIRED: gl.constexpr = False,
-                  FOLD: gl.constexpr = False, wbase_ptr=None, PREFETCH: gl.constexpr = 0,
-                  PREFETCH_LAST: gl.constexpr = False):
+                  FOLD: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -98,7 +97,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
                     err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys, lbuf,
                     prof_ptr + pid * (16 + 8 * num_phases), STAGES, BOXES, SPLITS > 0, DYNAMIC, LEAN, KEYS, POLLS,
-                    PROFILE, wbase_ptr, PREFETCH, PREFETCH_LAST)),
+                    PROFILE)),
     ], [1], [56])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(s))
@@ -115,17 +114,14 @@ class Chain:
     words (`stage._stage(COUNTED=True)`; 25-30 us a step slower, session 20: the count's round trip comes before
     the words'). `pipelined`: each slot's loads are issued before the previous slot's arithmetic
     (`consume._pipelined_slots`; untimed). `paired_staging`: an input of more than 16 chunks (the experts' down's)
-    polls its two rounds at once (`stage._stage(PAIRED=True)`; untimed). `prefetch` (slots): where the producer ranks
-    a router it first asks L2 for its next plain weight slots, the next layer's QKV (`produce._prefetch_ahead`), with
-    an evict-last policy where `prefetch_last`."""
+    polls its two rounds at once (`stage._stage(PAIRED=True)`; untimed)."""
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
                  dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = True,
-                 counted_polls: bool = False, pipelined: bool = False, paired_staging: bool = False,
-                 prefetch: int = 0, prefetch_last: bool = False) -> None:
+                 counted_polls: bool = False, pipelined: bool = False, paired_staging: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -158,9 +154,6 @@ class Chain:
                                               layout) for w in families]
         self.descs = descs + [descs[0]] * (4 - len(descs))
         self.families = families
-        # each family's address and row length, for the producer's L2 prefetches
-        self.wbase = torch.tensor([[w.data_ptr(), w.shape[1]] for w in families] + [[0, 0]] * (4 - len(families)),
-                                  dtype=torch.int64, device=dev)
         # the family an attention phase's fold reads (`Phase.fold`): one for the chain
         folds_read = sorted({ph.family for ph in phases if ph.kind == "attention" and ph.fold != -1})
         if len(folds_read) > 1:
@@ -198,7 +191,7 @@ class Chain:
         self._bind_kv(kv, max_blocks, dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
-                         PAIRED=paired_staging, FOLD=bool(folds_read), PREFETCH=prefetch, PREFETCH_LAST=prefetch_last,
+                         PAIRED=paired_staging, FOLD=bool(folds_read),
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 
@@ -264,7 +257,7 @@ class Chain:
                                      self.tiles.shape[1], x, self.last, self.norms, self.eps, self.words, self.routes,
                                      self.experts, self.experts.shape[1], st[0:], st[1:], st[2:], self.nprog,
                                      self.prof, self.kv, self.kv.shape[1], self.ctx, self.block_table, self.cos,
-                                     self.sin, self.counters, self.fold_family, self.wbase, **self.meta)
+                                     self.sin, self.counters, self.fold_family, **self.meta)
 
     def outputs(self) -> list[torch.Tensor]:
         """Every phase's outputs as `reference` gives them (an attention phase: its partials, their log-sum-exps,

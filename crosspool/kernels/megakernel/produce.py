@@ -48,8 +48,7 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
              kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr, err_ptr, expert_base, picked, keys,
              lbuf, prof, STAGES: gl.constexpr, BOXES: gl.constexpr, ATTENTION: gl.constexpr, DYNAMIC: gl.constexpr,
              LEAN: gl.constexpr = False, KEYS: gl.constexpr = False, POLLS: gl.constexpr = 1,
-             PROFILE: gl.constexpr = False, wbase_ptr=None, PREFETCH: gl.constexpr = 0,
-             PREFETCH_LAST: gl.constexpr = False):
+             PROFILE: gl.constexpr = False):
     """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
     consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
     [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
@@ -58,8 +57,7 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
     otherwise it waits until the consumers have (`ranked`, one mbarrier a routed phase). Codes are loaded two
     slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us). An attention code
     stands for its item's key and value slots (`attend._kv_slots`); a dynamic code for a dynamic phase's items
-    (`_dynamic_items`). PREFETCH > 0: where it ranks a router, the producer first asks L2 for up to PREFETCH of its
-    next plain weight slots (`_prefetch_ahead`: the next layer's QKV), while HBM waits for the ranking."""
+    (`_dynamic_items`)."""
     n_codes = gl.load(mine)
     code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
     code2 = gl.load(mine + 2)
@@ -73,8 +71,6 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
         if DYNAMIC and (code < 0) & (((code >> 30) & 1) != 0):
             if KEYS:
                 if _field(table_ptr, code & 0xFFFF, K_F_PRODUCER_RANKS) != 0:     # rank its router first
-                    if PREFETCH > 0:
-                        _prefetch_ahead(mine + 2 + c, n_codes - 1 - c, wbase_ptr, PREFETCH, BOXES, PREFETCH_LAST)
                     _rank_by_producer(table_ptr, _field(table_ptr, code & 0xFFFF, K_F_ORDINAL), rankings % 2,
                                       routes_ptr, words_ptr, epoch, err_ptr, expert_base, rowbase, picked, keys, lbuf,
                                       ranked, prof, POLLS, PROFILE)
@@ -87,42 +83,6 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
             s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES, BOXES, LEAN)
         code = code2
         code2 = gl.load(mine + 3 + c)
-
-
-@gluon.jit
-def _prefetch_ahead(codes_ptr, n_left, wbase_ptr, PREFETCH: gl.constexpr, BOXES: gl.constexpr,
-                    LAST: gl.constexpr):
-    """Ask L2 for the first PREFETCH plain weight slots (no routed row, not dynamic) among the next 32 codes of the
-    tile list, up to its next attention or dynamic code: one bulk prefetch a row of a slot, nothing waits for it.
-    LAST: with an evict-last policy, so the experts' stream that passes through L2 first may not evict them.
-    `wbase_ptr`: each family's address and row length (int64 [4, 2])."""
-    lane_l: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    j = gl.arange(0, 32, layout=lane_l)
-    code = gl.load(codes_ptr + j, mask=j < n_left, other=-1)
-    stop = gl.min(gl.where(code < 0, j, 32), axis=0)
-    plain = ((code >= 0) & (((code >> 30) & 1) == 0) & (j < stop)).to(gl.int32)
-    plain = plain * (gl.associative_scan(plain, 0, _add) <= PREFETCH).to(gl.int32)
-    fam = (code >> 28) & 3
-    base = gl.load(wbase_ptr + 2 * fam, mask=plain != 0, other=0)
-    k = gl.load(wbase_ptr + 2 * fam + 1, mask=plain != 0, other=0)
-    at = base + ((code & 0xFFFFFF).to(gl.int64) * k + ((code >> 24) & 15).to(gl.int64) * K_CHUNK) * 2
-    nbytes = plain * (BOXES * K_CHUNK * 2)                 # a slot's row; 0: no prefetch
-    for r in gl.static_range(K_ROWS):
-        if LAST:
-            gl.inline_asm_elementwise(
-                "{ .reg .pred p; .reg .b64 pol; setp.ne.b32 p, $2, 0; "
-                "createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
-                "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; }\n\tmov.u32 $0, 0;",
-                "=r,l,r", [at + r * k * 2, nbytes], dtype=gl.int32, is_pure=False, pack=1)
-        else:
-            gl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; }\n\t"
-                "mov.u32 $0, 0;", "=r,l,r", [at + r * k * 2, nbytes], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _add(a, b):
-    return a + b
 
 
 @gluon.jit
