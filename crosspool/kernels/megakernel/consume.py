@@ -193,8 +193,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                     slot = consumed % STAGES
                     if LATE:                         # the input's second round, before its first slot
                         if (n_late > 0) & (il == 0) & (j * BOXES == K_ROWS):
-                            _stage_late(table_ptr, p, _field(table_ptr, p, K_F_IN), xs, n_late, words_ptr, epoch,
-                                        err_ptr, WARPS, POLLS)         # (src is the slot's source here)
+                            _stage_late(table_ptr, p, src, xs, n_late, words_ptr, epoch, err_ptr, WARPS, POLLS)
                     mark, t_start = _lap(mark, t_start, PROFILE)
                     mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
                     mark, t_wait = _lap(mark, t_wait, PROFILE)
