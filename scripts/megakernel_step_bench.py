@@ -108,8 +108,6 @@ def main() -> None:
                    "arithmetic (`Chain(pipelined=True)`; untimed, session 20)")
     p.add_argument("--paired-staging", action="store_true", help="an input of two rounds (the down's) polled at "
                    "once (`Chain(paired_staging=True)`; untimed, session 20)")
-    p.add_argument("--late-rounds", action="store_true", help="the down's second input round staged before its "
-                   "first slot that reads it (`Chain(late_rounds=True)`)")
     p.add_argument("--fold-heads", action="store_true", help="the router's o_proj part in the attention's head "
                    "combine, summed by a heads phase (`decode_chain(fold_heads=True)`; untimed, session 20)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
@@ -146,7 +144,7 @@ def main() -> None:
                      dynamic=not args.static,
                      dynamic_sums=args.dynamic_sums, lean_release=args.lean_release, rank_keys=not args.rank_weights,
                      counted_polls=args.counted_polls, pipelined=args.pipelined,
-                     paired_staging=args.paired_staging, late_rounds=args.late_rounds)
+                     paired_staging=args.paired_staging)
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()
     copy_bw = copy_bandwidth(dev)

@@ -58,7 +58,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
                   DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
                   COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, PAIRED: gl.constexpr = False,
-                  FOLD: gl.constexpr = False, LATE: gl.constexpr = False):
+                  FOLD: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -92,7 +92,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     x_ptr, last_ptr, norms_ptr, eps,
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
-                    SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, PAIRED, fold_ptr, FOLD, LATE)),
+                    SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, PAIRED, fold_ptr, FOLD)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
                     err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys, lbuf,
@@ -114,17 +114,14 @@ class Chain:
     words (`stage._stage(COUNTED=True)`; 25-30 us a step slower, session 20: the count's round trip comes before
     the words'). `pipelined`: each slot's loads are issued before the previous slot's arithmetic
     (`consume._pipelined_slots`; untimed). `paired_staging`: an input of more than 16 chunks (the experts' down's)
-    polls its two rounds at once (`stage._stage(PAIRED=True)`; untimed). `late_rounds`: a sum's input of two rounds
-    with no norm (the experts' down's) stages its second round only before the first slot that reads it
-    (`stage._stage_late`), so a program starts on its first experts' slots while the last experts' items are out."""
+    polls its two rounds at once (`stage._stage(PAIRED=True)`; untimed)."""
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
                  dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = True,
-                 counted_polls: bool = False, pipelined: bool = False, paired_staging: bool = False,
-                 late_rounds: bool = False) -> None:
+                 counted_polls: bool = False, pipelined: bool = False, paired_staging: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -144,8 +141,6 @@ class Chain:
             raise ValueError(f"a chain with attention needs 4 boxes a slot (a slot holds {SLOT_BLOCKS} KV blocks of "
                              f"a head: 32 KiB), got {boxes}")
         ring_kib = stages * boxes * ROWS * CHUNK * 2 // 1024
-        if late_rounds and (pipelined or paired_staging):
-            raise ValueError("late_rounds stages a round in the slot loop: not with pipelined or paired_staging")
         if stages < 1 or boxes < 1 or ring_kib + STAGE_CHUNKS * CHUNK * 2 // 1024 > SHARED_KIB - 1:
             raise ValueError(f"a ring of {stages} x {boxes} boxes ({ring_kib} KiB) and the staged input "
                              f"({STAGE_CHUNKS * CHUNK * 2 // 1024} KiB) must fit in {SHARED_KIB - 1} KiB of shared "
@@ -196,7 +191,7 @@ class Chain:
         self._bind_kv(kv, max_blocks, dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
-                         PAIRED=paired_staging, FOLD=bool(folds_read), LATE=late_rounds,
+                         PAIRED=paired_staging, FOLD=bool(folds_read),
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 

@@ -20,7 +20,6 @@ from crosspool.kernels.megakernel.common import (
     K_F_WAIT_OFF,
     K_ROWS,
     K_STAGE_CHUNKS,
-    K_SUM,
     _cta_barrier,
     _field,
     _lap,
@@ -35,7 +34,7 @@ from crosspool.kernels.megakernel.common import (
 @gluon.jit
 def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, mark, t_poll,
            t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr,
-           published_ptr, COUNTED: gl.constexpr = False, PAIRED: gl.constexpr = False, LATE: gl.constexpr = False):
+           published_ptr, COUNTED: gl.constexpr = False, PAIRED: gl.constexpr = False):
     """Consumers: stage phase p's input in `xs` (bf16), 16 chunks a round, after polling its tags (phase `src`, or
     the step's input `x_ptr` where src < 0); RMSNorm it where the phase has norm weights (an attention phase: q and
     k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. With `skip` (a program
@@ -44,9 +43,7 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
     word, no reduction a round) unless it is attention, then poll its words as before. PAIRED: an input of two
     rounds (more than 16 chunks: the experts' down) polls both at once, one round trip, not two. PROFILE: `t_poll`
     and `t_stage` plus the cycles of the polls and of the rest. Returns mark, t_poll, t_stage, and the norm's scale
-    rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's), and the input's chunks if its second round is left to
-    `_stage_late` (else 0). LATE: a sum's input of two rounds with no norm (the experts' down's) stages its first
-    round only: the consumers start on the slots of its first experts while the last experts' items are out."""
+    rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
     scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
@@ -60,11 +57,6 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
         n_in = 0                                 # no item of this phase here: nothing to stage or wait for
         norm = -1
         wait = -1
-    n_late = n_in * 0
-    if LATE:
-        if (n_in > K_ROWS) & (norm < 0) & (src >= 0) & (_field(table_ptr, p, K_F_KIND) == K_SUM):
-            n_late = n_in
-            n_in = n_in * 0 + K_ROWS
     squares = eps * 0.0                          # the input's sums of squares, for a phase with a norm
     # the first round's norm weights, loaded before the input's poll: their round trip is off the critical path
     g_first = gl.load(norms_ptr + norm + srow[:, None] * K_CHUNK + scol[None, :],
@@ -99,7 +91,7 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
                 elif PAIRED and r == K_ROWS:
                     vals = second
                 else:
-                    vals = _round(table_ptr, p, src, r, n_in, words_ptr, epoch, err_ptr, WARPS, POLLS)
+                    vals = _value(_poll(words_ptr, at, mask, _tag(epoch, src), err_ptr, POLLS), h)
             else:
                 vals = gl.load(x_ptr + offs, mask=mask, other=0.0).to(gl.float32)    # (fp32 or bf16)
             vals = vals.to(gl.bfloat16)
@@ -141,26 +133,4 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
               _tag(epoch, wait), err_ptr, POLLS)
     _cta_barrier()
     mark, t_stage = _lap(mark, t_stage, PROFILE)
-    return mark, t_poll, t_stage, rstd, n_late
-
-
-@gluon.jit
-def _round(table_ptr, p, src, r: gl.constexpr, n_in, words_ptr, epoch, err_ptr, WARPS: gl.constexpr,
-           POLLS: gl.constexpr):
-    """Round r (chunks r.. r + 16, where below n_in) of phase p's input, polled from phase src's words, as fp32."""
-    stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
-    srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
-    scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
-    q, h = _word_of((r + srow)[:, None] * K_CHUNK + scol[None, :])
-    w = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, (r + srow)[:, None] < n_in, _tag(epoch, src), err_ptr,
-              POLLS)
-    return _value(w, h)
-
-
-@gluon.jit
-def _stage_late(table_ptr, p, src, xs, n_in, words_ptr, epoch, err_ptr, WARPS: gl.constexpr, POLLS: gl.constexpr):
-    """The second round of phase p's input that `_stage(LATE=True)` left (n_in chunks in all), into `xs`; then a CTA
-    barrier."""
-    vals = _round(table_ptr, p, src, K_ROWS, n_in, words_ptr, epoch, err_ptr, WARPS, POLLS)
-    xs.slice(K_ROWS, K_ROWS).store(vals.to(gl.bfloat16))
-    _cta_barrier()
+    return mark, t_poll, t_stage, rstd
