@@ -4,7 +4,8 @@ REV's bench as `megakernel_ab.py build REV` left it in `mkb/` (carry `mkb` to th
 variant once, in the order given, each in its own process under a timeout, and prints its result as it ends;
 the table of us a step (fraction of copy bw) comes last.
 
-Run on the GPU: `python3 scripts/megakernel_variants.py --rounds 2 -- "" "--pipelined" "@c3478a5"` (the `--` lets a variant start with a dash).
+Run on the GPU: `python3 scripts/megakernel_variants.py --rounds 2 -- "" "--pipelined" "@c3478a5"` (the `--` lets a
+variant start with a dash).
 """
 
 from __future__ import annotations
