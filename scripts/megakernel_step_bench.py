@@ -106,8 +106,6 @@ def main() -> None:
                    "count before polling the words (`Chain(counted_polls=True)`; 25-30 us a step slower, session 20)")
     p.add_argument("--pipelined", action="store_true", help="each slot's loads before the previous slot's "
                    "arithmetic (`Chain(pipelined=True)`; untimed, session 20)")
-    p.add_argument("--paired-staging", action="store_true", help="an input of two rounds (the down's) polled at "
-                   "once (`Chain(paired_staging=True)`; untimed, session 20)")
     p.add_argument("--fold-heads", action="store_true", help="the router's o_proj part in the attention's head "
                    "combine, summed by a heads phase (`decode_chain(fold_heads=True)`; untimed, session 20)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
@@ -143,8 +141,7 @@ def main() -> None:
                      kv=kv, max_blocks=blocks, profile=args.profile,
                      dynamic=not args.static,
                      dynamic_sums=args.dynamic_sums, lean_release=args.lean_release, rank_keys=not args.rank_weights,
-                     counted_polls=args.counted_polls, pipelined=args.pipelined,
-                     paired_staging=args.paired_staging)
+                     counted_polls=args.counted_polls, pipelined=args.pipelined)
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()
     copy_bw = copy_bandwidth(dev)

@@ -177,19 +177,16 @@ def _tagged(w, mask, tag):
 
 
 @gluon.jit
-def _poll_pair(words_ptr, offs, offs2, mask, tag, err_ptr, POLLS: gl.constexpr, mask2=None):
-    """`_poll` of two sets of words at once (one round trip a poll for both); the second where `mask2` (default:
-    `mask`)."""
-    if mask2 is None:
-        mask2 = mask
+def _poll_pair(words_ptr, offs, offs2, mask, tag, err_ptr, POLLS: gl.constexpr):
+    """`_poll` of two sets of words at once (one round trip a poll for both), both where `mask`."""
     w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
-    w2 = gl.load(words_ptr + offs2, mask=mask2, other=0, volatile=True)
-    ready = _tagged(w, mask, tag) & _tagged(w2, mask2, tag)
+    w2 = gl.load(words_ptr + offs2, mask=mask, other=0, volatile=True)
+    ready = _tagged(w, mask, tag) & _tagged(w2, mask, tag)
     n = tag * 0
     while (ready == 0) & (n < POLLS):
         w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
-        w2 = gl.load(words_ptr + offs2, mask=mask2, other=0, volatile=True)
-        ready = _tagged(w, mask, tag) & _tagged(w2, mask2, tag)
+        w2 = gl.load(words_ptr + offs2, mask=mask, other=0, volatile=True)
+        ready = _tagged(w, mask, tag) & _tagged(w2, mask, tag)
         n += 1
     if ready == 0:
         gl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")

@@ -24,7 +24,6 @@ from crosspool.kernels.megakernel.common import (
     _field,
     _lap,
     _poll,
-    _poll_pair,
     _tag,
     _value,
     _word_of,
@@ -34,15 +33,14 @@ from crosspool.kernels.megakernel.common import (
 @gluon.jit
 def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, mark, t_poll,
            t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr,
-           published_ptr, COUNTED: gl.constexpr = False, PAIRED: gl.constexpr = False):
+           published_ptr, COUNTED: gl.constexpr = False):
     """Consumers: stage phase p's input in `xs` (bf16), 16 chunks a round, after polling its tags (phase `src`, or
     the step's input `x_ptr` where src < 0); RMSNorm it where the phase has norm weights (an attention phase: q and
     k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. With `skip` (a program
     with no item of the phase) only the barrier: the program goes on to its next phase without waiting for this
     one's input. COUNTED: first wait until the input phase has published all its items (`published_ptr[src]`, one
-    word, no reduction a round) unless it is attention, then poll its words as before. PAIRED: an input of two
-    rounds (more than 16 chunks: the experts' down) polls both at once, one round trip, not two. PROFILE: `t_poll`
-    and `t_stage` plus the cycles of the polls and of the rest. Returns mark, t_poll, t_stage, and the norm's scale
+    word, no reduction a round) unless it is attention, then poll its words as before. PROFILE: `t_poll` and
+    `t_stage` plus the cycles of the polls and of the rest. Returns mark, t_poll, t_stage, and the norm's scale
     rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
@@ -71,27 +69,14 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
                 while (count < want) & (rounds < POLLS):
                     count = gl.load(published_ptr + src, volatile=True)
                     rounds += 1
-    second = gl.zeros([K_ROWS, K_CHUNK], gl.float32, stage_l)    # PAIRED: the second round's values
     for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
         if r < n_in:
             offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]            # value indices
             mask = (r + srow)[:, None] < n_in
             if src >= 0:
                 q, h = _word_of(offs)
-                at = _field(table_ptr, p, K_F_IN_OFF) + q
-                if PAIRED and r == 0:
-                    if n_in > K_ROWS:
-                        q2, h2 = _word_of(offs + K_ROWS * K_CHUNK)
-                        w, w2 = _poll_pair(words_ptr, at, _field(table_ptr, p, K_F_IN_OFF) + q2, mask,
-                                           _tag(epoch, src), err_ptr, POLLS, mask2=(K_ROWS + srow)[:, None] < n_in)
-                        second = _value(w2, h2)
-                    else:
-                        w = _poll(words_ptr, at, mask, _tag(epoch, src), err_ptr, POLLS)
-                    vals = _value(w, h)
-                elif PAIRED and r == K_ROWS:
-                    vals = second
-                else:
-                    vals = _value(_poll(words_ptr, at, mask, _tag(epoch, src), err_ptr, POLLS), h)
+                vals = _value(_poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, _tag(epoch, src),
+                                    err_ptr, POLLS), h)
             else:
                 vals = gl.load(x_ptr + offs, mask=mask, other=0.0).to(gl.float32)    # (fp32 or bf16)
             vals = vals.to(gl.bfloat16)
