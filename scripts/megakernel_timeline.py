@@ -1,7 +1,8 @@
 """One layer of a saved megakernel step timeline (issue 4), program by program: when each phase's programs
-started it, had its input staged, had their first slot land (an attention phase: their item's partial out) and
-were done, as the earliest and latest program, in us from the previous layer's last program done; then the
-ranking's moments (logits polled, ranked, stored) of the layer's first routed phase.
+started it, had polled every word of its input (not attention), had it staged (normed, the router weighed), had
+their first slot land (an attention phase: their item's partial out) and were done, as the earliest and latest
+program, in us from the previous layer's last program done; then the ranking's moments (logits polled, ranked,
+stored) of the layer's first routed phase.
 
 Make the timeline on the GPU: `python3 scripts/megakernel_step_bench.py --profile --timeline tl.pt`; then, anywhere:
 `python3 scripts/megakernel_timeline.py tl.pt [--layer 5]`. Session 20 read the gaps between phases this way
@@ -19,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from megakernel_step_bench import LAYER_PHASES  # noqa: E402
 
-MOMENTS = ("start", "ready", "first", "done")
+MOMENTS = ("start", "polled", "ready", "first", "done")
+STAMP = {"start": 0, "ready": 1, "first": 2, "done": 3, "polled": 7}     # (an attention item's own part at 7)
 
 
 def span(x: torch.Tensor) -> tuple[float, float]:
@@ -34,11 +36,12 @@ def layer_table(t: torch.Tensor, layer: int) -> list[str]:
     if layer < 0 or (layer + 1) * n >= t.shape[1]:
         raise SystemExit(f"layer {layer}: the timeline has {(t.shape[1] - 1) // n} layers")
     base = layer * n
-    ref = span(t[:, base - 1, 3])[1] if base else 0.0
+    ref = span(t[:, base - 1, STAMP["done"]])[1] if base else 0.0
     rows = ["| phase | " + " | ".join(f"{m} first / last" for m in MOMENTS) + " |",
             "|---|" + "---:|" * len(MOMENTS)]
     for j, name in enumerate(LAYER_PHASES):
-        cells = [span(t[:, base + j, k] - ref) for k in range(len(MOMENTS))]
+        cells = [(float("nan"), float("nan")) if m == "polled" and name == "attention" else
+                 span(t[:, base + j, STAMP[m]] - ref) for m in MOMENTS]
         rows.append(f"| {name} | " + " | ".join(f"{lo:.2f} / {hi:.2f}" for lo, hi in cells) + " |")
     routed = next((base + j for j in range(n) if not t[:, base + j, 4].isnan().all()
                    and LAYER_PHASES[j] not in ("attention",)), None)

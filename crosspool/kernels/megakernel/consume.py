@@ -144,7 +144,8 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         skip = (n_items == 0) & (dyn == 0) & (router < 0)
         mark, t_poll, t_stage, rstd = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
                                              err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS,
-                                             counters_ptr + num_phases, COUNTED)
+                                             counters_ptr + num_phases, COUNTED,
+                                             prof + 23 + 8 * p)
         if defer != 0:                               # the weights left to the end of the staging: a folded
             # router's need the norm's scale
             if KEYS:

@@ -24,7 +24,8 @@ def timeline(chain: Chain) -> torch.Tensor:
     """The last launch's [programs, phases, 8] stamps of the GPU's global timer, in us from the launch's first:
     each phase's start, its input staged, its first slot landed (attention: the program's last partial out), its
     items done; then its parts: an attention phase's q rotated, slots done, rows combined, new token folded in (its
-    last item's); a routed phase's router logits polled, ranked, stored (where it ranked); NaN where a program had
+    last item's); a routed phase's router logits polled, ranked, stored (where it ranked); any other phase's
+    input polled (its last word seen, before the norm); NaN where a program had
     no such moment."""
     _need_profile(chain)
     t = chain.prof[:, 16:].cpu().reshape(chain.nprog, -1, 8)

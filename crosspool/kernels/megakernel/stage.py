@@ -24,6 +24,7 @@ from crosspool.kernels.megakernel.common import (
     _field,
     _lap,
     _poll,
+    _stamp,
     _tag,
     _value,
     _word_of,
@@ -33,14 +34,15 @@ from crosspool.kernels.megakernel.common import (
 @gluon.jit
 def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, mark, t_poll,
            t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr,
-           published_ptr, COUNTED: gl.constexpr = False):
+           published_ptr, COUNTED: gl.constexpr = False, polled_at=None):
     """Consumers: stage phase p's input in `xs` (bf16), 16 chunks a round, after polling its tags (phase `src`, or
     the step's input `x_ptr` where src < 0); RMSNorm it where the phase has norm weights (an attention phase: q and
     k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. With `skip` (a program
     with no item of the phase) only the barrier: the program goes on to its next phase without waiting for this
     one's input. COUNTED: first wait until the input phase has published all its items (`published_ptr[src]`, one
     word, no reduction a round) unless it is attention, then poll its words as before. PROFILE: `t_poll` and
-    `t_stage` plus the cycles of the polls and of the rest. Returns mark, t_poll, t_stage, and the norm's scale
+    `t_stage` plus the cycles of the polls and of the rest, and the time every word was polled at `polled_at` (not
+    in an attention phase: its items stamp their own part there). Returns mark, t_poll, t_stage, and the norm's scale
     rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
@@ -91,6 +93,9 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
                     squares += gl.sum(by_row, axis=0)
             xs.slice(r, K_ROWS).store(vals)
     mark, t_poll = _lap(mark, t_poll, PROFILE)
+    if PROFILE:                                  # every word polled: before the norm, the wait and the barrier
+        if _field(table_ptr, p, K_F_KIND) != K_ATTENTION:     # (an attention item stamps its own part there)
+            _stamp(polled_at, PROFILE)
     rstd = squares * 0.0 + 1.0
     if norm >= 0:
         # RMSNorm as the model rounds it: bf16(g * bf16(x * rstd)); each thread rescales the values it staged
