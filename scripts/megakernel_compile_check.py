@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--pipelined", action="store_true", help="`Chain(pipelined=True)`")
     p.add_argument("--fold-heads", action="store_true", help="with a fold (`decode_chain(fold_heads=True)`)")
     p.add_argument("--word-staging", action="store_true", help="`Chain(word_staging=True)`")
+    p.add_argument("--late-rounds", action="store_true", help="`Chain(late_rounds=True)`")
     p.add_argument("--dynamic", action="store_true", help="with dynamic phases (`Chain(dynamic=True)`)")
     p.add_argument("--splits", type=int, default=0, help="attention splits (SPLITS; 0: no attention phases)")
     p.add_argument("--engine", action="store_true",
@@ -57,7 +58,7 @@ def main() -> None:
                  PROFILE=args.profile, SPLITS=args.splits,
                  DYNAMIC=args.dynamic, LEAN=args.lean_release, KEYS=not args.rank_weights, COUNTED=args.counted_polls,
                  PIPE=args.pipelined, FOLD=args.fold_heads,
-                 WORDS=args.word_staging)
+                 WORDS=args.word_staging, LATE=args.late_rounds)
     kernel = triton.compile(GluonASTSource(chain._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=args.warps))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -108,6 +108,8 @@ def main() -> None:
                    "arithmetic (`Chain(pipelined=True)`; session 21: no gain)")
     p.add_argument("--word-staging", action="store_true", help="each staging polls its input's words all at once "
                    "(`Chain(word_staging=True)`)")
+    p.add_argument("--late-rounds", action="store_true", help="with --word-staging: the down's experts 4-7 polled "
+                   "only before their first slot (`Chain(late_rounds=True)`)")
     p.add_argument("--fold-heads", action="store_true", help="the router's o_proj part in the attention's head "
                    "combine, summed by a heads phase (`decode_chain(fold_heads=True)`; untimed, session 20)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
@@ -143,7 +145,8 @@ def main() -> None:
                      kv=kv, max_blocks=blocks, profile=args.profile,
                      dynamic=not args.static,
                      dynamic_sums=args.dynamic_sums, lean_release=args.lean_release, rank_keys=not args.rank_weights,
-                     counted_polls=args.counted_polls, pipelined=args.pipelined, word_staging=args.word_staging)
+                     counted_polls=args.counted_polls, pipelined=args.pipelined, word_staging=args.word_staging,
+                     late_rounds=args.late_rounds)
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()
     copy_bw = copy_bandwidth(dev)
