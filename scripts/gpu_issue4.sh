@@ -70,7 +70,7 @@ if [ "$stage" = fast ]; then
 fi
 if [ "$stage" = megakernel ]; then
     shift
-    timeout 300 python3 -u -m pytest -v -x -m gpu tests/test_megakernel.py tests/test_megakernel_attention.py \
+    timeout 400 python3 -u -m pytest -v -x -m gpu tests/test_megakernel.py tests/test_megakernel_attention.py \
         tests/test_megakernel_step.py > "$OUT/tests.log" 2>&1
     grep -E "PASS|FAIL|ERROR|passed|failed" "$OUT/tests.log" | sed 's/^tests\///' | cut -c1-150 | tail -40
     python3 scripts/megakernel_variants.py --rounds "${ROUNDS:-2}" -- "${@:-}"
