@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import triton
@@ -21,6 +22,9 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from crosspool.kernels import megakernel as mk
 from crosspool.kernels.megakernel import chain
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from megakernel_options import add_options, constexprs  # noqa: E402
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,14 +33,8 @@ def main() -> None:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--sass", help="write the SASS here")
     p.add_argument("--profile", action="store_true", help="with the cycle counters")
-    p.add_argument("--lean-release", action="store_true",
-                   help="the proxy fence in the producer (`Chain(lean_release=True)`)")
-    p.add_argument("--rank-weights", action="store_true", help="`Chain(rank_keys=False)`")
-    p.add_argument("--counted-polls", action="store_true", help="`Chain(counted_polls=True)`")
-    p.add_argument("--pipelined", action="store_true", help="`Chain(pipelined=True)`")
+    add_options(p)
     p.add_argument("--fold-heads", action="store_true", help="with a fold (`decode_chain(fold_heads=True)`)")
-    p.add_argument("--word-staging", action="store_true", help="`Chain(word_staging=True)`")
-    p.add_argument("--late-rounds", action="store_true", help="`Chain(late_rounds=True)`")
     p.add_argument("--dynamic", action="store_true", help="with dynamic phases (`Chain(dynamic=True)`)")
     p.add_argument("--splits", type=int, default=0, help="attention splits (SPLITS; 0: no attention phases)")
     p.add_argument("--engine", action="store_true",
@@ -56,9 +54,7 @@ def main() -> None:
            "cos_ptr": "*fp32", "sin_ptr": "*fp32", "counters_ptr": "*i32", "fold_ptr": "*bf16"}
     const = dict(STAGES=args.stages, BOXES=args.boxes, WARPS=args.warps, POLLS=1 << 22, COMPUTE=True,
                  PROFILE=args.profile, SPLITS=args.splits,
-                 DYNAMIC=args.dynamic, LEAN=args.lean_release, KEYS=not args.rank_weights, COUNTED=args.counted_polls,
-                 PIPE=args.pipelined, FOLD=args.fold_heads,
-                 WORDS=args.word_staging, LATE=args.late_rounds)
+                 DYNAMIC=args.dynamic, FOLD=args.fold_heads, **constexprs(args))
     kernel = triton.compile(GluonASTSource(chain._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=args.warps))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

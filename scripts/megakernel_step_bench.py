@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from megakernel_chain_bench import print_profiles, run_commit  # noqa: E402
+from megakernel_options import add_options, chain_kwargs  # noqa: E402
 from stream_probe import graph_us  # noqa: E402
 
 from crosspool.bench.traffic import copy_bandwidth  # noqa: E402
@@ -98,20 +99,10 @@ def main() -> None:
                    "from counters as it goes (`Chain(dynamic=False)`; DecodeStep's default is dynamic)")
     p.add_argument("--dynamic-sums", action="store_true", help="the sum phases of more items than programs (QKV, "
                    "o_proj, lm_head) taken from counters too (`Chain(dynamic_sums=True)`; untimed, session 18)")
-    p.add_argument("--lean-release", action="store_true", help="the proxy fence that frees a ring slot in the "
-                   "producer, not in every consumer thread (`Chain(lean_release=True)`; untimed, session 18)")
-    p.add_argument("--rank-weights", action="store_true", help="the router ranked on its experts' weights, not on "
-                   "its logits as integer keys (`Chain(rank_keys=False)`; ~10 us a step slower, session 20)")
-    p.add_argument("--counted-polls", action="store_true", help="a staging waits on its input phase's published "
-                   "count before polling the words (`Chain(counted_polls=True)`; 25-30 us a step slower, session 20)")
-    p.add_argument("--pipelined", action="store_true", help="each slot's loads before the previous slot's "
-                   "arithmetic (`Chain(pipelined=True)`; session 21: no gain)")
-    p.add_argument("--word-staging", action="store_true", help="each staging polls its input's words all at once "
-                   "(`Chain(word_staging=True)`)")
-    p.add_argument("--late-rounds", action="store_true", help="with --word-staging: the down's experts 4-7 polled "
-                   "only before their first slot (`Chain(late_rounds=True)`)")
+    add_options(p)
     p.add_argument("--fold-heads", action="store_true", help="the router's o_proj part in the attention's head "
-                   "combine, summed by a heads phase (`decode_chain(fold_heads=True)`; untimed, session 20)")
+                   "combine, summed by a heads phase (`decode_chain(fold_heads=True)`; 5-8 us a step slower, "
+                   "session 21)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--timeline", help="with --profile: torch.save the raw timeline ([programs, phases, 8] us) and "
@@ -143,10 +134,7 @@ def main() -> None:
     cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))
     chain = mk.Chain(dc.phases, dc.families, h, stages=args.stages, warps=args.warps, norms=dc.norms, eps=dc.eps,
                      kv=kv, max_blocks=blocks, profile=args.profile,
-                     dynamic=not args.static,
-                     dynamic_sums=args.dynamic_sums, lean_release=args.lean_release, rank_keys=not args.rank_weights,
-                     counted_polls=args.counted_polls, pipelined=args.pipelined, word_staging=args.word_staging,
-                     late_rounds=args.late_rounds)
+                     dynamic=not args.static, dynamic_sums=args.dynamic_sums, **chain_kwargs(args))
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()
     copy_bw = copy_bandwidth(dev)

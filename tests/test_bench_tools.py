@@ -280,3 +280,27 @@ def test_megakernel_variants_reads_the_step_benchs_row() -> None:
     row = "| megakernel, 113 phases | 893.4 | 2492 | 0.655 | 9.5e-04 (phase 56, sum) |"
     assert mv.result("OLMoE-1B-7B shapes\n" + row + "\n", "", 0) == "893.4 (0.655)"
     assert mv.result("", "Traceback ...\nRuntimeError: no GPU\n", 1) == "failed, rc 1: RuntimeError: no GPU"
+
+
+def test_megakernel_options_are_chains_keywords_and_kernel_constexprs() -> None:
+    """`scripts/megakernel_options.py`: each flag sets its `Chain` keyword (--rank-weights turns rank_keys off) and
+    its `_chain_kernel` constexpr; every keyword and constexpr exists there."""
+    import argparse
+    import inspect
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import megakernel_options as mo
+
+    from crosspool.kernels.megakernel.chain import Chain, _chain_kernel
+
+    p = argparse.ArgumentParser()
+    mo.add_options(p)
+    defaults = p.parse_args([])
+    assert mo.chain_kwargs(defaults) == {k: k == "rank_keys" for _, k, _, _ in mo.OPTIONS}
+    flagged = mo.constexprs(p.parse_args(["--rank-weights", "--word-staging", "--late-rounds"]))
+    assert flagged["KEYS"] is False and flagged["WORDS"] is True and flagged["LATE"] is True
+    assert flagged["PIPE"] is False
+    chain_params = inspect.signature(Chain.__init__).parameters
+    assert all(k in chain_params and chain_params[k].default == (k == "rank_keys") for _, k, _, _ in mo.OPTIONS)
+    assert all(name in _chain_kernel.arg_names for _, _, name, _ in mo.OPTIONS)
