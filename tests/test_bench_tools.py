@@ -243,7 +243,16 @@ def test_critical_path_table_from_profiler_events(capsys) -> None:  # noqa: ANN0
     assert out[2].startswith("| qkv | 1 | 10.0 | 10.0 | ")          # 10 us a step, first: the largest advance
     assert out[3].startswith("| attn | 1 | 12.0 | 8.0 | ")
     assert totals["advance_us"] + totals["gap_us"] == 25.0         # a 50 us span over 2 steps
-    assert "span per step 25.0 us" in out[-1]
+    assert "span per step 25.0 us" in out[-2]
+    assert out[-1] == "longest gaps (us, before): 10.0 Memcpy HtoD"      # attn ends at 20, the copy starts at 30
+
+
+def test_largest_gaps_tell_a_stall_from_a_steady_gap() -> None:
+    from crosspool.bench.decode import largest_gaps
+
+    kernels = [("a", 0.0, 10.0), ("b", 12.0, 20.0), ("c", 15.0, 18.0), ("a", 70.0, 80.0), ("b", 81.0, 90.0)]
+    assert largest_gaps(kernels, n=2) == [(50.0, "a"), (2.0, "b")]     # c lies inside b: no gap before it
+    assert largest_gaps([]) == []
 
 
 

@@ -176,6 +176,17 @@ def critical_path(kernels: list[tuple[str, float, float]]) -> dict[str, dict[str
     return out
 
 
+def largest_gaps(kernels: list[tuple[str, float, float]], n: int = 5) -> list[tuple[float, str]]:
+    """The n longest idle gaps (us, the kernel that ends each) of the same walk as `critical_path`: whether a
+    step's idle time is a little every step or a long stall now and then (a host sync, a page mapped)."""
+    gaps, frontier = [], None
+    for name, start, end in sorted(kernels, key=lambda k: (k[1], k[2])):
+        if frontier is not None and start > frontier:
+            gaps.append((start - frontier, name))
+        frontier = end if frontier is None else max(frontier, end)
+    return sorted(gaps, reverse=True)[:n]
+
+
 def _kernel_intervals(events: list) -> list[tuple[str, float, float]]:
     """(name, start us, end us) of the device's kernels and copies among a torch.profiler's events."""
     return [(e.name, float(e.time_range.start), float(e.time_range.end)) for e in events
@@ -196,6 +207,7 @@ def print_critical_path(kernels: list[tuple[str, float, float]], steps: int, row
               f"{r['gap'] / steps:.1f} |")
     print(f"span per step {(total_advance + total_gap) / steps:.1f} us: kernels and copies advance it "
           f"{total_advance / steps:.1f}, idle gaps {total_gap / steps:.1f}")
+    print("longest gaps (us, before): " + ", ".join(f"{g:.1f} {name[:30]}" for g, name in largest_gaps(kernels)))
     return {"per_step_us": {name: {k: v / steps for k, v in r.items()} for name, r in path.items()},
             "advance_us": total_advance / steps, "gap_us": total_gap / steps}
 
