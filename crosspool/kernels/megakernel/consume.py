@@ -194,7 +194,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                     slot = consumed % STAGES
                     if LATE:                         # the input's chunks 16.. before the first slot that reads them
                         if (n_late > 0) & (il == 0) & (j * BOXES == K_ROWS):
-                            _stage_words(xs, words_ptr + _field(table_ptr, p, K_F_IN_OFF), n_late, n_late, False,
+                            _stage_words(xs, words_ptr + _field(table_ptr, p, K_F_IN_OFF), n_late, n_late,
                                          _tag(epoch, _field(table_ptr, p, K_F_IN)), err_ptr, WARPS, POLLS, K_ROWS)
                             _cta_barrier()
                     mark, t_start = _lap(mark, t_start, PROFILE)

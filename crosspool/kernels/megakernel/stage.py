@@ -88,7 +88,7 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
     if WORDS:
         if src >= 0:
             squares, squares2 = _stage_words(xs, words_ptr + _field(table_ptr, p, K_F_IN_OFF), n_in, seg,
-                                             norm >= 0, _tag(epoch, src), err_ptr, WARPS, POLLS)
+                                             _tag(epoch, src), err_ptr, WARPS, POLLS)
             n_rounds = 0
     for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
         if r < n_rounds:
@@ -146,12 +146,11 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
 
 
 @gluon.jit
-def _stage_words(xs, in_words, n_in, seg, normed, tag, err_ptr, WARPS: gl.constexpr, POLLS: gl.constexpr,
+def _stage_words(xs, in_words, n_in, seg, tag, err_ptr, WARPS: gl.constexpr, POLLS: gl.constexpr,
                  FIRST: gl.constexpr = 0):
     """`_stage(WORDS=True)`: chunks FIRST.. of an input at `in_words` (n_in chunks in all) polled as words, each
     thread one item's 8 words (16 values: rows j and j + 8 of the item, `_word_of`), and stored in `xs` as bf16
-    (zeros past n_in). Returns the sums of squares of the values below chunk `seg` and of the rest where `normed`
-    (else zeros)."""
+    (zeros past n_in). Returns the sums of squares of the values below chunk `seg` and of the rest."""
     word3_l: gl.constexpr = gl.BlockedLayout([1, 1, K_ROWS // 2], [32, 1, 1], [WARPS, 1, 1], [2, 1, 0])
     word_l: gl.constexpr = gl.SliceLayout(1, word3_l)                   # [items, 8] words
     items: gl.constexpr = (K_STAGE_CHUNKS - FIRST) * K_CHUNK // K_ROWS
@@ -162,16 +161,14 @@ def _stage_words(xs, in_words, n_in, seg, normed, tag, err_ptr, WARPS: gl.conste
     # xs from chunk FIRST as [items, 2, 8]: value item * 16 + half * 8 + j
     x3 = _view(xs.slice(FIRST, K_STAGE_CHUNKS - FIRST), [items, 2, K_ROWS // 2],
                gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
-    by_item = gl.sum(q * 0.0, axis=1)[:, None]                          # [items, 1]: an item is in one chunk
+    first = gl.sum(gl.sum(q * 0.0, axis=1), axis=0)
+    rest = first
     for half in gl.static_range(2):
         v = _value(w, half).to(gl.bfloat16)
         x3.slice(half, 1, dim=1).store(gl.expand_dims(v, 1))
         sq = v.to(gl.float32)
-        by_item += gl.sum(sq * sq, axis=1)[:, None]
-    first = seg * 0.0
-    rest = first
-    if normed:                                   # (the sums reduce across the warps: only where a norm needs them)
+        sq = gl.sum(sq * sq, axis=1)[:, None]                           # [items, 1]: an item is in one chunk
         below = (item * K_ROWS) < seg * K_CHUNK
-        first = gl.sum(gl.sum(gl.where(below, by_item, 0.0), axis=1), axis=0)
-        rest = gl.sum(gl.sum(gl.where(below, 0.0, by_item), axis=1), axis=0)
+        first += gl.sum(gl.sum(gl.where(below, sq, 0.0), axis=1), axis=0)
+        rest += gl.sum(gl.sum(gl.where(below, 0.0, sq), axis=1), axis=0)
     return first, rest
