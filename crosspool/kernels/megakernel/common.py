@@ -21,7 +21,6 @@ _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 # the plan's constants, as the kernel sees them
 K_ROWS = gl.constexpr(P.ROWS)
 K_CHUNK = gl.constexpr(P.CHUNK)
-K_SUM = gl.constexpr(P.SUM)
 K_SWIGLU = gl.constexpr(P.SWIGLU)
 K_ATTENTION = gl.constexpr(P.ATTENTION)
 K_HEADS = gl.constexpr(P.HEADS)

@@ -52,7 +52,7 @@ from crosspool.kernels.megakernel.common import (
     _word_of,
 )
 from crosspool.kernels.megakernel.rank import K_FEW, _gates, _producer_ranking, _rank
-from crosspool.kernels.megakernel.stage import _stage, _stage_words
+from crosspool.kernels.megakernel.stage import _stage
 
 
 @gluon.jit
@@ -63,7 +63,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
              PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
              COUNTED: gl.constexpr, PIPE: gl.constexpr = False, fold_ptr=None,
-             FOLD: gl.constexpr = False, WORDS: gl.constexpr = False, LATE: gl.constexpr = False):
+             FOLD: gl.constexpr = False, WORDS: gl.constexpr = False):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
@@ -142,10 +142,10 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         # a program with no item of a fixed split's phase skips its staging (a routed phase's ranking still
         # serves the phases that share its router)
         skip = (n_items == 0) & (dyn == 0) & (router < 0)
-        mark, t_poll, t_stage, rstd, n_late = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
-                                                     err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE,
-                                                     SPLITS, counters_ptr + num_phases, COUNTED, prof + 23 + 8 * p,
-                                                     WORDS, LATE)
+        mark, t_poll, t_stage, rstd = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
+                                             err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS,
+                                             counters_ptr + num_phases, COUNTED,
+                                             prof + 23 + 8 * p, WORDS)
         if defer != 0:                               # the weights left to the end of the staging: a folded
             # router's need the norm's scale
             if KEYS:
@@ -192,11 +192,6 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             else:
                 for j in range(n_slots):
                     slot = consumed % STAGES
-                    if LATE:                         # the input's chunks 16.. before the first slot that reads them
-                        if (n_late > 0) & (il == 0) & (j * BOXES == K_ROWS):
-                            _stage_words(xs, words_ptr + _field(table_ptr, p, K_F_IN_OFF), n_late, n_late,
-                                         _tag(epoch, _field(table_ptr, p, K_F_IN)), err_ptr, WARPS, POLLS, K_ROWS)
-                            _cta_barrier()
                     mark, t_start = _lap(mark, t_start, PROFILE)
                     mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
                     mark, t_wait = _lap(mark, t_wait, PROFILE)

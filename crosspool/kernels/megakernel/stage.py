@@ -20,7 +20,6 @@ from crosspool.kernels.megakernel.common import (
     K_F_WAIT_OFF,
     K_ROWS,
     K_STAGE_CHUNKS,
-    K_SUM,
     _cta_barrier,
     _field,
     _lap,
@@ -36,8 +35,7 @@ from crosspool.kernels.megakernel.common import (
 @gluon.jit
 def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, mark, t_poll,
            t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr,
-           published_ptr, COUNTED: gl.constexpr = False, polled_at=None, WORDS: gl.constexpr = False,
-           LATE: gl.constexpr = False):
+           published_ptr, COUNTED: gl.constexpr = False, polled_at=None, WORDS: gl.constexpr = False):
     """Consumers: stage phase p's input in `xs` (bf16), 16 chunks a round, after polling its tags (phase `src`, or
     the step's input `x_ptr` where src < 0); RMSNorm it where the phase has norm weights (an attention phase: q and
     k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. With `skip` (a program
@@ -47,11 +45,8 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
     `t_stage` plus the cycles of the polls and of the rest, and the time every word was polled at `polled_at` (not
     in an attention phase: its items stamp their own part there). WORDS: a polled input's words all at once, each
     word loaded once (`_stage_words`): one round trip for up to 32 chunks, where rounds of 16 chunks take one each
-    and load every word twice (by the two threads that hold its two values). LATE (with WORDS): a sum's input of
-    more than 16 chunks with no norm (the experts' down's) stages its first 16 only; the consumers poll the rest
-    before the first slot that reads it (`_stage_words(FIRST=16)`), so they start on the first experts' slots
-    while the last experts' items are out. Returns mark, t_poll, t_stage, the norm's scale rsqrt(mean(x^2) + eps)
-    (1 without a norm; attention: q's), and the input's chunks if LATE left some (else 0)."""
+    and load every word twice (by the two threads that hold its two values). Returns mark, t_poll, t_stage, and the
+    norm's scale rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
     scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
@@ -80,11 +75,6 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
                     count = gl.load(published_ptr + src, volatile=True)
                     rounds += 1
     n_rounds = n_in                              # chunks staged by rounds
-    n_late = n_in * 0
-    if LATE:
-        if (n_in > K_ROWS) & (norm < 0) & (src >= 0) & (_field(table_ptr, p, K_F_KIND) == K_SUM):
-            n_late = n_in
-            n_in = n_in * 0 + K_ROWS
     if WORDS:
         if src >= 0:
             squares, squares2 = _stage_words(xs, words_ptr + _field(table_ptr, p, K_F_IN_OFF), n_in, seg,
@@ -142,25 +132,23 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
               _tag(epoch, wait), err_ptr, POLLS)
     _cta_barrier()
     mark, t_stage = _lap(mark, t_stage, PROFILE)
-    return mark, t_poll, t_stage, rstd, n_late
+    return mark, t_poll, t_stage, rstd
 
 
 @gluon.jit
-def _stage_words(xs, in_words, n_in, seg, tag, err_ptr, WARPS: gl.constexpr, POLLS: gl.constexpr,
-                 FIRST: gl.constexpr = 0):
-    """`_stage(WORDS=True)`: chunks FIRST.. of an input at `in_words` (n_in chunks in all) polled as words, each
-    thread one item's 8 words (16 values: rows j and j + 8 of the item, `_word_of`), and stored in `xs` as bf16
-    (zeros past n_in). Returns the sums of squares of the values below chunk `seg` and of the rest."""
+def _stage_words(xs, in_words, n_in, seg, tag, err_ptr, WARPS: gl.constexpr, POLLS: gl.constexpr):
+    """`_stage(WORDS=True)`: the n_in chunks of an input at `in_words` polled as words, each thread one item's 8
+    words (16 values: rows j and j + 8 of the item, `_word_of`), and stored in `xs` as bf16 (zeros past n_in).
+    Returns the sums of squares of the values below chunk `seg` and of the rest."""
     word3_l: gl.constexpr = gl.BlockedLayout([1, 1, K_ROWS // 2], [32, 1, 1], [WARPS, 1, 1], [2, 1, 0])
     word_l: gl.constexpr = gl.SliceLayout(1, word3_l)                   # [items, 8] words
-    items: gl.constexpr = (K_STAGE_CHUNKS - FIRST) * K_CHUNK // K_ROWS
-    item = FIRST * K_CHUNK // K_ROWS + gl.arange(0, items, layout=gl.SliceLayout(1, word_l))[:, None]
+    items: gl.constexpr = K_STAGE_CHUNKS * K_CHUNK // K_ROWS
+    item = gl.arange(0, items, layout=gl.SliceLayout(1, word_l))[:, None]
     j = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, word_l))[None, :]
     q = item * (K_ROWS // 2) + j
     w = _poll(in_words, q, q < n_in * (K_CHUNK // 2), tag, err_ptr, POLLS)
-    # xs from chunk FIRST as [items, 2, 8]: value item * 16 + half * 8 + j
-    x3 = _view(xs.slice(FIRST, K_STAGE_CHUNKS - FIRST), [items, 2, K_ROWS // 2],
-               gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
+    # xs as [items, 2, 8]: value item * 16 + half * 8 + j
+    x3 = _view(xs, [items, 2, K_ROWS // 2], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
     first = gl.sum(gl.sum(q * 0.0, axis=1), axis=0)
     rest = first
     for half in gl.static_range(2):
