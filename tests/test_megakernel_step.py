@@ -213,7 +213,7 @@ def test_decode_chain_refuses_other_models_with_the_reason() -> None:
                     reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("split", ["static", "dynamic", "dynamic sums", "dynamic lean", "dynamic weights",
                                    "dynamic counted", "dynamic pipelined", "dynamic fold",
-                                   "dynamic fold pipelined", "dynamic words", "dynamic words top 8"])
+                                   "dynamic fold pipelined"])
 def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, split: str) -> None:  # noqa: ANN001
     """The whole small step on the GPU: every phase against the reference fed the kernel's own earlier outputs,
     the new token's key and value in the cache, over three steps of one sequence in a CUDA graph. Dynamic: the
@@ -223,10 +223,9 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     on its logits as integer keys (`Chain(rank_keys=False)`); counted: each staging waits on its input phase's
     published count first (`Chain(counted_polls=True)`; the counts start each launch from zero too); pipelined:
     each slot's loads before the previous slot's arithmetic (`Chain(pipelined=True)`); fold: the router's o_proj
-    part in the attention's head combine (`decode_chain(fold_heads=True)`); words: each staging polls its input's
-    words all at once (`Chain(word_staging=True)`), at top 8 too (the down's input then 32 chunks)."""
+    part in the attention's head combine (`decode_chain(fold_heads=True)`)."""
     dynamic = split != "static"
-    spec = _spec(8 if split.endswith("top 8") else 4 if dynamic else 2)
+    spec = _spec(4 if dynamic else 2)
     attn, ffn = _weights(spec, 1)
     attn = AttentionWeights(attn.embed.cuda(), attn.final_norm.cuda(), attn.lm_head.cuda(),
                             [{k: v.cuda() for k, v in w.items()} for w in attn.layers])
@@ -239,7 +238,7 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     chain = mk.Chain(dc.phases, dc.families, spec.hidden_size, norms=dc.norms, eps=dc.eps, kv=kv, max_blocks=64,
                      dynamic=dynamic, dynamic_sums=split == "dynamic sums", lean_release=split == "dynamic lean",
                      rank_keys=split != "dynamic weights", counted_polls=split == "dynamic counted",
-                     pipelined=split.endswith("pipelined"), word_staging=split.startswith("dynamic words"))
+                     pipelined=split.endswith("pipelined"))
     x = torch.empty(spec.hidden_size, device="cuda")
     for ctx in (300, 301, 302):
         cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))

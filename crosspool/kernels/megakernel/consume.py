@@ -63,7 +63,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
              PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
              COUNTED: gl.constexpr, PIPE: gl.constexpr = False, fold_ptr=None,
-             FOLD: gl.constexpr = False, WORDS: gl.constexpr = False):
+             FOLD: gl.constexpr = False):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
@@ -145,7 +145,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         mark, t_poll, t_stage, rstd = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
                                              err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS,
                                              counters_ptr + num_phases, COUNTED,
-                                             prof + 23 + 8 * p, WORDS)
+                                             prof + 23 + 8 * p)
         if defer != 0:                               # the weights left to the end of the staging: a folded
             # router's need the norm's scale
             if KEYS:

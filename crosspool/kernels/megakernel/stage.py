@@ -27,7 +27,6 @@ from crosspool.kernels.megakernel.common import (
     _stamp,
     _tag,
     _value,
-    _view,
     _word_of,
 )
 
@@ -35,7 +34,7 @@ from crosspool.kernels.megakernel.common import (
 @gluon.jit
 def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, mark, t_poll,
            t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr,
-           published_ptr, COUNTED: gl.constexpr = False, polled_at=None, WORDS: gl.constexpr = False):
+           published_ptr, COUNTED: gl.constexpr = False, polled_at=None):
     """Consumers: stage phase p's input in `xs` (bf16), 16 chunks a round, after polling its tags (phase `src`, or
     the step's input `x_ptr` where src < 0); RMSNorm it where the phase has norm weights (an attention phase: q and
     k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. With `skip` (a program
@@ -43,10 +42,8 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
     one's input. COUNTED: first wait until the input phase has published all its items (`published_ptr[src]`, one
     word, no reduction a round) unless it is attention, then poll its words as before. PROFILE: `t_poll` and
     `t_stage` plus the cycles of the polls and of the rest, and the time every word was polled at `polled_at` (not
-    in an attention phase: its items stamp their own part there). WORDS: a polled input's words all at once, each
-    word loaded once (`_stage_words`): one round trip for up to 32 chunks, where rounds of 16 chunks take one each
-    and load every word twice (by the two threads that hold its two values). Returns mark, t_poll, t_stage, and the
-    norm's scale rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
+    in an attention phase: its items stamp their own part there). Returns mark, t_poll, t_stage, and the norm's scale
+    rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
     scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
@@ -74,14 +71,8 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
                 while (count < want) & (rounds < POLLS):
                     count = gl.load(published_ptr + src, volatile=True)
                     rounds += 1
-    n_rounds = n_in                              # chunks staged by rounds
-    if WORDS:
-        if src >= 0:
-            squares, squares2 = _stage_words(xs, words_ptr + _field(table_ptr, p, K_F_IN_OFF), n_in, seg,
-                                             _tag(epoch, src), err_ptr, WARPS, POLLS)
-            n_rounds = 0
     for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
-        if r < n_rounds:
+        if r < n_in:
             offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]            # value indices
             mask = (r + srow)[:, None] < n_in
             if src >= 0:
@@ -133,30 +124,3 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
     _cta_barrier()
     mark, t_stage = _lap(mark, t_stage, PROFILE)
     return mark, t_poll, t_stage, rstd
-
-
-@gluon.jit
-def _stage_words(xs, in_words, n_in, seg, tag, err_ptr, WARPS: gl.constexpr, POLLS: gl.constexpr):
-    """`_stage(WORDS=True)`: the n_in chunks of an input at `in_words` polled as words, each thread one item's 8
-    words (16 values: rows j and j + 8 of the item, `_word_of`), and stored in `xs` as bf16 (zeros past n_in).
-    Returns the sums of squares of the values below chunk `seg` and of the rest."""
-    word3_l: gl.constexpr = gl.BlockedLayout([1, 1, K_ROWS // 2], [32, 1, 1], [WARPS, 1, 1], [2, 1, 0])
-    word_l: gl.constexpr = gl.SliceLayout(1, word3_l)                   # [items, 8] words
-    items: gl.constexpr = K_STAGE_CHUNKS * K_CHUNK // K_ROWS
-    item = gl.arange(0, items, layout=gl.SliceLayout(1, word_l))[:, None]
-    j = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, word_l))[None, :]
-    q = item * (K_ROWS // 2) + j
-    w = _poll(in_words, q, q < n_in * (K_CHUNK // 2), tag, err_ptr, POLLS)
-    # xs as [items, 2, 8]: value item * 16 + half * 8 + j
-    x3 = _view(xs, [items, 2, K_ROWS // 2], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
-    first = gl.sum(gl.sum(q * 0.0, axis=1), axis=0)
-    rest = first
-    for half in gl.static_range(2):
-        v = _value(w, half).to(gl.bfloat16)
-        x3.slice(half, 1, dim=1).store(gl.expand_dims(v, 1))
-        sq = v.to(gl.float32)
-        sq = gl.sum(sq * sq, axis=1)[:, None]                           # [items, 1]: an item is in one chunk
-        below = (item * K_ROWS) < seg * K_CHUNK
-        first += gl.sum(gl.sum(gl.where(below, sq, 0.0), axis=1), axis=0)
-        rest += gl.sum(gl.sum(gl.where(below, 0.0, sq), axis=1), axis=0)
-    return first, rest
