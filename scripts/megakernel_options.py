@@ -17,9 +17,6 @@ OPTIONS = (
      "polling the words (25-30 us a step slower, session 20)"),
     ("--pipelined", "pipelined", "PIPE", "each slot's loads before the previous slot's arithmetic (session 21: no "
      "gain)"),
-    ("--word-staging", "word_staging", "WORDS", "each staging polls its input's words all at once"),
-    ("--late-rounds", "late_rounds", "LATE", "with --word-staging: the down's experts 4-7 polled only before their "
-     "first slot"),
 )
 INVERTED = {"rank_keys"}
 

@@ -307,9 +307,9 @@ def test_megakernel_options_are_chains_keywords_and_kernel_constexprs() -> None:
     mo.add_options(p)
     defaults = p.parse_args([])
     assert mo.chain_kwargs(defaults) == {k: k == "rank_keys" for _, k, _, _ in mo.OPTIONS}
-    flagged = mo.constexprs(p.parse_args(["--rank-weights", "--word-staging", "--late-rounds"]))
-    assert flagged["KEYS"] is False and flagged["WORDS"] is True and flagged["LATE"] is True
-    assert flagged["PIPE"] is False
+    flagged = mo.constexprs(p.parse_args(["--rank-weights", "--pipelined"]))
+    assert flagged["KEYS"] is False and flagged["PIPE"] is True
+    assert flagged["COUNTED"] is False
     chain_params = inspect.signature(Chain.__init__).parameters
     assert all(k in chain_params and chain_params[k].default == (k == "rank_keys") for _, k, _, _ in mo.OPTIONS)
     assert all(name in _chain_kernel.arg_names for _, _, name, _ in mo.OPTIONS)
