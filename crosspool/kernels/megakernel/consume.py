@@ -97,6 +97,8 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
     t_stage = zero.to(gl.int64)
     t_poll = t_stage
     t_rank = t_stage
+    t_handed = t_stage                               # the producer's ranking read (`_producer_ranking`)
+    t_gates = t_stage
     t_start = t_stage
     t_end = t_stage
     t_wait = t_stage
@@ -152,7 +154,9 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                 if produced != 0:
                     ids, logits, experts = _producer_ranking(ordinal, handed % 2, ranked, picked, lbuf, WARPS)
                     handed += 1
+            mark, t_handed = _lap(mark, t_handed, PROFILE)
             _gates(table_ptr, p, ordinal, ids, logits, experts, gl.where(scaled != 0, rstd, 1.0), expert_base, WARPS)
+            mark, t_gates = _lap(mark, t_gates, PROFILE)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
 
         _stamp(prof + 17 + 8 * p, PROFILE)            # the input staged (and the router ranked)
@@ -257,6 +261,8 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         gl.store(prof + 8, total)
         gl.store(prof + 9, t_attend)
         gl.store(prof + 10, t_kv_wait)
+        gl.store(prof + 11, t_handed)
+        gl.store(prof + 12, t_gates)
 
     # the last program out advances the epoch for the next launch (every program read it at its start)
     _cta_barrier()

@@ -14,9 +14,10 @@ def cycles_by_activity(chain: Chain) -> dict[str, float]:
     over programs, and the mean total ("cycles")."""
     _need_profile(chain)
     c = chain.prof.double().cpu()
-    frac = (c[:, [0, 1, 2, 3, 4, 5, 6, 7, 9, 10]] / c[:, 8:9]).mean(0).tolist()
+    frac = (c[:, [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12]] / c[:, 8:9]).mean(0).tolist()
     names = ("input polls", "staging's rest", "ranking", "items' starts", "items' ends", "waiting for slots",
-             "slot load + release", "arithmetic", "attention items", "of which waiting for KV slots")
+             "slot load + release", "arithmetic", "attention items", "of which waiting for KV slots",
+             "the producer's ranking read", "the experts' weights (gates)")
     return dict(zip(names, frac, strict=True)) | {"cycles": c[:, 8].mean().item()}
 
 
