@@ -55,6 +55,9 @@ BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 
            384, 448, 512)
 IDS, POSITIONS, SLOTS, CONTEXT_LENS, SRC_ROWS = range(5)
 META_ROWS = 5          # the staged metadata's rows above (`DecodeInputs`)
+# block tables larger than this go to the device by a copy engine, whose bandwidth then beats the SMs' reads of
+# host memory (`kernels.host_copy`)
+HOST_COPY_MAX_BYTES = 256 * 1024
 # the longest context of a bucket's short class (CROSSPOOL_GRAPH_SHORT_CONTEXT; 0: one class, sized for the model's
 # longest context)
 SHORT_CONTEXT = env_int("CROSSPOOL_GRAPH_SHORT_CONTEXT", 4096, minimum=0)
@@ -120,14 +123,23 @@ class TokenReadback:
         self.device = device
         pin = device.type == "cuda"
         self._host = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        # a GPU writes the tokens into the pinned buffers itself (`host_copy`: no copy engine after the step)
+        self._views = self._sm_copy = None
+        if pin:
+            from crosspool.kernels import host_copy
+            self._views = [host_copy.host_view(h, device) for h in self._host]
+            self._sm_copy = host_copy.copy
         self._flip = 0
 
     def queue(self, scheduled: list[ScheduledSeq], tokens: torch.Tensor) -> LaunchedStep:
         """Queue the copy of the device `tokens` [n] to the host after the work queued so far; no wait."""
         n = len(scheduled)
         host = self._host[self._flip]
+        if self._sm_copy is not None:
+            self._sm_copy(self._views[self._flip][:n], tokens[:n])
+        else:
+            host[:n].copy_(tokens[:n], non_blocking=True)
         self._flip ^= 1
-        host[:n].copy_(tokens[:n], non_blocking=True)
         event = torch.cuda.Event() if self.device.type == "cuda" else None
         if event is not None:
             event.record()
@@ -178,6 +190,14 @@ class DecodeInputs:
         # grow while a sequence runs (a preempted one gets a new list), so a row needs just its new entries.
         self._written: list[list[tuple[list[int], int] | None]] = [[None] * max_batch for _ in range(2)]
         self._turn = 0
+        # on a GPU the SMs read the staging areas through their device addresses (`host_copy`): a copy engine
+        # between the step's kernels left the device idle ~15 us a step
+        self._meta_views = self._table_views = self._sm_copy = None
+        if pin:
+            from crosspool.kernels import host_copy  # (triton, imported only on a GPU)
+            self._meta_views = [host_copy.host_view(m, device) for m in self._host_meta]
+            self._table_views = [host_copy.host_view(t, device) for t in self._host_tables]
+            self._sm_copy = host_copy.copy
         self.meta = torch.zeros(META_ROWS, max_batch, dtype=torch.long, device=device)
         self.meta[SLOTS] = -1
         self.meta[SRC_ROWS] = -1
@@ -203,8 +223,9 @@ class DecodeInputs:
         bs = self.block_size
         ids, positions, slots, lens = [], [], [], []
         src_rows = src_rows or [-1] * len(scheduled)
-        meta, host_tables = self._host_meta[self._turn], self._host_tables[self._turn]
-        written = self._written[self._turn]
+        turn = self._turn
+        meta, host_tables = self._host_meta[turn], self._host_tables[turn]
+        written = self._written[turn]
         self._turn ^= 1
         for b, s in enumerate(scheduled):
             seq = s.seq
@@ -227,8 +248,11 @@ class DecodeInputs:
         # contiguous copies (a strided one would stage through pageable memory and sync): all of the
         # metadata (a few KB), whole rows of the tables; columns past a sequence's blocks keep stale entries,
         # which the kernels never read (they stop at context_len)
-        self.meta.copy_(meta, non_blocking=True)
-        self.tables[:n].copy_(host_tables[:n], non_blocking=True)
+        if self._sm_copy is not None and n * self.max_blocks * 8 <= HOST_COPY_MAX_BYTES:
+            self._sm_copy(self.meta, self._meta_views[turn], self.tables[:n], self._table_views[turn][:n])
+        else:
+            self.meta.copy_(meta, non_blocking=True)
+            self.tables[:n].copy_(host_tables[:n], non_blocking=True)
 
     @contextmanager
     def padding_only(self, bucket: int) -> Iterator[None]:
