@@ -27,9 +27,7 @@ from crosspool.kernels.megakernel.common import (
     K_F_RES_OFF,
     K_F_ROUTE,
     K_F_ROUTE_LAST,
-    K_F_ROUTE_N,
     K_F_ROUTE_SCALED,
-    K_F_SOURCES,
     K_F_STRIDE,
     K_HEAD_DIM,
     K_HEADS,
@@ -131,15 +129,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         logits = gl.zeros([1, K_FEW], gl.float32, stage_l)
         experts = gl.arange(0, K_FEW, layout=gl.SliceLayout(0, stage_l))[None, :]     # each logit's expert
         produced = zero                              # the producer ranked this phase's router (KEYS)
-        # the fields `_gates` reads, loaded now: after the staging, with the experts' tiles crowding the memory
-        # system, each load would be a round trip of a microsecond or more
-        route_n = zero
-        route_last = zero
-        sources = zero
         if ranks:
-            route_n = _field(table_ptr, p, K_F_ROUTE_N)
-            route_last = _field(table_ptr, p, K_F_ROUTE_LAST)
-            sources = _field(table_ptr, p, K_F_SOURCES)
             scaled = _field(table_ptr, p, K_F_ROUTE_SCALED)
             if KEYS:
                 produced = _field(table_ptr, p, K_F_PRODUCER_RANKS)
@@ -165,8 +155,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                     ids, logits, experts = _producer_ranking(ordinal, handed % 2, ranked, picked, lbuf, WARPS)
                     handed += 1
             mark, t_handed = _lap(mark, t_handed, PROFILE)
-            _gates(route_n, route_last, sources, ordinal, ids, logits, experts, gl.where(scaled != 0, rstd, 1.0),
-                   expert_base, WARPS)
+            _gates(table_ptr, p, ordinal, ids, logits, experts, gl.where(scaled != 0, rstd, 1.0), expert_base, WARPS)
             mark, t_gates = _lap(mark, t_gates, PROFILE)
         gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
 

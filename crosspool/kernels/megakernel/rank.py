@@ -245,17 +245,15 @@ def _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr, routes_ptr, 
 
 
 @gluon.jit
-def _gates(route_n, route_last, sources, ordinal, ids, logits, experts, rstd, expert_base, WARPS: gl.constexpr):
+def _gates(table_ptr, p, ordinal, ids, logits, experts, rstd, expert_base, WARPS: gl.constexpr):
     """The experts' weights `_rank` left to the end of the staging (a folded router's, `Phase.rms_of`, and any
     router's that the producer ranked, `_rank_by_producer`), for routed phase p and those sharing its router (ordinals
     `ordinal`..): softmax(logits * rstd) at the ranked `ids`, where rstd is the norm's scale from the staging of
-    the phase that ranked them (a folded router), else 1. `experts`: the expert of each logit ([1, K_FEW]). The
-    phase's fields come as arguments (`route_n` experts, ordinals up to `route_last`, `sources` picks): the
-    caller loads them before the staging."""
+    the phase that ranked them (a folded router), else 1. `experts`: the expert of each logit ([1, K_FEW])."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
-    probs = _softmax(logits * rstd, experts < route_n)
+    probs = _softmax(logits * rstd, experts < _field(table_ptr, p, K_F_ROUTE_N))
     gates = gl.sum(gl.where(experts == ids, probs, 0.0), axis=1, keep_dims=True)             # [MAX_TOP_K, 1]
     kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, stage_l))[:, None]
-    for o in range(ordinal, route_last + 1):
+    for o in range(ordinal, _field(table_ptr, p, K_F_ROUTE_LAST) + 1):
         gl.store(expert_base + o * 2 * K_MAX_TOP_K + K_MAX_TOP_K + kk, gates.to(gl.int32, bitcast=True),
-                 mask=kk < sources)
+                 mask=kk < _field(table_ptr, p, K_F_SOURCES))
