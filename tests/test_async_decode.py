@@ -6,6 +6,7 @@ aborts. CPU: the Triton kernels run in the interpreter and the decode graphs' st
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,9 +21,21 @@ from crosspool.engine.engine import Engine  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_OPEN: list[Engine] = []      # engines a test made, closed after it (on a GPU each holds KV pages and graphs)
+
+
+@pytest.fixture(autouse=True)
+def _close_engines() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 def _engine(path, async_decode: bool, **config: object) -> Engine:  # noqa: ANN001
-    return Engine({"m": path}, EngineConfig(device=DEVICE, dtype=torch.float32, kernels="triton", cuda_graphs=True,
-                                            async_decode=async_decode, block_size=4, max_num_seqs=8, **config))
+    engine = Engine({"m": path}, EngineConfig(device=DEVICE, dtype=torch.float32, kernels="triton", cuda_graphs=True,
+                                              async_decode=async_decode, block_size=4, max_num_seqs=8, **config))
+    _OPEN.append(engine)
+    return engine
 
 
 def _run(engine: Engine, requests: list[tuple[int, list[int], SamplingParams]], abort: tuple[int, str] | None = None
