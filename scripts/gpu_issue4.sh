@@ -9,6 +9,8 @@
 #                                       # the megakernel's GPU tests (verbose, into $OUT/tests.log), then its step
 #                                       # bench's VARIANTs alternated twice (`megakernel_variants.py`; default "")
 #   bash scripts/gpu_issue4.sh engine   # bench decode of OLMoE at batch 1, megakernel on and off, same call
+#   bash scripts/gpu_issue4.sh ncu      # the megakernel's warp stall reasons under Nsight Compute (real clocks),
+#                                       # into $OUT/ncu.txt; its largest reasons printed
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -81,4 +83,13 @@ if [ "$stage" = engine ]; then
         CROSSPOOL_MEGAKERNEL=$m timeout 170 python3 -m crosspool.cli bench decode --model /tmp/olmoe \
             --kv-cache-gb 16 --context 1024 --batch 1 --json "$OUT/olmoe_mk$m.json" 2>&1 | grep -v "^{" | tail -4
     done
+fi
+if [ "$stage" = ncu ]; then     # why warps wait: instruction fetch (no_instruction), barriers, loads (long_scoreboard)
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    timeout 240 "$NCU" --kernel-name _chain_kernel --launch-skip 1 --launch-count 1 --clock-control none \
+        --section WarpStateStats --section InstructionStats \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+        python3 scripts/megakernel_step_bench.py > "$OUT/ncu.txt" 2>&1
+    grep -E "stalled_" "$OUT/ncu.txt" | sort -k3 -g -r | head -14
+    grep -E "Warp Cycles Per Issued|Executed Ipc|Issue Slots Busy" "$OUT/ncu.txt"
 fi

@@ -21,6 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from megakernel_step_bench import LAYER_PHASES  # noqa: E402
 
 MOMENTS = ("start", "polled", "ready", "first", "done")
+# each layer phase's input phase, as an index into LAYER_PHASES (-1: the previous layer's down)
+INPUT_OF = {"qkv": -1, "router (R g) h": -1, "attention": 0, "o_proj": 2, "router (R g W_o) a": 2, "gate/up": 3,
+            "down": 5}
 STAMP = {"start": 0, "ready": 1, "first": 2, "done": 3, "polled": 7}     # (an attention item's own part at 7)
 
 
@@ -37,12 +40,15 @@ def layer_table(t: torch.Tensor, layer: int) -> list[str]:
         raise SystemExit(f"layer {layer}: the timeline has {(t.shape[1] - 1) // n} layers")
     base = layer * n
     ref = span(t[:, base - 1, STAMP["done"]])[1] if base else 0.0
-    rows = ["| phase | " + " | ".join(f"{m} first / last" for m in MOMENTS) + " |",
-            "|---|" + "---:|" * len(MOMENTS)]
+    rows = ["| phase | input's last done | " + " | ".join(f"{m} first / last" for m in MOMENTS) + " |",
+            "|---|---:|" + "---:|" * len(MOMENTS)]
     for j, name in enumerate(LAYER_PHASES):
         cells = [(float("nan"), float("nan")) if m == "polled" and name == "attention" else
                  span(t[:, base + j, STAMP[m]] - ref) for m in MOMENTS]
-        rows.append(f"| {name} | " + " | ".join(f"{lo:.2f} / {hi:.2f}" for lo, hi in cells) + " |")
+        # the moment the input was whole: against `polled`, how long the last words took to be seen
+        input_done = span(t[:, base + INPUT_OF[name], STAMP["done"]] - ref)[1]
+        rows.append(f"| {name} | {input_done:.2f} | " + " | ".join(f"{lo:.2f} / {hi:.2f}" for lo, hi in cells)
+                    + " |")
     routed = next((base + j for j in range(n) if not t[:, base + j, 4].isnan().all()
                    and LAYER_PHASES[j] not in ("attention",)), None)
     if routed is not None:
