@@ -86,10 +86,14 @@ if [ "$stage" = engine ]; then
 fi
 if [ "$stage" = ncu ]; then     # why warps wait: instruction fetch (no_instruction), barriers, loads (long_scoreboard)
     NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-    timeout 240 "$NCU" --kernel-name _chain_kernel --launch-skip 1 --launch-count 1 --clock-control none \
-        --section WarpStateStats --section InstructionStats \
-        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-        python3 scripts/megakernel_step_bench.py > "$OUT/ncu.txt" 2>&1
-    grep -E "stalled_" "$OUT/ncu.txt" | sort -k3 -g -r | head -14
-    grep -E "Warp Cycles Per Issued|Executed Ipc|Issue Slots Busy" "$OUT/ncu.txt"
+    # one launch sampled (the step bench's third), then each SASS instruction's stall samples by reason
+    timeout 300 "$NCU" --kernel-name _chain_kernel --launch-skip 2 --launch-count 1 --clock-control none \
+        --section WarpStateStats --section SourceCounters -f -o "$OUT/mk" \
+        python3 scripts/megakernel_step_bench.py > "$OUT/ncu_run.txt" 2>&1
+    tail -3 "$OUT/ncu_run.txt"
+    "$NCU" --import "$OUT/mk.ncu-rep" --page details > "$OUT/ncu.txt" 2>&1
+    grep -iE "stall|Warp Cycles|Issued Ipc" "$OUT/ncu.txt" | head -30
+    "$NCU" --import "$OUT/mk.ncu-rep" --page source --csv --print-source sass > "$OUT/sass.csv" 2>&1 \
+        || "$NCU" --help | grep -iE -A2 "print-source|--page"
+    head -c 400 "$OUT/sass.csv"; echo; wc -c "$OUT/sass.csv"
 fi

@@ -17,6 +17,10 @@ OPTIONS = (
      "polling the words (25-30 us a step slower, session 20)"),
     ("--pipelined", "pipelined", "PIPE", "each slot's loads before the previous slot's arithmetic (session 21: no "
      "gain)"),
+    ("--late-gates", "late_gates", "LATE_GATES", "the experts' weights computed before the down, not before the "
+     "gate/up's first slot (untimed, session 23)"),
+    ("--rows-ahead", "rows_ahead", "ROWS_AHEAD", "the next two phases' table rows asked of L1 at each phase's start "
+     "(untimed, session 23)"),
 )
 INVERTED = {"rank_keys"}
 
