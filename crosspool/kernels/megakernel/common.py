@@ -148,13 +148,6 @@ def _publish_where(ptrs, words, mask):
 
 
 @gluon.jit
-def _prefetch_l1(ptr):
-    """Ask L1 for the line at `ptr` (a scalar address) without waiting for it: a later load of it then hits."""
-    gl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptr], dtype=gl.int32,
-                              is_pure=False, pack=1)
-
-
-@gluon.jit
 def _lap(mark, total, ON: gl.constexpr):
     """Profiling (ON): the SM's clock now, and `total` plus the cycles since `mark`; otherwise both unchanged."""
     if ON:

@@ -32,7 +32,6 @@ from crosspool.kernels.megakernel.common import (
     K_HEAD_DIM,
     K_HEADS,
     K_MAX_TOP_K,
-    K_NCOL,
     K_ROWS,
     K_STAGE_CHUNKS,
     K_SWIGLU,
@@ -42,7 +41,6 @@ from crosspool.kernels.megakernel.common import (
     _items_of,
     _lap,
     _poll,
-    _prefetch_l1,
     _publish,
     _release,
     _stamp,
@@ -70,7 +68,9 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
     the ring's slots, and their outputs published as tagged words. LATE_GATES: a swiglu phase whose router the
     producer ranked leaves its experts' weights (`_gates`) to the next routed phase of its router (the down), which
     alone reads them, so the gate/up's first slot does not wait on them. ROWS_AHEAD: at each phase's start, the
-    next two phases' table rows are asked of L1, so their fields do not cost a round trip under load."""
+    next phase's kind is loaded (and used there), so its table row is in L1 when its fields are read: without it,
+    a phase's first field load was 5% of the consumer warps' stall samples (ncu, session 23). (A `prefetch.global.L1`
+    of the next two rows instead, by every consumer thread, made the step 45 us longer.)"""
     pid = gl.program_id(0)
     # a ring slot in registers: each thread holds 8 columns of every box (its 4-box sum is in-thread); a warp
     # reads a 512-B row
@@ -115,8 +115,13 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
     t_attend = t_stage
     t_kv_wait = t_stage
     rows = gl.arange(0, K_ROWS, layout=rows_l)
+    kind_next = _field(table_ptr, 0, K_F_KIND)
     for p in range(num_phases):
-        kind = _field(table_ptr, p, K_F_KIND)
+        if ROWS_AHEAD:                               # row p came into L1 with phase p - 1's load of its kind
+            kind = kind_next
+            kind_next = _field(table_ptr, gl.minimum(p + 1, num_phases - 1), K_F_KIND)
+        else:
+            kind = _field(table_ptr, p, K_F_KIND)
         kc = _field(table_ptr, p, K_F_KC)
         src = _field(table_ptr, p, K_F_IN)
         router = _field(table_ptr, p, K_F_ROUTE)
@@ -125,9 +130,6 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         dyn = zero
         if DYNAMIC:
             dyn = _field(table_ptr, p, K_F_DYN)
-        if ROWS_AHEAD:
-            _prefetch_l1(table_ptr + gl.minimum(p + 1, num_phases - 1) * K_NCOL)
-            _prefetch_l1(table_ptr + gl.minimum(p + 2, num_phases - 1) * K_NCOL)
         _cta_barrier()                               # every warp is done with the previous phase's input
         _stamp(prof + 16 + 8 * p, PROFILE)
         # the router ranked before the input is staged: the producer can start on the experts' tiles meanwhile
