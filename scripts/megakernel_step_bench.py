@@ -2,7 +2,7 @@
 its time against copy bandwidth, on random weights of the real shapes built on the GPU (the kernel, not a
 checkpoint's values, is what is timed), at one context length.
 
-Run on the GPU: `python3 scripts/megakernel_step_bench.py [--context 1024] [--splits 4] [--stages 6] [--warps 8]
+Run on the GPU: `python3 scripts/megakernel_step_bench.py [--context 1024] [--splits 8] [--stages 3] [--warps 8]
 [--layers 16] [--profile] [--json PATH]`.
 Bytes a step: every layer's q/k/v/o_proj and router, the 8 experts each layer routes to (gate/up and down), the
 cached keys and values, the final norm's lm_head; the embedding row is the step's input. The logits are checked
@@ -92,7 +92,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", type=int, default=1024, help="tokens in the cache after the step")
     p.add_argument("--splits", type=int, default=8, help="attention splits a head (DecodeStep's default)")
-    p.add_argument("--stages", type=int, default=6, help="ring slots a program (32 KB each)")
+    p.add_argument("--stages", type=int, default=3, help="ring slots a program (32 KB each; DecodeStep's default)")
     p.add_argument("--warps", type=int, default=8, help="consumer warps a program (plus the producer warp)")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--static", action="store_true", help="each program's gate/up items fixed in advance, not taken "

@@ -168,10 +168,12 @@ class DecodeStep:
     before any CUDA graph is captured over the model. `dynamic`: the programs take the gate/up items from counters
     as they go (`Chain(dynamic=True)`; 1,004-1,011 us a step against 1,041-1,045 with a fixed split, session 18);
     `splits`: each attention head's context in 8 parts (890-898 us a step against 906-910 with 4, session 20);
+    `stages`: a ring of 3 slots of 32 KB (875-888 us a step against 890-907 with 6, session 23: fewer bytes in
+    flight a program, shorter waits for the loads a phase boundary makes);
     `dynamic_sums`, `lean_release`, `rank_keys` and `counted_polls` as `Chain`'s; `fold_heads` as `decode_chain`'s."""
 
     def __init__(self, spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, kv: torch.Tensor,
-                 context_len: torch.Tensor, block_table: torch.Tensor, splits: int = 8, stages: int = 6,
+                 context_len: torch.Tensor, block_table: torch.Tensor, splits: int = 8, stages: int = 3,
                  warps: int = 8, dynamic: bool = True, dynamic_sums: bool = False,
                  lean_release: bool = False, rank_keys: bool = True, counted_polls: bool = False,
                  fold_heads: bool = False) -> None:
