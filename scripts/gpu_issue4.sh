@@ -13,6 +13,8 @@
 #                                       # into $OUT/ncu.txt; its largest reasons printed
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
+# the commit results record (`bench/provenance.py`): this copy's .git may be stale, `.run-commit` is not
+[ -s .run-commit ] && export CROSSPOOL_COMMIT=$(cat .run-commit)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 stage=${1:-check}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
