@@ -35,10 +35,9 @@ from crosspool.models.spec import ModelSpec  # noqa: E402
 
 # a layer's phases (`decode_chain`): the router folded in two, (R g) h beside QKV and (R g W_o) a beside o_proj
 LAYER_PHASES = ("qkv", "router (R g) h", "attention", "o_proj", "router (R g W_o) a", "gate/up", "down")
-SPLIT_DOWN_PHASES = LAYER_PHASES[:-1] + ("down (first experts)", "down (the rest)")     # `--split-down`
 
 
-def print_timeline(t: torch.Tensor, phases: list[mk.Phase], names: tuple[str, ...] = LAYER_PHASES) -> None:
+def print_timeline(t: torch.Tensor, phases: list[mk.Phase]) -> None:
     """With --profile: the step's critical path by phase of a layer, in us (means over layers), from
     `megakernel.profile.timeline`. `span`: from the previous phase's last program done to this one's; `lag`: from
     the input phase's last program done to the first program with the input staged; `spread`: first to last
@@ -51,9 +50,9 @@ def print_timeline(t: torch.Tensor, phases: list[mk.Phase], names: tuple[str, ..
         return torch.where(x.isnan(), float("-inf"), x).max(0).values
 
     last_done = top(done)
-    n = len(names)
+    n = len(LAYER_PHASES)
     print("| phase | span | lag | spread | work | to first | after |\n|---|---:|---:|---:|---:|---:|---:|")
-    for j, name in enumerate(names):
+    for j, name in enumerate(LAYER_PHASES):
         ps = list(range(j, len(phases) - 1, n))
         cols = [[] for _ in range(6)]
         for p in ps:
@@ -104,8 +103,6 @@ def main() -> None:
     p.add_argument("--fold-heads", action="store_true", help="the router's o_proj part in the attention's head "
                    "combine, summed by a heads phase (`decode_chain(fold_heads=True)`; 5-8 us a step slower, "
                    "session 21)")
-    p.add_argument("--split-down", action="store_true", help="the down in two phases, the first experts' and the "
-                   "rest's (`decode_chain(split_down=True)`; untimed, session 23)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--timeline", help="with --profile: torch.save the raw timeline ([programs, phases, 8] us) and "
@@ -128,7 +125,7 @@ def main() -> None:
         for _ in range(args.layers)])
     ffn = FFNWeights(layers=[{"router": rand(e, h, std=0.1), "experts_gate_up": rand(e, 2 * i, h),
                               "experts_down": rand(e, h, i, std=0.01)} for _ in range(args.layers)])
-    dc = decode_chain(spec, attn, ffn, splits=args.splits, fold_heads=args.fold_heads, split_down=args.split_down)
+    dc = decode_chain(spec, attn, ffn, splits=args.splits, fold_heads=args.fold_heads)
     del ffn                                          # the chain holds its own copies
     ctx = args.context
     blocks = -(-ctx // mk.BLOCK)
@@ -167,7 +164,7 @@ def main() -> None:
     rows = {"megakernel": dict(us=us, frac_copy_bw=frac, profile=cycles_by_activity(chain) if args.profile else None)}
     print_profiles(rows)
     if args.profile:
-        print_timeline(timeline(chain), dc.phases, SPLIT_DOWN_PHASES if args.split_down else LAYER_PHASES)
+        print_timeline(timeline(chain), dc.phases)
         if args.timeline:
             torch.save(dict(timeline=timeline(chain), kinds=[ph.kind for ph in dc.phases], context=ctx,
                             splits=args.splits), args.timeline)

@@ -261,31 +261,6 @@ def test_routed_tiles_wait_for_their_ranking() -> None:
             mk.plan(MOE[:2] + [phase], _moe_families("cpu", 6), 2048)
 
 
-def test_split_down_takes_the_later_ranks_and_their_input_segments() -> None:
-    """A routed sum with a first source (`Phase.first_source`): the down in two phases, ranks 0-1 then 2-3 on top
-    of the first's outputs, sums what the one down sums (one more bf16 rounding between), reads the later experts'
-    input segments and rows, and weighs them by their own probabilities."""
-    fam = _moe_families("cpu", 6)
-    x = torch.randn(2048, generator=torch.Generator().manual_seed(7))
-    split = MOE[:3] + [dataclasses.replace(MOE[3], sources=2),
-                       dataclasses.replace(MOE[3], sources=2, first_source=2, residual=3)]
-    whole, halves = mk.reference(MOE, fam, x), mk.reference(split, fam, x)
-    torch.testing.assert_close(halves[4], whole[3], rtol=2e-2, atol=2e-3)
-    assert not torch.allclose(halves[3], whole[3], rtol=2e-2, atol=2e-3)       # the first half alone is not it
-    p = mk.plan(split, fam, 2048)
-    assert p.table[3:, mk.F_FIRST].tolist() == [0, 2] and p.table[:, mk.F_ROUTE_LAST].tolist()[2:] == [2, 2, 2]
-    assert p.table[4, mk.F_IN_OFF] == p.out_offsets[2] + 2 * 512 // 2            # segments 2 and 3 of the gate/up
-    lists = mk.tile_lists(p, 1, 2)
-    codes = lists[0, 1:1 + lists[0, 0]].tolist()
-    down_b = codes[-128 * 2:]                             # 128 items x 2 sources x 1 slot, ordinal 2, ranks 2-3
-    assert all((c >> 16) & 0xFF == 2 for c in down_b) and [(c >> 12) & 15 for c in down_b[:2]] == [2, 3]
-    bad = {"only a routed sum": dataclasses.replace(MOE[2], first_source=1),
-           "its input has 512": dataclasses.replace(split[4], first_source=3)}       # segments 3 and 4 of 4
-    for message, phase in bad.items():
-        with pytest.raises(ValueError, match=message):
-            mk.plan(split[:2] + [phase] if phase.kind == "swiglu" else split[:4] + [phase], fam, 2048)
-
-
 def test_folded_router_routes_as_the_router_after_the_norm() -> None:
     """A router folded through its norm (`Phase.rms_of`: rows R g reading x itself, not R reading norm(x)) picks the
     same experts and weighs them alike: its outputs are the logits times x's RMS, which the routed phases take

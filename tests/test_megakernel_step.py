@@ -74,20 +74,14 @@ def _batch(ids: list[int], start: int, table: torch.Tensor) -> ForwardBatch:
                         max_q_len=len(ids), max_context_len=ctx)
 
 
-@pytest.mark.parametrize("variant", ["", "fold", "split down"])
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("prompt_len", [5, 40])
-def test_decode_chain_matches_the_engines_torch_path(prompt_len: int, variant: str) -> None:
+def test_decode_chain_matches_the_engines_torch_path(prompt_len: int, fold: bool) -> None:
     """The chain's reference against the engine's torch path on one decode step; fold: the router's o_proj part
-    computed in the attention's head combine and summed by a "heads" phase (`decode_chain(fold_heads=True)`); split
-    down: the down in two phases, the first half of the experts, then the rest (`decode_chain(split_down=True)`,
-    top 4 here)."""
-    fold = variant == "fold"
-    spec = _spec(4 if variant == "split down" else 2)
+    computed in the attention's head combine and summed by a "heads" phase (`decode_chain(fold_heads=True)`)."""
+    spec = _spec()
     attn, ffn = _weights(spec, 0)
-    chain = decode_chain(spec, attn, ffn, splits=2, fold_heads=fold, split_down=variant == "split down")
-    if variant == "split down":                      # two downs a layer: ranks 0-1, then 2-3 on top of them
-        downs = [ph for ph in chain.phases if ph.family == 2]
-        assert [(ph.first_source, ph.sources) for ph in downs] == [(0, 2), (2, 2)] * spec.num_layers
+    chain = decode_chain(spec, attn, ffn, splits=2, fold_heads=fold)
     if fold:                                         # the router's phase sums the heads' products, with no weights
         assert sum(ph.kind == "heads" for ph in chain.phases) == spec.num_layers
         assert all(ph.fold_rows == spec.routing.num_experts for ph in chain.phases if ph.kind == "attention")
@@ -219,8 +213,7 @@ def test_decode_chain_refuses_other_models_with_the_reason() -> None:
                     reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("split", ["static", "dynamic", "dynamic sums", "dynamic lean", "dynamic weights",
                                    "dynamic counted", "dynamic pipelined", "dynamic fold",
-                                   "dynamic fold pipelined", "dynamic late gates", "dynamic rows ahead",
-                                   "dynamic split down"])
+                                   "dynamic fold pipelined", "dynamic late gates", "dynamic rows ahead"])
 def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, split: str) -> None:  # noqa: ANN001
     """The whole small step on the GPU: every phase against the reference fed the kernel's own earlier outputs,
     the new token's key and value in the cache, over three steps of one sequence in a CUDA graph. Dynamic: the
@@ -232,16 +225,14 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     each slot's loads before the previous slot's arithmetic (`Chain(pipelined=True)`); fold: the router's o_proj
     part in the attention's head combine (`decode_chain(fold_heads=True)`); late gates: the experts' weights computed
     before the down, not before the gate/up's first slot (`Chain(late_gates=True)`); rows ahead: the next phases'
-    table rows asked of L1 (`Chain(rows_ahead=True)`); split down: the down in two phases, experts 0-1 then 2-3
-    (`decode_chain(split_down=True)`)."""
+    table rows asked of L1 (`Chain(rows_ahead=True)`)."""
     dynamic = split != "static"
     spec = _spec(4 if dynamic else 2)
     attn, ffn = _weights(spec, 1)
     attn = AttentionWeights(attn.embed.cuda(), attn.final_norm.cuda(), attn.lm_head.cuda(),
                             [{k: v.cuda() for k, v in w.items()} for w in attn.layers])
     ffn = FFNWeights(layers=[{k: v.cuda() for k, v in w.items()} for w in ffn.layers])
-    dc = decode_chain(spec, attn, ffn, splits=2, fold_heads=split.startswith("dynamic fold"),
-                      split_down=split == "dynamic split down")
+    dc = decode_chain(spec, attn, ffn, splits=2, fold_heads=split.startswith("dynamic fold"))
     g = torch.Generator().manual_seed(3)
     kv = (torch.randn(64, spec.num_layers, 2, BS, spec.num_heads, mk.HEAD_DIM, generator=g) * 0.5).to(
         "cuda", torch.bfloat16)

@@ -29,7 +29,6 @@ from crosspool.kernels.megakernel.common import (
     K_F_ROUTE_LAST,
     K_F_ROUTE_SCALED,
     K_F_STRIDE,
-    K_F_UP,
     K_HEAD_DIM,
     K_HEADS,
     K_MAX_TOP_K,
@@ -185,9 +184,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             mark, t_handed = _lap(mark, t_handed, PROFILE)
             _gates(table_ptr, p, ordinal, ids, logits, experts, gl.where(scaled != 0, rstd, 1.0), expert_base, WARPS)
             mark, t_gates = _lap(mark, t_gates, PROFILE)
-        # a routed sum's per-source weights, from its first rank on (`Phase.first_source`; F_UP is a swiglu's)
-        gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K + gl.where(kind == K_SWIGLU, 0,
-                                                                                 _field(table_ptr, p, K_F_UP))
+        gates = expert_base + ordinal * 2 * K_MAX_TOP_K + K_MAX_TOP_K     # a routed sum's per-source weights
 
         _stamp(prof + 17 + 8 * p, PROFILE)            # the input staged (and the router ranked)
         res = _field(table_ptr, p, K_F_RES)

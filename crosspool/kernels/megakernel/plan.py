@@ -25,7 +25,6 @@ STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
 F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL, F_ROUTE_LAST = 16, 17, 18, 19, 20, 21, 22, 23
 F_SCALE, F_NORM_SEG, F_DYN, F_TAIL, F_ROUTE_SCALED, F_PRODUCER_RANKS, F_FOLD, F_FOLD_N = 24, 25, 26, 27, 28, 29, 30, 31
 NCOL = 32                 # (all used) a phase's row is one 128-B line: its fields are one L1 miss, not two
-F_FIRST = F_UP            # a routed sum's first rank (`Phase.first_source`): F_UP is a swiglu's only
 MAX_EXPERTS = 256         # router outputs a routed phase can rank
 FEW_EXPERTS = 64          # router outputs a router with `rms_of` can have (the kernel's ranking by counting)
 MAX_TOP_K = 16            # experts a routed phase takes
@@ -71,8 +70,6 @@ class Phase:
     route: int = NO_PHASE         # a router phase: the sources are its top-`sources` experts, not 0..sources-1, and
                                   # a "sum" weights source s by its softmax probability (OLMoE's rule: greedy, no
                                   # renormalization)
-    first_source: int = 0         # a routed sum: its sources are the router's ranks first_source.. (not 0..), and
-                                  # source s reads segment first_source + s of the input (`decode_chain(split_down)`)
     scale: float = 0.0            # attention: the softmax scale
     rms_of: int = NO_PHASE        # a router folded through a norm (`decode_chain`): its outputs are the logits times
                                   # the RMS of this earlier phase's outputs. Its routed phases rank them as they are
@@ -167,11 +164,9 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
         swiglu = ph.kind == "swiglu"
         per_src = ph.out_rows // ph.sources if swiglu else ph.out_rows
         experts = ph.sources
-        if ph.first_source and (ph.kind != "sum" or ph.route == NO_PHASE or ph.first_source < 0 or ph.norm != -1):
-            raise ValueError(f"phase {i}: only a routed sum with no norm takes a first source ({ph.first_source})")
         if ph.route != NO_PHASE:
             experts = length(ph.route, i, "route")
-            if ph.route < 0 or not ph.first_source + ph.sources <= min(experts, MAX_TOP_K) or experts > MAX_EXPERTS or \
+            if ph.route < 0 or not ph.sources <= min(experts, MAX_TOP_K) or experts > MAX_EXPERTS or \
                     ph.stride <= 0 or per_src + (ph.up_offset if swiglu else 0) > 1 << 12:
                 raise ValueError(f"phase {i}: routed by phase {ph.route} ({experts} experts) to {ph.sources}: needs "
                                  f"top-k <= {MAX_TOP_K} and <= experts <= {MAX_EXPERTS}, a positive stride, and "
@@ -180,7 +175,7 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
         if ph.row0 < 0 or last_row > w.shape[0]:
             raise ValueError(f"phase {i}: rows up to {last_row} of family {ph.family}, which has {w.shape[0]}")
         need = ph.k if swiglu else ph.k * ph.sources
-        have = length(ph.input, i, "input") - ph.first_source * ph.k         # (its segments from first_source on)
+        have = length(ph.input, i, "input")
         if need > have or need > STAGE_CHUNKS * CHUNK:
             raise ValueError(f"phase {i}: reads {need} input values, its input has {have} (at most "
                              f"{STAGE_CHUNKS * CHUNK})")
@@ -196,8 +191,7 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
         kc = ph.k // CHUNK
         src_off = (lambda s: offsets[s] if s >= 0 else 0)
         rows.append([SWIGLU if swiglu else SUM, ph.family, ph.row0, ph.out_rows // ROWS, kc, ph.sources, ph.stride,
-                     ph.up_offset if swiglu else ph.first_source, per_src // ROWS, ph.input, need // CHUNK,
-                     src_off(ph.input) + ph.first_source * ph.k // 2, ph.residual,
+                     ph.up_offset, per_src // ROWS, ph.input, need // CHUNK, src_off(ph.input), ph.residual,
                      src_off(ph.residual) if ph.residual != NO_PHASE else 0, total, ph.wait,
                      src_off(ph.wait) if ph.wait != NO_PHASE else 0,
                      lengths[ph.wait] // 2 if ph.wait >= 0 else 0, ph.norm, ph.route,
@@ -228,13 +222,6 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
             raise ValueError(f"phase {phase}: ranks router {ph.route}, whose outputs are scaled by the RMS of "
                              f"phase {rms_of}: it must stage all of that phase's outputs with a norm")
         rows[phase][F_ROUTE_LAST] = last
-        j = first                                 # the group's first routed phase ranks its router
-        while j > 0 and phases[routed[j - 1]].route == ph.route:
-            j -= 1
-        ranking = routed[j]
-        if ph.first_source + ph.sources > phases[ranking].sources:
-            raise ValueError(f"phase {phase}: ranks {ph.first_source}..{ph.first_source + ph.sources - 1} of router "
-                             f"{ph.route}, whose ranking phase {ranking} keeps {phases[ranking].sources}")
     rows = [r + [0] * (NCOL - len(r)) for r in rows]
     return Plan(torch.tensor(rows, dtype=torch.int32), routed, offsets, total, input_len)
 
@@ -366,7 +353,7 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: Seque
             src, within = item // per, (item % per) * ROWS + (t // kc) * f[F_UP]
         else:
             t = torch.arange(f[F_SOURCES] * kc)[None, :]
-            src, within = t // kc + f[F_FIRST], item * ROWS
+            src, within = t // kc, item * ROWS
         if f[F_ORDINAL] >= 0:                 # the expert is known only once the consumer has ranked the router
             rows = ROUTED | (f[F_ORDINAL] << 16) | (src << 12) | within
             if f[F_ORDINAL] >= 1 << 8:

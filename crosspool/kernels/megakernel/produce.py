@@ -128,7 +128,6 @@ def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s,
     fam = _field(table_ptr, p, K_F_FAM)
     per = _field(table_ptr, p, K_F_ITEMS_PER_SRC)
     up = _field(table_ptr, p, K_F_UP)
-    first_src = gl.where(swiglu, 0, up)                 # a routed sum's first rank (`Phase.first_source`)
     ordinal = _field(table_ptr, p, K_F_ORDINAL)
     row0 = _field(table_ptr, p, K_F_ROW0)
     stride = _field(table_ptr, p, K_F_STRIDE)
@@ -141,7 +140,7 @@ def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s,
         part = item * 0                                  # t // kc: a sum's source, a swiglu's gate (0) or up (1)
         chunk = part                                     # t % kc (counted: no division a slot)
         for _j in range(tiles // BOXES):
-            src = part + first_src                       # a sum: source s reads its own matrix, item rows
+            src = part                                   # a sum: source s reads its own matrix, item rows
             within = item * K_ROWS
             if swiglu:                                   # swiglu: the item's expert, its gate rows then up rows
                 src = expert

@@ -122,14 +122,13 @@ def reference(phases: list[Phase], families: list[torch.Tensor], x: torch.Tensor
             if rms_of != NO_PHASE:           # a folded router's outputs are the logits times rms_of's RMS
                 logits = logits * torch.rsqrt(vec(rms_of).float().pow(2).mean() + eps)
             probs = torch.softmax(logits, dim=0)
-            ids = torch.sort(probs, descending=True, stable=True).indices[ph.first_source:ph.first_source + ph.sources]
+            ids = torch.sort(probs, descending=True, stable=True).indices[:ph.sources]
             experts, gates = ids.tolist(), probs[ids].tolist()
         if ph.kind == "sum":
             y = torch.zeros(ph.out_rows, dtype=torch.float32, device=w.device)
             for s, (e, gate) in enumerate(zip(experts, gates, strict=True)):
                 rows = w[ph.row0 + e * ph.stride: ph.row0 + e * ph.stride + ph.out_rows].float()
-                seg = ph.first_source + s                # (a split down's later sources: later segments)
-                y += gate * (rows @ inp[seg * ph.k:(seg + 1) * ph.k])
+                y += gate * (rows @ inp[s * ph.k:(s + 1) * ph.k])
         else:
             per = ph.out_rows // ph.sources
             parts = []

@@ -75,7 +75,7 @@ def chain_bytes(spec: ModelSpec, itemsize: int = 2) -> int:
 
 
 def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, splits: int = 4,
-                 adopt: bool = False, fold_heads: bool = False, split_down: bool = False) -> DecodeChain:
+                 adopt: bool = False, fold_heads: bool = False) -> DecodeChain:
     """The step's chain over the model's weights, copied into the chain's families (three tensors, filled layer by
     layer). The router is folded through the post-attention norm and o_proj, so the experts can be ranked while
     o_proj runs, not after it: with x = h + W_o a (h the layer's input, a the attention's output) and the norm's
@@ -91,11 +91,7 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
     cache layer is l; attention heads are split `splits` ways. fold_heads=True: the R g W_o part is computed inside
     the attention's head combine instead (each head's combining split multiplies its output by its columns of
     R g W_o, `Phase.fold`), and a "heads" phase sums the heads' products with (R g) h: the logits are out once the
-    last head is, not after a phase of their own (untimed, session 20). split_down=True: the down in two phases, the
-    first top-k // 2 experts and the rest, the second adding the first's outputs as its residual: the gate/up takes
-    its items expert by expert, so the first half's input is whole long before the gate/up's last item, and its
-    staging does not wait for it; the second's staging comes after the first's slots (one more bf16 rounding of
-    the residual stream a layer, as HF's own sum over the experts in bf16 makes)."""
+    last head is, not after a phase of their own (untimed, session 20)."""
     check_supported(spec)
     assert spec.routing is not None
     h, hd, n_exp, inter = spec.hidden_size, spec.num_heads * HEAD_DIM, spec.routing.num_experts, \
@@ -147,17 +143,10 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
                   tail=True),                                                                        # the router
             Phase("swiglu", 1, layer * n_exp * 2 * inter, spec.routing.top_k * inter, h, sources=spec.routing.top_k,
                   stride=2 * inter, up_offset=inter, input=p + 3, norm=at + h, route=p + 4),
+            Phase("sum", 2, layer * n_exp * h, h, inter, sources=spec.routing.top_k, stride=h, input=p + 5,
+                  residual=p + 3, route=p + 4),
         ]
-        top_k = spec.routing.top_k
-        if split_down and top_k > 1:             # the first experts' down, then the rest's on top of it
-            phases += [Phase("sum", 2, layer * n_exp * h, h, inter, sources=top_k // 2, stride=h, input=p + 5,
-                             residual=p + 3, route=p + 4),
-                       Phase("sum", 2, layer * n_exp * h, h, inter, sources=top_k - top_k // 2, stride=h,
-                             input=p + 5, residual=p + 6, route=p + 4, first_source=top_k // 2)]
-        else:
-            phases.append(Phase("sum", 2, layer * n_exp * h, h, inter, sources=top_k, stride=h, input=p + 5,
-                                residual=p + 3, route=p + 4))
-        resid = len(phases) - 1
+        resid = p + 6
     norms.append(attn.final_norm)
     phases.append(Phase("sum", 0, layers * rows_a, spec.vocab_size, h, input=resid, norm=layers * norms_a))
     head = {"lm_head": attn.lm_head}
@@ -181,17 +170,16 @@ class DecodeStep:
     `splits`: each attention head's context in 8 parts (890-898 us a step against 906-910 with 4, session 20);
     `stages`: a ring of 3 slots of 32 KB (875-888 us a step against 890-907 with 6, session 23: fewer bytes in
     flight a program, shorter waits for the loads a phase boundary makes);
-    `dynamic_sums`, `lean_release`, `rank_keys` and `counted_polls` as `Chain`'s; `fold_heads` and `split_down` as
-    `decode_chain`'s."""
+    `dynamic_sums`, `lean_release`, `rank_keys` and `counted_polls` as `Chain`'s; `fold_heads` as `decode_chain`'s."""
 
     def __init__(self, spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, kv: torch.Tensor,
                  context_len: torch.Tensor, block_table: torch.Tensor, splits: int = 8, stages: int = 3,
                  warps: int = 8, dynamic: bool = True, dynamic_sums: bool = False,
                  lean_release: bool = False, rank_keys: bool = True, counted_polls: bool = False,
-                 fold_heads: bool = False, split_down: bool = False) -> None:
+                 fold_heads: bool = False) -> None:
         from crosspool.kernels.megakernel.chain import Chain
 
-        d = decode_chain(spec, attn, ffn, splits, adopt=True, fold_heads=fold_heads, split_down=split_down)
+        d = decode_chain(spec, attn, ffn, splits, adopt=True, fold_heads=fold_heads)
         self.chain = Chain(d.phases, d.families, spec.hidden_size, stages=stages, warps=warps, norms=d.norms,
                            eps=d.eps, kv=kv, max_blocks=block_table.numel(), dynamic=dynamic,
                            dynamic_sums=dynamic_sums, lean_release=lean_release, rank_keys=rank_keys,
