@@ -19,8 +19,6 @@ OPTIONS = (
      "gain)"),
     ("--late-gates", "late_gates", "LATE_GATES", "the experts' weights computed before the down, not before the "
      "gate/up's first slot (untimed, session 23)"),
-    ("--hold-experts", "hold_experts", "HOLD", "a ranked router's experts loaded only once the consumers have staged "
-     "the phase's input (untimed, session 23)"),
     ("--rows-ahead", "rows_ahead", "ROWS_AHEAD", "the next phase's kind loaded at each phase's start, so its row is "
      "in L1 (untimed, session 23)"),
 )

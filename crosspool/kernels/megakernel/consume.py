@@ -63,17 +63,14 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
              PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
              COUNTED: gl.constexpr, PIPE: gl.constexpr = False, fold_ptr=None,
-             FOLD: gl.constexpr = False, LATE_GATES: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False,
-             staged=None, HOLD: gl.constexpr = False):
+             FOLD: gl.constexpr = False, LATE_GATES: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words. LATE_GATES: a swiglu phase whose router the
     producer ranked leaves its experts' weights (`_gates`) to the next routed phase of its router (the down), which
     alone reads them, so the gate/up's first slot does not wait on them. ROWS_AHEAD: at each phase's start, the
     next phase's kind is loaded (and used there), so its table row is in L1 when its fields are read: without it,
     a phase's first field load was 5% of the consumer warps' stall samples (ncu, session 23). (A `prefetch.global.L1`
-    of the next two rows instead, by every consumer thread, made the step 45 us longer.) HOLD: once a phase whose
-    router the producer ranked has its input staged, one arrive on `staged`: the producer holds that phase's loads
-    until then (`_produce`)."""
+    of the next two rows instead, by every consumer thread, made the step 45 us longer.)"""
     pid = gl.program_id(0)
     # a ring slot in registers: each thread holds 8 columns of every box (its 4-box sum is in-thread); a warp
     # reads a 512-B row
@@ -171,9 +168,6 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                                              err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS,
                                              counters_ptr + num_phases, COUNTED,
                                              prof + 23 + 8 * p)
-        if HOLD:
-            if produced != 0:                        # (after _stage's CTA barrier: every warp has staged)
-                mbarrier.arrive(staged.index(0), count=1)
         late = zero
         if LATE_GATES:
             late = gl.where((produced != 0) & (kind == K_SWIGLU), 1, 0)
