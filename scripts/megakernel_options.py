@@ -17,10 +17,6 @@ OPTIONS = (
      "polling the words (25-30 us a step slower, session 20)"),
     ("--pipelined", "pipelined", "PIPE", "each slot's loads before the previous slot's arithmetic (session 21: no "
      "gain)"),
-    ("--late-gates", "late_gates", "LATE_GATES", "the experts' weights computed before the down, not before the "
-     "gate/up's first slot (untimed, session 23)"),
-    ("--rows-ahead", "rows_ahead", "ROWS_AHEAD", "the next phase's kind loaded at each phase's start, so its row is "
-     "in L1 (untimed, session 23)"),
 )
 INVERTED = {"rank_keys"}
 

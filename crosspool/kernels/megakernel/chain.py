@@ -57,8 +57,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   fold_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
                   DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
-                  COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, FOLD: gl.constexpr = False,
-                  LATE_GATES: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False):
+                  COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, FOLD: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -92,8 +91,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     x_ptr, last_ptr, norms_ptr, eps,
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
-                    SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, fold_ptr, FOLD, LATE_GATES,
-                    ROWS_AHEAD)),
+                    SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, fold_ptr, FOLD)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
                     err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys, lbuf,
@@ -117,15 +115,17 @@ class Chain:
     (`consume._pipelined_slots`; session 21: a step 891 / 906 us against 898 / 901 for the defaults, no gain).
     (Session 21, tried and removed: the down's two input rounds polled at once, +19 us a step; its second round
     polled only before its first slot that reads it, +17 us; the next layer's QKV asked of L2 while the producer
-    waits for the ranking, +18-30 us.)"""
+    waits for the ranking, +18-30 us. Session 23, tried and removed: the experts' weights computed before the down,
+    not before the gate/up's first slot, no gain; the next phase's table row loaded a phase early, no gain, and asked
+    of L1 by `prefetch.global.L1` in every consumer thread, +45 us; the down as two phases, the first experts' then
+    the rest's, +16-31 us; a ranked router's expert tiles held until the phase's input is staged, +25 us.)"""
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
                  dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = True,
-                 counted_polls: bool = False, pipelined: bool = False, late_gates: bool = False,
-                 rows_ahead: bool = False) -> None:
+                 counted_polls: bool = False, pipelined: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -195,7 +195,6 @@ class Chain:
         self._bind_kv(kv, max_blocks, dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
-                         LATE_GATES=late_gates, ROWS_AHEAD=rows_ahead,
                          FOLD=bool(folds_read),
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)

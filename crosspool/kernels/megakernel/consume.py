@@ -63,14 +63,9 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
              PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
              COUNTED: gl.constexpr, PIPE: gl.constexpr = False, fold_ptr=None,
-             FOLD: gl.constexpr = False, LATE_GATES: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False):
+             FOLD: gl.constexpr = False):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
-    the ring's slots, and their outputs published as tagged words. LATE_GATES: a swiglu phase whose router the
-    producer ranked leaves its experts' weights (`_gates`) to the next routed phase of its router (the down), which
-    alone reads them, so the gate/up's first slot does not wait on them. ROWS_AHEAD: at each phase's start, the
-    next phase's kind is loaded (and used there), so its table row is in L1 when its fields are read: without it,
-    a phase's first field load was 5% of the consumer warps' stall samples (ncu, session 23). (A `prefetch.global.L1`
-    of the next two rows instead, by every consumer thread, made the step 45 us longer.)"""
+    the ring's slots, and their outputs published as tagged words."""
     pid = gl.program_id(0)
     # a ring slot in registers: each thread holds 8 columns of every box (its 4-box sum is in-thread); a warp
     # reads a 512-B row
@@ -93,9 +88,6 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
     ready = zero                                     # routed phases this program has ranked
     handed = zero                                    # rankings the producer has handed over (KEYS)
     consumed = zero
-    late_p = zero - 1                                # LATE_GATES: the swiglu phase whose weights are pending,
-    late_ordinal = zero                              # its ordinal, and the norm's scale its staging found
-    late_rstd = eps * 0.0 + 1.0
     # profiling (PROFILE): SM cycles spent polling and staging inputs, on the rest of staging (norms, waits,
     # barriers), ranking, on items' starts and ends (reductions, the residual, the stores), waiting for slots to
     # land, loading a slot + releasing it, and on the arithmetic
@@ -115,13 +107,8 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
     t_attend = t_stage
     t_kv_wait = t_stage
     rows = gl.arange(0, K_ROWS, layout=rows_l)
-    kind_next = _field(table_ptr, 0, K_F_KIND)
     for p in range(num_phases):
-        if ROWS_AHEAD:                               # row p came into L1 with phase p - 1's load of its kind
-            kind = kind_next
-            kind_next = _field(table_ptr, gl.minimum(p + 1, num_phases - 1), K_F_KIND)
-        else:
-            kind = _field(table_ptr, p, K_F_KIND)
+        kind = _field(table_ptr, p, K_F_KIND)
         kc = _field(table_ptr, p, K_F_KC)
         src = _field(table_ptr, p, K_F_IN)
         router = _field(table_ptr, p, K_F_ROUTE)
@@ -154,13 +141,6 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                                                   routes_ptr, expert_base, rowbase, ranked, prof + 20 + 8 * p, scaled,
                                                   WARPS, POLLS, PROFILE)
             mark, t_rank = _lap(mark, t_rank, PROFILE)
-        if LATE_GATES:                               # the pending weights, now that a phase reads them
-            if (late_p >= 0) & (router >= 0) & (ordinal > late_ordinal):
-                ids_l, logits_l, experts_l = _producer_ranking(late_ordinal, handed % 2, ranked, picked, lbuf, WARPS)
-                handed += 1
-                _gates(table_ptr, late_p, late_ordinal, ids_l, logits_l, experts_l, late_rstd, expert_base, WARPS)
-                late_p = zero - 1
-                mark, t_gates = _lap(mark, t_gates, PROFILE)
         # a program with no item of a fixed split's phase skips its staging (a routed phase's ranking still
         # serves the phases that share its router)
         skip = (n_items == 0) & (dyn == 0) & (router < 0)
@@ -168,14 +148,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                                              err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS,
                                              counters_ptr + num_phases, COUNTED,
                                              prof + 23 + 8 * p)
-        late = zero
-        if LATE_GATES:
-            late = gl.where((produced != 0) & (kind == K_SWIGLU), 1, 0)
-        if late != 0:                                # (a swiglu reads no weights: left to the down)
-            late_p = p
-            late_ordinal = ordinal
-            late_rstd = gl.where(scaled != 0, rstd, 1.0)
-        elif defer != 0:                             # the weights left to the end of the staging: a folded
+        if defer != 0:                               # the weights left to the end of the staging: a folded
             # router's need the norm's scale
             if KEYS:
                 if produced != 0:
