@@ -48,7 +48,7 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
              kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr, err_ptr, expert_base, picked, keys,
              lbuf, prof, STAGES: gl.constexpr, BOXES: gl.constexpr, ATTENTION: gl.constexpr, DYNAMIC: gl.constexpr,
              LEAN: gl.constexpr = False, KEYS: gl.constexpr = False, POLLS: gl.constexpr = 1,
-             PROFILE: gl.constexpr = False):
+             PROFILE: gl.constexpr = False, DEPTH: gl.constexpr = 0):
     """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
     consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
     [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
@@ -76,7 +76,7 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
                                       ranked, prof, POLLS, PROFILE)
                     rankings += 1
             s = _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr,
-                               code & 0xFFFF, counters_ptr, nprog, STAGES, BOXES, LEAN)
+                               code & 0xFFFF, counters_ptr, nprog, STAGES, BOXES, LEAN, DEPTH)
         elif ATTENTION and code < 0:
             s = _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES, LEAN)
         else:
@@ -87,9 +87,13 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
 
 @gluon.jit
 def _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES: gl.constexpr,
-                 BOXES: gl.constexpr, LEAN: gl.constexpr = False, itemq=None, item=-1):
+                 BOXES: gl.constexpr, LEAN: gl.constexpr = False, itemq=None, item=-1, DEPTH: gl.constexpr = 0):
     """One weight tile's slot (`tile_lists`' code), as ring slot s; returns s + 1. With `itemq` (a dynamic phase),
     the slot's item goes there first."""
+    if DEPTH > 0:                                # at most DEPTH slots in flight: slot s - DEPTH consumed first
+        j = s - DEPTH
+        if j >= 0:
+            mbarrier.wait(empty.index(j % STAGES), (j // STAGES) & 1)
     stage = _claim(empty, s, STAGES, LEAN)
     if itemq is not None:
         itemq.index(stage).store(gl.full([1], item, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
@@ -115,7 +119,7 @@ def _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, ST
 
 @gluon.jit
 def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr, p, counters_ptr, nprog,
-                   STAGES: gl.constexpr, BOXES: gl.constexpr, LEAN: gl.constexpr):
+                   STAGES: gl.constexpr, BOXES: gl.constexpr, LEAN: gl.constexpr, DEPTH: gl.constexpr = 0):
     """Producer: (swiglu or sum) phase p's items as this program takes them: its own (item pid), then each next one
     from the phase's counter (an atomic, issued an item ahead, so its round trip passes under that item's loads);
     the codes as `tile_lists` makes them. Each slot's item goes into `itemq` beside the ring; -1 in a slot with no
@@ -150,7 +154,7 @@ def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s,
             else:
                 row = row0 + src * stride + within
             s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, (fam << 28) | (chunk << 24) |
-                             row, STAGES, BOXES, LEAN, itemq, item)
+                             row, STAGES, BOXES, LEAN, itemq, item, DEPTH)
             chunk += BOXES
             part = gl.where(chunk == kc, part + 1, part)
             chunk = gl.where(chunk == kc, 0, chunk)
