@@ -62,7 +62,7 @@ def _split_bounds(table_ptr, p, item, ctx):
 
 @gluon.jit
 def _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES: gl.constexpr,
-              LEAN: gl.constexpr = False):
+              LEAN: gl.constexpr = False, DEPTH: gl.constexpr = 0):
     """Producer: an attention code's slots, from ring slot count s on; returns the new count. A slot holds one head's
     keys (or values) of SLOT_BLOCKS blocks, one TMA box a block; blocks past the split's last cached position
     repeat that block's id (the consumer masks those positions)."""
@@ -77,7 +77,7 @@ def _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_laye
         rows = (ids * kv_layers + layer) * 2 * K_BLOCK
         ids = gl.load(bt_ptr + gl.minimum((t + K_KV_SLOT) // K_BLOCK + j8, last)).to(gl.int32)
         for kv in gl.static_range(2):
-            stage = _claim(empty, s, STAGES, LEAN)
+            stage = _claim(empty, s, STAGES, LEAN, DEPTH)
             bar = full.index(stage)
             mbarrier.expect(bar, K_KV_SLOT * K_HEAD_DIM * 2)
             for j in gl.static_range(SLOT_BLOCKS):

@@ -120,10 +120,15 @@ def _release(empty, slot, consumed, LEAN: gl.constexpr):
 
 
 @gluon.jit
-def _claim(empty, s, STAGES: gl.constexpr, LEAN: gl.constexpr):
+def _claim(empty, s, STAGES: gl.constexpr, LEAN: gl.constexpr, DEPTH: gl.constexpr = 0):
     """Producer: wait until ring slot count s's stage is free (a fresh barrier passes parity 1); with LEAN, the
     proxy fence that orders the consumers' reads of it before the TMA that will overwrite it (`_release`).
-    Returns the stage."""
+    DEPTH (1..STAGES): first wait until slot s - DEPTH is consumed, so at most DEPTH slots are in flight (the
+    consumers free slots in order, so the stage is free by then too). Returns the stage."""
+    if DEPTH > 0:
+        j = s - DEPTH
+        if j >= 0:
+            mbarrier.wait(empty.index(j % STAGES), (j // STAGES) & 1)
     stage = s % STAGES
     mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)
     if LEAN:

@@ -57,7 +57,9 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
     otherwise it waits until the consumers have (`ranked`, one mbarrier a routed phase). Codes are loaded two
     slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us). An attention code
     stands for its item's key and value slots (`attend._kv_slots`); a dynamic code for a dynamic phase's items
-    (`_dynamic_items`)."""
+    (`_dynamic_items`). DEPTH (> 0): the slots of the phases that are not dynamic (a fixed split's weights, attention's
+    keys and values) keep at most DEPTH slots in flight, a dynamic phase (the gate/up) the whole ring
+    (`Chain(static_depth=N)`)."""
     n_codes = gl.load(mine)
     code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
     code2 = gl.load(mine + 2)
@@ -76,11 +78,12 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
                                       ranked, prof, POLLS, PROFILE)
                     rankings += 1
             s = _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr,
-                               code & 0xFFFF, counters_ptr, nprog, STAGES, BOXES, LEAN, DEPTH)
+                               code & 0xFFFF, counters_ptr, nprog, STAGES, BOXES, LEAN)
         elif ATTENTION and code < 0:
-            s = _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES, LEAN)
+            s = _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES, LEAN, DEPTH)
         else:
-            s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES, BOXES, LEAN)
+            s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES, BOXES, LEAN,
+                             DEPTH=DEPTH)
         code = code2
         code2 = gl.load(mine + 3 + c)
 
@@ -90,11 +93,7 @@ def _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, ST
                  BOXES: gl.constexpr, LEAN: gl.constexpr = False, itemq=None, item=-1, DEPTH: gl.constexpr = 0):
     """One weight tile's slot (`tile_lists`' code), as ring slot s; returns s + 1. With `itemq` (a dynamic phase),
     the slot's item goes there first."""
-    if DEPTH > 0:                                # at most DEPTH slots in flight: slot s - DEPTH consumed first
-        j = s - DEPTH
-        if j >= 0:
-            mbarrier.wait(empty.index(j % STAGES), (j // STAGES) & 1)
-    stage = _claim(empty, s, STAGES, LEAN)
+    stage = _claim(empty, s, STAGES, LEAN, DEPTH)
     if itemq is not None:
         itemq.index(stage).store(gl.full([1], item, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
     fam = (code >> 28) & 3
@@ -119,7 +118,7 @@ def _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, ST
 
 @gluon.jit
 def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr, p, counters_ptr, nprog,
-                   STAGES: gl.constexpr, BOXES: gl.constexpr, LEAN: gl.constexpr, DEPTH: gl.constexpr = 0):
+                   STAGES: gl.constexpr, BOXES: gl.constexpr, LEAN: gl.constexpr):
     """Producer: (swiglu or sum) phase p's items as this program takes them: its own (item pid), then each next one
     from the phase's counter (an atomic, issued an item ahead, so its round trip passes under that item's loads);
     the codes as `tile_lists` makes them. Each slot's item goes into `itemq` beside the ring; -1 in a slot with no
@@ -154,7 +153,7 @@ def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s,
             else:
                 row = row0 + src * stride + within
             s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, (fam << 28) | (chunk << 24) |
-                             row, STAGES, BOXES, LEAN, itemq, item, DEPTH)
+                             row, STAGES, BOXES, LEAN, itemq, item)
             chunk += BOXES
             part = gl.where(chunk == kc, part + 1, part)
             chunk = gl.where(chunk == kc, 0, chunk)
