@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--sass", help="write the SASS here")
     p.add_argument("--profile", action="store_true", help="with the cycle counters")
-    p.add_argument("--static-depth", type=int, default=0, help="DEPTH (`Chain(static_depth=N)`)")
+    p.add_argument("--plain-depth", type=int, default=0, help="DEPTH (`Chain(plain_depth=N)`)")
     add_options(p)
     p.add_argument("--fold-heads", action="store_true", help="with a fold (`decode_chain(fold_heads=True)`)")
     p.add_argument("--dynamic", action="store_true", help="with dynamic phases (`Chain(dynamic=True)`)")
@@ -55,7 +55,7 @@ def main() -> None:
            "cos_ptr": "*fp32", "sin_ptr": "*fp32", "counters_ptr": "*i32", "fold_ptr": "*bf16"}
     const = dict(STAGES=args.stages, BOXES=args.boxes, WARPS=args.warps, POLLS=1 << 22, COMPUTE=True,
                  PROFILE=args.profile, SPLITS=args.splits,
-                 DYNAMIC=args.dynamic, FOLD=args.fold_heads, DEPTH=args.static_depth, **constexprs(args))
+                 DYNAMIC=args.dynamic, FOLD=args.fold_heads, DEPTH=args.plain_depth, **constexprs(args))
     kernel = triton.compile(GluonASTSource(chain._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=args.warps))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

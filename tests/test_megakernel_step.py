@@ -213,7 +213,7 @@ def test_decode_chain_refuses_other_models_with_the_reason() -> None:
                     reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("split", ["static", "dynamic", "dynamic sums", "dynamic lean", "dynamic weights",
                                    "dynamic counted", "dynamic pipelined", "dynamic fold",
-                                   "dynamic fold pipelined", "dynamic static depth"])
+                                   "dynamic fold pipelined", "dynamic plain depth"])
 def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, split: str) -> None:  # noqa: ANN001
     """The whole small step on the GPU: every phase against the reference fed the kernel's own earlier outputs,
     the new token's key and value in the cache, over three steps of one sequence in a CUDA graph. Dynamic: the
@@ -223,8 +223,8 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     on its logits as integer keys (`Chain(rank_keys=False)`); counted: each staging waits on its input phase's
     published count first (`Chain(counted_polls=True)`; the counts start each launch from zero too); pipelined:
     each slot's loads before the previous slot's arithmetic (`Chain(pipelined=True)`); fold: the router's o_proj
-    part in the attention's head combine (`decode_chain(fold_heads=True)`); static depth: a ring of 6 whose phases
-    outside the gate/up keep at most 3 slots in flight (`Chain(static_depth=3)`)."""
+    part in the attention's head combine (`decode_chain(fold_heads=True)`); plain depth: a ring of 6 whose phases
+    that are not routed keep at most 3 slots in flight (`Chain(plain_depth=3)`)."""
     dynamic = split != "static"
     spec = _spec(4 if dynamic else 2)
     attn, ffn = _weights(spec, 1)
@@ -239,7 +239,7 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     chain = mk.Chain(dc.phases, dc.families, spec.hidden_size, norms=dc.norms, eps=dc.eps, kv=kv, max_blocks=64,
                      dynamic=dynamic, dynamic_sums=split == "dynamic sums", lean_release=split == "dynamic lean",
                      rank_keys=split != "dynamic weights", counted_polls=split == "dynamic counted",
-                     pipelined=split.endswith("pipelined"), static_depth=3 if split.endswith("depth") else 0)
+                     pipelined=split.endswith("pipelined"), plain_depth=3 if split.endswith("depth") else 0)
     x = torch.empty(spec.hidden_size, device="cuda")
     for ctx in (300, 301, 302):
         cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))

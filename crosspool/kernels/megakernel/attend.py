@@ -42,6 +42,7 @@ from crosspool.kernels.megakernel.common import (
     _tma_load,
     _value,
     _view,
+    _within,
     _word_of,
 )
 from crosspool.kernels.megakernel.plan import FEW_EXPERTS
@@ -77,7 +78,9 @@ def _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_laye
         rows = (ids * kv_layers + layer) * 2 * K_BLOCK
         ids = gl.load(bt_ptr + gl.minimum((t + K_KV_SLOT) // K_BLOCK + j8, last)).to(gl.int32)
         for kv in gl.static_range(2):
-            stage = _claim(empty, s, STAGES, LEAN, DEPTH)
+            if DEPTH > 0:
+                _within(empty, s, STAGES, DEPTH)
+            stage = _claim(empty, s, STAGES, LEAN)
             bar = full.index(stage)
             mbarrier.expect(bar, K_KV_SLOT * K_HEAD_DIM * 2)
             for j in gl.static_range(SLOT_BLOCKS):

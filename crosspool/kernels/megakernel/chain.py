@@ -114,9 +114,10 @@ class Chain:
     words (`stage._stage(COUNTED=True)`; 25-30 us a step slower, session 20: the count's round trip comes before
     the words'). `pipelined`: each slot's loads are issued before the previous slot's arithmetic
     (`consume._pipelined_slots`; session 21: a step 891 / 906 us against 898 / 901 for the defaults, no gain).
-    `static_depth` (1..stages): the phases outside the dynamic ones keep at most that many slots in flight, the
-    gate/up the whole ring (untimed; session 23: a ring of 3 beat 6 by ~20 us a step, and a ring of 6 holding the
-    gate/up to 3 lost 15-20 us to the ring of 3: this is the other half of that question).
+    `plain_depth` (1..stages): the phases that are not routed (QKV, attention, o_proj, the routers, lm_head) keep at
+    most that many slots in flight, the experts' phases the whole ring (untimed; session 23: a ring of 3 beat 6 by
+    ~20 us a step, and a ring of 6 holding only the gate/up to 3 lost to it: the experts may want the depth the rest
+    does not).
     (Session 21, tried and removed: the down's two input rounds polled at once, +19 us a step; its second round
     polled only before its first slot that reads it, +17 us; the next layer's QKV asked of L2 while the producer
     waits for the ranking, +18-30 us. Session 23, tried and removed: the experts' weights computed before the down,
@@ -129,7 +130,7 @@ class Chain:
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
                  dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = True,
-                 counted_polls: bool = False, pipelined: bool = False, static_depth: int = 0) -> None:
+                 counted_polls: bool = False, pipelined: bool = False, plain_depth: int = 0) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -148,8 +149,8 @@ class Chain:
         if attention and boxes != 4:
             raise ValueError(f"a chain with attention needs 4 boxes a slot (a slot holds {SLOT_BLOCKS} KV blocks of "
                              f"a head: 32 KiB), got {boxes}")
-        if not 0 <= static_depth <= stages:
-            raise ValueError(f"static_depth is 0 (the whole ring) or 1..{stages} slots in flight, got {static_depth}")
+        if not 0 <= plain_depth <= stages:
+            raise ValueError(f"plain_depth is 0 (the whole ring) or 1..{stages} slots in flight, got {plain_depth}")
         ring_kib = stages * boxes * ROWS * CHUNK * 2 // 1024
         if stages < 1 or boxes < 1 or ring_kib + STAGE_CHUNKS * CHUNK * 2 // 1024 > SHARED_KIB - 1:
             raise ValueError(f"a ring of {stages} x {boxes} boxes ({ring_kib} KiB) and the staged input "
@@ -201,7 +202,7 @@ class Chain:
         self._bind_kv(kv, max_blocks, dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
-                         DEPTH=static_depth, FOLD=bool(folds_read),
+                         DEPTH=plain_depth, FOLD=bool(folds_read),
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 

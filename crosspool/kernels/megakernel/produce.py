@@ -33,6 +33,7 @@ from crosspool.kernels.megakernel.common import (
     _field,
     _tma_load,
     _view,
+    _within,
 )
 from crosspool.kernels.megakernel.rank import _rank_by_producer
 
@@ -57,9 +58,9 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
     otherwise it waits until the consumers have (`ranked`, one mbarrier a routed phase). Codes are loaded two
     slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us). An attention code
     stands for its item's key and value slots (`attend._kv_slots`); a dynamic code for a dynamic phase's items
-    (`_dynamic_items`). DEPTH (> 0): the slots of the phases that are not dynamic (a fixed split's weights, attention's
-    keys and values) keep at most DEPTH slots in flight, a dynamic phase (the gate/up) the whole ring
-    (`Chain(static_depth=N)`)."""
+    (`_dynamic_items`). DEPTH (> 0): the slots of the phases that are not routed (QKV, attention's keys and values,
+    o_proj, the routers, lm_head) keep at most DEPTH slots in flight, the experts' (gate/up, down) the whole ring
+    (`Chain(plain_depth=N)`)."""
     n_codes = gl.load(mine)
     code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
     code2 = gl.load(mine + 2)
@@ -93,7 +94,10 @@ def _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, ST
                  BOXES: gl.constexpr, LEAN: gl.constexpr = False, itemq=None, item=-1, DEPTH: gl.constexpr = 0):
     """One weight tile's slot (`tile_lists`' code), as ring slot s; returns s + 1. With `itemq` (a dynamic phase),
     the slot's item goes there first."""
-    stage = _claim(empty, s, STAGES, LEAN, DEPTH)
+    if DEPTH > 0:
+        if ((code >> 30) & 1) == 0:                  # a plain (not routed) slot: at most DEPTH in flight
+            _within(empty, s, STAGES, DEPTH)
+    stage = _claim(empty, s, STAGES, LEAN)
     if itemq is not None:
         itemq.index(stage).store(gl.full([1], item, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
     fam = (code >> 28) & 3
