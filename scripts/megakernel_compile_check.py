@@ -32,8 +32,10 @@ def main() -> None:
     p.add_argument("--boxes", type=int, default=4)
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--sass", help="write the SASS here")
+    p.add_argument("--ptx", help="write the PTX here")
     p.add_argument("--profile", action="store_true", help="with the cycle counters")
     p.add_argument("--plain-depth", type=int, default=0, help="DEPTH (`Chain(plain_depth=N)`)")
+    p.add_argument("--scatter", action="store_true", help="with scattered sums (`Phase.scatter`)")
     add_options(p)
     p.add_argument("--fold-heads", action="store_true", help="with a fold (`decode_chain(fold_heads=True)`)")
     p.add_argument("--dynamic", action="store_true", help="with dynamic phases (`Chain(dynamic=True)`)")
@@ -52,10 +54,12 @@ def main() -> None:
            "done_ptr": "*i32", "err_ptr": "*i32", "nprog": "i32",
            "prof_ptr": "*i64", "kv_ptr": "*bf16", "kv_layers": "i32",
            "ctx_ptr": "*i64" if args.engine else "*i32", "bt_ptr": "*i64" if args.engine else "*i32",
-           "cos_ptr": "*fp32", "sin_ptr": "*fp32", "counters_ptr": "*i32", "fold_ptr": "*bf16"}
+           "cos_ptr": "*fp32", "sin_ptr": "*fp32", "counters_ptr": "*i32", "fold_ptr": "*bf16",
+           "accf_ptr": "*fp32"}
     const = dict(STAGES=args.stages, BOXES=args.boxes, WARPS=args.warps, POLLS=1 << 22, COMPUTE=True,
                  PROFILE=args.profile, SPLITS=args.splits,
-                 DYNAMIC=args.dynamic, FOLD=args.fold_heads, DEPTH=args.plain_depth, **constexprs(args))
+                 DYNAMIC=args.dynamic, FOLD=args.fold_heads, DEPTH=args.plain_depth, SCATTER=args.scatter,
+                 **constexprs(args))
     kernel = triton.compile(GluonASTSource(chain._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=args.warps))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -64,6 +68,8 @@ def main() -> None:
     usage = subprocess.run([tools / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True).stdout
     line = next((s.strip() for s in usage.splitlines() if "REG:" in s), usage.strip())
     print(f"triton {triton.__version__}: shared memory {kernel.metadata.shared} B; {line}")
+    if args.ptx:
+        Path(args.ptx).write_text(kernel.asm["ptx"])
     if args.sass:
         sass = subprocess.run([tools / "nvdisasm", "-c", cubin], capture_output=True, text=True).stdout
         Path(args.sass).write_text(sass)

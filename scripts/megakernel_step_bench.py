@@ -105,6 +105,8 @@ def main() -> None:
                    "session 21)")
     p.add_argument("--plain-depth", type=int, default=0, help="at most this many ring slots in flight in the phases "
                    "that are not routed (`Chain(plain_depth=N)`, 0: all of them; untimed, session 23)")
+    p.add_argument("--scatter-down", action="store_true", help="the down's items one expert's rows each, added "
+                   "into fp32 sums (`decode_chain(scatter_down=True)`; untimed, session 23)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--timeline", help="with --profile: torch.save the raw timeline ([programs, phases, 8] us) and "
@@ -127,7 +129,8 @@ def main() -> None:
         for _ in range(args.layers)])
     ffn = FFNWeights(layers=[{"router": rand(e, h, std=0.1), "experts_gate_up": rand(e, 2 * i, h),
                               "experts_down": rand(e, h, i, std=0.01)} for _ in range(args.layers)])
-    dc = decode_chain(spec, attn, ffn, splits=args.splits, fold_heads=args.fold_heads)
+    dc = decode_chain(spec, attn, ffn, splits=args.splits, fold_heads=args.fold_heads,
+                      scatter_down=args.scatter_down)
     del ffn                                          # the chain holds its own copies
     ctx = args.context
     blocks = -(-ctx // mk.BLOCK)

@@ -263,6 +263,34 @@ def test_routed_tiles_wait_for_their_ranking() -> None:
             mk.plan(MOE[:2] + [phase], _moe_families("cpu", 6), 2048)
 
 
+def test_scattered_down_lays_out_one_expert_an_item_and_two_fp32_buffers() -> None:
+    """A scattered sum (`Phase.scatter`): items are one source's 16 rows (source by source), dynamic wherever the
+    chain is, coded with that source only; its words hold two fp32 buffers of its outputs; the reference is the
+    plain sum's; it cannot be the last phase, a router, or a norm's scale."""
+    fam = _moe_families("cpu", 6)
+    moe = MOE + [Phase("sum", 0, 0, 1024, 2048, input=3)]          # (a reader after it: a scatter is not last)
+    scattered = moe[:3] + [dataclasses.replace(moe[3], scatter=True)] + moe[4:]
+    plain, p = mk.plan(moe, fam, 2048), mk.plan(scattered, fam, 2048)
+    assert p.table[3, mk.F_ITEMS] == 4 * 128 and p.table[3, mk.F_ITEMS_PER_SRC] == 128
+    assert p.table[3, mk.F_SCATTER] == 1 and plain.table[3, mk.F_SCATTER] == 0
+    assert p.words - plain.words == 2048 // 2                     # 2048 words (two fp32 buffers), not 1024
+    assert mk.dynamic_phases(p) == [2, 3] and mk.dynamic_phases(plain) == [2]
+    lists = mk.tile_lists(p, 1, 2)                                 # static: item i is source i // 128, rows i % 128
+    codes = lists[0, 1:1 + lists[0, 0]].tolist()
+    down = codes[128 * 4 + 4 + 128 * 8:][:4 * 128]                 # 512 items x 1 slot (2 chunks of 512 values)
+    assert [((c >> 12) & 15, c & 0xFFF) for c in (down[0], down[127], down[128], down[511])] == \
+        [(0, 0), (0, 127 * 16), (1, 0), (3, 127 * 16)]
+    x = torch.randn(2048, generator=torch.Generator().manual_seed(7))
+    for a, b in zip(mk.reference(moe, fam, x), mk.reference(scattered, fam, x), strict=True):
+        assert torch.equal(a, b)
+    bad = {"not the last phase": scattered[:4], "only the input or residual": moe[:2] + [
+        dataclasses.replace(moe[2], route=1), dataclasses.replace(moe[3], scatter=True),
+        dataclasses.replace(moe[3], residual=0, wait=3)]}
+    for message, chain in bad.items():
+        with pytest.raises(ValueError, match=message):
+            mk.plan(chain, fam, 2048)
+
+
 def test_folded_router_routes_as_the_router_after_the_norm() -> None:
     """A router folded through its norm (`Phase.rms_of`: rows R g reading x itself, not R reading norm(x)) picks the
     same experts and weighs them alike: its outputs are the logits times x's RMS, which the routed phases take

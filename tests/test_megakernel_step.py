@@ -213,7 +213,8 @@ def test_decode_chain_refuses_other_models_with_the_reason() -> None:
                     reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("split", ["static", "dynamic", "dynamic sums", "dynamic lean", "dynamic weights",
                                    "dynamic counted", "dynamic pipelined", "dynamic fold",
-                                   "dynamic fold pipelined", "dynamic plain depth"])
+                                   "dynamic fold pipelined", "dynamic plain depth", "dynamic scatter down",
+                                   "static scatter down"])
 def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, split: str) -> None:  # noqa: ANN001
     """The whole small step on the GPU: every phase against the reference fed the kernel's own earlier outputs,
     the new token's key and value in the cache, over three steps of one sequence in a CUDA graph. Dynamic: the
@@ -224,14 +225,17 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     published count first (`Chain(counted_polls=True)`; the counts start each launch from zero too); pipelined:
     each slot's loads before the previous slot's arithmetic (`Chain(pipelined=True)`); fold: the router's o_proj
     part in the attention's head combine (`decode_chain(fold_heads=True)`); plain depth: a ring of 6 whose phases
-    that are not routed keep at most 3 slots in flight (`Chain(plain_depth=3)`)."""
-    dynamic = split != "static"
+    that are not routed keep at most 3 slots in flight (`Chain(plain_depth=3)`); scatter down: the down's items one
+    expert's rows each, added into fp32 sums and counted (`decode_chain(scatter_down=True)`), taken as the programs
+    go or (static) dealt round-robin."""
+    dynamic = not split.startswith("static")
     spec = _spec(4 if dynamic else 2)
     attn, ffn = _weights(spec, 1)
     attn = AttentionWeights(attn.embed.cuda(), attn.final_norm.cuda(), attn.lm_head.cuda(),
                             [{k: v.cuda() for k, v in w.items()} for w in attn.layers])
     ffn = FFNWeights(layers=[{k: v.cuda() for k, v in w.items()} for w in ffn.layers])
-    dc = decode_chain(spec, attn, ffn, splits=2, fold_heads=split.startswith("dynamic fold"))
+    dc = decode_chain(spec, attn, ffn, splits=2, fold_heads=split.startswith("dynamic fold"),
+                      scatter_down=split.endswith("scatter down"))
     g = torch.Generator().manual_seed(3)
     kv = (torch.randn(64, spec.num_layers, 2, BS, spec.num_heads, mk.HEAD_DIM, generator=g) * 0.5).to(
         "cuda", torch.bfloat16)

@@ -54,11 +54,12 @@ from crosspool.kernels.megakernel.produce import _produce
 def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_stride,
                   x_ptr, last_ptr, norms_ptr, eps, words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr,
                   err_ptr, nprog, prof_ptr, kv_ptr, kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, counters_ptr,
-                  fold_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr, POLLS: gl.constexpr,
+                  fold_ptr, accf_ptr, STAGES: gl.constexpr, BOXES: gl.constexpr, WARPS: gl.constexpr,
+                  POLLS: gl.constexpr,
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
                   DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
                   COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, FOLD: gl.constexpr = False,
-                  DEPTH: gl.constexpr = 0):
+                  DEPTH: gl.constexpr = 0, SCATTER: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -92,7 +93,8 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     x_ptr, last_ptr, norms_ptr, eps,
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
-                    SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, fold_ptr, FOLD)),
+                    SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, fold_ptr, FOLD, accf_ptr,
+                    SCATTER)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
                     err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys, lbuf,
@@ -149,6 +151,8 @@ class Chain:
         if attention and boxes != 4:
             raise ValueError(f"a chain with attention needs 4 boxes a slot (a slot holds {SLOT_BLOCKS} KV blocks of "
                              f"a head: 32 KiB), got {boxes}")
+        if pipelined and any(ph.scatter for ph in phases):
+            raise ValueError("pipelined slots do not take scattered sums (an item's first source)")
         if not 0 <= plain_depth <= stages:
             raise ValueError(f"plain_depth is 0 (the whole ring) or 1..{stages} slots in flight, got {plain_depth}")
         ring_kib = stages * boxes * ROWS * CHUNK * 2 // 1024
@@ -202,7 +206,7 @@ class Chain:
         self._bind_kv(kv, max_blocks, dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
-                         DEPTH=plain_depth, FOLD=bool(folds_read),
+                         DEPTH=plain_depth, SCATTER=any(ph.scatter for ph in phases), FOLD=bool(folds_read),
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 
@@ -268,7 +272,8 @@ class Chain:
                                      self.tiles.shape[1], x, self.last, self.norms, self.eps, self.words, self.routes,
                                      self.experts, self.experts.shape[1], st[0:], st[1:], st[2:], self.nprog,
                                      self.prof, self.kv, self.kv.shape[1], self.ctx, self.block_table, self.cos,
-                                     self.sin, self.counters, self.fold_family, **self.meta)
+                                     self.sin, self.counters, self.fold_family, self.words.view(torch.float32),
+                                     **self.meta)
 
     def outputs(self) -> list[torch.Tensor]:
         """Every phase's outputs as `reference` gives them (an attention phase: its partials, their log-sum-exps,
@@ -282,6 +287,10 @@ class Chain:
                 folded = (self.words[f:f + (ph.out_rows // HEAD_DIM) * ph.fold_rows] & 0xFFFFFFFF).to(torch.int32)
                 outs.append(torch.cat([values[2 * o:2 * o + n], lse.view(torch.float32),
                                        values[2 * c:2 * c + ph.out_rows], folded.view(torch.float32)]))
+            elif ph.scatter:                 # the last launch's fp32 sums, rounded as a word would hold them
+                last = (int(self.state[0]) - 1) & 1
+                sums = self.words.view(torch.float32)[2 * o + last * ph.out_rows:2 * o + (last + 1) * ph.out_rows]
+                outs.append(sums.to(torch.bfloat16).float())
             else:
                 outs.append(values[2 * o:2 * o + ph.out_rows])
         return outs

@@ -84,9 +84,43 @@ def _tiles_per_item(table_ptr, p):
     kc = _field(table_ptr, p, K_F_KC)
     if _field(table_ptr, p, K_F_KIND) == K_SWIGLU:
         n = 2 * kc
+    elif _field(table_ptr, p, K_F_UP) != 0:      # a scattered sum (F_SCATTER): an item is one source's rows
+        n = kc
     else:
         n = _field(table_ptr, p, K_F_SOURCES) * kc
     return n
+
+
+@gluon.jit
+def _scattered(table_ptr, p):
+    """1 where phase p (>= 0) is a scattered sum (`Phase.scatter`: fp32 sums and a count, not tagged words)."""
+    return gl.where((_field(table_ptr, p, K_F_KIND) == 0) & (_field(table_ptr, p, K_F_UP) != 0), 1, 0)
+
+
+@gluon.jit
+def _sums_at(table_ptr, q, words_off, epoch):
+    """Scattered sum q's fp32 sums for this launch, as an index into the words' memory as fp32: two buffers of its
+    outputs from word `words_off` on, by the epoch's parity."""
+    return 2 * words_off + (epoch & 1) * _field(table_ptr, q, K_F_ITEMS_PER_SRC) * K_ROWS
+
+
+@gluon.jit
+def _await_count(count_ptr, want, err_ptr, POLLS: gl.constexpr):
+    """Wait until the count at count_ptr reaches `want`, by acquire loads (the writes released before each
+    increment are then visible); after POLLS loads in vain, sets *err_ptr."""
+    n = _load_acquire(count_ptr)
+    polls = want * 0
+    while (n < want) & (polls < POLLS):
+        n = _load_acquire(count_ptr)
+        polls += 1
+    if n < want:
+        gl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
+
+
+@gluon.jit
+def _load_acquire(ptr):
+    return gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=gl.int32,
+                                     is_pure=False, pack=1)
 
 
 @gluon.jit

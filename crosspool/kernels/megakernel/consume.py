@@ -18,6 +18,7 @@ from crosspool.kernels.megakernel.common import (
     K_F_IN,
     K_F_IN_OFF,
     K_F_ITEMS,
+    K_F_ITEMS_PER_SRC,
     K_F_KC,
     K_F_KIND,
     K_F_ORDINAL,
@@ -43,7 +44,9 @@ from crosspool.kernels.megakernel.common import (
     _poll,
     _publish,
     _release,
+    _scattered,
     _stamp,
+    _sums_at,
     _tag,
     _tagged,
     _tiles_per_item,
@@ -63,9 +66,11 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
              PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
              COUNTED: gl.constexpr, PIPE: gl.constexpr = False, fold_ptr=None,
-             FOLD: gl.constexpr = False):
+             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
-    the ring's slots, and their outputs published as tagged words."""
+    the ring's slots, and their outputs published as tagged words. SCATTER (a chain with scattered sums,
+    `Phase.scatter`): such a phase's items add their rows into fp32 sums at `accf_ptr` (the words' memory as fp32)
+    and count themselves; the phases that read them wait for the count (`_stage`)."""
     pid = gl.program_id(0)
     # a ring slot in registers: each thread holds 8 columns of every box (its 4-box sum is in-thread); a warp
     # reads a 512-B row
@@ -117,6 +122,11 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         dyn = zero
         if DYNAMIC:
             dyn = _field(table_ptr, p, K_F_DYN)
+        scatter = zero
+        if SCATTER:
+            scatter = _scattered(table_ptr, p)
+            if scatter != 0:                         # the next launch's sums start from zero
+                _zero_share(accf_ptr, table_ptr, p, epoch, pid, nprog, WARPS)
         _cta_barrier()                               # every warp is done with the previous phase's input
         _stamp(prof + 16 + 8 * p, PROFILE)
         # the router ranked before the input is staged: the producer can start on the experts' tiles meanwhile
@@ -147,7 +157,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         mark, t_poll, t_stage, rstd = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
                                              err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS,
                                              counters_ptr + num_phases, COUNTED,
-                                             prof + 23 + 8 * p)
+                                             prof + 23 + 8 * p, accf_ptr, SCATTER)
         if defer != 0:                               # the weights left to the end of the staging: a folded
             # router's need the norm's scale
             if KEYS:
@@ -162,6 +172,17 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         _stamp(prof + 17 + 8 * p, PROFILE)            # the input staged (and the router ranked)
         res = _field(table_ptr, p, K_F_RES)
         res_off = _field(table_ptr, p, K_F_RES_OFF)
+        res_scat = zero                              # the residual is a scattered sum's (`_stage` waited for it)
+        res_acc = zero
+        out_acc = zero
+        per_rows = zero
+        if SCATTER:
+            if res >= 0:
+                res_scat = _scattered(table_ptr, res)
+                res_acc = _sums_at(table_ptr, res, res_off, epoch)
+            if scatter != 0:
+                out_acc = _sums_at(table_ptr, p, _field(table_ptr, p, K_F_OUT_OFF), epoch)
+                per_rows = _field(table_ptr, p, K_F_ITEMS_PER_SRC)
         if SPLITS > 0:                               # (a chain with attention phases)
             if kind == K_ATTENTION:
                 for il in range(n_items):
@@ -181,13 +202,23 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         n_slots = _tiles_per_item(table_ptr, p) // BOXES          # (the phase's fields once, not an item)
         out_words = words_ptr + _field(table_ptr, p, K_F_OUT_OFF)
         while i >= 0:
+            row_item = i                                 # the item's rows (a scattered sum: of its source)
+            src0 = zero                                  # its first source
+            if SCATTER:
+                if scatter != 0:
+                    src0 = i // per_rows
+                    row_item = i - src0 * per_rows
             # the residual's words, loaded before the tiles so their round trip hides behind the arithmetic
-            res_q, res_h = _word_of(i * K_ROWS + rows[:, None])
-            res_words = gl.load(words_ptr + res_off + res_q, mask=(rows[:, None] < K_ROWS) & (res >= 0), other=0,
-                                volatile=True)
+            res_q, res_h = _word_of(row_item * K_ROWS + rows[:, None])
+            res_words = gl.load(words_ptr + res_off + res_q, mask=(rows[:, None] < K_ROWS) & (res >= 0) &
+                                (res_scat == 0), other=0, volatile=True)
+            res_f = gl.zeros([K_ROWS], gl.float32, rows_l)
+            if SCATTER:
+                if res_scat != 0:
+                    res_f = gl.load(accf_ptr + res_acc + row_item * K_ROWS + rows, volatile=True)
             acc = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
             acc_up = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
-            src = zero                                   # the source of slot j (a routed sum's expert)
+            src = src0                                   # the source of slot j (a routed sum's expert)
             if PIPE:                                 # the next slot's loads before this one's arithmetic
                 if n_slots > 0:                      # (a heads phase's items have none)
                     acc, acc_up, consumed = _pipelined_slots(ring, full, empty, xgroups, consumed, n_slots, kc,
@@ -202,7 +233,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                     if PROFILE:
                         if (il == 0) & (j == 0):
                             _stamp(prof + 18 + 8 * p, PROFILE)      # the phase's first slot landed
-                    t0 = j * BOXES               # the slot's first chunk (a slot never spans two sources: kc % BOXES)
+                    t0 = src0 * kc + j * BOXES   # the slot's first chunk (a slot never spans two sources: kc % BOXES)
                     if COMPUTE:              # (compute=False, timing only: the tiles stream, nothing is read)
                         # the slot's input too, before the release: Triton's barrier analysis puts a CTA barrier
                         # between an mbarrier arrive and the next shared-memory read
@@ -221,24 +252,32 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             if FOLD and kind == K_HEADS:             # no slots: the attention's fold products, summed over heads
                 y += _heads_sum(table_ptr, p, i, words_ptr, _tag(epoch, _field(table_ptr, p, K_F_IN)), err_ptr, acc,
                                 POLLS)
-            if res >= 0:
-                if _tagged(res_words, rows[:, None] < K_ROWS, _tag(epoch, res)) == 0:
-                    res_words = _poll(words_ptr, res_off + res_q, rows[:, None] < K_ROWS, _tag(epoch, res), err_ptr,
-                                      POLLS)
-                y += gl.sum(_value(res_words, res_h), axis=1)
-            elif res == -1:
-                y += gl.load(x_ptr + i * K_ROWS + rows).to(gl.float32)
+            if src0 == 0:                            # (a scattered sum: its first source's items add it)
+                if res_scat != 0:
+                    y += res_f
+                elif res >= 0:
+                    if _tagged(res_words, rows[:, None] < K_ROWS, _tag(epoch, res)) == 0:
+                        res_words = _poll(words_ptr, res_off + res_q, rows[:, None] < K_ROWS, _tag(epoch, res),
+                                          err_ptr, POLLS)
+                    y += gl.sum(_value(res_words, res_h), axis=1)
+                elif res == -1:
+                    y += gl.load(x_ptr + row_item * K_ROWS + rows).to(gl.float32)
             if p == num_phases - 1:                  # the last phase's outputs in fp32 too (the logits)
                 gl.store(last_ptr + i * K_ROWS + rows, y)
             # two bf16 values a word (rows j and j + 8 of the item), then the tag
             # rows j and j + 8 of the item share a warp (the slot layout deals rows to warps round-robin), so
             # [16] as [2, 8] pairs them in registers: no exchange between warps
-            bits = gl.reshape(y.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF, [2, K_ROWS // 2])
-            pairs_l: gl.constexpr = bits.type.layout
-            hf = gl.arange(0, 2, layout=gl.SliceLayout(1, pairs_l))[:, None]
-            pair = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, pairs_l))
-            word = gl.sum(bits << (hf * 16), axis=0).to(gl.int64) & 0xFFFFFFFF | (_tag(epoch, p).to(gl.int64) << 32)
-            _publish(out_words + i * (K_ROWS // 2) + pair, word)
+            if SCATTER and scatter != 0:             # into the sums, then counted (released after every warp's)
+                _scatter_item(accf_ptr + out_acc + row_item * K_ROWS + rows, y, counters_ptr + num_phases + p, WARPS)
+            else:
+                bits = gl.reshape(y.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF,
+                                  [2, K_ROWS // 2])
+                pairs_l: gl.constexpr = bits.type.layout
+                hf = gl.arange(0, 2, layout=gl.SliceLayout(1, pairs_l))[:, None]
+                pair = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, pairs_l))
+                word = gl.sum(bits << (hf * 16), axis=0).to(gl.int64) & 0xFFFFFFFF | \
+                    (_tag(epoch, p).to(gl.int64) << 32)
+                _publish(out_words + i * (K_ROWS // 2) + pair, word)
             if COUNTED:                          # one more of the phase's items out (`_stage(COUNTED=True)`)
                 gl.atomic_add(counters_ptr + num_phases + p, 1, sem="relaxed", scope="gpu")
             mark, t_end = _lap(mark, t_end, PROFILE)
@@ -269,10 +308,33 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
     if gl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu") == nprog - 1:
         gl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
         gl.atomic_add(epoch_ptr, 1, sem="relaxed", scope="gpu")
-        if DYNAMIC or COUNTED:                       # the item counters and published counts, for the next launch
+        if DYNAMIC or COUNTED or SCATTER:            # the item counters and published counts, for the next launch
             q = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
             for q0 in range(0, 2 * num_phases, 128):
                 gl.store(counters_ptr + q0 + q, 0, mask=q0 + q < 2 * num_phases)
+
+
+@gluon.jit
+def _scatter_item(ptrs, y, count_ptr, WARPS: gl.constexpr):
+    """A scattered sum's item: its rows' values y added into the sums at `ptrs`, then, once every warp's adds are
+    issued, one release increment of the phase's count."""
+    gl.atomic_add(ptrs, y, sem="relaxed", scope="gpu")
+    _cta_barrier()
+    one_l: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    gl.atomic_add(count_ptr + gl.arange(0, 1, layout=one_l), gl.full([1], 1, gl.int32, one_l), sem="release",
+                  scope="gpu")
+
+
+@gluon.jit
+def _zero_share(accf_ptr, table_ptr, p, epoch, pid, nprog, WARPS: gl.constexpr):
+    """This program's share of scattered sum p's buffer for the next launch (the other parity), zeroed: nothing
+    reads it in this one, and the next starts after this one ends."""
+    n = _field(table_ptr, p, K_F_ITEMS_PER_SRC) * K_ROWS
+    at = _sums_at(table_ptr, p, _field(table_ptr, p, K_F_OUT_OFF), epoch + 1)
+    zl: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    z = gl.arange(0, K_ROWS, layout=zl)
+    for z0 in range(pid * K_ROWS, n, nprog * K_ROWS):
+        gl.store(accf_ptr + at + z0 + z, gl.zeros([K_ROWS], gl.float32, zl), mask=z0 + z < n)
 
 
 @gluon.jit

@@ -25,6 +25,7 @@ STAGE_CHUNKS = 32         # input chunks a program can stage (8,192 values)
 F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL, F_ROUTE_LAST = 16, 17, 18, 19, 20, 21, 22, 23
 F_SCALE, F_NORM_SEG, F_DYN, F_TAIL, F_ROUTE_SCALED, F_PRODUCER_RANKS, F_FOLD, F_FOLD_N = 24, 25, 26, 27, 28, 29, 30, 31
 NCOL = 32                 # (all used) a phase's row is one 128-B line: its fields are one L1 miss, not two
+F_SCATTER = F_UP          # a sum: 1 where its items are one source's rows each (`Phase.scatter`); F_UP is a swiglu's
 MAX_EXPERTS = 256         # router outputs a routed phase can rank
 FEW_EXPERTS = 64          # router outputs a router with `rms_of` can have (the kernel's ranking by counting)
 MAX_TOP_K = 16            # experts a routed phase takes
@@ -81,6 +82,12 @@ class Phase:
     tail: bool = False            # a sum or swiglu phase's items on the last programs, not the first (item i on
                                   # program (i + P - items % P) % P of P): a small phase there runs beside a larger
                                   # one whose items fill the first programs (attention's, o_proj's)
+    scatter: bool = False         # a sum whose items are one source's 16 rows each (sources x out_rows / 16 items,
+                                  # source by source), added into fp32 sums by atomics (the first source's items add
+                                  # the residual), with a count of the items done: its readers (inputs, residuals)
+                                  # wait for the count, then read the sums, rounded to bf16 as a word would hold
+                                  # them. Its words hold two fp32 buffers of out_rows, one a launch by the epoch's
+                                  # parity; the other is zeroed during the launch (`decode_chain(scatter_down)`)
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,11 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
             raise ValueError(f"phase {i}: kind {ph.kind!r}, expected 'sum', 'swiglu', 'attention' or 'heads'")
         if ph.tail and ph.route != NO_PHASE:
             raise ValueError(f"phase {i}: a routed phase's items start at the first program (no tail)")
+        if ph.scatter and (ph.kind != "sum" or ph.tail or i == len(phases) - 1):
+            raise ValueError(f"phase {i}: only a sum that is not the last phase and has no tail can scatter")
+        if any(0 <= s < i and phases[s].scatter for s in (ph.route, ph.wait, ph.rms_of)) or \
+                (0 <= ph.input < i and phases[ph.input].scatter and ph.kind not in ("sum", "swiglu")):
+            raise ValueError(f"phase {i}: a scattered phase's sums are only the input or residual of a sum or swiglu")
         if ph.rms_of != NO_PHASE and (ph.kind != "sum" or ph.out_rows > FEW_EXPERTS or attention_source(ph.rms_of)
                                       or not 0 <= ph.rms_of < i):
             raise ValueError(f"phase {i}: a router with rms_of is a sum of at most {FEW_EXPERTS} outputs, and "
@@ -190,8 +202,9 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
         lengths.append(ph.out_rows)
         kc = ph.k // CHUNK
         src_off = (lambda s: offsets[s] if s >= 0 else 0)
-        rows.append([SWIGLU if swiglu else SUM, ph.family, ph.row0, ph.out_rows // ROWS, kc, ph.sources, ph.stride,
-                     ph.up_offset, per_src // ROWS, ph.input, need // CHUNK, src_off(ph.input), ph.residual,
+        rows.append([SWIGLU if swiglu else SUM, ph.family, ph.row0, ph.out_rows // ROWS * (ph.sources if ph.scatter
+                     else 1), kc, ph.sources, ph.stride, ph.up_offset if swiglu else int(ph.scatter), per_src // ROWS,
+                     ph.input, need // CHUNK, src_off(ph.input), ph.residual,
                      src_off(ph.residual) if ph.residual != NO_PHASE else 0, total, ph.wait,
                      src_off(ph.wait) if ph.wait != NO_PHASE else 0,
                      lengths[ph.wait] // 2 if ph.wait >= 0 else 0, ph.norm, ph.route,
@@ -203,7 +216,7 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
             rows[-1][F_IN_OFF] += combined_offset(phases[ph.input])
         if ph.route != NO_PHASE:
             routed.append(i)
-        total += ph.out_rows // 2                 # two values a word
+        total += ph.out_rows if ph.scatter else ph.out_rows // 2        # two fp32 buffers, or two values a word
     # the last routed phase of each run that shares one router: ranking it once serves them all, so the ring can
     # load a later phase's experts (the down's) while an earlier one (the gate/up) computes
     if len(routed) > MAX_ORDINALS:
@@ -314,11 +327,12 @@ def split_positions(ctx: int, splits: int) -> int:
 
 
 def dynamic_phases(p: Plan, sums_above: int | None = None) -> list[int]:
-    """Phases whose items the programs should take as they go (`tile_lists(dynamic=...)`): the swiglu phases, and
-    with `sums_above` the sum phases of more items than that (the program count: a program with one item has
+    """Phases whose items the programs should take as they go (`tile_lists(dynamic=...)`): the swiglu and scatter
+    phases, and with `sums_above` the sum phases of more items than that (the program count: a program with one item has
     nothing to rebalance). A static split leaves a phase's tail to its slowest programs, and a program's pace
     through the same bytes varies by ~30%."""
     return [q for q, f in enumerate(p.table.tolist()) if not f[F_TAIL] and (f[F_KIND] == SWIGLU or
+            (f[F_KIND] == SUM and f[F_SCATTER]) or
             (sums_above is not None and f[F_KIND] == SUM and f[F_ITEMS] > sums_above))]
 
 
@@ -351,6 +365,10 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: Seque
             t = torch.arange(2 * kc)[None, :]
             per = f[F_ITEMS_PER_SRC]
             src, within = item // per, (item % per) * ROWS + (t // kc) * f[F_UP]
+        elif f[F_SCATTER]:                    # an item: one source's rows (items source by source)
+            t = torch.arange(kc)[None, :]
+            per = f[F_ITEMS_PER_SRC]
+            src, within = item // per + 0 * t, (item % per) * ROWS
         else:
             t = torch.arange(f[F_SOURCES] * kc)[None, :]
             src, within = t // kc, item * ROWS

@@ -131,10 +131,11 @@ def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s,
     items = _field(table_ptr, p, K_F_ITEMS)
     kc = _field(table_ptr, p, K_F_KC)
     swiglu = _field(table_ptr, p, K_F_KIND) == K_SWIGLU
-    tiles = gl.where(swiglu, 2 * kc, _field(table_ptr, p, K_F_SOURCES) * kc)
+    up = _field(table_ptr, p, K_F_UP)
+    scatter = (up != 0) & (_field(table_ptr, p, K_F_KIND) != K_SWIGLU)   # a scattered sum: one source an item
+    tiles = gl.where(swiglu, 2 * kc, gl.where(scatter, kc, _field(table_ptr, p, K_F_SOURCES) * kc))
     fam = _field(table_ptr, p, K_F_FAM)
     per = _field(table_ptr, p, K_F_ITEMS_PER_SRC)
-    up = _field(table_ptr, p, K_F_UP)
     ordinal = _field(table_ptr, p, K_F_ORDINAL)
     row0 = _field(table_ptr, p, K_F_ROW0)
     stride = _field(table_ptr, p, K_F_STRIDE)
@@ -142,7 +143,7 @@ def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s,
     nxt = gl.atomic_add(at, gl.full([1], 1, gl.int32, one_l), sem="relaxed", scope="gpu") + nprog
     item = gl.program_id(0)
     while item < items:
-        expert = item // per                             # (swiglu: the item's expert and first row in it)
+        expert = item // per                             # (swiglu, scatter: the item's expert, first row in it)
         first = (item % per) * K_ROWS
         part = item * 0                                  # t // kc: a sum's source, a swiglu's gate (0) or up (1)
         chunk = part                                     # t % kc (counted: no division a slot)
@@ -152,6 +153,9 @@ def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s,
             if swiglu:                                   # swiglu: the item's expert, its gate rows then up rows
                 src = expert
                 within = first + part * up
+            if scatter:                                  # (one part: the item's kc chunks)
+                src = expert
+                within = first
             if ordinal >= 0:
                 row = K_ROUTED | (ordinal << 16) | (src << 12) | within
             else:

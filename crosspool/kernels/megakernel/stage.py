@@ -15,16 +15,20 @@ from crosspool.kernels.megakernel.common import (
     K_F_KIND,
     K_F_NORM,
     K_F_NORM_SEG,
+    K_F_RES,
     K_F_WAIT,
     K_F_WAIT_N,
     K_F_WAIT_OFF,
     K_ROWS,
     K_STAGE_CHUNKS,
+    _await_count,
     _cta_barrier,
     _field,
     _lap,
     _poll,
+    _scattered,
     _stamp,
+    _sums_at,
     _tag,
     _value,
     _word_of,
@@ -34,7 +38,8 @@ from crosspool.kernels.megakernel.common import (
 @gluon.jit
 def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, mark, t_poll,
            t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr,
-           published_ptr, COUNTED: gl.constexpr = False, polled_at=None):
+           published_ptr, COUNTED: gl.constexpr = False, polled_at=None, accf_ptr=None,
+           SCATTER: gl.constexpr = False):
     """Consumers: stage phase p's input in `xs` (bf16), 16 chunks a round, after polling its tags (phase `src`, or
     the step's input `x_ptr` where src < 0); RMSNorm it where the phase has norm weights (an attention phase: q and
     k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. With `skip` (a program
@@ -42,8 +47,9 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
     one's input. COUNTED: first wait until the input phase has published all its items (`published_ptr[src]`, one
     word, no reduction a round) unless it is attention, then poll its words as before. PROFILE: `t_poll` and
     `t_stage` plus the cycles of the polls and of the rest, and the time every word was polled at `polled_at` (not
-    in an attention phase: its items stamp their own part there). Returns mark, t_poll, t_stage, and the norm's scale
-    rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
+    in an attention phase: its items stamp their own part there). SCATTER: an input or residual that is a scattered
+    sum's (`Phase.scatter`) is waited for by its count (`published_ptr`), then read as fp32 sums (`accf_ptr`).
+    Returns mark, t_poll, t_stage, and the norm's scale rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
     scol = gl.arange(0, K_CHUNK, layout=gl.SliceLayout(0, stage_l))
@@ -62,6 +68,18 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
     g_first = gl.load(norms_ptr + norm + srow[:, None] * K_CHUNK + scol[None, :],
                       mask=(srow[:, None] < n_in) & (norm >= 0), other=0.0)
     squares2 = squares
+    scat_in = n_in * 0                           # SCATTER: the input is a scattered sum's, at in_acc
+    in_acc = n_in * 0
+    if SCATTER:
+        if (src >= 0) & (n_in > 0):
+            scat_in = _scattered(table_ptr, src)
+            if scat_in != 0:
+                _await_count(published_ptr + src, _field(table_ptr, src, K_F_ITEMS), err_ptr, POLLS)
+                in_acc = _sums_at(table_ptr, src, _field(table_ptr, p, K_F_IN_OFF), epoch)
+            res = _field(table_ptr, p, K_F_RES)
+            if res >= 0:                         # (the items read it; wait for it once, here)
+                if _scattered(table_ptr, res) != 0:
+                    _await_count(published_ptr + res, _field(table_ptr, res, K_F_ITEMS), err_ptr, POLLS)
     if COUNTED:
         if (src >= 0) & (n_in > 0):
             if _field(table_ptr, src, K_F_KIND) != K_ATTENTION:
@@ -77,8 +95,15 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
             mask = (r + srow)[:, None] < n_in
             if src >= 0:
                 q, h = _word_of(offs)
-                vals = _value(_poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, _tag(epoch, src),
-                                    err_ptr, POLLS), h)
+                if SCATTER:
+                    if scat_in != 0:
+                        vals = gl.load(accf_ptr + in_acc + offs, mask=mask, other=0.0, volatile=True)
+                    else:
+                        vals = _value(_poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, _tag(epoch, src),
+                                            err_ptr, POLLS), h)
+                else:
+                    vals = _value(_poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, _tag(epoch, src),
+                                        err_ptr, POLLS), h)
             else:
                 vals = gl.load(x_ptr + offs, mask=mask, other=0.0).to(gl.float32)    # (fp32 or bf16)
             vals = vals.to(gl.bfloat16)

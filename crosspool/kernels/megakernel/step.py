@@ -75,7 +75,7 @@ def chain_bytes(spec: ModelSpec, itemsize: int = 2) -> int:
 
 
 def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, splits: int = 4,
-                 adopt: bool = False, fold_heads: bool = False) -> DecodeChain:
+                 adopt: bool = False, fold_heads: bool = False, scatter_down: bool = False) -> DecodeChain:
     """The step's chain over the model's weights, copied into the chain's families (three tensors, filled layer by
     layer). The router is folded through the post-attention norm and o_proj, so the experts can be ranked while
     o_proj runs, not after it: with x = h + W_o a (h the layer's input, a the attention's output) and the norm's
@@ -91,7 +91,10 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
     cache layer is l; attention heads are split `splits` ways. fold_heads=True: the R g W_o part is computed inside
     the attention's head combine instead (each head's combining split multiplies its output by its columns of
     R g W_o, `Phase.fold`), and a "heads" phase sums the heads' products with (R g) h: the logits are out once the
-    last head is, not after a phase of their own (untimed, session 20)."""
+    last head is, not after a phase of their own (untimed, session 20). scatter_down=True: the down's items are one
+    expert's 16 rows each, taken as the programs go and added into fp32 sums (`Phase.scatter`), not 16 rows of
+    every expert (a 256-KB item a program, whose last slots stream after the staging: the down's programs finished
+    over 10.7 us, session 23; untimed)."""
     check_supported(spec)
     assert spec.routing is not None
     h, hd, n_exp, inter = spec.hidden_size, spec.num_heads * HEAD_DIM, spec.routing.num_experts, \
@@ -144,7 +147,7 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
             Phase("swiglu", 1, layer * n_exp * 2 * inter, spec.routing.top_k * inter, h, sources=spec.routing.top_k,
                   stride=2 * inter, up_offset=inter, input=p + 3, norm=at + h, route=p + 4),
             Phase("sum", 2, layer * n_exp * h, h, inter, sources=spec.routing.top_k, stride=h, input=p + 5,
-                  residual=p + 3, route=p + 4),
+                  residual=p + 3, route=p + 4, scatter=scatter_down),
         ]
         resid = p + 6
     norms.append(attn.final_norm)
@@ -170,16 +173,17 @@ class DecodeStep:
     `splits`: each attention head's context in 8 parts (890-898 us a step against 906-910 with 4, session 20);
     `stages`: a ring of 3 slots of 32 KB (875-888 us a step against 890-907 with 6, session 23: fewer bytes in
     flight a program, shorter waits for the loads a phase boundary makes);
-    `dynamic_sums`, `lean_release`, `rank_keys` and `counted_polls` as `Chain`'s; `fold_heads` as `decode_chain`'s."""
+    `dynamic_sums`, `lean_release`, `rank_keys` and `counted_polls` as `Chain`'s; `fold_heads` and `scatter_down`
+    as `decode_chain`'s."""
 
     def __init__(self, spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, kv: torch.Tensor,
                  context_len: torch.Tensor, block_table: torch.Tensor, splits: int = 8, stages: int = 3,
                  warps: int = 8, dynamic: bool = True, dynamic_sums: bool = False,
                  lean_release: bool = False, rank_keys: bool = True, counted_polls: bool = False,
-                 fold_heads: bool = False) -> None:
+                 fold_heads: bool = False, scatter_down: bool = False) -> None:
         from crosspool.kernels.megakernel.chain import Chain
 
-        d = decode_chain(spec, attn, ffn, splits, adopt=True, fold_heads=fold_heads)
+        d = decode_chain(spec, attn, ffn, splits, adopt=True, fold_heads=fold_heads, scatter_down=scatter_down)
         self.chain = Chain(d.phases, d.families, spec.hidden_size, stages=stages, warps=warps, norms=d.norms,
                            eps=d.eps, kv=kv, max_blocks=block_table.numel(), dynamic=dynamic,
                            dynamic_sums=dynamic_sums, lean_release=lean_release, rank_keys=rank_keys,
