@@ -151,8 +151,9 @@ class Chain:
         if attention and boxes != 4:
             raise ValueError(f"a chain with attention needs 4 boxes a slot (a slot holds {SLOT_BLOCKS} KV blocks of "
                              f"a head: 32 KiB), got {boxes}")
-        if pipelined and any(ph.scatter for ph in phases):
-            raise ValueError("pipelined slots do not take scattered sums (an item's first source)")
+        if (pipelined or counted_polls) and any(ph.scatter for ph in phases):
+            raise ValueError("scattered sums take neither pipelined slots (an item's first source) nor counted polls "
+                             "(they count their items themselves)")
         if not 0 <= plain_depth <= stages:
             raise ValueError(f"plain_depth is 0 (the whole ring) or 1..{stages} slots in flight, got {plain_depth}")
         ring_kib = stages * boxes * ROWS * CHUNK * 2 // 1024

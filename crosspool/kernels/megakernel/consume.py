@@ -267,9 +267,13 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             # two bf16 values a word (rows j and j + 8 of the item), then the tag
             # rows j and j + 8 of the item share a warp (the slot layout deals rows to warps round-robin), so
             # [16] as [2, 8] pairs them in registers: no exchange between warps
-            if SCATTER and scatter != 0:             # into the sums, then counted (released after every warp's)
-                _scatter_item(accf_ptr + out_acc + row_item * K_ROWS + rows, y, counters_ptr + num_phases + p, WARPS)
-            else:
+            summed = zero
+            if SCATTER:
+                if scatter != 0:                     # into the sums, then counted (released after every warp's)
+                    _scatter_item(accf_ptr + out_acc + row_item * K_ROWS + rows, y, counters_ptr + num_phases + p,
+                                  WARPS)
+                    summed = zero + 1
+            if summed == 0:
                 bits = gl.reshape(y.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF,
                                   [2, K_ROWS // 2])
                 pairs_l: gl.constexpr = bits.type.layout
