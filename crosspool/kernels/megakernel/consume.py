@@ -269,9 +269,8 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             # [16] as [2, 8] pairs them in registers: no exchange between warps
             summed = zero
             if SCATTER:
-                if scatter != 0:                     # into the sums, then counted (released after every warp's)
-                    _scatter_item(accf_ptr + out_acc + row_item * K_ROWS + rows, y, counters_ptr + num_phases + p,
-                                  WARPS)
+                if scatter != 0:                     # into the sums (counted once the program's items are in)
+                    gl.atomic_add(accf_ptr + out_acc + row_item * K_ROWS + rows, y, sem="relaxed", scope="gpu")
                     summed = zero + 1
             if summed == 0:
                 bits = gl.reshape(y.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF,
@@ -289,6 +288,10 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             i = gl.where(il < n_items, first + il * nprog, -1)
             if dyn != 0:
                 i, consumed = _next_item(full, empty, itemq, consumed, STAGES, WARPS, LEAN)
+        if SCATTER:
+            if scatter != 0:
+                if il > 0:                           # one release for all of them: each waits on the adds before
+                    _scatter_count(counters_ptr + num_phases + p, il, WARPS)
         _stamp(prof + 19 + 8 * p, PROFILE)            # this program's items of the phase published
 
     if PROFILE:
@@ -319,13 +322,12 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
 
 
 @gluon.jit
-def _scatter_item(ptrs, y, count_ptr, WARPS: gl.constexpr):
-    """A scattered sum's item: its rows' values y added into the sums at `ptrs`, then, once every warp's adds are
-    issued, one release increment of the phase's count."""
-    gl.atomic_add(ptrs, y, sem="relaxed", scope="gpu")
+def _scatter_count(count_ptr, n, WARPS: gl.constexpr):
+    """A scattered sum's count raised by the program's n items, once every warp has issued their adds: one release
+    increment (its fence waits for the adds in flight; one an item would cost a round trip each)."""
     _cta_barrier()
     one_l: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    gl.atomic_add(count_ptr + gl.arange(0, 1, layout=one_l), gl.full([1], 1, gl.int32, one_l), sem="release",
+    gl.atomic_add(count_ptr + gl.arange(0, 1, layout=one_l), gl.full([1], n, gl.int32, one_l), sem="release",
                   scope="gpu")
 
 
