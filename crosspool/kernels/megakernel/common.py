@@ -21,6 +21,7 @@ _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 # the plan's constants, as the kernel sees them
 K_ROWS = gl.constexpr(P.ROWS)
 K_CHUNK = gl.constexpr(P.CHUNK)
+K_SUM = gl.constexpr(P.SUM)
 K_SWIGLU = gl.constexpr(P.SWIGLU)
 K_ATTENTION = gl.constexpr(P.ATTENTION)
 K_HEADS = gl.constexpr(P.HEADS)
@@ -94,7 +95,7 @@ def _tiles_per_item(table_ptr, p):
 @gluon.jit
 def _scattered(table_ptr, p):
     """1 where phase p (>= 0) is a scattered sum (`Phase.scatter`: fp32 sums and a count, not tagged words)."""
-    return gl.where((_field(table_ptr, p, K_F_KIND) == 0) & (_field(table_ptr, p, K_F_UP) != 0), 1, 0)
+    return gl.where((_field(table_ptr, p, K_F_KIND) == K_SUM) & (_field(table_ptr, p, K_F_UP) != 0), 1, 0)
 
 
 @gluon.jit

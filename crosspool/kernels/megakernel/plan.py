@@ -368,7 +368,7 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: Seque
         elif f[F_SCATTER]:                    # an item: one source's rows (items source by source)
             t = torch.arange(kc)[None, :]
             per = f[F_ITEMS_PER_SRC]
-            src, within = item // per + 0 * t, (item % per) * ROWS
+            src, within = item // per, (item % per) * ROWS
         else:
             t = torch.arange(f[F_SOURCES] * kc)[None, :]
             src, within = t // kc, item * ROWS

@@ -130,9 +130,10 @@ def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s,
     one_l: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     items = _field(table_ptr, p, K_F_ITEMS)
     kc = _field(table_ptr, p, K_F_KC)
-    swiglu = _field(table_ptr, p, K_F_KIND) == K_SWIGLU
+    kind = _field(table_ptr, p, K_F_KIND)
+    swiglu = kind == K_SWIGLU
     up = _field(table_ptr, p, K_F_UP)
-    scatter = (up != 0) & (_field(table_ptr, p, K_F_KIND) != K_SWIGLU)   # a scattered sum: one source an item
+    scatter = (up != 0) & (kind != K_SWIGLU)            # a scattered sum (F_SCATTER): one source an item
     tiles = gl.where(swiglu, 2 * kc, gl.where(scatter, kc, _field(table_ptr, p, K_F_SOURCES) * kc))
     fam = _field(table_ptr, p, K_F_FAM)
     per = _field(table_ptr, p, K_F_ITEMS_PER_SRC)

@@ -94,16 +94,14 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
             offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]            # value indices
             mask = (r + srow)[:, None] < n_in
             if src >= 0:
-                q, h = _word_of(offs)
+                # (the sums' load only where the chain has them: unguarded, Triton 3.6's LLVM lowering asserted)
                 if SCATTER:
                     if scat_in != 0:
                         vals = gl.load(accf_ptr + in_acc + offs, mask=mask, other=0.0, volatile=True)
                     else:
-                        vals = _value(_poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, _tag(epoch, src),
-                                            err_ptr, POLLS), h)
+                        vals = _polled(table_ptr, p, src, offs, mask, words_ptr, epoch, err_ptr, POLLS)
                 else:
-                    vals = _value(_poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, _tag(epoch, src),
-                                        err_ptr, POLLS), h)
+                    vals = _polled(table_ptr, p, src, offs, mask, words_ptr, epoch, err_ptr, POLLS)
             else:
                 vals = gl.load(x_ptr + offs, mask=mask, other=0.0).to(gl.float32)    # (fp32 or bf16)
             vals = vals.to(gl.bfloat16)
@@ -149,3 +147,10 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
     _cta_barrier()
     mark, t_stage = _lap(mark, t_stage, PROFILE)
     return mark, t_poll, t_stage, rstd
+
+
+@gluon.jit
+def _polled(table_ptr, p, src, offs, mask, words_ptr, epoch, err_ptr, POLLS: gl.constexpr):
+    """Values `offs` of phase p's input (phase src's tagged words), once every word is tagged, as fp32."""
+    q, h = _word_of(offs)
+    return _value(_poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + q, mask, _tag(epoch, src), err_ptr, POLLS), h)
