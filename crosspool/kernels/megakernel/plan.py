@@ -26,8 +26,8 @@ F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL, F_ROUT
 F_SCALE, F_NORM_SEG, F_DYN, F_TAIL, F_ROUTE_SCALED, F_PRODUCER_RANKS, F_FOLD, F_FOLD_N = 24, 25, 26, 27, 28, 29, 30, 31
 NCOL = 32                 # (all used) a phase's row is one 128-B line: its fields are one L1 miss, not two
 F_SCATTER = F_UP          # a sum: 1 where its items are one source's rows each (`Phase.scatter`); F_UP is a swiglu's
-F_HELD = F_SCALE          # a plain sum: its first slots a program takes from the hold (`Phase.hold_from`, `Chain(hold=)`);
-                          # F_SCALE is an attention phase's
+F_HELD = F_SCALE          # a plain sum: its first slots a program takes from the hold (`Phase.hold_from`,
+                          # `Chain(hold=)`); F_SCALE is an attention phase's
 MAX_EXPERTS = 256         # router outputs a routed phase can rank
 FEW_EXPERTS = 64          # router outputs a router with `rms_of` can have (the kernel's ranking by counting)
 MAX_TOP_K = 16            # experts a routed phase takes
