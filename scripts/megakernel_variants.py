@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# the step bench's result row: | megakernel, N phases | us | MB | frac of copy bw | worst phase |
-RESULT = re.compile(r"\| megakernel, \d+ phases \| ([\d.]+) \| \d+ \| ([\d.]+) \|")
+# the step bench's result row: | megakernel, N phases | us | MB | frac of copy bw | worst phase's max rel err (...) |
+RESULT = re.compile(r"\| megakernel, \d+ phases \| ([\d.]+) \| \d+ \| ([\d.]+) \| (\S+) ")
 
 
 def command(variant: str) -> list[str]:
@@ -33,10 +33,12 @@ def command(variant: str) -> list[str]:
 
 
 def result(stdout: str, stderr: str, rc: int) -> str:
-    """A run's table cell: `us (fraction)`, or why there is none."""
+    """A run's table cell: `us (fraction)`, with its worst phase's error where that is over 2e-2 (the step
+    bench's check against the reference), or why there is none."""
     found = RESULT.search(stdout)
     if found:
-        return f"{found[1]} ({found[2]})"
+        err = float(found[3])
+        return f"{found[1]} ({found[2]})" + (f", err {err:.1e}" if not err <= 2e-2 else "")
     last = (stderr.strip().splitlines() or ["no output"])[-1]
     return f"failed, rc {rc}: {last[:80]}"
 

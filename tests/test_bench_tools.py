@@ -275,8 +275,8 @@ def test_decode_bench_max_model_len(tiny_models, tmp_path: Path, capsys) -> None
 
 
 def test_megakernel_variants_reads_the_step_benchs_row() -> None:
-    """`scripts/megakernel_variants.py`: each variant's command, and its cell from the step bench's result row (or
-    why there is none)."""
+    """`scripts/megakernel_variants.py`: each variant's command, and its cell from the step bench's result row (its
+    worst phase's error where that is large, or why there is none)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -288,6 +288,8 @@ def test_megakernel_variants_reads_the_step_benchs_row() -> None:
                                                     "mkb/mk_abc1234/step_bench.py", "--profile"]
     row = "| megakernel, 113 phases | 893.4 | 2492 | 0.655 | 9.5e-04 (phase 56, sum) |"
     assert mv.result("OLMoE-1B-7B shapes\n" + row + "\n", "", 0) == "893.4 (0.655)"
+    for err, cell in (("3.1e-01", "893.4 (0.655), err 3.1e-01"), ("nan", "893.4 (0.655), err nan")):  # a wrong step
+        assert mv.result(row.replace("9.5e-04", err), "", 0) == cell
     assert mv.result("", "Traceback ...\nRuntimeError: no GPU\n", 1) == "failed, rc 1: RuntimeError: no GPU"
 
 
