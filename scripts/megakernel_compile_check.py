@@ -36,7 +36,6 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="with the cycle counters")
     p.add_argument("--plain-depth", type=int, default=0, help="DEPTH (`Chain(plain_depth=N)`)")
     p.add_argument("--scatter", action="store_true", help="with scattered sums (`Phase.scatter`)")
-    p.add_argument("--hold", type=int, default=0, help="HOLD (`Chain(hold=N)`)")
     add_options(p)
     p.add_argument("--fold-heads", action="store_true", help="with a fold (`decode_chain(fold_heads=True)`)")
     p.add_argument("--dynamic", action="store_true", help="with dynamic phases (`Chain(dynamic=True)`)")
@@ -60,7 +59,7 @@ def main() -> None:
     const = dict(STAGES=args.stages, BOXES=args.boxes, WARPS=args.warps, POLLS=1 << 22, COMPUTE=True,
                  PROFILE=args.profile, SPLITS=args.splits,
                  DYNAMIC=args.dynamic, FOLD=args.fold_heads, DEPTH=args.plain_depth, SCATTER=args.scatter,
-                 HOLD=args.hold, **constexprs(args))
+                 **constexprs(args))
     kernel = triton.compile(GluonASTSource(chain._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=args.warps))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

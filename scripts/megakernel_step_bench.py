@@ -107,10 +107,6 @@ def main() -> None:
                    "that are not routed (`Chain(plain_depth=N)`, 0: all of them; untimed, session 23)")
     p.add_argument("--scatter-down", action="store_true", help="the down's items one expert's rows each, added "
                    "into fp32 sums (`decode_chain(scatter_down=True)`; untimed, session 23)")
-    p.add_argument("--hold", type=int, default=0, help="slots beside the ring that hold each next layer's QKV "
-                   "(and the lm_head) from --hold-at on (`Chain(hold=N)`; untimed, session 24)")
-    p.add_argument("--hold-at", type=int, default=4, help="with --hold: the phase of the layer before whose codes "
-                   "load the hold (`decode_chain(hold_at=)`: 3 o_proj, 4 router, 5 gate/up, 6 down)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--timeline", help="with --profile: torch.save the raw timeline ([programs, phases, 8] us) and "
@@ -134,7 +130,7 @@ def main() -> None:
     ffn = FFNWeights(layers=[{"router": rand(e, h, std=0.1), "experts_gate_up": rand(e, 2 * i, h),
                               "experts_down": rand(e, h, i, std=0.01)} for _ in range(args.layers)])
     dc = decode_chain(spec, attn, ffn, splits=args.splits, fold_heads=args.fold_heads,
-                      scatter_down=args.scatter_down, hold_at=args.hold_at if args.hold else -1)
+                      scatter_down=args.scatter_down)
     del ffn                                          # the chain holds its own copies
     ctx = args.context
     blocks = -(-ctx // mk.BLOCK)
@@ -144,7 +140,7 @@ def main() -> None:
     chain = mk.Chain(dc.phases, dc.families, h, stages=args.stages, warps=args.warps, norms=dc.norms, eps=dc.eps,
                      kv=kv, max_blocks=blocks, profile=args.profile,
                      dynamic=not args.static, dynamic_sums=args.dynamic_sums, plain_depth=args.plain_depth,
-                     hold=args.hold, **chain_kwargs(args))
+                     **chain_kwargs(args))
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()
     copy_bw = copy_bandwidth(dev)

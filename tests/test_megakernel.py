@@ -154,45 +154,6 @@ def test_tile_lists_dynamic_leave_the_swiglu_phases_to_the_producer() -> None:
         assert mine[n0 + 1:] == codes[n0 + n1:]
 
 
-def test_tile_lists_move_a_held_phases_first_slots_to_its_hold_phase() -> None:
-    """held={q: (at, n)}: each program's first n codes of phase q move to just before phase `at`'s codes, behind
-    the code HOLD | n (the producer loads them into the hold there); the rest keep their order. A held phase must
-    be a static plain sum held from an earlier phase, and every program must have n of its slots."""
-    p = mk.plan(CHAIN, _families("cpu", 0), 2048)
-    static = mk.tile_lists(p, 3, 2)
-    held = mk.tile_lists(p, 3, 2, held={2: (1, 3)})
-    for r in range(3):
-        codes, mine = static[r, 1:1 + static[r, 0]].tolist(), held[r, 1:1 + held[r, 0]].tolist()
-        n0 = 4 * len(range(r, 128, 3))                   # phase 0's slots (4 an item), then phase 1's (8 an item)
-        n1 = 8 * len(range(r, 128, 3))
-        mark = mk.HOLD | 3
-        assert mark < 0 and (mark >> 16) & 0x7FFF == 0x3FFF and mark & 0xFFFF == 3
-        assert mine == codes[:n0] + [mark] + codes[n0 + n1:n0 + n1 + 3] + codes[n0:n0 + n1] + codes[n0 + n1 + 3:]
-    dyn = mk.tile_lists(p, 3, 2, dynamic=[1], held={2: (1, 2)})      # before a dynamic phase's one code
-    n0 = 4 * len(range(0, 128, 3))
-    assert dyn[0, 1 + n0:1 + n0 + 4].tolist() == [mk.HOLD | 2] + static[0, 1 + n0 + 8 * 43:][:2].tolist() + \
-        [mk.DYNAMIC | 1]
-    for bad, why in (({2: (2, 1)}, "earlier"), ({1: (0, 1)}, "static plain sum"), ({3: (2, 5)}, "fewer than")):
-        with pytest.raises(ValueError, match=why):
-            mk.tile_lists(p, 3, 2, held=bad)
-    with pytest.raises(ValueError, match="static plain sum"):
-        mk.tile_lists(p, 3, 2, dynamic=[2], held={2: (1, 1)})
-
-
-def test_plan_takes_a_held_phase_only_after_the_last_one() -> None:
-    """Phase.hold_from: a sum that is neither routed nor scattered, held from an earlier phase that comes after
-    the previous held phase (the hold serves one phase at a time)."""
-    fam = _families("cpu", 0)
-    ok = [dataclasses.replace(CHAIN[0]), CHAIN[1], dataclasses.replace(CHAIN[2], hold_from=1), CHAIN[3],
-          dataclasses.replace(CHAIN[4], hold_from=3)]
-    mk.plan(ok, fam, 2048)
-    for q, at in ((2, 2), (2, 3), (1, 0)):           # itself, a later phase, a swiglu
-        with pytest.raises(ValueError, match="held"):
-            mk.plan([dataclasses.replace(ph, hold_from=at) if j == q else ph for j, ph in enumerate(CHAIN)], fam, 2048)
-    with pytest.raises(ValueError, match="after the last held one"):
-        mk.plan(ok[:4] + [dataclasses.replace(CHAIN[4], hold_from=2)], fam, 2048)
-
-
 def test_tile_lists_with_boxes_keep_each_slots_first_chunk() -> None:
     p = mk.plan(CHAIN, _families("cpu", 0), 2048)
     one, two = mk.tile_lists(p, 3, 1), mk.tile_lists(p, 3, 2, pad=5)
@@ -214,11 +175,6 @@ def test_chain_rejects_bad_weights_and_rings_before_any_launch() -> None:
         mk.Chain(CHAIN, fam, 2048, stages=8, boxes=4)
     with pytest.raises(ValueError, match="plain_depth"):
         mk.Chain(CHAIN, fam, 2048, stages=3, plain_depth=4)
-    with pytest.raises(ValueError, match="226 KiB"):
-        mk.Chain(CHAIN, fam, 2048, stages=4, boxes=4, hold=3)              # the hold's slots count too
-    for bad in (dict(hold=-1), dict(hold=2, pipelined=True)):
-        with pytest.raises(ValueError, match="hold"):
-            mk.Chain(CHAIN, fam, 2048, stages=3, **bad)
     with pytest.raises(ValueError, match="norm weights"):
         mk.Chain(NORM_CHAIN, fam, 2048)                                   # normed phases, no norms given
     with pytest.raises(ValueError, match="1-D tensor"):

@@ -26,11 +26,10 @@ from crosspool.models.spec import ModelSpec
 BS = mk.BLOCK
 
 
-def _spec(top_k: int = 2, layers: int = 2, heads: int = 8) -> ModelSpec:
-    """OLMoE in small, with the megakernel's shapes: 8 heads of 128 (hidden 1024), 16 experts of 1024, top 2."""
-    cfg = get_preset("olmoe-1b-7b").config | {"num_hidden_layers": layers, "hidden_size": 128 * heads,
-                                              "num_attention_heads": heads, "num_key_value_heads": heads,
-                                              "intermediate_size": 1024, "num_experts": 16,
+def _spec(top_k: int = 2) -> ModelSpec:
+    """OLMoE in small, with the megakernel's shapes: 8 heads of 128, hidden 1024, 16 experts of 1024, top 2."""
+    cfg = get_preset("olmoe-1b-7b").config | {"num_hidden_layers": 2, "hidden_size": 1024, "num_attention_heads": 8,
+                                              "num_key_value_heads": 8, "intermediate_size": 1024, "num_experts": 16,
                                               "num_experts_per_tok": top_k, "vocab_size": 512}
     return ModelSpec.from_hf_config(cfg)
 
@@ -215,7 +214,7 @@ def test_decode_chain_refuses_other_models_with_the_reason() -> None:
 @pytest.mark.parametrize("split", ["static", "dynamic", "dynamic sums", "dynamic lean", "dynamic weights",
                                    "dynamic counted", "dynamic pipelined", "dynamic fold",
                                    "dynamic fold pipelined", "dynamic plain depth", "dynamic scatter down",
-                                   "static scatter down", "dynamic hold"])
+                                   "static scatter down"])
 def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, split: str) -> None:  # noqa: ANN001
     """The whole small step on the GPU: every phase against the reference fed the kernel's own earlier outputs,
     the new token's key and value in the cache, over three steps of one sequence in a CUDA graph. Dynamic: the
@@ -228,18 +227,15 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     part in the attention's head combine (`decode_chain(fold_heads=True)`); plain depth: a ring of 6 whose phases
     that are not routed keep at most 3 slots in flight (`Chain(plain_depth=3)`); scatter down: the down's items one
     expert's rows each, added into fp32 sums and counted (`decode_chain(scatter_down=True)`), taken as the programs
-    go or (static) dealt round-robin; hold: three layers of 16 heads (QKV: 2 items of 2 slots on every program),
-    a ring of 3 and a hold of 3 slots, each later layer's QKV held from the router before (`Chain(hold=3)`,
-    `decode_chain(hold_at=4)`): two uses of the hold a launch."""
+    go or (static) dealt round-robin."""
     dynamic = not split.startswith("static")
-    hold = split.endswith("hold")
-    spec = _spec(4, layers=3, heads=16) if hold else _spec(4 if dynamic else 2)
+    spec = _spec(4 if dynamic else 2)
     attn, ffn = _weights(spec, 1)
     attn = AttentionWeights(attn.embed.cuda(), attn.final_norm.cuda(), attn.lm_head.cuda(),
                             [{k: v.cuda() for k, v in w.items()} for w in attn.layers])
     ffn = FFNWeights(layers=[{k: v.cuda() for k, v in w.items()} for w in ffn.layers])
     dc = decode_chain(spec, attn, ffn, splits=2, fold_heads=split.startswith("dynamic fold"),
-                      scatter_down=split.endswith("scatter down"), hold_at=4 if hold else -1)
+                      scatter_down=split.endswith("scatter down"))
     g = torch.Generator().manual_seed(3)
     kv = (torch.randn(64, spec.num_layers, 2, BS, spec.num_heads, mk.HEAD_DIM, generator=g) * 0.5).to(
         "cuda", torch.bfloat16)
@@ -247,11 +243,7 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     chain = mk.Chain(dc.phases, dc.families, spec.hidden_size, norms=dc.norms, eps=dc.eps, kv=kv, max_blocks=64,
                      dynamic=dynamic, dynamic_sums=split == "dynamic sums", lean_release=split == "dynamic lean",
                      rank_keys=split != "dynamic weights", counted_polls=split == "dynamic counted",
-                     pipelined=split.endswith("pipelined"), plain_depth=3 if split.endswith("depth") else 0,
-                     stages=3 if hold else 6, hold=3 if hold else 0)
-    if hold:                                         # layers 1 and 2's QKV, 3 slots of every program
-        assert [q for q, ph in enumerate(dc.phases) if ph.kind == "sum" and chain.table[q, mk.F_HELD]] == [7, 14]
-        assert chain.table[[7, 14], mk.F_HELD].tolist() == [3, 3] and chain.meta["HOLD"] == 3
+                     pipelined=split.endswith("pipelined"), plain_depth=3 if split.endswith("depth") else 0)
     x = torch.empty(spec.hidden_size, device="cuda")
     for ctx in (300, 301, 302):
         cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))

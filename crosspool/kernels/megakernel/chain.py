@@ -30,8 +30,6 @@ from crosspool.kernels.megakernel.plan import (
     BLOCK,
     CHUNK,
     F_DYN,
-    F_HELD,
-    F_ITEMS,
     F_KC,
     F_KIND,
     F_PRODUCER_RANKS,
@@ -39,7 +37,6 @@ from crosspool.kernels.megakernel.plan import (
     FEW_EXPERTS,
     HEAD_DIM,
     MAX_TOP_K,
-    NO_PHASE,
     ROWS,
     STAGE_CHUNKS,
     Phase,
@@ -62,16 +59,15 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
                   DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
                   COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, FOLD: gl.constexpr = False,
-                  DEPTH: gl.constexpr = 0, SCATTER: gl.constexpr = False, HOLD: gl.constexpr = 0):
+                  DEPTH: gl.constexpr = 0, SCATTER: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
-    (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`). The ring's buffers have
-    HOLD more slots after its STAGES, the hold (`Chain(hold=)`)."""
+    (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
-    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES + HOLD, BOXES, K_ROWS, K_CHUNK], d0.layout)
+    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BOXES, K_ROWS, K_CHUNK], d0.layout)
     xs = gl.allocate_shared_memory(gl.bfloat16, [K_STAGE_CHUNKS, K_CHUNK],
                                    gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))          # the staged input
-    full = gl.allocate_shared_memory(gl.int64, [STAGES + HOLD, 1], mbarrier.MBarrierLayout())    # a slot has landed
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES + HOLD, 1], mbarrier.MBarrierLayout())   # a slot is free
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())    # a slot has landed
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())   # a slot is free
     ranked = gl.allocate_shared_memory(gl.int64, [K_MAX_ORDINALS, 1], mbarrier.MBarrierLayout())
     # KEYS: the producer's ranking (`rank._rank_by_producer`): the ids it picked and the logits, by the parity of its
     # rankings, and the router's keys as it compares them
@@ -86,7 +82,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
     # an attention item's rotated q, new key, and output (fp32), and its BLOCK rows' outputs to combine
     scratch = gl.allocate_shared_memory(gl.float32, [4, K_HEAD_DIM], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     rows = gl.allocate_shared_memory(gl.float32, [K_BLOCK, K_HEAD_DIM], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-    for s in gl.static_range(STAGES + HOLD):
+    for s in gl.static_range(STAGES):
         mbarrier.init(full.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
     for o in range(n_ord):
@@ -98,14 +94,14 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
                     SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, fold_ptr, FOLD, accf_ptr,
-                    SCATTER, HOLD)),
+                    SCATTER)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
                     err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys, lbuf,
                     prof_ptr + pid * (16 + 8 * num_phases), STAGES, BOXES, SPLITS > 0, DYNAMIC, LEAN, KEYS, POLLS,
-                    PROFILE, DEPTH, HOLD)),
+                    PROFILE, DEPTH)),
     ], [1], [56])
-    for s in gl.static_range(STAGES + HOLD):
+    for s in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(s))
         mbarrier.invalidate(empty.index(s))
 
@@ -123,9 +119,7 @@ class Chain:
     `plain_depth` (1..stages): the phases that are not routed (QKV, attention, o_proj, the routers, lm_head) keep at
     most that many slots in flight, the experts' phases the whole ring (untimed; session 23: a ring of 3 beat 6 by
     ~20 us a step, and a ring of 6 holding only the gate/up to 3 lost to it: the experts may want the depth the rest
-    does not). `hold` (slots, 0: none): a phase with `Phase.hold_from` takes its first slots of each program (up to
-    `hold`, as many as every program has) from `hold` buffers beside the ring, which the producer loads once it
-    reaches the codes of phase hold_from (`tile_lists(held=)`): bytes that need no input, loaded while HBM is idle.
+    does not).
     (Session 21, tried and removed: the down's two input rounds polled at once, +19 us a step; its second round
     polled only before its first slot that reads it, +17 us; the next layer's QKV asked of L2 while the producer
     waits for the ranking, +18-30 us. Session 23, tried and removed: the experts' weights computed before the down,
@@ -138,7 +132,7 @@ class Chain:
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
                  dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = True,
-                 counted_polls: bool = False, pipelined: bool = False, plain_depth: int = 0, hold: int = 0) -> None:
+                 counted_polls: bool = False, pipelined: bool = False, plain_depth: int = 0) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -162,13 +156,11 @@ class Chain:
                              "(they count their items themselves)")
         if not 0 <= plain_depth <= stages:
             raise ValueError(f"plain_depth is 0 (the whole ring) or 1..{stages} slots in flight, got {plain_depth}")
-        if hold < 0 or (hold and pipelined):
-            raise ValueError(f"hold is 0 or more slots, and not with pipelined slots, got {hold}")
-        ring_kib = (stages + hold) * boxes * ROWS * CHUNK * 2 // 1024
+        ring_kib = stages * boxes * ROWS * CHUNK * 2 // 1024
         if stages < 1 or boxes < 1 or ring_kib + STAGE_CHUNKS * CHUNK * 2 // 1024 > SHARED_KIB - 1:
-            raise ValueError(f"a ring of {stages} x {boxes} boxes and a hold of {hold} ({ring_kib} KiB) and the "
-                             f"staged input ({STAGE_CHUNKS * CHUNK * 2 // 1024} KiB) must fit in {SHARED_KIB - 1} KiB "
-                             "of shared memory (e.g. 6 x 4, 13 x 2, 26 x 1)")
+            raise ValueError(f"a ring of {stages} x {boxes} boxes ({ring_kib} KiB) and the staged input "
+                             f"({STAGE_CHUNKS * CHUNK * 2 // 1024} KiB) must fit in {SHARED_KIB - 1} KiB of shared "
+                             "memory (e.g. 6 x 4, 13 x 2, 26 x 1)")
         self.norms = norms if norms is not None else torch.zeros(1, dtype=torch.bfloat16, device=dev)
         self.eps = eps
         self.phases = phases
@@ -191,18 +183,8 @@ class Chain:
         # dynamic=True: the programs take the gate/up items as they go, from a counter a phase (`dynamic_phases`);
         # dynamic_sums=True too: the sum phases of more items than programs (QKV, o_proj, lm_head)
         dyn = dynamic_phases(self.plan, self.nprog if dynamic_sums else None) if dynamic else []
-        # hold: each held phase's first slots a program (as many as its fewest, up to `hold`), loaded into the hold
-        # at the phase's hold_from
-        held = {}
-        for q, ph in enumerate(phases):
-            f = self.plan.table[q].tolist()
-            n = min(hold, f[F_ITEMS] // self.nprog * (f[F_KC] // boxes))
-            if ph.hold_from != NO_PHASE and q not in dyn and n > 0:
-                held[q] = (ph.hold_from, n)
-        self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1, dynamic=dyn, held=held).to(dev)
+        self.tiles = tile_lists(self.plan, self.nprog, boxes, pad=stages + 1, dynamic=dyn).to(dev)
         self.table[dyn, F_DYN] = 1
-        for q, (_, n) in held.items():
-            self.table[q, F_HELD] = n
         # rank_keys: the producer ranks a router of at most FEW_EXPERTS experts where its first routed phase is
         # dynamic (every program's tile list then holds that phase's code, where the producer ranks it)
         routed = self.plan.routed
@@ -226,7 +208,6 @@ class Chain:
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
                          DEPTH=plain_depth, SCATTER=any(ph.scatter for ph in phases), FOLD=bool(folds_read),
-                         HOLD=hold if held else 0,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 

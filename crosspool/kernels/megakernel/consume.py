@@ -15,7 +15,6 @@ from crosspool.kernels.megakernel.common import (
     K_ATTENTION,
     K_CHUNK,
     K_F_DYN,
-    K_F_HELD,
     K_F_IN,
     K_F_IN_OFF,
     K_F_ITEMS,
@@ -36,7 +35,6 @@ from crosspool.kernels.megakernel.common import (
     K_MAX_TOP_K,
     K_ROWS,
     K_STAGE_CHUNKS,
-    K_SUM,
     K_SWIGLU,
     _cta_barrier,
     _field,
@@ -68,12 +66,11 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
              PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
              COUNTED: gl.constexpr, PIPE: gl.constexpr = False, fold_ptr=None,
-             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False, HOLD: gl.constexpr = 0):
+             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words. SCATTER (a chain with scattered sums,
     `Phase.scatter`): such a phase's items add their rows into fp32 sums at `accf_ptr` (the words' memory as fp32)
-    and count themselves; the phases that read them wait for the count (`_stage`). HOLD (> 0): a plain sum's first
-    F_HELD slots of this program come from the hold, the HOLD buffers after the ring's STAGES (`Chain(hold=)`)."""
+    and count themselves; the phases that read them wait for the count (`_stage`)."""
     pid = gl.program_id(0)
     # a ring slot in registers: each thread holds 8 columns of every box (its 4-box sum is in-thread); a warp
     # reads a 512-B row
@@ -96,7 +93,6 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
     ready = zero                                     # routed phases this program has ranked
     handed = zero                                    # rankings the producer has handed over (KEYS)
     consumed = zero
-    holds = zero                                     # the phases this program has taken from the hold
     # profiling (PROFILE): SM cycles spent polling and staging inputs, on the rest of staging (norms, waits,
     # barriers), ranking, on items' starts and ends (reductions, the residual, the stores), waiting for slots to
     # land, loading a slot + releasing it, and on the arithmetic
@@ -126,10 +122,6 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         dyn = zero
         if DYNAMIC:
             dyn = _field(table_ptr, p, K_F_DYN)
-        held = zero                                  # this phase's slots in the hold
-        if HOLD > 0:
-            if kind == K_SUM:
-                held = _field(table_ptr, p, K_F_HELD)
         scatter = zero
         if SCATTER:
             scatter = _scattered(table_ptr, p)
@@ -235,14 +227,8 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             else:
                 for j in range(n_slots):
                     slot = consumed % STAGES
-                    parity = (consumed // STAGES) & 1
-                    hold = False
-                    if HOLD > 0:                 # a held slot: buffer STAGES + its index, its use's parity
-                        hold = il * n_slots + j < held
-                        slot = gl.where(hold, STAGES + il * n_slots + j, slot)
-                        parity = gl.where(hold, holds & 1, parity)
                     mark, t_start = _lap(mark, t_start, PROFILE)
-                    mbarrier.wait(full.index(slot), parity)
+                    mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
                     mark, t_wait = _lap(mark, t_wait, PROFILE)
                     if PROFILE:
                         if (il == 0) & (j == 0):
@@ -256,8 +242,6 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                     # arithmetic, so the ring keeps STAGES slots in flight (at ~7 us loaded latency, bytes in flight
                     # set the rate)
                     consumed = _release(empty, slot, consumed, LEAN)
-                    if HOLD > 0:
-                        consumed = gl.where(hold, consumed - 1, consumed)     # (the ring's count: not a hold's)
                     mark, t_release = _lap(mark, t_release, PROFILE)
                     if COMPUTE:
                         acc, acc_up, src = _slot_math(wt, xc, t0, kc, kind, router, gates, src, acc, acc_up, BOXES)
@@ -304,8 +288,6 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             i = gl.where(il < n_items, first + il * nprog, -1)
             if dyn != 0:
                 i, consumed = _next_item(full, empty, itemq, consumed, STAGES, WARPS, LEAN)
-        if HOLD > 0:
-            holds = gl.where(held > 0, holds + 1, holds)
         if SCATTER:
             if scatter != 0:
                 if il > 0:                           # one release for all of them: each waits on the adds before

@@ -26,8 +26,6 @@ F_WAIT_OFF, F_WAIT_N, F_NORM, F_ROUTE, F_ROUTE_OFF, F_ROUTE_N, F_ORDINAL, F_ROUT
 F_SCALE, F_NORM_SEG, F_DYN, F_TAIL, F_ROUTE_SCALED, F_PRODUCER_RANKS, F_FOLD, F_FOLD_N = 24, 25, 26, 27, 28, 29, 30, 31
 NCOL = 32                 # (all used) a phase's row is one 128-B line: its fields are one L1 miss, not two
 F_SCATTER = F_UP          # a sum: 1 where its items are one source's rows each (`Phase.scatter`); F_UP is a swiglu's
-F_HELD = F_SCALE          # a plain sum: its first slots a program takes from the hold (`Phase.hold_from`,
-                          # `Chain(hold=)`); F_SCALE is an attention phase's
 MAX_EXPERTS = 256         # router outputs a routed phase can rank
 FEW_EXPERTS = 64          # router outputs a router with `rms_of` can have (the kernel's ranking by counting)
 MAX_TOP_K = 16            # experts a routed phase takes
@@ -38,8 +36,6 @@ ATTEND = -(1 << 31)       # tile-code flag (bit 31): an attention item, phase <<
                           # expands into its key and value slots for the step's context length
 DYNAMIC = ATTEND | 1 << 30  # tile-code flag (bits 31, 30): a dynamic phase's items, DYNAMIC | phase: the
                           # program's own item, then items fetched from the phase's counter (`tile_lists`)
-HOLD = ATTEND | 0x3FFF << 16  # tile code HOLD | n: the next n codes load the hold's slots 0..n-1, not the ring's
-                          # (an attention phase's number is below 0x3FFF)
 
 
 @dataclass(frozen=True)
@@ -92,10 +88,6 @@ class Phase:
                                   # wait for the count, then read the sums, rounded to bf16 as a word would hold
                                   # them. Its words hold two fp32 buffers of out_rows, one a launch by the epoch's
                                   # parity; the other is zeroed during the launch (`decode_chain(scatter_down)`)
-    hold_from: int = NO_PHASE     # a plain sum (static, not routed): with `Chain(hold=n)`, each program's first n
-                                  # slots of it are loaded into n slots beside the ring (the hold) once the producer
-                                  # reaches this earlier phase's codes, so they land while HBM is idle (the next
-                                  # layer's QKV during this one's attention and routing, `decode_chain(hold_at=)`)
 
 
 @dataclass(frozen=True)
@@ -139,16 +131,7 @@ def plan(phases: list[Phase], families: list[torch.Tensor], input_len: int, norm
     def attention_source(src: int) -> bool:
         return 0 <= src < len(phases) and phases[src].kind == "attention"
 
-    held_before = -1
     for i, ph in enumerate(phases):
-        if ph.hold_from != NO_PHASE:
-            # the hold's slots serve one phase at a time: the producer loads a held phase's slots once the
-            # consumers have read the previous one's, so they must come after that phase
-            if ph.kind != "sum" or ph.route != NO_PHASE or ph.scatter or not held_before < ph.hold_from < i:
-                raise ValueError(f"phase {i}: only a sum that is neither routed nor scattered can be held, from an "
-                                 f"earlier phase after the last held one ({held_before}), got hold_from "
-                                 f"{ph.hold_from}")
-            held_before = i
         if ph.kind == "attention":
             rows.append(_attention_row(i, ph, phases, length(ph.input, i, "input"), norms_len, offsets, total,
                                        families))
@@ -353,8 +336,7 @@ def dynamic_phases(p: Plan, sums_above: int | None = None) -> list[int]:
             (sums_above is not None and f[F_KIND] == SUM and f[F_ITEMS] > sums_above))]
 
 
-def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: Sequence[int] = (),
-               held: dict[int, tuple[int, int]] | None = None) -> torch.Tensor:
+def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: Sequence[int] = ()) -> torch.Tensor:
     """Each program's ring slots in the order it consumes them (its items of phase 0, then of phase 1, ...; an
     item's tiles in order, `boxes` consecutive chunks a slot), as int32 codes family << 28 | first chunk << 24 | row;
     a routed phase's row is ROUTED | ordinal << 16 | source << 12 | row within the expert. Element 0 of program r's
@@ -363,17 +345,9 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: Seque
     item is one code, ATTEND | phase << 16 | item, which stands for as many slots as the step's context needs.
     Each phase in `dynamic` (swiglu or sum, `dynamic_phases`) is one code for every program, DYNAMIC | phase: the
     producer takes the program's own item (its index), then the next items from the phase's counter, and makes
-    their codes itself. `held` (phase q: (at, n), a static plain sum): each program's first n codes of q move to just
-    before phase `at`'s codes, behind the code HOLD | n, so the producer loads them into the hold's n slots there
-    (`Chain(hold=)`); every program must have n."""
-    # each program's code runs, keyed (phase, 1), or (at, 0) for a held phase's run: sorted, a held run comes first
-    # at its phase
-    per_prog: list[list[tuple[tuple[int, int], torch.Tensor]]] = [[] for _ in range(nprog)]
-    held = held or {}
+    their codes itself."""
+    per_prog: list[list[torch.Tensor]] = [[] for _ in range(nprog)]
     dyn = set(dynamic)
-    if any(q in dyn or p.table[q, F_KIND] != SUM or p.table[q, F_ORDINAL] >= 0 or not 0 <= at < q
-           for q, (at, _) in held.items()):
-        raise ValueError("only a static plain sum can be held, from an earlier phase")
     if any(p.table[q, F_KIND] not in (SUM, SWIGLU) or p.table[q, F_TAIL] for q in dyn):
         raise ValueError("only sum and swiglu phases with no tail can be dynamic")
     for phase, f in enumerate(p.table.tolist()):
@@ -381,10 +355,10 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: Seque
         if kind == HEADS:                     # (no weights)
             continue
         if kind == ATTENTION:
-            if phase >= (1 << 14) - 1 or items > 1 << 16:
-                raise ValueError("a tile list codes attention at phases below 2^14 - 1, with at most 2^16 items")
+            if phase >= 1 << 14 or items > 1 << 16:
+                raise ValueError("a tile list codes attention at phases below 2^14, with at most 2^16 items")
             for r in range(min(nprog, items)):
-                per_prog[r].append(((phase, 1), ATTEND | (phase << 16) | torch.arange(r, items, nprog)))
+                per_prog[r].append(ATTEND | (phase << 16) | torch.arange(r, items, nprog))
             continue
         item = torch.arange(items)[:, None]
         if kind == SWIGLU:
@@ -415,20 +389,13 @@ def tile_lists(p: Plan, nprog: int, boxes: int = 1, pad: int = 0, dynamic: Seque
             if phase >= 1 << 16:
                 raise ValueError("a tile list codes dynamic phases below 2^16")
             for r in range(nprog):
-                per_prog[r].append(((phase, 1), torch.tensor([DYNAMIC | phase])))
+                per_prog[r].append(torch.tensor([DYNAMIC | phase]))
             continue
-        at, n = held.get(phase, (phase, 0))
         for r in range(nprog):
             first = first_item(r, items, nprog, bool(f[F_TAIL]))
-            mine = codes[first::nprog].reshape(-1)
-            if mine.numel() < n:
-                raise ValueError(f"phase {phase}: program {r} has {mine.numel()} slots, fewer than the {n} held")
-            if n:
-                per_prog[r].append(((at, 0), torch.cat([torch.tensor([HOLD | n]), mine[:n]])))
-            if mine.numel() > n:
-                per_prog[r].append(((phase, 1), mine[n:]))
-    flat = [torch.cat([c for _, c in sorted(runs, key=lambda run: run[0])]) if runs else
-            torch.zeros(0, dtype=torch.int64) for runs in per_prog]
+            if first < items:
+                per_prog[r].append(codes[first::nprog].reshape(-1))
+    flat = [torch.cat(c) if c else torch.zeros(0, dtype=torch.int64) for c in per_prog]
     width = 1 + max(len(c) for c in flat) + pad
     out = torch.zeros(nprog, width, dtype=torch.int32)
     for r, c in enumerate(flat):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from crosspool.kernels.megakernel.attend import SLOT_BLOCKS, _kv_slots
 from crosspool.kernels.megakernel.common import (
@@ -25,7 +25,6 @@ from crosspool.kernels.megakernel.common import (
     K_F_UP,
     K_GROUP,
     K_HEAD_DIM,
-    K_HOLD_MARK,
     K_MAX_TOP_K,
     K_ROUTED,
     K_ROWS,
@@ -50,7 +49,7 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
              kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr, err_ptr, expert_base, picked, keys,
              lbuf, prof, STAGES: gl.constexpr, BOXES: gl.constexpr, ATTENTION: gl.constexpr, DYNAMIC: gl.constexpr,
              LEAN: gl.constexpr = False, KEYS: gl.constexpr = False, POLLS: gl.constexpr = 1,
-             PROFILE: gl.constexpr = False, DEPTH: gl.constexpr = 0, HOLD: gl.constexpr = 0):
+             PROFILE: gl.constexpr = False, DEPTH: gl.constexpr = 0):
     """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
     consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
     [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
@@ -61,33 +60,18 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
     stands for its item's key and value slots (`attend._kv_slots`); a dynamic code for a dynamic phase's items
     (`_dynamic_items`). DEPTH (> 0): the slots of the phases that are not routed (QKV, attention's keys and values,
     o_proj, the routers, lm_head) keep at most DEPTH slots in flight, the experts' (gate/up, down) the whole ring
-    (`Chain(plain_depth=N)`). HOLD (> 0): the ring's buffers have HOLD more slots, the hold, after its STAGES; a
-    code HOLD | n sends the next n (plain) codes there, slot by slot (`tile_lists(held=)`, `_hold_slot`)."""
+    (`Chain(plain_depth=N)`)."""
     n_codes = gl.load(mine)
     code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
     code2 = gl.load(mine + 2)
     ctx = gl.load(ctx_ptr).to(gl.int32)              # (the engine's buffers are int64)
     box_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)   # as `Chain`'s
-    kvring = _view(ring, [(STAGES + HOLD) * SLOT_BLOCKS, K_BLOCK, 1, K_HEAD_DIM], box_l)
+    kvring = _view(ring, [STAGES * SLOT_BLOCKS, K_BLOCK, 1, K_HEAD_DIM], box_l)
     s = ctx * 0                                      # ring slots issued
     epoch = gl.load(epoch_ptr)
     rankings = s                                     # routers this warp has ranked (KEYS)
-    holding = s                                      # HOLD: the hold's codes still to come, the next hold slot,
-    hslot = s                                        # and the hold's uses so far
-    holds = s
     for c in range(n_codes):
-        marked = False
-        if HOLD > 0:
-            marked = (code < 0) & (((code >> 16) & 0x7FFF) == K_HOLD_MARK)
-        if marked:
-            holding = code & 0xFFFF
-            hslot = s * 0
-        elif holding > 0:
-            _hold_slot(d0, d1, d2, d3, ring, full, empty, STAGES + hslot, holds, code, BOXES, LEAN)
-            hslot += 1
-            holding -= 1
-            holds = gl.where(holding == 0, holds + 1, holds)
-        elif DYNAMIC and (code < 0) & (((code >> 30) & 1) != 0):
+        if DYNAMIC and (code < 0) & (((code >> 30) & 1) != 0):
             if KEYS:
                 if _field(table_ptr, code & 0xFFFF, K_F_PRODUCER_RANKS) != 0:     # rank its router first
                     _rank_by_producer(table_ptr, _field(table_ptr, code & 0xFFFF, K_F_ORDINAL), rankings % 2,
@@ -116,28 +100,13 @@ def _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, ST
     stage = _claim(empty, s, STAGES, LEAN)
     if itemq is not None:
         itemq.index(stage).store(gl.full([1], item, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
+    fam = (code >> 28) & 3
     row = code & 0xFFFFFF
+    chunk = (code >> 24) & 15
     if ((code >> 30) & 1) != 0:
         o = (row >> 16) & 0xFF
         mbarrier.wait(ranked.index(o), 0)
         row = _smem_int(rowbase, (o % K_GROUP) * K_MAX_TOP_K + ((row >> 12) & 15)) + (row & 0xFFF)
-    _load_slot(d0, d1, d2, d3, ring, full, stage, (code >> 28) & 3, (code >> 24) & 15, row, BOXES)
-    return s + 1
-
-
-@gluon.jit
-def _hold_slot(d0, d1, d2, d3, ring, full, empty, stage, holds, code, BOXES: gl.constexpr, LEAN: gl.constexpr):
-    """A plain code's tile into the ring's buffer `stage` (a hold slot: it serves one phase a use), once the
-    consumers have read it in the hold's previous use (`holds` uses so far; a fresh barrier passes parity 1)."""
-    mbarrier.wait(empty.index(stage), (holds & 1) ^ 1)
-    if LEAN:
-        fence_async_shared()
-    _load_slot(d0, d1, d2, d3, ring, full, stage, (code >> 28) & 3, (code >> 24) & 15, code & 0xFFFFFF, BOXES)
-
-
-@gluon.jit
-def _load_slot(d0, d1, d2, d3, ring, full, stage, fam, chunk, row, BOXES: gl.constexpr):
-    """One TMA load of family fam's box (chunks chunk.., rows row..) into the ring's buffer `stage`."""
     bar = full.index(stage)
     mbarrier.expect(bar, BOXES * K_ROWS * K_CHUNK * 2)
     if fam == 0:
@@ -148,6 +117,7 @@ def _load_slot(d0, d1, d2, d3, ring, full, stage, fam, chunk, row, BOXES: gl.con
         _tma_load(d2, [chunk, row, 0], bar, ring.index(stage))
     else:
         _tma_load(d3, [chunk, row, 0], bar, ring.index(stage))
+    return s + 1
 
 
 @gluon.jit

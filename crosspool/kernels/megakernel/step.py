@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crosspool.kernels.megakernel.plan import CHUNK, HEAD_DIM, NO_PHASE, ROWS, Phase
+from crosspool.kernels.megakernel.plan import CHUNK, HEAD_DIM, ROWS, Phase
 from crosspool.models.loader import AttentionWeights, FFNWeights
 from crosspool.models.spec import ModelSpec
 
@@ -75,8 +75,7 @@ def chain_bytes(spec: ModelSpec, itemsize: int = 2) -> int:
 
 
 def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, splits: int = 4,
-                 adopt: bool = False, fold_heads: bool = False, scatter_down: bool = False,
-                 hold_at: int = -1) -> DecodeChain:
+                 adopt: bool = False, fold_heads: bool = False, scatter_down: bool = False) -> DecodeChain:
     """The step's chain over the model's weights, copied into the chain's families (three tensors, filled layer by
     layer). The router is folded through the post-attention norm and o_proj, so the experts can be ranked while
     o_proj runs, not after it: with x = h + W_o a (h the layer's input, a the attention's output) and the norm's
@@ -95,13 +94,9 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
     last head is, not after a phase of their own (untimed, session 20). scatter_down=True: the down's items are one
     expert's 16 rows each, taken as the programs go and added into fp32 sums (`Phase.scatter`), not 16 rows of
     every expert (a 256-KB item a program, whose last slots stream after the staging: the down's programs finished
-    over 10.7 us, session 23; untimed). hold_at (1..6, -1: none): each next layer's QKV, and the lm_head, are held
-    from that phase of the layer before (its index among a layer's QKV, (R g) h, attention, o_proj, router, gate/up
-    and down: `Phase.hold_from`), for a `Chain(hold=n)`."""
+    over 10.7 us, session 23; untimed)."""
     check_supported(spec)
     assert spec.routing is not None
-    if hold_at != -1 and not 1 <= hold_at <= 6:
-        raise ValueError(f"hold_at is a phase of the layer before (1..6) or -1, got {hold_at}")
     h, hd, n_exp, inter = spec.hidden_size, spec.num_heads * HEAD_DIM, spec.routing.num_experts, \
         spec.moe_intermediate_size
     layers = len(attn.layers)
@@ -138,9 +133,8 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
         norms += [aw["input_layernorm"], aw["post_attention_layernorm"], aw.get("q_norm", ones),
                   aw.get("k_norm", ones)]
         p = len(phases)
-        held = p - 7 + hold_at if layer and hold_at != -1 else NO_PHASE                  # (7 phases a layer)
         phases += [
-            Phase("sum", 0, base, 3 * hd, h, input=resid, norm=at, hold_from=held),                   # QKV
+            Phase("sum", 0, base, 3 * hd, h, input=resid, norm=at),                                  # QKV
             Phase("sum", 0, base + 3 * hd + h, n_exp, h, input=resid, tail=True),                    # (R g) h
             Phase("attention", 0, layer, hd, HEAD_DIM, sources=splits, input=p,
                   norm=at + 2 * h if spec.qk_norm == "full" else -1, scale=spec.softmax_scale,
@@ -157,8 +151,7 @@ def decode_chain(spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, split
         ]
         resid = p + 6
     norms.append(attn.final_norm)
-    phases.append(Phase("sum", 0, layers * rows_a, spec.vocab_size, h, input=resid, norm=layers * norms_a,
-                        hold_from=len(phases) - 7 + hold_at if hold_at != -1 else NO_PHASE))
+    phases.append(Phase("sum", 0, layers * rows_a, spec.vocab_size, h, input=resid, norm=layers * norms_a))
     head = {"lm_head": attn.lm_head}
     place(0, layers * rows_a, head, "lm_head")
     if adopt:                                        # a tied embedding stays tied: both become the one view
@@ -180,22 +173,21 @@ class DecodeStep:
     `splits`: each attention head's context in 8 parts (890-898 us a step against 906-910 with 4, session 20);
     `stages`: a ring of 3 slots of 32 KB (875-888 us a step against 890-907 with 6, session 23: fewer bytes in
     flight a program, shorter waits for the loads a phase boundary makes);
-    `dynamic_sums`, `lean_release`, `rank_keys`, `counted_polls` and `hold` as `Chain`'s; `fold_heads`,
-    `scatter_down` and `hold_at` as `decode_chain`'s."""
+    `dynamic_sums`, `lean_release`, `rank_keys` and `counted_polls` as `Chain`'s; `fold_heads` and `scatter_down`
+    as `decode_chain`'s."""
 
     def __init__(self, spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, kv: torch.Tensor,
                  context_len: torch.Tensor, block_table: torch.Tensor, splits: int = 8, stages: int = 3,
                  warps: int = 8, dynamic: bool = True, dynamic_sums: bool = False,
                  lean_release: bool = False, rank_keys: bool = True, counted_polls: bool = False,
-                 fold_heads: bool = False, scatter_down: bool = False, hold: int = 0, hold_at: int = -1) -> None:
+                 fold_heads: bool = False, scatter_down: bool = False) -> None:
         from crosspool.kernels.megakernel.chain import Chain
 
-        d = decode_chain(spec, attn, ffn, splits, adopt=True, fold_heads=fold_heads, scatter_down=scatter_down,
-                         hold_at=hold_at if hold else -1)
+        d = decode_chain(spec, attn, ffn, splits, adopt=True, fold_heads=fold_heads, scatter_down=scatter_down)
         self.chain = Chain(d.phases, d.families, spec.hidden_size, stages=stages, warps=warps, norms=d.norms,
                            eps=d.eps, kv=kv, max_blocks=block_table.numel(), dynamic=dynamic,
                            dynamic_sums=dynamic_sums, lean_release=lean_release, rank_keys=rank_keys,
-                           counted_polls=counted_polls, hold=hold)
+                           counted_polls=counted_polls)
         self.cos = torch.ones(1, HEAD_DIM // 2, dtype=torch.float32, device=kv.device)
         self.sin = torch.zeros(1, HEAD_DIM // 2, dtype=torch.float32, device=kv.device)
         self.chain.bind_step(context_len, block_table, self.cos[0], self.sin[0])
