@@ -34,7 +34,6 @@ def main() -> None:
     p.add_argument("--sass", help="write the SASS here")
     p.add_argument("--ptx", help="write the PTX here")
     p.add_argument("--profile", action="store_true", help="with the cycle counters")
-    p.add_argument("--plain-depth", type=int, default=0, help="DEPTH (`Chain(plain_depth=N)`)")
     p.add_argument("--scatter", action="store_true", help="with scattered sums (`Phase.scatter`)")
     add_options(p)
     p.add_argument("--fold-heads", action="store_true", help="with a fold (`decode_chain(fold_heads=True)`)")
@@ -58,7 +57,7 @@ def main() -> None:
            "accf_ptr": "*fp32"}
     const = dict(STAGES=args.stages, BOXES=args.boxes, WARPS=args.warps, POLLS=1 << 22, COMPUTE=True,
                  PROFILE=args.profile, SPLITS=args.splits,
-                 DYNAMIC=args.dynamic, FOLD=args.fold_heads, DEPTH=args.plain_depth, SCATTER=args.scatter,
+                 DYNAMIC=args.dynamic, FOLD=args.fold_heads, SCATTER=args.scatter,
                  **constexprs(args))
     kernel = triton.compile(GluonASTSource(chain._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=args.warps))

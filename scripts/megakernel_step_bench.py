@@ -103,8 +103,6 @@ def main() -> None:
     p.add_argument("--fold-heads", action="store_true", help="the router's o_proj part in the attention's head "
                    "combine, summed by a heads phase (`decode_chain(fold_heads=True)`; 5-8 us a step slower, "
                    "session 21)")
-    p.add_argument("--plain-depth", type=int, default=0, help="at most this many ring slots in flight in the phases "
-                   "that are not routed (`Chain(plain_depth=N)`, 0: all of them; untimed, session 23)")
     p.add_argument("--scatter-down", action="store_true", help="the down's items one expert's rows each, added "
                    "into fp32 sums (`decode_chain(scatter_down=True)`; untimed, session 23)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
@@ -139,7 +137,7 @@ def main() -> None:
     cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))
     chain = mk.Chain(dc.phases, dc.families, h, stages=args.stages, warps=args.warps, norms=dc.norms, eps=dc.eps,
                      kv=kv, max_blocks=blocks, profile=args.profile,
-                     dynamic=not args.static, dynamic_sums=args.dynamic_sums, plain_depth=args.plain_depth,
+                     dynamic=not args.static, dynamic_sums=args.dynamic_sums,
                      **chain_kwargs(args))
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()

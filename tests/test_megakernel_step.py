@@ -213,7 +213,7 @@ def test_decode_chain_refuses_other_models_with_the_reason() -> None:
                     reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("split", ["static", "dynamic", "dynamic sums", "dynamic lean", "dynamic weights",
                                    "dynamic counted", "dynamic pipelined", "dynamic fold",
-                                   "dynamic fold pipelined", "dynamic plain depth", "dynamic scatter down",
+                                   "dynamic fold pipelined", "dynamic scatter down",
                                    "static scatter down"])
 def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, split: str) -> None:  # noqa: ANN001
     """The whole small step on the GPU: every phase against the reference fed the kernel's own earlier outputs,
@@ -224,8 +224,7 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     on its logits as integer keys (`Chain(rank_keys=False)`); counted: each staging waits on its input phase's
     published count first (`Chain(counted_polls=True)`; the counts start each launch from zero too); pipelined:
     each slot's loads before the previous slot's arithmetic (`Chain(pipelined=True)`); fold: the router's o_proj
-    part in the attention's head combine (`decode_chain(fold_heads=True)`); plain depth: a ring of 6 whose phases
-    that are not routed keep at most 3 slots in flight (`Chain(plain_depth=3)`); scatter down: the down's items one
+    part in the attention's head combine (`decode_chain(fold_heads=True)`); scatter down: the down's items one
     expert's rows each, added into fp32 sums and counted (`decode_chain(scatter_down=True)`), taken as the programs
     go or (static) dealt round-robin."""
     dynamic = not split.startswith("static")
@@ -243,7 +242,7 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     chain = mk.Chain(dc.phases, dc.families, spec.hidden_size, norms=dc.norms, eps=dc.eps, kv=kv, max_blocks=64,
                      dynamic=dynamic, dynamic_sums=split == "dynamic sums", lean_release=split == "dynamic lean",
                      rank_keys=split != "dynamic weights", counted_polls=split == "dynamic counted",
-                     pipelined=split.endswith("pipelined"), plain_depth=3 if split.endswith("depth") else 0)
+                     pipelined=split.endswith("pipelined"))
     x = torch.empty(spec.hidden_size, device="cuda")
     for ctx in (300, 301, 302):
         cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))

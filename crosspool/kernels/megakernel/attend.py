@@ -42,7 +42,6 @@ from crosspool.kernels.megakernel.common import (
     _tma_load,
     _value,
     _view,
-    _within,
     _word_of,
 )
 from crosspool.kernels.megakernel.plan import FEW_EXPERTS
@@ -63,7 +62,7 @@ def _split_bounds(table_ptr, p, item, ctx):
 
 @gluon.jit
 def _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES: gl.constexpr,
-              LEAN: gl.constexpr = False, DEPTH: gl.constexpr = 0):
+              LEAN: gl.constexpr = False):
     """Producer: an attention code's slots, from ring slot count s on; returns the new count. A slot holds one head's
     keys (or values) of SLOT_BLOCKS blocks, one TMA box a block; blocks past the split's last cached position
     repeat that block's id (the consumer masks those positions)."""
@@ -78,8 +77,6 @@ def _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_laye
         rows = (ids * kv_layers + layer) * 2 * K_BLOCK
         ids = gl.load(bt_ptr + gl.minimum((t + K_KV_SLOT) // K_BLOCK + j8, last)).to(gl.int32)
         for kv in gl.static_range(2):
-            if DEPTH > 0:
-                _within(empty, s, STAGES, DEPTH)
             stage = _claim(empty, s, STAGES, LEAN)
             bar = full.index(stage)
             mbarrier.expect(bar, K_KV_SLOT * K_HEAD_DIM * 2)

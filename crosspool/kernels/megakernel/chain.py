@@ -59,7 +59,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
                   DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
                   COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, FOLD: gl.constexpr = False,
-                  DEPTH: gl.constexpr = 0, SCATTER: gl.constexpr = False):
+                  SCATTER: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -99,7 +99,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
                     err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys, lbuf,
                     prof_ptr + pid * (16 + 8 * num_phases), STAGES, BOXES, SPLITS > 0, DYNAMIC, LEAN, KEYS, POLLS,
-                    PROFILE, DEPTH)),
+                    PROFILE)),
     ], [1], [56])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(s))
@@ -116,10 +116,6 @@ class Chain:
     words (`stage._stage(COUNTED=True)`; 25-30 us a step slower, session 20: the count's round trip comes before
     the words'). `pipelined`: each slot's loads are issued before the previous slot's arithmetic
     (`consume._pipelined_slots`; session 21: a step 891 / 906 us against 898 / 901 for the defaults, no gain).
-    `plain_depth` (1..stages): the phases that are not routed (QKV, attention, o_proj, the routers, lm_head) keep at
-    most that many slots in flight, the experts' phases the whole ring (untimed; session 23: a ring of 3 beat 6 by
-    ~20 us a step, and a ring of 6 holding only the gate/up to 3 lost to it: the experts may want the depth the rest
-    does not).
     (Session 21, tried and removed: the down's two input rounds polled at once, +19 us a step; its second round
     polled only before its first slot that reads it, +17 us; the next layer's QKV asked of L2 while the producer
     waits for the ranking, +18-30 us. Session 23, tried and removed: the experts' weights computed before the down,
@@ -132,7 +128,7 @@ class Chain:
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
                  dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = True,
-                 counted_polls: bool = False, pipelined: bool = False, plain_depth: int = 0) -> None:
+                 counted_polls: bool = False, pipelined: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -154,8 +150,6 @@ class Chain:
         if (pipelined or counted_polls) and any(ph.scatter for ph in phases):
             raise ValueError("scattered sums take neither pipelined slots (an item's first source) nor counted polls "
                              "(they count their items themselves)")
-        if not 0 <= plain_depth <= stages:
-            raise ValueError(f"plain_depth is 0 (the whole ring) or 1..{stages} slots in flight, got {plain_depth}")
         ring_kib = stages * boxes * ROWS * CHUNK * 2 // 1024
         if stages < 1 or boxes < 1 or ring_kib + STAGE_CHUNKS * CHUNK * 2 // 1024 > SHARED_KIB - 1:
             raise ValueError(f"a ring of {stages} x {boxes} boxes ({ring_kib} KiB) and the staged input "
@@ -207,7 +201,7 @@ class Chain:
         self._bind_kv(kv, max_blocks, dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
-                         DEPTH=plain_depth, SCATTER=any(ph.scatter for ph in phases), FOLD=bool(folds_read),
+                         SCATTER=any(ph.scatter for ph in phases), FOLD=bool(folds_read),
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 

@@ -160,15 +160,6 @@ def _release(empty, slot, consumed, LEAN: gl.constexpr):
 
 
 @gluon.jit
-def _within(empty, s, STAGES: gl.constexpr, DEPTH: gl.constexpr):
-    """Producer: wait until ring slot count s - DEPTH is consumed, so at most DEPTH (1..STAGES) slots are in flight
-    once slot s is issued (the consumers free slots in order)."""
-    j = s - DEPTH
-    if j >= 0:
-        mbarrier.wait(empty.index(j % STAGES), (j // STAGES) & 1)
-
-
-@gluon.jit
 def _claim(empty, s, STAGES: gl.constexpr, LEAN: gl.constexpr):
     """Producer: wait until ring slot count s's stage is free (a fresh barrier passes parity 1); with LEAN, the
     proxy fence that orders the consumers' reads of it before the TMA that will overwrite it (`_release`).

@@ -33,7 +33,6 @@ from crosspool.kernels.megakernel.common import (
     _field,
     _tma_load,
     _view,
-    _within,
 )
 from crosspool.kernels.megakernel.rank import _rank_by_producer
 
@@ -49,7 +48,7 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
              kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr, err_ptr, expert_base, picked, keys,
              lbuf, prof, STAGES: gl.constexpr, BOXES: gl.constexpr, ATTENTION: gl.constexpr, DYNAMIC: gl.constexpr,
              LEAN: gl.constexpr = False, KEYS: gl.constexpr = False, POLLS: gl.constexpr = 1,
-             PROFILE: gl.constexpr = False, DEPTH: gl.constexpr = 0):
+             PROFILE: gl.constexpr = False):
     """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
     consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
     [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
@@ -58,9 +57,7 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
     otherwise it waits until the consumers have (`ranked`, one mbarrier a routed phase). Codes are loaded two
     slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us). An attention code
     stands for its item's key and value slots (`attend._kv_slots`); a dynamic code for a dynamic phase's items
-    (`_dynamic_items`). DEPTH (> 0): the slots of the phases that are not routed (QKV, attention's keys and values,
-    o_proj, the routers, lm_head) keep at most DEPTH slots in flight, the experts' (gate/up, down) the whole ring
-    (`Chain(plain_depth=N)`)."""
+    (`_dynamic_items`)."""
     n_codes = gl.load(mine)
     code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
     code2 = gl.load(mine + 2)
@@ -81,22 +78,18 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
             s = _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr,
                                code & 0xFFFF, counters_ptr, nprog, STAGES, BOXES, LEAN)
         elif ATTENTION and code < 0:
-            s = _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES, LEAN, DEPTH)
+            s = _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES, LEAN)
         else:
-            s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES, BOXES, LEAN,
-                             DEPTH=DEPTH)
+            s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES, BOXES, LEAN)
         code = code2
         code2 = gl.load(mine + 3 + c)
 
 
 @gluon.jit
 def _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, STAGES: gl.constexpr,
-                 BOXES: gl.constexpr, LEAN: gl.constexpr = False, itemq=None, item=-1, DEPTH: gl.constexpr = 0):
+                 BOXES: gl.constexpr, LEAN: gl.constexpr = False, itemq=None, item=-1):
     """One weight tile's slot (`tile_lists`' code), as ring slot s; returns s + 1. With `itemq` (a dynamic phase),
     the slot's item goes there first."""
-    if DEPTH > 0:
-        if ((code >> 30) & 1) == 0:                  # a plain (not routed) slot: at most DEPTH in flight
-            _within(empty, s, STAGES, DEPTH)
     stage = _claim(empty, s, STAGES, LEAN)
     if itemq is not None:
         itemq.index(stage).store(gl.full([1], item, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
