@@ -106,27 +106,22 @@ def _sums_at(table_ptr, q, words_off, epoch):
 
 
 @gluon.jit
-def _await_count(count_ptr, want, err_ptr, POLLS: gl.constexpr, WARPS: gl.constexpr):
-    """Wait until the count at count_ptr reaches `want`, by acquire loads of one thread a program (every warp
-    polling one word would queue a thousand requests on its L2 slice a round), each passed on to the others by the
-    reduction's CTA barrier (the writes released before each increment are then visible to all); after POLLS loads
-    in vain, sets *err_ptr."""
-    t = gl.arange(0, 32 * WARPS, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
-    n = gl.min(_load_acquire_where(count_ptr + t * 0, t == 0, want + t * 0), axis=0)
+def _await_count(count_ptr, want, err_ptr, POLLS: gl.constexpr):
+    """Wait until the count at count_ptr reaches `want`, by acquire loads (the writes released before each
+    increment are then visible); after POLLS loads in vain, sets *err_ptr."""
+    n = _load_acquire(count_ptr)
     polls = want * 0
     while (n < want) & (polls < POLLS):
-        n = gl.min(_load_acquire_where(count_ptr + t * 0, t == 0, want + t * 0), axis=0)
+        n = _load_acquire(count_ptr)
         polls += 1
     if n < want:
         gl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
 
 
 @gluon.jit
-def _load_acquire_where(ptrs, mask, other):
-    """An acquire load of each of ptrs where mask holds; `other` (int32, their shape) elsewhere."""
-    return gl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, $3;\n\t"
-                                     "@p ld.acquire.gpu.global.b32 $0, [$1]; }", "=r,l,r,r",
-                                     [ptrs, mask.to(gl.int32), other], dtype=gl.int32, is_pure=False, pack=1)
+def _load_acquire(ptr):
+    return gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=gl.int32,
+                                     is_pure=False, pack=1)
 
 
 @gluon.jit

@@ -74,12 +74,12 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
         if (src >= 0) & (n_in > 0):
             scat_in = _scattered(table_ptr, src)
             if scat_in != 0:
-                _await_count(published_ptr + src, _field(table_ptr, src, K_F_ITEMS), err_ptr, POLLS, WARPS)
+                _await_count(published_ptr + src, _field(table_ptr, src, K_F_ITEMS), err_ptr, POLLS)
                 in_acc = _sums_at(table_ptr, src, _field(table_ptr, p, K_F_IN_OFF), epoch)
             res = _field(table_ptr, p, K_F_RES)
             if res >= 0:                         # (the items read it; wait for it once, here)
                 if _scattered(table_ptr, res) != 0:
-                    _await_count(published_ptr + res, _field(table_ptr, res, K_F_ITEMS), err_ptr, POLLS, WARPS)
+                    _await_count(published_ptr + res, _field(table_ptr, res, K_F_ITEMS), err_ptr, POLLS)
     if COUNTED:
         if (src >= 0) & (n_in > 0):
             if _field(table_ptr, src, K_F_KIND) != K_ATTENTION:
