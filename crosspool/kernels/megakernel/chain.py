@@ -121,7 +121,11 @@ class Chain:
     waits for the ranking, +18-30 us. Session 23, tried and removed: the experts' weights computed before the down,
     not before the gate/up's first slot, no gain; the next phase's table row loaded a phase early, no gain, and asked
     of L1 by `prefetch.global.L1` in every consumer thread, +45 us; the down as two phases, the first experts' then
-    the rest's, +16-31 us; a ranked router's expert tiles held until the phase's input is staged, +25 us.)"""
+    the rest's, +16-31 us; a ranked router's expert tiles held until the phase's input is staged, +25 us. Session 24,
+    tried and removed: the plain phases (not routed) held to 3 or 4 of a ring of 6 slots in flight, a tie or +15 us;
+    3 ring slots more, a hold that took each next layer's QKV's first 3 slots a program while HBM idles in the
+    attention and routing, +18-30 us: the QKV's first program was done no sooner, and 225 KB of shared memory leave
+    little L1.)"""
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
