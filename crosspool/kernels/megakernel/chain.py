@@ -124,8 +124,8 @@ class Chain:
     the rest's, +16-31 us; a ranked router's expert tiles held until the phase's input is staged, +25 us. Session 24,
     tried and removed: the plain phases (not routed) held to 3 or 4 of a ring of 6 slots in flight, a tie or +15 us;
     3 ring slots more, a hold that took each next layer's QKV's first 3 slots a program while HBM idles in the
-    attention and routing, +18-30 us: the QKV's first program was done no sooner, and 225 KB of shared memory leave
-    little L1.)"""
+    attention and routing, +18-30 us: the QKV's first program was done no sooner (the consumers' ~0.6 us a slot sets
+    its pace), and 225 KB of shared memory leave the SM little L1 (a guess, not measured).)"""
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
