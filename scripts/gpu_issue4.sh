@@ -10,7 +10,8 @@
 #                                       # bench's VARIANTs alternated twice (`megakernel_variants.py`; default "")
 #   bash scripts/gpu_issue4.sh engine   # bench decode of OLMoE at batch 1, megakernel on and off, same call
 #   bash scripts/gpu_issue4.sh ncu      # the megakernel's warp stall reasons under Nsight Compute (real clocks),
-#                                       # into $OUT/ncu.txt; its largest reasons printed
+#                                       # into $OUT/ncu.txt; its largest reasons printed, then the SASS blocks
+#                                       # with the most stall samples (`megakernel_ncu_blocks.py $OUT/sass.csv`)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 # the commit results record (`bench/provenance.py`): this copy's .git may be stale, `.run-commit` is not
@@ -97,5 +98,6 @@ if [ "$stage" = ncu ]; then     # why warps wait: instruction fetch (no_instruct
     grep -iE "stall|Warp Cycles|Issued Ipc" "$OUT/ncu.txt" | head -30
     "$NCU" --import "$OUT/mk.ncu-rep" --page source --csv --print-source sass > "$OUT/sass.csv" 2>&1 \
         || "$NCU" --help | grep -iE -A2 "print-source|--page"
-    head -c 400 "$OUT/sass.csv"; echo; wc -c "$OUT/sass.csv"
+    wc -c "$OUT/sass.csv"
+    python3 scripts/megakernel_ncu_blocks.py "$OUT/sass.csv" --blocks 8 --top 4    # the blocks with most samples
 fi

@@ -315,3 +315,28 @@ def test_megakernel_options_are_chains_keywords_and_kernel_constexprs() -> None:
     chain_params = inspect.signature(Chain.__init__).parameters
     assert all(k in chain_params and chain_params[k].default == (k == "rank_keys") for _, k, _, _ in mo.OPTIONS)
     assert all(name in _chain_kernel.arg_names for _, _, name, _ in mo.OPTIONS)
+
+
+def test_megakernel_ncu_blocks_cuts_the_sass_at_branches(tmp_path) -> None:  # noqa: ANN001
+    """`scripts/megakernel_ncu_blocks.py`: ncu's SASS page as CSV -> instructions with their stall samples, cut into
+    basic blocks at branch targets and after branches."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import megakernel_ncu_blocks as nb
+
+    cols = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed", "stall_long_sb",
+            "stall_wait", "stall_long_sb (Not Issued)"]
+    rows = [("0x100", "LDG.E R1, [R2]", 1, 4, 0, 1), ("0x110", "@!P0 BRA 0x140", 5, 4, 5, 0),
+            ("0x120", "FFMA R3, R1, R1, R3", 2, 3, 0, 2), ("0x130", "FFMA R3, R1, R1, R3", 0, 3, 0, 0),
+            ("0x140", "SYNCS.PHASECHK.TRANS64.TRYWAIT P5, [R33]", 7, 4, 6, 1), ("0x150", "EXIT", 0, 4, 0, 0)]
+    lines = ['"Kernel Name","_chain_kernel",', ",".join(f'"{c}"' for c in cols)]
+    lines += [",".join(f'"{v}"' for v in (*r, 0)) for r in rows]
+    path = tmp_path / "sass.csv"
+    path.write_text("\n".join(lines) + "\n")
+    ins = nb.read(str(path))
+    assert [i.address for i in ins] == [0x100, 0x110, 0x120, 0x130, 0x140, 0x150]
+    assert ins[1].stalls == {"long_sb": 5} and ins[4].samples == 7 and ins[2].executed == 3
+    bs = nb.blocks(ins)
+    assert [[i.address for i in b.instructions] for b in bs] == [[0x100, 0x110], [0x120, 0x130], [0x140, 0x150]]
+    assert bs[1].opcodes()["FFMA"] == 2 and bs[2].stalls() == {"long_sb": 6, "wait": 1} and bs[0].samples == 6
