@@ -59,7 +59,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
                   DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
                   COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, FOLD: gl.constexpr = False,
-                  SCATTER: gl.constexpr = False):
+                  SCATTER: gl.constexpr = False, BOXW: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -94,7 +94,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
                     SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, fold_ptr, FOLD, accf_ptr,
-                    SCATTER)),
+                    SCATTER, BOXW)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
                     err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys, lbuf,
@@ -116,6 +116,10 @@ class Chain:
     words (`stage._stage(COUNTED=True)`; 25-30 us a step slower, session 20: the count's round trip comes before
     the words'). `pipelined`: each slot's loads are issued before the previous slot's arithmetic
     (`consume._pipelined_slots`; session 21: a step 891 / 906 us against 898 / 901 for the defaults, no gain).
+    `box_warps`: a slot's 8 consumer warps split it by box (two a box, 8 rows each), so each warp reads its box's 256
+    input values from shared memory, not the slot's 1,024, and converts 8 of them a thread, not 32; each thread sums
+    its 8 columns a slot, and the boxes and lanes are summed once an item (`consume._slot_in_boxes`; untimed, session
+    24: the slot loop was 27% of the warps' stall samples and issued in 27% of its own).
     (Session 21, tried and removed: the down's two input rounds polled at once, +19 us a step; its second round
     polled only before its first slot that reads it, +17 us; the next layer's QKV asked of L2 while the producer
     waits for the ranking, +18-30 us. Session 23, tried and removed: the experts' weights computed before the down,
@@ -132,7 +136,7 @@ class Chain:
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
                  dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = True,
-                 counted_polls: bool = False, pipelined: bool = False) -> None:
+                 counted_polls: bool = False, pipelined: bool = False, box_warps: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -154,6 +158,10 @@ class Chain:
         if (pipelined or counted_polls) and any(ph.scatter for ph in phases):
             raise ValueError("scattered sums take neither pipelined slots (an item's first source) nor counted polls "
                              "(they count their items themselves)")
+        if box_warps and (pipelined or boxes != 4 or warps != 8 or
+                          any(ph.kind == "attention" and ph.fold != -1 for ph in phases)):
+            raise ValueError("box_warps takes 4 boxes a slot and 8 consumer warps (two a box), and neither pipelined "
+                             "slots nor a folded router")
         ring_kib = stages * boxes * ROWS * CHUNK * 2 // 1024
         if stages < 1 or boxes < 1 or ring_kib + STAGE_CHUNKS * CHUNK * 2 // 1024 > SHARED_KIB - 1:
             raise ValueError(f"a ring of {stages} x {boxes} boxes ({ring_kib} KiB) and the staged input "
@@ -205,7 +213,7 @@ class Chain:
         self._bind_kv(kv, max_blocks, dev)
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
-                         SCATTER=any(ph.scatter for ph in phases), FOLD=bool(folds_read),
+                         SCATTER=any(ph.scatter for ph in phases), FOLD=bool(folds_read), BOXW=box_warps,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 
