@@ -158,10 +158,6 @@ class Chain:
         if (pipelined or counted_polls) and any(ph.scatter for ph in phases):
             raise ValueError("scattered sums take neither pipelined slots (an item's first source) nor counted polls "
                              "(they count their items themselves)")
-        if box_warps and (pipelined or boxes != 4 or warps != 8 or
-                          any(ph.kind == "attention" and ph.fold != -1 for ph in phases)):
-            raise ValueError("box_warps takes 4 boxes a slot and 8 consumer warps (two a box), and neither pipelined "
-                             "slots nor a folded router")
         ring_kib = stages * boxes * ROWS * CHUNK * 2 // 1024
         if stages < 1 or boxes < 1 or ring_kib + STAGE_CHUNKS * CHUNK * 2 // 1024 > SHARED_KIB - 1:
             raise ValueError(f"a ring of {stages} x {boxes} boxes ({ring_kib} KiB) and the staged input "
@@ -181,6 +177,9 @@ class Chain:
         if len(folds_read) > 1:
             raise ValueError(f"the attention phases' folds read one family, got {folds_read}")
         self.fold_family = families[folds_read[0] if folds_read else 0]
+        if box_warps and (pipelined or boxes != 4 or warps != 8 or folds_read):
+            raise ValueError("box_warps takes 4 boxes a slot and 8 consumer warps (two a box), and neither pipelined "
+                             "slots nor a folded router")
         self.table = self.plan.table.to(dev)
         self.words = torch.zeros(self.plan.words, dtype=torch.int64, device=dev)
         self.last = torch.zeros(phases[-1].out_rows, dtype=torch.float32, device=dev)   # the last phase's, in fp32

@@ -258,20 +258,12 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                     consumed = _release(empty, slot, consumed, LEAN)
                     mark, t_release = _lap(mark, t_release, PROFILE)
                     if COMPUTE:
-                        if BOXW:                     # each thread's 8 columns summed
-                            part = gl.sum(wt.to(gl.float32) * gl.expand_dims(xc.to(gl.float32), 1), axis=3)
-                        else:                        # the boxes summed (each thread's own)
-                            part = gl.sum(wt.to(gl.float32) * xc.to(gl.float32), axis=0)
-                        acc, acc_up, src = _slot_math(part, t0, kc, kind, router, gates, src, acc, acc_up, BOXES)
+                        acc, acc_up, src = _slot_math(_products(wt, xc, BOXW), t0, kc, kind, router, gates, src, acc,
+                                                      acc_up, BOXES)
                     mark, t_math = _lap(mark, t_math, PROFILE)
-            if BOXW:                                 # the lanes' and boxes' sums (across warps)
-                y = gl.convert_layout(gl.sum(gl.sum(acc, axis=2), axis=0), rows_l)
-                if kind == K_SWIGLU:
-                    y = y / (1.0 + gl.exp(-y)) * gl.convert_layout(gl.sum(gl.sum(acc_up, axis=2), axis=0), rows_l)
-            else:
-                y = gl.sum(acc, axis=1)
-                if kind == K_SWIGLU:
-                    y = y / (1.0 + gl.exp(-y)) * gl.sum(acc_up, axis=1)
+            y = _row_sums(acc, rows_l, BOXW)
+            if kind == K_SWIGLU:
+                y = y / (1.0 + gl.exp(-y)) * _row_sums(acc_up, rows_l, BOXW)
             if FOLD and kind == K_HEADS:             # no slots: the attention's fold products, summed over heads
                 y += _heads_sum(table_ptr, p, i, words_ptr, _tag(epoch, _field(table_ptr, p, K_F_IN)), err_ptr, acc,
                                 POLLS)
@@ -379,29 +371,52 @@ def _next_item(full, empty, itemq, consumed, STAGES: gl.constexpr, WARPS: gl.con
 
 
 @gluon.jit
-def _slot_in(ring, xgroups, slot, t0, kc, kind, tile3: gl.constexpr, BOXES: gl.constexpr):
-    """Ring slot `slot` (chunks t0.. of its item) and the staged input it multiplies, in registers."""
+def _input_chunk(t0, kc, kind):
+    """The first staged input chunk that a slot of chunks t0.. multiplies."""
     if kind == K_SWIGLU:
         c0 = gl.where(t0 >= kc, t0 - kc, t0)    # gate chunks, then up chunks, over the same input (t0 < 2 kc; not
         # t0 % kc: a division by a runtime value is ~25 dependent instructions ahead of the input's load, a slot)
     else:
         c0 = t0                                  # source t0 // kc reads its own input segment
-    return ring.index(slot).load(tile3), xgroups.index(c0 // BOXES).load(tile3)
+    return c0
+
+
+@gluon.jit
+def _slot_in(ring, xgroups, slot, t0, kc, kind, tile3: gl.constexpr, BOXES: gl.constexpr):
+    """Ring slot `slot` (chunks t0.. of its item) and the staged input it multiplies, in registers."""
+    return ring.index(slot).load(tile3), xgroups.index(_input_chunk(t0, kc, kind) // BOXES).load(tile3)
 
 
 @gluon.jit
 def _slot_in_boxes(ring, xs, slot, t0, kc, kind, tile4: gl.constexpr, BOXES: gl.constexpr):
     """`_slot_in` for `Chain(box_warps=True)`: ring slot `slot` as [BOXES, ROWS, 32, 8] in `tile4`, and the staged
     input it multiplies as [BOXES, 32, 8] (each thread its box's 8 columns)."""
-    if kind == K_SWIGLU:
-        c0 = gl.where(t0 >= kc, t0 - kc, t0)
-    else:
-        c0 = t0
     plain4: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[3, 2, 1, 0])
     w = _view(ring.index(slot), [BOXES, K_ROWS, 32, 8], plain4).load(tile4)
     plain3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])       # (a view to index: one rank less)
     xg = _view(xs, [K_STAGE_CHUNKS // BOXES, BOXES, 32, 8], plain3)
-    return w, xg.index(c0 // BOXES).load(gl.SliceLayout(1, tile4))
+    return w, xg.index(_input_chunk(t0, kc, kind) // BOXES).load(gl.SliceLayout(1, tile4))
+
+
+@gluon.jit
+def _products(wt, xc, BOXW: gl.constexpr):
+    """A slot's products with its input, partly summed in each thread: over the boxes (acc's [ROWS, CHUNK]), or
+    with BOXW over each thread's 8 columns ([BOXES, ROWS, 32])."""
+    if BOXW:
+        part = gl.sum(wt.to(gl.float32) * gl.expand_dims(xc.to(gl.float32), 1), axis=3)
+    else:
+        part = gl.sum(wt.to(gl.float32) * xc.to(gl.float32), axis=0)
+    return part
+
+
+@gluon.jit
+def _row_sums(acc, rows_l: gl.constexpr, BOXW: gl.constexpr):
+    """An item's accumulator summed to its ROWS outputs (with BOXW across lanes and warps), in rows_l."""
+    if BOXW:
+        y = gl.convert_layout(gl.sum(gl.sum(acc, axis=2), axis=0), rows_l)
+    else:
+        y = gl.sum(acc, axis=1)
+    return y
 
 
 @gluon.jit
@@ -438,8 +453,7 @@ def _pipelined_slots(ring, full, empty, xgroups, consumed, n_slots, kc, kind, ro
             slot = consumed % STAGES
             mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
             wt_next, xc_next = _slot_in(ring, xgroups, slot, t0 + BOXES, kc, kind, tile3, BOXES)
-        acc, acc_up, src = _slot_math(gl.sum(wt.to(gl.float32) * xc.to(gl.float32), axis=0), t0, kc, kind, router,
-                                      gates, src, acc, acc_up, BOXES)
+        acc, acc_up, src = _slot_math(_products(wt, xc, False), t0, kc, kind, router, gates, src, acc, acc_up, BOXES)
         if j + 1 < n_slots:
             consumed = _release(empty, slot, consumed, LEAN)
         wt = wt_next
