@@ -38,7 +38,8 @@ def result(stdout: str, stderr: str, rc: int) -> str:
     found = RESULT.search(stdout)
     if found:
         err = float(found[3])
-        return f"{found[1]} ({found[2]})" + (f", err {err:.1e}" if not err <= 2e-2 else "")
+        note = ", unchecked" if err != err else f", err {err:.1e}" if not err <= 2e-2 else ""   # (nan: --no-compute)
+        return f"{found[1]} ({found[2]}){note}"
     last = (stderr.strip().splitlines() or ["no output"])[-1]
     return f"failed, rc {rc}: {last[:80]}"
 
