@@ -18,9 +18,7 @@ OPTIONS = (
     ("--pipelined", "pipelined", "PIPE", "each slot's loads before the previous slot's arithmetic (session 21: no "
      "gain)"),
     ("--box-warps", "box_warps", "BOXW", "a slot's warps split by box and half its rows, each reading its box's "
-     "input only (session 25: +30 us a step)"),
-    ("--late-input", "late_input", "LATE", "the down stages its first 4 experts' input before its items, the other "
-     "4 experts' before its fifth slot (untimed, session 25)"),
+     "input only (untimed, session 24)"),
 )
 INVERTED = {"rank_keys"}
 

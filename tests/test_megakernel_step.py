@@ -214,7 +214,7 @@ def test_decode_chain_refuses_other_models_with_the_reason() -> None:
 @pytest.mark.parametrize("split", ["static", "dynamic", "dynamic sums", "dynamic lean", "dynamic weights",
                                    "dynamic counted", "dynamic pipelined", "dynamic fold",
                                    "dynamic fold pipelined", "dynamic scatter down", "dynamic box warps",
-                                   "static scatter down", "dynamic late input"])
+                                   "static scatter down"])
 def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, split: str) -> None:  # noqa: ANN001
     """The whole small step on the GPU: every phase against the reference fed the kernel's own earlier outputs,
     the new token's key and value in the cache, over three steps of one sequence in a CUDA graph. Dynamic: the
@@ -226,20 +226,15 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     each slot's loads before the previous slot's arithmetic (`Chain(pipelined=True)`); fold: the router's o_proj
     part in the attention's head combine (`decode_chain(fold_heads=True)`); scatter down: the down's items one
     expert's rows each, added into fp32 sums and counted (`decode_chain(scatter_down=True)`), taken as the programs
-    go or (static) dealt round-robin; box warps: 8 consumer warps, two a box of each slot (`Chain(box_warps=True)`);
-    late input: top 8, so the down's input (8 x 1,024 values) is staged in two rounds, the second before the fifth
-    slot (`Chain(late_input=True)`)."""
+    go or (static) dealt round-robin; box warps: 8 consumer warps, two a box of each slot (`Chain(box_warps=True)`)."""
     dynamic = not split.startswith("static")
-    late = split.endswith("late input")
-    spec = _spec(8 if late else 4 if dynamic else 2)
+    spec = _spec(4 if dynamic else 2)
     attn, ffn = _weights(spec, 1)
     attn = AttentionWeights(attn.embed.cuda(), attn.final_norm.cuda(), attn.lm_head.cuda(),
                             [{k: v.cuda() for k, v in w.items()} for w in attn.layers])
     ffn = FFNWeights(layers=[{k: v.cuda() for k, v in w.items()} for w in ffn.layers])
     dc = decode_chain(spec, attn, ffn, splits=2, fold_heads=split.startswith("dynamic fold"),
                       scatter_down=split.endswith("scatter down"))
-    # late input: the downs' inputs are longer than a staging round (`Chain(late_input=True)` defers the rest)
-    assert not late or all(ph.sources * ph.k > mk.ROWS * mk.CHUNK for ph in dc.phases if ph.family == 2)
     g = torch.Generator().manual_seed(3)
     kv = (torch.randn(64, spec.num_layers, 2, BS, spec.num_heads, mk.HEAD_DIM, generator=g) * 0.5).to(
         "cuda", torch.bfloat16)
@@ -248,7 +243,7 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
                      dynamic=dynamic, dynamic_sums=split == "dynamic sums", lean_release=split == "dynamic lean",
                      rank_keys=split != "dynamic weights", counted_polls=split == "dynamic counted",
                      pipelined=split.endswith("pipelined"), box_warps=split.endswith("box warps"),
-                     late_input=late, warps=8 if split.endswith("box warps") else 4)
+                     warps=8 if split.endswith("box warps") else 4)
     x = torch.empty(spec.hidden_size, device="cuda")
     for ctx in (300, 301, 302):
         cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))

@@ -59,7 +59,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
                   DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
                   COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, FOLD: gl.constexpr = False,
-                  SCATTER: gl.constexpr = False, BOXW: gl.constexpr = False, LATE: gl.constexpr = False):
+                  SCATTER: gl.constexpr = False, BOXW: gl.constexpr = False):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
     pid = gl.program_id(0)
@@ -94,7 +94,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
                     SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, fold_ptr, FOLD, accf_ptr,
-                    SCATTER, BOXW, LATE)),
+                    SCATTER, BOXW)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
                     err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys, lbuf,
@@ -136,8 +136,7 @@ class Chain:
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
                  dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = True,
-                 counted_polls: bool = False, pipelined: bool = False, box_warps: bool = False,
-                 late_input: bool = False) -> None:
+                 counted_polls: bool = False, pipelined: bool = False, box_warps: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -156,8 +155,6 @@ class Chain:
         if attention and boxes != 4:
             raise ValueError(f"a chain with attention needs 4 boxes a slot (a slot holds {SLOT_BLOCKS} KV blocks of "
                              f"a head: 32 KiB), got {boxes}")
-        if late_input and pipelined:
-            raise ValueError("late_input stages an input's rest inside the slot loop, which pipelined slots replace")
         if (pipelined or counted_polls) and any(ph.scatter for ph in phases):
             raise ValueError("scattered sums take neither pipelined slots (an item's first source) nor counted polls "
                              "(they count their items themselves)")
@@ -216,7 +213,6 @@ class Chain:
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
                          SCATTER=any(ph.scatter for ph in phases), FOLD=bool(folds_read), BOXW=box_warps,
-                         LATE=late_input,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 

@@ -16,13 +16,11 @@ from crosspool.kernels.megakernel.common import (
     K_CHUNK,
     K_F_DYN,
     K_F_IN,
-    K_F_IN_CHUNKS,
     K_F_IN_OFF,
     K_F_ITEMS,
     K_F_ITEMS_PER_SRC,
     K_F_KC,
     K_F_KIND,
-    K_F_NORM,
     K_F_ORDINAL,
     K_F_OUT_OFF,
     K_F_PRODUCER_RANKS,
@@ -57,7 +55,7 @@ from crosspool.kernels.megakernel.common import (
     _word_of,
 )
 from crosspool.kernels.megakernel.rank import K_FEW, _gates, _producer_ranking, _rank
-from crosspool.kernels.megakernel.stage import _rest_words, _stage, _stage_rest
+from crosspool.kernels.megakernel.stage import _stage
 
 
 @gluon.jit
@@ -68,16 +66,12 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
              PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
              COUNTED: gl.constexpr, PIPE: gl.constexpr = False, fold_ptr=None,
-             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False, BOXW: gl.constexpr = False,
-             LATE: gl.constexpr = False):
+             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False, BOXW: gl.constexpr = False):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words. SCATTER (a chain with scattered sums,
     `Phase.scatter`): such a phase's items add their rows into fp32 sums at `accf_ptr` (the words' memory as fp32)
     and count themselves; the phases that read them wait for the count (`_stage`). BOXW (`Chain(box_warps=True)`):
-    a slot's warps split it by box and half its rows, not by rows alone (`_slot_in_boxes`). LATE
-    (`Chain(late_input=True)`): a phase with no norm whose input is over ROWS chunks (the down's, 8 experts' 1,024
-    values each) stages its first ROWS chunks before its items, the rest before the first slot that reads them, so
-    its first slots need only the earlier experts' outputs (the gate/up takes its items expert by expert)."""
+    a slot's warps split it by box and half its rows, not by rows alone (`_slot_in_boxes`)."""
     pid = gl.program_id(0)
     # a ring slot in registers: each thread holds 8 columns of every box (its 4-box sum is in-thread); a warp
     # reads a 512-B row
@@ -167,17 +161,10 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         # a program with no item of a fixed split's phase skips its staging (a routed phase's ranking still
         # serves the phases that share its router)
         skip = (n_items == 0) & (dyn == 0) & (router < 0)
-        late_at = zero + (1 << 30)                   # LATE: the first input chunk staged only before its slot
-        if LATE:
-            if (src >= 0) & (scatter == 0) & (_field(table_ptr, p, K_F_NORM) < 0) & \
-                    (_field(table_ptr, p, K_F_IN_CHUNKS) > K_ROWS):
-                late_at = zero + K_ROWS
         mark, t_poll, t_stage, rstd = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
                                              err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS,
                                              counters_ptr + num_phases, COUNTED,
-                                             prof + 23 + 8 * p, accf_ptr, SCATTER, late_at)
-        if LATE:                                     # the rest's words asked for now, checked before their slot
-            rest_w, rest_mask = _rest_words(table_ptr, p, words_ptr, late_at == K_ROWS, WARPS)
+                                             prof + 23 + 8 * p, accf_ptr, SCATTER)
         if defer != 0:                               # the weights left to the end of the staging: a folded
             # router's need the norm's scale
             if KEYS:
@@ -251,18 +238,13 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             else:
                 for j in range(n_slots):
                     slot = consumed % STAGES
-                    t0 = src0 * kc + j * BOXES   # the slot's first chunk (a slot never spans two sources: kc % BOXES)
-                    if LATE:
-                        if t0 >= late_at:        # (a sum's slot reads input chunks t0..)
-                            _stage_rest(table_ptr, p, xs, rest_w, rest_mask, words_ptr,
-                                        _tag(epoch, _field(table_ptr, p, K_F_IN)), err_ptr, WARPS, POLLS)
-                            late_at = zero + (1 << 30)
                     mark, t_start = _lap(mark, t_start, PROFILE)
                     mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
                     mark, t_wait = _lap(mark, t_wait, PROFILE)
                     if PROFILE:
                         if (il == 0) & (j == 0):
                             _stamp(prof + 18 + 8 * p, PROFILE)      # the phase's first slot landed
+                    t0 = src0 * kc + j * BOXES   # the slot's first chunk (a slot never spans two sources: kc % BOXES)
                     if COMPUTE:              # (compute=False, timing only: the tiles stream, nothing is read)
                         # the slot's input too, before the release: Triton's barrier analysis puts a CTA barrier
                         # between an mbarrier arrive and the next shared-memory read

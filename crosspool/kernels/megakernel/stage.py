@@ -30,9 +30,7 @@ from crosspool.kernels.megakernel.common import (
     _stamp,
     _sums_at,
     _tag,
-    _tagged,
     _value,
-    _view,
     _word_of,
 )
 
@@ -41,7 +39,7 @@ from crosspool.kernels.megakernel.common import (
 def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, mark, t_poll,
            t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr,
            published_ptr, COUNTED: gl.constexpr = False, polled_at=None, accf_ptr=None,
-           SCATTER: gl.constexpr = False, upto=K_STAGE_CHUNKS):
+           SCATTER: gl.constexpr = False):
     """Consumers: stage phase p's input in `xs` (bf16), 16 chunks a round, after polling its tags (phase `src`, or
     the step's input `x_ptr` where src < 0); RMSNorm it where the phase has norm weights (an attention phase: q and
     k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. With `skip` (a program
@@ -51,8 +49,6 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
     `t_stage` plus the cycles of the polls and of the rest, and the time every word was polled at `polled_at` (not
     in an attention phase: its items stamp their own part there). SCATTER: an input or residual that is a scattered
     sum's (`Phase.scatter`) is waited for by its count (`published_ptr`), then read as fp32 sums (`accf_ptr`).
-    `upto`: stage chunks below it only (`Chain(late_input=True)`: the rest, `_stage_rest`, before the first slot
-    that reads them; a phase with no norm).
     Returns mark, t_poll, t_stage, and the norm's scale rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
@@ -94,7 +90,7 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
                     count = gl.load(published_ptr + src, volatile=True)
                     rounds += 1
     for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
-        if (r < n_in) & (r < upto):
+        if r < n_in:
             offs = (r + srow)[:, None] * K_CHUNK + scol[None, :]            # value indices
             mask = (r + srow)[:, None] < n_in
             if src >= 0:
@@ -151,44 +147,6 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
     _cta_barrier()
     mark, t_stage = _lap(mark, t_stage, PROFILE)
     return mark, t_poll, t_stage, rstd
-
-
-@gluon.jit
-def _rest_words(table_ptr, p, words_ptr, on, WARPS: gl.constexpr):
-    """Consumers (`Chain(late_input=True)`): the words of phase p's input from chunk ROWS on (the staging's last
-    round: STAGE_CHUNKS is 2 ROWS), loaded now, tagged or not, so their round trip passes under the first slots: as
-    [ROWS chunks, ROWS items, 8 pairs] (each word once, 8 a thread; `_word_of`). Returns them and their mask (none
-    where not `on`); `_stage_rest` checks their tags."""
-    gl.static_assert(K_STAGE_CHUNKS == 2 * K_ROWS)
-    at = _rest_offsets(WARPS)
-    mask = (at < (_field(table_ptr, p, K_F_IN_CHUNKS) - K_ROWS) * (K_CHUNK // 2)) & on
-    return gl.load(words_ptr + _field(table_ptr, p, K_F_IN_OFF) + K_ROWS * K_CHUNK // 2 + at, mask=mask, other=0,
-                   volatile=True), mask
-
-
-@gluon.jit
-def _rest_offsets(WARPS: gl.constexpr):
-    """Word offsets [ROWS, ROWS, 8] of `_rest_words` from the rest's first word (its words are consecutive), each
-    thread 8 consecutive ones. (Its layout built here: Triton 3.6 takes no layout from a tensor in a loop.)"""
-    w3: gl.constexpr = gl.BlockedLayout([1, 1, K_ROWS // 2], [2, 16, 1], [WARPS, 1, 1], [2, 1, 0])
-    c = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(2, w3)))[:, None, None]
-    i = gl.arange(0, K_ROWS, layout=gl.SliceLayout(0, gl.SliceLayout(2, w3)))[None, :, None]
-    j = gl.arange(0, K_ROWS // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, w3)))[None, None, :]
-    return c * (K_CHUNK // 2) + i * (K_ROWS // 2) + j
-
-
-@gluon.jit
-def _stage_rest(table_ptr, p, xs, words, mask, words_ptr, tag, err_ptr, WARPS: gl.constexpr, POLLS: gl.constexpr):
-    """Consumers: the rest of phase p's input (`_rest_words`: `words`, loaded earlier), polled again unless they
-    all carry `tag` already, staged in `xs` from chunk ROWS on (item i's pair j: values 16 i + j low, + 8 high);
-    then a CTA barrier. A phase with no norm."""
-    if _tagged(words, mask, tag) == 0:
-        words = _poll(words_ptr, _field(table_ptr, p, K_F_IN_OFF) + K_ROWS * K_CHUNK // 2 +
-                      _rest_offsets(WARPS), mask, tag, err_ptr, POLLS)
-    vals = gl.join(_value(words, 0), _value(words, 1)).to(gl.bfloat16)               # [chunk, item, pair, half]
-    plain4: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[3, 2, 1, 0])
-    _view(xs.slice(K_ROWS, K_ROWS), [K_ROWS, K_ROWS, 2, K_ROWS // 2], plain4).permute([0, 1, 3, 2]).store(vals)
-    _cta_barrier()
 
 
 @gluon.jit
