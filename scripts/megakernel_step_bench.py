@@ -108,6 +108,8 @@ def main() -> None:
     p.add_argument("--no-compute", dest="compute", action="store_false", help="the weight slots stream through the "
                    "ring unread (`Chain(compute=False)`): what the step would take with free GEMV arithmetic; the "
                    "outputs are wrong, so they are not checked")
+    p.add_argument("--prefer-l1", action="store_true", help="the kernel's shared-memory carveout at what it uses, "
+                   "the rest of the SM's memory L1 (`Chain(prefer_l1=True)`)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--timeline", help="with --profile: torch.save the raw timeline ([programs, phases, 8] us) and "
@@ -141,7 +143,7 @@ def main() -> None:
     chain = mk.Chain(dc.phases, dc.families, h, stages=args.stages, warps=args.warps, norms=dc.norms, eps=dc.eps,
                      kv=kv, max_blocks=blocks, profile=args.profile,
                      dynamic=not args.static, dynamic_sums=args.dynamic_sums, compute=args.compute,
-                     **chain_kwargs(args))
+                     prefer_l1=args.prefer_l1, **chain_kwargs(args))
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()
     copy_bw = copy_bandwidth(dev)

@@ -106,6 +106,25 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
         mbarrier.invalidate(empty.index(s))
 
 
+CARVEOUT_ATTRIBUTE = 9          # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT (percent of the SM's maximum)
+
+
+def prefer_shared_memory_of(function: int, shared_bytes: int, device: torch.device) -> int:
+    """Set kernel `function`'s (a CUfunction handle) preferred shared-memory carveout to the least percentage that
+    holds `shared_bytes` plus the 1 KiB the driver reserves a block, so the rest of the SM's unified memory is L1;
+    returns the percentage. Raises RuntimeError if the driver refuses."""
+    import ctypes
+
+    # (Hopper's 228 KiB where this torch does not say)
+    most = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", 228 * 1024)
+    percent = min(100, -(-(shared_bytes + 1024) * 100 // most))
+    rc = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(function), CARVEOUT_ATTRIBUTE,
+                                                         ctypes.c_int(percent))
+    if rc != 0:
+        raise RuntimeError(f"cuFuncSetAttribute(carveout {percent}%) failed: CUresult {rc}")
+    return percent
+
+
 class Chain:
     """A planned chain bound to its weights and device buffers: `run(x)` launches it once (graph-capturable);
     `outputs()` reads every phase's values back, `check()` raises if a poll gave up. `rank_keys` (the default):
@@ -136,7 +155,8 @@ class Chain:
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
                  dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = True,
-                 counted_polls: bool = False, pipelined: bool = False, box_warps: bool = False) -> None:
+                 counted_polls: bool = False, pipelined: bool = False, box_warps: bool = False,
+                 prefer_l1: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -210,6 +230,11 @@ class Chain:
         # attention item's moments (`_attend_item`), a routed phase's ranking (`_rank`)
         self.prof = torch.zeros(self.nprog, 16 + 8 * len(phases), dtype=torch.int64, device=dev)
         self._bind_kv(kv, max_blocks, dev)
+        # prefer_l1: after the first launch, the kernel's shared-memory carveout is set to what it uses, not the
+        # most there is (Triton asks for that of every kernel over 48 KB: `prefer_shared_memory_of`), so the rest of
+        # the SM's 256 KB serves as L1 for the phase table, norm weights and routing buffers
+        self.prefer_l1 = prefer_l1
+        self._carved: int | None = None
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
                          SCATTER=any(ph.scatter for ph in phases), FOLD=bool(folds_read), BOXW=box_warps,
@@ -274,12 +299,15 @@ class Chain:
             raise ValueError(f"input: expected a contiguous fp32 or bf16 [{self.plan.input_len}] on "
                              f"{self.words.device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
         st = self.state
-        _chain_kernel[(self.nprog,)](*self.descs, self.kv_desc, self.table, len(self.phases), self.tiles,
+        kernel = _chain_kernel[(self.nprog,)](*self.descs, self.kv_desc, self.table, len(self.phases), self.tiles,
                                      self.tiles.shape[1], x, self.last, self.norms, self.eps, self.words, self.routes,
                                      self.experts, self.experts.shape[1], st[0:], st[1:], st[2:], self.nprog,
                                      self.prof, self.kv, self.kv.shape[1], self.ctx, self.block_table, self.cos,
                                      self.sin, self.counters, self.fold_family, self.words.view(torch.float32),
                                      **self.meta)
+        if self.prefer_l1 and kernel is not None and kernel.function != self._carved:
+            prefer_shared_memory_of(kernel.function, kernel.metadata.shared, self.words.device)
+            self._carved = kernel.function
 
     def outputs(self) -> list[torch.Tensor]:
         """Every phase's outputs as `reference` gives them (an attention phase: its partials, their log-sum-exps,

@@ -173,21 +173,21 @@ class DecodeStep:
     `splits`: each attention head's context in 8 parts (890-898 us a step against 906-910 with 4, session 20);
     `stages`: a ring of 3 slots of 32 KB (875-888 us a step against 890-907 with 6, session 23: fewer bytes in
     flight a program, shorter waits for the loads a phase boundary makes);
-    `dynamic_sums`, `lean_release`, `rank_keys` and `counted_polls` as `Chain`'s; `fold_heads` and `scatter_down`
-    as `decode_chain`'s."""
+    `dynamic_sums`, `lean_release`, `rank_keys`, `counted_polls` and `prefer_l1` as `Chain`'s; `fold_heads` and
+    `scatter_down` as `decode_chain`'s."""
 
     def __init__(self, spec: ModelSpec, attn: AttentionWeights, ffn: FFNWeights, kv: torch.Tensor,
                  context_len: torch.Tensor, block_table: torch.Tensor, splits: int = 8, stages: int = 3,
                  warps: int = 8, dynamic: bool = True, dynamic_sums: bool = False,
                  lean_release: bool = False, rank_keys: bool = True, counted_polls: bool = False,
-                 fold_heads: bool = False, scatter_down: bool = False) -> None:
+                 fold_heads: bool = False, scatter_down: bool = False, prefer_l1: bool = False) -> None:
         from crosspool.kernels.megakernel.chain import Chain
 
         d = decode_chain(spec, attn, ffn, splits, adopt=True, fold_heads=fold_heads, scatter_down=scatter_down)
         self.chain = Chain(d.phases, d.families, spec.hidden_size, stages=stages, warps=warps, norms=d.norms,
                            eps=d.eps, kv=kv, max_blocks=block_table.numel(), dynamic=dynamic,
                            dynamic_sums=dynamic_sums, lean_release=lean_release, rank_keys=rank_keys,
-                           counted_polls=counted_polls)
+                           counted_polls=counted_polls, prefer_l1=prefer_l1)
         self.cos = torch.ones(1, HEAD_DIM // 2, dtype=torch.float32, device=kv.device)
         self.sin = torch.zeros(1, HEAD_DIM // 2, dtype=torch.float32, device=kv.device)
         self.chain.bind_step(context_len, block_table, self.cos[0], self.sin[0])
