@@ -82,9 +82,12 @@ if [ "$stage" = megakernel ]; then
 fi
 if [ "$stage" = engine ]; then
     python3 -m crosspool.cli make-model --preset olmoe-1b-7b --out /tmp/olmoe --quiet --device cuda
-    for m in 1 0; do
-        CROSSPOOL_MEGAKERNEL=$m timeout 170 python3 -m crosspool.cli bench decode --model /tmp/olmoe \
-            --kv-cache-gb 16 --context 1024 --batch 1 --json "$OUT/olmoe_mk$m.json" 2>&1 | grep -v "^{" | tail -4
+    # the megakernel (its carveout at what it uses, then the most shared memory), then the graph of kernels
+    for m in "1 1" "1 0" "0 1"; do
+        set -- $m
+        CROSSPOOL_MEGAKERNEL=$1 CROSSPOOL_MEGAKERNEL_L1=$2 timeout 170 python3 -m crosspool.cli bench decode \
+            --model /tmp/olmoe --kv-cache-gb 16 --context 1024 --batch 1 --json "$OUT/olmoe_mk$1_l1$2.json" 2>&1 \
+            | grep -v "^{" | tail -4
     done
 fi
 if [ "$stage" = ncu ]; then     # why warps wait: instruction fetch (no_instruction), barriers, loads (long_scoreboard)

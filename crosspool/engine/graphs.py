@@ -77,6 +77,9 @@ MEGAKERNEL_WARPS = env_int("CROSSPOOL_MEGAKERNEL_WARPS", 8)        # its consume
 # dynamic_sums=)`); and 1 to free ring slots with the proxy fence in the producer (`Chain(lean_release=)`)
 MEGAKERNEL_DYNAMIC = env_int("CROSSPOOL_MEGAKERNEL_DYNAMIC", 1)
 MEGAKERNEL_LEAN = env_int("CROSSPOOL_MEGAKERNEL_LEAN", 0)
+# 1 (the default): its shared-memory carveout at what it uses, the rest of the SM's memory L1 (`Chain(prefer_l1=)`;
+# 864-873 us a step against 879-886, session 25); 0: the most shared memory, as Triton sets every large kernel
+MEGAKERNEL_L1 = env_int("CROSSPOOL_MEGAKERNEL_L1", 1)
 MEGAKERNEL_SPARE = 256 << 20     # bytes kept free past the layout's own while it is built (its buffers, the ring)
 log = logging.getLogger("crosspool.engine")
 
@@ -367,7 +370,7 @@ class DecodeGraphs:
         step = DecodeStep(self.model.spec, self.model.attention.w, self.model.ffn.w, kv,
                           self.inputs.meta[CONTEXT_LENS, :1], self.inputs.tables[0], warps=MEGAKERNEL_WARPS,
                           dynamic=MEGAKERNEL_DYNAMIC >= 1, dynamic_sums=MEGAKERNEL_DYNAMIC >= 2,
-                          lean_release=MEGAKERNEL_LEAN == 1)
+                          lean_release=MEGAKERNEL_LEAN == 1, prefer_l1=MEGAKERNEL_L1 == 1)
         torch.cuda.empty_cache()       # the old weights' memory back to the device, where the KV pool maps pages
         log.info("%s: batch-1 steps run as one megakernel (weights laid out in %.1f s; its first launch, at the "
                  "graphs' capture, compiles it unless Triton's cache has it)", self.model.spec.architecture,

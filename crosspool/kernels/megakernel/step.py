@@ -173,6 +173,8 @@ class DecodeStep:
     `splits`: each attention head's context in 8 parts (890-898 us a step against 906-910 with 4, session 20);
     `stages`: a ring of 3 slots of 32 KB (875-888 us a step against 890-907 with 6, session 23: fewer bytes in
     flight a program, shorter waits for the loads a phase boundary makes);
+    `prefer_l1`: the kernel's shared-memory carveout at what it uses, the rest of the SM's memory L1 (864-873 us a
+    step against 879-886 with Triton's most shared memory, session 25);
     `dynamic_sums`, `lean_release`, `rank_keys`, `counted_polls` and `prefer_l1` as `Chain`'s; `fold_heads` and
     `scatter_down` as `decode_chain`'s."""
 
@@ -180,7 +182,7 @@ class DecodeStep:
                  context_len: torch.Tensor, block_table: torch.Tensor, splits: int = 8, stages: int = 3,
                  warps: int = 8, dynamic: bool = True, dynamic_sums: bool = False,
                  lean_release: bool = False, rank_keys: bool = True, counted_polls: bool = False,
-                 fold_heads: bool = False, scatter_down: bool = False, prefer_l1: bool = False) -> None:
+                 fold_heads: bool = False, scatter_down: bool = False, prefer_l1: bool = True) -> None:
         from crosspool.kernels.megakernel.chain import Chain
 
         d = decode_chain(spec, attn, ffn, splits, adopt=True, fold_heads=fold_heads, scatter_down=scatter_down)
