@@ -390,6 +390,42 @@ def _check_phases(chain: mk.Chain, phases: list[Phase], fam: list[torch.Tensor],
         torch.testing.assert_close(got[i], want, rtol=1e-2, atol=2e-3, msg=lambda m, i=i: f"phase {i}: {m}")
 
 
+def test_carveout_percent_holds_the_block_and_no_more() -> None:
+    """`Chain(prefer_l1=True)`'s carveout: the least percentage of the SM's shared memory that holds the block and
+    the driver's 1 KiB."""
+    from crosspool.kernels.megakernel.chain import carveout_percent
+
+    most = 228 * 1024
+    for shared in (0, 48 * 1024, 127_472, 150_000, most - 1024):
+        pct = carveout_percent(shared, most)
+        assert pct * most / 100 >= shared + 1024 > (pct - 1) * most / 100, (shared, pct)
+    assert carveout_percent(127_472, most) == 56              # the OLMoE step's kernel (Triton 3.6)
+    with pytest.raises(ValueError, match="does not fit"):
+        carveout_percent(most, most)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs an sm_90 GPU")
+def test_prefer_l1_sets_the_kernels_carveout_and_keeps_its_outputs() -> None:
+    import ctypes
+
+    from crosspool.kernels.megakernel.chain import CARVEOUT_ATTRIBUTE
+
+    fam = _families("cuda", 2)
+    chain = mk.Chain(CHAIN, fam, 2048, prefer_l1=True)
+    x = torch.randn(2048, generator=torch.Generator().manual_seed(8)).cuda()
+    for _ in range(2):                                   # the carveout is set after the first launch
+        chain.run(x)
+        torch.cuda.synchronize()
+        chain.check()
+        _check_phases(chain, CHAIN, fam, x, None)
+    value = ctypes.c_int(-1)
+    assert ctypes.CDLL("libcuda.so.1").cuFuncGetAttribute(ctypes.byref(value), CARVEOUT_ATTRIBUTE,
+                                                          ctypes.c_void_p(chain._carved)) == 0
+    assert value.value == chain.carveout and 0 < chain.carveout < 100     # the driver holds what was set
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90 GPU")

@@ -109,15 +109,22 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
 CARVEOUT_ATTRIBUTE = 9          # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT (percent of the SM's maximum)
 
 
+def carveout_percent(shared_bytes: int, most: int) -> int:
+    """The least shared-memory carveout, in percent of an SM's `most` bytes of shared memory, that holds a block of
+    `shared_bytes` plus the 1 KiB the driver reserves a block (the driver rounds it up to a size it has)."""
+    if not 0 <= shared_bytes + 1024 <= most:
+        raise ValueError(f"a block of {shared_bytes} B of shared memory does not fit in the SM's {most} B")
+    return -(-(shared_bytes + 1024) * 100 // most)
+
+
 def prefer_shared_memory_of(function: int, shared_bytes: int, device: torch.device) -> int:
-    """Set kernel `function`'s (a CUfunction handle) preferred shared-memory carveout to the least percentage that
-    holds `shared_bytes` plus the 1 KiB the driver reserves a block, so the rest of the SM's unified memory is L1;
-    returns the percentage. Raises RuntimeError if the driver refuses."""
+    """Set kernel `function`'s (a CUfunction handle) preferred shared-memory carveout to `carveout_percent`, so the
+    rest of the SM's unified memory is L1; returns the percentage. Raises RuntimeError if the driver refuses."""
     import ctypes
 
     # (Hopper's 228 KiB where this torch does not say)
     most = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", 228 * 1024)
-    percent = min(100, -(-(shared_bytes + 1024) * 100 // most))
+    percent = carveout_percent(shared_bytes, most)
     rc = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(function), CARVEOUT_ATTRIBUTE,
                                                          ctypes.c_int(percent))
     if rc != 0:
@@ -234,7 +241,8 @@ class Chain:
         # most there is (Triton asks for that of every kernel over 48 KB: `prefer_shared_memory_of`), so the rest of
         # the SM's 256 KB serves as L1 for the phase table, norm weights and routing buffers
         self.prefer_l1 = prefer_l1
-        self._carved: int | None = None
+        self._carved: int | None = None              # the kernel (CUfunction) it was set for
+        self.carveout: int | None = None             # and the percentage
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
                          SCATTER=any(ph.scatter for ph in phases), FOLD=bool(folds_read), BOXW=box_warps,
@@ -306,7 +314,7 @@ class Chain:
                                      self.sin, self.counters, self.fold_family, self.words.view(torch.float32),
                                      **self.meta)
         if self.prefer_l1 and kernel is not None and kernel.function != self._carved:
-            prefer_shared_memory_of(kernel.function, kernel.metadata.shared, self.words.device)
+            self.carveout = prefer_shared_memory_of(kernel.function, kernel.metadata.shared, self.words.device)
             self._carved = kernel.function
 
     def outputs(self) -> list[torch.Tensor]:
