@@ -38,6 +38,8 @@ def main() -> None:
     add_options(p)
     p.add_argument("--fold-heads", action="store_true", help="with a fold (`decode_chain(fold_heads=True)`)")
     p.add_argument("--dynamic", action="store_true", help="with dynamic phases (`Chain(dynamic=True)`)")
+    p.add_argument("--consumer-ranks", action="store_true", help="with the consumers' ranking compiled in (CRANK: "
+                   "a chain with a router the producer does not rank; the OLMoE step has none)")
     p.add_argument("--splits", type=int, default=0, help="attention splits (SPLITS; 0: no attention phases)")
     p.add_argument("--engine", action="store_true",
                    help="as the engine launches it (`DecodeStep`): a bf16 input row, int64 context and block table")
@@ -57,7 +59,7 @@ def main() -> None:
            "accf_ptr": "*fp32"}
     const = dict(STAGES=args.stages, BOXES=args.boxes, WARPS=args.warps, POLLS=1 << 22, COMPUTE=True,
                  PROFILE=args.profile, SPLITS=args.splits,
-                 DYNAMIC=args.dynamic, FOLD=args.fold_heads, SCATTER=args.scatter,
+                 DYNAMIC=args.dynamic, FOLD=args.fold_heads, SCATTER=args.scatter, CRANK=args.consumer_ranks,
                  **constexprs(args))
     kernel = triton.compile(GluonASTSource(chain._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=args.warps))

@@ -108,8 +108,9 @@ def main() -> None:
     p.add_argument("--no-compute", dest="compute", action="store_false", help="the weight slots stream through the "
                    "ring unread (`Chain(compute=False)`): what the step would take with free GEMV arithmetic; the "
                    "outputs are wrong, so they are not checked")
-    p.add_argument("--prefer-l1", action="store_true", help="the kernel's shared-memory carveout at what it uses, "
-                   "the rest of the SM's memory L1 (`Chain(prefer_l1=True)`)")
+    p.add_argument("--most-shared", dest="prefer_l1", action="store_false", help="the kernel's shared-memory "
+                   "carveout at the most there is, as Triton sets it, not at what it uses with the rest L1 "
+                   "(`Chain(prefer_l1=False)`; DecodeStep's default is True: session 25, -13 us a step)")
     p.add_argument("--profile", action="store_true", help="cycle counters by activity (slows the step)")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--timeline", help="with --profile: torch.save the raw timeline ([programs, phases, 8] us) and "

@@ -59,9 +59,11 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
                   DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
                   COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, FOLD: gl.constexpr = False,
-                  SCATTER: gl.constexpr = False, BOXW: gl.constexpr = False):
+                  SCATTER: gl.constexpr = False, BOXW: gl.constexpr = False, CRANK: gl.constexpr = True):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
-    (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`)."""
+    (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`). CRANK: some router is ranked
+    by the consumers (`rank._rank`), not the producer; without one that code is not compiled (~1,000 SASS
+    instructions fewer: the kernel's ~146 KB of code is more than an SM's instruction cache holds)."""
     pid = gl.program_id(0)
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BOXES, K_ROWS, K_CHUNK], d0.layout)
     xs = gl.allocate_shared_memory(gl.bfloat16, [K_STAGE_CHUNKS, K_CHUNK],
@@ -94,7 +96,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
                     SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, fold_ptr, FOLD, accf_ptr,
-                    SCATTER, BOXW)),
+                    SCATTER, BOXW, CRANK)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
                     err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys, lbuf,
@@ -220,10 +222,13 @@ class Chain:
         # rank_keys: the producer ranks a router of at most FEW_EXPERTS experts where its first routed phase is
         # dynamic (every program's tile list then holds that phase's code, where the producer ranks it)
         routed = self.plan.routed
+        consumer_ranks = False                       # a router the consumers rank (else `_rank` is compiled out)
         for j, q in enumerate(routed):
             first = j == 0 or phases[routed[j - 1]].route != phases[q].route
             if rank_keys and first and q in dyn and self.plan.table[q, F_ROUTE_N] <= FEW_EXPERTS:
                 self.table[q, F_PRODUCER_RANKS] = 1
+            elif first:
+                consumer_ranks = True
         # the dynamic phases' item counters, then each phase's published items (`counted_polls`)
         self.counters = torch.zeros(2 * len(phases), dtype=torch.int32, device=dev)
         n_ord = max(1, len(self.plan.routed))
@@ -246,6 +251,7 @@ class Chain:
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
                          SCATTER=any(ph.scatter for ph in phases), FOLD=bool(folds_read), BOXW=box_warps,
+                         CRANK=consumer_ranks,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 

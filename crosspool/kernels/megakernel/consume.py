@@ -66,12 +66,14 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
              PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
              COUNTED: gl.constexpr, PIPE: gl.constexpr = False, fold_ptr=None,
-             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False, BOXW: gl.constexpr = False):
+             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False, BOXW: gl.constexpr = False,
+             CRANK: gl.constexpr = True):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words. SCATTER (a chain with scattered sums,
     `Phase.scatter`): such a phase's items add their rows into fp32 sums at `accf_ptr` (the words' memory as fp32)
     and count themselves; the phases that read them wait for the count (`_stage`). BOXW (`Chain(box_warps=True)`):
-    a slot's warps split it by box and half its rows, not by rows alone (`_slot_in_boxes`)."""
+    a slot's warps split it by box and half its rows, not by rows alone (`_slot_in_boxes`). CRANK: some routed phase's
+    router is ranked here (`_rank`), not by the producer; else that code is left out."""
     pid = gl.program_id(0)
     # a ring slot in registers: each thread holds 8 columns of every box (its 4-box sum is in-thread); a warp
     # reads a 512-B row
@@ -153,7 +155,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             if produced != 0:                        # (its ids and the weights come after the staging)
                 ready = _field(table_ptr, p, K_F_ROUTE_LAST) + 1
                 defer = zero + 1
-            else:
+            elif CRANK:
                 ready, ids, logits, defer = _rank(table_ptr, p, router, ordinal, words_ptr, epoch, err_ptr,
                                                   routes_ptr, expert_base, rowbase, ranked, prof + 20 + 8 * p, scaled,
                                                   WARPS, POLLS, PROFILE)
