@@ -17,8 +17,6 @@ OPTIONS = (
      "polling the words (25-30 us a step slower, session 20)"),
     ("--pipelined", "pipelined", "PIPE", "each slot's loads before the previous slot's arithmetic (session 21: no "
      "gain)"),
-    ("--box-warps", "box_warps", "BOXW", "a slot's warps split by box and half its rows, each reading its box's "
-     "input only (untimed, session 24)"),
 )
 INVERTED = {"rank_keys"}
 

@@ -173,9 +173,6 @@ def test_chain_rejects_bad_weights_and_rings_before_any_launch() -> None:
         mk.Chain(CHAIN, [fam[0].float(), fam[1]], 2048)
     with pytest.raises(ValueError, match="226 KiB"):
         mk.Chain(CHAIN, fam, 2048, stages=8, boxes=4)
-    for bad in (dict(warps=4), dict(warps=8, pipelined=True), dict(warps=8, boxes=2)):
-        with pytest.raises(ValueError, match="box_warps"):
-            mk.Chain(CHAIN, fam, 2048, stages=3, box_warps=True, **bad)
     with pytest.raises(ValueError, match="norm weights"):
         mk.Chain(NORM_CHAIN, fam, 2048)                                   # normed phases, no norms given
     with pytest.raises(ValueError, match="1-D tensor"):

@@ -213,7 +213,7 @@ def test_decode_chain_refuses_other_models_with_the_reason() -> None:
                     reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("split", ["static", "dynamic", "dynamic sums", "dynamic lean", "dynamic weights",
                                    "dynamic counted", "dynamic pipelined", "dynamic fold",
-                                   "dynamic fold pipelined", "dynamic scatter down", "dynamic box warps",
+                                   "dynamic fold pipelined", "dynamic scatter down",
                                    "static scatter down"])
 def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, split: str) -> None:  # noqa: ANN001
     """The whole small step on the GPU: every phase against the reference fed the kernel's own earlier outputs,
@@ -226,7 +226,7 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     each slot's loads before the previous slot's arithmetic (`Chain(pipelined=True)`); fold: the router's o_proj
     part in the attention's head combine (`decode_chain(fold_heads=True)`); scatter down: the down's items one
     expert's rows each, added into fp32 sums and counted (`decode_chain(scatter_down=True)`), taken as the programs
-    go or (static) dealt round-robin; box warps: 8 consumer warps, two a box of each slot (`Chain(box_warps=True)`)."""
+    go or (static) dealt round-robin."""
     dynamic = not split.startswith("static")
     spec = _spec(4 if dynamic else 2)
     attn, ffn = _weights(spec, 1)
@@ -242,8 +242,7 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     chain = mk.Chain(dc.phases, dc.families, spec.hidden_size, norms=dc.norms, eps=dc.eps, kv=kv, max_blocks=64,
                      dynamic=dynamic, dynamic_sums=split == "dynamic sums", lean_release=split == "dynamic lean",
                      rank_keys=split != "dynamic weights", counted_polls=split == "dynamic counted",
-                     pipelined=split.endswith("pipelined"), box_warps=split.endswith("box warps"),
-                     warps=8 if split.endswith("box warps") else 4)
+                     pipelined=split.endswith("pipelined"))
     x = torch.empty(spec.hidden_size, device="cuda")
     for ctx in (300, 301, 302):
         cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))

@@ -59,7 +59,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
                   DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
                   COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, FOLD: gl.constexpr = False,
-                  SCATTER: gl.constexpr = False, BOXW: gl.constexpr = False, CRANK: gl.constexpr = True):
+                  SCATTER: gl.constexpr = False, CRANK: gl.constexpr = True):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`). CRANK: some router is ranked
     by the consumers (`rank._rank`), not the producer; without one that code is not compiled (~1,000 SASS
@@ -96,7 +96,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
                     SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, fold_ptr, FOLD, accf_ptr,
-                    SCATTER, BOXW, CRANK)),
+                    SCATTER, CRANK)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
                     err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys, lbuf,
@@ -144,10 +144,6 @@ class Chain:
     words (`stage._stage(COUNTED=True)`; 25-30 us a step slower, session 20: the count's round trip comes before
     the words'). `pipelined`: each slot's loads are issued before the previous slot's arithmetic
     (`consume._pipelined_slots`; session 21: a step 891 / 906 us against 898 / 901 for the defaults, no gain).
-    `box_warps`: a slot's 8 consumer warps split it by box (two a box, 8 rows each), so each warp reads its box's 256
-    input values from shared memory, not the slot's 1,024, and converts 8 of them a thread, not 32; each thread sums
-    its 8 columns a slot, and the boxes and lanes are summed once an item (`consume._slot_in_boxes`; untimed, session
-    24: the slot loop was 27% of the warps' stall samples and issued in 27% of its own).
     (Session 21, tried and removed: the down's two input rounds polled at once, +19 us a step; its second round
     polled only before its first slot that reads it, +17 us; the next layer's QKV asked of L2 while the producer
     waits for the ranking, +18-30 us. Session 23, tried and removed: the experts' weights computed before the down,
@@ -157,15 +153,18 @@ class Chain:
     tried and removed: the plain phases (not routed) held to 3 or 4 of a ring of 6 slots in flight, a tie or +15 us;
     3 ring slots more, a hold that took each next layer's QKV's first 3 slots a program while HBM idles in the
     attention and routing, +18-30 us: the QKV's first program was done no sooner (the consumers' ~0.6 us a slot sets
-    its pace), and 225 KB of shared memory leave the SM little L1 (a guess, not measured).)"""
+    its pace), and 225 KB of shared memory leave the SM little L1 (a guess, not measured). Session 25, tried and
+    removed: a slot's 8 warps split by box, each reading its box's input only, +30 us; the down's second input round
+    loaded at its start and staged before its fifth slot, +20 us (its first round's poll of long-ready words still
+    took 2-4 us under the ring's loads).) `prefer_l1`: after the first launch, the kernel's shared-memory carveout at
+    what it uses, the rest L1 (`prefer_shared_memory_of`; session 25: -13 us a step)."""
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
                  dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = True,
-                 counted_polls: bool = False, pipelined: bool = False, box_warps: bool = False,
-                 prefer_l1: bool = False) -> None:
+                 counted_polls: bool = False, pipelined: bool = False, prefer_l1: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -206,9 +205,6 @@ class Chain:
         if len(folds_read) > 1:
             raise ValueError(f"the attention phases' folds read one family, got {folds_read}")
         self.fold_family = families[folds_read[0] if folds_read else 0]
-        if box_warps and (pipelined or boxes != 4 or warps != 8 or folds_read):
-            raise ValueError("box_warps takes 4 boxes a slot and 8 consumer warps (two a box), and neither pipelined "
-                             "slots nor a folded router")
         self.table = self.plan.table.to(dev)
         self.words = torch.zeros(self.plan.words, dtype=torch.int64, device=dev)
         self.last = torch.zeros(phases[-1].out_rows, dtype=torch.float32, device=dev)   # the last phase's, in fp32
@@ -250,7 +246,7 @@ class Chain:
         self.carveout: int | None = None             # and the percentage
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
-                         SCATTER=any(ph.scatter for ph in phases), FOLD=bool(folds_read), BOXW=box_warps,
+                         SCATTER=any(ph.scatter for ph in phases), FOLD=bool(folds_read),
                          CRANK=consumer_ranks,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)

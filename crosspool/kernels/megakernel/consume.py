@@ -66,26 +66,18 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
              PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
              COUNTED: gl.constexpr, PIPE: gl.constexpr = False, fold_ptr=None,
-             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False, BOXW: gl.constexpr = False,
-             CRANK: gl.constexpr = True):
+             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False, CRANK: gl.constexpr = True):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words. SCATTER (a chain with scattered sums,
     `Phase.scatter`): such a phase's items add their rows into fp32 sums at `accf_ptr` (the words' memory as fp32)
-    and count themselves; the phases that read them wait for the count (`_stage`). BOXW (`Chain(box_warps=True)`):
-    a slot's warps split it by box and half its rows, not by rows alone (`_slot_in_boxes`). CRANK: some routed phase's
-    router is ranked here (`_rank`), not by the producer; else that code is left out."""
+    and count themselves; the phases that read them wait for the count (`_stage`). CRANK: some routed phase's router is
+    ranked here (`_rank`), not by the producer; else that code is left out."""
     pid = gl.program_id(0)
     # a ring slot in registers: each thread holds 8 columns of every box (its 4-box sum is in-thread); a warp
     # reads a 512-B row
     tile3: gl.constexpr = gl.BlockedLayout([BOXES, 1, 8], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
     acc_l: gl.constexpr = gl.SliceLayout(0, tile3)                                    # [ROWS, CHUNK]
     rows_l: gl.constexpr = gl.SliceLayout(1, acc_l)
-    # BOXW: a slot as [BOXES, ROWS, 32, 8]: warp (b, h) holds box b's rows 8h.. (8 values of each of them in each
-    # thread), so a warp reads one box's 256 input values, not all BOXES * 256; each thread sums its 8 columns in
-    # place, the boxes and lanes are summed once an item
-    tile4: gl.constexpr = gl.BlockedLayout([1, K_ROWS // 2, 1, 8], [1, 1, 32, 1], [BOXES, WARPS // BOXES, 1, 1],
-                                           [3, 2, 1, 0])
-    acc4_l: gl.constexpr = gl.SliceLayout(3, tile4)                                   # [BOXES, ROWS, 32]
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])     # the ranking's
     # `xgroups.index(g)` is staged chunks g * BOXES.. as [BOXES, 1, CHUNK], the input of one ring slot (a slot's
     # first chunk is a multiple of BOXES)
@@ -225,12 +217,8 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
             if SCATTER:
                 if res_scat != 0:
                     res_f = gl.load(accf_ptr + res_acc + row_item * K_ROWS + rows, volatile=True)
-            if BOXW:
-                acc = gl.zeros([BOXES, K_ROWS, 32], gl.float32, acc4_l)
-                acc_up = gl.zeros([BOXES, K_ROWS, 32], gl.float32, acc4_l)
-            else:
-                acc = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
-                acc_up = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
+            acc = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
+            acc_up = gl.zeros([K_ROWS, K_CHUNK], gl.float32, acc_l)
             src = src0                                   # the source of slot j (a routed sum's expert)
             if PIPE:                                 # the next slot's loads before this one's arithmetic
                 if n_slots > 0:                      # (a heads phase's items have none)
@@ -250,22 +238,19 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                     if COMPUTE:              # (compute=False, timing only: the tiles stream, nothing is read)
                         # the slot's input too, before the release: Triton's barrier analysis puts a CTA barrier
                         # between an mbarrier arrive and the next shared-memory read
-                        if BOXW:
-                            wt, xc = _slot_in_boxes(ring, xs, slot, t0, kc, kind, tile4, BOXES)
-                        else:
-                            wt, xc = _slot_in(ring, xgroups, slot, t0, kc, kind, tile3, BOXES)
+                        wt, xc = _slot_in(ring, xgroups, slot, t0, kc, kind, tile3, BOXES)
                     # every warp has its part of the slot in registers: free the slot now, not after the
                     # arithmetic, so the ring keeps STAGES slots in flight (at ~7 us loaded latency, bytes in flight
                     # set the rate)
                     consumed = _release(empty, slot, consumed, LEAN)
                     mark, t_release = _lap(mark, t_release, PROFILE)
                     if COMPUTE:
-                        acc, acc_up, src = _slot_math(_products(wt, xc, BOXW), t0, kc, kind, router, gates, src, acc,
+                        acc, acc_up, src = _slot_math(_products(wt, xc), t0, kc, kind, router, gates, src, acc,
                                                       acc_up, BOXES)
                     mark, t_math = _lap(mark, t_math, PROFILE)
-            y = _row_sums(acc, rows_l, BOXW)
+            y = gl.sum(acc, axis=1)
             if kind == K_SWIGLU:
-                y = y / (1.0 + gl.exp(-y)) * _row_sums(acc_up, rows_l, BOXW)
+                y = y / (1.0 + gl.exp(-y)) * gl.sum(acc_up, axis=1)
             if FOLD and kind == K_HEADS:             # no slots: the attention's fold products, summed over heads
                 y += _heads_sum(table_ptr, p, i, words_ptr, _tag(epoch, _field(table_ptr, p, K_F_IN)), err_ptr, acc,
                                 POLLS)
@@ -390,35 +375,9 @@ def _slot_in(ring, xgroups, slot, t0, kc, kind, tile3: gl.constexpr, BOXES: gl.c
 
 
 @gluon.jit
-def _slot_in_boxes(ring, xs, slot, t0, kc, kind, tile4: gl.constexpr, BOXES: gl.constexpr):
-    """`_slot_in` for `Chain(box_warps=True)`: ring slot `slot` as [BOXES, ROWS, 32, 8] in `tile4`, and the staged
-    input it multiplies as [BOXES, 32, 8] (each thread its box's 8 columns)."""
-    plain4: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[3, 2, 1, 0])
-    w = _view(ring.index(slot), [BOXES, K_ROWS, 32, 8], plain4).load(tile4)
-    plain3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])       # (a view to index: one rank less)
-    xg = _view(xs, [K_STAGE_CHUNKS // BOXES, BOXES, 32, 8], plain3)
-    return w, xg.index(_input_chunk(t0, kc, kind) // BOXES).load(gl.SliceLayout(1, tile4))
-
-
-@gluon.jit
-def _products(wt, xc, BOXW: gl.constexpr):
-    """A slot's products with its input, partly summed in each thread: over the boxes (acc's [ROWS, CHUNK]), or
-    with BOXW over each thread's 8 columns ([BOXES, ROWS, 32])."""
-    if BOXW:
-        part = gl.sum(wt.to(gl.float32) * gl.expand_dims(xc.to(gl.float32), 1), axis=3)
-    else:
-        part = gl.sum(wt.to(gl.float32) * xc.to(gl.float32), axis=0)
-    return part
-
-
-@gluon.jit
-def _row_sums(acc, rows_l: gl.constexpr, BOXW: gl.constexpr):
-    """An item's accumulator summed to its ROWS outputs (with BOXW across lanes and warps), in rows_l."""
-    if BOXW:
-        y = gl.convert_layout(gl.sum(gl.sum(acc, axis=2), axis=0), rows_l)
-    else:
-        y = gl.sum(acc, axis=1)
-    return y
+def _products(wt, xc):
+    """A slot's products with its input, summed over its boxes in each thread (acc's [ROWS, CHUNK])."""
+    return gl.sum(wt.to(gl.float32) * xc.to(gl.float32), axis=0)
 
 
 @gluon.jit
@@ -455,7 +414,7 @@ def _pipelined_slots(ring, full, empty, xgroups, consumed, n_slots, kc, kind, ro
             slot = consumed % STAGES
             mbarrier.wait(full.index(slot), (consumed // STAGES) & 1)
             wt_next, xc_next = _slot_in(ring, xgroups, slot, t0 + BOXES, kc, kind, tile3, BOXES)
-        acc, acc_up, src = _slot_math(_products(wt, xc, False), t0, kc, kind, router, gates, src, acc, acc_up, BOXES)
+        acc, acc_up, src = _slot_math(_products(wt, xc), t0, kc, kind, router, gates, src, acc, acc_up, BOXES)
         if j + 1 < n_slots:
             consumed = _release(empty, slot, consumed, LEAN)
         wt = wt_next
