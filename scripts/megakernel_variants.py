@@ -37,9 +37,10 @@ def result(stdout: str, stderr: str, rc: int) -> str:
     bench's check against the reference), or why there is none."""
     found = RESULT.search(stdout)
     if found:
+        if found[3] == "unchecked":                  # (--no-compute)
+            return f"{found[1]} ({found[2]}), unchecked"
         err = float(found[3])
-        note = ", unchecked" if err != err else f", err {err:.1e}" if not err <= 2e-2 else ""   # (nan: --no-compute)
-        return f"{found[1]} ({found[2]}){note}"
+        return f"{found[1]} ({found[2]})" + (f", err {err:.1e}" if not err <= 2e-2 else "")
     last = (stderr.strip().splitlines() or ["no output"])[-1]
     return f"failed, rc {rc}: {last[:80]}"
 

@@ -290,6 +290,8 @@ def test_megakernel_variants_reads_the_step_benchs_row() -> None:
     assert mv.result("OLMoE-1B-7B shapes\n" + row + "\n", "", 0) == "893.4 (0.655)"
     for err, cell in (("3.1e-01", "893.4 (0.655), err 3.1e-01"), ("nan", "893.4 (0.655), err nan")):  # a wrong step
         assert mv.result(row.replace("9.5e-04", err), "", 0) == cell
+    unchecked = row.replace("9.5e-04 (phase 56, sum)", "unchecked (--no-compute)")         # no error to show
+    assert mv.result(unchecked, "", 0) == "893.4 (0.655), unchecked"
     assert mv.result("", "Traceback ...\nRuntimeError: no GPU\n", 1) == "failed, rc 1: RuntimeError: no GPU"
 
 
