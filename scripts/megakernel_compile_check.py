@@ -3,15 +3,20 @@
 `python3 scripts/megakernel_compile_check.py [--stages 6] [--boxes 4] [--sass PATH]`: runs Triton's whole pipeline
 (Gluon -> PTX -> cubin by the bundled ptxas) for `crosspool.kernels.megakernel.chain._chain_kernel` and prints shared
 memory, registers and stack bytes (a stack means spilled registers). With another Triton first on PYTHONPATH
-(the device has 3.6) it checks that release's Gluon names too. `--sass PATH` writes the disassembly there.
+(the device has 3.6) it checks that release's Gluon names too. `--sass PATH` writes the disassembly there;
+`--by-source N` prints the kernel's instruction count and the N Python functions with the most SASS instructions
+(by the line info `nvdisasm -g` gives each instruction; an inlined function's instructions count to it).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import triton
@@ -32,6 +37,8 @@ def main() -> None:
     p.add_argument("--boxes", type=int, default=4)
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--sass", help="write the SASS here")
+    p.add_argument("--by-source", type=int, default=0, metavar="N", help="print the N functions with the most SASS "
+                   "instructions")
     p.add_argument("--ptx", help="write the PTX here")
     p.add_argument("--profile", action="store_true", help="with the cycle counters")
     p.add_argument("--scatter", action="store_true", help="with scattered sums (`Phase.scatter`)")
@@ -74,6 +81,39 @@ def main() -> None:
     if args.sass:
         sass = subprocess.run([tools / "nvdisasm", "-c", cubin], capture_output=True, text=True).stdout
         Path(args.sass).write_text(sass)
+    if args.by_source:
+        lined = subprocess.run([tools / "nvdisasm", "-c", "-g", cubin], capture_output=True, text=True).stdout
+        counts = by_source(lined)
+        print(f"{sum(counts.values())} SASS instructions; by function:")
+        for name, n in counts.most_common(args.by_source):
+            print(f"{n:7d}  {name}")
+
+
+def by_source(lined_sass: str) -> Counter:
+    """Instructions of `nvdisasm -g` output counted by the Python function (file:function) of the line each one
+    comes from (the innermost, where it was inlined)."""
+    spans: dict[str, list[tuple[int, int, str]]] = {}
+
+    def function_of(path: str, line: int) -> str:
+        if path not in spans:
+            try:
+                tree = ast.parse(Path(path).read_text())
+            except (OSError, SyntaxError):
+                tree = ast.Module(body=[], type_ignores=[])
+            spans[path] = [(n.lineno, n.end_lineno or n.lineno, n.name) for n in ast.walk(tree)
+                           if isinstance(n, ast.FunctionDef)]
+        inner = max((s for s in spans[path] if s[0] <= line <= s[1]), default=(0, 0, "?"))
+        return f"{Path(path).name}:{inner[2]}"
+
+    counts: Counter = Counter()
+    where = None
+    for text in lined_sass.splitlines():
+        found = re.search(r'//## File "([^"]+)", line (\d+)', text)
+        if found:
+            where = function_of(found[1], int(found[2]))
+        elif where and re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", text):
+            counts[where] += 1
+    return counts
 
 
 if __name__ == "__main__":
