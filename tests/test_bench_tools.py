@@ -319,6 +319,30 @@ def test_megakernel_options_are_chains_keywords_and_kernel_constexprs() -> None:
     assert all(name in _chain_kernel.arg_names for _, _, name, _ in mo.OPTIONS)
 
 
+def test_compile_check_counts_sass_by_python_function(tmp_path) -> None:  # noqa: ANN001
+    """`scripts/megakernel_compile_check.py --by-source`: each instruction of `nvdisasm -g` output counts to the
+    innermost Python function around the line it comes from."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import megakernel_compile_check as cc
+
+    src = tmp_path / "k.py"
+    src.write_text("def outer():\n    x = 1\n\n    def inner():\n        return x\n    return inner\n")
+    lined = "\n".join([
+        f'\t//## File "{src}", line 2',
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        "        /*0010*/                   S2R R0, SR_TID.X ;",
+        f'\t//## File "{src}", line 5',
+        "        /*0020*/                   IADD3 R2, R0, 0x1, RZ ;",
+        "        /*10030*/                  EXIT ;",
+        '\t//## File "/nowhere/gone.py", line 9',
+        "        /*10040*/                  BRA 0x10040 ;",
+        "        /*10050*/                  NOP;",
+    ])
+    assert cc.by_source(lined) == {"k.py:outer": 2, "k.py:inner": 2, "gone.py:?": 2}
+
+
 def test_megakernel_ncu_blocks_cuts_the_sass_at_branches(tmp_path) -> None:  # noqa: ANN001
     """`scripts/megakernel_ncu_blocks.py`: ncu's SASS page as CSV -> instructions with their stall samples, cut into
     basic blocks at branch targets and after branches."""
