@@ -3,7 +3,8 @@ runs of one call compare).
 
 Here (with git): `python3 scripts/megakernel_ab.py build REV` copies commit REV's `crosspool/kernels/megakernel/`
 into `mkb/mk_REV/` (an untracked package: list `mkb/` in `.git/info/exclude` and never commit it), with its imports
-renamed, and REV's step bench beside it as `mkb/mk_REV/step_bench.py`. Carry `mkb` to the device.
+renamed, and REV's step bench beside it as `mkb/mk_REV/step_bench.py` with REV's `megakernel_options.py` (the
+options REV's `Chain` takes; the other helpers are today's). Carry `mkb` to the device.
 There: `python3 scripts/megakernel_ab.py run REV SCRIPT [args]` runs SCRIPT (e.g. `mkb/mk_REV/step_bench.py`) with
 that package standing in for `crosspool.kernels.megakernel` and its submodules.
 """
@@ -11,6 +12,7 @@ that package standing in for `crosspool.kernels.megakernel` and its submodules.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import runpy
 import subprocess
 import sys
@@ -36,6 +38,11 @@ def build(rev: str) -> Path:
         (out / "step_bench.py").write_text(bench.stdout.replace(
             "sys.path.insert(0, str(Path(__file__).resolve().parent))",
             "sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))"))
+        # REV's options, as its Chain takes them (`run` imports them in place of today's)
+        options = subprocess.run(["git", "show", f"{rev}:scripts/megakernel_options.py"], cwd=ROOT,
+                                 capture_output=True, text=True)
+        if options.returncode == 0:
+            (out / "megakernel_options.py").write_text(options.stdout)
     return out
 
 
@@ -44,9 +51,14 @@ def run(rev: str, script: str, args: list[str]) -> None:
     pkg = importlib.import_module(f"mkb.mk_{rev}")
     sys.modules["crosspool.kernels.megakernel"] = pkg
     for path in sorted((ROOT / "mkb" / f"mk_{rev}").glob("*.py")):
-        if path.stem not in ("__init__", "step_bench"):
+        if path.stem not in ("__init__", "step_bench", "megakernel_options"):
             sys.modules[f"crosspool.kernels.megakernel.{path.stem}"] = importlib.import_module(
                 f"mkb.mk_{rev}.{path.stem}")
+    options = ROOT / "mkb" / f"mk_{rev}" / "megakernel_options.py"
+    if options.exists():
+        spec = importlib.util.spec_from_file_location("megakernel_options", options)
+        sys.modules["megakernel_options"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     import crosspool.kernels as kernels
 
     kernels.megakernel = pkg
