@@ -405,9 +405,9 @@ def test_carveout_percent_holds_the_block_and_no_more() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90 GPU")
 def test_prefer_l1_sets_the_kernels_carveout_and_keeps_its_outputs() -> None:
-    import ctypes
+    from cuda.bindings import driver as cu
 
-    from crosspool.kernels.megakernel.chain import CARVEOUT_ATTRIBUTE
+    from crosspool.pools.vmm import check_cu
 
     fam = _families("cuda", 2)
     chain = mk.Chain(CHAIN, fam, 2048, prefer_l1=True)
@@ -417,10 +417,9 @@ def test_prefer_l1_sets_the_kernels_carveout_and_keeps_its_outputs() -> None:
         torch.cuda.synchronize()
         chain.check()
         _check_phases(chain, CHAIN, fam, x, None)
-    value = ctypes.c_int(-1)
-    assert ctypes.CDLL("libcuda.so.1").cuFuncGetAttribute(ctypes.byref(value), CARVEOUT_ATTRIBUTE,
-                                                          ctypes.c_void_p(chain._carved)) == 0
-    assert value.value == chain.carveout and 0 < chain.carveout < 100     # the driver holds what was set
+    held = check_cu(cu.cuFuncGetAttribute(cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                                          cu.CUfunction(chain._carved)))
+    assert held == chain.carveout and 0 < chain.carveout < 100          # the driver holds what was set
 
 
 @pytest.mark.gpu

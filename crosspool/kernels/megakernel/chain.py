@@ -108,9 +108,6 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
         mbarrier.invalidate(empty.index(s))
 
 
-CARVEOUT_ATTRIBUTE = 9          # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT (percent of the SM's maximum)
-
-
 def carveout_percent(shared_bytes: int, most: int) -> int:
     """The least shared-memory carveout, in percent of an SM's `most` bytes of shared memory, that holds a block of
     `shared_bytes` plus the 1 KiB the driver reserves a block (the driver rounds it up to a size it has)."""
@@ -122,15 +119,15 @@ def carveout_percent(shared_bytes: int, most: int) -> int:
 def prefer_shared_memory_of(function: int, shared_bytes: int, device: torch.device) -> int:
     """Set kernel `function`'s (a CUfunction handle) preferred shared-memory carveout to `carveout_percent`, so the
     rest of the SM's unified memory is L1; returns the percentage. Raises RuntimeError if the driver refuses."""
-    import ctypes
+    from cuda.bindings import driver as cu
+
+    from crosspool.pools.vmm import check_cu
 
     # (Hopper's 228 KiB where this torch does not say)
     most = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", 228 * 1024)
     percent = carveout_percent(shared_bytes, most)
-    rc = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(function), CARVEOUT_ATTRIBUTE,
-                                                         ctypes.c_int(percent))
-    if rc != 0:
-        raise RuntimeError(f"cuFuncSetAttribute(carveout {percent}%) failed: CUresult {rc}")
+    check_cu(cu.cuFuncSetAttribute(cu.CUfunction(function),
+                                   cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent))
     return percent
 
 
