@@ -7,7 +7,8 @@
 #   bash scripts/gpu_issue4.sh qwen3    # the Qwen3-30B-A3B table alone, then OLMoE decode
 #   bash scripts/gpu_issue4.sh megakernel [VARIANT ...]
 #                                       # the megakernel's GPU tests (verbose, into $OUT/tests.log), then its step
-#                                       # bench's VARIANTs alternated twice (`megakernel_variants.py`; default "")
+#                                       # bench's VARIANTs alternated twice (`megakernel_variants.py`; default "");
+#                                       # TESTS_K=EXPR runs the tests pytest -k EXPR selects
 #   bash scripts/gpu_issue4.sh engine   # bench decode of OLMoE at batch 1, megakernel on and off, same call
 #   bash scripts/gpu_issue4.sh ncu      # the megakernel's warp stall reasons under Nsight Compute (real clocks),
 #                                       # into $OUT/ncu.txt; its largest reasons printed, then the SASS blocks
@@ -75,8 +76,9 @@ if [ "$stage" = fast ]; then
 fi
 if [ "$stage" = megakernel ]; then
     shift
+    # TESTS_K: only the tests pytest's -k selects (all of them by default)
     timeout 400 python3 -u -m pytest -v -x -m gpu tests/test_megakernel.py tests/test_megakernel_attention.py \
-        tests/test_megakernel_step.py > "$OUT/tests.log" 2>&1
+        tests/test_megakernel_step.py ${TESTS_K:+-k "$TESTS_K"} > "$OUT/tests.log" 2>&1
     grep -E "PASS|FAIL|ERROR|passed|failed" "$OUT/tests.log" | sed 's/^tests\///' | cut -c1-150 | tail -40
     python3 scripts/megakernel_variants.py --rounds "${ROUNDS:-2}" -- "${@:-}"
 fi

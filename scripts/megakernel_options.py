@@ -17,8 +17,6 @@ OPTIONS = (
      "polling the words (25-30 us a step slower, session 20)"),
     ("--pipelined", "pipelined", "PIPE", "each slot's loads before the previous slot's arithmetic (session 21: no "
      "gain)"),
-    ("--rolled-staging", "rolled_staging", "ROLL", "a staging's rounds as a loop, not unrolled: less code (untimed, "
-     "session 25)"),
 )
 INVERTED = {"rank_keys"}
 

@@ -76,11 +76,11 @@ def _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_laye
     for t in range(lo, hi, K_KV_SLOT):
         rows = (ids * kv_layers + layer) * 2 * K_BLOCK
         ids = gl.load(bt_ptr + gl.minimum((t + K_KV_SLOT) // K_BLOCK + j8, last)).to(gl.int32)
-        for kv in gl.static_range(2):
+        for kv in range(2):                          # (loops, not unrolled: the kernel's code size, session 26)
             stage = _claim(empty, s, STAGES, LEAN)
             bar = full.index(stage)
             mbarrier.expect(bar, K_KV_SLOT * K_HEAD_DIM * 2)
-            for j in gl.static_range(SLOT_BLOCKS):
+            for j in range(SLOT_BLOCKS):
                 row = gl.sum(gl.where(j8 == j, rows, 0), axis=0) + kv * K_BLOCK
                 _tma_load(dkv, [row, head, 0], bar, kvring.index(stage * SLOT_BLOCKS + j))
             s += 1

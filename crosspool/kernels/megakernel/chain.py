@@ -59,11 +59,12 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
                   DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
                   COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, FOLD: gl.constexpr = False,
-                  SCATTER: gl.constexpr = False, CRANK: gl.constexpr = True, ROLL: gl.constexpr = False):
+                  SCATTER: gl.constexpr = False, CRANK: gl.constexpr = True):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`). CRANK: some router is ranked
     by the consumers (`rank._rank`), not the producer; without one that code is not compiled (the OLMoE step's SASS
-    7,160 instructions against 9,160: ~112 KB of code, not ~146). ROLL: the staging's rounds as a loop (6,376)."""
+    7,160 instructions against 9,160: ~112 KB of code, not ~146; with the staging's rounds, the polls and the
+    producer's loops rolled, 5,648: session 26)."""
     pid = gl.program_id(0)
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BOXES, K_ROWS, K_CHUNK], d0.layout)
     xs = gl.allocate_shared_memory(gl.bfloat16, [K_STAGE_CHUNKS, K_CHUNK],
@@ -96,7 +97,7 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
                     SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, fold_ptr, FOLD, accf_ptr,
-                    SCATTER, CRANK, ROLL)),
+                    SCATTER, CRANK)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
                     err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys, lbuf,
@@ -154,17 +155,16 @@ class Chain:
     removed: a slot's 8 warps split by box, each reading its box's input only, +30 us; the down's second input round
     loaded at its start and staged before its fifth slot, +20 us (its first round's poll of long-ready words still
     took 2-4 us under the ring's loads).) `prefer_l1`: after the first launch, the kernel's shared-memory carveout at
-    what it uses, the rest L1 (`prefer_shared_memory_of`; session 25: -13 us a step). `rolled_staging`: a
-    staging's two rounds of 16 chunks as a loop, not unrolled: ~800 SASS instructions fewer (untimed, session 25: the
-    kernel's code is near or over what an SM's instruction cache holds)."""
+    what it uses, the rest L1 (`prefer_shared_memory_of`; session 25: -13 us a step). The kernel's code
+    outgrew the SM's instruction cache: a staging's two rounds rolled into a loop (~800 SASS instructions fewer) took
+    843 us a step against 851-860 (session 26); the polls, the producer's ranking and KV slots are loops too."""
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
                  dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = True,
-                 counted_polls: bool = False, pipelined: bool = False, prefer_l1: bool = False,
-                 rolled_staging: bool = False) -> None:
+                 counted_polls: bool = False, pipelined: bool = False, prefer_l1: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
         dev = families[0].device
@@ -247,7 +247,7 @@ class Chain:
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
                          SCATTER=any(ph.scatter for ph in phases), FOLD=bool(folds_read),
-                         CRANK=consumer_ranks, ROLL=rolled_staging,
+                         CRANK=consumer_ranks,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 

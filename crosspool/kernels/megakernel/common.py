@@ -20,6 +20,7 @@ _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 
 # the plan's constants, as the kernel sees them
 K_ROWS = gl.constexpr(P.ROWS)
+K_ROWS_LOG2 = gl.constexpr(P.ROWS.bit_length() - 1)
 K_CHUNK = gl.constexpr(P.CHUNK)
 K_SUM = gl.constexpr(P.SUM)
 K_SWIGLU = gl.constexpr(P.SWIGLU)
@@ -214,9 +215,9 @@ def _tagged(w, mask, tag):
 @gluon.jit
 def _poll_pair(words_ptr, offs, offs2, mask, tag, err_ptr, POLLS: gl.constexpr):
     """`_poll` of two sets of words at once (one round trip a poll for both), both where `mask`."""
-    w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
-    w2 = gl.load(words_ptr + offs2, mask=mask, other=0, volatile=True)
-    ready = _tagged(w, mask, tag) & _tagged(w2, mask, tag)
+    w = gl.where(mask, offs, offs).to(gl.int64) * 0        # (one copy of the loads and checks: the code's size)
+    w2 = w
+    ready = tag * 0
     n = tag * 0
     while (ready == 0) & (n < POLLS):
         w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
@@ -231,9 +232,11 @@ def _poll_pair(words_ptr, offs, offs2, mask, tag, err_ptr, POLLS: gl.constexpr):
 @gluon.jit
 def _poll(words_ptr, offs, mask, tag, err_ptr, POLLS: gl.constexpr):
     """The words at offs (where mask), once every one carries `tag`; after POLLS polls in vain, sets *err_ptr
-    and returns them as they are (a grid whose programs are not all resident would otherwise hang)."""
-    w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
-    ready = _tagged(w, mask, tag)
+    and returns them as they are (a grid whose programs are not all resident would otherwise hang). The first poll
+    is the loop's first round: one copy of the loads and checks (the kernel's code outgrew the instruction cache:
+    session 26)."""
+    w = gl.where(mask, offs, offs).to(gl.int64) * 0
+    ready = tag * 0
     n = tag * 0
     while (ready == 0) & (n < POLLS):
         w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
@@ -256,8 +259,11 @@ else:                                                              # 3.6
 
 @gluon.jit
 def _word_of(v):
-    """The word holding value v of a phase's outputs (item v // ROWS, pair v % 8), and which half (0 low, 1 high)."""
-    return (v // K_ROWS) * (K_ROWS // 2) + v % (K_ROWS // 2), (v // (K_ROWS // 2)) % 2
+    """The word holding value v >= 0 of a phase's outputs (item v // ROWS, pair v % 8), and which half (0 low, 1
+    high). As shifts and masks (ROWS a power of two): signed division and remainder take a few instructions more an
+    element, and the kernel's code outgrows the instruction cache."""
+    gl.static_assert((K_ROWS & (K_ROWS - 1)) == 0)
+    return ((v >> 1) & -(K_ROWS // 2)) | (v & (K_ROWS // 2 - 1)), (v >> K_ROWS_LOG2 - 1) & 1
 
 
 @gluon.jit

@@ -66,14 +66,12 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
              PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
              COUNTED: gl.constexpr, PIPE: gl.constexpr = False, fold_ptr=None,
-             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False, CRANK: gl.constexpr = True,
-             ROLL: gl.constexpr = False):
+             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False, CRANK: gl.constexpr = True):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words. SCATTER (a chain with scattered sums,
     `Phase.scatter`): such a phase's items add their rows into fp32 sums at `accf_ptr` (the words' memory as fp32)
     and count themselves; the phases that read them wait for the count (`_stage`). CRANK: some routed phase's router is
-    ranked here (`_rank`), not by the producer; else that code is left out. ROLL: the staging's rounds looped
-    (`Chain(rolled_staging=True)`)."""
+    ranked here (`_rank`), not by the producer; else that code is left out."""
     pid = gl.program_id(0)
     # a ring slot in registers: each thread holds 8 columns of every box (its 4-box sum is in-thread); a warp
     # reads a 512-B row
@@ -160,7 +158,7 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
         mark, t_poll, t_stage, rstd = _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch,
                                              err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS,
                                              counters_ptr + num_phases, COUNTED,
-                                             prof + 23 + 8 * p, accf_ptr, SCATTER, ROLL)
+                                             prof + 23 + 8 * p, accf_ptr, SCATTER)
         if defer != 0:                               # the weights left to the end of the staging: a folded
             # router's need the norm's scale
             if KEYS:

@@ -133,8 +133,9 @@ def _rank_by_producer(table_ptr, o, buf, routes_ptr, words_ptr, epoch, err_ptr, 
     mine_hi = gl.convert_layout(gl.max(k_hi, axis=0), gl.SliceLayout(1, cmp_l))[:, None]
     r_lo = gl.zeros([32], gl.int32, gl.SliceLayout(1, cmp_l))
     r_hi = r_lo
-    for c in gl.static_range(2 * 32 // 8):       # every key against 8 of them a round, each lane all 8
-        other = keys.index(c // 4).slice((c % 4) * 8, 8).load(gl.SliceLayout(0, cmp_l))[None, :]
+    keys8 = _view(keys, [2 * 32 // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    for c in range(2 * 32 // 8):                 # every key against 8 of them a round, each lane all 8 (looped:
+        other = keys8.index(c).load(gl.SliceLayout(0, cmp_l))[None, :]        # the code's size, session 26)
         r_lo += gl.sum((other > mine_lo).to(gl.int32), axis=1)
         r_hi += gl.sum((other > mine_hi).to(gl.int32), axis=1)
     kk = gl.arange(0, K_MAX_TOP_K, layout=gl.SliceLayout(1, sel_l))[:, None]

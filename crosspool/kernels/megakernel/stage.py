@@ -40,7 +40,7 @@ from crosspool.kernels.megakernel.common import (
 def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_ptr, skip, mark, t_poll,
            t_stage, WARPS: gl.constexpr, POLLS: gl.constexpr, PROFILE: gl.constexpr, SPLITS: gl.constexpr,
            published_ptr, COUNTED: gl.constexpr = False, polled_at=None, accf_ptr=None,
-           SCATTER: gl.constexpr = False, ROLL: gl.constexpr = False):
+           SCATTER: gl.constexpr = False):
     """Consumers: stage phase p's input in `xs` (bf16), 16 chunks a round, after polling its tags (phase `src`, or
     the step's input `x_ptr` where src < 0); RMSNorm it where the phase has norm weights (an attention phase: q and
     k each over their own segment); wait on the phase's `wait` phase; then a CTA barrier. With `skip` (a program
@@ -50,7 +50,8 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
     `t_stage` plus the cycles of the polls and of the rest, and the time every word was polled at `polled_at` (not
     in an attention phase: its items stamp their own part there). SCATTER: an input or residual that is a scattered
     sum's (`Phase.scatter`) is waited for by its count (`published_ptr`), then read as fp32 sums (`accf_ptr`).
-    ROLL (`Chain(rolled_staging=True)`): the rounds as a loop, not unrolled (~800 SASS instructions fewer).
+    The rounds are a loop, not unrolled: ~800 SASS instructions fewer, 843 us a step against 851-860 (session 26:
+    the kernel's code outgrows the SM's instruction cache).
     Returns mark, t_poll, t_stage, and the norm's scale rsqrt(mean(x^2) + eps) (1 without a norm; attention: q's)."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
     srow = gl.arange(0, K_ROWS, layout=gl.SliceLayout(1, stage_l))
@@ -91,16 +92,9 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
                 while (count < want) & (rounds < POLLS):
                     count = gl.load(published_ptr + src, volatile=True)
                     rounds += 1
-    if ROLL:                                     # one copy of the round's code, looped
-        for r in range(0, K_STAGE_CHUNKS, K_ROWS):
-            squares, squares2 = _stage_round(table_ptr, p, src, xs, x_ptr, words_ptr, epoch, err_ptr, r, n_in, norm,
-                                             seg, squares, squares2, scat_in, in_acc, accf_ptr, WARPS, POLLS, SPLITS,
-                                             SCATTER, ROLL)
-    else:
-        for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
-            squares, squares2 = _stage_round(table_ptr, p, src, xs, x_ptr, words_ptr, epoch, err_ptr, r, n_in, norm,
-                                             seg, squares, squares2, scat_in, in_acc, accf_ptr, WARPS, POLLS, SPLITS,
-                                             SCATTER, ROLL)
+    for r in range(0, K_STAGE_CHUNKS, K_ROWS):
+        squares, squares2 = _stage_round(table_ptr, p, src, xs, x_ptr, words_ptr, epoch, err_ptr, r, n_in, norm, seg,
+                                         squares, squares2, scat_in, in_acc, accf_ptr, WARPS, POLLS, SPLITS, SCATTER)
     mark, t_poll = _lap(mark, t_poll, PROFILE)
     if PROFILE:                                  # every word polled: before the norm, the wait and the barrier
         if _field(table_ptr, p, K_F_KIND) != K_ATTENTION:     # (an attention item stamps its own part there)
@@ -112,12 +106,8 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
         rstd2 = rstd
         if SPLITS > 0:
             rstd2 = gl.rsqrt(squares2 / (gl.maximum(n_in - seg, 1) * K_CHUNK) + eps)
-        if ROLL:
-            for r in range(0, K_STAGE_CHUNKS, K_ROWS):
-                _norm_round(xs, norms_ptr, norm, g_first, r, n_in, seg, rstd, rstd2, WARPS, SPLITS, ROLL)
-        else:
-            for r in gl.static_range(0, K_STAGE_CHUNKS, K_ROWS):
-                _norm_round(xs, norms_ptr, norm, g_first, r, n_in, seg, rstd, rstd2, WARPS, SPLITS, ROLL)
+        for r in range(0, K_STAGE_CHUNKS, K_ROWS):
+            _norm_round(xs, norms_ptr, norm, g_first, r, n_in, seg, rstd, rstd2, WARPS, SPLITS)
     if wait >= 0:
         offs = srow[:, None] * K_CHUNK + scol[None, :]
         _poll(words_ptr, _field(table_ptr, p, K_F_WAIT_OFF) + offs, offs < _field(table_ptr, p, K_F_WAIT_N),
@@ -128,20 +118,16 @@ def _stage(table_ptr, p, src, xs, x_ptr, norms_ptr, eps, words_ptr, epoch, err_p
 
 
 @gluon.jit
-def _round_of(xs, r, ROLL: gl.constexpr):
-    """The staged chunks r.. of one round (ROWS chunks; r a multiple of ROWS, a constexpr unless ROLL)."""
-    if ROLL:
-        rounds = _view(xs, [K_STAGE_CHUNKS // K_ROWS, K_ROWS, K_CHUNK], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-        view = rounds.index(r // K_ROWS)         # (a view to index: its layout one rank less than its shape)
-    else:
-        view = xs.slice(r, K_ROWS)
-    return view
+def _round_of(xs, r):
+    """The staged chunks r.. of one round (ROWS chunks; r a multiple of ROWS)."""
+    rounds = _view(xs, [K_STAGE_CHUNKS // K_ROWS, K_ROWS, K_CHUNK], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    return rounds.index(r // K_ROWS)             # (a view to index: its layout one rank less than its shape)
 
 
 @gluon.jit
 def _stage_round(table_ptr, p, src, xs, x_ptr, words_ptr, epoch, err_ptr, r, n_in, norm, seg, squares, squares2,
                  scat_in, in_acc, accf_ptr, WARPS: gl.constexpr, POLLS: gl.constexpr, SPLITS: gl.constexpr,
-                 SCATTER: gl.constexpr, ROLL: gl.constexpr):
+                 SCATTER: gl.constexpr):
     """`_stage`'s round of chunks r..r + ROWS: polled (or read), rounded to bf16 into `xs`, their squares added up
     for the norm (`squares`: the first `seg` chunks', `squares2` the rest's). Returns the two sums."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])   # [16, 256] input words
@@ -171,13 +157,12 @@ def _stage_round(table_ptr, p, src, xs, x_ptr, words_ptr, epoch, err_ptr, r, n_i
                 squares2 += gl.sum(by_row, axis=0) - first
             else:
                 squares += gl.sum(by_row, axis=0)
-        _round_of(xs, r, ROLL).store(vals)
+        _round_of(xs, r).store(vals)
     return squares, squares2
 
 
 @gluon.jit
-def _norm_round(xs, norms_ptr, norm, g_first, r, n_in, seg, rstd, rstd2, WARPS: gl.constexpr, SPLITS: gl.constexpr,
-                ROLL: gl.constexpr):
+def _norm_round(xs, norms_ptr, norm, g_first, r, n_in, seg, rstd, rstd2, WARPS: gl.constexpr, SPLITS: gl.constexpr):
     """`_stage`'s RMSNorm of round r as the model rounds it, bf16(g * bf16(x * rstd)) (rstd2 past `seg` chunks), in
     place; `g_first`: the first round's norm weights, loaded early."""
     stage_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
@@ -190,7 +175,7 @@ def _norm_round(xs, norms_ptr, norm, g_first, r, n_in, seg, rstd, rstd2, WARPS: 
             g = g_first.to(gl.float32)
         else:
             g = gl.load(norms_ptr + norm + offs, mask=mask, other=0.0).to(gl.float32)
-        rows = _round_of(xs, r, ROLL)
+        rows = _round_of(xs, r)
         v = rows.load(stage_l).to(gl.float32)
         if SPLITS > 0:
             v = v * gl.where((r + srow)[:, None] < seg, rstd, rstd2)
