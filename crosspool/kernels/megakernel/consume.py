@@ -32,6 +32,7 @@ from crosspool.kernels.megakernel.common import (
     K_F_STRIDE,
     K_HEAD_DIM,
     K_HEADS,
+    K_MAX_ORDINALS,
     K_MAX_TOP_K,
     K_ROWS,
     K_STAGE_CHUNKS,
@@ -66,12 +67,14 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
              PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
              COUNTED: gl.constexpr, PIPE: gl.constexpr = False, fold_ptr=None,
-             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False, CRANK: gl.constexpr = True):
+             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False, CRANK: gl.constexpr = True,
+             HOLD: gl.constexpr = 0):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words. SCATTER (a chain with scattered sums,
     `Phase.scatter`): such a phase's items add their rows into fp32 sums at `accf_ptr` (the words' memory as fp32)
     and count themselves; the phases that read them wait for the count (`_stage`). CRANK: some routed phase's router is
-    ranked here (`_rank`), not by the producer; else that code is left out."""
+    ranked here (`_rank`), not by the producer; else that code is left out. HOLD: a producer-ranked phase's staged
+    input announced to the producer (`ranked.index(MAX_ORDINALS + ordinal)`), which holds its later slots till then."""
     pid = gl.program_id(0)
     # a ring slot in registers: each thread holds 8 columns of every box (its 4-box sum is in-thread); a warp
     # reads a 512-B row
@@ -159,6 +162,9 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                                              err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS,
                                              counters_ptr + num_phases, COUNTED,
                                              prof + 23 + 8 * p, accf_ptr, SCATTER)
+        if HOLD > 0:
+            if produced != 0:
+                mbarrier.arrive(ranked.index(K_MAX_ORDINALS + ordinal), count=1)
         if defer != 0:                               # the weights left to the end of the staging: a folded
             # router's need the norm's scale
             if KEYS:
