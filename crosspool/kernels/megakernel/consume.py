@@ -42,6 +42,7 @@ from crosspool.kernels.megakernel.common import (
     _first_item,
     _items_of,
     _lap,
+    _load_words,
     _poll,
     _publish,
     _release,
@@ -217,8 +218,8 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                     row_item = i - src0 * per_rows
             # the residual's words, loaded before the tiles so their round trip hides behind the arithmetic
             res_q, res_h = _word_of(row_item * K_ROWS + rows[:, None])
-            res_words = gl.load(words_ptr + res_off + res_q, mask=(rows[:, None] < K_ROWS) & (res >= 0) &
-                                (res_scat == 0), other=0, volatile=True)
+            res_words = _load_words(words_ptr + res_off + res_q, (rows[:, None] < K_ROWS) & (res >= 0) &
+                                    (res_scat == 0))
             res_f = gl.zeros([K_ROWS], gl.float32, rows_l)
             if SCATTER:
                 if res_scat != 0:
