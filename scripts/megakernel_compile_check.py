@@ -47,7 +47,6 @@ def main() -> None:
     p.add_argument("--dynamic", action="store_true", help="with dynamic phases (`Chain(dynamic=True)`)")
     p.add_argument("--consumer-ranks", action="store_true", help="with the consumers' ranking compiled in (CRANK: "
                    "a chain with a router the producer does not rank; the OLMoE step has none)")
-    p.add_argument("--hold", type=int, default=0, help="`Chain(hold_slots=N)`'s HOLD")
     p.add_argument("--splits", type=int, default=0, help="attention splits (SPLITS; 0: no attention phases)")
     p.add_argument("--engine", action="store_true",
                    help="as the engine launches it (`DecodeStep`): a bf16 input row, int64 context and block table")
@@ -66,7 +65,7 @@ def main() -> None:
            "cos_ptr": "*fp32", "sin_ptr": "*fp32", "counters_ptr": "*i32", "fold_ptr": "*bf16",
            "accf_ptr": "*fp32"}
     const = dict(STAGES=args.stages, BOXES=args.boxes, WARPS=args.warps, POLLS=1 << 22, COMPUTE=True,
-                 PROFILE=args.profile, SPLITS=args.splits, HOLD=args.hold,
+                 PROFILE=args.profile, SPLITS=args.splits,
                  DYNAMIC=args.dynamic, FOLD=args.fold_heads, SCATTER=args.scatter, CRANK=args.consumer_ranks,
                  **constexprs(args))
     kernel = triton.compile(GluonASTSource(chain._chain_kernel, sig, const), target=GPUTarget("cuda", 90, 32),

@@ -100,9 +100,6 @@ def main() -> None:
     p.add_argument("--dynamic-sums", action="store_true", help="the sum phases of more items than programs (QKV, "
                    "o_proj, lm_head) taken from counters too (`Chain(dynamic_sums=True)`; untimed, session 18)")
     add_options(p)
-    p.add_argument("--hold", type=int, default=0, metavar="N", help="of a router the producer ranks, its first "
-                   "routed phase's first N slots issued, the rest once that phase's input is staged "
-                   "(`Chain(hold_slots=N)`; 0: off; untimed, session 26)")
     p.add_argument("--fold-heads", action="store_true", help="the router's o_proj part in the attention's head "
                    "combine, summed by a heads phase (`decode_chain(fold_heads=True)`; 5-8 us a step slower, "
                    "session 21)")
@@ -147,7 +144,7 @@ def main() -> None:
     chain = mk.Chain(dc.phases, dc.families, h, stages=args.stages, warps=args.warps, norms=dc.norms, eps=dc.eps,
                      kv=kv, max_blocks=blocks, profile=args.profile,
                      dynamic=not args.static, dynamic_sums=args.dynamic_sums, compute=args.compute,
-                     prefer_l1=args.prefer_l1, hold_slots=args.hold, **chain_kwargs(args))
+                     prefer_l1=args.prefer_l1, **chain_kwargs(args))
     chain.set_step(ctx, table, cos[0].to(dev), sin[0].to(dev))
     x = attn.embed[17].float()
     copy_bw = copy_bandwidth(dev)

@@ -173,8 +173,6 @@ def test_chain_rejects_bad_weights_and_rings_before_any_launch() -> None:
         mk.Chain(CHAIN, [fam[0].float(), fam[1]], 2048)
     with pytest.raises(ValueError, match="226 KiB"):
         mk.Chain(CHAIN, fam, 2048, stages=8, boxes=4)
-    with pytest.raises(ValueError, match="hold_slots is 0"):
-        mk.Chain(CHAIN, fam, 2048, stages=3, hold_slots=4)
     with pytest.raises(ValueError, match="norm weights"):
         mk.Chain(NORM_CHAIN, fam, 2048)                                   # normed phases, no norms given
     with pytest.raises(ValueError, match="1-D tensor"):

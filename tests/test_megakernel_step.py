@@ -214,7 +214,7 @@ def test_decode_chain_refuses_other_models_with_the_reason() -> None:
 @pytest.mark.parametrize("split", ["static", "dynamic", "dynamic sums", "dynamic lean", "dynamic weights",
                                    "dynamic counted", "dynamic pipelined", "dynamic fold",
                                    "dynamic fold pipelined", "dynamic scatter down",
-                                   "static scatter down", "dynamic top 8", "dynamic hold"])
+                                   "static scatter down", "dynamic top 8"])
 def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, split: str) -> None:  # noqa: ANN001
     """The whole small step on the GPU: every phase against the reference fed the kernel's own earlier outputs,
     the new token's key and value in the cache, over three steps of one sequence in a CUDA graph. Dynamic: the
@@ -226,8 +226,7 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     each slot's loads before the previous slot's arithmetic (`Chain(pipelined=True)`); fold: the router's o_proj
     part in the attention's head combine (`decode_chain(fold_heads=True)`); scatter down: the down's items one
     expert's rows each, added into fp32 sums and counted (`decode_chain(scatter_down=True)`), taken as the programs
-    go or (static) dealt round-robin; top 8: the down's input takes both of a staging's rounds (a loop); hold: the
-    experts' slots after the first held until the gate/up's input is staged (`Chain(hold_slots=1)`)."""
+    go or (static) dealt round-robin; top 8: the down's input takes both of a staging's rounds (a loop)."""
     dynamic = not split.startswith("static")
     spec = _spec(8 if split == "dynamic top 8" else 4 if dynamic else 2)
     attn, ffn = _weights(spec, 1)
@@ -243,7 +242,7 @@ def test_decode_chain_kernel_matches_its_reference_phase_by_phase(graph_launch, 
     chain = mk.Chain(dc.phases, dc.families, spec.hidden_size, norms=dc.norms, eps=dc.eps, kv=kv, max_blocks=64,
                      dynamic=dynamic, dynamic_sums=split == "dynamic sums", lean_release=split == "dynamic lean",
                      rank_keys=split != "dynamic weights", counted_polls=split == "dynamic counted",
-                     pipelined=split.endswith("pipelined"), hold_slots=1 if split == "dynamic hold" else 0)
+                     pipelined=split.endswith("pipelined"))
     x = torch.empty(spec.hidden_size, device="cuda")
     for ctx in (300, 301, 302):
         cos, sin = torch_ref.rope_cos_sin(spec.rope, torch.tensor([ctx - 1]), torch_ref.rope_inv_freq(spec.rope))

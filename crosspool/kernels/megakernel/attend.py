@@ -31,7 +31,6 @@ from crosspool.kernels.megakernel.common import (
     _cta_barrier,
     _field,
     _lap,
-    _load_words,
     _poll,
     _poll_pair,
     _publish,
@@ -154,7 +153,7 @@ def _attend_item(ring, full, empty, consumed, xs, scratch, rows, table_ptr, p, i
     vq, vh = _word_of(2 * hd + head * K_HEAD_DIM + d[None, :])
     v_at = _field(table_ptr, p, K_F_IN_OFF) + vq
     v_mask = (d[None, :] < K_HEAD_DIM) & owner
-    vw = _load_words(words_ptr + v_at, v_mask)
+    vw = gl.load(words_ptr + v_at, mask=v_mask, other=0, volatile=True)
     new_block = gl.load(bt_ptr + gl.maximum(ctx - 1, 0) // K_BLOCK).to(gl.int64)
     layer = _field(table_ptr, p, K_F_ROW0)
     q3 = gl.expand_dims(gl.expand_dims(scratch.index(0).load(q_l), 0), 0)

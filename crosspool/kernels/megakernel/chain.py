@@ -59,24 +59,19 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                   COMPUTE: gl.constexpr = True, PROFILE: gl.constexpr = False, SPLITS: gl.constexpr = 0,
                   DYNAMIC: gl.constexpr = False, LEAN: gl.constexpr = False, KEYS: gl.constexpr = False,
                   COUNTED: gl.constexpr = False, PIPE: gl.constexpr = False, FOLD: gl.constexpr = False,
-                  SCATTER: gl.constexpr = False, CRANK: gl.constexpr = True, HOLD: gl.constexpr = 0):
+                  SCATTER: gl.constexpr = False, CRANK: gl.constexpr = True):
     """One program an SM: a producer warp streams the program's weight tiles into a ring of shared-memory slots
     (`_produce`), while WARPS consumer warps compute the phases from them (`_consume`). CRANK: some router is ranked
     by the consumers (`rank._rank`), not the producer; without one that code is not compiled (the OLMoE step's SASS
     7,160 instructions against 9,160: ~112 KB of code, not ~146; with the staging's rounds, the polls and the
-    producer's loops rolled, 5,648: session 26). HOLD > 0 (`Chain(hold_slots=HOLD)`): a producer-ranked router's
-    first HOLD expert slots issued, the rest once the consumers have staged the phase's input (`ranked`'s second
-    half: one mbarrier an ordinal), so fewer bytes are in flight ahead of the staging's polls."""
+    producer's loops rolled and `_word_of` as shifts, 5,504: session 26)."""
     pid = gl.program_id(0)
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BOXES, K_ROWS, K_CHUNK], d0.layout)
     xs = gl.allocate_shared_memory(gl.bfloat16, [K_STAGE_CHUNKS, K_CHUNK],
                                    gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))          # the staged input
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())    # a slot has landed
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())   # a slot is free
-    if HOLD > 0:                                     # (a second half: each ordinal's input staged)
-        ranked = gl.allocate_shared_memory(gl.int64, [2 * K_MAX_ORDINALS, 1], mbarrier.MBarrierLayout())
-    else:
-        ranked = gl.allocate_shared_memory(gl.int64, [K_MAX_ORDINALS, 1], mbarrier.MBarrierLayout())
+    ranked = gl.allocate_shared_memory(gl.int64, [K_MAX_ORDINALS, 1], mbarrier.MBarrierLayout())
     # KEYS: the producer's ranking (`rank._rank_by_producer`): the ids it picked and the logits, by the parity of its
     # rankings, and the router's keys as it compares them
     picked = gl.allocate_shared_memory(gl.int32, [2, K_MAX_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
@@ -95,8 +90,6 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
         mbarrier.init(empty.index(s), count=1)
     for o in range(n_ord):
         mbarrier.init(ranked.index(o), count=1)
-        if HOLD > 0:
-            mbarrier.init(ranked.index(K_MAX_ORDINALS + o), count=1)        # the ordinal's input is staged
     fence_async_shared()
     gl.warp_specialize([
         (_consume, (ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratch, rows, table_ptr, num_phases,
@@ -104,12 +97,12 @@ def _chain_kernel(d0, d1, d2, d3, dkv, table_ptr, num_phases, tiles_ptr, tiles_s
                     words_ptr, routes_ptr, experts_ptr, n_ord, epoch_ptr, done_ptr, err_ptr, nprog, prof_ptr, kv_ptr,
                     kv_layers, ctx_ptr, bt_ptr, cos_ptr, sin_ptr, STAGES, BOXES, WARPS, POLLS, COMPUTE, PROFILE,
                     SPLITS, DYNAMIC, LEAN, counters_ptr, KEYS, COUNTED, PIPE, fold_ptr, FOLD, accf_ptr,
-                    SCATTER, CRANK, HOLD)),
+                    SCATTER, CRANK)),
         (_produce, (d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, tiles_ptr + pid * tiles_stride,
                     table_ptr, ctx_ptr, bt_ptr, kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr,
                     err_ptr, experts_ptr + pid * n_ord * 2 * K_MAX_TOP_K, picked, keys, lbuf,
                     prof_ptr + pid * (16 + 8 * num_phases), STAGES, BOXES, SPLITS > 0, DYNAMIC, LEAN, KEYS, POLLS,
-                    PROFILE, HOLD)),
+                    PROFILE)),
     ], [1], [56])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(s))
@@ -165,20 +158,18 @@ class Chain:
     what it uses, the rest L1 (`prefer_shared_memory_of`; session 25: -13 us a step). The kernel's code
     outgrew the SM's instruction cache: a staging's two rounds rolled into a loop (~800 SASS instructions fewer) took
     843 us a step against 851-860 (session 26); the polls, the producer's ranking and KV slots are loops too.
-    `hold_slots` N > 0: of a router the producer ranks, its first routed phase's first N slots issued, the rest
-    once the consumers have staged that phase's input (fewer bytes in flight ahead of the staging's polls)."""
+    (Session 26, tried and removed, both a tie: a producer-ranked router's expert slots after the first 1 or 2 held
+    until the gate/up's input is staged, 838-840 us against 835-841; the tagged words read by relaxed gpu-scope
+    loads, not volatile (system-scope) ones, 836-850.)"""
 
     def __init__(self, phases: list[Phase], families: list[torch.Tensor], input_len: int, stages: int = 6,
                  boxes: int | None = None, warps: int = 4, polls: int = 1 << 22, compute: bool = True,
                  norms: torch.Tensor | None = None, eps: float = 1e-5, profile: bool = False,
                  kv: torch.Tensor | None = None, max_blocks: int = 1, dynamic: bool = False,
                  dynamic_sums: bool = False, lean_release: bool = False, rank_keys: bool = True,
-                 counted_polls: bool = False, pipelined: bool = False, prefer_l1: bool = False,
-                 hold_slots: int = 0) -> None:
+                 counted_polls: bool = False, pipelined: bool = False, prefer_l1: bool = False) -> None:
         if not 1 <= len(families) <= 4:
             raise ValueError(f"a chain takes 1-4 weight families, got {len(families)}")
-        if not 0 <= hold_slots <= stages:
-            raise ValueError(f"hold_slots is 0 (off) to the ring's {stages} slots, got {hold_slots}")
         dev = families[0].device
         for w in families:
             if w.device != dev or w.dtype != torch.bfloat16 or not w.is_contiguous():
@@ -259,7 +250,7 @@ class Chain:
         self.meta = dict(STAGES=stages, BOXES=boxes, WARPS=warps, POLLS=polls, COMPUTE=compute, PROFILE=profile,
                          DYNAMIC=dynamic, LEAN=lean_release, KEYS=rank_keys, COUNTED=counted_polls, PIPE=pipelined,
                          SCATTER=any(ph.scatter for ph in phases), FOLD=bool(folds_read),
-                         CRANK=consumer_ranks, HOLD=hold_slots,
+                         CRANK=consumer_ranks,
                          SPLITS=max([ph.sources for ph in phases if ph.kind == "attention"], default=0),
                          num_warps=warps)
 

@@ -176,16 +176,6 @@ def _publish(ptrs, words):
 
 
 @gluon.jit
-def _load_words(ptrs, mask):
-    """Tagged words at ptrs where mask (0 elsewhere), each by one relaxed gpu-scope 64-bit load, as `_publish`
-    stores them: a word is read whole and its tag says whether it is this step's; a volatile load is system-scope
-    (SASS `LDG.E.64.STRONG.SYS`), more than the words need."""
-    return gl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b64 $0, 0;\n\t"
-                                     "@p ld.relaxed.gpu.global.b64 $0, [$1]; }", "=l,l,r", [ptrs, mask.to(gl.int32)],
-                                     dtype=gl.int64, is_pure=False, pack=1)
-
-
-@gluon.jit
 def _publish_where(ptrs, words, mask):
     """`_publish` where `mask` (int32, nonzero) only."""
     gl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.relaxed.gpu.global.b64 [$1], $2; }\n\t"
@@ -230,8 +220,8 @@ def _poll_pair(words_ptr, offs, offs2, mask, tag, err_ptr, POLLS: gl.constexpr):
     ready = tag * 0
     n = tag * 0
     while (ready == 0) & (n < POLLS):
-        w = _load_words(words_ptr + offs, mask)
-        w2 = _load_words(words_ptr + offs2, mask)
+        w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
+        w2 = gl.load(words_ptr + offs2, mask=mask, other=0, volatile=True)
         ready = _tagged(w, mask, tag) & _tagged(w2, mask, tag)
         n += 1
     if ready == 0:
@@ -249,7 +239,7 @@ def _poll(words_ptr, offs, mask, tag, err_ptr, POLLS: gl.constexpr):
     ready = tag * 0
     n = tag * 0
     while (ready == 0) & (n < POLLS):
-        w = _load_words(words_ptr + offs, mask)
+        w = gl.load(words_ptr + offs, mask=mask, other=0, volatile=True)
         ready = _tagged(w, mask, tag)
         n += 1
     if ready == 0:

@@ -32,7 +32,6 @@ from crosspool.kernels.megakernel.common import (
     K_F_STRIDE,
     K_HEAD_DIM,
     K_HEADS,
-    K_MAX_ORDINALS,
     K_MAX_TOP_K,
     K_ROWS,
     K_STAGE_CHUNKS,
@@ -42,7 +41,6 @@ from crosspool.kernels.megakernel.common import (
     _first_item,
     _items_of,
     _lap,
-    _load_words,
     _poll,
     _publish,
     _release,
@@ -68,14 +66,12 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
              PROFILE: gl.constexpr,
              SPLITS: gl.constexpr, DYNAMIC: gl.constexpr, LEAN: gl.constexpr, counters_ptr, KEYS: gl.constexpr,
              COUNTED: gl.constexpr, PIPE: gl.constexpr = False, fold_ptr=None,
-             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False, CRANK: gl.constexpr = True,
-             HOLD: gl.constexpr = 0):
+             FOLD: gl.constexpr = False, accf_ptr=None, SCATTER: gl.constexpr = False, CRANK: gl.constexpr = True):
     """The consumer warps: each phase's input staged (polled, normed), the router ranked, the items computed from
     the ring's slots, and their outputs published as tagged words. SCATTER (a chain with scattered sums,
     `Phase.scatter`): such a phase's items add their rows into fp32 sums at `accf_ptr` (the words' memory as fp32)
     and count themselves; the phases that read them wait for the count (`_stage`). CRANK: some routed phase's router is
-    ranked here (`_rank`), not by the producer; else that code is left out. HOLD: a producer-ranked phase's staged
-    input announced to the producer (`ranked.index(MAX_ORDINALS + ordinal)`), which holds its later slots till then."""
+    ranked here (`_rank`), not by the producer; else that code is left out."""
     pid = gl.program_id(0)
     # a ring slot in registers: each thread holds 8 columns of every box (its 4-box sum is in-thread); a warp
     # reads a 512-B row
@@ -163,9 +159,6 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                                              err_ptr, skip, mark, t_poll, t_stage, WARPS, POLLS, PROFILE, SPLITS,
                                              counters_ptr + num_phases, COUNTED,
                                              prof + 23 + 8 * p, accf_ptr, SCATTER)
-        if HOLD > 0:
-            if produced != 0:
-                mbarrier.arrive(ranked.index(K_MAX_ORDINALS + ordinal), count=1)
         if defer != 0:                               # the weights left to the end of the staging: a folded
             # router's need the norm's scale
             if KEYS:
@@ -218,8 +211,8 @@ def _consume(ring, full, empty, ranked, rowbase, picked, lbuf, itemq, xs, scratc
                     row_item = i - src0 * per_rows
             # the residual's words, loaded before the tiles so their round trip hides behind the arithmetic
             res_q, res_h = _word_of(row_item * K_ROWS + rows[:, None])
-            res_words = _load_words(words_ptr + res_off + res_q, (rows[:, None] < K_ROWS) & (res >= 0) &
-                                    (res_scat == 0))
+            res_words = gl.load(words_ptr + res_off + res_q, mask=(rows[:, None] < K_ROWS) & (res >= 0) &
+                                (res_scat == 0), other=0, volatile=True)
             res_f = gl.zeros([K_ROWS], gl.float32, rows_l)
             if SCATTER:
                 if res_scat != 0:

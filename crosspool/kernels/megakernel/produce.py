@@ -25,7 +25,6 @@ from crosspool.kernels.megakernel.common import (
     K_F_UP,
     K_GROUP,
     K_HEAD_DIM,
-    K_MAX_ORDINALS,
     K_MAX_TOP_K,
     K_ROUTED,
     K_ROWS,
@@ -49,7 +48,7 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
              kv_layers, counters_ptr, nprog, routes_ptr, words_ptr, epoch_ptr, err_ptr, expert_base, picked, keys,
              lbuf, prof, STAGES: gl.constexpr, BOXES: gl.constexpr, ATTENTION: gl.constexpr, DYNAMIC: gl.constexpr,
              LEAN: gl.constexpr = False, KEYS: gl.constexpr = False, POLLS: gl.constexpr = 1,
-             PROFILE: gl.constexpr = False, HOLD: gl.constexpr = 0):
+             PROFILE: gl.constexpr = False):
     """The producer warp: down this program's tile list (`tile_lists`), one TMA load a ring slot as soon as the
     consumer frees it, across phase boundaries. A slot is one [BOXES, ROWS, CHUNK] box of the family's
     [chunks, rows, CHUNK] view: BOXES consecutive chunks of ROWS rows. A routed code's row is its expert's first row
@@ -58,8 +57,7 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
     otherwise it waits until the consumers have (`ranked`, one mbarrier a routed phase). Codes are loaded two
     slots ahead, so no test waits on a load just issued (an L2 round trip under load is ~1 us). An attention code
     stands for its item's key and value slots (`attend._kv_slots`); a dynamic code for a dynamic phase's items
-    (`_dynamic_items`). HOLD > 0: a router it ranks, its phase's first HOLD slots, the rest once the consumers have
-    staged that phase's input."""
+    (`_dynamic_items`)."""
     n_codes = gl.load(mine)
     code = gl.load(mine + 1)                         # the lists end in STAGES + 1 zero codes
     code2 = gl.load(mine + 2)
@@ -71,17 +69,14 @@ def _produce(d0, d1, d2, d3, dkv, ring, full, empty, ranked, rowbase, itemq, min
     rankings = s                                     # routers this warp has ranked (KEYS)
     for c in range(n_codes):
         if DYNAMIC and (code < 0) & (((code >> 30) & 1) != 0):
-            hold = s * 0 - 1                         # the ordinal whose staging the phase's later slots wait for
             if KEYS:
                 if _field(table_ptr, code & 0xFFFF, K_F_PRODUCER_RANKS) != 0:     # rank its router first
                     _rank_by_producer(table_ptr, _field(table_ptr, code & 0xFFFF, K_F_ORDINAL), rankings % 2,
                                       routes_ptr, words_ptr, epoch, err_ptr, expert_base, rowbase, picked, keys, lbuf,
                                       ranked, prof, POLLS, PROFILE)
                     rankings += 1
-                    if HOLD > 0:
-                        hold = _field(table_ptr, code & 0xFFFF, K_F_ORDINAL)
             s = _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr,
-                               code & 0xFFFF, counters_ptr, nprog, STAGES, BOXES, LEAN, hold, HOLD)
+                               code & 0xFFFF, counters_ptr, nprog, STAGES, BOXES, LEAN)
         elif ATTENTION and code < 0:
             s = _kv_slots(dkv, kvring, full, empty, s, table_ptr, code, ctx, bt_ptr, kv_layers, STAGES, LEAN)
         else:
@@ -120,12 +115,11 @@ def _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, code, ST
 
 @gluon.jit
 def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s, table_ptr, p, counters_ptr, nprog,
-                   STAGES: gl.constexpr, BOXES: gl.constexpr, LEAN: gl.constexpr, hold, HOLD: gl.constexpr = 0):
+                   STAGES: gl.constexpr, BOXES: gl.constexpr, LEAN: gl.constexpr):
     """Producer: (swiglu or sum) phase p's items as this program takes them: its own (item pid), then each next one
     from the phase's counter (an atomic, issued an item ahead, so its round trip passes under that item's loads);
     the codes as `tile_lists` makes them. Each slot's item goes into `itemq` beside the ring; -1 in a slot with no
-    bytes ends the phase for the consumers. HOLD > 0 and hold >= 0: after HOLD slots, wait until the consumers have
-    staged the phase's input (ordinal `hold`'s mbarrier in `ranked`'s second half). Returns the ring slot count."""
+    bytes ends the phase for the consumers. Returns the ring slot count."""
     one_l: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     items = _field(table_ptr, p, K_F_ITEMS)
     kc = _field(table_ptr, p, K_F_KC)
@@ -142,7 +136,6 @@ def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s,
     at = counters_ptr + p + gl.arange(0, 1, layout=one_l)
     nxt = gl.atomic_add(at, gl.full([1], 1, gl.int32, one_l), sem="relaxed", scope="gpu") + nprog
     item = gl.program_id(0)
-    issued = s * 0
     while item < items:
         expert = item // per                             # (swiglu, scatter: the item's expert, first row in it)
         first = (item % per) * K_ROWS
@@ -163,10 +156,6 @@ def _dynamic_items(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, itemq, s,
                 row = row0 + src * stride + within
             s = _weight_slot(d0, d1, d2, d3, ring, full, empty, ranked, rowbase, s, (fam << 28) | (chunk << 24) |
                              row, STAGES, BOXES, LEAN, itemq, item)
-            if HOLD > 0:
-                issued += 1
-                if (hold >= 0) & (issued == HOLD):
-                    mbarrier.wait(ranked.index(K_MAX_ORDINALS + hold), 0)
             chunk += BOXES
             part = gl.where(chunk == kc, part + 1, part)
             chunk = gl.where(chunk == kc, 0, chunk)
